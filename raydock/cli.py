@@ -1,0 +1,260 @@
+"""The `raydock` command: run the platform, try it, and drive its API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from raydock.config import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        home=getattr(args, "home", None),
+        port=getattr(args, "port", None),
+        ray_address=getattr(args, "address", None),
+    )
+
+
+def _pidfile(settings: Settings) -> Path:
+    return settings.home_path / "raydock.pid"
+
+
+# ------------------------------------------------------------------ up / down
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start Ray (or join --address), the platform, and stay up until Ctrl-C / `raydock down`."""
+    import ray
+
+    from raydock.platform.bootstrap import connect, start_platform, stop_platform
+
+    settings = _settings(args)
+    settings.home_path.mkdir(parents=True, exist_ok=True)
+    connect(settings)
+    info = start_platform(settings)
+    _pidfile(settings).write_text(str(os.getpid()))
+    print(f"raydock is up at {info['url']}  (API docs: {info['url']}/docs)")
+    print(f"data dir: {settings.home_path}")
+    if info["admin_key"]:
+        print("first admin management key (shown once, store it now):")
+        print(f"  {info['admin_key']}")
+    if any(info["reconciled"].values()):
+        print(f"reconciled after restart: {json.dumps(info['reconciled'])}")
+    sys.stdout.flush()
+    stop = {"now": False}
+
+    def _stop(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while not stop["now"]:
+        time.sleep(0.5)
+    print("raydock: shutting down")
+    if not settings.ray_address:  # we own the cluster: take everything down with us
+        stop_platform()
+        ray.shutdown()
+    _pidfile(settings).unlink(missing_ok=True)
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    pidfile = _pidfile(settings)
+    if not pidfile.exists():
+        print("raydock is not running (no pid file)")
+        return 0
+    pid = int(pidfile.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pidfile.unlink(missing_ok=True)
+        print("raydock was not running (stale pid file removed)")
+        return 0
+    for _ in range(120):
+        time.sleep(0.5)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print("raydock stopped")
+            return 0
+    print("raydock did not stop within 60 s", file=sys.stderr)
+    return 1
+
+
+# ------------------------------------------------------------------ API commands
+
+
+def _client(args: argparse.Namespace):
+    from raydock.client import Client
+
+    settings = _settings(args)
+    key = args.key or os.environ.get("RAYDOCK_API_KEY")
+    if not key:
+        sys.exit("a management key is needed: --key or RAYDOCK_API_KEY")
+    return Client(args.url or os.environ.get("RAYDOCK_URL") or settings.base_url, key)
+
+
+def _import_with_progress(client, path: Path, **options) -> dict:
+    from tqdm import tqdm
+
+    size = path.stat().st_size
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"upload {path.name}") as bar:
+
+        def on_bytes(sent: int, _total: int) -> None:
+            bar.update(sent - bar.n)
+
+        ref = client.import_zip(path, chunked=True, progress=on_bytes, **options)
+    with tqdm(total=100, desc="import", unit="%") as bar:
+
+        def on_job(job: dict) -> None:
+            bar.update(job["percentageComplete"] - bar.n)
+            bar.set_postfix_str(job.get("message") or "")
+
+        job = client.wait_job(ref["dockStatusId"], progress=on_job)
+    model = client.get(f"/models/{ref['modelId']}")
+    if job["status"] != "SUCCESS":
+        print(f"import failed: {model.get('error') or job.get('message')}", file=sys.stderr)
+    return model
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    model = _import_with_progress(
+        _client(args), Path(args.file), kind=args.kind, baseModelId=args.base_model
+    )
+    print(json.dumps(model, indent=2))
+    return 0 if model["status"] == "READY" else 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    rows = _client(args).get("/models")["models"]
+    print(f"{'NAME':30} {'ACTIVE':>6} {'FAILED':>6} {'READY':>6}  {'SOURCE':15} {'STATUS':15} ID")
+    for m in rows:
+        print(
+            f"{m['name'][:30]:30} {m['activeDeployments']:>6} {m['deploymentFailed']:>6} "
+            f"{m['readyToDeploy']:>6}  {m['sourceLabel']:15} {m['statusLabel']:15} {m['modelId']}"
+        )
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from raydock.client import default_deploy_body
+
+    client = _client(args)
+    body = default_deploy_body(args.name, args.device)
+    ref = client.deploy(args.model_id, body)
+    job = client.wait_job(ref["dockStatusId"])
+    print(json.dumps(client.get(f"/deployments/{ref['deploymentId']}"), indent=2))
+    return 0 if job["status"] == "SUCCESS" else 1
+
+
+# ------------------------------------------------------------------ demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Import the bundled model's zip, deploy it, and chat with it through the OpenAI SDK."""
+    import openai
+
+    from raydock.client import Client, default_deploy_body
+    from raydock.modelgen import build_model_zip
+
+    url, key = os.environ.get("RAYDOCK_URL"), os.environ.get("RAYDOCK_API_KEY")
+    embedded = not (url and key)
+    if embedded:  # no platform given: run one in-process on a fresh data dir
+        from raydock.platform.bootstrap import connect, start_platform
+
+        home = args.home or tempfile.mkdtemp(prefix="raydock-demo-")
+        settings = load_settings(home=home, port=args.port)
+        print(f"starting an embedded platform (data dir {home}) ...")
+        connect(settings, include_dashboard=False)
+        info = start_platform(settings)
+        url, key = info["url"], info["admin_key"] or key
+    client = Client(url, key)
+    try:
+        work = Path(tempfile.mkdtemp(prefix="raydock-demo-zip-"))
+        zip_path = build_model_zip(work / "raydock-tiny-chat.zip", size=args.size)
+        model = _import_with_progress(client, zip_path, description="bundled demo model")
+        if model["status"] != "READY":
+            return 1
+        print(f"model {model['name']} ({model['modelId']}) is {model['statusLabel']}")
+        ref = client.deploy(model["modelId"], default_deploy_body("demo-chat"))
+        print(f"deploying {ref['deploymentId']} (dock status {ref['dockStatusId']}) ...")
+        job = client.wait_job(ref["dockStatusId"], timeout=600)
+        dep = client.get(f"/deployments/{ref['deploymentId']}")
+        if job["status"] != "SUCCESS":
+            print(f"deploy failed: {dep['failureReason']}", file=sys.stderr)
+            return 1
+        print(f"deployment {dep['deploymentId']} is {dep['status']}")
+        inference_key = client.create_key(dep["deploymentId"], "demo")
+        base = f"{url}/deployments/{dep['deploymentId']}/v2"
+        sdk = openai.OpenAI(base_url=base, api_key=inference_key)
+        reply = sdk.chat.completions.create(
+            model=dep["deploymentId"],
+            messages=[{"role": "user", "content": "Say hello to raydock."}],
+            max_tokens=24,
+            seed=7,
+        )
+        print(f"reply: {reply.choices[0].message.content!r}")
+        print(f"usage: {reply.usage.model_dump()}")
+        print(f"endpoint: {base}/chat/completions")
+        print("curl:")
+        print(f"  {dep['curl'].replace('$RAYDOCK_KEY', inference_key)}")
+        return 0
+    finally:
+        if embedded:
+            import ray
+
+            from raydock.platform.bootstrap import stop_platform
+
+            stop_platform()
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raydock", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(func=func)
+        p.add_argument("--home", help="data dir (default ~/.raydock)")
+        p.add_argument("--port", type=int, help="HTTP port of the Serve proxy (default 8000)")
+        return p
+
+    up = add("up", cmd_up, "start the platform and stay up")
+    up.add_argument("--address", help="join this Ray cluster instead of starting one")
+    add("down", cmd_down, "stop a platform started with `raydock up`")
+    demo = add("demo", cmd_demo, "import, deploy and chat with the bundled model")
+    demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    for name, func, help_ in (
+        ("import", cmd_import, "import a model .zip (chunked upload with progress)"),
+        ("models", cmd_models, "list models"),
+        ("deploy", cmd_deploy, "deploy a model with default parameters"),
+    ):
+        p = add(name, func, help_)
+        p.add_argument("--url", help="platform URL (default from settings / RAYDOCK_URL)")
+        p.add_argument("--key", help="management key (default RAYDOCK_API_KEY)")
+        if name == "import":
+            p.add_argument("file")
+            p.add_argument("--kind", default="base", choices=["base", "adapter"])
+            p.add_argument("--base-model", help="base model id (adapters)")
+        if name == "deploy":
+            p.add_argument("model_id")
+            p.add_argument("--name", required=True)
+            p.add_argument("--device", default="cpu-small")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

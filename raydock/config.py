@@ -1,0 +1,89 @@
+"""Platform settings: `configs/platform.yaml` defaults, overridden by RAYDOCK_* variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(
+    os.environ.get("RAYDOCK_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs")
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: str = "~/.raydock"
+    database_url: str = ""
+    artifact_root: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ray_num_cpus: int = 8
+    ray_address: str = ""
+    cluster_autoscaling: bool = False
+    max_archive_bytes: int = 20 * 2**30
+    max_archive_entries: int = 10_000
+    max_compression_ratio: float = 200.0
+    allow_pickle_weights: bool = False
+    upload_chunk_max_bytes: int = 100 * 2**20
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_path / 'raydock.db'}"
+
+    @property
+    def artifacts(self) -> str:
+        return self.artifact_root or str(self.home_path / "artifacts")
+
+    @property
+    def uploads_path(self) -> Path:
+        return self.home_path / "uploads"
+
+    @property
+    def exports_path(self) -> Path:
+        return self.home_path / "exports"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(value: str, kind: type) -> Any:
+    if kind is bool:
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    return kind(value)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Defaults from platform.yaml, then RAYDOCK_<KEY> environment variables, then overrides."""
+    raw: dict[str, Any] = {}
+    path = CONFIG_DIR / "platform.yaml"
+    if path.exists():
+        raw.update(yaml.safe_load(path.read_text()) or {})
+    types = {f.name: type(f.default) for f in fields(Settings)}
+    for name, kind in types.items():
+        env = os.environ.get(f"RAYDOCK_{name.upper()}")
+        if env is not None:
+            raw[name] = _coerce(env, kind)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(raw) - set(types)
+    if unknown:
+        raise ValueError(f"unknown settings in platform.yaml: {sorted(unknown)}")
+    return Settings(**{k: types[k](v) if v is not None else v for k, v in raw.items()})
+
+
+@lru_cache
+def hardware_profiles() -> dict[str, dict[str, Any]]:
+    """deviceType -> resources of one replica (configs/hardware.yaml)."""
+    return yaml.safe_load((CONFIG_DIR / "hardware.yaml").read_text())

@@ -1,0 +1,589 @@
+"""The management REST API (`/api/public/*`), a Ray Serve FastAPI application.
+
+Routes are thin: they authenticate, validate with schemas.py, and ask the registry (state)
+or the lifecycle actor (work). Nothing here writes the database directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import ray
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from ray import serve
+
+from raydock.config import Settings, hardware_profiles
+from raydock.errors import ApiError, error_response
+from raydock.platform import names, schemas
+from raydock.platform.jobs import deployconfig_from
+from raydock.platform.registry import Conflict, InvalidTransition, NotFound
+from raydock.platform.states import RETRIGGERABLE_DEPLOYMENT, JobAction
+from raydock.platform.states import DeploymentStatus as D
+
+
+class _Ctx:
+    settings: Settings
+    registry: Any
+    lifecycle: Any
+
+
+ctx = _Ctx()
+
+app = FastAPI(
+    title="raydock",
+    version="0.1.0",
+    description="Self-hosted model hub: import, deploy and serve open-source LLMs on Ray.",
+)
+router = APIRouter(prefix="/public")
+
+# ------------------------------------------------------------------ errors
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError):
+    return error_response(exc.status, exc.message, exc.param, exc.code)
+
+
+@app.exception_handler(NotFound)
+async def _not_found(_: Request, exc: NotFound):
+    return error_response(404, str(exc), code="not_found")
+
+
+@app.exception_handler(Conflict)
+@app.exception_handler(InvalidTransition)
+async def _conflict(_: Request, exc: Exception):
+    return error_response(409, str(exc), code="conflict")
+
+
+BODY_MODELS: dict[str, type] = {}
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError):
+    route = request.scope.get("route")
+    body_model = BODY_MODELS.get(getattr(route, "name", ""))
+    described = [schemas.describe_error(e, body_model) for e in exc.errors()]
+    message = "; ".join(m for _, m in described)
+    detail = [{"field": f, "message": m} for f, m in described]
+    return error_response(422, message, described[0][0], "validation_error", detail=detail)
+
+
+# ------------------------------------------------------------------ auth
+
+
+async def current_user(
+    x_api_key: Annotated[str | None, Header(alias="X-api-key")] = None,
+    authorization: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    key = x_api_key or (authorization or "").removeprefix("Bearer ").strip() or None
+    if not key:
+        raise ApiError(401, "missing management API key: send it in the X-api-key header")
+    user = await ctx.registry.authenticate_management.remote(key)
+    if user is None:
+        raise ApiError(401, "invalid management API key", code="invalid_api_key")
+    return user
+
+
+User = Annotated[dict[str, Any], Depends(current_user)]
+
+
+async def admin_user(user: User) -> dict[str, Any]:
+    if not user["isAdmin"]:
+        raise ApiError(403, "this action needs an admin management key")
+    return user
+
+
+# ------------------------------------------------------------------ platform & users
+
+
+@router.get("/health", tags=["platform"])
+async def health() -> dict[str, Any]:
+    await ctx.registry.ping.remote()
+    return {"status": "ok"}
+
+
+@router.get("/me", tags=["platform"])
+async def me(user: User) -> dict[str, Any]:
+    return user
+
+
+@router.get("/hardware", tags=["platform"])
+async def hardware(_: User) -> dict[str, Any]:
+    """deviceType profiles and whether this cluster can run them now."""
+    return {name: {**p, "available": _device_problem(p) is None} for name, p in _profiles()}
+
+
+@router.post("/users", tags=["platform"], status_code=201)
+async def create_user(
+    body: schemas.UserCreate, admin: Annotated[dict, Depends(admin_user)]
+) -> dict[str, Any]:
+    """Create a user and their management key (returned once)."""
+    return await ctx.registry.create_user.remote(
+        body.name, body.email, body.isAdmin, admin["userId"]
+    )
+
+
+# ------------------------------------------------------------------ models
+
+
+@router.get("/models", tags=["models"])
+async def list_models(_: User) -> dict[str, Any]:
+    models = await ctx.registry.list_models.remote()
+    return {"models": models, "total": len(models)}
+
+
+@router.get("/models/{modelId}", tags=["models"])
+async def get_model(modelId: str, _: User) -> dict[str, Any]:
+    model = await ctx.registry.get_model.remote(modelId)
+    model.pop("artifactUri", None)
+    return model
+
+
+@router.patch("/models/{modelId}", tags=["models"])
+async def update_model(modelId: str, body: schemas.ModelUpdate, _: User) -> dict[str, Any]:
+    """Edit description and tags (the name is not editable)."""
+    return await ctx.registry.update_model.remote(modelId, body.description, body.tags)
+
+
+@router.delete("/models/{modelId}", tags=["models"])
+async def delete_model(modelId: str, _: User) -> dict[str, Any]:
+    model = await ctx.registry.delete_model.remote(modelId)
+    if model.get("artifactUri"):
+        shutil.rmtree(model["artifactUri"], ignore_errors=True)
+    return {"deleted": True, "modelId": modelId}
+
+
+def _zip_name(file_name: str) -> str:
+    name = Path(file_name or "").name
+    if not name.lower().endswith(".zip") or len(name) <= 4:
+        raise ApiError(400, f"file must be a .zip archive (got {name!r})", param="file")
+    return name[:-4]
+
+
+async def _start_import(
+    zip_path: Path,
+    file_name: str,
+    user: dict,
+    kind: str,
+    base_model_id: str | None,
+    description: str,
+    tags: list[str],
+) -> dict[str, Any]:
+    if kind == "adapter" and not base_model_id:
+        zip_path.unlink(missing_ok=True)
+        raise ApiError(400, "baseModelId is required to import an adapter", param="baseModelId")
+    try:
+        model = await ctx.registry.create_model.remote(
+            _zip_name(file_name), "file", user["userId"], kind, base_model_id, description, tags
+        )
+    except Exception:
+        zip_path.unlink(missing_ok=True)
+        raise
+    job = await ctx.registry.create_job.remote(JobAction.IMPORT, model["modelId"], user["userId"])
+    await ctx.lifecycle.submit_import.remote(
+        model["modelId"], job["dockStatusId"], str(zip_path), kind
+    )
+    return {**_job_ref(job), "model": model}
+
+
+def _job_ref(job: dict[str, Any]) -> dict[str, Any]:
+    """The seed's job response; `dock-statusId` repeats the id as the seed's sample spells it."""
+    return {
+        "dockStatusId": job["dockStatusId"],
+        "dock-statusId": job["dockStatusId"],
+        "modelId": job["modelId"],
+        "deploymentId": job.get("deploymentId"),
+        "jobType": job["jobType"],
+        "action": job["action"],
+        "status": job["status"],
+    }
+
+
+@router.post("/models/import", tags=["models"], status_code=202)
+async def import_model(
+    user: User,
+    file: Annotated[UploadFile, File(description="A .zip in Hugging Face layout")],
+    kind: Annotated[Literal["base", "adapter"], Form()] = "base",
+    baseModelId: Annotated[str | None, Form()] = None,
+    description: Annotated[str, Form(max_length=2000)] = "",
+    tags: Annotated[str, Form(description="Comma-separated")] = "",
+) -> dict[str, Any]:
+    """Import a model `.zip` in one multipart request (see files/session for large files)."""
+    _zip_name(file.filename or "")
+    ctx.settings.uploads_path.mkdir(parents=True, exist_ok=True)
+    dest = ctx.settings.uploads_path / f"{uuid.uuid4()}.zip"
+    with dest.open("wb") as out:
+        await asyncio.to_thread(shutil.copyfileobj, file.file, out, 4 * 2**20)
+    tag_list = [t.strip() for t in tags.split(",") if t.strip()]
+    return await _start_import(
+        dest, file.filename or "", user, kind, baseModelId, description, tag_list
+    )
+
+
+@router.get("/models/{modelId}/deploy-form", tags=["models"])
+async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
+    """Deploy-form defaults, pre-filled from the model's deployconfig.json when it has one."""
+    model = await ctx.registry.get_model.remote(modelId)
+    prefill = model.get("deployConfig") or {}
+    form = {
+        "name": model["name"],
+        "hyperParameters": schemas.HyperParameters().model_dump(),
+        "scalingParameters": schemas.ScalingParameters().model_dump(),
+        "deviceType": "cpu-small",
+        "optimizationInfo": schemas.OptimizationInfo().model_dump(),
+        "timeout": schemas.DEFAULT_TIMEOUT_S,
+    }
+    for key, value in prefill.items():
+        if isinstance(value, dict) and isinstance(form.get(key), dict):
+            form[key] = {**form[key], **value}
+        elif key in form:
+            form[key] = value
+    return {"form": form, "prefilledFrom": "deployconfig.json" if prefill else None}
+
+
+# ------------------------------------------------------------------ chunked upload session
+
+
+@router.post("/files/session/start", tags=["files"], status_code=201)
+async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str, Any]:
+    """Open a chunked upload: send chunks 1..totalChunks, then complete."""
+    if body.kind == "adapter" and not body.baseModelId:
+        raise ApiError(400, "baseModelId is required to import an adapter", param="baseModelId")
+    session = await ctx.registry.create_upload_session.remote(body.model_dump(), user["userId"])
+    _session_dir(session["sessionId"]).mkdir(parents=True, exist_ok=True)
+    return {**session, "maxChunkBytes": ctx.settings.upload_chunk_max_bytes}
+
+
+def _session_dir(session_id: str) -> Path:
+    return ctx.settings.uploads_path / session_id
+
+
+@router.put("/files/session/{sessionId}/chunks/{chunkNumber}", tags=["files"])
+@router.post("/files/session/{sessionId}/chunks/{chunkNumber}", tags=["files"])
+async def upload_chunk(
+    sessionId: str, chunkNumber: int, request: Request, _: User
+) -> dict[str, Any]:
+    """Send one chunk as the raw request body (application/octet-stream)."""
+    session = await ctx.registry.get_upload_session.remote(sessionId)
+    if not 1 <= chunkNumber <= session["totalChunks"]:
+        raise ApiError(
+            400, f"chunkNumber must be between 1 and {session['totalChunks']}", "chunkNumber"
+        )
+    limit = ctx.settings.upload_chunk_max_bytes
+    part = _session_dir(sessionId) / f"{chunkNumber:06d}.part"
+    tmp = part.with_suffix(".tmp")
+    size = 0
+    with tmp.open("wb") as out:
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                out.close()
+                tmp.unlink(missing_ok=True)
+                raise ApiError(413, f"chunk exceeds the {limit} byte limit", "chunk")
+            out.write(piece)
+    tmp.replace(part)  # a re-sent chunk replaces the earlier copy
+    return await ctx.registry.add_upload_chunk.remote(sessionId, chunkNumber)
+
+
+@router.get("/files/session/{sessionId}", tags=["files"])
+async def upload_status(sessionId: str, _: User) -> dict[str, Any]:
+    return await ctx.registry.get_upload_session.remote(sessionId)
+
+
+@router.post("/files/session/{sessionId}/complete", tags=["files"], status_code=202)
+async def upload_complete(sessionId: str, user: User) -> dict[str, Any]:
+    """Assemble the chunks and start the import."""
+    session = await ctx.registry.get_upload_session.remote(sessionId)
+    missing = sorted(set(range(1, session["totalChunks"] + 1)) - set(session["receivedChunks"]))
+    if missing:
+        raise ApiError(400, f"chunks missing: {missing[:20]}", "chunks", "incomplete_upload")
+    folder = _session_dir(sessionId)
+    dest = ctx.settings.uploads_path / f"{sessionId}.zip"
+
+    def assemble() -> int:
+        with dest.open("wb") as out:
+            for n in range(1, session["totalChunks"] + 1):
+                with (folder / f"{n:06d}.part").open("rb") as part:
+                    shutil.copyfileobj(part, out, 4 * 2**20)
+        return dest.stat().st_size
+
+    size = await asyncio.to_thread(assemble)
+    shutil.rmtree(folder, ignore_errors=True)
+    await ctx.registry.delete_upload_session.remote(sessionId)
+    if size != session["totalSize"]:
+        dest.unlink(missing_ok=True)
+        raise ApiError(
+            400, f"received {size} bytes but totalSize was {session['totalSize']}", "totalSize"
+        )
+    opts = session["options"]
+    return await _start_import(
+        dest,
+        session["fileName"],
+        user,
+        opts.get("kind") or "base",
+        opts.get("baseModelId"),
+        opts.get("description") or "",
+        opts.get("tags") or [],
+    )
+
+
+# ------------------------------------------------------------------ dock status
+
+
+@router.get("/dock-status/{dockStatusId}", tags=["jobs"])
+async def dock_status(dockStatusId: str, _: User) -> dict[str, Any]:
+    return await ctx.registry.get_job.remote(dockStatusId)
+
+
+# ------------------------------------------------------------------ deploy
+
+
+def _profiles() -> list[tuple[str, dict[str, Any]]]:
+    return list(hardware_profiles().items())
+
+
+def _device_problem(profile: dict[str, Any]) -> str | None:
+    """Why this cluster cannot place one replica of `profile`, or None."""
+    if ctx.settings.cluster_autoscaling:
+        return None
+    have = ray.cluster_resources()
+    gpus = profile.get("num_gpus", 0)
+    if gpus and have.get("GPU", 0) < gpus:
+        return f"needs {gpus} GPU(s) ({profile.get('accelerator_type')}); the cluster has {int(have.get('GPU', 0))}"
+    acc = profile.get("accelerator_type")
+    if gpus and acc and f"accelerator_type:{acc}" not in have:
+        return f"needs {acc} GPUs; the cluster has none"
+    if have.get("CPU", 0) < profile.get("num_cpus", 1):
+        return f"needs {profile.get('num_cpus')} CPUs; the cluster has {int(have.get('CPU', 0))}"
+    return None
+
+
+def _check_deployable(body: schemas.DeployRequest) -> None:
+    if body.optimizationInfo.optimizationType:
+        raise ApiError(
+            400,
+            f"optimizationType {body.optimizationInfo.optimizationType!r} is not available yet; "
+            "send an empty optimizationType to skip optimization",
+            "optimizationInfo.optimizationType",
+        )
+    problem = _device_problem(hardware_profiles()[body.deviceType])
+    if problem:
+        cpu = [n for n, p in _profiles() if not p.get("num_gpus")]
+        raise ApiError(
+            400,
+            f"deviceType {body.deviceType!r} {problem}; choose one of {cpu} or add such nodes",
+            "deviceType",
+        )
+
+
+async def _start_deploy(deployment_id: str, body: dict | None, user: dict) -> dict[str, Any]:
+    dep = await ctx.registry.begin_deploy.remote(deployment_id, body, user["userId"], D.DEPLOYING)
+    job = await ctx.registry.create_job.remote(
+        JobAction.DEPLOY, dep["modelId"], user["userId"], deployment_id
+    )
+    await ctx.lifecycle.submit_deploy.remote(deployment_id, job["dockStatusId"])
+    return _job_ref(job)
+
+
+@router.post("/models/{modelId}/deploy", tags=["deployments"])
+async def deploy_model(
+    modelId: str,
+    body: schemas.DeployRequest,
+    user: User,
+    modelType: Annotated[Literal["openSource", "fineTune"], Query()],
+) -> dict[str, Any]:
+    """Deploy a Ready-to-Deploy model (the seed's Deploy a Model API).
+
+    With `isDeployedPreviously: true` and the name of an existing deployment of this model,
+    that deployment is redeployed (a new history version); otherwise a new one is created.
+    """
+    _check_deployable(body)
+    config = body.model_dump()
+    existing = None
+    if body.isDeployedPreviously:
+        existing = await ctx.registry.find_deployment_by_name.remote(modelId, body.name)
+    if existing is None:
+        existing = await ctx.registry.create_deployment.remote(modelId, config, user["userId"])
+    return await _start_deploy(existing["deploymentId"], config, user)
+
+
+BODY_MODELS["deploy_model"] = schemas.DeployRequest
+
+
+@router.get("/models/{modelId}/deployments", tags=["deployments"])
+async def list_deployments(modelId: str, _: User) -> dict[str, Any]:
+    deps = await ctx.registry.list_deployments.remote(modelId)
+    return {"deployments": deps, "total": len(deps)}
+
+
+@router.get("/deployments/{deploymentId}", tags=["deployments"])
+async def get_deployment(deploymentId: str, request: Request, _: User) -> dict[str, Any]:
+    dep = await ctx.registry.get_deployment.remote(deploymentId)
+    scaling = dep["config"].get("scalingParameters", {})
+    live = await ctx.lifecycle.replicas.remote(deploymentId)
+    dep["replicas"] = {
+        "current": live["running"],
+        "byState": live["byState"],
+        "min": scaling.get("minReplicas"),
+        "max": scaling.get("maxReplicas"),
+        "applicationStatus": live["applicationStatus"],
+    }
+    dep["curl"] = _curl(dep, _base_url(request))
+    return dep
+
+
+BODY_MODELS["redeploy"] = schemas.DeployRequest
+
+
+@router.post("/deployments/{deploymentId}/redeploy", tags=["deployments"])
+async def redeploy(deploymentId: str, body: schemas.DeployRequest, user: User) -> dict[str, Any]:
+    """Redeploy with changed parameters; history gains the next `name_vN`."""
+    _check_deployable(body)
+    dep = await ctx.registry.get_deployment.remote(deploymentId)
+    config = body.model_dump() | {"name": dep["name"]}
+    return await _start_deploy(deploymentId, config, user)
+
+
+@router.post("/deployments/{deploymentId}/retrigger", tags=["deployments"])
+async def retrigger(deploymentId: str, user: User) -> dict[str, Any]:
+    """Restart a failed or undeployed deployment with its last configuration."""
+    dep = await ctx.registry.get_deployment.remote(deploymentId)
+    if dep["status"] not in RETRIGGERABLE_DEPLOYMENT:
+        raise ApiError(
+            409, f"only failed or undeployed deployments can be re-triggered (is {dep['status']})"
+        )
+    _check_deployable(schemas.DeployRequest(**dep["config"]))
+    return await _start_deploy(deploymentId, None, user)
+
+
+@router.post("/deployments/{deploymentId}/undeploy", tags=["deployments"])
+async def undeploy(deploymentId: str, user: User) -> dict[str, Any]:
+    dep = await ctx.registry.get_deployment.remote(deploymentId)
+    if dep["status"] not in (D.DEPLOYED, D.FAILED):
+        raise ApiError(
+            409, f"deployment is {dep['status']}; only DEPLOYED or FAILED can be undeployed"
+        )
+    job = await ctx.registry.create_job.remote(
+        JobAction.UNDEPLOY, dep["modelId"], user["userId"], deploymentId
+    )
+    await ctx.lifecycle.submit_undeploy.remote(deploymentId, job["dockStatusId"], user["userId"])
+    return _job_ref(job)
+
+
+@router.patch("/deployments/{deploymentId}", tags=["deployments"])
+async def update_deployment(
+    deploymentId: str, body: schemas.DeploymentUpdate, _: User
+) -> dict[str, Any]:
+    """Edit description, tags and the endpoint timeout (30–180 s)."""
+    return await ctx.registry.update_deployment.remote(
+        deploymentId, description=body.description, tags=body.tags, timeout=body.timeout
+    )
+
+
+BODY_MODELS["update_deployment"] = schemas.DeploymentUpdate
+
+
+@router.delete("/deployments/{deploymentId}", tags=["deployments"])
+async def delete_deployment(deploymentId: str, _: User) -> dict[str, Any]:
+    await ctx.registry.delete_deployment.remote(deploymentId)
+    return {"deleted": True, "deploymentId": deploymentId}
+
+
+@router.get("/deployments/{deploymentId}/history", tags=["deployments"])
+async def history(deploymentId: str, _: User) -> dict[str, Any]:
+    return {"versions": await ctx.registry.history.remote(deploymentId)}
+
+
+def _base_url(request: Request) -> str:
+    return str(request.base_url).rstrip("/").removesuffix("/api")
+
+
+def _curl(dep: dict[str, Any], base: str) -> str:
+    url = f"{base}/deployments/{dep['deploymentId']}/v2/chat/completions"
+    return (
+        f"curl {url} -H 'Authorization: Bearer $RAYDOCK_KEY' -H 'Content-Type: application/json' "
+        """-d '{"messages": [{"role": "user", "content": "Hello"}]}'"""
+    )
+
+
+# ------------------------------------------------------------------ deployment API keys
+
+
+@router.post("/deployments/{deploymentId}/api-keys", tags=["api keys"], status_code=201)
+async def create_key(deploymentId: str, body: schemas.KeyCreate, user: User) -> dict[str, Any]:
+    """Create an inference key for this deployment. `apiKey` is shown only in this response."""
+    return await ctx.registry.create_deployment_key.remote(deploymentId, body.name, user["userId"])
+
+
+@router.get("/deployments/{deploymentId}/api-keys", tags=["api keys"])
+async def list_keys(deploymentId: str, _: User) -> dict[str, Any]:
+    return {"apiKeys": await ctx.registry.list_deployment_keys.remote(deploymentId)}
+
+
+@router.delete("/deployments/{deploymentId}/api-keys/{keyId}", tags=["api keys"])
+async def delete_key(deploymentId: str, keyId: str, _: User) -> dict[str, Any]:
+    await ctx.registry.delete_deployment_key.remote(deploymentId, keyId)
+    return {"deleted": True, "keyId": keyId}
+
+
+# ------------------------------------------------------------------ export
+
+
+@router.post("/models/{modelId}/export", tags=["models"], status_code=202)
+async def export_model(
+    modelId: str, user: User, deploymentId: Annotated[str | None, Query()] = None
+) -> dict[str, Any]:
+    """Export the model as a .zip with deployconfig.json (from `deploymentId`, else the latest
+    deployment, else the config it was imported with). The dock status carries downloadUrl."""
+    model = await ctx.registry.get_model.remote(modelId)
+    if model["status"] != "READY":
+        raise ApiError(409, f"model is {model['status']}; only READY models can be exported")
+    deps = await ctx.registry.list_deployments.remote(modelId)
+    if deploymentId:
+        deps = [d for d in deps if d["deploymentId"] == deploymentId]
+        if not deps:
+            raise ApiError(
+                404, f"deployment {deploymentId} not found on this model", "deploymentId"
+            )
+    config = deployconfig_from(deps[-1]["config"]) if deps else model.get("deployConfig")
+    job = await ctx.registry.create_job.remote(JobAction.EXPORT, modelId, user["userId"])
+    await ctx.lifecycle.submit_export.remote(model, job["dockStatusId"], config)
+    return _job_ref(job)
+
+
+@router.get("/exports/{dockStatusId}/download", tags=["models"])
+async def download_export(dockStatusId: str, _: User) -> FileResponse:
+    job = await ctx.registry.get_job.remote(dockStatusId)
+    name = (job.get("response") or {}).get("fileName")
+    if job["action"] != JobAction.EXPORT or job["status"] != "SUCCESS" or not name:
+        raise ApiError(409, f"export {dockStatusId} is {job['status']}, not ready for download")
+    path = ctx.settings.exports_path / dockStatusId / name
+    return FileResponse(path, media_type="application/zip", filename=name)
+
+
+app.include_router(router)
+
+
+def configure(settings: dict[str, Any]) -> None:
+    ctx.settings = Settings(**settings)
+    ctx.registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
+    ctx.lifecycle = ray.get_actor(names.LIFECYCLE, namespace=names.NAMESPACE)
+
+
+def asgi_app() -> FastAPI:
+    return app
+
+
+# Serve pickles the deployment class by value; module-level functions are pickled by
+# reference, so calling them (not touching `ctx` directly) configures this module's routes.
+@serve.deployment(name="api", num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(asgi_app)
+class ApiServer:
+    def __init__(self, settings: dict[str, Any]):
+        configure(settings)

@@ -1,0 +1,74 @@
+"""Start the platform inside a connected Ray cluster: actors, Serve apps, reconciliation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+from ray import serve
+
+from raydock.config import Settings
+from raydock.platform import names
+from raydock.platform.lifecycle import Lifecycle
+from raydock.platform.registry import Registry
+
+
+def connect(settings: Settings, **init_kwargs: Any) -> None:
+    """Join `settings.ray_address`, or start a local cluster with `ray_num_cpus` logical CPUs."""
+    if ray.is_initialized():
+        return
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, namespace=names.NAMESPACE, **init_kwargs)
+    else:
+        init_kwargs = {"num_cpus": settings.ray_num_cpus} | init_kwargs
+        ray.init(namespace=names.NAMESPACE, **init_kwargs)
+
+
+def _actor(cls, name: str, *args: Any, **options: Any):
+    return (
+        ray.remote(cls)
+        .options(
+            name=name,
+            namespace=names.NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,  # state lives in the database, so a restarted actor just goes on
+            **options,
+        )
+        .remote(*args)
+    )
+
+
+def start_platform(settings: Settings) -> dict[str, Any]:
+    """Idempotently bring up registry, lifecycle, API and gateway; reconcile deployments.
+
+    Returns the URL, the first admin key (only when it was just created) and what the
+    reconciliation did.
+    """
+    from raydock.platform.api import ApiServer
+    from raydock.serve_apps.gateway import Gateway
+
+    for path in (settings.home_path, settings.uploads_path, settings.exports_path):
+        path.mkdir(parents=True, exist_ok=True)
+    cfg = settings.to_dict()
+    registry = _actor(Registry, names.REGISTRY, settings.db_url)
+    admin_key = ray.get(registry.ensure_admin.remote(os.environ.get("RAYDOCK_ADMIN_KEY")))
+    lifecycle = _actor(Lifecycle, names.LIFECYCLE, cfg, max_concurrency=100)
+    ray.get(lifecycle.ping.remote())
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(ApiServer.bind(cfg), name=names.API_APP, route_prefix="/api")
+    serve.run(Gateway.bind(cfg), name=names.GATEWAY_APP, route_prefix="/")
+    reconciled = ray.get(lifecycle.reconcile.remote())
+    return {"url": settings.base_url, "admin_key": admin_key, "reconciled": reconciled}
+
+
+def stop_platform() -> None:
+    """Remove every Serve app and the platform actors (the database keeps all state)."""
+    serve.shutdown()
+    for name in (names.LIFECYCLE, names.REGISTRY):
+        try:
+            ray.kill(ray.get_actor(name, namespace=names.NAMESPACE), no_restart=True)
+        except ValueError:
+            pass

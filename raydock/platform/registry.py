@@ -1,0 +1,528 @@
+"""The registry: the only writer of the database.
+
+A plain class, run as a detached named Ray actor by the platform (so calls are serialized and
+SQLite has exactly one writer) and usable directly in unit tests. Every method returns
+API-shaped dicts (see views.py) and raises NotFound / Conflict / InvalidTransition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from raydock.platform import db, security, views
+from raydock.platform.states import (
+    ACTIVE_DEPLOYMENT,
+    DELETABLE_DEPLOYMENT,
+    DeploymentStatus,
+    InvalidTransition,
+    JobStatus,
+    ModelStatus,
+    check_deployment,
+    check_job,
+    check_model,
+)
+
+
+class NotFound(Exception):
+    """The named object does not exist (HTTP 404)."""
+
+
+class Conflict(Exception):
+    """The request clashes with the object's current state (HTTP 409)."""
+
+
+class Registry:
+    def __init__(self, db_url: str):
+        self._sessions = db.make_sessionmaker(db_url, create=True)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as s:
+            yield s
+
+    def ping(self) -> bool:
+        return True
+
+    # ---------------------------------------------------------------- users & auth
+
+    def _user_names(self, s: Session) -> dict[str, str]:
+        return {u.id: u.name for u in s.scalars(select(db.User))}
+
+    def ensure_admin(self, initial_key: str | None = None) -> str | None:
+        """On first start create the admin user and key; return the key (shown once) or None."""
+        with self._tx() as s:
+            if s.scalar(select(func.count()).select_from(db.User)):
+                return None
+            admin = db.User(id=db.new_id("u"), name="admin", is_admin=True)
+            s.add(admin)
+            s.flush()
+            key = initial_key or security.new_key(security.MANAGEMENT_PREFIX)
+            s.add(self._key_row(key, "admin (first start)", "management", None, admin.id, admin.id))
+            return key
+
+    def create_user(
+        self, name: str, email: str | None, is_admin: bool, created_by: str
+    ) -> dict[str, Any]:
+        with self._tx() as s:
+            u = db.User(id=db.new_id("u"), name=name, email=email, is_admin=is_admin)
+            s.add(u)
+            s.flush()
+            key = security.new_key(security.MANAGEMENT_PREFIX)
+            row = self._key_row(key, f"{name} (management)", "management", None, u.id, created_by)
+            s.add(row)
+            return {**views.user(u), "apiKey": key, "keyId": row.id}
+
+    def authenticate_management(self, key: str) -> dict[str, Any] | None:
+        with self._tx() as s:
+            row = s.scalar(select(db.ApiKey).where(db.ApiKey.key_hash == security.hash_key(key)))
+            if row is None or row.scope != "management":
+                return None
+            row.last_used_at = db.utcnow()
+            return views.user(s.get(db.User, row.user_id))
+
+    # ---------------------------------------------------------------- models
+
+    def create_model(
+        self,
+        name: str,
+        source: str,
+        created_by: str,
+        kind: str = "base",
+        base_model_id: str | None = None,
+        description: str = "",
+        tags: list[str] | None = None,
+    ) -> dict[str, Any]:
+        with self._tx() as s:
+            if base_model_id:
+                base = s.get(db.Model, base_model_id)
+                if base is None or base.status != ModelStatus.READY or base.kind != "base":
+                    raise Conflict(f"baseModelId {base_model_id} is not a ready base model")
+            m = db.Model(
+                id=db.new_id("cm"),
+                name=name,
+                source=source,
+                kind=kind,
+                base_model_id=base_model_id,
+                model_type="openSource",
+                status=ModelStatus.IMPORTING,
+                description=description,
+                tags=tags or [],
+                created_by=created_by,
+            )
+            s.add(m)
+            s.flush()
+            return views.model(m)
+
+    def _model(self, s: Session, model_id: str) -> db.Model:
+        m = s.get(db.Model, model_id)
+        if m is None:
+            raise NotFound(f"model {model_id} not found")
+        return m
+
+    def _deployments_of(self, s: Session, model_id: str) -> list[db.Deployment]:
+        q = select(db.Deployment).where(db.Deployment.model_id == model_id)
+        return list(s.scalars(q.order_by(db.Deployment.added_on)))
+
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        with self._tx() as s:
+            m = self._model(s, model_id)
+            out = views.model(m, self._deployments_of(s, model_id))
+            out["artifactUri"] = m.artifact_uri
+            return out
+
+    def list_models(self) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            deps: dict[str, list[db.Deployment]] = {}
+            for d in s.scalars(select(db.Deployment)):
+                deps.setdefault(d.model_id, []).append(d)
+            models = s.scalars(select(db.Model).order_by(db.Model.created_at.desc()))
+            return [views.model(m, deps.get(m.id, [])) for m in models]
+
+    def update_model(
+        self, model_id: str, description: str | None, tags: list[str] | None
+    ) -> dict[str, Any]:
+        with self._tx() as s:
+            m = self._model(s, model_id)
+            if description is not None:
+                m.description = description
+            if tags is not None:
+                m.tags = tags
+            return views.model(m, self._deployments_of(s, model_id))
+
+    def set_model_status(self, model_id: str, status: str, **fields: Any) -> dict[str, Any]:
+        """Persist a model state transition plus fields set by the import job."""
+        with self._tx() as s:
+            m = self._model(s, model_id)
+            check_model(m.status, status)
+            m.status = status
+            for k, v in fields.items():
+                setattr(m, k, v)
+            return views.model(m)
+
+    def delete_model(self, model_id: str) -> dict[str, Any]:
+        """Remove a model with no active deployment; returns it (with artifactUri) for cleanup."""
+        with self._tx() as s:
+            m = self._model(s, model_id)
+            deps = self._deployments_of(s, model_id)
+            active = [d.id for d in deps if d.status in ACTIVE_DEPLOYMENT]
+            if active:
+                raise Conflict(f"model has active deployments {active}; undeploy them first")
+            if s.scalar(select(func.count()).where(db.Model.base_model_id == model_id)):
+                raise Conflict("adapters are imported on this base model; delete them first")
+            out = {**views.model(m), "artifactUri": m.artifact_uri}
+            for d in deps:
+                self._delete_deployment_rows(s, d.id)
+            s.delete(m)
+            return out
+
+    # ---------------------------------------------------------------- jobs (dock status)
+
+    def create_job(
+        self,
+        action: str,
+        model_id: str | None,
+        created_by: str | None,
+        deployment_id: str | None = None,
+    ) -> dict[str, Any]:
+        with self._tx() as s:
+            j = db.DockStatus(
+                id=db.new_id("ds"),
+                model_id=model_id,
+                deployment_id=deployment_id,
+                action=action,
+                status=JobStatus.IN_PROGRESS,
+                created_by=created_by,
+            )
+            s.add(j)
+            s.flush()
+            return views.job(j)
+
+    def update_job(
+        self,
+        job_id: str,
+        status: str | None = None,
+        percentage: int | None = None,
+        message: str | None = None,
+        response: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        with self._tx() as s:
+            j = s.get(db.DockStatus, job_id)
+            if j is None:
+                raise NotFound(f"dock status {job_id} not found")
+            if status is not None:
+                check_job(j.status, status)
+                j.status = status
+                if status == JobStatus.SUCCESS:
+                    j.percentage = 100
+            if percentage is not None and j.status == JobStatus.IN_PROGRESS:
+                j.percentage = max(j.percentage, min(100, int(percentage)))
+            if message is not None:
+                j.message = message
+            if response:
+                j.response = {**(j.response or {}), **response}
+            return views.job(j)
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        with self._tx() as s:
+            j = s.get(db.DockStatus, job_id)
+            if j is None:
+                raise NotFound(f"dock status {job_id} not found")
+            return views.job(j)
+
+    def fail_interrupted(self, reason: str) -> dict[str, list[str]]:
+        """After a restart: end every job still IN_PROGRESS, and the objects it was moving."""
+        with self._tx() as s:
+            jobs = list(
+                s.scalars(select(db.DockStatus).where(db.DockStatus.status == "IN_PROGRESS"))
+            )
+            for j in jobs:
+                j.status = JobStatus.FAILED
+                j.message = reason
+                j.response = {**(j.response or {}), "error": reason}
+            models = list(
+                s.scalars(
+                    select(db.Model).where(
+                        db.Model.status.in_([ModelStatus.IMPORTING, ModelStatus.VALIDATING])
+                    )
+                )
+            )
+            for m in models:
+                m.status, m.error = ModelStatus.IMPORT_FAILED, reason
+            moving = [DeploymentStatus.DEPLOYING, DeploymentStatus.OPTIMIZING]
+            deps = list(s.scalars(select(db.Deployment).where(db.Deployment.status.in_(moving))))
+            for d in deps:
+                d.status, d.failure_reason = DeploymentStatus.FAILED, reason
+                self._end_version(s, d.id, "FAILED", reason)
+            return {
+                "jobs": [j.id for j in jobs],
+                "models": [m.id for m in models],
+                "deployments": [d.id for d in deps],
+            }
+
+    # ---------------------------------------------------------------- deployments
+
+    def _deployment(self, s: Session, deployment_id: str) -> db.Deployment:
+        d = s.get(db.Deployment, deployment_id)
+        if d is None:
+            raise NotFound(f"deployment {deployment_id} not found")
+        return d
+
+    def find_deployment_by_name(self, model_id: str, name: str) -> dict[str, Any] | None:
+        with self._tx() as s:
+            q = select(db.Deployment).where(
+                db.Deployment.model_id == model_id, db.Deployment.name == name
+            )
+            d = s.scalar(q)
+            return views.deployment(d) if d else None
+
+    def create_deployment(
+        self, model_id: str, body: dict[str, Any], user_id: str
+    ) -> dict[str, Any]:
+        with self._tx() as s:
+            m = self._model(s, model_id)
+            if m.status != ModelStatus.READY:
+                raise Conflict(f"model {model_id} is {m.status}, not READY: it cannot be deployed")
+            d = db.Deployment(
+                id=db.new_id("dp"),
+                model_id=model_id,
+                name=body["name"],
+                status=DeploymentStatus.READY_TO_DEPLOY,
+                config=body,
+                description=body.get("description", ""),
+                tags=body.get("tags", []),
+                timeout_s=body.get("timeout", 60),
+                added_by=user_id,
+            )
+            s.add(d)
+            s.flush()
+            return views.deployment(d, self._user_names(s))
+
+    def get_deployment(self, deployment_id: str) -> dict[str, Any]:
+        with self._tx() as s:
+            return views.deployment(self._deployment(s, deployment_id), self._user_names(s))
+
+    def list_deployments(self, model_id: str | None = None) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            q = select(db.Deployment).order_by(db.Deployment.added_on)
+            if model_id:
+                self._model(s, model_id)
+                q = q.where(db.Deployment.model_id == model_id)
+            names = self._user_names(s)
+            return [views.deployment(d, names) for d in s.scalars(q)]
+
+    def update_deployment(self, deployment_id: str, **fields: Any) -> dict[str, Any]:
+        with self._tx() as s:
+            d = self._deployment(s, deployment_id)
+            for k, v in fields.items():
+                if v is not None:
+                    setattr(d, {"timeout": "timeout_s"}.get(k, k), v)
+            return views.deployment(d, self._user_names(s))
+
+    def begin_deploy(
+        self, deployment_id: str, config: dict[str, Any] | None, user_id: str, status: str
+    ) -> dict[str, Any]:
+        """Move to DEPLOYING/OPTIMIZING, store the new config and open the next history version."""
+        with self._tx() as s:
+            d = self._deployment(s, deployment_id)
+            if d.status in (DeploymentStatus.DEPLOYING, DeploymentStatus.OPTIMIZING):
+                raise Conflict(f"deployment {deployment_id} is already {d.status}")
+            check_deployment(d.status, status)
+            if config is not None:
+                d.config = config
+                d.timeout_s = config.get("timeout", d.timeout_s)
+                d.description = config.get("description", d.description)
+                d.tags = config.get("tags", d.tags)
+            d.status, d.failure_reason = status, None
+            n = (
+                s.scalar(
+                    select(func.max(db.DeploymentVersion.version)).where(
+                        db.DeploymentVersion.deployment_id == d.id
+                    )
+                )
+                or 0
+            )
+            s.add(
+                db.DeploymentVersion(
+                    deployment_id=d.id,
+                    version=n + 1,
+                    name=f"{d.name}_v{n + 1}",
+                    config=d.config,
+                    deployed_by=user_id,
+                )
+            )
+            return views.deployment(d, self._user_names(s))
+
+    def _end_version(self, s: Session, deployment_id: str, result: str, reason: str | None) -> None:
+        v = s.scalar(
+            select(db.DeploymentVersion)
+            .where(db.DeploymentVersion.deployment_id == deployment_id)
+            .order_by(db.DeploymentVersion.version.desc())
+        )
+        if v is not None and v.ended_at is None:
+            v.ended_at, v.result, v.failure_reason = db.utcnow(), result, reason
+
+    def set_deployment_status(
+        self, deployment_id: str, status: str, reason: str | None = None
+    ) -> dict[str, Any]:
+        with self._tx() as s:
+            d = self._deployment(s, deployment_id)
+            check_deployment(d.status, status)
+            d.status = status
+            d.failure_reason = reason if status == DeploymentStatus.FAILED else None
+            if status == DeploymentStatus.DEPLOYED:
+                self._end_version(s, d.id, "SUCCESS", None)
+            elif status == DeploymentStatus.FAILED:
+                self._end_version(s, d.id, "FAILED", reason)
+            return views.deployment(d, self._user_names(s))
+
+    def record_undeploy(self, deployment_id: str, user_id: str | None, ended: bool) -> None:
+        """Stamp who undeployed the live version, and when it started / ended."""
+        with self._tx() as s:
+            v = s.scalar(
+                select(db.DeploymentVersion)
+                .where(db.DeploymentVersion.deployment_id == deployment_id)
+                .order_by(db.DeploymentVersion.version.desc())
+            )
+            if v is None:
+                return
+            if not ended:
+                v.undeployed_by, v.undeploy_started_at = user_id, db.utcnow()
+                v.undeploy_ended_at = None
+            else:
+                v.undeploy_ended_at = db.utcnow()
+
+    def history(self, deployment_id: str) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            self._deployment(s, deployment_id)
+            q = (
+                select(db.DeploymentVersion)
+                .where(db.DeploymentVersion.deployment_id == deployment_id)
+                .order_by(db.DeploymentVersion.version)
+            )
+            names = self._user_names(s)
+            rows = [views.version(v, names) for v in s.scalars(q)]
+            for r in rows:
+                r["latest"] = r is rows[-1]
+            return rows
+
+    def _delete_deployment_rows(self, s: Session, deployment_id: str) -> None:
+        s.execute(delete(db.ApiKey).where(db.ApiKey.deployment_id == deployment_id))
+        s.execute(
+            delete(db.DeploymentVersion).where(db.DeploymentVersion.deployment_id == deployment_id)
+        )
+        s.execute(delete(db.Deployment).where(db.Deployment.id == deployment_id))
+
+    def delete_deployment(self, deployment_id: str) -> None:
+        with self._tx() as s:
+            d = self._deployment(s, deployment_id)
+            if d.status not in DELETABLE_DEPLOYMENT:
+                raise Conflict(
+                    f"deployment is {d.status}; only {sorted(DELETABLE_DEPLOYMENT)} can be deleted"
+                )
+            self._delete_deployment_rows(s, deployment_id)
+
+    def deployments_in(self, statuses: list[str]) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            q = select(db.Deployment).where(db.Deployment.status.in_(statuses))
+            return [views.deployment(d) for d in s.scalars(q)]
+
+    # ---------------------------------------------------------------- API keys
+
+    @staticmethod
+    def _key_row(
+        key: str, name: str, scope: str, deployment_id: str | None, user_id: str | None, by: str
+    ) -> db.ApiKey:
+        return db.ApiKey(
+            id=db.new_id("key"),
+            key_hash=security.hash_key(key),
+            prefix=security.display_prefix(key),
+            name=name,
+            scope=scope,
+            deployment_id=deployment_id,
+            user_id=user_id,
+            created_by=by,
+        )
+
+    def create_deployment_key(self, deployment_id: str, name: str, user_id: str) -> dict[str, Any]:
+        with self._tx() as s:
+            self._deployment(s, deployment_id)
+            key = security.new_key(security.DEPLOYMENT_PREFIX)
+            row = self._key_row(key, name, "deployment", deployment_id, None, user_id)
+            s.add(row)
+            s.flush()
+            return {**views.api_key(row, self._user_names(s)), "apiKey": key}
+
+    def list_deployment_keys(self, deployment_id: str) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            self._deployment(s, deployment_id)
+            q = select(db.ApiKey).where(db.ApiKey.deployment_id == deployment_id)
+            names = self._user_names(s)
+            return [views.api_key(k, names) for k in s.scalars(q.order_by(db.ApiKey.created_at))]
+
+    def delete_deployment_key(self, deployment_id: str, key_id: str) -> None:
+        with self._tx() as s:
+            k = s.get(db.ApiKey, key_id)
+            if k is None or k.deployment_id != deployment_id:
+                raise NotFound(f"API key {key_id} not found on deployment {deployment_id}")
+            s.delete(k)
+
+    def touch_keys(self, key_ids: list[str]) -> None:
+        with self._tx() as s:
+            now = db.utcnow()
+            for k in s.scalars(select(db.ApiKey).where(db.ApiKey.id.in_(key_ids))):
+                k.last_used_at = now
+
+    # ---------------------------------------------------------------- chunked uploads
+
+    def create_upload_session(self, fields: dict[str, Any], user_id: str) -> dict[str, Any]:
+        with self._tx() as s:
+            u = db.UploadSession(
+                id=db.new_id("up"),
+                file_name=fields["fileName"],
+                total_size=fields["totalSize"],
+                total_chunks=fields["totalChunks"],
+                options={k: fields.get(k) for k in ("kind", "baseModelId", "description", "tags")},
+                created_by=user_id,
+            )
+            s.add(u)
+            s.flush()
+            return self._upload_view(u)
+
+    @staticmethod
+    def _upload_view(u: db.UploadSession) -> dict[str, Any]:
+        return {
+            "sessionId": u.id,
+            "fileName": u.file_name,
+            "totalSize": u.total_size,
+            "totalChunks": u.total_chunks,
+            "receivedChunks": sorted(int(c) for c in u.received),
+            "options": u.options,
+            "createdBy": u.created_by,
+        }
+
+    def get_upload_session(self, session_id: str) -> dict[str, Any]:
+        with self._tx() as s:
+            u = s.get(db.UploadSession, session_id)
+            if u is None:
+                raise NotFound(f"upload session {session_id} not found")
+            return self._upload_view(u)
+
+    def add_upload_chunk(self, session_id: str, chunk: int) -> dict[str, Any]:
+        with self._tx() as s:
+            u = s.get(db.UploadSession, session_id)
+            if u is None:
+                raise NotFound(f"upload session {session_id} not found")
+            u.received = sorted(set(u.received) | {str(chunk)}, key=int)
+            return self._upload_view(u)
+
+    def delete_upload_session(self, session_id: str) -> None:
+        with self._tx() as s:
+            s.execute(delete(db.UploadSession).where(db.UploadSession.id == session_id))
+
+
+__all__ = ["Registry", "NotFound", "Conflict", "InvalidTransition"]

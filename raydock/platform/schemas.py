@@ -1,0 +1,176 @@
+"""Request bodies of the management API, with the seed's parameter ranges.
+
+These models are the single definition of every allowed range: FastAPI validates with them,
+the OpenAPI document is generated from them, and `describe_error` reads the range back to
+tell the user what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from raydock.config import hardware_profiles
+
+TIMEOUT_RANGE = (30, 180)
+DEFAULT_TIMEOUT_S = 60
+DEFAULT_MAX_TOKENS = 512  # used when hyperParameters.maxTokens is 0 ("no default")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HyperParameters(_Body):
+    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature, 0–2.")
+    maxTokens: int = Field(
+        512, ge=0, le=512, description="Default max tokens to generate, 0–512 (0: 512)."
+    )
+    topP: float = Field(1.0, ge=0, le=1, description="Nucleus sampling mass, 0–1.")
+    topK: int = Field(50, ge=1, le=100, description="Top-k filtering, 1–100.")
+    stopSequence: list[str] = Field(
+        default_factory=list, max_length=8, description="Up to 8 stop sequences."
+    )
+
+    @field_validator("stopSequence")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+
+class ScalingParameters(_Body):
+    maxBatchSize: int = Field(10, ge=1, le=256, description="Sequences decoded together, 1–256.")
+    minReplicas: int = Field(1, ge=1, le=10, description="Minimum replicas, 1–10.")
+    maxReplicas: int = Field(2, ge=1, le=50, description="Maximum replicas, 1–50.")
+    scaleUpDelay: int = Field(30, ge=1, le=1000, description="Seconds before scaling up, 1–1000.")
+    scaleDownDelay: int = Field(
+        600, ge=50, le=2000, description="Seconds before scaling down, 50–2000."
+    )
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> ScalingParameters:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError(
+                f"minReplicas ({self.minReplicas}) must not exceed maxReplicas ({self.maxReplicas})"
+            )
+        return self
+
+
+OPTIMIZATION_TYPES = ("", "ctranslate2", "vllm")
+QUANTIZATION_TYPES = ("", "no_quantization", "int8_float16")
+
+
+class OptimizationInfo(_Body):
+    optimizationType: Literal["", "ctranslate2", "vllm"] = ""
+    quantizationType: Literal["", "no_quantization", "int8_float16"] = ""
+
+
+class DeployRequest(_Body):
+    name: str = Field(..., min_length=1, max_length=200, description="Deployment name.")
+    hyperParameters: HyperParameters
+    scalingParameters: ScalingParameters = Field(default_factory=ScalingParameters)
+    deviceType: str = Field(..., description="A deviceType from configs/hardware.yaml.")
+    optimizationInfo: OptimizationInfo = Field(default_factory=OptimizationInfo)
+    isDeployedPreviously: bool = False
+    description: str = Field("", max_length=2000)
+    tags: list[str] = Field(default_factory=list, max_length=50)
+    timeout: int = Field(
+        DEFAULT_TIMEOUT_S, ge=30, le=180, description="Endpoint timeout in seconds, 30–180."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _strip_name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("name must not be blank")
+        return v.strip()
+
+    @field_validator("deviceType")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        allowed = list(hardware_profiles())
+        if v not in allowed:
+            raise ValueError(f"deviceType must be one of {allowed}")
+        return v
+
+
+class ModelUpdate(_Body):
+    description: str | None = Field(None, max_length=2000)
+    tags: list[str] | None = Field(None, max_length=50)
+    name: str | None = Field(None, description="Not editable; present only to refuse it.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_frozen(cls, v: str | None) -> None:
+        if v is not None:
+            raise ValueError("the model name is not editable (it is derived from the file name)")
+        return None
+
+
+class DeploymentUpdate(_Body):
+    description: str | None = Field(None, max_length=2000)
+    tags: list[str] | None = Field(None, max_length=50)
+    timeout: int | None = Field(None, ge=30, le=180, description="Endpoint timeout, 30–180 s.")
+
+
+class KeyCreate(_Body):
+    name: str = Field(..., min_length=1, max_length=200)
+
+
+class UserCreate(_Body):
+    name: str = Field(..., min_length=1, max_length=200)
+    email: str | None = Field(None, max_length=320)
+    isAdmin: bool = False
+
+
+class UploadSessionStart(_Body):
+    fileName: str = Field(..., min_length=5, max_length=300, pattern=r"(?i)^[^/\\]+\.zip$")
+    totalSize: int = Field(..., gt=0)
+    totalChunks: int = Field(..., ge=1, le=100_000)
+    kind: Literal["base", "adapter"] = "base"
+    baseModelId: str | None = None
+    description: str = Field("", max_length=2000)
+    tags: list[str] = Field(default_factory=list, max_length=50)
+
+
+# ---- turning validation errors into messages that name the field and its range ----
+
+
+def _field_bounds(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, Any] | None:
+    """Walk `loc` through nested models; return (lower, upper) of the final field."""
+    info = None
+    for part in loc:
+        if not isinstance(part, str) or model is None:
+            return None
+        info = model.model_fields.get(part)
+        if info is None:
+            return None
+        ann = info.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if info is None:
+        return None
+    lo = hi = None
+    for m in info.metadata:
+        if isinstance(m, Ge | Gt):
+            lo = getattr(m, "ge", getattr(m, "gt", None))
+        if isinstance(m, Le | Lt):
+            hi = getattr(m, "le", getattr(m, "lt", None))
+    return (lo, hi) if lo is not None or hi is not None else None
+
+
+def describe_error(err: dict[str, Any], body_model: type[BaseModel] | None) -> tuple[str, str]:
+    """(field path, human message) for one pydantic error."""
+    loc = tuple(p for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+    field = ".".join(str(p) for p in loc) or "body"
+    msg = err.get("msg", "invalid value")
+    if body_model is not None and err.get("type", "").startswith(("greater", "less")):
+        bounds = _field_bounds(body_model, loc)
+        if bounds:
+            lo, hi = bounds
+            got = err.get("input")
+            return field, f"{field} must be between {lo} and {hi} (got {got!r})"
+    return field, f"{field}: {msg}"

@@ -1,0 +1,91 @@
+"""Every status enum and the transitions it allows — the one place these rules live."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class InvalidTransition(Exception):
+    """A state change the state machine does not allow (mapped to HTTP 409)."""
+
+
+class ModelStatus(StrEnum):
+    IMPORTING = "IMPORTING"
+    VALIDATING = "VALIDATING"
+    READY = "READY"
+    IMPORT_FAILED = "IMPORT_FAILED"
+
+
+class DeploymentStatus(StrEnum):
+    READY_TO_DEPLOY = "READY_TO_DEPLOY"
+    OPTIMIZING = "OPTIMIZING"
+    DEPLOYING = "DEPLOYING"
+    DEPLOYED = "DEPLOYED"
+    FAILED = "FAILED"
+    UNDEPLOYED = "UNDEPLOYED"
+
+
+class JobStatus(StrEnum):
+    IN_PROGRESS = "IN_PROGRESS"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+
+
+class JobAction(StrEnum):
+    IMPORT = "IMPORT"
+    EXPORT = "EXPORT"
+    DEPLOY = "DEPLOY"
+    UNDEPLOY = "UNDEPLOY"
+    OPTIMIZE = "OPTIMIZE"
+
+
+_MODEL = {
+    ModelStatus.IMPORTING: {ModelStatus.VALIDATING, ModelStatus.IMPORT_FAILED},
+    ModelStatus.VALIDATING: {ModelStatus.READY, ModelStatus.IMPORT_FAILED},
+    ModelStatus.READY: set(),
+    ModelStatus.IMPORT_FAILED: set(),
+}
+
+D = DeploymentStatus
+_DEPLOYMENT = {
+    D.READY_TO_DEPLOY: {D.OPTIMIZING, D.DEPLOYING},
+    D.OPTIMIZING: {D.DEPLOYING, D.FAILED},
+    D.DEPLOYING: {D.DEPLOYED, D.FAILED},
+    D.DEPLOYED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED, D.FAILED},
+    D.FAILED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED},
+    D.UNDEPLOYED: {D.DEPLOYING, D.OPTIMIZING},
+}
+
+_JOB = {
+    JobStatus.IN_PROGRESS: {JobStatus.SUCCESS, JobStatus.FAILED},
+    JobStatus.SUCCESS: set(),
+    JobStatus.FAILED: set(),
+}
+
+# Deployments that hold (or are about to hold) a Serve application.
+ACTIVE_DEPLOYMENT = {D.OPTIMIZING, D.DEPLOYING, D.DEPLOYED}
+# Deployments that may be removed from the database.
+DELETABLE_DEPLOYMENT = {D.READY_TO_DEPLOY, D.UNDEPLOYED, D.FAILED}
+# Deployments that "Re-trigger" restarts (the seed: "only if failed or stopped").
+RETRIGGERABLE_DEPLOYMENT = {D.FAILED, D.UNDEPLOYED}
+
+
+def _check(table: dict, kind: str, current: str, new: str) -> None:
+    if new == current:
+        return
+    allowed = table[type(next(iter(table)))(current)]
+    if new not in allowed:
+        names = ", ".join(sorted(allowed)) or "none"
+        raise InvalidTransition(f"{kind} cannot go from {current} to {new} (allowed: {names})")
+
+
+def check_model(current: str, new: str) -> None:
+    _check(_MODEL, "model", current, new)
+
+
+def check_deployment(current: str, new: str) -> None:
+    _check(_DEPLOYMENT, "deployment", current, new)
+
+
+def check_job(current: str, new: str) -> None:
+    _check(_JOB, "job", current, new)

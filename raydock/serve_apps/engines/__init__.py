@@ -1,0 +1,1 @@
+"""Inference engines. Each turns (prompt ids, SamplingParams) into a stream of StepEvents."""

@@ -1,0 +1,210 @@
+"""OpenAI protocol: request models with their allowed ranges, and response shapes.
+
+Every OpenAI shape raydock emits is built here, so chat/completions, streaming and
+non-streaming stay consistent.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from annotated_types import Ge, Le
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_TOKENS_LIMIT = 512  # the seed's maxTokens range is 0–512
+
+
+class _Request(BaseModel):
+    # Unknown OpenAI fields are accepted and ignored, as OpenAI-compatible servers do.
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=100)
+    n: int = Field(1, ge=1, le=8)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else v or []
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return v
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # OpenAI content parts: keep the text parts
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+
+
+class BadParam(Exception):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def _bounds(model: type[BaseModel], name: str) -> str:
+    info = model.model_fields.get(name)
+    lo = next((m.ge for m in getattr(info, "metadata", []) if isinstance(m, Ge)), None)
+    hi = next((m.le for m in getattr(info, "metadata", []) if isinstance(m, Le)), None)
+    return f" (allowed range {lo}–{hi})" if lo is not None and hi is not None else ""
+
+
+def parse(model: type[_Request], body: Any) -> _Request:
+    """Validate a request body; raise BadParam naming the first offending parameter."""
+    if not isinstance(body, dict):
+        raise BadParam("body", "the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or "body"
+        top = str(err["loc"][0]) if err["loc"] else ""
+        raise BadParam(param, f"invalid {param}: {err['msg']}{_bounds(model, top)}") from None
+
+
+# ------------------------------------------------------------------ responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def chat_logprobs(items: list) -> dict[str, Any] | None:
+    if not items:
+        return None
+    return {
+        "content": [
+            {
+                "token": tok,
+                "logprob": lp,
+                "bytes": list(tok.encode()),
+                "top_logprobs": [
+                    {"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in alts
+                ],
+            }
+            for tok, lp, alts in items
+        ]
+    }
+
+
+def completion_logprobs(items: list) -> dict[str, Any] | None:
+    if not items:
+        return None
+    return {
+        "tokens": [t for t, _, _ in items],
+        "token_logprobs": [lp for _, lp, _ in items],
+        "top_logprobs": [dict(alts) for _, _, alts in items],
+        "text_offset": [],
+    }
+
+
+class Formatter:
+    """Builds chat or completion objects / chunks for one request."""
+
+    def __init__(self, kind: Literal["chat", "completion"], model: str):
+        self.kind, self.model = kind, model
+        self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list[dict], extra: dict | None = None) -> dict:
+        out = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        return out | (extra or {})
+
+    def chunk(self, index: int, text: str, logprobs: list, finish: str | None, first: bool):
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"content": text} if text or not finish else {}
+            if first:
+                delta = {"role": "assistant", **delta}
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": chat_logprobs(logprobs),
+                "finish_reason": finish,
+            }
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": completion_logprobs(logprobs),
+            "finish_reason": finish,
+        }
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, prompt: int, completion: int) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self._envelope(obj, [], {"usage": usage(prompt, completion)})
+
+    def final(self, choices: list[dict[str, Any]], prompt: int, completion: int) -> dict:
+        """choices: [{index, text, logprobs, finish_reason}] collected from the stream."""
+        out = []
+        for c in choices:
+            if self.kind == "chat":
+                out.append(
+                    {
+                        "index": c["index"],
+                        "message": {"role": "assistant", "content": c["text"]},
+                        "logprobs": chat_logprobs(c["logprobs"]),
+                        "finish_reason": c["finish_reason"],
+                    }
+                )
+            else:
+                out.append(
+                    {
+                        "index": c["index"],
+                        "text": c["text"],
+                        "logprobs": completion_logprobs(c["logprobs"]),
+                        "finish_reason": c["finish_reason"],
+                    }
+                )
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return self._envelope(obj, out, {"usage": usage(prompt, completion)})
