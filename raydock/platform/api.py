@@ -355,7 +355,8 @@ def _device_problem(profile: dict[str, Any]) -> str | None:
     have = ray.cluster_resources()
     gpus = profile.get("num_gpus", 0)
     if gpus and have.get("GPU", 0) < gpus:
-        return f"needs {gpus} GPU(s) ({profile.get('accelerator_type')}); the cluster has {int(have.get('GPU', 0))}"
+        acc = profile.get("accelerator_type")
+        return f"needs {gpus} GPU(s) ({acc}); the cluster has {int(have.get('GPU', 0))}"
     acc = profile.get("accelerator_type")
     if gpus and acc and f"accelerator_type:{acc}" not in have:
         return f"needs {acc} GPUs; the cluster has none"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -68,7 +69,5 @@ def stop_platform() -> None:
     """Remove every Serve app and the platform actors (the database keeps all state)."""
     serve.shutdown()
     for name in (names.LIFECYCLE, names.REGISTRY):
-        try:
+        with contextlib.suppress(ValueError):  # not running
             ray.kill(ray.get_actor(name, namespace=names.NAMESPACE), no_restart=True)
-        except ValueError:
-            pass

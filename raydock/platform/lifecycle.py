@@ -190,9 +190,10 @@ class Lifecycle:
         states: dict[str, int] = {}
         for d in status.deployments.values():
             for state, count in d.replica_states.items():
-                states[str(state)] = states.get(str(state), 0) + count
+                name = getattr(state, "value", str(state))
+                states[name] = states.get(name, 0) + count
         return {
-            "applicationStatus": str(status.status),
+            "applicationStatus": getattr(status.status, "value", str(status.status)),
             "message": status.message,
             "running": states.get("RUNNING", 0),
             "byState": states,

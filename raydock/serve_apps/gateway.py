@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from sqlalchemy import select
 
 from raydock.config import Settings
@@ -95,7 +95,15 @@ def _touch(key_id: str) -> None:
 def _handle(deployment_id: str):
     handle = ctx.handles.get(deployment_id)
     if handle is None:
-        handle = serve.get_app_handle(names.engine_app(deployment_id))
+        try:
+            handle = serve.get_app_handle(names.engine_app(deployment_id))
+        except RayServeException:  # DEPLOYED in the database, app not (yet) back after restart
+            raise ApiError(
+                503,
+                f"deployment {deployment_id} is starting; retry shortly",
+                None,
+                "deployment_not_ready",
+            ) from None
         ctx.handles[deployment_id] = handle
     return handle.options(stream=True, method_name="generate")
 
@@ -123,6 +131,7 @@ def _engine_request(
         "stop": tuple(stops),
         "logprobs": logprobs,
         "top_logprobs": top,
+        "ignore_eos": req.ignore_eos,
     }
     out: dict[str, Any] = {"params": params, "n": req.n}
     if kind == "chat":

@@ -31,6 +31,7 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM-compatible extra body field
 
     @field_validator("stop")
     @classmethod

@@ -20,6 +20,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False  # vLLM's extension: fixed-length outputs for load tests
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -51,7 +51,8 @@ def boot(settings: Settings) -> dict:
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory) -> Platform:
     home = tmp_path_factory.mktemp("raydock-home")
-    settings = load_settings(home=str(home), port=_free_port())
+    # a 20 MiB archive limit lets the size-limit test stay small
+    settings = load_settings(home=str(home), port=_free_port(), max_archive_bytes=20 * 2**20)
     info = boot(settings)
     assert info["admin_key"], "a fresh data dir must print the first admin key"
     p = Platform(settings, info["url"], info["admin_key"], Client(info["url"], info["admin_key"]))

@@ -90,7 +90,7 @@ class TransformersEngine:
                 )
                 return
             pick = choose(logits, params, gen)
-            if pick.token in self.eos:
+            if pick.token in self.eos and not params.ignore_eos:
                 yield StepEvent(
                     tracker.flush(),
                     finish_reason="stop",

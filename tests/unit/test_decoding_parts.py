@@ -1,0 +1,73 @@
+"""Sampling, stop sequences and incremental detokenization, without a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raydock.serve_apps import protocol
+from raydock.serve_apps.detok import TextTracker
+from raydock.serve_apps.sampling import SamplingParams, choose, make_generator
+
+VOCAB = ["a", "b", "c", "S", "T", "O", "P", "é"]
+
+
+def decode(ids):
+    return "".join(VOCAB[i] for i in ids)
+
+
+def test_stop_sequence_is_cut_and_never_emitted():
+    t = TextTracker(decode, ("STOP",))
+    out = "".join(t.add(i) for i in [0, 1, 3, 4, 5])  # a b S T O
+    assert out == "ab"  # "STO" is held back: it may become STOP
+    assert t.add(6) == "" and t.stopped and t.text == "ab"
+
+
+def test_held_back_text_is_released_when_it_is_not_a_stop():
+    t = TextTracker(decode, ("STOP",))
+    out = "".join(t.add(i) for i in [3, 4, 0])
+    assert out == "" and not t.stopped  # "STa" could not be a stop prefix any more... held
+    assert out + t.flush() == "STa"
+
+
+def test_greedy_and_seeded_sampling():
+    logits = torch.tensor([0.1, 3.0, 0.2, 2.9])
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    assert choose(logits, greedy, make_generator(0)).token == 1
+    p = SamplingParams(max_tokens=1, temperature=1.5, top_p=0.9)
+    a = [choose(logits, p, make_generator(42)).token for _ in range(5)]
+    b = [choose(logits, p, make_generator(42)).token for _ in range(5)]
+    assert a == b
+
+
+def test_top_k_one_and_top_p_restrict_choices():
+    logits = torch.tensor([1.0, 5.0, 4.9, 0.0])
+    gen = make_generator(1)
+    only = {choose(logits, SamplingParams(1, temperature=2, top_k=1), gen).token for _ in range(20)}
+    assert only == {1}
+    nucleus = SamplingParams(1, temperature=1, top_p=0.5)
+    assert {choose(logits, nucleus, gen).token for _ in range(30)} == {1}
+
+
+def test_logprobs_are_log_softmax():
+    logits = torch.tensor([0.0, 0.0])
+    c = choose(
+        logits, SamplingParams(1, temperature=0, logprobs=True, top_logprobs=2), make_generator(0)
+    )
+    assert c.logprob == pytest.approx(-0.6931, abs=1e-3) and len(c.top) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 9999}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 2}, "top_p"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ],
+)
+def test_bad_openai_parameters_name_the_parameter(body, param):
+    with pytest.raises(protocol.BadParam) as exc:
+        protocol.parse(protocol.ChatRequest, body)
+    assert exc.value.param == param

@@ -1,0 +1,118 @@
+"""The registry on a real SQLite file, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from raydock.client import default_deploy_body
+from raydock.platform import security
+from raydock.platform.registry import Conflict, NotFound, Registry
+from raydock.platform.states import InvalidTransition
+
+
+@pytest.fixture
+def reg(tmp_path) -> Registry:
+    return Registry(f"sqlite:///{tmp_path / 'raydock.db'}")
+
+
+@pytest.fixture
+def admin(reg) -> tuple[str, dict]:
+    key = reg.ensure_admin()
+    return key, reg.authenticate_management(key)
+
+
+def ready_model(reg: Registry, user_id: str) -> dict:
+    m = reg.create_model("tiny", "file", user_id)
+    reg.set_model_status(m["modelId"], "VALIDATING")
+    return reg.set_model_status(m["modelId"], "READY", artifact_uri="/x", checksum="c")
+
+
+def test_first_admin_key_is_created_once_and_stored_hashed(reg, tmp_path):
+    key = reg.ensure_admin()
+    assert key.startswith("rdm-")
+    assert reg.ensure_admin() is None  # never shown twice
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("raydock.db*"))  # db + WAL
+    assert key.encode() not in raw
+    assert security.hash_key(key).encode() in raw
+    assert reg.authenticate_management(key)["name"] == "admin"
+    assert reg.authenticate_management(key + "x") is None
+
+
+def test_model_status_machine(reg, admin):
+    _, user = admin
+    m = reg.create_model("tiny", "file", user["userId"])
+    assert m["status"] == "IMPORTING"
+    with pytest.raises(InvalidTransition, match="IMPORTING to READY"):
+        reg.set_model_status(m["modelId"], "READY")
+    reg.set_model_status(m["modelId"], "VALIDATING")
+    reg.set_model_status(m["modelId"], "IMPORT_FAILED", error="bad")
+    with pytest.raises(InvalidTransition):
+        reg.set_model_status(m["modelId"], "READY")
+
+
+def test_deploy_versions_and_history(reg, admin):
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    body = default_deploy_body("Flan T5")
+    d = reg.create_deployment(m["modelId"], body, user["userId"])
+    dep_id = d["deploymentId"]
+    reg.begin_deploy(dep_id, body, user["userId"], "DEPLOYING")
+    with pytest.raises(Conflict, match="already DEPLOYING"):
+        reg.begin_deploy(dep_id, body, user["userId"], "DEPLOYING")
+    reg.set_deployment_status(dep_id, "DEPLOYED")
+    reg.begin_deploy(dep_id, {**body, "timeout": 90}, user["userId"], "DEPLOYING")
+    reg.set_deployment_status(dep_id, "FAILED", "no memory")
+    hist = reg.history(dep_id)
+    assert [h["name"] for h in hist] == ["Flan T5_v1", "Flan T5_v2"]
+    assert [h["result"] for h in hist] == ["SUCCESS", "FAILED"]
+    assert hist[1]["failureReason"] == "no memory"
+    assert hist[1]["config"]["timeout"] == 90 and hist[1]["latest"]
+    assert hist[0]["deployedBy"] == "admin"
+    assert reg.get_deployment(dep_id)["timeout"] == 90
+
+
+def test_model_counts_and_delete_rules(reg, admin):
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    d = reg.create_deployment(m["modelId"], default_deploy_body("a"), user["userId"])
+    reg.begin_deploy(d["deploymentId"], None, user["userId"], "DEPLOYING")
+    reg.set_deployment_status(d["deploymentId"], "DEPLOYED")
+    listed = reg.list_models()[0]
+    assert (listed["activeDeployments"], listed["deploymentFailed"]) == (1, 0)
+    with pytest.raises(Conflict, match="active deployments"):
+        reg.delete_model(m["modelId"])
+    with pytest.raises(Conflict, match="only"):
+        reg.delete_deployment(d["deploymentId"])
+    reg.set_deployment_status(d["deploymentId"], "UNDEPLOYED")
+    reg.delete_model(m["modelId"])
+    with pytest.raises(NotFound):
+        reg.get_model(m["modelId"])
+
+
+def test_deployment_keys_are_scoped_hashed_and_revocable(reg, admin):
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    d = reg.create_deployment(m["modelId"], default_deploy_body("a"), user["userId"])
+    created = reg.create_deployment_key(d["deploymentId"], "ci", user["userId"])
+    assert created["apiKey"].startswith("rdk-")
+    listed = reg.list_deployment_keys(d["deploymentId"])
+    assert "apiKey" not in listed[0] and listed[0]["prefix"] == created["apiKey"][:10]
+    assert reg.authenticate_management(created["apiKey"]) is None  # not a management key
+    reg.delete_deployment_key(d["deploymentId"], created["keyId"])
+    assert reg.list_deployment_keys(d["deploymentId"]) == []
+
+
+def test_restart_fails_interrupted_work(reg, admin):
+    _, user = admin
+    importing = reg.create_model("half", "file", user["userId"])
+    job = reg.create_job("IMPORT", importing["modelId"], user["userId"])
+    m = ready_model(reg, user["userId"])
+    d = reg.create_deployment(m["modelId"], default_deploy_body("a"), user["userId"])
+    reg.begin_deploy(d["deploymentId"], None, user["userId"], "DEPLOYING")
+    out = reg.fail_interrupted("interrupted by a platform restart")
+    assert out["jobs"] == [job["dockStatusId"]]
+    assert reg.get_job(job["dockStatusId"])["status"] == "FAILED"
+    assert reg.get_model(importing["modelId"])["error"] == "interrupted by a platform restart"
+    dep = reg.get_deployment(d["deploymentId"])
+    assert dep["status"] == "FAILED" and "restart" in dep["failureReason"]
+    assert reg.history(d["deploymentId"])[0]["result"] == "FAILED"
