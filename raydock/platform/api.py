@@ -429,14 +429,25 @@ async def get_deployment(deploymentId: str, request: Request, _: User) -> dict[s
     scaling = dep["config"].get("scalingParameters", {})
     live = await ctx.lifecycle.replicas.remote(deploymentId)
     dep["replicas"] = {
-        "current": live["running"],
-        "byState": live["byState"],
+        "current": live["current"],
+        "target": live["target"],
         "min": scaling.get("minReplicas"),
         "max": scaling.get("maxReplicas"),
+        "byState": live["byState"],
         "applicationStatus": live["applicationStatus"],
     }
     dep["curl"] = _curl(dep, _base_url(request))
     return dep
+
+
+@router.get("/deployments/{deploymentId}/stats", tags=["deployments"])
+async def engine_stats(deploymentId: str, _: User) -> dict[str, Any]:
+    """Live engine counters of one replica: running/waiting sequences, steps, cancellations."""
+    dep = await ctx.registry.get_deployment.remote(deploymentId)
+    if dep["status"] != D.DEPLOYED:
+        raise ApiError(409, f"deployment is {dep['status']}; stats exist only while DEPLOYED")
+    handle = serve.get_app_handle(names.engine_app(deploymentId))
+    return await asyncio.wait_for(handle.stats.remote(), 10)
 
 
 BODY_MODELS["redeploy"] = schemas.DeployRequest

@@ -19,6 +19,13 @@ def connect(settings: Settings, **init_kwargs: Any) -> None:
     """Join `settings.ray_address`, or start a local cluster with `ray_num_cpus` logical CPUs."""
     if ray.is_initialized():
         return
+    # Serve's autoscaling metrics are pushed every 10 s by default; 1 s lets scaleUpDelay and
+    # scaleDownDelay of a few seconds mean what they say (workers inherit this environment)
+    for var in (
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+    ):
+        os.environ.setdefault(var, "1")
     if settings.ray_address:
         ray.init(address=settings.ray_address, namespace=names.NAMESPACE, **init_kwargs)
     else:

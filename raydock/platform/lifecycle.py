@@ -183,18 +183,24 @@ class Lifecycle:
     # ------------------------------------------------------------ views of live state
 
     async def replicas(self, deployment_id: str) -> dict[str, Any]:
-        """Replica counts of a deployment's Serve application, by state."""
-        status = await asyncio.to_thread(_app_status, names.engine_app(deployment_id))
-        if status is None:
-            return {"applicationStatus": None, "running": 0, "byState": {}}
+        """Current and target replica counts of a deployment's Serve application."""
+        from ray.serve.context import _get_global_client
+
+        controller = _get_global_client()._controller
+        details = await controller.get_serve_instance_details.remote()
+        app = (details.get("applications") or {}).get(names.engine_app(deployment_id))
+        if app is None:
+            return {"applicationStatus": None, "current": 0, "target": 0, "byState": {}}
         states: dict[str, int] = {}
-        for d in status.deployments.values():
-            for state, count in d.replica_states.items():
-                name = getattr(state, "value", str(state))
-                states[name] = states.get(name, 0) + count
+        target = 0
+        for dep in app["deployments"].values():
+            target += dep.get("target_num_replicas") or 0
+            for replica in dep.get("replicas", []):
+                states[replica["state"]] = states.get(replica["state"], 0) + 1
         return {
-            "applicationStatus": getattr(status.status, "value", str(status.status)),
-            "message": status.message,
-            "running": states.get("RUNNING", 0),
+            "applicationStatus": app["status"],
+            "message": app.get("message"),
+            "current": states.get("RUNNING", 0),
+            "target": target,
             "byState": states,
         }

@@ -26,11 +26,18 @@ class EngineServer:
 
         self.spec = spec
         self.engine = TransformersEngine(
-            spec["model_dir"], device=spec["device"], num_threads=spec.get("num_threads")
+            spec["model_dir"],
+            device=spec["device"],
+            num_threads=spec.get("num_threads"),
+            max_batch_size=spec["max_batch_size"],
         )
 
-    def info(self) -> dict[str, Any]:
-        return {"engine": "transformers", "max_context": self.engine.max_context}
+    def stats(self) -> dict[str, Any]:
+        return {
+            "engine": "transformers",
+            "maxContext": self.engine.max_context,
+            **self.engine.stats(),
+        }
 
     def _prompt(self, request: dict[str, Any]) -> list[int]:
         if "messages" in request:
@@ -98,7 +105,8 @@ def serve_options(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
         "ray_actor_options": actor,
         # a replica runs at most maxBatchSize sequences; more wait in the router's queue
         "max_ongoing_requests": batch,
-        "max_queued_requests": max(64, 8 * batch * scaling["maxReplicas"]),
+        # beyond this the gateway answers 429 instead of queueing without bound
+        "max_queued_requests": max(8, 4 * batch * scaling["maxReplicas"]),
         "autoscaling_config": {
             "min_replicas": scaling["minReplicas"],
             "initial_replicas": scaling["minReplicas"],
@@ -107,6 +115,9 @@ def serve_options(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
             "target_ongoing_requests": max(1, math.ceil(0.75 * batch)),
             "upscale_delay_s": scaling["scaleUpDelay"],
             "downscale_delay_s": scaling["scaleDownDelay"],
+            # a short window so the delays above, not the averaging, decide reaction time
+            "look_back_period_s": 5,
+            "metrics_interval_s": 1,
         },
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 5,
@@ -118,6 +129,7 @@ def build_engine_app(
 ) -> Application:
     spec = {
         "model_dir": model_dir,
+        "max_batch_size": config["scalingParameters"]["maxBatchSize"],
         "device": profile.get("device", "cpu"),
         "num_threads": int(profile.get("num_cpus", 1)) if profile.get("device") == "cpu" else None,
     }

@@ -8,6 +8,7 @@ the deployment's defaults and timeout, and streams from the engine app's Deploym
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -160,10 +161,17 @@ def _check_unsupported(kind: str, req: protocol._Request) -> None:
 # ------------------------------------------------------------------ running a request
 
 
+def _cancel_quietly(gen) -> None:
+    with contextlib.suppress(Exception):  # it may have failed or finished meanwhile
+        gen.cancel()
+
+
 async def _events(dep: db.Deployment, payload: dict, deadline: float) -> AsyncIterator[dict]:
     """Engine events with the deployment's timeout applied to the whole request."""
-    gen = _handle(dep.id).remote(payload)
+    gen = None
+    settled = False  # finished or failed: nothing left to cancel
     try:
+        gen = _handle(dep.id).remote(payload)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -171,6 +179,7 @@ async def _events(dep: db.Deployment, payload: dict, deadline: float) -> AsyncIt
             try:
                 ev = await asyncio.wait_for(gen.__anext__(), remaining)
             except StopAsyncIteration:
+                settled = True
                 return
             if "error" in ev:
                 raise ApiError(400, ev["error"], ev.get("param"), "context_length_exceeded")
@@ -183,11 +192,15 @@ async def _events(dep: db.Deployment, payload: dict, deadline: float) -> AsyncIt
             "timeout",
         ) from None
     except BackPressureError:
+        settled = True
         raise ApiError(
             429, "the deployment's request queue is full; retry later", None, "queue_full"
         ) from None
     finally:
-        gen.cancel()
+        if gen is not None and not settled:
+            # timeout or client gone: stop the engine. cancel() may wait for the router to
+            # place the request, so it runs off the event loop.
+            await asyncio.to_thread(_cancel_quietly, gen)
 
 
 async def _complete(kind, request: Request, deployment_id: str | None):

@@ -1,20 +1,28 @@
-"""Hugging Face transformers engine (CPU or CUDA), with a hand-written decode loop.
+"""Hugging Face transformers engine with continuous batching (CPU or CUDA).
 
-The loop (rather than `model.generate`) gives per-step control: sampling and logprobs from
-sampling.py, stop sequences from detok.py, and cancellation between any two steps.
+One scheduler loop per replica decodes every running sequence in a single batched forward
+pass. Between two steps, finished and cancelled sequences leave the batch and waiting ones
+join it (prefilled on their own, then merged into the batch's KV cache with left padding),
+up to `max_batch_size` sequences.
+
+All torch work runs on one executor thread; the event loop only queues requests and hands
+out step events, so the replica stays responsive while the model computes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.engines.base import StepEvent
@@ -30,8 +38,29 @@ def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
     return ids
 
 
+@dataclass(eq=False)
+class _Seq:
+    prompt: list[int]
+    params: SamplingParams
+    tracker: TextTracker
+    generator: torch.Generator
+    budget: int
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    produced: int = 0
+    pending: int = -1  # sampled token not yet fed to the model
+    length: int = 0  # real (unpadded) tokens in the KV cache
+    done: bool = False
+    cancelled: bool = False
+
+
 class TransformersEngine:
-    def __init__(self, model_dir: str, device: str = "cpu", num_threads: int | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        num_threads: int | None = None,
+        max_batch_size: int = 8,
+    ):
         if num_threads:
             torch.set_num_threads(num_threads)
         path = Path(model_dir)
@@ -42,11 +71,18 @@ class TransformersEngine:
         self.model.eval()
         self.eos = _eos_ids(path, self.tokenizer)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        # torch runs in one thread of its own so the replica's event loop stays responsive
+        self.max_batch_size = max_batch_size
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
-        self._lock = asyncio.Lock()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []  # touched only on the executor thread
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [batch, cache length], 0 = left padding
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.counters = {"finished": 0, "cancelled": 0, "steps": 0, "max_batch": 0}
 
-    # ---- prompts
+    # ------------------------------------------------------------------ prompts
+
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
@@ -59,54 +95,175 @@ class TransformersEngine:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    # ---- decoding
-    @torch.inference_mode()
-    def _forward(self, ids: list[int], past) -> tuple[torch.Tensor, Any]:
-        inp = torch.tensor([ids], device=self.device)
-        out = self.model(input_ids=inp, past_key_values=past, use_cache=True)
-        return out.logits[0, -1].float().cpu(), out.past_key_values
+    def stats(self) -> dict[str, Any]:
+        return {
+            "running": len(self._running),
+            "waiting": len(self._waiting),
+            "maxBatchSize": self.max_batch_size,
+            **self.counters,
+        }
 
-    async def _step(self, ids: list[int], past) -> tuple[torch.Tensor, Any]:
-        # one forward at a time per replica; the lock is FIFO, so concurrent requests interleave
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._forward, ids, past)
+    # ------------------------------------------------------------------ public API
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[StepEvent]:
-        gen = make_generator(params.seed)
-        tracker = TextTracker(self._decode, params.stop)
-        logits, past = await self._step(prompt_ids, None)
-        n_prompt, produced = len(prompt_ids), 0
-        budget = min(params.max_tokens, self.max_context - n_prompt)
+        seq = _Seq(
+            prompt=list(prompt_ids),
+            params=params,
+            tracker=TextTracker(self._decode, params.stop),
+            generator=make_generator(params.seed),
+            budget=min(params.max_tokens, self.max_context - len(prompt_ids)),
+        )
+        self._waiting.append(seq)
+        self._start()
+        try:
+            while True:
+                ev = await seq.out.get()
+                if isinstance(ev, Exception):
+                    raise ev
+                yield ev
+                if ev.finish_reason:
+                    return
+        finally:
+            if not seq.done:  # the caller went away: leave the batch at the next step
+                seq.cancelled = True
+                self._wake.set()
+
+    def _start(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._schedule())
+        self._wake.set()
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            if produced >= budget:
-                yield StepEvent(
-                    tracker.flush(),
-                    finish_reason="length",
-                    prompt_tokens=n_prompt,
-                    completion_tokens=produced,
-                )
-                return
-            pick = choose(logits, params, gen)
-            if pick.token in self.eos and not params.ignore_eos:
-                yield StepEvent(
-                    tracker.flush(),
-                    finish_reason="stop",
-                    prompt_tokens=n_prompt,
-                    completion_tokens=produced,
-                )
-                return
-            produced += 1
-            delta = tracker.add(pick.token)
-            logprobs = []
-            if params.logprobs:
-                tok = self.tokenizer.decode([pick.token])
-                alts = [(self.tokenizer.decode([t]), lp) for t, lp in pick.top]
-                logprobs = [(tok, pick.logprob, alts)]
-            finish = "stop" if tracker.stopped else None
-            yield StepEvent(delta, [pick.token], logprobs, finish, n_prompt, produced)
-            if finish:
-                return
-            logits, past = await self._step([pick.token], past)
+            if not self._running and not self._waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            admit: list[_Seq] = []
+            while self._waiting and len(self._running) + len(admit) < self.max_batch_size:
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    self.counters["cancelled"] += 1
+                else:
+                    admit.append(seq)
+            try:
+                emitted = await loop.run_in_executor(self._executor, self._step, admit)
+            except Exception as exc:  # fail every sequence in flight; start clean
+                for seq in [*self._running, *admit]:
+                    seq.done = True
+                    seq.out.put_nowait(exc)
+                self._running, self._cache, self._mask = [], None, None
+                continue
+            for seq, ev in emitted:
+                seq.out.put_nowait(ev)
+
+    # ------------------------------------------------------------------ one step (executor)
+
+    @torch.inference_mode()
+    def _step(self, admit: list[_Seq]) -> list[tuple[_Seq, StepEvent]]:
+        events: list[tuple[_Seq, StepEvent]] = []
+        self._drop(lambda s: s.cancelled, "cancelled")
+        if self._running:
+            logits = self._decode_running()
+            for i, seq in enumerate(self._running):
+                events.append((seq, self._advance(seq, logits[i])))
+        for seq in admit:
+            logits, cache = self._prefill(seq.prompt)
+            events.append((seq, self._advance(seq, logits)))
+            if seq.done:
+                self.counters["finished"] += 1
+            else:
+                self._join(seq, cache)
+        self._drop(lambda s: s.done, "finished")
+        self.counters["steps"] += 1
+        self.counters["max_batch"] = max(self.counters["max_batch"], len(self._running))
+        return events
+
+    def _advance(self, seq: _Seq, logits: torch.Tensor) -> StepEvent:
+        """Sample one token for `seq` and describe what the client sees."""
+        n_prompt = len(seq.prompt)
+        pick = choose(logits, seq.params, seq.generator)
+        if pick.token in self.eos and not seq.params.ignore_eos:
+            seq.done = True
+            return StepEvent(seq.tracker.flush(), [], [], "stop", n_prompt, seq.produced)
+        seq.produced += 1
+        seq.pending = pick.token
+        text = seq.tracker.add(pick.token)
+        finish = None
+        if seq.tracker.stopped:
+            finish = "stop"
+        elif seq.produced >= seq.budget:
+            finish = "length"
+            text += seq.tracker.flush()
+        seq.done = finish is not None
+        logprobs = []
+        if seq.params.logprobs:
+            alts = [(self.tokenizer.decode([t]), lp) for t, lp in pick.top]
+            logprobs = [(self.tokenizer.decode([pick.token]), pick.logprob, alts)]
+        return StepEvent(text, [pick.token], logprobs, finish, n_prompt, seq.produced)
+
+    def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, DynamicCache]:
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        return out.logits[0, -1].float().cpu(), out.past_key_values
+
+    def _decode_running(self) -> torch.Tensor:
+        batch = self._running
+        ids = torch.tensor([[s.pending] for s in batch], device=self.device)
+        mask = F.pad(self._mask, (0, 1), value=1)
+        positions = torch.tensor([[s.length] for s in batch], device=self.device)
+        width = self._mask.shape[1]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache_position=torch.tensor([width], device=self.device),
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self._cache, self._mask = out.past_key_values, mask
+        for s in batch:
+            s.length += 1
+        return out.logits[:, -1].float().cpu()
+
+    def _join(self, seq: _Seq, cache: DynamicCache) -> None:
+        """Merge a prefilled sequence's KV cache into the batch (left-padding the shorter)."""
+        seq.length = len(seq.prompt)
+        new_mask = torch.ones(1, seq.length, dtype=torch.long, device=self.device)
+        if self._cache is None:
+            self._cache, self._mask = cache, new_mask
+            self._running.append(seq)
+            return
+        width = max(self._mask.shape[1], seq.length)
+        pad_old, pad_new = width - self._mask.shape[1], width - seq.length
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat(
+                [F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))]
+            )
+            old.values = torch.cat(
+                [F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))]
+            )
+        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(new_mask, (pad_new, 0))])
+        self._running.append(seq)
+
+    def _drop(self, leaving, counter: str) -> None:
+        """Remove sequences from the batch, then trim padding no sequence needs any more."""
+        keep = [i for i, s in enumerate(self._running) if not leaving(s)]
+        if len(keep) == len(self._running):
+            return
+        self.counters[counter] += len(self._running) - len(keep)
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._mask = self._mask[index]
+        start = int((self._mask.sum(0) > 0).nonzero()[0])
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]

@@ -1,0 +1,242 @@
+"""The OpenAI surface through the Serve proxy, with unmodified clients (openai SDK, raw HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from .conftest import deploy_and_wait, wait_for
+
+HELLO = [{"role": "user", "content": "Tell me about lighthouses."}]
+
+
+@pytest.fixture(scope="module")
+def sdk(live) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live.base_url, api_key=live.key)
+
+
+def test_streaming_chat_chunks_done_and_usage(sdk, live):
+    stream = sdk.chat.completions.create(
+        model="m",
+        messages=HELLO,
+        max_tokens=10,
+        stream=True,
+        seed=3,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals in (["length"], ["stop"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 10
+    whole = sdk.chat.completions.create(model="m", messages=HELLO, max_tokens=10, seed=3)
+    assert whole.choices[0].message.content == text  # streaming == non-streaming
+    # raw SSE ends with [DONE]
+    r = httpx.post(
+        f"{live.base_url}/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {live.key}"},
+        json={"messages": HELLO, "max_tokens": 3, "stream": True},
+    )
+    assert r.headers["content-type"].startswith("text/event-stream")
+    lines = [ln for ln in r.text.split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]"
+    assert all(ln.startswith("data: ") for ln in lines)
+    assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+def test_seed_makes_output_reproducible(sdk):
+    def ask(seed):
+        return (
+            sdk.chat.completions.create(
+                model="m", messages=HELLO, max_tokens=16, temperature=1.0, seed=seed
+            )
+            .choices[0]
+            .message.content
+        )
+
+    assert ask(11) == ask(11)
+    assert len({ask(11), ask(12), ask(13)}) > 1
+
+
+def test_n_choices_and_sampling_params(sdk):
+    reply = sdk.chat.completions.create(
+        model="m",
+        messages=HELLO,
+        max_completion_tokens=5,
+        n=3,
+        seed=1,
+        top_p=0.9,
+        temperature=0.7,
+        extra_body={"top_k": 20},
+    )
+    assert sorted(c.index for c in reply.choices) == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+    assert reply.usage.completion_tokens <= 15
+
+
+def test_logprobs(sdk):
+    reply = sdk.chat.completions.create(
+        model="m", messages=HELLO, max_tokens=4, logprobs=True, top_logprobs=3, seed=2
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 3
+        assert item.top_logprobs[0].logprob >= item.logprob - 1e-6
+
+
+def test_stop_sequence_ends_generation_before_it(sdk):
+    greedy = dict(model="m", messages=HELLO, max_tokens=40, temperature=0)
+    full = sdk.chat.completions.create(**greedy).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = sdk.chat.completions.create(**greedy, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop"
+    assert cut.message.content == full[: full.index(stop)]
+    assert stop not in cut.message.content
+
+
+def test_length_finish_and_legacy_completions(live):
+    client = openai.OpenAI(base_url=live.base_url.removesuffix("/v2") + "/v1", api_key=live.key)
+    r = client.completions.create(
+        model="m",
+        prompt="The harbour at dawn",
+        max_tokens=6,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
+    choice = r.choices[0]
+    assert r.object == "text_completion" and choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 6
+    assert len(choice.logprobs.tokens) == 6 and len(choice.logprobs.top_logprobs[0]) == 2
+    stream = client.completions.create(
+        model="m", prompt="The harbour", max_tokens=4, stream=True, extra_body={"ignore_eos": True}
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices)
+
+
+def test_openai_standard_base_url(platform, live):
+    client = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=live.key)
+    models = client.models.list().data
+    assert [m.id for m in models] == [live.deployment["deploymentId"]]
+    for name in (live.deployment["deploymentId"], live.deployment["name"]):
+        reply = client.chat.completions.create(model=name, messages=HELLO, max_tokens=2)
+        assert reply.choices[0].message.role == "assistant"
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(model="no-such-model", messages=HELLO, max_tokens=2)
+    assert exc.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_tokens": 513}, "max_tokens"),
+        ({"n": 9}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+    ],
+)
+def test_out_of_range_parameter_is_400_naming_it(live, extra, param):
+    r = httpx.post(
+        f"{live.base_url}/chat/completions",
+        timeout=30,
+        headers={"Authorization": f"Bearer {live.key}"},
+        json={"messages": HELLO, **extra},
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == param and param in err["message"]
+    assert err["type"] == "invalid_request_error"
+
+
+def test_error_shapes(platform, live):
+    url = f"{platform.url}/deployments/dp-unknown/v2/chat/completions"
+    r = httpx.post(url, json={"messages": HELLO}, headers={"Authorization": f"Bearer {live.key}"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{live.base_url}/chat/completions", json={"messages": HELLO})
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(
+        f"{live.base_url}/chat/completions",
+        content=b"{not json",
+        headers={"Authorization": f"Bearer {live.key}"},
+    )
+    assert r.status_code == 400
+
+
+def test_client_disconnect_frees_its_batch_slot(platform, live):
+    stats_url = f"/api/public/deployments/{live.deployment['deploymentId']}/stats"
+    http = platform.http()
+    before = http.get(stats_url).json()
+    with httpx.stream(
+        "POST",
+        f"{live.base_url}/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {live.key}"},
+        json={"messages": HELLO, "max_tokens": 512, "stream": True, "ignore_eos": True},
+    ) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert http.get(stats_url).json()["running"] == 1
+    # closed mid-stream: the sequence leaves the batch at the next decode step
+    after = wait_for(lambda: (s := http.get(stats_url).json())["running"] == 0 and s, timeout=5)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["finished"] == before["finished"]
+
+
+def test_requests_are_batched_together(platform, live):
+    stats_url = f"/api/public/deployments/{live.deployment['deploymentId']}/stats"
+    body = {"messages": HELLO, "max_tokens": 64, "ignore_eos": True}
+
+    async def burst():
+        async with httpx.AsyncClient(
+            timeout=60, headers={"Authorization": f"Bearer {live.key}"}
+        ) as c:
+            return await asyncio.gather(
+                *(c.post(f"{live.base_url}/chat/completions", json=body) for _ in range(6))
+            )
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    assert platform.http().get(stats_url).json()["max_batch"] >= 4
+
+
+def test_full_queue_is_429_and_not_ready_is_503(platform, ready_model):
+    dep = deploy_and_wait(
+        platform,
+        ready_model["modelId"],
+        "narrow",
+        scalingParameters={"maxBatchSize": 1, "maxReplicas": 1},
+    )
+    key = platform.client.create_key(dep["deploymentId"])
+    url = f"{platform.url}/deployments/{dep['deploymentId']}/v2/chat/completions"
+    body = {"messages": HELLO, "max_tokens": 256, "ignore_eos": True}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
+            return await asyncio.gather(*(c.post(url, json=body) for _ in range(16)))
+
+    results = asyncio.run(burst())
+    codes = sorted(r.status_code for r in results)
+    assert set(codes) == {200, 429}, codes
+    err = next(r for r in results if r.status_code == 429).json()["error"]
+    assert err["type"] == "rate_limit_error"
+
+    ref = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    platform.client.wait_job(ref["dockStatusId"])
+    ref = platform.client.post(f"/deployments/{dep['deploymentId']}/retrigger")
+    r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "deployment_not_ready"
+    platform.client.wait_job(ref["dockStatusId"])
+    platform.client.wait_job(
+        platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
+    )
