@@ -170,9 +170,10 @@ async def run_engine(
         ids = engine.chat_prompt(messages)  # tokenizing is part of the request, as when served
         params = SamplingParams(max_tokens=max_tokens, seed=i, ignore_eos=True)
         events: AsyncIterator = engine.generate(ids, params)
-        async for ev in events:
-            s.token_times.append(time.perf_counter())
-            s.output_tokens = ev.completion_tokens
+        async for steps in events:
+            now = time.perf_counter()
+            s.token_times += [now] * len(steps)
+            s.output_tokens = steps[-1].completion_tokens
         s.end = time.perf_counter()
         return s
 

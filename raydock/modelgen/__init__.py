@@ -140,7 +140,7 @@ def _check_size(size: str) -> dict[str, int]:
 # --------------------------------------------------------------------------------- tokenizer
 
 
-def _corpus_text() -> str:
+def corpus_text() -> str:
     return resources.files(__name__).joinpath(_CORPUS_FILE).read_text(encoding="utf-8")
 
 
@@ -149,7 +149,7 @@ def _trained_tokenizer_json(corpus_sha256: str, vocab_size: int) -> str:
     """Serialized trained tokenizer; trained once per process per (corpus, vocab_size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    text = _corpus_text()
+    text = corpus_text()
     if hashlib.sha256(text.encode()).hexdigest() != corpus_sha256:  # pragma: no cover
         raise RuntimeError("modelgen corpus changed while the process was running")
     tok = Tokenizer(models.BPE(unk_token=UNK))
@@ -191,7 +191,7 @@ def build_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    corpus_sha = hashlib.sha256(_corpus_text().encode()).hexdigest()
+    corpus_sha = hashlib.sha256(corpus_text().encode()).hexdigest()
     backend = Tokenizer.from_str(_trained_tokenizer_json(corpus_sha, vocab_size))
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,

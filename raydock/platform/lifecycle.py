@@ -120,9 +120,12 @@ class Lifecycle:
         dep = await self.registry.get_deployment.remote(deployment_id)
         model = await self.registry.get_model.remote(dep["modelId"])
         profile = hardware_profiles()[dep["config"]["deviceType"]]
-        app = build_engine_app(model["artifactUri"], dep["config"], profile)
+        app = build_engine_app(
+            deployment_id, self.settings.db_url, model["artifactUri"], dep["config"], profile
+        )
         name = names.engine_app(deployment_id)
-        target = RunTarget(target=app, name=name, route_prefix=None)
+        # the replicas answer /deployments/<id>/… themselves: no gateway hop per token
+        target = RunTarget(target=app, name=name, route_prefix=names.engine_route(deployment_id))
         await asyncio.to_thread(
             serve.run_many,
             [target],

@@ -11,31 +11,93 @@ import math
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve import Application
+
+from raydock.errors import ApiError, error_response
 
 
 class PromptTooLong(ValueError):
     pass
 
 
+engine_http = FastAPI(title="raydock engine replica", docs_url=None, openapi_url=None)
+
+
+class _Ctx:
+    server: Any
+    auth: Any
+    deployment_id: str
+
+
+ctx = _Ctx()
+
+
+@engine_http.exception_handler(ApiError)
+async def _api_error(_: Request, exc: ApiError):
+    return error_response(exc.status, exc.message, exc.param, exc.code)
+
+
+async def _serve(kind: str, request: Request):
+    from raydock.platform.states import DeploymentStatus as D
+    from raydock.serve_apps.openai_service import complete
+
+    # a replica that is up serves, also while a redeploy of its deployment is rolling out
+    dep = ctx.auth.authorize(request, ctx.deployment_id, serving=(D.DEPLOYED, D.DEPLOYING))
+    return await complete(kind, request, dep, ctx.server.generate)
+
+
+@engine_http.post("/v2/chat/completions")
+async def chat(request: Request):
+    return await _serve("chat", request)
+
+
+@engine_http.post("/v1/completions")
+async def completions(request: Request):
+    return await _serve("completion", request)
+
+
+def configure(server: Any, spec: dict[str, Any]) -> None:
+    import ray
+
+    from raydock.platform import names
+    from raydock.serve_apps.openai_service import Auth
+
+    ctx.server = server
+    ctx.deployment_id = spec["deployment_id"]
+    ctx.auth = Auth(spec["db_url"], ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE))
+
+
+def asgi_app() -> FastAPI:
+    return engine_http
+
+
+# The replica answers `/deployments/{id}/…` itself (the proxy routes there directly) and
+# `generate` for the gateway's DeploymentHandle. Serve pickles this class by value, so it
+# calls the module-level `configure` (pickled by reference) to set up the routes' context.
 @serve.deployment(name="engine")
+@serve.ingress(asgi_app)
 class EngineServer:
     def __init__(self, spec: dict[str, Any]):
         from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 
-        self.spec = spec
         self.engine = TransformersEngine(
             spec["model_dir"],
             device=spec["device"],
             num_threads=spec.get("num_threads"),
             max_batch_size=spec["max_batch_size"],
         )
+        self.queue_limit = spec["queue_limit"]
+        self.requests = 0  # in flight in this replica, decoding or waiting for a slot
+        configure(self, spec)
 
     def stats(self) -> dict[str, Any]:
         return {
             "engine": "transformers",
             "maxContext": self.engine.max_context,
+            "queueLimit": self.queue_limit,
+            "requests": self.requests,
             **self.engine.stats(),
         }
 
@@ -51,43 +113,89 @@ class EngineServer:
             )
         return ids
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream step events (dicts with an `index`) for the request's `n` sequences."""
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """Stream step events (dicts with an `index`) for the request's `n` sequences.
+
+        Events that are ready together travel as one list: a reader that fell behind catches
+        up in one message instead of one per token. Refusals come as one error event.
+        """
+        if self.requests >= self.engine.max_batch_size + self.queue_limit:
+            yield [
+                {
+                    "error": "the deployment's request queue is full; retry later",
+                    "status": 429,
+                    "code": "queue_full",
+                }
+            ]
+            return
+        self.requests += 1
+        try:
+            async for batch in self._generate(request):
+                yield batch
+        finally:
+            self.requests -= 1
+
+    async def _generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         from raydock.serve_apps.sampling import SamplingParams
 
         try:
             ids = self._prompt(request)
         except PromptTooLong as exc:
-            yield {"error": str(exc), "param": "messages" if "messages" in request else "prompt"}
+            param = "messages" if "messages" in request else "prompt"
+            yield [
+                {
+                    "error": str(exc),
+                    "status": 400,
+                    "param": param,
+                    "code": "context_length_exceeded",
+                }
+            ]
             return
         params = request["params"]
         n = request.get("n", 1)
+        regex = request.get("regex")
+
+        def sampling(index: int) -> SamplingParams:
+            p = dict(params)
+            if p.get("seed") is not None:
+                p["seed"] = p["seed"] + index  # n choices from one seed, yet distinct
+            return SamplingParams(**p)
+
+        if n == 1:
+            async for steps in self.engine.generate(ids, sampling(0), regex):
+                yield [{"index": 0, **ev.to_dict()} for ev in steps]
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def run(index: int) -> None:
-            p = dict(params)
-            if p.get("seed") is not None:
-                p["seed"] = p["seed"] + index
             try:
-                async for ev in self.engine.generate(ids, SamplingParams(**p)):
-                    await queue.put({"index": index, **ev.to_dict()})
+                async for steps in self.engine.generate(ids, sampling(index), regex):
+                    for ev in steps:
+                        queue.put_nowait({"index": index, **ev.to_dict()})
             finally:
-                await queue.put({"index": index, "done": True})
+                queue.put_nowait({"index": index, "done": True})
 
         tasks = [asyncio.create_task(run(i)) for i in range(n)]
         try:
             remaining = n
             while remaining:
-                ev = await queue.get()
-                if ev.get("done"):
-                    remaining -= 1
-                    continue
-                yield ev
+                ready = [await queue.get()]
+                while not queue.empty():
+                    ready.append(queue.get_nowait())
+                events = [ev for ev in ready if not ev.get("done")]
+                remaining -= len(ready) - len(events)
+                if events:
+                    yield events
             for t in tasks:
                 t.result()  # surface engine errors
         finally:
             for t in tasks:  # client gone (or error): stop decoding at once
                 t.cancel()
+
+
+def queue_limit(batch: int) -> int:
+    """Requests a replica holds waiting for a batch slot before it answers 429."""
+    return max(8, 4 * batch)
 
 
 def serve_options(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
@@ -103,10 +211,9 @@ def serve_options(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
         actor["memory"] = int(profile["memory_gb"] * 2**30)
     return {
         "ray_actor_options": actor,
-        # a replica runs at most maxBatchSize sequences; more wait in the router's queue
-        "max_ongoing_requests": batch,
-        # beyond this the gateway answers 429 instead of queueing without bound
-        "max_queued_requests": max(8, 4 * batch * scaling["maxReplicas"]),
+        # maxBatchSize sequences decode, up to queue_limit wait in the engine; the replica
+        # itself refuses the next one with an OpenAI-shaped 429
+        "max_ongoing_requests": batch + queue_limit(batch) + 1,
         "autoscaling_config": {
             "min_replicas": scaling["minReplicas"],
             "initial_replicas": scaling["minReplicas"],
@@ -125,11 +232,15 @@ def serve_options(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
 
 
 def build_engine_app(
-    model_dir: str, config: dict[str, Any], profile: dict[str, Any]
+    deployment_id: str, db_url: str, model_dir: str, config: dict[str, Any], profile: dict[str, Any]
 ) -> Application:
+    batch = config["scalingParameters"]["maxBatchSize"]
     spec = {
+        "deployment_id": deployment_id,
+        "db_url": db_url,
         "model_dir": model_dir,
-        "max_batch_size": config["scalingParameters"]["maxBatchSize"],
+        "max_batch_size": batch,
+        "queue_limit": queue_limit(batch),
         "device": profile.get("device", "cpu"),
         "num_threads": int(profile.get("num_cpus", 1)) if profile.get("device") == "cpu" else None,
     }

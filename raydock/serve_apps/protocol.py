@@ -65,12 +65,15 @@ class ChatRequest(_Request):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # one call per choice is generated
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    response_format: dict[str, Any] | None = None  # refused: see gateway._constraint
 
 
 class BadParam(Exception):
@@ -161,9 +164,19 @@ class Formatter:
         }
         return out | (extra or {})
 
-    def chunk(self, index: int, text: str, logprobs: list, finish: str | None, first: bool):
+    def chunk(
+        self,
+        index: int,
+        text: str,
+        logprobs: list,
+        finish: str | None,
+        first: bool,
+        tool_call: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {"content": text} if text or not finish else {}
+            if tool_call:
+                delta = {"tool_calls": [{"index": 0, **tool_call}]}
             if first:
                 delta = {"role": "assistant", **delta}
             choice = {
@@ -190,10 +203,13 @@ class Formatter:
         out = []
         for c in choices:
             if self.kind == "chat":
+                message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
+                if c.get("tool_call"):
+                    message = {"role": "assistant", "content": None, "tool_calls": [c["tool_call"]]}
                 out.append(
                     {
                         "index": c["index"],
-                        "message": {"role": "assistant", "content": c["text"]},
+                        "message": message,
                         "logprobs": chat_logprobs(c["logprobs"]),
                         "finish_reason": c["finish_reason"],
                     }

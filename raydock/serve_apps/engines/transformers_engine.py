@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.engines.base import StepEvent
+from raydock.serve_apps.guided import Guide, GuidedDecoder
 from raydock.serve_apps.sampling import SamplingParams, choose, make_generator
 
 
@@ -49,6 +50,7 @@ class _Seq:
     produced: int = 0
     pending: int = -1  # sampled token not yet fed to the model
     length: int = 0  # real (unpadded) tokens in the KV cache
+    guide: Guide | None = None  # structured output: the allowed tokens of each step
     done: bool = False
     cancelled: bool = False
 
@@ -72,6 +74,9 @@ class TransformersEngine:
         self.eos = _eos_ids(path, self.tokenizer)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
+        self.guided = GuidedDecoder(
+            self.tokenizer, self.tokenizer.eos_token_id, self.model.config.vocab_size
+        )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # touched only on the executor thread
@@ -106,9 +111,15 @@ class TransformersEngine:
     # ------------------------------------------------------------------ public API
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[StepEvent]:
+        self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
+    ) -> AsyncIterator[list[StepEvent]]:
+        """Stream one sequence's steps; with `regex`, the output is constrained to match it.
+
+        Steps that are ready together come as one list, so a slow reader catches up in one go.
+        """
+        guide = await self.guided.guide(regex) if regex else None
         seq = _Seq(
+            guide=guide,
             prompt=list(prompt_ids),
             params=params,
             tracker=TextTracker(self._decode, params.stop),
@@ -119,11 +130,14 @@ class TransformersEngine:
         self._start()
         try:
             while True:
-                ev = await seq.out.get()
-                if isinstance(ev, Exception):
-                    raise ev
-                yield ev
-                if ev.finish_reason:
+                ready = [await seq.out.get()]
+                while not seq.out.empty():
+                    ready.append(seq.out.get_nowait())
+                for ev in ready:
+                    if isinstance(ev, Exception):
+                        raise ev
+                yield ready
+                if ready[-1].finish_reason:
                     return
         finally:
             if not seq.done:  # the caller went away: leave the batch at the next step
@@ -168,11 +182,12 @@ class TransformersEngine:
         events: list[tuple[_Seq, StepEvent]] = []
         self._drop(lambda s: s.cancelled, "cancelled")
         if self._running:
-            logits = self._decode_running()
+            logits = self.guided.apply(self._decode_running(), [s.guide for s in self._running])
             for i, seq in enumerate(self._running):
                 events.append((seq, self._advance(seq, logits[i])))
         for seq in admit:
             logits, cache = self._prefill(seq.prompt)
+            logits = self.guided.apply(logits[None], [seq.guide])[0]
             events.append((seq, self._advance(seq, logits)))
             if seq.done:
                 self.counters["finished"] += 1
@@ -187,9 +202,11 @@ class TransformersEngine:
         """Sample one token for `seq` and describe what the client sees."""
         n_prompt = len(seq.prompt)
         pick = choose(logits, seq.params, seq.generator)
-        if pick.token in self.eos and not seq.params.ignore_eos:
+        if pick.token in self.eos and (seq.guide is not None or not seq.params.ignore_eos):
             seq.done = True
             return StepEvent(seq.tracker.flush(), [], [], "stop", n_prompt, seq.produced)
+        if seq.guide is not None:
+            seq.guide.advance(pick.token, return_tokens=False)
         seq.produced += 1
         seq.pending = pick.token
         text = seq.tracker.add(pick.token)

@@ -1,0 +1,173 @@
+"""Guided decoding benchmark: schema compile time and the per-token cost of a schema.
+
+    python -m benchmarks.guided
+
+1. Compile a typical 5-field schema (regex + outlines-core index) over the tiny (2k), small
+   (8k) and a 32k-entry tokenizer: first compile, then a cached lookup.
+2. Time per output token on the small model at batch 1 and 16, with and without a schema
+   (a long free-text field, so guided and unguided sequences run to the same length).
+Writes benchmarks/out/guided.{json,md}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+
+from benchmarks.serving import OUT, machine
+
+FIVE_FIELDS = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "email": {"type": "string", "format": "email"},
+        "status": {"enum": ["active", "inactive", "pending"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["name", "age", "email", "status", "score"],
+    "additionalProperties": False,
+}
+LONG_TEXT = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "maxLength": 4000}},
+    "required": ["text"],
+}
+
+
+def big_tokenizer(vocab_size: int = 32768):
+    """A byte-level BPE tokenizer of `vocab_size` entries, trained here (nothing downloaded):
+    the shipped corpus plus seeded pseudo-words, so BPE has enough merges to learn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from raydock.modelgen import corpus_text
+
+    rng = random.Random(0)
+    syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + list("aeiouy")
+    words = [
+        "".join(rng.choice(syllables) for _ in range(rng.randint(2, 5))) for _ in range(150_000)
+    ]
+    lines = corpus_text().splitlines() + [
+        " ".join(words[i : i + 12]) for i in range(0, len(words), 12)
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+def compile_times(tokenizer, label: str, repeats: int = 5) -> dict:
+    from raydock.serve_apps.guided import GuidedDecoder
+    from raydock.serve_apps.schema_regex import schema_to_regex
+
+    t0 = time.perf_counter()
+    regex = schema_to_regex(FIVE_FIELDS)
+    regex_ms = (time.perf_counter() - t0) * 1e3
+    firsts, cached = [], []
+    for _ in range(repeats):  # a fresh decoder each time: a cold cache
+        decoder = GuidedDecoder(tokenizer, tokenizer.eos_token_id, len(tokenizer))
+        t0 = time.perf_counter()
+        decoder.index(regex)
+        firsts.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(20):
+            t0 = time.perf_counter()
+            asyncio.run(decoder.guide(regex))
+            cached.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "tokenizer": label,
+        "vocab": len(tokenizer),
+        "schema_to_regex_ms": regex_ms,
+        "first_compile_ms_p50": statistics.median(firsts),
+        "cached_ms_p50": statistics.median(cached),
+    }
+
+
+def per_token(engine, batch: int, regex: str | None, max_tokens: int = 48) -> float:
+    from raydock.serve_apps.sampling import SamplingParams
+
+    ids = engine.chat_prompt([{"role": "user", "content": "Write a long note."}])
+
+    async def one(seed: int) -> int:
+        n = 0
+        params = SamplingParams(max_tokens=max_tokens, seed=seed, ignore_eos=regex is None)
+        async for steps in engine.generate(ids, params, regex):
+            n = steps[-1].completion_tokens
+        return n
+
+    async def run() -> float:
+        await one(0)  # warm-up (and compile, for the guided run)
+        t0 = time.perf_counter()
+        tokens = await asyncio.gather(*(one(i) for i in range(batch)))
+        return (time.perf_counter() - t0) * 1e3 / (sum(tokens) / batch)
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    from raydock.modelgen import build_tokenizer, cached_model_dir
+    from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+    from raydock.serve_apps.schema_regex import schema_to_regex
+
+    compile_rows = [
+        compile_times(build_tokenizer(2048), "tiny (modelgen)"),
+        compile_times(build_tokenizer(8192), "small (modelgen)"),
+        compile_times(big_tokenizer(), "32k (BPE trained here)"),
+    ]
+    engine = TransformersEngine(str(cached_model_dir("small")), num_threads=2, max_batch_size=16)
+    regex = schema_to_regex(LONG_TEXT)
+    token_rows = []
+    for batch in (1, 16):
+        plain = per_token(engine, batch, None)
+        guided = per_token(engine, batch, regex)
+        token_rows.append(
+            {
+                "batch": batch,
+                "unguided_ms_per_token": plain,
+                "guided_ms_per_token": guided,
+                "ratio": guided / plain,
+            }
+        )
+    OUT.mkdir(exist_ok=True)
+    (OUT / "guided.json").write_text(
+        json.dumps(
+            {"machine": machine(), "compile": compile_rows, "per_token": token_rows}, indent=2
+        )
+    )
+    md = [
+        f"Machine: {machine()}",
+        "",
+        "| tokenizer | vocab | schema→regex ms | first compile ms (p50) | cached ms (p50) |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['tokenizer']} | {r['vocab']} | {r['schema_to_regex_ms']:.2f} "
+        f"| {r['first_compile_ms_p50']:.1f} | {r['cached_ms_p50']:.3f} |"
+        for r in compile_rows
+    ]
+    md += [
+        "",
+        "| batch | unguided ms/token | guided ms/token | guided / unguided |",
+        "|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['batch']} | {r['unguided_ms_per_token']:.2f} | {r['guided_ms_per_token']:.2f} "
+        f"| {r['ratio']:.3f} |"
+        for r in token_rows
+    ]
+    text = "\n".join(md) + "\n"
+    (OUT / "guided.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

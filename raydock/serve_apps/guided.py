@@ -1,0 +1,114 @@
+"""Guided decoding, independent of the engine: regex → outlines-core Index over the
+deployment's own vocabulary → one Guide per sequence → an allowed-token mask per step.
+
+Indexes are compiled off the event loop and kept in an LRU shared by all requests of a
+replica; masks for a whole batch are applied in one vectorized operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from outlines_core import Guide, Index, Vocabulary
+
+CACHE_SIZE = 64
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte ↔ unicode table, inverted (byte-level BPE token text → raw bytes)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def token_bytes(tokenizer) -> dict[int, bytes]:
+    """The raw bytes each non-special token stands for."""
+    special = set(tokenizer.all_special_ids)
+    vocab = tokenizer.get_vocab()
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    kind = type(decoder).__name__ if decoder is not None else ""
+    out: dict[int, bytes] = {}
+    if "ByteLevel" in kind or "ByteLevel" in repr(decoder):
+        table = _byte_level_decoder()
+        for tok, i in vocab.items():
+            if i not in special and all(c in table for c in tok):
+                out[i] = bytes(table[c] for c in tok)
+        return out
+    for tok, i in vocab.items():  # SentencePiece style: ▁ is a space, <0xNN> a raw byte
+        if i in special:
+            continue
+        if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            out[i] = bytes([int(tok[3:5], 16)])
+        else:
+            out[i] = tok.replace("▁", " ").encode()
+    return out
+
+
+class GuidedDecoder:
+    """Compiles and caches indexes for one tokenizer; builds per-step masks."""
+
+    def __init__(self, tokenizer, eos_id: int, vocab_size: int, cache_size: int = CACHE_SIZE):
+        mapping: dict[bytes, list[int]] = {}
+        for i, b in token_bytes(tokenizer).items():
+            if b and i != eos_id:
+                mapping.setdefault(b, []).append(i)
+        self.vocabulary = Vocabulary(eos_id, mapping)
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self._cache: OrderedDict[str, Index] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="guided-compile")
+        self._shifts = torch.arange(32, dtype=torch.int32)
+
+    def index(self, regex: str) -> Index:
+        with self._lock:
+            if regex in self._cache:
+                self._cache.move_to_end(regex)
+                return self._cache[regex]
+        index = Index(regex, self.vocabulary)  # outside the lock: compiles can overlap
+        with self._lock:
+            self._cache[regex] = index
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return index
+
+    async def guide(self, regex: str) -> Guide:
+        """A fresh guide; compiling (if not cached) runs on a worker thread."""
+        with self._lock:
+            cached = self._cache.get(regex)
+        if cached is None:
+            loop = asyncio.get_running_loop()
+            cached = await loop.run_in_executor(self._pool, self.index, regex)
+        return Guide(cached)
+
+    def apply(self, logits: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
+        """Set disallowed tokens to -inf for every row that has a guide ([batch, vocab])."""
+        rows = [i for i, g in enumerate(guides) if g is not None]
+        if not rows:
+            return logits
+        words = torch.zeros(len(rows), self.words, dtype=torch.int32)
+        for r, i in enumerate(rows):
+            guides[i].write_mask_into(words[r].data_ptr(), self.words, 4)
+        bits = (words.unsqueeze(-1) >> self._shifts) & 1
+        allowed = bits.reshape(len(rows), -1)[:, : logits.shape[-1]].bool()
+        if allowed.shape[-1] < logits.shape[-1]:  # model rows beyond the tokenizer
+            pad = logits.shape[-1] - allowed.shape[-1]
+            allowed = torch.nn.functional.pad(allowed, (0, pad), value=False)
+        index = torch.tensor(rows)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        return logits

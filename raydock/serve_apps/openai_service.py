@@ -1,0 +1,296 @@
+"""The OpenAI request pipeline shared by every inference entry point.
+
+The engine replicas' own HTTP routes (`/deployments/{id}/…`, one network hop) and the gateway
+(`/v1/*`, which calls engines through a DeploymentHandle) both authenticate with `Auth`, then
+hand `complete` a runner that streams engine events. Validation, defaults, the timeout,
+structured output, tool calls and the OpenAI shapes all live here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy import select
+
+from raydock.errors import ApiError, error_body
+from raydock.platform import db, security
+from raydock.platform.schemas import DEFAULT_MAX_TOKENS
+from raydock.platform.states import DeploymentStatus as D
+from raydock.serve_apps import protocol, structured
+
+# (engine request payload) -> batches of engine events
+Runner = Callable[[dict[str, Any]], AsyncIterator[list[dict[str, Any]]]]
+
+
+def _key_from(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return request.headers.get("x-api-key")
+
+
+class Auth:
+    """Deployment-key checks against the database (a read: no actor on the request path)."""
+
+    def __init__(self, db_url: str, registry: Any):
+        self.sessions = db.make_sessionmaker(db_url)
+        self.registry = registry
+        self.touched: dict[str, float] = {}
+
+    def authorize(
+        self, request: Request, deployment_id: str | None, serving: tuple[str, ...] = (D.DEPLOYED,)
+    ) -> db.Deployment:
+        """The deployment this request may use; raises 401/404/503 as OpenAI would."""
+        key = _key_from(request)
+        if not key:
+            raise ApiError(
+                401, "missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key"
+            )
+        with self.sessions() as s:
+            row = s.scalar(select(db.ApiKey).where(db.ApiKey.key_hash == security.hash_key(key)))
+            if row is None or row.scope != "deployment":
+                raise ApiError(401, "invalid API key", None, "invalid_api_key")
+            target = deployment_id or row.deployment_id
+            dep = s.get(db.Deployment, target)
+            if dep is None:
+                raise ApiError(
+                    404, f"deployment {target} does not exist", "model", "model_not_found"
+                )
+            if row.deployment_id != dep.id:
+                raise ApiError(
+                    401, "this API key is not valid for this deployment", None, "invalid_api_key"
+                )
+        self.touch(row.id)
+        if dep.status not in serving:
+            raise ApiError(
+                503,
+                f"deployment {dep.id} is {dep.status}, not serving",
+                None,
+                "deployment_not_ready",
+            )
+        return dep
+
+    def touch(self, key_id: str) -> None:
+        """Record key use, at most once a minute per key, without waiting for the registry."""
+        now = time.monotonic()
+        if now - self.touched.get(key_id, -1e9) > 60:
+            self.touched[key_id] = now
+            self.registry.touch_keys.remote([key_id])
+
+
+def engine_request(
+    kind: Literal["chat", "completion"], req: protocol._Request, dep: db.Deployment
+) -> dict[str, Any]:
+    hp = dep.config.get("hyperParameters", {})
+    default_max = hp.get("maxTokens") or DEFAULT_MAX_TOKENS
+    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max
+    stops = req.stop_list() or hp.get("stopSequence", [])
+    logprobs = bool(req.logprobs) if kind == "chat" else req.logprobs is not None
+    top = (req.top_logprobs or 0) if kind == "chat" else (req.logprobs or 0)
+    params = {
+        "max_tokens": max_tokens,
+        "temperature": req.temperature
+        if req.temperature is not None
+        else hp.get("temperature", 1.0),
+        "top_p": req.top_p if req.top_p is not None else hp.get("topP", 1.0),
+        "top_k": req.top_k if req.top_k is not None else hp.get("topK", 0),
+        "seed": req.seed,
+        "stop": tuple(stops),
+        "logprobs": logprobs,
+        "top_logprobs": top,
+        "ignore_eos": req.ignore_eos,
+    }
+    out: dict[str, Any] = {"params": params, "n": req.n}
+    if kind == "chat":
+        out["messages"] = [{"role": m.role, "content": m.text()} for m in req.messages]
+    else:
+        if isinstance(req.prompt, list):
+            if len(req.prompt) != 1:
+                raise ApiError(400, "prompt lists must hold exactly one prompt", "prompt")
+            out["prompt"] = req.prompt[0]
+        else:
+            out["prompt"] = req.prompt
+    return out
+
+
+def _constraint(kind: str, req: protocol._Request) -> structured.Constraint:
+    if kind == "completion":
+        if getattr(req, "response_format", None) not in (None, {"type": "text"}):
+            raise ApiError(
+                400,
+                "structured output is supported on chat completions (v2/chat/completions, "
+                "/v1/chat/completions), not on legacy completions",
+                "response_format",
+            )
+        return structured.Constraint("text")
+    try:
+        return structured.constraint_for(req.response_format, req.tools, req.tool_choice)
+    except structured.StructuredError as exc:
+        raise ApiError(400, str(exc), exc.param, "unsupported_schema") from None
+
+
+async def _as_tool_calls(batches: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:
+    """Hold each choice's text until it ends, then emit it as a tool call or as text."""
+    texts: dict[int, str] = {}
+    try:
+        async for batch in batches:
+            out = []
+            for ev in batch:
+                i = ev["index"]
+                texts[i] = texts.get(i, "") + ev["text"]
+                if not ev["finish_reason"]:
+                    continue
+                call = structured.as_tool_call(texts[i]) if ev["finish_reason"] == "stop" else None
+                if call:
+                    out.append(ev | {"text": "", "tool_call": call, "finish_reason": "tool_calls"})
+                else:
+                    out.append(ev | {"text": texts[i]})
+            if out:
+                yield out
+    finally:
+        await batches.aclose()
+
+
+async def _bounded(
+    events: AsyncIterator[list[dict]], deadline: float, timeout_s: int
+) -> AsyncIterator[list[dict]]:
+    """Engine events under the deployment's timeout; error events become HTTP errors."""
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            try:
+                batch = await asyncio.wait_for(events.__anext__(), remaining)
+            except StopAsyncIteration:
+                return
+            if "error" in batch[0]:
+                err = batch[0]
+                raise ApiError(
+                    err.get("status", 400), err["error"], err.get("param"), err.get("code")
+                )
+            yield batch
+    except TimeoutError:
+        raise ApiError(
+            504,
+            f"the request did not complete within the deployment's {timeout_s} s timeout",
+            None,
+            "timeout",
+        ) from None
+    finally:  # timeout, error or client gone: the engine stops this request at once
+        await events.aclose()
+
+
+async def complete(
+    kind: Literal["chat", "completion"],
+    request: Request,
+    dep: db.Deployment,
+    run: Runner,
+    by_model: bool = False,
+):
+    """Answer one OpenAI request for `dep` (already authorized) with events from `run`."""
+    started = time.monotonic()
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", "body") from None
+    try:
+        model = protocol.ChatRequest if kind == "chat" else protocol.CompletionRequest
+        req = protocol.parse(model, body)
+    except protocol.BadParam as exc:
+        raise ApiError(400, str(exc), exc.param, "invalid_parameter") from None
+    if by_model and req.model not in (dep.id, dep.name):
+        raise ApiError(
+            404,
+            f"model {req.model!r} is not the deployment of this API key ({dep.id}, {dep.name!r})",
+            "model",
+            "model_not_found",
+        )
+    constraint = _constraint(kind, req)
+    payload = engine_request(kind, req, dep) | {"regex": constraint.regex}
+    deadline = started + dep.timeout_s
+    fmt = protocol.Formatter(kind, dep.name)
+    events = _bounded(run(payload), deadline, dep.timeout_s)
+    if constraint.mode == "tools":
+        events = _as_tool_calls(events)
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        first = await _first_or_error(events)
+        return StreamingResponse(
+            _sse(fmt, first, events, include_usage), media_type="text/event-stream"
+        )
+    return JSONResponse(await _collect(fmt, events, req.n))
+
+
+async def _first_or_error(events: AsyncIterator[list[dict]]) -> list[dict] | None:
+    """Read the first events before answering, so early errors get a real HTTP status."""
+    try:
+        return await events.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _collect(fmt: protocol.Formatter, events: AsyncIterator[list[dict]], n: int) -> dict:
+    choices = [{"index": i, "text": "", "logprobs": [], "finish_reason": None} for i in range(n)]
+    prompt = completion = 0
+    async for batch in events:
+        for ev in batch:
+            c = choices[ev["index"]]
+            c["text"] += ev["text"]
+            c["logprobs"] += ev["logprobs"]
+            c["tool_call"] = ev.get("tool_call")
+            if ev["finish_reason"]:
+                c["finish_reason"] = ev["finish_reason"]
+                prompt = ev["prompt_tokens"]
+                completion += ev["completion_tokens"]
+    return fmt.final(choices, prompt, completion)
+
+
+def _sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _sse(fmt, first, events, include_usage: bool) -> AsyncIterator[str]:
+    started: set[int] = set()
+    prompt = completion = 0
+
+    def render(batch: list[dict]) -> str:
+        """One SSE chunk per event, written together: one message to the proxy per batch."""
+        nonlocal prompt, completion
+        lines = []
+        for ev in batch:
+            i = ev["index"]
+            if ev["finish_reason"]:
+                prompt = ev["prompt_tokens"]
+                completion += ev["completion_tokens"]
+            chunk = fmt.chunk(
+                i,
+                ev["text"],
+                ev["logprobs"],
+                ev["finish_reason"],
+                i not in started,
+                ev.get("tool_call"),
+            )
+            started.add(i)
+            lines.append(_sse_line(chunk))
+        return "".join(lines)
+
+    try:
+        if first is not None:
+            yield render(first)
+        async for batch in events:
+            yield render(batch)
+        if include_usage:
+            yield _sse_line(fmt.usage_chunk(prompt, completion))
+        yield "data: [DONE]\n\n"
+    except ApiError as exc:  # headers are sent: report in-band, as OpenAI does
+        yield _sse_line(error_body(exc.status, exc.message, exc.param, exc.code))
+        yield "data: [DONE]\n\n"
+    finally:  # a client that went away cancels the engine stream at once
+        await events.aclose()

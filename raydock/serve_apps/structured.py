@@ -1,0 +1,130 @@
+"""What a request's `response_format` and `tools` ask of the output, as a regex to enforce,
+and how the constrained text turns back into OpenAI message fields.
+
+Tools take precedence over response_format (the seed: "tool calls take precedence and the
+schema is ignored").
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from raydock.serve_apps.schema_regex import (
+    JSON_OBJECT_REGEX,
+    UnsupportedSchema,
+    schema_to_regex,
+    tool_call_regex,
+)
+
+# auto: either a tool call, or plain text that does not start like one
+_TEXT_NOT_JSON = r"[^{][\s\S]*"
+
+
+class StructuredError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Constraint:
+    mode: str  # "text" | "json" | "tools"
+    regex: str | None = None
+
+
+def _check_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    by_name: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise StructuredError(
+                f"tools.{i}", "each tool must be {'type': 'function', 'function': {...}}"
+            )
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise StructuredError(f"tools.{i}.function.name", "a function needs a name")
+        by_name[name] = tool
+    return by_name
+
+
+def _tools_regex(tools: list[dict[str, Any]], param: str) -> str:
+    try:
+        return tool_call_regex(tools)
+    except UnsupportedSchema as exc:
+        raise StructuredError(
+            param, f"tool parameters use '{exc.keyword}', which raydock cannot enforce: {exc}"
+        ) from None
+
+
+def constraint_for(
+    response_format: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+) -> Constraint:
+    """The output constraint of a chat request; raises StructuredError (→ 400)."""
+    if tools:
+        by_name = _check_tools(tools)
+        choice = "auto" if tool_choice is None else tool_choice
+        if choice == "none":
+            pass  # tools declared but not to be called: fall through to response_format
+        elif choice == "required":
+            return Constraint("tools", _tools_regex(tools, "tools"))
+        elif choice == "auto":
+            return Constraint("tools", f"({_tools_regex(tools, 'tools')})|({_TEXT_NOT_JSON})")
+        elif isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if name not in by_name:
+                raise StructuredError(
+                    "tool_choice", f"tool_choice names {name!r}, not one of {sorted(by_name)}"
+                )
+            return Constraint("tools", _tools_regex([by_name[name]], "tools"))
+        else:
+            raise StructuredError(
+                "tool_choice", "tool_choice must be 'none', 'auto', 'required' or a function"
+            )
+    elif tool_choice not in (None, "none"):
+        raise StructuredError("tool_choice", "tool_choice needs tools")
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return Constraint("text")
+    if kind == "json_object":
+        return Constraint("json", JSON_OBJECT_REGEX)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
+            raise StructuredError(
+                "response_format.json_schema", "json_schema needs a 'schema' object"
+            )
+        try:
+            return Constraint("json", schema_to_regex(spec["schema"]))
+        except UnsupportedSchema as exc:
+            raise StructuredError(
+                "response_format.json_schema.schema",
+                f"schema keyword '{exc.keyword}' cannot be enforced by raydock: {exc}",
+            ) from None
+    raise StructuredError(
+        "response_format.type", "response_format.type must be text, json_object or json_schema"
+    )
+
+
+def as_tool_call(text: str) -> dict[str, Any] | None:
+    """The OpenAI tool_call an output stands for, or None when it is plain text."""
+    if not text.startswith("{"):
+        return None
+    try:
+        call = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(call, dict) or "name" not in call:
+        return None
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {
+            "name": call["name"],
+            "arguments": json.dumps(call.get("arguments", {}), separators=(",", ":")),
+        },
+    }

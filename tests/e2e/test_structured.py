@@ -1,0 +1,239 @@
+"""response_format and tools, enforced by guided decoding on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from jsonschema import Draft202012Validator
+
+CORPUS = Path(__file__).parents[1] / "schemas"
+SCHEMAS = sorted(CORPUS.glob("*.json"))
+UNSUPPORTED = sorted((CORPUS / "unsupported").glob("*.json"))
+ASK = [{"role": "user", "content": "Fill in the record."}]
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def check(schema: dict, content: str) -> None:
+    Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER).validate(
+        json.loads(content)
+    )
+
+
+@pytest.fixture(scope="module")
+def sdk(live) -> openai.OpenAI:
+    return openai.OpenAI(base_url=live.base_url, api_key=live.key, timeout=120)
+
+
+def test_corpus_is_large_enough():
+    assert len(SCHEMAS) >= 40 and len(UNSUPPORTED) >= 6
+
+
+@pytest.mark.parametrize("path", SCHEMAS, ids=[p.stem for p in SCHEMAS])
+def test_schema_is_always_satisfied(sdk, path):
+    case = load(path)
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": case["name"], "schema": case["schema"], "strict": True},
+    }
+    reply = sdk.chat.completions.create(
+        model="m", messages=ASK, max_tokens=512, seed=7, response_format=fmt
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    check(case["schema"], choice.message.content)
+
+    stream = sdk.chat.completions.create(
+        model="m", messages=ASK, max_tokens=512, seed=8, response_format=fmt, stream=True
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    check(case["schema"], text)
+
+
+def test_json_object_mode(sdk):
+    for seed in range(3):
+        reply = sdk.chat.completions.create(
+            model="m",
+            messages=ASK,
+            max_tokens=512,
+            seed=seed,
+            response_format={"type": "json_object"},
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+
+
+def test_cut_by_max_tokens_is_length_never_stop(sdk):
+    schema = load(SCHEMAS[0])["schema"]
+    reply = sdk.chat.completions.create(
+        model="m",
+        messages=ASK,
+        max_tokens=2,
+        seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    )
+    assert reply.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("path", UNSUPPORTED, ids=[p.stem for p in UNSUPPORTED])
+def test_unenforceable_schema_is_400_naming_keyword(live, path):
+    case = load(path)
+    r = httpx.post(
+        f"{live.base_url}/chat/completions",
+        timeout=30,
+        headers={"Authorization": f"Bearer {live.key}"},
+        json={
+            "messages": ASK,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": case["name"], "schema": case["schema"]},
+            },
+        },
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert f"'{case['keyword']}'" in err["message"]
+    assert err["param"] == "response_format.json_schema.schema"
+
+
+def test_legacy_completions_refuse_structured_output(live):
+    url = live.base_url.removesuffix("/v2") + "/v1/completions"
+    r = httpx.post(
+        url,
+        headers={"Authorization": f"Bearer {live.key}"},
+        json={"prompt": "x", "response_format": {"type": "json_object"}},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["C", "F"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
+            "required": ["zone"],
+        },
+    },
+}
+TOOLS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+def assert_valid_call(choice, allowed: set[str]):
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name in allowed and call.id
+    schema = TOOLS[call.function.name]["function"]["parameters"]
+    check(schema, call.function.arguments)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tool_choice_required_and_named(sdk, seed):
+    reply = sdk.chat.completions.create(
+        model="m",
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        seed=seed,
+        max_tokens=200,
+    )
+    assert_valid_call(reply.choices[0], {"get_weather", "get_time"})
+    reply = sdk.chat.completions.create(
+        model="m",
+        messages=ASK,
+        tools=[WEATHER, TIME],
+        seed=seed,
+        max_tokens=200,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
+    assert_valid_call(reply.choices[0], {"get_time"})
+
+
+def test_tool_choice_auto_and_none(sdk):
+    for seed in range(4):
+        choice = sdk.chat.completions.create(
+            model="m", messages=ASK, tools=[WEATHER], seed=seed, tool_choice="auto", max_tokens=60
+        ).choices[0]
+        if choice.message.tool_calls:
+            assert_valid_call(choice, {"get_weather"})
+        else:
+            assert choice.message.content and not choice.message.content.startswith("{")
+    choice = sdk.chat.completions.create(
+        model="m", messages=ASK, tools=[WEATHER], seed=1, tool_choice="none", max_tokens=10
+    ).choices[0]
+    assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+
+
+def test_tools_take_precedence_over_response_format(sdk):
+    reply = sdk.chat.completions.create(
+        model="m",
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="required",
+        seed=2,
+        max_tokens=200,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "x", "schema": {"type": "boolean"}},
+        },
+    )
+    assert_valid_call(reply.choices[0], {"get_weather"})
+
+
+def test_streamed_tool_call(sdk):
+    chunks = list(
+        sdk.chat.completions.create(
+            model="m",
+            messages=ASK,
+            tools=[WEATHER],
+            tool_choice="required",
+            seed=3,
+            max_tokens=200,
+            stream=True,
+        )
+    )
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    check(WEATHER["function"]["parameters"], calls[0].function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_errors(live):
+    def post(**extra):
+        return httpx.post(
+            f"{live.base_url}/chat/completions",
+            timeout=30,
+            headers={"Authorization": f"Bearer {live.key}"},
+            json={"messages": ASK, **extra},
+        )
+
+    r = post(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    r = post(tools=[{"type": "function", "function": {}}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools.0.function.name"
+    r = post(tool_choice="required")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
