@@ -20,6 +20,7 @@ from ray import serve
 
 from raydock.config import Settings, hardware_profiles
 from raydock.errors import ApiError, error_response
+from raydock.optimizers import plan
 from raydock.platform import names, schemas
 from raydock.platform.jobs import deployconfig_from
 from raydock.platform.registry import Conflict, InvalidTransition, NotFound
@@ -365,15 +366,17 @@ def _device_problem(profile: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_deployable(body: schemas.DeployRequest) -> None:
-    if body.optimizationInfo.optimizationType:
-        raise ApiError(
-            400,
-            f"optimizationType {body.optimizationInfo.optimizationType!r} is not available yet; "
-            "send an empty optimizationType to skip optimization",
-            "optimizationInfo.optimizationType",
+async def _check_deployable(body: schemas.DeployRequest, model_id: str) -> plan.EnginePlan:
+    """The engine plan of a deploy body; 400 when the cluster cannot run it."""
+    profile = hardware_profiles()[body.deviceType]
+    model = await ctx.registry.get_model.remote(model_id)
+    try:
+        engine = plan.check(
+            body.optimizationInfo.model_dump(), body.deviceType, profile, model["artifactUri"]
         )
-    problem = _device_problem(hardware_profiles()[body.deviceType])
+    except plan.OptimizationError as exc:
+        raise ApiError(400, str(exc), exc.param) from None
+    problem = _device_problem(profile)
     if problem:
         cpu = [n for n, p in _profiles() if not p.get("num_gpus")]
         raise ApiError(
@@ -381,10 +384,14 @@ def _check_deployable(body: schemas.DeployRequest) -> None:
             f"deviceType {body.deviceType!r} {problem}; choose one of {cpu} or add such nodes",
             "deviceType",
         )
+    return engine
 
 
-async def _start_deploy(deployment_id: str, body: dict | None, user: dict) -> dict[str, Any]:
-    dep = await ctx.registry.begin_deploy.remote(deployment_id, body, user["userId"], D.DEPLOYING)
+async def _start_deploy(
+    deployment_id: str, body: dict | None, user: dict, engine: plan.EnginePlan
+) -> dict[str, Any]:
+    status = D.OPTIMIZING if engine.converts else D.DEPLOYING
+    dep = await ctx.registry.begin_deploy.remote(deployment_id, body, user["userId"], status)
     job = await ctx.registry.create_job.remote(
         JobAction.DEPLOY, dep["modelId"], user["userId"], deployment_id
     )
@@ -404,14 +411,14 @@ async def deploy_model(
     With `isDeployedPreviously: true` and the name of an existing deployment of this model,
     that deployment is redeployed (a new history version); otherwise a new one is created.
     """
-    _check_deployable(body)
+    engine = await _check_deployable(body, modelId)
     config = body.model_dump()
     existing = None
     if body.isDeployedPreviously:
         existing = await ctx.registry.find_deployment_by_name.remote(modelId, body.name)
     if existing is None:
         existing = await ctx.registry.create_deployment.remote(modelId, config, user["userId"])
-    return await _start_deploy(existing["deploymentId"], config, user)
+    return await _start_deploy(existing["deploymentId"], config, user, engine)
 
 
 BODY_MODELS["deploy_model"] = schemas.DeployRequest
@@ -456,10 +463,10 @@ BODY_MODELS["redeploy"] = schemas.DeployRequest
 @router.post("/deployments/{deploymentId}/redeploy", tags=["deployments"])
 async def redeploy(deploymentId: str, body: schemas.DeployRequest, user: User) -> dict[str, Any]:
     """Redeploy with changed parameters; history gains the next `name_vN`."""
-    _check_deployable(body)
     dep = await ctx.registry.get_deployment.remote(deploymentId)
+    engine = await _check_deployable(body, dep["modelId"])
     config = body.model_dump() | {"name": dep["name"]}
-    return await _start_deploy(deploymentId, config, user)
+    return await _start_deploy(deploymentId, config, user, engine)
 
 
 @router.post("/deployments/{deploymentId}/retrigger", tags=["deployments"])
@@ -470,8 +477,8 @@ async def retrigger(deploymentId: str, user: User) -> dict[str, Any]:
         raise ApiError(
             409, f"only failed or undeployed deployments can be re-triggered (is {dep['status']})"
         )
-    _check_deployable(schemas.DeployRequest(**dep["config"]))
-    return await _start_deploy(deploymentId, None, user)
+    engine = await _check_deployable(schemas.DeployRequest(**dep["config"]), dep["modelId"])
+    return await _start_deploy(deploymentId, None, user, engine)
 
 
 @router.post("/deployments/{deploymentId}/undeploy", tags=["deployments"])

@@ -141,3 +141,22 @@ def export_model_task(
             )
         )
         raise
+
+
+@ray.remote(max_retries=0)
+def optimize_model_task(
+    settings: dict[str, Any], model: dict[str, Any], quantization: str, job_id: str | None
+) -> str:
+    """Convert a stored model to CTranslate2, once per (model checksum, quantization).
+
+    The artifact lives in the store beside the models and is reused by every later deploy of
+    the same weights; a conversion that fails leaves nothing behind and raises the converter's
+    reason.
+    """
+    from raydock.optimizers import ctranslate2 as ct2
+
+    store = ArtifactStore(Settings(**settings).artifacts)
+    target = store.optimized_dir(ct2.artifact_key(model["checksum"], quantization))
+    progress = _Progress(job_id, 0, 15) if job_id else (lambda *_: None)
+    ct2.convert(model["artifactUri"], target, quantization, progress=progress)
+    return str(target)

@@ -17,8 +17,9 @@ from ray import serve
 from ray.serve.api import RunTarget
 
 from raydock.config import Settings, hardware_profiles
+from raydock.optimizers import plan
 from raydock.platform import names
-from raydock.platform.jobs import export_model_task, import_model_task
+from raydock.platform.jobs import export_model_task, import_model_task, optimize_model_task
 from raydock.platform.states import DeploymentStatus as D
 from raydock.platform.states import JobStatus
 
@@ -114,14 +115,33 @@ class Lifecycle:
         if job_id:
             await self.registry.update_job.remote(job_id, percentage=pct, message=message)
 
+    async def _optimize(
+        self, model: dict, engine: plan.EnginePlan, profile: dict, job_id: str | None
+    ) -> str:
+        """The directory the engine loads: the model itself, or its (cached) conversion."""
+        if not engine.converts:
+            return model["artifactUri"]
+        task = optimize_model_task.options(num_cpus=profile.get("num_cpus", 1))
+        try:
+            return await task.remote(self.settings.to_dict(), model, engine.quantization, job_id)
+        except ray.exceptions.RayTaskError as exc:
+            raise DeployFailed(str(exc.cause)) from None  # the converter's own reason
+
     async def _run_app(self, deployment_id: str, job_id: str | None) -> None:
         from raydock.serve_apps.engine_app import build_engine_app
 
         dep = await self.registry.get_deployment.remote(deployment_id)
         model = await self.registry.get_model.remote(dep["modelId"])
-        profile = hardware_profiles()[dep["config"]["deviceType"]]
+        config = dep["config"]
+        profile = hardware_profiles()[config["deviceType"]]
+        engine = plan.check(
+            config.get("optimizationInfo", {}), config["deviceType"], profile, model["artifactUri"]
+        )
+        model_dir = await self._optimize(model, engine, profile, job_id)
+        if dep["status"] == D.OPTIMIZING:
+            await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYING)
         app = build_engine_app(
-            deployment_id, self.settings.db_url, model["artifactUri"], dep["config"], profile
+            deployment_id, self.settings.db_url, model_dir, engine, config, profile
         )
         name = names.engine_app(deployment_id)
         # the replicas answer /deployments/<id>/… themselves: no gateway hop per token
@@ -159,7 +179,8 @@ class Lifecycle:
                     job_id, status=JobStatus.SUCCESS, message="deployed"
                 )
             except Exception as exc:
-                reason = str(exc) if isinstance(exc, DeployFailed) else repr(exc)
+                known = (DeployFailed, plan.OptimizationError)
+                reason = str(exc) if isinstance(exc, known) else repr(exc)
                 log.warning("deployment %s failed: %s", deployment_id, reason)
                 await asyncio.to_thread(serve.delete, names.engine_app(deployment_id))
                 await self.registry.set_deployment_status.remote(deployment_id, D.FAILED, reason)

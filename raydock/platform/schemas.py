@@ -13,6 +13,7 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raydock.config import hardware_profiles
+from raydock.optimizers import plan
 
 TIMEOUT_RANGE = (30, 180)
 DEFAULT_TIMEOUT_S = 60
@@ -60,13 +61,13 @@ class ScalingParameters(_Body):
         return self
 
 
-OPTIMIZATION_TYPES = ("", "ctranslate2", "vllm")
-QUANTIZATION_TYPES = ("", "no_quantization", "int8_float16")
-
-
 class OptimizationInfo(_Body):
-    optimizationType: Literal["", "ctranslate2", "vllm"] = ""
-    quantizationType: Literal["", "no_quantization", "int8_float16"] = ""
+    optimizationType: Literal["", "ctranslate2", "vllm"] = Field(
+        "", description="'' skips optimization (transformers); ctranslate2 or vllm."
+    )
+    quantizationType: Literal[plan.QUANTIZATION_TYPES] = Field(
+        "", description="Checked against the engine and the deviceType's hardware (400)."
+    )
 
 
 class DeployRequest(_Body):

@@ -33,6 +33,10 @@ class ArtifactStore:
         for path in (self.staging_dir(model_id), self.model_dir(model_id)):
             shutil.rmtree(path, ignore_errors=True)
 
+    def optimized_dir(self, key: str) -> Path:
+        """Where an engine-specific conversion of a model lives (keyed by checksum + type)."""
+        return self.root / "optimized" / key
+
     def entries(self) -> list[str]:
         """Everything stored (tests use this to prove failed imports left nothing behind)."""
         return sorted(p.name for p in (self.root / "models").iterdir())

@@ -16,6 +16,7 @@ from ray import serve
 from ray.serve import Application
 
 from raydock.errors import ApiError, error_response
+from raydock.optimizers.plan import EnginePlan
 
 
 class PromptTooLong(ValueError):
@@ -80,21 +81,15 @@ def asgi_app() -> FastAPI:
 @serve.ingress(asgi_app)
 class EngineServer:
     def __init__(self, spec: dict[str, Any]):
-        from raydock.serve_apps.engines.transformers_engine import TransformersEngine
-
-        self.engine = TransformersEngine(
-            spec["model_dir"],
-            device=spec["device"],
-            num_threads=spec.get("num_threads"),
-            max_batch_size=spec["max_batch_size"],
-        )
+        self.engine = load_engine(spec)
+        self.engine_name = spec["engine"]
         self.queue_limit = spec["queue_limit"]
         self.requests = 0  # in flight in this replica, decoding or waiting for a slot
         configure(self, spec)
 
     def stats(self) -> dict[str, Any]:
         return {
-            "engine": "transformers",
+            "engine": self.engine_name,
             "maxContext": self.engine.max_context,
             "queueLimit": self.queue_limit,
             "requests": self.requests,
@@ -231,14 +226,43 @@ def serve_options(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
     }
 
 
+def load_engine(spec: dict[str, Any]):
+    """The engine a replica serves with: transformers, CTranslate2 or vLLM."""
+    common = {
+        "device": spec["device"],
+        "num_threads": spec.get("num_threads"),
+        "max_batch_size": spec["max_batch_size"],
+    }
+    if spec["engine"] == "ctranslate2":
+        from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine
+
+        return CTranslate2Engine(
+            spec["model_dir"], compute_type=spec["quantization"] or "float32", **common
+        )
+    if spec["engine"] == "vllm":
+        from raydock.serve_apps.engines.vllm_engine import VLLMEngine
+
+        return VLLMEngine(spec["model_dir"], quantization=spec["quantization"] or None, **common)
+    from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+
+    return TransformersEngine(spec["model_dir"], **common)
+
+
 def build_engine_app(
-    deployment_id: str, db_url: str, model_dir: str, config: dict[str, Any], profile: dict[str, Any]
+    deployment_id: str,
+    db_url: str,
+    model_dir: str,
+    engine: EnginePlan,
+    config: dict[str, Any],
+    profile: dict[str, Any],
 ) -> Application:
     batch = config["scalingParameters"]["maxBatchSize"]
     spec = {
         "deployment_id": deployment_id,
         "db_url": db_url,
         "model_dir": model_dir,
+        "engine": engine.engine,
+        "quantization": engine.quantization,
         "max_batch_size": batch,
         "queue_limit": queue_limit(batch),
         "device": profile.get("device", "cpu"),

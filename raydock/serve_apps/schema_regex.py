@@ -150,6 +150,17 @@ _TYPES = ("null", "boolean", "object", "array", "number", "integer", "string")
 # escape. \u escapes are left out: they would let a random walk spell surrogates.
 _CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])'
 _CHAR_NO_NEWLINE = r'(?:[^"\\\x00-\x1f]|\\["\\/bfrt])'  # Python's "." in a pattern
+# outlines-core builds its DFA with an unanchored start too (regex-automata's default), and
+# determinizing that blows up when text inside a long string can restart the whole regex:
+# every restart is a live thread with its own counters. So free-form strings and keys (those
+# of untyped values: json_object, {"type": "object"}, ...) leave out raw "{" and "[", and a
+# document that may itself be a string leaves out the \" escape (see _Compiler.quote).
+_FREE_CHAR = r'(?:[^"\\\x00-\x1f{\[]|\\["\\/bfnrt])'
+_NO_QUOTE = {  # the same without \"
+    _CHAR: r'(?:[^"\\\x00-\x1f]|\\[\\/bfnrt])',
+    _CHAR_NO_NEWLINE: r'(?:[^"\\\x00-\x1f]|\\[\\/bfrt])',
+    _FREE_CHAR: r'(?:[^"\\\x00-\x1f{\[]|\\[\\/bfnrt])',
+}
 _NULL = "null"
 _BOOLEAN = "(?:true|false)"
 
@@ -417,8 +428,9 @@ def _non_ascii(a: int, b: int) -> list[tuple[int, int]]:
     return out
 
 
-def _char_set(op, av, flags: int) -> str:
-    """Regex for a class / negated literal, decided by Python's own matcher."""
+def _char_set(op, av, flags: int, quote: bool = True) -> str:
+    """Regex for a class / negated literal, decided by Python's own matcher (`quote`
+    False: leaving '"' out)."""
     if op is _sre.NOT_LITERAL:
         items, negated = [(_sre.LITERAL, av)], True
     else:
@@ -437,7 +449,7 @@ def _char_set(op, av, flags: int) -> str:
         else:
             raise UnsupportedSchema("pattern", f"unsupported class item {kind}")
     test = re.compile("[" + ("^" if negated else "") + "".join(text) + "]", flags)
-    codes = {c for c in _UNIVERSE if test.fullmatch(chr(c))}
+    codes = {c for c in _UNIVERSE if test.fullmatch(chr(c)) and (quote or c != 0x22)}
     regex = _class_regex(codes, [] if negated else extra)
     if regex is None:
         raise UnsupportedSchema("pattern", "a character class has no JSON-writable character")
@@ -456,7 +468,7 @@ def _json_literal(c: int) -> str:
 # (hi None: unbounded).
 
 
-def _convert(sub, flags: int, first: bool, last: bool):
+def _convert(sub, flags: int, first: bool, last: bool, quote: bool = True):
     items = list(sub)
     nodes = []
     for i, (op, av) in enumerate(items):
@@ -469,18 +481,19 @@ def _convert(sub, flags: int, first: bool, last: bool):
         if op is _sre.LITERAL:
             nodes.append(("chars", _json_literal(av)))
         elif op is _sre.ANY:
-            nodes.append(("chars", _CHAR_NO_NEWLINE))
+            nodes.append(("chars", _CHAR_NO_NEWLINE if quote else _NO_QUOTE[_CHAR_NO_NEWLINE]))
         elif op in (_sre.IN, _sre.NOT_LITERAL):
-            nodes.append(("chars", _char_set(op, av, flags & (re.IGNORECASE | re.ASCII))))
+            class_flags = flags & (re.IGNORECASE | re.ASCII)
+            nodes.append(("chars", _char_set(op, av, class_flags, quote)))
         elif op is _sre.BRANCH:
-            nodes.append(("alt", [_convert(b, flags, starts, ends) for b in av[1]]))
+            nodes.append(("alt", [_convert(b, flags, starts, ends, quote) for b in av[1]]))
         elif op is _sre.SUBPATTERN:
             _, add, remove, body = av
-            nodes.append(_convert(body, (flags | add) & ~remove, starts, ends))
+            nodes.append(_convert(body, (flags | add) & ~remove, starts, ends, quote))
         elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT):
             lo, hi, body = av
             hi = None if hi == _sre.MAXREPEAT else hi
-            nodes.append(("rep", lo, hi, _convert(body, flags, False, False)))
+            nodes.append(("rep", lo, hi, _convert(body, flags, False, False, quote)))
         elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
             raise UnsupportedSchema("pattern", "lookaround assertions cannot be enforced")
         elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
@@ -543,13 +556,16 @@ def _tighten(node, min_len: int, max_len: int, cap: int):
     return ("seq", items)
 
 
-def pattern_regex(pattern: str, min_len: int, max_len: int | None, bounds: Bounds) -> str:
-    """Regex (inside the quotes) for strings matching `pattern` within the length bounds."""
+def pattern_regex(
+    pattern: str, min_len: int, max_len: int | None, bounds: Bounds, quote: bool = True
+) -> str:
+    """Regex (inside the quotes) for strings matching `pattern` within the length bounds
+    (`quote` False: no '"' from classes and ".")."""
     try:
         parsed = _sre_parse.parse(pattern)
     except re.error as exc:
         raise UnsupportedSchema("pattern", f"invalid pattern {pattern!r}: {exc}") from None
-    tree = _convert(parsed, parsed.state.flags, True, True)
+    tree = _convert(parsed, parsed.state.flags, True, True, quote)
     limit = max_len if max_len is not None else max(bounds.max_string, min_len)
     cap = next((c for c in range(bounds.max_string, 0, -1) if _width(tree, c)[1] <= limit), 1)
     lo, hi = _width(tree, cap)
@@ -640,11 +656,17 @@ _MAX_HOPS = 32
 
 
 class _Compiler:
-    def __init__(self, root: dict | bool, bounds: Bounds):
+    def __init__(self, root: dict | bool, bounds: Bounds, quote: bool = True):
         self.root = root
         self.b = bounds
+        self.quote = quote  # False: strings never spell the \" escape (see _FREE_CHAR)
+        self.top_string = False  # set when the document itself may be a free-text string
         self._validator = None
         self._generic: dict[int, str] = {}
+
+    def char(self, char: str) -> str:
+        """`char` (one of _NO_QUOTE's keys), without \" when self.quote is False."""
+        return char if self.quote else _NO_QUOTE[char]
 
     # -- dispatch --------------------------------------------------------------------
 
@@ -1023,12 +1045,13 @@ class _Compiler:
             if hi is not None and hi < longest:
                 raise UnsupportedSchema("maxLength", f"maxLength with format {fmt!r}")
             return f'"{regex}"'
+        self.top_string |= ctx.depth == 0
         if pattern is not None:
             if not isinstance(pattern, str):
                 raise UnsupportedSchema("pattern", "pattern must be a string")
-            return '"' + pattern_regex(pattern, lo, hi, self.b) + '"'
+            return '"' + pattern_regex(pattern, lo, hi, self.b, self.quote) + '"'
         top = max(lo, self.b.max_string)
-        return _quoted(_CHAR, lo, top if hi is None else min(hi, top))
+        return _quoted(self.char(_CHAR), lo, top if hi is None else min(hi, top))
 
     # -- containers ------------------------------------------------------------------
 
@@ -1069,7 +1092,7 @@ class _Compiler:
             value = self.compile(values, ctx.enter())
         except _DROPPABLE:
             return r"\{\}"
-        key = _quoted(_CHAR, 1, min(16, self.b.max_string))
+        key = _quoted(self.char(_FREE_CHAR), 1, min(16, self.b.max_string))
         return r"\{" + _list(f"{key}:{value}", 0, self.b.max_free_keys) + r"\}"
 
     def array(self, schema: dict, ctx: _Ctx) -> str:
@@ -1118,20 +1141,22 @@ class _Compiler:
 
     def any_value(self, ctx: _Ctx) -> str:
         """Any JSON value, nested at most 2 levels (and never past max_depth)."""
+        self.top_string |= ctx.depth == 0
         return self.generic(min(2, max(0, self.b.max_depth - ctx.depth)))
 
     def generic(self, levels: int) -> str:
         if levels not in self._generic:
             b = self.b
+            char = self.char(_FREE_CHAR)
             scalars = [
-                _quoted(_CHAR, 0, b.max_string),
+                _quoted(char, 0, b.max_string),
                 self.number({}, _Ctx()),
                 _BOOLEAN,
                 _NULL,
             ]
             if levels > 0:
                 inner = self.generic(levels - 1)
-                key = _quoted(_CHAR, 1, min(16, b.max_string))
+                key = _quoted(char, 1, min(16, b.max_string))
                 n = min(b.max_items, b.max_free_keys)
                 scalars.append(r"\[" + _list(inner, 0, n) + r"\]")
                 scalars.append(r"\{" + _list(f"{key}:{inner}", 0, b.max_free_keys) + r"\}")
@@ -1155,12 +1180,16 @@ def _check(schema: Any) -> None:
 def schema_to_regex(schema: dict | bool, bounds: Bounds = Bounds()) -> str:
     """A regex whose every full match is compact JSON valid against `schema`."""
     _check(schema)
-    return _Compiler(schema, bounds).compile(schema, _Ctx())
+    compiler = _Compiler(schema, bounds)
+    regex = compiler.compile(schema, _Ctx())
+    if compiler.top_string:  # the document may open with '"': no \" anywhere (_FREE_CHAR)
+        regex = _Compiler(schema, bounds, quote=False).compile(schema, _Ctx())
+    return regex
 
 
 def _json_object_regex(bounds: Bounds = Bounds()) -> str:
     compiler = _Compiler(True, bounds)
-    key = _quoted(_CHAR, 1, min(16, bounds.max_string))
+    key = _quoted(_FREE_CHAR, 1, min(16, bounds.max_string))
     entry = f"{key}:{compiler.generic(2)}"  # the object itself is the third level
     return r"\{" + _list(entry, 0, bounds.max_free_keys) + r"\}"
 

