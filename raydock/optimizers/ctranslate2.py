@@ -28,17 +28,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from raydock.optimizers.plan import CT2_TYPES
+
 #: What a CTranslate2 deployment may ask for; "float32" means no quantization.
-COMPUTE_TYPES: tuple[str, ...] = (
-    "int8",
-    "int8_float32",
-    "int8_float16",
-    "int8_bfloat16",
-    "int16",
-    "float16",
-    "bfloat16",
-    "float32",
-)
+COMPUTE_TYPES: tuple[str, ...] = (*CT2_TYPES, "float32")
 #: Spellings of "no quantization" (the deploy API's "" / "no_quantization"): float32 weights.
 NO_QUANTIZATION: tuple[str, ...] = ("", "none", "no_quantization", "float32")
 #: Files copied from the source model so the converted directory serves on its own.

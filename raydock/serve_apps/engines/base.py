@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from raydock.serve_apps.sampling import SamplingParams
@@ -35,3 +37,31 @@ class Engine(Protocol):
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
     ) -> AsyncIterator[list[StepEvent]]: ...
+
+
+def eos_ids(model_dir: Path, tokenizer) -> set[int]:
+    """The tokenizer's EOS plus every eos_token_id of generation_config.json."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+class TokenizerPrompts:
+    """Prompt building and decoding with the model's own Hugging Face tokenizer."""
+
+    tokenizer: Any
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

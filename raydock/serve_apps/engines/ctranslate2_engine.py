@@ -70,7 +70,7 @@ import torch
 from transformers import AutoTokenizer
 
 from raydock.serve_apps.detok import TextTracker
-from raydock.serve_apps.engines.base import StepEvent
+from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts, eos_ids
 from raydock.serve_apps.guided import Guide, GuidedDecoder
 from raydock.serve_apps.sampling import SamplingParams, _filter, choose, make_generator
 
@@ -87,13 +87,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    eos = _read_json(model_dir / "generation_config.json").get("eos_token_id")
-    ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 def _max_context(model_dir: Path, tokenizer) -> int:
@@ -158,7 +151,7 @@ class _Run:
     error: BaseException | None = None
 
 
-class CTranslate2Engine:
+class CTranslate2Engine(TokenizerPrompts):
     def __init__(
         self,
         model_dir: str,
@@ -192,7 +185,7 @@ class CTranslate2Engine:
         self.compute_type = compute_type
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.vocab: list[str] = json.loads((path / "vocabulary.json").read_text())
-        self.eos = _eos_ids(path, self.tokenizer)
+        self.eos = eos_ids(path, self.tokenizer)
         self.max_context = _max_context(path, self.tokenizer)
         self.max_batch_size = max_batch_size
         self.guided = GuidedDecoder(self.tokenizer, self.tokenizer.eos_token_id, len(self.vocab))
@@ -212,20 +205,6 @@ class CTranslate2Engine:
             "guided_forced": 0,
             "guided_prefills": 0,
         }
-
-    # ------------------------------------------------------------------ prompts
-
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def text_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def stats(self) -> dict[str, Any]:
         return {

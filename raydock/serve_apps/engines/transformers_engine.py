@@ -12,7 +12,6 @@ out step events, so the replica stays responsive while the model computes.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,18 +24,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from raydock.serve_apps.detok import TextTracker
-from raydock.serve_apps.engines.base import StepEvent
+from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts, eos_ids
 from raydock.serve_apps.guided import Guide, GuidedDecoder
 from raydock.serve_apps.sampling import SamplingParams, choose, make_generator
-
-
-def _eos_ids(model_dir: Path, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    gen = model_dir / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return ids
 
 
 @dataclass(eq=False)
@@ -55,7 +45,7 @@ class _Seq:
     cancelled: bool = False
 
 
-class TransformersEngine:
+class TransformersEngine(TokenizerPrompts):
     def __init__(
         self,
         model_dir: str,
@@ -71,7 +61,7 @@ class TransformersEngine:
         dtype = torch.float16 if self.device == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
         self.model.eval()
-        self.eos = _eos_ids(path, self.tokenizer)
+        self.eos = eos_ids(path, self.tokenizer)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
         self.guided = GuidedDecoder(
@@ -85,20 +75,6 @@ class TransformersEngine:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.counters = {"finished": 0, "cancelled": 0, "steps": 0, "max_batch": 0}
-
-    # ------------------------------------------------------------------ prompts
-
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def text_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def stats(self) -> dict[str, Any]:
         return {

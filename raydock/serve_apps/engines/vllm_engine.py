@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from raydock.serve_apps.engines.base import StepEvent
+from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts
 from raydock.serve_apps.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def _stats_logger(state: dict[str, Any]):
     return lambda vllm_config, engine_index=0: _SchedulerProbe(vllm_config, engine_index)
 
 
-class VLLMEngine:
+class VLLMEngine(TokenizerPrompts):
     """Same public surface as `TransformersEngine`: `generate`, `chat_prompt`, `text_prompt`,
     `stats`, `max_context`, `max_batch_size`; plus `shutdown()`."""
 
@@ -190,17 +190,6 @@ class VLLMEngine:
             env["OMP_NUM_THREADS"] = str(num_threads)
         with _env(env):
             self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._sched)])
-
-    # ------------------------------------------------------------------ prompts
-
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def text_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
 
     def stats(self) -> dict[str, Any]:
         idle = self._in_flight == 0  # vLLM reports nothing once idle: its last numbers are old
