@@ -1,13 +1,16 @@
-"""Engine benchmark: transformers fp32 vs CTranslate2 int8, in-process, same model and load.
+"""Engine benchmark: transformers fp32 vs CTranslate2 int8 vs vLLM, in-process, same load.
 
     python -m benchmarks.engines [--size small] [--concurrency 1 16] [--requests 16]
                                  [--max-tokens 64] [--quantization int8]
+                                 [--engines transformers,ctranslate2,vllm]
 
 1. Builds the generated model via modelgen (cached) and converts it to CTranslate2
    (`--quantization`, int8 by default) in a fresh directory, timing the conversion.
-2. Drives `TransformersEngine` (float32) and `CTranslate2Engine` in this process, one after
-   the other, at each concurrency with identical chat prompts and fixed-length outputs
-   (`ignore_eos`), through the same load generator as benchmarks.serving.
+2. Drives `TransformersEngine` (float32), `CTranslate2Engine` and `VLLMEngine` (the dtype
+   raydock picks for the CPU: bfloat16 where native) in this process, one after the other,
+   at each concurrency with identical chat prompts and fixed-length outputs (`ignore_eos`),
+   through the same load generator as benchmarks.serving. vLLM is skipped, with a note,
+   where it is not installed.
 Prints a markdown table and writes engines.{json,md} to --out (benchmarks/out).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -48,6 +52,8 @@ def measure(name: str, make, levels: list[int], args, messages) -> list[dict]:
 
     rows = asyncio.run(all_levels(engine))
     rows[-1]["stats"] = engine.stats()
+    if hasattr(engine, "shutdown"):  # vLLM: stop its EngineCore and worker processes
+        engine.shutdown()
     del engine
     gc.collect()
     return rows
@@ -83,6 +89,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=0, help="maxBatchSize (0: the top concurrency)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
     p.add_argument("--out", type=Path, default=OUT, help="where engines.{json,md} go")
+    p.add_argument("--engines", default="transformers,ctranslate2,vllm")
     args = p.parse_args()
 
     from raydock.modelgen import cached_model_dir
@@ -118,9 +125,26 @@ def main() -> None:
                 compute_type=args.quantization,
             )
 
+        def vllm_engine():
+            from raydock.serve_apps.engines.vllm_engine import VLLMEngine
+
+            return VLLMEngine(str(model_dir), num_threads=args.threads, max_batch_size=batch)
+
         base = "transformers fp32"
-        rows = measure(base, transformers_engine, levels, args, messages)
-        rows += measure(f"ctranslate2 {args.quantization}", ct2_engine, levels, args, messages)
+        wanted = args.engines.split(",")
+        rows = []
+        if "transformers" in wanted:
+            rows += measure(base, transformers_engine, levels, args, messages)
+        if "ctranslate2" in wanted:
+            rows += measure(f"ctranslate2 {args.quantization}", ct2_engine, levels, args, messages)
+        if "vllm" in wanted:
+            if importlib.util.find_spec("vllm") is None:
+                print("vllm is not installed: no vLLM rows (pip install -e '.[vllm]')")
+            else:
+                from raydock.serve_apps.engines import vllm_engine as ve
+
+                dtype = ve._default_dtype("cpu", ve._text_config(model_dir), None)
+                rows += measure(f"vllm {dtype}", vllm_engine, levels, args, messages)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     md = (

@@ -30,6 +30,7 @@ class Settings:
     max_compression_ratio: float = 200.0
     allow_pickle_weights: bool = False
     upload_chunk_max_bytes: int = 100 * 2**20
+    stream_interval_ms: int = 50
 
     @property
     def home_path(self) -> Path:

@@ -141,7 +141,13 @@ class Lifecycle:
         if dep["status"] == D.OPTIMIZING:
             await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYING)
         app = build_engine_app(
-            deployment_id, self.settings.db_url, model_dir, engine, config, profile
+            deployment_id,
+            self.settings.db_url,
+            model_dir,
+            engine,
+            config,
+            profile,
+            stream_interval_s=self.settings.stream_interval_ms / 1000,
         )
         name = names.engine_app(deployment_id)
         # the replicas answer /deployments/<id>/… themselves: no gateway hop per token

@@ -30,6 +30,7 @@ class _Ctx:
     server: Any
     auth: Any
     deployment_id: str
+    stream_interval_s: float
 
 
 ctx = _Ctx()
@@ -46,7 +47,9 @@ async def _serve(kind: str, request: Request):
 
     # a replica that is up serves, also while a redeploy of its deployment is rolling out
     dep = ctx.auth.authorize(request, ctx.deployment_id, serving=(D.DEPLOYED, D.DEPLOYING))
-    return await complete(kind, request, dep, ctx.server.generate)
+    return await complete(
+        kind, request, dep, ctx.server.generate, stream_interval_s=ctx.stream_interval_s
+    )
 
 
 @engine_http.post("/v2/chat/completions")
@@ -67,6 +70,7 @@ def configure(server: Any, spec: dict[str, Any]) -> None:
 
     ctx.server = server
     ctx.deployment_id = spec["deployment_id"]
+    ctx.stream_interval_s = spec["stream_interval_s"]
     ctx.auth = Auth(spec["db_url"], ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE))
 
 
@@ -255,6 +259,7 @@ def build_engine_app(
     engine: EnginePlan,
     config: dict[str, Any],
     profile: dict[str, Any],
+    stream_interval_s: float = 0.0,
 ) -> Application:
     batch = config["scalingParameters"]["maxBatchSize"]
     spec = {
@@ -265,6 +270,7 @@ def build_engine_app(
         "quantization": engine.quantization,
         "max_batch_size": batch,
         "queue_limit": queue_limit(batch),
+        "stream_interval_s": stream_interval_s,
         "device": profile.get("device", "cpu"),
         "num_threads": int(profile.get("num_cpus", 1)) if profile.get("device") == "cpu" else None,
     }

@@ -32,6 +32,7 @@ app = FastAPI(title="raydock inference", docs_url=None, openapi_url=None)
 class _Ctx:
     auth: Auth
     handles: dict[str, Any]
+    stream_interval_s: float
 
 
 ctx = _Ctx()
@@ -87,7 +88,14 @@ def _via_handle(deployment_id: str):
 
 async def _serve(kind, request: Request, deployment_id: str | None):
     dep = ctx.auth.authorize(request, deployment_id)
-    return await complete(kind, request, dep, _via_handle(dep.id), by_model=deployment_id is None)
+    return await complete(
+        kind,
+        request,
+        dep,
+        _via_handle(dep.id),
+        by_model=deployment_id is None,
+        stream_interval_s=ctx.stream_interval_s,
+    )
 
 
 # ------------------------------------------------------------------ routes
@@ -169,8 +177,10 @@ async def docs():
 
 def configure(settings: dict[str, Any]) -> None:
     registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
-    ctx.auth = Auth(Settings(**settings).db_url, registry)
+    parsed = Settings(**settings)
+    ctx.auth = Auth(parsed.db_url, registry)
     ctx.handles = {}
+    ctx.stream_interval_s = parsed.stream_interval_ms / 1000
 
 
 def asgi_app() -> FastAPI:

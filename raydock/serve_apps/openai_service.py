@@ -9,6 +9,7 @@ structured output, tool calls and the OpenAI shapes all live here, once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -187,14 +188,61 @@ async def _bounded(
         await events.aclose()
 
 
+async def _paced(events: AsyncIterator[list[dict]], interval_s: float) -> AsyncIterator[list[dict]]:
+    """Send at most one batch per `interval_s`, merging what arrives in between.
+
+    Every message of a stream crosses the Serve proxy as its own Ray object; one per token
+    per sequence is most of the serving layer's cost (Ray Serve LLM batches its streams the
+    same way). The first batch goes at once, so time to first token is not delayed.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump() -> None:
+        try:
+            async for batch in events:
+                queue.put_nowait(batch)
+        except Exception as exc:  # an ApiError (timeout, engine refusal): raised in order
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(end)
+
+    task = asyncio.create_task(pump())
+    sent = -float("inf")
+    try:
+        while True:
+            items = [await queue.get()]
+            wait = sent + interval_s - time.monotonic()
+            if wait > 0 and items[0] is not end:
+                await asyncio.sleep(wait)
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            merged = [ev for item in items if isinstance(item, list) for ev in item]
+            if merged:
+                sent = time.monotonic()
+                yield merged
+            for item in items:
+                if isinstance(item, Exception):
+                    raise item
+            if items[-1] is end:
+                return
+    finally:  # client gone: stop pumping, which closes the engine stream
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await events.aclose()
+
+
 async def complete(
     kind: Literal["chat", "completion"],
     request: Request,
     dep: db.Deployment,
     run: Runner,
     by_model: bool = False,
+    stream_interval_s: float = 0.0,
 ):
-    """Answer one OpenAI request for `dep` (already authorized) with events from `run`."""
+    """Answer one OpenAI request for `dep` (already authorized) with events from `run`;
+    streams send at most one message per `stream_interval_s`."""
     started = time.monotonic()
     try:
         body = await request.json()
@@ -221,6 +269,8 @@ async def complete(
         events = _as_tool_calls(events)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
+        if stream_interval_s > 0:
+            events = _paced(events, stream_interval_s)
         first = await _first_or_error(events)
         return StreamingResponse(
             _sse(fmt, first, events, include_usage), media_type="text/event-stream"
