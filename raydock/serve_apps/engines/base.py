@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -37,6 +38,22 @@ class Engine(Protocol):
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
     ) -> AsyncIterator[list[StepEvent]]: ...
+
+
+async def drain_steps(out: asyncio.Queue) -> AsyncIterator[list[StepEvent]]:
+    """A sequence's steps from its output queue until one finishes it; steps that are ready
+    together come as one list, so a slow reader catches up in one go. An exception the
+    scheduler put in the queue is raised here."""
+    while True:
+        ready = [await out.get()]
+        while not out.empty():
+            ready.append(out.get_nowait())
+        for ev in ready:
+            if isinstance(ev, BaseException):
+                raise ev
+        yield ready
+        if ready[-1].finish_reason:
+            return
 
 
 def eos_ids(model_dir: Path, tokenizer) -> set[int]:

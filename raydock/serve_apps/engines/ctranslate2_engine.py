@@ -70,7 +70,7 @@ import torch
 from transformers import AutoTokenizer
 
 from raydock.serve_apps.detok import TextTracker
-from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts, eos_ids
+from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts, drain_steps, eos_ids
 from raydock.serve_apps.guided import Guide, GuidedDecoder
 from raydock.serve_apps.sampling import SamplingParams, _filter, choose, make_generator
 
@@ -248,16 +248,8 @@ class CTranslate2Engine(TokenizerPrompts):
         self._waiting.append(seq)
         self._start()
         try:
-            while True:
-                ready = [await seq.out.get()]
-                while not seq.out.empty():
-                    ready.append(seq.out.get_nowait())
-                for ev in ready:
-                    if isinstance(ev, BaseException):
-                        raise ev
+            async for ready in drain_steps(seq.out):
                 yield ready
-                if ready[-1].finish_reason:
-                    return
         finally:
             if not seq.done:  # the caller went away: stop at its next step
                 seq.cancelled = True
