@@ -94,3 +94,18 @@ def test_guided_output_matches_regex(engine):
     for text, finish in run(main()):
         assert finish == "stop" and re.fullmatch(regex, text), text
         assert isinstance(json.loads(text)["ok"], bool)
+
+
+def test_burst_larger_than_one_prefill_pass(engine, monkeypatch):
+    """A burst wider than PREFILL_TOKENS is prefilled in several passes, same outputs."""
+    from raydock.serve_apps.engines import transformers_engine
+
+    prompts = ["the lighthouse", "bread and tides", "a much longer prompt about chess and rain"]
+    params = dict(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+
+    async def burst():
+        return await asyncio.gather(*(text_of(engine, p, **params) for p in prompts))
+
+    together = run(burst())
+    monkeypatch.setattr(transformers_engine, "PREFILL_TOKENS", 1)  # one prompt per pass
+    assert run(burst()) == together

@@ -2,7 +2,7 @@
 
 One scheduler loop per replica decodes every running sequence in a single batched forward
 pass. Between two steps, finished and cancelled sequences leave the batch and waiting ones
-join it (prefilled on their own, then merged into the batch's KV cache with left padding),
+join it (prefilled together in one left-padded pass, then merged into the batch's KV cache),
 up to `max_batch_size` sequences.
 
 All torch work runs on one executor thread; the event loop only queues requests and hands
@@ -45,6 +45,10 @@ class _Seq:
     cancelled: bool = False
 
 
+# Prefill passes stay under this many (padded) prompt tokens; larger bursts take several.
+PREFILL_TOKENS = 4096
+
+
 class TransformersEngine(TokenizerPrompts):
     def __init__(
         self,
@@ -62,6 +66,9 @@ class TransformersEngine(TokenizerPrompts):
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
         self.model.eval()
         self.eos = eos_ids(path, self.tokenizer)
+        # any id will do for left padding: the attention mask hides it
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else next(iter(self.eos), 0)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
         self.guided = GuidedDecoder(
@@ -153,14 +160,12 @@ class TransformersEngine(TokenizerPrompts):
             logits = self.guided.apply(self._decode_running(), [s.guide for s in self._running])
             for i, seq in enumerate(self._running):
                 events.append((seq, self._advance(seq, logits[i])))
-        for seq in admit:
-            logits, cache = self._prefill(seq.prompt)
-            logits = self.guided.apply(logits[None], [seq.guide])[0]
-            events.append((seq, self._advance(seq, logits)))
-            if seq.done:
-                self.counters["finished"] += 1
-            else:
-                self._join(seq, cache)
+        for group in self._prefill_groups(admit):
+            logits, cache, mask = self._prefill([s.prompt for s in group])
+            logits = self.guided.apply(logits, [s.guide for s in group])
+            for i, seq in enumerate(group):
+                events.append((seq, self._advance(seq, logits[i])))
+            self._join(group, cache, mask)
         self._drop(lambda s: s.done, "finished")
         self.counters["steps"] += 1
         self.counters["max_batch"] = max(self.counters["max_batch"], len(self._running))
@@ -191,10 +196,33 @@ class TransformersEngine(TokenizerPrompts):
             logprobs = [(self.tokenizer.decode([pick.token]), pick.logprob, alts)]
         return StepEvent(text, [pick.token], logprobs, finish, n_prompt, seq.produced)
 
-    def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, DynamicCache]:
-        ids = torch.tensor([prompt], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True)
-        return out.logits[0, -1].float().cpu(), out.past_key_values
+    @staticmethod
+    def _prefill_groups(admit: list[_Seq]) -> list[list[_Seq]]:
+        """Admitted sequences in groups prefilled together, each at most PREFILL_TOKENS
+        (padded) tokens, so a burst of long prompts cannot exhaust memory in one pass."""
+        groups: list[list[_Seq]] = []
+        for seq in sorted(admit, key=lambda s: len(s.prompt)):
+            group = groups[-1] if groups else None
+            if group and (len(group) + 1) * len(seq.prompt) <= PREFILL_TOKENS:
+                group.append(seq)
+            else:
+                groups.append([seq])
+        return groups
+
+    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+        """One forward pass over left-padded prompts: each one's next-token logits, the
+        batch's KV cache and its mask (0 = padding)."""
+        width = max(map(len, prompts))
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=True,
+        )
+        return out.logits[:, -1].float().cpu(), out.past_key_values, mask.to(self.device)
 
     def _decode_running(self) -> torch.Tensor:
         batch = self._running
@@ -215,16 +243,27 @@ class TransformersEngine(TokenizerPrompts):
             s.length += 1
         return out.logits[:, -1].float().cpu()
 
-    def _join(self, seq: _Seq, cache: DynamicCache) -> None:
-        """Merge a prefilled sequence's KV cache into the batch (left-padding the shorter)."""
-        seq.length = len(seq.prompt)
-        new_mask = torch.ones(1, seq.length, dtype=torch.long, device=self.device)
-        if self._cache is None:
-            self._cache, self._mask = cache, new_mask
-            self._running.append(seq)
+    def _join(self, group: list[_Seq], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Merge prefilled sequences' KV cache into the batch (left-padding the narrower),
+        keeping only those still generating."""
+        keep = [i for i, s in enumerate(group) if not s.done]
+        self.counters["finished"] += len(group) - len(keep)
+        if not keep:
             return
-        width = max(self._mask.shape[1], seq.length)
-        pad_old, pad_new = width - self._mask.shape[1], width - seq.length
+        if len(keep) < len(group):
+            index = torch.tensor(keep, device=self.device)
+            mask = mask[index]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[index], layer.values[index]
+        joining = [group[i] for i in keep]
+        for seq in joining:
+            seq.length = len(seq.prompt)
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+            self._running.extend(joining)
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        pad_old, pad_new = width - self._mask.shape[1], width - mask.shape[1]
         for old, new in zip(self._cache.layers, cache.layers, strict=True):
             old.keys = torch.cat(
                 [F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))]
@@ -232,8 +271,8 @@ class TransformersEngine(TokenizerPrompts):
             old.values = torch.cat(
                 [F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))]
             )
-        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(new_mask, (pad_new, 0))])
-        self._running.append(seq)
+        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+        self._running.extend(joining)
 
     def _drop(self, leaving, counter: str) -> None:
         """Remove sequences from the batch, then trim padding no sequence needs any more."""
