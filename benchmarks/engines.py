@@ -10,7 +10,9 @@
    raydock picks for the CPU: bfloat16 where native) in this process, one after the other,
    at each concurrency with identical chat prompts and fixed-length outputs (`ignore_eos`),
    through the same load generator as benchmarks.serving. vLLM is skipped, with a note,
-   where it is not installed.
+   where it is not installed. Each engine computes with the threads a deployment on a
+   replica with `--threads` CPUs gives it (`engine_app.engine_threads`; `--engine-threads`
+   forces one number for all).
 Prints a markdown table and writes engines.{json,md} to --out (benchmarks/out).
 """
 
@@ -87,13 +89,25 @@ def main() -> None:
     p.add_argument("--prompt-words", type=int, default=48)
     p.add_argument("--quantization", default="int8", help="CTranslate2 compute type")
     p.add_argument("--batch", type=int, default=0, help="maxBatchSize (0: the top concurrency)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="the replica's CPUs; each engine gets the threads a deployment would give it",
+    )
+    p.add_argument("--engine-threads", type=int, default=0, help="force this many threads")
     p.add_argument("--out", type=Path, default=OUT, help="where engines.{json,md} go")
     p.add_argument("--engines", default="transformers,ctranslate2,vllm")
     args = p.parse_args()
 
     from raydock.modelgen import cached_model_dir
     from raydock.optimizers import ctranslate2 as ct2
+    from raydock.serve_apps.engine_app import engine_threads
+
+    profile = {"device": "cpu", "num_cpus": args.threads}
+
+    def threads(engine: str) -> int:
+        return args.engine_threads or engine_threads(engine, profile)
 
     levels = [int(x) for item in args.concurrency for x in item.split(",") if x]
     batch = args.batch or max(levels)
@@ -112,7 +126,7 @@ def main() -> None:
             from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 
             return TransformersEngine(
-                str(model_dir), num_threads=args.threads, max_batch_size=batch
+                str(model_dir), num_threads=threads("transformers"), max_batch_size=batch
             )
 
         def ct2_engine():
@@ -120,7 +134,7 @@ def main() -> None:
 
             return CTranslate2Engine(
                 str(work / "ct2"),
-                num_threads=args.threads,
+                num_threads=threads("ctranslate2"),
                 max_batch_size=batch,
                 compute_type=args.quantization,
             )
@@ -128,7 +142,7 @@ def main() -> None:
         def vllm_engine():
             from raydock.serve_apps.engines.vllm_engine import VLLMEngine
 
-            return VLLMEngine(str(model_dir), num_threads=args.threads, max_batch_size=batch)
+            return VLLMEngine(str(model_dir), num_threads=threads("vllm"), max_batch_size=batch)
 
         base = "transformers fp32"
         wanted = args.engines.split(",")
@@ -150,7 +164,9 @@ def main() -> None:
     md = (
         f"Machine: {machine()}\n\nModel: generated `{args.size}`, prompt {args.prompt_words} "
         f"words, {args.max_tokens} output tokens (ignore_eos, temperature 1), maxBatchSize "
-        f"{batch}, {args.threads} threads; CTranslate2 {args.quantization} conversion "
+        f"{batch}, replica CPUs {args.threads} (engine threads: "
+        + ", ".join(f"{e} {threads(e)}" for e in ("transformers", "ctranslate2", "vllm"))
+        + f"); CTranslate2 {args.quantization} conversion "
         f"{conversion['seconds']:.1f}s, {conversion['size_bytes'] / 2**20:.1f} MiB\n\n"
         + render(rows, base)
     )

@@ -76,7 +76,7 @@ DEPLOY_422 = [
     ("scalingParameters", "minReplicas", 11, "between 1 and 10"),
     ("scalingParameters", "maxReplicas", 51, "between 1 and 50"),
     ("scalingParameters", "scaleUpDelay", 0, "between 1 and 1000"),
-    ("scalingParameters", "scaleDownDelay", 2001, "between 50 and 2000"),
+    ("scalingParameters", "scaleDownDelay", 2001, "between 1 and 2000"),
 ]
 
 

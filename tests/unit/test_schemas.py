@@ -27,7 +27,7 @@ def errors_for(**overrides) -> list[str]:
         ("scalingParameters", "minReplicas", 0, 1, 10),
         ("scalingParameters", "maxReplicas", 51, 1, 50),
         ("scalingParameters", "scaleUpDelay", 1001, 1, 1000),
-        ("scalingParameters", "scaleDownDelay", 49, 50, 2000),
+        ("scalingParameters", "scaleDownDelay", 0, 1, 2000),
     ],
 )
 def test_out_of_range_names_field_and_range(group, field, value, lo, hi):
