@@ -1,7 +1,7 @@
 """Engine benchmark: transformers fp32 vs CTranslate2 int8 vs vLLM, in-process, same load.
 
     python -m benchmarks.engines [--size small] [--concurrency 1 16] [--requests 16]
-                                 [--max-tokens 64] [--quantization int8]
+                                 [--max-tokens 64] [--quantization int8] [--rounds 3]
                                  [--engines transformers,ctranslate2,vllm]
 
 1. Builds the generated model via modelgen (cached) and converts it to CTranslate2
@@ -9,7 +9,8 @@
 2. Drives `TransformersEngine` (float32), `CTranslate2Engine` and `VLLMEngine` (the dtype
    raydock picks for the CPU: bfloat16 where native) in this process, one after the other,
    at each concurrency with identical chat prompts and fixed-length outputs (`ignore_eos`),
-   through the same load generator as benchmarks.serving. vLLM is skipped, with a note,
+   through the same load generator as benchmarks.serving, for `--rounds` rounds (median
+   kept; transformers and CTranslate2 take turns within a round). vLLM is skipped, with a note,
    where it is not installed. Each engine computes with the threads a deployment on a
    replica with `--threads` CPUs gives it (`engine_app.engine_threads`; `--engine-threads`
    forces one number for all).
@@ -33,39 +34,59 @@ from benchmarks.loadgen import prompt_text, requests_for, run_engine
 from benchmarks.serving import OUT, machine
 
 
-def measure(name: str, make, levels: list[int], args, messages) -> list[dict]:
-    t0 = time.perf_counter()
-    engine = make()
-    load_s = time.perf_counter() - t0
+def measure(makers: dict, levels: list[int], args, messages) -> list[dict]:
+    """Load every engine in `makers` (name -> constructor), then run `args.rounds` rounds in
+    which each engine takes its turn at every level, so a slow spell of the machine hits
+    them alike. Per engine and level, the round with the median throughput is reported
+    (with every round's throughput in `rounds_tok_s`)."""
+    engines = {}
+    for name, make in makers.items():
+        t0 = time.perf_counter()
+        engines[name] = (make(), time.perf_counter() - t0)
 
-    async def all_levels(engine) -> list[dict]:
-        await run_engine(engine, 1, 2, messages, 8)  # warm-up
+    async def all_rounds() -> list[dict]:
+        for engine, _ in engines.values():
+            await run_engine(engine, 1, 2, messages, 8)  # warm-up
         rows = []
-        for c in levels:
-            n = requests_for(c, args.requests)
-            row = await run_engine(engine, c, n, messages, args.max_tokens)
-            rows.append(row | {"engine": name, "load_s": load_s})
-            print(
-                f"{name} c={c}: {row['output_token_throughput']:.1f} tok/s, "
-                f"e2e p50 {row['e2e_ms_p50']:.0f} ms",
-                flush=True,
-            )
+        for r in range(args.rounds):
+            for name, (engine, load_s) in engines.items():
+                for c in levels:
+                    n = requests_for(c, args.requests)
+                    row = await run_engine(engine, c, n, messages, args.max_tokens)
+                    rows.append(row | {"engine": name, "round": r + 1, "load_s": load_s})
+                    print(
+                        f"round {r + 1} {name} c={c}: {row['output_token_throughput']:.1f} "
+                        f"tok/s, e2e p50 {row['e2e_ms_p50']:.0f} ms",
+                        flush=True,
+                    )
         return rows
 
-    rows = asyncio.run(all_levels(engine))
-    rows[-1]["stats"] = engine.stats()
-    if hasattr(engine, "shutdown"):  # vLLM: stop its EngineCore and worker processes
-        engine.shutdown()
-    del engine
+    rows = asyncio.run(all_rounds())
+    medians = []
+    for name, (engine, _) in engines.items():
+        for c in levels:
+            runs = sorted(
+                (r for r in rows if r["engine"] == name and r["concurrency"] == c),
+                key=lambda r: r["output_token_throughput"],
+            )
+            medians.append(
+                runs[len(runs) // 2]
+                | {"rounds_tok_s": [r["output_token_throughput"] for r in runs]}
+            )
+        medians[-1]["stats"] = engine.stats()
+        if hasattr(engine, "shutdown"):  # vLLM: stop its EngineCore and worker processes
+            engine.shutdown()
+    engines.clear()
     gc.collect()
-    return rows
+    return medians
 
 
 def render(rows: list[dict], base: str) -> str:
     ref = {r["concurrency"]: r for r in rows if r["engine"] == base}
     head = (
         "| engine | conc | requests | out tok/s | decode tok/s per seq | TTFT p50 ms "
-        "| E2E p50 ms | E2E p99 ms | speed-up |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| E2E p50 ms | E2E p99 ms | speed-up | every round's tok/s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
@@ -75,7 +96,8 @@ def render(rows: list[dict], base: str) -> str:
         lines.append(
             f"| {r['engine']} | {r['concurrency']} | {r['requests']} "
             f"| {r['output_token_throughput']:.1f} | {per_seq:.1f} | {r['ttft_ms_p50']:.1f} "
-            f"| {r['e2e_ms_p50']:.0f} | {r['e2e_ms_p99']:.0f} | {speed:.2f}x |"
+            f"| {r['e2e_ms_p50']:.0f} | {r['e2e_ms_p99']:.0f} | {speed:.2f}x "
+            f"| {' / '.join(f'{x:.1f}' for x in r['rounds_tok_s'])} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -95,6 +117,7 @@ def main() -> None:
         default=os.cpu_count() or 1,
         help="the replica's CPUs; each engine gets the threads a deployment would give it",
     )
+    p.add_argument("--rounds", type=int, default=3, help="rounds per engine (median kept)")
     p.add_argument("--engine-threads", type=int, default=0, help="force this many threads")
     p.add_argument("--out", type=Path, default=OUT, help="where engines.{json,md} go")
     p.add_argument("--engines", default="transformers,ctranslate2,vllm")
@@ -146,11 +169,14 @@ def main() -> None:
 
         base = "transformers fp32"
         wanted = args.engines.split(",")
-        rows = []
+        # transformers and CTranslate2 alternate within each round; vLLM (its own
+        # processes, which poll while idle) runs its rounds afterwards
+        makers = {}
         if "transformers" in wanted:
-            rows += measure(base, transformers_engine, levels, args, messages)
+            makers[base] = transformers_engine
         if "ctranslate2" in wanted:
-            rows += measure(f"ctranslate2 {args.quantization}", ct2_engine, levels, args, messages)
+            makers[f"ctranslate2 {args.quantization}"] = ct2_engine
+        rows = measure(makers, levels, args, messages) if makers else []
         if "vllm" in wanted:
             if importlib.util.find_spec("vllm") is None:
                 print("vllm is not installed: no vLLM rows (pip install -e '.[vllm]')")
@@ -158,7 +184,7 @@ def main() -> None:
                 from raydock.serve_apps.engines import vllm_engine as ve
 
                 dtype = ve._default_dtype("cpu", ve._text_config(model_dir), None)
-                rows += measure(f"vllm {dtype}", vllm_engine, levels, args, messages)
+                rows += measure({f"vllm {dtype}": vllm_engine}, levels, args, messages)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     md = (
