@@ -188,12 +188,20 @@ async def _bounded(
         await events.aclose()
 
 
+def _ends_a_choice(item: Any) -> bool:
+    """A batch that finishes a choice (or the stream's end, or an error) is not held back:
+    clients see the end at once, and a load test's next wave starts together, which lets
+    the engine prefill it in one pass."""
+    return not isinstance(item, list) or any(ev.get("finish_reason") for ev in item)
+
+
 async def _paced(events: AsyncIterator[list[dict]], interval_s: float) -> AsyncIterator[list[dict]]:
     """Send at most one batch per `interval_s`, merging what arrives in between.
 
     Every message of a stream crosses the Serve proxy as its own Ray object; one per token
     per sequence is most of the serving layer's cost (Ray Serve LLM batches its streams the
-    same way). The first batch goes at once, so time to first token is not delayed.
+    same way). The first batch goes at once, so time to first token is not delayed, and so
+    does a batch that finishes a choice.
     """
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
@@ -212,9 +220,16 @@ async def _paced(events: AsyncIterator[list[dict]], interval_s: float) -> AsyncI
     try:
         while True:
             items = [await queue.get()]
-            wait = sent + interval_s - time.monotonic()
-            if wait > 0 and items[0] is not end:
-                await asyncio.sleep(wait)
+            # gather until the interval is over, or at once when a choice finishes
+            while not _ends_a_choice(items[-1]):
+                wait = sent + interval_s - time.monotonic()
+                if wait <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(wait):
+                        items.append(await queue.get())
+                except TimeoutError:
+                    break
             while not queue.empty():
                 items.append(queue.get_nowait())
             merged = [ev for item in items if isinstance(item, list) for ev in item]

@@ -73,3 +73,19 @@ def test_a_consumer_that_leaves_closes_the_engine_stream():
         return log
 
     assert _run(main()) == ["closed"]
+
+
+def test_a_finishing_batch_is_not_held_back():
+    async def steps():
+        for i in range(4):
+            yield [{"index": 0, "step": i, "finish_reason": "length" if i == 3 else None}]
+            await asyncio.sleep(0.005)
+
+    async def main():
+        started = time.monotonic()
+        return [(time.monotonic() - started, b) async for b in _paced(steps(), interval_s=0.5)]
+
+    sends = _run(main())
+    assert [ev["step"] for _, b in sends for ev in b] == [0, 1, 2, 3]
+    assert sends[-1][1][-1]["finish_reason"] == "length"
+    assert sends[-1][0] < 0.25  # not after the 0.5 s interval

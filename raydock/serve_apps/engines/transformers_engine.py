@@ -81,7 +81,13 @@ class TransformersEngine(TokenizerPrompts):
         self._mask: torch.Tensor | None = None  # [batch, cache length], 0 = left padding
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self.counters = {"finished": 0, "cancelled": 0, "steps": 0, "max_batch": 0}
+        self.counters = {
+            "finished": 0,
+            "cancelled": 0,
+            "steps": 0,
+            "max_batch": 0,
+            "prefill_passes": 0,
+        }
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -162,6 +168,7 @@ class TransformersEngine(TokenizerPrompts):
                 events.append((seq, self._advance(seq, logits[i])))
         for group in self._prefill_groups(admit):
             logits, cache, mask = self._prefill([s.prompt for s in group])
+            self.counters["prefill_passes"] += 1
             logits = self.guided.apply(logits, [s.guide for s in group])
             for i, seq in enumerate(group):
                 events.append((seq, self._advance(seq, logits[i])))
