@@ -86,3 +86,20 @@ def test_vllm_awq_needs_a_prequantized_checkpoint(tmp_path):
     )
     assert check("vllm", "awq", "g5.xlarge", str(tmp_path)).quantization == "awq"
     assert "need a GPU" in str(refusal("vllm", "awq", "cpu-small", str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("device_type", "engine", "threads"),
+    [
+        ("cpu-medium", "transformers", 2),
+        ("cpu-medium", "ctranslate2", 1),
+        ("cpu-large", "ctranslate2", 2),
+        ("cpu-small", "ctranslate2", 1),
+        ("cpu-large", "vllm", 4),
+        ("g5.xlarge", "ctranslate2", None),
+    ],
+)
+def test_engine_threads_per_profile(device_type, engine, threads):
+    from raydock.serve_apps.engine_app import engine_threads
+
+    assert engine_threads(engine, hardware_profiles()[device_type]) == threads
