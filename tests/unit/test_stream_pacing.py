@@ -40,7 +40,7 @@ def test_first_batch_goes_at_once_and_later_ones_merge():
     assert [s for _, batch in sends for s in batch] == list(range(20))  # all, in order
     assert len(sends) <= 5  # ~100 ms of steps in 50 ms messages, not 20 messages
     gaps = [b - a for (a, _), (b, _) in zip(sends, sends[1:], strict=False)]
-    assert min(gaps) >= 0.045
+    assert min(gaps[:-1]) >= 0.045  # the stream's end is not held back for the interval
     assert log == ["closed"]
 
 
