@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.sampling import SamplingParams
 
 
@@ -38,6 +39,55 @@ class Engine(Protocol):
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
     ) -> AsyncIterator[list[StepEvent]]: ...
+
+
+class Decoding(Protocol):
+    """What `append_token` reads and updates of an engine's per-sequence state."""
+
+    prompt: list[int]
+    params: SamplingParams
+    tracker: TextTracker
+    guide: Any  # outlines Guide, or None when unconstrained
+    budget: int
+    produced: int
+    done: bool
+
+
+def end_event(seq: Decoding) -> StepEvent:
+    """Finish `seq` with "stop" (an end token, or a guide that can only end)."""
+    seq.done = True
+    return StepEvent(seq.tracker.flush(), [], [], "stop", len(seq.prompt), seq.produced)
+
+
+def append_token(
+    seq: Decoding,
+    token: int,
+    logprob: float,
+    top: list[tuple[int, float]],
+    eos: set[int],
+    tokenizer: Any,
+) -> StepEvent:
+    """Add a chosen token to `seq` and describe what the client sees: an end token finishes
+    it (unless `ignore_eos` on an unguided sequence); otherwise the guide advances and a stop
+    string or the token budget may finish it. `top` are (token, logprob) alternatives."""
+    if token in eos and (seq.guide is not None or not seq.params.ignore_eos):
+        return end_event(seq)
+    if seq.guide is not None:
+        seq.guide.advance(token, return_tokens=False)
+    seq.produced += 1
+    text = seq.tracker.add(token)
+    finish = None
+    if seq.tracker.stopped:
+        finish = "stop"
+    elif seq.produced >= seq.budget:
+        finish = "length"
+        text += seq.tracker.flush()
+    seq.done = finish is not None
+    logprobs = []
+    if seq.params.logprobs:
+        alts = [(tokenizer.decode([t]), lp) for t, lp in top]
+        logprobs = [(tokenizer.decode([token]), float(logprob), alts)]
+    return StepEvent(text, [token], logprobs, finish, len(seq.prompt), seq.produced)
 
 
 async def drain_steps(out: asyncio.Queue) -> AsyncIterator[list[StepEvent]]:

@@ -70,7 +70,14 @@ import torch
 from transformers import AutoTokenizer
 
 from raydock.serve_apps.detok import TextTracker
-from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts, drain_steps, eos_ids
+from raydock.serve_apps.engines.base import (
+    StepEvent,
+    TokenizerPrompts,
+    append_token,
+    drain_steps,
+    end_event,
+    eos_ids,
+)
 from raydock.serve_apps.guided import Guide, GuidedDecoder
 from raydock.serve_apps.sampling import SamplingParams, _filter, choose, make_generator
 
@@ -433,7 +440,7 @@ class CTranslate2Engine(TokenizerPrompts):
                     top = list(zip(ids.tolist(), values.tolist(), strict=True))
             ev = self._advance(seq, token, step.log_prob if step.log_prob is not None else 0.0, top)
             if not seq.done and seq.guide is not None and self._only_eos(seq):
-                ev = self._merge(ev, self._end(seq))
+                ev = self._merge(ev, end_event(seq))
             stop = seq.done or run.stop_all
             if stop:
                 run.live -= 1
@@ -449,30 +456,10 @@ class CTranslate2Engine(TokenizerPrompts):
         self, seq: _Seq, token: int, logprob: float, top: list[tuple[int, float]]
     ) -> StepEvent:
         """Append `token` to `seq` and describe what the client sees."""
-        n_prompt = len(seq.prompt)
-        if token in self.eos and (seq.guide is not None or not seq.params.ignore_eos):
-            return self._end(seq)
-        if seq.guide is not None:
-            seq.guide.advance(token, return_tokens=False)
-        seq.produced += 1
-        seq.tokens.append(token)
-        text = seq.tracker.add(token)
-        finish = None
-        if seq.tracker.stopped:
-            finish = "stop"
-        elif seq.produced >= seq.budget:
-            finish = "length"
-            text += seq.tracker.flush()
-        seq.done = finish is not None
-        logprobs = []
-        if seq.params.logprobs:
-            alts = [(self.tokenizer.decode([t]), lp) for t, lp in top]
-            logprobs = [(self.tokenizer.decode([token]), float(logprob), alts)]
-        return StepEvent(text, [token], logprobs, finish, n_prompt, seq.produced)
-
-    def _end(self, seq: _Seq) -> StepEvent:
-        seq.done = True
-        return StepEvent(seq.tracker.flush(), [], [], "stop", len(seq.prompt), seq.produced)
+        ev = append_token(seq, token, logprob, top, self.eos, self.tokenizer)
+        if ev.token_ids:  # not an end token: part of the prefix a later run resumes from
+            seq.tokens.append(token)
+        return ev
 
     @staticmethod
     def _merge(first: StepEvent, last: StepEvent) -> StepEvent:
@@ -507,7 +494,7 @@ class CTranslate2Engine(TokenizerPrompts):
             if len(allowed) > 1:
                 return
             if not allowed or allowed[0] == self.guided_eos:
-                self._finish(seq, self._end(seq))
+                self._finish(seq, end_event(seq))
                 return
             self.counters["guided_forced"] += 1
             self._finish(seq, self._advance(seq, allowed[0], 0.0, []))

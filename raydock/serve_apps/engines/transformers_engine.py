@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from raydock.serve_apps.detok import TextTracker
-from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts, drain_steps, eos_ids
+from raydock.serve_apps.engines.base import (
+    StepEvent,
+    TokenizerPrompts,
+    append_token,
+    drain_steps,
+    eos_ids,
+)
 from raydock.serve_apps.guided import Guide, GuidedDecoder
 from raydock.serve_apps.sampling import SamplingParams, choose, make_generator
 
@@ -180,28 +186,9 @@ class TransformersEngine(TokenizerPrompts):
 
     def _advance(self, seq: _Seq, logits: torch.Tensor) -> StepEvent:
         """Sample one token for `seq` and describe what the client sees."""
-        n_prompt = len(seq.prompt)
         pick = choose(logits, seq.params, seq.generator)
-        if pick.token in self.eos and (seq.guide is not None or not seq.params.ignore_eos):
-            seq.done = True
-            return StepEvent(seq.tracker.flush(), [], [], "stop", n_prompt, seq.produced)
-        if seq.guide is not None:
-            seq.guide.advance(pick.token, return_tokens=False)
-        seq.produced += 1
-        seq.pending = pick.token
-        text = seq.tracker.add(pick.token)
-        finish = None
-        if seq.tracker.stopped:
-            finish = "stop"
-        elif seq.produced >= seq.budget:
-            finish = "length"
-            text += seq.tracker.flush()
-        seq.done = finish is not None
-        logprobs = []
-        if seq.params.logprobs:
-            alts = [(self.tokenizer.decode([t]), lp) for t, lp in pick.top]
-            logprobs = [(self.tokenizer.decode([pick.token]), pick.logprob, alts)]
-        return StepEvent(text, [pick.token], logprobs, finish, n_prompt, seq.produced)
+        seq.pending = pick.token  # a sequence this finishes leaves before the next decode
+        return append_token(seq, pick.token, pick.logprob, pick.top, self.eos, self.tokenizer)
 
     @staticmethod
     def _prefill_groups(admit: list[_Seq]) -> list[list[_Seq]]:
