@@ -30,10 +30,12 @@ import threading
 import unicodedata
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from raydock.hf_quiet import quiet_progress_bars
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -299,19 +301,6 @@ def llama_config(size: str = "tiny") -> LlamaConfig:
     )
 
 
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _save_model(out: Path, size: str, seed: int, suppressed_ids: list[int]) -> None:
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -341,7 +330,7 @@ def _save_model(out: Path, size: str, seed: int, suppressed_ids: list[int]) -> N
         eos_token_id=[_IDS[EOS], _IDS[END]],  # </s> and the end-of-turn token <|end|>
         pad_token_id=_IDS[PAD],
     )
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(str(out), safe_serialization=True)
 
 

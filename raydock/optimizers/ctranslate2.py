@@ -24,10 +24,11 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raydock.hf_quiet import quiet_progress_bars
 from raydock.optimizers.plan import CT2_TYPES
 
 #: What a CTranslate2 deployment may ask for; "float32" means no quantization.
@@ -97,23 +98,6 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No weight-loading progress bars in job logs while the converter loads the model."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - the converter needs transformers anyway
-        yield
-        return
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _max_context(config: dict[str, Any]) -> int:
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if isinstance(config.get(key), int):
@@ -179,7 +163,7 @@ def convert(
     try:
         report(0.05, f"converting to CTranslate2 ({q})")
         try:
-            with _quiet_transformers():
+            with quiet_progress_bars():
                 TransformersConverter(str(src)).convert(str(stage), quantization=q)
         except Exception as exc:
             raise ConversionError(
