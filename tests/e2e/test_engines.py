@@ -15,17 +15,8 @@ from jsonschema import validate
 from raydock.client import default_deploy_body
 from raydock.optimizers import plan
 from tests.e2e.conftest import deploy_and_wait
+from tests.record_schema import RECORD
 
-RECORD = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "member": {"type": "boolean"},
-    },
-    "required": ["name", "age", "member"],
-    "additionalProperties": False,
-}
 ASK = [{"role": "user", "content": "Describe a person."}]
 
 

@@ -20,17 +20,7 @@ from raydock.optimizers import ctranslate2 as ct2  # noqa: E402
 from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine  # noqa: E402
 from raydock.serve_apps.sampling import SamplingParams  # noqa: E402
 from raydock.serve_apps.schema_regex import schema_to_regex  # noqa: E402
-
-RECORD = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "member": {"type": "boolean"},
-    },
-    "required": ["name", "age", "member"],
-    "additionalProperties": False,
-}
+from tests.record_schema import RECORD  # noqa: E402
 
 
 @pytest.fixture(scope="module")
