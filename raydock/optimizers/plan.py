@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+OPTIMIZATION_TYPES = ("", "ctranslate2", "vllm")  # "": none, served by transformers
 NONE = ("", "no_quantization")  # the seed's "Skip" / no quantization
 CT2_TYPES = (
     "int8",

@@ -64,7 +64,7 @@ class ScalingParameters(_Body):
 
 
 class OptimizationInfo(_Body):
-    optimizationType: Literal["", "ctranslate2", "vllm"] = Field(
+    optimizationType: Literal[plan.OPTIMIZATION_TYPES] = Field(
         "", description="'' skips optimization (transformers); ctranslate2 or vllm."
     )
     quantizationType: Literal[plan.QUANTIZATION_TYPES] = Field(
