@@ -254,9 +254,8 @@ def load_engine(spec: dict[str, Any]):
     if spec["engine"] == "ctranslate2":
         from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine
 
-        return CTranslate2Engine(
-            spec["model_dir"], compute_type=spec["quantization"] or "float32", **common
-        )
+        # no quantization ("") runs float32: the engine's own rule
+        return CTranslate2Engine(spec["model_dir"], compute_type=spec["quantization"], **common)
     if spec["engine"] == "vllm":
         from raydock.serve_apps.engines.vllm_engine import VLLMEngine
 
