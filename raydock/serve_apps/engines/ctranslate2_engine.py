@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from raydock.optimizers.ctranslate2 import MANIFEST, NO_QUANTIZATION
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.engines.base import (
     StepEvent,
@@ -81,7 +82,6 @@ from raydock.serve_apps.engines.base import (
 from raydock.serve_apps.guided import Guide, GuidedDecoder
 from raydock.serve_apps.sampling import SamplingParams, _filter, choose, make_generator
 
-MANIFEST = "raydock_ct2.json"  # written by raydock.optimizers.ctranslate2.convert
 # CTranslate2 keeps every step's logits of a call that returns them (steps x vocab floats per
 # sequence): such calls (guided, top_logprobs) stop after this many steps and resume, and a
 # guided call only asks for them while they fit in LOGITS_BUDGET bytes.
@@ -177,7 +177,7 @@ class CTranslate2Engine(TokenizerPrompts):
         if device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
             device = "cpu"
         self.device = device
-        if compute_type in ("", "no_quantization", "none"):
+        if compute_type in NO_QUANTIZATION:
             compute_type = "float32"
         if seed is not None:
             # read by CTranslate2's worker thread when it first samples (see the module doc)
