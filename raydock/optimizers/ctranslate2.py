@@ -81,12 +81,21 @@ def normalize(quantization: str | None) -> str:
     return q
 
 
-def artifact_key(model_checksum: str, quantization: str) -> str:
-    """Cache key of a model's conversion: stored beside the model and reused on redeploy."""
+def _digest(model_checksum: str) -> str:
     digest = re.sub(r"[^0-9a-zA-Z]", "", str(model_checksum or "").split(":")[-1]).lower()
     if not digest:
-        raise ValueError("artifact_key needs the model's checksum")
-    return f"ct2-{normalize(quantization)}-{digest[:16]}"
+        raise ValueError("a conversion's artifact key needs the model's checksum")
+    return digest[:16]
+
+
+def artifact_key(model_checksum: str, quantization: str) -> str:
+    """Cache key of a model's conversion: stored beside the model and reused on redeploy."""
+    return f"ct2-{normalize(quantization)}-{_digest(model_checksum)}"
+
+
+def is_artifact_of(key: str, model_checksum: str) -> bool:
+    """Whether `key` names a conversion (any quantization) of the weights with this checksum."""
+    return key.startswith("ct2-") and key.endswith(f"-{_digest(model_checksum)}")
 
 
 def is_complete(out_dir: str | Path) -> bool:

@@ -20,12 +20,14 @@ from ray import serve
 
 from raydock.config import Settings, hardware_profiles
 from raydock.errors import ApiError, error_response
+from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import plan
 from raydock.platform import names, schemas
 from raydock.platform.jobs import deployconfig_from
 from raydock.platform.registry import Conflict, InvalidTransition, NotFound
 from raydock.platform.states import RETRIGGERABLE_DEPLOYMENT, JobAction
 from raydock.platform.states import DeploymentStatus as D
+from raydock.platform.store import ArtifactStore
 
 
 class _Ctx:
@@ -157,6 +159,12 @@ async def delete_model(modelId: str, _: User) -> dict[str, Any]:
     model = await ctx.registry.delete_model.remote(modelId)
     if model.get("artifactUri"):
         shutil.rmtree(model["artifactUri"], ignore_errors=True)
+    if model.get("checksum") and not model["checksumShared"]:
+        # its conversions are keyed by the weights' checksum, which no other model has now
+        store = ArtifactStore(ctx.settings.artifacts)
+        for key in store.optimized_keys():
+            if ct2.is_artifact_of(key, model["checksum"]):
+                store.discard_optimized(key)
     return {"deleted": True, "modelId": modelId}
 
 

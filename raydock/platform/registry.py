@@ -165,7 +165,8 @@ class Registry:
             return views.model(m)
 
     def delete_model(self, model_id: str) -> dict[str, Any]:
-        """Remove a model with no active deployment; returns it (with artifactUri) for cleanup."""
+        """Remove a model with no active deployment; returns it for cleanup (with artifactUri,
+        and checksumShared: whether another model holds the same weights)."""
         with self._tx() as s:
             m = self._model(s, model_id)
             deps = self._deployments_of(s, model_id)
@@ -174,7 +175,15 @@ class Registry:
                 raise Conflict(f"model has active deployments {active}; undeploy them first")
             if s.scalar(select(func.count()).where(db.Model.base_model_id == model_id)):
                 raise Conflict("adapters are imported on this base model; delete them first")
-            out = {**views.model(m), "artifactUri": m.artifact_uri}
+            shared = m.checksum is not None and bool(
+                s.scalar(
+                    select(func.count()).where(
+                        db.Model.checksum == m.checksum, db.Model.id != model_id
+                    )
+                )
+            )
+            # the caller removes the files; conversions only when no other model has them
+            out = {**views.model(m), "artifactUri": m.artifact_uri, "checksumShared": shared}
             for d in deps:
                 self._delete_deployment_rows(s, d.id)
             s.delete(m)

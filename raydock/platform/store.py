@@ -37,6 +37,13 @@ class ArtifactStore:
         """Where an engine-specific conversion of a model lives (keyed by checksum + type)."""
         return self.root / "optimized" / key
 
+    def optimized_keys(self) -> list[str]:
+        root = self.root / "optimized"
+        return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+    def discard_optimized(self, key: str) -> None:
+        shutil.rmtree(self.optimized_dir(key), ignore_errors=True)
+
     def entries(self) -> list[str]:
         """Everything stored (tests use this to prove failed imports left nothing behind)."""
         return sorted(p.name for p in (self.root / "models").iterdir())

@@ -91,14 +91,23 @@ def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
 
 
 @ct2_only
-def test_ctranslate2_int8_float32_answers(platform, ready_model):
+def test_ctranslate2_int8_float32_answers_and_goes_with_its_model(platform, zips):
+    model = import_ready(platform, build_model_zip(zips / "ct2-own.zip", size="tiny", seed=5))
     dep = deploy_and_wait(
-        platform, ready_model["modelId"], "ct2-i8f32", **optimized("ctranslate2", "int8_float32")
+        platform, model["modelId"], "ct2-i8f32", **optimized("ctranslate2", "int8_float32")
     )
     sdk = sdk_for(platform, dep)
     reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=4)
     assert reply.choices[0].message.content is not None
-    platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    job = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    assert platform.client.wait_job(job["dockStatusId"], timeout=120)["status"] == "SUCCESS"
+
+    # deleting the model removes its conversion, and only its own
+    mine = ct2.artifact_key(model["checksum"], "int8_float32")
+    before = set(platform.store.optimized_keys())
+    assert mine in before
+    assert platform.http().delete(f"/api/public/models/{model['modelId']}").status_code == 200
+    assert set(platform.store.optimized_keys()) == before - {mine}
 
 
 @ct2_only

@@ -99,6 +99,8 @@ def test_quantization_names_and_cache_keys():
     key = ct2.artifact_key("ab" * 32, "int8")
     assert key == "ct2-int8-" + "ab" * 8 and key != ct2.artifact_key("ab" * 32, "int16")
     assert ct2.artifact_key("ab" * 32, "") == ct2.artifact_key("ab" * 32, "float32")
+    assert ct2.is_artifact_of(ct2.artifact_key("sha256:" + "ab" * 32, "int16"), "ab" * 32)
+    assert not ct2.is_artifact_of(ct2.artifact_key("cd" * 32, "int8"), "ab" * 32)
 
 
 # ---------------------------------------------------------------- engine

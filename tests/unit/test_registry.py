@@ -89,6 +89,13 @@ def test_model_counts_and_delete_rules(reg, admin):
         reg.get_model(m["modelId"])
 
 
+def test_delete_model_says_whether_another_model_holds_the_same_weights(reg, admin):
+    _, user = admin
+    first, second = ready_model(reg, user["userId"]), ready_model(reg, user["userId"])
+    assert reg.delete_model(first["modelId"])["checksumShared"] is True
+    assert reg.delete_model(second["modelId"])["checksumShared"] is False
+
+
 def test_deployment_keys_are_scoped_hashed_and_revocable(reg, admin):
     _, user = admin
     m = ready_model(reg, user["userId"])
