@@ -30,7 +30,7 @@ import threading
 import unicodedata
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -370,18 +370,39 @@ def _is_complete(model_dir: Path) -> bool:
 
 
 def cached_model_dir(
-    size: str = "tiny", seed: int = 0, cache_root: str | Path | None = None
+    size: str = "tiny",
+    seed: int = 0,
+    cache_root: str | Path | None = None,
+    quantization: str | None = None,
 ) -> Path:
     """Directory holding the ``(size, seed)`` model, generated on first use.
 
     The cache root is ``cache_root``, else ``$RAYDOCK_MODEL_CACHE``, else
     ``~/.cache/raydock/models``; the model lives in ``<root>/<size>-s<seed>-v<GENERATOR_VERSION>``.
+    With ``quantization`` ("awq" or "gptq") it is that 4-bit checkpoint of the model
+    (:mod:`raydock.modelgen.quantized`), in the same directory name plus ``-<quantization>``.
     The model is written to a temporary directory and renamed into place, so concurrent
     processes never see a half-written model. Treat the returned directory as read-only.
     """
     _check_size(size)
     root = Path(cache_root).expanduser() if cache_root is not None else _default_cache_root()
     final = root / f"{size}-s{seed}-v{GENERATOR_VERSION}"
+    if quantization:
+        from raydock.modelgen.quantized import METHODS, quantize_model
+
+        if quantization not in METHODS:
+            raise ValueError(f"quantization must be one of {list(METHODS)}, not {quantization!r}")
+        source = cached_model_dir(size, seed, root)
+        return _cached(
+            root / f"{final.name}-{quantization}",
+            lambda tmp: quantize_model(source, tmp, quantization),
+        )
+    return _cached(final, lambda tmp: generate_model(tmp, size=size, seed=seed))
+
+
+def _cached(final: Path, write: Callable[[Path], Any]) -> Path:
+    """`final`, written by `write(tmp)` into a temporary directory renamed into place."""
+    root = final.parent
     if _is_complete(final):
         return final
     with _cache_lock:
@@ -395,7 +416,7 @@ def cached_model_dir(
                 shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         try:
-            generate_model(tmp, size=size, seed=seed)
+            write(tmp)
             os.chmod(tmp, 0o755)
             try:
                 os.rename(tmp, final)
@@ -416,16 +437,18 @@ def build_model_zip(
     top_level_dir: str | None = None,
     *,
     cache_root: str | Path | None = None,
+    quantization: str | None = None,
 ) -> Path:
     """Write a ZIP_DEFLATED archive of the ``(size, seed)`` model files to ``zip_path``.
 
     ``extra_files`` maps archive names (relative to the model root, e.g. ``deployconfig.json``)
     to contents that are added or replace a model file; a value of ``None`` leaves that model
     file out. With ``top_level_dir`` every entry sits under that single folder. The model comes
-    from :func:`cached_model_dir` (``cache_root`` is passed on). Entries are sorted and carry a
-    fixed timestamp, so the archive is byte-identical for identical inputs.
+    from :func:`cached_model_dir` (``cache_root`` and ``quantization`` are passed on). Entries
+    are sorted and carry a fixed timestamp, so the archive is byte-identical for identical
+    inputs.
     """
-    source = cached_model_dir(size, seed, cache_root)
+    source = cached_model_dir(size, seed, cache_root, quantization)
     entries: dict[str, Path | bytes] = {name: source / name for name in MODEL_FILES}
     for name, data in (extra_files or {}).items():
         if data is None:

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="directory to write the model files into")
     parser.add_argument("--zip", dest="zip_path", help="also (or only) write a .zip of the model")
     parser.add_argument("--top-level-dir", help="put the zip entries under this single folder")
+    parser.add_argument(
+        "--quantize", choices=["awq", "gptq"], help="zip a 4-bit checkpoint of the model instead"
+    )
     args = parser.parse_args(argv)
     if not args.out and not args.zip_path:
         parser.error("give --out DIR and/or --zip FILE")
@@ -26,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.zip_path:
         print(
             build_model_zip(
-                args.zip_path, size=args.size, seed=args.seed, top_level_dir=args.top_level_dir
+                args.zip_path,
+                size=args.size,
+                seed=args.seed,
+                top_level_dir=args.top_level_dir,
+                quantization=args.quantize,
             )
         )
     return 0

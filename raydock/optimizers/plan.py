@@ -70,14 +70,15 @@ def ct2_supported(device: str, accelerator: str | None) -> set[str]:
     return _ct2_cuda(_SM.get(accelerator or "", 70))
 
 
-def _checkpoint_quantization(model_dir: str | None) -> str | None:
+def _checkpoint_quantization(model_dir: str | None) -> dict[str, Any]:
+    """The `quantization_config` a checkpoint's config.json declares ({} when none)."""
     if not model_dir:
-        return None
+        return {}
     try:
         config = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    return (config.get("quantization_config") or {}).get("quant_method")
+        return {}
+    return config.get("quantization_config") or {}
 
 
 def check(
@@ -132,16 +133,20 @@ def check(
                 qfield, f"vLLM quantizationType must be one of {['no_quantization', *VLLM_TYPES]}"
             )
         if quant in ("awq", "gptq"):
-            have = _checkpoint_quantization(model_dir)
+            declared = _checkpoint_quantization(model_dir)
+            have = declared.get("quant_method")
             if have != quant:
                 raise OptimizationError(
                     qfield,
                     f"quantizationType {quant!r} serves pre-quantized checkpoints; this model's "
                     f"config.json declares {have or 'no quantization'}",
                 )
-            if device == "cpu":
+            # vLLM's CPU kernel for AWQ / GPTQ (CPUWNA16) computes 4-bit weights only
+            if device == "cpu" and declared.get("bits", 4) != 4:
                 raise OptimizationError(
-                    qfield, f"{quant} checkpoints need a GPU deviceType with vLLM, not {where}"
+                    qfield,
+                    f"on {where} vLLM runs 4-bit {quant} checkpoints; this one declares "
+                    f"{declared.get('bits')} bits (use a GPU deviceType)",
                 )
         if quant == "fp8" and (device == "cpu" or _SM.get(acc or "", 0) < 89):
             raise OptimizationError(

