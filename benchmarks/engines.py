@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import importlib.util
 import json
@@ -121,6 +122,11 @@ def main() -> None:
     p.add_argument("--engine-threads", type=int, default=0, help="force this many threads")
     p.add_argument("--out", type=Path, default=OUT, help="where engines.{json,md} go")
     p.add_argument("--engines", default="transformers,ctranslate2,vllm")
+    p.add_argument(
+        "--vllm-quantization",
+        default="",
+        help="also run vLLM on these 4-bit checkpoints of the model (awq,gptq)",
+    )
     args = p.parse_args()
 
     from raydock.modelgen import cached_model_dir
@@ -162,10 +168,15 @@ def main() -> None:
                 compute_type=args.quantization,
             )
 
-        def vllm_engine():
+        def vllm_engine(quantization: str = ""):
             from raydock.serve_apps.engines.vllm_engine import VLLMEngine
 
-            return VLLMEngine(str(model_dir), num_threads=threads("vllm"), max_batch_size=batch)
+            return VLLMEngine(
+                str(cached_model_dir(args.size, quantization=quantization or None)),
+                num_threads=threads("vllm"),
+                max_batch_size=batch,
+                quantization=quantization or None,
+            )
 
         base = "transformers fp32"
         wanted = args.engines.split(",")
@@ -184,7 +195,11 @@ def main() -> None:
                 from raydock.serve_apps.engines import vllm_engine as ve
 
                 dtype = ve._default_dtype("cpu", ve._text_config(model_dir), None)
-                rows += measure({f"vllm {dtype}": vllm_engine}, levels, args, messages)
+                vllm_makers = {f"vllm {dtype}": vllm_engine}
+                for q in filter(None, args.vllm_quantization.split(",")):
+                    vllm_makers[f"vllm {q} (4-bit)"] = functools.partial(vllm_engine, q)
+                for name, make in vllm_makers.items():  # one at a time: idle vLLMs poll
+                    rows += measure({name: make}, levels, args, messages)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     md = (
