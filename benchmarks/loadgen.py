@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 PASSAGE = (
     "the keeper climbed the spiral stair at dusk to trim the wick and wind the clockwork "
@@ -109,7 +109,7 @@ async def _run_level(
 
 
 async def _http_one(
-    client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int, seed: int
+    session: aiohttp.ClientSession, url: str, messages: list[dict], max_tokens: int, seed: int
 ) -> Sample:
     body = {
         "model": "bench",
@@ -122,19 +122,20 @@ async def _http_one(
     }
     s = Sample(time.perf_counter())
     try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                s.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                s.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
                 return s
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for raw in r.content:  # one SSE line at a time
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     s.output_tokens = chunk["usage"]["completion_tokens"]
                 elif chunk.get("choices"):
                     s.token_times.append(time.perf_counter())
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, TimeoutError) as exc:
         s.error = repr(exc)
     s.end = time.perf_counter()
     return s
@@ -148,13 +149,19 @@ async def run_http(
     messages: list[dict],
     max_tokens: int,
 ) -> dict[str, Any]:
-    """One load level against an OpenAI-compatible base URL (…/v2 or …/v1)."""
+    """One load level against an OpenAI-compatible base URL (…/v2 or …/v1).
+
+    aiohttp, as vLLM's serving benchmark uses: the client shares the machine's cores with
+    what it measures, and per streamed chunk it costs less CPU than httpx."""
     url = base_url.rstrip("/") + "/chat/completions"
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    connector = aiohttp.TCPConnector(limit=concurrency + 4)
     headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(timeout=600, limits=limits, headers=headers) as client:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(
+        connector=connector, headers=headers, timeout=timeout
+    ) as session:
         samples, wall = await _run_level(
-            lambda i: _http_one(client, url, messages, max_tokens, i), concurrency, requests
+            lambda i: _http_one(session, url, messages, max_tokens, i), concurrency, requests
         )
     return summarize(samples, wall, concurrency)
 
