@@ -388,10 +388,8 @@ def cached_model_dir(
     root = Path(cache_root).expanduser() if cache_root is not None else _default_cache_root()
     final = root / f"{size}-s{seed}-v{GENERATOR_VERSION}"
     if quantization:
-        from raydock.modelgen.quantized import METHODS, quantize_model
+        from raydock.modelgen.quantized import quantize_model  # checks the method
 
-        if quantization not in METHODS:
-            raise ValueError(f"quantization must be one of {list(METHODS)}, not {quantization!r}")
         source = cached_model_dir(size, seed, root)
         return _cached(
             root / f"{final.name}-{quantization}",

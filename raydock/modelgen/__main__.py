@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from raydock.modelgen import SIZES, build_model_zip, generate_model
+from raydock.modelgen.quantized import METHODS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zip", dest="zip_path", help="also (or only) write a .zip of the model")
     parser.add_argument("--top-level-dir", help="put the zip entries under this single folder")
     parser.add_argument(
-        "--quantize", choices=["awq", "gptq"], help="zip a 4-bit checkpoint of the model instead"
+        "--quantize", choices=METHODS, help="zip a 4-bit checkpoint of the model instead"
     )
     args = parser.parse_args(argv)
     if not args.out and not args.zip_path:

@@ -20,10 +20,11 @@ import numpy as np
 METHODS = ("awq", "gptq")
 # AutoAWQ packs 8 output columns into an int32 in this order (nibble k holds column ORDER[k])
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_IN_ORDER = tuple(range(8))  # AutoGPTQ: nibble k holds element k
 _QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _pack(values: np.ndarray, axis: int, order: tuple[int, ...] = tuple(range(8))) -> np.ndarray:
+def _pack(values: np.ndarray, axis: int, order: tuple[int, ...] = _IN_ORDER) -> np.ndarray:
     """Pack 4-bit values 8 to an int32 along `axis` (nibble k holds element order[k])."""
     v = np.moveaxis(values.astype(np.uint32), axis, -1)
     v = v.reshape(*v.shape[:-1], -1, 8)
@@ -82,8 +83,8 @@ def dequantize(tensors: dict[str, np.ndarray], method: str, group_size: int) -> 
         q = unpack(tensors["qweight"], 1, _AWQ_ORDER)
         zeros = unpack(tensors["qzeros"], 1, _AWQ_ORDER)
     else:
-        q = unpack(tensors["qweight"], 0, tuple(range(8)))
-        zeros = unpack(tensors["qzeros"], 1, tuple(range(8))) + 1
+        q = unpack(tensors["qweight"], 0, _IN_ORDER)
+        zeros = unpack(tensors["qzeros"], 1, _IN_ORDER) + 1
     rows = np.arange(q.shape[0]) // group_size
     return ((q - zeros[rows]) * scales[rows]).T
 

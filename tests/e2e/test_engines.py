@@ -136,7 +136,7 @@ def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
     platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
 
 
-def dequantized_greedy(model_dir: str, method: str, max_tokens: int) -> str:
+def dequantized_greedy(model_dir: str, max_tokens: int) -> str:
     """What the tiny model says greedily when its weights are the checkpoint's 4-bit values."""
     import torch
     from safetensors.numpy import load_file
@@ -148,13 +148,14 @@ def dequantized_greedy(model_dir: str, method: str, max_tokens: int) -> str:
     tok = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     packed = load_file(f"{model_dir}/model.safetensors")
-    group = json.loads(Path(model_dir, "config.json").read_text())["quantization_config"]
+    declared = json.loads(Path(model_dir, "config.json").read_text())["quantization_config"]
+    method, group_size = declared["quant_method"], declared["group_size"]
     with torch.no_grad():
         for name, param in model.named_parameters():
             module = name.removesuffix(".weight")
             if f"{module}.qweight" in packed:
                 parts = {k: packed[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales")}
-                param.copy_(torch.from_numpy(dequantize(parts, method, group["group_size"])))
+                param.copy_(torch.from_numpy(dequantize(parts, method, group_size)))
     ids = tok.apply_chat_template(ASK, add_generation_prompt=True, return_dict=True)["input_ids"]
     out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False)
     return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
@@ -171,5 +172,5 @@ def test_vllm_serves_a_prequantized_4_bit_checkpoint(platform, zips, method):
     # the 4-bit weights are what answers: the same text as the dequantized model's
     reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=12, temperature=0)
     quantized_dir = cached_model_dir("tiny", quantization=method)
-    assert reply.choices[0].message.content == dequantized_greedy(quantized_dir, method, 12)
+    assert reply.choices[0].message.content == dequantized_greedy(quantized_dir, 12)
     platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
