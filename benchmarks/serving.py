@@ -6,6 +6,9 @@
 2. Starts an embedded raydock, imports the same generated model's zip, deploys it on one
    replica with the same threads and batch size, and drives it through the Serve proxy with
    streaming OpenAI requests.
+3. With --beside, first drives the in-process engine again while that raydock (platform and
+   deployment) sits idle: this splits the gap between 1 and 2 into what the co-resident
+   processes cost the engine and what the request path costs.
 Writes benchmarks/out/serving.{json,md}; the targets are checked and printed at the end.
 """
 
@@ -37,7 +40,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {py_platform.python_version()}"
 
 
-def baseline(model_dir: str, levels, args, messages) -> list[dict]:
+def baseline(
+    model_dir: str, levels, args, messages, target: str = "in-process engine"
+) -> list[dict]:
     from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(model_dir, num_threads=args.threads, max_batch_size=args.batch)
@@ -48,16 +53,20 @@ def baseline(model_dir: str, levels, args, messages) -> list[dict]:
         for c in levels:
             n = requests_for(c, args.requests)
             rows.append(await run_engine(engine, c, n, messages, args.max_tokens))
-            print(f"in-process c={c}: {rows[-1]['output_token_throughput']:.1f} tok/s", flush=True)
+            print(f"{target} c={c}: {rows[-1]['output_token_throughput']:.1f} tok/s", flush=True)
         return rows
 
     rows = asyncio.run(all_levels(engine))
     del engine  # free its memory before the served run
     gc.collect()
-    return [r | {"target": "in-process engine"} for r in rows]
+    return [r | {"target": target} for r in rows]
 
 
-def served(zip_path: Path, levels, args, messages) -> list[dict]:
+BESIDE = "in-process, raydock idle beside"
+
+
+def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list[dict], list[dict]]:
+    """The served rows, and with --beside the in-process rows measured beside idle raydock."""
     import ray
 
     from raydock.client import Client, default_deploy_body
@@ -82,20 +91,24 @@ def served(zip_path: Path, levels, args, messages) -> list[dict]:
         key = client.create_key(dep["deploymentId"])
         base = f"{info['url']}/deployments/{dep['deploymentId']}/v2"
         asyncio.run(run_http(base, key, 1, 2, messages, 8))  # warm-up
+        beside = baseline(model_dir, levels, args, messages, BESIDE) if args.beside else []
         rows = []
         for c in levels:
             n = requests_for(c, args.requests)
             rows.append(asyncio.run(run_http(base, key, c, n, messages, args.max_tokens)))
             print(f"raydock c={c}: {rows[-1]['output_token_throughput']:.1f} tok/s", flush=True)
-        return [r | {"target": "raydock (HTTP, Serve)"} for r in rows]
+        return [r | {"target": "raydock (HTTP, Serve)"} for r in rows], beside
     finally:
         stop_platform()
         ray.shutdown()
 
 
-def verdicts(engine_rows: list[dict], served_rows: list[dict]) -> list[str]:
+def verdicts(
+    engine_rows: list[dict], served_rows: list[dict], beside_rows: list[dict]
+) -> list[str]:
     by = {r["concurrency"]: r for r in served_rows}
     base = {r["concurrency"]: r for r in engine_rows}
+    idle = {r["concurrency"]: r for r in beside_rows}
     lines = []
     if 1 in by and 16 in by:
         scale = by[16]["output_token_throughput"] / by[1]["output_token_throughput"]
@@ -106,6 +119,13 @@ def verdicts(engine_rows: list[dict], served_rows: list[dict]) -> list[str]:
     if 1 in by and 1 in base:
         added = by[1]["ttft_ms_p50"] - base[1]["ttft_ms_p50"]
         lines.append(f"TTFT p50 added by serving at c1 = {added:.1f} ms (target <= 15 ms)")
+    if 16 in idle and 16 in base and 16 in by:
+        alone, beside, http = (rows[16]["output_token_throughput"] for rows in (base, idle, by))
+        lines.append(
+            f"in-process beside idle raydock / alone at c16 = {beside / alone:.3f} (what the "
+            f"co-resident processes cost); raydock / in-process beside it = {http / beside:.3f} "
+            "(what the request path costs)"
+        )
     return lines
 
 
@@ -120,6 +140,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu-medium", help="deviceType of the deployment")
     p.add_argument("--threads", type=int, default=2, help="torch threads (= the profile's CPUs)")
     p.add_argument("--port", type=int, default=8765)
+    p.add_argument(
+        "--beside",
+        action="store_true",
+        help="also drive the in-process engine while the deployed raydock sits idle",
+    )
     args = p.parse_args()
 
     from raydock.modelgen import build_model_zip, cached_model_dir
@@ -130,8 +155,8 @@ def main() -> None:
     zip_path = build_model_zip(Path(tempfile.mkdtemp()) / f"bench-{args.size}.zip", args.size)
 
     engine_rows = baseline(model_dir, levels, args, messages)
-    served_rows = served(zip_path, levels, args, messages)
-    notes = verdicts(engine_rows, served_rows)
+    served_rows, beside_rows = served(zip_path, levels, args, messages, model_dir)
+    notes = verdicts(engine_rows, served_rows, beside_rows)
     OUT.mkdir(exist_ok=True)
     (OUT / "serving.json").write_text(
         json.dumps(
@@ -140,6 +165,7 @@ def main() -> None:
                 "args": vars(args),
                 "engine": engine_rows,
                 "served": served_rows,
+                "beside": beside_rows,
                 "verdicts": notes,
             },
             indent=2,
@@ -149,7 +175,7 @@ def main() -> None:
         f"Machine: {machine()}\n\nModel: generated `{args.size}`, prompt {args.prompt_words} "
         f"words, {args.max_tokens} output tokens (ignore_eos), maxBatchSize {args.batch}, "
         f"{args.threads} torch threads\n\n"
-        + table(engine_rows + served_rows, "target")
+        + table(engine_rows + beside_rows + served_rows, "target")
         + "\n"
         + "\n".join(f"- {n}" for n in notes)
         + "\n"
