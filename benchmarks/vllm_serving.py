@@ -1,7 +1,7 @@
 """vLLM through raydock vs vLLM's own OpenAI server (`vllm serve`), side by side in one run.
 
     python -m benchmarks.vllm_serving [--size small] [--concurrency 1,16] [--requests 32]
-                                      [--max-tokens 64] [--device cpu-medium]
+                                      [--max-tokens 64] [--device cpu-medium] [--rounds 3]
 
 1. Builds the generated model via modelgen (cached) and its zip.
 2. Starts `vllm serve` on that model directory with the engine settings raydock's
@@ -12,10 +12,13 @@
 3. Starts an embedded raydock (its own local Ray cluster and port), imports the same zip,
    deploys it with `optimizationType: vllm` on `--device`, drives the same load through the
    Serve proxy at /deployments/<id>/v2, then shuts the platform and Ray down.
-The two sides run one after the other, never together. Both get identical prompts, seeds and
-fixed-length outputs (`ignore_eos`); raydock fills temperature/top_p/top_k from the deploy
-body's hyperParameters, and `vllm serve` gets the same values as its default sampling
-parameters (`--override-generation-config`). Writes benchmarks/out/vllm_serving.{json,md}.
+The two sides run one after the other, never together, for `--rounds` rounds; the side that
+goes first alternates from round to round, so neither always gets the machine's fresher or
+slower spell. The verdict is on the median of the rounds' raydock / vllm serve ratios. Both
+sides get identical prompts, seeds and fixed-length outputs (`ignore_eos`); raydock fills
+temperature/top_p/top_k from the deploy body's hyperParameters, and `vllm serve` gets the same
+values as its default sampling parameters (`--override-generation-config`). Writes
+benchmarks/out/vllm_serving.{json,md}.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import os
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -283,33 +287,38 @@ def raydock_side(zip_path: Path, body, levels, args, messages) -> dict[str, Any]
 # ---------------------------------------------------------------------------- report
 
 
-def render(rows: list[dict]) -> str:
-    ref = {r["concurrency"]: r for r in rows if r["side"] == VLLM_SIDE}
+def ratio(rnd: dict, row: dict) -> float | None:
+    """A raydock row's output-token throughput over vllm serve's at its level and round."""
+    ref = {r["concurrency"]: r for r in rnd["vllm_serve"]["rows"]}.get(row["concurrency"])
+    if row["side"] == VLLM_SIDE or not ref or not ref["output_token_throughput"]:
+        return None
+    return row["output_token_throughput"] / ref["output_token_throughput"]
+
+
+def render(rounds: list[dict]) -> str:
     head = (
-        "| side | conc | requests | errors | out tok/s | req/s | TTFT p50 ms | TPOT p50 ms "
-        "| E2E p50 ms | raydock / vllm serve |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| round | side | conc | requests | errors | out tok/s | req/s | TTFT p50 ms "
+        "| TPOT p50 ms | E2E p50 ms | raydock / vllm serve |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
-    for r in rows:
-        b = ref.get(r["concurrency"])
-        ratio = (
-            f"{r['output_token_throughput'] / b['output_token_throughput']:.3f}"
-            if b and r["side"] != VLLM_SIDE and b["output_token_throughput"]
-            else ""
-        )
-        lines.append(
-            f"| {r['side']} | {r['concurrency']} | {r['requests']} | {r['errors']} "
-            f"| {r['output_token_throughput']:.1f} | {r['request_throughput']:.2f} "
-            f"| {r['ttft_ms_p50']:.1f} | {r['tpot_ms_p50']:.1f} | {r['e2e_ms_p50']:.0f} "
-            f"| {ratio} |"
-        )
+    for rnd in rounds:
+        for r in (r for side in rnd["order"] for r in rnd[side]["rows"]):
+            value = ratio(rnd, r)
+            lines.append(
+                f"| {rnd['round']} | {r['side']} | {r['concurrency']} | {r['requests']} "
+                f"| {r['errors']} | {r['output_token_throughput']:.1f} "
+                f"| {r['request_throughput']:.2f} | {r['ttft_ms_p50']:.1f} "
+                f"| {r['tpot_ms_p50']:.1f} | {r['e2e_ms_p50']:.0f} "
+                f"| {'' if value is None else format(value, '.3f')} |"
+            )
     return head + "\n".join(lines) + "\n"
 
 
-def verdicts(vllm_rows: list[dict], raydock_rows: list[dict], max_tokens: int) -> list[str]:
-    ref = {r["concurrency"]: r for r in vllm_rows}
+def verdicts(rounds: list[dict], max_tokens: int) -> list[str]:
+    rows = [r for rnd in rounds for side in ("vllm_serve", "raydock") for r in rnd[side]["rows"]]
     lines = []
-    for r in vllm_rows + raydock_rows:  # ignore_eos: every request yields max_tokens
+    for r in rows:  # ignore_eos: every request yields max_tokens
         ok = r["requests"] - r["errors"]
         per_request = r["output_token_throughput"] * r["wall_s"] / ok if ok else 0
         if abs(per_request - max_tokens) > 0.01:
@@ -317,22 +326,29 @@ def verdicts(vllm_rows: list[dict], raydock_rows: list[dict], max_tokens: int) -
                 f"{r['side']} c{r['concurrency']}: {per_request:.2f} output tokens per request, "
                 f"not {max_tokens}"
             )
-    for r in raydock_rows:
-        b = ref.get(r["concurrency"])
-        if not b or not b["output_token_throughput"]:
-            continue
-        ratio = r["output_token_throughput"] / b["output_token_throughput"]
+    by_level: dict[int, list[float]] = {}
+    for rnd in rounds:
+        for r in rnd["raydock"]["rows"]:
+            if (value := ratio(rnd, r)) is not None:
+                by_level.setdefault(r["concurrency"], []).append(value)
+    for c, values in by_level.items():
+        median = statistics.median(values)
         target = (
-            f" (target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'NOT met'})"
-            if r["concurrency"] == TARGET_CONCURRENCY
+            f" (target >= {TARGET_RATIO}: {'met' if median >= TARGET_RATIO else 'NOT met'})"
+            if c == TARGET_CONCURRENCY
             else ""
         )
+        each = ", ".join(f"{v:.3f}" for v in values)
         lines.append(
-            f"raydock / vllm serve output tok/s at c{r['concurrency']} = {ratio:.3f}{target}"
+            f"raydock / vllm serve output tok/s at c{c} = {median:.3f}, median of "
+            f"{len(values)} round(s): {each}{target}"
         )
-    errors = sum(r["errors"] for r in vllm_rows + raydock_rows)
+    errors = sum(r["errors"] for r in rows)
     if errors:
         lines.append(f"{errors} requests failed: the figures above are not comparable")
+    prompts = {rnd[side]["prompt_tokens"] for rnd in rounds for side in ("vllm_serve", "raydock")}
+    if len(prompts) > 1:
+        lines.append(f"prompt lengths differ between the sides: {sorted(prompts, key=str)} tokens")
     return lines
 
 
@@ -348,7 +364,10 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0, help="raydock's port (0: a free one)")
     p.add_argument("--vllm-port", type=int, default=0, help="vllm serve's port (0: a free one)")
     p.add_argument("--vllm-args", default="", help="extra `vllm serve` arguments")
-    p.add_argument("--raydock-first", action="store_true", help="run the raydock side first")
+    p.add_argument(
+        "--raydock-first", action="store_true", help="run the raydock side first in round 1"
+    )
+    p.add_argument("--rounds", type=int, default=3, help="rounds of both sides (median ratio)")
     p.add_argument("--start-timeout", type=int, default=600, help="seconds for a side to start")
     args = p.parse_args()
 
@@ -365,18 +384,25 @@ def main() -> None:
     body = deploy_body(args, batch)
     print(f"engine settings of both sides: {json.dumps(eng)}", flush=True)
 
-    if args.raydock_first:
-        raydock = raydock_side(zip_path, body, levels, args, messages)
-        vllm = vllm_side(model_dir, eng, body, levels, args, messages)
-    else:
-        vllm = vllm_side(model_dir, eng, body, levels, args, messages)
-        raydock = raydock_side(zip_path, body, levels, args, messages)
-    notes = verdicts(vllm["rows"], raydock["rows"], args.max_tokens)
-    if vllm["prompt_tokens"] != raydock["prompt_tokens"]:
-        notes.append(
-            f"prompt lengths differ: vllm serve {vllm['prompt_tokens']}, "
-            f"raydock {raydock['prompt_tokens']} tokens"
-        )
+    rounds = []
+    for r in range(args.rounds):
+        # the first side alternates, so neither always meets the machine's fresher spell
+        order = ["vllm_serve", "raydock"]
+        if args.raydock_first ^ (r % 2 == 1):
+            order.reverse()
+        rnd: dict[str, Any] = {"round": r + 1, "order": order}
+        for side in order:
+            print(f"round {r + 1}: {side}", flush=True)
+            if side == "raydock":
+                rnd[side] = raydock_side(zip_path, body, levels, args, messages)
+            else:
+                rnd[side] = vllm_side(model_dir, eng, body, levels, args, messages)
+        rounds.append(rnd)
+    notes = verdicts(rounds, args.max_tokens)
+
+    def starts(side: str) -> str:
+        return " / ".join(f"{rnd[side]['start_s']:.0f}" for rnd in rounds)
+
     versions = ", ".join(f"{d} {_version(d)}" for d in ("vllm", "ray", "torch"))
     OUT.mkdir(exist_ok=True)
     (OUT / "vllm_serving.json").write_text(
@@ -386,8 +412,7 @@ def main() -> None:
                 "versions": versions,
                 "args": vars(args),
                 "engine": eng,
-                "vllm_serve": vllm,
-                "raydock": raydock,
+                "rounds": rounds,
                 "verdicts": notes,
             },
             indent=2,
@@ -397,18 +422,15 @@ def main() -> None:
     md = (
         f"Machine: {machine()}; {versions}\n\n"
         f"Model: generated `{args.size}`, prompt {args.prompt_words} words "
-        f"({vllm['prompt_tokens']} tokens), {args.max_tokens} output tokens (ignore_eos), "
+        f"({rounds[0]['vllm_serve']['prompt_tokens']} tokens), {args.max_tokens} output "
+        "tokens (ignore_eos), "
         f"sampling {sampling_defaults(body)}; vLLM dtype {eng['dtype']}, max-model-len "
         f"{eng['max_model_len']}, max-num-seqs {batch}, KV cache "
         f"{eng['kv_cache_bytes'] / 2**20:.0f} MiB, {eng['threads']} threads "
-        f"(deviceType {args.device}), eager; sides run one after the other, "
-        f"{'raydock' if args.raydock_first else 'vllm serve'} first "
-        f"(start: vllm serve {vllm['start_s']:.0f}s, raydock deploy {raydock['start_s']:.0f}s)"
-        "\n\n"
-        + render(vllm["rows"] + raydock["rows"])
-        + "\n"
-        + "\n".join(f"- {n}" for n in notes)
-        + "\n"
+        f"(deviceType {args.device}), eager; sides run one after the other, the first "
+        f"alternating over {args.rounds} round(s) (start: vllm serve "
+        f"{starts('vllm_serve')} s, raydock deploy {starts('raydock')} s)"
+        "\n\n" + render(rounds) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     )
     (OUT / "vllm_serving.md").write_text(md)
     print(md)
