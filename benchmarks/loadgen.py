@@ -167,15 +167,21 @@ async def run_http(
 
 
 async def run_engine(
-    engine: Any, concurrency: int, requests: int, messages: list[dict], max_tokens: int
+    engine: Any,
+    concurrency: int,
+    requests: int,
+    messages: list[dict],
+    max_tokens: int,
+    sampling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The same load level against an engine object called in-process."""
+    """The same load level against an engine object called in-process; `sampling` sets
+    temperature / top_p / top_k as a deployment would fill them in."""
     from raydock.serve_apps.sampling import SamplingParams
 
     async def one(i: int) -> Sample:
         s = Sample(time.perf_counter())
         ids = engine.chat_prompt(messages)  # tokenizing is part of the request, as when served
-        params = SamplingParams(max_tokens=max_tokens, seed=i, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens, seed=i, ignore_eos=True, **(sampling or {}))
         events: AsyncIterator = engine.generate(ids, params)
         async for steps in events:
             now = time.perf_counter()

@@ -26,6 +26,7 @@ import platform as py_platform
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from benchmarks.loadgen import prompt_text, requests_for, run_engine, run_http, table
 
@@ -44,19 +45,38 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {py_platform.python_version()}"
 
 
+def deploy_body(args) -> dict[str, Any]:
+    from raydock.client import default_deploy_body
+
+    return default_deploy_body(
+        "bench",
+        args.device,
+        scalingParameters={"maxBatchSize": args.batch, "minReplicas": 1, "maxReplicas": 1},
+        timeout=180,
+    )
+
+
+def sampling_defaults(body: dict[str, Any]) -> dict[str, Any]:
+    """The sampling values raydock applies to requests that leave them out."""
+    hp = body["hyperParameters"]
+    return {"temperature": hp["temperature"], "top_p": hp["topP"], "top_k": hp["topK"]}
+
+
 def baseline(
     model_dir: str, levels, args, messages, target: str = "in-process engine"
 ) -> list[dict]:
+    """The engine driven in this process, sampling as the deployment does (its top-k too)."""
     from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(model_dir, num_threads=args.threads, max_batch_size=args.batch)
+    sampling = sampling_defaults(deploy_body(args))
 
     async def all_levels(engine):
         await run_engine(engine, 1, 2, messages, 8)  # warm-up
         rows = []
         for c in levels:
             n = requests_for(c, args.requests)
-            rows.append(await run_engine(engine, c, n, messages, args.max_tokens))
+            rows.append(await run_engine(engine, c, n, messages, args.max_tokens, sampling))
             print(f"{target} c={c}: {rows[-1]['output_token_throughput']:.1f} tok/s", flush=True)
         return rows
 
@@ -73,7 +93,7 @@ def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list
     """The served rows, and with --beside the in-process rows measured beside idle raydock."""
     import ray
 
-    from raydock.client import Client, default_deploy_body
+    from raydock.client import Client
     from raydock.config import load_settings
     from raydock.platform.bootstrap import connect, start_platform, stop_platform
 
@@ -84,13 +104,7 @@ def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list
         client = Client(info["url"], info["admin_key"])
         ref = client.import_zip(zip_path, chunked=True)
         assert client.wait_job(ref["dockStatusId"], timeout=900)["status"] == "SUCCESS"
-        body = default_deploy_body(
-            "bench",
-            args.device,
-            scalingParameters={"maxBatchSize": args.batch, "minReplicas": 1, "maxReplicas": 1},
-            timeout=180,
-        )
-        dep = client.deploy(ref["modelId"], body)
+        dep = client.deploy(ref["modelId"], deploy_body(args))
         assert client.wait_job(dep["dockStatusId"], timeout=900)["status"] == "SUCCESS"
         key = client.create_key(dep["deploymentId"])
         base = f"{info['url']}/deployments/{dep['deploymentId']}/v2"

@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 from benchmarks.loadgen import prompt_text, requests_for, run_http
-from benchmarks.serving import OUT, machine
+from benchmarks.serving import OUT, machine, sampling_defaults
 
 VLLM_SIDE = "vllm serve"
 RAYDOCK_SIDE = "raydock (vllm)"
@@ -102,12 +102,6 @@ def deploy_body(args, batch: int) -> dict[str, Any]:
         optimizationInfo={"optimizationType": "vllm", "quantizationType": ""},
         timeout=180,
     )
-
-
-def sampling_defaults(body: dict[str, Any]) -> dict[str, Any]:
-    """The sampling values raydock applies to requests that leave them out."""
-    hp = body["hyperParameters"]
-    return {"temperature": hp["temperature"], "top_p": hp["topP"], "top_k": hp["topK"]}
 
 
 def prompt_tokens(base: str, key: str, messages: list[dict]) -> int | None:
