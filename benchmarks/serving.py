@@ -87,6 +87,7 @@ def baseline(
 
 
 BESIDE = "in-process, raydock idle beside"
+SERVED = "raydock (HTTP, Serve)"
 
 
 def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list[dict], list[dict]]:
@@ -119,9 +120,6 @@ def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list
     finally:
         stop_platform()
         ray.shutdown()
-
-
-SERVED = "raydock (HTTP, Serve)"
 
 
 def one_round(r: int, zip_path: Path, levels, args, messages, model_dir: str) -> dict:
