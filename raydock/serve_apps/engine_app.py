@@ -78,7 +78,7 @@ def asgi_app() -> FastAPI:
     return engine_http
 
 
-# The replica answers `/deployments/{id}/…` itself (the proxy routes there directly) and
+# The replica answers `/deployments/{id}/…` itself (Serve's ingress routes there directly) and
 # `generate` for the gateway's DeploymentHandle. Serve pickles this class by value, so it
 # calls the module-level `configure` (pickled by reference) to set up the routes' context.
 @serve.deployment(name="engine")

@@ -198,10 +198,10 @@ def _ends_a_choice(item: Any) -> bool:
 async def _paced(events: AsyncIterator[list[dict]], interval_s: float) -> AsyncIterator[list[dict]]:
     """Send at most one batch per `interval_s`, merging what arrives in between.
 
-    Every message of a stream crosses the Serve proxy as its own Ray object; one per token
-    per sequence is most of the serving layer's cost (Ray Serve LLM batches its streams the
-    same way). The first batch goes at once, so time to first token is not delayed, and so
-    does a batch that finishes a choice.
+    Every message of a stream is its own write through the ingress (and its own Ray object
+    on the gateway's DeploymentHandle path); one per token per sequence is most of the serving
+    layer's cost (Ray Serve LLM batches its streams the same way). The first batch goes at
+    once, so time to first token is not delayed, and so does a batch that finishes a choice.
     """
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
@@ -326,7 +326,7 @@ async def _sse(fmt, first, events, include_usage: bool) -> AsyncIterator[str]:
     prompt = completion = 0
 
     def render(batch: list[dict]) -> str:
-        """One SSE chunk per event, written together: one message to the proxy per batch."""
+        """One SSE chunk per event, written together: one message per batch."""
         nonlocal prompt, completion
         lines = []
         for ev in batch:
