@@ -30,7 +30,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,12 +55,6 @@ def _version(name: str) -> str:
         with contextlib.suppress(PackageNotFoundError):
             return version(dist)
     return "?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def engine_settings(model_dir: Path, profile: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -187,7 +180,9 @@ def _stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
 
 
 def vllm_side(model_dir: Path, eng, body, levels, args, messages) -> dict[str, Any]:
-    port = args.vllm_port or _free_port()
+    from raydock.platform.bootstrap import free_port
+
+    port = args.vllm_port or free_port()
     cmd = vllm_command(model_dir, port, eng, body, args)
     env = os.environ | eng["env"]
     OUT.mkdir(exist_ok=True)
@@ -246,9 +241,9 @@ def raydock_side(zip_path: Path, body, levels, args, messages) -> dict[str, Any]
 
     from raydock.client import Client
     from raydock.config import load_settings
-    from raydock.platform.bootstrap import connect, start_platform, stop_platform
+    from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
 
-    port = args.port or _free_port()
+    port = args.port or free_port()
     settings = load_settings(home=tempfile.mkdtemp(prefix="raydock-bench-vllm-"), port=port)
     # address="local": a cluster of this run's own, never one that is already running here
     connect(settings, include_dashboard=False, address="local")

@@ -75,12 +75,14 @@ def _use_haproxy_ingress() -> None:
         "RAY_SERVE_HAPROXY_STATS_PORT",
         "RAY_SERVE_HAPROXY_METRICS_PORT",
     ):
-        os.environ.setdefault(var, str(_free_port()))
+        # HAProxy binds its stats and metrics ports on every interface
+        os.environ.setdefault(var, str(free_port(host="")))
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on at `host` ("" for every interface) right now."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,16 +13,10 @@ import ray
 from raydock.client import Client, default_deploy_body
 from raydock.config import Settings, load_settings
 from raydock.modelgen import build_model_zip
-from raydock.platform.bootstrap import connect, start_platform, stop_platform
+from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
 from raydock.platform.store import ArtifactStore
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -52,7 +45,7 @@ def boot(settings: Settings) -> dict:
 def platform(tmp_path_factory) -> Platform:
     home = tmp_path_factory.mktemp("raydock-home")
     # a 20 MiB archive limit lets the size-limit test stay small
-    settings = load_settings(home=str(home), port=_free_port(), max_archive_bytes=20 * 2**20)
+    settings = load_settings(home=str(home), port=free_port(), max_archive_bytes=20 * 2**20)
     info = boot(settings)
     assert info["admin_key"], "a fresh data dir must print the first admin key"
     p = Platform(settings, info["url"], info["admin_key"], Client(info["url"], info["admin_key"]))
