@@ -45,14 +45,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {py_platform.python_version()}"
 
 
-def deploy_body(args) -> dict[str, Any]:
+def deploy_body(device: str, batch: int, name: str = "bench", **fields: Any) -> dict[str, Any]:
+    """A benchmark deployment: one replica (no autoscaling mid-run) of `batch` sequences."""
     from raydock.client import default_deploy_body
 
     return default_deploy_body(
-        "bench",
-        args.device,
-        scalingParameters={"maxBatchSize": args.batch, "minReplicas": 1, "maxReplicas": 1},
+        name,
+        device,
+        scalingParameters={"maxBatchSize": batch, "minReplicas": 1, "maxReplicas": 1},
         timeout=180,
+        **fields,
     )
 
 
@@ -69,7 +71,7 @@ def baseline(
     from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(model_dir, num_threads=args.threads, max_batch_size=args.batch)
-    sampling = sampling_defaults(deploy_body(args))
+    sampling = sampling_defaults(deploy_body(args.device, args.batch))
 
     async def all_levels(engine):
         await run_engine(engine, 1, 2, messages, 8)  # warm-up
@@ -105,7 +107,7 @@ def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list
         client = Client(info["url"], info["admin_key"])
         ref = client.import_zip(zip_path, chunked=True)
         assert client.wait_job(ref["dockStatusId"], timeout=900)["status"] == "SUCCESS"
-        dep = client.deploy(ref["modelId"], deploy_body(args))
+        dep = client.deploy(ref["modelId"], deploy_body(args.device, args.batch))
         assert client.wait_job(dep["dockStatusId"], timeout=900)["status"] == "SUCCESS"
         key = client.create_key(dep["deploymentId"])
         base = f"{info['url']}/deployments/{dep['deploymentId']}/v2"

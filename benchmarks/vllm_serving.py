@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 from benchmarks.loadgen import prompt_text, requests_for, run_http
-from benchmarks.serving import OUT, machine, sampling_defaults
+from benchmarks.serving import OUT, deploy_body, machine, sampling_defaults
 
 VLLM_SIDE = "vllm serve"
 RAYDOCK_SIDE = "raydock (vllm)"
@@ -83,18 +83,6 @@ def engine_settings(model_dir: Path, profile: dict[str, Any], batch: int) -> dic
         "structured_outputs_backend": ve.STRUCTURED_OUTPUTS_BACKEND,
         "env": env,
     }
-
-
-def deploy_body(args, batch: int) -> dict[str, Any]:
-    from raydock.client import default_deploy_body
-
-    return default_deploy_body(
-        "bench-vllm",
-        args.device,
-        scalingParameters={"maxBatchSize": batch, "minReplicas": 1, "maxReplicas": 1},
-        optimizationInfo={"optimizationType": "vllm", "quantizationType": ""},
-        timeout=180,
-    )
 
 
 def prompt_tokens(base: str, key: str, messages: list[dict]) -> int | None:
@@ -370,7 +358,12 @@ def main() -> None:
     model_dir = cached_model_dir(args.size)
     zip_path = build_model_zip(Path(tempfile.mkdtemp()) / f"bench-{args.size}.zip", args.size)
     eng = engine_settings(model_dir, profile, batch)
-    body = deploy_body(args, batch)
+    body = deploy_body(
+        args.device,
+        batch,
+        "bench-vllm",
+        optimizationInfo={"optimizationType": "vllm", "quantizationType": ""},
+    )
     print(f"engine settings of both sides: {json.dumps(eng)}", flush=True)
 
     rounds = []
