@@ -121,17 +121,10 @@ def engine_request(
 
 
 def _constraint(kind: str, req: protocol._Request) -> structured.Constraint:
-    if kind == "completion":
-        if getattr(req, "response_format", None) not in (None, {"type": "text"}):
-            raise ApiError(
-                400,
-                "structured output is supported on chat completions (v2/chat/completions, "
-                "/v1/chat/completions), not on legacy completions",
-                "response_format",
-            )
-        return structured.Constraint("text")
+    # legacy completions take response_format as vLLM's server does; tools are chat-only
+    tools, tool_choice = (req.tools, req.tool_choice) if kind == "chat" else (None, None)
     try:
-        return structured.constraint_for(req.response_format, req.tools, req.tool_choice)
+        return structured.constraint_for(req.response_format, tools, tool_choice)
     except structured.StructuredError as exc:
         raise ApiError(400, str(exc), exc.param, "unsupported_schema") from None
 

@@ -73,7 +73,7 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    response_format: dict[str, Any] | None = None  # refused: see gateway._constraint
+    response_format: dict[str, Any] | None = None  # as vLLM's server: enforced like chat's
 
 
 class BadParam(Exception):

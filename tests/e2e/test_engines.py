@@ -34,7 +34,7 @@ def sdk_for(platform, dep: dict) -> openai.OpenAI:
 
 
 def exercise(sdk: openai.OpenAI) -> None:
-    """Chat, stream and structured output: what every engine must answer."""
+    """Chat, stream and structured output (chat and legacy): what every engine must answer."""
     reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 3
@@ -59,6 +59,12 @@ def exercise(sdk: openai.OpenAI) -> None:
         )
         assert out.choices[0].finish_reason == "stop"
         validate(json.loads(out.choices[0].message.content), RECORD)
+    legacy = sdk.with_options(base_url=str(sdk.base_url).removesuffix("/v2/") + "/v1")
+    out = legacy.completions.create(
+        model="m", prompt="A person:", max_tokens=200, seed=3, extra_body={"response_format": fmt}
+    )
+    assert out.choices[0].finish_reason == "stop"
+    validate(json.loads(out.choices[0].text), RECORD)
 
 
 ct2_only = pytest.mark.skipif(not plan._installed("ctranslate2"), reason="ctranslate2 extra")

@@ -104,14 +104,40 @@ def test_unenforceable_schema_is_400_naming_keyword(live, path):
     assert err["param"] == "response_format.json_schema.schema"
 
 
-def test_legacy_completions_refuse_structured_output(live):
-    url = live.base_url.removesuffix("/v2") + "/v1/completions"
-    r = httpx.post(
-        url,
-        headers={"Authorization": f"Bearer {live.key}"},
-        json={"prompt": "x", "response_format": {"type": "json_object"}},
+def test_legacy_completions_enforce_response_format(live):
+    legacy = openai.OpenAI(
+        base_url=live.base_url.removesuffix("/v2") + "/v1", api_key=live.key, timeout=120
     )
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    case = load(SCHEMAS[0])
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": case["schema"]}}
+    ask = {"model": "m", "prompt": "The record:", "max_tokens": 512}
+    reply = legacy.completions.create(**ask, seed=4, extra_body={"response_format": fmt})
+    assert reply.choices[0].finish_reason == "stop"
+    check(case["schema"], reply.choices[0].text)
+    chunks = list(
+        legacy.completions.create(**ask, seed=5, stream=True, extra_body={"response_format": fmt})
+    )
+    check(case["schema"], "".join(c.choices[0].text for c in chunks if c.choices))
+    reply = legacy.completions.create(
+        **ask, seed=6, extra_body={"response_format": {"type": "json_object"}}
+    )
+    assert isinstance(json.loads(reply.choices[0].text), dict)
+
+    bad = load(UNSUPPORTED[0])
+    r = httpx.post(
+        f"{live.base_url.removesuffix('/v2')}/v1/completions",
+        timeout=30,
+        headers={"Authorization": f"Bearer {live.key}"},
+        json={
+            "prompt": "x",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": bad["name"], "schema": bad["schema"]},
+            },
+        },
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "response_format.json_schema.schema"
 
 
 WEATHER = {
