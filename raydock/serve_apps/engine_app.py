@@ -136,6 +136,7 @@ class EngineServer:
 
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         from raydock.serve_apps.sampling import SamplingParams
+        from raydock.serve_apps.sampling import defaults as sampling_defaults
 
         try:
             ids = self._prompt(request)
@@ -151,6 +152,22 @@ class EngineServer:
             ]
             return
         params = request["params"]
+        neutral = sampling_defaults()
+        refused = sorted(
+            p for p in self.engine.unsupported_params if params.get(p, neutral[p]) != neutral[p]
+        )
+        if refused:
+            yield [
+                {
+                    "error": f"{refused[0]} is not supported by this deployment's "
+                    f"{self.engine_name} engine; deploy the model without optimization or "
+                    "with vLLM to use it",
+                    "status": 400,
+                    "param": refused[0],
+                    "code": "unsupported_parameter",
+                }
+            ]
+            return
         n = request.get("n", 1)
         regex = request.get("regex")
 

@@ -106,6 +106,9 @@ def engine_request(
         "logprobs": logprobs,
         "top_logprobs": top,
         "ignore_eos": req.ignore_eos,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "repetition_penalty": req.repetition_penalty or 1.0,
     }
     out: dict[str, Any] = {"params": params, "n": req.n}
     if kind == "chat":

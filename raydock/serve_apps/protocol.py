@@ -31,6 +31,9 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=2)  # vLLM-compatible extra
     ignore_eos: bool = False  # vLLM-compatible extra body field
 
     @field_validator("stop")

@@ -1,11 +1,12 @@
-"""Next-token selection: temperature, top-k, top-p, seeded generators, logprobs.
+"""Next-token selection: penalties, temperature, top-k, top-p, seeded generators, logprobs.
 
 Operates on a [batch, vocab] logits tensor so every engine that exposes logits shares it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -21,6 +22,22 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # vLLM's extension: fixed-length outputs for load tests
+    # Penalties, with vLLM's meaning: presence / frequency subtract from the logit of each
+    # token already in the output (once / per occurrence, as OpenAI's); repetition divides
+    # positive logits (multiplies negative ones) of every token in the prompt or the output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
+
+
+def defaults() -> dict[str, object]:
+    """Each parameter's neutral value: a request that leaves it there does not use it."""
+    return {f.name: f.default for f in fields(SamplingParams)}
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -50,10 +67,35 @@ class Choice:
     top: list[tuple[int, float]]
 
 
-def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Choice:
-    """Pick the next token from one sequence's logits (1-D, float32)."""
+def penalize(
+    logits: torch.Tensor, params: SamplingParams, prompt: Sequence[int], output: Sequence[int]
+) -> torch.Tensor:
+    """One sequence's logits (1-D) with `params`' penalties for its prompt and output."""
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
+        values = logits[seen]
+        r = params.repetition_penalty
+        logits = logits.index_put((seen,), torch.where(values > 0, values / r, values * r))
+    if output and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(output), minlength=logits.shape[-1]).float()
+        logits = logits - params.frequency_penalty * counts
+        logits = logits - params.presence_penalty * (counts > 0).float()
+    return logits
+
+
+def choose(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    prompt: Sequence[int] = (),
+    output: Sequence[int] = (),
+) -> Choice:
+    """Pick the next token from one sequence's logits (1-D, float32), given the sequence's
+    prompt and output so far (for penalties). Logprobs are the model's, before penalties."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
+    if params.penalized():
+        logits = penalize(logits, params, prompt, output)
     if params.temperature <= 1e-5 or params.top_k == 1:
         token = int(torch.argmax(logits))
     else:

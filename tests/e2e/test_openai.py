@@ -103,6 +103,39 @@ def test_stop_sequence_ends_generation_before_it(sdk):
     assert stop not in cut.message.content
 
 
+def penalized_greedy(sdk, **penalties) -> list[str]:
+    """The tokens of a greedy 32-token reply (from its logprobs) under `penalties`."""
+    reply = sdk.chat.completions.create(
+        model="m",
+        messages=HELLO,
+        max_tokens=32,
+        temperature=0,
+        logprobs=True,
+        extra_body={"ignore_eos": True, **penalties},
+    )
+    return [t.token for t in reply.choices[0].logprobs.content]
+
+
+def test_penalties_are_applied_and_checked(sdk, live):
+    plain = penalized_greedy(sdk)
+    assert len(plain) == 32
+    for penalties in (
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 2.0},
+        {"repetition_penalty": 2.0},
+    ):
+        penalized = penalized_greedy(sdk, **penalties)
+        assert len(set(penalized)) > len(set(plain)), penalties
+    r = httpx.post(
+        f"{live.base_url}/chat/completions",
+        headers={"Authorization": f"Bearer {live.key}"},
+        json={"messages": HELLO, "presence_penalty": 2.5},
+    )
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "presence_penalty" and "-2" in err["message"]
+
+
 def test_length_finish_and_legacy_completions(live):
     client = openai.OpenAI(base_url=live.base_url.removesuffix("/v2") + "/v1", api_key=live.key)
     r = client.completions.create(

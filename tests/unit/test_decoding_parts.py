@@ -7,7 +7,7 @@ import torch
 
 from raydock.serve_apps import protocol
 from raydock.serve_apps.detok import TextTracker
-from raydock.serve_apps.sampling import SamplingParams, choose, make_generator
+from raydock.serve_apps.sampling import SamplingParams, choose, make_generator, penalize
 
 VOCAB = ["a", "b", "c", "S", "T", "O", "P", "é"]
 
@@ -57,17 +57,41 @@ def test_logprobs_are_log_softmax():
     assert c.logprob == pytest.approx(-0.6931, abs=1e-3) and len(c.top) == 2
 
 
+def test_presence_and_frequency_penalties_count_the_output_only():
+    p = SamplingParams(1, presence_penalty=0.25, frequency_penalty=0.5)
+    out = penalize(torch.zeros(5), p, prompt=[3, 4], output=[1, 1, 2])
+    assert out.tolist() == [0.0, -1.25, -0.75, 0.0, 0.0]
+
+
+def test_repetition_penalty_shrinks_what_prompt_or_output_hold():
+    p = SamplingParams(1, repetition_penalty=2.0)
+    out = penalize(torch.tensor([2.0, -2.0, 1.0, 3.0]), p, prompt=[0], output=[1])
+    assert out.tolist() == [1.0, -4.0, 1.0, 3.0]
+
+
+def test_penalties_change_the_choice_not_the_reported_logprob():
+    logits = torch.tensor([0.0, 1.0, 0.5])
+    p = SamplingParams(1, temperature=0, logprobs=True, frequency_penalty=1.0)
+    c = choose(logits, p, make_generator(0), prompt=[], output=[1])
+    assert c.token == 2
+    assert c.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[2]))
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
         ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 9999}, "max_tokens"),
         ({"messages": [{"role": "user", "content": "x"}], "top_p": 2}, "top_p"),
+        ({"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ],
 )
 def test_bad_openai_parameters_name_the_parameter(body, param):
     with pytest.raises(protocol.BadParam) as exc:
-        protocol.parse(protocol.ChatRequest, body)
+        model = protocol.ChatRequest if "messages" in body else protocol.CompletionRequest
+        protocol.parse(model, body)
     assert exc.value.param == param

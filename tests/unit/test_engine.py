@@ -109,3 +109,22 @@ def test_burst_larger_than_one_prefill_pass(engine, monkeypatch):
     together = run(burst())
     monkeypatch.setattr(transformers_engine, "PREFILL_TOKENS", 1)  # one prompt per pass
     assert run(burst()) == together
+
+
+def test_penalties_make_greedy_output_repeat_less(engine):
+    def tokens(**penalties):
+        async def main():
+            ids = []
+            params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, **penalties)
+            async for steps in engine.generate(engine.text_prompt("the tide"), params):
+                ids += [t for ev in steps for t in ev.token_ids]
+            return ids
+
+        return run(main())
+
+    plain = tokens()
+    penalized = tokens(frequency_penalty=2.0, presence_penalty=2.0)
+    assert len(plain) == len(penalized) == 40
+    # the random tiny model repeats itself greedily; penalties push it to new tokens
+    assert len(set(penalized)) > len(set(plain))
+    assert len(set(tokens(repetition_penalty=2.0))) > len(set(plain))

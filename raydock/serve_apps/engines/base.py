@@ -7,7 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.sampling import SamplingParams
@@ -31,6 +31,8 @@ class StepEvent:
 
 class Engine(Protocol):
     max_context: int
+    # SamplingParams fields the engine cannot honour; a request setting one gets a 400
+    unsupported_params: ClassVar[frozenset[str]]
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]: ...
 

@@ -62,7 +62,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ctranslate2
 import numpy as np
@@ -159,6 +159,13 @@ class _Run:
 
 
 class CTranslate2Engine(TokenizerPrompts):
+    # CTranslate2 samples inside generate_batch with no logits hook, and its own
+    # repetition_penalty counts a different history (not the prompt, and not across the
+    # runs a sequence resumes in), so the engine refuses penalties instead of bending them
+    unsupported_params: ClassVar[frozenset[str]] = frozenset(
+        {"presence_penalty", "frequency_penalty", "repetition_penalty"}
+    )
+
     def __init__(
         self,
         model_dir: str,

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ class _Seq:
     pending: int = -1  # sampled token not yet fed to the model
     length: int = 0  # real (unpadded) tokens in the KV cache
     guide: Guide | None = None  # structured output: the allowed tokens of each step
+    output: list[int] = field(default_factory=list)  # chosen so far (for penalties)
     done: bool = False
     cancelled: bool = False
 
@@ -56,6 +57,8 @@ PREFILL_TOKENS = 4096
 
 
 class TransformersEngine(TokenizerPrompts):
+    unsupported_params: ClassVar[frozenset[str]] = frozenset()
+
     def __init__(
         self,
         model_dir: str,
@@ -186,7 +189,8 @@ class TransformersEngine(TokenizerPrompts):
 
     def _advance(self, seq: _Seq, logits: torch.Tensor) -> StepEvent:
         """Sample one token for `seq` and describe what the client sees."""
-        pick = choose(logits, seq.params, seq.generator)
+        pick = choose(logits, seq.params, seq.generator, seq.prompt, seq.output)
+        seq.output.append(pick.token)
         seq.pending = pick.token  # a sequence this finishes leaves before the next decode
         return append_token(seq, pick.token, pick.logprob, pick.top, self.eos, self.tokenizer)
 

@@ -24,7 +24,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts
 from raydock.serve_apps.sampling import SamplingParams
@@ -119,6 +119,8 @@ def _stats_logger(state: dict[str, Any]):
 class VLLMEngine(TokenizerPrompts):
     """Same public surface as `TransformersEngine`: `generate`, `chat_prompt`, `text_prompt`,
     `stats`, `max_context`, `max_batch_size`; plus `shutdown()`."""
+
+    unsupported_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -223,6 +225,9 @@ class VLLMEngine(TokenizerPrompts):
             top_p=params.top_p,
             top_k=params.top_k,  # 0 disables top-k in vLLM too
             seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
             stop=[s for s in params.stop if s] or None,
             # a finished regex only allows EOS, which must then end the sequence
             ignore_eos=params.ignore_eos and regex is None,
