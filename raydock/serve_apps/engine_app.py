@@ -112,6 +112,25 @@ class EngineServer:
             )
         return ids
 
+    def _refusal(self, params: dict[str, Any]) -> tuple[str, str] | None:
+        """(parameter, why) when the request asks what this engine or model cannot do."""
+        from raydock.serve_apps.sampling import defaults
+
+        neutral = defaults()
+        for name in sorted(self.engine.unsupported_params):
+            if params.get(name, neutral[name]) != neutral[name]:
+                return name, (
+                    f"{name} is not supported by this deployment's {self.engine_name} engine; "
+                    "deploy the model without optimization or with vLLM to use it"
+                )
+        vocab = self.engine.vocab_size
+        for token, _ in params.get("logit_bias", ()):
+            if token >= vocab:
+                return f"logit_bias.{token}", (
+                    f"logit_bias names token {token}; this model's token ids are 0–{vocab - 1}"
+                )
+        return None
+
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         """Stream step events (dicts with an `index`) for the request's `n` sequences.
 
@@ -136,7 +155,6 @@ class EngineServer:
 
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         from raydock.serve_apps.sampling import SamplingParams
-        from raydock.serve_apps.sampling import defaults as sampling_defaults
 
         try:
             ids = self._prompt(request)
@@ -152,20 +170,11 @@ class EngineServer:
             ]
             return
         params = request["params"]
-        neutral = sampling_defaults()
-        refused = sorted(
-            p for p in self.engine.unsupported_params if params.get(p, neutral[p]) != neutral[p]
-        )
-        if refused:
+        refusal = self._refusal(params)
+        if refusal is not None:
+            param, message = refusal
             yield [
-                {
-                    "error": f"{refused[0]} is not supported by this deployment's "
-                    f"{self.engine_name} engine; deploy the model without optimization or "
-                    "with vLLM to use it",
-                    "status": 400,
-                    "param": refused[0],
-                    "code": "unsupported_parameter",
-                }
+                {"error": message, "status": 400, "param": param, "code": "unsupported_parameter"}
             ]
             return
         n = request.get("n", 1)

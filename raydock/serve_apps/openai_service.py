@@ -109,6 +109,7 @@ def engine_request(
         "presence_penalty": req.presence_penalty or 0.0,
         "frequency_penalty": req.frequency_penalty or 0.0,
         "repetition_penalty": req.repetition_penalty or 1.0,
+        "logit_bias": tuple(sorted((req.logit_bias or {}).items())),
     }
     out: dict[str, Any] = {"params": params, "n": req.n}
     if kind == "chat":

@@ -1,4 +1,4 @@
-"""Next-token selection: penalties, temperature, top-k, top-p, seeded generators, logprobs.
+"""Next-token selection: penalties and logit bias, temperature, top-k/top-p, seeds, logprobs.
 
 Operates on a [batch, vocab] logits tensor so every engine that exposes logits shares it.
 """
@@ -28,9 +28,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, added to its logit)
 
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty) or (
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias) or (
             self.repetition_penalty != 1.0
         )
 
@@ -67,10 +68,11 @@ class Choice:
     top: list[tuple[int, float]]
 
 
-def penalize(
+def adjust(
     logits: torch.Tensor, params: SamplingParams, prompt: Sequence[int], output: Sequence[int]
 ) -> torch.Tensor:
-    """One sequence's logits (1-D) with `params`' penalties for its prompt and output."""
+    """One sequence's logits (1-D) with `params`' penalties for its prompt and output, then
+    its logit_bias."""
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt) | set(output)), dtype=torch.long)
         values = logits[seen]
@@ -80,6 +82,9 @@ def penalize(
         counts = torch.bincount(torch.tensor(output), minlength=logits.shape[-1]).float()
         logits = logits - params.frequency_penalty * counts
         logits = logits - params.presence_penalty * (counts > 0).float()
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias, strict=True)
+        logits = logits.index_put((torch.tensor(ids),), torch.tensor(bias), accumulate=True)
     return logits
 
 
@@ -91,11 +96,11 @@ def choose(
     output: Sequence[int] = (),
 ) -> Choice:
     """Pick the next token from one sequence's logits (1-D, float32), given the sequence's
-    prompt and output so far (for penalties). Logprobs are the model's, before penalties."""
+    prompt and output so far (for penalties). Logprobs are the model's, before `adjust`."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    if params.penalized():
-        logits = penalize(logits, params, prompt, output)
+    if params.adjusts_logits():
+        logits = adjust(logits, params, prompt, output)
     if params.temperature <= 1e-5 or params.top_k == 1:
         token = int(torch.argmax(logits))
     else:

@@ -153,7 +153,9 @@ def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
         return {t.token for t in reply.choices[0].logprobs.content}
 
     # vLLM applies the penalties itself: the greedy reply repeats less
-    assert len(greedy_tokens(frequency_penalty=2.0)) > len(greedy_tokens())
+    plain = greedy_tokens()
+    assert len(greedy_tokens(frequency_penalty=2.0)) > len(plain) > 1
+    assert len(greedy_tokens(logit_bias={"300": 100})) == 1  # +100: that token every step
     platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
 
 

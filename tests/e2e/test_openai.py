@@ -8,6 +8,9 @@ import json
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
+
+from raydock.modelgen import cached_model_dir
 
 from .conftest import deploy_and_wait, wait_for
 
@@ -126,14 +129,23 @@ def test_penalties_are_applied_and_checked(sdk, live):
     ):
         penalized = penalized_greedy(sdk, **penalties)
         assert len(set(penalized)) > len(set(plain)), penalties
-    r = httpx.post(
-        f"{live.base_url}/chat/completions",
-        headers={"Authorization": f"Bearer {live.key}"},
-        json={"messages": HELLO, "presence_penalty": 2.5},
-    )
-    assert r.status_code == 400
-    err = r.json()["error"]
+    # +100 on one token makes it the greedy choice at every step
+    word = AutoTokenizer.from_pretrained(cached_model_dir("tiny")).decode([300])
+    assert word.strip() and set(penalized_greedy(sdk, logit_bias={"300": 100})) == {word}
+
+    def refused(**body) -> dict:
+        r = httpx.post(
+            f"{live.base_url}/chat/completions",
+            headers={"Authorization": f"Bearer {live.key}"},
+            json={"messages": HELLO, **body},
+        )
+        assert r.status_code == 400
+        return r.json()["error"]
+
+    err = refused(presence_penalty=2.5)
     assert err["param"] == "presence_penalty" and "-2" in err["message"]
+    err = refused(logit_bias={"99999": 1})
+    assert err["param"] == "logit_bias.99999" and "0–" in err["message"]
 
 
 def test_length_finish_and_legacy_completions(live):

@@ -7,7 +7,7 @@ import torch
 
 from raydock.serve_apps import protocol
 from raydock.serve_apps.detok import TextTracker
-from raydock.serve_apps.sampling import SamplingParams, choose, make_generator, penalize
+from raydock.serve_apps.sampling import SamplingParams, adjust, choose, make_generator
 
 VOCAB = ["a", "b", "c", "S", "T", "O", "P", "é"]
 
@@ -59,14 +59,20 @@ def test_logprobs_are_log_softmax():
 
 def test_presence_and_frequency_penalties_count_the_output_only():
     p = SamplingParams(1, presence_penalty=0.25, frequency_penalty=0.5)
-    out = penalize(torch.zeros(5), p, prompt=[3, 4], output=[1, 1, 2])
+    out = adjust(torch.zeros(5), p, prompt=[3, 4], output=[1, 1, 2])
     assert out.tolist() == [0.0, -1.25, -0.75, 0.0, 0.0]
 
 
 def test_repetition_penalty_shrinks_what_prompt_or_output_hold():
     p = SamplingParams(1, repetition_penalty=2.0)
-    out = penalize(torch.tensor([2.0, -2.0, 1.0, 3.0]), p, prompt=[0], output=[1])
+    out = adjust(torch.tensor([2.0, -2.0, 1.0, 3.0]), p, prompt=[0], output=[1])
     assert out.tolist() == [1.0, -4.0, 1.0, 3.0]
+
+
+def test_logit_bias_is_added_after_penalties():
+    p = SamplingParams(1, frequency_penalty=1.0, logit_bias=((0, -100.0), (2, 5.0)))
+    out = adjust(torch.zeros(3), p, prompt=[], output=[2])
+    assert out.tolist() == [-100.0, 0.0, 4.0]
 
 
 def test_penalties_change_the_choice_not_the_reported_logprob():
@@ -86,6 +92,8 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ({"prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
         ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
         ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "x", "logit_bias": {"7": 101}}, "logit_bias.7"),
+        ({"prompt": "x", "logit_bias": {"seven": 1}}, "logit_bias.seven.[key]"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
     ],

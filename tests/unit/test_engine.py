@@ -128,3 +128,6 @@ def test_penalties_make_greedy_output_repeat_less(engine):
     # the random tiny model repeats itself greedily; penalties push it to new tokens
     assert len(set(penalized)) > len(set(plain))
     assert len(set(tokens(repetition_penalty=2.0))) > len(set(plain))
+    # a bias of -100 bans a token: the greedy favourite never appears again
+    favourite = max(set(plain), key=plain.count)
+    assert favourite not in tokens(logit_bias=((favourite, -100.0),))

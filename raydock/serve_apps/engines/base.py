@@ -38,6 +38,9 @@ class Engine(Protocol):
 
     def text_prompt(self, prompt: str) -> list[int]: ...
 
+    @property
+    def vocab_size(self) -> int: ...
+
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
     ) -> AsyncIterator[list[StepEvent]]: ...
@@ -131,6 +134,11 @@ class TokenizerPrompts:
 
     def text_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name (logit_bias): the tokenizer's, added tokens included."""
+        return len(self.tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

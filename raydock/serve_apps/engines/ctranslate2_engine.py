@@ -161,9 +161,9 @@ class _Run:
 class CTranslate2Engine(TokenizerPrompts):
     # CTranslate2 samples inside generate_batch with no logits hook, and its own
     # repetition_penalty counts a different history (not the prompt, and not across the
-    # runs a sequence resumes in), so the engine refuses penalties instead of bending them
+    # runs a sequence resumes in), so the engine refuses these instead of bending them
     unsupported_params: ClassVar[frozenset[str]] = frozenset(
-        {"presence_penalty", "frequency_penalty", "repetition_penalty"}
+        {"presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
     )
 
     def __init__(

@@ -228,6 +228,7 @@ class VLLMEngine(TokenizerPrompts):
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
+            logit_bias=dict(params.logit_bias) or None,
             stop=[s for s in params.stop if s] or None,
             # a finished regex only allows EOS, which must then end the sequence
             ignore_eos=params.ignore_eos and regex is None,
