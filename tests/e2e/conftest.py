@@ -110,3 +110,16 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.3):
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def greedy_tokens(sdk, messages: list[dict], **extra) -> list[str]:
+    """The tokens (from logprobs) of a greedy 32-token chat reply; `extra` goes in the body."""
+    reply = sdk.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=32,
+        temperature=0,
+        logprobs=True,
+        extra_body={"ignore_eos": True, **extra},
+    )
+    return [t.token for t in reply.choices[0].logprobs.content]

@@ -17,7 +17,7 @@ from raydock.client import default_deploy_body
 from raydock.modelgen import build_model_zip, cached_model_dir
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import plan
-from tests.e2e.conftest import deploy_and_wait, import_ready
+from tests.e2e.conftest import deploy_and_wait, greedy_tokens, import_ready
 from tests.record_schema import RECORD
 
 ASK = [{"role": "user", "content": "Describe a person."}]
@@ -145,17 +145,10 @@ def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
     sdk = sdk_for(platform, dep)
     exercise(sdk)
 
-    def greedy_tokens(**penalties) -> set[str]:
-        extra = {"ignore_eos": True, **penalties}
-        reply = sdk.chat.completions.create(
-            model="m", messages=ASK, max_tokens=32, temperature=0, logprobs=True, extra_body=extra
-        )
-        return {t.token for t in reply.choices[0].logprobs.content}
-
     # vLLM applies the penalties itself: the greedy reply repeats less
-    plain = greedy_tokens()
-    assert len(greedy_tokens(frequency_penalty=2.0)) > len(plain) > 1
-    assert len(greedy_tokens(logit_bias={"300": 100})) == 1  # +100: that token every step
+    plain = set(greedy_tokens(sdk, ASK))
+    assert len(set(greedy_tokens(sdk, ASK, frequency_penalty=2.0))) > len(plain) > 1
+    assert len(set(greedy_tokens(sdk, ASK, logit_bias={"300": 100}))) == 1  # that token each step
     platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
 
 

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from raydock.modelgen import cached_model_dir
 
-from .conftest import deploy_and_wait, wait_for
+from .conftest import deploy_and_wait, greedy_tokens, wait_for
 
 HELLO = [{"role": "user", "content": "Tell me about lighthouses."}]
 
@@ -106,32 +106,19 @@ def test_stop_sequence_ends_generation_before_it(sdk):
     assert stop not in cut.message.content
 
 
-def penalized_greedy(sdk, **penalties) -> list[str]:
-    """The tokens of a greedy 32-token reply (from its logprobs) under `penalties`."""
-    reply = sdk.chat.completions.create(
-        model="m",
-        messages=HELLO,
-        max_tokens=32,
-        temperature=0,
-        logprobs=True,
-        extra_body={"ignore_eos": True, **penalties},
-    )
-    return [t.token for t in reply.choices[0].logprobs.content]
-
-
 def test_penalties_are_applied_and_checked(sdk, live):
-    plain = penalized_greedy(sdk)
+    plain = greedy_tokens(sdk, HELLO)
     assert len(plain) == 32
     for penalties in (
         {"frequency_penalty": 2.0},
         {"presence_penalty": 2.0},
         {"repetition_penalty": 2.0},
     ):
-        penalized = penalized_greedy(sdk, **penalties)
+        penalized = greedy_tokens(sdk, HELLO, **penalties)
         assert len(set(penalized)) > len(set(plain)), penalties
     # +100 on one token makes it the greedy choice at every step
     word = AutoTokenizer.from_pretrained(cached_model_dir("tiny")).decode([300])
-    assert word.strip() and set(penalized_greedy(sdk, logit_bias={"300": 100})) == {word}
+    assert word.strip() and set(greedy_tokens(sdk, HELLO, logit_bias={"300": 100})) == {word}
 
     def refused(**body) -> dict:
         r = httpx.post(
