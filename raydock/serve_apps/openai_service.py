@@ -128,9 +128,34 @@ def _constraint(kind: str, req: protocol._Request) -> structured.Constraint:
     # legacy completions take response_format as vLLM's server does; tools are chat-only
     tools, tool_choice = (req.tools, req.tool_choice) if kind == "chat" else (None, None)
     try:
-        return structured.constraint_for(req.response_format, tools, tool_choice)
+        openai_style = structured.constraint_for(req.response_format, tools, tool_choice)
+        vllm_style = _vllm_structured(req)
+        if vllm_style is None or openai_style.mode == "tools":  # tools take precedence
+            return openai_style
+        if openai_style.mode != "text":
+            raise structured.StructuredError(
+                vllm_style[2], f"{vllm_style[2]} and response_format both set the output format"
+            )
+        return structured.vllm_constraint(*vllm_style)
     except structured.StructuredError as exc:
         raise ApiError(400, str(exc), exc.param, "unsupported_schema") from None
+
+
+def _vllm_structured(req: protocol._Request) -> tuple[str, Any, str] | None:
+    """(kind, value, parameter name) of the vLLM-style structured output a request asks for."""
+    asked = [
+        (k, v, f"structured_outputs.{k}")
+        for k, v in (req.structured_outputs or {}).items()
+        if v is not None
+    ]
+    for k in ("json", "choice", "regex", "grammar"):
+        if (v := getattr(req, f"guided_{k}")) is not None:
+            asked.append((k, v, f"guided_{k}"))
+    if len(asked) > 1:
+        raise structured.StructuredError(
+            asked[1][2], f"{asked[0][2]} and {asked[1][2]}: ask for one output format"
+        )
+    return asked[0] if asked else None
 
 
 async def _as_tool_calls(batches: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:

@@ -39,6 +39,14 @@ class _Request(BaseModel):
         dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None
     ) = Field(None, max_length=300)
     ignore_eos: bool = False  # vLLM-compatible extra body field
+    response_format: dict[str, Any] | None = None
+    # vLLM's structured outputs (extra body: {"json": schema} or {"choice": [...]}) and its
+    # older names for them, which vLLM itself now ignores without a word
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -70,7 +78,6 @@ class ChatRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # one call per choice is generated
@@ -80,7 +87,6 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
-    response_format: dict[str, Any] | None = None  # as vLLM's server: enforced like chat's
 
 
 class BadParam(Exception):

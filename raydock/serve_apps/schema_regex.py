@@ -1197,6 +1197,11 @@ def _json_object_regex(bounds: Bounds = Bounds()) -> str:
 JSON_OBJECT_REGEX: str = _json_object_regex()
 
 
+def choice_regex(choices: list[str]) -> str:
+    """A regex matching exactly one of `choices` (vLLM's guided choice)."""
+    return _alt([_escape(c) for c in choices])
+
+
 def tool_call_regex(tools: list[dict], bounds: Bounds = Bounds()) -> str:
     """{"name":"<tool>","arguments":<its parameters>} for any one of the OpenAI tools."""
     alts = []

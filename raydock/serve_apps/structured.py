@@ -1,5 +1,6 @@
-"""What a request's `response_format` and `tools` ask of the output, as a regex to enforce,
-and how the constrained text turns back into OpenAI message fields.
+"""What a request's `response_format` and `tools` (or vLLM's `structured_outputs`) ask of the
+output, as a regex to enforce, and how the constrained text turns back into OpenAI message
+fields.
 
 Tools take precedence over response_format (the seed: "tool calls take precedence and the
 schema is ignored").
@@ -15,6 +16,7 @@ from typing import Any
 from raydock.serve_apps.schema_regex import (
     JSON_OBJECT_REGEX,
     UnsupportedSchema,
+    choice_regex,
     schema_to_regex,
     tool_call_regex,
 )
@@ -31,7 +33,7 @@ class StructuredError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    mode: str  # "text" | "json" | "tools"
+    mode: str  # "text" | "json" | "choice" | "tools"
     regex: str | None = None
 
 
@@ -98,15 +100,43 @@ def constraint_for(
             raise StructuredError(
                 "response_format.json_schema", "json_schema needs a 'schema' object"
             )
-        try:
-            return Constraint("json", schema_to_regex(spec["schema"]))
-        except UnsupportedSchema as exc:
-            raise StructuredError(
-                "response_format.json_schema.schema",
-                f"schema keyword '{exc.keyword}' cannot be enforced by raydock: {exc}",
-            ) from None
+        return _schema(spec["schema"], "response_format.json_schema.schema")
     raise StructuredError(
         "response_format.type", "response_format.type must be text, json_object or json_schema"
+    )
+
+
+def _schema(schema: Any, param: str) -> Constraint:
+    try:
+        return Constraint("json", schema_to_regex(schema))
+    except UnsupportedSchema as exc:
+        raise StructuredError(
+            param, f"schema keyword '{exc.keyword}' cannot be enforced by raydock: {exc}"
+        ) from None
+
+
+def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
+    """vLLM's structured outputs (`structured_outputs.json` / `.choice`, or its older
+    `guided_json` / `guided_choice`) as the same kind of constraint; `param` names the field."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise StructuredError(param, f"{param} is not valid JSON: {exc}") from None
+        if not isinstance(value, dict | bool):
+            raise StructuredError(param, f"{param} must be a JSON schema")
+        return _schema(value, param)
+    if kind == "json_object" and value is True:
+        return Constraint("json", JSON_OBJECT_REGEX)
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise StructuredError(param, f"{param} must be a non-empty list of strings")
+        return Constraint("choice", choice_regex(value))
+    raise StructuredError(
+        param,
+        f"{param} is not supported: raydock enforces JSON schemas and choices "
+        "(structured_outputs.json / .choice, or response_format)",
     )
 
 

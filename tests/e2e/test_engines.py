@@ -34,7 +34,7 @@ def sdk_for(platform, dep: dict) -> openai.OpenAI:
 
 
 def exercise(sdk: openai.OpenAI) -> None:
-    """Chat, stream and structured output (chat and legacy): what every engine must answer."""
+    """Chat, stream, structured output (OpenAI and vLLM style): what every engine must answer."""
     reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 3
@@ -59,6 +59,11 @@ def exercise(sdk: openai.OpenAI) -> None:
         )
         assert out.choices[0].finish_reason == "stop"
         validate(json.loads(out.choices[0].message.content), RECORD)
+    picks = ["yes", "no"]
+    out = sdk.chat.completions.create(
+        model="m", messages=ASK, max_tokens=8, seed=4, extra_body={"guided_choice": picks}
+    )
+    assert out.choices[0].message.content in picks
     legacy = sdk.with_options(base_url=str(sdk.base_url).removesuffix("/v2/") + "/v1")
     out = legacy.completions.create(
         model="m", prompt="A person:", max_tokens=200, seed=3, extra_body={"response_format": fmt}

@@ -140,6 +140,30 @@ def test_legacy_completions_enforce_response_format(live):
     assert r.json()["error"]["param"] == "response_format.json_schema.schema"
 
 
+def test_vllm_style_structured_outputs(sdk):
+    choices = ["sunny", "rain", "snow (heavy)"]
+    for seed in range(3):
+        reply = sdk.chat.completions.create(
+            model="m", messages=ASK, max_tokens=20, seed=seed, extra_body={"guided_choice": choices}
+        )
+        assert reply.choices[0].message.content in choices
+    schema = load(SCHEMAS[0])["schema"]
+    reply = sdk.chat.completions.create(
+        model="m",
+        messages=ASK,
+        max_tokens=512,
+        seed=1,
+        extra_body={"structured_outputs": {"json": schema}},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    check(schema, reply.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(
+            model="m", messages=ASK, max_tokens=8, extra_body={"guided_regex": "[a-z]+"}
+        )
+    assert refused.value.body["param"] == "guided_regex"
+
+
 WEATHER = {
     "type": "function",
     "function": {

@@ -1,0 +1,73 @@
+"""vLLM-style structured output fields (structured_outputs, guided_*) as constraints."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from raydock.errors import ApiError
+from raydock.serve_apps import protocol
+from raydock.serve_apps.openai_service import _constraint
+
+
+def constraint(**body):
+    return _constraint(
+        "completion", protocol.parse(protocol.CompletionRequest, {"prompt": "x", **body})
+    )
+
+
+def refusal(**body) -> ApiError:
+    with pytest.raises(ApiError) as exc:
+        constraint(**body)
+    assert exc.value.status == 400
+    return exc.value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"structured_outputs": {"choice": ["yes", "no (maybe)", "a.b*"]}},
+        {"guided_choice": ["yes", "no (maybe)", "a.b*"]},
+    ],
+)
+def test_choice_matches_exactly_the_choices(body):
+    c = constraint(**body)
+    for text in ("yes", "no (maybe)", "a.b*"):
+        assert re.fullmatch(c.regex, text)
+    for text in ("ye", "no maybe", "a.bbb", "yesno", ""):
+        assert not re.fullmatch(c.regex, text)
+
+
+def test_json_schema_as_object_or_string_is_the_response_format_regex():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    expected = constraint(response_format=fmt).regex
+    assert constraint(guided_json=schema).regex == expected
+    assert (
+        constraint(
+            guided_json='{"type": "object", "properties": {"a": {"type": "integer"}}, '
+            '"required": ["a"]}'
+        ).regex
+        == expected
+    )
+    assert constraint(structured_outputs={"json": schema}).regex == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs.grammar"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        ({"guided_json": {"type": "string", "pattern": "(?=a)"}}, "guided_json"),
+        ({"guided_choice": ["a"], "guided_json": {"type": "string"}}, "guided_choice"),
+        (
+            {"guided_choice": ["a"], "response_format": {"type": "json_object"}},
+            "guided_choice",
+        ),
+    ],
+)
+def test_what_cannot_be_enforced_is_a_400_naming_the_field(body, param):
+    assert refusal(**body).param == param
