@@ -114,11 +114,10 @@ class EngineServer:
 
     def _refusal(self, params: dict[str, Any]) -> tuple[str, str] | None:
         """(parameter, why) when the request asks what this engine or model cannot do."""
-        from raydock.serve_apps.sampling import defaults
+        from raydock.serve_apps.sampling import DEFAULTS
 
-        neutral = defaults()
         for name in sorted(self.engine.unsupported_params):
-            if params.get(name, neutral[name]) != neutral[name]:
+            if params.get(name, DEFAULTS[name]) != DEFAULTS[name]:
                 return name, (
                     f"{name} is not supported by this deployment's {self.engine_name} engine; "
                     "deploy the model without optimization or with vLLM to use it"

@@ -106,11 +106,13 @@ def engine_request(
         "logprobs": logprobs,
         "top_logprobs": top,
         "ignore_eos": req.ignore_eos,
-        "presence_penalty": req.presence_penalty or 0.0,
-        "frequency_penalty": req.frequency_penalty or 0.0,
-        "repetition_penalty": req.repetition_penalty or 1.0,
-        "logit_bias": tuple(sorted((req.logit_bias or {}).items())),
     }
+    # penalties the request leaves out keep SamplingParams' neutral defaults
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if (value := getattr(req, name)) is not None:
+            params[name] = value
+    if req.logit_bias:
+        params["logit_bias"] = tuple(sorted(req.logit_bias.items()))
     out: dict[str, Any] = {"params": params, "n": req.n}
     if kind == "chat":
         out["messages"] = [{"role": m.role, "content": m.text()} for m in req.messages]

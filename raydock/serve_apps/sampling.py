@@ -31,14 +31,13 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, added to its logit)
 
     def adjusts_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias) or (
-            self.repetition_penalty != 1.0
-        )
+        return any(getattr(self, name) != DEFAULTS[name] for name in LOGIT_ADJUSTMENTS)
 
 
-def defaults() -> dict[str, object]:
-    """Each parameter's neutral value: a request that leaves it there does not use it."""
-    return {f.name: f.default for f in fields(SamplingParams)}
+# Each parameter's neutral value: a request that leaves it there does not use it
+DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(SamplingParams)}
+# What `adjust` applies to the logits before sampling
+LOGIT_ADJUSTMENTS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 
 
 def make_generator(seed: int | None) -> torch.Generator:

@@ -80,7 +80,13 @@ from raydock.serve_apps.engines.base import (
     eos_ids,
 )
 from raydock.serve_apps.guided import Guide, GuidedDecoder
-from raydock.serve_apps.sampling import SamplingParams, _filter, choose, make_generator
+from raydock.serve_apps.sampling import (
+    LOGIT_ADJUSTMENTS,
+    SamplingParams,
+    _filter,
+    choose,
+    make_generator,
+)
 
 # CTranslate2 keeps every step's logits of a call that returns them (steps x vocab floats per
 # sequence): such calls (guided, top_logprobs) stop after this many steps and resume, and a
@@ -162,9 +168,7 @@ class CTranslate2Engine(TokenizerPrompts):
     # CTranslate2 samples inside generate_batch with no logits hook, and its own
     # repetition_penalty counts a different history (not the prompt, and not across the
     # runs a sequence resumes in), so the engine refuses these instead of bending them
-    unsupported_params: ClassVar[frozenset[str]] = frozenset(
-        {"presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
-    )
+    unsupported_params: ClassVar[frozenset[str]] = frozenset(LOGIT_ADJUSTMENTS)
 
     def __init__(
         self,
