@@ -18,11 +18,6 @@ from ray.serve import Application
 from raydock.errors import ApiError, error_response
 from raydock.optimizers.plan import EnginePlan
 
-
-class PromptTooLong(ValueError):
-    pass
-
-
 engine_http = FastAPI(title="raydock engine replica", docs_url=None, openapi_url=None)
 
 
@@ -106,29 +101,48 @@ class EngineServer:
         else:
             ids = self.engine.text_prompt(request["prompt"])
         if len(ids) >= self.engine.max_context:
-            raise PromptTooLong(
+            raise ApiError(
+                400,
                 f"the prompt has {len(ids)} tokens; this model's context is "
-                f"{self.engine.max_context} tokens"
+                f"{self.engine.max_context} tokens",
+                "messages" if "messages" in request else "prompt",
+                "context_length_exceeded",
             )
         return ids
 
-    def _refusal(self, params: dict[str, Any]) -> tuple[str, str] | None:
-        """(parameter, why) when the request asks what this engine or model cannot do."""
+    def _check_params(self, params: dict[str, Any]) -> None:
+        """Refuse (400) what the request asks that this engine or model cannot do."""
         from raydock.serve_apps.sampling import DEFAULTS
 
         for name in sorted(self.engine.unsupported_params):
             if params.get(name, DEFAULTS[name]) != DEFAULTS[name]:
-                return name, (
+                raise ApiError(
+                    400,
                     f"{name} is not supported by this deployment's {self.engine_name} engine; "
-                    "deploy the model without optimization or with vLLM to use it"
+                    "deploy the model without optimization or with vLLM to use it",
+                    name,
+                    "unsupported_parameter",
                 )
         vocab = self.engine.vocab_size
         for token, _ in params.get("logit_bias", ()):
             if token >= vocab:
-                return f"logit_bias.{token}", (
-                    f"logit_bias names token {token}; this model's token ids are 0–{vocab - 1}"
+                raise ApiError(
+                    400,
+                    f"logit_bias names token {token}; this model's token ids are 0–{vocab - 1}",
+                    f"logit_bias.{token}",
+                    "unsupported_parameter",
                 )
-        return None
+
+    async def _check_regex(self, regex: str, param: str | None) -> None:
+        """Refuse (400) an output format the engine cannot enforce, before any token."""
+        from raydock.serve_apps.engines.base import ConstraintError
+
+        try:
+            await self.engine.check_regex(regex)
+        except ConstraintError as exc:
+            raise ApiError(
+                400, f"{param} cannot be enforced: {exc}", param, "unsupported_schema"
+            ) from None
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         """Stream step events (dicts with an `index`) for the request's `n` sequences.
@@ -138,11 +152,14 @@ class EngineServer:
         """
         if self.requests >= self.engine.max_batch_size + self.queue_limit:
             yield [
-                {
-                    "error": "the deployment's request queue is full; retry later",
-                    "status": 429,
-                    "code": "queue_full",
-                }
+                _error_event(
+                    ApiError(
+                        429,
+                        "the deployment's request queue is full; retry later",
+                        None,
+                        "queue_full",
+                    )
+                )
             ]
             return
         self.requests += 1
@@ -155,29 +172,17 @@ class EngineServer:
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         from raydock.serve_apps.sampling import SamplingParams
 
+        params = request["params"]
+        regex = request.get("regex")
         try:
             ids = self._prompt(request)
-        except PromptTooLong as exc:
-            param = "messages" if "messages" in request else "prompt"
-            yield [
-                {
-                    "error": str(exc),
-                    "status": 400,
-                    "param": param,
-                    "code": "context_length_exceeded",
-                }
-            ]
-            return
-        params = request["params"]
-        refusal = self._refusal(params)
-        if refusal is not None:
-            param, message = refusal
-            yield [
-                {"error": message, "status": 400, "param": param, "code": "unsupported_parameter"}
-            ]
+            self._check_params(params)
+            if regex is not None:
+                await self._check_regex(regex, request.get("regex_param"))
+        except ApiError as exc:
+            yield [_error_event(exc)]
             return
         n = request.get("n", 1)
-        regex = request.get("regex")
 
         def sampling(index: int) -> SamplingParams:
             p = dict(params)
@@ -215,6 +220,11 @@ class EngineServer:
         finally:
             for t in tasks:  # client gone (or error): stop decoding at once
                 t.cancel()
+
+
+def _error_event(exc: ApiError) -> dict[str, Any]:
+    """A refusal as the replica's stream carries it (the service turns it into HTTP)."""
+    return {"error": exc.message, "status": exc.status, "param": exc.param, "code": exc.code}
 
 
 def queue_limit(batch: int) -> int:

@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from outlines_core import Guide, Index, Vocabulary
 
+from raydock.serve_apps.engines.base import ConstraintError
+
 CACHE_SIZE = 64
 
 
@@ -58,6 +60,17 @@ def token_bytes(tokenizer) -> dict[int, bytes]:
     return out
 
 
+def _explain(error: str) -> str:
+    if error.startswith("Failed to build DFA"):
+        return (
+            "the regex could not be compiled (the Rust regex dialect: no look-arounds, "
+            f"backreferences or other non-regular constructs): {error}"
+        )
+    if len(error) > 300:  # outlines-core lists every missing character
+        error = error[:300] + " …"
+    return f"this model's vocabulary cannot produce what the regex asks for: {error}"
+
+
 class GuidedDecoder:
     """Compiles and caches indexes for one tokenizer; builds per-step masks."""
 
@@ -80,7 +93,10 @@ class GuidedDecoder:
             if regex in self._cache:
                 self._cache.move_to_end(regex)
                 return self._cache[regex]
-        index = Index(regex, self.vocabulary)  # outside the lock: compiles can overlap
+        try:  # outside the lock: compiles can overlap
+            index = Index(regex, self.vocabulary)
+        except ValueError as exc:  # outlines-core: "Failed to build DFA ...", or the vocabulary
+            raise ConstraintError(_explain(str(exc))) from None
         with self._lock:
             self._cache[regex] = index
             while len(self._cache) > self._cache_size:

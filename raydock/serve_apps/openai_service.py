@@ -143,13 +143,22 @@ def _constraint(kind: str, req: protocol._Request) -> structured.Constraint:
         raise ApiError(400, str(exc), exc.param, "unsupported_schema") from None
 
 
+#: vLLM's structured output formats; its other `structured_outputs` keys are options
+_VLLM_FORMATS = ("json", "choice", "regex", "grammar", "json_object", "structural_tag")
+
+
 def _vllm_structured(req: protocol._Request) -> tuple[str, Any, str] | None:
-    """(kind, value, parameter name) of the vLLM-style structured output a request asks for."""
-    asked = [
-        (k, v, f"structured_outputs.{k}")
-        for k, v in (req.structured_outputs or {}).items()
-        if v is not None
-    ]
+    """(kind, value, parameter name) of the vLLM-style structured output a request asks for.
+    None and False mean "not asked", as in vLLM (`{"json_object": false}`)."""
+    asked = []
+    for k, v in (req.structured_outputs or {}).items():
+        if v is None or v is False:
+            continue
+        if k not in _VLLM_FORMATS:
+            raise structured.StructuredError(
+                f"structured_outputs.{k}", f"structured_outputs.{k} is not supported by raydock"
+            )
+        asked.append((k, v, f"structured_outputs.{k}"))
     for k in ("json", "choice", "regex", "grammar"):
         if (v := getattr(req, f"guided_{k}")) is not None:
             asked.append((k, v, f"guided_{k}"))
@@ -300,7 +309,10 @@ async def complete(
             "model_not_found",
         )
     constraint = _constraint(kind, req)
-    payload = engine_request(kind, req, dep) | {"regex": constraint.regex}
+    payload = engine_request(kind, req, dep) | {
+        "regex": constraint.regex,
+        "regex_param": constraint.param,
+    }
     deadline = started + dep.timeout_s
     fmt = protocol.Formatter(kind, dep.name)
     events = _bounded(run(payload), deadline, dep.timeout_s)

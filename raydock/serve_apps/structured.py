@@ -21,6 +21,9 @@ from raydock.serve_apps.schema_regex import (
     tool_call_regex,
 )
 
+#: A user regex longer than this is refused before any compile (the engine's DFA grows with it).
+MAX_REGEX_CHARS = 10_000
+
 # auto: either a tool call, or plain text that does not start like one
 _TEXT_NOT_JSON = r"[^{][\s\S]*"
 
@@ -33,8 +36,10 @@ class StructuredError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    mode: str  # "text" | "json" | "choice" | "tools"
+    mode: str  # "text" | "json" | "choice" | "regex" | "tools"
     regex: str | None = None
+    # the request field the regex comes from: an engine that cannot enforce it names it
+    param: str | None = None
 
 
 def _check_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -73,16 +78,17 @@ def constraint_for(
         if choice == "none":
             pass  # tools declared but not to be called: fall through to response_format
         elif choice == "required":
-            return Constraint("tools", _tools_regex(tools, "tools"))
+            return Constraint("tools", _tools_regex(tools, "tools"), "tools")
         elif choice == "auto":
-            return Constraint("tools", f"({_tools_regex(tools, 'tools')})|({_TEXT_NOT_JSON})")
+            regex = f"({_tools_regex(tools, 'tools')})|({_TEXT_NOT_JSON})"
+            return Constraint("tools", regex, "tools")
         elif isinstance(choice, dict):
             name = (choice.get("function") or {}).get("name")
             if name not in by_name:
                 raise StructuredError(
                     "tool_choice", f"tool_choice names {name!r}, not one of {sorted(by_name)}"
                 )
-            return Constraint("tools", _tools_regex([by_name[name]], "tools"))
+            return Constraint("tools", _tools_regex([by_name[name]], "tools"), "tools")
         else:
             raise StructuredError(
                 "tool_choice", "tool_choice must be 'none', 'auto', 'required' or a function"
@@ -93,7 +99,7 @@ def constraint_for(
     if kind == "text":
         return Constraint("text")
     if kind == "json_object":
-        return Constraint("json", JSON_OBJECT_REGEX)
+        return Constraint("json", JSON_OBJECT_REGEX, "response_format")
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
@@ -108,7 +114,7 @@ def constraint_for(
 
 def _schema(schema: Any, param: str) -> Constraint:
     try:
-        return Constraint("json", schema_to_regex(schema))
+        return Constraint("json", schema_to_regex(schema), param)
     except UnsupportedSchema as exc:
         raise StructuredError(
             param, f"schema keyword '{exc.keyword}' cannot be enforced by raydock: {exc}"
@@ -116,8 +122,9 @@ def _schema(schema: Any, param: str) -> Constraint:
 
 
 def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
-    """vLLM's structured outputs (`structured_outputs.json` / `.choice`, or its older
-    `guided_json` / `guided_choice`) as the same kind of constraint; `param` names the field."""
+    """vLLM's structured outputs (`structured_outputs.json` / `.choice` / `.regex`, or its older
+    `guided_json` / `guided_choice` / `guided_regex`) as the same kind of constraint; `param`
+    names the field."""
     if kind == "json":
         if isinstance(value, str):
             try:
@@ -128,15 +135,25 @@ def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
             raise StructuredError(param, f"{param} must be a JSON schema")
         return _schema(value, param)
     if kind == "json_object" and value is True:
-        return Constraint("json", JSON_OBJECT_REGEX)
+        return Constraint("json", JSON_OBJECT_REGEX, param)
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
             raise StructuredError(param, f"{param} must be a non-empty list of strings")
-        return Constraint("choice", choice_regex(value))
+        return Constraint("choice", choice_regex(value), param)
+    if kind == "regex":
+        # the syntax is the engine's to judge (Rust `regex` dialect): a regex it cannot
+        # build is a 400 from the replica, before any token
+        if not isinstance(value, str) or not value:
+            raise StructuredError(param, f"{param} must be a non-empty regular expression")
+        if len(value) > MAX_REGEX_CHARS:
+            raise StructuredError(
+                param, f"{param} has {len(value)} characters; at most {MAX_REGEX_CHARS}"
+            )
+        return Constraint("regex", value, param)
     raise StructuredError(
         param,
-        f"{param} is not supported: raydock enforces JSON schemas and choices "
-        "(structured_outputs.json / .choice, or response_format)",
+        f"{param} is not supported: raydock enforces JSON schemas, choices and regular "
+        "expressions (structured_outputs.json / .choice / .regex, or response_format)",
     )
 
 

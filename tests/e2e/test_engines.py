@@ -7,6 +7,7 @@ and response_format through the Serve proxy with the `openai` SDK.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import openai
@@ -64,6 +65,17 @@ def exercise(sdk: openai.OpenAI) -> None:
         model="m", messages=ASK, max_tokens=8, seed=4, extra_body={"guided_choice": picks}
     )
     assert out.choices[0].message.content in picks
+    code = r"[0-9]{3}-[a-z]{2,6}"
+    out = sdk.chat.completions.create(
+        model="m", messages=ASK, max_tokens=20, seed=5, extra_body={"guided_regex": code}
+    )
+    assert re.fullmatch(code, out.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError) as refused:  # each engine's own regex check
+        sdk.chat.completions.create(
+            model="m", messages=ASK, max_tokens=8, extra_body={"guided_regex": r"(?=1)[0-9]"}
+        )
+    assert refused.value.body["param"] == "guided_regex"
+    assert "look-around" in refused.value.body["message"]
     legacy = sdk.with_options(base_url=str(sdk.base_url).removesuffix("/v2/") + "/v1")
     out = legacy.completions.create(
         model="m", prompt="A person:", max_tokens=200, seed=3, extra_body={"response_format": fmt}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -159,9 +160,37 @@ def test_vllm_style_structured_outputs(sdk):
     check(schema, reply.choices[0].message.content)
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.chat.completions.create(
-            model="m", messages=ASK, max_tokens=8, extra_body={"guided_regex": "[a-z]+"}
+            model="m", messages=ASK, max_tokens=8, extra_body={"guided_grammar": "root ::= 'a'"}
         )
-    assert refused.value.body["param"] == "guided_regex"
+    assert refused.value.body["param"] == "guided_grammar"
+
+
+def test_vllm_style_regex_is_enforced(sdk):
+    regex = r"[0-9]{3}-[a-z]{2,6}( [A-Z][a-z]{1,8})?"
+    for seed in range(3):
+        reply = sdk.chat.completions.create(
+            model="m", messages=ASK, max_tokens=40, seed=seed, extra_body={"guided_regex": regex}
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        assert re.fullmatch(regex, reply.choices[0].message.content)
+    legacy = sdk.with_options(base_url=str(sdk.base_url).removesuffix("/v2/") + "/v1")
+    out = legacy.completions.create(
+        model="m",
+        prompt="A code:",
+        max_tokens=40,
+        seed=5,
+        n=2,
+        extra_body={"structured_outputs": {"regex": regex}},
+    )
+    assert [re.fullmatch(regex, c.text) is not None for c in out.choices] == [True, True]
+    # outside the engine's dialect: a 400 naming the field, before any token
+    for bad in (r"(?=a)[a-z]+", r"([a-z])\1"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.chat.completions.create(
+                model="m", messages=ASK, max_tokens=8, extra_body={"guided_regex": bad}
+            )
+        assert refused.value.body["param"] == "guided_regex"
+        assert "look-arounds" in refused.value.body["message"]
 
 
 WEATHER = {

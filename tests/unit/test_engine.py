@@ -9,6 +9,7 @@ import re
 import pytest
 
 from raydock.modelgen import cached_model_dir
+from raydock.serve_apps.engines.base import ConstraintError
 from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 from raydock.serve_apps.sampling import SamplingParams
 
@@ -94,6 +95,13 @@ def test_guided_output_matches_regex(engine):
     for text, finish in run(main()):
         assert finish == "stop" and re.fullmatch(regex, text), text
         assert isinstance(json.loads(text)["ok"], bool)
+
+
+@pytest.mark.parametrize("regex", [r"(?=a)b", r"(a)\1", r"[a-z]+("])
+def test_a_regex_outside_the_dialect_is_refused_before_decoding(engine, regex):
+    with pytest.raises(ConstraintError, match="look-arounds, backreferences"):
+        run(engine.check_regex(regex))
+    run(engine.check_regex(r"[a-z]{2,5}"))  # what the dialect has passes
 
 
 def test_burst_larger_than_one_prefill_pass(engine, monkeypatch):

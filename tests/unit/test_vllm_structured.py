@@ -57,7 +57,12 @@ def test_json_schema_as_object_or_string_is_the_response_format_regex():
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"guided_regex": ""}, "guided_regex"),
+        ({"structured_outputs": {"regex": "a" * 10_001}}, "structured_outputs.regex"),
+        (
+            {"structured_outputs": {"whitespace_pattern": " "}},
+            "structured_outputs.whitespace_pattern",
+        ),
         ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs.grammar"),
         ({"guided_json": "{not json"}, "guided_json"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
@@ -71,3 +76,21 @@ def test_json_schema_as_object_or_string_is_the_response_format_regex():
 )
 def test_what_cannot_be_enforced_is_a_400_naming_the_field(body, param):
     assert refusal(**body).param == param
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"guided_regex": r"[0-9]{3}-[a-z]+"}, "guided_regex"),
+        ({"structured_outputs": {"regex": r"[0-9]{3}-[a-z]+"}}, "structured_outputs.regex"),
+    ],
+)
+def test_a_regex_is_passed_on_as_is_naming_its_field(body, param):
+    c = constraint(**body)
+    assert (c.mode, c.regex, c.param) == ("regex", r"[0-9]{3}-[a-z]+", param)
+
+
+def test_false_and_none_mean_not_asked():
+    assert constraint(structured_outputs={"json_object": False, "regex": None}).mode == "text"
+    c = constraint(structured_outputs={"json_object": False, "choice": ["a", "b"]})
+    assert (c.mode, c.param) == ("choice", "structured_outputs.choice")

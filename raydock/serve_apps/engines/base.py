@@ -29,6 +29,11 @@ class StepEvent:
         return self.__dict__.copy()
 
 
+class ConstraintError(ValueError):
+    """The engine cannot enforce a regex: its syntax is outside the engine's dialect (Rust
+    `regex`: no look-arounds or backreferences), or the model's vocabulary cannot spell it."""
+
+
 class Engine(Protocol):
     max_context: int
     # SamplingParams fields the engine cannot honour; a request setting one gets a 400
@@ -40,6 +45,9 @@ class Engine(Protocol):
 
     @property
     def vocab_size(self) -> int: ...
+
+    async def check_regex(self, regex: str) -> None:
+        """Raise ConstraintError if `generate` could not enforce `regex`."""
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None

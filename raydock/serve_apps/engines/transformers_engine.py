@@ -108,6 +108,9 @@ class TransformersEngine(TokenizerPrompts):
 
     # ------------------------------------------------------------------ public API
 
+    async def check_regex(self, regex: str) -> None:
+        await self.guided.guide(regex)  # compiles the index `generate` then finds cached
+
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
     ) -> AsyncIterator[list[StepEvent]]:

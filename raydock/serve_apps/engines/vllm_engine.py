@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts
+from raydock.serve_apps.engines.base import ConstraintError, StepEvent, TokenizerPrompts
 from raydock.serve_apps.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,15 @@ class VLLMEngine(TokenizerPrompts):
         if lp.decoded_token is not None or token is None:
             return lp.decoded_token or ""
         return self.tokenizer.decode([token])
+
+    async def check_regex(self, regex: str) -> None:
+        """The syntax check vLLM's guidance backend runs when the request is added (llguidance
+        compiles lazily, so this is cheap), made before the request so it can be a 400."""
+        import llguidance
+
+        grammar = llguidance.grammar_from("regex", regex)
+        if error := llguidance.LLMatcher.validate_grammar(grammar, None):
+            raise ConstraintError(f"the regex could not be compiled: {error.strip()}")
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
