@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from outlines_core import Guide, Index, Vocabulary
@@ -18,6 +18,8 @@ from outlines_core import Guide, Index, Vocabulary
 from raydock.serve_apps.engines.base import ConstraintError
 
 CACHE_SIZE = 64
+#: How long a request waits for its regex to compile before a 400 (see `guide`)
+COMPILE_TIMEOUT_S = 30.0
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -74,7 +76,14 @@ def _explain(error: str) -> str:
 class GuidedDecoder:
     """Compiles and caches indexes for one tokenizer; builds per-step masks."""
 
-    def __init__(self, tokenizer, eos_id: int, vocab_size: int, cache_size: int = CACHE_SIZE):
+    def __init__(
+        self,
+        tokenizer,
+        eos_id: int,
+        vocab_size: int,
+        cache_size: int = CACHE_SIZE,
+        compile_timeout_s: float = COMPILE_TIMEOUT_S,
+    ):
         mapping: dict[bytes, list[int]] = {}
         for i, b in token_bytes(tokenizer).items():
             if b and i != eos_id:
@@ -86,6 +95,8 @@ class GuidedDecoder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="guided-compile")
+        self._compiling: dict[str, Future] = {}  # regex -> its compile in progress
+        self.compile_timeout_s = compile_timeout_s
         self._shifts = torch.arange(32, dtype=torch.int32)
 
     def index(self, regex: str) -> Index:
@@ -104,12 +115,27 @@ class GuidedDecoder:
         return index
 
     async def guide(self, regex: str) -> Guide:
-        """A fresh guide; compiling (if not cached) runs on a worker thread."""
+        """A fresh guide. Compiling (if not cached) runs on a worker thread, once however many
+        requests wait for it, and each waits at most `compile_timeout_s`: some regexes need a
+        DFA exponential in their size (`(a|b)*a(a|b){20}`: minutes), and one request must not
+        hold a replica's guided requests that long. The compile cannot be stopped; it goes on
+        and is cached, so a later request with the same regex finds it."""
         with self._lock:
             cached = self._cache.get(regex)
+            compiling = self._compiling.get(regex)
+            if cached is None and compiling is None:
+                compiling = self._compiling[regex] = self._pool.submit(self.index, regex)
+                compiling.add_done_callback(lambda _: self._compiling.pop(regex, None))
         if cached is None:
-            loop = asyncio.get_running_loop()
-            cached = await loop.run_in_executor(self._pool, self.index, regex)
+            try:
+                cached = await asyncio.wait_for(
+                    asyncio.shield(asyncio.wrap_future(compiling)), self.compile_timeout_s
+                )
+            except TimeoutError:
+                raise ConstraintError(
+                    f"the regex did not compile within {self.compile_timeout_s:g} s "
+                    "(its automaton is very large); simplify it"
+                ) from None
         return Guide(cached)
 
     def apply(self, logits: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import pytest
 
@@ -102,6 +103,27 @@ def test_a_regex_outside_the_dialect_is_refused_before_decoding(engine, regex):
     with pytest.raises(ConstraintError, match="look-arounds, backreferences"):
         run(engine.check_regex(regex))
     run(engine.check_regex(r"[a-z]{2,5}"))  # what the dialect has passes
+
+
+def test_a_regex_slow_to_compile_is_refused_then_served_once_compiled(engine, monkeypatch):
+    slow = r"(a|b)*a(a|b){12}"  # a DFA with 2^12 states: ~0.5 s here, minutes at {20}
+    monkeypatch.setattr(engine.guided, "compile_timeout_s", 0.02)
+
+    async def both():  # two requests for it wait on one compile, and both give up in time
+        return await asyncio.gather(
+            engine.check_regex(slow), engine.check_regex(slow), return_exceptions=True
+        )
+
+    for refused in run(both()):
+        assert isinstance(refused, ConstraintError) and "did not compile within" in str(refused)
+    deadline = time.monotonic() + 60
+    while True:  # the compile went on in the background; then the regex is served at once
+        try:
+            run(engine.check_regex(slow))
+            break
+        except ConstraintError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
 
 
 def test_burst_larger_than_one_prefill_pass(engine, monkeypatch):
