@@ -11,6 +11,7 @@ import asyncio
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from outlines_core import Guide, Index, Vocabulary
@@ -73,6 +74,12 @@ def _explain(error: str) -> str:
     return f"this model's vocabulary cannot produce what the regex asks for: {error}"
 
 
+@dataclass
+class _Compile:
+    future: Future
+    waiters: int = 0  # requests waiting for it
+
+
 class GuidedDecoder:
     """Compiles and caches indexes for one tokenizer; builds per-step masks."""
 
@@ -95,7 +102,7 @@ class GuidedDecoder:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="guided-compile")
-        self._compiling: dict[str, Future] = {}  # regex -> its compile in progress
+        self._compiling: dict[str, _Compile] = {}  # regex -> its compile, queued or running
         self.compile_timeout_s = compile_timeout_s
         self._shifts = torch.arange(32, dtype=torch.int32)
 
@@ -118,25 +125,33 @@ class GuidedDecoder:
         """A fresh guide. Compiling (if not cached) runs on a worker thread, once however many
         requests wait for it, and each waits at most `compile_timeout_s`: some regexes need a
         DFA exponential in their size (`(a|b)*a(a|b){20}`: minutes), and one request must not
-        hold a replica's guided requests that long. The compile cannot be stopped; it goes on
-        and is cached, so a later request with the same regex finds it."""
+        hold a replica's guided requests that long. A compile nobody waits for any more is
+        dropped if it has not started; a started one cannot be stopped: it goes on and is
+        cached, so a later request with the same regex finds it."""
         with self._lock:
             cached = self._cache.get(regex)
-            compiling = self._compiling.get(regex)
-            if cached is None and compiling is None:
-                compiling = self._compiling[regex] = self._pool.submit(self.index, regex)
-                compiling.add_done_callback(lambda _: self._compiling.pop(regex, None))
-        if cached is None:
-            try:
-                cached = await asyncio.wait_for(
-                    asyncio.shield(asyncio.wrap_future(compiling)), self.compile_timeout_s
-                )
-            except TimeoutError:
-                raise ConstraintError(
-                    f"the regex did not compile within {self.compile_timeout_s:g} s "
-                    "(its automaton is very large); simplify it"
-                ) from None
-        return Guide(cached)
+            if cached is not None:
+                return Guide(cached)
+            job = self._compiling.get(regex)
+            if job is None:
+                job = self._compiling[regex] = _Compile(self._pool.submit(self.index, regex))
+                job.future.add_done_callback(lambda _: self._compiling.pop(regex, None))
+            job.waiters += 1
+        try:
+            index = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(job.future)), self.compile_timeout_s
+            )
+        except TimeoutError:
+            raise ConstraintError(
+                f"the regex did not compile within {self.compile_timeout_s:g} s "
+                "(its automaton is very large); simplify it"
+            ) from None
+        finally:  # answered, timed out or the client left
+            with self._lock:
+                job.waiters -= 1
+                if job.waiters == 0:
+                    job.future.cancel()  # only takes while still queued
+        return Guide(index)
 
     def apply(self, logits: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
         """Set disallowed tokens to -inf for every row that has a guide ([batch, vocab])."""
