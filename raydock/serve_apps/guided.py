@@ -129,9 +129,9 @@ class GuidedDecoder:
         dropped if it has not started; a started one cannot be stopped: it goes on and is
         cached, so a later request with the same regex finds it."""
         with self._lock:
-            cached = self._cache.get(regex)
-            if cached is not None:
-                return Guide(cached)
+            if regex in self._cache:
+                self._cache.move_to_end(regex)  # least recently used goes first
+                return Guide(self._cache[regex])
             job = self._compiling.get(regex)
             if job is None:
                 job = self._compiling[regex] = _Compile(self._pool.submit(self.index, regex))

@@ -136,6 +136,13 @@ def test_a_regex_slow_to_compile_is_refused_then_served_once_compiled(engine, mo
     assert not served_within(engine, slow[2], 0)
 
 
+def test_guide_cache_evicts_the_least_recently_used(engine, monkeypatch):
+    monkeypatch.setattr(engine.guided, "_cache_size", 2)
+    for regex in ("x{3}", "y{3}", "x{3}", "z{3}"):  # x is used again before z comes
+        run(engine.guided.guide(regex))
+    assert list(engine.guided._cache) == ["x{3}", "z{3}"]
+
+
 def test_burst_larger_than_one_prefill_pass(engine, monkeypatch):
     """A burst wider than PREFILL_TOKENS is prefilled in several passes, same outputs."""
     from raydock.serve_apps.engines import transformers_engine
