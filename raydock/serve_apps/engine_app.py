@@ -133,12 +133,21 @@ class EngineServer:
                     "unsupported_parameter",
                 )
 
-    async def _check_regex(self, regex: str, param: str | None) -> None:
+    async def _check_constraint(self, request: dict[str, Any]) -> None:
         """Refuse (400) an output format the engine cannot enforce, before any token."""
         from raydock.serve_apps.engines.base import ConstraintError
 
+        param = request.get("constraint_param")
         try:
-            await self.engine.check_regex(regex)
+            if request.get("grammar") is not None:
+                if not hasattr(self.engine, "check_grammar"):
+                    raise ConstraintError(
+                        "grammars are enforced by deployments optimized with vLLM (its llguidance "
+                        f"backend); this deployment runs the {self.engine_name} engine"
+                    )
+                await self.engine.check_grammar(request["grammar"])
+            elif request.get("regex") is not None:
+                await self.engine.check_regex(request["regex"])
         except ConstraintError as exc:
             raise ApiError(
                 400, f"{param} cannot be enforced: {exc}", param, "unsupported_schema"
@@ -173,16 +182,17 @@ class EngineServer:
         from raydock.serve_apps.sampling import SamplingParams
 
         params = request["params"]
-        regex = request.get("regex")
         try:
             ids = self._prompt(request)
             self._check_params(params)
-            if regex is not None:
-                await self._check_regex(regex, request.get("regex_param"))
+            await self._check_constraint(request)
         except ApiError as exc:
             yield [_error_event(exc)]
             return
         n = request.get("n", 1)
+        # a grammar goes only to the engines that take one (checked above)
+        constraint = {"grammar": request["grammar"]} if request.get("grammar") else {}
+        regex = request.get("regex")
 
         def sampling(index: int) -> SamplingParams:
             p = dict(params)
@@ -191,14 +201,14 @@ class EngineServer:
             return SamplingParams(**p)
 
         if n == 1:
-            async for steps in self.engine.generate(ids, sampling(0), regex):
+            async for steps in self.engine.generate(ids, sampling(0), regex, **constraint):
                 yield [{"index": 0, **ev.to_dict()} for ev in steps]
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def run(index: int) -> None:
             try:
-                async for steps in self.engine.generate(ids, sampling(index), regex):
+                async for steps in self.engine.generate(ids, sampling(index), regex, **constraint):
                     for ev in steps:
                         queue.put_nowait({"index": index, **ev.to_dict()})
             finally:

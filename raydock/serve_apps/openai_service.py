@@ -311,7 +311,8 @@ async def complete(
     constraint = _constraint(kind, req)
     payload = engine_request(kind, req, dep) | {
         "regex": constraint.regex,
-        "regex_param": constraint.param,
+        "grammar": constraint.grammar,
+        "constraint_param": constraint.param,
     }
     deadline = started + dep.timeout_s
     fmt = protocol.Formatter(kind, dep.name)

@@ -21,8 +21,9 @@ from raydock.serve_apps.schema_regex import (
     tool_call_regex,
 )
 
-#: A user regex longer than this is refused before any compile (the engine's DFA grows with it).
-MAX_REGEX_CHARS = 10_000
+#: A user regex or grammar longer than this is refused before any compile (a regex's DFA
+#: grows with it).
+MAX_PATTERN_CHARS = 10_000
 
 # auto: either a tool call, or plain text that does not start like one
 _TEXT_NOT_JSON = r"[^{][\s\S]*"
@@ -36,10 +37,11 @@ class StructuredError(ValueError):
 
 @dataclass(frozen=True)
 class Constraint:
-    mode: str  # "text" | "json" | "choice" | "regex" | "tools"
+    mode: str  # "text" | "json" | "choice" | "regex" | "grammar" | "tools"
     regex: str | None = None
-    # the request field the regex comes from: an engine that cannot enforce it names it
+    # the request field the constraint comes from: an engine that cannot enforce it names it
     param: str | None = None
+    grammar: str | None = None  # a Lark or GBNF grammar (vLLM engines only), instead of a regex
 
 
 def _check_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -122,9 +124,8 @@ def _schema(schema: Any, param: str) -> Constraint:
 
 
 def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
-    """vLLM's structured outputs (`structured_outputs.json` / `.choice` / `.regex`, or its older
-    `guided_json` / `guided_choice` / `guided_regex`) as the same kind of constraint; `param`
-    names the field."""
+    """vLLM's structured outputs (`structured_outputs.json` / `.choice` / `.regex` / `.grammar`,
+    or its older `guided_*` fields) as the same kind of constraint; `param` names the field."""
     if kind == "json":
         if isinstance(value, str):
             try:
@@ -140,20 +141,23 @@ def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
             raise StructuredError(param, f"{param} must be a non-empty list of strings")
         return Constraint("choice", choice_regex(value), param)
-    if kind == "regex":
-        # the syntax is the engine's to judge (Rust `regex` dialect): a regex it cannot
-        # build is a 400 from the replica, before any token
-        if not isinstance(value, str) or not value:
-            raise StructuredError(param, f"{param} must be a non-empty regular expression")
-        if len(value) > MAX_REGEX_CHARS:
+    if kind in ("regex", "grammar"):
+        # the syntax is the engine's to judge (the Rust `regex` dialect; Lark or GBNF): what
+        # it cannot build is a 400 from the replica, before any token
+        if not isinstance(value, str) or not value.strip():
+            raise StructuredError(param, f"{param} must be a non-empty string")
+        if len(value) > MAX_PATTERN_CHARS:
             raise StructuredError(
-                param, f"{param} has {len(value)} characters; at most {MAX_REGEX_CHARS}"
+                param, f"{param} has {len(value)} characters; at most {MAX_PATTERN_CHARS}"
             )
+        if kind == "grammar":
+            return Constraint("grammar", None, param, grammar=value)
         return Constraint("regex", value, param)
     raise StructuredError(
         param,
-        f"{param} is not supported: raydock enforces JSON schemas, choices and regular "
-        "expressions (structured_outputs.json / .choice / .regex, or response_format)",
+        f"{param} is not supported: raydock enforces JSON schemas, choices, regular "
+        "expressions and grammars (structured_outputs.json / .choice / .regex / .grammar, "
+        "or response_format)",
     )
 
 

@@ -166,6 +166,24 @@ def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
     plain = set(greedy_tokens(sdk, ASK))
     assert len(set(greedy_tokens(sdk, ASK, frequency_penalty=2.0))) > len(plain) > 1
     assert len(set(greedy_tokens(sdk, ASK, logit_bias={"300": 100}))) == 1  # that token each step
+
+    # grammars (Lark or GBNF) go to vLLM's own llguidance backend
+    lark = 'start: answer " " NUMBER\nanswer: "yes" | "no"\nNUMBER: /[0-9]{1,3}/'
+    gbnf = 'root ::= ("yes" | "no") " " [0-9] [0-9]?'
+    for grammar in (lark, gbnf):
+        out = sdk.chat.completions.create(
+            model="m", messages=ASK, max_tokens=20, seed=2, extra_body={"guided_grammar": grammar}
+        )
+        assert out.choices[0].finish_reason == "stop"
+        assert re.fullmatch(r"(yes|no) [0-9]{1,3}", out.choices[0].message.content)
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(
+            model="m",
+            messages=ASK,
+            max_tokens=8,
+            extra_body={"structured_outputs": {"grammar": "start: (("}},
+        )
+    assert refused.value.body["param"] == "structured_outputs.grammar"
     platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
 
 

@@ -63,7 +63,7 @@ def test_json_schema_as_object_or_string_is_the_response_format_regex():
             {"structured_outputs": {"whitespace_pattern": " "}},
             "structured_outputs.whitespace_pattern",
         ),
-        ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"grammar": "  "}}, "structured_outputs.grammar"),
         ({"guided_json": "{not json"}, "guided_json"),
         ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
         ({"guided_json": {"type": "string", "pattern": "(?=a)"}}, "guided_json"),
@@ -94,3 +94,13 @@ def test_false_and_none_mean_not_asked():
     assert constraint(structured_outputs={"json_object": False, "regex": None}).mode == "text"
     c = constraint(structured_outputs={"json_object": False, "choice": ["a", "b"]})
     assert (c.mode, c.param) == ("choice", "structured_outputs.choice")
+
+
+def test_a_grammar_is_passed_on_instead_of_a_regex():
+    c = constraint(guided_grammar='start: "yes" | "no"')
+    assert (c.mode, c.regex, c.grammar, c.param) == (
+        "grammar",
+        None,
+        'start: "yes" | "no"',
+        "guided_grammar",
+    )

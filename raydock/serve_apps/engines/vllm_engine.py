@@ -42,6 +42,15 @@ REGEX_COMPILE_TIMEOUT_S = "60"
 STRUCTURED_OUTPUTS_BACKEND = "guidance"
 
 
+def _check_guidance(kind: str, text: str) -> None:
+    """The syntax check vLLM's guidance backend runs when a request is added (llguidance
+    compiles lazily, so this is cheap), made before the request so that it can be a 400."""
+    import llguidance
+
+    if error := llguidance.LLMatcher.validate_grammar(llguidance.grammar_from(kind, text), None):
+        raise ConstraintError(f"the {kind} could not be compiled: {error.strip()}")
+
+
 @contextlib.contextmanager
 def _env(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the engine's child processes (they copy the environment
@@ -214,7 +223,9 @@ class VLLMEngine(TokenizerPrompts):
 
     # ------------------------------------------------------------------ generation
 
-    def _sampling(self, params: SamplingParams, budget: int, regex: str | None):
+    def _sampling(
+        self, params: SamplingParams, budget: int, regex: str | None, grammar: str | None = None
+    ):
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -230,13 +241,15 @@ class VLLMEngine(TokenizerPrompts):
             repetition_penalty=params.repetition_penalty,
             logit_bias=dict(params.logit_bias) or None,
             stop=[s for s in params.stop if s] or None,
-            # a finished regex only allows EOS, which must then end the sequence
-            ignore_eos=params.ignore_eos and regex is None,
+            # a finished regex (or grammar) only allows EOS, which must then end the sequence
+            ignore_eos=params.ignore_eos and regex is None and grammar is None,
             # logprobs=k: the sampled token's logprob plus the k best; 0: the sampled one only
             logprobs=params.top_logprobs if params.logprobs else None,
             skip_special_tokens=True,
             output_kind=RequestOutputKind.DELTA,  # each output carries only new tokens
-            structured_outputs=StructuredOutputsParams(regex=regex) if regex else None,
+            structured_outputs=(
+                StructuredOutputsParams(regex=regex, grammar=grammar) if regex or grammar else None
+            ),
         )
 
     def _logprobs(self, token_ids, entries, top: int) -> list:
@@ -254,18 +267,20 @@ class VLLMEngine(TokenizerPrompts):
         return self.tokenizer.decode([token])
 
     async def check_regex(self, regex: str) -> None:
-        """The syntax check vLLM's guidance backend runs when the request is added (llguidance
-        compiles lazily, so this is cheap), made before the request so it can be a 400."""
-        import llguidance
+        _check_guidance("regex", regex)
 
-        grammar = llguidance.grammar_from("regex", regex)
-        if error := llguidance.LLMatcher.validate_grammar(grammar, None):
-            raise ConstraintError(f"the regex could not be compiled: {error.strip()}")
+    async def check_grammar(self, grammar: str) -> None:
+        _check_guidance("grammar", grammar)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> AsyncIterator[list[StepEvent]]:
-        """Stream one sequence's steps; with `regex`, the output is constrained to match it.
+        """Stream one sequence's steps; with `regex` (or a Lark / GBNF `grammar`), the output is
+        constrained to match it.
 
         Closing the generator (or cancelling its consumer) aborts the request in vLLM.
         """
@@ -273,7 +288,7 @@ class VLLMEngine(TokenizerPrompts):
 
         n_prompt = len(prompt_ids)
         budget = min(params.max_tokens, self.max_context - n_prompt)
-        sampling = self._sampling(params, budget, regex)
+        sampling = self._sampling(params, budget, regex, grammar)
         request_id = f"raydock-{uuid.uuid4().hex}"
         stream = self.engine.generate({"prompt_token_ids": list(prompt_ids)}, sampling, request_id)
         produced, outcome = 0, "cancelled"
