@@ -49,6 +49,9 @@ class Engine(Protocol):
     async def check_regex(self, regex: str) -> None:
         """Raise ConstraintError if `generate` could not enforce `regex`."""
 
+    # An engine that enforces grammars (vLLM) also has `async check_grammar(grammar)` and takes
+    # `grammar=` in `generate`; the replica refuses a grammar for any other engine.
+
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
     ) -> AsyncIterator[list[StepEvent]]: ...
