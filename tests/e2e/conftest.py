@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import ray
 
@@ -110,6 +111,11 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.3):
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def legacy_sdk(sdk: openai.OpenAI) -> openai.OpenAI:
+    """The same deployment's legacy base (`.../v1`: completions) beside the SDK's `.../v2`."""
+    return sdk.with_options(base_url=str(sdk.base_url).rstrip("/").removesuffix("/v2") + "/v1")
 
 
 def greedy_tokens(sdk, messages: list[dict], **extra) -> list[str]:

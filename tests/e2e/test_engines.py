@@ -18,7 +18,7 @@ from raydock.client import default_deploy_body
 from raydock.modelgen import build_model_zip, cached_model_dir
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import plan
-from tests.e2e.conftest import deploy_and_wait, greedy_tokens, import_ready
+from tests.e2e.conftest import deploy_and_wait, greedy_tokens, import_ready, legacy_sdk
 from tests.record_schema import RECORD
 
 ASK = [{"role": "user", "content": "Describe a person."}]
@@ -76,8 +76,7 @@ def exercise(sdk: openai.OpenAI) -> None:
         )
     assert refused.value.body["param"] == "guided_regex"
     assert "look-around" in refused.value.body["message"]
-    legacy = sdk.with_options(base_url=str(sdk.base_url).removesuffix("/v2/") + "/v1")
-    out = legacy.completions.create(
+    out = legacy_sdk(sdk).completions.create(
         model="m", prompt="A person:", max_tokens=200, seed=3, extra_body={"response_format": fmt}
     )
     assert out.choices[0].finish_reason == "stop"

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from raydock.modelgen import cached_model_dir
 
-from .conftest import deploy_and_wait, greedy_tokens, wait_for
+from .conftest import deploy_and_wait, greedy_tokens, legacy_sdk, wait_for
 
 HELLO = [{"role": "user", "content": "Tell me about lighthouses."}]
 
@@ -135,8 +135,8 @@ def test_penalties_are_applied_and_checked(sdk, live):
     assert err["param"] == "logit_bias.99999" and "0–" in err["message"]
 
 
-def test_length_finish_and_legacy_completions(live):
-    client = openai.OpenAI(base_url=live.base_url.removesuffix("/v2") + "/v1", api_key=live.key)
+def test_length_finish_and_legacy_completions(sdk):
+    client = legacy_sdk(sdk)
     r = client.completions.create(
         model="m",
         prompt="The harbour at dawn",

@@ -11,6 +11,8 @@ import openai
 import pytest
 from jsonschema import Draft202012Validator
 
+from .conftest import legacy_sdk
+
 CORPUS = Path(__file__).parents[1] / "schemas"
 SCHEMAS = sorted(CORPUS.glob("*.json"))
 UNSUPPORTED = sorted((CORPUS / "unsupported").glob("*.json"))
@@ -105,10 +107,8 @@ def test_unenforceable_schema_is_400_naming_keyword(live, path):
     assert err["param"] == "response_format.json_schema.schema"
 
 
-def test_legacy_completions_enforce_response_format(live):
-    legacy = openai.OpenAI(
-        base_url=live.base_url.removesuffix("/v2") + "/v1", api_key=live.key, timeout=120
-    )
+def test_legacy_completions_enforce_response_format(sdk, live):
+    legacy = legacy_sdk(sdk)
     case = load(SCHEMAS[0])
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": case["schema"]}}
     ask = {"model": "m", "prompt": "The record:", "max_tokens": 512}
@@ -174,8 +174,7 @@ def test_vllm_style_regex_is_enforced(sdk):
         )
         assert reply.choices[0].finish_reason == "stop"
         assert re.fullmatch(regex, reply.choices[0].message.content)
-    legacy = sdk.with_options(base_url=str(sdk.base_url).removesuffix("/v2/") + "/v1")
-    out = legacy.completions.create(
+    out = legacy_sdk(sdk).completions.create(
         model="m",
         prompt="A code:",
         max_tokens=40,

@@ -30,8 +30,9 @@ class StepEvent:
 
 
 class ConstraintError(ValueError):
-    """The engine cannot enforce a regex: its syntax is outside the engine's dialect (Rust
-    `regex`: no look-arounds or backreferences), or the model's vocabulary cannot spell it."""
+    """The engine cannot enforce a regex or grammar: its syntax is outside the engine's dialect
+    (Rust `regex`: no look-arounds or backreferences), the model's vocabulary cannot spell it,
+    or it does not compile in time."""
 
 
 class Engine(Protocol):
