@@ -11,6 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
+from raydock.client import ApiFailure
 from raydock.config import Settings, load_settings
 
 
@@ -253,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--name", required=True)
             p.add_argument("--device", default="cpu-small")
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ApiFailure as exc:  # the server's own message: one line, no traceback
+        print(f"raydock: {exc}", file=sys.stderr)
+    except httpx.TransportError as exc:
+        url = getattr(args, "url", None) or "the platform"
+        print(f"raydock: cannot reach {url}: {exc}; is `raydock up` running?", file=sys.stderr)
+    except OSError as exc:  # e.g. the file to import does not exist
+        print(f"raydock: {exc}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

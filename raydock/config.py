@@ -31,6 +31,7 @@ class Settings:
     allow_pickle_weights: bool = False
     upload_chunk_max_bytes: int = 100 * 2**20
     stream_interval_ms: int = 50
+    max_request_bytes: int = 8 * 2**20
 
     @property
     def home_path(self) -> Path:

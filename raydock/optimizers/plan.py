@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raydock.errors import ApiError
+
 OPTIMIZATION_TYPES = ("", "ctranslate2", "vllm")  # "": none, served by transformers
 NONE = ("", "no_quantization")  # the seed's "Skip" / no quantization
 CT2_TYPES = (
@@ -41,10 +43,11 @@ def _ct2_cuda(sm: int) -> set[str]:
     return types
 
 
-class OptimizationError(ValueError):
+class OptimizationError(ApiError):
+    """A deploy body's engine or quantization the hardware or the model cannot run (400)."""
+
     def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+        super().__init__(400, message, param, "invalid_optimization")
 
 
 @dataclass(frozen=True)

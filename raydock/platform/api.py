@@ -18,13 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from ray import serve
 
+from raydock import errors
 from raydock.config import Settings, hardware_profiles
 from raydock.errors import ApiError, error_response
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import plan
 from raydock.platform import names, schemas
 from raydock.platform.jobs import deployconfig_from
-from raydock.platform.registry import Conflict, InvalidTransition, NotFound
 from raydock.platform.states import RETRIGGERABLE_DEPLOYMENT, JobAction
 from raydock.platform.states import DeploymentStatus as D
 from raydock.platform.store import ArtifactStore
@@ -47,23 +47,7 @@ router = APIRouter(prefix="/public")
 
 # ------------------------------------------------------------------ errors
 
-
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError):
-    return error_response(exc.status, exc.message, exc.param, exc.code)
-
-
-@app.exception_handler(NotFound)
-async def _not_found(_: Request, exc: NotFound):
-    return error_response(404, str(exc), code="not_found")
-
-
-@app.exception_handler(Conflict)
-@app.exception_handler(InvalidTransition)
-async def _conflict(_: Request, exc: Exception):
-    return error_response(409, str(exc), code="conflict")
-
-
+errors.install(app, lambda: ctx.settings.max_request_bytes)
 BODY_MODELS: dict[str, type] = {}
 
 
@@ -74,7 +58,9 @@ async def _invalid(request: Request, exc: RequestValidationError):
     described = [schemas.describe_error(e, body_model) for e in exc.errors()]
     message = "; ".join(m for _, m in described)
     detail = [{"field": f, "message": m} for f, m in described]
-    return error_response(422, message, described[0][0], "validation_error", detail=detail)
+    return error_response(
+        422, message, described[0][0], "validation_error", errors.request_id(request), detail=detail
+    )
 
 
 # ------------------------------------------------------------------ auth
@@ -225,11 +211,11 @@ async def import_model(
 ) -> dict[str, Any]:
     """Import a model `.zip` in one multipart request (see files/session for large files)."""
     _zip_name(file.filename or "")
+    tag_list = schemas.parse_tags(tags)
     ctx.settings.uploads_path.mkdir(parents=True, exist_ok=True)
     dest = ctx.settings.uploads_path / f"{uuid.uuid4()}.zip"
     with dest.open("wb") as out:
         await asyncio.to_thread(shutil.copyfileobj, file.file, out, 4 * 2**20)
-    tag_list = [t.strip() for t in tags.split(",") if t.strip()]
     return await _start_import(
         dest, file.filename or "", user, kind, baseModelId, description, tag_list
     )
@@ -374,16 +360,11 @@ def _device_problem(profile: dict[str, Any]) -> str | None:
     return None
 
 
-async def _check_deployable(body: schemas.DeployRequest, model_id: str) -> plan.EnginePlan:
-    """The engine plan of a deploy body; 400 when the cluster cannot run it."""
+async def _check_deployable(body: schemas.DeployRequest, model_id: str) -> None:
+    """400 when the engine plan of a deploy body is invalid or the cluster cannot run it."""
     profile = hardware_profiles()[body.deviceType]
     model = await ctx.registry.get_model.remote(model_id)
-    try:
-        engine = plan.check(
-            body.optimizationInfo.model_dump(), body.deviceType, profile, model["artifactUri"]
-        )
-    except plan.OptimizationError as exc:
-        raise ApiError(400, str(exc), exc.param) from None
+    plan.check(body.optimizationInfo.model_dump(), body.deviceType, profile, model["artifactUri"])
     problem = _device_problem(profile)
     if problem:
         cpu = [n for n, p in _profiles() if not p.get("num_gpus")]
@@ -392,19 +373,11 @@ async def _check_deployable(body: schemas.DeployRequest, model_id: str) -> plan.
             f"deviceType {body.deviceType!r} {problem}; choose one of {cpu} or add such nodes",
             "deviceType",
         )
-    return engine
 
 
-async def _start_deploy(
-    deployment_id: str, body: dict | None, user: dict, engine: plan.EnginePlan
-) -> dict[str, Any]:
-    status = D.OPTIMIZING if engine.converts else D.DEPLOYING
-    dep = await ctx.registry.begin_deploy.remote(deployment_id, body, user["userId"], status)
-    job = await ctx.registry.create_job.remote(
-        JobAction.DEPLOY, dep["modelId"], user["userId"], deployment_id
-    )
-    await ctx.lifecycle.submit_deploy.remote(deployment_id, job["dockStatusId"])
-    return _job_ref(job)
+async def _start_deploy(deployment_id: str, body: dict | None, user: dict) -> dict[str, Any]:
+    """Hand the deploy to the lifecycle, which records it and its job in one step."""
+    return _job_ref(await ctx.lifecycle.deploy.remote(deployment_id, body, user["userId"]))
 
 
 @router.post("/models/{modelId}/deploy", tags=["deployments"])
@@ -419,14 +392,14 @@ async def deploy_model(
     With `isDeployedPreviously: true` and the name of an existing deployment of this model,
     that deployment is redeployed (a new history version); otherwise a new one is created.
     """
-    engine = await _check_deployable(body, modelId)
+    await _check_deployable(body, modelId)
     config = body.model_dump()
     existing = None
     if body.isDeployedPreviously:
         existing = await ctx.registry.find_deployment_by_name.remote(modelId, body.name)
     if existing is None:
         existing = await ctx.registry.create_deployment.remote(modelId, config, user["userId"])
-    return await _start_deploy(existing["deploymentId"], config, user, engine)
+    return await _start_deploy(existing["deploymentId"], config, user)
 
 
 BODY_MODELS["deploy_model"] = schemas.DeployRequest
@@ -472,9 +445,9 @@ BODY_MODELS["redeploy"] = schemas.DeployRequest
 async def redeploy(deploymentId: str, body: schemas.DeployRequest, user: User) -> dict[str, Any]:
     """Redeploy with changed parameters; history gains the next `name_vN`."""
     dep = await ctx.registry.get_deployment.remote(deploymentId)
-    engine = await _check_deployable(body, dep["modelId"])
+    await _check_deployable(body, dep["modelId"])
     config = body.model_dump() | {"name": dep["name"]}
-    return await _start_deploy(deploymentId, config, user, engine)
+    return await _start_deploy(deploymentId, config, user)
 
 
 @router.post("/deployments/{deploymentId}/retrigger", tags=["deployments"])
@@ -485,22 +458,13 @@ async def retrigger(deploymentId: str, user: User) -> dict[str, Any]:
         raise ApiError(
             409, f"only failed or undeployed deployments can be re-triggered (is {dep['status']})"
         )
-    engine = await _check_deployable(schemas.DeployRequest(**dep["config"]), dep["modelId"])
-    return await _start_deploy(deploymentId, None, user, engine)
+    await _check_deployable(schemas.DeployRequest(**dep["config"]), dep["modelId"])
+    return await _start_deploy(deploymentId, None, user)
 
 
 @router.post("/deployments/{deploymentId}/undeploy", tags=["deployments"])
 async def undeploy(deploymentId: str, user: User) -> dict[str, Any]:
-    dep = await ctx.registry.get_deployment.remote(deploymentId)
-    if dep["status"] not in (D.DEPLOYED, D.FAILED):
-        raise ApiError(
-            409, f"deployment is {dep['status']}; only DEPLOYED or FAILED can be undeployed"
-        )
-    job = await ctx.registry.create_job.remote(
-        JobAction.UNDEPLOY, dep["modelId"], user["userId"], deploymentId
-    )
-    await ctx.lifecycle.submit_undeploy.remote(deploymentId, job["dockStatusId"], user["userId"])
-    return _job_ref(job)
+    return _job_ref(await ctx.lifecycle.undeploy.remote(deploymentId, user["userId"]))
 
 
 @router.patch("/deployments/{deploymentId}", tags=["deployments"])

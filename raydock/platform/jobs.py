@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import zipfile
@@ -11,8 +12,9 @@ from typing import Any
 import ray
 
 from raydock.config import Settings
+from raydock.errors import NotFound
 from raydock.platform import names
-from raydock.platform.states import JobStatus, ModelStatus
+from raydock.platform.states import InvalidTransition, JobStatus, ModelStatus
 from raydock.platform.store import ArtifactStore
 
 
@@ -86,12 +88,16 @@ def import_model_task(
     except Exception as exc:  # any failure ends the import FAILED, store cleaned
         store.discard(model_id)
         reason = str(exc) if isinstance(exc, ArchiveError) else f"import failed: {exc!r}"
-        ray.get(registry.set_model_status.remote(model_id, ModelStatus.IMPORT_FAILED, error=reason))
-        ray.get(
-            registry.update_job.remote(
-                job_id, status=JobStatus.FAILED, message=reason, response={"error": reason}
+        # a model deleted meanwhile is gone with its job already failed: nothing to record
+        with contextlib.suppress(NotFound, InvalidTransition):
+            ray.get(
+                registry.set_model_status.remote(model_id, ModelStatus.IMPORT_FAILED, error=reason)
             )
-        )
+            ray.get(
+                registry.update_job.remote(
+                    job_id, status=JobStatus.FAILED, message=reason, response={"error": reason}
+                )
+            )
         return {"error": reason}
     finally:
         Path(zip_path).unlink(missing_ok=True)

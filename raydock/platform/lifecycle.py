@@ -1,13 +1,16 @@
 """The lifecycle actor: runs jobs and drives each deployment's state machine.
 
-Every transition is persisted through the registry before it is acted on; on start the actor
-reconciles Serve with the database, so a restart resumes from what the database says.
+Every transition is persisted through the registry before it is acted on. The actor keeps
+actual state (Serve applications, running jobs) in line with desired state (the database)
+continuously: a reconciliation pass runs when the actor starts (also after Ray restarts it)
+and every few seconds after, so the platform heals itself after any component dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import defaultdict
 from typing import Any
@@ -20,13 +23,21 @@ from raydock.config import Settings, hardware_profiles
 from raydock.optimizers import plan
 from raydock.platform import names
 from raydock.platform.jobs import export_model_task, import_model_task, optimize_model_task
+from raydock.platform.states import ACTIVE_DEPLOYMENT, JobAction, JobStatus
 from raydock.platform.states import DeploymentStatus as D
-from raydock.platform.states import JobStatus
 
 log = logging.getLogger("raydock.lifecycle")
 
 DEPLOY_TIMEOUT_S = 900
-RESTART_REASON = "interrupted by a platform restart; re-trigger it"
+RECONCILE_INTERVAL_S = 5.0
+# a job the API created is handed to the lifecycle within milliseconds; one older than this
+# that no worker of this lifecycle runs was interrupted
+ORPHAN_GRACE_S = 15.0
+# a DEPLOYED deployment whose app is lost is restored at most this many times in a row
+MAX_RESTORES = 3
+# Serve replaces unhealthy replicas itself; an app unhealthy for longer is redeployed
+UNHEALTHY_GRACE_S = 60.0
+INTERRUPTED_REASON = "interrupted: the platform component running it stopped; re-trigger it"
 
 
 class DeployFailed(Exception):
@@ -37,52 +48,150 @@ def _app_status(name: str) -> Any | None:
     return serve.status().applications.get(name)
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)\b.*")
+
+
+def failure_reason(app: Any) -> str:
+    """Why an app failed, in the replica's own words: the last exception line of a failing
+    deployment's message (Serve's app message only says which deployment failed)."""
+    for dep in app.deployments.values():
+        lines = [line.strip() for line in (dep.message or "").splitlines() if line.strip()]
+        raised = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
+        if raised:
+            last = raised[-1]
+            # "...: Error(s) in loading state_dict:" says what on the lines after it
+            end = last + 3 if lines[last].endswith(":") else last + 1
+            return "a replica failed to start: " + " ".join(lines[last:end])
+    return app.message or app.status
+
+
 class Lifecycle:
     def __init__(self, settings: dict[str, Any]):
         self.settings = Settings(**settings)
         self.registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task] = set()
+        self._jobs: set[str] = set()  # jobs a task of this actor is running
+        self._restores: dict[str, int] = defaultdict(int)  # failed restores in a row
+        self._unhealthy_since: dict[str, float] = {}
+        self._pass = asyncio.Lock()
+        # the first pass runs as soon as __init__ returns: at start and after every restart
+        ray.get_runtime_context().current_actor.keep_reconciling.remote()
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro, job_id: str | None = None) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if job_id:
+            self._jobs.add(job_id)
+            task.add_done_callback(lambda _: self._jobs.discard(job_id))
 
     async def ping(self) -> bool:
         return True
 
-    # ------------------------------------------------------------ reconcile on start
+    # ------------------------------------------------------------ reconciliation
+
+    async def keep_reconciling(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception as exc:  # the registry or Serve restarting: next pass
+                log.warning("reconciliation pass failed: %r", exc)
+            await asyncio.sleep(RECONCILE_INTERVAL_S)
 
     async def reconcile(self) -> dict[str, Any]:
-        """Fail what a crash interrupted, restore DEPLOYED apps, delete orphaned apps."""
-        failed = await self.registry.fail_interrupted.remote(RESTART_REASON)
-        deployed = await self.registry.deployments_in.remote([D.DEPLOYED])
-        wanted = {names.engine_app(d["deploymentId"]) for d in deployed}
-        apps = (await asyncio.to_thread(serve.status)).applications
-        platform_apps = {names.API_APP, names.GATEWAY_APP}
-        for app in set(apps) - wanted - platform_apps:
-            await asyncio.to_thread(serve.delete, app)
-        restored = []
-        for d in deployed:
-            app = apps.get(names.engine_app(d["deploymentId"]))
-            if app is None or app.status not in ("RUNNING", "DEPLOYING"):
-                restored.append(d["deploymentId"])
-                self._spawn(self._restore(d["deploymentId"]))
-        return {**failed, "restored": restored}
+        """One pass: end jobs nobody runs, restore DEPLOYED deployments whose app is lost,
+        delete apps no deployment owns. Returns what it did."""
+        async with self._pass:
+            orphans = await self.registry.orphan_jobs.remote(list(self._jobs), ORPHAN_GRACE_S)
+            resumed = []
+            for job in orphans:  # an undeploy is resumed: it is what the user asked for
+                if job["action"] == JobAction.UNDEPLOY:
+                    resumed.append(job["dockStatusId"])
+                    self._spawn(
+                        self._undeploy(job["deploymentId"], job["dockStatusId"], job["createdBy"]),
+                        job["dockStatusId"],
+                    )
+            stale = [j["dockStatusId"] for j in orphans if j["dockStatusId"] not in resumed]
+            failed = await self.registry.fail_jobs.remote(stale, INTERRUPTED_REASON)
+            active = await self.registry.deployments_in.remote(list(ACTIVE_DEPLOYMENT))
+            apps = (await asyncio.to_thread(serve.status)).applications
+            owned = {names.engine_app(d["deploymentId"]) for d in active}
+            removed = sorted(set(apps) - owned - {names.API_APP, names.GATEWAY_APP})
+            for app in removed:
+                await asyncio.to_thread(serve.delete, app)
+            restored = []
+            for d in active:
+                dep_id = d["deploymentId"]
+                if d["status"] != D.DEPLOYED or self._locks[dep_id].locked():
+                    continue  # a deploy, undeploy or restore of it is running
+                if self._app_lost(dep_id, apps.get(names.engine_app(dep_id))):
+                    restored.append(dep_id)
+                    self._spawn(self._restore(dep_id))
+        done = {"failed": failed, "resumedUndeploys": resumed, "removedApps": removed}
+        if any(failed.values()) or resumed or removed or restored:
+            log.warning("reconciled: %s, restoring %s", done, restored)
+        return {**done, "restored": restored}
+
+    def _app_lost(self, deployment_id: str, app: Any | None) -> bool:
+        """Whether a DEPLOYED deployment's app is gone, failed, or unhealthy for too long."""
+        status = app.status if app is not None else None
+        if status == "UNHEALTHY":
+            since = self._unhealthy_since.setdefault(deployment_id, time.monotonic())
+            return time.monotonic() - since > UNHEALTHY_GRACE_S
+        self._unhealthy_since.pop(deployment_id, None)
+        return status not in ("RUNNING", "DEPLOYING")
 
     async def _restore(self, deployment_id: str) -> None:
         async with self._locks[deployment_id]:
             try:
                 await self._run_app(deployment_id, job_id=None)
+                self._restores.pop(deployment_id, None)
+                self._unhealthy_since.pop(deployment_id, None)
             except Exception as exc:
-                reason = f"restoring after restart failed: {exc}"
-                await self.registry.set_deployment_status.remote(deployment_id, D.FAILED, reason)
+                self._restores[deployment_id] += 1
+                tries = self._restores[deployment_id]
+                log.warning("restoring %s failed (%d): %r", deployment_id, tries, exc)
+                if tries >= MAX_RESTORES:
+                    self._restores.pop(deployment_id, None)
+                    reason = f"its Serve application was lost; {tries} restores failed: {exc}"
+                    await asyncio.to_thread(serve.delete, names.engine_app(deployment_id))
+                    await self.registry.set_deployment_status.remote(
+                        deployment_id, D.FAILED, reason
+                    )
+
+    # ------------------------------------------------------------ commands
+
+    async def deploy(
+        self, deployment_id: str, config: dict[str, Any] | None, user_id: str
+    ) -> dict[str, Any]:
+        """Start a deploy (config None: the deployment's last one, a re-trigger): records the
+        transition and its job in one step, then runs it; returns the job."""
+        dep = await self.registry.get_deployment.remote(deployment_id)
+        model = await self.registry.get_model.remote(dep["modelId"])
+        wanted = config or dep["config"]
+        engine = plan.check(
+            wanted.get("optimizationInfo", {}),
+            wanted["deviceType"],
+            hardware_profiles()[wanted["deviceType"]],
+            model["artifactUri"],
+        )
+        status = D.OPTIMIZING if engine.converts else D.DEPLOYING
+        job = await self.registry.begin_deploy.remote(deployment_id, config, user_id, status)
+        self._spawn(self._deploy(deployment_id, job["dockStatusId"]), job["dockStatusId"])
+        return job
+
+    async def undeploy(self, deployment_id: str, user_id: str) -> dict[str, Any]:
+        job = await self.registry.begin_undeploy.remote(deployment_id, user_id)
+        self._spawn(
+            self._undeploy(deployment_id, job["dockStatusId"], user_id), job["dockStatusId"]
+        )
+        return job
 
     # ------------------------------------------------------------ jobs
 
     async def submit_import(self, model_id: str, job_id: str, zip_path: str, kind: str) -> None:
-        self._spawn(self._import(model_id, job_id, zip_path, kind))
+        self._spawn(self._import(model_id, job_id, zip_path, kind), job_id)
 
     async def _import(self, model_id: str, job_id: str, zip_path: str, kind: str) -> None:
         try:
@@ -90,9 +199,7 @@ class Lifecycle:
                 self.settings.to_dict(), model_id, job_id, zip_path, kind
             )
         except Exception as exc:  # the task itself died (worker crash, OOM)
-            reason = f"import worker failed: {exc}"
-            await self.registry.set_model_status.remote(model_id, "IMPORT_FAILED", error=reason)
-            await self.registry.update_job.remote(job_id, status=JobStatus.FAILED, message=reason)
+            await self.registry.fail_jobs.remote([job_id], f"import worker failed: {exc}")
 
     async def submit_export(self, model: dict, job_id: str, deployconfig: dict | None) -> None:
         async def run() -> None:
@@ -101,13 +208,7 @@ class Lifecycle:
             except Exception:
                 log.exception("export %s failed", job_id)  # the task already failed the job
 
-        self._spawn(run())
-
-    async def submit_deploy(self, deployment_id: str, job_id: str) -> None:
-        self._spawn(self._deploy(deployment_id, job_id))
-
-    async def submit_undeploy(self, deployment_id: str, job_id: str, user_id: str) -> None:
-        self._spawn(self._undeploy(deployment_id, job_id, user_id))
+        self._spawn(run(), job_id)
 
     # ------------------------------------------------------------ deploy / undeploy
 
@@ -148,6 +249,7 @@ class Lifecycle:
             config,
             profile,
             stream_interval_s=self.settings.stream_interval_ms / 1000,
+            max_request_bytes=self.settings.max_request_bytes,
         )
         name = names.engine_app(deployment_id)
         # the replicas answer /deployments/<id>/… themselves: no gateway hop per token
@@ -165,7 +267,7 @@ class Lifecycle:
             if status is not None and status.status == "RUNNING":
                 return
             if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise DeployFailed(status.message or status.status)
+                raise DeployFailed(failure_reason(status))
             if status is not None:
                 states = [dict(d.replica_states) for d in status.deployments.values()]
                 running = sum(s.get("RUNNING", 0) for s in states)

@@ -10,6 +10,8 @@ how to fix it.
 
 Nothing here loads tensors or unpickles anything. Safetensors files are checked from their
 headers only; ``transformers`` is imported lazily (it is slow) for the architecture check.
+:mod:`raydock.platform.serving_checks` then checks that a base model can serve: its weights
+match ``config.json`` and its chat template renders.
 """
 
 from __future__ import annotations
@@ -617,17 +619,27 @@ def _read_deployconfig(root: Path, files: list[str]) -> dict | None:
 def _inspect_base(
     root: Path, files: list[str], allow_pickle: bool, deployconfig: dict | None
 ) -> ModelMetadata:
+    # Imported here: serving_checks imports this module (for ArchiveError).
+    from raydock.platform import serving_checks
+
     config = _read_json_object(root, "config.json")
-    weight_format, parameters = _inspect_base_weights(root, files, allow_pickle)
+    weight_format, weight_headers = _inspect_base_weights(root, files, allow_pickle)
     tokenizer_config = _check_tokenizer_files(root, files)
     architecture, model_type = _check_architecture(root, config)
+    serving_checks.check_weights_match_config(root, config, weight_headers)
+    has_chat_template = _has_chat_template(root, files, tokenizer_config)
+    if has_chat_template:  # without one the model serves completions only
+        serving_checks.check_chat_template(root)
+    parameters = None
+    if weight_headers is not None:
+        parameters = sum(_count_parameters(header) for header in weight_headers.values())
     return ModelMetadata(
         kind="base",
         architecture=architecture,
         model_type=model_type,
         parameters=parameters,
         context_length=_context_length(config),
-        has_chat_template=_has_chat_template(root, files, tokenizer_config),
+        has_chat_template=has_chat_template,
         weight_format=weight_format,
         files=files,
         total_bytes=_total_bytes(root, files),
@@ -671,7 +683,8 @@ def _check_adapter_config(adapter_config: dict) -> None:
 
 def _inspect_base_weights(
     root: Path, files: list[str], allow_pickle: bool
-) -> tuple[str, int | None]:
+) -> tuple[str, dict[str, dict] | None]:
+    """The weight format and the headers of the weight files (None for pickle weights)."""
     weight_format = _base_weight_format(set(files), allow_pickle)
     headers = _validate_all_safetensors(root, files)
     if weight_format == "pickle":
@@ -681,7 +694,7 @@ def _inspect_base_weights(
     if not shards:
         root_weights = sorted(name for name in headers if "/" not in name)
         shards = ["model.safetensors"] if "model.safetensors" in headers else root_weights
-    return weight_format, sum(_count_parameters(headers[name]) for name in shards)
+    return weight_format, {name: headers[name] for name in shards}
 
 
 def _check_shard_index(

@@ -9,31 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from raydock.errors import Conflict, NotFound
 from raydock.platform import db, security, views
 from raydock.platform.states import (
     ACTIVE_DEPLOYMENT,
     DELETABLE_DEPLOYMENT,
+    IMPORTING_MODEL,
+    STARTING_DEPLOYMENT,
+    UNDEPLOYABLE_DEPLOYMENT,
     DeploymentStatus,
     InvalidTransition,
+    JobAction,
     JobStatus,
     ModelStatus,
     check_deployment,
     check_job,
     check_model,
 )
-
-
-class NotFound(Exception):
-    """The named object does not exist (HTTP 404)."""
-
-
-class Conflict(Exception):
-    """The request clashes with the object's current state (HTTP 409)."""
 
 
 class Registry:
@@ -184,6 +182,13 @@ class Registry:
             )
             # the caller removes the files; conversions only when no other model has them
             out = {**views.model(m), "artifactUri": m.artifact_uri, "checksumShared": shared}
+            # an import or export still running ends here (its task finds the model gone)
+            running = select(db.DockStatus).where(
+                db.DockStatus.model_id == model_id, db.DockStatus.status == JobStatus.IN_PROGRESS
+            )
+            for j in s.scalars(running):
+                j.status, j.message = JobStatus.FAILED, "the model was deleted"
+                j.response = {**(j.response or {}), "error": j.message}
             for d in deps:
                 self._delete_deployment_rows(s, d.id)
             s.delete(m)
@@ -199,17 +204,23 @@ class Registry:
         deployment_id: str | None = None,
     ) -> dict[str, Any]:
         with self._tx() as s:
-            j = db.DockStatus(
-                id=db.new_id("ds"),
-                model_id=model_id,
-                deployment_id=deployment_id,
-                action=action,
-                status=JobStatus.IN_PROGRESS,
-                created_by=created_by,
-            )
-            s.add(j)
-            s.flush()
-            return views.job(j)
+            return self._add_job(s, action, model_id, created_by, deployment_id)
+
+    @staticmethod
+    def _add_job(
+        s: Session, action: str, model_id: str | None, by: str | None, deployment_id: str | None
+    ) -> dict[str, Any]:
+        j = db.DockStatus(
+            id=db.new_id("ds"),
+            model_id=model_id,
+            deployment_id=deployment_id,
+            action=action,
+            status=JobStatus.IN_PROGRESS,
+            created_by=by,
+        )
+        s.add(j)
+        s.flush()
+        return views.job(j)
 
     def update_job(
         self,
@@ -243,35 +254,37 @@ class Registry:
                 raise NotFound(f"dock status {job_id} not found")
             return views.job(j)
 
-    def fail_interrupted(self, reason: str) -> dict[str, list[str]]:
-        """After a restart: end every job still IN_PROGRESS, and the objects it was moving."""
+    def orphan_jobs(self, running: list[str], grace_s: float) -> list[dict[str, Any]]:
+        """Jobs IN_PROGRESS that no worker runs: not in `running` (the lifecycle's own) and
+        older than `grace_s` (a job the API just created is handed to the lifecycle next)."""
+        cutoff = db.utcnow() - timedelta(seconds=grace_s)
         with self._tx() as s:
-            jobs = list(
-                s.scalars(select(db.DockStatus).where(db.DockStatus.status == "IN_PROGRESS"))
+            q = select(db.DockStatus).where(
+                db.DockStatus.status == JobStatus.IN_PROGRESS, db.DockStatus.created_at < cutoff
             )
-            for j in jobs:
-                j.status = JobStatus.FAILED
-                j.message = reason
+            return [views.job(j) for j in s.scalars(q) if j.id not in set(running)]
+
+    def fail_jobs(self, job_ids: list[str], reason: str) -> dict[str, list[str]]:
+        """End these jobs FAILED with `reason`, and fail what they were moving: the model an
+        import was bringing in, the deployment a deploy was starting."""
+        failed: dict[str, list[str]] = {"jobs": [], "models": [], "deployments": []}
+        with self._tx() as s:
+            for j in s.scalars(select(db.DockStatus).where(db.DockStatus.id.in_(job_ids))):
+                if j.status != JobStatus.IN_PROGRESS:
+                    continue
+                j.status, j.message = JobStatus.FAILED, reason
                 j.response = {**(j.response or {}), "error": reason}
-            models = list(
-                s.scalars(
-                    select(db.Model).where(
-                        db.Model.status.in_([ModelStatus.IMPORTING, ModelStatus.VALIDATING])
-                    )
-                )
-            )
-            for m in models:
-                m.status, m.error = ModelStatus.IMPORT_FAILED, reason
-            moving = [DeploymentStatus.DEPLOYING, DeploymentStatus.OPTIMIZING]
-            deps = list(s.scalars(select(db.Deployment).where(db.Deployment.status.in_(moving))))
-            for d in deps:
-                d.status, d.failure_reason = DeploymentStatus.FAILED, reason
-                self._end_version(s, d.id, "FAILED", reason)
-            return {
-                "jobs": [j.id for j in jobs],
-                "models": [m.id for m in models],
-                "deployments": [d.id for d in deps],
-            }
+                failed["jobs"].append(j.id)
+                m = s.get(db.Model, j.model_id) if j.action == JobAction.IMPORT else None
+                if m is not None and m.status in IMPORTING_MODEL:
+                    m.status, m.error = ModelStatus.IMPORT_FAILED, reason
+                    failed["models"].append(m.id)
+                d = s.get(db.Deployment, j.deployment_id) if j.action == JobAction.DEPLOY else None
+                if d is not None and d.status in STARTING_DEPLOYMENT:
+                    d.status, d.failure_reason = DeploymentStatus.FAILED, reason
+                    self._end_version(s, d.id, "FAILED", reason)
+                    failed["deployments"].append(d.id)
+        return failed
 
     # ---------------------------------------------------------------- deployments
 
@@ -335,10 +348,11 @@ class Registry:
     def begin_deploy(
         self, deployment_id: str, config: dict[str, Any] | None, user_id: str, status: str
     ) -> dict[str, Any]:
-        """Move to DEPLOYING/OPTIMIZING, store the new config and open the next history version."""
+        """Move to DEPLOYING/OPTIMIZING, store the new config, open the next history version
+        and create the deploy job, all in one transaction; returns the job."""
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
-            if d.status in (DeploymentStatus.DEPLOYING, DeploymentStatus.OPTIMIZING):
+            if d.status in STARTING_DEPLOYMENT:
                 raise Conflict(f"deployment {deployment_id} is already {d.status}")
             check_deployment(d.status, status)
             if config is not None:
@@ -364,7 +378,23 @@ class Registry:
                     deployed_by=user_id,
                 )
             )
-            return views.deployment(d, self._user_names(s))
+            return self._add_job(s, JobAction.DEPLOY, d.model_id, user_id, d.id)
+
+    def begin_undeploy(self, deployment_id: str, user_id: str) -> dict[str, Any]:
+        """Create the undeploy job of a deployment that may be undeployed; returns the job."""
+        with self._tx() as s:
+            d = self._deployment(s, deployment_id)
+            if d.status not in UNDEPLOYABLE_DEPLOYMENT:
+                allowed = " or ".join(sorted(UNDEPLOYABLE_DEPLOYMENT))
+                raise Conflict(f"deployment is {d.status}; only {allowed} can be undeployed")
+            running = select(func.count()).where(
+                db.DockStatus.deployment_id == d.id,
+                db.DockStatus.action == JobAction.UNDEPLOY,
+                db.DockStatus.status == JobStatus.IN_PROGRESS,
+            )
+            if s.scalar(running):
+                raise Conflict(f"deployment {deployment_id} is already being undeployed")
+            return self._add_job(s, JobAction.UNDEPLOY, d.model_id, user_id, d.id)
 
     def _end_version(self, s: Session, deployment_id: str, result: str, reason: str | None) -> None:
         v = s.scalar(

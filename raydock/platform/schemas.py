@@ -7,13 +7,27 @@ tell the user what is allowed.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from raydock.config import hardware_profiles
+from raydock.errors import ApiError
 from raydock.optimizers import plan
+
+#: One tag: what lists and filters show in a line; a deployment or model has at most MAX_TAGS.
+MAX_TAG_CHARS = 100
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_CHARS)]
+MAX_TAGS = 50
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 
 TIMEOUT_RANGE = (30, 180)
 DEFAULT_TIMEOUT_S = 60
@@ -80,7 +94,7 @@ class DeployRequest(_Body):
     optimizationInfo: OptimizationInfo = Field(default_factory=OptimizationInfo)
     isDeployedPreviously: bool = False
     description: str = Field("", max_length=2000)
-    tags: list[str] = Field(default_factory=list, max_length=50)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
     timeout: int = Field(
         DEFAULT_TIMEOUT_S, ge=30, le=180, description="Endpoint timeout in seconds, 30–180."
     )
@@ -103,7 +117,7 @@ class DeployRequest(_Body):
 
 class ModelUpdate(_Body):
     description: str | None = Field(None, max_length=2000)
-    tags: list[str] | None = Field(None, max_length=50)
+    tags: list[Tag] | None = Field(None, max_length=MAX_TAGS)
     name: str | None = Field(None, description="Not editable; present only to refuse it.")
 
     @field_validator("name")
@@ -116,7 +130,7 @@ class ModelUpdate(_Body):
 
 class DeploymentUpdate(_Body):
     description: str | None = Field(None, max_length=2000)
-    tags: list[str] | None = Field(None, max_length=50)
+    tags: list[Tag] | None = Field(None, max_length=MAX_TAGS)
     timeout: int | None = Field(None, ge=30, le=180, description="Endpoint timeout, 30–180 s.")
 
 
@@ -126,7 +140,7 @@ class KeyCreate(_Body):
 
 class UserCreate(_Body):
     name: str = Field(..., min_length=1, max_length=200)
-    email: str | None = Field(None, max_length=320)
+    email: str | None = Field(None, max_length=320, pattern=EMAIL_PATTERN)
     isAdmin: bool = False
 
 
@@ -137,7 +151,20 @@ class UploadSessionStart(_Body):
     kind: Literal["base", "adapter"] = "base"
     baseModelId: str | None = None
     description: str = Field("", max_length=2000)
-    tags: list[str] = Field(default_factory=list, max_length=50)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+
+
+def parse_tags(text: str) -> list[str]:
+    """Comma-separated tags of a multipart form, held to the same limits as JSON bodies."""
+    tags = [t.strip() for t in text.split(",") if t.strip()]
+    if len(tags) > MAX_TAGS:
+        raise ApiError(422, f"tags: at most {MAX_TAGS} tags (got {len(tags)})", "tags")
+    for i, tag in enumerate(tags):
+        if len(tag) > MAX_TAG_CHARS:
+            raise ApiError(
+                422, f"tags.{i}: at most {MAX_TAG_CHARS} characters (got {len(tag)})", f"tags.{i}"
+            )
+    return tags
 
 
 # ---- turning validation errors into messages that name the field and its range ----
@@ -167,6 +194,10 @@ def _field_bounds(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, An
 
 def describe_error(err: dict[str, Any], body_model: type[BaseModel] | None) -> tuple[str, str]:
     """(field path, human message) for one pydantic error."""
+    if err.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+        at = err.get("loc", (None, None))[-1]
+        reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+        return "body", f"the body is not valid JSON: {reason} at character {at}"
     loc = tuple(p for p in err.get("loc", ()) if p not in ("body", "query", "path"))
     field = ".".join(str(p) for p in loc) or "body"
     msg = err.get("msg", "invalid value")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from raydock.errors import Conflict
 
-class InvalidTransition(Exception):
-    """A state change the state machine does not allow (mapped to HTTP 409)."""
+
+class InvalidTransition(Conflict):
+    """A state change the state machine does not allow (HTTP 409)."""
 
 
 class ModelStatus(StrEnum):
@@ -62,8 +64,14 @@ _JOB = {
     JobStatus.FAILED: set(),
 }
 
+# Models an import job is still bringing in.
+IMPORTING_MODEL = {ModelStatus.IMPORTING, ModelStatus.VALIDATING}
+# Deployments a deploy job is starting (the lifecycle's deploy drives them to DEPLOYED/FAILED).
+STARTING_DEPLOYMENT = {D.OPTIMIZING, D.DEPLOYING}
 # Deployments that hold (or are about to hold) a Serve application.
 ACTIVE_DEPLOYMENT = {D.OPTIMIZING, D.DEPLOYING, D.DEPLOYED}
+# Deployments "Undeploy" applies to.
+UNDEPLOYABLE_DEPLOYMENT = {D.DEPLOYED, D.FAILED}
 # Deployments that may be removed from the database.
 DELETABLE_DEPLOYMENT = {D.READY_TO_DEPLOY, D.UNDEPLOYED, D.FAILED}
 # Deployments that "Re-trigger" restarts (the seed: "only if failed or stopped").

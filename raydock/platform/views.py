@@ -118,6 +118,7 @@ def job(j: db.DockStatus) -> dict[str, Any]:
         "percentageComplete": j.percentage,
         "message": j.message,
         "response": j.response or {},
+        "createdBy": j.created_by,
         "createdAt": iso(j.created_at),
         "updatedAt": iso(j.updated_at),
     }

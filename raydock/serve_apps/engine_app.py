@@ -7,15 +7,18 @@ semantics of the design live here); `EngineServer` is the replica.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve import Application
 
-from raydock.errors import ApiError, error_response
+from raydock import errors
+from raydock.errors import ApiError
 from raydock.optimizers.plan import EnginePlan
 
 engine_http = FastAPI(title="raydock engine replica", docs_url=None, openapi_url=None)
@@ -26,14 +29,13 @@ class _Ctx:
     auth: Any
     deployment_id: str
     stream_interval_s: float
+    max_request_bytes: int
 
 
 ctx = _Ctx()
 
 
-@engine_http.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError):
-    return error_response(exc.status, exc.message, exc.param, exc.code)
+errors.install(engine_http, lambda: ctx.max_request_bytes)
 
 
 async def _serve(kind: str, request: Request):
@@ -66,6 +68,7 @@ def configure(server: Any, spec: dict[str, Any]) -> None:
     ctx.server = server
     ctx.deployment_id = spec["deployment_id"]
     ctx.stream_interval_s = spec["stream_interval_s"]
+    ctx.max_request_bytes = spec["max_request_bytes"]
     ctx.auth = Auth(spec["db_url"], ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE))
 
 
@@ -84,6 +87,8 @@ class EngineServer:
         self.engine_name = spec["engine"]
         self.queue_limit = spec["queue_limit"]
         self.requests = 0  # in flight in this replica, decoding or waiting for a slot
+        # one thread: tokenizers are not shared between threads, and prompts stay in order
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         configure(self, spec)
 
     def stats(self) -> dict[str, Any]:
@@ -95,17 +100,40 @@ class EngineServer:
             **self.engine.stats(),
         }
 
-    def _prompt(self, request: dict[str, Any]) -> list[int]:
+    async def _prompt(self, request: dict[str, Any]) -> list[int]:
+        """The request's prompt ids, tokenized off the event loop (a long prompt would stall
+        every stream of this replica); one that cannot fit is refused before any work."""
+        from raydock.serve_apps.chat_render import ChatTemplateError
+
+        param = "messages" if "messages" in request else "prompt"
         if "messages" in request:
-            ids = self.engine.chat_prompt(request["messages"])
+            chars = sum(len(m["content"]) for m in request["messages"])
         else:
-            ids = self.engine.text_prompt(request["prompt"])
-        if len(ids) >= self.engine.max_context:
+            chars = len(request["prompt"])
+        context = self.engine.max_context
+        if chars > context * self.engine.longest_token_chars:
             raise ApiError(
                 400,
-                f"the prompt has {len(ids)} tokens; this model's context is "
-                f"{self.engine.max_context} tokens",
-                "messages" if "messages" in request else "prompt",
+                f"the prompt has {chars} characters, more than this model's context of "
+                f"{context} tokens can hold",
+                param,
+                "context_length_exceeded",
+            )
+        if "messages" in request:
+            work = functools.partial(
+                self.engine.chat_prompt, request["messages"], request.get("tools")
+            )
+        else:
+            work = functools.partial(self.engine.text_prompt, request["prompt"])
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(self.tokenizing, work)
+        except ChatTemplateError as exc:
+            raise ApiError(400, str(exc), "messages", "invalid_messages") from None
+        if len(ids) >= context:
+            raise ApiError(
+                400,
+                f"the prompt has {len(ids)} tokens; this model's context is {context} tokens",
+                param,
                 "context_length_exceeded",
             )
         return ids
@@ -183,7 +211,7 @@ class EngineServer:
 
         params = request["params"]
         try:
-            ids = self._prompt(request)
+            ids = await self._prompt(request)
             self._check_params(params)
             await self._check_constraint(request)
         except ApiError as exc:
@@ -318,6 +346,7 @@ def build_engine_app(
     config: dict[str, Any],
     profile: dict[str, Any],
     stream_interval_s: float = 0.0,
+    max_request_bytes: int | None = None,
 ) -> Application:
     batch = config["scalingParameters"]["maxBatchSize"]
     spec = {
@@ -329,6 +358,7 @@ def build_engine_app(
         "max_batch_size": batch,
         "queue_limit": queue_limit(batch),
         "stream_interval_s": stream_interval_s,
+        "max_request_bytes": max_request_bytes,
         "device": profile.get("device", "cpu"),
         "num_threads": engine_threads(engine.engine, profile),
     }

@@ -18,11 +18,14 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
+from raydock import errors, openapi_doc
 from raydock.config import Settings
-from raydock.errors import ApiError, error_response
+from raydock.errors import ApiError
 from raydock.platform import names
 from raydock.serve_apps.openai_service import Auth, complete
 
@@ -33,14 +36,13 @@ class _Ctx:
     auth: Auth
     handles: dict[str, Any]
     stream_interval_s: float
+    max_request_bytes: int
 
 
 ctx = _Ctx()
 
 
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, exc: ApiError):
-    return error_response(exc.status, exc.message, exc.param, exc.code)
+errors.install(app, lambda: ctx.max_request_bytes)
 
 
 def _handle(deployment_id: str):
@@ -64,8 +66,13 @@ def _cancel_quietly(gen) -> None:
         gen.cancel()
 
 
+#: A replica that dies before a request's first event: the request goes to another one, this
+#: many times at most (Serve routes around the dead replica)
+REPLICA_RETRIES = 2
+
+
 def _via_handle(deployment_id: str):
-    async def run(payload: dict) -> AsyncIterator[list[dict]]:
+    async def attempt(payload: dict) -> AsyncIterator[list[dict]]:
         gen = None
         settled = False  # finished or refused: nothing left to cancel
         try:
@@ -82,6 +89,23 @@ def _via_handle(deployment_id: str):
             if gen is not None and not settled:
                 # cancel() may wait for the router to place the request: off the event loop
                 await asyncio.to_thread(_cancel_quietly, gen)
+
+    async def run(payload: dict) -> AsyncIterator[list[dict]]:
+        for tries_left in range(REPLICA_RETRIES, -1, -1):
+            produced = False
+            try:
+                async for batch in attempt(payload):
+                    produced = True
+                    yield batch
+                return
+            except (RayActorError, ActorUnavailableError) as exc:
+                if produced or not tries_left:
+                    raise ApiError(
+                        503,
+                        "the replica serving this request stopped; retry the request",
+                        None,
+                        "replica_failed",
+                    ) from exc
 
     return run
 
@@ -160,7 +184,7 @@ def combined_openapi() -> dict[str, Any]:
     doc.setdefault("components", {}).setdefault("schemas", {}).update(
         mgmt.get("components", {}).get("schemas", {})
     )
-    return doc
+    return openapi_doc.finish(doc)
 
 
 @app.get("/openapi.json", include_in_schema=False)
@@ -170,9 +194,10 @@ async def openapi_json():
 
 @app.get("/docs", include_in_schema=False)
 async def docs():
-    from fastapi.openapi.docs import get_swagger_ui_html
+    return openapi_doc.swagger_ui("/openapi.json", "raydock API")
 
-    return get_swagger_ui_html(openapi_url="/openapi.json", title="raydock API")
+
+app.mount(openapi_doc.ASSETS_URL, StaticFiles(directory=openapi_doc.ASSETS_DIR), name="docs-assets")
 
 
 def configure(settings: dict[str, Any]) -> None:
@@ -181,6 +206,7 @@ def configure(settings: dict[str, Any]) -> None:
     ctx.auth = Auth(parsed.db_url, registry)
     ctx.handles = {}
     ctx.stream_interval_s = parsed.stream_interval_ms / 1000
+    ctx.max_request_bytes = parsed.max_request_bytes
 
 
 def asgi_app() -> FastAPI:

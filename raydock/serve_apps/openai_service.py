@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -19,11 +20,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
+from raydock import errors
 from raydock.errors import ApiError, error_body
 from raydock.platform import db, security
 from raydock.platform.schemas import DEFAULT_MAX_TOKENS
 from raydock.platform.states import DeploymentStatus as D
 from raydock.serve_apps import protocol, structured
+
+log = logging.getLogger("raydock.inference")
 
 # (engine request payload) -> batches of engine events
 Runner = Callable[[dict[str, Any]], AsyncIterator[list[dict[str, Any]]]]
@@ -115,7 +119,9 @@ def engine_request(
         params["logit_bias"] = tuple(sorted(req.logit_bias.items()))
     out: dict[str, Any] = {"params": params, "n": req.n}
     if kind == "chat":
-        out["messages"] = [{"role": m.role, "content": m.text()} for m in req.messages]
+        out["messages"] = [m.for_template() for m in req.messages]
+        if req.tools:  # the chat template shows them, with tool_choice "none" too (as vLLM)
+            out["tools"] = req.tools
     else:
         if isinstance(req.prompt, list):
             if len(req.prompt) != 1:
@@ -292,10 +298,7 @@ async def complete(
     """Answer one OpenAI request for `dep` (already authorized) with events from `run`;
     streams send at most one message per `stream_interval_s`."""
     started = time.monotonic()
-    try:
-        body = await request.json()
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}", "body") from None
+    body = read_json(await request.body())
     try:
         model = protocol.ChatRequest if kind == "chat" else protocol.CompletionRequest
         req = protocol.parse(model, body)
@@ -325,9 +328,60 @@ async def complete(
             events = _paced(events, stream_interval_s)
         first = await _first_or_error(events)
         return StreamingResponse(
-            _sse(fmt, first, events, include_usage), media_type="text/event-stream"
+            _sse(fmt, first, events, include_usage, errors.request_id(request)),
+            media_type="text/event-stream",
         )
     return JSONResponse(await _collect(fmt, events, req.n))
+
+
+#: JSON nested deeper than this is refused: real requests (schemas included) stay far below,
+#: and recursive validation and compilation of deeper ones would exhaust Python's stack
+MAX_JSON_DEPTH = 64
+
+
+def read_json(raw: bytes) -> Any:
+    """A request body as JSON; a 400 that says where it is malformed or too deep."""
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, f"the request body is not valid UTF-8 (byte {exc.start})", "body", "invalid_json"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(
+            400,
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno}",
+            "body",
+            "invalid_json",
+        ) from None
+    except RecursionError:  # the parser's own stack limit, far beyond MAX_JSON_DEPTH
+        body = None
+        depth = MAX_JSON_DEPTH + 1
+    else:
+        depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(
+            400,
+            f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+            "body",
+            "invalid_json",
+        )
+    return body
+
+
+def json_depth(value: Any) -> int:
+    """How deeply `value` nests (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((v, depth) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 async def _first_or_error(events: AsyncIterator[list[dict]]) -> list[dict] | None:
@@ -358,7 +412,9 @@ def _sse_line(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def _sse(fmt, first, events, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(
+    fmt, first, events, include_usage: bool, request_id: str | None
+) -> AsyncIterator[str]:
     started: set[int] = set()
     prompt = completion = 0
 
@@ -391,8 +447,12 @@ async def _sse(fmt, first, events, include_usage: bool) -> AsyncIterator[str]:
         if include_usage:
             yield _sse_line(fmt.usage_chunk(prompt, completion))
         yield "data: [DONE]\n\n"
-    except ApiError as exc:  # headers are sent: report in-band, as OpenAI does
-        yield _sse_line(error_body(exc.status, exc.message, exc.param, exc.code))
+    except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+        err = errors.as_api_error(exc)
+        if err is None:
+            log.error("stream %s failed", request_id, exc_info=exc)
+            err = ApiError(500, f"internal error (request id {request_id})", None, "internal_error")
+        yield _sse_line(error_body(err.status, err.message, err.param, err.code, request_id))
         yield "data: [DONE]\n\n"
     finally:  # a client that went away cancels the engine stream at once
         await events.aclose()

@@ -14,6 +14,7 @@ from annotated_types import Ge, Le
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_TOKENS_LIMIT = 512  # the seed's maxTokens range is 0–512
+MAX_TEXT_CHARS = 4 * 2**20  # one message's text or tool arguments; the body limit binds first
 
 
 class _Request(BaseModel):
@@ -62,15 +63,43 @@ class _Request(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(..., min_length=1, max_length=256)
+    arguments: str = Field(..., max_length=MAX_TEXT_CHARS)  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(..., min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64)  # an assistant's calls
+    tool_call_id: str | None = Field(None, max_length=256)  # the call a tool message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):  # OpenAI content parts: keep the text parts
             return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
         return self.content or ""
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: role, text content and the tool fields."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                c.model_dump(include={"id", "type", "function"}) for c in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
 
 class ChatRequest(_Request):

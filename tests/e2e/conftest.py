@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from raydock.platform.bootstrap import connect, free_port, start_platform, stop_
 from raydock.platform.store import ArtifactStore
 
 pytestmark = pytest.mark.e2e
+
+ASK_JSON = [{"role": "user", "content": "Hello"}]
 
 
 @dataclass
@@ -129,3 +132,55 @@ def greedy_tokens(sdk, messages: list[dict], **extra) -> list[str]:
         extra_body={"ignore_eos": True, **extra},
     )
     return [t.token for t in reply.choices[0].logprobs.content]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def tool_conversation(sdk: openai.OpenAI) -> None:
+    """The OpenAI tool flow over three turns: a call, its result, another call, its result,
+    then an answer in text. Every turn's prompt holds what came before (tool results too)."""
+    messages: list[dict] = [{"role": "user", "content": "The weather in Paris, then Rome?"}]
+    prompt_tokens = []
+    for turn in range(2):
+        reply = sdk.chat.completions.create(
+            model="m",
+            messages=messages,
+            tools=[WEATHER_TOOL],
+            tool_choice="required",
+            seed=turn,
+            max_tokens=100,
+        )
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+        prompt_tokens.append(reply.usage.prompt_tokens)
+        messages.append(choice.message.model_dump(exclude_none=True))  # as SDK users do
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21}'})
+
+    def answer(conversation: list[dict]):
+        return sdk.chat.completions.create(
+            model="m", messages=conversation, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=8
+        )
+
+    final = answer(messages)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    assert final.choices[0].finish_reason in ("stop", "length")
+    prompt_tokens.append(final.usage.prompt_tokens)
+    assert prompt_tokens == sorted(set(prompt_tokens)), prompt_tokens  # each turn adds to it
+    # the tool's result is part of the prompt, not dropped
+    longer = [*messages[:-1], {**messages[-1], "content": '{"celsius": 21, "wind": "strong"}'}]
+    assert answer(longer).usage.prompt_tokens > final.usage.prompt_tokens

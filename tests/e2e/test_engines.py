@@ -18,7 +18,13 @@ from raydock.client import default_deploy_body
 from raydock.modelgen import build_model_zip, cached_model_dir
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import plan
-from tests.e2e.conftest import deploy_and_wait, greedy_tokens, import_ready, legacy_sdk
+from tests.e2e.conftest import (
+    deploy_and_wait,
+    greedy_tokens,
+    import_ready,
+    legacy_sdk,
+    tool_conversation,
+)
 from tests.record_schema import RECORD
 
 ASK = [{"role": "user", "content": "Describe a person."}]
@@ -35,7 +41,8 @@ def sdk_for(platform, dep: dict) -> openai.OpenAI:
 
 
 def exercise(sdk: openai.OpenAI) -> None:
-    """Chat, stream, structured output (OpenAI and vLLM style): what every engine must answer."""
+    """Chat, stream, structured output (OpenAI and vLLM style), a tool conversation: what every
+    engine must answer."""
     reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 3
@@ -81,6 +88,7 @@ def exercise(sdk: openai.OpenAI) -> None:
     )
     assert out.choices[0].finish_reason == "stop"
     validate(json.loads(out.choices[0].text), RECORD)
+    tool_conversation(sdk)
 
 
 ct2_only = pytest.mark.skipif(not plan._installed("ctranslate2"), reason="ctranslate2 extra")

@@ -11,7 +11,7 @@ import openai
 import pytest
 from jsonschema import Draft202012Validator
 
-from .conftest import legacy_sdk
+from .conftest import legacy_sdk, tool_conversation
 
 CORPUS = Path(__file__).parents[1] / "schemas"
 SCHEMAS = sorted(CORPUS.glob("*.json"))
@@ -299,6 +299,10 @@ def test_streamed_tool_call(sdk):
     assert len(calls) == 1 and calls[0].function.name == "get_weather"
     check(WEATHER["function"]["parameters"], calls[0].function.arguments)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_conversation_over_three_turns(sdk):
+    tool_conversation(sdk)
 
 
 def test_tool_errors(live):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import stat
 import struct
 import zipfile
@@ -11,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import transformers
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 
+from raydock import modelgen
+from raydock.modelgen import build_model_zip, cached_model_dir
 from raydock.platform import model_archive
 from raydock.platform.model_archive import (
     ArchiveError,
@@ -40,8 +45,44 @@ LLAMA_CONFIG = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-# embed_tokens (100x64) + norm (64)
-EXPECTED_PARAMS = 100 * 64 + 64
+
+
+def llama_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The tensors a Llama checkpoint of `config` holds (written out here, not by transformers)."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        shapes |= {
+            f"{layer}.self_attn.q_proj.weight": (q, hidden),
+            f"{layer}.self_attn.k_proj.weight": (kv, hidden),
+            f"{layer}.self_attn.v_proj.weight": (kv, hidden),
+            f"{layer}.self_attn.o_proj.weight": (hidden, q),
+            f"{layer}.mlp.gate_proj.weight": (inter, hidden),
+            f"{layer}.mlp.up_proj.weight": (inter, hidden),
+            f"{layer}.mlp.down_proj.weight": (hidden, inter),
+            f"{layer}.input_layernorm.weight": (hidden,),
+            f"{layer}.post_attention_layernorm.weight": (hidden,),
+        }
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+EXPECTED_PARAMS = sum(math.prod(shape) for shape in llama_shapes(LLAMA_CONFIG).values())
+
+
+def llama_tensors(config: dict = LLAMA_CONFIG) -> dict[str, np.ndarray]:
+    # Only the embeddings are random: the rest compresses well, as the ratio tests assume.
+    rng = np.random.default_rng(0)
+    return {
+        name: rng.standard_normal(shape, dtype=np.float32)
+        if name == "model.embed_tokens.weight"
+        else np.zeros(shape, np.float32)
+        for name, shape in llama_shapes(config).items()
+    }
 
 
 def write_json(path: Path, data) -> None:
@@ -50,12 +91,7 @@ def write_json(path: Path, data) -> None:
 
 
 def write_weights(path: Path, tensors: dict[str, np.ndarray] | None = None) -> None:
-    rng = np.random.default_rng(0)
-    tensors = tensors or {
-        "model.embed_tokens.weight": rng.standard_normal((100, 64), dtype=np.float32),
-        "model.norm.weight": np.ones(64, dtype=np.float32),
-    }
-    save_file(tensors, str(path))
+    save_file(llama_tensors() if tensors is None else tensors, str(path))
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -190,20 +226,23 @@ def test_non_empty_dest_is_refused(model_dir, tmp_path, dest):
 
 def test_sharded_safetensors_with_index(model_dir, tmp_path, dest):
     (model_dir / "model.safetensors").unlink()
-    write_weights(model_dir / "model-00001-of-00002.safetensors", {"a": np.zeros(10, np.float16)})
-    write_weights(model_dir / "model-00002-of-00002.safetensors", {"b": np.zeros(6, np.float16)})
+    tensors = llama_tensors()
+    first = {name: t for name, t in tensors.items() if name.startswith("model.layers.")}
+    shards = {
+        "model-00001-of-00002.safetensors": first,
+        "model-00002-of-00002.safetensors": {n: t for n, t in tensors.items() if n not in first},
+    }
+    for shard, shard_tensors in shards.items():
+        write_weights(model_dir / shard, shard_tensors)
     write_json(
         model_dir / "model.safetensors.index.json",
         {
             "metadata": {},
-            "weight_map": {
-                "a": "model-00001-of-00002.safetensors",
-                "b": "model-00002-of-00002.safetensors",
-            },
+            "weight_map": {name: shard for shard, ts in shards.items() for name in ts},
         },
     )
     meta = extract_model_archive(zip_dir(model_dir, tmp_path / "m.zip"), dest)
-    assert meta.parameters == 16
+    assert meta.parameters == EXPECTED_PARAMS
 
 
 def test_chat_template_jinja_file_and_no_template(model_dir):
@@ -217,6 +256,11 @@ def test_vocab_merges_tokenizer_is_accepted(model_dir):
     (model_dir / "tokenizer.json").unlink()
     write_json(model_dir / "vocab.json", {"a": 0})
     (model_dir / "merges.txt").write_text("#version: 0.2\n")
+    # the tokenizer class that reads these files (its chat template is rendered on import)
+    write_json(
+        model_dir / "tokenizer_config.json",
+        {"tokenizer_class": "GPT2Tokenizer", "chat_template": CHAT_TEMPLATE},
+    )
     assert inspect_model_dir(model_dir).architecture == "LlamaForCausalLM"
 
 
@@ -517,10 +561,10 @@ def test_sharded_index_references_missing_shard(model_dir, tmp_path, dest):
 def test_sharded_index_tensor_not_in_shard(model_dir):
     write_json(
         model_dir / "model.safetensors.index.json",
-        {"weight_map": {"lm_head.weight": "model.safetensors"}},
+        {"weight_map": {"model.layers.9.mlp.up_proj.weight": "model.safetensors"}},
     )
     with pytest.raises(
-        ArchiveError, match=r"maps tensor 'lm_head\.weight' to 'model\.safetensors'"
+        ArchiveError, match=r"maps tensor 'model\.layers\.9\.mlp\.up_proj\.weight' to 'model\."
     ):
         inspect_model_dir(model_dir)
 
@@ -630,3 +674,151 @@ def test_base_model_archive_is_not_an_adapter(model_dir, tmp_path, dest):
         r"adapter_config\.json is missing",
         kind="adapter",
     )
+
+
+# --------------------------------------------------------------------------- can it serve
+
+
+def test_generated_tiny_model_imports(tmp_path, dest):
+    # its template refuses the tool role: tool conversations are rendered in the fallback
+    assert "tool_calls" not in modelgen.CHAT_TEMPLATE
+    meta = extract_model_archive(build_model_zip(tmp_path / "tiny.zip", "tiny"), dest)
+    assert meta.architecture == "LlamaForCausalLM" and meta.has_chat_template is True
+    assert meta.parameters == sum(
+        math.prod(entry["shape"])
+        for entry in model_archive.read_safetensors_header(dest / "model.safetensors").values()
+    )
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_quantized_model_skips_the_shape_check(method):
+    # qweight/qzeros/scales are not the float modules' tensors, but the model serves
+    model = cached_model_dir("tiny", quantization=method)
+    assert "model.layers.0.mlp.up_proj.qweight" in model_archive.read_safetensors_header(
+        model / "model.safetensors"
+    )
+    assert inspect_model_dir(model).weight_format == "safetensors"
+
+
+@pytest.mark.parametrize(
+    ("template", "which", "reason"),
+    [
+        ("{{ raise_exception('this template is broken') }}", "system+user", "is broken"),
+        ("{% for m in messages %}{{ m['content'] }}", "system+user", "Unexpected end"),
+        (
+            "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+            "{{ raise_exception('no assistant turns') }}{% endif %}{{ m['content'] }}{% endfor %}",
+            "user/assistant/user",
+            "no assistant turns",
+        ),
+    ],
+)
+def test_chat_template_that_cannot_render_is_refused(
+    model_dir, tmp_path, dest, template, which, reason
+):
+    write_json(
+        model_dir / "tokenizer_config.json",
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template},
+    )
+    expect_failure(
+        zip_dir(model_dir, tmp_path / "m.zip"),
+        dest,
+        rf"chat template cannot render a {re.escape(which)} conversation: .*{reason}",
+    )
+
+
+def test_tool_aware_template_failing_on_tool_results_serves_through_the_fallback(model_dir):
+    # it reads tool_calls, so it first gets tool conversations as they are and fails on them;
+    # the fallback conversation (system, user and assistant turns only) renders
+    template = (
+        "{% for m in messages %}{% if m.tool_calls %}{{ m.tool_calls[0].function.name }}"
+        "{% elif m['role'] == 'tool' %}{{ m.content.no.such.attribute }}"
+        "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    write_json(
+        model_dir / "tokenizer_config.json",
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template},
+    )
+    assert inspect_model_dir(model_dir).has_chat_template
+
+
+def test_chat_template_file_that_cannot_render_is_refused(model_dir):
+    write_json(model_dir / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast"})
+    (model_dir / "chat_template.jinja").write_text("{{ raise_exception('broken file') }}")
+    with pytest.raises(ArchiveError, match=r"cannot render a system\+user .*broken file"):
+        inspect_model_dir(model_dir)
+
+
+def test_tokenizer_that_cannot_load_is_refused(model_dir):
+    write_json(model_dir / "tokenizer.json", {"model": {"type": "NoSuchModel"}})
+    with pytest.raises(ArchiveError, match=r"the tokenizer cannot be loaded by the installed"):
+        inspect_model_dir(model_dir)
+
+
+def test_weight_shape_that_config_does_not_imply_is_refused(model_dir, tmp_path, dest):
+    write_json(model_dir / "config.json", {**LLAMA_CONFIG, "intermediate_size": 256})
+    err = expect_failure(
+        zip_dir(model_dir, tmp_path / "m.zip"),
+        dest,
+        r"the weights do not match config\.json: model\.layers\.0\.mlp\.down_proj\.weight has "
+        r"shape \[64, 128\] but config\.json implies \[64, 256\]",
+    )
+    assert "gate_proj.weight has shape [128, 64] but config.json implies [256, 64]" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("config", "drop", "missing"),
+    [
+        ({}, "model.layers.0.self_attn.k_proj.weight", r"1 .*: model\.layers\.0\.self_attn\.k"),
+        ({}, "lm_head.weight", r"1 .*: lm_head\.weight"),  # not tied in this config
+        ({"num_hidden_layers": 2}, None, r"9 .*: model\.layers\.1\..* \(and 6 more\)"),
+    ],
+)
+def test_missing_weights_are_refused(model_dir, tmp_path, dest, config, drop, missing):
+    write_json(model_dir / "config.json", {**LLAMA_CONFIG, **config})
+    tensors = llama_tensors()
+    tensors.pop(drop, None)
+    write_weights(model_dir / "model.safetensors", tensors)
+    path = zip_dir(model_dir, tmp_path / "m.zip")
+    err = expect_failure(path, dest, "the weights lack " + missing)
+    assert "tensor(s) that config.json's model (LlamaForCausalLM) needs: " in str(err)
+
+
+def test_unexpected_weights_are_refused(model_dir, tmp_path, dest):
+    tensors = {**llama_tensors(), "model.layers.0.mlp.extra_proj.weight": np.zeros((2, 2))}
+    write_weights(model_dir / "model.safetensors", tensors)
+    expect_failure(
+        zip_dir(model_dir, tmp_path / "m.zip"),
+        dest,
+        r"the weights hold 1 tensor\(s\) that config\.json's model \(LlamaForCausalLM\) does "
+        r"not have: model\.layers\.0\.mlp\.extra_proj\.weight",
+    )
+
+
+def test_tied_lm_head_may_be_left_out(model_dir):
+    config = {**LLAMA_CONFIG, "tie_word_embeddings": True}
+    write_json(model_dir / "config.json", config)
+    write_weights(model_dir / "model.safetensors", llama_tensors(config))
+    assert "lm_head.weight" not in llama_tensors(config)
+    assert inspect_model_dir(model_dir).architecture == "LlamaForCausalLM"
+
+
+def test_weights_that_transformers_also_loads_are_accepted(model_dir):
+    # saved from the bare LlamaModel (no "model." prefix), with an old per-layer rotary buffer
+    tensors = {name.removeprefix("model."): t for name, t in llama_tensors().items()}
+    tensors["layers.0.self_attn.rotary_emb.inv_freq"] = np.zeros(32, np.float32)
+    write_weights(model_dir / "model.safetensors", tensors)
+    assert inspect_model_dir(model_dir).parameters == EXPECTED_PARAMS + 32
+
+
+def test_config_transformers_cannot_build_is_refused(model_dir, monkeypatch):
+    def from_config(config):
+        raise RuntimeError("no such layer type")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", from_config)
+    with pytest.raises(
+        ArchiveError,
+        match=r"transformers [\d.]+\w* cannot build the model config\.json describes: "
+        r"RuntimeError: no such layer type",
+    ):
+        inspect_model_dir(model_dir)

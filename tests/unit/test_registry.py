@@ -109,17 +109,47 @@ def test_deployment_keys_are_scoped_hashed_and_revocable(reg, admin):
     assert reg.list_deployment_keys(d["deploymentId"]) == []
 
 
-def test_restart_fails_interrupted_work(reg, admin):
+def test_orphan_jobs_fail_with_what_they_were_moving(reg, admin):
     _, user = admin
     importing = reg.create_model("half", "file", user["userId"])
     job = reg.create_job("IMPORT", importing["modelId"], user["userId"])
     m = ready_model(reg, user["userId"])
     d = reg.create_deployment(m["modelId"], default_deploy_body("a"), user["userId"])
-    reg.begin_deploy(d["deploymentId"], None, user["userId"], "DEPLOYING")
-    out = reg.fail_interrupted("interrupted by a platform restart")
-    assert out["jobs"] == [job["dockStatusId"]]
+    deploy = reg.begin_deploy(d["deploymentId"], None, user["userId"], "DEPLOYING")
+    assert deploy["action"] == "DEPLOY" and deploy["deploymentId"] == d["deploymentId"]
+    # the grace period keeps jobs just handed over; a running job is never an orphan
+    assert reg.orphan_jobs([], grace_s=60) == []
+    orphans = reg.orphan_jobs([deploy["dockStatusId"]], grace_s=0)
+    assert [j["dockStatusId"] for j in orphans] == [job["dockStatusId"]]
+    ids = [j["dockStatusId"] for j in reg.orphan_jobs([], grace_s=0)]
+    out = reg.fail_jobs(ids, "interrupted")
+    assert sorted(out["jobs"]) == sorted([job["dockStatusId"], deploy["dockStatusId"]])
     assert reg.get_job(job["dockStatusId"])["status"] == "FAILED"
-    assert reg.get_model(importing["modelId"])["error"] == "interrupted by a platform restart"
+    assert reg.get_model(importing["modelId"])["error"] == "interrupted"
     dep = reg.get_deployment(d["deploymentId"])
-    assert dep["status"] == "FAILED" and "restart" in dep["failureReason"]
+    assert dep["status"] == "FAILED" and dep["failureReason"] == "interrupted"
     assert reg.history(d["deploymentId"])[0]["result"] == "FAILED"
+    assert reg.fail_jobs(ids, "again")["jobs"] == []  # finished jobs stay as they ended
+
+
+def test_undeploy_job_only_for_deployed_or_failed_and_once(reg, admin):
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    d = reg.create_deployment(m["modelId"], default_deploy_body("a"), user["userId"])
+    with pytest.raises(Conflict, match="READY_TO_DEPLOY; only DEPLOYED or FAILED"):
+        reg.begin_undeploy(d["deploymentId"], user["userId"])
+    reg.begin_deploy(d["deploymentId"], None, user["userId"], "DEPLOYING")
+    reg.set_deployment_status(d["deploymentId"], "DEPLOYED")
+    job = reg.begin_undeploy(d["deploymentId"], user["userId"])
+    assert job["action"] == "UNDEPLOY" and job["createdBy"] == user["userId"]
+    with pytest.raises(Conflict, match="already being undeployed"):
+        reg.begin_undeploy(d["deploymentId"], user["userId"])
+
+
+def test_deleting_a_model_ends_its_running_import(reg, admin):
+    _, user = admin
+    importing = reg.create_model("half", "file", user["userId"])
+    job = reg.create_job("IMPORT", importing["modelId"], user["userId"])
+    reg.delete_model(importing["modelId"])
+    ended = reg.get_job(job["dockStatusId"])
+    assert ended["status"] == "FAILED" and ended["message"] == "the model was deleted"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from raydock.serve_apps import chat_render
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.sampling import SamplingParams
 
@@ -40,7 +42,13 @@ class Engine(Protocol):
     # SamplingParams fields the engine cannot honour; a request setting one gets a 400
     unsupported_params: ClassVar[frozenset[str]]
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]: ...
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Token ids of the rendered chat; raises chat_render.ChatTemplateError."""
+
+    @property
+    def longest_token_chars(self) -> int: ...
 
     def text_prompt(self, prompt: str) -> list[int]: ...
 
@@ -138,11 +146,17 @@ class TokenizerPrompts:
 
     tokenizer: Any
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        text = chat_render.render(self.tokenizer, messages, tools)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """Characters of the vocabulary's longest token: a text longer than this times the
+        context cannot fit, however it tokenizes (checked before tokenizing it)."""
+        return max(len(t) for t in self.tokenizer.get_vocab())
 
     def text_prompt(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]

@@ -1,0 +1,173 @@
+"""Chat messages to prompt text with the model's own chat template, tool conversations included.
+
+A template that knows tools (its source reads `tool_calls`) renders OpenAI tool conversations
+itself: the tool list, assistant messages carrying `tool_calls`, and `tool` results. For any
+other template raydock renders them in a documented fallback the template can always show,
+since it uses only the system, user and assistant roles:
+
+- the tool list goes into the system message (one is added first when there is none):
+  `TOOLS_PREAMBLE`, then the functions as JSON;
+- an assistant message's calls become its text, each as the JSON raydock's tool-call output
+  has: `{"name": "<function>", "arguments": {...}}`, one per line after any content;
+- consecutive `tool` messages become one user message, a line
+  `Tool result (<function>, call <id>): <content>` per result.
+
+Some templates refuse a system message (Gemma's) or tool-call ids not in their model's own
+format (Mistral's); when the template fails, raydock renders the fallback once more with the
+system text at the head of the first user message, and refuses only if that fails too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+TOOLS_PREAMBLE = (
+    "You can call these tools. To call one, answer with only a JSON object "
+    '{"name": <the tool\'s name>, "arguments": <its arguments>}.'
+)
+
+#: A conversation every importable chat model must render (import validation uses it too).
+SAMPLE_CONVERSATION: list[dict[str, Any]] = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'},
+    {"role": "assistant", "content": "It is 21 °C in Paris."},
+    {"role": "user", "content": "Thanks!"},
+]
+SAMPLE_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template cannot render these messages (the reason is its own)."""
+
+
+def template_source(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one renders chats
+        template = template.get("default")
+    return template if isinstance(template, str) else None
+
+
+def render(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> str:
+    """The prompt text for `messages` (OpenAI chat messages) and `tools`, ending with the
+    assistant's turn; raises ChatTemplateError with the template's reason."""
+    source = template_source(tokenizer)
+    if source is None:
+        raise ChatTemplateError("this model has no chat template; use /v1/completions")
+    if "tool_calls" in source:
+        attempts = [([_native(m) for m in messages], {"tools": tools or None})]
+    else:
+        attempts = [(fallback_messages(messages, tools), {})]
+    attempts.append((_system_in_first_user(fallback_messages(messages, tools)), {}))
+    first_error: Exception | None = None
+    for conversation, kwargs in attempts:
+        try:
+            return tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True, **kwargs
+            )
+        except Exception as exc:  # jinja2's TemplateError, or what the template's code raises
+            first_error = first_error or exc
+    raise ChatTemplateError(f"the model's chat template failed: {first_error}")
+
+
+def _arguments(raw: Any) -> Any:
+    """Hugging Face templates expect a call's arguments as an object, OpenAI sends a string."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _native(message: dict[str, Any]) -> dict[str, Any]:
+    if not message.get("tool_calls"):
+        return message
+    calls = [
+        {**c, "function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}}
+        for c in message["tool_calls"]
+    ]
+    return {**message, "tool_calls": calls}
+
+
+def _system_in_first_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    system = [m["content"] for m in messages if m["role"] in ("system", "developer")]
+    rest = [m for m in messages if m["role"] not in ("system", "developer")]
+    if system and rest and rest[0]["role"] == "user":
+        rest[0] = {**rest[0], "content": "\n\n".join([*system, rest[0]["content"]])}
+    elif system:
+        rest.insert(0, {"role": "user", "content": "\n\n".join(system)})
+    return rest
+
+
+def fallback_messages(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """The conversation in system/user/assistant messages only (see the module docstring)."""
+    names = {
+        c.get("id"): c["function"]["name"]
+        for m in messages
+        for c in m.get("tool_calls") or ()
+        if isinstance(c.get("function"), dict)
+    }
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role, content = m["role"], m.get("content") or ""
+        if role == "tool":
+            name = names.get(m.get("tool_call_id"), m.get("name") or "tool")
+            line = f"Tool result ({name}, call {m.get('tool_call_id')}): {content}"
+            if out and out[-1].get("_tool_results"):
+                out[-1]["content"] += "\n" + line
+            else:
+                out.append({"role": "user", "content": line, "_tool_results": True})
+            continue
+        if role == "assistant" and m.get("tool_calls"):
+            calls = [
+                json.dumps(
+                    {
+                        "name": c["function"]["name"],
+                        "arguments": _arguments(c["function"]["arguments"]),
+                    },
+                    separators=(",", ":"),
+                )
+                for c in m["tool_calls"]
+            ]
+            content = "\n".join([content, *calls] if content else calls)
+        out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("_tool_results", None)
+    if tools:
+        listing = json.dumps([t.get("function", t) for t in tools], separators=(",", ":"))
+        preamble = f"{TOOLS_PREAMBLE}\nTools: {listing}"
+        if out and out[0]["role"] in ("system", "developer"):
+            out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{preamble}"}
+        else:
+            out.insert(0, {"role": "system", "content": preamble})
+    return out
