@@ -48,8 +48,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     if info["admin_key"]:
         print("first admin management key (shown once, store it now):")
         print(f"  {info['admin_key']}")
-    if any(info["reconciled"].values()):
-        print(f"reconciled after restart: {json.dumps(info['reconciled'])}")
     sys.stdout.flush()
     stop = {"now": False}
 

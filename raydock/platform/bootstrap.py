@@ -103,10 +103,10 @@ def _actor(cls, name: str, *args: Any, **options: Any):
 
 
 def start_platform(settings: Settings) -> dict[str, Any]:
-    """Idempotently bring up registry, lifecycle, API and gateway; reconcile deployments.
+    """Idempotently bring up registry, Serve, lifecycle, API and gateway.
 
-    Returns the URL, the first admin key (only when it was just created) and what the
-    reconciliation did.
+    Returns the URL and the first admin key (only when it was just created). The lifecycle
+    reconciles deployments with Serve as soon as it starts (and every few seconds after).
     """
     from raydock.platform.api import ApiServer
     from raydock.serve_apps.gateway import Gateway
@@ -116,13 +116,14 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     cfg = settings.to_dict()
     registry = _actor(Registry, names.REGISTRY, settings.db_url)
     admin_key = ray.get(registry.ensure_admin.remote(os.environ.get("RAYDOCK_ADMIN_KEY")))
+    # Serve first: the lifecycle's first pass may restore deployments, which would otherwise
+    # start Serve with its default HTTP options
+    serve.start(http_options={"host": settings.host, "port": settings.port})
     lifecycle = _actor(Lifecycle, names.LIFECYCLE, cfg, max_concurrency=100)
     ray.get(lifecycle.ping.remote())
-    serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(ApiServer.bind(cfg), name=names.API_APP, route_prefix="/api")
     serve.run(Gateway.bind(cfg), name=names.GATEWAY_APP, route_prefix="/")
-    reconciled = ray.get(lifecycle.reconcile.remote())
-    return {"url": settings.base_url, "admin_key": admin_key, "reconciled": reconciled}
+    return {"url": settings.base_url, "admin_key": admin_key}
 
 
 def stop_platform() -> None:

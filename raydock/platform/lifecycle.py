@@ -140,7 +140,8 @@ class Lifecycle:
             since = self._unhealthy_since.setdefault(deployment_id, time.monotonic())
             return time.monotonic() - since > UNHEALTHY_GRACE_S
         self._unhealthy_since.pop(deployment_id, None)
-        return status not in ("RUNNING", "DEPLOYING")
+        # DELETING: restored once it is gone (a new app under its name would stop the delete)
+        return status not in ("RUNNING", "DEPLOYING", "DELETING")
 
     async def _restore(self, deployment_id: str) -> None:
         async with self._locks[deployment_id]:
