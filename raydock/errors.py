@@ -136,7 +136,10 @@ def respond(request: Request, exc: BaseException) -> JSONResponse:
         err = ApiError(500, f"internal error (request id {rid})", None, "internal_error")
     elif err.status >= 500:
         log.warning("request %s: %s (%r)", rid, err.message, exc)
-    return error_response(err.status, err.message, err.param, err.code, rid)
+    extra = {}
+    if err.status == 422:  # as FastAPI's own validation errors: each field at fault in detail
+        extra["detail"] = [{"field": err.param or "body", "message": err.message}]
+    return error_response(err.status, err.message, err.param, err.code, rid, **extra)
 
 
 _HTTP_MESSAGES = {404: "no such route", 405: "method not allowed on this route"}
@@ -159,7 +162,11 @@ def install(app: FastAPI, max_body_bytes: Callable[[], int | None] = lambda: Non
         msg = _HTTP_MESSAGES.get(exc.status_code) or str(exc.detail)
         if exc.status_code == 404:
             msg = f"{msg}: {request.method} {request.url.path}"
-        return error_response(exc.status_code, msg, None, None, request_id(request))
+        response = error_response(exc.status_code, msg, None, None, request_id(request))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -172,6 +179,20 @@ def install(app: FastAPI, max_body_bytes: Callable[[], int | None] = lambda: Non
         )
 
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes)
+
+
+def allowed_methods(request: Request) -> set[str]:
+    """Every method some route serves at this request's path. Starlette's own Allow header
+    names only the first route whose path matches, while FastAPI adds one route per method."""
+    from starlette.routing import Match, Route
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match != Match.NONE:
+                methods |= route.methods
+    return methods
 
 
 class BodyTooLarge(ApiError):

@@ -11,6 +11,7 @@ openai_service.py and engine_app.py.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from pydantic import BaseModel
 
 from raydock.config import hardware_profiles
 from raydock.errors import TYPES, error_body
-from raydock.serve_apps.protocol import ChatRequest, CompletionRequest
+from raydock.platform.schemas import NOT_BLANK, ScalingParameters
+from raydock.serve_apps.protocol import SHAPES, ChatRequest, CompletionRequest
 
 Doc = dict[str, Any]
 
@@ -33,6 +35,9 @@ DESCRIPTIONS = {
     401: "The API key is missing or invalid (for inference: not this deployment's key)",
     403: "Only an admin management key may do this",
     404: "The object the path names does not exist (inference: the deployment or `model`)",
+    405: "The path is another route's, which does not take this method (a path parameter "
+    "never takes the value of a literal segment beside it, such as `import` in "
+    "/models/{modelId})",
     409: "The object's current state does not allow this",
     413: "The request body is over the size limit",
     422: "The body or a parameter fails validation; `detail` names each field",
@@ -60,8 +65,93 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "GET /deployments/{deploymentId}/stats": (409,),
     "GET /exports/{dockStatusId}/download": (409,),
 }
+# OpenAPI links: which ids a management response names, and the operations that take them
+# (Swagger shows them; API testers such as schemathesis follow them). Destructive operations
+# are linked only from the response that created their object.
+BODY = "$response.body#/"
+FIRST_DEPLOYMENT = BODY + "deployments/0/deploymentId"
+LINKS: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
+    ("POST /files/session/start", "201"): [
+        ("GET /files/session/{sessionId}", {"sessionId": BODY + "sessionId"}),
+        (
+            "PUT /files/session/{sessionId}/chunks/{chunkNumber}",
+            {"sessionId": BODY + "sessionId", "chunkNumber": "1"},
+        ),
+        ("POST /files/session/{sessionId}/complete", {"sessionId": BODY + "sessionId"}),
+    ],
+    ("POST /models/import", "202"): [
+        ("GET /models/{modelId}", {"modelId": BODY + "modelId"}),
+        ("GET /dock-status/{dockStatusId}", {"dockStatusId": BODY + "dockStatusId"}),
+        ("DELETE /models/{modelId}", {"modelId": BODY + "modelId"}),
+    ],
+    ("POST /models/{modelId}/export", "202"): [
+        ("GET /dock-status/{dockStatusId}", {"dockStatusId": BODY + "dockStatusId"}),
+        ("GET /exports/{dockStatusId}/download", {"dockStatusId": BODY + "dockStatusId"}),
+    ],
+    ("POST /deployments/{deploymentId}/api-keys", "201"): [
+        ("GET /deployments/{deploymentId}/api-keys", {"deploymentId": BODY + "deploymentId"}),
+        (
+            "DELETE /deployments/{deploymentId}/api-keys/{keyId}",
+            {"deploymentId": BODY + "deploymentId", "keyId": BODY + "keyId"},
+        ),
+    ],
+    ("GET /models", "200"): [
+        ("GET /models/{modelId}", {"modelId": BODY + "models/0/modelId"}),
+        ("GET /models/{modelId}/deployments", {"modelId": BODY + "models/0/modelId"}),
+        ("GET /models/{modelId}/deploy-form", {"modelId": BODY + "models/0/modelId"}),
+    ],
+    ("GET /models/{modelId}/deployments", "200"): [
+        (f"GET /deployments/{{deploymentId}}{tail}", {"deploymentId": FIRST_DEPLOYMENT})
+        for tail in ("", "/history", "/stats", "/api-keys")
+    ],
+}
+
 # streams its upload to disk with no size limit (errors.RequestGuard exempts it)
 NO_BODY_LIMIT = {"POST /models/import"}
+
+# How each family of routes authenticates (Swagger's Authorize button and API clients read
+# these): management routes take a management key, inference routes a deployment's key.
+SECURITY_SCHEMES: dict[str, Any] = {
+    "ManagementKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-api-key",
+        "description": "A management key: the admin key `raydock up` prints on first start, or "
+        "one POST /api/public/users returned. `Authorization: Bearer <key>` is accepted too.",
+    },
+    "DeploymentKey": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A key created for the deployment (POST "
+        "/api/public/deployments/{deploymentId}/api-keys). An `X-api-key` header is accepted too.",
+    },
+}
+# the headers FastAPI documents as parameters of management.current_user: the scheme says it
+AUTH_HEADERS = {"x-api-key", "authorization"}
+
+STRING = {"type": "string"}
+# an inference 400 says in `code` whether the request is at fault or the deployment cannot
+# do what it asks (a refusal tests/e2e/test_schemathesis.py allows for schema-valid requests)
+INFERENCE_400 = (
+    "A parameter is invalid (code `invalid_parameter` or `invalid_json`), or valid but not one "
+    "this deployment can honour: `unsupported_schema` (an output format, schema keyword, regex "
+    "or grammar it cannot enforce, two formats at once, a tool_choice naming no declared tool), "
+    "`unsupported_parameter` (a parameter its engine or vocabulary cannot take), "
+    "`context_length_exceeded`, `invalid_messages` (its chat template refuses the conversation)"
+)
+
+# what an inference route answers with `"stream": true`: Server-Sent Events, `schema` one
+# event (OpenAPI 3.1 has no item schema for streams; 3.2 reads `schema` so too)
+STREAM = {
+    "schema": {
+        "type": "object",
+        "description": "One server-sent event. `data` is a chunk object's JSON (an error that "
+        "occurs after the stream started comes as an ErrorResponse's JSON); the last event's "
+        "is `[DONE]`.",
+        "required": ["data"],
+        "properties": {"data": {"type": "string"}},
+    }
+}
 
 ERROR_SCHEMAS: dict[str, Any] = {
     "ErrorResponse": {
@@ -113,9 +203,11 @@ def finish(doc: Doc) -> Doc:
     """Rewrite FastAPI's document (in place, and returned) to what the server does."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for path, method, op in _operations(doc):
+        _secure(path, op)
         statuses = _errors(path, method, op)  # before bodies are added: 422 depends on them
         if not path.startswith(MANAGEMENT) and method == "post":
             op["requestBody"] = _inference_body(path, schemas)
+            op["responses"]["200"]["content"]["text/event-stream"] = STREAM
         elif "/chunks/" in path:  # the chunk is the raw request body
             op["requestBody"] = {
                 "required": True,
@@ -125,11 +217,66 @@ def finish(doc: Doc) -> Doc:
             }
         kept = {code: r for code, r in op.get("responses", {}).items() if code != "422"}
         op["responses"] = kept | {str(s): _error_response(s) for s in sorted(statuses)}
+        if not path.startswith(MANAGEMENT) and "400" in op["responses"]:
+            op["responses"]["400"]["description"] = INFERENCE_400
+    for path, name, values in _shadowed_parameters(list(doc["paths"])):
+        for op in doc["paths"][path].values():
+            param = next(p for p in op["parameters"] if p["in"] == "path" and p["name"] == name)
+            param["schema"]["not"] = {"enum": values}
+            op["responses"] = dict(
+                sorted((op["responses"] | {"405": _error_response(405)}).items())
+            )
+    _link(doc)
     _as_validated(schemas)
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     schemas.update(copy.deepcopy(ERROR_SCHEMAS))  # callers may edit the document
+    doc["components"]["securitySchemes"] = copy.deepcopy(SECURITY_SCHEMES)
     return doc
+
+
+def _secure(path: str, op: dict[str, Any]) -> None:
+    """Name the operation's security scheme in place of FastAPI's key header parameters."""
+    if not path.startswith(MANAGEMENT):
+        op["security"] = [{"DeploymentKey": []}]  # every inference route authorizes a key
+        return
+    params = op.get("parameters", [])
+    kept = [p for p in params if not (p["in"] == "header" and p["name"].lower() in AUTH_HEADERS)]
+    if len(kept) < len(params):  # the route depends on current_user
+        op["security"] = [{"ManagementKey": []}]
+        op["parameters"] = kept
+    if not kept:
+        op.pop("parameters", None)
+
+
+def _link(doc: Doc) -> None:
+    ops = {f"{m.upper()} {p.removeprefix(MANAGEMENT)}": op for p, m, op in _operations(doc)}
+    for (source, status), targets in LINKS.items():
+        response = ops[source]["responses"][status]
+        for target, parameters in targets:
+            method, path = target.split()
+            name = method.lower() + "".join(w[:1].upper() + w[1:] for w in re.split(r"\W+", path))
+            response.setdefault("links", {})[name] = {
+                "operationId": ops[target]["operationId"],
+                "parameters": dict(parameters),
+            }
+
+
+def _shadowed_parameters(paths: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(path, parameter, values it cannot take): the literal segments of other paths at its
+    place (api._literal_segments_win routes /models/import to the import route only)."""
+    literal = [p for p in paths if "{" not in p]
+    out = []
+    for path in paths:
+        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(path))
+        if pattern == re.escape(path):
+            continue
+        taken: dict[str, list[str]] = {}
+        for match in filter(None, (re.fullmatch(pattern, p) for p in literal)):
+            for name, value in match.groupdict().items():
+                taken.setdefault(name, []).append(value)
+        out += [(path, name, values) for name, values in taken.items()]
+    return out
 
 
 def _operations(doc: Doc) -> list[tuple[str, str, dict[str, Any]]]:
@@ -157,7 +304,7 @@ def _management_errors(path: str, method: str, op: dict[str, Any]) -> set[int]:
     if route not in NO_BODY_LIMIT:
         out.add(413)
     params = op.get("parameters", [])
-    if any(p["in"] == "header" and p["name"].lower() == "x-api-key" for p in params):
+    if op.get("security"):
         out.add(401)
     if "{" in path:  # the registry looks up every id in the path
         out.add(404)
@@ -204,7 +351,7 @@ def _inference_body(path: str, schemas: dict[str, Any]) -> dict[str, Any]:
     model = ChatRequest if path.endswith("/chat/completions") else CompletionRequest
     schema: dict[str, Any] = {"$ref": _add_model(model, schemas)}
     if not path.startswith("/deployments/"):  # /v1/*: `model` names the deployment (else 404)
-        schema = {"allOf": [schema], "required": ["model"]}
+        schema = {"allOf": [schema], "required": ["model"], "properties": {"model": STRING}}
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
@@ -224,9 +371,20 @@ def _as_validated(schemas: dict[str, Any]) -> None:
 
     # checked against configs/hardware.yaml by DeployRequest._known_device
     props("DeployRequest")["deviceType"]["enum"] = list(hardware_profiles())
-    props("DeployRequest")["name"]["pattern"] = r"\S"  # a blank name is refused
+    props("DeployRequest")["name"]["pattern"] = NOT_BLANK  # a blank name is refused
     props("HyperParameters")["stopSequence"]["items"]["minLength"] = 1
     schemas["ScalingParameters"]["description"] = "minReplicas must not exceed maxReplicas."
+    schemas["ScalingParameters"]["allOf"] = _min_not_above_max(ScalingParameters)
+    # UploadSessionStart._adapter_has_base; the multipart import checks the same
+    adapter = {
+        "if": {"properties": {"kind": {"const": "adapter"}}, "required": ["kind"]},
+        "then": {
+            "properties": {"baseModelId": {"type": "string", "minLength": 1}},
+            "required": ["baseModelId"],
+        },
+    }
+    schemas["UploadSessionStart"].update(copy.deepcopy(adapter))
+    schemas[_import_form(schemas)].update(copy.deepcopy(adapter))
     props("ModelUpdate")["name"] = {
         "type": "null",
         "description": "The model name is not editable: any value but null is refused.",
@@ -240,10 +398,48 @@ def _as_validated(schemas: dict[str, Any]) -> None:
         ]
         bias = next(o for o in props(request)["logit_bias"]["anyOf"] if o.get("type") == "object")
         bias["propertyNames"] = {"pattern": "^[0-9]+$"}  # token ids
+    for request in ("ChatRequest", "CompletionRequest"):
+        for name, shape in SHAPES.items():  # protocol.parse holds requests to them
+            if name in props(request):
+                props(request)[name]["anyOf"] = [copy.deepcopy(shape), {"type": "null"}]
+    schemas["ChatRequest"]["if"] = {  # protocol._check_shapes: tool_choice needs tools
+        "required": ["tool_choice"],
+        "properties": {"tool_choice": {"not": {"enum": [None, "none"]}}},
+    }
+    schemas["ChatRequest"]["then"] = {
+        "required": ["tools"],
+        "properties": {"tools": {"type": "array", "minItems": 1}},
+    }
     props("CompletionRequest")["prompt"]["anyOf"] = [
         {"type": "string"},
         {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
     ]
+
+
+def _min_not_above_max(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """ScalingParameters._min_le_max in JSON Schema, which cannot compare two fields: for
+    each minReplicas value k above the lowest, maxReplicas (its default when absent) >= k."""
+    fields = model.model_fields
+    low, high = (_bound(fields["minReplicas"], b) for b in ("ge", "le"))
+    default_max = fields["maxReplicas"].default
+    rules = []
+    for k in range(low + 1, high + 1):
+        then: dict[str, Any] = {"properties": {"maxReplicas": {"minimum": k}}}
+        if k > default_max:
+            then["required"] = ["maxReplicas"]
+        cond = {"properties": {"minReplicas": {"minimum": k}}, "required": ["minReplicas"]}
+        rules.append({"if": cond, "then": then})
+    return rules
+
+
+def _bound(field: Any, name: str) -> int:
+    return next(getattr(m, name) for m in field.metadata if hasattr(m, name))
+
+
+def _import_form(schemas: dict[str, Any]) -> str:
+    """The name FastAPI gives the multipart form of POST /models/import."""
+    (name,) = (n for n in schemas if n.startswith("Body_import_model"))
+    return name
 
 
 # ------------------------------------------------------------------ Swagger UI, offline

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ import ray
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
+from fastapi.routing import APIRoute
 from ray import serve
 
 from raydock import errors
@@ -46,6 +48,11 @@ app = FastAPI(
     title="raydock",
     version="0.1.0",
     description="Self-hosted model hub: import, deploy and serve open-source LLMs on Ray.",
+    # the one document (management and inference, with the error responses) and its Swagger
+    # UI are the gateway's /openapi.json and /docs; FastAPI's own would load from a CDN
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
 )
 router = APIRouter(prefix="/public")
 
@@ -252,8 +259,6 @@ async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
 @router.post("/files/session/start", tags=["files"], status_code=201)
 async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str, Any]:
     """Open a chunked upload: send chunks 1..totalChunks, then complete."""
-    if body.kind == "adapter" and not body.baseModelId:
-        raise ApiError(400, "baseModelId is required to import an adapter", param="baseModelId")
     session = await ctx.registry.create_upload_session.remote(body.model_dump(), user["userId"])
     _session_dir(session["sessionId"]).mkdir(parents=True, exist_ok=True)
     return {**session, "maxChunkBytes": ctx.settings.upload_chunk_max_bytes}
@@ -563,6 +568,22 @@ async def download_export(dockStatusId: str, _: User) -> FileResponse:
 
 
 app.include_router(router)
+
+
+def _literal_segments_win(routes: list[Any]) -> None:
+    """A path parameter never takes the value of a literal segment that another route names
+    at its place: GET /models/import is the import route refusing GET (405, Allow: POST),
+    not a lookup of a model called "import" (Starlette takes the first route that matches)."""
+    literal = [r.path for r in routes if isinstance(r, APIRoute) and not r.param_convertors]
+    for route in routes:
+        if isinstance(route, APIRoute) and route.param_convertors:
+            shadowed = [p for p in literal if route.path_regex.match(p)]
+            if shadowed:
+                avoid = "|".join(re.escape(p) + "$" for p in shadowed)
+                route.path_regex = re.compile(f"^(?!{avoid}){route.path_regex.pattern[1:]}")
+
+
+_literal_segments_win(app.routes)
 
 
 def configure(settings: dict[str, Any]) -> None:

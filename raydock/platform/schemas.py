@@ -7,27 +7,74 @@ tell the user what is allowed.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from raydock.config import hardware_profiles
 from raydock.errors import ApiError
 from raydock.optimizers import plan
 
+
+def _whitespace_class() -> str:
+    """A regex class of the characters str.strip() removes, as \\uXXXX ranges."""
+    codes = [c for c in range(0x10000) if chr(c).isspace()]
+    spans: list[list[int]] = []
+    for c in codes:
+        if spans and spans[-1][1] == c - 1:
+            spans[-1][1] = c
+        else:
+            spans.append([c, c])
+    return "".join(f"\\u{a:04x}" + (f"-\\u{b:04x}" if b > a else "") for a, b in spans)
+
+
+# Regex dialects disagree on `\s`: Python's takes \x1c-\x1f, ECMA's (the document's, JSON
+# Schema) U+FEFF, Rust's (pydantic's `pattern`) \x85. Patterns name Python's whitespace (what
+# str.strip() removes) instead, and use no inline flags: every dialect reads them alike.
+_WHITESPACE = _whitespace_class()
+#: What a string must match not to be blank (str.strip() leaves something)
+NOT_BLANK = f"[^{_WHITESPACE}]"
+_WORD = f"[^@{_WHITESPACE}]+"
+EMAIL_PATTERN = f"^{_WORD}@{_WORD}\\.{_WORD}$"
+ZIP_NAME_PATTERN = r"^[^/\\]+\.[zZ][iI][pP]$"
+
+#: An integer as JSON has it: an int, or a number without a fractional part (JSON has one
+#: number type; to JSON Schema 5.0 is the integer 5), never a string or a boolean. Request
+#: models are strict (no "yes" read as a boolean, no "5" as a number), which would refuse 5.0
+#: too: their JsonInt fields read lax, and `refuse_non_json_integers` refuses strings and
+#: booleans before. (A validator inside JsonInt would do both, but pydantic then documents an
+#: optional field's range as `ge`/`le`, which JSON Schema does not know.)
+JsonInt = Annotated[int, Strict(False)]
+_LAX = Strict(False)
+
+
+def refuse_non_json_integers(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A request model's "before" validator for every field: no string or boolean where
+    a JsonInt is expected."""
+    field = model.model_fields[info.field_name]
+    if isinstance(value, bool | str) and (
+        _LAX in field.metadata
+        or any(_LAX in getattr(arg, "__metadata__", ()) for arg in get_args(field.annotation))
+    ):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    return value
+
+
 #: One tag: what lists and filters show in a line; a deployment or model has at most MAX_TAGS.
 MAX_TAG_CHARS = 100
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_CHARS)]
 MAX_TAGS = 50
-EMAIL_PATTERN = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 
 TIMEOUT_RANGE = (30, 180)
 DEFAULT_TIMEOUT_S = 60
@@ -35,16 +82,23 @@ DEFAULT_MAX_TOKENS = 512  # used when hyperParameters.maxTokens is 0 ("no defaul
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: a value must have the JSON type the document gives it (lax mode would read
+    # "yes" or 1 as a boolean and "5" as a number)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_integers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_non_json_integers(cls, value, info)
 
 
 class HyperParameters(_Body):
     temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature, 0–2.")
-    maxTokens: int = Field(
+    maxTokens: JsonInt = Field(
         512, ge=0, le=512, description="Default max tokens to generate, 0–512 (0: 512)."
     )
     topP: float = Field(1.0, ge=0, le=1, description="Nucleus sampling mass, 0–1.")
-    topK: int = Field(50, ge=1, le=100, description="Top-k filtering, 1–100.")
+    topK: JsonInt = Field(50, ge=1, le=100, description="Top-k filtering, 1–100.")
     stopSequence: list[str] = Field(
         default_factory=list, max_length=8, description="Up to 8 stop sequences."
     )
@@ -58,13 +112,17 @@ class HyperParameters(_Body):
 
 
 class ScalingParameters(_Body):
-    maxBatchSize: int = Field(10, ge=1, le=256, description="Sequences decoded together, 1–256.")
-    minReplicas: int = Field(1, ge=1, le=10, description="Minimum replicas, 1–10.")
-    maxReplicas: int = Field(2, ge=1, le=50, description="Maximum replicas, 1–50.")
-    scaleUpDelay: int = Field(30, ge=1, le=1000, description="Seconds before scaling up, 1–1000.")
+    maxBatchSize: JsonInt = Field(
+        10, ge=1, le=256, description="Sequences decoded together, 1–256."
+    )
+    minReplicas: JsonInt = Field(1, ge=1, le=10, description="Minimum replicas, 1–10.")
+    maxReplicas: JsonInt = Field(2, ge=1, le=50, description="Maximum replicas, 1–50.")
+    scaleUpDelay: JsonInt = Field(
+        30, ge=1, le=1000, description="Seconds before scaling up, 1–1000."
+    )
     # the seed's minimum is 50; shorter delays serve development clusters (and the 1 → 2 → 1
     # autoscaling test), at the price of flapping when load comes in bursts
-    scaleDownDelay: int = Field(
+    scaleDownDelay: JsonInt = Field(
         600, ge=1, le=2000, description="Seconds before scaling down, 1–2000."
     )
 
@@ -95,7 +153,7 @@ class DeployRequest(_Body):
     isDeployedPreviously: bool = False
     description: str = Field("", max_length=2000)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
-    timeout: int = Field(
+    timeout: JsonInt = Field(
         DEFAULT_TIMEOUT_S, ge=30, le=180, description="Endpoint timeout in seconds, 30–180."
     )
 
@@ -131,7 +189,7 @@ class ModelUpdate(_Body):
 class DeploymentUpdate(_Body):
     description: str | None = Field(None, max_length=2000)
     tags: list[Tag] | None = Field(None, max_length=MAX_TAGS)
-    timeout: int | None = Field(None, ge=30, le=180, description="Endpoint timeout, 30–180 s.")
+    timeout: JsonInt | None = Field(None, ge=30, le=180, description="Endpoint timeout, 30–180 s.")
 
 
 class KeyCreate(_Body):
@@ -145,13 +203,21 @@ class UserCreate(_Body):
 
 
 class UploadSessionStart(_Body):
-    fileName: str = Field(..., min_length=5, max_length=300, pattern=r"(?i)^[^/\\]+\.zip$")
-    totalSize: int = Field(..., gt=0)
-    totalChunks: int = Field(..., ge=1, le=100_000)
+    fileName: str = Field(..., min_length=5, max_length=300, pattern=ZIP_NAME_PATTERN)
+    # 2**53: what the database's 64-bit integer holds, and JSON numbers carry exactly
+    totalSize: JsonInt = Field(..., gt=0, le=2**53, description="Bytes, at most 2^53.")
+    totalChunks: JsonInt = Field(..., ge=1, le=100_000)
     kind: Literal["base", "adapter"] = "base"
-    baseModelId: str | None = None
+    baseModelId: str | None = Field(None, validate_default=True)
     description: str = Field("", max_length=2000)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+
+    @field_validator("baseModelId")
+    @classmethod
+    def _adapter_has_base(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("kind") == "adapter" and not v:
+            raise ValueError("baseModelId is required to import an adapter")
+        return v
 
 
 def parse_tags(text: str) -> list[str]:

@@ -102,12 +102,14 @@ def engine_request(
     stops = req.stop_list() or hp.get("stopSequence", [])
     logprobs = bool(req.logprobs) if kind == "chat" else req.logprobs is not None
     top = (req.top_logprobs or 0) if kind == "chat" else (req.logprobs or 0)
+    temperature = req.temperature if req.temperature is not None else hp.get("temperature", 1.0)
+    top_p = req.top_p if req.top_p is not None else hp.get("topP", 1.0)
+    if top_p == 0:  # a nucleus of no mass holds just the likeliest token: greedy, on every engine
+        temperature, top_p = 0.0, 1.0
     params = {
         "max_tokens": max_tokens,
-        "temperature": req.temperature
-        if req.temperature is not None
-        else hp.get("temperature", 1.0),
-        "top_p": req.top_p if req.top_p is not None else hp.get("topP", 1.0),
+        "temperature": temperature,
+        "top_p": top_p,
         "top_k": req.top_k if req.top_k is not None else hp.get("topK", 0),
         "seed": req.seed,
         "stop": tuple(stops),

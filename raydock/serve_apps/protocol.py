@@ -6,39 +6,62 @@ non-streaming stay consistent.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import jsonschema
 from annotated_types import Ge, Le
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from raydock.platform.schemas import NOT_BLANK, JsonInt, refuse_non_json_integers
+from raydock.serve_apps.structured import MAX_PATTERN_CHARS
 
 MAX_TOKENS_LIMIT = 512  # the seed's maxTokens range is 0–512
 MAX_TEXT_CHARS = 4 * 2**20  # one message's text or tool arguments; the body limit binds first
 
 
+#: A token id as a JSON object key has it: digits only (int() would also read " 5", "+5",
+#: "5_0"), read as a number
+TokenId = Annotated[str, Field(pattern=r"^[0-9]+$"), AfterValidator(int)]
+
+#: Values must have the type the document gives them, as JSON decodes them: pydantic's lax
+#: mode would read "yes" or 1 as a boolean and "5" as a number, which the document refuses
+#: (integers are JsonInt: 5.0 is one)
+STRICT = ConfigDict(strict=True)
+
+
 class _Request(BaseModel):
     # Unknown OpenAI fields are accepted and ignored, as OpenAI-compatible servers do.
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT | ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: JsonInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=1, le=100)
-    n: int = Field(1, ge=1, le=8)
+    top_k: JsonInt | None = Field(None, ge=1, le=100)
+    n: JsonInt = Field(1, ge=1, le=8)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: JsonInt | None = Field(None, ge=0, le=2**63 - 1)
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, ge=0.01, le=2)  # vLLM-compatible extra
-    # token id (a JSON key, so a string) -> bias added to its logit
-    logit_bias: (
-        dict[Annotated[int, Field(ge=0)], Annotated[float, Field(ge=-100, le=100)]] | None
-    ) = Field(None, max_length=300)
+    # token id (a JSON key: a string of digits, read as a number) -> bias added to its logit
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=300
+    )
     ignore_eos: bool = False  # vLLM-compatible extra body field
     response_format: dict[str, Any] | None = None
     # vLLM's structured outputs (extra body: {"json": schema} or {"choice": [...]}) and its
@@ -48,6 +71,11 @@ class _Request(BaseModel):
     guided_choice: list[str] | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_integers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_non_json_integers(cls, value, info)
 
     @field_validator("stop")
     @classmethod
@@ -64,19 +92,20 @@ class _Request(BaseModel):
 
 
 class FunctionCall(BaseModel):
+    model_config = STRICT
     name: str = Field(..., min_length=1, max_length=256)
     arguments: str = Field(..., max_length=MAX_TEXT_CHARS)  # JSON text, as OpenAI sends it
 
 
 class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT | ConfigDict(extra="allow")
     id: str = Field(..., min_length=1, max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = STRICT | ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = Field(None, max_length=256)
@@ -104,9 +133,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: JsonInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: JsonInt | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # one call per choice is generated
@@ -114,7 +143,7 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: JsonInt | None = Field(None, ge=0, le=5)
     echo: bool = False
 
 
@@ -122,6 +151,96 @@ class BadParam(Exception):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+# ------------------------------------------------------------------ shapes of free-form fields
+
+# vLLM's structured_outputs: null and false mean "not asked"
+_NOT_ASKED = {"enum": [None, False]}
+_CHOICES = {"type": "array", "minItems": 1, "items": {"type": "string"}}
+_PATTERN = {"type": "string", "pattern": NOT_BLANK, "maxLength": MAX_PATTERN_CHARS}
+_FUNCTION = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+
+#: The JSON Schema of each field typed as free JSON above: `parse` holds a request to them and
+#: the OpenAPI document shows them (openapi_doc). What a shape cannot state (whether a JSON
+#: schema, regex or grammar can be enforced, two output formats at once, a tool_choice naming
+#: no declared tool) structured.py and the replica refuse with code `unsupported_schema`.
+SHAPES: dict[str, dict[str, Any]] = {
+    "response_format": {
+        "type": "object",
+        "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
+        "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
+        "then": {
+            "required": ["json_schema"],
+            "properties": {
+                "json_schema": {
+                    "type": "object",
+                    "required": ["schema"],
+                    "properties": {"schema": {"type": ["object", "boolean"]}},
+                }
+            },
+        },
+    },
+    "structured_outputs": {
+        "type": "object",
+        "properties": {
+            "json": {"type": ["object", "boolean", "string", "null"]},
+            "choice": {"anyOf": [_CHOICES, _NOT_ASKED]},
+            "regex": {"anyOf": [_PATTERN, _NOT_ASKED]},
+            "grammar": {"anyOf": [_PATTERN, _NOT_ASKED]},
+            "json_object": {"enum": [True, False, None]},
+        },
+        "additionalProperties": _NOT_ASKED,  # options raydock does not support
+    },
+    "guided_choice": _CHOICES,
+    "guided_regex": _PATTERN,
+    "guided_grammar": _PATTERN,
+    "tools": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {
+                "type": {"const": "function"},
+                "function": _FUNCTION
+                | {"properties": {"name": {"type": "string", "minLength": 1}}},
+            },
+        },
+    },
+    "tool_choice": {
+        "anyOf": [
+            {"enum": ["none", "auto", "required"]},
+            {"type": "object", "required": ["function"], "properties": {"function": _FUNCTION}},
+        ]
+    },
+}
+_REASONS = {
+    "pattern": "must not be blank",
+    "minItems": "must not be empty",
+    "maxLength": "must be at most {} characters long",
+}
+_SHAPE_CHECKS = {name: jsonschema.Draft202012Validator(s) for name, s in SHAPES.items()}
+
+
+def _check_shapes(req: _Request) -> None:
+    for name, validator in _SHAPE_CHECKS.items():
+        value = getattr(req, name, None)
+        if value is None:
+            continue
+        err = jsonschema.exceptions.best_match(validator.iter_errors(value))
+        if err is None:
+            continue
+        path = [name, *map(str, err.absolute_path)]
+        if err.validator == "required":  # name the missing field itself
+            path.append(next(f for f in err.validator_value if f not in err.instance))
+        param = ".".join(path)
+        template = _REASONS.get(err.validator)
+        reason = template.format(err.validator_value) if template else err.message
+        if len(reason) > 200:  # the message quotes the value
+            reason = f"fails {err.validator} {json.dumps(err.validator_value, default=str)[:100]}"
+        raise BadParam(param, f"invalid {param}: {reason}")
+    if isinstance(req, ChatRequest) and not req.tools and req.tool_choice not in (None, "none"):
+        raise BadParam("tool_choice", "tool_choice needs tools")
 
 
 def _bounds(model: type[BaseModel], name: str) -> str:
@@ -136,12 +255,14 @@ def parse(model: type[_Request], body: Any) -> _Request:
     if not isinstance(body, dict):
         raise BadParam("body", "the request body must be a JSON object")
     try:
-        return model.model_validate(body)
+        req = model.model_validate(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or "body"
         top = str(err["loc"][0]) if err["loc"] else ""
         raise BadParam(param, f"invalid {param}: {err['msg']}{_bounds(model, top)}") from None
+    _check_shapes(req)
+    return req
 
 
 # ------------------------------------------------------------------ responses
@@ -159,6 +280,15 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
+#: The logprob reported for a token the output format excludes (-inf: JSON has no infinity,
+#: and a top_logprobs list can name such a token); vLLM's OpenAI server reports the same.
+MIN_LOGPROB = -9999.0
+
+
+def _logprob(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
 def chat_logprobs(items: list) -> dict[str, Any] | None:
     if not items:
         return None
@@ -166,10 +296,10 @@ def chat_logprobs(items: list) -> dict[str, Any] | None:
         "content": [
             {
                 "token": tok,
-                "logprob": lp,
+                "logprob": _logprob(lp),
                 "bytes": list(tok.encode()),
                 "top_logprobs": [
-                    {"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in alts
+                    {"token": t, "logprob": _logprob(v), "bytes": list(t.encode())} for t, v in alts
                 ],
             }
             for tok, lp, alts in items
@@ -182,8 +312,8 @@ def completion_logprobs(items: list) -> dict[str, Any] | None:
         return None
     return {
         "tokens": [t for t, _, _ in items],
-        "token_logprobs": [lp for _, lp, _ in items],
-        "top_logprobs": [dict(alts) for _, _, alts in items],
+        "token_logprobs": [_logprob(lp) for _, lp, _ in items],
+        "top_logprobs": [{t: _logprob(v) for t, v in alts} for _, _, alts in items],
         "text_offset": [],
     }
 

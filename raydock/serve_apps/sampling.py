@@ -53,8 +53,10 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token once the mass before it already reaches top_p (always keep the first)
+        # drop a token once the mass before it already reaches top_p (always keep the first:
+        # a top_p that float32 rounds to 0 would drop every token, and sample from NaNs)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits

@@ -96,6 +96,13 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ({"prompt": "x", "logit_bias": {"seven": 1}}, "logit_bias.seven.[key]"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        # values of another JSON type than the document's are refused, not converted
+        ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": 0}, "logprobs"),
+        ({"prompt": "x", "echo": "true"}, "echo"),
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "temperature": "0.5"}, "temperature"),
     ],
 )
 def test_bad_openai_parameters_name_the_parameter(body, param):
@@ -103,3 +110,51 @@ def test_bad_openai_parameters_name_the_parameter(body, param):
         model = protocol.ChatRequest if "messages" in body else protocol.CompletionRequest
         protocol.parse(model, body)
     assert exc.value.param == param
+
+
+def test_json_numbers_and_token_id_keys_still_parse():
+    body = {"prompt": "x", "temperature": 1, "max_tokens": 5.0, "logit_bias": {"7": 2}}
+    req = protocol.parse(protocol.CompletionRequest, body)
+    assert req.temperature == 1.0 and req.logit_bias == {7: 2.0}
+    assert req.max_tokens == 5 and isinstance(req.max_tokens, int)  # 5.0: a JSON integer
+
+
+@pytest.mark.parametrize(
+    ("body", "hyper"),
+    [({"top_p": 0}, {}), ({}, {"topP": 0}), ({"top_p": 0.0, "temperature": 1.5}, {})],
+)
+def test_top_p_zero_is_greedy(body, hyper):
+    """A nucleus of no mass keeps just the likeliest token (sampling from it was a 500)."""
+    from types import SimpleNamespace
+
+    from raydock.serve_apps.openai_service import engine_request
+
+    req = protocol.parse(protocol.CompletionRequest, {"prompt": "x", **body})
+    dep = SimpleNamespace(config={"hyperParameters": hyper})
+    params = engine_request("completion", req, dep)["params"]
+    assert (params["temperature"], params["top_p"]) == (0.0, 1.0)
+    logits = torch.tensor([0.1, 3.0, -1.0])
+    pick = choose(logits, SamplingParams(**params), make_generator(0))
+    assert pick.token == 1
+
+
+@pytest.mark.parametrize("top_p", [0.0, 2.2250738585e-313, 1e-46])
+def test_the_likeliest_token_survives_any_top_p(top_p):
+    """A top_p that float32 rounds to 0 kept no token: sampling from NaNs was a 500."""
+    logits = torch.tensor([0.1, 3.0, -1.0])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
+    assert choose(logits, params, make_generator(0)).token == 1
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_a_logprob_of_minus_infinity_is_reported_as_json(kind):
+    """A top_logprobs entry for a token the output format excludes is -inf, which JSON cannot
+    carry (the reply was a 500, a stream's chunk invalid JSON)."""
+    import json
+
+    items = [("a", float("-inf"), [("a", -0.25), ("b", float("-inf"))])]
+    fmt = protocol.Formatter(kind, "m")
+    final = fmt.final([{"index": 0, "text": "a", "logprobs": items, "finish_reason": "stop"}], 1, 1)
+    chunk = fmt.chunk(0, "a", items, None, True)
+    text = json.dumps([final, chunk], allow_nan=False)
+    assert str(protocol.MIN_LOGPROB) in text and "-0.25" in text

@@ -92,10 +92,10 @@ def test_error_body_matches_what_the_server_sends(doc):
         (f"GET {MGMT}/health", {413, 500, 503}),  # no key needed
         (f"GET {MGMT}/models", {401, 413, 500, 503}),
         (f"POST {MGMT}/users", {400, 401, 403, 413, 422, 500, 503}),
-        (f"GET {MGMT}/models/{{modelId}}", {401, 404, 413, 500, 503}),
+        (f"GET {MGMT}/models/{{modelId}}", {401, 404, 405, 413, 500, 503}),  # 405: "import"
         (f"POST {MGMT}/models/{{modelId}}/deploy", {400, 401, 404, 409, 413, 422, 500, 503}),
         (f"POST {MGMT}/deployments/{{deploymentId}}/undeploy", {401, 404, 409, 413, 500, 503}),
-        (f"DELETE {MGMT}/models/{{modelId}}", {401, 404, 409, 413, 500, 503}),
+        (f"DELETE {MGMT}/models/{{modelId}}", {401, 404, 405, 409, 413, 500, 503}),
         (f"POST {MGMT}/models/{{modelId}}/export", {401, 404, 409, 413, 500, 503}),
         (f"POST {MGMT}/models/import", {400, 401, 409, 422, 500, 503}),  # no body limit
         (
@@ -174,3 +174,135 @@ def test_docs_load_swagger_ui_from_raydock(client):
 def test_openapi_json_is_served(client):
     served = client.get("/openapi.json").json()
     assert f"{MGMT}/models/{{modelId}}/deploy" in served["paths"]
+
+
+def test_security_schemes_say_how_each_route_authenticates(doc):
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["ManagementKey"] == schemes["ManagementKey"] | {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-api-key",
+    }
+    assert schemes["DeploymentKey"]["type"] == "http"
+    assert schemes["DeploymentKey"]["scheme"] == "bearer"
+    for name, op in operations(doc).items():
+        path = name.split()[1]
+        headers = {p["name"].lower() for p in op.get("parameters", []) if p["in"] == "header"}
+        assert not headers & {"x-api-key", "authorization"}, name  # the scheme says it
+        if path == f"{MGMT}/health":
+            assert "security" not in op and "401" not in op["responses"]
+        elif path.startswith(MGMT):
+            assert op["security"] == [{"ManagementKey": []}], name
+        else:
+            assert op["security"] == [{"DeploymentKey": []}], name
+
+
+def test_inference_documents_its_event_stream(doc):
+    for name, op in operations(doc).items():
+        if name.startswith("POST /") and not name.split()[1].startswith(MGMT):
+            assert set(op["responses"]["200"]["content"]) == {
+                "application/json",
+                "text/event-stream",
+            }, name
+
+
+def test_cross_field_rules_are_in_the_document(doc):
+    """What the validators refuse beyond single fields, the document refuses too: minReplicas
+    above maxReplicas (its default when absent), and an adapter upload with no base model."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from pydantic import ValidationError
+
+    from raydock.platform.schemas import ScalingParameters, UploadSessionStart
+
+    def agree(name: str, model, body: dict) -> None:
+        schema = {**doc["components"]["schemas"][name], "components": doc["components"]}
+        documented = jsonschema.Draft202012Validator(schema).is_valid(body)
+        try:
+            model.model_validate(body)
+            validated = True
+        except ValidationError:
+            validated = False
+        assert documented == validated, (name, body)
+
+    for low in range(1, 11):
+        for high in [None, *range(1, 51)]:
+            body = {"minReplicas": low} | ({} if high is None else {"maxReplicas": high})
+            agree("ScalingParameters", ScalingParameters, body)
+    upload = {"fileName": "a.zip", "totalSize": 1, "totalChunks": 1}
+    for extra in [
+        {},
+        {"kind": "adapter"},
+        {"kind": "adapter", "baseModelId": ""},
+        {"kind": "adapter", "baseModelId": None},
+        {"kind": "adapter", "baseModelId": "cm-1"},
+        {"kind": "base", "baseModelId": None},
+    ]:
+        agree("UploadSessionStart", UploadSessionStart, upload | extra)
+
+
+def test_a_path_parameter_cannot_be_a_literal_segment_beside_it(doc):
+    ops = operations(doc)
+    for name, value in [("models/{modelId}", "import"), ("files/session/{sessionId}", "start")]:
+        param = ops[f"GET {MGMT}/{name}"]["parameters"][0]
+        assert param["schema"]["not"] == {"enum": [value]}
+        assert "405" in ops[f"GET {MGMT}/{name}"]["responses"]
+    assert "405" not in ops[f"GET {MGMT}/models/{{modelId}}/deploy-form"]["responses"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"},
+        {"tools": [{"type": "function", "function": {}}]},
+        {"tools": [{"type": "tool", "function": {"name": "f"}}]},
+        {"tool_choice": "required"},
+        {"tool_choice": "none"},
+        {"tools": [], "tool_choice": {"function": {"name": "f"}}},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "maybe"},
+        # tools take precedence over response_format, yet its shape still holds
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "response_format": {"type": "bogus"},
+        },
+        {"response_format": {}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": True}}},
+        {"structured_outputs": {"json": False, "whitespace_pattern": None}},
+        {"structured_outputs": {"whitespace_pattern": " "}},
+        {"structured_outputs": {"choice": []}},
+        {"structured_outputs": {"json_object": "yes"}},
+        {"guided_regex": " "},
+        {"guided_regex": "a+"},
+        {"guided_choice": []},
+    ],
+)
+def test_chat_shapes_agree_with_parsing(doc, extra):
+    """The document's shapes of free-form fields are what protocol.parse holds requests to."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from raydock.serve_apps import protocol
+
+    body = {"messages": [{"role": "user", "content": "x"}], **extra}
+    schema = {"$ref": "#/components/schemas/ChatRequest", "components": doc["components"]}
+    documented = jsonschema.Draft202012Validator(schema).is_valid(body)
+    try:
+        protocol.parse(protocol.ChatRequest, body)
+        parsed = True
+    except protocol.BadParam:
+        parsed = False
+    assert documented == parsed
+
+
+def test_links_name_operations_and_their_path_parameters(doc):
+    by_id = {op["operationId"]: op for op in operations(doc).values()}
+    links = [
+        link
+        for op in operations(doc).values()
+        for response in op["responses"].values()
+        for link in response.get("links", {}).values()
+    ]
+    assert len(links) == sum(len(targets) for targets in openapi_doc.LINKS.values())
+    for link in links:
+        target = by_id[link["operationId"]]
+        names = {p["name"] for p in target.get("parameters", []) if p["in"] == "path"}
+        assert set(link["parameters"]) == names, link

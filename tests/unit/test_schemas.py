@@ -6,7 +6,12 @@ import pytest
 from pydantic import ValidationError
 
 from raydock.client import default_deploy_body
-from raydock.platform.schemas import DeployRequest, describe_error
+from raydock.platform.schemas import (
+    DeployRequest,
+    UploadSessionStart,
+    UserCreate,
+    describe_error,
+)
 
 
 def errors_for(**overrides) -> list[str]:
@@ -60,3 +65,82 @@ def test_seed_sample_body_is_valid():
         "scaleDownDelay": 600,
     }
     assert DeployRequest.model_validate(body).scalingParameters.scaleDownDelay == 600
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "field"),
+    [
+        (UserCreate, {"name": "x", "isAdmin": "yes"}, "isAdmin"),
+        (UserCreate, {"name": "x", "isAdmin": 1}, "isAdmin"),
+        (DeployRequest, {"timeout": "60"}, "timeout"),
+        (DeployRequest, {"isDeployedPreviously": 0}, "isDeployedPreviously"),
+    ],
+)
+def test_values_of_another_json_type_are_refused(model, body, field):
+    """The document's types hold: no "yes" or 1 read as a boolean, no "60" as a number."""
+    if model is DeployRequest:
+        body = default_deploy_body("x") | body
+    with pytest.raises(ValidationError) as exc:
+        model.model_validate(body)
+    assert [describe_error(e, model)[0] for e in exc.value.errors()] == [field]
+
+
+def test_an_adapter_upload_names_its_base_model():
+    body = {"fileName": "a.zip", "totalSize": 1, "totalChunks": 1, "kind": "adapter"}
+    for missing in ({}, {"baseModelId": ""}, {"baseModelId": None}):
+        with pytest.raises(ValidationError) as exc:
+            UploadSessionStart.model_validate(body | missing)
+        (err,) = exc.value.errors()
+        assert describe_error(err, UploadSessionStart)[0] == "baseModelId"
+    assert UploadSessionStart.model_validate(body | {"baseModelId": "cm-1"}).baseModelId
+    assert UploadSessionStart.model_validate(body | {"kind": "base"}).baseModelId is None
+
+
+def test_a_number_without_fraction_is_an_integer():
+    """JSON has one number type: 60.0 is the integer 60 (JSON Schema agrees), 60.5 is none."""
+    body = default_deploy_body("x", timeout=60.0)
+    body["scalingParameters"] |= {"minReplicas": 2.0, "maxReplicas": 3.0}
+    parsed = DeployRequest.model_validate(body)
+    assert parsed.timeout == 60 and isinstance(parsed.timeout, int)
+    assert parsed.scalingParameters.maxReplicas == 3
+    (msg,) = errors_for(timeout=60.5)
+    assert msg.startswith("timeout: Input should be a valid integer")
+
+
+def test_an_upload_size_fits_the_database():
+    body = {"fileName": "a.zip", "totalChunks": 1, "totalSize": 2**63}  # was a 500 on insert
+    assert UploadSessionStart.model_validate(body | {"totalSize": 2**53}).totalSize == 2**53
+    with pytest.raises(ValidationError) as exc:
+        UploadSessionStart.model_validate(body)
+    assert describe_error(exc.value.errors()[0], UploadSessionStart)[0] == "totalSize"
+
+
+@pytest.mark.parametrize("name", ["\x1e", " \u3000 ", "\x85", "\ufeffx", "a"])
+def test_blank_is_what_the_document_says(name):
+    """The document's NOT_BLANK pattern and the validator's str.strip() agree (`\\S` did not:
+    JSON Schema's regex dialect does not count \\x1e as whitespace, Python does)."""
+    import re
+
+    from raydock.platform.schemas import NOT_BLANK
+
+    body = default_deploy_body("x") | {"name": name}
+    try:
+        DeployRequest.model_validate(body)
+        valid = True
+    except ValidationError:
+        valid = False
+    assert valid == bool(re.search(NOT_BLANK, name))
+
+
+@pytest.mark.parametrize("email", ["a@b.c", "a b@c.d", "a\x85@b.c", "a\x1e@b.c", "a@b"])
+def test_email_pattern_reads_alike_in_python_and_pydantic(email):
+    import re
+
+    from raydock.platform.schemas import EMAIL_PATTERN
+
+    try:
+        UserCreate.model_validate({"name": "x", "email": email})
+        valid = True
+    except ValidationError:
+        valid = False
+    assert valid == bool(re.search(EMAIL_PATTERN, email))
