@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 
 import pytest
 
@@ -13,6 +12,7 @@ from raydock.modelgen import cached_model_dir
 from raydock.serve_apps.engines.base import ConstraintError
 from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 from raydock.serve_apps.sampling import SamplingParams
+from tests.guided_checks import corpus_check, hostile_bounds_check
 
 
 @pytest.fixture(scope="module")
@@ -105,42 +105,22 @@ def test_a_regex_outside_the_dialect_is_refused_before_decoding(engine, regex):
     run(engine.check_regex(r"[a-z]{2,5}"))  # what the dialect has passes
 
 
-def served_within(engine, regex: str, seconds: float) -> bool:
-    """Whether `regex` compiles (in the background) and is then served, within `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            run(engine.check_regex(regex))
-            return True
-        except ConstraintError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+def test_grammar_cache_evicts_the_least_recently_used(engine, monkeypatch):
+    from raydock.serve_apps.guided import grammar_of
 
-
-def test_a_regex_slow_to_compile_is_refused_then_served_once_compiled(engine, monkeypatch):
-    # DFAs with 2^12 states: ~0.5 s each here (minutes at {20})
-    slow = [rf"({x}|{y})*{x}({x}|{y}){{12}}" for x, y in ("ab", "ac", "bc")]
-    monkeypatch.setattr(engine.guided, "compile_timeout_s", 0.02)
-
-    async def burst():  # two requests per regex: one compile each, all give up in time
-        asks = [engine.check_regex(r) for r in slow for _ in range(2)]
-        return await asyncio.gather(*asks, return_exceptions=True)
-
-    for refused in run(burst()):
-        assert isinstance(refused, ConstraintError) and "did not compile within" in str(refused)
-    # two compiles ran on (the pool's two threads) and are then served at once ...
-    assert served_within(engine, slow[0], 60) and served_within(engine, slow[1], 60)
-    # ... the third, queued when its requests gave up, never ran: it starts over now
-    time.sleep(3)
-    assert not served_within(engine, slow[2], 0)
-
-
-def test_guide_cache_evicts_the_least_recently_used(engine, monkeypatch):
+    monkeypatch.setattr(engine.guided, "_cache", type(engine.guided._cache)())
     monkeypatch.setattr(engine.guided, "_cache_size", 2)
     for regex in ("x{3}", "y{3}", "x{3}", "z{3}"):  # x is used again before z comes
-        run(engine.guided.guide(regex))
-    assert list(engine.guided._cache) == ["x{3}", "z{3}"]
+        run(engine.check_regex(regex))
+    assert list(engine.guided._cache) == [grammar_of("regex", r) for r in ("x{3}", "z{3}")]
+
+
+def test_hostile_constraints_are_bounded(engine):
+    hostile_bounds_check(engine)
+
+
+def test_corpus_is_enforced(engine):
+    corpus_check(engine, "transformers")
 
 
 def test_burst_larger_than_one_prefill_pass(engine, monkeypatch):
