@@ -69,8 +69,8 @@ def big_tokenizer(vocab_size: int = 32768):
 
 
 def compile_times(tokenizer, label: str, repeats: int = 5) -> dict:
+    from benchmarks.old_schema_regex import schema_to_regex
     from raydock.serve_apps.guided import GuidedDecoder
-    from raydock.serve_apps.schema_regex import schema_to_regex
 
     t0 = time.perf_counter()
     regex = schema_to_regex(FIVE_FIELDS)
@@ -123,9 +123,9 @@ def per_token(
 
 
 def main() -> None:
+    from benchmarks.old_schema_regex import schema_to_regex
     from raydock.modelgen import build_tokenizer, cached_model_dir
     from raydock.serve_apps.engines.transformers_engine import TransformersEngine
-    from raydock.serve_apps.schema_regex import schema_to_regex
 
     compile_rows = [
         compile_times(build_tokenizer(2048), "tiny (modelgen)"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,20 @@ def _additional_properties(validator, extra, instance, schema):
             yield from validator.descend(instance[k], extra, path=k)
 
 
+def _multiple_of(validator, step, instance, schema):
+    # exact decimal arithmetic: jsonschema's float check calls 2.53 no multiple of 0.01
+    if isinstance(instance, int | float) and not isinstance(instance, bool):
+        if Decimal(str(instance)) % Decimal(str(step)) != 0:
+            yield ValidationError(f"{instance} is not a multiple of {step}")
+
+
 Validator = validators.extend(
     Draft202012Validator,
     {
         "pattern": _pattern,
         "patternProperties": _pattern_properties,
         "additionalProperties": _additional_properties,
+        "multipleOf": _multiple_of,
     },
 )
 
@@ -94,7 +103,9 @@ async def _generate(engine, grammar=None, regex=None, max_tokens=48, seed=0):
     return text, finish
 
 
-def corpus_check(engine, label: str, max_tokens: int = 48, seeds: int = 1) -> dict[str, Any]:
+def corpus_check(
+    engine, label: str, max_tokens: int = 48, seeds: int = 1, run=asyncio.run
+) -> dict[str, Any]:
     """Every corpus schema compiles; every output that ends with "stop" validates. Prints
     coverage (schemas enforced) and how many outputs closed within max_tokens."""
     enforced = closed = 0
@@ -125,7 +136,7 @@ def corpus_check(engine, label: str, max_tokens: int = 48, seeds: int = 1) -> di
                 else:
                     assert finish == "length", (name, finish)
 
-    asyncio.run(main())
+    run(main())
     total = len(items)
     print(
         f"\n{label}: {enforced}/{total} corpus schemas enforced ({100 * enforced / total:.0f} %), "
@@ -144,7 +155,9 @@ HOSTILE_SCHEMAS = [
 HOSTILE_REGEX = r"(a|b)*a(a|b){20}"  # a 2^20-state DFA; llguidance never builds it
 
 
-def hostile_bounds_check(engine, memory_mb: float = 300, seconds: float = 10) -> None:
+def hostile_bounds_check(
+    engine, memory_mb: float = 300, seconds: float = 10, run=asyncio.run
+) -> None:
     """Hostile sizes are refused (a 400 naming the bound) or served lazily; either way in
     bounded time and memory, and the next ordinary request is served normally."""
 
@@ -189,4 +202,4 @@ def hostile_bounds_check(engine, memory_mb: float = 300, seconds: float = 10) ->
         text, finish = await _generate(engine, regex=r"[a-z]{3}", max_tokens=8)
         assert finish == "stop" and len(text) == 3
 
-    asyncio.run(main())
+    run(main())

@@ -41,7 +41,8 @@ class Bounds:
     max_string: int = 48  # characters when no maxLength (added to minLength)
     max_items: int = 6  # array items when no maxItems (added to minItems)
     max_free_keys: int = 4  # keys of a free-form object
-    max_free_depth: int = 3  # containers deep inside a free-form value
+    max_free_string: int = 16  # characters of keys and strings inside a free-form value
+    max_free_depth: int = 2  # containers deep inside a free-form value
     max_int: int = 10**12 - 1  # |integer| when the schema sets no bound
     # any count (minItems, maxItems, min/maxProperties, min/maxContains) above this is
     # refused (min*) or capped (max*): llguidance expands counts into grammar rules
@@ -79,9 +80,17 @@ _REFUSED = {
 }
 _COUNTS = ("minItems", "maxItems", "minProperties", "maxProperties", "minContains", "maxContains")
 
-# formats llguidance lacks → a sound replacement (a subset of the format's strings)
+# formats llguidance lacks, or writes more loosely than jsonschema checks them (leap second
+# 60, a lower-case "t", 31 February) → a sound replacement (a subset of the format's strings)
+_DAY = "(0[1-9]|1[0-9]|2[0-8])"  # 29-31 left out so every date exists
+_DATE = rf"(19|20)[0-9]{{2}}-(0[1-9]|1[0-2])-{_DAY}"
+_HOUR = "([01][0-9]|2[0-3])"
+_TIME = rf"{_HOUR}:[0-5][0-9]:[0-5][0-9](\.[0-9]{{1,6}})?(Z|[+-]{_HOUR}:[0-5][0-9])"
 _JSON_POINTER = r"^(/([^~/]|~[01]){0,24}){0,6}$"
 _FORMAT_SUBSETS: dict[str, dict[str, Any]] = {
+    "date": {"pattern": f"^{_DATE}$"},
+    "time": {"pattern": f"^{_TIME}$"},
+    "date-time": {"pattern": f"^{_DATE}T{_TIME}$"},
     "uri-reference": {"format": "uri"},
     "iri": {"format": "uri"},
     "iri-reference": {"format": "uri"},
@@ -93,9 +102,6 @@ _FORMAT_SUBSETS: dict[str, dict[str, Any]] = {
     "uri-template": {"pattern": r"^[A-Za-z0-9:/._-]*$"},
 }
 _KNOWN_FORMATS = {
-    "date",
-    "time",
-    "date-time",
     "duration",
     "email",
     "hostname",
@@ -233,7 +239,7 @@ class _Normalizer:
         scalars: list[Any] = [
             {"type": ["null", "boolean"]},
             {"type": "integer", "minimum": -self.bounds.max_int, "maximum": self.bounds.max_int},
-            {"type": "string", "maxLength": self.bounds.max_string},
+            {"type": "string", "maxLength": self.bounds.max_free_string},
         ]
         if depth <= 0:
             return {"anyOf": scalars}
@@ -245,7 +251,7 @@ class _Normalizer:
                 {
                     "type": "object",
                     # keys of bounded length
-                    "patternProperties": {f"^.{{0,{self.bounds.max_string}}}$": inner},
+                    "patternProperties": {f"^.{{0,{self.bounds.max_free_string}}}$": inner},
                     "additionalProperties": False,
                     "maxProperties": self.bounds.max_free_keys,
                 },
@@ -303,9 +309,10 @@ class _Normalizer:
         del s["format"]
         if sub is None:
             return  # an unknown format is an annotation (JSON Schema 2020-12, and jsonschema)
-        if "pattern" in sub and "pattern" in s:
-            raise UnsupportedSchema("format", f"format {fmt} together with a pattern")
-        s.update(sub)
+        if "pattern" in sub and "pattern" in s:  # both must hold: llguidance intersects them
+            s["allOf"] = [*s.get("allOf", []), {"type": "string", **sub}]
+        else:
+            s.update(sub)
 
     def string(self, s: dict, typed: bool) -> None:
         if "maxLength" not in s and (typed or "minLength" in s or "pattern" in s):
