@@ -48,9 +48,9 @@ def _additional_properties(validator, extra, instance, schema):
 
 def _multiple_of(validator, step, instance, schema):
     # exact decimal arithmetic: jsonschema's float check calls 2.53 no multiple of 0.01
-    if isinstance(instance, int | float) and not isinstance(instance, bool):
-        if Decimal(str(instance)) % Decimal(str(step)) != 0:
-            yield ValidationError(f"{instance} is not a multiple of {step}")
+    number = isinstance(instance, int | float) and not isinstance(instance, bool)
+    if number and Decimal(str(instance)) % Decimal(str(step)) != 0:
+        yield ValidationError(f"{instance} is not a multiple of {step}")
 
 
 Validator = validators.extend(
