@@ -16,6 +16,59 @@ from benchmarks.guided import FIVE_FIELDS, big_tokenizer
 from benchmarks.serving import OUT, machine
 from tests.guided_checks import HOSTILE_REGEX, HOSTILE_SCHEMAS, SCHEMAS, rss_mb
 
+OLD_TIMEOUT_S = 30.0  # the old path's per-request compile budget (COMPILE_TIMEOUT_S)
+OLD_MEMORY = 4 * 2**30  # address space of the worker compiling the old path: one schema
+# took 24 GB of RAM here before the kernel killed the benchmark
+
+
+def _old_worker(conn, tok, schemas: list, start: int) -> None:
+    """Compile schemas[start:] on the old path, reporting each; the parent restarts a worker
+    that dies (memory cap) or stalls (time cap) at the next schema."""
+    import resource
+
+    from benchmarks.old_schema_regex import UnsupportedSchema, schema_to_regex
+    from benchmarks.outlines_guided import GuidedDecoder as OldDecoder
+
+    resource.setrlimit(resource.RLIMIT_AS, (OLD_MEMORY, OLD_MEMORY))
+    old = OldDecoder(tok, tok.eos_token_id, len(tok))
+    for i in range(start, len(schemas)):
+        t0 = time.perf_counter()
+        try:
+            old.index(schema_to_regex(schemas[i]))
+            conn.send((i, "ok", (time.perf_counter() - t0) * 1e3))
+        except (UnsupportedSchema, ValueError) as exc:
+            conn.send((i, f"refused: {str(exc)[:80]}", None))
+        except MemoryError:
+            conn.send((i, "memory cap", None))
+        old._cache.clear()
+
+
+def old_path(tok, schemas: list) -> list[tuple[str, float | None]]:
+    """(outcome, compile ms) per schema on the old path, each within OLD_TIMEOUT_S and
+    OLD_MEMORY (a worker process per run of schemas)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out: list[tuple[str, float | None]] = []
+    while len(out) < len(schemas):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_old_worker, args=(child, tok, schemas, len(out)))
+        proc.start()
+        child.close()
+        while len(out) < len(schemas):
+            if not parent.poll(OLD_TIMEOUT_S):
+                out.append((f"over {OLD_TIMEOUT_S:g} s", None))
+                break
+            try:
+                _, outcome, ms = parent.recv()
+            except EOFError:  # died: the memory cap (Rust aborts on a failed allocation)
+                out.append(("memory cap (killed)", None))
+                break
+            out.append((outcome, ms))
+        proc.kill()
+        proc.join()
+    return out
+
 
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -23,31 +76,27 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def main() -> None:
-    from benchmarks.old_schema_regex import UnsupportedSchema, schema_to_regex
+    from benchmarks.old_schema_regex import schema_to_regex
     from benchmarks.outlines_guided import GuidedDecoder as OldDecoder
     from raydock.serve_apps import guided
 
     tok = big_tokenizer()
     docs = [json.loads(p.read_text()) for p in sorted(SCHEMAS.glob("**/*.json"))]
-    old, new = OldDecoder(tok, tok.eos_token_id, len(tok)), None
+    old_results = old_path(tok, [d["schema"] for d in docs])
+    old_ms = [ms for _, ms in old_results if ms is not None]
+    old_ok = len(old_ms)
+    old = OldDecoder(tok, tok.eos_token_id, len(tok))
     new = guided.GuidedDecoder(tok, {tok.eos_token_id}, len(tok))
-    old_ok, new_ok, old_ms, new_ms = 0, 0, [], []
+    new_ok, new_ms, new_refused = 0, [], []
     for d in docs:
-        t0 = time.perf_counter()
-        try:
-            old.index(schema_to_regex(d["schema"]))
-            old_ok += 1
-            old_ms.append((time.perf_counter() - t0) * 1e3)
-        except (UnsupportedSchema, ValueError):
-            pass
         t0 = time.perf_counter()
         try:
             g = guided.grammar_of("grammar", guided.json_grammar(d["schema"]))
             new._build(g)  # uncached
             new_ok += 1
             new_ms.append((time.perf_counter() - t0) * 1e3)
-        except (guided.UnsupportedSchema, ValueError):
-            pass
+        except (guided.UnsupportedSchema, ValueError) as exc:
+            new_refused.append(f"{d['name']}: {str(exc)[:100]}")
 
     # mask time per token along a valid output, batch 1 and 16
     text = json.dumps(
@@ -107,6 +156,10 @@ def main() -> None:
         },
         "mask": mask_rows,
         "hostile": hostile,
+        "old_failures": {
+            d["name"]: o for d, (o, ms) in zip(docs, old_results, strict=True) if ms is None
+        },
+        "new_refused": new_refused,
     }
     OUT.mkdir(exist_ok=True)
     (OUT / "guided_corpus.json").write_text(json.dumps(result, indent=2))

@@ -175,7 +175,7 @@ def hostile_bounds_check(
                 assert keyword is None, f"{keyword} was not refused"
                 assert finish in ("stop", "length")
             except structured.StructuredError as exc:
-                assert keyword is not None and keyword in str(exc) and "maxCount" in str(exc)
+                assert keyword is not None and keyword in str(exc) and "max_count" in str(exc)
             assert time.monotonic() - start < seconds
             assert rss_mb() - before < memory_mb, (schema, rss_mb() - before)
         before, start = rss_mb(), time.monotonic()

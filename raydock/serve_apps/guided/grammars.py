@@ -13,11 +13,11 @@ from raydock.serve_apps.guided.schema import Bounds, UnsupportedSchema, normaliz
 _TEXT_NOT_JSON = r"/[^{][\s\S]*/"
 
 
-def json_grammar(schema: Any, bounds: Bounds = Bounds()) -> str:
+def json_grammar(schema: Any, bounds: Bounds | None = None) -> str:
     return "start: %json " + json.dumps(normalize(schema, bounds))
 
 
-def json_object_grammar(bounds: Bounds = Bounds()) -> str:
+def json_object_grammar(bounds: Bounds | None = None) -> str:
     return json_grammar({"type": "object"}, bounds)
 
 
@@ -46,7 +46,7 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
-def tools_grammar(tools: list[dict[str, Any]], auto: bool, bounds: Bounds = Bounds()) -> str:
+def tools_grammar(tools: list[dict[str, Any]], auto: bool, bounds: Bounds | None = None) -> str:
     """A tool call; with `auto`, or plain text that does not start with '{'."""
     call = "%json " + json.dumps(normalize(tool_call_schema(tools), bounds))
     if not auto:

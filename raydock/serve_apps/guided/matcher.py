@@ -10,6 +10,8 @@ and a sequence whose step runs over one ends with finish_reason "length", never 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +38,11 @@ class Limits:
     step_lexer_fuel: int = 200_000  # ~15 ms per mask
     step_max_items: int = 50_000  # Earley items per mask
     max_items_in_row: int = 2_000
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        """Defaults, overridden by RAYDOCK_GUIDED_LIMITS (a JSON object of fields)."""
+        return cls(**json.loads(os.environ.get("RAYDOCK_GUIDED_LIMITS") or "{}"))
 
     def parser_limits(self) -> llguidance.LLParserLimits:
         return llguidance.LLParserLimits(
@@ -117,7 +124,7 @@ class GuidedDecoder:
         tokenizer,
         eos_ids: set[int] | int,
         vocab_size: int,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         cache_size: int = CACHE_SIZE,
     ):
         eos = sorted(eos_ids) if isinstance(eos_ids, set) else [eos_ids]
@@ -126,8 +133,8 @@ class GuidedDecoder:
         self.eos = set(eos)
         self.vocab_size = vocab_size
         self.words = (self.tokenizer.vocab_size + 31) // 32
-        self.limits = limits
-        self._parser_limits = limits.parser_limits()
+        self.limits = limits if limits is not None else Limits.from_env()
+        self._parser_limits = self.limits.parser_limits()
         self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()

@@ -17,6 +17,8 @@ llguidance compiles most of JSON Schema lazily; this pass does three things befo
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +52,11 @@ class Bounds:
     # None: compact JSON (no whitespace); else the regex of the whitespace allowed between
     # tokens, e.g. r"[ ]?" (keep it bounded)
     whitespace: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Bounds:
+        """Defaults, overridden by RAYDOCK_GUIDED_BOUNDS (a JSON object of fields)."""
+        return cls(**json.loads(os.environ.get("RAYDOCK_GUIDED_BOUNDS") or "{}"))
 
 
 _ANNOTATIONS = (
@@ -193,7 +200,7 @@ class _Normalizer:
                     raise BoundExceeded(
                         k,
                         f"{k} {s[k]} is above the limit of {self.bounds.max_count} "
-                        "(guided decoding maxCount)",
+                        "(the guided-decoding bound max_count)",
                     )
                 s[k] = self.bounds.max_count
         for key in ("$defs", "definitions"):
@@ -524,9 +531,10 @@ def _same_length_not(values: list[str], n: int) -> str:
     return "|".join(alts)
 
 
-def normalize(schema: Any, bounds: Bounds = Bounds()) -> dict[str, Any]:
+def normalize(schema: Any, bounds: Bounds | None = None) -> dict[str, Any]:
     """The schema llguidance gets (with raydock's whitespace in `x-guidance`); raises
     UnsupportedSchema naming the keyword that cannot be enforced."""
+    bounds = bounds if bounds is not None else _BOUNDS
     if schema is False:
         raise UnsupportedSchema("false", "the schema 'false' accepts no value")
     if not isinstance(schema, dict | bool):
@@ -537,3 +545,6 @@ def normalize(schema: Any, bounds: Bounds = Bounds()) -> dict[str, Any]:
         options["whitespace_pattern"] = bounds.whitespace
     out["x-guidance"] = options
     return out
+
+
+_BOUNDS = Bounds.from_env()
