@@ -136,8 +136,12 @@ def main() -> None:
     grammar = json_grammar(LONG_TEXT)
     token_rows = []
     for batch in (1, 16):
-        plain = per_token(engine, batch, None)
-        guided = per_token(engine, batch, grammar)
+        # alternate the two (ABAB...): drift and other load on the host hit both alike
+        plains, guideds = [], []
+        for _ in range(7):
+            plains.append(per_token(engine, batch, None, repeats=1))
+            guideds.append(per_token(engine, batch, grammar, repeats=1))
+        plain, guided = statistics.median(plains), statistics.median(guideds)
         token_rows.append(
             {
                 "batch": batch,

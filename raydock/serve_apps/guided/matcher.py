@@ -198,6 +198,7 @@ class GuidedDecoder:
         words = torch.zeros(len(matchers), self.words, dtype=torch.int32)
         for r, mt in enumerate(matchers):
             if not mt.failed:
+                # ~5-10 µs a row here; llguidance's parallel executor measured no faster
                 mt.m.unsafe_compute_mask_ptr(words[r].data_ptr(), self.words * 4)
                 if mt.m.is_error():
                     mt.failed = True
@@ -219,6 +220,8 @@ class GuidedDecoder:
         if allowed.shape[-1] < width:  # model rows beyond the tokenizer
             allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[-1]))
         allowed = allowed[:, :width]
+        if len(rows) == logits.shape[0]:  # every row guided: in place, no gather/scatter
+            return logits.masked_fill_(~allowed, float("-inf"))
         index = torch.tensor(rows)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
         return logits
