@@ -119,6 +119,21 @@ _KNOWN_FORMATS = {
 }
 
 
+def _check_pattern(pattern: Any, keyword: str) -> None:
+    """Refuse, naming the keyword, a pattern outside the Rust regex dialect llguidance reads
+    (look-arounds, backreferences): cheap, and before the replica sees it."""
+    import llguidance
+
+    if not isinstance(pattern, str):
+        raise UnsupportedSchema(keyword, f"{keyword} must be a string")
+    if error := llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("regex", pattern)):
+        raise UnsupportedSchema(
+            keyword,
+            f"{keyword} {pattern!r} is outside the regex dialect raydock enforces (no "
+            f"look-arounds or backreferences): {' '.join(error.split())[:200]}",
+        )
+
+
 def _type_set(s: Any) -> set[str] | None:
     t = s.get("type") if isinstance(s, dict) else None
     if t is None:
@@ -192,6 +207,14 @@ class _Normalizer:
         for k, why in _REFUSED.items():
             if k in s:
                 raise UnsupportedSchema(k, why)
+        if isinstance(s.get("$ref"), str) and not s["$ref"].startswith("#"):
+            raise UnsupportedSchema(
+                "$ref", f"only local '#/...' references are resolved, not {s['$ref']!r}"
+            )
+        if "pattern" in s:
+            _check_pattern(s["pattern"], "pattern")
+        for key in s.get("patternProperties") or {}:
+            _check_pattern(key, "patternProperties")
         if "then" in s or "else" in s:
             s.pop("then", None), s.pop("else", None)  # without `if` they mean nothing
         for k in _COUNTS:
