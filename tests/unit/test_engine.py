@@ -158,3 +158,47 @@ def test_penalties_make_greedy_output_repeat_less(engine):
     # a bias of -100 bans a token: the greedy favourite never appears again
     favourite = max(set(plain), key=plain.count)
     assert favourite not in tokens(logit_bias=((favourite, -100.0),))
+
+
+def test_tool_call_is_a_declared_tool_with_valid_arguments(engine):
+    from jsonschema import validate
+
+    from raydock.serve_apps import structured
+
+    params = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer"}},
+        "required": ["city"],
+    }
+    tools = [
+        {"type": "function", "function": {"name": "forecast", "parameters": params}},
+        {"type": "function", "function": {"name": "now"}},
+    ]
+    c = structured.constraint_for(None, tools, "required")
+
+    async def main():
+        outs = []
+        for seed in range(4):
+            text, finish = "", None
+            async for steps in engine.generate(
+                engine.text_prompt("call"),
+                SamplingParams(max_tokens=80, seed=seed),
+                None,
+                grammar=c.grammar,
+            ):
+                for ev in steps:
+                    text += ev.text
+                    finish = ev.finish_reason or finish
+            outs.append((text, finish))
+        return outs
+
+    for text, finish in run(main()):
+        if finish != "stop":
+            continue
+        call = structured.as_tool_call(text)
+        assert call is not None, text
+        args = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "forecast":
+            validate(args, params)
+        else:
+            assert call["function"]["name"] == "now" and args == {}

@@ -186,3 +186,36 @@ def test_tools_auto_is_a_call_or_text():
         m = dec.compile_sync(grammar).deep_copy()
         good = m.consume_tokens(tok.encode(text, add_special_tokens=False)) and m.is_accepting()
         assert good == ok, text
+
+
+def _accepts(grammar: str, text: str) -> bool:
+    tok, dec = decoder()
+    m = dec.compile_sync(grammar_of("grammar", grammar)).deep_copy()
+    return m.consume_tokens(tok.encode(text, add_special_tokens=False)) and m.is_accepting()
+
+
+def test_not_over_a_few_strings_is_exact():
+    grammar = json_grammar({"type": "string", "not": {"enum": ["", "Cancel"]}})
+    for text, ok in (
+        ('""', False),
+        ('"Cancel"', False),
+        ('"Cance"', True),
+        ('"Cancel!"', True),
+        ('"cancel"', True),
+        ('"X"', True),
+    ):
+        assert _accepts(grammar, text) == ok, text
+
+
+def test_property_names_and_required_undeclared():
+    grammar = json_grammar(
+        {
+            "type": "object",
+            "additionalProperties": {"type": "integer"},
+            "propertyNames": {"pattern": "^[a-z]{1,3}$"},
+            "required": ["id"],
+        }
+    )
+    assert _accepts(grammar, '{"id":1,"ab":2}')
+    assert not _accepts(grammar, '{"id":1,"ABC":2}')
+    assert not _accepts(grammar, '{"ab":2}')

@@ -503,6 +503,13 @@ class _Normalizer:
             raise UnsupportedSchema("propertyNames", "propertyNames with patternProperties")
         if extra is not False:
             value = self.free_value(self.bounds.max_free_depth - 1) if extra is True else extra
+            for name in s.get("required", []):  # required, undeclared: the extra schema
+                if name not in props:
+                    if not ok(name):
+                        raise UnsupportedSchema(
+                            "propertyNames", f"required '{name}' is not allowed by propertyNames"
+                        )
+                    s.setdefault("properties", props)[name] = value
             s["patternProperties"] = {rx: value}
             s["additionalProperties"] = False
             s.setdefault("maxProperties", len(props) + self.bounds.max_free_keys)
