@@ -299,3 +299,17 @@ def test_process_exits_cleanly_after_generating(converted):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_step_over_a_bound_ends_with_length_never_stop(engine, monkeypatch):
+    from raydock.serve_apps.guided import GuidedDecoder, Limits
+
+    tight = GuidedDecoder(
+        engine.tokenizer, engine.eos, len(engine.vocab), Limits(step_lexer_fuel=100)
+    )
+    monkeypatch.setattr(engine, "guided", tight)
+    grammar = json_grammar(
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]{3,40}$"}}}
+    )
+    events = run(collect(engine, engine.text_prompt("x"), grammar=grammar, max_tokens=200, seed=1))
+    assert finish(events) == "length" and events[-1].completion_tokens < 200

@@ -202,3 +202,29 @@ def test_tool_call_is_a_declared_tool_with_valid_arguments(engine):
             validate(args, params)
         else:
             assert call["function"]["name"] == "now" and args == {}
+
+
+def test_a_step_over_a_bound_ends_with_length_never_stop(engine, monkeypatch):
+    """A mask step that runs out of lexer fuel fails its matcher: the sequence ends with
+    "length" (its text may be incomplete), the others carry on."""
+    from raydock.serve_apps.guided import GuidedDecoder, Limits, json_grammar
+
+    tight = GuidedDecoder(
+        engine.tokenizer, engine.eos, engine.model.config.vocab_size, Limits(step_lexer_fuel=100)
+    )
+    monkeypatch.setattr(engine, "guided", tight)
+    grammar = json_grammar(
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]{3,40}$"}}}
+    )
+
+    async def main():
+        finish, produced = None, 0
+        async for steps in engine.generate(
+            engine.text_prompt("x"), SamplingParams(max_tokens=200, seed=1), None, grammar=grammar
+        ):
+            finish = steps[-1].finish_reason or finish
+            produced = steps[-1].completion_tokens
+        return finish, produced
+
+    finish, produced = run(main())
+    assert finish == "length" and produced < 200  # ended by the bound, not the budget
