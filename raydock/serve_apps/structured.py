@@ -21,8 +21,8 @@ from raydock.serve_apps.guided import (
     tools_grammar,
 )
 
-#: A user regex or grammar longer than this is refused before any compile (a regex's DFA
-#: grows with it).
+#: A user regex or grammar longer than this is refused before any compile (a cheap first
+#: bound; the compile itself runs under `guided.Limits`).
 MAX_PATTERN_CHARS = 10_000
 
 
