@@ -36,10 +36,9 @@ log = logging.getLogger(__name__)
 MAX_MODEL_LEN = 2048
 #: vLLM's default (5 s) can fail large regexes on a busy CPU.
 REGEX_COMPILE_TIMEOUT_S = "60"
-#: Structured-outputs backend for raydock's regexes. llguidance reads the same (Rust `regex`)
-#: dialect as outlines-core and matches lazily, so no regex has to become a whole DFA first
-#: (outlines, vLLM's or raydock's own, gave up on JSON_OBJECT_REGEX after minutes when this
-#: was written; xgrammar and guidance compiled it at once, guidance with cheaper masks).
+#: Structured-outputs backend: llguidance, the engine of raydock's own guided decoding
+#: (`raydock.serve_apps.guided`), so every engine reads the same grammars and regexes and
+#: refuses the same things; it compiles lazily (no automaton up front).
 STRUCTURED_OUTPUTS_BACKEND = "guidance"
 
 
