@@ -219,3 +219,17 @@ def test_property_names_and_required_undeclared():
     assert _accepts(grammar, '{"id":1,"ab":2}')
     assert not _accepts(grammar, '{"id":1,"ABC":2}')
     assert not _accepts(grammar, '{"ab":2}')
+
+
+def test_building_grammars_does_not_load_torch():
+    """API replicas build grammars only; torch and transformers stay out of them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from raydock.serve_apps import structured; "
+        "structured.constraint_for({'type': 'json_object'}, None, None); "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
