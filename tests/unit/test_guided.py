@@ -233,3 +233,11 @@ def test_building_grammars_does_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_a_discriminator_separates_oneof_branches_only_among_objects():
+    branch = [{"properties": {"k": {"const": i}}, "required": ["k"]} for i in (1, 2)]
+    with pytest.raises(UnsupportedSchema, match="oneOf"):  # a string satisfies both
+        normalize({"oneOf": branch})
+    normalize({"type": "object", "oneOf": branch})
+    normalize({"oneOf": [{"const": "x"}, {"type": "integer"}]})

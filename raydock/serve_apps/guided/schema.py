@@ -134,6 +134,16 @@ def _check_pattern(pattern: Any, keyword: str) -> None:
         )
 
 
+def _json_type(v: Any) -> str:
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int):
+        return "integer"
+    if isinstance(v, float):
+        return "integer" if v.is_integer() else "number"
+    return {str: "string", type(None): "null", list: "array", dict: "object"}[type(v)]
+
+
 def _type_set(s: Any) -> set[str] | None:
     t = s.get("type") if isinstance(s, dict) else None
     if t is None:
@@ -176,8 +186,9 @@ class _Normalizer:
             s = node
         return s
 
-    def exclusive(self, a: Any, b: Any, depth: int = 0) -> bool:
-        """True when no value satisfies both schemas (as far as can be shown cheaply)."""
+    def exclusive(self, a: Any, b: Any, objects: bool = False, depth: int = 0) -> bool:
+        """True when no value satisfies both schemas (as far as can be shown cheaply).
+        `objects`: the enclosing schema admits only objects."""
         a, b = self.resolve(a), self.resolve(b)
         va, vb = _values(a), _values(b)
         if va is not None and vb is not None:
@@ -185,11 +196,22 @@ class _Normalizer:
         ta, tb = _type_set(a), _type_set(b)
         if ta is not None and tb is not None and not ta & tb:
             return True
+        for values, types in ((va, tb), (vb, ta)):  # constants of types the other excludes
+            if values is not None and types is not None and not any(
+                _json_type(v) in types for v in values
+            ):
+                return True
         if depth > 3 or not (isinstance(a, dict) and isinstance(b, dict)):
+            return False
+        # told apart by a discriminator property: only among objects, since properties and
+        # required say nothing about other values (which would then satisfy both)
+        if not (objects or (ta == {"object"} and tb == {"object"})):
             return False
         pa, pb = a.get("properties", {}), b.get("properties", {})
         common = set(a.get("required", [])) & set(b.get("required", []))
-        return any(n in pa and n in pb and self.exclusive(pa[n], pb[n], depth + 1) for n in common)
+        return any(
+            n in pa and n in pb and self.exclusive(pa[n], pb[n], depth=depth + 1) for n in common
+        )
 
     # ---------------------------------------------------------------------------- walk
 
@@ -235,7 +257,8 @@ class _Normalizer:
             branches = s.pop("oneOf")
             for i in range(len(branches)):
                 for j in range(i + 1, len(branches)):
-                    if not self.exclusive(branches[i], branches[j]):
+                    objects = _type_set(s) == {"object"}
+                    if not self.exclusive(branches[i], branches[j], objects):
                         raise UnsupportedSchema(
                             "oneOf",
                             f"oneOf branches {i} and {j} may both match one value, so "
