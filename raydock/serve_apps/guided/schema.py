@@ -197,8 +197,10 @@ class _Normalizer:
         if ta is not None and tb is not None and not ta & tb:
             return True
         for values, types in ((va, tb), (vb, ta)):  # constants of types the other excludes
-            if values is not None and types is not None and not any(
-                _json_type(v) in types for v in values
+            if (
+                values is not None
+                and types is not None
+                and not any(_json_type(v) in types for v in values)
             ):
                 return True
         if depth > 3 or not (isinstance(a, dict) and isinstance(b, dict)):
