@@ -253,6 +253,8 @@ class _Normalizer:
         for key in ("$defs", "definitions"):
             if isinstance(s.get(key), dict):
                 s[key] = {n: self.node(d, depth) for n, d in s[key].items()}
+        if isinstance(s.get("allOf"), list):
+            self.flatten_all_of(s)
         if "not" in s:
             self.rewrite_not(s, s.pop("not"))
         if "oneOf" in s:
@@ -288,6 +290,39 @@ class _Normalizer:
             if types is None or "object" in types:
                 self.object(s, depth, types is not None)
         return s
+
+    _FLAT = frozenset({"type", "properties", "required", "allOf", *_ANNOTATIONS})
+
+    def flatten_all_of(self, s: dict, hops: int = 0) -> None:
+        """Merge allOf branches that only declare object properties (OpenAPI's
+        `allOf: [{$ref: Base}, {properties: ...}]`) into `s`: exact, and it lets `object` close
+        the merged object (closing each branch would forbid the other branches' keys)."""
+        rest = []
+        for branch in s.pop("allOf"):
+            pure_ref = isinstance(branch, dict) and set(branch) == {"$ref"}
+            r = self.resolve(branch) if pure_ref else branch
+            if not isinstance(r, dict) or not set(r) <= self._FLAT or hops > 8:
+                rest.append(branch)
+                continue
+            r = copy.deepcopy(r)
+            if isinstance(r.get("allOf"), list):
+                self.flatten_all_of(r, hops + 1)
+                if "allOf" in r:
+                    rest.append(branch)
+                    continue
+            if "type" in r and s.get("type", r["type"]) != r["type"]:
+                rest.append(branch)
+                continue
+            if "type" in r:
+                s["type"] = r["type"]
+            props = s.setdefault("properties", {})
+            for name, sub in (r.get("properties") or {}).items():
+                props[name] = {"allOf": [props[name], sub]} if name in props else sub
+            for name in r.get("required", []):
+                if name not in s.setdefault("required", []):
+                    s["required"].append(name)
+        if rest:
+            s["allOf"] = rest
 
     def free_value(self, depth: int) -> dict[str, Any]:
         """Any JSON value, bounded in size and depth."""
