@@ -241,3 +241,10 @@ def test_a_discriminator_separates_oneof_branches_only_among_objects():
         normalize({"oneOf": branch})
     normalize({"type": "object", "oneOf": branch})
     normalize({"oneOf": [{"const": "x"}, {"type": "integer"}]})
+
+
+def test_a_huge_enum_is_a_refusal_naming_the_bound():
+    _, dec = decoder()
+    grammar = grammar_of("grammar", json_grammar({"enum": [f"v{i}" for i in range(100_000)]}))
+    with pytest.raises(guided.matcher.ConstraintError, match="initial_lexer_fuel"):
+        dec.compile_sync(grammar)

@@ -59,6 +59,7 @@ class Limits:
 # llguidance's wording of a limit → the Limits field that sets it
 _LIMIT_NAMES = {
     "grammar size": "max_grammar_size",
+    "lexer configuration": "initial_lexer_fuel",
     "lexer states": "max_lexer_states",
     "fuel": "initial_lexer_fuel / step_lexer_fuel",
     "items": "step_max_items / max_items_in_row",
