@@ -7,6 +7,7 @@ or the lifecycle actor (work). Nothing here writes the database directly.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import uuid
 from pathlib import Path
@@ -24,10 +25,13 @@ from raydock.errors import ApiError, error_response
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import plan
 from raydock.platform import names, schemas
+from raydock.platform.bootstrap import ensure_platform_actors
 from raydock.platform.jobs import deployconfig_from
 from raydock.platform.states import RETRIGGERABLE_DEPLOYMENT, JobAction
 from raydock.platform.states import DeploymentStatus as D
 from raydock.platform.store import ArtifactStore
+
+log = logging.getLogger("raydock.api")
 
 
 class _Ctx:
@@ -563,8 +567,22 @@ app.include_router(router)
 
 def configure(settings: dict[str, Any]) -> None:
     ctx.settings = Settings(**settings)
-    ctx.registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
-    ctx.lifecycle = ray.get_actor(names.LIFECYCLE, namespace=names.NAMESPACE)
+    ctx.registry, ctx.lifecycle = ensure_platform_actors(ctx.settings)
+
+
+SUPERVISE_INTERVAL_S = 2.0
+
+
+async def supervise() -> None:
+    """Create the registry or lifecycle again whenever one died, and use the new one."""
+    while True:
+        await asyncio.sleep(SUPERVISE_INTERVAL_S)
+        try:
+            ctx.registry, ctx.lifecycle = await asyncio.to_thread(
+                ensure_platform_actors, ctx.settings
+            )
+        except Exception as exc:  # the GCS busy or restarting: next round
+            log.warning("supervising the platform actors failed: %r", exc)
 
 
 def asgi_app() -> FastAPI:
@@ -576,5 +594,6 @@ def asgi_app() -> FastAPI:
 @serve.deployment(name="api", num_replicas=1, ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(asgi_app)
 class ApiServer:
-    def __init__(self, settings: dict[str, Any]):
+    async def __init__(self, settings: dict[str, Any]):
         configure(settings)
+        self.supervisor = asyncio.create_task(supervise())

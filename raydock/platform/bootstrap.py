@@ -95,11 +95,24 @@ def _actor(cls, name: str, *args: Any, **options: Any):
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
-            max_restarts=-1,  # state lives in the database, so a restarted actor just goes on
+            # Not restarted by Ray but by `ensure_platform_actors`: Ray's memory monitor kills
+            # restartable ("retriable") workers first, so with max_restarts these small actors
+            # died before the engine replica that took the node's memory. Without, the newest
+            # non-retriable worker goes first: that replica. State lives in the database, so a
+            # new actor just goes on.
+            max_restarts=0,
             **options,
         )
         .remote(*args)
     )
+
+
+def ensure_platform_actors(settings: Settings) -> tuple[Any, Any]:
+    """The registry and lifecycle actors, created again when one died (the API replica calls
+    this every few seconds: the platform's supervisor)."""
+    registry = _actor(Registry, names.REGISTRY, settings.db_url)
+    lifecycle = _actor(Lifecycle, names.LIFECYCLE, settings.to_dict(), max_concurrency=100)
+    return registry, lifecycle
 
 
 def start_platform(settings: Settings) -> dict[str, Any]:
@@ -119,7 +132,7 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     # Serve first: the lifecycle's first pass may restore deployments, which would otherwise
     # start Serve with its default HTTP options
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    lifecycle = _actor(Lifecycle, names.LIFECYCLE, cfg, max_concurrency=100)
+    _, lifecycle = ensure_platform_actors(settings)
     ray.get(lifecycle.ping.remote())
     serve.run(ApiServer.bind(cfg), name=names.API_APP, route_prefix="/api")
     serve.run(Gateway.bind(cfg), name=names.GATEWAY_APP, route_prefix="/")

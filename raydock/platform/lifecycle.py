@@ -68,7 +68,6 @@ def failure_reason(app: Any) -> str:
 class Lifecycle:
     def __init__(self, settings: dict[str, Any]):
         self.settings = Settings(**settings)
-        self.registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task] = set()
         self._jobs: set[str] = set()  # jobs a task of this actor is running
@@ -77,6 +76,11 @@ class Lifecycle:
         self._pass = asyncio.Lock()
         # the first pass runs as soon as __init__ returns: at start and after every restart
         ray.get_runtime_context().current_actor.keep_reconciling.remote()
+
+    @property
+    def registry(self):
+        """Looked up on each use: the supervisor replaces a registry that died."""
+        return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
 
     def _spawn(self, coro, job_id: str | None = None) -> None:
         task = asyncio.create_task(coro)

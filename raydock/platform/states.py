@@ -12,6 +12,10 @@ class InvalidTransition(Conflict):
 
 
 class ModelStatus(StrEnum):
+    """IMPORTING → VALIDATING → READY or IMPORT_FAILED, driven by the import task
+    (`jobs.import_model_task`); the lifecycle's reconciliation fails an import whose task is
+    gone, and deleting the model fails its running import."""
+
     IMPORTING = "IMPORTING"
     VALIDATING = "VALIDATING"
     READY = "READY"
@@ -19,6 +23,11 @@ class ModelStatus(StrEnum):
 
 
 class DeploymentStatus(StrEnum):
+    """Driven by the lifecycle actor alone: a deploy, redeploy or re-trigger moves a
+    deployment to OPTIMIZING (a conversion runs first) or DEPLOYING, then to DEPLOYED or
+    FAILED; an undeploy to UNDEPLOYED; reconciliation fails a deployment whose deploy job is
+    gone, and one whose app it could not restore."""
+
     READY_TO_DEPLOY = "READY_TO_DEPLOY"
     OPTIMIZING = "OPTIMIZING"
     DEPLOYING = "DEPLOYING"
@@ -28,6 +37,9 @@ class DeploymentStatus(StrEnum):
 
 
 class JobStatus(StrEnum):
+    """IN_PROGRESS → SUCCESS or FAILED: set by whatever runs the job (a Ray task or the
+    lifecycle); reconciliation fails one that nothing runs any more."""
+
     IN_PROGRESS = "IN_PROGRESS"
     SUCCESS = "SUCCESS"
     FAILED = "FAILED"

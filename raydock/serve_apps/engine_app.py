@@ -60,16 +60,13 @@ async def completions(request: Request):
 
 
 def configure(server: Any, spec: dict[str, Any]) -> None:
-    import ray
-
-    from raydock.platform import names
     from raydock.serve_apps.openai_service import Auth
 
     ctx.server = server
     ctx.deployment_id = spec["deployment_id"]
     ctx.stream_interval_s = spec["stream_interval_s"]
     ctx.max_request_bytes = spec["max_request_bytes"]
-    ctx.auth = Auth(spec["db_url"], ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE))
+    ctx.auth = Auth(spec["db_url"])
 
 
 def asgi_app() -> FastAPI:

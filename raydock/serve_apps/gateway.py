@@ -14,7 +14,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import ray
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -201,9 +200,8 @@ app.mount(openapi_doc.ASSETS_URL, StaticFiles(directory=openapi_doc.ASSETS_DIR),
 
 
 def configure(settings: dict[str, Any]) -> None:
-    registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
     parsed = Settings(**settings)
-    ctx.auth = Auth(parsed.db_url, registry)
+    ctx.auth = Auth(parsed.db_url)
     ctx.handles = {}
     ctx.stream_interval_s = parsed.stream_interval_ms / 1000
     ctx.max_request_bytes = parsed.max_request_bytes

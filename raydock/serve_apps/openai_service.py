@@ -16,13 +16,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
+import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import select
 
 from raydock import errors
 from raydock.errors import ApiError, error_body
-from raydock.platform import db, security
+from raydock.platform import db, names, security
 from raydock.platform.schemas import DEFAULT_MAX_TOKENS
 from raydock.platform.states import DeploymentStatus as D
 from raydock.serve_apps import protocol, structured
@@ -43,9 +44,8 @@ def _key_from(request: Request) -> str | None:
 class Auth:
     """Deployment-key checks against the database (a read: no actor on the request path)."""
 
-    def __init__(self, db_url: str, registry: Any):
+    def __init__(self, db_url: str):
         self.sessions = db.make_sessionmaker(db_url)
-        self.registry = registry
         self.touched: dict[str, float] = {}
 
     def authorize(
@@ -86,7 +86,11 @@ class Auth:
         now = time.monotonic()
         if now - self.touched.get(key_id, -1e9) > 60:
             self.touched[key_id] = now
-            self.registry.touch_keys.remote([key_id])
+            # looked up by name: the supervisor replaces a registry that died (meanwhile the
+            # lookup fails and this use goes unrecorded)
+            with contextlib.suppress(ValueError):
+                registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
+                registry.touch_keys.remote([key_id])
 
 
 def engine_request(

@@ -23,6 +23,11 @@ pytestmark = pytest.mark.e2e
 ASK_JSON = [{"role": "user", "content": "Hello"}]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that replace the session's cluster run after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("restarts_cluster") is not None)
+
+
 @dataclass
 class Platform:
     settings: Settings

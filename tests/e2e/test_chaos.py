@@ -3,6 +3,7 @@ within 30 s, no job stays IN_PROGRESS, every deployment's status matches its Ser
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -149,3 +150,37 @@ def assert_consistent(platform) -> None:
                 assert app is not None and app.status in ("RUNNING", "DEPLOYING"), dep
             elif dep["status"] in ("FAILED", "UNDEPLOYED", "READY_TO_DEPLOY"):
                 assert app is None, (dep["deploymentId"], dep["status"], app.status)
+
+
+def test_a_stream_whose_replica_dies_ends_with_an_error_event(platform, live):
+    # the gateway's /v1 path reads the replica through Ray, so it can tell the client
+    dep_id = live.deployment["deploymentId"]
+    body = {
+        "model": dep_id,
+        "messages": ASK_JSON,
+        "max_tokens": 512,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {live.key}"}
+    lines = []
+    with httpx.stream(
+        "POST", f"{platform.url}/v1/chat/completions", json=body, headers=headers, timeout=120
+    ) as r:
+        assert r.status_code == 200
+        for line in filter(None, r.iter_lines()):
+            lines.append(line)
+            if len(lines) == 3:  # streaming: now the replica dies
+                ray.kill(serve_replica_of(dep_id), no_restart=False)
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "replica_failed" and error["request_id"]
+    # Serve replaces the replica; the deployment serves again
+    wait_for(lambda: chat_ok(live), timeout=120, interval=1)
+
+
+def chat_ok(live) -> bool:
+    body = {"messages": ASK_JSON, "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {live.key}"}
+    r = httpx.post(f"{live.base_url}/chat/completions", json=body, headers=headers, timeout=60)
+    return r.status_code == 200

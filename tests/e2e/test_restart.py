@@ -1,11 +1,13 @@
 """Restart recovery: kill the whole Ray cluster, start again, everything is back.
 
-Runs last (file name): it replaces the session's cluster with a fresh one.
+Runs last (the `restarts_cluster` marker, see conftest): it replaces the session's cluster
+with a fresh one.
 """
 
 from __future__ import annotations
 
 import httpx
+import pytest
 import ray
 
 from raydock.client import default_deploy_body
@@ -13,6 +15,7 @@ from raydock.client import default_deploy_body
 from .conftest import boot, wait_for
 
 
+@pytest.mark.restarts_cluster
 def test_state_survives_and_deployments_serve_again(platform, ready_model, live):
     http = platform.http()
     models_before = {m["modelId"] for m in http.get("/api/public/models").json()["models"]}

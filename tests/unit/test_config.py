@@ -1,0 +1,29 @@
+"""Settings: platform.yaml defaults, RAYDOCK_* environment variables over them, then
+explicit overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from raydock import config
+from raydock.config import load_settings
+
+
+def test_environment_variables_override_the_yaml_defaults(monkeypatch):
+    defaults = load_settings()
+    monkeypatch.setenv("RAYDOCK_PORT", "9123")
+    monkeypatch.setenv("RAYDOCK_CLUSTER_AUTOSCALING", "yes")
+    monkeypatch.setenv("RAYDOCK_MAX_REQUEST_BYTES", "1024")
+    monkeypatch.setenv("RAYDOCK_DATABASE_URL", "postgresql://db/raydock")
+    s = load_settings()
+    assert (s.port, s.cluster_autoscaling, s.max_request_bytes) == (9123, True, 1024)
+    assert s.db_url == "postgresql://db/raydock"
+    assert s.stream_interval_ms == defaults.stream_interval_ms  # the rest stays
+    assert load_settings(port=9999).port == 9999  # an explicit override wins over both
+
+
+def test_an_unknown_key_in_platform_yaml_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "platform.yaml").write_text("port: 8000\nmax_tokns: 3\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ValueError, match="max_tokns"):
+        load_settings()
