@@ -495,6 +495,11 @@ class _Normalizer:
                 s.get("maxProperties", room + self.bounds.max_free_keys),
                 room + self.bounds.max_free_keys,
             )
+        if extra is not False and not declared and not required and not s.get("patternProperties"):
+            # a map of free keys (json_object, labels): bound the keys' length too, or a weak
+            # model writes one key until max_tokens (a sound subset)
+            s["patternProperties"] = {f"^.{{0,{self.bounds.max_free_string}}}$": extra}
+            extra = False
         for name in required:  # required but not declared: its schema is the extra one
             if name not in declared:
                 if closed:
