@@ -1,6 +1,6 @@
 """What a request's `response_format` and `tools` (or vLLM's `structured_outputs`) ask of the
-output, as a regex to enforce, and how the constrained text turns back into OpenAI message
-fields.
+output, as a grammar (or a user's regex) to enforce, and how the constrained text turns back
+into OpenAI message fields.
 
 Tools take precedence over response_format (the seed: "tool calls take precedence and the
 schema is ignored").
@@ -13,20 +13,17 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from raydock.serve_apps.schema_regex import (
-    JSON_OBJECT_REGEX,
+from raydock.serve_apps.guided import (
     UnsupportedSchema,
-    choice_regex,
-    schema_to_regex,
-    tool_call_regex,
+    choice_grammar,
+    json_grammar,
+    json_object_grammar,
+    tools_grammar,
 )
 
-#: A user regex or grammar longer than this is refused before any compile (a regex's DFA
-#: grows with it).
+#: A user regex or grammar longer than this is refused before any compile (a cheap first
+#: bound; the compile itself runs under `guided.Limits`).
 MAX_PATTERN_CHARS = 10_000
-
-# auto: either a tool call, or plain text that does not start like one
-_TEXT_NOT_JSON = r"[^{][\s\S]*"
 
 
 class StructuredError(ValueError):
@@ -38,10 +35,11 @@ class StructuredError(ValueError):
 @dataclass(frozen=True)
 class Constraint:
     mode: str  # "text" | "json" | "choice" | "regex" | "grammar" | "tools"
-    regex: str | None = None
+    regex: str | None = None  # a user's regex (structured_outputs.regex)
     # the request field the constraint comes from: an engine that cannot enforce it names it
     param: str | None = None
-    grammar: str | None = None  # a Lark or GBNF grammar (vLLM engines only), instead of a regex
+    # a Lark (llguidance dialect) or GBNF grammar: schemas, tools and choices become one
+    grammar: str | None = None
 
 
 def _check_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -59,12 +57,12 @@ def _check_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return by_name
 
 
-def _tools_regex(tools: list[dict[str, Any]], param: str) -> str:
+def _tools(tools: list[dict[str, Any]], auto: bool) -> Constraint:
     try:
-        return tool_call_regex(tools)
+        return Constraint("tools", None, "tools", grammar=tools_grammar(tools, auto))
     except UnsupportedSchema as exc:
         raise StructuredError(
-            param, f"tool parameters use '{exc.keyword}', which raydock cannot enforce: {exc}"
+            "tools", f"tool parameters use '{exc.keyword}', which raydock cannot enforce: {exc}"
         ) from None
 
 
@@ -80,17 +78,16 @@ def constraint_for(
         if choice == "none":
             pass  # tools declared but not to be called: fall through to response_format
         elif choice == "required":
-            return Constraint("tools", _tools_regex(tools, "tools"), "tools")
+            return _tools(tools, auto=False)
         elif choice == "auto":
-            regex = f"({_tools_regex(tools, 'tools')})|({_TEXT_NOT_JSON})"
-            return Constraint("tools", regex, "tools")
+            return _tools(tools, auto=True)
         elif isinstance(choice, dict):
             name = (choice.get("function") or {}).get("name")
             if name not in by_name:
                 raise StructuredError(
                     "tool_choice", f"tool_choice names {name!r}, not one of {sorted(by_name)}"
                 )
-            return Constraint("tools", _tools_regex([by_name[name]], "tools"), "tools")
+            return _tools([by_name[name]], auto=False)
         else:
             raise StructuredError(
                 "tool_choice", "tool_choice must be 'none', 'auto', 'required' or a function"
@@ -101,7 +98,7 @@ def constraint_for(
     if kind == "text":
         return Constraint("text")
     if kind == "json_object":
-        return Constraint("json", JSON_OBJECT_REGEX, "response_format")
+        return Constraint("json", None, "response_format", grammar=json_object_grammar())
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
@@ -116,7 +113,7 @@ def constraint_for(
 
 def _schema(schema: Any, param: str) -> Constraint:
     try:
-        return Constraint("json", schema_to_regex(schema), param)
+        return Constraint("json", None, param, grammar=json_grammar(schema))
     except UnsupportedSchema as exc:
         raise StructuredError(
             param, f"schema keyword '{exc.keyword}' cannot be enforced by raydock: {exc}"
@@ -136,11 +133,11 @@ def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
             raise StructuredError(param, f"{param} must be a JSON schema")
         return _schema(value, param)
     if kind == "json_object" and value is True:
-        return Constraint("json", JSON_OBJECT_REGEX, param)
+        return Constraint("json", None, param, grammar=json_object_grammar())
     if kind == "choice":
         if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
             raise StructuredError(param, f"{param} must be a non-empty list of strings")
-        return Constraint("choice", choice_regex(value), param)
+        return Constraint("choice", None, param, grammar=choice_grammar(value))
     if kind in ("regex", "grammar"):
         # the syntax is the engine's to judge (the Rust `regex` dialect; Lark or GBNF): what
         # it cannot build is a 400 from the replica, before any token

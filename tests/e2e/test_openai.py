@@ -196,7 +196,8 @@ def test_error_shapes(platform, live):
     r = httpx.post(url, json={"messages": HELLO}, headers={"Authorization": f"Bearer {live.key}"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = httpx.post(f"{live.base_url}/chat/completions", json={"messages": HELLO})
-    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    fields = {"message", "type", "param", "code", "request_id"}
+    assert r.status_code == 401 and set(r.json()["error"]) == fields
     r = httpx.post(
         f"{live.base_url}/chat/completions",
         content=b"{not json",

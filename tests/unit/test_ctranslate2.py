@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 
@@ -18,8 +17,9 @@ from jsonschema import validate  # noqa: E402
 from raydock.modelgen import generate_model  # noqa: E402
 from raydock.optimizers import ctranslate2 as ct2  # noqa: E402
 from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine  # noqa: E402
+from raydock.serve_apps.guided import json_grammar  # noqa: E402
 from raydock.serve_apps.sampling import SamplingParams  # noqa: E402
-from raydock.serve_apps.schema_regex import schema_to_regex  # noqa: E402
+from tests.guided_checks import corpus_check, hostile_bounds_check  # noqa: E402
 from tests.record_schema import RECORD  # noqa: E402
 
 
@@ -45,9 +45,9 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def collect(engine, ids, regex=None, **params):
+async def collect(engine, ids, regex=None, grammar=None, **params):
     events = []
-    async for steps in engine.generate(ids, SamplingParams(**params), regex):
+    async for steps in engine.generate(ids, SamplingParams(**params), regex, grammar=grammar):
         events += steps
     return events
 
@@ -249,18 +249,18 @@ def test_sampling_mixed_settings_and_engine_seed(converted):
 
 
 def test_guided_json_is_valid_for_every_seed(engine):
-    regex = schema_to_regex(RECORD)
+    grammar = json_grammar(RECORD)
 
     async def main():
         ids = engine.chat_prompt([{"role": "user", "content": "Describe a person."}])
         return await asyncio.gather(
-            *(collect(engine, ids, regex, max_tokens=200, seed=s) for s in range(4))
+            *(collect(engine, ids, grammar=grammar, max_tokens=200, seed=s) for s in range(4))
         )
 
     before = engine.stats()
     for events in run(main()):
         out = text(events)
-        assert finish(events) == "stop" and re.fullmatch(regex, out), out
+        assert finish(events) == "stop", out
         validate(json.loads(out), RECORD)
         assert events[-1].completion_tokens == sum(len(ev.token_ids) for ev in events)
     stats = engine.stats()
@@ -275,19 +275,27 @@ def test_guided_greedy_equals_the_transformers_engine(engine, model_dir):
     from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 
     reference = TransformersEngine(str(model_dir), num_threads=1)
-    regex = schema_to_regex(RECORD)
+    grammar = json_grammar(RECORD)
     asks = ["Describe a person.", "Describe a person who keeps a lighthouse by the sea.", "Hi"]
 
     async def outputs(eng):
         prompts = [eng.chat_prompt([{"role": "user", "content": a}]) for a in asks]
         done = await asyncio.gather(
-            *(collect(eng, ids, regex, max_tokens=200, temperature=0) for ids in prompts)
+            *(collect(eng, ids, grammar=grammar, max_tokens=200, temperature=0) for ids in prompts)
         )
         return [(text(ev), finish(ev)) for ev in done]
 
     ours = run(outputs(engine))
     assert ours == run(outputs(reference))
-    assert all(f == "stop" and re.fullmatch(regex, t) for t, f in ours)
+    assert all(f == "stop" and validate(json.loads(t), RECORD) is None for t, f in ours)
+
+
+def test_corpus_is_enforced(engine):
+    corpus_check(engine, "ctranslate2")
+
+
+def test_hostile_constraints_are_bounded(engine):
+    hostile_bounds_check(engine)
 
 
 def test_process_exits_cleanly_after_generating(converted):
@@ -310,3 +318,17 @@ def test_process_exits_cleanly_after_generating(converted):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_step_over_a_bound_ends_with_length_never_stop(engine, monkeypatch):
+    from raydock.serve_apps.guided import GuidedDecoder, Limits
+
+    tight = GuidedDecoder(
+        engine.tokenizer, engine.eos, len(engine.vocab), Limits(step_lexer_fuel=100)
+    )
+    monkeypatch.setattr(engine, "guided", tight)
+    grammar = json_grammar(
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]{3,40}$"}}}
+    )
+    events = run(collect(engine, engine.text_prompt("x"), grammar=grammar, max_tokens=200, seed=1))
+    assert finish(events) == "length" and events[-1].completion_tokens < 200

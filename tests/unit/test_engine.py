@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 
 import pytest
 
@@ -13,6 +12,7 @@ from raydock.modelgen import cached_model_dir
 from raydock.serve_apps.engines.base import ConstraintError
 from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 from raydock.serve_apps.sampling import SamplingParams
+from tests.guided_checks import corpus_check, hostile_bounds_check
 
 
 @pytest.fixture(scope="module")
@@ -105,42 +105,22 @@ def test_a_regex_outside_the_dialect_is_refused_before_decoding(engine, regex):
     run(engine.check_regex(r"[a-z]{2,5}"))  # what the dialect has passes
 
 
-def served_within(engine, regex: str, seconds: float) -> bool:
-    """Whether `regex` compiles (in the background) and is then served, within `seconds`."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            run(engine.check_regex(regex))
-            return True
-        except ConstraintError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+def test_grammar_cache_evicts_the_least_recently_used(engine, monkeypatch):
+    from raydock.serve_apps.guided import grammar_of
 
-
-def test_a_regex_slow_to_compile_is_refused_then_served_once_compiled(engine, monkeypatch):
-    # DFAs with 2^12 states: ~0.5 s each here (minutes at {20})
-    slow = [rf"({x}|{y})*{x}({x}|{y}){{12}}" for x, y in ("ab", "ac", "bc")]
-    monkeypatch.setattr(engine.guided, "compile_timeout_s", 0.02)
-
-    async def burst():  # two requests per regex: one compile each, all give up in time
-        asks = [engine.check_regex(r) for r in slow for _ in range(2)]
-        return await asyncio.gather(*asks, return_exceptions=True)
-
-    for refused in run(burst()):
-        assert isinstance(refused, ConstraintError) and "did not compile within" in str(refused)
-    # two compiles ran on (the pool's two threads) and are then served at once ...
-    assert served_within(engine, slow[0], 60) and served_within(engine, slow[1], 60)
-    # ... the third, queued when its requests gave up, never ran: it starts over now
-    time.sleep(3)
-    assert not served_within(engine, slow[2], 0)
-
-
-def test_guide_cache_evicts_the_least_recently_used(engine, monkeypatch):
+    monkeypatch.setattr(engine.guided, "_cache", type(engine.guided._cache)())
     monkeypatch.setattr(engine.guided, "_cache_size", 2)
     for regex in ("x{3}", "y{3}", "x{3}", "z{3}"):  # x is used again before z comes
-        run(engine.guided.guide(regex))
-    assert list(engine.guided._cache) == ["x{3}", "z{3}"]
+        run(engine.check_regex(regex))
+    assert list(engine.guided._cache) == [grammar_of("regex", r) for r in ("x{3}", "z{3}")]
+
+
+def test_hostile_constraints_are_bounded(engine):
+    hostile_bounds_check(engine)
+
+
+def test_corpus_is_enforced(engine):
+    corpus_check(engine, "transformers")
 
 
 def test_burst_larger_than_one_prefill_pass(engine, monkeypatch):
@@ -178,3 +158,73 @@ def test_penalties_make_greedy_output_repeat_less(engine):
     # a bias of -100 bans a token: the greedy favourite never appears again
     favourite = max(set(plain), key=plain.count)
     assert favourite not in tokens(logit_bias=((favourite, -100.0),))
+
+
+def test_tool_call_is_a_declared_tool_with_valid_arguments(engine):
+    from jsonschema import validate
+
+    from raydock.serve_apps import structured
+
+    params = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}, "days": {"type": "integer"}},
+        "required": ["city"],
+    }
+    tools = [
+        {"type": "function", "function": {"name": "forecast", "parameters": params}},
+        {"type": "function", "function": {"name": "now"}},
+    ]
+    c = structured.constraint_for(None, tools, "required")
+
+    async def main():
+        outs = []
+        for seed in range(4):
+            text, finish = "", None
+            async for steps in engine.generate(
+                engine.text_prompt("call"),
+                SamplingParams(max_tokens=80, seed=seed),
+                None,
+                grammar=c.grammar,
+            ):
+                for ev in steps:
+                    text += ev.text
+                    finish = ev.finish_reason or finish
+            outs.append((text, finish))
+        return outs
+
+    for text, finish in run(main()):
+        if finish != "stop":
+            continue
+        call = structured.as_tool_call(text)
+        assert call is not None, text
+        args = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "forecast":
+            validate(args, params)
+        else:
+            assert call["function"]["name"] == "now" and args == {}
+
+
+def test_a_step_over_a_bound_ends_with_length_never_stop(engine, monkeypatch):
+    """A mask step that runs out of lexer fuel fails its matcher: the sequence ends with
+    "length" (its text may be incomplete), the others carry on."""
+    from raydock.serve_apps.guided import GuidedDecoder, Limits, json_grammar
+
+    tight = GuidedDecoder(
+        engine.tokenizer, engine.eos, engine.model.config.vocab_size, Limits(step_lexer_fuel=100)
+    )
+    monkeypatch.setattr(engine, "guided", tight)
+    grammar = json_grammar(
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "^[a-z]{3,40}$"}}}
+    )
+
+    async def main():
+        finish, produced = None, 0
+        async for steps in engine.generate(
+            engine.text_prompt("x"), SamplingParams(max_tokens=200, seed=1), None, grammar=grammar
+        ):
+            finish = steps[-1].finish_reason or finish
+            produced = steps[-1].completion_tokens
+        return finish, produced
+
+    finish, produced = run(main())
+    assert finish == "length" and produced < 200  # ended by the bound, not the budget

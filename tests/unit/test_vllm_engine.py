@@ -20,8 +20,9 @@ import jsonschema  # noqa: E402
 
 from raydock.modelgen import generate_model  # noqa: E402
 from raydock.serve_apps.engines.vllm_engine import VLLMEngine  # noqa: E402
+from raydock.serve_apps.guided import json_grammar, json_object_grammar  # noqa: E402
 from raydock.serve_apps.sampling import SamplingParams  # noqa: E402
-from raydock.serve_apps.schema_regex import JSON_OBJECT_REGEX, schema_to_regex  # noqa: E402
+from tests.guided_checks import corpus_check, hostile_bounds_check  # noqa: E402
 
 
 class Loop:
@@ -64,9 +65,9 @@ def engine(loop, tmp_path_factory) -> VLLMEngine:
     loop.run(stop(), timeout=120)
 
 
-async def collect(engine, ids, regex=None, **params):
+async def collect(engine, ids, regex=None, grammar=None, **params):
     events = []
-    async for steps in engine.generate(ids, SamplingParams(**params), regex):
+    async for steps in engine.generate(ids, SamplingParams(**params), regex, grammar=grammar):
         assert steps
         events.extend(steps)
     return events
@@ -265,7 +266,7 @@ def test_regex_is_enforced(engine, loop):
         assert not re.fullmatch(regex, text_of(free))
 
 
-def test_json_schema_regex_gives_valid_json(engine, loop):
+def test_json_schema_gives_valid_json(engine, loop):
     schema = {
         "type": "object",
         "properties": {
@@ -276,19 +277,20 @@ def test_json_schema_regex_gives_valid_json(engine, loop):
         },
         "required": ["name", "age", "ok", "color"],
     }
-    regex = schema_to_regex(schema)
+    grammar = json_grammar(schema)
     ids = engine.chat_prompt([{"role": "user", "content": "A person as JSON."}])
     for seed in (1, 2):
-        events = loop.run(collect(engine, ids, regex=regex, max_tokens=80, seed=seed))
+        events = loop.run(collect(engine, ids, grammar=grammar, max_tokens=80, seed=seed))
         assert events[-1].finish_reason == "stop"
         value = json.loads(text_of(events))
         jsonschema.validate(value, schema)
 
 
-def test_json_object_regex_compiles_and_holds(engine, loop):
-    """response_format json_object: a regex too big for a DFA (outlines gives up on it)."""
+def test_json_object_holds(engine, loop):
+    """response_format json_object: a bounded free-form object."""
     ids = engine.chat_prompt([{"role": "user", "content": "Any JSON object."}])
-    events = loop.run(collect(engine, ids, regex=JSON_OBJECT_REGEX, max_tokens=200, seed=4))
+    grammar = json_object_grammar()
+    events = loop.run(collect(engine, ids, grammar=grammar, max_tokens=1000, seed=4))
     assert events[-1].finish_reason == "stop"
     assert isinstance(json.loads(text_of(events)), dict)
 
@@ -297,3 +299,11 @@ def test_bad_regex_raises_value_error(engine, loop):
     with pytest.raises(ValueError):
         loop.run(collect(engine, engine.text_prompt("x"), regex="(unclosed", max_tokens=4))
     assert engine.stats()["unfinished"] == 0
+
+
+def test_corpus_is_enforced(engine, loop):
+    corpus_check(engine, "vllm", run=loop.run)
+
+
+def test_hostile_constraints_are_bounded(engine, loop):
+    hostile_bounds_check(engine, run=loop.run)

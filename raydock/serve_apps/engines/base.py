@@ -58,11 +58,16 @@ class Engine(Protocol):
     async def check_regex(self, regex: str) -> None:
         """Raise ConstraintError if `generate` could not enforce `regex`."""
 
-    # An engine that enforces grammars (vLLM) also has `async check_grammar(grammar)` and takes
-    # `grammar=` in `generate`; the replica refuses a grammar for any other engine.
+    async def check_grammar(self, grammar: str) -> None:
+        """Raise ConstraintError if `generate` could not enforce the Lark / GBNF `grammar`
+        (JSON schemas, tools and choices arrive as such grammars: `raydock.serve_apps.guided`)."""
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> AsyncIterator[list[StepEvent]]: ...
 
 
@@ -72,16 +77,18 @@ class Decoding(Protocol):
     prompt: list[int]
     params: SamplingParams
     tracker: TextTracker
-    guide: Any  # outlines Guide, or None when unconstrained
+    guide: Any  # guided.Matcher, or None when unconstrained
     budget: int
     produced: int
     done: bool
 
 
 def end_event(seq: Decoding) -> StepEvent:
-    """Finish `seq` with "stop" (an end token, or a guide that can only end)."""
+    """Finish `seq` with "stop" (an end token, or a guide that can only end); "length" when
+    its guide hit a per-step bound (the output may be incomplete: never "stop")."""
     seq.done = True
-    return StepEvent(seq.tracker.flush(), [], [], "stop", len(seq.prompt), seq.produced)
+    finish = "length" if seq.guide is not None and seq.guide.failed else "stop"
+    return StepEvent(seq.tracker.flush(), [], [], finish, len(seq.prompt), seq.produced)
 
 
 def append_token(
@@ -98,7 +105,7 @@ def append_token(
     if token in eos and (seq.guide is not None or not seq.params.ignore_eos):
         return end_event(seq)
     if seq.guide is not None:
-        seq.guide.advance(token, return_tokens=False)
+        seq.guide.advance(token)
     seq.produced += 1
     text = seq.tracker.add(token)
     finish = None

@@ -29,7 +29,7 @@ before temperature and before any guided mask; tokens forced by a guide carry lo
 (their probability under the constraint).
 
 Guided decoding (rejection with fallback; CTranslate2 has no logits hook). CTranslate2
-samples freely; a sampled token the sequence's outlines Guide allows is accepted (the guide
+samples freely; a sampled token the sequence's llguidance matcher allows is accepted (it
 advances); a disallowed one is discarded and the sequence stops in that run. After the run,
 the engine takes that step's logits (guided runs keep them: `return_logits_vocab`, at most
 LOGITS_RUN_STEPS steps and LOGITS_BUDGET bytes, otherwise one prefill of the prefix before the
@@ -38,12 +38,12 @@ and samples with the request's seeded generator; the sequence resumes in the nex
 Sampling from p and accepting iff allowed, else sampling from p restricted to the allowed set,
 yields exactly p restricted to the allowed set (when top-k/top-p leave no allowed token, the
 filter is applied to the allowed tokens alone); greedy decoding picks the best allowed token,
-exactly like the transformers engine's masked argmax. Tokens a guide forces (one allowed
-token) are appended without calling the model; EOS is only allowed in a final state, and a
-guide that can only end finishes the sequence with "stop". A guided run ends once half its
-sequences wait for a fallback, so they are not held back by the others. The price is one
-re-prefill of the run per rejection round: small when the model mostly follows the format
-(the usual case for a prompted model), large for a model that ignores it (the random test
+exactly like the transformers engine's masked argmax. Tokens the grammar forces (its
+fast-forward tokens) are appended without calling the model; EOS is only allowed in a final
+state, and a grammar that can only end finishes the sequence with "stop". A guided run ends
+once half its sequences wait for a fallback, so they are not held back by the others. The
+price is one re-prefill of the run per rejection round: small when the model mostly follows
+the format (the usual case for a prompted model), large for a model that ignores it (the random test
 models reject most tokens).
 
 Shutdown. CTranslate2's worker thread releases the step callback (which takes the GIL) only
@@ -79,7 +79,7 @@ from raydock.serve_apps.engines.base import (
     end_event,
     eos_ids,
 )
-from raydock.serve_apps.guided import Guide, GuidedDecoder
+from raydock.serve_apps.guided import GuidedDecoder, Matcher, grammar_of
 from raydock.serve_apps.sampling import (
     LOGIT_ADJUSTMENTS,
     SamplingParams,
@@ -146,7 +146,7 @@ class _Seq:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)  # generated so far (the prefix's tail)
     produced: int = 0
-    guide: Guide | None = None
+    guide: Matcher | None = None
     needs_sample: bool = False  # guided: its free sample was rejected; sample from the mask
     paused: bool = False  # stopped by us in this run, to resume in the next one
     done: bool = False
@@ -206,7 +206,7 @@ class CTranslate2Engine(TokenizerPrompts):
         self.eos = eos_ids(path, self.tokenizer)
         self.max_context = _max_context(path, self.tokenizer)
         self.max_batch_size = max_batch_size
-        self.guided = GuidedDecoder(self.tokenizer, self.tokenizer.eos_token_id, len(self.vocab))
+        self.guided = GuidedDecoder(self.tokenizer, self.eos, len(self.vocab))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ct2-engine")
         self._order = itertools.count()
         self._waiting: list[_Seq] = []  # touched only on the event loop
@@ -236,12 +236,27 @@ class CTranslate2Engine(TokenizerPrompts):
     # ------------------------------------------------------------------ public API
 
     async def check_regex(self, regex: str) -> None:
-        await self.guided.guide(regex)  # compiles the index `generate` then finds cached
+        await self.guided.check(grammar_of("regex", regex))  # cached for `generate`
+
+    async def check_grammar(self, grammar: str) -> None:
+        await self.guided.check(grammar_of("grammar", grammar))
+
+    async def _matcher(self, regex: str | None, grammar: str | None) -> Matcher | None:
+        if regex is not None:
+            return await self.guided.matcher(grammar_of("regex", regex))
+        if grammar is not None:
+            return await self.guided.matcher(grammar_of("grammar", grammar))
+        return None
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> AsyncIterator[list[StepEvent]]:
-        """Stream one sequence's steps; with `regex`, the output is constrained to match it.
+        """Stream one sequence's steps; with `regex` or a Lark / GBNF `grammar`, the output
+        is constrained to match it.
 
         Steps that are ready together come as one list, so a slow reader catches up in one go.
         """
@@ -250,7 +265,7 @@ class CTranslate2Engine(TokenizerPrompts):
             raise ValueError("the prompt is empty")
         if any(not 0 <= t < len(self.vocab) for t in prompt):
             raise ValueError(f"prompt token ids must lie in [0, {len(self.vocab)})")
-        guide = await self.guided.guide(regex) if regex else None
+        guide = await self._matcher(regex, grammar)
         seq = _Seq(
             order=next(self._order),
             guide=guide,
@@ -436,7 +451,7 @@ class CTranslate2Engine(TokenizerPrompts):
                 run.live -= 1
                 return True
             token = step.token_id
-            if seq.guide is not None and not seq.guide.accepts_tokens([token]):
+            if seq.guide is not None and not seq.guide.allows(token):
                 self.counters["guided_rejected"] += 1
                 seq.needs_sample = seq.paused = True
                 run.live -= 1
@@ -495,23 +510,23 @@ class CTranslate2Engine(TokenizerPrompts):
     # ------------------------------------------------------------------ guided (executor)
 
     def _only_eos(self, seq: _Seq) -> bool:
-        return seq.guide.is_finished() and seq.guide.get_tokens() == [self.guided_eos]
-
-    @property
-    def guided_eos(self) -> int:
-        return self.tokenizer.eos_token_id
+        return self.guided.only_end(seq.guide)
 
     def _force(self, seq: _Seq) -> None:
-        """Append the tokens the guide forces (one allowed token) without the model."""
+        """Append the tokens the grammar forces without the model; end a sequence whose
+        grammar can only end."""
         while not seq.done and not seq.cancelled:
-            allowed = seq.guide.get_tokens()
-            if len(allowed) > 1:
-                return
-            if not allowed or allowed[0] == self.guided_eos:
+            if self._only_eos(seq):
                 self._finish(seq, end_event(seq))
                 return
-            self.counters["guided_forced"] += 1
-            self._finish(seq, self._advance(seq, allowed[0], 0.0, []))
+            forced = seq.guide.forced()
+            if not forced:
+                return
+            for token in forced:
+                if seq.done or seq.cancelled:
+                    return
+                self.counters["guided_forced"] += 1
+                self._finish(seq, self._advance(seq, token, 0.0, []))
 
     def _prepare_guided(self, batch: list[_Seq]) -> None:
         """Before a guided run: forced tokens, and a masked sample (one prefill) for any

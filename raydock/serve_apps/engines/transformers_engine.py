@@ -31,7 +31,7 @@ from raydock.serve_apps.engines.base import (
     drain_steps,
     eos_ids,
 )
-from raydock.serve_apps.guided import Guide, GuidedDecoder
+from raydock.serve_apps.guided import GuidedDecoder, Matcher, grammar_of
 from raydock.serve_apps.sampling import SamplingParams, choose, make_generator
 
 
@@ -46,7 +46,7 @@ class _Seq:
     produced: int = 0
     pending: int = -1  # sampled token not yet fed to the model
     length: int = 0  # real (unpadded) tokens in the KV cache
-    guide: Guide | None = None  # structured output: the allowed tokens of each step
+    guide: Matcher | None = None  # structured output: the allowed tokens of each step
     output: list[int] = field(default_factory=list)  # chosen so far (for penalties)
     done: bool = False
     cancelled: bool = False
@@ -80,9 +80,7 @@ class TransformersEngine(TokenizerPrompts):
         self.pad_id = pad if pad is not None else next(iter(self.eos), 0)
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
-        self.guided = GuidedDecoder(
-            self.tokenizer, self.tokenizer.eos_token_id, self.model.config.vocab_size
-        )
+        self.guided = GuidedDecoder(self.tokenizer, self.eos, self.model.config.vocab_size)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []  # touched only on the executor thread
@@ -109,16 +107,31 @@ class TransformersEngine(TokenizerPrompts):
     # ------------------------------------------------------------------ public API
 
     async def check_regex(self, regex: str) -> None:
-        await self.guided.guide(regex)  # compiles the index `generate` then finds cached
+        await self.guided.check(grammar_of("regex", regex))  # cached for `generate`
+
+    async def check_grammar(self, grammar: str) -> None:
+        await self.guided.check(grammar_of("grammar", grammar))
+
+    async def _matcher(self, regex: str | None, grammar: str | None) -> Matcher | None:
+        if regex is not None:
+            return await self.guided.matcher(grammar_of("regex", regex))
+        if grammar is not None:
+            return await self.guided.matcher(grammar_of("grammar", grammar))
+        return None
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, regex: str | None = None
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        regex: str | None = None,
+        grammar: str | None = None,
     ) -> AsyncIterator[list[StepEvent]]:
-        """Stream one sequence's steps; with `regex`, the output is constrained to match it.
+        """Stream one sequence's steps; with `regex` or a Lark / GBNF `grammar`, the output
+        is constrained to match it.
 
         Steps that are ready together come as one list, so a slow reader catches up in one go.
         """
-        guide = await self.guided.guide(regex) if regex else None
+        guide = await self._matcher(regex, grammar)
         seq = _Seq(
             guide=guide,
             prompt=list(prompt_ids),

@@ -18,6 +18,7 @@ vllm is imported lazily, so raydock imports without it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from raydock.serve_apps.engines.base import ConstraintError, StepEvent, TokenizerPrompts
+from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts
 from raydock.serve_apps.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -35,20 +36,10 @@ log = logging.getLogger(__name__)
 MAX_MODEL_LEN = 2048
 #: vLLM's default (5 s) can fail large regexes on a busy CPU.
 REGEX_COMPILE_TIMEOUT_S = "60"
-#: Structured-outputs backend for raydock's regexes. llguidance reads the same (Rust `regex`)
-#: dialect as outlines-core and matches lazily, so no regex has to become a whole DFA first
-#: (outlines, vLLM's or raydock's own, gave up on JSON_OBJECT_REGEX after minutes when this
-#: was written; xgrammar and guidance compiled it at once, guidance with cheaper masks).
+#: Structured-outputs backend: llguidance, the engine of raydock's own guided decoding
+#: (`raydock.serve_apps.guided`), so every engine reads the same grammars and regexes and
+#: refuses the same things; it compiles lazily (no automaton up front).
 STRUCTURED_OUTPUTS_BACKEND = "guidance"
-
-
-def _check_guidance(kind: str, text: str) -> None:
-    """The syntax check vLLM's guidance backend runs when a request is added (llguidance
-    compiles lazily, so this is cheap), made before the request so that it can be a 400."""
-    import llguidance
-
-    if error := llguidance.LLMatcher.validate_grammar(llguidance.grammar_from(kind, text), None):
-        raise ConstraintError(f"the {kind} could not be compiled: {error.strip()}")
 
 
 @contextlib.contextmanager
@@ -266,11 +257,24 @@ class VLLMEngine(TokenizerPrompts):
             return lp.decoded_token or ""
         return self.tokenizer.decode([token])
 
+    @functools.cached_property
+    def guided(self):
+        """raydock's own llguidance compile of each constraint, before vLLM's: the same
+        bounds (`guided.Limits`) and the same 400s as the other engines."""
+        from raydock.serve_apps.guided import GuidedDecoder
+
+        eos = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        return GuidedDecoder(self.tokenizer, eos, len(self.tokenizer))
+
     async def check_regex(self, regex: str) -> None:
-        _check_guidance("regex", regex)
+        from raydock.serve_apps.guided import grammar_of
+
+        await self.guided.check(grammar_of("regex", regex))
 
     async def check_grammar(self, grammar: str) -> None:
-        _check_guidance("grammar", grammar)
+        from raydock.serve_apps.guided import grammar_of
+
+        await self.guided.check(grammar_of("grammar", grammar))
 
     async def generate(
         self,

@@ -1,4 +1,5 @@
-"""JSON schema → regex, for guided decoding with outlines-core.
+"""The previous JSON schema → regex path (outlines-core), kept only so that
+benchmarks/guided_corpus.py measures old and new guided decoding in one run.
 
 The regex is the whole contract between a `response_format` schema and the token masks, so
 it is built to two rules:

@@ -1,5 +1,8 @@
-"""Guided decoding, independent of the engine: regex → outlines-core Index over the
-deployment's own vocabulary → one Guide per sequence → an allowed-token mask per step.
+"""The previous guided-decoding path (outlines-core DFA index), kept only so that
+benchmarks/guided.py can measure it against raydock.serve_apps.guided in one run.
+
+regex → outlines-core Index over the deployment's own vocabulary → one Guide per sequence →
+an allowed-token mask per step.
 
 Indexes are compiled off the event loop and kept in an LRU shared by all requests of a
 replica; masks for a whole batch are applied in one vectorized operation.
