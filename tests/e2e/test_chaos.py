@@ -119,7 +119,8 @@ def test_a_deploy_whose_lifecycle_dies_ends_failed_and_leaves_no_app(platform, r
 
 
 def test_a_deployed_deployment_whose_app_vanished_is_restored(platform, live):
-    serve.delete(names.engine_app(live.deployment["deploymentId"]))
+    # not blocking: the lifecycle may bring the app back before a blocking delete sees it gone
+    serve.delete(names.engine_app(live.deployment["deploymentId"]), _blocking=False)
     body = {"messages": ASK_JSON, "max_tokens": 3}
     headers = {"Authorization": f"Bearer {live.key}"}
 
