@@ -124,10 +124,11 @@ def test_a_deployed_deployment_whose_app_vanished_is_restored(platform, live):
     body = {"messages": ASK_JSON, "max_tokens": 3}
     headers = {"Authorization": f"Bearer {live.key}"}
 
-    def served() -> bool:
+    def served() -> bool:  # by the restored app: the old one answers while it is deleting
         r = httpx.post(f"{live.base_url}/chat/completions", json=body, headers=headers, timeout=60)
         assert r.status_code in (200, 503), r.text
-        return r.status_code == 200
+        app = serve.status().applications.get(names.engine_app(live.deployment["deploymentId"]))
+        return r.status_code == 200 and app is not None and app.status == "RUNNING"
 
     wait_for(served, timeout=180, interval=1)
     assert_consistent(platform)
