@@ -87,6 +87,12 @@ def refused_corpus() -> list[tuple[str, Any, str]]:
     return out
 
 
+def schema_constraint(schema: Any) -> structured.Constraint:
+    """The constraint of `response_format` json_schema with `schema`."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    return structured.constraint_for(fmt, None, None)
+
+
 def rss_mb() -> float:
     """This process's resident memory (MiB), from /proc."""
     pages = int(Path("/proc/self/statm").read_text().split()[1])
@@ -116,11 +122,7 @@ def corpus_check(
         nonlocal enforced, closed
         for name, schema in items:
             try:
-                c = structured.constraint_for(
-                    {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-                    None,
-                    None,
-                )
+                c = schema_constraint(schema)
                 await engine.check_grammar(c.grammar)
             except (structured.StructuredError, ConstraintError) as exc:
                 refused.append(f"{name}: {exc}")
@@ -165,11 +167,7 @@ def hostile_bounds_check(
         for schema, keyword in HOSTILE_SCHEMAS:
             before, start = rss_mb(), time.monotonic()
             try:
-                c = structured.constraint_for(
-                    {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
-                    None,
-                    None,
-                )
+                c = schema_constraint(schema)
                 await engine.check_grammar(c.grammar)
                 _, finish = await _generate(engine, c.grammar, max_tokens=16)
                 assert keyword is None, f"{keyword} was not refused"
@@ -190,9 +188,7 @@ def hostile_bounds_check(
         small.limits = Limits(max_grammar_size=50)
         small._parser_limits = small.limits.parser_limits()
         big = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(40)}}
-        grammar = structured.constraint_for(
-            {"type": "json_schema", "json_schema": {"name": "x", "schema": big}}, None, None
-        ).grammar
+        grammar = schema_constraint(big).grammar
         try:
             await small.check(grammar_of("grammar", grammar))
             raise AssertionError("max_grammar_size was not enforced")

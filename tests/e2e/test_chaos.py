@@ -99,14 +99,7 @@ def test_killing_each_platform_component_heals_within_30_s(platform, ready_model
 def test_a_deploy_whose_lifecycle_dies_ends_failed_and_leaves_no_app(platform, ready_model):
     ref = platform.client.deploy(ready_model["modelId"], default_deploy_body("chaos-deploy"))
     ray.kill(VICTIMS["lifecycle"](), no_restart=False)
-    job = wait_for(
-        lambda: (
-            (j := platform.client.get(f"/dock-status/{ref['dockStatusId']}"))["status"]
-            != "IN_PROGRESS"
-            and j
-        ),
-        timeout=60,
-    )
+    job = platform.client.wait_job(ref["dockStatusId"], timeout=60)
     assert job["status"] == "FAILED" and "interrupted" in job["message"]
     dep = platform.client.get(f"/deployments/{ref['deploymentId']}")
     assert dep["status"] == "FAILED" and "interrupted" in dep["failureReason"]

@@ -31,14 +31,7 @@ def test_state_survives_and_deployments_serve_again(platform, ready_model, live)
     assert info["admin_key"] is None  # the first admin key is never printed again
 
     # the lifecycle's reconciliation ends the job nobody runs any more, with a reason
-    job = wait_for(
-        lambda: (
-            (j := platform.client.get(f"/dock-status/{ref['dockStatusId']}"))["status"]
-            != "IN_PROGRESS"
-            and j
-        ),
-        timeout=60,
-    )
+    job = platform.client.wait_job(ref["dockStatusId"], timeout=60)
     assert job["status"] == "FAILED" and "interrupted" in job["message"]
     interrupted = platform.client.get(f"/deployments/{ref['deploymentId']}")
     assert interrupted["status"] == "FAILED" and "interrupted" in interrupted["failureReason"]

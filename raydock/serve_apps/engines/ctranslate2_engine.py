@@ -79,7 +79,7 @@ from raydock.serve_apps.engines.base import (
     end_event,
     eos_ids,
 )
-from raydock.serve_apps.guided import GuidedDecoder, Matcher, grammar_of
+from raydock.serve_apps.guided import GuidedChecks, GuidedDecoder, Matcher
 from raydock.serve_apps.sampling import (
     LOGIT_ADJUSTMENTS,
     SamplingParams,
@@ -164,7 +164,7 @@ class _Run:
     error: BaseException | None = None
 
 
-class CTranslate2Engine(TokenizerPrompts):
+class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
     # CTranslate2 samples inside generate_batch with no logits hook, and its own
     # repetition_penalty counts a different history (not the prompt, and not across the
     # runs a sequence resumes in), so the engine refuses these instead of bending them
@@ -234,19 +234,6 @@ class CTranslate2Engine(TokenizerPrompts):
         }
 
     # ------------------------------------------------------------------ public API
-
-    async def check_regex(self, regex: str) -> None:
-        await self.guided.check(grammar_of("regex", regex))  # cached for `generate`
-
-    async def check_grammar(self, grammar: str) -> None:
-        await self.guided.check(grammar_of("grammar", grammar))
-
-    async def _matcher(self, regex: str | None, grammar: str | None) -> Matcher | None:
-        if regex is not None:
-            return await self.guided.matcher(grammar_of("regex", regex))
-        if grammar is not None:
-            return await self.guided.matcher(grammar_of("grammar", grammar))
-        return None
 
     async def generate(
         self,

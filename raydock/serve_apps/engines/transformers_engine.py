@@ -31,7 +31,7 @@ from raydock.serve_apps.engines.base import (
     drain_steps,
     eos_ids,
 )
-from raydock.serve_apps.guided import GuidedDecoder, Matcher, grammar_of
+from raydock.serve_apps.guided import GuidedChecks, GuidedDecoder, Matcher
 from raydock.serve_apps.sampling import SamplingParams, choose, make_generator
 
 
@@ -56,7 +56,7 @@ class _Seq:
 PREFILL_TOKENS = 4096
 
 
-class TransformersEngine(TokenizerPrompts):
+class TransformersEngine(TokenizerPrompts, GuidedChecks):
     unsupported_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
@@ -105,19 +105,6 @@ class TransformersEngine(TokenizerPrompts):
         }
 
     # ------------------------------------------------------------------ public API
-
-    async def check_regex(self, regex: str) -> None:
-        await self.guided.check(grammar_of("regex", regex))  # cached for `generate`
-
-    async def check_grammar(self, grammar: str) -> None:
-        await self.guided.check(grammar_of("grammar", grammar))
-
-    async def _matcher(self, regex: str | None, grammar: str | None) -> Matcher | None:
-        if regex is not None:
-            return await self.guided.matcher(grammar_of("regex", regex))
-        if grammar is not None:
-            return await self.guided.matcher(grammar_of("grammar", grammar))
-        return None
 
     async def generate(
         self,

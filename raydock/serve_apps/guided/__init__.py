@@ -16,7 +16,7 @@ from raydock.serve_apps.guided.grammars import (
 )
 from raydock.serve_apps.guided.schema import BoundExceeded, Bounds, UnsupportedSchema, normalize
 
-_MATCHER = ("GuidedDecoder", "Limits", "Matcher", "grammar_of")
+_MATCHER = ("GuidedChecks", "GuidedDecoder", "Limits", "Matcher", "grammar_of")
 
 
 def __getattr__(name: str) -> Any:
@@ -30,6 +30,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BoundExceeded",
     "Bounds",
+    "GuidedChecks",
     "GuidedDecoder",
     "Limits",
     "Matcher",

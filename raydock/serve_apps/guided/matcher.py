@@ -235,3 +235,23 @@ class GuidedDecoder:
             return False
         allowed = self.masks([mt])[0]
         return int(allowed.sum()) == sum(1 for e in self.eos if e < allowed.shape[0])
+
+
+class GuidedChecks:
+    """What the transformers and CTranslate2 engines share of guided decoding: the checks
+    before the first token and a request's matcher, from their `guided` decoder."""
+
+    guided: GuidedDecoder
+
+    async def check_regex(self, regex: str) -> None:
+        await self.guided.check(grammar_of("regex", regex))  # cached for `generate`
+
+    async def check_grammar(self, grammar: str) -> None:
+        await self.guided.check(grammar_of("grammar", grammar))
+
+    async def _matcher(self, regex: str | None, grammar: str | None) -> Matcher | None:
+        if regex is not None:
+            return await self.guided.matcher(grammar_of("regex", regex))
+        if grammar is not None:
+            return await self.guided.matcher(grammar_of("grammar", grammar))
+        return None
