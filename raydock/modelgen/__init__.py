@@ -68,6 +68,17 @@ SIZES: dict[str, dict[str, int]] = {
         "intermediate_size": 256,
         "max_position_embeddings": 2048,
     },
+    # the tiny model with many layers: as small an archive, but each token takes several
+    # times longer, so tests can hold a replica busy past a 30 s timeout
+    "deep": {
+        "vocab_size": 2048,
+        "hidden_size": 128,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "num_hidden_layers": 16,
+        "intermediate_size": 256,
+        "max_position_embeddings": 2048,
+    },
     "small": {
         "vocab_size": 8192,
         "hidden_size": 768,

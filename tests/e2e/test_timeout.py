@@ -1,50 +1,127 @@
-"""The deployment's endpoint timeout ends a request with an OpenAI-style 504."""
+"""The deployment's endpoint timeout ends a request with an OpenAI-style 504, and the engine
+stops working on it: in the HTTP status before the first token, as an SSE error event after."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
 
-from .conftest import deploy_and_wait
+from raydock.modelgen import build_model_zip
+
+from .conftest import deploy_and_wait, import_ready, wait_for
+
+TIMEOUT_S = 30  # the shortest timeout a deployment accepts
+#: the most work one request can ask: a long prompt, 8 choices of the most tokens
+LONG = {
+    "messages": [{"role": "user", "content": "go on and on " * 250}],
+    "n": 8,
+    "max_tokens": 512,
+    "ignore_eos": True,
+}
 
 
-def test_request_over_the_timeout_gets_504(platform, ready_model):
-    # one replica decoding one request at a time; the shortest allowed timeout (30 s)
-    dep = deploy_and_wait(
-        platform,
-        ready_model["modelId"],
-        "slow-lane",
-        timeout=30,
-        scalingParameters={"maxBatchSize": 1, "maxReplicas": 1},
-    )
-    key = platform.client.create_key(dep["deploymentId"])
-    url = f"{platform.url}/deployments/{dep['deploymentId']}/v2/chat/completions"
-    body = {
-        "messages": [{"role": "user", "content": "go on"}],
-        "max_tokens": 512,
-        "n": 8,
-        "ignore_eos": True,
+async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """A streamed request as the user sees it: status, content chunks, the error event."""
+    started = time.monotonic()
+    out = {"status": 0, "chunks": 0, "error": None, "done": False}
+    async with client.stream("POST", url, json=body | {"stream": True}) as r:
+        out["status"] = r.status_code
+        if r.status_code != 200:
+            out["error"] = json.loads(await r.aread())["error"]
+        else:
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    out["done"] = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        out["error"] = event["error"]
+                    else:
+                        out["chunks"] += 1
+    out["elapsed"] = time.monotonic() - started
+    return out
+
+
+async def _post(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    started = time.monotonic()
+    r = await client.post(url, json=body)
+    return {
+        "status": r.status_code,
+        "error": r.json().get("error"),
+        "elapsed": time.monotonic() - started,
     }
 
-    async def one(client: httpx.AsyncClient) -> tuple[int, float, dict]:
-        t = time.monotonic()
-        r = await client.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
-        return r.status_code, time.monotonic() - t, r.json()
+
+def test_timeout_ends_requests_and_stops_their_decoding(platform, zips):
+    # a model slow per token, on one replica decoding one sequence at a time, so requests
+    # queue behind each other
+    model = import_ready(platform, build_model_zip(zips / "deep.zip", size="deep"))
+    dep = deploy_and_wait(
+        platform,
+        model["modelId"],
+        "slow-lane",
+        timeout=TIMEOUT_S,
+        scalingParameters={"maxBatchSize": 1, "maxReplicas": 1},
+    )
+    dep_id = dep["deploymentId"]
+    key = platform.client.create_key(dep_id)
+    url = f"{platform.url}/deployments/{dep_id}/v2/chat/completions"
+    stats_url = f"/api/public/deployments/{dep_id}/stats"
+    headers = {"Authorization": f"Bearer {key}"}
+
+    # the replica holds 9 requests (1 decoding, 8 waiting): 7 streams, then 2 plain requests,
+    # are together well over the timeout's worth of work
+    t0 = time.monotonic()
+    probe = httpx.post(url, json=LONG, headers=headers, timeout=120)
+    per_request = time.monotonic() - t0
+    assert probe.status_code == 200, probe.text
+    streams = 7
+    assert streams * per_request > TIMEOUT_S + 10, f"one request took only {per_request:.1f} s"
 
     async def burst():
-        async with httpx.AsyncClient(timeout=120) as client:
-            return await asyncio.gather(*(one(client) for _ in range(8)))
+        async with httpx.AsyncClient(timeout=120, headers=headers) as client:
+            streamed = [asyncio.create_task(_stream(client, url, LONG)) for _ in range(streams)]
+            await asyncio.sleep(1)  # these two queue behind every stream
+            posted = [asyncio.create_task(_post(client, url, LONG)) for _ in range(2)]
+            return await asyncio.gather(*streamed), await asyncio.gather(*posted)
 
-    results = asyncio.run(burst())
-    timed_out = [(t, body) for status, t, body in results if status == 504]
-    assert timed_out, [(s, t) for s, t, _ in results]
-    for elapsed, err in timed_out:
-        assert 29 <= elapsed < 45
-        assert err["error"]["type"] == "timeout_error"
-        assert "30 s timeout" in err["error"]["message"]
-    assert all(status in (200, 504) for status, _, _ in results)
+    streamed, posted = asyncio.run(burst())
+    summary = [
+        (s["status"], s["chunks"], s["done"], round(s["elapsed"], 1), s["error"]) for s in streamed
+    ]
+
+    # the stream decoding when its time ran out: tokens, then the 504 as an SSE event
+    cut = [s for s in streamed if s["status"] == 200 and s["error"]]
+    assert len(cut) == 1, summary
+    assert cut[0]["chunks"] > 0
+    # the streams and requests still waiting for the engine: a 504 status, no tokens
+    queued = [s for s in streamed if s["status"] == 504] + posted
+    assert len(queued) >= 3, (summary, posted)
+    for s in cut + queued:
+        assert TIMEOUT_S - 1 <= s["elapsed"] < TIMEOUT_S + 15, (summary, posted)
+        assert s["error"]["type"] == "timeout_error"
+        assert s["error"]["code"] == "timeout"
+        assert f"{TIMEOUT_S} s timeout" in s["error"]["message"]
+    assert all(s["status"] == 504 for s in posted), posted
+    # every stream either finished, was cut, or never started
+    assert all(s["done"] or s["error"] for s in streamed), summary
+
+    # nothing keeps decoding in the background once the 504s are sent: within a few steps
+    # (those already under way) the engine is idle, where a live request would keep it busy
+    # for seconds more
+    http = platform.http()
+    last: list[dict] = []
+
+    def idle() -> bool:
+        last.append(http.get(stats_url).json())
+        quiet = len(last) > 1 and last[-1]["steps"] == last[-2]["steps"]
+        return quiet and last[-1]["running"] == 0 and last[-1]["waiting"] == 0
+
+    wait_for(idle, timeout=5, interval=1)
+
     platform.client.wait_job(
-        platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
+        platform.client.post(f"/deployments/{dep_id}/undeploy")["dockStatusId"]
     )

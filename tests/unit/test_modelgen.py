@@ -92,7 +92,7 @@ def test_small_tokenizer_fills_its_vocabulary() -> None:
 
 
 def test_unknown_size_raises() -> None:
-    with pytest.raises(ValueError, match="'tiny', 'small'"):
+    with pytest.raises(ValueError, match="'tiny', 'deep', 'small'"):
         mg.generate_model("/nonexistent/never-written", size="huge")
     with pytest.raises(ValueError, match="allowed sizes"):
         mg.cached_model_dir("huge")

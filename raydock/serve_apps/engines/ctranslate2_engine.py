@@ -227,7 +227,8 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
     def stats(self) -> dict[str, Any]:
         return {
             "running": self._current.live if self._current is not None else 0,
-            "waiting": len(self._waiting),
+            # cancelled ones leave the queue when the scheduler next looks: not waiting any more
+            "waiting": sum(not s.cancelled for s in self._waiting),
             "maxBatchSize": self.max_batch_size,
             "computeType": self.compute_type,
             **self.counters,

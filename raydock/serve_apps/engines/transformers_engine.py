@@ -99,7 +99,8 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
     def stats(self) -> dict[str, Any]:
         return {
             "running": len(self._running),
-            "waiting": len(self._waiting),
+            # cancelled ones leave the queue when the scheduler next looks: not waiting any more
+            "waiting": sum(not s.cancelled for s in self._waiting),
             "maxBatchSize": self.max_batch_size,
             **self.counters,
         }
@@ -157,6 +158,8 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
                     self.counters["cancelled"] += 1
                 else:
                     admit.append(seq)
+            if not admit and not self._running:  # only cancelled ones were waiting
+                continue
             try:
                 emitted = await loop.run_in_executor(self._executor, self._step, admit)
             except Exception as exc:  # fail every sequence in flight; start clean
