@@ -14,6 +14,7 @@ from ray import serve
 
 from raydock.config import Settings
 from raydock.platform import names
+from raydock.platform.access_hub import AccessHub
 from raydock.platform.lifecycle import Lifecycle
 from raydock.platform.registry import Registry
 
@@ -108,10 +109,12 @@ def _actor(cls, name: str, *args: Any, **options: Any):
 
 
 def ensure_platform_actors(settings: Settings) -> tuple[Any, Any]:
-    """The registry and lifecycle actors, created again when one died (the API replica calls
-    this every few seconds: the platform's supervisor)."""
+    """The registry, lifecycle and access hub actors, created again when one died (the API
+    replica calls this every few seconds: the platform's supervisor)."""
     registry = _actor(Registry, names.REGISTRY, settings.db_url)
     lifecycle = _actor(Lifecycle, names.LIFECYCLE, settings.to_dict(), max_concurrency=100)
+    # replicas long-poll it: many concurrent watches
+    _actor(AccessHub, names.ACCESS_HUB, max_concurrency=10_000)
     return registry, lifecycle
 
 
@@ -135,13 +138,13 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     _, lifecycle = ensure_platform_actors(settings)
     ray.get(lifecycle.ping.remote())
     serve.run(ApiServer.bind(cfg), name=names.API_APP, route_prefix="/api")
-    serve.run(Gateway.bind(cfg), name=names.GATEWAY_APP, route_prefix="/")
+    serve.run(Gateway.bind(cfg, names.control_plane()), name=names.GATEWAY_APP, route_prefix="/")
     return {"url": settings.base_url, "admin_key": admin_key}
 
 
 def stop_platform() -> None:
     """Remove every Serve app and the platform actors (the database keeps all state)."""
     serve.shutdown()
-    for name in (names.LIFECYCLE, names.REGISTRY):
+    for name in (names.LIFECYCLE, names.ACCESS_HUB, names.REGISTRY):
         with contextlib.suppress(ValueError):  # not running
             ray.kill(ray.get_actor(name, namespace=names.NAMESPACE), no_restart=True)

@@ -246,9 +246,11 @@ class Lifecycle:
         model_dir = await self._optimize(model, engine, profile, job_id)
         if dep["status"] == D.OPTIMIZING:
             await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYING)
+        access = await self.registry.access_snapshots.remote([deployment_id])
         app = build_engine_app(
             deployment_id,
-            self.settings.db_url,
+            access[deployment_id],
+            names.control_plane(),
             model_dir,
             engine,
             config,

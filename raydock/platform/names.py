@@ -3,8 +3,14 @@
 NAMESPACE = "raydock"
 REGISTRY = "raydock-registry"
 LIFECYCLE = "raydock-lifecycle"
+ACCESS_HUB = "raydock-access-hub"
 API_APP = "raydock-api"
 GATEWAY_APP = "raydock-gateway"
+
+
+def control_plane() -> dict[str, tuple[str, str]]:
+    """The actors a replica calls, as (name, namespace): plain data in its config."""
+    return {"access_hub": (ACCESS_HUB, NAMESPACE), "registry": (REGISTRY, NAMESPACE)}
 
 
 def engine_app(deployment_id: str) -> str:

@@ -7,16 +7,18 @@ API-shaped dicts (see views.py) and raises NotFound / Conflict / InvalidTransiti
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+import ray
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from raydock.errors import Conflict, NotFound
-from raydock.platform import db, security, views
+from raydock.platform import db, names, security, views
 from raydock.platform.states import (
     ACTIVE_DEPLOYMENT,
     DELETABLE_DEPLOYMENT,
@@ -31,17 +33,77 @@ from raydock.platform.states import (
     check_deployment,
     check_job,
     check_model,
+    is_serving,
 )
 
 
 class Registry:
     def __init__(self, db_url: str):
         self._sessions = db.make_sessionmaker(db_url, create=True)
+        self._access_changed: set[str] = set()  # deployments whose access data this tx changed
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        with self._sessions.begin() as s:
-            yield s
+        try:
+            with self._sessions.begin() as s:
+                yield s
+        except BaseException:
+            self._access_changed.clear()
+            raise
+        if self._access_changed:  # committed: the replicas learn it now
+            changed, self._access_changed = sorted(self._access_changed), set()
+            self._publish(self.access_snapshots(changed))
+
+    # ---------------------------------------------------------------- access data for replicas
+
+    def access_snapshots(self, deployment_ids: list[str] | None = None) -> dict[str, Any]:
+        """Each deployment's access snapshot (serve_apps.access.DeploymentAccess as a dict);
+        None for one that does not exist. All of them when `deployment_ids` is None."""
+        with self._tx() as s:
+            q = select(db.Deployment)
+            if deployment_ids is not None:
+                q = q.where(db.Deployment.id.in_(deployment_ids))
+            found = {d.id: self._access(s, d) for d in s.scalars(q)}
+        if deployment_ids is None:
+            return found
+        return {dep_id: found.get(dep_id) for dep_id in deployment_ids}
+
+    @staticmethod
+    def _access(s: Session, d: db.Deployment) -> dict[str, Any]:
+        keys = s.scalars(select(db.ApiKey).where(db.ApiKey.deployment_id == d.id))
+        versions = s.scalars(
+            select(db.DeploymentVersion)
+            .where(db.DeploymentVersion.deployment_id == d.id)
+            .order_by(db.DeploymentVersion.version.desc())
+            .limit(2)
+        ).all()
+        previous = versions[1] if len(versions) > 1 else None
+        previous_live = bool(
+            previous and previous.result == "SUCCESS" and previous.undeploy_started_at is None
+        )
+        return {
+            "deploymentId": d.id,
+            "name": d.name,
+            "created": int(d.added_on.timestamp()),
+            "status": d.status,
+            "serving": is_serving(d.status, previous_live),
+            "timeoutS": d.timeout_s,
+            "defaults": dict((d.config or {}).get("hyperParameters") or {}),
+            "keys": {k.key_hash: k.id for k in keys if k.scope == "deployment"},
+            "stamp": time.time_ns(),
+        }
+
+    @staticmethod
+    def _publish(snapshots: dict[str, Any]) -> None:
+        """Hand changed snapshots to the access hub (none in unit tests: nothing to push to;
+        none for a moment after it died: the new one loads everything)."""
+        if not ray.is_initialized():
+            return
+        try:
+            hub = ray.get_actor(names.ACCESS_HUB, namespace=names.NAMESPACE)
+        except ValueError:
+            return
+        hub.publish.remote(snapshots)
 
     def ping(self) -> bool:
         return True
@@ -322,6 +384,7 @@ class Registry:
             )
             s.add(d)
             s.flush()
+            self._access_changed.add(d.id)
             return views.deployment(d, self._user_names(s))
 
     def get_deployment(self, deployment_id: str) -> dict[str, Any]:
@@ -343,6 +406,7 @@ class Registry:
             for k, v in fields.items():
                 if v is not None:
                     setattr(d, {"timeout": "timeout_s"}.get(k, k), v)
+            self._access_changed.add(d.id)
             return views.deployment(d, self._user_names(s))
 
     def begin_deploy(
@@ -361,6 +425,7 @@ class Registry:
                 d.description = config.get("description", d.description)
                 d.tags = config.get("tags", d.tags)
             d.status, d.failure_reason = status, None
+            self._access_changed.add(d.id)
             n = (
                 s.scalar(
                     select(func.max(db.DeploymentVersion.version)).where(
@@ -412,6 +477,7 @@ class Registry:
             d = self._deployment(s, deployment_id)
             check_deployment(d.status, status)
             d.status = status
+            self._access_changed.add(d.id)
             d.failure_reason = reason if status == DeploymentStatus.FAILED else None
             if status == DeploymentStatus.DEPLOYED:
                 self._end_version(s, d.id, "SUCCESS", None)
@@ -450,6 +516,7 @@ class Registry:
             return rows
 
     def _delete_deployment_rows(self, s: Session, deployment_id: str) -> None:
+        self._access_changed.add(deployment_id)
         s.execute(delete(db.ApiKey).where(db.ApiKey.deployment_id == deployment_id))
         s.execute(
             delete(db.DeploymentVersion).where(db.DeploymentVersion.deployment_id == deployment_id)
@@ -492,6 +559,7 @@ class Registry:
             self._deployment(s, deployment_id)
             key = security.new_key(security.DEPLOYMENT_PREFIX)
             row = self._key_row(key, name, "deployment", deployment_id, None, user_id)
+            self._access_changed.add(deployment_id)
             s.add(row)
             s.flush()
             return {**views.api_key(row, self._user_names(s)), "apiKey": key}
@@ -508,6 +576,7 @@ class Registry:
             k = s.get(db.ApiKey, key_id)
             if k is None or k.deployment_id != deployment_id:
                 raise NotFound(f"API key {key_id} not found on deployment {deployment_id}")
+            self._access_changed.add(deployment_id)
             s.delete(k)
 
     def touch_keys(self, key_ids: list[str]) -> None:

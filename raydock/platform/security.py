@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
+
+from raydock.serve_apps.access import hash_key  # the replicas compare keys with the same rule
 
 MANAGEMENT_PREFIX = "rdm"
 DEPLOYMENT_PREFIX = "rdk"
 
 
+__all__ = ["hash_key", "new_key", "display_prefix"]
+
+
 def new_key(prefix: str) -> str:
     return f"{prefix}-{secrets.token_urlsafe(32)}"
-
-
-def hash_key(key: str) -> str:
-    # A fast hash is enough: keys carry 256 bits of entropy, so there is nothing to brute-force.
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def display_prefix(key: str) -> str:

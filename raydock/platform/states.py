@@ -80,6 +80,15 @@ _JOB = {
 IMPORTING_MODEL = {ModelStatus.IMPORTING, ModelStatus.VALIDATING}
 # Deployments a deploy job is starting (the lifecycle's deploy drives them to DEPLOYED/FAILED).
 STARTING_DEPLOYMENT = {D.OPTIMIZING, D.DEPLOYING}
+
+
+def is_serving(status: str, previous_version_live: bool) -> bool:
+    """Whether a deployment answers inference requests, on every path (its replicas' routes
+    and the gateway's /v1): when DEPLOYED, and while a redeploy of a live version starts
+    (Serve keeps the old replicas answering until the new ones are up)."""
+    return status == D.DEPLOYED or (status in STARTING_DEPLOYMENT and previous_version_live)
+
+
 # Deployments that hold (or are about to hold) a Serve application.
 ACTIVE_DEPLOYMENT = {D.OPTIMIZING, D.DEPLOYING, D.DEPLOYED}
 # Deployments "Undeploy" applies to.

@@ -39,11 +39,9 @@ errors.install(engine_http, lambda: ctx.max_request_bytes)
 
 
 async def _serve(kind: str, request: Request):
-    from raydock.platform.states import DeploymentStatus as D
     from raydock.serve_apps.openai_service import complete
 
-    # a replica that is up serves, also while a redeploy of its deployment is rolling out
-    dep = ctx.auth.authorize(request, ctx.deployment_id, serving=(D.DEPLOYED, D.DEPLOYING))
+    dep = await ctx.auth.authorize(request, ctx.deployment_id)
     return await complete(
         kind, request, dep, ctx.server.generate, stream_interval_s=ctx.stream_interval_s
     )
@@ -60,13 +58,18 @@ async def completions(request: Request):
 
 
 def configure(server: Any, spec: dict[str, Any]) -> None:
-    from raydock.serve_apps.openai_service import Auth
+    from raydock.serve_apps.access import Auth
 
     ctx.server = server
     ctx.deployment_id = spec["deployment_id"]
     ctx.stream_interval_s = spec["stream_interval_s"]
     ctx.max_request_bytes = spec["max_request_bytes"]
-    ctx.auth = Auth(spec["db_url"])
+    ctx.auth = Auth(
+        spec["access_hub"],
+        spec["registry"],
+        spec["deployment_id"],
+        {spec["deployment_id"]: spec["access"]},
+    )
 
 
 def asgi_app() -> FastAPI:
@@ -331,7 +334,8 @@ def load_engine(spec: dict[str, Any]):
 
 def build_engine_app(
     deployment_id: str,
-    db_url: str,
+    access: dict[str, Any],
+    control_plane: dict[str, tuple[str, str]],
     model_dir: str,
     engine: EnginePlan,
     config: dict[str, Any],
@@ -342,7 +346,10 @@ def build_engine_app(
     batch = config["scalingParameters"]["maxBatchSize"]
     spec = {
         "deployment_id": deployment_id,
-        "db_url": db_url,
+        # the deployment's access snapshot when it was deployed; the hub pushes changes
+        "access": access,
+        "access_hub": control_plane["access_hub"],
+        "registry": control_plane["registry"],
         "model_dir": model_dir,
         "engine": engine.engine,
         "quantization": engine.quantization,

@@ -26,7 +26,8 @@ from raydock import errors, openapi_doc
 from raydock.config import Settings
 from raydock.errors import ApiError
 from raydock.platform import names
-from raydock.serve_apps.openai_service import Auth, complete
+from raydock.serve_apps.access import Auth
+from raydock.serve_apps.openai_service import complete
 
 app = FastAPI(title="raydock inference", docs_url=None, openapi_url=None)
 
@@ -110,12 +111,12 @@ def _via_handle(deployment_id: str):
 
 
 async def _serve(kind, request: Request, deployment_id: str | None):
-    dep = ctx.auth.authorize(request, deployment_id)
+    dep = await ctx.auth.authorize(request, deployment_id)
     return await complete(
         kind,
         request,
         dep,
-        _via_handle(dep.id),
+        _via_handle(dep.deployment_id),
         by_model=deployment_id is None,
         stream_interval_s=ctx.stream_interval_s,
     )
@@ -149,11 +150,17 @@ async def completions_openai(request: Request):
 
 @app.get("/v1/models", tags=["inference"])
 async def list_models(request: Request):
-    dep = ctx.auth.authorize(request, None)
-    created = int(dep.added_on.timestamp())
+    dep = await ctx.auth.authorize(request, None)
     return {
         "object": "list",
-        "data": [{"id": dep.id, "object": "model", "created": created, "owned_by": dep.name}],
+        "data": [
+            {
+                "id": dep.deployment_id,
+                "object": "model",
+                "created": dep.created,
+                "owned_by": dep.name,
+            }
+        ],
     }
 
 
@@ -199,9 +206,9 @@ async def docs():
 app.mount(openapi_doc.ASSETS_URL, StaticFiles(directory=openapi_doc.ASSETS_DIR), name="docs-assets")
 
 
-def configure(settings: dict[str, Any]) -> None:
+def configure(settings: dict[str, Any], control_plane: dict[str, tuple[str, str]]) -> None:
     parsed = Settings(**settings)
-    ctx.auth = Auth(parsed.db_url)
+    ctx.auth = Auth(control_plane["access_hub"], control_plane["registry"])
     ctx.handles = {}
     ctx.stream_interval_s = parsed.stream_interval_ms / 1000
     ctx.max_request_bytes = parsed.max_request_bytes
@@ -217,5 +224,5 @@ def asgi_app() -> FastAPI:
 )
 @serve.ingress(asgi_app)
 class Gateway:
-    def __init__(self, settings: dict[str, Any]):
-        configure(settings)
+    def __init__(self, settings: dict[str, Any], control_plane: dict[str, tuple[str, str]]):
+        configure(settings, control_plane)

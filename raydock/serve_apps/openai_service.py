@@ -1,9 +1,9 @@
 """The OpenAI request pipeline shared by every inference entry point.
 
 The engine replicas' own HTTP routes (`/deployments/{id}/…`, one network hop) and the gateway
-(`/v1/*`, which calls engines through a DeploymentHandle) both authenticate with `Auth`, then
-hand `complete` a runner that streams engine events. Validation, defaults, the timeout,
-structured output, tool calls and the OpenAI shapes all live here, once.
+(`/v1/*`, which calls engines through a DeploymentHandle) both authenticate with
+`access.Auth`, then hand `complete` a runner that streams engine events. Validation, defaults,
+the timeout, structured output, tool calls and the OpenAI shapes all live here, once.
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
-import ray
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from sqlalchemy import select
 
 from raydock import errors
 from raydock.errors import ApiError, error_body
-from raydock.platform import db, names, security
 from raydock.platform.schemas import DEFAULT_MAX_TOKENS
-from raydock.platform.states import DeploymentStatus as D
 from raydock.serve_apps import protocol, structured
+from raydock.serve_apps.access import DeploymentAccess
 
 log = logging.getLogger("raydock.inference")
 
@@ -34,69 +31,10 @@ log = logging.getLogger("raydock.inference")
 Runner = Callable[[dict[str, Any]], AsyncIterator[list[dict[str, Any]]]]
 
 
-def _key_from(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key")
-
-
-class Auth:
-    """Deployment-key checks against the database (a read: no actor on the request path)."""
-
-    def __init__(self, db_url: str):
-        self.sessions = db.make_sessionmaker(db_url)
-        self.touched: dict[str, float] = {}
-
-    def authorize(
-        self, request: Request, deployment_id: str | None, serving: tuple[str, ...] = (D.DEPLOYED,)
-    ) -> db.Deployment:
-        """The deployment this request may use; raises 401/404/503 as OpenAI would."""
-        key = _key_from(request)
-        if not key:
-            raise ApiError(
-                401, "missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key"
-            )
-        with self.sessions() as s:
-            row = s.scalar(select(db.ApiKey).where(db.ApiKey.key_hash == security.hash_key(key)))
-            if row is None or row.scope != "deployment":
-                raise ApiError(401, "invalid API key", None, "invalid_api_key")
-            target = deployment_id or row.deployment_id
-            dep = s.get(db.Deployment, target)
-            if dep is None:
-                raise ApiError(
-                    404, f"deployment {target} does not exist", "model", "model_not_found"
-                )
-            if row.deployment_id != dep.id:
-                raise ApiError(
-                    401, "this API key is not valid for this deployment", None, "invalid_api_key"
-                )
-        self.touch(row.id)
-        if dep.status not in serving:
-            raise ApiError(
-                503,
-                f"deployment {dep.id} is {dep.status}, not serving",
-                None,
-                "deployment_not_ready",
-            )
-        return dep
-
-    def touch(self, key_id: str) -> None:
-        """Record key use, at most once a minute per key, without waiting for the registry."""
-        now = time.monotonic()
-        if now - self.touched.get(key_id, -1e9) > 60:
-            self.touched[key_id] = now
-            # looked up by name: the supervisor replaces a registry that died (meanwhile the
-            # lookup fails and this use goes unrecorded)
-            with contextlib.suppress(ValueError):
-                registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
-                registry.touch_keys.remote([key_id])
-
-
 def engine_request(
-    kind: Literal["chat", "completion"], req: protocol._Request, dep: db.Deployment
+    kind: Literal["chat", "completion"], req: protocol._Request, dep: DeploymentAccess
 ) -> dict[str, Any]:
-    hp = dep.config.get("hyperParameters", {})
+    hp = dep.defaults
     default_max = hp.get("maxTokens") or DEFAULT_MAX_TOKENS
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max
     stops = req.stop_list() or hp.get("stopSequence", [])
@@ -296,7 +234,7 @@ async def _paced(events: AsyncIterator[list[dict]], interval_s: float) -> AsyncI
 async def complete(
     kind: Literal["chat", "completion"],
     request: Request,
-    dep: db.Deployment,
+    dep: DeploymentAccess,
     run: Runner,
     by_model: bool = False,
     stream_interval_s: float = 0.0,
@@ -310,10 +248,11 @@ async def complete(
         req = protocol.parse(model, body)
     except protocol.BadParam as exc:
         raise ApiError(400, str(exc), exc.param, "invalid_parameter") from None
-    if by_model and req.model not in (dep.id, dep.name):
+    if by_model and req.model not in (dep.deployment_id, dep.name):
         raise ApiError(
             404,
-            f"model {req.model!r} is not the deployment of this API key ({dep.id}, {dep.name!r})",
+            f"model {req.model!r} is not the deployment of this API key "
+            f"({dep.deployment_id}, {dep.name!r})",
             "model",
             "model_not_found",
         )

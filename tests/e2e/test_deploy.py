@@ -11,7 +11,7 @@ from ray import serve
 
 from raydock.client import default_deploy_body
 
-from .conftest import deploy_and_wait, import_ready
+from .conftest import deploy_and_wait, import_ready, wait_for
 
 
 def test_chat_completion_through_openai_sdk(live):
@@ -152,12 +152,13 @@ def test_api_keys_are_per_deployment_and_revocable(platform, ready_model, live):
     auth = {"Authorization": f"Bearer {created['apiKey']}"}
     assert httpx.post(other_url, json=body, headers=auth, timeout=60).status_code == 200
     http.delete(f"/api/public/deployments/{other['deploymentId']}/api-keys/{created['keyId']}")
-    assert httpx.post(other_url, json=body, headers=auth).status_code == 401  # at once
+    # pushed to the replicas: refused within a second
+    wait_for(lambda: httpx.post(other_url, json=body, headers=auth).status_code == 401, 1, 0.05)
 
     job = platform.client.post(f"/deployments/{other['deploymentId']}/undeploy")
     platform.client.wait_job(job["dockStatusId"])
-    r = httpx.post(other_url, json=body, headers={"Authorization": f"Bearer {other_key}"})
-    assert r.status_code == 503
+    other_auth = {"Authorization": f"Bearer {other_key}"}
+    wait_for(lambda: httpx.post(other_url, json=body, headers=other_auth).status_code == 503, 1)
 
 
 def test_redeploy_history_undeploy_retrigger_delete(platform, ready_model):

@@ -130,7 +130,7 @@ def test_top_p_zero_is_greedy(body, hyper):
     from raydock.serve_apps.openai_service import engine_request
 
     req = protocol.parse(protocol.CompletionRequest, {"prompt": "x", **body})
-    dep = SimpleNamespace(config={"hyperParameters": hyper})
+    dep = SimpleNamespace(defaults=hyper)
     params = engine_request("completion", req, dep)["params"]
     assert (params["temperature"], params["top_p"]) == (0.0, 1.0)
     logits = torch.tensor([0.1, 3.0, -1.0])

@@ -1,0 +1,185 @@
+"""Who may call a deployment, as the data plane knows it: plain data pushed by the platform.
+
+The control plane publishes one `DeploymentAccess` snapshot per deployment (its key hashes,
+whether it serves, its timeout and defaults) to the access hub actor; every replica holds the
+snapshots it needs in an `AccessTable` and keeps it current by long-polling the hub, so a
+request is authorized in memory: no database, no actor call on the request path. A key the
+platform deletes stops working on every replica as soon as the hub's answer arrives
+(milliseconds), and a replica starts with the snapshot its deploy carried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import ray
+from fastapi import Request
+
+from raydock.errors import ApiError
+
+log = logging.getLogger("raydock.access")
+
+#: How long a hub holds a watch open without news (a replica then asks again)
+WATCH_TIMEOUT_S = 30.0
+#: A replica's first request waits this long for the hub's current snapshot, then goes on
+#: with the one its deploy carried (the hub may be restarting)
+FIRST_SYNC_WAIT_S = 2.0
+
+
+def hash_key(key: str) -> str:
+    """How keys are stored and compared: never the key itself. A fast hash is enough: keys
+    carry 256 bits of entropy, so there is nothing to brute-force."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class DeploymentAccess:
+    """What a replica needs to know about its deployment to answer a request."""
+
+    deployment_id: str
+    name: str
+    created: int  # epoch seconds (OpenAI's `created` in /v1/models)
+    status: str
+    serving: bool
+    timeout_s: int
+    defaults: Mapping[str, Any]  # the deploy body's hyperParameters
+    keys: Mapping[str, str]  # key hash -> key id
+    stamp: int = 0  # when the platform took it (ns): a newer snapshot replaces an older one
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> DeploymentAccess:
+        return cls(
+            deployment_id=raw["deploymentId"],
+            name=raw["name"],
+            created=int(raw["created"]),
+            status=raw["status"],
+            serving=bool(raw["serving"]),
+            timeout_s=int(raw["timeoutS"]),
+            defaults=MappingProxyType(dict(raw.get("defaults") or {})),
+            keys=MappingProxyType(dict(raw.get("keys") or {})),
+            stamp=int(raw.get("stamp", 0)),
+        )
+
+
+def _key_from(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return request.headers.get("x-api-key")
+
+
+@dataclass
+class AccessTable:
+    """The snapshots one replica holds: its own deployment's, or every one (the gateway)."""
+
+    deployments: dict[str, DeploymentAccess] = field(default_factory=dict)
+    _by_key: dict[str, str] = field(default_factory=dict)  # key hash -> deployment id
+
+    def replace(self, snapshots: Mapping[str, Mapping[str, Any] | None]) -> None:
+        for dep_id, raw in snapshots.items():
+            if raw is None:
+                self.deployments.pop(dep_id, None)
+            else:
+                self.deployments[dep_id] = DeploymentAccess.from_dict(raw)
+        self._by_key = {h: d.deployment_id for d in self.deployments.values() for h in d.keys}
+
+    def authorize(self, key: str | None, deployment_id: str | None) -> tuple[DeploymentAccess, str]:
+        """The deployment `key` may use (`deployment_id`, or the key's own) and the key's id;
+        raises 401/404/503 as OpenAI would."""
+        if not key:
+            raise ApiError(
+                401, "missing API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key"
+            )
+        owner = self._by_key.get(hash_key(key))
+        if owner is None:
+            raise ApiError(401, "invalid API key", None, "invalid_api_key")
+        target = deployment_id or owner
+        dep = self.deployments.get(target)
+        if dep is None:
+            raise ApiError(404, f"deployment {target} does not exist", "model", "model_not_found")
+        if owner != target:
+            raise ApiError(
+                401, "this API key is not valid for this deployment", None, "invalid_api_key"
+            )
+        if not dep.serving:
+            raise ApiError(
+                503,
+                f"deployment {dep.deployment_id} is {dep.status}, not serving",
+                None,
+                "deployment_not_ready",
+            )
+        return dep, dep.keys[hash_key(key)]
+
+
+class Auth:
+    """Authorizes requests from an `AccessTable` that a background task keeps current.
+
+    `deployment_id` None follows every deployment (the gateway); otherwise just that one.
+    `hub` and `registry` are (actor name, namespace) pairs: plain data, looked up on use.
+    """
+
+    def __init__(
+        self,
+        hub: tuple[str, str],
+        registry: tuple[str, str],
+        deployment_id: str | None = None,
+        initial: Mapping[str, Mapping[str, Any] | None] | None = None,
+    ):
+        self.hub, self.registry, self.deployment_id = hub, registry, deployment_id
+        self.table = AccessTable()
+        self.table.replace(initial or {})
+        self.epoch, self.version = "", -1
+        self.synced = asyncio.Event()
+        self.touched: dict[str, float] = {}
+        self._watch: asyncio.Task | None = None
+
+    async def authorize(self, request: Request, deployment_id: str | None) -> DeploymentAccess:
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._keep_current())
+        if not self.synced.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.synced.wait(), FIRST_SYNC_WAIT_S)
+        dep, key_id = self.table.authorize(_key_from(request), deployment_id)
+        self._touch(key_id)
+        return dep
+
+    async def _keep_current(self) -> None:
+        """Long-poll the hub: it answers at once when this replica is behind, else at the
+        next change (or after WATCH_TIMEOUT_S)."""
+        hub = None
+        while True:
+            try:
+                if hub is None:
+                    hub = ray.get_actor(self.hub[0], namespace=self.hub[1])
+                answer = await hub.watch.remote(
+                    self.epoch, self.version, self.deployment_id, WATCH_TIMEOUT_S
+                )
+                if self.deployment_id is None:  # every deployment: what is missing is gone
+                    self.table = AccessTable()
+                self.table.replace(answer["snapshots"])
+                self.epoch, self.version = answer["epoch"], answer["version"]
+                self.synced.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the hub restarting: keep the last snapshot, retry
+                log.debug("access watch failed: %r", exc)
+                hub = None
+                await asyncio.sleep(0.5)
+
+    def _touch(self, key_id: str) -> None:
+        """Record key use, at most once a minute per key, without waiting for the registry."""
+        now = time.monotonic()
+        if now - self.touched.get(key_id, -1e9) > 60:
+            self.touched[key_id] = now
+            # the supervisor replaces a registry that died (meanwhile this use goes unrecorded)
+            with contextlib.suppress(ValueError):
+                registry = ray.get_actor(self.registry[0], namespace=self.registry[1])
+                registry.touch_keys.remote([key_id])

@@ -1,0 +1,108 @@
+"""Access data on the replicas: the table that authorizes requests, the hub that pushes it,
+and the registry's snapshots (the serving rule, keys) — no Ray, no HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from raydock.errors import ApiError
+from raydock.platform.access_hub import AccessHub
+from raydock.platform.registry import Registry
+from raydock.platform.states import DeploymentStatus as D
+from raydock.serve_apps.access import AccessTable, hash_key
+
+
+def snapshot(dep_id: str, keys: dict[str, str], serving: bool = True, stamp: int = 1) -> dict:
+    return {
+        "deploymentId": dep_id,
+        "name": f"name-{dep_id}",
+        "created": 0,
+        "status": "DEPLOYED" if serving else "UNDEPLOYED",
+        "serving": serving,
+        "timeoutS": 60,
+        "defaults": {"temperature": 0.5},
+        "keys": {hash_key(k): f"id-{k}" for k in keys},
+        "stamp": stamp,
+    }
+
+
+def refused(table: AccessTable, key, dep_id) -> tuple[int, str]:
+    with pytest.raises(ApiError) as err:
+        table.authorize(key, dep_id)
+    return err.value.status, err.value.code
+
+
+def test_the_table_answers_as_openai_would():
+    table = AccessTable()
+    table.replace({"a": snapshot("a", {"ka": ""}), "b": snapshot("b", {"kb": ""}, serving=False)})
+    dep, key_id = table.authorize("ka", "a")
+    assert (dep.deployment_id, key_id, dep.defaults["temperature"]) == ("a", "id-ka", 0.5)
+    assert table.authorize("ka", None)[0].deployment_id == "a"  # /v1: the key names it
+    assert refused(table, None, "a") == (401, "invalid_api_key")
+    assert refused(table, "nope", "a") == (401, "invalid_api_key")
+    assert refused(table, "ka", "b") == (401, "invalid_api_key")  # another deployment's key
+    assert refused(table, "kb", "b") == (503, "deployment_not_ready")
+    assert refused(table, "ka", "zz") == (404, "model_not_found")
+    table.replace({"a": None})  # deleted
+    assert refused(table, "ka", "a") == (401, "invalid_api_key")
+
+
+def test_a_watch_returns_at_the_next_change_and_at_once_when_behind():
+    async def scenario():
+        hub = AccessHub()
+        hub._loaded = True  # the registry's snapshots: none yet
+        first = await hub.watch("", -1, "a", 5)
+        assert first["snapshots"] == {"a": None}
+        waiting = asyncio.create_task(hub.watch(first["epoch"], first["version"], "a", 5))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # nothing new: the watch stays open
+        await hub.publish({"a": snapshot("a", {"k": ""}, stamp=2)})
+        got = await asyncio.wait_for(waiting, 1)
+        assert got["version"] == first["version"] + 1
+        assert hash_key("k") in got["snapshots"]["a"]["keys"]
+        # an older view (a publish overtaken by a newer one) does not win
+        await hub.publish({"a": snapshot("a", {}, stamp=1)})
+        now = await hub.watch("", -1, None, 1)
+        assert hash_key("k") in now["snapshots"]["a"]["keys"]
+        # deleted for good
+        await hub.publish({"a": None})
+        await hub.publish({"a": snapshot("a", {"k": ""}, stamp=3)})
+        assert (await hub.watch("", -1, None, 1))["snapshots"] == {}
+        # unchanged for timeout_s: the same view comes back
+        idle = await hub.watch(now["epoch"], hub.version, "a", 0.05)
+        assert idle["version"] == hub.version
+
+    asyncio.run(scenario())
+
+
+def test_registry_snapshots_follow_keys_and_the_serving_rule(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    user = "u"
+    model = reg.create_model("m", "file", user)
+    reg.set_model_status(model["modelId"], "VALIDATING")
+    reg.set_model_status(model["modelId"], "READY")
+    dep = reg.create_deployment(model["modelId"], {"name": "d", "timeout": 45}, user)
+    dep_id = dep["deploymentId"]
+
+    def snap() -> dict:
+        return reg.access_snapshots([dep_id])[dep_id]
+
+    assert snap()["serving"] is False and snap()["timeoutS"] == 45
+    key = reg.create_deployment_key(dep_id, "k", user)
+    assert snap()["keys"] == {hash_key(key["apiKey"]): key["keyId"]}
+    # first deploy: not serving until DEPLOYED
+    reg.begin_deploy(dep_id, None, user, D.DEPLOYING)
+    assert snap()["serving"] is False
+    reg.set_deployment_status(dep_id, D.DEPLOYED)
+    assert snap()["serving"] is True
+    # a redeploy of a live version keeps serving (the old replicas answer meanwhile)
+    reg.begin_deploy(dep_id, None, user, D.DEPLOYING)
+    assert snap()["serving"] is True
+    reg.set_deployment_status(dep_id, D.FAILED, "boom")
+    assert snap()["serving"] is False
+    reg.delete_deployment_key(dep_id, key["keyId"])
+    assert snap()["keys"] == {}
+    reg.delete_deployment(dep_id)
+    assert reg.access_snapshots([dep_id]) == {dep_id: None}
