@@ -20,6 +20,9 @@ class Settings:
     home: str = "~/.raydock"
     database_url: str = ""
     artifact_root: str = ""
+    s3_endpoint_url: str = ""
+    cache_dir: str = ""
+    cache_max_gb: float = 50.0
     host: str = "127.0.0.1"
     port: int = 8000
     ray_num_cpus: int = 8
@@ -46,12 +49,29 @@ class Settings:
         return self.artifact_root or str(self.home_path / "artifacts")
 
     @property
-    def uploads_path(self) -> Path:
-        return self.home_path / "uploads"
+    def cache_path(self) -> Path:
+        """Each node's cache of artifacts its replicas load (a path on that node)."""
+        return Path(self.cache_dir).expanduser() if self.cache_dir else self.home_path / "cache"
+
+    def store(self):
+        """The artifact store (raydock.artifacts): a local directory or an S3 bucket."""
+        from raydock.artifacts import open_store
+
+        return open_store(self.artifacts, self.s3_endpoint_url or None)
+
+    def artifact_access(self) -> dict[str, Any]:
+        """What a replica on any node needs to fetch artifacts: plain data, paths unresolved
+        (`~` is the replica's node's home)."""
+        return {
+            "store": self.artifacts,
+            "endpoint": self.s3_endpoint_url,
+            "cache_dir": self.cache_dir or str(Path(self.home) / "cache"),
+            "cache_max_bytes": int(self.cache_max_gb * 2**30),
+        }
 
     @property
-    def exports_path(self) -> Path:
-        return self.home_path / "exports"
+    def uploads_path(self) -> Path:
+        return self.home_path / "uploads"
 
     @property
     def base_url(self) -> str:

@@ -8,9 +8,7 @@ to build. Engines are imported lazily so the control plane runs without them ins
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from raydock.errors import ApiError
@@ -73,25 +71,16 @@ def ct2_supported(device: str, accelerator: str | None) -> set[str]:
     return _ct2_cuda(_SM.get(accelerator or "", 70))
 
 
-def _checkpoint_quantization(model_dir: str | None) -> dict[str, Any]:
-    """The `quantization_config` a checkpoint's config.json declares ({} when none)."""
-    if not model_dir:
-        return {}
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return config.get("quantization_config") or {}
-
-
 def check(
     optimization: dict[str, Any],
     device_type: str,
     profile: dict[str, Any],
-    model_dir: str | None = None,
+    declared_quantization: dict[str, Any] | None = None,
 ) -> EnginePlan:
     """The engine plan for a deploy body's optimizationInfo on `profile`; raises
-    OptimizationError naming the field when the hardware or the model cannot run it."""
+    OptimizationError naming the field when the hardware or the model cannot run it.
+    `declared_quantization` is the `quantization_config` the model's config.json declares
+    (recorded in its metadata at import)."""
     kind = optimization.get("optimizationType") or ""
     quant = optimization.get("quantizationType") or ""
     quant = "" if quant == "no_quantization" else quant
@@ -136,7 +125,7 @@ def check(
                 qfield, f"vLLM quantizationType must be one of {['no_quantization', *VLLM_TYPES]}"
             )
         if quant in ("awq", "gptq"):
-            declared = _checkpoint_quantization(model_dir)
+            declared = declared_quantization or {}
             have = declared.get("quant_method")
             if have != quant:
                 raise OptimizationError(

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import ray
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from ray import serve
 
@@ -28,10 +28,9 @@ from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import plan
 from raydock.platform import names, schemas
 from raydock.platform.bootstrap import ensure_platform_actors
-from raydock.platform.jobs import deployconfig_from
+from raydock.platform.jobs import EXPORT_URL_TTL_S, deployconfig_from, exports_key
 from raydock.platform.states import RETRIGGERABLE_DEPLOYMENT, JobAction
 from raydock.platform.states import DeploymentStatus as D
-from raydock.platform.store import ArtifactStore
 
 log = logging.getLogger("raydock.api")
 
@@ -154,15 +153,22 @@ async def update_model(modelId: str, body: schemas.ModelUpdate, _: User) -> dict
 @router.delete("/models/{modelId}", tags=["models"])
 async def delete_model(modelId: str, _: User) -> dict[str, Any]:
     model = await ctx.registry.delete_model.remote(modelId)
+    await asyncio.to_thread(_delete_artifacts, model)
+    return {"deleted": True, "modelId": modelId}
+
+
+def _delete_artifacts(model: dict[str, Any]) -> None:
+    """Everything the store holds for a deleted model: its files, its exports, and its
+    conversions unless another model has the same weights."""
+    store = ctx.settings.store()
     if model.get("artifactUri"):
-        shutil.rmtree(model["artifactUri"], ignore_errors=True)
+        store.delete(model["artifactUri"])
+    store.delete(exports_key(model["modelId"]))
     if model.get("checksum") and not model["checksumShared"]:
         # its conversions are keyed by the weights' checksum, which no other model has now
-        store = ArtifactStore(ctx.settings.artifacts)
-        for key in store.optimized_keys():
+        for key in {k.split("/")[1] for k in store.list("optimized")}:
             if ct2.is_artifact_of(key, model["checksum"]):
-                store.discard_optimized(key)
-    return {"deleted": True, "modelId": modelId}
+                store.delete(f"optimized/{key}")
 
 
 def _zip_name(file_name: str) -> str:
@@ -373,7 +379,12 @@ async def _check_deployable(body: schemas.DeployRequest, model_id: str) -> None:
     """400 when the engine plan of a deploy body is invalid or the cluster cannot run it."""
     profile = hardware_profiles()[body.deviceType]
     model = await ctx.registry.get_model.remote(model_id)
-    plan.check(body.optimizationInfo.model_dump(), body.deviceType, profile, model["artifactUri"])
+    plan.check(
+        body.optimizationInfo.model_dump(),
+        body.deviceType,
+        profile,
+        model["metadata"].get("quantization_config"),
+    )
     problem = _device_problem(profile)
     if problem:
         cpu = [n for n, p in _profiles() if not p.get("num_gpus")]
@@ -558,12 +569,16 @@ async def export_model(
 
 
 @router.get("/exports/{dockStatusId}/download", tags=["models"])
-async def download_export(dockStatusId: str, _: User) -> FileResponse:
+async def download_export(dockStatusId: str, _: User) -> Response:
     job = await ctx.registry.get_job.remote(dockStatusId)
     name = (job.get("response") or {}).get("fileName")
     if job["action"] != JobAction.EXPORT or job["status"] != "SUCCESS" or not name:
         raise ApiError(409, f"export {dockStatusId} is {job['status']}, not ready for download")
-    path = ctx.settings.exports_path / dockStatusId / name
+    store = ctx.settings.store()
+    key = job["response"]["artifactKey"]
+    path = store.local_path(key)
+    if path is None:  # in S3: a fresh presigned URL
+        return RedirectResponse(store.download_url(key, EXPORT_URL_TTL_S), status_code=307)
     return FileResponse(path, media_type="application/zip", filename=name)
 
 

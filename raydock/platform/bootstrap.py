@@ -127,7 +127,7 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     from raydock.platform.api import ApiServer
     from raydock.serve_apps.gateway import Gateway
 
-    for path in (settings.home_path, settings.uploads_path, settings.exports_path):
+    for path in (settings.home_path, settings.uploads_path):
         path.mkdir(parents=True, exist_ok=True)
     cfg = settings.to_dict()
     registry = _actor(Registry, names.REGISTRY, settings.db_url)

@@ -1,9 +1,13 @@
-"""Long-running work as Ray tasks: import and export. Each reports progress to its dock status."""
+"""Long-running work as Ray tasks: import, export and conversion. Each reports progress to
+its dock status, and reads and writes artifacts only through the artifact store, so it runs
+on whichever node Ray places it."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -11,11 +15,14 @@ from typing import Any
 
 import ray
 
+from raydock.artifacts import MANIFEST_NAME
 from raydock.config import Settings
 from raydock.errors import NotFound
 from raydock.platform import names
 from raydock.platform.states import InvalidTransition, JobStatus, ModelStatus
-from raydock.platform.store import ArtifactStore
+
+#: How long a presigned export URL stays valid
+EXPORT_URL_TTL_S = 24 * 3600
 
 
 def _registry():
@@ -37,11 +44,41 @@ class _Progress:
             _registry().update_job.remote(self.job_id, percentage=pct, message=message)
 
 
+def model_key(model_id: str) -> str:
+    """Where a model's directory lives in the artifact store."""
+    return f"models/{model_id}"
+
+
+def exports_key(model_id: str) -> str:
+    """Where a model's exports live (deleted with the model)."""
+    return f"exports/{model_id}"
+
+
+def _bytes_progress(progress: _Progress, message: str):
+    """A store transfer's (bytes done, total) as the job's progress."""
+    return lambda done, total: progress(done / total if total else 1.0, message)
+
+
+def _local_copy(store, key: str, work: Path, progress: _Progress) -> Path:
+    """A stored file as a path on this node: the store's own file when it is a local
+    directory, else a download into `work`."""
+    local = store.local_path(key)
+    if local is not None and local.is_file():
+        return local
+    dest = work / Path(key).name
+    store.get_file(key, dest, _bytes_progress(progress, "downloading the upload"))
+    return dest
+
+
 @ray.remote(num_cpus=1, max_retries=0)
 def import_model_task(
-    settings: dict[str, Any], model_id: str, job_id: str, zip_path: str, kind: str
+    settings: dict[str, Any], model_id: str, job_id: str, upload_key: str, kind: str
 ) -> dict[str, Any]:
-    """Validate and extract an uploaded archive into the artifact store."""
+    """Validate an uploaded archive (a file in the artifact store) and store the model.
+
+    Runs on any node: the archive comes from the store and the model goes back to it, under
+    a manifest whose digest replicas verify; a failure leaves nothing in the store.
+    """
     from raydock.platform.model_archive import (
         ArchiveError,
         ArchiveLimits,
@@ -50,44 +87,48 @@ def import_model_task(
     )
 
     cfg = Settings(**settings)
-    store = ArtifactStore(cfg.artifacts)
+    store = cfg.store()
     registry = _registry()
-    progress = _Progress(job_id)
     limits = ArchiveLimits.from_settings(cfg)
     validating = False
+    key = model_key(model_id)
+    work = Path(tempfile.mkdtemp(prefix="raydock-import-"))
+    extracting = _Progress(job_id, 5, 80)
 
     def on_progress(fraction: float, stage: str) -> None:
         nonlocal validating
         if stage == "validating" and not validating:
             validating = True
             ray.get(registry.set_model_status.remote(model_id, ModelStatus.VALIDATING))
-        progress(fraction, stage)
+        extracting(fraction, stage)
 
     try:
+        zip_path = _local_copy(store, upload_key, work, _Progress(job_id, 0, 5))
         checksum = sha256_file(zip_path)
         meta = extract_model_archive(
-            zip_path, store.staging_dir(model_id), limits, kind=kind, progress=on_progress
+            zip_path, work / "model", limits, kind=kind, progress=on_progress
         )
         if not validating:
             ray.get(registry.set_model_status.remote(model_id, ModelStatus.VALIDATING))
-        uri = store.commit(model_id)
+        storing = _Progress(job_id, 80, 99)
+        manifest = store.put_dir(work / "model", key, _bytes_progress(storing, "storing the model"))
         info = meta.to_dict()
         deployconfig = info.pop("deployconfig", None)
         model = ray.get(
             registry.set_model_status.remote(
                 model_id,
                 ModelStatus.READY,
-                artifact_uri=uri,
+                artifact_uri=key,
                 checksum=checksum,
-                meta=info,
+                meta={**info, "artifactDigest": manifest.digest},
                 deployconfig=deployconfig,
             )
         )
         ray.get(registry.update_job.remote(job_id, status=JobStatus.SUCCESS, message="imported"))
         return model
     except Exception as exc:  # any failure ends the import FAILED, store cleaned
-        store.discard(model_id)
-        reason = str(exc) if isinstance(exc, ArchiveError) else f"import failed: {exc!r}"
+        store.delete(key)
+        reason = str(exc) if isinstance(exc, ArchiveError) else f"import failed: {exc}"
         # a model deleted meanwhile is gone with its job already failed: nothing to record
         with contextlib.suppress(NotFound, InvalidTransition):
             ray.get(
@@ -100,7 +141,9 @@ def import_model_task(
             )
         return {"error": reason}
     finally:
-        Path(zip_path).unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(Exception):  # best effort: the upload is spent either way
+            store.delete(upload_key)
 
 
 def deployconfig_from(config: dict[str, Any]) -> dict[str, Any]:
@@ -109,37 +152,58 @@ def deployconfig_from(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in keys if k in config}
 
 
+def export_download_path(job_id: str) -> str:
+    """The API route that serves (or redirects to) an export's zip."""
+    return f"/api/public/exports/{job_id}/download"
+
+
 @ray.remote(num_cpus=1, max_retries=0)
 def export_model_task(
     settings: dict[str, Any], model: dict[str, Any], job_id: str, deployconfig: dict | None
 ) -> str:
-    """Zip a stored model plus deployconfig.json; the dock status gets the download URL."""
+    """Zip a stored model plus deployconfig.json into the store; the dock status gets the
+    download URL (presigned when the store is S3)."""
     cfg = Settings(**settings)
+    store = cfg.store()
     registry = _registry()
-    out_dir = cfg.exports_path / job_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{model['name']}.zip"
+    work = Path(tempfile.mkdtemp(prefix="raydock-export-"))
+    name = f"{model['name']}.zip"
+    key = f"{exports_key(model['modelId'])}/{job_id}/{name}"
     try:
-        src = Path(model["artifactUri"])
-        files = sorted(p for p in src.rglob("*") if p.is_file() and p.name != "deployconfig.json")
-        progress = _Progress(job_id, 0, 99)
+        src = work / "model"
+        fetching = _Progress(job_id, 0, 40)
+        store.get_dir(
+            model["artifactUri"],
+            src,
+            model["metadata"]["artifactDigest"],
+            _bytes_progress(fetching, "fetching the model"),
+        )
+        files = sorted(
+            p
+            for p in src.rglob("*")
+            if p.is_file() and p.name not in ("deployconfig.json", MANIFEST_NAME)
+        )
+        zipping = _Progress(job_id, 40, 80)
+        target = work / name
         with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
             for i, path in enumerate(files):
                 zf.write(path, path.relative_to(src).as_posix())
-                progress((i + 1) / (len(files) + 1), "zipping")
+                zipping((i + 1) / (len(files) + 1), "zipping")
             zf.writestr("deployconfig.json", json.dumps(deployconfig or {}, indent=2))
-        url = f"/api/public/exports/{job_id}/download"
+        storing = _Progress(job_id, 80, 99)
+        store.put_file(target, key, _bytes_progress(storing, "storing the export"))
+        url = store.download_url(key, EXPORT_URL_TTL_S) or export_download_path(job_id)
         ray.get(
             registry.update_job.remote(
                 job_id,
                 status=JobStatus.SUCCESS,
                 message="exported",
-                response={"downloadUrl": url, "fileName": target.name},
+                response={"downloadUrl": url, "fileName": name, "artifactKey": key},
             )
         )
-        return str(target)
+        return key
     except Exception as exc:
-        target.unlink(missing_ok=True)
+        store.delete(key)
         reason = f"export failed: {exc}"
         ray.get(
             registry.update_job.remote(
@@ -147,22 +211,41 @@ def export_model_task(
             )
         )
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @ray.remote(max_retries=0)
 def optimize_model_task(
     settings: dict[str, Any], model: dict[str, Any], quantization: str, job_id: str | None
-) -> str:
+) -> dict[str, str]:
     """Convert a stored model to CTranslate2, once per (model checksum, quantization).
 
-    The artifact lives in the store beside the models and is reused by every later deploy of
-    the same weights; a conversion that fails leaves nothing behind and raises the converter's
-    reason.
+    The conversion goes to the store beside the models and is reused by every later deploy
+    of the same weights (the job says so); a conversion that fails leaves nothing behind and
+    raises the converter's reason. Returns the artifact's {"prefix", "digest"}.
     """
     from raydock.optimizers import ctranslate2 as ct2
 
-    store = ArtifactStore(Settings(**settings).artifacts)
-    target = store.optimized_dir(ct2.artifact_key(model["checksum"], quantization))
+    cfg = Settings(**settings)
+    store = cfg.store()
+    prefix = f"optimized/{ct2.artifact_key(model['checksum'], quantization)}"
     progress = _Progress(job_id, 0, 15) if job_id else (lambda *_: None)
-    ct2.convert(model["artifactUri"], target, quantization, progress=progress)
-    return str(target)
+    if store.exists(f"{prefix}/{MANIFEST_NAME}"):
+        progress(1.0, f"reusing the CTranslate2 {ct2.normalize(quantization)} conversion")
+        return {"prefix": prefix, "digest": store.read_manifest(prefix).digest}
+    source = node_cache(cfg).fetch(store, model["artifactUri"], model["metadata"]["artifactDigest"])
+    work = Path(tempfile.mkdtemp(prefix="raydock-convert-"))
+    try:
+        ct2.convert(source, work / "ct2", quantization, progress=progress)
+        manifest = store.put_dir(work / "ct2", prefix)
+        return {"prefix": prefix, "digest": manifest.digest}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def node_cache(cfg: Settings):
+    """This node's artifact cache."""
+    from raydock.artifacts import NodeCache
+
+    return NodeCache(cfg.cache_path, int(cfg.cache_max_gb * 2**30))

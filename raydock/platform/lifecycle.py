@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shutil
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -42,6 +44,19 @@ INTERRUPTED_REASON = "interrupted: the platform component running it stopped; re
 
 class DeployFailed(Exception):
     pass
+
+
+def _throttled(progress, interval_s: float = 0.5):
+    """A transfer's progress callback that reports at most every `interval_s`."""
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= interval_s or done >= total:
+            last[0] = now
+            progress(done, total)
+
+    return report
 
 
 def _app_status(name: str) -> Any | None:
@@ -179,7 +194,7 @@ class Lifecycle:
             wanted.get("optimizationInfo", {}),
             wanted["deviceType"],
             hardware_profiles()[wanted["deviceType"]],
-            model["artifactUri"],
+            model["metadata"].get("quantization_config"),
         )
         status = D.OPTIMIZING if engine.converts else D.DEPLOYING
         job = await self.registry.begin_deploy.remote(deployment_id, config, user_id, status)
@@ -199,12 +214,34 @@ class Lifecycle:
         self._spawn(self._import(model_id, job_id, zip_path, kind), job_id)
 
     async def _import(self, model_id: str, job_id: str, zip_path: str, kind: str) -> None:
+        upload = f"uploads/{job_id}.zip"
         try:
-            await import_model_task.remote(
-                self.settings.to_dict(), model_id, job_id, zip_path, kind
+            # the upload arrived on this (the head) node; the import task may run on any
+            await asyncio.to_thread(self._stage_upload, Path(zip_path), upload, job_id)
+            await import_model_task.remote(self.settings.to_dict(), model_id, job_id, upload, kind)
+        except Exception as exc:  # staging failed, or the task itself died (crash, OOM)
+            await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")
+            await asyncio.to_thread(self.settings.store().delete, upload)
+        finally:
+            Path(zip_path).unlink(missing_ok=True)
+
+    def _stage_upload(self, local: Path, key: str, job_id: str) -> None:
+        """Put an uploaded archive into the artifact store: moved when the store is a local
+        directory, else uploaded (multipart, parallel parts) with progress."""
+        store = self.settings.store()
+        target = store.local_path(key)
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(local, target)
+            return
+        registry = self.registry
+
+        def progress(done: int, total: int) -> None:
+            registry.update_job.remote(
+                job_id, percentage=int(5 * done / max(total, 1)), message="storing the upload"
             )
-        except Exception as exc:  # the task itself died (worker crash, OOM)
-            await self.registry.fail_jobs.remote([job_id], f"import worker failed: {exc}")
+
+        store.put_file(local, key, _throttled(progress))
 
     async def submit_export(self, model: dict, job_id: str, deployconfig: dict | None) -> None:
         async def run() -> None:
@@ -223,10 +260,11 @@ class Lifecycle:
 
     async def _optimize(
         self, model: dict, engine: plan.EnginePlan, profile: dict, job_id: str | None
-    ) -> str:
-        """The directory the engine loads: the model itself, or its (cached) conversion."""
+    ) -> dict[str, str]:
+        """The artifact the engine loads ({"prefix", "digest"} in the store): the model
+        itself, or its conversion (made once, then reused)."""
         if not engine.converts:
-            return model["artifactUri"]
+            return {"prefix": model["artifactUri"], "digest": model["metadata"]["artifactDigest"]}
         task = optimize_model_task.options(num_cpus=profile.get("num_cpus", 1))
         try:
             return await task.remote(self.settings.to_dict(), model, engine.quantization, job_id)
@@ -241,9 +279,12 @@ class Lifecycle:
         config = dep["config"]
         profile = hardware_profiles()[config["deviceType"]]
         engine = plan.check(
-            config.get("optimizationInfo", {}), config["deviceType"], profile, model["artifactUri"]
+            config.get("optimizationInfo", {}),
+            config["deviceType"],
+            profile,
+            model["metadata"].get("quantization_config"),
         )
-        model_dir = await self._optimize(model, engine, profile, job_id)
+        artifact = await self._optimize(model, engine, profile, job_id)
         if dep["status"] == D.OPTIMIZING:
             await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYING)
         access = await self.registry.access_snapshots.remote([deployment_id])
@@ -251,7 +292,7 @@ class Lifecycle:
             deployment_id,
             access[deployment_id],
             names.control_plane(),
-            model_dir,
+            artifact | self.settings.artifact_access(),
             engine,
             config,
             profile,

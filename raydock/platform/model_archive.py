@@ -149,6 +149,8 @@ class ModelMetadata:
     files: list[str]
     total_bytes: int
     deployconfig: dict | None  # parsed deployconfig.json if present
+    # config.json's quantization_config: which pre-quantized engines can serve it
+    quantization_config: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -644,6 +646,7 @@ def _inspect_base(
         files=files,
         total_bytes=_total_bytes(root, files),
         deployconfig=deployconfig,
+        quantization_config=config.get("quantization_config"),
     )
 
 

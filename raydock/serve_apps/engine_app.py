@@ -311,8 +311,22 @@ def engine_threads(engine: str, profile: dict[str, Any]) -> int | None:
     return max(1, cpus // 2) if engine == "ctranslate2" else cpus
 
 
+def fetch_model(artifact: dict[str, Any]) -> str:
+    """The model's directory on this replica's node: fetched from the artifact store into the
+    node's cache (once per node), its checksum verified. A missing or corrupted artifact
+    raises ArtifactError, which fails the deploy with that reason."""
+    from pathlib import Path
+
+    from raydock.artifacts import NodeCache, open_store
+
+    store = open_store(artifact["store"], artifact["endpoint"] or None)
+    cache = NodeCache(Path(artifact["cache_dir"]).expanduser(), artifact["cache_max_bytes"])
+    return str(cache.fetch(store, artifact["prefix"], artifact["digest"]))
+
+
 def load_engine(spec: dict[str, Any]):
     """The engine a replica serves with: transformers, CTranslate2 or vLLM."""
+    model_dir = fetch_model(spec["artifact"])
     common = {
         "device": spec["device"],
         "num_threads": spec.get("num_threads"),
@@ -322,21 +336,21 @@ def load_engine(spec: dict[str, Any]):
         from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine
 
         # no quantization ("") runs float32: the engine's own rule
-        return CTranslate2Engine(spec["model_dir"], compute_type=spec["quantization"], **common)
+        return CTranslate2Engine(model_dir, compute_type=spec["quantization"], **common)
     if spec["engine"] == "vllm":
         from raydock.serve_apps.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(spec["model_dir"], quantization=spec["quantization"] or None, **common)
+        return VLLMEngine(model_dir, quantization=spec["quantization"] or None, **common)
     from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 
-    return TransformersEngine(spec["model_dir"], **common)
+    return TransformersEngine(model_dir, **common)
 
 
 def build_engine_app(
     deployment_id: str,
     access: dict[str, Any],
     control_plane: dict[str, tuple[str, str]],
-    model_dir: str,
+    artifact: dict[str, Any],
     engine: EnginePlan,
     config: dict[str, Any],
     profile: dict[str, Any],
@@ -350,7 +364,7 @@ def build_engine_app(
         "access": access,
         "access_hub": control_plane["access_hub"],
         "registry": control_plane["registry"],
-        "model_dir": model_dir,
+        "artifact": artifact,  # where the model is and how to fetch it (Settings.artifact_access)
         "engine": engine.engine,
         "quantization": engine.quantization,
         "max_batch_size": batch,

@@ -12,11 +12,11 @@ import openai
 import pytest
 import ray
 
+from raydock.artifacts import ArtifactStore
 from raydock.client import Client, default_deploy_body
 from raydock.config import Settings, load_settings
 from raydock.modelgen import build_model_zip
 from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
-from raydock.platform.store import ArtifactStore
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +37,12 @@ class Platform:
 
     @property
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.settings.artifacts)
+        return self.settings.store()
+
+    def stored(self, area: str) -> set[str]:
+        """What the artifact store holds in one area ("models", "optimized", "uploads",
+        "exports"): the names one level below it."""
+        return {key.split("/")[1] for key in self.store.list(area)}
 
     def http(self, key: str | None = None) -> httpx.Client:
         headers = {"X-api-key": key or self.admin_key}

@@ -169,8 +169,8 @@ def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
     with pytest.raises(openai.BadRequestError) as refused:  # CTranslate2 has no hook for them
         sdk.chat.completions.create(model="m", messages=ASK, max_tokens=4, frequency_penalty=1)
     assert refused.value.body["param"] == "frequency_penalty"
-    converted = sorted((platform.store.root / "optimized").iterdir())
-    assert [p.name for p in converted if "int8-" in p.name], converted
+    converted = platform.stored("optimized")
+    assert [name for name in converted if "int8-" in name], converted
 
     # redeploy: the conversion is reused, not repeated
     ref = platform.client.post(
@@ -180,7 +180,7 @@ def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
     platform.client.wait_job(ref["dockStatusId"], timeout=600)
     history = platform.client.get(f"/deployments/{dep['deploymentId']}/history")["versions"]
     assert [v["result"] for v in history] == ["SUCCESS", "SUCCESS"]
-    assert sorted((platform.store.root / "optimized").iterdir()) == converted
+    assert platform.stored("optimized") == converted
     platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
 
 
@@ -198,10 +198,10 @@ def test_ctranslate2_int8_float32_answers_and_goes_with_its_model(platform, zips
 
     # deleting the model removes its conversion, and only its own
     mine = ct2.artifact_key(model["checksum"], "int8_float32")
-    before = set(platform.store.optimized_keys())
+    before = set(platform.stored("optimized"))
     assert mine in before
     assert platform.http().delete(f"/api/public/models/{model['modelId']}").status_code == 200
-    assert set(platform.store.optimized_keys()) == before - {mine}
+    assert set(platform.stored("optimized")) == before - {mine}
 
 
 @ct2_only

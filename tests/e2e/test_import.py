@@ -139,7 +139,7 @@ BAD_ARCHIVES = {
 def test_bad_archive_fails_with_reason_and_leaves_nothing(platform, tiny_zip, tmp_path, case):
     make, reason = BAD_ARCHIVES[case]
     path = make(tiny_zip, tmp_path / f"bad-{case}.zip")
-    before = platform.store.entries()
+    before = platform.stored("models")
     ref = platform.client.import_zip(path)
     job = platform.client.wait_job(ref["dockStatusId"])
     model = platform.client.get(f"/models/{ref['modelId']}")
@@ -147,19 +147,20 @@ def test_bad_archive_fails_with_reason_and_leaves_nothing(platform, tiny_zip, tm
     assert model["status"] == "IMPORT_FAILED" and model["statusLabel"] == "Import Failed"
     assert reason in model["error"], model["error"]
     assert reason in job["message"]
-    assert platform.store.entries() == before  # nothing half-written in the artifact store
+    assert platform.stored("models") == before  # nothing half-written in the artifact store
+    assert not platform.stored("uploads")  # nor a spent upload
     assert not any(p.name.endswith(".zip") for p in platform.settings.uploads_path.iterdir())
 
 
 def test_archive_over_size_limit_is_refused(platform, tiny_zip, tmp_path):
     limit = platform.settings.max_archive_bytes  # the test platform runs with a 20 MiB limit
     big = _rezip(tiny_zip, tmp_path / "big.zip", add={"extra.bin": os.urandom(limit)})
-    before = platform.store.entries()
+    before = platform.stored("models")
     ref = platform.client.import_zip(big)
     assert platform.client.wait_job(ref["dockStatusId"])["status"] == "FAILED"
     model = platform.client.get(f"/models/{ref['modelId']}")
     assert "over the 20.0 MiB limit" in model["error"], model["error"]
-    assert platform.store.entries() == before
+    assert platform.stored("models") == before
 
 
 def test_upload_must_be_a_zip(platform, tmp_path):
@@ -184,10 +185,11 @@ def test_list_edit_and_delete_model(platform, zips):
     )
     r = http.patch(f"/api/public/models/{model['modelId']}", json={"name": "renamed"})
     assert r.status_code == 422 and "not editable" in r.json()["error"]["message"]
-    assert model["modelId"] in platform.store.entries()
+    assert model["modelId"] in platform.stored("models")
     assert http.delete(f"/api/public/models/{model['modelId']}").status_code == 200
     assert http.get(f"/api/public/models/{model['modelId']}").status_code == 404
-    assert model["modelId"] not in platform.store.entries()
+    assert model["modelId"] not in platform.stored("models")
+    assert model["modelId"] not in platform.stored("exports")
 
 
 def test_management_api_needs_a_valid_key(platform):

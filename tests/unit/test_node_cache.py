@@ -1,0 +1,227 @@
+"""The node cache: one download per artifact per node, from threads and processes alike."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from raydock.artifacts import ArtifactCorrupt, ArtifactMissing, LocalStore, NodeCache
+from raydock.artifacts.cache import MARKER_NAME
+
+PREFIX = "models/m1"
+
+
+class CountingStore(LocalStore):
+    """A LocalStore that records the calls a cache makes (and can make downloads slow)."""
+
+    def __init__(self, root: Path, delay: float = 0.0, count_file: Path | None = None) -> None:
+        super().__init__(root)
+        self.delay = delay
+        self.count_file = count_file
+        self.calls: list[str] = []
+
+    def get_dir(self, prefix, local_dir, digest, progress=None):
+        self.calls.append("get_dir")
+        if self.count_file:  # one line per download, from any process
+            with open(self.count_file, "a") as f:
+                f.write(f"{os.getpid()}\n")
+        time.sleep(self.delay)  # others arrive while this download runs
+        return super().get_dir(prefix, local_dir, digest, progress)
+
+    def read_manifest(self, prefix):
+        self.calls.append("read_manifest")
+        return super().read_manifest(prefix)
+
+    def get_file(self, key, local, progress=None):
+        self.calls.append("get_file")
+        return super().get_file(key, local, progress)
+
+    def exists(self, key):
+        self.calls.append("exists")
+        return super().exists(key)
+
+    def list(self, prefix=""):
+        self.calls.append("list")
+        return super().list(prefix)
+
+
+def put_model(store: LocalStore, tmp_path: Path, prefix: str = PREFIX, size: int = 50_000) -> str:
+    """Store a small model at prefix; returns its digest."""
+    src = tmp_path / f"src-{prefix.replace('/', '-')}"
+    (src / "weights").mkdir(parents=True)
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    (src / "weights" / "model.safetensors").write_bytes(os.urandom(size))
+    return store.put_dir(src, prefix).digest
+
+
+@pytest.fixture
+def store(tmp_path):
+    return CountingStore(tmp_path / "store")
+
+
+def leftovers(cache: NodeCache) -> list[str]:
+    """Names in the cache root that are neither entries nor the lock folder."""
+    return sorted(p.name for p in cache.root.iterdir() if p.name != ".locks" and len(p.name) != 64)
+
+
+def test_a_fetch_downloads_once_and_then_serves_locally(store, tmp_path):
+    digest = put_model(store, tmp_path)
+    cache = NodeCache(tmp_path / "cache")
+    got = []
+    path = cache.fetch(store, PREFIX, digest, progress=lambda d, t: got.append((d, t)))
+    assert path == tmp_path / "cache" / digest
+    assert (path / "weights" / "model.safetensors").stat().st_size == 50_000
+    assert (path / MARKER_NAME).is_file()
+    assert got[-1][0] == got[-1][1] > 50_000
+    assert store.calls.count("get_dir") == 1
+
+    store.calls.clear()
+    assert cache.fetch(store, PREFIX, digest) == path
+    assert store.calls == []  # warm: the store is not asked anything
+    assert [e["digest"] for e in cache.entries()] == [digest]
+    assert leftovers(cache) == []
+
+
+def test_threads_share_one_download(tmp_path):
+    store = CountingStore(tmp_path / "store", delay=0.3)
+    digest = put_model(store, tmp_path)
+    cache = NodeCache(tmp_path / "cache")
+    start = threading.Barrier(8)
+
+    def fetch(_):
+        start.wait()
+        return cache.fetch(store, PREFIX, digest)
+
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(fetch, range(8)))
+    assert store.calls.count("get_dir") == 1
+    assert set(paths) == {tmp_path / "cache" / digest}
+
+
+def _fetch_in_child(cache_root, store_root, count_file, digest, start, out) -> None:
+    store = CountingStore(Path(store_root), delay=0.5, count_file=Path(count_file))
+    start.wait()
+    out.put(str(NodeCache(Path(cache_root)).fetch(store, PREFIX, digest)))
+
+
+def test_processes_share_one_download(tmp_path):
+    store = CountingStore(tmp_path / "store")
+    digest = put_model(store, tmp_path)
+    count_file = tmp_path / "downloads.txt"
+    ctx = multiprocessing.get_context("spawn")  # replicas are separate processes
+    start, out = ctx.Event(), ctx.Queue()
+    args = (str(tmp_path / "cache"), str(tmp_path / "store"), str(count_file), digest, start, out)
+    children = [ctx.Process(target=_fetch_in_child, args=args) for _ in range(2)]
+    for child in children:
+        child.start()
+    start.set()
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    paths = [out.get(timeout=5) for _ in children]
+    assert len(count_file.read_text().splitlines()) == 1
+    assert set(paths) == {str(tmp_path / "cache" / digest)}
+
+
+def test_a_corrupt_artifact_leaves_nothing(store, tmp_path):
+    digest = put_model(store, tmp_path)
+    store.local_path(f"{PREFIX}/weights/model.safetensors").write_bytes(b"tampered")
+    cache = NodeCache(tmp_path / "cache")
+    with pytest.raises(ArtifactCorrupt, match="weights/model.safetensors"):
+        cache.fetch(store, PREFIX, digest)
+    assert not (tmp_path / "cache" / digest).exists()
+    assert leftovers(cache) == []  # no .tmp-* directory
+    assert cache.entries() == []
+
+    with pytest.raises(ArtifactMissing, match="models/none"):
+        cache.fetch(store, "models/none", digest)
+    assert leftovers(cache) == [] and cache.entries() == []
+
+
+def test_an_incomplete_entry_is_fetched_again(store, tmp_path):
+    digest = put_model(store, tmp_path)
+    cache = NodeCache(tmp_path / "cache")
+    path = cache.fetch(store, PREFIX, digest)
+    (path / MARKER_NAME).unlink()  # as if the process died before writing the marker
+    (path / "config.json").unlink()  # (not written in place: it is a hard link to the store's)
+
+    assert cache.fetch(store, PREFIX, digest) == path
+    assert store.calls.count("get_dir") == 2
+    assert (path / "config.json").read_text() == '{"model_type": "llama"}'
+
+
+def test_a_dead_download_is_cleaned_up(store, tmp_path):
+    digest = put_model(store, tmp_path)
+    cache = NodeCache(tmp_path / "cache")
+    stale = tmp_path / "cache" / f".tmp-{digest}-0123456789abcdef"  # its process was killed
+    (stale / "weights").mkdir(parents=True)
+    (stale / "weights" / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / "cache" / f".tmp-{'f' * 64}-0123456789abcdef"  # maybe still running
+    other.mkdir()
+
+    cache.fetch(store, PREFIX, digest)
+    assert not stale.exists()
+    assert other.exists()
+
+
+def test_a_digest_is_a_sha256(store, tmp_path):
+    cache = NodeCache(tmp_path / "cache")
+    for bad in ("../../etc", "A" * 64, "0" * 63):
+        with pytest.raises(ValueError, match="digest"):
+            cache.fetch(store, PREFIX, bad)
+    assert store.calls == []
+
+
+def three_models(store, tmp_path) -> tuple[str, str, str]:
+    return tuple(put_model(store, tmp_path, f"models/m{i}") for i in range(3))
+
+
+def test_the_least_recently_used_entry_goes(store, tmp_path):
+    a, b, c = three_models(store, tmp_path)
+    probe = NodeCache(tmp_path / "probe")
+    probe.fetch(store, "models/m0", a)
+    size = probe.entries()[0]["bytes"]
+
+    cache = NodeCache(tmp_path / "cache", max_bytes=2 * size + size // 2)  # two of three fit
+    cache.fetch(store, "models/m0", a)
+    cache.fetch(store, "models/m1", b)
+    cache.fetch(store, "models/m0", a)  # a is now used more recently than b
+    cache.fetch(store, "models/m2", c)
+    assert {e["digest"] for e in cache.entries()} == {a, c}
+    assert not (tmp_path / "cache" / b).exists()
+    assert [e["digest"] for e in cache.entries()] == [a, c]  # least recently used first
+    assert all(e["bytes"] == size for e in cache.entries())
+
+
+def test_the_entry_just_fetched_stays_even_when_too_big(store, tmp_path):
+    a, b, c = three_models(store, tmp_path)
+    cache = NodeCache(tmp_path / "cache", max_bytes=1000)  # smaller than any entry
+    for prefix, digest in (("models/m0", a), ("models/m1", b), ("models/m2", c)):
+        path = cache.fetch(store, prefix, digest)
+        assert [e["digest"] for e in cache.entries()] == [digest]
+        assert (path / "config.json").is_file()
+
+
+def test_an_entry_in_use_is_not_evicted(store, tmp_path):
+    a, b, c = three_models(store, tmp_path)
+    cache = NodeCache(tmp_path / "cache")
+    cache.fetch(store, "models/m0", a)
+    cache.fetch(store, "models/m1", b)
+    size = cache.entries()[0]["bytes"]
+    cache.max_bytes = 2 * size + size // 2
+
+    # a is the least recently used, but someone (another replica's fetch) holds its lock
+    with FileLock(str(tmp_path / "cache" / ".locks" / f"{a}.lock")):
+        cache.fetch(store, "models/m2", c)
+    assert {e["digest"] for e in cache.entries()} == {a, c}
+
+    assert cache.evict(0) == [a, c]  # nothing held now: evict(0) empties the cache
+    assert cache.entries() == []
+    assert leftovers(cache) == []
