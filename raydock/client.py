@@ -42,6 +42,9 @@ class Client:
     def post(self, path: str, **kw: Any) -> Any:
         return self._call("POST", path, **kw)
 
+    def delete(self, path: str, **kw: Any) -> Any:
+        return self._call("DELETE", path, **kw)
+
     # ---- import
     def import_zip(
         self,

@@ -627,7 +627,9 @@ def asgi_app() -> FastAPI:
 
 # Serve pickles the deployment class by value; module-level functions are pickled by
 # reference, so calling them (not touching `ctx` directly) configures this module's routes.
-@serve.deployment(name="api", num_replicas=1, ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(
+    name="api", num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": names.ON_HEAD}
+)
 @serve.ingress(asgi_app)
 class ApiServer:
     async def __init__(self, settings: dict[str, Any]):

@@ -96,6 +96,7 @@ def _actor(cls, name: str, *args: Any, **options: Any):
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
+            resources=names.ON_HEAD,
             # Not restarted by Ray but by `ensure_platform_actors`: Ray's memory monitor kills
             # restartable ("retriable") workers first, so with max_restarts these small actors
             # died before the engine replica that took the node's memory. Without, the newest

@@ -8,6 +8,11 @@ API_APP = "raydock-api"
 GATEWAY_APP = "raydock-gateway"
 
 
+#: Ray's own resource on the head node: the control plane (actors, API, gateway) runs there,
+#: beside the database and the uploads; engine replicas and tasks go anywhere
+ON_HEAD = {"node:__internal_head__": 0.001}
+
+
 def control_plane() -> dict[str, tuple[str, str]]:
     """The actors a replica calls, as (name, namespace): plain data in its config."""
     return {"access_hub": (ACCESS_HUB, NAMESPACE), "registry": (REGISTRY, NAMESPACE)}

@@ -17,6 +17,7 @@ import ray
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from raydock import params
 from raydock.errors import Conflict, NotFound
 from raydock.platform import db, names, security, views
 from raydock.platform.states import (
@@ -379,7 +380,7 @@ class Registry:
                 config=body,
                 description=body.get("description", ""),
                 tags=body.get("tags", []),
-                timeout_s=body.get("timeout", 60),
+                timeout_s=body.get("timeout", params.TIMEOUT_S.default),
                 added_by=user_id,
             )
             s.add(d)

@@ -7,78 +7,37 @@ tell the user what is allowed.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    Strict,
     StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
+from raydock import params
 from raydock.config import hardware_profiles
 from raydock.errors import ApiError
+from raydock.jsontypes import (  # noqa: F401 (re-exported for the API's routes)
+    EMAIL_PATTERN,
+    NOT_BLANK,
+    ZIP_NAME_PATTERN,
+    JsonInt,
+    refuse_non_json_integers,
+)
 from raydock.optimizers import plan
-
-
-def _whitespace_class() -> str:
-    """A regex class of the characters str.strip() removes, as \\uXXXX ranges."""
-    codes = [c for c in range(0x10000) if chr(c).isspace()]
-    spans: list[list[int]] = []
-    for c in codes:
-        if spans and spans[-1][1] == c - 1:
-            spans[-1][1] = c
-        else:
-            spans.append([c, c])
-    return "".join(f"\\u{a:04x}" + (f"-\\u{b:04x}" if b > a else "") for a, b in spans)
-
-
-# Regex dialects disagree on `\s`: Python's takes \x1c-\x1f, ECMA's (the document's, JSON
-# Schema) U+FEFF, Rust's (pydantic's `pattern`) \x85. Patterns name Python's whitespace (what
-# str.strip() removes) instead, and use no inline flags: every dialect reads them alike.
-_WHITESPACE = _whitespace_class()
-#: What a string must match not to be blank (str.strip() leaves something)
-NOT_BLANK = f"[^{_WHITESPACE}]"
-_WORD = f"[^@{_WHITESPACE}]+"
-EMAIL_PATTERN = f"^{_WORD}@{_WORD}\\.{_WORD}$"
-ZIP_NAME_PATTERN = r"^[^/\\]+\.[zZ][iI][pP]$"
-
-#: An integer as JSON has it: an int, or a number without a fractional part (JSON has one
-#: number type; to JSON Schema 5.0 is the integer 5), never a string or a boolean. Request
-#: models are strict (no "yes" read as a boolean, no "5" as a number), which would refuse 5.0
-#: too: their JsonInt fields read lax, and `refuse_non_json_integers` refuses strings and
-#: booleans before. (A validator inside JsonInt would do both, but pydantic then documents an
-#: optional field's range as `ge`/`le`, which JSON Schema does not know.)
-JsonInt = Annotated[int, Strict(False)]
-_LAX = Strict(False)
-
-
-def refuse_non_json_integers(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
-    """A request model's "before" validator for every field: no string or boolean where
-    a JsonInt is expected."""
-    field = model.model_fields[info.field_name]
-    if isinstance(value, bool | str) and (
-        _LAX in field.metadata
-        or any(_LAX in getattr(arg, "__metadata__", ()) for arg in get_args(field.annotation))
-    ):
-        raise PydanticCustomError("int_type", "Input should be a valid integer")
-    return value
-
 
 #: One tag: what lists and filters show in a line; a deployment or model has at most MAX_TAGS.
 MAX_TAG_CHARS = 100
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TAG_CHARS)]
 MAX_TAGS = 50
 
-TIMEOUT_RANGE = (30, 180)
-DEFAULT_TIMEOUT_S = 60
-DEFAULT_MAX_TOKENS = 512  # used when hyperParameters.maxTokens is 0 ("no default")
+DEFAULT_TIMEOUT_S = params.TIMEOUT_S.default
 
 
 class _Body(BaseModel):
@@ -93,12 +52,16 @@ class _Body(BaseModel):
 
 
 class HyperParameters(_Body):
-    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature, 0–2.")
+    temperature: float = params.TEMPERATURE.field("Sampling temperature")
     maxTokens: JsonInt = Field(
-        512, ge=0, le=512, description="Default max tokens to generate, 0–512 (0: 512)."
+        params.MAX_TOKENS.default,
+        ge=0,
+        le=params.MAX_TOKENS.hi,
+        description=f"Default max tokens to generate, 0–{params.MAX_TOKENS.hi} "
+        f"(0: {params.MAX_TOKENS.default}).",
     )
-    topP: float = Field(1.0, ge=0, le=1, description="Nucleus sampling mass, 0–1.")
-    topK: JsonInt = Field(50, ge=1, le=100, description="Top-k filtering, 1–100.")
+    topP: float = params.TOP_P.field("Nucleus sampling mass")
+    topK: JsonInt = params.TOP_K.field("Top-k filtering")
     stopSequence: list[str] = Field(
         default_factory=list, max_length=8, description="Up to 8 stop sequences."
     )
@@ -153,9 +116,7 @@ class DeployRequest(_Body):
     isDeployedPreviously: bool = False
     description: str = Field("", max_length=2000)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
-    timeout: JsonInt = Field(
-        DEFAULT_TIMEOUT_S, ge=30, le=180, description="Endpoint timeout in seconds, 30–180."
-    )
+    timeout: JsonInt = params.TIMEOUT_S.field("Endpoint timeout in seconds")
 
     @field_validator("name")
     @classmethod
@@ -189,7 +150,7 @@ class ModelUpdate(_Body):
 class DeploymentUpdate(_Body):
     description: str | None = Field(None, max_length=2000)
     tags: list[Tag] | None = Field(None, max_length=MAX_TAGS)
-    timeout: JsonInt | None = Field(None, ge=30, le=180, description="Endpoint timeout, 30–180 s.")
+    timeout: JsonInt | None = params.TIMEOUT_S.field("Endpoint timeout in seconds", default=None)
 
 
 class KeyCreate(_Body):

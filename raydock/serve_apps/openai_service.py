@@ -20,8 +20,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from raydock import errors
+from raydock import params as P
 from raydock.errors import ApiError, error_body
-from raydock.platform.schemas import DEFAULT_MAX_TOKENS
 from raydock.serve_apps import protocol, structured
 from raydock.serve_apps.access import DeploymentAccess
 
@@ -35,20 +35,22 @@ def engine_request(
     kind: Literal["chat", "completion"], req: protocol._Request, dep: DeploymentAccess
 ) -> dict[str, Any]:
     hp = dep.defaults
-    default_max = hp.get("maxTokens") or DEFAULT_MAX_TOKENS
+    default_max = hp.get("maxTokens") or P.MAX_TOKENS.default
     max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max
     stops = req.stop_list() or hp.get("stopSequence", [])
     logprobs = bool(req.logprobs) if kind == "chat" else req.logprobs is not None
     top = (req.top_logprobs or 0) if kind == "chat" else (req.logprobs or 0)
-    temperature = req.temperature if req.temperature is not None else hp.get("temperature", 1.0)
-    top_p = req.top_p if req.top_p is not None else hp.get("topP", 1.0)
+    temperature = req.temperature
+    if temperature is None:
+        temperature = hp.get("temperature", P.TEMPERATURE.default)
+    top_p = req.top_p if req.top_p is not None else hp.get("topP", P.TOP_P.default)
     if top_p == 0:  # a nucleus of no mass holds just the likeliest token: greedy, on every engine
         temperature, top_p = 0.0, 1.0
     params = {
         "max_tokens": max_tokens,
         "temperature": temperature,
         "top_p": top_p,
-        "top_k": req.top_k if req.top_k is not None else hp.get("topK", 0),
+        "top_k": req.top_k if req.top_k is not None else hp.get("topK", P.TOP_K.default),
         "seed": req.seed,
         "stop": tuple(stops),
         "logprobs": logprobs,

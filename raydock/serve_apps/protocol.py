@@ -23,10 +23,11 @@ from pydantic import (
     field_validator,
 )
 
-from raydock.platform.schemas import NOT_BLANK, JsonInt, refuse_non_json_integers
+from raydock import params
+from raydock.jsontypes import NOT_BLANK, JsonInt, refuse_non_json_integers
 from raydock.serve_apps.structured import MAX_PATTERN_CHARS
 
-MAX_TOKENS_LIMIT = 512  # the seed's maxTokens range is 0–512
+MAX_TOKENS_LIMIT = params.MAX_TOKENS.hi
 MAX_TEXT_CHARS = 4 * 2**20  # one message's text or tool arguments; the body limit binds first
 
 
@@ -45,11 +46,11 @@ class _Request(BaseModel):
     model_config = STRICT | ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: JsonInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: JsonInt | None = Field(None, ge=1, le=100)
-    n: JsonInt = Field(1, ge=1, le=8)
+    max_tokens: JsonInt | None = params.MAX_TOKENS.field("Tokens to generate", default=None)
+    temperature: float | None = params.TEMPERATURE.field("Sampling temperature", default=None)
+    top_p: float | None = params.TOP_P.field("Nucleus sampling mass", default=None)
+    top_k: JsonInt | None = params.TOP_K.field("Top-k filtering", default=None)
+    n: JsonInt = params.N.field("Choices to generate")
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -133,7 +134,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: JsonInt | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: JsonInt | None = params.MAX_TOKENS.field(
+        "Tokens to generate", default=None
+    )
     logprobs: bool = False
     top_logprobs: JsonInt | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None

@@ -1,0 +1,35 @@
+"""Generation and endpoint parameters: each one's allowed range and default, in one place.
+
+The management API's deploy body (hyperParameters are a deployment's defaults), the OpenAI
+request models, and the defaults a request falls back on all read them from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+
+@dataclass(frozen=True)
+class Param:
+    lo: float
+    hi: float
+    default: Any
+
+    def field(self, what: str, default: Any = ...) -> Any:
+        """A pydantic Field with this range, described as "<what>, lo–hi."."""
+        value = self.default if default is ... else default
+        return Field(value, ge=self.lo, le=self.hi, description=f"{what}, {self.lo}–{self.hi}.")
+
+
+TEMPERATURE = Param(0, 2, 1.0)
+TOP_P = Param(0, 1, 1.0)
+TOP_K = Param(1, 100, 50)
+#: tokens a request may generate; hyperParameters.maxTokens also takes 0, "this default"
+MAX_TOKENS = Param(1, 512, 512)
+#: the deployment's endpoint timeout, seconds
+TIMEOUT_S = Param(30, 180, 60)
+#: choices per request
+N = Param(1, 8, 1)
