@@ -443,6 +443,9 @@ async def get_deployment(deploymentId: str, request: Request, _: User) -> dict[s
         "max": scaling.get("maxReplicas"),
         "byState": live["byState"],
         "applicationStatus": live["applicationStatus"],
+        # why replicas are missing (Serve's words: a lost node, no resources to place them)
+        "message": live["message"],
+        "nodes": live["nodes"],
     }
     dep["curl"] = _curl(dep, _base_url(request))
     return dep

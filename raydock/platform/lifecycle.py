@@ -370,17 +370,30 @@ class Lifecycle:
         details = await controller.get_serve_instance_details.remote()
         app = (details.get("applications") or {}).get(names.engine_app(deployment_id))
         if app is None:
-            return {"applicationStatus": None, "current": 0, "target": 0, "byState": {}}
+            return {
+                "applicationStatus": None,
+                "message": None,
+                "current": 0,
+                "target": 0,
+                "byState": {},
+                "nodes": {},
+            }
         states: dict[str, int] = {}
+        nodes: dict[str, int] = {}  # running replicas per node
+        messages = [app.get("message") or ""]
         target = 0
         for dep in app["deployments"].values():
             target += dep.get("target_num_replicas") or 0
+            messages.append(dep.get("message") or "")  # e.g. replicas that cannot be placed
             for replica in dep.get("replicas", []):
                 states[replica["state"]] = states.get(replica["state"], 0) + 1
+                if replica["state"] == "RUNNING" and replica.get("node_id"):
+                    nodes[replica["node_id"]] = nodes.get(replica["node_id"], 0) + 1
         return {
             "applicationStatus": app["status"],
-            "message": app.get("message"),
+            "message": " ".join(m for m in messages if m) or None,
             "current": states.get("RUNNING", 0),
             "target": target,
             "byState": states,
+            "nodes": nodes,
         }
