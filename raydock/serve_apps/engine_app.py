@@ -317,11 +317,14 @@ def fetch_model(artifact: dict[str, Any]) -> str:
     raises ArtifactError, which fails the deploy with that reason."""
     from pathlib import Path
 
-    from raydock.artifacts import NodeCache, open_store
+    from raydock.artifacts import ArtifactError, NodeCache, open_store
 
     store = open_store(artifact["store"], artifact["endpoint"] or None)
     cache = NodeCache(Path(artifact["cache_dir"]).expanduser(), artifact["cache_max_bytes"])
-    return str(cache.fetch(store, artifact["prefix"], artifact["digest"]))
+    try:
+        return str(cache.fetch(store, artifact["prefix"], artifact["digest"]))
+    except ArtifactError as exc:  # the deploy's failure reason: the last "…Error: …" line
+        raise ArtifactError(f"the model artifact cannot be used: {exc}") from exc
 
 
 def load_engine(spec: dict[str, Any]):

@@ -220,7 +220,10 @@ def asgi_app() -> FastAPI:
 
 # See platform/api.py: module-level functions are pickled by reference, the class by value.
 @serve.deployment(
-    name="gateway", num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=1000
+    name="gateway",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0, "resources": names.ON_HEAD},
+    max_ongoing_requests=1000,
 )
 @serve.ingress(asgi_app)
 class Gateway:

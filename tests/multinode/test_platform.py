@@ -1,0 +1,217 @@
+"""raydock on a cluster of several nodes, its artifacts in S3 (moto's server on 127.0.0.1).
+
+The head runs the platform (registry, lifecycle, access hub, API: pinned there) and no engine
+replica (0 CPUs); the workers cannot see raydock's home, so every replica, import, conversion
+and export proves it needs no file of the head and no database. The tests run in order and
+share one platform.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+
+import httpx
+import pytest
+import ray
+
+from raydock.client import Client, default_deploy_body
+from raydock.config import load_settings
+from raydock.modelgen import build_model_zip
+from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
+from tests.e2e.conftest import Platform, import_ready, wait_for
+
+ASK = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def platform(cluster, mn_home, s3):
+    if ray.is_initialized():
+        pytest.skip("this process is connected to another Ray cluster: run tests/multinode alone")
+    settings = load_settings(
+        home=str(mn_home),
+        port=free_port(),
+        ray_address=cluster.address,
+        artifact_root=f"s3://{s3.bucket}/raydock",
+        s3_endpoint_url=s3.endpoint_url,
+        max_archive_bytes=20 * 2**20,
+    )
+    connect(settings)
+    info = start_platform(settings)
+    yield Platform(settings, info["url"], info["admin_key"], Client(info["url"], info["admin_key"]))
+    stop_platform()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def models(platform, tmp_path_factory) -> dict[str, dict]:
+    """Two models, one through each upload path."""
+    zips = tmp_path_factory.mktemp("zips")
+    return {
+        "multipart": import_ready(platform, build_model_zip(zips / "mn-a.zip", seed=1)),
+        "chunked": import_ready(platform, build_model_zip(zips / "mn-b.zip", seed=2), chunked=True),
+    }
+
+
+def stored(s3, area: str = "") -> list[str]:
+    return [
+        k
+        for k in s3.client().list_objects_v2(Bucket=s3.bucket).get("Contents", [])
+        if k["Key"].startswith(f"raydock/{area}")
+    ]
+
+
+def replica_nodes(platform, dep_id: str) -> dict[str, int]:
+    return platform.client.get(f"/deployments/{dep_id}")["replicas"]["nodes"]
+
+
+def chat(platform, dep_id: str, key: str, path: str = "v2") -> httpx.Response:
+    if path == "v1":
+        url, body = f"{platform.url}/v1/chat/completions", {"model": dep_id}
+    else:
+        url, body = f"{platform.url}/deployments/{dep_id}/v2/chat/completions", {}
+    return httpx.post(
+        url,
+        json={**body, "messages": ASK, "max_tokens": 4},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+
+
+def deploy(platform, model_id: str, name: str, **overrides) -> dict:
+    ref = platform.client.deploy(model_id, default_deploy_body(name, **overrides))
+    job = platform.client.wait_job(ref["dockStatusId"], timeout=900)
+    dep = platform.client.get(f"/deployments/{ref['deploymentId']}")
+    return {**dep, "job": job}
+
+
+def test_both_upload_paths_import_into_s3(platform, models, s3):
+    for model in models.values():
+        keys = [o["Key"] for o in stored(s3, f"models/{model['modelId']}/")]
+        assert any(k.endswith("model.safetensors") for k in keys), keys
+        assert any(k.endswith("raydock-manifest.json") for k in keys)
+    assert not stored(s3, "uploads/")  # spent uploads are gone
+    # nothing on the head's disk but the database and the (empty) upload staging dir
+    assert not (platform.settings.home_path / "artifacts").exists()
+
+
+def test_replicas_serve_from_workers_and_keys_are_revoked_within_a_second(
+    platform, models, cluster
+):
+    dep = deploy(platform, models["multipart"]["modelId"], "mn-chat")
+    assert dep["job"]["status"] == "SUCCESS", dep
+    dep_id = dep["deploymentId"]
+    workers = {w.node_id for w in cluster.alive_workers}
+    assert set(replica_nodes(platform, dep_id)) <= workers  # never on the head
+    key = platform.client.create_key(dep_id)
+    for path in ("v2", "v1"):
+        r = chat(platform, dep_id, key, path)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+
+    created = platform.client.post(f"/deployments/{dep_id}/api-keys", json={"name": "short"})
+    assert chat(platform, dep_id, created["apiKey"]).status_code == 200
+    platform.client.delete(f"/deployments/{dep_id}/api-keys/{created['keyId']}")
+    revoked_at = time.monotonic()
+    for path in ("v2", "v1"):
+        wait_for(
+            lambda p=path: chat(platform, dep_id, created["apiKey"], p).status_code == 401,
+            timeout=1,
+            interval=0.05,
+        )
+    assert time.monotonic() - revoked_at <= 2  # both paths, each within its second
+
+
+def test_two_replicas_across_nodes_and_a_lost_node(platform, models, cluster):
+    dep_id = platform.client.get(f"/models/{models['multipart']['modelId']}/deployments")[
+        "deployments"
+    ][0]["deploymentId"]
+    ref = platform.client.post(
+        f"/deployments/{dep_id}/redeploy",
+        json=default_deploy_body("mn-chat", scalingParameters={"minReplicas": 2, "maxReplicas": 2}),
+    )
+    assert platform.client.wait_job(ref["dockStatusId"], timeout=900)["status"] == "SUCCESS"
+    nodes = wait_for(lambda: len(n := replica_nodes(platform, dep_id)) == 2 and n, timeout=60)
+    key = platform.client.create_key(dep_id, "lost-node")
+
+    # lose the node of one replica: the other keeps answering, Serve places a new one
+    lost = next(w for w in cluster.alive_workers if w.node_id in nodes)
+    cluster.remove_worker(lost)
+    cluster.wait_node_dead(lost, timeout=30)
+    started = time.monotonic()
+    wait_for(lambda: chat(platform, dep_id, key).status_code == 200, timeout=60, interval=0.5)
+    serving_again = time.monotonic() - started
+
+    seen: list[dict] = []
+
+    def replaced() -> dict | None:  # Serve notices the lost replica at its next health check
+        d = platform.client.get(f"/deployments/{dep_id}")
+        seen[:] = [d]
+        nodes = d["replicas"]["nodes"]
+        return d if lost.node_id not in nodes and sum(nodes.values()) == 2 else None
+
+    try:
+        view = wait_for(replaced, timeout=120)
+    except AssertionError:
+        raise AssertionError(f"not replaced: {seen[0]['status']} {seen[0]['replicas']}") from None
+    assert view["status"] == "DEPLOYED" and view["replicas"]["current"] == 2
+    print(f"serving again {serving_again:.1f} s after the node was declared dead")
+    ok = sum(chat(platform, dep_id, key).status_code == 200 for _ in range(6))
+    assert ok == 6
+    cluster.add_worker(num_cpus=2)  # back to two workers for the next tests
+    platform.client.wait_job(
+        platform.client.post(f"/deployments/{dep_id}/undeploy")["dockStatusId"]
+    )
+
+
+def test_ctranslate2_converts_on_a_worker_and_serves(platform, models, cluster, s3):
+    dep = deploy(
+        platform,
+        models["chunked"]["modelId"],
+        "mn-ct2",
+        optimizationInfo={"optimizationType": "ctranslate2", "quantizationType": "int8"},
+    )
+    assert dep["job"]["status"] == "SUCCESS", dep
+    assert stored(s3, "optimized/")  # the conversion went to the store, not a node's disk
+    key = platform.client.create_key(dep["deploymentId"])
+    r = chat(platform, dep["deploymentId"], key)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    assert set(replica_nodes(platform, dep["deploymentId"])) <= {
+        w.node_id for w in cluster.alive_workers
+    }
+    job = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    platform.client.wait_job(job["dockStatusId"])
+
+
+def test_export_downloads_through_a_presigned_url(platform, models, s3):
+    model_id = models["chunked"]["modelId"]
+    job = platform.client.post(f"/models/{model_id}/export")
+    done = platform.client.wait_job(job["dockStatusId"], timeout=300)
+    assert done["status"] == "SUCCESS", done
+    url = done["response"]["downloadUrl"]
+    assert url.startswith(s3.endpoint_url) and "Signature" in url  # presigned, no raydock key
+    r = httpx.get(url, timeout=60)
+    assert r.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    assert {"config.json", "model.safetensors", "deployconfig.json"} <= set(names)
+    assert "raydock-manifest.json" not in names
+
+
+def test_a_corrupted_artifact_fails_the_deploy_with_its_reason(platform, s3, tmp_path):
+    model = import_ready(platform, build_model_zip(tmp_path / "mn-corrupt.zip", seed=7))
+    key = f"raydock/models/{model['modelId']}/model.safetensors"
+    body = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    flipped = bytes([body[-1] ^ 0xFF])
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=body[:-1] + flipped)
+    dep = deploy(platform, model["modelId"], "mn-corrupt")
+    assert dep["job"]["status"] == "FAILED"
+    assert dep["status"] == "FAILED"
+    assert "model.safetensors" in dep["failureReason"], dep["failureReason"]
+    assert "sha256" in dep["failureReason"] or "corrupt" in dep["failureReason"].lower()
+
+
+def test_deleting_the_models_empties_the_bucket(platform, s3):
+    for model in platform.client.get("/models")["models"]:
+        r = platform.http().delete(f"/api/public/models/{model['modelId']}")
+        assert r.status_code == 200, r.text
+    assert stored(s3) == []
