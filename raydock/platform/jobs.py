@@ -29,7 +29,7 @@ def _registry():
     return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
 
 
-class _Progress:
+class JobProgress:
     """Throttled progress reporting to the dock status (at most every 0.5 s or 5 points)."""
 
     def __init__(self, job_id: str, lo: int = 0, hi: int = 100):
@@ -54,19 +54,19 @@ def exports_key(model_id: str) -> str:
     return f"exports/{model_id}"
 
 
-def _bytes_progress(progress: _Progress, message: str):
+def bytes_progress(progress: JobProgress, message: str):
     """A store transfer's (bytes done, total) as the job's progress."""
     return lambda done, total: progress(done / total if total else 1.0, message)
 
 
-def _local_copy(store, key: str, work: Path, progress: _Progress) -> Path:
+def _local_copy(store, key: str, work: Path, progress: JobProgress) -> Path:
     """A stored file as a path on this node: the store's own file when it is a local
     directory, else a download into `work`."""
     local = store.local_path(key)
     if local is not None and local.is_file():
         return local
     dest = work / Path(key).name
-    store.get_file(key, dest, _bytes_progress(progress, "downloading the upload"))
+    store.get_file(key, dest, bytes_progress(progress, "downloading the upload"))
     return dest
 
 
@@ -93,7 +93,7 @@ def import_model_task(
     validating = False
     key = model_key(model_id)
     work = Path(tempfile.mkdtemp(prefix="raydock-import-"))
-    extracting = _Progress(job_id, 5, 80)
+    extracting = JobProgress(job_id, 5, 80)
 
     def on_progress(fraction: float, stage: str) -> None:
         nonlocal validating
@@ -103,15 +103,15 @@ def import_model_task(
         extracting(fraction, stage)
 
     try:
-        zip_path = _local_copy(store, upload_key, work, _Progress(job_id, 0, 5))
+        zip_path = _local_copy(store, upload_key, work, JobProgress(job_id, 0, 5))
         checksum = sha256_file(zip_path)
         meta = extract_model_archive(
             zip_path, work / "model", limits, kind=kind, progress=on_progress
         )
         if not validating:
             ray.get(registry.set_model_status.remote(model_id, ModelStatus.VALIDATING))
-        storing = _Progress(job_id, 80, 99)
-        manifest = store.put_dir(work / "model", key, _bytes_progress(storing, "storing the model"))
+        storing = JobProgress(job_id, 80, 99)
+        manifest = store.put_dir(work / "model", key, bytes_progress(storing, "storing the model"))
         info = meta.to_dict()
         deployconfig = info.pop("deployconfig", None)
         model = ray.get(
@@ -171,27 +171,27 @@ def export_model_task(
     key = f"{exports_key(model['modelId'])}/{job_id}/{name}"
     try:
         src = work / "model"
-        fetching = _Progress(job_id, 0, 40)
+        fetching = JobProgress(job_id, 0, 40)
         store.get_dir(
             model["artifactUri"],
             src,
             model["metadata"]["artifactDigest"],
-            _bytes_progress(fetching, "fetching the model"),
+            bytes_progress(fetching, "fetching the model"),
         )
         files = sorted(
             p
             for p in src.rglob("*")
             if p.is_file() and p.name not in ("deployconfig.json", MANIFEST_NAME)
         )
-        zipping = _Progress(job_id, 40, 80)
+        zipping = JobProgress(job_id, 40, 80)
         target = work / name
         with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
             for i, path in enumerate(files):
                 zf.write(path, path.relative_to(src).as_posix())
                 zipping((i + 1) / (len(files) + 1), "zipping")
             zf.writestr("deployconfig.json", json.dumps(deployconfig or {}, indent=2))
-        storing = _Progress(job_id, 80, 99)
-        store.put_file(target, key, _bytes_progress(storing, "storing the export"))
+        storing = JobProgress(job_id, 80, 99)
+        store.put_file(target, key, bytes_progress(storing, "storing the export"))
         url = store.download_url(key, EXPORT_URL_TTL_S) or export_download_path(job_id)
         ray.get(
             registry.update_job.remote(
@@ -230,7 +230,7 @@ def optimize_model_task(
     cfg = Settings(**settings)
     store = cfg.store()
     prefix = f"optimized/{ct2.artifact_key(model['checksum'], quantization)}"
-    progress = _Progress(job_id, 0, 15) if job_id else (lambda *_: None)
+    progress = JobProgress(job_id, 0, 15) if job_id else (lambda *_: None)
     if store.exists(f"{prefix}/{MANIFEST_NAME}"):
         progress(1.0, f"reusing the CTranslate2 {ct2.normalize(quantization)} conversion")
         return {"prefix": prefix, "digest": store.read_manifest(prefix).digest}

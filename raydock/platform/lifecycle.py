@@ -24,7 +24,13 @@ from ray.serve.api import RunTarget
 from raydock.config import Settings, hardware_profiles
 from raydock.optimizers import plan
 from raydock.platform import names
-from raydock.platform.jobs import export_model_task, import_model_task, optimize_model_task
+from raydock.platform.jobs import (
+    JobProgress,
+    bytes_progress,
+    export_model_task,
+    import_model_task,
+    optimize_model_task,
+)
 from raydock.platform.states import ACTIVE_DEPLOYMENT, JobAction, JobStatus
 from raydock.platform.states import DeploymentStatus as D
 
@@ -44,19 +50,6 @@ INTERRUPTED_REASON = "interrupted: the platform component running it stopped; re
 
 class DeployFailed(Exception):
     pass
-
-
-def _throttled(progress, interval_s: float = 0.5):
-    """A transfer's progress callback that reports at most every `interval_s`."""
-    last = [0.0]
-
-    def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last[0] >= interval_s or done >= total:
-            last[0] = now
-            progress(done, total)
-
-    return report
 
 
 def _app_status(name: str) -> Any | None:
@@ -234,14 +227,7 @@ class Lifecycle:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(local, target)
             return
-        registry = self.registry
-
-        def progress(done: int, total: int) -> None:
-            registry.update_job.remote(
-                job_id, percentage=int(5 * done / max(total, 1)), message="storing the upload"
-            )
-
-        store.put_file(local, key, _throttled(progress))
+        store.put_file(local, key, bytes_progress(JobProgress(job_id, 0, 5), "storing the upload"))
 
     async def submit_export(self, model: dict, job_id: str, deployconfig: dict | None) -> None:
         async def run() -> None:

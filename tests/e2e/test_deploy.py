@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import zipfile
 
 import httpx
 import openai
 import pytest
 from ray import serve
+from ray.serve.context import _get_global_client
 
 from raydock.client import default_deploy_body
 
@@ -165,12 +167,30 @@ def test_redeploy_history_undeploy_retrigger_delete(platform, ready_model):
     http = platform.http()
     dep = deploy_and_wait(platform, ready_model["modelId"], "Flan T5")
     dep_id = dep["deploymentId"]
+    scaling = {"maxBatchSize": 4, "maxReplicas": 3, "scaleUpDelay": 7, "scaleDownDelay": 11}
     body = default_deploy_body(
-        "ignored", hyperParameters={"temperature": 0.5}, scalingParameters={"maxBatchSize": 4}
+        "ignored", hyperParameters={"temperature": 0.5}, scalingParameters=scaling
     )
     ref = http.post(f"/api/public/deployments/{dep_id}/redeploy", json=body).json()
     assert ref["action"] == "DEPLOY"
     assert platform.client.wait_job(ref["dockStatusId"])["status"] == "SUCCESS"
+    # served with the new settings: Serve's autoscaling config, and the replica's batch limit
+    details = _get_global_client().get_serve_details()
+    deployed = details["applications"][dep_id]["deployments"]["engine"]["deployment_config"]
+    autoscaling = deployed["autoscaling_config"]
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 3)
+    assert (autoscaling["upscale_delay_s"], autoscaling["downscale_delay_s"]) == (7, 11)
+    key = platform.client.create_key(dep_id)
+    url = f"{platform.url}/deployments/{dep_id}/v2/chat/completions"
+    load = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 48, "ignore_eos": True}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
+            return await asyncio.gather(*(c.post(url, json=load) for _ in range(8)))
+
+    assert all(r.status_code == 200 for r in asyncio.run(burst()))
+    stats = platform.client.get(f"/deployments/{dep_id}/stats")
+    assert stats["maxBatchSize"] == 4 and stats["max_batch"] == 4  # 8 at once, 4 decode
     # the seed's way: deploy again by name with isDeployedPreviously
     again = default_deploy_body("Flan T5", isDeployedPreviously=True)
     ref = platform.client.deploy(ready_model["modelId"], again)

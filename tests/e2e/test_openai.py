@@ -83,6 +83,15 @@ def test_n_choices_and_sampling_params(sdk):
     assert sorted(c.index for c in reply.choices) == [0, 1, 2]
     assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
     assert reply.usage.completion_tokens <= 15
+    # sampled choices differ from each other; greedy ones are all the same answer
+    sampled = sdk.chat.completions.create(
+        model="m", messages=HELLO, max_tokens=16, n=4, seed=7, temperature=1.0
+    )
+    assert len({c.message.content for c in sampled.choices}) > 1
+    greedy = sdk.chat.completions.create(
+        model="m", messages=HELLO, max_tokens=16, n=4, seed=7, temperature=0
+    )
+    assert len({c.message.content for c in greedy.choices}) == 1
 
 
 def test_logprobs(sdk):
@@ -154,6 +163,49 @@ def test_length_finish_and_legacy_completions(sdk):
     assert "".join(c.choices[0].text for c in stream if c.choices)
 
 
+def test_v1_streams_with_usage_and_serves_legacy_completions(platform, live, ready_model):
+    client = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=live.key)
+    dep_id = live.deployment["deploymentId"]
+    stream = client.chat.completions.create(
+        model=dep_id,
+        messages=HELLO,
+        max_tokens=6,
+        stream=True,
+        seed=5,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 6
+    whole = client.chat.completions.create(model=dep_id, messages=HELLO, max_tokens=6, seed=5)
+    assert whole.choices[0].message.content == text
+    legacy = client  # /v1/completions: the same base URL
+    done = legacy.completions.create(model=dep_id, prompt="The harbour", max_tokens=4)
+    assert done.object == "text_completion" and done.usage.completion_tokens == 4
+    streamed = legacy.completions.create(
+        model=dep_id, prompt="The harbour", max_tokens=4, stream=True, extra_body={"seed": 1}
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices)
+    # another deployment's key reaches only its own deployment
+    other = deploy_and_wait(platform, ready_model["modelId"], "v1-other")
+    other_key = platform.client.create_key(other["deploymentId"])
+    r = httpx.post(
+        v1_url(platform),
+        json={"model": dep_id, "messages": HELLO, "max_tokens": 2},
+        headers={"Authorization": f"Bearer {other_key}"},
+    )
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = httpx.post(
+        v1_url(platform),
+        json={"model": other["deploymentId"], "messages": HELLO, "max_tokens": 2},
+        headers={"Authorization": f"Bearer {live.key}"},
+    )
+    assert r.status_code == 404
+    platform.client.wait_job(
+        platform.client.post(f"/deployments/{other['deploymentId']}/undeploy")["dockStatusId"]
+    )
+
+
 def test_openai_standard_base_url(platform, live):
     client = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=live.key)
     models = client.models.list().data
@@ -206,16 +258,30 @@ def test_error_shapes(platform, live):
     assert r.status_code == 400
 
 
-def test_client_disconnect_frees_its_batch_slot(platform, live):
-    stats_url = f"/api/public/deployments/{live.deployment['deploymentId']}/stats"
+def v1_url(platform, kind: str = "chat/completions") -> str:
+    """The OpenAI-standard path: the gateway, which streams from the engine by handle."""
+    return f"{platform.url}/v1/{kind}"
+
+
+@pytest.mark.parametrize("path", ["replica route", "gateway /v1"])
+def test_client_disconnect_frees_its_batch_slot(platform, live, path):
+    dep_id = live.deployment["deploymentId"]
+    stats_url = f"/api/public/deployments/{dep_id}/stats"
+    url = f"{live.base_url}/chat/completions" if path == "replica route" else v1_url(platform)
     http = platform.http()
     before = http.get(stats_url).json()
     with httpx.stream(
         "POST",
-        f"{live.base_url}/chat/completions",
+        url,
         timeout=60,
         headers={"Authorization": f"Bearer {live.key}"},
-        json={"messages": HELLO, "max_tokens": 512, "stream": True, "ignore_eos": True},
+        json={
+            "model": dep_id,
+            "messages": HELLO,
+            "max_tokens": 512,
+            "stream": True,
+            "ignore_eos": True,
+        },
     ) as r:
         lines = r.iter_lines()
         for _ in range(5):
@@ -252,24 +318,31 @@ def test_full_queue_is_429_and_not_ready_is_503(platform, ready_model):
     )
     key = platform.client.create_key(dep["deploymentId"])
     url = f"{platform.url}/deployments/{dep['deploymentId']}/v2/chat/completions"
-    body = {"messages": HELLO, "max_tokens": 256, "ignore_eos": True}
+    body = {"model": dep["deploymentId"], "messages": HELLO, "max_tokens": 256, "ignore_eos": True}
 
-    async def burst():
+    async def burst(target: str):
         async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
-            return await asyncio.gather(*(c.post(url, json=body) for _ in range(16)))
+            return await asyncio.gather(*(c.post(target, json=body) for _ in range(16)))
 
-    results = asyncio.run(burst())
-    codes = sorted(r.status_code for r in results)
-    assert set(codes) == {200, 429}, codes
-    err = next(r for r in results if r.status_code == 429).json()["error"]
-    assert err["type"] == "rate_limit_error"
+    for target in (url, v1_url(platform)):  # the replica route, then the gateway's handle
+        results = asyncio.run(burst(target))
+        codes = sorted(r.status_code for r in results)
+        assert set(codes) == {200, 429}, (target, codes)
+        err = next(r for r in results if r.status_code == 429).json()["error"]
+        assert err["type"] == "rate_limit_error"
 
     ref = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
     platform.client.wait_job(ref["dockStatusId"])
     ref = platform.client.post(f"/deployments/{dep['deploymentId']}/retrigger")
-    r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"})
-    assert r.status_code == 503 and r.json()["error"]["code"] == "deployment_not_ready"
+    auth = {"Authorization": f"Bearer {key}"}
+    for target in (url, v1_url(platform)):
+        r = httpx.post(target, json=body, headers=auth)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "deployment_not_ready"
     platform.client.wait_job(ref["dockStatusId"])
+    # the gateway's cached handle reaches the new app, not the one undeployed
+    small = {**body, "max_tokens": 2}
+    for target in (url, v1_url(platform)):
+        wait_for(lambda t=target: httpx.post(t, json=small, headers=auth).status_code == 200, 5)
     platform.client.wait_job(
         platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
     )

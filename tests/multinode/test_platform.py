@@ -86,6 +86,20 @@ def deploy(platform, model_id: str, name: str, **overrides) -> dict:
     return {**dep, "job": job}
 
 
+def test_a_failed_import_leaves_nothing_in_the_bucket(platform, s3, tmp_path):
+    good = build_model_zip(tmp_path / "mn-good.zip", seed=9)
+    bad = tmp_path / "mn-bad.zip"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            if item.filename != "config.json":
+                zout.writestr(item, zin.read(item))
+    ref = platform.client.import_zip(bad, chunked=True)
+    assert platform.client.wait_job(ref["dockStatusId"], timeout=300)["status"] == "FAILED"
+    model = platform.client.get(f"/models/{ref['modelId']}")
+    assert "config.json is missing" in model["error"], model["error"]
+    assert stored(s3) == []  # neither the upload nor half a model
+
+
 def test_both_upload_paths_import_into_s3(platform, models, s3):
     for model in models.values():
         keys = [o["Key"] for o in stored(s3, f"models/{model['modelId']}/")]
