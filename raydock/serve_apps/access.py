@@ -32,6 +32,9 @@ WATCH_TIMEOUT_S = 30.0
 #: A replica's first request waits this long for the hub's current snapshot, then goes on
 #: with the one its deploy carried (the hub may be restarting)
 FIRST_SYNC_WAIT_S = 2.0
+#: A key this replica does not know makes it ask the hub at once (a key created a moment ago
+#: may not have been pushed yet), at most this often: unknown keys cannot flood the hub
+MISS_REFRESH_INTERVAL_S = 0.1
 
 
 def hash_key(key: str) -> str:
@@ -140,6 +143,8 @@ class Auth:
         self.synced = asyncio.Event()
         self.touched: dict[str, float] = {}
         self._watch: asyncio.Task | None = None
+        self._refresh: asyncio.Task | None = None
+        self._refreshed_at = -1e9
 
     async def authorize(self, request: Request, deployment_id: str | None) -> DeploymentAccess:
         if self._watch is None or self._watch.done():
@@ -147,31 +152,52 @@ class Auth:
         if not self.synced.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.synced.wait(), FIRST_SYNC_WAIT_S)
-        dep, key_id = self.table.authorize(_key_from(request), deployment_id)
+        key = _key_from(request)
+        try:
+            dep, key_id = self.table.authorize(key, deployment_id)
+        except ApiError as exc:
+            if exc.status != 401 or not key or not await self._refreshed():
+                raise
+            dep, key_id = self.table.authorize(key, deployment_id)
         self._touch(key_id)
         return dep
+
+    async def _refreshed(self) -> bool:
+        """Ask the hub for the current snapshots now (one call shared by concurrent requests,
+        none within MISS_REFRESH_INTERVAL_S of the last); whether the table was refreshed."""
+        if self._refresh is None or self._refresh.done():
+            if time.monotonic() - self._refreshed_at < MISS_REFRESH_INTERVAL_S:
+                return False
+            self._refreshed_at = time.monotonic()
+            self._refresh = asyncio.create_task(self._fetch(timeout_s=0))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._refresh), FIRST_SYNC_WAIT_S)
+            return True
+        except Exception:  # the hub restarting: the table stays as it was
+            return False
+
+    async def _fetch(self, timeout_s: float) -> None:
+        """One answer of the hub (at once when this replica is behind), applied."""
+        hub = ray.get_actor(self.hub[0], namespace=self.hub[1])
+        answer = await hub.watch.remote(self.epoch, self.version, self.deployment_id, timeout_s)
+        if answer["epoch"] == self.epoch and answer["version"] < self.version:
+            return  # an older answer than one the watch applied meanwhile
+        if self.deployment_id is None:  # every deployment: what is missing is gone
+            self.table = AccessTable()
+        self.table.replace(answer["snapshots"])
+        self.epoch, self.version = answer["epoch"], answer["version"]
+        self.synced.set()
 
     async def _keep_current(self) -> None:
         """Long-poll the hub: it answers at once when this replica is behind, else at the
         next change (or after WATCH_TIMEOUT_S)."""
-        hub = None
         while True:
             try:
-                if hub is None:
-                    hub = ray.get_actor(self.hub[0], namespace=self.hub[1])
-                answer = await hub.watch.remote(
-                    self.epoch, self.version, self.deployment_id, WATCH_TIMEOUT_S
-                )
-                if self.deployment_id is None:  # every deployment: what is missing is gone
-                    self.table = AccessTable()
-                self.table.replace(answer["snapshots"])
-                self.epoch, self.version = answer["epoch"], answer["version"]
-                self.synced.set()
+                await self._fetch(WATCH_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the hub restarting: keep the last snapshot, retry
                 log.debug("access watch failed: %r", exc)
-                hub = None
                 await asyncio.sleep(0.5)
 
     def _touch(self, key_id: str) -> None:

@@ -4,14 +4,17 @@ and the registry's snapshots (the serving rule, keys) — no Ray, no HTTP."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
+import ray
+from starlette.requests import Request
 
 from raydock.errors import ApiError
 from raydock.platform.access_hub import AccessHub
 from raydock.platform.registry import Registry
 from raydock.platform.states import DeploymentStatus as D
-from raydock.serve_apps.access import AccessTable, hash_key
+from raydock.serve_apps.access import MISS_REFRESH_INTERVAL_S, AccessTable, Auth, hash_key
 
 
 def snapshot(dep_id: str, keys: dict[str, str], serving: bool = True, stamp: int = 1) -> dict:
@@ -106,3 +109,47 @@ def test_registry_snapshots_follow_keys_and_the_serving_rule(tmp_path):
     assert snap()["keys"] == {}
     reg.delete_deployment(dep_id)
     assert reg.access_snapshots([dep_id]) == {dep_id: None}
+
+
+class _HubHandle:
+    """What ray.get_actor returns (the hub, and the registry's touch_keys): methods behind
+    `.remote` (Ray is the edge here; the hub itself is the real one). Counts watch calls."""
+
+    def __init__(self, hub: AccessHub):
+        self.calls = 0
+
+        async def watch(*args):
+            self.calls += 1
+            return await hub.watch(*args)
+
+        self.watch = SimpleNamespace(remote=watch)
+        self.touch_keys = SimpleNamespace(remote=lambda key_ids: None)  # the registry's
+
+
+def _request(key: str) -> Request:
+    return Request({"type": "http", "headers": [(b"authorization", f"Bearer {key}".encode())]})
+
+
+def test_a_key_created_a_moment_ago_works_before_its_push(monkeypatch):
+    async def scenario():
+        hub = AccessHub()
+        hub._loaded = True
+        await hub.publish({"a": snapshot("a", {"old": ""}, stamp=1)})
+        handle = _HubHandle(hub)
+        monkeypatch.setattr(ray, "get_actor", lambda *a, **k: handle)
+        auth = Auth(("hub", "ns"), ("registry", "ns"), "a")
+        assert (await auth.authorize(_request("old"), "a")).deployment_id == "a"
+        auth._watch.cancel()  # no push from here on: only the refresh on a miss can help
+        auth._watch = asyncio.create_task(asyncio.sleep(3600))
+        await hub.publish({"a": snapshot("a", {"old": "", "new": ""}, stamp=2)})
+        assert (await auth.authorize(_request("new"), "a")).deployment_id == "a"
+        # unknown keys ask the hub at most once per interval
+        await asyncio.sleep(MISS_REFRESH_INTERVAL_S)
+        calls = handle.calls
+        for _ in range(5):
+            with pytest.raises(ApiError) as err:
+                await auth.authorize(_request("nope"), "a")
+            assert err.value.status == 401
+        assert handle.calls == calls + 1
+
+    asyncio.run(scenario())
