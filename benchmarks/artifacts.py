@@ -90,7 +90,7 @@ def main() -> None:
 
             cold, warm = [], []
             for r in range(args.rounds):
-                shutil.rmtree(settings.cache_path, ignore_errors=True)
+                shutil.rmtree(Path(settings.cache_location).expanduser(), ignore_errors=True)
                 seconds, dep_id = deploy_seconds(client, model["modelId"], f"cold-{r}")
                 cold.append(seconds)
                 undeploy(client, dep_id)

@@ -49,9 +49,10 @@ class Settings:
         return self.artifact_root or str(self.home_path / "artifacts")
 
     @property
-    def cache_path(self) -> Path:
-        """Each node's cache of artifacts its replicas load (a path on that node)."""
-        return Path(self.cache_dir).expanduser() if self.cache_dir else self.home_path / "cache"
+    def cache_location(self) -> str:
+        """Each node's cache of the artifacts its replicas load, unresolved: `~` is the home
+        of the node that uses it."""
+        return self.cache_dir or str(Path(self.home) / "cache")
 
     def store(self):
         """The artifact store (raydock.artifacts): a local directory or an S3 bucket."""
@@ -65,7 +66,7 @@ class Settings:
         return {
             "store": self.artifacts,
             "endpoint": self.s3_endpoint_url,
-            "cache_dir": self.cache_dir or str(Path(self.home) / "cache"),
+            "cache_dir": self.cache_location,
             "cache_max_bytes": int(self.cache_max_gb * 2**30),
         }
 

@@ -1,7 +1,7 @@
 """Artifacts (model directories, uploaded and exported zips) in a local or S3 store, and the
 node-local cache replicas load models from. Needs no Ray."""
 
-from .cache import NodeCache
+from .cache import NodeCache, fetch_cached
 from .store import (
     MANIFEST_NAME,
     ArtifactCorrupt,
@@ -28,5 +28,6 @@ __all__ = [
     "NodeCache",
     "Progress",
     "S3Store",
+    "fetch_cached",
     "open_store",
 ]

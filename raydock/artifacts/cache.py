@@ -14,12 +14,13 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from .store import ArtifactStore, Progress, is_sha256
+from .store import ArtifactStore, Progress, is_sha256, open_store
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,18 @@ class NodeCache:
                 max_bytes,
             )
         return evicted
+
+
+def fetch_cached(artifact: Mapping[str, Any], progress: Progress | None = None) -> Path:
+    """An artifact's directory on this node, fetched through this node's cache.
+
+    `artifact` is plain data: the store and cache settings (`Settings.artifact_access()`:
+    "store", "endpoint", "cache_dir", "cache_max_bytes") plus the artifact's "prefix" and
+    "digest". Replicas and conversion tasks on any node fetch with it.
+    """
+    store = open_store(artifact["store"], artifact["endpoint"] or None)
+    cache = NodeCache(Path(artifact["cache_dir"]).expanduser(), artifact["cache_max_bytes"])
+    return cache.fetch(store, artifact["prefix"], artifact["digest"], progress)
 
 
 def _touch(path: Path) -> None:

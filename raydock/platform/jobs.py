@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from raydock.artifacts import MANIFEST_NAME
+from raydock.artifacts import MANIFEST_NAME, fetch_cached
 from raydock.config import Settings
 from raydock.errors import NotFound
 from raydock.platform import names
@@ -234,7 +234,13 @@ def optimize_model_task(
     if store.exists(f"{prefix}/{MANIFEST_NAME}"):
         progress(1.0, f"reusing the CTranslate2 {ct2.normalize(quantization)} conversion")
         return {"prefix": prefix, "digest": store.read_manifest(prefix).digest}
-    source = node_cache(cfg).fetch(store, model["artifactUri"], model["metadata"]["artifactDigest"])
+    source = fetch_cached(
+        {
+            "prefix": model["artifactUri"],
+            "digest": model["metadata"]["artifactDigest"],
+            **cfg.artifact_access(),
+        }
+    )
     work = Path(tempfile.mkdtemp(prefix="raydock-convert-"))
     try:
         ct2.convert(source, work / "ct2", quantization, progress=progress)
@@ -242,10 +248,3 @@ def optimize_model_task(
         return {"prefix": prefix, "digest": manifest.digest}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def node_cache(cfg: Settings):
-    """This node's artifact cache."""
-    from raydock.artifacts import NodeCache
-
-    return NodeCache(cfg.cache_path, int(cfg.cache_max_gb * 2**30))

@@ -315,14 +315,10 @@ def fetch_model(artifact: dict[str, Any]) -> str:
     """The model's directory on this replica's node: fetched from the artifact store into the
     node's cache (once per node), its checksum verified. A missing or corrupted artifact
     raises ArtifactError, which fails the deploy with that reason."""
-    from pathlib import Path
+    from raydock.artifacts import ArtifactError, fetch_cached
 
-    from raydock.artifacts import ArtifactError, NodeCache, open_store
-
-    store = open_store(artifact["store"], artifact["endpoint"] or None)
-    cache = NodeCache(Path(artifact["cache_dir"]).expanduser(), artifact["cache_max_bytes"])
     try:
-        return str(cache.fetch(store, artifact["prefix"], artifact["digest"]))
+        return str(fetch_cached(artifact))
     except ArtifactError as exc:  # the deploy's failure reason: the last "…Error: …" line
         raise ArtifactError(f"the model artifact cannot be used: {exc}") from exc
 

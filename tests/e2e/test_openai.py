@@ -179,10 +179,10 @@ def test_v1_streams_with_usage_and_serves_legacy_completions(platform, live, rea
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 6
     whole = client.chat.completions.create(model=dep_id, messages=HELLO, max_tokens=6, seed=5)
     assert whole.choices[0].message.content == text
-    legacy = client  # /v1/completions: the same base URL
-    done = legacy.completions.create(model=dep_id, prompt="The harbour", max_tokens=4)
+    # /v1/completions: the same base URL
+    done = client.completions.create(model=dep_id, prompt="The harbour", max_tokens=4)
     assert done.object == "text_completion" and done.usage.completion_tokens == 4
-    streamed = legacy.completions.create(
+    streamed = client.completions.create(
         model=dep_id, prompt="The harbour", max_tokens=4, stream=True, extra_body={"seed": 1}
     )
     assert "".join(c.choices[0].text for c in streamed if c.choices)
