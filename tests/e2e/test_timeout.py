@@ -14,13 +14,15 @@ from raydock.modelgen import build_model_zip
 from .conftest import deploy_and_wait, import_ready, wait_for
 
 TIMEOUT_S = 30  # the shortest timeout a deployment accepts
-#: the most work one request can ask: a long prompt, 8 choices of the most tokens
+#: a heavy request: a long prompt, 8 choices that never stop early; its length is sized below
 LONG = {
     "messages": [{"role": "user", "content": "go on and on " * 250}],
     "n": 8,
-    "max_tokens": 512,
     "ignore_eos": True,
 }
+#: how long one request should take, so that a handful queued behind each other outlast
+#: the timeout whatever this machine's speed today
+TARGET_REQUEST_S = TIMEOUT_S / 3
 
 
 async def _stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
@@ -72,24 +74,34 @@ def test_timeout_ends_requests_and_stops_their_decoding(platform, zips):
     stats_url = f"/api/public/deployments/{dep_id}/stats"
     headers = {"Authorization": f"Bearer {key}"}
 
+    # size the requests by this machine's speed now (shared cores vary twofold): two short
+    # probes give the prompt's fixed cost and the time per token, LONG then takes about
+    # TARGET_REQUEST_S
+    def timed(tokens: int) -> float:
+        t0 = time.monotonic()
+        r = httpx.post(url, json=LONG | {"max_tokens": tokens}, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        return time.monotonic() - t0
+
+    short, long_ = timed(16), timed(64)
+    per_token = max((long_ - short) / 48, 1e-3)
+    fixed = max(short - 16 * per_token, 0.0)
+    tokens = int((TARGET_REQUEST_S - fixed) / per_token)
+    body = LONG | {"max_tokens": max(16, min(768, tokens))}
+
     # the replica holds 9 requests (1 decoding, 8 waiting): 7 streams, then 2 plain requests,
     # are together well over the timeout's worth of work
-    t0 = time.monotonic()
-    probe = httpx.post(url, json=LONG, headers=headers, timeout=120)
-    per_request = time.monotonic() - t0
-    assert probe.status_code == 200, probe.text
     streams = 7
-    assert streams * per_request > TIMEOUT_S + 10, f"one request took only {per_request:.1f} s"
 
     async def burst():
         async with httpx.AsyncClient(timeout=120, headers=headers) as client:
-            streamed = [asyncio.create_task(_stream(client, url, LONG)) for _ in range(streams)]
+            streamed = [asyncio.create_task(_stream(client, url, body)) for _ in range(streams)]
             await asyncio.sleep(1)  # these two queue behind every stream
-            posted = [asyncio.create_task(_post(client, url, LONG)) for _ in range(2)]
+            posted = [asyncio.create_task(_post(client, url, body)) for _ in range(2)]
             return await asyncio.gather(*streamed), await asyncio.gather(*posted)
 
     streamed, posted = asyncio.run(burst())
-    summary = [
+    summary = [body["max_tokens"]] + [
         (s["status"], s["chunks"], s["done"], round(s["elapsed"], 1), s["error"]) for s in streamed
     ]
 
