@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import signal
@@ -113,6 +114,14 @@ def _import_with_progress(client, path: Path, **options) -> dict:
             bar.update(sent - bar.n)
 
         ref = client.import_zip(path, chunked=True, progress=on_bytes, **options)
+    return _follow_import(client, ref)
+
+
+def _follow_import(client, ref: dict) -> dict:
+    """Show an import's progress (its dock status: percentage, bytes downloaded) until it
+    ends; returns the model."""
+    from tqdm import tqdm
+
     with tqdm(total=100, desc="import", unit="%") as bar:
 
         def on_job(job: dict) -> None:
@@ -154,6 +163,81 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     job = client.wait_job(ref["dockStatusId"])
     print(json.dumps(client.get(f"/deployments/{ref['deploymentId']}"), indent=2))
     return 0 if job["status"] == "SUCCESS" else 1
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    client = _client(args)
+    body = {"repoId": args.repo, "revision": args.revision, "connectionId": args.connection}
+    model = _follow_import(client, client.post("/models/import/huggingface", json=body))
+    print(json.dumps(model, indent=2))
+    return 0 if model["status"] == "READY" else 1
+
+
+def _follow_deploy(client, ref: dict) -> int:
+    """Follow a deploy that first imports (Hugging Face, catalog), then the deploy itself."""
+    if ref["action"] == "IMPORT":
+        model = _follow_import(client, ref)
+        if model["status"] != "READY":
+            return 1
+    dep_id = ref["deployment"]["deploymentId"]
+    dep = client.get(f"/deployments/{dep_id}")
+    while dep["status"] in ("READY_TO_DEPLOY", "OPTIMIZING", "DEPLOYING"):
+        time.sleep(1)
+        dep = client.get(f"/deployments/{dep_id}")
+    print(json.dumps(dep, indent=2))
+    return 0 if dep["status"] == "DEPLOYED" else 1
+
+
+def cmd_deploy_hf(args: argparse.Namespace) -> int:
+    from raydock.client import default_deploy_body
+
+    client = _client(args)
+    body = default_deploy_body(args.name, args.device) | {
+        "repoId": args.repo,
+        "revision": args.revision,
+        "connectionId": args.connection,
+    }
+    return _follow_deploy(client, client.post("/deployments/huggingface", json=body))
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    params = {"name": args.name, "family": args.family}
+    rows = _client(args).get("/catalog", params={k: v for k, v in params.items() if v})
+    print(f"{'ID':34} {'FAMILY':9} {'PARAMS':>7} {'CONTEXT':>8}  {'SMALLEST FIT':14} REPO")
+    for e in rows["models"]:
+        print(
+            f"{e['id'][:34]:34} {e['family']:9} {e['parameters'] / 1e9:>6.2f}B "
+            f"{e['context_length']:>8}  {e['suggestedDeviceType'] or '-':14} {e['repo']}"
+        )
+    return 0
+
+
+def cmd_deploy_catalog(args: argparse.Namespace) -> int:
+    from raydock.client import default_deploy_body
+
+    client = _client(args)
+    body = default_deploy_body(args.name, args.device) | {"connectionId": args.connection}
+    return _follow_deploy(client, client.post(f"/catalog/{args.entry}/deploy", json=body))
+
+
+def cmd_connections(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "list":
+        for c in client.get("/connections")["connections"]:
+            test = c["lastTest"] or {}
+            state = {True: "ok", False: "refused", None: "untested"}[test.get("ok")]
+            print(f"{c['connectionId']}  {c['name']:24} {c['hfUser'] or '-':20} {state}")
+        return 0
+    if args.action == "create":
+        # from the environment or a prompt, never the command line (shell history, ps)
+        token = os.environ.get("HF_TOKEN") or getpass.getpass("Hugging Face token: ")
+        out = client.post("/connections", json={"name": args.target, "token": token})
+    elif args.action == "test":
+        out = client.post(f"/connections/{args.target}/test")
+    else:
+        out = client.delete(f"/connections/{args.target}")
+    print(json.dumps(out, indent=2))
+    return 0 if out.get("lastTest", {}).get("ok", True) else 1
 
 
 # ------------------------------------------------------------------ demo
@@ -239,8 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
     for name, func, help_ in (
         ("import", cmd_import, "import a model .zip (chunked upload with progress)"),
+        ("import-hf", cmd_import_hf, "import a model from Hugging Face (progress shown)"),
         ("models", cmd_models, "list models"),
         ("deploy", cmd_deploy, "deploy a model with default parameters"),
+        ("deploy-hf", cmd_deploy_hf, "import a Hugging Face model and deploy it"),
+        ("catalog", cmd_catalog, "list the platform-hosted catalog"),
+        ("deploy-catalog", cmd_deploy_catalog, "deploy a catalog model"),
+        ("connections", cmd_connections, "Hugging Face connections (token from HF_TOKEN)"),
     ):
         p = add(name, func, help_)
         p.add_argument("--url", help="platform URL (default from settings / RAYDOCK_URL)")
@@ -249,10 +338,24 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("file")
             p.add_argument("--kind", default="base", choices=["base", "adapter"])
             p.add_argument("--base-model", help="base model id (adapters)")
+        if name in ("import-hf", "deploy-hf"):
+            p.add_argument("repo", help="Hugging Face repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+            p.add_argument("--revision", help="branch, tag or commit (default main)")
+        if name in ("import-hf", "deploy-hf", "deploy-catalog"):
+            p.add_argument("--connection", help="connection id (private or gated repos)")
         if name == "deploy":
             p.add_argument("model_id")
+        if name == "deploy-catalog":
+            p.add_argument("entry", help="catalog entry id (raydock catalog lists them)")
+        if name in ("deploy", "deploy-hf", "deploy-catalog"):
             p.add_argument("--name", required=True)
             p.add_argument("--device", default="cpu-small")
+        if name == "catalog":
+            p.add_argument("--name", help="filter: a substring of the id, name or repo")
+            p.add_argument("--family", help="filter: llama, qwen, mistral, gemma, phi, …")
+        if name == "connections":
+            p.add_argument("action", choices=["list", "create", "test", "delete"])
+            p.add_argument("target", nargs="?", help="a name (create) or a connection id")
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -23,6 +23,7 @@ class Settings:
     s3_endpoint_url: str = ""
     cache_dir: str = ""
     cache_max_gb: float = 50.0
+    hf_endpoint: str = ""
     host: str = "127.0.0.1"
     port: int = 8000
     ray_num_cpus: int = 8

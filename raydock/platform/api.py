@@ -14,8 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import ray
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
@@ -25,8 +24,8 @@ from raydock import errors
 from raydock.config import Settings, hardware_profiles
 from raydock.errors import ApiError, error_response
 from raydock.optimizers import ctranslate2 as ct2
-from raydock.optimizers import plan
-from raydock.platform import names, schemas
+from raydock.platform import api_hub, deploy_checks, names, schemas
+from raydock.platform.api_deps import User, admin_user, ctx, job_ref
 from raydock.platform.bootstrap import ensure_platform_actors
 from raydock.platform.jobs import EXPORT_URL_TTL_S, deployconfig_from, exports_key
 from raydock.platform.states import RETRIGGERABLE_DEPLOYMENT, JobAction
@@ -34,14 +33,6 @@ from raydock.platform.states import DeploymentStatus as D
 
 log = logging.getLogger("raydock.api")
 
-
-class _Ctx:
-    settings: Settings
-    registry: Any
-    lifecycle: Any
-
-
-ctx = _Ctx()
 
 app = FastAPI(
     title="raydock",
@@ -73,31 +64,6 @@ async def _invalid(request: Request, exc: RequestValidationError):
     )
 
 
-# ------------------------------------------------------------------ auth
-
-
-async def current_user(
-    x_api_key: Annotated[str | None, Header(alias="X-api-key")] = None,
-    authorization: Annotated[str | None, Header()] = None,
-) -> dict[str, Any]:
-    key = x_api_key or (authorization or "").removeprefix("Bearer ").strip() or None
-    if not key:
-        raise ApiError(401, "missing management API key: send it in the X-api-key header")
-    user = await ctx.registry.authenticate_management.remote(key)
-    if user is None:
-        raise ApiError(401, "invalid management API key", code="invalid_api_key")
-    return user
-
-
-User = Annotated[dict[str, Any], Depends(current_user)]
-
-
-async def admin_user(user: User) -> dict[str, Any]:
-    if not user["isAdmin"]:
-        raise ApiError(403, "this action needs an admin management key")
-    return user
-
-
 # ------------------------------------------------------------------ platform & users
 
 
@@ -115,7 +81,11 @@ async def me(user: User) -> dict[str, Any]:
 @router.get("/hardware", tags=["platform"])
 async def hardware(_: User) -> dict[str, Any]:
     """deviceType profiles and whether this cluster can run them now."""
-    return {name: {**p, "available": _device_problem(p) is None} for name, p in _profiles()}
+    autoscaling = ctx.settings.cluster_autoscaling
+    return {
+        name: {**p, "available": deploy_checks.device_problem(p, autoscaling) is None}
+        for name, p in _profiles()
+    }
 
 
 @router.post("/users", tags=["platform"], status_code=201)
@@ -201,20 +171,7 @@ async def _start_import(
     await ctx.lifecycle.submit_import.remote(
         model["modelId"], job["dockStatusId"], str(zip_path), kind
     )
-    return {**_job_ref(job), "model": model}
-
-
-def _job_ref(job: dict[str, Any]) -> dict[str, Any]:
-    """The seed's job response; `dock-statusId` repeats the id as the seed's sample spells it."""
-    return {
-        "dockStatusId": job["dockStatusId"],
-        "dock-statusId": job["dockStatusId"],
-        "modelId": job["modelId"],
-        "deploymentId": job.get("deploymentId"),
-        "jobType": job["jobType"],
-        "action": job["action"],
-        "status": job["status"],
-    }
+    return {**job_ref(job), "model": model}
 
 
 @router.post("/models/import", tags=["models"], status_code=202)
@@ -256,7 +213,18 @@ async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
             form[key] = {**form[key], **value}
         elif key in form:
             form[key] = value
-    return {"form": form, "prefilledFrom": "deployconfig.json" if prefill else None}
+    fit = deploy_checks.fit_report(
+        model, form["optimizationInfo"], form["scalingParameters"]["maxBatchSize"]
+    )
+    fits_default = fit["deviceTypes"].get(form["deviceType"], {}).get("fits", True)
+    if not prefill.get("deviceType") and not fits_default and fit["suggestedDeviceType"]:
+        form["deviceType"] = fit["suggestedDeviceType"]
+    return {
+        "form": form,
+        "prefilledFrom": "deployconfig.json" if prefill else None,
+        # per deviceType: the memory estimate and whether the model fits; the smallest that does
+        "fit": fit,
+    }
 
 
 # ------------------------------------------------------------------ chunked upload session
@@ -358,46 +326,16 @@ def _profiles() -> list[tuple[str, dict[str, Any]]]:
     return list(hardware_profiles().items())
 
 
-def _device_problem(profile: dict[str, Any]) -> str | None:
-    """Why this cluster cannot place one replica of `profile`, or None."""
-    if ctx.settings.cluster_autoscaling:
-        return None
-    have = ray.cluster_resources()
-    gpus = profile.get("num_gpus", 0)
-    if gpus and have.get("GPU", 0) < gpus:
-        acc = profile.get("accelerator_type")
-        return f"needs {gpus} GPU(s) ({acc}); the cluster has {int(have.get('GPU', 0))}"
-    acc = profile.get("accelerator_type")
-    if gpus and acc and f"accelerator_type:{acc}" not in have:
-        return f"needs {acc} GPUs; the cluster has none"
-    if have.get("CPU", 0) < profile.get("num_cpus", 1):
-        return f"needs {profile.get('num_cpus')} CPUs; the cluster has {int(have.get('CPU', 0))}"
-    return None
-
-
-async def _check_deployable(body: schemas.DeployRequest, model_id: str) -> None:
-    """400 when the engine plan of a deploy body is invalid or the cluster cannot run it."""
-    profile = hardware_profiles()[body.deviceType]
-    model = await ctx.registry.get_model.remote(model_id)
-    plan.check(
-        body.optimizationInfo.model_dump(),
-        body.deviceType,
-        profile,
-        model["metadata"].get("quantization_config"),
-    )
-    problem = _device_problem(profile)
-    if problem:
-        cpu = [n for n, p in _profiles() if not p.get("num_gpus")]
-        raise ApiError(
-            400,
-            f"deviceType {body.deviceType!r} {problem}; choose one of {cpu} or add such nodes",
-            "deviceType",
-        )
+async def _check_deployable(body: schemas.DeployRequest, model: dict[str, Any]) -> None:
+    """400 when the engine plan of a deploy body is invalid, the deviceType cannot hold the
+    model, or the cluster cannot run it."""
+    deploy_checks.check_deploy(model, body.model_dump())
+    deploy_checks.check_cluster(body.deviceType, ctx.settings.cluster_autoscaling)
 
 
 async def _start_deploy(deployment_id: str, body: dict | None, user: dict) -> dict[str, Any]:
     """Hand the deploy to the lifecycle, which records it and its job in one step."""
-    return _job_ref(await ctx.lifecycle.deploy.remote(deployment_id, body, user["userId"]))
+    return job_ref(await ctx.lifecycle.deploy.remote(deployment_id, body, user["userId"]))
 
 
 @router.post("/models/{modelId}/deploy", tags=["deployments"])
@@ -412,7 +350,7 @@ async def deploy_model(
     With `isDeployedPreviously: true` and the name of an existing deployment of this model,
     that deployment is redeployed (a new history version); otherwise a new one is created.
     """
-    await _check_deployable(body, modelId)
+    await _check_deployable(body, await ctx.registry.get_model.remote(modelId))
     config = body.model_dump()
     existing = None
     if body.isDeployedPreviously:
@@ -468,7 +406,7 @@ BODY_MODELS["redeploy"] = schemas.DeployRequest
 async def redeploy(deploymentId: str, body: schemas.DeployRequest, user: User) -> dict[str, Any]:
     """Redeploy with changed parameters; history gains the next `name_vN`."""
     dep = await ctx.registry.get_deployment.remote(deploymentId)
-    await _check_deployable(body, dep["modelId"])
+    await _check_deployable(body, await ctx.registry.get_model.remote(dep["modelId"]))
     config = body.model_dump() | {"name": dep["name"]}
     return await _start_deploy(deploymentId, config, user)
 
@@ -481,13 +419,14 @@ async def retrigger(deploymentId: str, user: User) -> dict[str, Any]:
         raise ApiError(
             409, f"only failed or undeployed deployments can be re-triggered (is {dep['status']})"
         )
-    await _check_deployable(schemas.DeployRequest(**dep["config"]), dep["modelId"])
+    model = await ctx.registry.get_model.remote(dep["modelId"])
+    await _check_deployable(schemas.DeployRequest(**dep["config"]), model)
     return await _start_deploy(deploymentId, None, user)
 
 
 @router.post("/deployments/{deploymentId}/undeploy", tags=["deployments"])
 async def undeploy(deploymentId: str, user: User) -> dict[str, Any]:
-    return _job_ref(await ctx.lifecycle.undeploy.remote(deploymentId, user["userId"]))
+    return job_ref(await ctx.lifecycle.undeploy.remote(deploymentId, user["userId"]))
 
 
 @router.patch("/deployments/{deploymentId}", tags=["deployments"])
@@ -568,7 +507,7 @@ async def export_model(
     config = deployconfig_from(deps[-1]["config"]) if deps else model.get("deployConfig")
     job = await ctx.registry.create_job.remote(JobAction.EXPORT, modelId, user["userId"])
     await ctx.lifecycle.submit_export.remote(model, job["dockStatusId"], config)
-    return _job_ref(job)
+    return job_ref(job)
 
 
 @router.get("/exports/{dockStatusId}/download", tags=["models"])
@@ -586,6 +525,13 @@ async def download_export(dockStatusId: str, _: User) -> Response:
 
 
 app.include_router(router)
+app.include_router(api_hub.router)
+BODY_MODELS.update(
+    create_connection=schemas.ConnectionCreate,
+    import_from_hf=schemas.HuggingFaceImport,
+    deploy_from_hf=schemas.HuggingFaceDeploy,
+    deploy_catalog=schemas.CatalogDeploy,
+)
 
 
 def _literal_segments_win(routes: list[Any]) -> None:

@@ -17,6 +17,7 @@ from raydock.platform import names
 from raydock.platform.access_hub import AccessHub
 from raydock.platform.lifecycle import Lifecycle
 from raydock.platform.registry import Registry
+from raydock.platform.secrets import platform_key
 
 
 def connect(settings: Settings, **init_kwargs: Any) -> None:
@@ -109,10 +110,16 @@ def _actor(cls, name: str, *args: Any, **options: Any):
     )
 
 
+def _registry(settings: Settings):
+    # the key that seals stored tokens: RAYDOCK_SECRET_KEY, else generated into the data dir
+    key = platform_key(settings.home_path, os.environ.get("RAYDOCK_SECRET_KEY", ""))
+    return _actor(Registry, names.REGISTRY, settings.db_url, key)
+
+
 def ensure_platform_actors(settings: Settings) -> tuple[Any, Any]:
     """The registry, lifecycle and access hub actors, created again when one died (the API
     replica calls this every few seconds: the platform's supervisor)."""
-    registry = _actor(Registry, names.REGISTRY, settings.db_url)
+    registry = _registry(settings)
     lifecycle = _actor(Lifecycle, names.LIFECYCLE, settings.to_dict(), max_concurrency=100)
     # replicas long-poll it: many concurrent watches
     _actor(AccessHub, names.ACCESS_HUB, max_concurrency=10_000)
@@ -131,7 +138,7 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     for path in (settings.home_path, settings.uploads_path):
         path.mkdir(parents=True, exist_ok=True)
     cfg = settings.to_dict()
-    registry = _actor(Registry, names.REGISTRY, settings.db_url)
+    registry = _registry(settings)
     admin_key = ray.get(registry.ensure_admin.remote(os.environ.get("RAYDOCK_ADMIN_KEY")))
     # Serve first: the lifecycle's first pass may restore deployments, which would otherwise
     # start Serve with its default HTTP options

@@ -125,6 +125,21 @@ class DockStatus(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
+class HfConnection(Base):
+    """A Hugging Face token for private and gated repos, encrypted (platform/secrets.py)."""
+
+    __tablename__ = "hf_connections"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    token_sealed: Mapped[str] = mapped_column(Text)
+    hf_user: Mapped[str | None] = mapped_column(String(200))  # who the token is, when tested
+    last_test_ok: Mapped[bool | None] = mapped_column(Boolean)
+    last_test_message: Mapped[str | None] = mapped_column(Text)
+    last_tested_at: Mapped[datetime | None] = mapped_column(DateTime)
+    created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class UploadSession(Base):
     __tablename__ = "upload_sessions"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -70,14 +70,76 @@ def _local_copy(store, key: str, work: Path, progress: JobProgress) -> Path:
     return dest
 
 
+class _ModelImport:
+    """What every import does once it has the model's files: validate them (the model goes
+    VALIDATING), store them under a manifest whose digest replicas verify (READY), or end
+    IMPORT_FAILED with the reason, leaving nothing in the store."""
+
+    def __init__(self, cfg: Settings, model_id: str, job_id: str):
+        self.cfg, self.model_id, self.job_id = cfg, model_id, job_id
+        self.store = cfg.store()
+        self.registry = _registry()
+        self.key = model_key(model_id)
+        self.validating = False
+
+    def mark_validating(self) -> None:
+        if not self.validating:
+            self.validating = True
+            ray.get(self.registry.set_model_status.remote(self.model_id, ModelStatus.VALIDATING))
+
+    def finish(
+        self, folder: Path, meta, checksum: str | None = None, origin: dict | None = None
+    ) -> dict:
+        """`checksum`: the upload's sha256; a download's is its manifest digest (over every
+        file), so the same weights share their conversions either way."""
+        self.mark_validating()
+        storing = JobProgress(self.job_id, 80, 99)
+        manifest = self.store.put_dir(folder, self.key, bytes_progress(storing, "storing"))
+        info = meta.to_dict()
+        deployconfig = info.pop("deployconfig", None)
+        if origin:
+            info["origin"] = origin
+        model = ray.get(
+            self.registry.set_model_status.remote(
+                self.model_id,
+                ModelStatus.READY,
+                artifact_uri=self.key,
+                checksum=checksum or manifest.digest,
+                meta={**info, "artifactDigest": manifest.digest},
+                deployconfig=deployconfig,
+            )
+        )
+        ray.get(
+            self.registry.update_job.remote(
+                self.job_id, status=JobStatus.SUCCESS, message="imported"
+            )
+        )
+        return model
+
+    def fail(self, reason: str) -> dict:
+        self.store.delete(self.key)
+        # a model deleted meanwhile is gone with its job already failed: nothing to record
+        with contextlib.suppress(NotFound, InvalidTransition):
+            ray.get(
+                self.registry.set_model_status.remote(
+                    self.model_id, ModelStatus.IMPORT_FAILED, error=reason
+                )
+            )
+            ray.get(
+                self.registry.update_job.remote(
+                    self.job_id, status=JobStatus.FAILED, message=reason, response={"error": reason}
+                )
+            )
+        return {"error": reason}
+
+
 @ray.remote(num_cpus=1, max_retries=0)
 def import_model_task(
     settings: dict[str, Any], model_id: str, job_id: str, upload_key: str, kind: str
 ) -> dict[str, Any]:
     """Validate an uploaded archive (a file in the artifact store) and store the model.
 
-    Runs on any node: the archive comes from the store and the model goes back to it, under
-    a manifest whose digest replicas verify; a failure leaves nothing in the store.
+    Runs on any node: the archive comes from the store and the model goes back to it.
     """
     from raydock.platform.model_archive import (
         ArchiveError,
@@ -87,63 +149,92 @@ def import_model_task(
     )
 
     cfg = Settings(**settings)
-    store = cfg.store()
-    registry = _registry()
-    limits = ArchiveLimits.from_settings(cfg)
-    validating = False
-    key = model_key(model_id)
+    job = _ModelImport(cfg, model_id, job_id)
     work = Path(tempfile.mkdtemp(prefix="raydock-import-"))
     extracting = JobProgress(job_id, 5, 80)
 
     def on_progress(fraction: float, stage: str) -> None:
-        nonlocal validating
-        if stage == "validating" and not validating:
-            validating = True
-            ray.get(registry.set_model_status.remote(model_id, ModelStatus.VALIDATING))
+        if stage == "validating":
+            job.mark_validating()
         extracting(fraction, stage)
 
     try:
-        zip_path = _local_copy(store, upload_key, work, JobProgress(job_id, 0, 5))
+        zip_path = _local_copy(job.store, upload_key, work, JobProgress(job_id, 0, 5))
         checksum = sha256_file(zip_path)
         meta = extract_model_archive(
-            zip_path, work / "model", limits, kind=kind, progress=on_progress
+            zip_path,
+            work / "model",
+            ArchiveLimits.from_settings(cfg),
+            kind=kind,
+            progress=on_progress,
         )
-        if not validating:
-            ray.get(registry.set_model_status.remote(model_id, ModelStatus.VALIDATING))
-        storing = JobProgress(job_id, 80, 99)
-        manifest = store.put_dir(work / "model", key, bytes_progress(storing, "storing the model"))
-        info = meta.to_dict()
-        deployconfig = info.pop("deployconfig", None)
-        model = ray.get(
-            registry.set_model_status.remote(
-                model_id,
-                ModelStatus.READY,
-                artifact_uri=key,
-                checksum=checksum,
-                meta={**info, "artifactDigest": manifest.digest},
-                deployconfig=deployconfig,
-            )
-        )
-        ray.get(registry.update_job.remote(job_id, status=JobStatus.SUCCESS, message="imported"))
-        return model
+        return job.finish(work / "model", meta, checksum)
     except Exception as exc:  # any failure ends the import FAILED, store cleaned
-        store.delete(key)
-        reason = str(exc) if isinstance(exc, ArchiveError) else f"import failed: {exc}"
-        # a model deleted meanwhile is gone with its job already failed: nothing to record
-        with contextlib.suppress(NotFound, InvalidTransition):
-            ray.get(
-                registry.set_model_status.remote(model_id, ModelStatus.IMPORT_FAILED, error=reason)
-            )
-            ray.get(
-                registry.update_job.remote(
-                    job_id, status=JobStatus.FAILED, message=reason, response={"error": reason}
-                )
-            )
-        return {"error": reason}
+        return job.fail(str(exc) if isinstance(exc, ArchiveError) else f"import failed: {exc}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(Exception):  # best effort: the upload is spent either way
-            store.delete(upload_key)
+            job.store.delete(upload_key)
+
+
+def hf_download_folder(cfg: Settings, repo_id: str, sha: str) -> Path:
+    """Where this node keeps a Hugging Face download while it runs, and after it broke off
+    (so that a retry resumes it): beside the node cache, by repo and commit."""
+    return (
+        Path(cfg.cache_location).expanduser() / "downloads" / f"{repo_id.replace('/', '--')}@{sha}"
+    )
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def import_hf_task(
+    settings: dict[str, Any], model_id: str, job_id: str, origin: dict[str, Any], token: str | None
+) -> dict[str, Any]:
+    """Download a model from the Hugging Face Hub (only the files it needs, resumable), then
+    validate and store it as an uploaded archive would be. `origin`: repoId, revision,
+    connection (its name, for messages), catalogId."""
+    from raydock.platform import hf
+    from raydock.platform.model_archive import ArchiveError, ArchiveLimits, inspect_model_dir
+
+    cfg = Settings(**settings)
+    job = _ModelImport(cfg, model_id, job_id)
+    limits = ArchiveLimits.from_settings(cfg)
+    endpoint = cfg.hf_endpoint or None
+    repo_id = origin["repoId"]
+    work = Path(tempfile.mkdtemp(prefix="raydock-hf-"))
+    try:
+        files = hf.repo_files(
+            endpoint,
+            repo_id,
+            origin.get("revision"),
+            token,
+            origin.get("connection"),
+            "base",
+            limits,
+        )
+        folder = hf_download_folder(cfg, repo_id, files.sha)
+        downloading = JobProgress(job_id, 2, 75)
+        hf.download(
+            endpoint,
+            repo_id,
+            files,
+            token,
+            folder,
+            lambda done, total: downloading(
+                done / total if total else 1.0,
+                f"downloading {done / 2**20:.1f} of {total / 2**20:.1f} MiB",
+            ),
+        )
+        hf.take_model_files(folder, files, work / "model")
+        shutil.rmtree(folder, ignore_errors=True)  # complete: nothing left to resume
+        job.mark_validating()
+        meta = inspect_model_dir(work / "model", kind="base", allow_pickle=limits.allow_pickle)
+        return job.finish(work / "model", meta, origin={**origin, "sha": files.sha})
+    except (hf.HubError, ArchiveError) as exc:
+        return job.fail(str(exc))
+    except Exception as exc:
+        return job.fail(f"import failed: {exc}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def deployconfig_from(config: dict[str, Any]) -> dict[str, Any]:

@@ -23,11 +23,12 @@ from ray.serve.api import RunTarget
 
 from raydock.config import Settings, hardware_profiles
 from raydock.optimizers import plan
-from raydock.platform import names
+from raydock.platform import deploy_checks, names
 from raydock.platform.jobs import (
     JobProgress,
     bytes_progress,
     export_model_task,
+    import_hf_task,
     import_model_task,
     optimize_model_task,
 )
@@ -182,13 +183,7 @@ class Lifecycle:
         transition and its job in one step, then runs it; returns the job."""
         dep = await self.registry.get_deployment.remote(deployment_id)
         model = await self.registry.get_model.remote(dep["modelId"])
-        wanted = config or dep["config"]
-        engine = plan.check(
-            wanted.get("optimizationInfo", {}),
-            wanted["deviceType"],
-            hardware_profiles()[wanted["deviceType"]],
-            model["metadata"].get("quantization_config"),
-        )
+        engine = deploy_checks.check_deploy(model, config or dep["config"])
         status = D.OPTIMIZING if engine.converts else D.DEPLOYING
         job = await self.registry.begin_deploy.remote(deployment_id, config, user_id, status)
         self._spawn(self._deploy(deployment_id, job["dockStatusId"]), job["dockStatusId"])
@@ -205,6 +200,39 @@ class Lifecycle:
 
     async def submit_import(self, model_id: str, job_id: str, zip_path: str, kind: str) -> None:
         self._spawn(self._import(model_id, job_id, zip_path, kind), job_id)
+
+    async def submit_hf_import(self, model_id: str, job_id: str) -> None:
+        """Download a model from the Hugging Face Hub (its origin is in the model), then
+        deploy the deployment that waits for it, if any."""
+        self._spawn(self._hf_import(model_id, job_id), job_id)
+
+    async def _hf_import(self, model_id: str, job_id: str) -> None:
+        try:
+            model = await self.registry.get_model.remote(model_id)
+            origin = dict(model["metadata"]["origin"])
+            token = None
+            if origin.get("connectionId"):
+                # the token goes to the task as an argument, never into a log or a record
+                token = await self.registry.connection_token.remote(origin["connectionId"])
+            result = await import_hf_task.remote(
+                self.settings.to_dict(), model_id, job_id, origin, token
+            )
+        except Exception as exc:  # the connection is gone, or the task itself died
+            await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")
+            return
+        if "error" not in result:
+            await self._deploy_waiting(job_id)
+
+    async def _deploy_waiting(self, import_job_id: str) -> None:
+        """Deploy the deployment made together with an import that just ended READY."""
+        job = await self.registry.get_job.remote(import_job_id)
+        if not job["deploymentId"]:
+            return
+        try:
+            await self.deploy(job["deploymentId"], None, job["createdBy"])
+        except Exception as exc:  # the deploy checks refused it: e.g. it does not fit
+            reason = getattr(exc, "message", None) or str(exc)
+            await self.registry.set_deployment_status.remote(job["deploymentId"], D.FAILED, reason)
 
     async def _import(self, model_id: str, job_id: str, zip_path: str, kind: str) -> None:
         upload = f"uploads/{job_id}.zip"

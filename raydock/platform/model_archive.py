@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from raydock.model_memory import shape_figures
+
 KiB = 2**10
 MiB = 2**20
 GiB = 2**30
@@ -151,6 +153,8 @@ class ModelMetadata:
     deployconfig: dict | None  # parsed deployconfig.json if present
     # config.json's quantization_config: which pre-quantized engines can serve it
     quantization_config: dict | None = None
+    # the config.json figures the hardware-fit estimate reads (raydock.model_memory)
+    config_figures: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,7 +185,7 @@ def extract_model_archive(
     archive_name = Path(zip_path).name
     with _open_zip(zip_path) as zf:
         plan = _plan_extraction(zf, limits)
-        _check_layout([target for _, target in plan], kind, limits.allow_pickle)
+        check_layout([target for _, target in plan], kind, limits.allow_pickle)
         dest.parent.mkdir(parents=True, exist_ok=True)
         _check_disk_space(dest.parent, plan)
         staging = Path(
@@ -209,7 +213,7 @@ def inspect_model_dir(
     if not root.is_dir():
         raise ArchiveError(f"model folder {root} does not exist")
     files = _list_files(root)
-    _check_layout(files, kind, allow_pickle)
+    check_layout(files, kind, allow_pickle)
     deployconfig = _read_deployconfig(root, files)
     if kind == "adapter":
         return _inspect_adapter(root, files, allow_pickle, deployconfig)
@@ -515,7 +519,7 @@ def _move_into_place(staging: Path, dest: Path) -> None:
 # --------------------------------------------------------------------------- layout (names only)
 
 
-def _check_layout(files: Iterable[str], kind: str, allow_pickle: bool) -> str:
+def check_layout(files: Iterable[str], kind: str, allow_pickle: bool) -> str:
     """Rules that only need file names (run before extraction too); returns the weight format."""
     names = set(files)
     if kind == "adapter":
@@ -647,6 +651,7 @@ def _inspect_base(
         total_bytes=_total_bytes(root, files),
         deployconfig=deployconfig,
         quantization_config=config.get("quantization_config"),
+        config_figures=shape_figures(config),
     )
 
 

@@ -20,10 +20,12 @@ from sqlalchemy.orm import Session
 from raydock import params
 from raydock.errors import Conflict, NotFound
 from raydock.platform import db, names, security, views
+from raydock.platform.secrets import SecretBox
 from raydock.platform.states import (
     ACTIVE_DEPLOYMENT,
     DELETABLE_DEPLOYMENT,
     IMPORTING_MODEL,
+    RETRYABLE_SOURCES,
     STARTING_DEPLOYMENT,
     UNDEPLOYABLE_DEPLOYMENT,
     DeploymentStatus,
@@ -39,8 +41,10 @@ from raydock.platform.states import (
 
 
 class Registry:
-    def __init__(self, db_url: str):
+    def __init__(self, db_url: str, secret_key: bytes | None = None):
         self._sessions = db.make_sessionmaker(db_url, create=True)
+        # Hugging Face tokens are sealed with it (None: a registry that stores none)
+        self._secrets = SecretBox(secret_key) if secret_key else None
         self._access_changed: set[str] = set()  # deployments whose access data this tx changed
 
     @contextmanager
@@ -157,7 +161,10 @@ class Registry:
         base_model_id: str | None = None,
         description: str = "",
         tags: list[str] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """A model IMPORTING; `meta` may carry its origin (a Hugging Face repo, a catalog
+        entry) so lists show it while the import runs."""
         with self._tx() as s:
             if base_model_id:
                 base = s.get(db.Model, base_model_id)
@@ -173,11 +180,43 @@ class Registry:
                 status=ModelStatus.IMPORTING,
                 description=description,
                 tags=tags or [],
+                meta=meta or {},
                 created_by=created_by,
             )
             s.add(m)
             s.flush()
             return views.model(m)
+
+    def begin_retry_import(self, model_id: str, user_id: str) -> dict[str, Any]:
+        """IMPORT_FAILED → IMPORTING for a download import, with a new import job (carrying
+        the deployment that waited for the failed one, if it never deployed); returns
+        {"model", "job"}."""
+        with self._tx() as s:
+            m = self._model(s, model_id)
+            if m.source not in RETRYABLE_SOURCES:
+                raise Conflict(
+                    f"model {model_id} was uploaded ({m.source}); upload the file again to "
+                    "import it anew"
+                )
+            if m.status != ModelStatus.IMPORT_FAILED:
+                raise Conflict(f"only a failed import can be retried; model is {m.status}")
+            m.status, m.error = ModelStatus.IMPORTING, None
+            last = s.scalar(
+                select(db.DockStatus)
+                .where(db.DockStatus.model_id == model_id, db.DockStatus.action == JobAction.IMPORT)
+                .order_by(db.DockStatus.created_at.desc())
+            )
+            waiting = last.deployment_id if last is not None else None
+            if waiting and not self._never_deployed(s, waiting):
+                waiting = None
+            job = self._add_job(s, JobAction.IMPORT, model_id, user_id, waiting)
+            return {"model": views.model(m), "job": job}
+
+    @staticmethod
+    def _never_deployed(s: Session, deployment_id: str) -> bool:
+        d = s.get(db.Deployment, deployment_id)
+        versions = select(func.count()).where(db.DeploymentVersion.deployment_id == deployment_id)
+        return d is not None and d.status == DeploymentStatus.FAILED and not s.scalar(versions)
 
     def _model(self, s: Session, model_id: str) -> db.Model:
         m = s.get(db.Model, model_id)
@@ -302,6 +341,8 @@ class Registry:
                 j.status = status
                 if status == JobStatus.SUCCESS:
                     j.percentage = 100
+                if status == JobStatus.FAILED:
+                    self._fail_waiting_deployment(s, j, message)
             if percentage is not None and j.status == JobStatus.IN_PROGRESS:
                 j.percentage = max(j.percentage, min(100, int(percentage)))
             if message is not None:
@@ -342,12 +383,23 @@ class Registry:
                 if m is not None and m.status in IMPORTING_MODEL:
                     m.status, m.error = ModelStatus.IMPORT_FAILED, reason
                     failed["models"].append(m.id)
+                self._fail_waiting_deployment(s, j, reason)
                 d = s.get(db.Deployment, j.deployment_id) if j.action == JobAction.DEPLOY else None
                 if d is not None and d.status in STARTING_DEPLOYMENT:
                     d.status, d.failure_reason = DeploymentStatus.FAILED, reason
                     self._end_version(s, d.id, "FAILED", reason)
                     failed["deployments"].append(d.id)
         return failed
+
+    def _fail_waiting_deployment(self, s: Session, job: db.DockStatus, reason: str | None) -> None:
+        """A deployment made with its model's import fails when the import does."""
+        if job.action != JobAction.IMPORT or not job.deployment_id:
+            return
+        d = s.get(db.Deployment, job.deployment_id)
+        if d is not None and d.status == DeploymentStatus.READY_TO_DEPLOY:
+            d.status = DeploymentStatus.FAILED
+            d.failure_reason = f"its model's import failed: {reason or 'unknown reason'}"
+            self._access_changed.add(d.id)
 
     # ---------------------------------------------------------------- deployments
 
@@ -366,11 +418,14 @@ class Registry:
             return views.deployment(d) if d else None
 
     def create_deployment(
-        self, model_id: str, body: dict[str, Any], user_id: str
+        self, model_id: str, body: dict[str, Any], user_id: str, awaiting_import: bool = False
     ) -> dict[str, Any]:
+        """A READY_TO_DEPLOY deployment of a READY model, or (`awaiting_import`) of one being
+        imported, which the lifecycle deploys when the import ends."""
         with self._tx() as s:
             m = self._model(s, model_id)
-            if m.status != ModelStatus.READY:
+            ready = {ModelStatus.READY} | (IMPORTING_MODEL if awaiting_import else set())
+            if m.status not in ready:
                 raise Conflict(f"model {model_id} is {m.status}, not READY: it cannot be deployed")
             d = db.Deployment(
                 id=db.new_id("dp"),
@@ -632,6 +687,69 @@ class Registry:
     def delete_upload_session(self, session_id: str) -> None:
         with self._tx() as s:
             s.execute(delete(db.UploadSession).where(db.UploadSession.id == session_id))
+
+    # ---------------------------------------------------------------- Hugging Face connections
+
+    def _box(self) -> SecretBox:
+        if self._secrets is None:
+            raise RuntimeError("this registry was started without the platform's secret key")
+        return self._secrets
+
+    def _connection(self, s: Session, connection_id: str) -> db.HfConnection:
+        c = s.get(db.HfConnection, connection_id)
+        if c is None:
+            raise NotFound(f"connection {connection_id} not found")
+        return c
+
+    def create_connection(
+        self, name: str, token: str, user_id: str, hf_user: str | None
+    ) -> dict[str, Any]:
+        """Store a token sealed; `hf_user`: who it authenticated as when checked."""
+        with self._tx() as s:
+            if s.scalar(select(db.HfConnection).where(db.HfConnection.name == name)):
+                raise Conflict(f"a connection named {name!r} exists; choose another name")
+            c = db.HfConnection(
+                id=db.new_id("hfc"),
+                name=name,
+                token_sealed=self._box().seal(token),
+                hf_user=hf_user,
+                last_test_ok=hf_user is not None or None,
+                last_test_message="authenticated" if hf_user else None,
+                last_tested_at=db.utcnow() if hf_user else None,
+                created_by=user_id,
+            )
+            s.add(c)
+            s.flush()
+            return views.connection(c, self._user_names(s))
+
+    def list_connections(self) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            users = self._user_names(s)
+            q = select(db.HfConnection).order_by(db.HfConnection.created_at)
+            return [views.connection(c, users) for c in s.scalars(q)]
+
+    def get_connection(self, connection_id: str) -> dict[str, Any]:
+        with self._tx() as s:
+            return views.connection(self._connection(s, connection_id), self._user_names(s))
+
+    def connection_token(self, connection_id: str) -> str:
+        """The token itself, for the control plane's own calls to the Hub: never an API's."""
+        with self._tx() as s:
+            return self._box().open(self._connection(s, connection_id).token_sealed)
+
+    def record_connection_test(
+        self, connection_id: str, ok: bool, message: str, hf_user: str | None
+    ) -> dict[str, Any]:
+        with self._tx() as s:
+            c = self._connection(s, connection_id)
+            c.last_test_ok, c.last_test_message, c.last_tested_at = ok, message, db.utcnow()
+            if hf_user:
+                c.hf_user = hf_user
+            return views.connection(c, self._user_names(s))
+
+    def delete_connection(self, connection_id: str) -> None:
+        with self._tx() as s:
+            s.delete(self._connection(s, connection_id))
 
 
 __all__ = ["Registry", "NotFound", "Conflict", "InvalidTransition"]

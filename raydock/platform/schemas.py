@@ -181,6 +181,52 @@ class UploadSessionStart(_Body):
         return v
 
 
+REPO_ID_PATTERN = r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$"
+
+
+class ConnectionCreate(_Body):
+    name: str = Field(..., min_length=1, max_length=100, description="Unique name.")
+    token: str = Field(
+        ...,
+        min_length=1,
+        max_length=1000,
+        pattern=r"^\S+$",
+        description="A Hugging Face access token; stored encrypted, never returned.",
+    )
+    verify: bool = Field(True, description="Check the token with the Hub before storing it.")
+
+
+class HuggingFaceSource(_Body):
+    repoId: str = Field(
+        ...,
+        max_length=200,
+        pattern=REPO_ID_PATTERN,
+        description="A Hugging Face model repo, e.g. Qwen/Qwen2.5-0.5B-Instruct.",
+    )
+    revision: str | None = Field(
+        None, min_length=1, max_length=255, description="Branch, tag or commit (default main)."
+    )
+    connectionId: str | None = Field(
+        None, max_length=64, description="A stored connection, for private or gated repos."
+    )
+
+
+class HuggingFaceImport(HuggingFaceSource):
+    description: str = Field("", max_length=2000)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+
+
+class HuggingFaceDeploy(HuggingFaceSource, DeployRequest):
+    """The seed's "Deploy a model from Hugging Face": general details, the repo and its
+    connection, then parameters and hardware; imports, then deploys."""
+
+
+class CatalogDeploy(DeployRequest):
+    connectionId: str | None = Field(
+        None, max_length=64, description="A connection, for gated catalog models."
+    )
+
+
 def parse_tags(text: str) -> list[str]:
     """Comma-separated tags of a multipart form, held to the same limits as JSON bodies."""
     tags = [t.strip() for t in text.split(",") if t.strip()]

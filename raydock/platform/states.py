@@ -12,9 +12,10 @@ class InvalidTransition(Conflict):
 
 
 class ModelStatus(StrEnum):
-    """IMPORTING → VALIDATING → READY or IMPORT_FAILED, driven by the import task
-    (`jobs.import_model_task`); the lifecycle's reconciliation fails an import whose task is
-    gone, and deleting the model fails its running import."""
+    """IMPORTING → VALIDATING → READY or IMPORT_FAILED, driven by the import tasks
+    (`jobs.import_model_task`, `jobs.import_hf_task`); the lifecycle's reconciliation fails an
+    import whose task is gone, and deleting the model fails its running import. A failed
+    download (Hugging Face, catalog) may be retried: IMPORT_FAILED → IMPORTING."""
 
     IMPORTING = "IMPORTING"
     VALIDATING = "VALIDATING"
@@ -26,7 +27,9 @@ class DeploymentStatus(StrEnum):
     """Driven by the lifecycle actor alone: a deploy, redeploy or re-trigger moves a
     deployment to OPTIMIZING (a conversion runs first) or DEPLOYING, then to DEPLOYED or
     FAILED; an undeploy to UNDEPLOYED; reconciliation fails a deployment whose deploy job is
-    gone, and one whose app it could not restore."""
+    gone, and one whose app it could not restore. A deployment made together with its model's
+    import (from Hugging Face or the catalog) waits READY_TO_DEPLOY, then deploys when the
+    import ends READY, or goes FAILED with the import's reason."""
 
     READY_TO_DEPLOY = "READY_TO_DEPLOY"
     OPTIMIZING = "OPTIMIZING"
@@ -57,12 +60,12 @@ _MODEL = {
     ModelStatus.IMPORTING: {ModelStatus.VALIDATING, ModelStatus.IMPORT_FAILED},
     ModelStatus.VALIDATING: {ModelStatus.READY, ModelStatus.IMPORT_FAILED},
     ModelStatus.READY: set(),
-    ModelStatus.IMPORT_FAILED: set(),
+    ModelStatus.IMPORT_FAILED: {ModelStatus.IMPORTING},
 }
 
 D = DeploymentStatus
 _DEPLOYMENT = {
-    D.READY_TO_DEPLOY: {D.OPTIMIZING, D.DEPLOYING},
+    D.READY_TO_DEPLOY: {D.OPTIMIZING, D.DEPLOYING, D.FAILED},
     D.OPTIMIZING: {D.DEPLOYING, D.FAILED},
     D.DEPLOYING: {D.DEPLOYED, D.FAILED},
     D.DEPLOYED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED, D.FAILED},
@@ -78,6 +81,8 @@ _JOB = {
 
 # Models an import job is still bringing in.
 IMPORTING_MODEL = {ModelStatus.IMPORTING, ModelStatus.VALIDATING}
+# Model sources whose import can be retried (the files are fetched again, not uploaded).
+RETRYABLE_SOURCES = {"hugging_face", "platform_hosted"}
 # Deployments a deploy job is starting (the lifecycle's deploy drives them to DEPLOYED/FAILED).
 STARTING_DEPLOYMENT = {D.OPTIMIZING, D.DEPLOYING}
 

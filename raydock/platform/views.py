@@ -132,3 +132,17 @@ def user(u: db.User) -> dict[str, Any]:
         "isAdmin": u.is_admin,
         "createdAt": iso(u.created_at),
     }
+
+
+def connection(c: db.HfConnection, users: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Hugging Face connection as every API shows it: never the token."""
+    return {
+        "connectionId": c.id,
+        "name": c.name,
+        "hfUser": c.hf_user,
+        "lastTest": None
+        if c.last_tested_at is None
+        else {"ok": c.last_test_ok, "message": c.last_test_message, "at": iso(c.last_tested_at)},
+        "createdBy": (users or {}).get(c.created_by or "", c.created_by),
+        "createdAt": iso(c.created_at),
+    }

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from raydock.model_memory import TRANSFORMERS_DTYPE
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.engines.base import (
     StepEvent,
@@ -71,7 +72,7 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
         path = Path(model_dir)
         self.device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        dtype = getattr(torch, TRANSFORMERS_DTYPE[self.device])
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device)
         self.model.eval()
         self.eos = eos_ids(path, self.tokenizer)

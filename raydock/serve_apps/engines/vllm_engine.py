@@ -27,13 +27,20 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+from raydock.model_memory import (
+    DTYPE_BYTES,
+    MAX_SERVING_CONTEXT,
+    ModelShape,
+    kv_cache_bytes,
+    text_config,
+)
 from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts
 from raydock.serve_apps.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 #: Upper bound on the context the engine serves (the KV cache is sized for it).
-MAX_MODEL_LEN = 2048
+MAX_MODEL_LEN = MAX_SERVING_CONTEXT
 #: vLLM's default (5 s) can fail large regexes on a busy CPU.
 REGEX_COMPILE_TIMEOUT_S = "60"
 #: Structured-outputs backend: llguidance, the engine of raydock's own guided decoding
@@ -60,25 +67,19 @@ def _env(values: dict[str, str]) -> Iterator[None]:
 
 def _text_config(model_dir: Path) -> dict[str, Any]:
     try:
-        config = json.loads((model_dir / "config.json").read_text())
+        return text_config(json.loads((model_dir / "config.json").read_text()))
     except (OSError, ValueError):
         return {}
-    return config.get("text_config") or config
 
 
 def _kv_cache_bytes(config: dict[str, Any], max_len: int, batch: int, dtype: str) -> int:
     """Enough KV cache for `batch` sequences of `max_len` tokens (vLLM's CPU default would
     claim 90% of the machine's memory, and refuse to start when that much is not free)."""
     try:
-        layers = int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        shape = ModelShape.from_config(config)
+    except ValueError:
         return 2**30
-    width = 4 if dtype == "float32" else 2
-    per_token = 2 * layers * kv_heads * head_dim * width  # keys and values
-    return max(64 * 2**20, per_token * (max_len + 256) * batch)
+    return max(64 * 2**20, kv_cache_bytes(shape, max_len, batch, DTYPE_BYTES.get(dtype, 2)))
 
 
 def _default_dtype(device: str, config: dict[str, Any], quantization: str | None) -> str:

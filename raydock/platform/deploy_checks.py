@@ -1,0 +1,105 @@
+"""What a deploy body must pass before anything starts, in one place for the API (a 400 at
+once) and the lifecycle (a deploy that waited for its model's import): the engine plan the
+hardware can run, and the memory estimate the deviceType can hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raydock.config import hardware_profiles
+from raydock.errors import ApiError
+from raydock.optimizers import fit, plan
+from raydock.platform import catalog
+
+
+def _figures(model: dict[str, Any]) -> tuple[dict | None, int | None, dict | None]:
+    meta = model.get("metadata") or {}
+    return meta.get("config_figures"), meta.get("parameters"), meta.get("quantization_config")
+
+
+def estimates(
+    model: dict[str, Any], optimization: dict[str, Any], max_batch_size: int
+) -> dict[str, fit.Estimate]:
+    """The estimate on every deviceType whose hardware can run `optimization` (empty when
+    the model's figures are unknown)."""
+    figures, parameters, declared = _figures(model)
+    if not figures:
+        return {}
+    profiles = hardware_profiles()
+    plans = {}
+    for name, profile in profiles.items():
+        try:
+            plans[name] = plan.check(optimization, name, profile, declared)
+        except ApiError:
+            continue  # this hardware cannot run the optimization at all
+    try:
+        return fit.by_device(figures, plans, profiles, max_batch_size, parameters)
+    except ValueError:
+        return {}
+
+
+def fit_report(
+    model: dict[str, Any], optimization: dict[str, Any], max_batch_size: int
+) -> dict[str, Any]:
+    """Per deviceType whether the model fits, and the smallest that does (deploy forms and
+    the catalog show it)."""
+    found = estimates(model, optimization, max_batch_size)
+    return {
+        "suggestedDeviceType": fit.smallest_fit(found, hardware_profiles()),
+        "deviceTypes": {name: e.to_dict() for name, e in found.items()},
+    }
+
+
+def check_deploy(model: dict[str, Any], config: dict[str, Any]) -> plan.EnginePlan:
+    """The engine plan of a deploy body for `model`; ApiError (400, naming the field) when
+    the hardware cannot run it or the deviceType cannot hold the model."""
+    device_type = config["deviceType"]
+    profile = hardware_profiles()[device_type]
+    optimization = config.get("optimizationInfo") or {}
+    figures, parameters, declared = _figures(model)
+    catalog.check_optimization(model, optimization)
+    engine = plan.check(optimization, device_type, profile, declared)
+    batch = config["scalingParameters"]["maxBatchSize"]
+    fit.check(
+        figures,
+        engine,
+        device_type,
+        profile,
+        batch,
+        parameters,
+        suggest=lambda: fit.smallest_fit(
+            estimates(model, optimization, batch), hardware_profiles()
+        ),
+    )
+    return engine
+
+
+def device_problem(profile: dict[str, Any], autoscaling: bool) -> str | None:
+    """Why this cluster cannot place one replica of `profile` now, or None (always None when
+    the cluster autoscales: the nodes may come)."""
+    if autoscaling:
+        return None
+    import ray
+
+    have = ray.cluster_resources()
+    gpus = profile.get("num_gpus", 0)
+    acc = profile.get("accelerator_type")
+    if gpus and have.get("GPU", 0) < gpus:
+        return f"needs {gpus} GPU(s) ({acc}); the cluster has {int(have.get('GPU', 0))}"
+    if gpus and acc and f"accelerator_type:{acc}" not in have:
+        return f"needs {acc} GPUs; the cluster has none"
+    if have.get("CPU", 0) < profile.get("num_cpus", 1):
+        return f"needs {profile.get('num_cpus')} CPUs; the cluster has {int(have.get('CPU', 0))}"
+    return None
+
+
+def check_cluster(device_type: str, autoscaling: bool) -> None:
+    """400 when the cluster cannot run a replica of `device_type`."""
+    problem = device_problem(hardware_profiles()[device_type], autoscaling)
+    if problem:
+        cpu = [n for n, p in hardware_profiles().items() if not p.get("num_gpus")]
+        raise ApiError(
+            400,
+            f"deviceType {device_type!r} {problem}; choose one of {cpu} or add such nodes",
+            "deviceType",
+        )

@@ -1,0 +1,221 @@
+"""Models from the Hugging Face Hub: what a repo holds, which files a model needs, and a
+resumable download of them, through `huggingface_hub` (its endpoint setting points it at
+any server that speaks the Hub's API).
+
+Every failure becomes a HubError whose message a person can act on: repo not found, gated or
+unauthorized (naming the connection), no safetensors weights, over the import limit, a
+download interrupted (retry resumes it).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raydock.platform.model_archive import ArchiveError, check_layout
+
+#: The files of a model raydock serves (config, tokenizer, safetensors weights), at the repo
+#: root: nothing else is downloaded (no pickles, no other formats, no READMEs of gigabytes).
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "adapter_config.json",
+)
+#: Pickle weights: listed so the layout check can say why they are refused, never fetched.
+_PICKLE_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+#: Attempts per download before the import fails (each resumes where the last one stopped).
+DOWNLOAD_ATTEMPTS = 3
+RETRY_PAUSE_S = 1.0
+
+
+class HubError(Exception):
+    """The Hub refused or failed; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class RepoFiles:
+    sha: str  # the commit the download is pinned to
+    sizes: dict[str, int]  # root files the model needs -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+
+def _needed(name: str, patterns: tuple[str, ...]) -> bool:
+    return "/" not in name and any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def _refusal(exc: Exception, repo_id: str, revision: str | None, connection: str | None) -> str:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    via = f"connection {connection!r}" if connection else "no connection (anonymous)"
+    if isinstance(exc, GatedRepoError):
+        return (
+            f"{repo_id} is a gated repository and {via} may not read it: accept its licence "
+            "on Hugging Face with the account of a connection's token, and import with that "
+            "connection"
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return f"revision {revision!r} of {repo_id} does not exist on Hugging Face"
+    if isinstance(exc, RepositoryNotFoundError):
+        private = "" if connection else "; a private repository needs a connection"
+        return (
+            f"repository {repo_id} was not found on Hugging Face with {via} (check the "
+            f"name{private}, or that the connection's token may read it)"
+        )
+    return f"Hugging Face could not be reached or refused the request: {_short(exc)}"
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def whoami(endpoint: str | None, token: str) -> str:
+    """The account a token authenticates as; HubError when it does not."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        info = HfApi(endpoint=endpoint or None).whoami(token=token)
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        if status in (401, 403):
+            raise HubError("the token was refused by Hugging Face (invalid or revoked)") from None
+        raise HubError(f"Hugging Face could not check the token: {_short(exc)}") from None
+    except Exception as exc:  # network: the Hub is unreachable from here
+        raise HubError(f"Hugging Face could not be reached: {_short(exc)}") from None
+    return str(info.get("name") or "")
+
+
+def repo_files(
+    endpoint: str | None,
+    repo_id: str,
+    revision: str | None,
+    token: str | None,
+    connection: str | None,
+    kind: str,
+    limits: Any,
+) -> RepoFiles:
+    """The files to download, checked before any byte of weights moves: the same layout
+    rules as a .zip (config, tokenizer, safetensors; pickles refused) and the size limit."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi(endpoint=endpoint or None).model_info(
+            repo_id, revision=revision, files_metadata=True, token=token or False
+        )
+    except Exception as exc:
+        raise HubError(_refusal(exc, repo_id, revision, connection)) from None
+    siblings = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+    try:
+        check_layout(
+            [n for n in siblings if _needed(n, MODEL_FILES + _PICKLE_FILES)],
+            kind,
+            limits.allow_pickle,
+        )
+    except ArchiveError as exc:
+        raise HubError(f"{repo_id}: {exc}") from None
+    sizes = {n: size for n, size in siblings.items() if _needed(n, MODEL_FILES)}
+    files = RepoFiles(sha=info.sha or revision or "main", sizes=sizes)
+    if files.total > limits.max_total_bytes:
+        raise HubError(
+            f"{repo_id} needs {files.total / 2**30:.1f} GiB of model files, over the import "
+            f"limit of {limits.max_total_bytes / 2**30:.1f} GiB (max_archive_bytes)"
+        )
+    return files
+
+
+def _bytes_on_disk(folder: Path) -> int:
+    """Bytes downloaded so far, partial files (huggingface_hub's .incomplete) included."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            if path.is_file() and not path.name.endswith((".lock", ".metadata")):
+                total += path.stat().st_size
+        except OSError:
+            pass  # renamed while we looked
+    return total
+
+
+def download(
+    endpoint: str | None,
+    repo_id: str,
+    files: RepoFiles,
+    token: str | None,
+    folder: Path,
+    progress: Callable[[int, int], None],
+) -> None:
+    """Download the files into `folder`, resuming what an earlier attempt left there (this
+    import's or a failed one's: partial files survive a failure); HubError when every
+    attempt breaks off. Progress is (bytes on disk, total), polled."""
+    from huggingface_hub import snapshot_download
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            progress(min(_bytes_on_disk(folder), files.total), files.total)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            try:
+                snapshot_download(
+                    repo_id,
+                    revision=files.sha,
+                    local_dir=folder,
+                    allow_patterns=sorted(files.sizes),
+                    token=token or False,
+                    endpoint=endpoint or None,
+                    max_workers=4,
+                )
+                break
+            except Exception as exc:
+                if attempt == DOWNLOAD_ATTEMPTS:
+                    done = _bytes_on_disk(folder)
+                    raise HubError(
+                        f"the download of {repo_id} was interrupted after {done / 2**20:.1f} "
+                        f"of {files.total / 2**20:.1f} MiB ({DOWNLOAD_ATTEMPTS} attempts; "
+                        f"last error: {_short(exc)}); retry the import to resume it"
+                    ) from None
+                time.sleep(RETRY_PAUSE_S * attempt)
+    finally:
+        stop.set()
+        watcher.join()
+    progress(files.total, files.total)
+
+
+def take_model_files(folder: Path, files: RepoFiles, dest: Path) -> None:
+    """Move the downloaded model files out of the download folder (its .cache bookkeeping
+    stays behind) into `dest`, checking each is complete."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, size in files.sizes.items():
+        src = folder / name
+        if not src.is_file() or (size and src.stat().st_size != size):
+            raise HubError(f"{name} is incomplete after the download; retry the import")
+        src.replace(dest / name)
