@@ -237,7 +237,7 @@ def cmd_connections(args: argparse.Namespace) -> int:
     else:
         out = client.delete(f"/connections/{args.target}")
     print(json.dumps(out, indent=2))
-    return 0 if out.get("lastTest", {}).get("ok", True) else 1
+    return 0 if (out.get("lastTest") or {}).get("ok", True) is not False else 1
 
 
 # ------------------------------------------------------------------ demo

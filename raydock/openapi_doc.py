@@ -64,6 +64,11 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /models/{modelId}/export": (409,),
     "GET /deployments/{deploymentId}/stats": (409,),
     "GET /exports/{dockStatusId}/download": (409,),
+    "POST /connections": (400, 409),  # the Hub refuses the token; the name exists
+    "POST /models/import/huggingface": (404,),  # connectionId
+    "POST /deployments/huggingface": (400, 404, 409),  # as deploy, and connectionId
+    "POST /models/{modelId}/retry-import": (409,),  # not a failed download
+    "POST /catalog/{entryId}/deploy": (400, 404, 409),  # too small; connectionId; importing
 }
 # OpenAPI links: which ids a management response names, and the operations that take them
 # (Swagger shows them; API testers such as schemathesis follow them). Destructive operations

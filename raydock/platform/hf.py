@@ -1,5 +1,5 @@
 """Models from the Hugging Face Hub: what a repo holds, which files a model needs, and a
-resumable download of them, through `huggingface_hub` (its endpoint setting points it at
+download of them that a retry resumes, through `huggingface_hub` (its endpoint setting points it at
 any server that speaks the Hub's API).
 
 Every failure becomes a HubError whose message a person can act on: repo not found, gated or
@@ -63,6 +63,10 @@ def _needed(name: str, patterns: tuple[str, ...]) -> bool:
     return "/" not in name and any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
+class _Gated(Exception):
+    """A gated repo seen in its listing, before any download is refused."""
+
+
 def _refusal(exc: Exception, repo_id: str, revision: str | None, connection: str | None) -> str:
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -71,7 +75,7 @@ def _refusal(exc: Exception, repo_id: str, revision: str | None, connection: str
     )
 
     via = f"connection {connection!r}" if connection else "no connection (anonymous)"
-    if isinstance(exc, GatedRepoError):
+    if isinstance(exc, GatedRepoError | _Gated):
         return (
             f"{repo_id} is a gated repository and {via} may not read it: accept its licence "
             "on Hugging Face with the account of a connection's token, and import with that "
@@ -85,6 +89,8 @@ def _refusal(exc: Exception, repo_id: str, revision: str | None, connection: str
             f"repository {repo_id} was not found on Hugging Face with {via} (check the "
             f"name{private}, or that the connection's token may read it)"
         )
+    if getattr(getattr(exc, "response", None), "status_code", None) == 401:
+        return f"Hugging Face refused the token of {via} (invalid or revoked): test the connection"
     return f"Hugging Face could not be reached or refused the request: {_short(exc)}"
 
 
@@ -138,6 +144,8 @@ def repo_files(
         )
     except ArchiveError as exc:
         raise HubError(f"{repo_id}: {exc}") from None
+    if info.gated and not token:  # listing a gated repo is public; its files are not
+        raise HubError(_refusal(_Gated(), repo_id, revision, connection))
     sizes = {n: size for n, size in siblings.items() if _needed(n, MODEL_FILES)}
     files = RepoFiles(sha=info.sha or revision or "main", sizes=sizes)
     if files.total > limits.max_total_bytes:
@@ -165,13 +173,17 @@ def download(
     repo_id: str,
     files: RepoFiles,
     token: str | None,
+    connection: str | None,
     folder: Path,
     progress: Callable[[int, int], None],
 ) -> None:
-    """Download the files into `folder`, resuming what an earlier attempt left there (this
-    import's or a failed one's: partial files survive a failure); HubError when every
-    attempt breaks off. Progress is (bytes on disk, total), polled."""
-    from huggingface_hub import snapshot_download
+    """Download the files into `folder` one by one with `hf_hub_download`, which resumes a
+    broken transfer within a call (HTTP Range) and skips a file already complete in
+    `folder`: a retried import (this one's next attempt, or the user's retry after a
+    failure) fetches only what is missing. HubError when the Hub refuses or every attempt
+    breaks off. Progress is (bytes on disk, total), polled."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     folder.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
@@ -183,27 +195,32 @@ def download(
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-            try:
-                snapshot_download(
-                    repo_id,
-                    revision=files.sha,
-                    local_dir=folder,
-                    allow_patterns=sorted(files.sizes),
-                    token=token or False,
-                    endpoint=endpoint or None,
-                    max_workers=4,
-                )
-                break
-            except Exception as exc:
-                if attempt == DOWNLOAD_ATTEMPTS:
-                    done = _bytes_on_disk(folder)
-                    raise HubError(
-                        f"the download of {repo_id} was interrupted after {done / 2**20:.1f} "
-                        f"of {files.total / 2**20:.1f} MiB ({DOWNLOAD_ATTEMPTS} attempts; "
-                        f"last error: {_short(exc)}); retry the import to resume it"
-                    ) from None
-                time.sleep(RETRY_PAUSE_S * attempt)
+        for name in sorted(files.sizes, key=files.sizes.get):  # small files first
+            for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+                try:
+                    hf_hub_download(
+                        repo_id,
+                        name,
+                        revision=files.sha,
+                        local_dir=folder,
+                        cache_dir=folder / ".cache",  # nothing written to the node's home
+                        token=token or False,
+                        endpoint=endpoint or None,
+                    )
+                    break
+                except (RepositoryNotFoundError, RevisionNotFoundError) as exc:  # gated too
+                    raise HubError(_refusal(exc, repo_id, files.sha, connection)) from None
+                except Exception as exc:  # the connection broke: try again, then give up
+                    if attempt == DOWNLOAD_ATTEMPTS:
+                        done = _bytes_on_disk(folder)
+                        raise HubError(
+                            f"the download of {repo_id} was interrupted after "
+                            f"{done / 2**20:.1f} of {files.total / 2**20:.1f} MiB "
+                            f"({DOWNLOAD_ATTEMPTS} attempts at {name}; last error: "
+                            f"{_short(exc)}); retry the import to resume it: the files "
+                            "already downloaded are kept"
+                        ) from None
+                    time.sleep(RETRY_PAUSE_S * attempt)
     finally:
         stop.set()
         watcher.join()

@@ -218,11 +218,23 @@ def import_hf_task(
             repo_id,
             files,
             token,
+            origin.get("connection"),
             folder,
             lambda done, total: downloading(
                 done / total if total else 1.0,
                 f"downloading {done / 2**20:.1f} of {total / 2**20:.1f} MiB",
             ),
+        )
+        ray.get(
+            job.registry.update_job.remote(
+                job_id,
+                message="downloaded",
+                response={
+                    "downloadedBytes": files.total,
+                    "files": sorted(files.sizes),
+                    "revision": files.sha,
+                },
+            )
         )
         hf.take_model_files(folder, files, work / "model")
         shutil.rmtree(folder, ignore_errors=True)  # complete: nothing left to resume

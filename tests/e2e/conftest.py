@@ -17,6 +17,7 @@ from raydock.client import Client, default_deploy_body
 from raydock.config import Settings, load_settings
 from raydock.modelgen import build_model_zip
 from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
+from tests.hf_hub import FakeHub
 
 pytestmark = pytest.mark.e2e
 
@@ -56,10 +57,19 @@ def boot(settings: Settings) -> dict:
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory) -> Platform:
+def hf_hub() -> FakeHub:
+    """The Hugging Face Hub the platform downloads from (a local server speaking its API)."""
+    with FakeHub() as hub:
+        yield hub
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory, hf_hub) -> Platform:
     home = tmp_path_factory.mktemp("raydock-home")
     # a 20 MiB archive limit lets the size-limit test stay small
-    settings = load_settings(home=str(home), port=free_port(), max_archive_bytes=20 * 2**20)
+    settings = load_settings(
+        home=str(home), port=free_port(), max_archive_bytes=20 * 2**20, hf_endpoint=hf_hub.url
+    )
     info = boot(settings)
     assert info["admin_key"], "a fresh data dir must print the first admin key"
     p = Platform(settings, info["url"], info["admin_key"], Client(info["url"], info["admin_key"]))
