@@ -135,9 +135,16 @@ class _ModelImport:
 
 @ray.remote(num_cpus=1, max_retries=0)
 def import_model_task(
-    settings: dict[str, Any], model_id: str, job_id: str, upload_key: str, kind: str
+    settings: dict[str, Any],
+    model_id: str,
+    job_id: str,
+    upload_key: str,
+    kind: str,
+    base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Validate an uploaded archive (a file in the artifact store) and store the model.
+    """Validate an uploaded archive (a file in the artifact store) and store the model; an
+    adapter is checked against its `base` ({"prefix", "digest", "name"}: fetched through this
+    node's cache).
 
     Runs on any node: the archive comes from the store and the model goes back to it.
     """
@@ -161,12 +168,15 @@ def import_model_task(
     try:
         zip_path = _local_copy(job.store, upload_key, work, JobProgress(job_id, 0, 5))
         checksum = sha256_file(zip_path)
+        base_dir = fetch_cached({**base, **cfg.artifact_access()}) if base else None
         meta = extract_model_archive(
             zip_path,
             work / "model",
             ArchiveLimits.from_settings(cfg),
             kind=kind,
             progress=on_progress,
+            base_dir=base_dir,
+            base_name=base and base["name"],
         )
         return job.finish(work / "model", meta, checksum)
     except Exception as exc:  # any failure ends the import FAILED, store cleaned

@@ -32,7 +32,7 @@ from raydock.platform.jobs import (
     import_model_task,
     optimize_model_task,
 )
-from raydock.platform.states import ACTIVE_DEPLOYMENT, JobAction, JobStatus
+from raydock.platform.states import ACTIVE_DEPLOYMENT, JobAction, JobStatus, ModelStatus
 from raydock.platform.states import DeploymentStatus as D
 
 log = logging.getLogger("raydock.lifecycle")
@@ -220,7 +220,7 @@ class Lifecycle:
         except Exception as exc:  # the connection is gone, or the task itself died
             await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")
             return
-        if "error" not in result:
+        if result.get("status") == ModelStatus.READY:  # else it failed with its reason
             await self._deploy_waiting(job_id)
 
     async def _deploy_waiting(self, import_job_id: str) -> None:
@@ -239,12 +239,26 @@ class Lifecycle:
         try:
             # the upload arrived on this (the head) node; the import task may run on any
             await asyncio.to_thread(self._stage_upload, Path(zip_path), upload, job_id)
-            await import_model_task.remote(self.settings.to_dict(), model_id, job_id, upload, kind)
+            base = await self._base_artifact(model_id) if kind == "adapter" else None
+            await import_model_task.remote(
+                self.settings.to_dict(), model_id, job_id, upload, kind, base
+            )
         except Exception as exc:  # staging failed, or the task itself died (crash, OOM)
             await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")
             await asyncio.to_thread(self.settings.store().delete, upload)
         finally:
             Path(zip_path).unlink(missing_ok=True)
+
+    async def _base_artifact(self, adapter_id: str) -> dict[str, Any]:
+        """Where an adapter's base model is stored, so the import checks the adapter
+        against it: {"prefix", "digest", "name"}."""
+        adapter = await self.registry.get_model.remote(adapter_id)
+        base = await self.registry.get_model.remote(adapter["baseModelId"])
+        return {
+            "prefix": base["artifactUri"],
+            "digest": base["metadata"]["artifactDigest"],
+            "name": base["name"],
+        }
 
     def _stage_upload(self, local: Path, key: str, job_id: str) -> None:
         """Put an uploaded archive into the artifact store: moved when the store is a local

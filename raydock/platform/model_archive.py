@@ -155,6 +155,9 @@ class ModelMetadata:
     quantization_config: dict | None = None
     # the config.json figures the hardware-fit estimate reads (raydock.model_memory)
     config_figures: dict | None = None
+    # adapters checked against their base (check_adapter_against_base): rank, alpha, target
+    # modules and the rest of what serving the adapter needs
+    adapter: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +172,8 @@ def extract_model_archive(
     limits: ArchiveLimits = ArchiveLimits(),
     kind: str = "base",
     progress: ProgressCallback | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    base_name: str | None = None,
 ) -> ModelMetadata:
     """Check, extract and validate a model archive into ``dest_dir``.
 
@@ -176,8 +181,14 @@ def extract_model_archive(
     failure nothing is left under ``dest_dir``; an exception raised by ``progress`` aborts the
     extraction the same way (and propagates unchanged). ``progress(fraction, stage)`` is called
     with stages ``checking``, ``extracting``, ``validating`` and ``done``.
+
+    For an adapter, ``base_dir`` (the base model's folder) adds the second stage,
+    ``adapter_check.check_adapter_against_base`` (``base_name``: the base's name in the hub,
+    for its name hint), whose facts become ``metadata.adapter``.
     """
     _check_kind(kind)
+    if base_dir is not None and kind != "adapter":
+        raise ValueError("base_dir is only for kind='adapter'")
     dest = Path(dest_dir)
     _check_dest_dir(dest)
     report = _ProgressReporter(progress)
@@ -196,6 +207,10 @@ def extract_model_archive(
             _extract_entries(zf, archive_name, plan, staging, limits, report)
             report(0.9, "validating")
             metadata = inspect_model_dir(staging, kind=kind, allow_pickle=limits.allow_pickle)
+            if base_dir is not None:
+                from raydock.platform.adapter_check import check_adapter_against_base
+
+                metadata.adapter = check_adapter_against_base(staging, base_dir, base_name)
             _move_into_place(staging, dest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -58,6 +58,22 @@ def gets(hub, repo: str, name: str) -> list[dict]:
     ]
 
 
+def settled(platform, dep_id: str, timeout: float = 400) -> dict:
+    """The deployment once it is DEPLOYED or FAILED (importing, then deploying before)."""
+    last: list[dict] = []
+
+    def done() -> bool:
+        last.append(platform.client.get(f"/deployments/{dep_id}"))
+        return last[-1]["status"] in ("DEPLOYED", "FAILED")
+
+    try:
+        wait_for(done, timeout=timeout, interval=1)
+    except AssertionError:
+        model = platform.client.get(f"/models/{last[-1]['modelId']}")
+        raise AssertionError(f"deployment still {last[-1]['status']}; model {model}") from None
+    return last[-1]
+
+
 def import_hf(platform, repo: str, **extra) -> tuple[dict, dict]:
     ref = platform.client.post("/models/import/huggingface", json={"repoId": repo, **extra})
     job = platform.client.wait_job(ref["dockStatusId"], timeout=300)
@@ -176,14 +192,7 @@ def test_deploy_from_hugging_face_in_one_request_then_chat(platform, hub, connec
     dep_id = ref["deployment"]["deploymentId"]
     assert ref["action"] == "IMPORT" and ref["deployment"]["status"] == "READY_TO_DEPLOY"
 
-    dep = wait_for(
-        lambda: (
-            (d := platform.client.get(f"/deployments/{dep_id}"))["status"] in ("DEPLOYED", "FAILED")
-            and d
-        ),
-        timeout=400,
-        interval=1,
-    )
+    dep = settled(platform, dep_id)
     assert dep["status"] == "DEPLOYED", dep
     assert dep["description"] == "straight from the hub"
     model = platform.client.get(f"/models/{dep['modelId']}")
@@ -213,14 +222,7 @@ def test_the_catalog_lists_30_models_and_deploys_one(platform, hub):
     ref = platform.client.post(f"/catalog/{CATALOG_ENTRY}/deploy", json=body)
     assert ref["action"] == "IMPORT" and ref["model"]["source"] == "platform_hosted"
     dep_id = ref["deployment"]["deploymentId"]
-    dep = wait_for(
-        lambda: (
-            (d := platform.client.get(f"/deployments/{dep_id}"))["status"] in ("DEPLOYED", "FAILED")
-            and d
-        ),
-        timeout=400,
-        interval=1,
-    )
+    dep = settled(platform, dep_id)
     assert dep["status"] == "DEPLOYED", dep
     model = platform.client.get(f"/models/{dep['modelId']}")
     assert model["sourceLabel"] == "Platform Hosted" and model["name"] == entry["name"]
