@@ -374,9 +374,10 @@ def _as_validated(schemas: dict[str, Any]) -> None:
     def props(model: str) -> dict[str, Any]:
         return schemas[model]["properties"]
 
-    # checked against configs/hardware.yaml by DeployRequest._known_device
-    props("DeployRequest")["deviceType"]["enum"] = list(hardware_profiles())
-    props("DeployRequest")["name"]["pattern"] = NOT_BLANK  # a blank name is refused
+    # checked against configs/hardware.yaml by DeployRequest._known_device; blank names refused
+    for deploy in ("DeployRequest", "HuggingFaceDeploy", "CatalogDeploy"):
+        props(deploy)["deviceType"]["enum"] = list(hardware_profiles())
+        props(deploy)["name"]["pattern"] = NOT_BLANK
     props("HyperParameters")["stopSequence"]["items"]["minLength"] = 1
     schemas["ScalingParameters"]["description"] = "minReplicas must not exceed maxReplicas."
     schemas["ScalingParameters"]["allOf"] = _min_not_above_max(ScalingParameters)

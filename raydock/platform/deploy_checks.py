@@ -102,4 +102,5 @@ def check_cluster(device_type: str, autoscaling: bool) -> None:
             400,
             f"deviceType {device_type!r} {problem}; choose one of {cpu} or add such nodes",
             "deviceType",
+            "device_unavailable",
         )
