@@ -24,6 +24,7 @@ from raydock import errors
 from raydock.config import Settings, hardware_profiles
 from raydock.errors import ApiError, error_response
 from raydock.optimizers import ctranslate2 as ct2
+from raydock.optimizers import merge
 from raydock.platform import api_hub, deploy_checks, names, schemas
 from raydock.platform.api_deps import User, admin_user, ctx, job_ref
 from raydock.platform.bootstrap import ensure_platform_actors
@@ -128,17 +129,23 @@ async def delete_model(modelId: str, _: User) -> dict[str, Any]:
 
 
 def _delete_artifacts(model: dict[str, Any]) -> None:
-    """Everything the store holds for a deleted model: its files, its exports, and its
-    conversions unless another model has the same weights."""
+    """Everything the store holds for a deleted model: its files, its exports, its merges
+    into a base (an adapter) and its conversions unless another model has the same weights."""
     store = ctx.settings.store()
     if model.get("artifactUri"):
         store.delete(model["artifactUri"])
     store.delete(exports_key(model["modelId"]))
-    if model.get("checksum") and not model["checksumShared"]:
-        # its conversions are keyed by the weights' checksum, which no other model has now
-        for key in {k.split("/")[1] for k in store.list("optimized")}:
-            if ct2.is_artifact_of(key, model["checksum"]):
-                store.delete(f"optimized/{key}")
+    if not model.get("checksum") or model["checksumShared"]:
+        return
+    checksums = [model["checksum"]]
+    for name in {k.split("/")[1] for k in store.list("merged")}:
+        if merge.is_merge_of(name, model["checksum"]):
+            store.delete(f"merged/{name}")
+            checksums.append(name)  # a merge's conversions are keyed by its name
+    # conversions are keyed by the weights' checksum, which no other model has now
+    for key in {k.split("/")[1] for k in store.list("optimized")}:
+        if any(ct2.is_artifact_of(key, c) for c in checksums):
+            store.delete(f"optimized/{key}")
 
 
 def _zip_name(file_name: str) -> str:

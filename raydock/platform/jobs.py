@@ -361,3 +361,37 @@ def optimize_model_task(
         return {"prefix": prefix, "digest": manifest.digest}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@ray.remote(max_retries=0)
+def merge_adapter_task(
+    settings: dict[str, Any], base: dict[str, Any], adapter: dict[str, Any], job_id: str | None
+) -> dict[str, str]:
+    """Merge an adapter into its base, once per (base, adapter) weights: the artifact a
+    deployment of the adapter serves (`base`, `adapter`: model views). Returns the merged
+    artifact's {"prefix", "digest"} (and "checksum", which keys its conversions)."""
+    from raydock.optimizers.merge import merge_adapter, merged_key
+
+    cfg = Settings(**settings)
+    store = cfg.store()
+    prefix = merged_key(base["checksum"], adapter["checksum"])
+    checksum = prefix.split("/")[1]
+    progress = JobProgress(job_id, 0, 10) if job_id else (lambda *_: None)
+    if store.exists(f"{prefix}/{MANIFEST_NAME}"):
+        progress(1.0, "reusing the merged adapter")
+        digest = store.read_manifest(prefix).digest
+        return {"prefix": prefix, "digest": digest, "checksum": checksum}
+
+    def fetch(model: dict[str, Any]) -> Path:
+        artifact = {"prefix": model["artifactUri"], "digest": model["metadata"]["artifactDigest"]}
+        return fetch_cached(artifact | cfg.artifact_access())
+
+    progress(0.1, "merging the adapter into its base")
+    work = Path(tempfile.mkdtemp(prefix="raydock-merge-"))
+    try:
+        merge_adapter(fetch(base), fetch(adapter), work / "merged")
+        manifest = store.put_dir(work / "merged", prefix)
+        progress(1.0, "adapter merged")
+        return {"prefix": prefix, "digest": manifest.digest, "checksum": checksum}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -30,6 +30,7 @@ from raydock.platform.jobs import (
     export_model_task,
     import_hf_task,
     import_model_task,
+    merge_adapter_task,
     optimize_model_task,
 )
 from raydock.platform.states import ACTIVE_DEPLOYMENT, JobAction, JobStatus, ModelStatus
@@ -184,7 +185,9 @@ class Lifecycle:
         dep = await self.registry.get_deployment.remote(deployment_id)
         model = await self.registry.get_model.remote(dep["modelId"])
         engine = deploy_checks.check_deploy(model, config or dep["config"])
-        status = D.OPTIMIZING if engine.converts else D.DEPLOYING
+        # an adapter is merged into its base first: optimizing too
+        converts = engine.converts or model["kind"] == "adapter"
+        status = D.OPTIMIZING if converts else D.DEPLOYING
         job = await self.registry.begin_deploy.remote(deployment_id, config, user_id, status)
         self._spawn(self._deploy(deployment_id, job["dockStatusId"]), job["dockStatusId"])
         return job
@@ -290,14 +293,39 @@ class Lifecycle:
         self, model: dict, engine: plan.EnginePlan, profile: dict, job_id: str | None
     ) -> dict[str, str]:
         """The artifact the engine loads ({"prefix", "digest"} in the store): the model
-        itself, or its conversion (made once, then reused)."""
+        itself, an adapter merged into its base, or the conversion of either (each made
+        once, then reused)."""
+        served = model
+        if model["kind"] == "adapter":
+            base = await self.registry.get_model.remote(model["baseModelId"])
+            merged = await self._run_task(
+                merge_adapter_task, profile, self.settings.to_dict(), base, model, job_id
+            )
+            served = {
+                "checksum": merged["checksum"],
+                "artifactUri": merged["prefix"],
+                "metadata": {"artifactDigest": merged["digest"]},
+            }
         if not engine.converts:
-            return {"prefix": model["artifactUri"], "digest": model["metadata"]["artifactDigest"]}
-        task = optimize_model_task.options(num_cpus=profile.get("num_cpus", 1))
+            prefix, digest = served["artifactUri"], served["metadata"]["artifactDigest"]
+            return {"prefix": prefix, "digest": digest}
+        return await self._run_task(
+            optimize_model_task,
+            profile,
+            self.settings.to_dict(),
+            served,
+            engine.quantization,
+            job_id,
+        )
+
+    @staticmethod
+    async def _run_task(task, profile: dict, *args: Any) -> dict[str, str]:
+        """A conversion task with the replica's CPUs; its failure fails the deploy with the
+        converter's own reason."""
         try:
-            return await task.remote(self.settings.to_dict(), model, engine.quantization, job_id)
+            return await task.options(num_cpus=profile.get("num_cpus", 1)).remote(*args)
         except ray.exceptions.RayTaskError as exc:
-            raise DeployFailed(str(exc.cause)) from None  # the converter's own reason
+            raise DeployFailed(str(exc.cause)) from None
 
     async def _run_app(self, deployment_id: str, job_id: str | None) -> None:
         from raydock.serve_apps.engine_app import build_engine_app
