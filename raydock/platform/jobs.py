@@ -76,7 +76,7 @@ class _ModelImport:
     IMPORT_FAILED with the reason, leaving nothing in the store."""
 
     def __init__(self, cfg: Settings, model_id: str, job_id: str):
-        self.cfg, self.model_id, self.job_id = cfg, model_id, job_id
+        self.model_id, self.job_id = model_id, job_id
         self.store = cfg.store()
         self.registry = _registry()
         self.key = model_key(model_id)
