@@ -65,7 +65,7 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "GET /deployments/{deploymentId}/stats": (409,),
     "GET /exports/{dockStatusId}/download": (409,),
     "POST /connections": (400, 409),  # the Hub refuses the token; the name exists
-    "POST /models/import/huggingface": (404,),  # connectionId
+    "POST /models/import/huggingface": (404, 409),  # connectionId; baseModelId not READY
     "POST /deployments/huggingface": (400, 404, 409),  # as deploy, and connectionId
     "POST /models/{modelId}/retry-import": (409,),  # not a failed download
     "POST /catalog/{entryId}/deploy": (400, 404, 409),  # too small; connectionId; importing
@@ -390,6 +390,7 @@ def _as_validated(schemas: dict[str, Any]) -> None:
         },
     }
     schemas["UploadSessionStart"].update(copy.deepcopy(adapter))
+    schemas["HuggingFaceImport"].update(copy.deepcopy(adapter))
     schemas[_import_form(schemas)].update(copy.deepcopy(adapter))
     props("ModelUpdate")["name"] = {
         "type": "null",

@@ -159,6 +159,10 @@ class FakeHub:
         """A valid token of `user`; `can_read`: the private/gated repos it opens (None: all)."""
         self._tokens[token] = _Token(user, None if can_read is None else frozenset(can_read))
 
+    def revoke_token(self, token: str) -> None:
+        """The token stops authenticating, as one deleted on the Hub."""
+        self._tokens.pop(token, None)
+
     def cut(
         self, repo_id: str, filename: str, after_bytes: int, times: int, *, reset: bool = False
     ) -> None:

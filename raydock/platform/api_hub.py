@@ -77,14 +77,23 @@ async def _start_download(
     description: str = "",
     tags: list[str] | None = None,
     deploy: dict[str, Any] | None = None,
+    base_model_id: str | None = None,
 ) -> dict[str, Any]:
     """Create the model (IMPORTING, its origin recorded), the deployment that waits for it
     when `deploy` is given, and the import job; the lifecycle downloads, then deploys."""
     if origin.get("connectionId"):  # 404 now rather than an import failing later
         connection = await ctx.registry.get_connection.remote(origin["connectionId"])
         origin = {**origin, "connection": connection["name"]}
+    kind = "adapter" if base_model_id else "base"
     model = await ctx.registry.create_model.remote(
-        name, source, user["userId"], "base", None, description, tags or [], {"origin": origin}
+        name,
+        source,
+        user["userId"],
+        kind,
+        base_model_id,
+        description,
+        tags or [],
+        {"origin": origin},
     )
     dep = None
     if deploy is not None:
@@ -110,9 +119,17 @@ def _deploy_body(body: schemas.DeployRequest) -> dict[str, Any]:
 @router.post("/models/import/huggingface", tags=["models"], status_code=202)
 async def import_from_hf(body: schemas.HuggingFaceImport, user: User) -> dict[str, Any]:
     """Import a model from the Hugging Face Hub by repo id (only its config, tokenizer and
-    safetensors files are downloaded). The dock status shows the bytes downloaded."""
+    safetensors files are downloaded), or a LoRA adapter onto a base model (`kind: adapter`,
+    `baseModelId`; checked against the base). The dock status shows the bytes downloaded."""
+    base = body.baseModelId if body.kind == "adapter" else None
     return await _start_download(
-        body.repoId, "hugging_face", _hf_origin(body), user, body.description, body.tags
+        body.repoId,
+        "hugging_face",
+        _hf_origin(body),
+        user,
+        body.description,
+        body.tags,
+        base_model_id=base,
     )
 
 

@@ -197,12 +197,19 @@ def hf_download_folder(cfg: Settings, repo_id: str, sha: str) -> Path:
 
 @ray.remote(num_cpus=1, max_retries=0)
 def import_hf_task(
-    settings: dict[str, Any], model_id: str, job_id: str, origin: dict[str, Any], token: str | None
+    settings: dict[str, Any],
+    model_id: str,
+    job_id: str,
+    origin: dict[str, Any],
+    token: str | None,
+    base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Download a model from the Hugging Face Hub (only the files it needs, resumable), then
     validate and store it as an uploaded archive would be. `origin`: repoId, revision,
-    connection (its name, for messages), catalogId."""
+    connection (its name, for messages), catalogId; `base`: an adapter's base model, as for
+    `import_model_task`."""
     from raydock.platform import hf
+    from raydock.platform.adapter_check import check_adapter_against_base
     from raydock.platform.model_archive import ArchiveError, ArchiveLimits, inspect_model_dir
 
     cfg = Settings(**settings)
@@ -210,6 +217,7 @@ def import_hf_task(
     limits = ArchiveLimits.from_settings(cfg)
     endpoint = cfg.hf_endpoint or None
     repo_id = origin["repoId"]
+    kind = "adapter" if base else "base"
     work = Path(tempfile.mkdtemp(prefix="raydock-hf-"))
     try:
         files = hf.repo_files(
@@ -218,7 +226,7 @@ def import_hf_task(
             origin.get("revision"),
             token,
             origin.get("connection"),
-            "base",
+            kind,
             limits,
         )
         folder = hf_download_folder(cfg, repo_id, files.sha)
@@ -249,7 +257,10 @@ def import_hf_task(
         hf.take_model_files(folder, files, work / "model")
         shutil.rmtree(folder, ignore_errors=True)  # complete: nothing left to resume
         job.mark_validating()
-        meta = inspect_model_dir(work / "model", kind="base", allow_pickle=limits.allow_pickle)
+        meta = inspect_model_dir(work / "model", kind=kind, allow_pickle=limits.allow_pickle)
+        if base:
+            base_dir = fetch_cached({**base, **cfg.artifact_access()})
+            meta.adapter = check_adapter_against_base(work / "model", base_dir, base["name"])
         return job.finish(work / "model", meta, origin={**origin, "sha": files.sha})
     except (hf.HubError, ArchiveError) as exc:
         return job.fail(str(exc))

@@ -217,8 +217,9 @@ class Lifecycle:
             if origin.get("connectionId"):
                 # the token goes to the task as an argument, never into a log or a record
                 token = await self.registry.connection_token.remote(origin["connectionId"])
+            base = await self._base_artifact(model_id) if model["kind"] == "adapter" else None
             result = await import_hf_task.remote(
-                self.settings.to_dict(), model_id, job_id, origin, token
+                self.settings.to_dict(), model_id, job_id, origin, token, base
             )
         except Exception as exc:  # the connection is gone, or the task itself died
             await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")

@@ -214,6 +214,17 @@ class HuggingFaceSource(_Body):
 class HuggingFaceImport(HuggingFaceSource):
     description: str = Field("", max_length=2000)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    kind: Literal["base", "adapter"] = "base"
+    baseModelId: str | None = Field(
+        None, validate_default=True, description="The base model of an adapter (required)."
+    )
+
+    @field_validator("baseModelId")
+    @classmethod
+    def _adapter_has_base(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("kind") == "adapter" and not v:
+            raise ValueError("baseModelId is required to import an adapter")
+        return v
 
 
 class HuggingFaceDeploy(HuggingFaceSource, DeployRequest):

@@ -14,6 +14,7 @@ import ray
 
 from raydock.client import default_deploy_body
 from raydock.modelgen import cached_model_dir
+from raydock.modelgen.adapters import cached_adapter_dir
 
 from .conftest import wait_for
 
@@ -21,6 +22,7 @@ TOKEN = "hf_e2e" + "T0k3n" * 6
 OTHER_TOKEN = "hf_e2e_other" + "x" * 20
 PUBLIC, PRIVATE, GATED = "acme/tiny-chat", "acme/private-chat", "acme/gated-chat"
 PICKLED, FLAKY = "acme/pickled-chat", "acme/flaky-chat"
+ADAPTER, WIDE_ADAPTER = "acme/tiny-chat-lora", "acme/small-chat-lora"
 CATALOG_ENTRY = "smollm2-135m-instruct"
 
 
@@ -42,6 +44,8 @@ def hub(hf_hub):
     hf_hub.add_repo(PICKLED, files | {"pytorch_model.bin": weights})
     # the catalog entry's repo, served with generated weights of its architecture (Llama)
     hf_hub.add_repo("HuggingFaceTB/SmolLM2-135M-Instruct", model_files())
+    hf_hub.add_repo(ADAPTER, cached_adapter_dir("tiny", 3))
+    hf_hub.add_repo(WIDE_ADAPTER, cached_adapter_dir("small", 3))  # another base's shapes
     hf_hub.add_token(TOKEN, user="alice")
     hf_hub.add_token(OTHER_TOKEN, user="bob", can_read=set())
     return hf_hub
@@ -102,7 +106,7 @@ def test_connections_are_created_tested_and_deleted_without_showing_the_token(pl
     assert "bob" in [c["name"] for c in listed["connections"]]
 
     # the token is revoked on the Hub: a test says so, and remembers it
-    hub._tokens.pop(OTHER_TOKEN)
+    hub.revoke_token(OTHER_TOKEN)
     tested = http.post(f"/api/public/connections/{conn['connectionId']}/test").json()
     assert tested["lastTest"]["ok"] is False and "refused" in tested["lastTest"]["message"]
     hub.add_token(OTHER_TOKEN, user="bob", can_read=set())
@@ -130,6 +134,15 @@ def test_a_public_repo_imports_only_the_files_a_model_needs(platform, hub):
     assert all(len(gets(hub, PUBLIC, name)) == 1 for name in needed)
     assert not gets(hub, PUBLIC, "README.md") and not gets(hub, PUBLIC, "model.onnx")
     assert model["modelId"] in platform.stored("models")
+
+
+def test_an_adapter_from_hugging_face_is_checked_against_its_base(platform, hub):
+    base = next(m for m in platform.client.get("/models")["models"] if m["name"] == PUBLIC)
+    job, model = import_hf(platform, ADAPTER, kind="adapter", baseModelId=base["modelId"])
+    assert model["status"] == "READY", model
+    assert model["kind"] == "adapter" and model["metadata"]["adapter"]["rank"] == 8
+    job, model = import_hf(platform, WIDE_ADAPTER, kind="adapter", baseModelId=base["modelId"])
+    assert model["status"] == "IMPORT_FAILED" and "shape" in model["error"], model
 
 
 def test_private_and_gated_repos_need_a_connection_and_say_so(platform, hub, connection):
@@ -280,3 +293,17 @@ def test_no_token_reaches_a_log_or_the_database(platform, hub):
         if TOKEN.encode() in p.read_bytes() or OTHER_TOKEN.encode() in p.read_bytes()
     ]
     assert not leaked, leaked
+
+
+def test_the_cli_imports_from_hugging_face_and_lists_the_catalog(platform, hub, capsys):
+    from raydock.cli import main
+
+    auth = ["--url", platform.url, "--key", platform.admin_key]
+    assert main(["import-hf", PUBLIC, *auth]) == 0
+    out = capsys.readouterr()
+    assert '"status": "READY"' in out.out and "import" in out.err  # the progress bar
+    assert main(["catalog", "--family", "qwen", *auth]) == 0
+    table = capsys.readouterr().out
+    assert "qwen2.5-7b-instruct" in table and "g5.xlarge" in table and "llama" not in table
+    assert main(["import-hf", "acme/missing-repo", *auth]) == 1
+    assert "not found" in capsys.readouterr().err
