@@ -181,7 +181,7 @@ class UploadSessionStart(_Body):
         return v
 
 
-REPO_ID_PATTERN = r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$"
+REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$"
 
 
 class ConnectionCreate(_Body):
@@ -190,7 +190,8 @@ class ConnectionCreate(_Body):
         ...,
         min_length=1,
         max_length=1000,
-        pattern=r"^\S+$",
+        # visible ASCII: what tokens are made of, read alike by Python and JSON Schema
+        pattern=r"^[!-~]+$",
         description="A Hugging Face access token; stored encrypted, never returned.",
     )
     verify: bool = Field(True, description="Check the token with the Hub before storing it.")
