@@ -1,7 +1,8 @@
 """A LoRA adapter merged into its base model's weights, with PEFT: what a deployment of the
 adapter itself serves, on every engine (CTranslate2 converts the merged model; it has no
 runtime LoRA). The merged directory is a complete model: weights, config, the base's
-tokenizer and chat template (the adapter's own tokenizer files win where it has them)."""
+tokenizer, chat template and generation config (the adapter's own files win where it has
+them)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,7 @@ import shutil
 from pathlib import Path
 
 from raydock.hf_quiet import quiet_progress_bars
-
-#: Files a served model needs beside its weights, taken from the adapter first, else the base.
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
+from raydock.optimizers.ctranslate2 import TOKENIZER_FILES
 
 
 def merged_key(base_checksum: str, adapter_checksum: str) -> str:
@@ -52,7 +39,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(out_dir, safe_serialization=True)
-    for name in SIDE_FILES:
+    for name in TOKENIZER_FILES:  # the adapter's own first, else the base's
         for source in (adapter_dir, base_dir):
             if (source / name).is_file():
                 shutil.copy2(source / name, out_dir / name)

@@ -163,15 +163,13 @@ class UserCreate(_Body):
     isAdmin: bool = False
 
 
-class UploadSessionStart(_Body):
-    fileName: str = Field(..., min_length=5, max_length=300, pattern=ZIP_NAME_PATTERN)
-    # 2**53: what the database's 64-bit integer holds, and JSON numbers carry exactly
-    totalSize: JsonInt = Field(..., gt=0, le=2**53, description="Bytes, at most 2^53.")
-    totalChunks: JsonInt = Field(..., ge=1, le=100_000)
+class _ImportKind(_Body):
+    """A base model, or an adapter onto the base model it names."""
+
     kind: Literal["base", "adapter"] = "base"
-    baseModelId: str | None = Field(None, validate_default=True)
-    description: str = Field("", max_length=2000)
-    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
+    baseModelId: str | None = Field(
+        None, validate_default=True, description="The base model of an adapter (required)."
+    )
 
     @field_validator("baseModelId")
     @classmethod
@@ -179,6 +177,15 @@ class UploadSessionStart(_Body):
         if info.data.get("kind") == "adapter" and not v:
             raise ValueError("baseModelId is required to import an adapter")
         return v
+
+
+class UploadSessionStart(_ImportKind):
+    fileName: str = Field(..., min_length=5, max_length=300, pattern=ZIP_NAME_PATTERN)
+    # 2**53: what the database's 64-bit integer holds, and JSON numbers carry exactly
+    totalSize: JsonInt = Field(..., gt=0, le=2**53, description="Bytes, at most 2^53.")
+    totalChunks: JsonInt = Field(..., ge=1, le=100_000)
+    description: str = Field("", max_length=2000)
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
 
 
 REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$"
@@ -212,20 +219,9 @@ class HuggingFaceSource(_Body):
     )
 
 
-class HuggingFaceImport(HuggingFaceSource):
+class HuggingFaceImport(HuggingFaceSource, _ImportKind):
     description: str = Field("", max_length=2000)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
-    kind: Literal["base", "adapter"] = "base"
-    baseModelId: str | None = Field(
-        None, validate_default=True, description="The base model of an adapter (required)."
-    )
-
-    @field_validator("baseModelId")
-    @classmethod
-    def _adapter_has_base(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if info.data.get("kind") == "adapter" and not v:
-            raise ValueError("baseModelId is required to import an adapter")
-        return v
 
 
 class HuggingFaceDeploy(HuggingFaceSource, DeployRequest):
