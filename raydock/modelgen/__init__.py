@@ -464,6 +464,15 @@ def build_model_zip(
             entries.pop(name, None)
         else:
             entries[name] = bytes(data)
+    return write_zip(zip_path, entries, top_level_dir)
+
+
+def write_zip(
+    zip_path: str | Path, entries: Mapping[str, Path | bytes], top_level_dir: str | None = None
+) -> Path:
+    """Write `entries` (archive name -> a file or its bytes) as a ZIP_DEFLATED archive, sorted,
+    with a fixed timestamp (byte-identical for identical inputs), under `top_level_dir` if
+    given; written to a temporary name and renamed, so no reader sees half an archive."""
     prefix = f"{top_level_dir.strip('/')}/" if top_level_dir else ""
     target = Path(zip_path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -30,18 +30,17 @@ import os
 import shutil
 import tempfile
 import uuid
-import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from raydock.modelgen import (
-    _FIXED_ZIP_TIME,
     GENERATOR_VERSION,
     SIZES,
     _cache_lock,
     _check_size,
     _default_cache_root,
+    write_zip,
 )
 
 __all__ = [
@@ -380,22 +379,4 @@ def build_adapter_zip(
             entries.pop(name, None)
         else:
             entries[name] = bytes(data)
-    prefix = f"{top_level_dir.strip('/')}/" if top_level_dir else ""
-    target = Path(zip_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for name in sorted(entries):
-                info = zipfile.ZipInfo(prefix + name, date_time=_FIXED_ZIP_TIME)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                content = entries[name]
-                zf.writestr(info, content if isinstance(content, bytes) else content.read_bytes())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    return target
+    return write_zip(zip_path, entries, top_level_dir)
