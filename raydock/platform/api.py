@@ -213,6 +213,7 @@ async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
         "scalingParameters": schemas.ScalingParameters().model_dump(),
         "deviceType": "cpu-small",
         "optimizationInfo": schemas.OptimizationInfo().model_dump(),
+        "adapterParameters": schemas.AdapterParameters().model_dump(),
         "timeout": schemas.DEFAULT_TIMEOUT_S,
     }
     for key, value in prefill.items():

@@ -272,7 +272,14 @@ def import_hf_task(
 
 def deployconfig_from(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a deploy body that `deployconfig.json` carries to a re-import."""
-    keys = ("hyperParameters", "scalingParameters", "deviceType", "optimizationInfo", "timeout")
+    keys = (
+        "hyperParameters",
+        "scalingParameters",
+        "deviceType",
+        "optimizationInfo",
+        "adapterParameters",
+        "timeout",
+    )
     return {k: config[k] for k in keys if k in config}
 
 

@@ -95,8 +95,32 @@ class Registry:
             "timeoutS": d.timeout_s,
             "defaults": dict((d.config or {}).get("hyperParameters") or {}),
             "keys": {k.key_hash: k.id for k in keys if k.scope == "deployment"},
+            "adapters": Registry._servable_adapters(s, d.model_id),
             "stamp": time.time_ns(),
         }
+
+    @staticmethod
+    def _servable_adapters(s: Session, model_id: str) -> dict[str, dict[str, Any]]:
+        """The READY adapters of a base model, as its deployments serve them by request:
+        adapter id -> name, rank and where the adapter is in the artifact store."""
+        ready = select(db.Model).where(
+            db.Model.base_model_id == model_id, db.Model.status == ModelStatus.READY
+        )
+        return {
+            a.id: {
+                "name": a.name,
+                "rank": int((a.meta.get("adapter") or {}).get("rank") or 0),
+                "prefix": a.artifact_uri,
+                "digest": a.meta.get("artifactDigest"),
+            }
+            for a in s.scalars(ready.order_by(db.Model.created_at))
+        }
+
+    def _base_deployments_changed(self, s: Session, m: db.Model) -> None:
+        """An adapter came or went: its base model's deployments serve another set."""
+        if m.kind == "adapter" and m.base_model_id:
+            deps = select(db.Deployment.id).where(db.Deployment.model_id == m.base_model_id)
+            self._access_changed.update(s.scalars(deps))
 
     @staticmethod
     def _publish(snapshots: dict[str, Any]) -> None:
@@ -262,6 +286,7 @@ class Registry:
             m.status = status
             for k, v in fields.items():
                 setattr(m, k, v)
+            self._base_deployments_changed(s, m)
             return views.model(m)
 
     def delete_model(self, model_id: str) -> dict[str, Any]:
@@ -293,6 +318,7 @@ class Registry:
                 j.response = {**(j.response or {}), "error": j.message}
             for d in deps:
                 self._delete_deployment_rows(s, d.id)
+            self._base_deployments_changed(s, m)
             s.delete(m)
             return out
 

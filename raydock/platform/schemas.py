@@ -107,12 +107,23 @@ class OptimizationInfo(_Body):
     )
 
 
+class AdapterParameters(_Body):
+    """Serving adapters of this deployment's base model by request (`model: "<deployment>:
+    <adapter>"`): how many a replica keeps loaded, and how large their rank may be."""
+
+    maxLoadedAdapters: JsonInt = params.MAX_LOADED_ADAPTERS.field(
+        "Adapters a replica keeps loaded (least recently used leave; 0: none)"
+    )
+    maxAdapterRank: JsonInt = params.MAX_ADAPTER_RANK.field("Largest LoRA rank loaded")
+
+
 class DeployRequest(_Body):
     name: str = Field(..., min_length=1, max_length=200, description="Deployment name.")
     hyperParameters: HyperParameters
     scalingParameters: ScalingParameters = Field(default_factory=ScalingParameters)
     deviceType: str = Field(..., description="A deviceType from configs/hardware.yaml.")
     optimizationInfo: OptimizationInfo = Field(default_factory=OptimizationInfo)
+    adapterParameters: AdapterParameters = Field(default_factory=AdapterParameters)
     isDeployedPreviously: bool = False
     description: str = Field("", max_length=2000)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)

@@ -55,6 +55,8 @@ class DeploymentAccess:
     timeout_s: int
     defaults: Mapping[str, Any]  # the deploy body's hyperParameters
     keys: Mapping[str, str]  # key hash -> key id
+    # adapters of the base model served by request: adapter id -> name, rank, prefix, digest
+    adapters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     stamp: int = 0  # when the platform took it (ns): a newer snapshot replaces an older one
 
     @classmethod
@@ -68,7 +70,33 @@ class DeploymentAccess:
             timeout_s=int(raw["timeoutS"]),
             defaults=MappingProxyType(dict(raw.get("defaults") or {})),
             keys=MappingProxyType(dict(raw.get("keys") or {})),
+            adapters=MappingProxyType(dict(raw.get("adapters") or {})),
             stamp=int(raw.get("stamp", 0)),
+        )
+
+    def adapter(self, ref: str, param: str) -> dict[str, Any]:
+        """The adapter a request names (its id, or its name when no other has it) as
+        {"id", "name", "rank", "prefix", "digest"}; 404 naming `param` otherwise."""
+        if ref in self.adapters:
+            return {"id": ref, **self.adapters[ref]}
+        named = [a for a, entry in self.adapters.items() if entry["name"] == ref]
+        if len(named) == 1:
+            return {"id": named[0], **self.adapters[named[0]]}
+        if named:
+            raise ApiError(
+                400,
+                f"{len(named)} adapters of deployment {self.deployment_id} are named {ref!r}; "
+                f"name one by its id ({', '.join(sorted(named))})",
+                param,
+                "ambiguous_adapter",
+            )
+        known = sorted(entry["name"] for entry in self.adapters.values())
+        raise ApiError(
+            404,
+            f"deployment {self.deployment_id} has no adapter {ref!r} "
+            f"(its adapters: {', '.join(known) or 'none'})",
+            param,
+            "model_not_found",
         )
 
 

@@ -20,6 +20,7 @@ from ray.serve import Application
 from raydock import errors
 from raydock.errors import ApiError
 from raydock.optimizers.plan import EnginePlan
+from raydock.params import MAX_ADAPTER_RANK, MAX_LOADED_ADAPTERS
 
 engine_http = FastAPI(title="raydock engine replica", docs_url=None, openapi_url=None)
 
@@ -89,6 +90,15 @@ class EngineServer:
         self.requests = 0  # in flight in this replica, decoding or waiting for a slot
         # one thread: tokenizers are not shared between threads, and prompts stay in order
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        from raydock.serve_apps.adapters import ReplicaAdapters
+
+        self.adapters = ReplicaAdapters(
+            self.engine,
+            self.engine_name,
+            spec["artifact"],
+            spec["max_loaded_adapters"],
+            spec["max_adapter_rank"],
+        )
         configure(self, spec)
 
     def stats(self) -> dict[str, Any]:
@@ -97,6 +107,7 @@ class EngineServer:
             "maxContext": self.engine.max_context,
             "queueLimit": self.queue_limit,
             "requests": self.requests,
+            "adapterLoads": self.adapters.loads,
             **self.engine.stats(),
         }
 
@@ -204,16 +215,21 @@ class EngineServer:
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         from raydock.serve_apps.sampling import SamplingParams
 
+        options: dict[str, Any] = {}  # the engine's keyword arguments: grammar, adapter
         params = request["params"]
         try:
             ids = await self._prompt(request)
             self._check_params(params)
             await self._check_constraint(request)
+            adapter = request.get("adapter")
+            if adapter:
+                options["adapter"] = await self.adapters.ensure(adapter)
         except ApiError as exc:
             yield [_error_event(exc)]
             return
         n = request.get("n", 1)
-        constraint = {"grammar": request["grammar"]} if request.get("grammar") else {}
+        if request.get("grammar"):
+            options["grammar"] = request["grammar"]
         regex = request.get("regex")
 
         def sampling(index: int) -> SamplingParams:
@@ -223,14 +239,14 @@ class EngineServer:
             return SamplingParams(**p)
 
         if n == 1:
-            async for steps in self.engine.generate(ids, sampling(0), regex, **constraint):
+            async for steps in self.engine.generate(ids, sampling(0), regex, **options):
                 yield [{"index": 0, **ev.to_dict()} for ev in steps]
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def run(index: int) -> None:
             try:
-                async for steps in self.engine.generate(ids, sampling(index), regex, **constraint):
+                async for steps in self.engine.generate(ids, sampling(index), regex, **options):
                     for ev in steps:
                         queue.put_nowait({"index": index, **ev.to_dict()})
             finally:
@@ -339,7 +355,13 @@ def load_engine(spec: dict[str, Any]):
     if spec["engine"] == "vllm":
         from raydock.serve_apps.engines.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_dir, quantization=spec["quantization"] or None, **common)
+        return VLLMEngine(
+            model_dir,
+            quantization=spec["quantization"] or None,
+            max_loaded_adapters=spec["max_loaded_adapters"],
+            max_adapter_rank=spec["max_adapter_rank"],
+            **common,
+        )
     from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 
     return TransformersEngine(model_dir, **common)
@@ -357,6 +379,7 @@ def build_engine_app(
     max_request_bytes: int | None = None,
 ) -> Application:
     batch = config["scalingParameters"]["maxBatchSize"]
+    adapters = config.get("adapterParameters") or {}
     spec = {
         "deployment_id": deployment_id,
         # the deployment's access snapshot when it was deployed; the hub pushes changes
@@ -372,5 +395,8 @@ def build_engine_app(
         "max_request_bytes": max_request_bytes,
         "device": profile.get("device", "cpu"),
         "num_threads": engine_threads(engine.engine, profile),
+        # deployments made before adapter serving existed get the defaults
+        "max_loaded_adapters": adapters.get("maxLoadedAdapters", MAX_LOADED_ADAPTERS.default),
+        "max_adapter_rank": adapters.get("maxAdapterRank", MAX_ADAPTER_RANK.default),
     }
     return EngineServer.options(**serve_options(config, profile)).bind(spec)

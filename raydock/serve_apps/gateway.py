@@ -45,7 +45,7 @@ ctx = _Ctx()
 errors.install(app, lambda: ctx.max_request_bytes)
 
 
-def _handle(deployment_id: str):
+def _handle(deployment_id: str, adapter_id: str | None = None):
     handle = ctx.handles.get(deployment_id)
     if handle is None:
         try:
@@ -58,7 +58,10 @@ def _handle(deployment_id: str):
                 "deployment_not_ready",
             ) from None
         ctx.handles[deployment_id] = handle
-    return handle.options(stream=True, method_name="generate")
+    options: dict[str, Any] = {"stream": True, "method_name": "generate"}
+    if adapter_id:  # Serve routes it to a replica that holds the adapter, if one does
+        options["multiplexed_model_id"] = adapter_id
+    return handle.options(**options)
 
 
 def _cancel_quietly(gen) -> None:
@@ -76,7 +79,8 @@ def _via_handle(deployment_id: str):
         gen = None
         settled = False  # finished or refused: nothing left to cancel
         try:
-            gen = _handle(deployment_id).remote(payload)  # a full queue can refuse right here
+            adapter = (payload.get("adapter") or {}).get("id")
+            gen = _handle(deployment_id, adapter).remote(payload)  # a full queue may refuse here
             async for batch in gen:
                 yield batch
             settled = True
@@ -150,18 +154,14 @@ async def completions_openai(request: Request):
 
 @app.get("/v1/models", tags=["inference"])
 async def list_models(request: Request):
+    """The key's deployment, then the adapters it serves by request (`<deployment>:<name>`)."""
     dep = await ctx.auth.authorize(request, None)
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": dep.deployment_id,
-                "object": "model",
-                "created": dep.created,
-                "owned_by": dep.name,
-            }
-        ],
-    }
+    base = {"object": "model", "created": dep.created, "owned_by": dep.name}
+    adapters = [
+        base | {"id": f"{dep.deployment_id}:{a['name']}", "parent": dep.deployment_id}
+        for a in dep.adapters.values()
+    ]
+    return {"object": "list", "data": [base | {"id": dep.deployment_id}, *adapters]}
 
 
 # ------------------------------------------------------------------ docs: one document for all

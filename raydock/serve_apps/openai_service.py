@@ -250,22 +250,16 @@ async def complete(
         req = protocol.parse(model, body)
     except protocol.BadParam as exc:
         raise ApiError(400, str(exc), exc.param, "invalid_parameter") from None
-    if by_model and req.model not in (dep.deployment_id, dep.name):
-        raise ApiError(
-            404,
-            f"model {req.model!r} is not the deployment of this API key "
-            f"({dep.deployment_id}, {dep.name!r})",
-            "model",
-            "model_not_found",
-        )
+    adapter = requested_adapter(req, dep, by_model)
     constraint = _constraint(kind, req)
     payload = engine_request(kind, req, dep) | {
         "regex": constraint.regex,
         "grammar": constraint.grammar,
         "constraint_param": constraint.param,
+        "adapter": adapter,
     }
     deadline = started + dep.timeout_s
-    fmt = protocol.Formatter(kind, dep.name)
+    fmt = protocol.Formatter(kind, f"{dep.name}:{adapter['name']}" if adapter else dep.name)
     events = _bounded(run(payload), deadline, dep.timeout_s)
     if constraint.mode == "tools":
         events = _as_tool_calls(events)
@@ -279,6 +273,30 @@ async def complete(
             media_type="text/event-stream",
         )
     return JSONResponse(await _collect(fmt, events, req.n))
+
+
+def requested_adapter(
+    req: protocol._Request, dep: DeploymentAccess, by_model: bool
+) -> dict[str, Any] | None:
+    """The adapter a request picks (None: the plain model): `adapter`, or on the /v1 path
+    (`by_model`) `model: "<deployment id or name>:<adapter>"`; 404 for one the deployment
+    does not serve, naming the field."""
+    ref, param = req.adapter, "adapter"
+    if by_model and req.model not in (dep.deployment_id, dep.name):
+        base, _, named = (req.model or "").rpartition(":")
+        if base not in (dep.deployment_id, dep.name) or not named:
+            raise ApiError(
+                404,
+                f"model {req.model!r} is not the deployment of this API key "
+                f"({dep.deployment_id}, {dep.name!r}) nor one of its adapters "
+                "('<deployment>:<adapter>')",
+                "model",
+                "model_not_found",
+            )
+        if ref is not None and ref != named:
+            raise ApiError(400, f"model names adapter {named!r} and adapter {ref!r}", "adapter")
+        ref, param = named, "model"
+    return None if ref is None else dep.adapter(ref, param)
 
 
 #: JSON nested deeper than this is refused: real requests (schemas included) stay far below,

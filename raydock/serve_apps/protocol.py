@@ -46,6 +46,9 @@ class _Request(BaseModel):
     model_config = STRICT | ConfigDict(extra="allow")
 
     model: str | None = None
+    # an adapter of the deployment's base model (its name or id); on /v1 also
+    # `model: "<deployment>:<adapter>"`
+    adapter: str | None = Field(None, min_length=1, max_length=200)
     max_tokens: JsonInt | None = params.MAX_TOKENS.field("Tokens to generate", default=None)
     temperature: float | None = params.TEMPERATURE.field("Sampling temperature", default=None)
     top_p: float | None = params.TOP_P.field("Nucleus sampling mass", default=None)

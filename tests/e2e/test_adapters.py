@@ -4,6 +4,9 @@ adapter applied: equal to PEFT's merge of the same adapter computed in this proc
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 import openai
 import pytest
 import torch
@@ -25,16 +28,18 @@ def import_adapter(platform, path, base_id: str) -> dict:
     return platform.client.get(f"/models/{ref['modelId']}")
 
 
-def reference_reply(seed: int) -> str:
-    """The greedy reply of base + adapter merged by PEFT here, as the chat endpoint renders
-    the prompt."""
+def reference_reply(seed: int | None) -> str:
+    """The greedy reply of base + adapter merged by PEFT here (None: the base alone), as the
+    chat endpoint renders the prompt."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir = cached_model_dir("tiny")
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, cached_adapter_dir("tiny", seed)).merge_and_unload()
+    model = base
+    if seed is not None:
+        model = PeftModel.from_pretrained(base, cached_adapter_dir("tiny", seed)).merge_and_unload()
     ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
     out = model.generate(
@@ -142,3 +147,118 @@ def test_ctranslate2_serves_the_adapter_merged_at_conversion(platform, adapter):
     platform.client.wait_job(
         platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
     )
+
+
+# ---------------------------------------------------------------- many adapters on one base
+
+
+@pytest.fixture(scope="module")
+def adapters(platform, adapter, ready_model, zips) -> dict[int, dict]:
+    """Four adapters on the base (seed -> model): lora-1 and three more."""
+    out = {1: adapter}
+    for seed in (2, 3, 4):
+        path = build_adapter_zip(zips / f"lora-{seed}.zip", "tiny", seed)
+        out[seed] = import_adapter(platform, path, ready_model["modelId"])
+        assert out[seed]["status"] == "READY", out[seed]
+    return out
+
+
+@pytest.fixture(scope="module")
+def hub(platform, ready_model, adapters):
+    """The base deployed once, serving its adapters by request, three at most per replica."""
+    dep = deploy_and_wait(
+        platform, ready_model["modelId"], "lora-hub", adapterParameters={"maxLoadedAdapters": 3}
+    )
+    yield dep, platform.client.create_key(dep["deploymentId"])
+    platform.client.wait_job(
+        platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
+    )
+
+
+def chat(sdk: openai.OpenAI, model: str, **extra) -> str:
+    reply = sdk.chat.completions.create(
+        model=model,
+        messages=PROMPT,
+        max_tokens=TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True, **extra},
+    )
+    assert reply.usage.completion_tokens == TOKENS
+    return reply.choices[0].message.content
+
+
+def test_one_base_deployment_serves_its_adapters_by_request(platform, adapters, hub):
+    dep, key = hub
+    dep_id = dep["deploymentId"]
+    sdk = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=key)
+    listed = {m.id for m in sdk.models.list().data}
+    assert listed == {dep_id} | {f"{dep_id}:{a['name']}" for a in adapters.values()}
+
+    # three adapters and the plain base in one concurrent batch, by the OpenAI-standard path
+    asks = {1: f"{dep_id}:lora-1", 2: f"{dep['name']}:lora-2", 3: f"{dep_id}:lora-3", None: dep_id}
+    with ThreadPoolExecutor(len(asks)) as pool:
+        replies = dict(zip(asks, pool.map(lambda m: chat(sdk, m), asks.values()), strict=True))
+    expected = {seed: reference_reply(seed) for seed in asks}
+    assert replies == expected
+    assert len(set(expected.values())) == len(expected)  # each adapter answers differently
+
+    # the deployment's own route takes `adapter` (its name or id), streaming too
+    v2 = openai.OpenAI(base_url=f"{platform.url}/deployments/{dep_id}/v2", api_key=key)
+    assert chat(v2, dep_id, adapter=adapters[2]["modelId"]) == expected[2]
+    stream = v2.chat.completions.create(
+        model=dep_id,
+        messages=PROMPT,
+        max_tokens=TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True, "adapter": "lora-3"},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[3]
+    assert chunks[0].model == f"{dep['name']}:lora-3"
+
+    # an adapter the deployment does not have: 404 naming the field
+    with pytest.raises(openai.NotFoundError) as exc:
+        chat(sdk, f"{dep_id}:no-such-adapter")
+    assert exc.value.body["param"] == "model" and "lora-1" in exc.value.body["message"]
+    with pytest.raises(openai.NotFoundError) as exc:
+        chat(v2, dep_id, adapter="no-such-adapter")
+    assert exc.value.body["param"] == "adapter"
+
+
+def test_a_full_replica_evicts_the_least_recently_used_adapter(platform, adapters, hub):
+    dep, key = hub
+    dep_id = dep["deploymentId"]
+    sdk = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=key)
+
+    def stats() -> dict:
+        return platform.client.get(f"/deployments/{dep_id}/stats")
+
+    for seed in (1, 2, 3):  # least recently used first: lora-1
+        chat(sdk, f"{dep_id}:lora-{seed}")
+    held = {adapters[s]["modelId"] for s in (1, 2, 3)}
+    assert set(stats()["adapters"]) == held
+    loads = stats()["adapterLoads"]
+    assert chat(sdk, f"{dep_id}:lora-4") == reference_reply(4)
+    after = stats()
+    assert set(after["adapters"]) == held - {adapters[1]["modelId"]} | {adapters[4]["modelId"]}
+    assert after["adapterLoads"] == loads + 1
+    chat(sdk, f"{dep_id}:lora-2")  # still held: no load
+    assert stats()["adapterLoads"] == loads + 1
+
+
+def test_a_key_opens_the_adapters_of_its_own_deployment_only(platform, adapters, hub, live):
+    dep, _ = hub
+    dep_id = dep["deploymentId"]
+    # live is another deployment of the same base: its key reaches its own adapters only
+    other = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=live.key)
+    with pytest.raises(openai.NotFoundError) as exc:
+        chat(other, f"{dep_id}:lora-1")
+    assert exc.value.body["param"] == "model"
+    r = httpx.post(
+        f"{platform.url}/deployments/{dep_id}/v2/chat/completions",
+        json={"messages": PROMPT, "max_tokens": 2, "adapter": "lora-1"},
+        headers={"Authorization": f"Bearer {live.key}"},
+        timeout=60,
+    )
+    assert r.status_code == 401

@@ -107,6 +107,22 @@ def test_registry_snapshots_follow_keys_and_the_serving_rule(tmp_path):
     assert snap()["serving"] is False
     reg.delete_deployment_key(dep_id, key["keyId"])
     assert snap()["keys"] == {}
+    # a READY adapter of the base is served by its deployments; a deleted one no longer
+    assert snap()["adapters"] == {}
+    lora = reg.create_model("lora", "file", user, kind="adapter", base_model_id=model["modelId"])
+    assert snap()["adapters"] == {}  # importing: not yet
+    reg.set_model_status(lora["modelId"], "VALIDATING")
+    reg.set_model_status(
+        lora["modelId"],
+        "READY",
+        artifact_uri="models/lora",
+        meta={"adapter": {"rank": 8}, "artifactDigest": "abc"},
+    )
+    assert snap()["adapters"] == {
+        lora["modelId"]: {"name": "lora", "rank": 8, "prefix": "models/lora", "digest": "abc"}
+    }
+    reg.delete_model(lora["modelId"])
+    assert snap()["adapters"] == {}
     reg.delete_deployment(dep_id)
     assert reg.access_snapshots([dep_id]) == {dep_id: None}
 
@@ -153,3 +169,34 @@ def test_a_key_created_a_moment_ago_works_before_its_push(monkeypatch):
         assert handle.calls == calls + 1
 
     asyncio.run(scenario())
+
+
+def test_a_request_names_an_adapter_by_id_or_unique_name():
+    from raydock.errors import ApiError
+    from raydock.serve_apps.access import DeploymentAccess
+
+    entry = {"rank": 8, "prefix": "models/x", "digest": "d"}
+    dep = DeploymentAccess.from_dict(
+        {
+            "deploymentId": "d-1",
+            "name": "hub",
+            "created": 0,
+            "status": "DEPLOYED",
+            "serving": True,
+            "timeoutS": 60,
+            "adapters": {
+                "m-1": {"name": "legal", **entry},
+                "m-2": {"name": "twin", **entry},
+                "m-3": {"name": "twin", **entry},
+            },
+        }
+    )
+    assert dep.adapter("legal", "model")["id"] == "m-1"
+    assert dep.adapter("m-3", "adapter")["name"] == "twin"
+    with pytest.raises(ApiError) as exc:
+        dep.adapter("twin", "adapter")
+    assert exc.value.status == 400 and "m-2, m-3" in exc.value.message
+    with pytest.raises(ApiError) as exc:
+        dep.adapter("medical", "model")
+    assert (exc.value.status, exc.value.param) == (404, "model")
+    assert "legal, twin, twin" in exc.value.message

@@ -41,6 +41,8 @@ class Engine(Protocol):
     max_context: int
     # SamplingParams fields the engine cannot honour; a request setting one gets a 400
     unsupported_params: ClassVar[frozenset[str]]
+    # whether `generate` applies a LoRA adapter per sequence (load_adapter / release_adapter)
+    supports_adapters: ClassVar[bool]
 
     def chat_prompt(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
@@ -62,12 +64,19 @@ class Engine(Protocol):
         """Raise ConstraintError if `generate` could not enforce the Lark / GBNF `grammar`
         (JSON schemas, tools and choices arrive as such grammars: `raydock.serve_apps.guided`)."""
 
+    async def load_adapter(self, adapter_id: str, adapter_dir: str) -> None:
+        """Make the PEFT adapter in `adapter_dir` usable as `generate(adapter=adapter_id)`."""
+
+    def release_adapter(self, adapter_id: str) -> None:
+        """Let the adapter go once no sequence uses it (called from any thread)."""
+
     def generate(
         self,
         prompt_ids: list[int],
         params: SamplingParams,
         regex: str | None = None,
         grammar: str | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[list[StepEvent]]: ...
 
 

