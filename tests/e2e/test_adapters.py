@@ -4,6 +4,7 @@ adapter applied: equal to PEFT's merge of the same adapter computed in this proc
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -216,6 +217,19 @@ def test_one_base_deployment_serves_its_adapters_by_request(platform, adapters, 
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected[3]
     assert chunks[0].model == f"{dep['name']}:lora-3"
+
+    # structured output holds with an adapter as without
+    reply = sdk.chat.completions.create(
+        model=f"{dep_id}:lora-4",
+        messages=PROMPT,
+        max_tokens=48,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "pick", "schema": {"enum": ["river", "sea", "lake"]}},
+        },
+    )
+    assert json.loads(reply.choices[0].message.content) in ("river", "sea", "lake")
 
     # an adapter the deployment does not have: 404 naming the field
     with pytest.raises(openai.NotFoundError) as exc:

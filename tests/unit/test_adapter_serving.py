@@ -93,6 +93,8 @@ def test_a_released_adapter_waits_for_its_sequences_then_leaves(adapters, refere
     assert loaded_after == ["a2"]  # then it left; the other one stays
     # asked for again after it left, it is loaded again from its directory
     assert _tokens(engine, PROMPTS[1], "a1") == references["a1"][1]
+    # a plain request while adapters are loaded gets the base alone
+    assert _tokens(engine, PROMPTS[2]) == references[None][2]
     # and with every adapter gone, the engine serves the plain base
     for name in ("a1", "a2"):
         engine.release_adapter(name)

@@ -94,6 +94,8 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": "x", "logit_bias": {"7": 101}}, "logit_bias.7"),
         ({"prompt": "x", "logit_bias": {"seven": 1}}, "logit_bias.seven.[key]"),
+        # at most 300 token ids, as OpenAI
+        ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         # values of another JSON type than the document's are refused, not converted
@@ -110,6 +112,41 @@ def test_bad_openai_parameters_name_the_parameter(body, param):
         model = protocol.ChatRequest if "messages" in body else protocol.CompletionRequest
         protocol.parse(model, body)
     assert exc.value.param == param
+
+
+def test_logit_bias_holds_up_to_300_ids():
+    bias = {str(i): 1 for i in range(300)}
+    req = protocol.parse(protocol.CompletionRequest, {"prompt": "x", "logit_bias": bias})
+    assert len(req.logit_bias) == 300
+    with pytest.raises(protocol.BadParam, match="at most 300"):
+        protocol.parse(protocol.CompletionRequest, {"prompt": "x", "logit_bias": bias | {"300": 1}})
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_unknown_fields_are_ignored(kind):
+    """Fields raydock does not know (OpenAI's newer ones, other servers' extras) are accepted
+    and change nothing: the engine request is the one without them."""
+    from types import SimpleNamespace
+
+    from raydock.serve_apps.openai_service import _constraint, engine_request
+
+    known = {"messages": [{"role": "user", "content": "x"}]} if kind == "chat" else {"prompt": "x"}
+    known |= {"max_tokens": 7, "temperature": 0.5}
+    unknown = {
+        "metadata": {"a": 1},
+        "store": True,
+        "service_tier": "auto",
+        "reasoning_effort": "low",
+        "some_vendor_option": [1, {"x": None}],
+    }
+    if kind == "chat":  # unknown fields of a message too
+        unknown["messages"] = [{"role": "user", "content": "x", "cache_control": {"t": 1}}]
+    model = protocol.ChatRequest if kind == "chat" else protocol.CompletionRequest
+    plain, extra = protocol.parse(model, known), protocol.parse(model, known | unknown)
+    dep = SimpleNamespace(defaults={})
+    assert engine_request(kind, extra, dep) == engine_request(kind, plain, dep)
+    assert _constraint(kind, extra) == _constraint(kind, plain)
+    assert (extra.max_tokens, extra.temperature) == (7, 0.5)
 
 
 def test_json_numbers_and_token_id_keys_still_parse():

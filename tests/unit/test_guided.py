@@ -86,6 +86,28 @@ def test_corpus_is_well_formed():
         assert keyword in text, keyword
 
 
+@pytest.mark.parametrize(
+    ("fmt", "good", "bad"),
+    [
+        ("uri", "https://example.com/a?b=1#c", ["example.com/no-scheme", "http://exa mple.com"]),
+        ("uri-reference", "../a/b?c#d", ["http://[::1", "a b", "%zz"]),
+        ("hostname", "api.example.com", ["-bad-.example.com", "under_score.com", "a" * 64 + ".io"]),
+        ("duration", "P1Y2M3DT4H5M6S", ["P1H", "PT", "1 hour"]),
+    ],
+    ids=["uri", "uri-reference", "hostname", "duration"],
+)
+def test_outputs_are_checked_against_their_format(fmt, good, bad):
+    """validator_for checks these formats only with jsonschema's format packages installed
+    (the `test` extra's jsonschema[format-nongpl]); without them it passes any string, and
+    guided outputs in these formats would go unchecked."""
+    assert fmt in validator_for({}).format_checker.checkers, f"{fmt}: its package is missing"
+    validator = validator_for({"type": "string", "format": fmt})
+    assert validator.is_valid(good)
+    for value in bad:
+        errors = list(validator.iter_errors(value))
+        assert [e.validator for e in errors] == ["format"], (fmt, value)
+
+
 @pytest.mark.parametrize("name", [n for n, _ in corpus()])
 def test_random_walks_only_end_in_valid_documents(name):
     schema = dict(corpus())[name]

@@ -125,3 +125,15 @@ def test_a_grammar_is_passed_on_instead_of_a_regex():
         'start: "yes" | "no"',
         "guided_grammar",
     )
+
+
+def test_json_object_true_asks_for_any_json_object():
+    c = constraint(structured_outputs={"json_object": True})
+    assert (c.mode, c.regex, c.param) == ("json", None, "structured_outputs.json_object")
+    # the same constraint as OpenAI's response_format json_object
+    assert c.grammar == constraint(response_format={"type": "json_object"}).grammar
+    # any object within the free-form bounds (README: 4 keys, 2 levels deep)
+    for text in ('{"a":1}', '{"a":{"b":1},"c":true}', '{"a":[1,"x",null]}', "{}"):
+        assert accepts(c.grammar, text), text
+    for text in ("[1,2]", '"x"', "1", "null", '{"a":', ""):
+        assert not accepts(c.grammar, text), text
