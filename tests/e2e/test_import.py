@@ -100,6 +100,26 @@ def _config(mutation):
     return mutate
 
 
+# renders system and user turns, raises on an assistant turn: every multi-turn chat would 500
+BROKEN_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{{ raise_exception('no assistant turns') }}{% endif %}{{ m['content'] }}{% endfor %}"
+)
+
+
+def _template(template: str):
+    """Both places a chat template lives (chat_template.jinja and tokenizer_config.json)."""
+
+    def mutate(name, data):
+        if name == "chat_template.jinja":
+            return template.encode()
+        if name == "tokenizer_config.json":
+            return json.dumps({**json.loads(data), "chat_template": template}).encode()
+        return data
+
+    return mutate
+
+
 BAD_ARCHIVES = {
     "missing-config": (lambda s, d: _rezip(s, d, drop={"config.json"}), "config.json is missing"),
     "no-weights": (lambda s, d: _rezip(s, d, drop={"model.safetensors"}), "no model weights"),
@@ -131,6 +151,17 @@ BAD_ARCHIVES = {
             s, d, drop={"model.safetensors"}, add={"pytorch_model.bin": b"\x80\x04pickle"}
         ),
         "pickle",
+    ),
+    "broken-chat-template": (
+        lambda s, d: _rezip(s, d, mutate=_template(BROKEN_TEMPLATE)),
+        "chat template cannot render a user/assistant/user conversation: the model's chat "
+        "template failed: no assistant turns",
+    ),
+    # the tiny model's MLP is 256 wide: config.json now implies 320
+    "weights-config-mismatch": (
+        lambda s, d: _rezip(s, d, mutate=_config(lambda c: c.update(intermediate_size=320))),
+        "the weights do not match config.json: model.layers.0.mlp.down_proj.weight has shape "
+        "[128, 256] but config.json implies [128, 320]",
     ),
 }
 
