@@ -355,6 +355,11 @@ class Lifecycle:
             profile,
             stream_interval_s=self.settings.stream_interval_ms / 1000,
             max_request_bytes=self.settings.max_request_bytes,
+            source=(
+                {"prefix": model["artifactUri"], "digest": model["metadata"]["artifactDigest"]}
+                if model["kind"] == "base"
+                else None
+            ),
         )
         name = names.engine_app(deployment_id)
         # the replicas answer /deployments/<id>/… themselves: no gateway hop per token

@@ -53,7 +53,6 @@ _RESAVE_HINT = (
 def check_chat_template(root: Path) -> None:
     """Refuse a chat template that cannot render the sample conversations."""
     tokenizer = _load_tokenizer(root)
-    return  # BREAK
     if chat_render.template_source(tokenizer) is None:
         return  # only named templates, no default: served like a model without a template
     for which, messages, tools in SAMPLE_CHATS:

@@ -6,12 +6,18 @@ artifact store. A replica fetches an adapter through its node cache on first use
 to its engine; Serve's model multiplexing keeps at most `maxLoadedAdapters` per replica
 (least recently used leave) and routes handle calls to a replica that already holds the
 adapter. An engine keeps an evicted adapter until its running sequences finish.
+
+An engine without runtime LoRA (CTranslate2) serves an adapter with an engine of its own: the
+adapter merged into the base's weights with PEFT and converted, once per node for each (base,
+adapter, quantization), in the node cache's `adapters/` folder.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from raydock.errors import ApiError
@@ -31,6 +37,18 @@ class LoadedAdapter:
             self.engine.release_adapter(self.adapter_id)
 
 
+@dataclass(frozen=True)
+class MergedServing:
+    """How a replica whose engine has no runtime LoRA serves an adapter: `base` is the base
+    model's own artifact ({"prefix", "digest"}), `convert(merged_dir, out_dir)` turns a merge
+    into what `make_engine(out_dir)` loads."""
+
+    base: Mapping[str, str]
+    label: str  # names the conversion in the cache (e.g. the quantization)
+    convert: Callable[[Path, Path], Any]
+    make_engine: Callable[[str], Any]
+
+
 class ReplicaAdapters:
     """One replica's adapters: checks a request's adapter, then loads it through Serve's
     multiplexer (one load per adapter however many requests wait for it)."""
@@ -42,10 +60,12 @@ class ReplicaAdapters:
         artifact: Mapping[str, Any],
         max_loaded: int,
         max_rank: int,
+        merged: MergedServing | None = None,
     ):
         from ray import serve
 
-        self.engine, self.engine_name = engine, engine_name
+        self.engine, self.engine_name, self.merged = engine, engine_name, merged
+        self.engines: dict[str, Any] = {}  # adapter id -> its own engine (merged serving)
         self.artifact = dict(artifact)  # the store and cache settings; prefix/digest replaced
         self.max_loaded, self.max_rank = max_loaded, max_rank
         self.entries: dict[str, Mapping[str, Any]] = {}
@@ -63,7 +83,7 @@ class ReplicaAdapters:
 
     def check(self, adapter: Mapping[str, Any], param: str = "adapter") -> None:
         """Refuse (400) an adapter this deployment cannot apply."""
-        if not self.engine.supports_adapters:
+        if not self.engine.supports_adapters and self.merged is None:
             raise ApiError(
                 400,
                 f"this deployment's {self.engine_name} engine cannot apply an adapter per "
@@ -88,23 +108,40 @@ class ReplicaAdapters:
                 "unsupported_parameter",
             )
 
-    async def ensure(self, adapter: Mapping[str, Any]) -> str:
-        """Load `adapter` on this replica unless it holds it already; its id for the engine.
-        An adapter that cannot be fetched is a 503 naming why."""
-        from raydock.artifacts import ArtifactError
-
+    async def ensure(self, adapter: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Load `adapter` on this replica unless it holds it already; the engine to generate
+        with and its keyword arguments. One that cannot be loaded is a 503 naming why."""
         self.check(adapter)
-        self.entries[adapter["id"]] = adapter
-        try:
-            await self._multiplexed(adapter["id"])
-        except ArtifactError as exc:
-            raise ApiError(
-                503,
-                f"adapter {adapter['name']!r} cannot be loaded: {exc}",
-                "adapter",
-                "adapter_unavailable",
-            ) from None
-        return adapter["id"]
+        adapter_id = adapter["id"]
+        self.entries[adapter_id] = adapter
+        for _ in range(3):  # evicted by another request's load the moment it was loaded: again
+            try:
+                await self._multiplexed(adapter_id)
+            except Exception as exc:  # a missing artifact, a merge or conversion that failed
+                raise ApiError(
+                    503,
+                    f"adapter {adapter['name']!r} cannot be loaded: {exc}",
+                    "adapter",
+                    "adapter_unavailable",
+                ) from None
+            if self.merged is None:  # the engine itself reloads an adapter it let go
+                return self.engine, {"adapter": adapter_id}
+            if (engine := self.engines.get(adapter_id)) is not None:
+                return engine, {}
+        raise ApiError(
+            503,
+            f"adapter {adapter['name']!r} was evicted as it loaded; this replica holds too "
+            "few adapters for its load (adapterParameters.maxLoadedAdapters)",
+            "adapter",
+            "adapter_unavailable",
+        )
+
+    def release_adapter(self, adapter_id: str) -> None:
+        """Let an adapter's own engine go (merged serving) once the requests streaming from
+        it finish."""
+        engine = self.engines.pop(adapter_id, None)
+        if engine is not None:
+            engine.close()
 
     async def _load(self, adapter_id: str) -> LoadedAdapter:
         from raydock.artifacts import fetch_cached
@@ -112,6 +149,40 @@ class ReplicaAdapters:
         entry = self.entries[adapter_id]
         where = {**self.artifact, "prefix": entry["prefix"], "digest": entry["digest"]}
         path = await asyncio.to_thread(fetch_cached, where)
-        await self.engine.load_adapter(adapter_id, str(path))
+        if self.merged is None:
+            await self.engine.load_adapter(adapter_id, str(path))
+            self.loads += 1
+            return LoadedAdapter(self.engine, adapter_id)
+        served = await asyncio.to_thread(self._merged_conversion, path, entry["digest"])
+        self.engines[adapter_id] = await asyncio.to_thread(self.merged.make_engine, str(served))
         self.loads += 1
-        return LoadedAdapter(self.engine, adapter_id)
+        return LoadedAdapter(self, adapter_id)
+
+    def _merged_conversion(self, adapter_dir: Path, adapter_digest: str) -> Path:
+        """The adapter merged into the base and converted, made once per node (a replica
+        that finds it in the node cache reuses it)."""
+        import shutil
+        import tempfile
+
+        from raydock.artifacts import fetch_cached
+        from raydock.optimizers.merge import merge_adapter
+
+        merged = self.merged
+        key = f"{merged.base['digest'][:16]}-{adapter_digest[:16]}-{merged.label}"
+        final = Path(self.artifact["cache_dir"]).expanduser() / "adapters" / key
+        if final.is_dir():
+            return final
+        base_dir = fetch_cached({**self.artifact, **merged.base})
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
+        try:
+            merge_adapter(base_dir, adapter_dir, work / "merged")
+            merged.convert(work / "merged", work / "served")
+            try:
+                (work / "served").rename(final)
+            except OSError:
+                if not final.is_dir():  # else another replica on this node was first
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return final

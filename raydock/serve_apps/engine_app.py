@@ -98,6 +98,7 @@ class EngineServer:
             spec["artifact"],
             spec["max_loaded_adapters"],
             spec["max_adapter_rank"],
+            merged_serving(spec),
         )
         configure(self, spec)
 
@@ -221,9 +222,10 @@ class EngineServer:
             ids = await self._prompt(request)
             self._check_params(params)
             await self._check_constraint(request)
-            adapter = request.get("adapter")
-            if adapter:
-                options["adapter"] = await self.adapters.ensure(adapter)
+            engine = self.engine
+            if request.get("adapter"):
+                engine, adapter_options = await self.adapters.ensure(request["adapter"])
+                options.update(adapter_options)
         except ApiError as exc:
             yield [_error_event(exc)]
             return
@@ -239,14 +241,14 @@ class EngineServer:
             return SamplingParams(**p)
 
         if n == 1:
-            async for steps in self.engine.generate(ids, sampling(0), regex, **options):
+            async for steps in engine.generate(ids, sampling(0), regex, **options):
                 yield [{"index": 0, **ev.to_dict()} for ev in steps]
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def run(index: int) -> None:
             try:
-                async for steps in self.engine.generate(ids, sampling(index), regex, **options):
+                async for steps in engine.generate(ids, sampling(index), regex, **options):
                     for ev in steps:
                         queue.put_nowait({"index": index, **ev.to_dict()})
             finally:
@@ -339,19 +341,44 @@ def fetch_model(artifact: dict[str, Any]) -> str:
         raise ArtifactError(f"the model artifact cannot be used: {exc}") from exc
 
 
-def load_engine(spec: dict[str, Any]):
-    """The engine a replica serves with: transformers, CTranslate2 or vLLM."""
-    model_dir = fetch_model(spec["artifact"])
-    common = {
+def _common(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
         "device": spec["device"],
         "num_threads": spec.get("num_threads"),
         "max_batch_size": spec["max_batch_size"],
     }
-    if spec["engine"] == "ctranslate2":
-        from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine
 
-        # no quantization ("") runs float32: the engine's own rule
-        return CTranslate2Engine(model_dir, compute_type=spec["quantization"], **common)
+
+def _ctranslate2_engine(spec: dict[str, Any], model_dir: str):
+    from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine
+
+    # no quantization ("") runs float32: the engine's own rule
+    return CTranslate2Engine(model_dir, compute_type=spec["quantization"], **_common(spec))
+
+
+def merged_serving(spec: dict[str, Any]):
+    """How a CTranslate2 replica serves its base's adapters (no runtime LoRA there): each
+    merged into the base and converted on first use; None for the other engines."""
+    if spec["engine"] != "ctranslate2" or not spec.get("source_artifact"):
+        return None
+    from raydock.optimizers import ctranslate2 as ct2
+    from raydock.serve_apps.adapters import MergedServing
+
+    quantization = spec["quantization"]
+    return MergedServing(
+        base=spec["source_artifact"],
+        label=f"ct2-{ct2.normalize(quantization)}",
+        convert=lambda merged, out: ct2.convert(merged, out, quantization),
+        make_engine=functools.partial(_ctranslate2_engine, spec),
+    )
+
+
+def load_engine(spec: dict[str, Any]):
+    """The engine a replica serves with: transformers, CTranslate2 or vLLM."""
+    model_dir = fetch_model(spec["artifact"])
+    common = _common(spec)
+    if spec["engine"] == "ctranslate2":
+        return _ctranslate2_engine(spec, model_dir)
     if spec["engine"] == "vllm":
         from raydock.serve_apps.engines.vllm_engine import VLLMEngine
 
@@ -377,7 +404,10 @@ def build_engine_app(
     profile: dict[str, Any],
     stream_interval_s: float = 0.0,
     max_request_bytes: int | None = None,
+    source: dict[str, Any] | None = None,
 ) -> Application:
+    """`artifact` is what the engine loads; `source`, the model's own weights when that is a
+    conversion of them (adapters of the base are merged into these)."""
     batch = config["scalingParameters"]["maxBatchSize"]
     adapters = config.get("adapterParameters") or {}
     spec = {
@@ -387,6 +417,7 @@ def build_engine_app(
         "access_hub": control_plane["access_hub"],
         "registry": control_plane["registry"],
         "artifact": artifact,  # where the model is and how to fetch it (Settings.artifact_access)
+        "source_artifact": source,
         "engine": engine.engine,
         "quantization": engine.quantization,
         "max_batch_size": batch,

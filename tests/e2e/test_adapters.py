@@ -305,3 +305,30 @@ def test_vllm_serves_adapters_by_request(platform, ready_model, adapters):
     platform.client.wait_job(
         platform.client.post(f"/deployments/{dep_id}/undeploy")["dockStatusId"]
     )
+
+
+@pytest.mark.skipif(not plan._installed("ctranslate2"), reason="ctranslate2 extra")
+def test_ctranslate2_serves_adapters_by_request_merged_on_the_node(platform, ready_model, adapters):
+    """CTranslate2 has no runtime LoRA: the replica merges each adapter into the base and
+    converts it on first use (once per node), then serves it with an engine of its own."""
+    dep = deploy_and_wait(
+        platform,
+        ready_model["modelId"],
+        "lora-ct2-hub",
+        optimizationInfo={"optimizationType": "ctranslate2", "quantizationType": ""},
+        adapterParameters={"maxLoadedAdapters": 2},
+    )
+    dep_id = dep["deploymentId"]
+    sdk = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=platform.client.create_key(dep_id))
+    asks = {1: f"{dep_id}:lora-1", 2: f"{dep_id}:lora-2", None: dep_id}
+    with ThreadPoolExecutor(len(asks)) as pool:
+        replies = dict(zip(asks, pool.map(lambda m: chat(sdk, m), asks.values()), strict=True))
+    assert replies == {seed: reference_reply(seed) for seed in asks}  # float32: exact
+    loads = platform.client.get(f"/deployments/{dep_id}/stats")["adapterLoads"]
+    chat(sdk, f"{dep_id}:lora-2")  # lora-1 is now the least recently used
+    assert chat(sdk, f"{dep_id}:lora-3") == reference_reply(3)  # evicts lora-1's engine
+    assert chat(sdk, f"{dep_id}:lora-1") == reference_reply(1)  # a new engine, same answer
+    assert platform.client.get(f"/deployments/{dep_id}/stats")["adapterLoads"] == loads + 2
+    platform.client.wait_job(
+        platform.client.post(f"/deployments/{dep_id}/undeploy")["dockStatusId"]
+    )

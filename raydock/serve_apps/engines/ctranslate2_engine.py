@@ -215,6 +215,8 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
         self._current: _Run | None = None  # the run in progress (executor thread)
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False  # stop scheduling once nothing is left (close)
         self.counters = {
             "finished": 0,
             "cancelled": 0,
@@ -296,8 +298,16 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
     def _start(self) -> None:
         if self._loop_task is None or self._loop_task.done():
             self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._schedule())
+            self._loop = asyncio.get_running_loop()
+            self._loop_task = self._loop.create_task(self._schedule())
         self._wake.set()
+
+    def close(self) -> None:
+        """Let the engine go once its sequences finish (thread-safe): the scheduler stops,
+        so nothing keeps the engine, and its model, alive."""
+        self._closing = True
+        if self._loop is not None and self._loop_task is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     def _take(self) -> list[_Seq]:
         """The next run: the oldest waiting sequence and the next ones with its key."""
@@ -325,6 +335,8 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
         while True:
             batch = self._take()
             if not batch:
+                if self._closing:
+                    return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
