@@ -1,7 +1,8 @@
 """Who may call a deployment, as the data plane knows it: plain data pushed by the platform.
 
 The control plane publishes one `DeploymentAccess` snapshot per deployment (its key hashes,
-whether it serves, its timeout and defaults) to the access hub actor; every replica holds the
+whether it serves, its timeout and defaults, the adapters of its base it serves by request) to
+the access hub actor; every replica holds the
 snapshots it needs in an `AccessTable` and keeps it current by long-polling the hub, so a
 request is authorized in memory: no database, no actor call on the request path. A key the
 platform deletes stops working on every replica as soon as the hub's answer arrives

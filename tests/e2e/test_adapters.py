@@ -316,17 +316,18 @@ def test_ctranslate2_serves_adapters_by_request_merged_on_the_node(platform, rea
         ready_model["modelId"],
         "lora-ct2-hub",
         optimizationInfo={"optimizationType": "ctranslate2", "quantizationType": ""},
-        adapterParameters={"maxLoadedAdapters": 2},
+        adapterParameters={"maxLoadedAdapters": 3},
     )
     dep_id = dep["deploymentId"]
     sdk = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=platform.client.create_key(dep_id))
-    asks = {1: f"{dep_id}:lora-1", 2: f"{dep_id}:lora-2", None: dep_id}
+    asks = {1: f"{dep_id}:lora-1", 2: f"{dep_id}:lora-2", 3: f"{dep_id}:lora-3", None: dep_id}
     with ThreadPoolExecutor(len(asks)) as pool:
         replies = dict(zip(asks, pool.map(lambda m: chat(sdk, m), asks.values()), strict=True))
     assert replies == {seed: reference_reply(seed) for seed in asks}  # float32: exact
     loads = platform.client.get(f"/deployments/{dep_id}/stats")["adapterLoads"]
-    chat(sdk, f"{dep_id}:lora-2")  # lora-1 is now the least recently used
-    assert chat(sdk, f"{dep_id}:lora-3") == reference_reply(3)  # evicts lora-1's engine
+    chat(sdk, f"{dep_id}:lora-2")
+    chat(sdk, f"{dep_id}:lora-3")  # lora-1 is now the least recently used
+    assert chat(sdk, f"{dep_id}:lora-4") == reference_reply(4)  # evicts lora-1's engine
     assert chat(sdk, f"{dep_id}:lora-1") == reference_reply(1)  # a new engine, same answer
     assert platform.client.get(f"/deployments/{dep_id}/stats")["adapterLoads"] == loads + 2
     platform.client.wait_job(
