@@ -124,3 +124,19 @@ def test_tool_fields_are_validated(live, role):
     r = chat(live, json={"messages": [*ASK_JSON, bad]})
     err = assert_clean_error(r, 400)
     assert err["param"].startswith("messages.1.tool_calls.0.function")
+
+
+def test_hostile_constraints_are_bounded_on_transformers(live):
+    """The hostile schemas and regex (test_engines.py does CTranslate2 and vLLM): refused
+    naming the bound or served lazily, within the time bound, the replica's memory (from
+    /proc) staying within the guided limits' ~100 MB, then business as usual."""
+    import openai
+
+    from tests.e2e.replica_memory import peak_rss
+    from tests.e2e.test_engines import hostile_bounds
+
+    sdk = openai.OpenAI(base_url=live.base_url, api_key=live.key)
+    with peak_rss(live.deployment["deploymentId"]) as memory:
+        hostile_bounds(sdk)
+    print(f"replica memory {memory.before / 2**20:.0f} MiB, peak +{memory.growth_mib:.0f} MiB")
+    assert memory.growth_mib < 200
