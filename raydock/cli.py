@@ -67,6 +67,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+#: how long `raydock down` waits: Serve's own shutdown alone may take 30 s on a busy host
+DOWN_TIMEOUT_S = 180
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     settings = _settings(args)
     pidfile = _pidfile(settings)
@@ -80,14 +84,16 @@ def cmd_down(args: argparse.Namespace) -> int:
         pidfile.unlink(missing_ok=True)
         print("raydock was not running (stale pid file removed)")
         return 0
-    for _ in range(120):
+    print("raydock is stopping (Serve drains its replicas, then Ray stops) ...", flush=True)
+    started = time.monotonic()
+    while time.monotonic() - started < DOWN_TIMEOUT_S:
         time.sleep(0.5)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            print("raydock stopped")
+            print(f"raydock stopped ({time.monotonic() - started:.0f} s)")
             return 0
-    print("raydock did not stop within 60 s", file=sys.stderr)
+    print(f"raydock did not stop within {DOWN_TIMEOUT_S} s (pid {pid})", file=sys.stderr)
     return 1
 
 

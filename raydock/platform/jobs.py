@@ -354,7 +354,8 @@ def optimize_model_task(
 
     The conversion goes to the store beside the models and is reused by every later deploy
     of the same weights (the job says so); a conversion that fails leaves nothing behind and
-    raises the converter's reason. Returns the artifact's {"prefix", "digest"}.
+    raises the converter's reason. Returns the artifact's {"prefix", "digest"} and "reused":
+    whether it was already stored (no conversion ran).
     """
     from raydock.optimizers import ctranslate2 as ct2
 
@@ -364,7 +365,7 @@ def optimize_model_task(
     progress = JobProgress(job_id, 0, 15) if job_id else (lambda *_: None)
     if store.exists(f"{prefix}/{MANIFEST_NAME}"):
         progress(1.0, f"reusing the CTranslate2 {ct2.normalize(quantization)} conversion")
-        return {"prefix": prefix, "digest": store.read_manifest(prefix).digest}
+        return {"prefix": prefix, "digest": store.read_manifest(prefix).digest, "reused": True}
     source = fetch_cached(
         {
             "prefix": model["artifactUri"],
@@ -376,7 +377,7 @@ def optimize_model_task(
     try:
         ct2.convert(source, work / "ct2", quantization, progress=progress)
         manifest = store.put_dir(work / "ct2", prefix)
-        return {"prefix": prefix, "digest": manifest.digest}
+        return {"prefix": prefix, "digest": manifest.digest, "reused": False}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -310,7 +310,7 @@ class Lifecycle:
         if not engine.converts:
             prefix, digest = served["artifactUri"], served["metadata"]["artifactDigest"]
             return {"prefix": prefix, "digest": digest}
-        return await self._run_task(
+        converted = await self._run_task(
             optimize_model_task,
             profile,
             self.settings.to_dict(),
@@ -318,6 +318,11 @@ class Lifecycle:
             engine.quantization,
             job_id,
         )
+        reused = converted.pop("reused")
+        if job_id:  # the deploy job tells whether this deploy converted or found it stored
+            conversion = {"artifact": converted["prefix"], "reused": reused}
+            await self.registry.update_job.remote(job_id, response={"conversion": conversion})
+        return converted
 
     @staticmethod
     async def _run_task(task, profile: dict, *args: Any) -> dict[str, str]:

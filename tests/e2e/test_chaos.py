@@ -18,6 +18,7 @@ from raydock.platform import names
 from .conftest import ASK_JSON, wait_for
 
 HEAL_S = 30
+REVOKE_S = 1  # a deleted key stops working on every replica within a second (issue 17)
 
 
 class StreamLoad:
@@ -76,13 +77,39 @@ def serve_replica_of(app: str):
 VICTIMS = {
     "registry": lambda: ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE),
     "lifecycle": lambda: ray.get_actor(names.LIFECYCLE, namespace=names.NAMESPACE),
+    # pushes key changes to the replicas; the supervisor (the API replica) creates a new one
+    "access hub": lambda: ray.get_actor(names.ACCESS_HUB, namespace=names.NAMESPACE),
     "api replica": lambda: serve_replica_of(names.API_APP),
     "serve controller": lambda: ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve"),
 }
 
 
+def replica_route_status(live, key: str) -> int:
+    """What the deployment's own route (its replicas, no gateway) answers a chat with `key`."""
+    body = {"messages": ASK_JSON, "max_tokens": 2}
+    headers = {"Authorization": f"Bearer {key}"}
+    r = httpx.post(f"{live.base_url}/chat/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code in (200, 401), r.text
+    return r.status_code
+
+
+def keys_follow(platform, live, killed: float) -> tuple[float, float]:
+    """A key created after a kill works on the replica route within HEAL_S of the kill, and
+    stops working there within REVOKE_S of its delete (the replicas learn both from the access
+    hub). Returns (seconds from the kill until it worked, from its delete until a 401)."""
+    dep_id = live.deployment["deploymentId"]
+    created = platform.client.post(f"/deployments/{dep_id}/api-keys", json={"name": "after-kill"})
+    left = killed + HEAL_S - time.monotonic()
+    wait_for(lambda: replica_route_status(live, created["apiKey"]) == 200, left, 0.2)
+    works = time.monotonic() - killed
+    platform.client.delete(f"/deployments/{dep_id}/api-keys/{created['keyId']}")
+    deleted = time.monotonic()
+    wait_for(lambda: replica_route_status(live, created["apiKey"]) == 401, REVOKE_S, 0.05)
+    return round(works, 1), round(time.monotonic() - deleted, 2)
+
+
 def test_killing_each_platform_component_heals_within_30_s(platform, ready_model, live):
-    healed, model_id = {}, ready_model["modelId"]
+    healed, keys, model_id = {}, {}, ready_model["modelId"]
     with StreamLoad(live) as load:
         for victim, find in VICTIMS.items():
             ray.kill(find(), no_restart=False)
@@ -90,8 +117,13 @@ def test_killing_each_platform_component_heals_within_30_s(platform, ready_model
             time.sleep(0.5)  # let the kill land before asking
             wait_for(lambda: answers(platform, model_id), timeout=HEAL_S, interval=0.5)
             healed[victim] = round(time.monotonic() - killed, 1)
+            try:
+                keys[victim] = keys_follow(platform, live, killed)
+            except AssertionError as exc:
+                raise AssertionError(f"keys after a kill of the {victim}: {exc}") from None
         time.sleep(2)  # streams that started during the last kill finish
     print(f"answering again after a kill of (s): {healed}; streams served: {load.done}")
+    print(f"(new key works from the kill, deleted key refused from its delete) (s): {keys}")
     assert load.done > 0 and not load.failures, (load.failures[:3], healed)
     assert_consistent(platform)
 

@@ -151,6 +151,57 @@ def corpus_share(sdk: openai.OpenAI) -> None:
 ct2_only = pytest.mark.skipif(not plan._installed("ctranslate2"), reason="ctranslate2 extra")
 
 
+def undeploy(platform, dep: dict) -> None:
+    """Undeploy and wait for it: the next test starts with the replica's CPUs free."""
+    ref = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    assert platform.client.wait_job(ref["dockStatusId"], timeout=120)["status"] == "SUCCESS"
+
+
+CT2_ASKS = ["Describe a person.", "Hi", "What does the keeper do when the fog rolls in?"]
+GREEDY = {"max_tokens": 32, "temperature": 0}
+
+
+def served_greedy(sdk: openai.OpenAI) -> list[str]:
+    """The greedy replies (32 tokens, ignore_eos) to CT2_ASKS, as the deployment serves them."""
+    return [
+        sdk.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": ask}],
+            extra_body={"ignore_eos": True},
+            **GREEDY,
+        )
+        .choices[0]
+        .message.content
+        for ask in CT2_ASKS
+    ]
+
+
+def in_process_greedy(model_dir: Path, quantization: str) -> list[str]:
+    """The same replies from a CTranslate2 conversion of `model_dir` made and run in this
+    process, one prompt at a time (no Ray, no Serve, no HTTP)."""
+    import asyncio
+    import tempfile
+
+    from raydock.serve_apps.engines.ctranslate2_engine import CTranslate2Engine
+    from raydock.serve_apps.sampling import SamplingParams
+
+    async def reply(engine: CTranslate2Engine, ask: str) -> str:
+        ids = engine.chat_prompt([{"role": "user", "content": ask}])
+        params = SamplingParams(**GREEDY, ignore_eos=True)
+        return "".join([ev.text async for steps in engine.generate(ids, params) for ev in steps])
+
+    async def replies(engine: CTranslate2Engine) -> list[str]:
+        try:
+            return [await reply(engine, ask) for ask in CT2_ASKS]
+        finally:
+            engine.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ct2.convert(model_dir, Path(tmp) / "ct2", quantization)
+        engine = CTranslate2Engine(str(Path(tmp) / "ct2"), num_threads=1, compute_type=quantization)
+        return asyncio.run(replies(engine))
+
+
 @ct2_only
 def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
     ref = platform.client.deploy(
@@ -161,6 +212,9 @@ def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
     assert platform.client.get(f"/deployments/{ref['deploymentId']}")["status"] == "OPTIMIZING"
     job = platform.client.wait_job(ref["dockStatusId"], timeout=600)
     assert job["status"] == "SUCCESS", job
+    # this deploy converted (nothing was stored for these weights and this quantization)
+    first = job["response"]["conversion"]
+    assert first["reused"] is False and "int8-" in first["artifact"], job
     dep = platform.client.get(f"/deployments/{ref['deploymentId']}")
     stats = platform.client.get(f"/deployments/{dep['deploymentId']}/stats")
     assert stats["engine"] == "ctranslate2"
@@ -169,19 +223,22 @@ def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
     with pytest.raises(openai.BadRequestError) as refused:  # CTranslate2 has no hook for them
         sdk.chat.completions.create(model="m", messages=ASK, max_tokens=4, frequency_penalty=1)
     assert refused.value.body["param"] == "frequency_penalty"
-    converted = platform.stored("optimized")
-    assert [name for name in converted if "int8-" in name], converted
+    with pytest.raises(openai.BadRequestError) as refused:  # nor for logit_bias
+        sdk.chat.completions.create(model="m", messages=ASK, max_tokens=4, logit_bias={"300": 100})
+    assert refused.value.body["param"] == "logit_bias"
+    assert "logit_bias" in refused.value.body["message"]
 
-    # redeploy: the conversion is reused, not repeated
+    # redeploy: the conversion task finds the stored artifact and converts nothing
     ref = platform.client.post(
         f"/deployments/{dep['deploymentId']}/redeploy",
         json={**default_deploy_body("ct2-int8"), **optimized("ctranslate2", "int8")},
     )
-    platform.client.wait_job(ref["dockStatusId"], timeout=600)
+    job = platform.client.wait_job(ref["dockStatusId"], timeout=600)
+    assert job["status"] == "SUCCESS", job
+    assert job["response"]["conversion"] == {**first, "reused": True}
     history = platform.client.get(f"/deployments/{dep['deploymentId']}/history")["versions"]
     assert [v["result"] for v in history] == ["SUCCESS", "SUCCESS"]
-    assert platform.stored("optimized") == converted
-    platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    undeploy(platform, dep)
 
 
 @ct2_only
@@ -191,10 +248,11 @@ def test_ctranslate2_int8_float32_answers_and_goes_with_its_model(platform, zips
         platform, model["modelId"], "ct2-i8f32", **optimized("ctranslate2", "int8_float32")
     )
     sdk = sdk_for(platform, dep)
-    reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=4)
-    assert reply.choices[0].message.content is not None
-    job = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
-    assert platform.client.wait_job(job["dockStatusId"], timeout=120)["status"] == "SUCCESS"
+    # the served greedy tokens are those of the same int8_float32 conversion run here
+    served = served_greedy(sdk)
+    assert all(served) and len(set(served)) == len(CT2_ASKS)  # three different answers
+    assert served == in_process_greedy(cached_model_dir("tiny", seed=5), "int8_float32")
+    undeploy(platform, dep)
 
     # deleting the model removes its conversion, and only its own
     mine = ct2.artifact_key(model["checksum"], "int8_float32")
@@ -248,7 +306,7 @@ def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
             extra_body={"structured_outputs": {"grammar": "start: (("}},
         )
     assert refused.value.body["param"] == "structured_outputs.grammar"
-    platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    undeploy(platform, dep)
 
 
 def dequantized_greedy(model_dir: str, max_tokens: int) -> str:
@@ -288,4 +346,4 @@ def test_vllm_serves_a_prequantized_4_bit_checkpoint(platform, zips, method):
     reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=12, temperature=0)
     quantized_dir = cached_model_dir("tiny", quantization=method)
     assert reply.choices[0].message.content == dequantized_greedy(quantized_dir, 12)
-    platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    undeploy(platform, dep)

@@ -307,8 +307,38 @@ def test_requests_are_batched_together(platform, live):
                 *(c.post(f"{live.base_url}/chat/completions", json=body) for _ in range(6))
             )
 
+    http = platform.http()
+    before = http.get(stats_url).json()
     assert all(r.status_code == 200 for r in asyncio.run(burst()))
-    assert platform.http().get(stats_url).json()["max_batch"] >= 4
+    after = http.get(stats_url).json()
+    # read as deltas (max_batch is the replica's lifetime high, met by earlier tests): the
+    # 6 x 64 tokens took at most 2 x 64 decoding steps, an average batch of 3 or more, where
+    # one sequence at a time takes 384
+    assert after["finished"] - before["finished"] == 6
+    steps = after["steps"] - before["steps"]
+    assert 64 <= steps <= 128, (before, after)
+
+
+def test_stop_string_inside_a_stream(sdk):
+    """A stop string met mid-reply ends the stream before it: the chunks join to the text up
+    to the stop, the stop never appears, and the finish reason is "stop"."""
+    greedy = {"model": "m", "messages": HELLO, "max_tokens": 40, "temperature": 0}
+    full = sdk.chat.completions.create(**greedy, extra_body={"ignore_eos": True})
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(text) > 10 and text.index(stop) > 0, text
+    chunks = list(
+        sdk.chat.completions.create(
+            **greedy, stop=[stop], stream=True, extra_body={"ignore_eos": True}
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text[: text.index(stop)], (text, stop)
+    assert stop not in streamed
+    finals = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finals == ["stop"]
 
 
 def test_full_queue_is_429_and_not_ready_is_503(platform, ready_model):

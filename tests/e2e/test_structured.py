@@ -9,7 +9,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
+from raydock.modelgen import cached_model_dir
 from tests.guided_checks import validator_for
 
 from .conftest import legacy_sdk, tool_conversation
@@ -282,6 +284,28 @@ def test_tool_choice_auto_and_none(sdk):
         model="m", messages=ASK, tools=[WEATHER], seed=1, tool_choice="none", max_tokens=10
     ).choices[0]
     assert choice.message.tool_calls is None and choice.finish_reason in ("stop", "length")
+
+
+#: the tiny model's tokens that start with "{" ("{" and '{"'): "auto" allows text only when it
+#: does not start with "{", so with these forced first the one valid reply is a tool call
+BRACE_TOKENS = {"98": 100, "737": 100}
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_tool_choice_auto_calls_the_tool_when_only_a_call_is_valid(sdk, seed):
+    tok = AutoTokenizer.from_pretrained(cached_model_dir("tiny"))
+    assert [tok.convert_ids_to_tokens(int(i)) for i in BRACE_TOKENS] == ["{", '{"']
+    choice = sdk.chat.completions.create(
+        model="m",
+        messages=ASK,
+        tools=[WEATHER],
+        tool_choice="auto",
+        seed=seed,
+        max_tokens=200,
+        logit_bias=BRACE_TOKENS,
+    ).choices[0]
+    assert_valid_call(choice, {"get_weather"})  # finish_reason "tool_calls", valid arguments
+    assert not choice.message.content
 
 
 def test_tools_take_precedence_over_response_format(sdk):

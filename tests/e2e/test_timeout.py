@@ -14,6 +14,7 @@ from raydock.modelgen import build_model_zip
 from .conftest import deploy_and_wait, import_ready, wait_for
 
 TIMEOUT_S = 30  # the shortest timeout a deployment accepts
+NEW_TIMEOUT_S = 50  # what the deployment's timeout is changed to
 #: a heavy request: a long prompt, 8 choices that never stop early; its length is sized below
 LONG = {
     "messages": [{"role": "user", "content": "go on and on " * 250}],
@@ -132,6 +133,27 @@ def test_timeout_ends_requests_and_stops_their_decoding(platform, zips):
         quiet = len(last) > 1 and last[-1]["steps"] == last[-2]["steps"]
         return quiet and last[-1]["running"] == 0 and last[-1]["waiting"] == 0
 
+    wait_for(idle, timeout=5, interval=1)
+
+    # a changed endpoint timeout (PATCH, no redeploy) changes when requests are cut: 7 queued
+    # requests of about TARGET_REQUEST_S each, one at a time, run well past the old 30 s and
+    # past the new one; those still running at the new time end 504 there, naming it
+    r = http.patch(f"/api/public/deployments/{dep_id}", json={"timeout": NEW_TIMEOUT_S})
+    assert r.status_code == 200 and r.json()["timeout"] == NEW_TIMEOUT_S, r.text
+
+    async def queue():
+        async with httpx.AsyncClient(timeout=120, headers=headers) as client:
+            return await asyncio.gather(*(_post(client, url, body) for _ in range(7)))
+
+    posted = asyncio.run(queue())
+    summary = [(p["status"], round(p["elapsed"], 1)) for p in posted]
+    assert {p["status"] for p in posted} == {200, 504}, summary
+    # served past the old timeout: the old value no longer cuts
+    assert any(p["status"] == 200 and p["elapsed"] > TIMEOUT_S + 2 for p in posted), summary
+    for p in posted:
+        if p["status"] == 504:
+            assert NEW_TIMEOUT_S - 1 <= p["elapsed"] < NEW_TIMEOUT_S + 15, summary
+            assert f"{NEW_TIMEOUT_S} s timeout" in p["error"]["message"]
     wait_for(idle, timeout=5, interval=1)
 
     platform.client.wait_job(

@@ -79,6 +79,28 @@ def chat(platform, dep_id: str, key: str, path: str = "v2") -> httpx.Response:
     )
 
 
+def refused_after(platform, dep_id: str, key: str, in_a_row: int = 8) -> dict[str, float]:
+    """Poll both paths (interleaved) with a key deleted just now until each answered
+    `in_a_row` 401s in a row (so from either replica: the proxy and the gateway spread
+    requests over them); per path, seconds from now until the answer of the first 401 of that
+    run (a 200 after a 401, from a replica that still knows the key, starts the count again)."""
+    deleted = time.monotonic()
+    refused: dict[str, float] = {}
+    run = {"v2": 0, "v1": 0}
+    while min(run.values()) < in_a_row and time.monotonic() - deleted < 10:
+        for path in (p for p, n in run.items() if n < in_a_row):
+            code = chat(platform, dep_id, key, path).status_code
+            assert code in (200, 401), code
+            if code == 200:
+                run[path] = 0
+                continue
+            if run[path] == 0:
+                refused[path] = round(time.monotonic() - deleted, 3)
+            run[path] += 1
+    assert min(run.values()) >= in_a_row, (run, refused)
+    return refused
+
+
 def deploy(platform, model_id: str, name: str, **overrides) -> dict:
     ref = platform.client.deploy(model_id, default_deploy_body(name, **overrides))
     job = platform.client.wait_job(ref["dockStatusId"], timeout=900)
@@ -146,7 +168,20 @@ def test_two_replicas_across_nodes_and_a_lost_node(platform, models, cluster):
     )
     assert platform.client.wait_job(ref["dockStatusId"], timeout=900)["status"] == "SUCCESS"
     nodes = wait_for(lambda: len(n := replica_nodes(platform, dep_id)) == 2 and n, timeout=60)
+
+    # a new key works at once on both paths (on either replica: several requests each)
     key = platform.client.create_key(dep_id, "lost-node")
+    for path in ("v2", "v1"):
+        codes = [chat(platform, dep_id, key, path).status_code for _ in range(4)]
+        assert codes == [200] * 4, (path, codes)
+    # a deleted key stops working on both replicas, on both paths, within a second
+    short = platform.client.post(f"/deployments/{dep_id}/api-keys", json={"name": "two-nodes"})
+    for path in ("v2", "v1"):
+        assert chat(platform, dep_id, short["apiKey"], path).status_code == 200
+    platform.client.delete(f"/deployments/{dep_id}/api-keys/{short['keyId']}")
+    refused = refused_after(platform, dep_id, short["apiKey"])
+    print(f"deleted key refused on two replicas of two nodes after (s): {refused}")
+    assert all(seconds <= 1 for seconds in refused.values()), refused
 
     # lose the node of one replica: the other keeps answering, Serve places a new one
     lost = next(w for w in cluster.alive_workers if w.node_id in nodes)
@@ -156,20 +191,31 @@ def test_two_replicas_across_nodes_and_a_lost_node(platform, models, cluster):
     wait_for(lambda: chat(platform, dep_id, key).status_code == 200, timeout=60, interval=0.5)
     serving_again = time.monotonic() - started
 
-    seen: list[dict] = []
+    seen: list[dict] = []  # every view until the replacement runs
 
     def replaced() -> dict | None:  # Serve notices the lost replica at its next health check
         d = platform.client.get(f"/deployments/{dep_id}")
-        seen[:] = [d]
+        seen.append(d)
         nodes = d["replicas"]["nodes"]
         return d if lost.node_id not in nodes and sum(nodes.values()) == 2 else None
 
     try:
-        view = wait_for(replaced, timeout=120)
+        view = wait_for(replaced, timeout=120, interval=0.2)
     except AssertionError:
-        raise AssertionError(f"not replaced: {seen[0]['status']} {seen[0]['replicas']}") from None
+        raise AssertionError(f"not replaced: {seen[-1]['status']} {seen[-1]['replicas']}") from None
     assert view["status"] == "DEPLOYED" and view["replicas"]["current"] == 2
     print(f"serving again {serving_again:.1f} s after the node was declared dead")
+
+    # while Serve counted a replica missing, the view said why (Serve's words)
+    missing = [d["replicas"] for d in seen if d["replicas"]["current"] < d["replicas"]["target"]]
+    views = {(r["current"], r["target"], r["message"]) for r in (d["replicas"] for d in seen)}
+    assert missing, f"no view showed the replica missing before its replacement ran: {views}"
+    print(f"{len(missing)} views with a replica missing, e.g. {missing[0]}")
+    for replicas in missing:
+        assert replicas["current"] == 1 and replicas["target"] == 2, replicas
+        assert replicas["applicationStatus"] == "UNHEALTHY", replicas
+        message = replicas["message"] or ""
+        assert "A replica's health check failed" in message, replicas
     ok = sum(chat(platform, dep_id, key).status_code == 200 for _ in range(6))
     assert ok == 6
     cluster.add_worker(num_cpus=2)  # back to two workers for the next tests
@@ -222,6 +268,22 @@ def test_a_corrupted_artifact_fails_the_deploy_with_its_reason(platform, s3, tmp
     assert dep["status"] == "FAILED"
     assert "model.safetensors" in dep["failureReason"], dep["failureReason"]
     assert "sha256" in dep["failureReason"] or "corrupt" in dep["failureReason"].lower()
+
+
+def test_a_missing_artifact_fails_the_deploy_with_its_reason(platform, s3, tmp_path):
+    # a seed of its own: no node has these weights in its cache
+    model = import_ready(platform, build_model_zip(tmp_path / "mn-missing.zip", seed=8))
+    key = f"raydock/models/{model['modelId']}/model.safetensors"
+    s3.client().delete_object(Bucket=s3.bucket, Key=key)
+    dep = deploy(platform, model["modelId"], "mn-missing")
+    assert dep["job"]["status"] == "FAILED", dep["job"]
+    assert dep["status"] == "FAILED"
+    reason = dep["failureReason"]
+    assert "the model artifact cannot be used" in reason, reason
+    assert "file 'model.safetensors' listed in its manifest is missing from s3://" in reason
+    # and no replica is left retrying: the application is gone
+    view = f"/deployments/{dep['deploymentId']}"
+    wait_for(lambda: platform.client.get(view)["replicas"]["applicationStatus"] is None)
 
 
 def test_deleting_the_models_empties_the_bucket(platform, s3):
