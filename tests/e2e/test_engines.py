@@ -27,6 +27,7 @@ from tests.e2e.conftest import (
     legacy_sdk,
     tool_conversation,
 )
+from tests.e2e.replica_memory import MIB, peak_rss
 from tests.guided_checks import HOSTILE_REGEX, HOSTILE_SCHEMAS, corpus, validator_for
 from tests.record_schema import RECORD
 
@@ -43,9 +44,9 @@ def sdk_for(platform, dep: dict) -> openai.OpenAI:
     return openai.OpenAI(base_url=base, api_key=key, timeout=120)
 
 
-def exercise(sdk: openai.OpenAI) -> None:
+def exercise(sdk: openai.OpenAI, deployment_id: str) -> None:
     """Chat, stream, structured output (OpenAI and vLLM style), a tool conversation: what every
-    engine must answer."""
+    engine must answer; hostile constraints with the replica's memory read from /proc."""
     reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=8, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 3
@@ -93,7 +94,10 @@ def exercise(sdk: openai.OpenAI) -> None:
     validate(json.loads(out.choices[0].text), RECORD)
     tool_conversation(sdk)
     corpus_share(sdk)
-    hostile_bounds(sdk)
+    with peak_rss(deployment_id) as memory:
+        hostile_bounds(sdk)
+    print(f"replica memory {memory.before / MIB:.0f} MiB, hostile peak +{memory.growth_mib:.0f}")
+    assert memory.growth_mib < 200  # the guided limits' ~100 MB, with room for the allocator
 
 
 def hostile_bounds(sdk: openai.OpenAI) -> None:
@@ -219,7 +223,7 @@ def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
     stats = platform.client.get(f"/deployments/{dep['deploymentId']}/stats")
     assert stats["engine"] == "ctranslate2"
     sdk = sdk_for(platform, dep)
-    exercise(sdk)
+    exercise(sdk, dep["deploymentId"])
     with pytest.raises(openai.BadRequestError) as refused:  # CTranslate2 has no hook for them
         sdk.chat.completions.create(model="m", messages=ASK, max_tokens=4, frequency_penalty=1)
     assert refused.value.body["param"] == "frequency_penalty"
@@ -282,7 +286,7 @@ def test_vllm_serves_with_native_structured_outputs(platform, ready_model):
     dep = deploy_and_wait(platform, ready_model["modelId"], "vllm", **optimized("vllm", ""))
     assert platform.client.get(f"/deployments/{dep['deploymentId']}/stats")["engine"] == "vllm"
     sdk = sdk_for(platform, dep)
-    exercise(sdk)
+    exercise(sdk, dep["deploymentId"])
 
     # vLLM applies the penalties itself: the greedy reply repeats less
     plain = set(greedy_tokens(sdk, ASK))
@@ -341,7 +345,7 @@ def test_vllm_serves_a_prequantized_4_bit_checkpoint(platform, zips, method):
     model = import_ready(platform, archive)
     dep = deploy_and_wait(platform, model["modelId"], f"vllm-{method}", **optimized("vllm", method))
     sdk = sdk_for(platform, dep)
-    exercise(sdk)
+    exercise(sdk, dep["deploymentId"])
     # the 4-bit weights are what answers: the same text as the dequantized model's
     reply = sdk.chat.completions.create(model="m", messages=ASK, max_tokens=12, temperature=0)
     quantized_dir = cached_model_dir("tiny", quantization=method)
