@@ -15,12 +15,15 @@ adapter, quantization), in the node cache's `adapters/` folder.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from raydock.errors import ApiError
+
+log = logging.getLogger("raydock.adapters")
 
 
 class LoadedAdapter:
@@ -117,10 +120,14 @@ class ReplicaAdapters:
         for _ in range(3):  # evicted by another request's load the moment it was loaded: again
             try:
                 await self._multiplexed(adapter_id)
-            except Exception as exc:  # a missing artifact, a merge or conversion that failed
+            except Exception:  # a missing artifact, a merge or conversion that failed
+                # the reason names store paths and files: for the replica's log, not the client
+                log.exception("adapter %s (%s) cannot be loaded", adapter_id, adapter["name"])
                 raise ApiError(
                     503,
-                    f"adapter {adapter['name']!r} cannot be loaded: {exc}",
+                    f"adapter {adapter['name']!r} cannot be loaded on this deployment's replica "
+                    "(its stored files are missing or damaged, or it did not convert); the "
+                    "replica's log says why",
                     "adapter",
                     "adapter_unavailable",
                 ) from None

@@ -122,3 +122,21 @@ def test_adapters_a_deployment_cannot_apply_are_refused(engine, max_loaded, rank
     with pytest.raises(ApiError) as exc:
         replica.check({"id": "m-1", "name": "lora", "rank": rank}, "model")
     assert exc.value.status == 400 and exc.value.param == "model" and says in exc.value.message
+
+
+def test_an_adapter_that_cannot_load_is_a_503_without_internals(tmp_path):
+    from raydock.errors import ApiError
+    from raydock.serve_apps.adapters import ReplicaAdapters
+
+    engine = TransformersEngine.__new__(TransformersEngine)
+    store = {"store": str(tmp_path / "store"), "endpoint": None}
+    artifact = store | {"cache_dir": str(tmp_path / "cache"), "cache_max_bytes": 2**30}
+    replica = ReplicaAdapters(engine, "transformers", artifact, max_loaded=2, max_rank=64)
+    replica._multiplexed = replica._load  # Serve's LRU wrapper needs a replica; load directly
+    digest = "0" * 64  # a well-formed digest of an artifact the store does not have
+    missing = {"id": "m-1", "name": "lora", "rank": 8, "prefix": "models/m-1", "digest": digest}
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(replica.ensure(missing))
+    assert exc.value.status == 503 and exc.value.code == "adapter_unavailable"
+    assert "'lora'" in exc.value.message
+    assert str(tmp_path) not in exc.value.message and "models/m-1" not in exc.value.message
