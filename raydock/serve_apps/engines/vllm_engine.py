@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import os
@@ -195,6 +196,7 @@ class VLLMEngine(TokenizerPrompts):
         self._in_flight = 0
         self._adapters: dict[str, Any] = {}  # adapter id -> its vLLM LoRARequest
         self._null_adapter: Any = None  # see load_adapter
+        self._lora_numbers = itertools.count(1)
         lora: dict[str, Any] = {}
         if max_loaded_adapters:
             lora = {
@@ -259,8 +261,9 @@ class VLLMEngine(TokenizerPrompts):
 
         request = self._adapters.get(adapter_id)
         if request is None or request.lora_path != adapter_dir:
-            number = len(self._adapters) + 1  # vLLM names adapters by positive integers
-            request = LoRARequest(adapter_id, number, adapter_dir)
+            # vLLM names adapters by positive integers, each used once (a len()-based number
+            # would repeat once an adapter's entry was replaced)
+            request = LoRARequest(adapter_id, next(self._lora_numbers), adapter_dir)
             self._adapters[adapter_id] = request
         return request
 
