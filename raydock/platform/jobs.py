@@ -18,7 +18,7 @@ import ray
 from raydock.artifacts import MANIFEST_NAME, fetch_cached
 from raydock.config import Settings
 from raydock.errors import NotFound
-from raydock.platform import names
+from raydock.platform import names, views
 from raydock.platform.states import InvalidTransition, JobStatus, ModelStatus
 
 #: How long a presigned export URL stays valid
@@ -366,13 +366,7 @@ def optimize_model_task(
     if store.exists(f"{prefix}/{MANIFEST_NAME}"):
         progress(1.0, f"reusing the CTranslate2 {ct2.normalize(quantization)} conversion")
         return {"prefix": prefix, "digest": store.read_manifest(prefix).digest, "reused": True}
-    source = fetch_cached(
-        {
-            "prefix": model["artifactUri"],
-            "digest": model["metadata"]["artifactDigest"],
-            **cfg.artifact_access(),
-        }
-    )
+    source = fetch_cached({**views.stored_artifact(model), **cfg.artifact_access()})
     work = Path(tempfile.mkdtemp(prefix="raydock-convert-"))
     try:
         ct2.convert(source, work / "ct2", quantization, progress=progress)
@@ -402,7 +396,7 @@ def merge_adapter_task(
         return {"prefix": prefix, "digest": digest, "checksum": checksum}
 
     def fetch(model: dict[str, Any]) -> Path:
-        artifact = {"prefix": model["artifactUri"], "digest": model["metadata"]["artifactDigest"]}
+        artifact = views.stored_artifact(model)
         return fetch_cached(artifact | cfg.artifact_access())
 
     progress(0.1, "merging the adapter into its base")

@@ -23,7 +23,7 @@ from ray.serve.api import RunTarget
 
 from raydock.config import Settings, hardware_profiles
 from raydock.optimizers import plan
-from raydock.platform import deploy_checks, names
+from raydock.platform import deploy_checks, names, views
 from raydock.platform.jobs import (
     JobProgress,
     bytes_progress,
@@ -258,11 +258,7 @@ class Lifecycle:
         against it: {"prefix", "digest", "name"}."""
         adapter = await self.registry.get_model.remote(adapter_id)
         base = await self.registry.get_model.remote(adapter["baseModelId"])
-        return {
-            "prefix": base["artifactUri"],
-            "digest": base["metadata"]["artifactDigest"],
-            "name": base["name"],
-        }
+        return {**views.stored_artifact(base), "name": base["name"]}
 
     def _stage_upload(self, local: Path, key: str, job_id: str) -> None:
         """Put an uploaded archive into the artifact store: moved when the store is a local
@@ -308,8 +304,7 @@ class Lifecycle:
                 "metadata": {"artifactDigest": merged["digest"]},
             }
         if not engine.converts:
-            prefix, digest = served["artifactUri"], served["metadata"]["artifactDigest"]
-            return {"prefix": prefix, "digest": digest}
+            return views.stored_artifact(served)
         converted = await self._run_task(
             optimize_model_task,
             profile,
@@ -360,11 +355,7 @@ class Lifecycle:
             profile,
             stream_interval_s=self.settings.stream_interval_ms / 1000,
             max_request_bytes=self.settings.max_request_bytes,
-            source=(
-                {"prefix": model["artifactUri"], "digest": model["metadata"]["artifactDigest"]}
-                if model["kind"] == "base"
-                else None
-            ),
+            source=views.stored_artifact(model) if model["kind"] == "base" else None,
         )
         name = names.engine_app(deployment_id)
         # the replicas answer /deployments/<id>/… themselves: no gateway hop per token

@@ -26,6 +26,12 @@ STATUS_LABELS = {
 }
 
 
+def stored_artifact(model_view: dict[str, Any]) -> dict[str, str]:
+    """Where a model's own files are in the artifact store ({"prefix", "digest"}), from its
+    view: what the node cache fetches with."""
+    return {"prefix": model_view["artifactUri"], "digest": model_view["metadata"]["artifactDigest"]}
+
+
 def model(m: db.Model, deployments: list[db.Deployment] | None = None) -> dict[str, Any]:
     deps = deployments or []
     count = lambda *states: sum(1 for d in deps if d.status in states)  # noqa: E731
