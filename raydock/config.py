@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,19 @@ class Settings:
     upload_chunk_max_bytes: int = 100 * 2**20
     stream_interval_ms: int = 50
     max_request_bytes: int = 8 * 2**20
+    metrics_token: str = ""
+    metering: bool = True
+    # ---- notifications (platform/notify.py): email by SMTP, webhooks
+    smtp_host: str = ""  # empty: no email
+    smtp_port: int = 25
+    smtp_from: str = "raydock@localhost"
+    smtp_username: str = ""
+    smtp_password: str = field(default="", repr=False)  # never in a repr or a log line
+    smtp_starttls: bool = False
+    notify_emails: str = ""  # comma-separated addresses told of every event
+    webhook_url: str = ""  # platform-wide webhook; empty: none
+    webhook_secret: str = field(default="", repr=False)
+    notify_max_attempts: int = 5
 
     @property
     def home_path(self) -> Path:

@@ -45,10 +45,16 @@ class ApiError(Exception):
     """An error meant for the user: an HTTP status, a message, the offending field."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,  # e.g. Retry-After on a 429
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
     def __reduce__(self):  # Ray pickles exceptions raised in actors; keep every field
         return (_rebuild, (type(self), self.__dict__.copy()))
@@ -139,7 +145,9 @@ def respond(request: Request, exc: BaseException) -> JSONResponse:
     extra = {}
     if err.status == 422:  # as FastAPI's own validation errors: each field at fault in detail
         extra["detail"] = [{"field": err.param or "body", "message": err.message}]
-    return error_response(err.status, err.message, err.param, err.code, rid, **extra)
+    response = error_response(err.status, err.message, err.param, err.code, rid, **extra)
+    response.headers.update(getattr(err, "headers", None) or {})
+    return response
 
 
 _HTTP_MESSAGES = {404: "no such route", 405: "method not allowed on this route"}

@@ -69,6 +69,8 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /deployments/huggingface": (400, 404, 409),  # as deploy, and connectionId
     "POST /models/{modelId}/retry-import": (409,),  # not a failed download
     "POST /catalog/{entryId}/deploy": (400, 404, 409),  # too small; connectionId; importing
+    "GET /users/me/webhook": (404,),  # none set
+    "DELETE /users/me/webhook": (404,),
 }
 # OpenAPI links: which ids a management response names, and the operations that take them
 # (Swagger shows them; API testers such as schemathesis follow them). Destructive operations

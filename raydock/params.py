@@ -38,3 +38,7 @@ N = Param(1, 8, 1)
 MAX_LOADED_ADAPTERS = Param(0, 64, 4)
 #: the largest LoRA rank a deployment loads (vLLM sizes its LoRA buffers for it)
 MAX_ADAPTER_RANK = Param(1, 512, 64)
+#: a deployment key's optional limits (metering/limits.py); None: unlimited
+REQUESTS_PER_MINUTE = Param(1, 1_000_000, None)
+TOKENS_PER_MINUTE = Param(1, 1_000_000_000, None)
+TOKENS_PER_DAY = Param(1, 1_000_000_000_000, None)

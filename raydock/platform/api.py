@@ -25,7 +25,7 @@ from raydock.config import Settings, hardware_profiles
 from raydock.errors import ApiError, error_response
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import merge
-from raydock.platform import api_hub, deploy_checks, names, schemas
+from raydock.platform import api_hub, api_notify, api_usage, deploy_checks, names, schemas
 from raydock.platform.api_deps import User, admin_user, ctx, job_ref
 from raydock.platform.bootstrap import ensure_platform_actors
 from raydock.platform.jobs import EXPORT_URL_TTL_S, deployconfig_from, exports_key
@@ -478,8 +478,25 @@ def _curl(dep: dict[str, Any], base: str) -> str:
 
 @router.post("/deployments/{deploymentId}/api-keys", tags=["api keys"], status_code=201)
 async def create_key(deploymentId: str, body: schemas.KeyCreate, user: User) -> dict[str, Any]:
-    """Create an inference key for this deployment. `apiKey` is shown only in this response."""
-    return await ctx.registry.create_deployment_key.remote(deploymentId, body.name, user["userId"])
+    """Create an inference key for this deployment, with optional rate limits and a daily
+    token budget. `apiKey` is shown only in this response."""
+    limits = body.limits.model_dump() if body.limits else None
+    return await ctx.registry.create_deployment_key.remote(
+        deploymentId, body.name, user["userId"], limits
+    )
+
+
+@router.patch("/deployments/{deploymentId}/api-keys/{keyId}", tags=["api keys"])
+async def update_key(
+    deploymentId: str, keyId: str, body: schemas.KeyUpdate, _: User
+) -> dict[str, Any]:
+    """Change a key's limits; every replica applies them within a second."""
+    return await ctx.registry.set_key_limits.remote(
+        deploymentId, keyId, body.limits.model_dump(exclude_unset=True)
+    )
+
+
+BODY_MODELS["update_key"] = schemas.KeyUpdate
 
 
 @router.get("/deployments/{deploymentId}/api-keys", tags=["api keys"])
@@ -534,11 +551,14 @@ async def download_export(dockStatusId: str, _: User) -> Response:
 
 app.include_router(router)
 app.include_router(api_hub.router)
+app.include_router(api_notify.router)  # notifications: webhooks, deliveries
+app.include_router(api_usage.router)
 BODY_MODELS.update(
     create_connection=schemas.ConnectionCreate,
     import_from_hf=schemas.HuggingFaceImport,
     deploy_from_hf=schemas.HuggingFaceDeploy,
     deploy_catalog=schemas.CatalogDeploy,
+    set_my_webhook=schemas.WebhookSet,
 )
 
 

@@ -16,6 +16,8 @@ from raydock.config import Settings
 from raydock.platform import names
 from raydock.platform.access_hub import AccessHub
 from raydock.platform.lifecycle import Lifecycle
+from raydock.platform.meter import Meter
+from raydock.platform.notify import Notifier
 from raydock.platform.registry import Registry
 from raydock.platform.secrets import platform_key
 
@@ -117,12 +119,14 @@ def _registry(settings: Settings):
 
 
 def ensure_platform_actors(settings: Settings) -> tuple[Any, Any]:
-    """The registry, lifecycle and access hub actors, created again when one died (the API
+    """The registry, lifecycle, access hub and meter actors, created again when one died (the API
     replica calls this every few seconds: the platform's supervisor)."""
     registry = _registry(settings)
     lifecycle = _actor(Lifecycle, names.LIFECYCLE, settings.to_dict(), max_concurrency=100)
     # replicas long-poll it: many concurrent watches
     _actor(AccessHub, names.ACCESS_HUB, max_concurrency=10_000)
+    _actor(Notifier, names.NOTIFIER, settings.to_dict())  # emails and webhooks
+    _actor(Meter, names.METER)
     return registry, lifecycle
 
 
@@ -146,13 +150,14 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     _, lifecycle = ensure_platform_actors(settings)
     ray.get(lifecycle.ping.remote())
     serve.run(ApiServer.bind(cfg), name=names.API_APP, route_prefix="/api")
-    serve.run(Gateway.bind(cfg, names.control_plane()), name=names.GATEWAY_APP, route_prefix="/")
+    gateway = Gateway.bind(cfg, names.control_plane(settings.metering))
+    serve.run(gateway, name=names.GATEWAY_APP, route_prefix="/")
     return {"url": settings.base_url, "admin_key": admin_key}
 
 
 def stop_platform() -> None:
     """Remove every Serve app and the platform actors (the database keeps all state)."""
     serve.shutdown()
-    for name in (names.LIFECYCLE, names.ACCESS_HUB, names.REGISTRY):
+    for name in (names.LIFECYCLE, names.ACCESS_HUB, names.METER, names.NOTIFIER, names.REGISTRY):
         with contextlib.suppress(ValueError):  # not running
             ray.kill(ray.get_actor(name, namespace=names.NAMESPACE), no_restart=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -109,6 +110,32 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class KeyLimits(Base):
+    """A deployment key's optional rate limits and daily token budget (metering/limits.py)."""
+
+    __tablename__ = "api_key_limits"
+    key_id: Mapped[str] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), primary_key=True
+    )
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Usage(Base):
+    """Requests and tokens per minute, deployment, adapter and key. No foreign keys: usage
+    outlives the keys and deployments it was counted for."""
+
+    __tablename__ = "usage"
+    minute: Mapped[datetime] = mapped_column(DateTime, primary_key=True)  # UTC, its start
+    deployment_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    adapter_id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "": the base
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
 class DockStatus(Base):
     __tablename__ = "dock_status"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -149,6 +176,38 @@ class UploadSession(Base):
     received: Mapped[list[str]] = mapped_column(default=list)  # chunk numbers as strings
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+# ---- notifications (platform/notify.py)
+
+
+class NotificationDelivery(Base):
+    """One event sent to one place (an address, a webhook URL), with its attempts."""
+
+    __tablename__ = "notification_deliveries"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)  # notify.KINDS
+    event: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the webhook body
+    channel: Mapped[str] = mapped_column(String(16))  # email | webhook
+    target: Mapped[str] = mapped_column(String(2000))  # an address or a URL
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class UserWebhook(Base):
+    """A user's own webhook; its signing secret sealed as connection tokens are."""
+
+    __tablename__ = "user_webhooks"
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    url: Mapped[str] = mapped_column(String(2000))
+    secret_sealed: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 

@@ -348,7 +348,7 @@ class Lifecycle:
         app = build_engine_app(
             deployment_id,
             access[deployment_id],
-            names.control_plane(),
+            names.control_plane(self.settings.metering),
             artifact | self.settings.artifact_access(),
             engine,
             config,
@@ -422,36 +422,47 @@ class Lifecycle:
 
     async def replicas(self, deployment_id: str) -> dict[str, Any]:
         """Current and target replica counts of a deployment's Serve application."""
-        from ray.serve.context import _get_global_client
+        details = await serve_details()
+        return replica_view(
+            (details.get("applications") or {}).get(names.engine_app(deployment_id))
+        )
 
-        controller = _get_global_client()._controller
-        details = await controller.get_serve_instance_details.remote()
-        app = (details.get("applications") or {}).get(names.engine_app(deployment_id))
-        if app is None:
-            return {
-                "applicationStatus": None,
-                "message": None,
-                "current": 0,
-                "target": 0,
-                "byState": {},
-                "nodes": {},
-            }
-        states: dict[str, int] = {}
-        nodes: dict[str, int] = {}  # running replicas per node
-        messages = [app.get("message") or ""]
-        target = 0
-        for dep in app["deployments"].values():
-            target += dep.get("target_num_replicas") or 0
-            messages.append(dep.get("message") or "")  # e.g. replicas that cannot be placed
-            for replica in dep.get("replicas", []):
-                states[replica["state"]] = states.get(replica["state"], 0) + 1
-                if replica["state"] == "RUNNING" and replica.get("node_id"):
-                    nodes[replica["node_id"]] = nodes.get(replica["node_id"], 0) + 1
+
+async def serve_details() -> dict[str, Any]:
+    """Serve's own view of every application, its deployments and their replicas."""
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    return await controller.get_serve_instance_details.remote()
+
+
+def replica_view(app: dict[str, Any] | None) -> dict[str, Any]:
+    """Current and target replicas of one application of `serve_details`, by state and node."""
+    if app is None:
         return {
-            "applicationStatus": app["status"],
-            "message": " ".join(m for m in messages if m) or None,
-            "current": states.get("RUNNING", 0),
-            "target": target,
-            "byState": states,
-            "nodes": nodes,
+            "applicationStatus": None,
+            "message": None,
+            "current": 0,
+            "target": 0,
+            "byState": {},
+            "nodes": {},
         }
+    states: dict[str, int] = {}
+    nodes: dict[str, int] = {}  # running replicas per node
+    messages = [app.get("message") or ""]
+    target = 0
+    for dep in app["deployments"].values():
+        target += dep.get("target_num_replicas") or 0
+        messages.append(dep.get("message") or "")  # e.g. replicas that cannot be placed
+        for replica in dep.get("replicas", []):
+            states[replica["state"]] = states.get(replica["state"], 0) + 1
+            if replica["state"] == "RUNNING" and replica.get("node_id"):
+                nodes[replica["node_id"]] = nodes.get(replica["node_id"], 0) + 1
+    return {
+        "applicationStatus": app["status"],
+        "message": " ".join(m for m in messages if m) or None,
+        "current": states.get("RUNNING", 0),
+        "target": target,
+        "byState": states,
+        "nodes": nodes,
+    }

@@ -4,6 +4,8 @@ NAMESPACE = "raydock"
 REGISTRY = "raydock-registry"
 LIFECYCLE = "raydock-lifecycle"
 ACCESS_HUB = "raydock-access-hub"
+NOTIFIER = "raydock-notifier"
+METER = "raydock-meter"
 API_APP = "raydock-api"
 GATEWAY_APP = "raydock-gateway"
 
@@ -13,9 +15,14 @@ GATEWAY_APP = "raydock-gateway"
 ON_HEAD = {"node:__internal_head__": 0.001}
 
 
-def control_plane() -> dict[str, tuple[str, str]]:
-    """The actors a replica calls, as (name, namespace): plain data in its config."""
-    return {"access_hub": (ACCESS_HUB, NAMESPACE), "registry": (REGISTRY, NAMESPACE)}
+def control_plane(metering: bool = True) -> dict[str, tuple[str, str] | None]:
+    """The actors a replica calls, as (name, namespace): plain data in its config. Without
+    `metering` (a benchmark's baseline), replicas measure nothing (meter None)."""
+    return {
+        "access_hub": (ACCESS_HUB, NAMESPACE),
+        "registry": (REGISTRY, NAMESPACE),
+        "meter": (METER, NAMESPACE) if metering else None,
+    }
 
 
 def engine_app(deployment_id: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import ray
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from raydock import params
 from raydock.errors import Conflict, NotFound
 from raydock.platform import db, names, security, views
-from raydock.platform.secrets import SecretBox
+from raydock.platform.secrets import SecretBox, SecretUnreadable
 from raydock.platform.states import (
     ACTIVE_DEPLOYMENT,
     DELETABLE_DEPLOYMENT,
@@ -40,12 +40,30 @@ from raydock.platform.states import (
 )
 
 
+def _tell(actor: str, method: str, *args: Any) -> None:
+    """Call a platform actor without waiting; nothing when there is none (unit tests, or a
+    moment after it died: the supervisor starts another)."""
+    if not ray.is_initialized():
+        return
+    try:
+        handle = ray.get_actor(actor, namespace=names.NAMESPACE)
+    except ValueError:
+        return
+    getattr(handle, method).remote(*args)
+
+
+def _tell_meter(method: str, *args: Any) -> None:
+    _tell(names.METER, method, *args)
+
+
 class Registry:
     def __init__(self, db_url: str, secret_key: bytes | None = None):
         self._sessions = db.make_sessionmaker(db_url, create=True)
         # Hugging Face tokens are sealed with it (None: a registry that stores none)
         self._secrets = SecretBox(secret_key) if secret_key else None
         self._access_changed: set[str] = set()  # deployments whose access data this tx changed
+        self._jobs_ended: list[tuple[str, str, float]] = []  # (action, status, seconds)
+        self._notices: list[tuple[str, str | None, dict]] = []  # notify.emit after commit
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
@@ -54,10 +72,17 @@ class Registry:
                 yield s
         except BaseException:
             self._access_changed.clear()
+            self._jobs_ended.clear()
+            self._notices.clear()
             raise
         if self._access_changed:  # committed: the replicas learn it now
             changed, self._access_changed = sorted(self._access_changed), set()
             self._publish(self.access_snapshots(changed))
+        if self._jobs_ended:
+            ended, self._jobs_ended = self._jobs_ended, []
+            _tell_meter("jobs_ended", ended)
+        if self._notices:
+            self._emit_notices()
 
     # ---------------------------------------------------------------- access data for replicas
 
@@ -75,7 +100,7 @@ class Registry:
 
     @staticmethod
     def _access(s: Session, d: db.Deployment) -> dict[str, Any]:
-        keys = s.scalars(select(db.ApiKey).where(db.ApiKey.deployment_id == d.id))
+        keys = s.scalars(select(db.ApiKey).where(db.ApiKey.deployment_id == d.id)).all()
         versions = s.scalars(
             select(db.DeploymentVersion)
             .where(db.DeploymentVersion.deployment_id == d.id)
@@ -95,6 +120,7 @@ class Registry:
             "timeoutS": d.timeout_s,
             "defaults": dict((d.config or {}).get("hyperParameters") or {}),
             "keys": {k.key_hash: k.id for k in keys if k.scope == "deployment"},
+            "limits": Registry._limits_of(s, [k.id for k in keys if k.scope == "deployment"]),
             "adapters": Registry._servable_adapters(s, d.model_id),
             "stamp": time.time_ns(),
         }
@@ -126,13 +152,7 @@ class Registry:
     def _publish(snapshots: dict[str, Any]) -> None:
         """Hand changed snapshots to the access hub (none in unit tests: nothing to push to;
         none for a moment after it died: the new one loads everything)."""
-        if not ray.is_initialized():
-            return
-        try:
-            hub = ray.get_actor(names.ACCESS_HUB, namespace=names.NAMESPACE)
-        except ValueError:
-            return
-        hub.publish.remote(snapshots)
+        _tell(names.ACCESS_HUB, "publish", snapshots)
 
     def ping(self) -> bool:
         return True
@@ -287,6 +307,8 @@ class Registry:
             for k, v in fields.items():
                 setattr(m, k, v)
             self._base_deployments_changed(s, m)
+            if status == ModelStatus.IMPORT_FAILED:
+                self._import_failed_notice(s, m)
             return views.model(m)
 
     def delete_model(self, model_id: str) -> dict[str, Any]:
@@ -365,6 +387,7 @@ class Registry:
             if status is not None:
                 check_job(j.status, status)
                 j.status = status
+                self._job_ended(j)
                 if status == JobStatus.SUCCESS:
                     j.percentage = 100
                 if status == JobStatus.FAILED:
@@ -376,6 +399,11 @@ class Registry:
             if response:
                 j.response = {**(j.response or {}), **response}
             return views.job(j)
+
+    def _job_ended(self, j: db.DockStatus) -> None:
+        if j.status != JobStatus.IN_PROGRESS:  # for the meter's job metrics, once committed
+            took = (db.utcnow() - j.created_at).total_seconds()
+            self._jobs_ended.append((j.action, j.status, max(0.0, took)))
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         with self._tx() as s:
@@ -404,17 +432,20 @@ class Registry:
                     continue
                 j.status, j.message = JobStatus.FAILED, reason
                 j.response = {**(j.response or {}), "error": reason}
+                self._job_ended(j)
                 failed["jobs"].append(j.id)
                 m = s.get(db.Model, j.model_id) if j.action == JobAction.IMPORT else None
                 if m is not None and m.status in IMPORTING_MODEL:
                     m.status, m.error = ModelStatus.IMPORT_FAILED, reason
                     failed["models"].append(m.id)
+                    self._import_failed_notice(s, m, j.created_by)
                 self._fail_waiting_deployment(s, j, reason)
                 d = s.get(db.Deployment, j.deployment_id) if j.action == JobAction.DEPLOY else None
                 if d is not None and d.status in STARTING_DEPLOYMENT:
                     d.status, d.failure_reason = DeploymentStatus.FAILED, reason
                     self._end_version(s, d.id, "FAILED", reason)
                     failed["deployments"].append(d.id)
+                    self._deployment_notice(s, d, j.created_by)
         return failed
 
     def _fail_waiting_deployment(self, s: Session, job: db.DockStatus, reason: str | None) -> None:
@@ -426,6 +457,7 @@ class Registry:
             d.status = DeploymentStatus.FAILED
             d.failure_reason = f"its model's import failed: {reason or 'unknown reason'}"
             self._access_changed.add(d.id)
+            self._deployment_notice(s, d, job.created_by)
 
     # ---------------------------------------------------------------- deployments
 
@@ -558,6 +590,7 @@ class Registry:
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
             check_deployment(d.status, status)
+            changed = d.status != status
             d.status = status
             self._access_changed.add(d.id)
             d.failure_reason = reason if status == DeploymentStatus.FAILED else None
@@ -565,6 +598,8 @@ class Registry:
                 self._end_version(s, d.id, "SUCCESS", None)
             elif status == DeploymentStatus.FAILED:
                 self._end_version(s, d.id, "FAILED", reason)
+            if changed:
+                self._deployment_notice(s, d)
             return views.deployment(d, self._user_names(s))
 
     def record_undeploy(self, deployment_id: str, user_id: str | None, ended: bool) -> None:
@@ -636,7 +671,13 @@ class Registry:
             created_by=by,
         )
 
-    def create_deployment_key(self, deployment_id: str, name: str, user_id: str) -> dict[str, Any]:
+    def create_deployment_key(
+        self,
+        deployment_id: str,
+        name: str,
+        user_id: str,
+        limits: dict[str, int | None] | None = None,
+    ) -> dict[str, Any]:
         with self._tx() as s:
             self._deployment(s, deployment_id)
             key = security.new_key(security.DEPLOYMENT_PREFIX)
@@ -644,14 +685,65 @@ class Registry:
             self._access_changed.add(deployment_id)
             s.add(row)
             s.flush()
-            return {**views.api_key(row, self._user_names(s)), "apiKey": key}
+            self._store_limits(s, row.id, limits or {})
+            view = views.api_key(row, self._user_names(s), self._limits_of(s, [row.id]))
+            return {**view, "apiKey": key}
 
     def list_deployment_keys(self, deployment_id: str) -> list[dict[str, Any]]:
         with self._tx() as s:
             self._deployment(s, deployment_id)
             q = select(db.ApiKey).where(db.ApiKey.deployment_id == deployment_id)
-            names = self._user_names(s)
-            return [views.api_key(k, names) for k in s.scalars(q.order_by(db.ApiKey.created_at))]
+            rows = s.scalars(q.order_by(db.ApiKey.created_at)).all()
+            names, limits = self._user_names(s), self._limits_of(s, [k.id for k in rows])
+            return [views.api_key(k, names, limits) for k in rows]
+
+    def set_key_limits(
+        self, deployment_id: str, key_id: str, limits: dict[str, int | None]
+    ) -> dict[str, Any]:
+        """Change a key's limits (a field given as None removes that limit; one left out
+        stays); every replica applies them within a second (the access snapshot)."""
+        with self._tx() as s:
+            k = s.get(db.ApiKey, key_id)
+            if k is None or k.deployment_id != deployment_id:
+                raise NotFound(f"API key {key_id} not found on deployment {deployment_id}")
+            current = self._limits_of(s, [key_id]).get(key_id, {})
+            self._store_limits(s, key_id, {**current, **limits})
+            self._access_changed.add(deployment_id)
+            return views.api_key(k, self._user_names(s), self._limits_of(s, [key_id]))
+
+    @staticmethod
+    def _store_limits(s: Session, key_id: str, limits: dict[str, int | None]) -> None:
+        row = s.get(db.KeyLimits, key_id)
+        values = {
+            "requests_per_minute": limits.get("requestsPerMinute"),
+            "tokens_per_minute": limits.get("tokensPerMinute"),
+            "tokens_per_day": limits.get("tokensPerDay"),
+        }
+        if not any(values.values()):
+            if row is not None:
+                s.delete(row)
+            return
+        if row is None:
+            s.add(db.KeyLimits(key_id=key_id, **values))
+        else:
+            for field, value in values.items():
+                setattr(row, field, value)
+
+    @staticmethod
+    def _limits_of(s: Session, key_ids: list[str]) -> dict[str, dict[str, int]]:
+        """key id -> its limits (only those set), for the keys that have any."""
+        if not key_ids:
+            return {}
+        rows = s.scalars(select(db.KeyLimits).where(db.KeyLimits.key_id.in_(key_ids)))
+        out = {}
+        for r in rows:
+            set_ = {
+                "requestsPerMinute": r.requests_per_minute,
+                "tokensPerMinute": r.tokens_per_minute,
+                "tokensPerDay": r.tokens_per_day,
+            }
+            out[r.key_id] = {name: v for name, v in set_.items() if v}
+        return out
 
     def delete_deployment_key(self, deployment_id: str, key_id: str) -> None:
         with self._tx() as s:
@@ -666,6 +758,61 @@ class Registry:
             now = db.utcnow()
             for k in s.scalars(select(db.ApiKey).where(db.ApiKey.id.in_(key_ids))):
                 k.last_used_at = now
+
+    # ---------------------------------------------------------------- usage (the meter's)
+
+    def record_usage(self, rows: list[tuple[int, str, str, str, int, int, int]]) -> None:
+        """Add (minute epoch s, deployment, adapter, key, requests, prompt, completion) rows."""
+        with self._tx() as s:
+            for minute, dep, adapter, key, requests, prompt, completion in rows:
+                at = datetime.fromtimestamp(minute, UTC).replace(tzinfo=None)
+                row = s.get(db.Usage, (at, dep, adapter, key))
+                if row is None:
+                    row = db.Usage(
+                        minute=at,
+                        deployment_id=dep,
+                        adapter_id=adapter,
+                        key_id=key,
+                        requests=0,
+                        prompt_tokens=0,
+                        completion_tokens=0,
+                    )
+                    s.add(row)
+                row.requests += requests
+                row.prompt_tokens += prompt
+                row.completion_tokens += completion
+
+    def usage_rows(
+        self,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        deployment_id: str | None = None,
+        key_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Stored usage minutes in [start, end), with the names of keys and deployments
+        that still exist."""
+        with self._tx() as s:
+            q = select(db.Usage)
+            if start is not None:
+                q = q.where(db.Usage.minute >= start)
+            if end is not None:
+                q = q.where(db.Usage.minute < end)
+            if deployment_id:
+                q = q.where(db.Usage.deployment_id == deployment_id)
+            if key_id:
+                q = q.where(db.Usage.key_id == key_id)
+            rows = s.scalars(q.order_by(db.Usage.minute)).all()
+            keys = {k.id: k.name for k in s.scalars(select(db.ApiKey))}
+            deps = {d.id: d.name for d in s.scalars(select(db.Deployment))}
+            adapters = {a.id: a.name for a in s.scalars(select(db.Model))}
+            return [views.usage(r, deps, adapters, keys) for r in rows]
+
+    def tokens_since(self, start: datetime) -> dict[str, int]:
+        """Tokens each key used since `start` (a restarted meter's daily budgets)."""
+        with self._tx() as s:
+            total = func.sum(db.Usage.prompt_tokens + db.Usage.completion_tokens)
+            q = select(db.Usage.key_id, total).where(db.Usage.minute >= start)
+            return {key: int(n or 0) for key, n in s.execute(q.group_by(db.Usage.key_id))}
 
     # ---------------------------------------------------------------- chunked uploads
 
@@ -776,6 +923,170 @@ class Registry:
     def delete_connection(self, connection_id: str) -> None:
         with self._tx() as s:
             s.delete(self._connection(s, connection_id))
+
+    # ---- notifications (platform/notify.py): events told once their transaction commits,
+    # the deliveries the notifier records, users' own webhooks
+
+    def _emit_notices(self) -> None:
+        from raydock.platform import notify
+
+        notices, self._notices = self._notices, []
+        for kind, user_id, fields in notices:
+            notify.emit(kind, user_id, **fields)
+
+    def _import_failed_notice(self, s: Session, m: db.Model, user_id: str | None = None) -> None:
+        """Tell who started a model's import (its latest import job's creator) that it failed."""
+        from raydock.platform import notify
+
+        if user_id is None:
+            job = s.scalar(
+                select(db.DockStatus)
+                .where(db.DockStatus.model_id == m.id, db.DockStatus.action == JobAction.IMPORT)
+                .order_by(db.DockStatus.created_at.desc())
+            )
+            user_id = job.created_by if job is not None else m.created_by
+        fields = {"modelId": m.id, "modelName": m.name, "error": m.error}
+        self._notices.append((notify.IMPORT_FAILED, user_id, fields))
+
+    def _deployment_notice(self, s: Session, d: db.Deployment, user_id: str | None = None) -> None:
+        """Tell who deployed (or undeployed) a deployment that it is now DEPLOYED, FAILED or
+        UNDEPLOYED; other states tell nobody."""
+        from raydock.platform import notify
+
+        kind = {
+            DeploymentStatus.DEPLOYED: notify.DEPLOYED,
+            DeploymentStatus.FAILED: notify.DEPLOY_FAILED,
+            DeploymentStatus.UNDEPLOYED: notify.UNDEPLOYED,
+        }.get(d.status)
+        if kind is None:
+            return
+        if user_id is None:
+            v = s.scalar(
+                select(db.DeploymentVersion)
+                .where(db.DeploymentVersion.deployment_id == d.id)
+                .order_by(db.DeploymentVersion.version.desc())
+            )
+            if v is not None:
+                undeployed = d.status == DeploymentStatus.UNDEPLOYED
+                user_id = v.undeployed_by if undeployed else v.deployed_by
+            user_id = user_id or d.added_by
+        fields = {"deploymentId": d.id, "deploymentName": d.name, "modelId": d.model_id}
+        if d.status == DeploymentStatus.FAILED:
+            fields["reason"] = d.failure_reason
+        self._notices.append((kind, user_id, fields))
+
+    def notification_targets(self, user_id: str | None, key_id: str | None = None) -> dict:
+        """Where an event goes besides the platform's addresses: its user's email and own
+        webhook (the secret opened: for the notifier's signing only, never an API's). A key
+        event without a user goes to the key's creator; `fields`: the names it lacks."""
+        fields: dict[str, Any] = {}
+        with self._tx() as s:
+            k = s.get(db.ApiKey, key_id) if key_id else None
+            if k is not None:
+                user_id = user_id or k.created_by
+                fields["keyName"] = k.name
+                d = s.get(db.Deployment, k.deployment_id) if k.deployment_id else None
+                if d is not None:
+                    fields.update(deploymentId=d.id, deploymentName=d.name)
+            u = s.get(db.User, user_id) if user_id else None
+            hook = s.get(db.UserWebhook, user_id) if u is not None else None
+            webhook = None
+            if hook is not None and self._secrets is not None:
+                try:
+                    webhook = {"url": hook.url, "secret": self._secrets.open(hook.secret_sealed)}
+                except SecretUnreadable:  # the platform key changed: set the webhook again
+                    webhook = None
+            email = u.email if u is not None else None
+            return {"userId": user_id, "email": email, "webhook": webhook, "fields": fields}
+
+    def record_delivery(self, event: dict[str, Any], channel: str, target: str) -> dict:
+        """A delivery about to be attempted (pending)."""
+        with self._tx() as s:
+            row = db.NotificationDelivery(
+                id=db.new_id("nd"),
+                kind=event["kind"],
+                event=event,
+                channel=channel,
+                target=target,
+                status="pending",
+                attempts=0,
+            )
+            s.add(row)
+            s.flush()
+            return self._delivery_view(row)
+
+    def update_delivery(
+        self, delivery_id: str, status: str, attempts: int, error: str | None
+    ) -> None:
+        with self._tx() as s:
+            row = s.get(db.NotificationDelivery, delivery_id)
+            if row is None:
+                return
+            row.status, row.attempts = status, attempts
+            if error is not None:
+                row.last_error = error
+            if status == "delivered":
+                row.delivered_at = db.utcnow()
+
+    def list_deliveries(
+        self, kind: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Newest first."""
+        with self._tx() as s:
+            q = select(db.NotificationDelivery)
+            if kind:
+                q = q.where(db.NotificationDelivery.kind == kind)
+            if status:
+                q = q.where(db.NotificationDelivery.status == status)
+            order = (db.NotificationDelivery.created_at.desc(), db.NotificationDelivery.id)
+            return [self._delivery_view(r) for r in s.scalars(q.order_by(*order).limit(limit))]
+
+    @staticmethod
+    def _delivery_view(row: db.NotificationDelivery) -> dict[str, Any]:
+        from raydock.platform import notify
+
+        return {
+            "deliveryId": row.id,
+            "kind": row.kind,
+            "channel": row.channel,
+            "target": notify.display_target(row.target),
+            "status": row.status,
+            "attempts": row.attempts,
+            "lastError": row.last_error,
+            "event": row.event,
+            "createdAt": views.iso(row.created_at),
+            "updatedAt": views.iso(row.updated_at),
+            "deliveredAt": views.iso(row.delivered_at),
+        }
+
+    def set_user_webhook(self, user_id: str, url: str) -> dict[str, Any]:
+        """Set (or replace) a user's webhook with a new signing secret: returned here only."""
+        import secrets
+
+        secret = "rdwh-" + secrets.token_urlsafe(32)
+        with self._tx() as s:
+            hook = s.get(db.UserWebhook, user_id)
+            if hook is None:
+                hook = db.UserWebhook(user_id=user_id, url=url, secret_sealed="")
+                s.add(hook)
+            hook.url, hook.secret_sealed = url, self._box().seal(secret)
+            hook.created_at = db.utcnow()
+            s.flush()
+            return {"url": url, "secret": secret, "createdAt": views.iso(hook.created_at)}
+
+    def get_user_webhook(self, user_id: str) -> dict[str, Any]:
+        with self._tx() as s:
+            hook = s.get(db.UserWebhook, user_id)
+            if hook is None:
+                raise NotFound("no webhook is set for this user")
+            return {"url": hook.url, "createdAt": views.iso(hook.created_at)}
+
+    def delete_user_webhook(self, user_id: str) -> None:
+        with self._tx() as s:
+            hook = s.get(db.UserWebhook, user_id)
+            if hook is None:
+                raise NotFound("no webhook is set for this user")
+            s.delete(hook)
 
 
 __all__ = ["Registry", "NotFound", "Conflict", "InvalidTransition"]

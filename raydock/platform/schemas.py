@@ -7,6 +7,7 @@ tell the user what is allowed.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt
@@ -164,8 +165,30 @@ class DeploymentUpdate(_Body):
     timeout: JsonInt | None = params.TIMEOUT_S.field("Endpoint timeout in seconds", default=None)
 
 
+class KeyLimits(_Body):
+    """A key's limits, for all replicas and nodes of its deployment together; null or left
+    out: none. Over a limit, a request gets 429 with Retry-After."""
+
+    requestsPerMinute: JsonInt | None = params.REQUESTS_PER_MINUTE.field(
+        "Requests admitted per rolling minute", default=None
+    )
+    tokensPerMinute: JsonInt | None = params.TOKENS_PER_MINUTE.field(
+        "Prompt + completion tokens per rolling minute", default=None
+    )
+    tokensPerDay: JsonInt | None = params.TOKENS_PER_DAY.field(
+        "Prompt + completion tokens per UTC day (a budget; 80 % and 100 % notify)", default=None
+    )
+
+
 class KeyCreate(_Body):
     name: str = Field(..., min_length=1, max_length=200)
+    limits: KeyLimits | None = None
+
+
+class KeyUpdate(_Body):
+    limits: KeyLimits = Field(
+        ..., description="Limits to change: a field set to null removes it, one left out stays."
+    )
 
 
 class UserCreate(_Body):
@@ -300,3 +323,30 @@ def describe_error(err: dict[str, Any], body_model: type[BaseModel] | None) -> t
             got = err.get("input")
             return field, f"{field} must be between {lo} and {hi} (got {got!r})"
     return field, f"{field}: {msg}"
+
+
+# ---- notifications: a user's own webhook (platform/notify.py)
+
+_SPACE = NOT_BLANK[2:-1]  # the whitespace class (jsontypes): what no URL may contain
+WEBHOOK_URL_PATTERN = f"^https?://[^/?#@{_SPACE}]+(?:[/?#][^{_SPACE}]*)?$"
+MAX_WEBHOOK_URL = 2000
+
+
+class WebhookSet(_Body):
+    url: str = Field(
+        ...,
+        max_length=MAX_WEBHOOK_URL,
+        # documented as a pattern, checked by the validator (which can say what is wrong)
+        json_schema_extra={"pattern": WEBHOOK_URL_PATTERN},
+        description="Where raydock POSTs your events: an http:// or https:// URL with a host "
+        f"(no user info, no spaces), at most {MAX_WEBHOOK_URL} characters.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.fullmatch(WEBHOOK_URL_PATTERN, v):
+            raise ValueError(
+                "url must be an http:// or https:// URL with a host, without spaces or user info"
+            )
+        return v

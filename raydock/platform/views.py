@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from raydock.metering.limits import LIMITS
 from raydock.platform import db
 from raydock.platform.states import DeploymentStatus as D
 
@@ -100,8 +101,12 @@ def version(v: db.DeploymentVersion, users: dict[str, str] | None = None) -> dic
     return out
 
 
-def api_key(k: db.ApiKey, users: dict[str, str] | None = None) -> dict[str, Any]:
-    return {
+def api_key(
+    k: db.ApiKey,
+    users: dict[str, str] | None = None,
+    limits: dict[str, dict[str, int]] | None = None,
+) -> dict[str, Any]:
+    view = {
         "keyId": k.id,
         "name": k.name,
         "prefix": k.prefix,
@@ -111,6 +116,10 @@ def api_key(k: db.ApiKey, users: dict[str, str] | None = None) -> dict[str, Any]
         "createdAt": iso(k.created_at),
         "lastUsedAt": iso(k.last_used_at),
     }
+    if k.scope == "deployment":  # every limit, null where none is set
+        own = (limits or {}).get(k.id, {})
+        view["limits"] = {name: own.get(name) for name in LIMITS}
+    return view
 
 
 def job(j: db.DockStatus) -> dict[str, Any]:
@@ -151,4 +160,21 @@ def connection(c: db.HfConnection, users: dict[str, str] | None = None) -> dict[
         else {"ok": c.last_test_ok, "message": c.last_test_message, "at": iso(c.last_tested_at)},
         "createdBy": (users or {}).get(c.created_by or "", c.created_by),
         "createdAt": iso(c.created_at),
+    }
+
+
+def usage(
+    u: db.Usage, deployments: dict[str, str], adapters: dict[str, str], keys: dict[str, str]
+) -> dict[str, Any]:
+    return {
+        "minute": iso(u.minute),
+        "deploymentId": u.deployment_id,
+        "deploymentName": deployments.get(u.deployment_id),
+        "adapterId": u.adapter_id or None,
+        "adapterName": adapters.get(u.adapter_id) if u.adapter_id else None,
+        "keyId": u.key_id,
+        "keyName": keys.get(u.key_id),
+        "requests": u.requests,
+        "promptTokens": u.prompt_tokens,
+        "completionTokens": u.completion_tokens,
     }

@@ -58,6 +58,8 @@ class DeploymentAccess:
     keys: Mapping[str, str]  # key hash -> key id
     # adapters of the base model served by request: adapter id -> name, rank, prefix, digest
     adapters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # key id -> its rate limits and budget, for the keys that have any (metering/limits.py)
+    limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     stamp: int = 0  # when the platform took it (ns): a newer snapshot replaces an older one
 
     @classmethod
@@ -72,6 +74,7 @@ class DeploymentAccess:
             defaults=MappingProxyType(dict(raw.get("defaults") or {})),
             keys=MappingProxyType(dict(raw.get("keys") or {})),
             adapters=MappingProxyType(dict(raw.get("adapters") or {})),
+            limits=MappingProxyType(dict(raw.get("limits") or {})),
             stamp=int(raw.get("stamp", 0)),
         )
 
@@ -175,7 +178,10 @@ class Auth:
         self._refresh: asyncio.Task | None = None
         self._refreshed_at = -1e9
 
-    async def authorize(self, request: Request, deployment_id: str | None) -> DeploymentAccess:
+    async def authorize(
+        self, request: Request, deployment_id: str | None
+    ) -> tuple[DeploymentAccess, str]:
+        """The deployment the request's key may use, and the key's id."""
         if self._watch is None or self._watch.done():
             self._watch = asyncio.create_task(self._keep_current())
         if not self.synced.is_set():
@@ -189,7 +195,7 @@ class Auth:
                 raise
             dep, key_id = self.table.authorize(key, deployment_id)
         self._touch(key_id)
-        return dep
+        return dep, key_id
 
     async def _refreshed(self) -> bool:
         """Ask the hub for the current snapshots now (one call shared by concurrent requests,

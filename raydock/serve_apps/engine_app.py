@@ -28,6 +28,7 @@ engine_http = FastAPI(title="raydock engine replica", docs_url=None, openapi_url
 class _Ctx:
     server: Any
     auth: Any
+    meter: Any
     deployment_id: str
     stream_interval_s: float
     max_request_bytes: int
@@ -42,9 +43,19 @@ errors.install(engine_http, lambda: ctx.max_request_bytes)
 async def _serve(kind: str, request: Request):
     from raydock.serve_apps.openai_service import complete
 
-    dep = await ctx.auth.authorize(request, ctx.deployment_id)
+    try:
+        dep, key_id = await ctx.auth.authorize(request, ctx.deployment_id)
+    except ApiError as exc:
+        ctx.meter.refused(ctx.deployment_id, exc.status)
+        raise
     return await complete(
-        kind, request, dep, ctx.server.generate, stream_interval_s=ctx.stream_interval_s
+        kind,
+        request,
+        dep,
+        key_id,
+        ctx.server.generate,
+        ctx.meter,
+        stream_interval_s=ctx.stream_interval_s,
     )
 
 
@@ -60,8 +71,12 @@ async def completions(request: Request):
 
 def configure(server: Any, spec: dict[str, Any]) -> None:
     from raydock.serve_apps.access import Auth
+    from raydock.serve_apps.metering import ReplicaMeter
 
     ctx.server = server
+    ctx.meter = ReplicaMeter(
+        spec["meter"], server.collect_metrics, enabled=spec["meter"] is not None
+    )
     ctx.deployment_id = spec["deployment_id"]
     ctx.stream_interval_s = spec["stream_interval_s"]
     ctx.max_request_bytes = spec["max_request_bytes"]
@@ -86,6 +101,8 @@ class EngineServer:
     def __init__(self, spec: dict[str, Any]):
         self.engine = load_engine(spec)
         self.engine_name = spec["engine"]
+        self.deployment_id = spec["deployment_id"]
+        self._guided_seen = (0, 0)  # guided cache hits and misses already reported
         self.queue_limit = spec["queue_limit"]
         self.requests = 0  # in flight in this replica, decoding or waiting for a slot
         # one thread: tokenizers are not shared between threads, and prompts stay in order
@@ -111,6 +128,25 @@ class EngineServer:
             "adapterLoads": self.adapters.loads,
             **self.engine.stats(),
         }
+
+    def collect_metrics(self, batch: Any) -> None:
+        """Add this replica's gauges and guided-decoding counters to its metrics report."""
+        from raydock.metering import catalog as M
+
+        dep = (self.deployment_id,)
+        stats = self.engine.stats()
+        batch.set(M.RUNNING, dep, stats.get("running", 0))
+        batch.set(M.QUEUE_DEPTH, dep, stats.get("waiting", 0))
+        guided = getattr(self.engine, "guided", None)
+        if guided is None:
+            return
+        hits, misses = guided.cache_hits, guided.cache_misses
+        batch.inc(M.GUIDED_CACHE_HITS, dep, hits - self._guided_seen[0])
+        batch.inc(M.GUIDED_CACHE_MISSES, dep, misses - self._guided_seen[1])
+        self._guided_seen = (hits, misses)
+        compiles, guided.compile_seconds = guided.compile_seconds, []
+        for seconds in compiles:
+            batch.observe(M.GUIDED_COMPILE, dep, seconds)
 
     async def _prompt(self, request: dict[str, Any]) -> list[int]:
         """The request's prompt ids, tokenized off the event loop (a long prompt would stall
@@ -416,6 +452,7 @@ def build_engine_app(
         "access": access,
         "access_hub": control_plane["access_hub"],
         "registry": control_plane["registry"],
+        "meter": control_plane["meter"],
         "artifact": artifact,  # where the model is and how to fetch it (Settings.artifact_access)
         "source_artifact": source,
         "engine": engine.engine,

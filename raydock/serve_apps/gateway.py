@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -25,8 +27,10 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from raydock import errors, openapi_doc
 from raydock.config import Settings
 from raydock.errors import ApiError
+from raydock.metering import exposition
 from raydock.platform import names
 from raydock.serve_apps.access import Auth
+from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import complete
 
 app = FastAPI(title="raydock inference", docs_url=None, openapi_url=None)
@@ -34,6 +38,8 @@ app = FastAPI(title="raydock inference", docs_url=None, openapi_url=None)
 
 class _Ctx:
     auth: Auth
+    meter: ReplicaMeter
+    metrics_token: str
     handles: dict[str, Any]
     stream_interval_s: float
     max_request_bytes: int
@@ -115,12 +121,18 @@ def _via_handle(deployment_id: str):
 
 
 async def _serve(kind, request: Request, deployment_id: str | None):
-    dep = await ctx.auth.authorize(request, deployment_id)
+    try:
+        dep, key_id = await ctx.auth.authorize(request, deployment_id)
+    except ApiError as exc:
+        ctx.meter.refused(deployment_id or "", exc.status)
+        raise
     return await complete(
         kind,
         request,
         dep,
+        key_id,
         _via_handle(dep.deployment_id),
+        ctx.meter,
         by_model=deployment_id is None,
         stream_interval_s=ctx.stream_interval_s,
     )
@@ -155,13 +167,30 @@ async def completions_openai(request: Request):
 @app.get("/v1/models", tags=["inference"])
 async def list_models(request: Request):
     """The key's deployment, then the adapters it serves by request (`<deployment>:<name>`)."""
-    dep = await ctx.auth.authorize(request, None)
+    dep, _ = await ctx.auth.authorize(request, None)
     base = {"object": "model", "created": dep.created, "owned_by": dep.name}
     adapters = [
         base | {"id": f"{dep.deployment_id}:{a['name']}", "parent": dep.deployment_id}
         for a in dep.adapters.values()
     ]
     return {"object": "list", "data": [base | {"id": dep.deployment_id}, *adapters]}
+
+
+# ------------------------------------------------------------------ metrics
+
+
+@app.get("/metrics", include_in_schema=False)
+async def metrics(request: Request):
+    """Every raydock metric in Prometheus' text format, summed over all replicas and nodes
+    (README "Metrics"); with `metrics_token` set, only for `Authorization: Bearer <token>`."""
+    if ctx.metrics_token:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), ctx.metrics_token.encode()):
+            raise ApiError(401, "metrics need 'Authorization: Bearer <metrics_token>'")
+    if ctx.meter.meter is None:
+        raise ApiError(404, "metering is off on this platform (metering: false)")
+    meter = ray.get_actor(*ctx.meter.meter)
+    return Response(await meter.exposition.remote(), media_type=exposition.CONTENT_TYPE)
 
 
 # ------------------------------------------------------------------ docs: one document for all
@@ -209,6 +238,9 @@ app.mount(openapi_doc.ASSETS_URL, StaticFiles(directory=openapi_doc.ASSETS_DIR),
 def configure(settings: dict[str, Any], control_plane: dict[str, tuple[str, str]]) -> None:
     parsed = Settings(**settings)
     ctx.auth = Auth(control_plane["access_hub"], control_plane["registry"])
+    meter = control_plane["meter"]
+    ctx.meter = ReplicaMeter(meter, enabled=meter is not None)
+    ctx.metrics_token = parsed.metrics_token
     ctx.handles = {}
     ctx.stream_interval_s = parsed.stream_interval_ms / 1000
     ctx.max_request_bytes = parsed.max_request_bytes

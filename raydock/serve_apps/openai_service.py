@@ -24,6 +24,7 @@ from raydock import params as P
 from raydock.errors import ApiError, error_body
 from raydock.serve_apps import protocol, structured
 from raydock.serve_apps.access import DeploymentAccess
+from raydock.serve_apps.metering import Call, ReplicaMeter
 
 log = logging.getLogger("raydock.inference")
 
@@ -237,13 +238,36 @@ async def complete(
     kind: Literal["chat", "completion"],
     request: Request,
     dep: DeploymentAccess,
+    key_id: str,
     run: Runner,
+    meter: ReplicaMeter,
     by_model: bool = False,
     stream_interval_s: float = 0.0,
 ):
-    """Answer one OpenAI request for `dep` (already authorized) with events from `run`;
-    streams send at most one message per `stream_interval_s`."""
-    started = time.monotonic()
+    """Answer one OpenAI request for `dep` (already authorized for key `key_id`) with events
+    from `run`, metered; streams send at most one message per `stream_interval_s`."""
+    call = meter.start(dep.deployment_id, key_id)
+    try:
+        return await _complete(kind, request, dep, run, meter, call, by_model, stream_interval_s)
+    except ApiError as exc:  # refused before the response began (later ends: `meter.watch`)
+        meter.finish(call, exc.status)
+        raise
+    except Exception:
+        meter.finish(call, 500)
+        raise
+
+
+async def _complete(
+    kind: Literal["chat", "completion"],
+    request: Request,
+    dep: DeploymentAccess,
+    run: Runner,
+    meter: ReplicaMeter,
+    call: Call,
+    by_model: bool,
+    stream_interval_s: float,
+):
+    started = call.started
     body = read_json(await request.body())
     try:
         model = protocol.ChatRequest if kind == "chat" else protocol.CompletionRequest
@@ -251,7 +275,9 @@ async def complete(
     except protocol.BadParam as exc:
         raise ApiError(400, str(exc), exc.param, "invalid_parameter") from None
     adapter = requested_adapter(req, dep, by_model)
+    call.adapter, call.n = (adapter["id"] if adapter else ""), req.n
     constraint = _constraint(kind, req)
+    await meter.admit(dep.deployment_id, call.key, dep.limits.get(call.key))
     payload = engine_request(kind, req, dep) | {
         "regex": constraint.regex,
         "grammar": constraint.grammar,
@@ -260,7 +286,7 @@ async def complete(
     }
     deadline = started + dep.timeout_s
     fmt = protocol.Formatter(kind, f"{dep.name}:{adapter['name']}" if adapter else dep.name)
-    events = _bounded(run(payload), deadline, dep.timeout_s)
+    events = meter.watch(_bounded(run(payload), deadline, dep.timeout_s), call)
     if constraint.mode == "tools":
         events = _as_tool_calls(events)
     if req.stream:

@@ -18,6 +18,7 @@ from raydock.config import Settings, load_settings
 from raydock.modelgen import build_model_zip
 from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
 from tests.hf_hub import FakeHub
+from tests.notify_sinks import NotifySinks
 
 pytestmark = pytest.mark.e2e
 
@@ -64,11 +65,22 @@ def hf_hub() -> FakeHub:
 
 
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory, hf_hub) -> Platform:
+def notify_sinks() -> NotifySinks:
+    """Where the platform's notifications go: a real SMTP server, a webhook receiver."""
+    with NotifySinks() as sinks:
+        yield sinks
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory, hf_hub, notify_sinks) -> Platform:
     home = tmp_path_factory.mktemp("raydock-home")
     # a 20 MiB archive limit lets the size-limit test stay small
     settings = load_settings(
-        home=str(home), port=free_port(), max_archive_bytes=20 * 2**20, hf_endpoint=hf_hub.url
+        home=str(home),
+        port=free_port(),
+        max_archive_bytes=20 * 2**20,
+        hf_endpoint=hf_hub.url,
+        **notify_sinks.settings(),
     )
     info = boot(settings)
     assert info["admin_key"], "a fresh data dir must print the first admin key"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -182,6 +183,21 @@ def test_two_replicas_across_nodes_and_a_lost_node(platform, models, cluster):
     refused = refused_after(platform, dep_id, short["apiKey"])
     print(f"deleted key refused on two replicas of two nodes after (s): {refused}")
     assert all(seconds <= 1 for seconds in refused.values()), refused
+
+    # a key's limit holds for both replicas together: 3 requests a minute, then 429 on both
+    # paths (each path spreads its requests over the replicas, on two nodes)
+    limited = platform.client.post(
+        f"/deployments/{dep_id}/api-keys",
+        json={"name": "three-a-minute", "limits": {"requestsPerMinute": 3}},
+    )["apiKey"]
+    with ThreadPoolExecutor(3) as pool:  # concurrent: the replicas share the load
+        codes = list(
+            pool.map(lambda p: chat(platform, dep_id, limited, p).status_code, ["v2", "v1", "v2"])
+        )
+    assert codes == [200, 200, 200], codes
+    later = [chat(platform, dep_id, limited, p) for p in ("v2", "v1", "v2", "v1")]
+    assert [r.status_code for r in later] == [429] * 4, [r.text for r in later]
+    assert all(r.headers["retry-after"] for r in later)
 
     # lose the node of one replica: the other keeps answering, Serve places a new one
     lost = next(w for w in cluster.alive_workers if w.node_id in nodes)

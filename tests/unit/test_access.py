@@ -154,11 +154,11 @@ def test_a_key_created_a_moment_ago_works_before_its_push(monkeypatch):
         handle = _HubHandle(hub)
         monkeypatch.setattr(ray, "get_actor", lambda *a, **k: handle)
         auth = Auth(("hub", "ns"), ("registry", "ns"), "a")
-        assert (await auth.authorize(_request("old"), "a")).deployment_id == "a"
+        assert (await auth.authorize(_request("old"), "a"))[0].deployment_id == "a"
         auth._watch.cancel()  # no push from here on: only the refresh on a miss can help
         auth._watch = asyncio.create_task(asyncio.sleep(3600))
         await hub.publish({"a": snapshot("a", {"old": "", "new": ""}, stamp=2)})
-        assert (await auth.authorize(_request("new"), "a")).deployment_id == "a"
+        assert (await auth.authorize(_request("new"), "a"))[0].deployment_id == "a"
         # unknown keys ask the hub at most once per interval
         await asyncio.sleep(MISS_REFRESH_INTERVAL_S)
         calls = handle.calls

@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from raydock.errors import ApiError
 from raydock.serve_apps.access import DeploymentAccess
+from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import _paced, complete
 
 LONG = 30.0  # an interval no test waits out: a batch that goes was released by another rule
@@ -212,7 +213,15 @@ def _stream_messages(interval_s: float) -> list[list[str]]:
 
     async def main():
         req = _request({"prompt": "x", "stream": True})
-        resp = await complete("completion", req, _dep(), run, stream_interval_s=interval_s)
+        resp = await complete(
+            "completion",
+            req,
+            _dep(),
+            "key-1",
+            run,
+            ReplicaMeter(None),
+            stream_interval_s=interval_s,
+        )
         messages = []
         async with asyncio.timeout(3 * STALL):
             async for message in resp.body_iterator:

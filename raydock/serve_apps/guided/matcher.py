@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -142,8 +143,13 @@ class GuidedDecoder:
         # compiles are bounded by the limits; two threads keep one slow one from queuing all
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="guided-compile")
         self._shifts = torch.arange(32, dtype=torch.int32)
+        # for the replica's metrics: a request's check found its grammar compiled, or not;
+        # compile durations not yet reported (the replica takes them)
+        self.cache_hits = self.cache_misses = 0
+        self.compile_seconds: list[float] = []
 
     def _build(self, grammar: str) -> llguidance.LLMatcher:
+        started = time.perf_counter()
         try:
             m = llguidance.LLMatcher(
                 self.tokenizer, grammar, log_level=0, limits=self._parser_limits
@@ -154,6 +160,7 @@ class GuidedDecoder:
             raise ConstraintError(_explain("grammar", str(exc))) from None
         if m.is_error():
             raise ConstraintError(_explain("grammar", m.get_error()))
+        self.compile_seconds.append(time.perf_counter() - started)
         return m
 
     def compile_sync(self, grammar: str) -> llguidance.LLMatcher:
@@ -191,6 +198,13 @@ class GuidedDecoder:
         return Matcher(cached.deep_copy())
 
     async def check(self, grammar: str) -> None:
+        """Compile `grammar` (each request is checked once, before `matcher`)."""
+        with self._lock:
+            hit = grammar in self._cache
+        if hit:
+            self.cache_hits += 1
+        else:
+            self.cache_misses += 1
         await self.matcher(grammar)
 
     def masks(self, matchers: list[Matcher]) -> torch.Tensor:

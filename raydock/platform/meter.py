@@ -1,0 +1,171 @@
+"""The meter: one actor that adds up what every serving process measured.
+
+Replicas and gateways report a `Batch` twice a second (serve_apps/metering.py); the meter
+keeps the running totals that `/metrics` renders, writes usage to the database through the
+registry every few seconds (a restart loses at most that much), and decides every key's rate
+limits and daily budget for all replicas and nodes at once (metering/limits.py). A key that
+crosses 80 % or 100 % of its budget notifies its owner once a day.
+
+Like the other platform actors it keeps nothing that matters only in memory for long: a new
+meter (the supervisor starts one) reloads today's token counts from the stored usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+import ray
+
+from raydock.metering import catalog as M
+from raydock.metering.batch import Batch, Series
+from raydock.metering.exposition import render
+from raydock.metering.limits import DAY_S, Limiter, budget_crossings, day_of
+from raydock.platform import names, notify
+
+log = logging.getLogger("raydock.meter")
+
+#: usage reaches the database this often
+USAGE_FLUSH_S = 2.0
+#: a process's gauges count this long after its last report (then it is gone)
+GAUGE_TTL_S = 5.0
+#: how long /metrics waits for Serve's replica counts
+SERVE_DETAILS_TIMEOUT_S = 5.0
+
+
+class Meter:
+    def __init__(self) -> None:
+        self.totals = Batch()  # counters and histograms since this meter started
+        self.gauges: dict[str, tuple[float, dict[Series, float]]] = {}  # source -> (at, values)
+        self.unsaved = Batch()  # usage not yet in the database
+        self.limiter = Limiter()
+        self.budgets: dict[str, int] = {}  # key -> tokensPerDay, from admissions
+        self.keys_deployment: dict[str, str] = {}
+        self.notified: set[tuple[str, int, str]] = set()  # (key, day, "warning"|"exhausted")
+        self._started: asyncio.Task | None = None
+
+    def _registry(self):
+        return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
+
+    def _start(self) -> None:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        now = time.time()
+        try:
+            start = datetime.fromtimestamp(day_of(now) * DAY_S, UTC).replace(tzinfo=None)
+            used = await self._registry().tokens_since.remote(start)
+            for key, tokens in used.items():
+                self.limiter.load_day(key, day_of(now), tokens)
+        except Exception as exc:  # no registry yet: budgets count from now
+            log.warning("today's usage not loaded: %r", exc)
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_S)
+            await self.flush_usage()
+
+    async def ping(self) -> bool:
+        self._start()
+        return True
+
+    # ------------------------------------------------------------ reports
+
+    async def report(self, source: str, batch: Batch) -> None:
+        self._start()
+        self.totals.merge(Batch(counters=batch.counters, histograms=batch.histograms))
+        if batch.gauges:
+            self.gauges[source] = (time.monotonic(), batch.gauges)
+        if batch.usage:
+            self.unsaved.merge(Batch(usage=batch.usage))
+            for (_, dep, _, key), (_, prompt, completion) in batch.usage.items():
+                self._charge(key, dep, prompt + completion)
+
+    def _charge(self, key: str, deployment: str, tokens: int) -> None:
+        before, after = self.limiter.charge(key, tokens)
+        budget = self.budgets.get(key)
+        today = day_of(time.time())
+        for crossed in budget_crossings(before, after, budget):
+            if (key, today, crossed) in self.notified:
+                continue
+            self.notified.add((key, today, crossed))
+            notify.emit(
+                "key.budget_warning" if crossed == "warning" else "key.budget_exhausted",
+                None,
+                keyId=key,
+                deploymentId=deployment,
+                limit=budget,
+                used=after,
+            )
+
+    async def jobs_ended(self, ended: list[tuple[str, str, float]]) -> None:
+        for action, status, seconds in ended:
+            self.totals.inc(M.JOBS, (action, status))
+            self.totals.observe(M.JOB_DURATION, (action, status), seconds)
+
+    # ------------------------------------------------------------ limits
+
+    async def admit(self, key: str, deployment: str, limits: dict[str, int]) -> dict | None:
+        """None (the request is counted), or the refusal: {limit, message, retryAfter}."""
+        self._start()
+        self.keys_deployment[key] = deployment
+        if limits.get("tokensPerDay"):
+            self.budgets[key] = limits["tokensPerDay"]
+        else:
+            self.budgets.pop(key, None)
+        refusal = self.limiter.admit(key, limits)
+        if refusal is None:
+            return None
+        return {
+            "limit": refusal.limit,
+            "message": refusal.message,
+            "retryAfter": refusal.retry_after_s,
+        }
+
+    # ------------------------------------------------------------ outputs
+
+    async def flush_usage(self) -> None:
+        if not self.unsaved.usage:
+            return
+        batch, self.unsaved = self.unsaved, Batch()
+        rows = [(*key, *row) for key, row in sorted(batch.usage.items())]
+        try:
+            await self._registry().record_usage.remote(rows)
+        except Exception as exc:  # the registry restarting: with the next flush
+            log.warning("usage not saved yet: %r", exc)
+            batch.merge(self.unsaved)
+            self.unsaved = batch
+
+    async def exposition(self) -> bytes:
+        """Everything in Prometheus' text format."""
+        self._start()
+        view = Batch(counters=dict(self.totals.counters), histograms=self.totals.histograms)
+        now = time.monotonic()
+        for source, (at, values) in list(self.gauges.items()):
+            if now - at > GAUGE_TTL_S:
+                del self.gauges[source]
+                continue
+            for series, value in values.items():
+                view.gauges[series] = view.gauges.get(series, 0) + value
+        for deployment, counts in (await _replica_counts()).items():
+            view.set(M.REPLICAS, (deployment,), counts["current"])
+            view.set(M.REPLICAS_TARGET, (deployment,), counts["target"])
+        return render(view)
+
+
+async def _replica_counts() -> dict[str, dict[str, int]]:
+    """Each deployment's running and target replicas, from Serve's controller."""
+    from raydock.platform.lifecycle import replica_view, serve_details
+
+    try:
+        details = await asyncio.wait_for(serve_details(), SERVE_DETAILS_TIMEOUT_S)
+    except Exception as exc:  # Serve's controller restarting: no replica figures this time
+        log.warning("replica counts unavailable: %r", exc)
+        return {}
+    apps = details.get("applications") or {}
+    return {
+        name: replica_view(app)
+        for name, app in apps.items()
+        if name not in (names.API_APP, names.GATEWAY_APP)
+    }

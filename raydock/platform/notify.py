@@ -1,0 +1,353 @@
+"""Notifications by email and webhook: what happened (an import failed, a deployment came up,
+failed or went away, a key neared or hit its token budget), told to the user who started it
+and to the addresses the platform configures.
+
+Pure parts (an event's email and webhook body, the signature, the retry schedule) and the
+`Notifier` actor that delivers them. Every delivery runs as a task of the actor, retried with
+exponential backoff, and is recorded in the database through the registry (attempts, last
+error), so a dead mail server or webhook is visible through the API and never blocks or fails
+what triggered it: `emit` only hands the event to the actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import re
+import smtplib
+import ssl
+import uuid
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from raydock.config import Settings
+
+log = logging.getLogger("raydock.notify")
+
+# ------------------------------------------------------------------ events
+
+IMPORT_FAILED = "model.import_failed"
+DEPLOYED = "deployment.deployed"
+DEPLOY_FAILED = "deployment.failed"
+UNDEPLOYED = "deployment.undeployed"
+BUDGET_WARNING = "key.budget_warning"
+BUDGET_EXHAUSTED = "key.budget_exhausted"
+KINDS = (IMPORT_FAILED, DEPLOYED, DEPLOY_FAILED, UNDEPLOYED, BUDGET_WARNING, BUDGET_EXHAUSTED)
+
+#: A key's budget warning goes out at this share of its limit
+BUDGET_WARNING_SHARE = 0.8
+
+SIGNATURE_HEADER = "X-Raydock-Signature"
+EVENT_HEADER = "X-Raydock-Event"
+DELIVERY_HEADER = "X-Raydock-Delivery"
+
+TIMEOUT_S = 5.0  # one SMTP session or webhook POST
+CHANNELS = ("email", "webhook")
+STATUSES = ("pending", "delivered", "failed")
+
+
+def new_event(kind: str, user_id: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """An event as webhooks receive it and deliveries store it."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown notification kind {kind!r}")
+    return {
+        "id": f"ev-{uuid.uuid4()}",
+        "kind": kind,
+        "createdAt": datetime.now(UTC).replace(tzinfo=None).isoformat() + "Z",
+        "userId": user_id,
+        "data": dict(fields),
+    }
+
+
+def webhook_body(event: dict[str, Any]) -> bytes:
+    """The exact bytes a webhook receives (and the signature covers)."""
+    return json.dumps(event, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The X-Raydock-Signature header: HMAC-SHA256 of the body under the webhook's secret."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, header: str | None) -> bool:
+    """What a receiver does (README): recompute the signature, compare in constant time."""
+    return bool(header) and hmac.compare_digest(sign(secret, body), header)
+
+
+def webhook_headers(event: dict[str, Any], delivery_id: str, secret: str, body: bytes) -> dict:
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "raydock-notifier",
+        EVENT_HEADER: event["kind"],
+        DELIVERY_HEADER: delivery_id,
+    }
+    if secret:  # a platform webhook without webhook_secret goes unsigned
+        headers[SIGNATURE_HEADER] = sign(secret, body)
+    return headers
+
+
+def _name(data: dict[str, Any], name: str, ident: str) -> str:
+    named, given = data.get(name), data.get(ident)
+    if named and given:
+        return f"{named} ({given})"
+    return str(named or given or "?")
+
+
+def _budget_line(data: dict[str, Any]) -> str:
+    used, limit = data.get("used"), data.get("limit")
+    share = f" ({100 * used / limit:.0f} %)" if used is not None and limit else ""
+    return f"{used} of {limit} tokens used{share}"
+
+
+def render(event: dict[str, Any]) -> tuple[str, str]:
+    """An event's email: (subject, plain text body)."""
+    kind, data = event["kind"], event["data"]
+    model = _name(data, "modelName", "modelId")
+    dep = _name(data, "deploymentName", "deploymentId")
+    key = _name(data, "keyName", "keyId")
+    if kind == IMPORT_FAILED:
+        subject = f"Import of {data.get('modelName') or data.get('modelId')} failed"
+        text = f"The import of model {model} failed.\n\nReason: {data.get('error') or 'unknown'}"
+    elif kind == DEPLOYED:
+        subject = f"Deployment {data.get('deploymentName') or data.get('deploymentId')} is DEPLOYED"
+        text = f"Deployment {dep} is DEPLOYED and serving."
+    elif kind == DEPLOY_FAILED:
+        subject = f"Deployment {data.get('deploymentName') or data.get('deploymentId')} FAILED"
+        text = f"Deployment {dep} FAILED.\n\nReason: {data.get('reason') or 'unknown'}"
+    elif kind == UNDEPLOYED:
+        subject = f"Deployment {data.get('deploymentName') or data.get('deploymentId')} undeployed"
+        text = f"Deployment {dep} is UNDEPLOYED: it no longer serves."
+    elif kind == BUDGET_WARNING:
+        subject = f"Key {data.get('keyName') or data.get('keyId')} nears its token budget"
+        text = (
+            f"API key {key} of deployment {dep} has used {BUDGET_WARNING_SHARE:.0%} of its "
+            f"token budget: {_budget_line(data)}."
+        )
+    elif kind == BUDGET_EXHAUSTED:
+        subject = f"Key {data.get('keyName') or data.get('keyId')} hit its token budget"
+        text = (
+            f"API key {key} of deployment {dep} has used its whole token budget "
+            f"({_budget_line(data)}): its requests are refused (429) until the budget resets."
+        )
+    else:
+        raise ValueError(f"unknown notification kind {kind!r}")
+    details = "\n".join(f"  {k}: {v}" for k, v in sorted(data.items()))
+    footer = f"\n\nEvent {event['id']} ({kind}) at {event['createdAt']}\n{details}\n"
+    return f"[raydock] {subject}", text + footer
+
+
+def email_message(event: dict[str, Any], sender: str, to: str, delivery_id: str) -> EmailMessage:
+    subject, text = render(event)
+    msg = EmailMessage()
+    msg["Subject"], msg["From"], msg["To"] = subject, sender, to
+    msg[EVENT_HEADER], msg[DELIVERY_HEADER] = event["kind"], delivery_id
+    msg.set_content(text)
+    return msg
+
+
+def backoff_delays(max_attempts: int, base_s: float = 1.0, cap_s: float = 60.0) -> list[float]:
+    """Seconds to wait after each failed attempt but the last: 1, 2, 4, 8, ... (capped)."""
+    return [min(cap_s, base_s * 2**i) for i in range(max(0, max_attempts - 1))]
+
+
+def addresses(text: str) -> list[str]:
+    """The `notify_emails` setting: comma-separated (spaces and semicolons tolerated)."""
+    return [a for a in re.split(r"[,;\s]+", text or "") if a]
+
+
+def display_target(target: str) -> str:
+    """A delivery's target as the API shows it: a URL without user info or query string
+    (either may carry a credential); an address as is."""
+    if "://" not in target:
+        return target
+    try:
+        parts = urlsplit(target)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return target.split("?", 1)[0]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def describe_failure(exc: BaseException) -> str:
+    """An attempt's error for the API: the exception and, when it wraps one (httpx wraps
+    the OSError), the root cause ("ConnectError: ... (ConnectionRefusedError: ...)")."""
+    text = f"{type(exc).__name__}: {exc}"
+    root, seen = exc, {id(exc)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        root = nxt
+        seen.add(id(root))
+    if root is not exc and str(root) not in text:
+        text += f" ({type(root).__name__}: {root})"
+    return text[:500]
+
+
+# ------------------------------------------------------------------ emitting
+
+
+def emit(kind: str, user_id: str | None, **fields: Any) -> None:
+    """Hand an event to the notifier actor, fire-and-forget: never raises, never waits for a
+    delivery. `user_id`: who started the action (None for a key event: the notifier tells its
+    creator, found by `keyId`)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        from raydock.platform import names
+
+        try:
+            notifier = ray.get_actor(names.NOTIFIER, namespace=names.NAMESPACE)
+        except ValueError:
+            log.debug("no notifier running: %s not sent", kind)
+            return
+        notifier.notify.remote(kind, user_id, fields)
+    except Exception as exc:  # a notification must never fail what it reports
+        log.debug("emitting %s failed: %r", kind, exc)
+
+
+# ------------------------------------------------------------------ the actor
+
+
+class Notifier:
+    """Delivers events (async Ray actor, one per platform). Looks up who to tell through
+    the registry, records each delivery there, and retries each on its own."""
+
+    def __init__(self, settings: dict[str, Any], registry: Any = None):
+        self.settings = Settings(**settings)
+        self.delays = backoff_delays(max(1, self.settings.notify_max_attempts))
+        self._tasks: set[asyncio.Task] = set()
+        self._registry = registry  # unit tests hand one in; the platform's is looked up
+
+    @property
+    def registry(self):
+        if self._registry is not None:
+            return self._registry
+        import ray
+
+        from raydock.platform import names
+
+        return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
+
+    async def ping(self) -> bool:
+        return True
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def notify(self, kind: str, user_id: str | None, fields: dict[str, Any]) -> None:
+        """Start delivering an event; returns at once."""
+        try:
+            event = new_event(kind, user_id, fields)
+        except ValueError as exc:
+            log.warning("notification dropped: %s", exc)
+            return
+        self._spawn(self._dispatch(event))
+
+    async def pending(self) -> int:
+        """Deliveries still running (tests wait for none)."""
+        return len(self._tasks)
+
+    def _targets(self, found: dict[str, Any]) -> list[tuple[str, str, str]]:
+        """(channel, target, secret) for each place the event goes."""
+        s = self.settings
+        out: list[tuple[str, str, str]] = []
+        if s.smtp_host:
+            for addr in dict.fromkeys([found.get("email") or "", *addresses(s.notify_emails)]):
+                if addr:
+                    out.append(("email", addr, ""))
+        hook = found.get("webhook")
+        if hook:
+            out.append(("webhook", hook["url"], hook["secret"]))
+        if s.webhook_url and not (hook and hook["url"] == s.webhook_url):
+            out.append(("webhook", s.webhook_url, s.webhook_secret))
+        return out
+
+    async def _dispatch(self, event: dict[str, Any]) -> None:
+        data = event["data"]
+        try:
+            found = await self.registry.notification_targets.remote(
+                event["userId"], data.get("keyId")
+            )
+        except Exception as exc:
+            log.warning("notification %s: cannot look up its recipients: %r", event["id"], exc)
+            found = {}
+        event["userId"] = found.get("userId", event["userId"])
+        for name, value in (found.get("fields") or {}).items():
+            data.setdefault(name, value)
+        for channel, target, secret in self._targets(found):
+            try:
+                delivery = await self.registry.record_delivery.remote(event, channel, target)
+            except Exception as exc:
+                log.warning("notification %s: cannot record a delivery: %r", event["id"], exc)
+                delivery = {"deliveryId": f"nd-{uuid.uuid4()}", "recorded": False}
+            self._spawn(self._deliver(event, channel, target, secret, delivery["deliveryId"]))
+
+    async def _deliver(
+        self, event: dict[str, Any], channel: str, target: str, secret: str, delivery_id: str
+    ) -> None:
+        attempts = len(self.delays) + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                if channel == "email":
+                    await asyncio.to_thread(self._send_email, event, target, delivery_id)
+                else:
+                    await self._post_webhook(event, target, secret, delivery_id)
+            except Exception as exc:
+                error = describe_failure(exc)
+                last = attempt == attempts
+                await self._record(delivery_id, "failed" if last else "pending", attempt, error)
+                if last:
+                    log.warning(
+                        "%s delivery %s of %s failed %d times: %s",
+                        channel,
+                        delivery_id,
+                        event["kind"],
+                        attempt,
+                        error,
+                    )
+                    return
+                await asyncio.sleep(self.delays[attempt - 1])
+            else:
+                await self._record(delivery_id, "delivered", attempt, None)
+                return
+
+    async def _record(self, delivery_id: str, status: str, attempts: int, error: str | None):
+        try:
+            await self.registry.update_delivery.remote(delivery_id, status, attempts, error)
+        except Exception as exc:  # the registry restarting: the delivery itself goes on
+            log.warning("cannot record delivery %s: %r", delivery_id, exc)
+
+    def _send_email(self, event: dict[str, Any], to: str, delivery_id: str) -> None:
+        s = self.settings
+        msg = email_message(event, s.smtp_from, to, delivery_id)
+        with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=TIMEOUT_S) as smtp:
+            if s.smtp_starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if s.smtp_username:
+                smtp.login(s.smtp_username, s.smtp_password)
+            smtp.send_message(msg)
+
+    async def _post_webhook(
+        self, event: dict[str, Any], url: str, secret: str, delivery_id: str
+    ) -> None:
+        import httpx
+
+        body = webhook_body(event)
+        headers = webhook_headers(event, delivery_id, secret, body)
+        async with httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False) as client:
+            r = await client.post(url, content=body, headers=headers)
+        if not 200 <= r.status_code < 300:
+            raise WebhookRefused(f"HTTP {r.status_code}: {r.text[:200]}")
+
+
+class WebhookRefused(Exception):
+    """The receiver answered, but not with a 2xx."""

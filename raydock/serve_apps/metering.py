@@ -1,0 +1,187 @@
+"""What a serving process (engine replica or gateway) measures, and its rate-limit checks.
+
+Each request is counted in memory (`Call`, then `ReplicaMeter.finish`), a few dict updates
+on the event loop; twice a second the batch goes to the meter actor in one call, off the
+request path. A key with limits costs one actor call at admission (the meter decides for all
+replicas at once). The meter restarting loses nothing: the batch waits and goes with the next
+one, and admission lets requests through meanwhile (a limit is not worth an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import ray
+
+from raydock.errors import ApiError
+from raydock.metering import catalog as M
+from raydock.metering.batch import Batch
+
+log = logging.getLogger("raydock.metering")
+
+#: how often a process reports what it counted
+FLUSH_INTERVAL_S = 0.5
+#: admission waits this long for the meter, then lets the request through
+ADMIT_TIMEOUT_S = 1.0
+#: status recorded for a request whose client went away (nginx's convention)
+CLIENT_CLOSED = 499
+
+#: adds what the process measures besides requests (gauges, engine counters) at each report
+Collect = Callable[[Batch], None]
+
+
+@dataclass
+class Call:
+    """One inference request as it is metered."""
+
+    deployment: str
+    key: str
+    started: float  # time.monotonic()
+    adapter: str = ""
+    first_token: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    events: int = 0  # engine events seen: the tokens of a stream cut before its usage came
+    finished: int = 0  # choices that ended
+    n: int = 1
+    done: bool = False
+
+
+class ReplicaMeter:
+    def __init__(
+        self, meter: tuple[str, str] | None, collect: Collect | None = None, enabled: bool = True
+    ):
+        self.meter = meter  # the meter actor's (name, namespace); None: count, report nowhere
+        self.collect = collect
+        self.enabled = enabled  # False: metering off (`metering: false`), nothing counted
+        self.source = uuid.uuid4().hex  # the meter keeps gauges per reporting process
+        self.pending = Batch()
+        self._task: asyncio.Task | None = None
+        self._warned_at = -1e9
+
+    def _actor(self):
+        return ray.get_actor(self.meter[0], namespace=self.meter[1])
+
+    def _running(self) -> None:
+        if self.meter is not None and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._keep_flushing())
+
+    # ------------------------------------------------------------ requests
+
+    def start(self, deployment: str, key: str) -> Call:
+        self._running()
+        return Call(deployment, key, time.monotonic())
+
+    def refused(self, deployment: str, status: int) -> None:
+        """A request refused before it was authorized (no key known)."""
+        if not self.enabled:
+            return
+        self._running()
+        self.pending.inc(M.REQUESTS, (deployment, "", "", str(status)))
+
+    def finish(self, call: Call, status: int) -> None:
+        if call.done or not self.enabled:
+            return
+        call.done = True
+        now = time.monotonic()
+        served, keyed = (call.deployment, call.adapter), (call.deployment, call.adapter, call.key)
+        b = self.pending
+        b.inc(M.REQUESTS, (*keyed, str(status)))
+        completion = call.completion_tokens
+        if call.finished < call.n:  # cut before its end: what it streamed
+            completion = max(completion, call.events)
+        if call.prompt_tokens:
+            b.inc(M.PROMPT_TOKENS, keyed, call.prompt_tokens)
+        if completion:
+            b.inc(M.COMPLETION_TOKENS, keyed, completion)
+        b.add_usage(
+            (int(time.time() // 60 * 60), call.deployment, call.adapter, call.key),
+            1,
+            call.prompt_tokens,
+            completion,
+        )
+        if status != 200:
+            return
+        b.observe(M.E2E, served, now - call.started)
+        if call.first_token is not None:
+            b.observe(M.TTFT, served, call.first_token - call.started)
+            per_choice = completion / max(1, call.n)
+            if per_choice > 1:
+                b.observe(M.TPOT, served, (now - call.first_token) / (per_choice - 1))
+
+    def watch(self, events: AsyncIterator[list[dict]], call: Call) -> AsyncIterator[list[dict]]:
+        """Engine events, noting the first token and the usage; the call is finished when the
+        events end, fail or are closed (the client went away)."""
+        return self._watch(events, call) if self.enabled else events
+
+    async def _watch(self, events: AsyncIterator[list[dict]], call: Call):
+        status = CLIENT_CLOSED
+        try:
+            async for batch in events:
+                if call.first_token is None:
+                    call.first_token = time.monotonic()
+                call.events += len(batch)
+                for ev in batch:
+                    if ev.get("finish_reason"):
+                        call.finished += 1
+                        call.prompt_tokens = ev.get("prompt_tokens", 0)
+                        call.completion_tokens += ev.get("completion_tokens", 0)
+                yield batch
+            status = 200
+        except ApiError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.finish(call, status)
+            await events.aclose()
+
+    async def admit(self, deployment: str, key: str, limits: dict[str, int] | None) -> None:
+        """Raise a 429 (with Retry-After) when the key is over one of its limits."""
+        if not limits or self.meter is None or not self.enabled:
+            return
+        try:
+            refusal = await asyncio.wait_for(
+                self._actor().admit.remote(key, deployment, limits), ADMIT_TIMEOUT_S
+            )
+        except Exception as exc:  # the meter restarting: serve rather than refuse
+            if time.monotonic() - self._warned_at > 10:
+                self._warned_at = time.monotonic()
+                log.warning("rate limits not checked (meter unavailable): %r", exc)
+            return
+        if refusal is not None:
+            self.pending.inc(M.RATE_LIMITED, (deployment, key, refusal["limit"]))
+            raise ApiError(
+                429,
+                refusal["message"],
+                None,
+                "rate_limit_exceeded",
+                headers={"Retry-After": str(refusal["retryAfter"])},
+            )
+
+    # ------------------------------------------------------------ reporting
+
+    async def _keep_flushing(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            await self.flush()
+
+    async def flush(self) -> None:
+        batch, self.pending = self.pending, Batch()
+        if self.collect is not None:
+            self.collect(batch)
+        if not batch:
+            return
+        try:
+            await self._actor().report.remote(self.source, batch)
+        except Exception as exc:  # keep it for the next report
+            log.debug("meter report failed: %r", exc)
+            batch.merge(self.pending)
+            self.pending = batch

@@ -1,0 +1,250 @@
+"""Metering without Ray: what a request counts, how batches add up and render, the limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+
+from raydock.errors import ApiError
+from raydock.metering import catalog as M
+from raydock.metering.batch import Batch
+from raydock.metering.exposition import render
+from raydock.metering.limits import DAY_S, Limiter, budget_crossings
+from raydock.platform.registry import Registry
+from raydock.serve_apps.access import DeploymentAccess
+from raydock.serve_apps.metering import CLIENT_CLOSED, ReplicaMeter
+from raydock.serve_apps.openai_service import complete
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+# ------------------------------------------------------------ batches and their rendering
+
+
+def test_batches_add_up_and_render_as_prometheus_text():
+    a, b = Batch(), Batch()
+    a.inc(M.REQUESTS, ("d", "", "key-1", "200"))
+    b.inc(M.REQUESTS, ("d", "", "key-1", "200"), 2)
+    a.observe(M.TTFT, ("d", ""), 0.05)  # on a bucket's bound: counted in it (le is <=)
+    b.observe(M.TTFT, ("d", ""), 7)
+    b.set(M.RUNNING, ("d",), 3)
+    a.merge(b)
+    out = _samples(render(a))
+    assert (
+        out[
+            (
+                "raydock_requests_total",
+                (("adapter", ""), ("deployment", "d"), ("key", "key-1"), ("status", "200")),
+            )
+        ]
+        == 3
+    )
+    ttft = "raydock_time_to_first_token_seconds"
+    labels = (("adapter", ""), ("deployment", "d"))
+    assert out[(f"{ttft}_bucket", (*labels, ("le", "0.05")))] == 1
+    assert out[(f"{ttft}_bucket", (*labels, ("le", "5.0")))] == 1
+    assert out[(f"{ttft}_bucket", (*labels, ("le", "10.0")))] == 2
+    assert out[(f"{ttft}_bucket", (*labels, ("le", "+Inf")))] == 2
+    assert out[(f"{ttft}_count", labels)] == 2 and out[(f"{ttft}_sum", labels)] == 7.05
+    assert out[("raydock_running_sequences", (("deployment", "d"),))] == 3
+
+
+def test_every_metric_is_described_even_before_it_has_a_sample():
+    names = {f.name for f in text_string_to_metric_families(render(Batch()).decode())}
+    assert names == {m.name.removesuffix("_total") for m in M.ALL}
+
+
+def test_a_series_needs_its_metric_labels():
+    with pytest.raises(ValueError, match="labels"):
+        Batch().inc(M.REQUESTS, ("d",))
+
+
+# ------------------------------------------------------------ limits
+
+
+class Clock:
+    def __init__(self, t: float = 10 * DAY_S + 100):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_requests_per_minute_is_exact_and_says_when_to_retry():
+    clock = Clock()
+    lim = Limiter(clock)
+    limits = {"requestsPerMinute": 3}
+    assert [lim.admit("k", limits) for _ in range(3)] == [None] * 3
+    clock.t += 20
+    refusal = lim.admit("k", limits)
+    assert refusal.limit == "requestsPerMinute" and refusal.retry_after_s == 40
+    assert "requestsPerMinute" in refusal.message and "3 requests per minute" in refusal.message
+    assert lim.admit("other", limits) is None  # per key
+    clock.t += 40  # the first three leave the window
+    assert lim.admit("k", limits) is None
+
+
+def test_tokens_per_minute_and_per_day():
+    clock = Clock()
+    lim = Limiter(clock)
+    assert lim.admit("k", {"tokensPerMinute": 100}) is None
+    lim.charge("k", 100)
+    refusal = lim.admit("k", {"tokensPerMinute": 100})
+    assert refusal.limit == "tokensPerMinute" and refusal.retry_after_s == 60
+    clock.t += 61
+    assert lim.admit("k", {"tokensPerMinute": 100}) is None
+    # the budget: what was used today, until midnight UTC
+    assert lim.charge("k", 50) == (100, 150)
+    refusal = lim.admit("k", {"tokensPerDay": 150})
+    assert refusal.limit == "tokensPerDay"
+    assert refusal.retry_after_s == DAY_S - (clock.t % DAY_S)
+    clock.t += DAY_S  # a new day
+    assert lim.admit("k", {"tokensPerDay": 150}) is None
+
+
+def test_a_restarted_limiter_takes_todays_stored_usage():
+    clock = Clock()
+    lim = Limiter(clock)
+    lim.load_day("k", int(clock.t // DAY_S), 500)
+    assert lim.admit("k", {"tokensPerDay": 500}).limit == "tokensPerDay"
+
+
+def test_budget_crossings():
+    assert budget_crossings(0, 79, 100) == []
+    assert budget_crossings(79, 80, 100) == ["warning"]
+    assert budget_crossings(10, 120, 100) == ["warning", "exhausted"]
+    assert budget_crossings(100, 130, 100) == []  # told once
+    assert budget_crossings(0, 10**6, None) == []
+
+
+# ------------------------------------------------------------ a request, metered
+
+
+def _request(body: dict) -> Request:
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    return Request({"type": "http", "headers": [], "state": {}}, receive)
+
+
+def _dep(**fields) -> DeploymentAccess:
+    base = dict(
+        deployment_id="dep-1",
+        name="m",
+        created=0,
+        status="DEPLOYED",
+        serving=True,
+        timeout_s=60,
+        defaults={},
+        keys={},
+    )
+    return DeploymentAccess(**(base | fields))
+
+
+async def _engine(payload):
+    for i in range(3):
+        finish = "length" if i == 2 else None
+        ev = {"index": 0, "text": f"t{i}", "logprobs": [], "finish_reason": finish}
+        yield [ev | {"prompt_tokens": 7, "completion_tokens": 3}]
+
+
+def _counts(meter: ReplicaMeter) -> dict:
+    return {(name, labels): v for (name, labels), v in meter.pending.counters.items()}
+
+
+def test_a_request_counts_its_status_tokens_latencies_and_usage():
+    meter = ReplicaMeter(None)
+
+    async def main():
+        resp = await complete(
+            "completion", _request({"prompt": "x"}), _dep(), "key-1", _engine, meter
+        )
+        return json.loads(resp.body)
+
+    body = asyncio.run(main())
+    counts = _counts(meter)
+    keyed = ("dep-1", "", "key-1")
+    assert counts[("raydock_requests_total", (*keyed, "200"))] == 1
+    assert counts[("raydock_prompt_tokens_total", keyed)] == body["usage"]["prompt_tokens"] == 7
+    assert counts[("raydock_completion_tokens_total", keyed)] == 3
+    assert [row for row in meter.pending.usage.values()] == [[1, 7, 3]]
+    hist = meter.pending.histograms
+    for metric in (M.TTFT, M.E2E, M.TPOT):
+        assert hist[(metric.name, ("dep-1", ""))][-1] == 1
+
+
+def test_refusals_and_streams_cut_by_the_client_are_counted():
+    meter = ReplicaMeter(None)
+
+    async def main():
+        with pytest.raises(ApiError):
+            await complete(
+                "completion", _request({"prompt": "x", "n": 99}), _dep(), "key-1", _engine, meter
+            )
+        resp = await complete(
+            "completion", _request({"prompt": "x", "stream": True}), _dep(), "key-1", _engine, meter
+        )
+        async for _ in resp.body_iterator:
+            break  # the client reads one message and goes
+        await resp.body_iterator.aclose()
+
+    asyncio.run(main())
+    counts = _counts(meter)
+    assert counts[("raydock_requests_total", ("dep-1", "", "key-1", "400"))] == 1
+    closed = ("raydock_requests_total", ("dep-1", "", "key-1", str(CLIENT_CLOSED)))
+    assert counts[closed] == 1
+    # what it streamed before the cut is counted: the first batch's one token
+    assert counts[("raydock_completion_tokens_total", ("dep-1", "", "key-1"))] >= 1
+
+
+# ------------------------------------------------------------ the registry's part
+
+
+def _registry_with_key(tmp_path, limits=None):
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    model = reg.create_model("m", "file", "u")
+    reg.set_model_status(model["modelId"], "VALIDATING")
+    reg.set_model_status(model["modelId"], "READY")
+    dep = reg.create_deployment(model["modelId"], {"name": "d"}, "u")
+    key = reg.create_deployment_key(dep["deploymentId"], "k", "u", limits)
+    return reg, dep["deploymentId"], key
+
+
+def test_limits_reach_the_access_snapshot_and_change(tmp_path):
+    reg, dep_id, key = _registry_with_key(tmp_path, {"requestsPerMinute": 3})
+    assert key["limits"] == {"requestsPerMinute": 3, "tokensPerMinute": None, "tokensPerDay": None}
+    snap = reg.access_snapshots([dep_id])[dep_id]
+    assert snap["limits"] == {key["keyId"]: {"requestsPerMinute": 3}}
+    changed = reg.set_key_limits(dep_id, key["keyId"], {"tokensPerDay": 1000})
+    assert changed["limits"]["requestsPerMinute"] == 3  # left out: kept
+    assert changed["limits"]["tokensPerDay"] == 1000
+    reg.set_key_limits(dep_id, key["keyId"], {"requestsPerMinute": None, "tokensPerDay": None})
+    assert reg.access_snapshots([dep_id])[dep_id]["limits"] == {}
+    reg.delete_deployment_key(dep_id, key["keyId"])  # its limits go with it
+
+
+def test_usage_is_added_per_minute_and_filtered(tmp_path):
+    reg, dep_id, key = _registry_with_key(tmp_path)
+    minute = 1_800_000_000 // 60 * 60
+    rows = [(minute, dep_id, "", key["keyId"], 2, 10, 20)]
+    reg.record_usage(rows)
+    reg.record_usage(rows + [(minute + 60, dep_id, "", "key-gone", 1, 1, 1)])
+    got = reg.usage_rows(deployment_id=dep_id, key_id=key["keyId"])
+    assert [(r["requests"], r["promptTokens"], r["completionTokens"]) for r in got] == [(4, 20, 40)]
+    assert got[0]["keyName"] == "k" and got[0]["deploymentName"] == "d"
+    assert len(reg.usage_rows()) == 2
+    from datetime import datetime
+
+    later = datetime.utcfromtimestamp(minute + 60)
+    assert [r["keyId"] for r in reg.usage_rows(start=later)] == ["key-gone"]
+    assert reg.tokens_since(datetime.utcfromtimestamp(minute)) == {key["keyId"]: 60, "key-gone": 2}

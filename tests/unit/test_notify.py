@@ -1,0 +1,400 @@
+"""Notifications without Ray: the signature, every event's email and webhook body, the retry
+schedule, the settings; the registry's events, deliveries and webhooks on SQLite; the
+notifier's deliveries to a real SMTP server and webhook receiver, and to dead ones."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+from cryptography.fernet import Fernet
+
+from raydock.client import default_deploy_body
+from raydock.config import load_settings
+from raydock.platform import notify
+from raydock.platform.registry import NotFound, Registry
+from raydock.platform.schemas import WebhookSet
+from tests.notify_sinks import MailSink, WebhookSink, free_port, wait_until
+
+FIELDS = {
+    notify.IMPORT_FAILED: {
+        "modelId": "cm-1",
+        "modelName": "tiny",
+        "error": "config.json is missing",
+    },
+    notify.DEPLOYED: {"deploymentId": "dp-1", "deploymentName": "chat", "modelId": "cm-1"},
+    notify.DEPLOY_FAILED: {"deploymentId": "dp-1", "deploymentName": "chat", "reason": "OOM"},
+    notify.UNDEPLOYED: {"deploymentId": "dp-1", "deploymentName": "chat"},
+    notify.BUDGET_WARNING: {
+        "keyId": "key-1",
+        "keyName": "team",
+        "deploymentId": "dp-1",
+        "limit": 1000,
+        "used": 800,
+    },
+    notify.BUDGET_EXHAUSTED: {
+        "keyId": "key-1",
+        "deploymentId": "dp-1",
+        "limit": 1000,
+        "used": 1003,
+    },
+}
+
+
+# ------------------------------------------------------------------ pure parts
+
+
+def test_signature_is_hmac_sha256_of_the_exact_body():
+    event = notify.new_event(notify.DEPLOYED, "u-1", FIELDS[notify.DEPLOYED])
+    body = notify.webhook_body(event)
+    expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert notify.sign("s3cret", body) == f"sha256={expected}"
+    assert notify.verify("s3cret", body, f"sha256={expected}")
+    assert not notify.verify("other", body, f"sha256={expected}")
+    assert not notify.verify("s3cret", body + b" ", f"sha256={expected}")
+    assert not notify.verify("s3cret", body, None)
+    headers = notify.webhook_headers(event, "nd-1", "s3cret", body)
+    assert headers["X-Raydock-Signature"] == f"sha256={expected}"
+    assert (headers["X-Raydock-Event"], headers["X-Raydock-Delivery"]) == (
+        "deployment.deployed",
+        "nd-1",
+    )
+    # without a secret (a platform webhook with no webhook_secret): unsigned
+    assert "X-Raydock-Signature" not in notify.webhook_headers(event, "nd-1", "", body)
+
+
+@pytest.mark.parametrize("kind", notify.KINDS)
+def test_every_kind_renders_an_email_and_a_webhook_body(kind):
+    event = notify.new_event(kind, "u-1", FIELDS[kind])
+    assert event["id"].startswith("ev-") and event["createdAt"].endswith("Z")
+    body = json.loads(notify.webhook_body(event))
+    assert body == {**event, "data": FIELDS[kind]} and body["kind"] == kind
+    msg = notify.email_message(event, "raydock@example.test", "ana@example.test", "nd-9")
+    assert msg["To"] == "ana@example.test" and msg["From"] == "raydock@example.test"
+    assert msg["X-Raydock-Event"] == kind and msg["X-Raydock-Delivery"] == "nd-9"
+    subject, text = msg["Subject"], msg.get_content()
+    assert subject.startswith("[raydock] ") and event["id"] in text
+    expected = {
+        notify.IMPORT_FAILED: ("Import of tiny failed", "config.json is missing"),
+        notify.DEPLOYED: ("Deployment chat is DEPLOYED", "chat (dp-1) is DEPLOYED"),
+        notify.DEPLOY_FAILED: ("Deployment chat FAILED", "Reason: OOM"),
+        notify.UNDEPLOYED: ("Deployment chat undeployed", "UNDEPLOYED"),
+        notify.BUDGET_WARNING: (
+            "Key team nears its token budget",
+            "800 of 1000 tokens used (80 %)",
+        ),
+        notify.BUDGET_EXHAUSTED: ("Key key-1 hit its token budget", "1003 of 1000 tokens used"),
+    }[kind]
+    assert expected[0] in subject, subject
+    assert expected[1] in text, text
+
+
+def test_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown notification kind"):
+        notify.new_event("deployment.exploded", None, {})
+
+
+def test_backoff_doubles_from_one_second_and_is_capped():
+    assert notify.backoff_delays(5) == [1, 2, 4, 8]
+    assert notify.backoff_delays(1) == [] and notify.backoff_delays(0) == []
+    assert notify.backoff_delays(10, cap_s=30)[-3:] == [30, 30, 30]
+
+
+def test_settings_from_yaml_and_environment(monkeypatch):
+    s = load_settings()
+    assert (s.smtp_host, s.smtp_port, s.smtp_starttls, s.webhook_url) == ("", 25, False, "")
+    assert s.notify_max_attempts == 5
+    monkeypatch.setenv("RAYDOCK_SMTP_HOST", "mail.example.test")
+    monkeypatch.setenv("RAYDOCK_SMTP_PORT", "587")
+    monkeypatch.setenv("RAYDOCK_SMTP_STARTTLS", "true")
+    monkeypatch.setenv("RAYDOCK_SMTP_PASSWORD", "pw-do-not-log")
+    monkeypatch.setenv("RAYDOCK_WEBHOOK_SECRET", "whs-do-not-log")
+    monkeypatch.setenv("RAYDOCK_NOTIFY_EMAILS", "ops@example.test, oncall@example.test;x@y.z")
+    monkeypatch.setenv("RAYDOCK_NOTIFY_MAX_ATTEMPTS", "3")
+    s = load_settings()
+    assert (s.smtp_host, s.smtp_port, s.smtp_starttls) == ("mail.example.test", 587, True)
+    assert s.smtp_password == "pw-do-not-log" and s.notify_max_attempts == 3
+    assert notify.addresses(s.notify_emails) == ["ops@example.test", "oncall@example.test", "x@y.z"]
+    assert notify.addresses("") == []
+    assert "do-not-log" not in repr(s)  # secrets stay out of reprs (and so of logs)
+
+
+def test_delivery_targets_hide_credentials():
+    assert notify.display_target("ana@example.test") == "ana@example.test"
+    assert notify.display_target("https://u:p@h.test:8443/a/b?token=x") == "https://h.test:8443/a/b"
+
+
+def test_webhook_url_is_validated_naming_the_field():
+    assert WebhookSet(url="https://hooks.example.test/x?y=1").url.startswith("https://")
+    for bad in ("ftp://h/x", "https://", "http://a b", "https://u:p@h/x", "h" * 10):
+        with pytest.raises(ValueError, match="url must be an http:// or https:// URL"):
+            WebhookSet(url=bad)
+    with pytest.raises(ValueError, match="at most 2000"):
+        WebhookSet(url="https://h/" + "x" * 2000)
+
+
+def test_emit_never_raises_without_a_platform():
+    assert notify.emit(notify.DEPLOYED, None, deploymentId="dp-1") is None
+
+
+# ------------------------------------------------------------------ the registry
+
+
+@pytest.fixture
+def reg(tmp_path) -> Registry:
+    return Registry(f"sqlite:///{tmp_path / 'raydock.db'}", Fernet.generate_key())
+
+
+@pytest.fixture
+def emitted(monkeypatch) -> list[tuple]:
+    sent: list[tuple] = []
+    monkeypatch.setattr(notify, "emit", lambda kind, user, **f: sent.append((kind, user, f)))
+    return sent
+
+
+def _user(reg: Registry, name: str, email: str | None = None) -> str:
+    reg.ensure_admin()
+    return reg.create_user(name, email, False, "system")["userId"]
+
+
+def test_registry_tells_each_deployment_outcome_to_who_started_it(reg, emitted):
+    ana, bo = _user(reg, "ana"), _user(reg, "bo")
+    m = reg.create_model("tiny", "file", ana)
+    reg.set_model_status(m["modelId"], "VALIDATING")
+    reg.set_model_status(m["modelId"], "READY", artifact_uri="/x", checksum="c")
+    body = default_deploy_body("chat")
+    dep = reg.create_deployment(m["modelId"], body, ana)["deploymentId"]
+    reg.begin_deploy(dep, body, bo, "DEPLOYING")
+    assert emitted == []  # DEPLOYING tells nobody
+    reg.set_deployment_status(dep, "DEPLOYED")
+    reg.begin_undeploy(dep, ana)
+    reg.record_undeploy(dep, ana, ended=False)
+    reg.set_deployment_status(dep, "UNDEPLOYED")
+    reg.begin_deploy(dep, None, bo, "DEPLOYING")
+    reg.set_deployment_status(dep, "FAILED", "a replica failed to start: OOM")
+    names = {"deploymentId": dep, "deploymentName": "chat", "modelId": m["modelId"]}
+    assert emitted == [
+        (notify.DEPLOYED, bo, names),
+        (notify.UNDEPLOYED, ana, names),
+        (notify.DEPLOY_FAILED, bo, {**names, "reason": "a replica failed to start: OOM"}),
+    ]
+    # an interrupted deploy (reconciliation) fails too, told to the job's creator
+    emitted.clear()
+    job = reg.begin_deploy(dep, None, ana, "DEPLOYING")
+    reg.fail_jobs([job["dockStatusId"]], "interrupted")
+    assert emitted == [(notify.DEPLOY_FAILED, ana, {**names, "reason": "interrupted"})]
+
+
+def test_registry_tells_every_failed_import(reg, emitted):
+    ana, bo = _user(reg, "ana"), _user(reg, "bo")
+    # the import task's own failure
+    m = reg.create_model("tiny", "file", ana)
+    reg.create_job("IMPORT", m["modelId"], ana)
+    reg.set_model_status(m["modelId"], "IMPORT_FAILED", error="config.json is missing")
+    # an import nobody runs any more (reconciliation), with a deployment waiting for it
+    m2 = reg.create_model("hub", "hugging_face", bo)
+    dep = reg.create_deployment(m2["modelId"], default_deploy_body("wait"), bo, True)
+    job = reg.create_job("IMPORT", m2["modelId"], bo, dep["deploymentId"])
+    reg.fail_jobs([job["dockStatusId"]], "interrupted")
+    assert emitted == [
+        (
+            notify.IMPORT_FAILED,
+            ana,
+            {"modelId": m["modelId"], "modelName": "tiny", "error": "config.json is missing"},
+        ),
+        (
+            notify.IMPORT_FAILED,
+            bo,
+            {"modelId": m2["modelId"], "modelName": "hub", "error": "interrupted"},
+        ),
+        (
+            notify.DEPLOY_FAILED,
+            bo,
+            {
+                "deploymentId": dep["deploymentId"],
+                "deploymentName": "wait",
+                "modelId": m2["modelId"],
+                "reason": "its model's import failed: interrupted",
+            },
+        ),
+    ]
+
+
+def test_nothing_is_told_when_the_transaction_fails(reg, emitted):
+    ana = _user(reg, "ana")
+    m = reg.create_model("tiny", "file", ana)
+    with pytest.raises(NotFound), reg._tx() as s:
+        reg._import_failed_notice(s, reg._model(s, m["modelId"]), ana)
+        raise NotFound("rolled back")
+    assert emitted == []
+
+
+def test_user_webhook_secret_is_sealed_shown_once_and_resolved_for_signing(reg, tmp_path):
+    ana = _user(reg, "ana", "ana@example.test")
+    with pytest.raises(NotFound, match="no webhook"):
+        reg.get_user_webhook(ana)
+    hook = reg.set_user_webhook(ana, "https://hooks.example.test/ana")
+    assert hook["secret"].startswith("rdwh-") and hook["url"] == "https://hooks.example.test/ana"
+    assert reg.get_user_webhook(ana) == {"url": hook["url"], "createdAt": hook["createdAt"]}
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("raydock.db*"))
+    assert hook["secret"].encode() not in raw  # sealed at rest
+    targets = reg.notification_targets(ana)
+    assert targets["email"] == "ana@example.test"
+    assert targets["webhook"] == {"url": hook["url"], "secret": hook["secret"]}
+    again = reg.set_user_webhook(ana, "https://hooks.example.test/ana2")  # a new secret
+    assert again["secret"] != hook["secret"]
+    reg.delete_user_webhook(ana)
+    assert reg.notification_targets(ana)["webhook"] is None
+    with pytest.raises(NotFound):
+        reg.delete_user_webhook(ana)
+
+
+def test_a_key_event_goes_to_the_keys_creator(reg):
+    ana = _user(reg, "ana", "ana@example.test")
+    m = reg.create_model("tiny", "file", ana)
+    reg.set_model_status(m["modelId"], "VALIDATING")
+    reg.set_model_status(m["modelId"], "READY", artifact_uri="/x", checksum="c")
+    dep = reg.create_deployment(m["modelId"], default_deploy_body("chat"), ana)["deploymentId"]
+    key = reg.create_deployment_key(dep, "team", ana)
+    found = reg.notification_targets(None, key["keyId"])
+    assert (found["userId"], found["email"]) == (ana, "ana@example.test")
+    assert found["fields"] == {"keyName": "team", "deploymentId": dep, "deploymentName": "chat"}
+    assert reg.notification_targets(None, "key-gone") == {
+        "userId": None,
+        "email": None,
+        "webhook": None,
+        "fields": {},
+    }
+
+
+def test_deliveries_are_recorded_and_listed_newest_first(reg):
+    first = notify.new_event(notify.DEPLOYED, None, {"deploymentId": "dp-1"})
+    second = notify.new_event(notify.UNDEPLOYED, None, {"deploymentId": "dp-1"})
+    a = reg.record_delivery(first, "email", "ops@example.test")
+    time.sleep(0.01)
+    b = reg.record_delivery(second, "webhook", "https://u:p@h.test/x?token=t")
+    assert (a["status"], a["attempts"]) == ("pending", 0)
+    reg.update_delivery(a["deliveryId"], "delivered", 1, None)
+    reg.update_delivery(b["deliveryId"], "failed", 3, "ConnectionRefusedError: refused")
+    listed = reg.list_deliveries()
+    assert [d["deliveryId"] for d in listed] == [b["deliveryId"], a["deliveryId"]]
+    assert listed[0]["target"] == "https://h.test/x"  # no credentials shown
+    assert (listed[0]["status"], listed[0]["attempts"]) == ("failed", 3)
+    assert listed[0]["lastError"] == "ConnectionRefusedError: refused"
+    assert listed[1]["deliveredAt"] and listed[1]["event"] == first
+    assert [d["deliveryId"] for d in reg.list_deliveries(status="failed")] == [b["deliveryId"]]
+    assert [d["kind"] for d in reg.list_deliveries(kind=notify.DEPLOYED)] == [notify.DEPLOYED]
+    assert len(reg.list_deliveries(limit=1)) == 1
+
+
+# ------------------------------------------------------------------ the notifier
+
+
+class _Remote:
+    """A registry method as an actor handle has it: `.remote(...)` gives an awaitable."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+
+        return call()
+
+
+class _Handle:
+    def __init__(self, reg: Registry):
+        self.reg = reg
+
+    def __getattr__(self, name):
+        return _Remote(getattr(self.reg, name))
+
+
+def _notifier(reg: Registry, **settings) -> notify.Notifier:
+    n = notify.Notifier(load_settings(**settings).to_dict(), registry=_Handle(reg))
+    n.delays = [0.05 * d for d in n.delays]  # the schedule, 20 times faster
+    return n
+
+
+async def _drain(n: notify.Notifier) -> None:
+    while await n.pending():
+        await asyncio.sleep(0.02)
+
+
+def test_notifier_delivers_by_email_and_signed_webhook(reg):
+    ana = _user(reg, "ana", "ana@example.test")
+    with MailSink() as mail, WebhookSink() as hooks:
+        mine = reg.set_user_webhook(ana, hooks.url("/ana"))
+        hooks.secrets = {"/ana": mine["secret"], "/platform": "platform-secret"}
+        n = _notifier(
+            reg,
+            smtp_host="127.0.0.1",
+            smtp_port=mail.port,
+            notify_emails="ops@example.test, ana@example.test",
+            webhook_url=hooks.url("/platform"),
+            webhook_secret="platform-secret",
+        )
+
+        async def run():
+            await n.notify(notify.DEPLOYED, ana, {"deploymentId": "dp-1", "deploymentName": "chat"})
+            await _drain(n)
+
+        asyncio.run(run())
+        assert sorted(m["to"][0] for m in mail.messages) == ["ana@example.test", "ops@example.test"]
+        assert all(mail.find(notify.DEPLOYED, deploymentName="chat") for _ in mail.messages)
+        assert sorted(r["path"] for r in hooks.received) == ["/ana", "/platform"]
+        assert all(r["verified"] for r in hooks.received)
+        got = hooks.received[0]
+        assert got["headers"]["X-Raydock-Event"] == notify.DEPLOYED
+        assert got["event"]["data"] == {"deploymentId": "dp-1", "deploymentName": "chat"}
+    listed = reg.list_deliveries()
+    assert len(listed) == 4 and {d["status"] for d in listed} == {"delivered"}
+    assert {d["attempts"] for d in listed} == {1}
+    ids = {r["headers"]["X-Raydock-Delivery"] for r in hooks.received}
+    assert ids <= {d["deliveryId"] for d in listed}
+
+
+def test_dead_mail_server_and_webhook_fail_after_every_attempt_without_blocking(reg):
+    ana = _user(reg, "ana", "ana@example.test")
+    reg.set_user_webhook(ana, f"http://127.0.0.1:{free_port()}/gone")
+    n = _notifier(reg, smtp_host="127.0.0.1", smtp_port=free_port(), notify_max_attempts=3)
+
+    async def run():
+        start = time.monotonic()
+        await n.notify(notify.DEPLOY_FAILED, ana, {"deploymentId": "dp-1", "reason": "OOM"})
+        handed = time.monotonic() - start
+        await _drain(n)
+        return handed
+
+    assert asyncio.run(run()) < 0.1  # the caller never waits for a delivery
+    listed = reg.list_deliveries()
+    assert sorted(d["channel"] for d in listed) == ["email", "webhook"]
+    for d in listed:
+        assert (d["status"], d["attempts"]) == ("failed", 3), d
+        assert "refused" in d["lastError"].lower(), d
+
+
+def test_a_receiver_refusing_the_signature_fails_the_delivery(reg):
+    ana = _user(reg, "ana")
+    with WebhookSink() as hooks:
+        reg.set_user_webhook(ana, hooks.url("/ana"))
+        hooks.secrets = {"/ana": "not-the-secret-raydock-made"}
+        n = _notifier(reg, notify_max_attempts=2)
+
+        async def run():
+            await n.notify(notify.UNDEPLOYED, ana, {"deploymentId": "dp-1"})
+            await _drain(n)
+
+        asyncio.run(run())
+        wait_until(lambda: len(hooks.received) == 2)
+    (d,) = reg.list_deliveries()
+    assert (d["status"], d["attempts"], d["lastError"]) == (
+        "failed",
+        2,
+        "WebhookRefused: HTTP 401: ",
+    )
