@@ -38,13 +38,21 @@ def cmd_up(args: argparse.Namespace) -> int:
     import ray
 
     from raydock.platform.bootstrap import connect, start_platform, stop_platform
+    from raydock.platform.db import DatabaseRefused
 
     settings = _settings(args)
     settings.home_path.mkdir(parents=True, exist_ok=True)
+    _check_database(settings)  # before Ray starts: one line and exit 1 when it cannot be used
     connect(settings)
-    info = start_platform(settings)
+    try:
+        info = start_platform(settings)
+    except DatabaseRefused:  # taken by another platform meanwhile: leave nothing running
+        if not settings.ray_address:
+            ray.shutdown()
+        raise
     _pidfile(settings).write_text(str(os.getpid()))
-    print(f"raydock is up at {info['url']}  (API docs: {info['url']}/docs)")
+    url = info["url"]
+    print(f"raydock is up at {url}  (web dashboard: {url}/, API docs: {url}/docs)")
     print(f"data dir: {settings.home_path}")
     if info["admin_key"]:
         print("first admin management key (shown once, store it now):")
@@ -65,6 +73,25 @@ def cmd_up(args: argparse.Namespace) -> int:
         ray.shutdown()
     _pidfile(settings).unlink(missing_ok=True)
     return 0
+
+
+def _check_database(settings: Settings) -> None:
+    """The database is free (no other platform holds its lease) and its schema is one this
+    raydock can bring to its version; raises db.DatabaseRefused otherwise. The registry
+    applies the migrations when it starts; this says which."""
+    from raydock.platform import db, migrations
+    from raydock.platform.lease import Lease
+
+    with Lease(settings.db_url, "raydock up (starting)") as lease:
+        lease.acquire(wait_s=5, any_holder=False)  # a holder that just ended: a moment
+        engine = db.make_engine(settings.db_url)
+        try:
+            st = migrations.current(engine)
+        finally:
+            engine.dispose()
+    if st.pending and not st.empty:
+        what = "adopting a database made before migrations, then " if st.premigration else ""
+        print(f"database: {what}upgrading {st.revision or 'it'} to {st.head}", flush=True)
 
 
 #: how long `raydock down` waits: Serve's own shutdown alone may take 30 s on a busy host
@@ -246,6 +273,58 @@ def cmd_connections(args: argparse.Namespace) -> int:
     return 0 if (out.get("lastTest") or {}).get("ok", True) is not False else 1
 
 
+# ------------------------------------------------------------------ database
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """The schema's versions, for operators who migrate separately (`raydock up` applies
+    pending migrations itself). Same settings and RAYDOCK_DATABASE_URL as `raydock up`; no Ray."""
+    from raydock.platform import db, migrations
+    from raydock.platform.lease import Lease
+
+    settings = _settings(args)
+    if args.action == "history":  # the code's revisions: no database needed
+        head = migrations.head()
+        for script in migrations.history():
+            mark = " (head)" if script.revision == head else ""
+            print(f"{script.revision}{mark}  {script.doc.splitlines()[0]}")
+        return 0
+    if settings.db_url.startswith("sqlite"):
+        settings.home_path.mkdir(parents=True, exist_ok=True)
+    engine = db.make_engine(settings.db_url)
+    try:
+        with Lease(settings.db_url, f"raydock db {args.action}") as lease:
+            if args.action == "upgrade":  # never under a running platform's feet
+                lease.acquire(wait_s=5, any_holder=False)
+                before, now = migrations.upgrade(engine)
+                if not before.pending:
+                    print(f"database {db.safe_url(settings.db_url)} is at {now} (head)")
+                    return 0
+                how = "adopted (made before migrations), then " if before.premigration else ""
+                print(
+                    f"database {db.safe_url(settings.db_url)}: {how}upgraded from "
+                    f"{before.revision or 'nothing'} to {now} ({', '.join(before.pending)})"
+                )
+                return 0
+            st = migrations.current(engine)
+            print(f"database: {db.safe_url(settings.db_url)}")
+            if st.revision and not st.pending:
+                print(f"revision: {st.revision} (head)")
+            elif st.empty:
+                print(f"revision: none (empty): an upgrade creates the schema at {st.head}")
+            else:
+                what = st.revision or "none (made before migrations; adopted by an upgrade)"
+                print(f"revision: {what}; pending: {', '.join(st.pending)}")
+            try:
+                lease.acquire()
+                print("lease: free (no platform is running on it)")
+            except db.DatabaseRefused:
+                print(f"lease: held by {lease.holder() or 'a process not yet known'}")
+            return 0
+    finally:
+        engine.dispose()
+
+
 # ------------------------------------------------------------------ demo
 
 
@@ -326,6 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--address", help="join this Ray cluster instead of starting one")
     add("down", cmd_down, "stop a platform started with `raydock up`")
     demo = add("demo", cmd_demo, "import, deploy and chat with the bundled model")
+    dbp = add("db", cmd_db, "the database schema's versions (Alembic); no Ray needed")
+    dbp.add_argument(
+        "action",
+        choices=["upgrade", "current", "history"],
+        help="upgrade: apply pending migrations (refused while a platform runs on it); "
+        "current: the database's revision and who holds it; history: this raydock's revisions",
+    )
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
     for name, func, help_ in (
         ("import", cmd_import, "import a model .zip (chunked upload with progress)"),
@@ -372,7 +458,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raydock: cannot reach {url}: {exc}; is `raydock up` running?", file=sys.stderr)
     except OSError as exc:  # e.g. the file to import does not exist
         print(f"raydock: {exc}", file=sys.stderr)
+    except Exception as exc:  # the database refused, or cannot be reached: one line too
+        reason = _database_failure(exc, args)
+        if reason is None:
+            raise
+        print(f"raydock: {reason}", file=sys.stderr)
     return 1
+
+
+def _database_failure(exc: Exception, args: argparse.Namespace) -> str | None:
+    if "sqlalchemy" not in sys.modules:  # nothing touched a database
+        return None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from raydock.platform.db import DatabaseRefused, safe_url
+
+    if isinstance(exc, DatabaseRefused):
+        return str(exc)
+    if isinstance(exc, SQLAlchemyError):
+        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        return f"cannot use the database {safe_url(_settings(args).db_url)}: {why}"
+    return None
 
 
 if __name__ == "__main__":

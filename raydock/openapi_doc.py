@@ -33,7 +33,8 @@ METHODS = ("get", "put", "post", "delete", "patch")
 DESCRIPTIONS = {
     400: "The body cannot be parsed, a value is invalid, or the cluster cannot do what it asks",
     401: "The API key is missing or invalid (for inference: not this deployment's key)",
-    403: "Only an admin management key may do this",
+    403: "Only an admin management key may do this, or a dashboard session (cookie) sent "
+    "no CSRF token (X-CSRF-Token) with a change",
     404: "The object the path names does not exist (inference: the deployment or `model`)",
     405: "The path is another route's, which does not take this method (a path parameter "
     "never takes the value of a literal segment beside it, such as `import` in "
@@ -71,6 +72,8 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /catalog/{entryId}/deploy": (400, 404, 409),  # too small; connectionId; importing
     "GET /users/me/webhook": (404,),  # none set
     "DELETE /users/me/webhook": (404,),
+    "POST /session": (401,),  # not a management key
+    "DELETE /session": (403,),  # a live session without its CSRF token
 }
 # OpenAPI links: which ids a management response names, and the operations that take them
 # (Swagger shows them; API testers such as schemathesis follow them). Destructive operations

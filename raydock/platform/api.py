@@ -25,7 +25,15 @@ from raydock.config import Settings, hardware_profiles
 from raydock.errors import ApiError, error_response
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import merge
-from raydock.platform import api_hub, api_notify, api_usage, deploy_checks, names, schemas
+from raydock.platform import (
+    api_hub,
+    api_notify,
+    api_session,
+    api_usage,
+    deploy_checks,
+    names,
+    schemas,
+)
 from raydock.platform.api_deps import User, admin_user, ctx, job_ref
 from raydock.platform.bootstrap import ensure_platform_actors
 from raydock.platform.jobs import EXPORT_URL_TTL_S, deployconfig_from, exports_key
@@ -553,12 +561,14 @@ app.include_router(router)
 app.include_router(api_hub.router)
 app.include_router(api_notify.router)  # notifications: webhooks, deliveries
 app.include_router(api_usage.router)
+app.include_router(api_session.router)  # the web dashboard's sign-in
 BODY_MODELS.update(
     create_connection=schemas.ConnectionCreate,
     import_from_hf=schemas.HuggingFaceImport,
     deploy_from_hf=schemas.HuggingFaceDeploy,
     deploy_catalog=schemas.CatalogDeploy,
     set_my_webhook=schemas.WebhookSet,
+    sign_in=api_session.SessionCreate,
 )
 
 

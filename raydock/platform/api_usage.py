@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-from datetime import UTC, date, datetime
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import ray
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 
-from raydock.errors import ApiError
 from raydock.platform import names
 from raydock.platform.api_deps import User, ctx
 
@@ -36,26 +37,21 @@ COLUMNS = (
 )
 
 
-def parse_time(value: str | None, param: str) -> datetime | None:
-    """An ISO 8601 date or date-time (UTC when it names no zone), as naive UTC."""
-    if value is None:
-        return None
-    try:
-        if len(value) == 10:
-            parsed = datetime.combine(date.fromisoformat(value), datetime.min.time())
-        else:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(
-            400,
-            f"{param} must be an ISO 8601 date or date-time (e.g. 2026-12-01 or "
-            f"2026-12-01T08:00:00Z), not {value!r}",
-            param,
-            "invalid_parameter",
-        ) from None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-    return parsed
+def _iso_only(value: object) -> object:
+    """Refuse what pydantic would read as a Unix time (`start=0.5`): dates are ISO 8601."""
+    if isinstance(value, str) and not re.match(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("must be an ISO 8601 date-time or date, e.g. 2026-12-01T08:00:00Z")
+    return value
+
+
+IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """A query's date-time as naive UTC (the database's); one without a zone is UTC."""
+    if value is not None and value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value
 
 
 def group(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
@@ -100,19 +96,18 @@ async def usage(
     deploymentId: str | None = None,
     keyId: str | None = None,
     start: Annotated[
-        str | None, Query(description="ISO 8601 date or date-time (UTC), inclusive")
+        IsoTime | None,
+        Query(description="ISO 8601 date-time or date (UTC unless it names a zone), inclusive"),
     ] = None,
     end: Annotated[
-        str | None, Query(description="ISO 8601 date or date-time (UTC), exclusive")
+        IsoTime | None, Query(description="ISO 8601 date-time or date, exclusive")
     ] = None,
     groupBy: Literal["day", "hour", "minute", "total"] = "day",
     format: Literal["json", "csv"] = "json",
 ):
     """Requests and tokens per period, deployment, adapter and key (what the responses'
     `usage` reported), with totals; `format=csv` downloads the rows."""
-    since, until = parse_time(start, "start"), parse_time(end, "end")
-    if since and until and since >= until:
-        raise ApiError(400, "start must be before end", "start", "invalid_parameter")
+    since, until = as_utc(start), as_utc(end)
     await _flush_meter()
     rows = group(await ctx.registry.usage_rows.remote(since, until, deploymentId, keyId), groupBy)
     if format == "csv":

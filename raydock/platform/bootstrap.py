@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import socket
 from typing import Any
@@ -15,6 +16,7 @@ from ray import serve
 from raydock.config import Settings
 from raydock.platform import names
 from raydock.platform.access_hub import AccessHub
+from raydock.platform.db import DatabaseRefused
 from raydock.platform.lifecycle import Lifecycle
 from raydock.platform.meter import Meter
 from raydock.platform.notify import Notifier
@@ -41,6 +43,11 @@ def connect(settings: Settings, **init_kwargs: Any) -> None:
     # scale delay) it took 1.8 % of a core instead of 4.2-5 %, and the GCS 0.8 % instead of
     # ~2 %, during a c16 load on 2 cores, where every such percent slows the engine
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+    # A stopping replica stays reachable this long (Serve's default: 30 s) so that external
+    # load balancers pointing at its port can drop it; raydock's only ones are Serve's own
+    # proxy and HAProxy, which retries a refused connection elsewhere. In-flight requests
+    # still finish. Every undeploy and scale-down took 30 s longer (undeploy: 31 s -> 4 s)
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     if settings.ray_address:
         ray.init(address=settings.ray_address, namespace=names.NAMESPACE, **init_kwargs)
     else:
@@ -118,6 +125,19 @@ def _registry(settings: Settings):
     return _actor(Registry, names.REGISTRY, settings.db_url, key)
 
 
+def _first_call(ref: Any) -> Any:
+    """The registry's first answer; its refusal to start (db.DatabaseRefused: another
+    platform holds the database, or its schema is newer than this raydock) as that error."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as exc:  # its constructor raised: Ray keeps the text
+        for line in reversed(str(exc).splitlines()):
+            found = re.match(r"\s*(?:[\w.]+\.)?(?:DatabaseRefused|LeaseHeld): (.+)$", line)
+            if found:
+                raise DatabaseRefused(found.group(1)) from None
+        raise
+
+
 def ensure_platform_actors(settings: Settings) -> tuple[Any, Any]:
     """The registry, lifecycle, access hub and meter actors, created again when one died (the API
     replica calls this every few seconds: the platform's supervisor)."""
@@ -143,7 +163,7 @@ def start_platform(settings: Settings) -> dict[str, Any]:
         path.mkdir(parents=True, exist_ok=True)
     cfg = settings.to_dict()
     registry = _registry(settings)
-    admin_key = ray.get(registry.ensure_admin.remote(os.environ.get("RAYDOCK_ADMIN_KEY")))
+    admin_key = _first_call(registry.ensure_admin.remote(os.environ.get("RAYDOCK_ADMIN_KEY")))
     # Serve first: the lifecycle's first pass may restore deployments, which would otherwise
     # start Serve with its default HTTP options
     serve.start(http_options={"host": settings.host, "port": settings.port})

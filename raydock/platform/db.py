@@ -171,7 +171,7 @@ class UploadSession(Base):
     __tablename__ = "upload_sessions"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     file_name: Mapped[str] = mapped_column(String(300))
-    total_size: Mapped[int] = mapped_column(Integer)
+    total_size: Mapped[int] = mapped_column(BigInteger)  # up to 2^53 (PostgreSQL: int8)
     total_chunks: Mapped[int] = mapped_column(Integer)
     received: Mapped[list[str]] = mapped_column(default=list)  # chunk numbers as strings
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -211,22 +211,79 @@ class UserWebhook(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
-def make_engine(url: str) -> Engine:
-    engine = create_engine(url, connect_args={"timeout": 30} if url.startswith("sqlite") else {})
-    if url.startswith("sqlite"):
+class WebSession(Base):
+    """A browser signed in to the dashboard (platform/sessions.py): its signed cookie names
+    this row, so signing out (deleting it) or deleting the key it began with ends it."""
 
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(conn, _record):  # WAL: readers (gateway) never block the writer
-            cur = conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
+    __tablename__ = "web_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    key_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class DatabaseRefused(RuntimeError):
+    """The platform cannot start on this database (another platform holds it, or its schema
+    is one this raydock does not know); the message says why in one line."""
+
+
+class PlatformLease(Base):
+    """Who holds the database (platform/lease.py), for messages and `raydock db current`;
+    the lock itself is PostgreSQL's advisory lock or a lock file beside a SQLite database."""
+
+    __tablename__ = "platform_lease"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)  # always 1
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    platform: Mapped[str] = mapped_column(String(200), default="")  # Ray session, or a command
+    acquired_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+def normalize_url(url: str) -> str:
+    """`postgresql://` and `postgres://` mean psycopg 3, the driver raydock installs
+    (SQLAlchemy 2.0 would pick psycopg2 for the first and reads no `postgres://` at all)."""
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain) :]
+    return url
+
+
+def safe_url(url: str) -> str:
+    """The URL for messages: its password masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(normalize_url(url)).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: say nothing of it
+        return "(an unreadable database URL)"
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    if not url.startswith("sqlite"):
+        # a database server restarted under a running platform: pooled connections are
+        # checked before use instead of failing the next transaction
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(conn, _record):  # WAL: readers (gateway) never block the writer
+        cur = conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
 
     return engine
 
 
-def make_sessionmaker(url: str, create: bool = False) -> sessionmaker:
-    engine = make_engine(url)
+def make_sessionmaker(url: str | Engine, create: bool = False) -> sessionmaker:
+    """Sessions on `url` (or an engine); `create`: bring the schema to this raydock's version
+    first (platform/migrations: creates it in an empty database, adopts one made before
+    migrations existed, refuses one newer than this raydock)."""
+    engine = make_engine(url) if isinstance(url, str) else url
     if create:
-        Base.metadata.create_all(engine)
+        from raydock.platform import migrations
+
+        migrations.upgrade(engine)
     return sessionmaker(engine, expire_on_commit=False)

@@ -48,6 +48,7 @@ DELIVERY_HEADER = "X-Raydock-Delivery"
 
 TIMEOUT_S = 5.0  # one SMTP session or webhook POST
 CHANNELS = ("email", "webhook")
+INTERRUPTED = "interrupted: the notifier stopped before its next attempt"
 STATUSES = ("pending", "delivered", "failed")
 
 
@@ -224,6 +225,11 @@ class Notifier:
         self.delays = backoff_delays(max(1, self.settings.notify_max_attempts))
         self._tasks: set[asyncio.Task] = set()
         self._registry = registry  # unit tests hand one in; the platform's is looked up
+        self._started = datetime.now(UTC).replace(tzinfo=None)
+        if registry is None:  # a Ray actor: close what a notifier before it left pending
+            import ray
+
+            ray.get_runtime_context().current_actor.recover.remote()
 
     @property
     def registry(self):
@@ -237,6 +243,14 @@ class Notifier:
 
     async def ping(self) -> bool:
         return True
+
+    async def recover(self) -> int:
+        """Deliveries that a notifier before this one was still retrying end failed."""
+        try:
+            return await self.registry.abandon_deliveries.remote(self._started, INTERRUPTED)
+        except Exception as exc:
+            log.warning("cannot close the deliveries left pending: %r", exc)
+            return 0
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)

@@ -7,6 +7,7 @@ API-shaped dicts (see views.py) and raises NotFound / Conflict / InvalidTransiti
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 from raydock import params
 from raydock.errors import Conflict, NotFound
 from raydock.platform import db, names, security, views
+from raydock.platform.lease import Lease, ray_session
 from raydock.platform.secrets import SecretBox, SecretUnreadable
 from raydock.platform.states import (
     ACTIVE_DEPLOYMENT,
@@ -56,17 +58,50 @@ def _tell_meter(method: str, *args: Any) -> None:
     _tell(names.METER, method, *args)
 
 
+#: how long a new registry waits for the lease: its predecessor's process (killed, or dead
+#: with its node) may still be going away after Ray has already freed the actor's name
+LEASE_WAIT_S = 15.0
+
+
+def _leave_if_actor(reason: str) -> None:
+    """The lease went to another platform: a registry actor ends (the supervisor's next one
+    takes the lease again once it is free, or refuses); a plain object just refuses writes."""
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+        os._exit(1)
+
+
 class Registry:
-    def __init__(self, db_url: str, secret_key: bytes | None = None):
-        self._sessions = db.make_sessionmaker(db_url, create=True)
+    def __init__(
+        self, db_url: str, secret_key: bytes | None = None, lease_wait_s: float = LEASE_WAIT_S
+    ):
+        # the platform lease first (platform/lease.py: one platform per database), then the
+        # schema brought to this raydock's version (platform/migrations); either refuses with
+        # db.DatabaseRefused, which `raydock up` prints as one line
+        self._lease = Lease(db_url, ray_session())
+        self._lease.acquire(wait_s=lease_wait_s)
+        try:
+            self._sessions = db.make_sessionmaker(db_url, create=True)
+            self._lease.record(self._sessions.kw["bind"])
+        except BaseException:
+            self._lease.release()
+            raise
+        self._lease.watch(on_lost=_leave_if_actor)
         # Hugging Face tokens are sealed with it (None: a registry that stores none)
         self._secrets = SecretBox(secret_key) if secret_key else None
         self._access_changed: set[str] = set()  # deployments whose access data this tx changed
         self._jobs_ended: list[tuple[str, str, float]] = []  # (action, status, seconds)
         self._notices: list[tuple[str, str | None, dict]] = []  # notify.emit after commit
 
+    def close(self) -> None:
+        """Give the lease back and close the database connections (the end of the process
+        does both for a registry actor)."""
+        self._lease.release()
+        self._sessions.kw["bind"].dispose()
+
     @contextmanager
     def _tx(self) -> Iterator[Session]:
+        if self._lease.lost:  # another platform owns the database now: write nothing
+            raise db.DatabaseRefused(self._lease.lost)
         try:
             with self._sessions.begin() as s:
                 yield s
@@ -194,6 +229,39 @@ class Registry:
             row.last_used_at = db.utcnow()
             return views.user(s.get(db.User, row.user_id))
 
+    def start_web_session(
+        self, key: str, session_id: str, expires_at: float
+    ) -> dict[str, Any] | None:
+        """A dashboard sign-in: the user behind a management key, with the session recorded
+        (None, and nothing recorded, for any other key). Expired sessions are dropped here."""
+        with self._tx() as s:
+            row = s.scalar(select(db.ApiKey).where(db.ApiKey.key_hash == security.hash_key(key)))
+            if row is None or row.scope != "management":
+                return None
+            row.last_used_at = now = db.utcnow()
+            s.execute(delete(db.WebSession).where(db.WebSession.expires_at < now))
+            expires = datetime.fromtimestamp(expires_at, UTC).replace(tzinfo=None)
+            s.add(
+                db.WebSession(id=session_id, user_id=row.user_id, key_id=row.id, expires_at=expires)
+            )
+            return views.user(s.get(db.User, row.user_id))
+
+    def session_user(self, session_id: str, user_id: str) -> dict[str, Any] | None:
+        """The user of a live dashboard session: not signed out, not expired, and the
+        management key it began with not deleted."""
+        with self._tx() as s:
+            ws = s.get(db.WebSession, session_id)
+            if ws is None or ws.user_id != user_id or ws.expires_at <= db.utcnow():
+                return None
+            key = s.get(db.ApiKey, ws.key_id)
+            if key is None or key.scope != "management" or key.user_id != user_id:
+                return None
+            return views.user(s.get(db.User, user_id))
+
+    def end_web_session(self, session_id: str) -> None:
+        with self._tx() as s:
+            s.execute(delete(db.WebSession).where(db.WebSession.id == session_id))
+
     # ---------------------------------------------------------------- models
 
     def create_model(
@@ -216,7 +284,7 @@ class Registry:
                     raise Conflict(f"baseModelId {base_model_id} is not a ready base model")
             m = db.Model(
                 id=db.new_id("cm"),
-                name=name,
+                name=name[:200],  # a zip's file name may be longer; PostgreSQL holds to 200
                 source=source,
                 kind=kind,
                 base_model_id=base_model_id,
@@ -664,7 +732,7 @@ class Registry:
             id=db.new_id("key"),
             key_hash=security.hash_key(key),
             prefix=security.display_prefix(key),
-            name=name,
+            name=name[:200],  # "<user name> (management)" may pass the column's 200
             scope=scope,
             deployment_id=deployment_id,
             user_id=user_id,
@@ -1027,6 +1095,19 @@ class Registry:
                 row.last_error = error
             if status == "delivered":
                 row.delivered_at = db.utcnow()
+
+    def abandon_deliveries(self, before: datetime, reason: str) -> int:
+        """End FAILED the deliveries still pending from before `before` (UTC): the notifier
+        that was retrying them stopped. Returns how many."""
+        with self._tx() as s:
+            q = select(db.NotificationDelivery).where(
+                db.NotificationDelivery.status == "pending",
+                db.NotificationDelivery.created_at < before,
+            )
+            rows = list(s.scalars(q))
+            for row in rows:
+                row.status, row.last_error = "failed", reason
+            return len(rows)
 
     def list_deliveries(
         self, kind: str | None = None, status: str | None = None, limit: int = 100

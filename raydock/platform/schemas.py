@@ -327,7 +327,8 @@ def describe_error(err: dict[str, Any], body_model: type[BaseModel] | None) -> t
 
 # ---- notifications: a user's own webhook (platform/notify.py)
 
-_SPACE = NOT_BLANK[2:-1]  # the whitespace class (jsontypes): what no URL may contain
+# what no URL may contain: whitespace (jsontypes' class) and control characters
+_SPACE = NOT_BLANK[2:-1] + "\\u0000-\\u001f\\u007f"
 WEBHOOK_URL_PATTERN = f"^https?://[^/?#@{_SPACE}]+(?:[/?#][^{_SPACE}]*)?$"
 MAX_WEBHOOK_URL = 2000
 

@@ -1,4 +1,5 @@
-"""The inference gateway: the OpenAI-standard `/v1/*` endpoints, and the docs.
+"""The inference gateway: the OpenAI-standard `/v1/*` endpoints, the docs, and the web
+dashboard's page and files (raydock/web/app; its API is the management API's).
 
 `/v1/*` names the deployment in `model` (or by the key), so the gateway authenticates, then
 streams from that deployment's engine app through a DeploymentHandle. Requests to
@@ -13,12 +14,13 @@ import asyncio
 import contextlib
 import hmac
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -196,9 +198,33 @@ async def metrics(request: Request):
 # ------------------------------------------------------------------ docs: one document for all
 
 
+# ------------------------------------------------------------------ the web dashboard
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web" / "app"
+#: everything the dashboard loads comes from this server (it may run offline)
+WEB_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
 @app.get("/", include_in_schema=False)
 async def root():
-    return RedirectResponse("/docs")
+    """The web dashboard (a single page: raydock/web/app; its routes are in the fragment)."""
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html", headers=WEB_HEADERS)
+
+
+class _WebFiles(StaticFiles):
+    async def get_response(self, path, scope):
+        response = await super().get_response(path, scope)
+        response.headers.update(WEB_HEADERS)
+        return response
+
+
+app.mount("/ui", _WebFiles(directory=WEB_DIR), name="web")
 
 
 def combined_openapi() -> dict[str, Any]:

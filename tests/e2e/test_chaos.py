@@ -4,18 +4,24 @@ within 30 s, no job stays IN_PROGRESS, every deployment's status matches its Ser
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 import ray
 from ray import serve
+from ray.serve.api import RunTarget
+from ray.serve.context import _get_global_client
 
 from raydock.client import default_deploy_body
-from raydock.platform import names
+from raydock.modelgen import build_model_zip
+from raydock.platform import lifecycle, names
 
-from .conftest import ASK_JSON, wait_for
+from .conftest import ASK_JSON, Live, deploy_and_wait, import_ready, wait_for
 
 HEAL_S = 30
 REVOKE_S = 1  # a deleted key stops working on every replica within a second (issue 17)
@@ -211,3 +217,188 @@ def chat_ok(live) -> bool:
     headers = {"Authorization": f"Bearer {live.key}"}
     r = httpx.post(f"{live.base_url}/chat/completions", json=body, headers=headers, timeout=60)
     return r.status_code == 200
+
+
+def test_an_app_nobody_owns_is_removed(platform):
+    # an app with a deployment's kind of name and route that no deployment owns
+    name = f"dp-{uuid.uuid4()}"
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    def stray(request) -> str:
+        return "stray"
+
+    target = RunTarget(target=stray.bind(), name=name, route_prefix=names.engine_route(name))
+    serve.run_many([target], wait_for_applications_running=False)
+    started = time.monotonic()
+    assert name in serve.status().applications
+    wait_for(lambda: name not in serve.status().applications, timeout=HEAL_S, interval=0.5)
+    removed = time.monotonic() - started
+    # raydock answers its route again: an unknown deployment
+    r = httpx.post(f"{platform.url}/deployments/{name}/v2/chat/completions", json={}, timeout=30)
+    assert r.status_code in (401, 404) and r.json()["error"], r.text
+    print(f"removed after {removed:.1f} s")
+
+
+def test_a_deployment_whose_app_cannot_come_back_ends_failed_with_why(platform, zips):
+    """About a minute: MAX_RESTORES restores, each of them Serve's 3 tries to start a replica.
+
+    With its own model: the test takes the model's files away (from the store and this
+    node's cache), so every restore of its app fails for real, in the replica."""
+    model = import_ready(platform, build_model_zip(zips / "lost.zip", size="tiny", seed=31))
+    dep = deploy_and_wait(platform, model["modelId"], "lost")
+    dep_id = dep["deploymentId"]
+    stored = ray.get(VICTIMS["registry"]().get_model.remote(model["modelId"]))
+    platform.store.delete(stored["artifactUri"])
+    shutil.rmtree(Path(platform.settings.cache_location) / stored["metadata"]["artifactDigest"])
+    serve.delete(names.engine_app(dep_id), _blocking=False)
+    started = time.monotonic()
+
+    def failed() -> dict | None:
+        d = platform.client.get(f"/deployments/{dep_id}")
+        return d if d["status"] == "FAILED" else None
+
+    dep = wait_for(failed, timeout=180, interval=1)
+    print(f"FAILED after {time.monotonic() - started:.1f} s: {dep['failureReason']}")
+    assert f"{lifecycle.MAX_RESTORES} restores failed" in dep["failureReason"]
+    assert "artifact cannot be used" in dep["failureReason"]  # the replica's own error
+    assert names.engine_app(dep_id) not in serve.status().applications
+    assert_consistent(platform)
+    assert platform.http().delete(f"/api/public/deployments/{dep_id}").status_code == 200
+    assert platform.http().delete(f"/api/public/models/{model['modelId']}").status_code == 200
+
+
+PAIR_UP, PAIR_DOWN = 600, 900  # no autoscaling while a test here runs
+
+
+@pytest.fixture(scope="module")
+def pair(platform, ready_model) -> Live:
+    """A deployment that starts with two replicas, each decoding one sequence at a time."""
+    dep = deploy_and_wait(
+        platform,
+        ready_model["modelId"],
+        "pair",
+        scalingParameters={
+            "maxBatchSize": 1,
+            "minReplicas": 2,
+            "maxReplicas": 3,
+            "scaleUpDelay": PAIR_UP,
+            "scaleDownDelay": PAIR_DOWN,
+        },
+    )
+    key = platform.client.create_key(dep["deploymentId"])
+    yield Live(dep, key, f"{platform.url}/deployments/{dep['deploymentId']}/v2")
+    job = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+    assert platform.client.wait_job(job["dockStatusId"], timeout=120)["status"] == "SUCCESS"
+
+
+def test_the_serve_app_has_the_replicas_and_delays_the_deploy_asked_for(platform, pair):
+    dep_id = pair.deployment["deploymentId"]
+    app = _get_global_client().get_serve_details()["applications"][dep_id]
+    config = app["deployments"]["engine"]["deployment_config"]
+    scaling = config["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["initial_replicas"]) == (2, 2)
+    assert scaling["max_replicas"] == 3
+    assert (scaling["upscale_delay_s"], scaling["downscale_delay_s"]) == (PAIR_UP, PAIR_DOWN)
+    assert config["max_ongoing_requests"] == 1 + 8 + 1  # one decoding, 8 waiting, + 1
+    replicas = platform.client.get(f"/deployments/{dep_id}")["replicas"]
+    assert (replicas["current"], replicas["min"], replicas["max"]) == (2, 2, 3)
+
+
+class Stream(threading.Thread):
+    """One streamed /v1 chat: when its first token came, its content, how it ended."""
+
+    def __init__(self, platform, live, max_tokens: int, n: int = 1):
+        super().__init__(daemon=True)
+        self.url = f"{platform.url}/v1/chat/completions"
+        self.headers = {"Authorization": f"Bearer {live.key}"}
+        self.body = {
+            "model": live.deployment["deploymentId"],
+            "messages": ASK_JSON,
+            "max_tokens": max_tokens,
+            "n": n,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        self.expected_tokens = max_tokens * n
+        self.first_token: float | None = None
+        self.status: int | None = None
+        self.events: list[dict] = []
+        self.done = False
+        self.ended = 0.0
+
+    def run(self) -> None:
+        with httpx.stream("POST", self.url, json=self.body, headers=self.headers, timeout=120) as r:
+            self.status = r.status_code
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    self.done = True
+                elif line.startswith("data: "):
+                    event = json.loads(line.removeprefix("data: "))
+                    self.events.append(event)
+                    if any(c["delta"].get("content") for c in event.get("choices", [])):
+                        self.first_token = self.first_token or time.monotonic()
+        self.ended = time.monotonic()
+
+    def served(self) -> bool:
+        finish = [c["finish_reason"] for e in self.events for c in e.get("choices", [])]
+        errors = [e for e in self.events if "error" in e]
+        usage = [e["usage"] for e in self.events if e.get("usage")]
+        return (
+            self.status == 200
+            and self.done
+            and not errors
+            and finish[-1:] == ["length"]
+            and [u["completion_tokens"] for u in usage] == [self.expected_tokens]
+        )
+
+
+def replicas_of(app: str) -> list:
+    return [
+        ray.get_actor(a["name"], namespace=a["namespace"])
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{app}#")
+    ]
+
+
+def test_v1_requests_without_a_token_move_to_another_replica_when_theirs_dies(platform, pair):
+    dep_id = pair.deployment["deploymentId"]
+    replicas = replicas_of(dep_id)
+    assert len(replicas) == 2
+
+    def ongoing() -> list[int]:
+        return ray.get([r.get_num_ongoing_requests.remote() for r in replicas])
+
+    # a long stream decoding on each replica (one sequence at a time; its 2 choices decode one
+    # after the other, which leaves seconds for the rest): Serve picks the replica, so more
+    # are sent until both decode one; the ones after the first on a replica wait, as do the
+    # short ones sent next
+    long: list[Stream] = []
+    while min(ongoing()) == 0:
+        assert len(long) < 8, ongoing()
+        long.append(Stream(platform, pair, 512, n=2))
+        long[-1].start()
+        wait_for(lambda: sum(ongoing()) == len(long), timeout=10, interval=0.02)
+    short = [Stream(platform, pair, 8) for _ in range(6)]
+    for s in short:
+        s.start()
+    wait_for(lambda: sum(ongoing()) == len(long) + len(short), timeout=10, interval=0.02)
+    counts = ongoing()
+    victim = replicas[counts.index(max(counts))]
+    ray.kill(victim, no_restart=False)
+    killed = time.monotonic()
+    streams = long + short
+    for s in streams:
+        s.join(timeout=120)
+    waiting = [s for s in streams if s.first_token is None or s.first_token > killed]
+    print(
+        f"ongoing per replica at the kill: {counts}; without a token then: {len(waiting)}; "
+        f"the long streams ended {[round(s.ended - killed, 1) for s in long]} s after it"
+    )
+    assert len(waiting) >= max(counts) - 1  # those waiting on the victim, at least
+    # every request that had no token yet was served in full, by the other replica
+    assert all(s.served() for s in waiting), [s.events[-2:] for s in waiting if not s.served()]
+    # only the stream the victim was decoding ended otherwise: with an error event
+    (cut,) = [s for s in streams if not s.served()]
+    assert cut.status == 200 and cut.first_token < killed
+    assert cut.events[-1]["error"]["code"] == "replica_failed", cut.events[-1]

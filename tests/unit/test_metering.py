@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -210,8 +211,15 @@ def test_refusals_and_streams_cut_by_the_client_are_counted():
 # ------------------------------------------------------------ the registry's part
 
 
-def _registry_with_key(tmp_path, limits=None):
-    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+@pytest.fixture
+def reg(db_url):
+    """On SQLite and on PostgreSQL (tests/unit/conftest.py)."""
+    registry = Registry(db_url)
+    yield registry
+    registry.close()
+
+
+def _registry_with_key(reg, limits=None):
     model = reg.create_model("m", "file", "u")
     reg.set_model_status(model["modelId"], "VALIDATING")
     reg.set_model_status(model["modelId"], "READY")
@@ -220,8 +228,8 @@ def _registry_with_key(tmp_path, limits=None):
     return reg, dep["deploymentId"], key
 
 
-def test_limits_reach_the_access_snapshot_and_change(tmp_path):
-    reg, dep_id, key = _registry_with_key(tmp_path, {"requestsPerMinute": 3})
+def test_limits_reach_the_access_snapshot_and_change(reg):
+    reg, dep_id, key = _registry_with_key(reg, {"requestsPerMinute": 3})
     assert key["limits"] == {"requestsPerMinute": 3, "tokensPerMinute": None, "tokensPerDay": None}
     snap = reg.access_snapshots([dep_id])[dep_id]
     assert snap["limits"] == {key["keyId"]: {"requestsPerMinute": 3}}
@@ -233,8 +241,8 @@ def test_limits_reach_the_access_snapshot_and_change(tmp_path):
     reg.delete_deployment_key(dep_id, key["keyId"])  # its limits go with it
 
 
-def test_usage_is_added_per_minute_and_filtered(tmp_path):
-    reg, dep_id, key = _registry_with_key(tmp_path)
+def test_usage_is_added_per_minute_and_filtered(reg):
+    reg, dep_id, key = _registry_with_key(reg)
     minute = 1_800_000_000 // 60 * 60
     rows = [(minute, dep_id, "", key["keyId"], 2, 10, 20)]
     reg.record_usage(rows)
@@ -243,8 +251,10 @@ def test_usage_is_added_per_minute_and_filtered(tmp_path):
     assert [(r["requests"], r["promptTokens"], r["completionTokens"]) for r in got] == [(4, 20, 40)]
     assert got[0]["keyName"] == "k" and got[0]["deploymentName"] == "d"
     assert len(reg.usage_rows()) == 2
-    from datetime import datetime
 
-    later = datetime.utcfromtimestamp(minute + 60)
+    def at(epoch: int) -> datetime:
+        return datetime.fromtimestamp(epoch, UTC).replace(tzinfo=None)
+
+    later = at(minute + 60)
     assert [r["keyId"] for r in reg.usage_rows(start=later)] == ["key-gone"]
-    assert reg.tokens_since(datetime.utcfromtimestamp(minute)) == {key["keyId"]: 60, "key-gone": 2}
+    assert reg.tokens_since(at(minute)) == {key["keyId"]: 60, "key-gone": 2}

@@ -398,3 +398,17 @@ def test_a_receiver_refusing_the_signature_fails_the_delivery(reg):
         2,
         "WebhookRefused: HTTP 401: ",
     )
+
+
+def test_a_new_notifier_fails_what_its_predecessor_left_pending(reg):
+    event = notify.new_event(notify.DEPLOYED, None, {"deploymentId": "dp-1"})
+    left = reg.record_delivery(event, "email", "ops@example.test")  # its notifier died
+    time.sleep(0.01)
+    n = _notifier(reg)
+    time.sleep(0.01)
+    current = reg.record_delivery(event, "webhook", "https://h.test/x")  # the new one's own
+    assert asyncio.run(n.recover()) == 1
+    shown = {d["deliveryId"]: d for d in reg.list_deliveries()}
+    assert shown[left["deliveryId"]]["status"] == "failed"
+    assert shown[left["deliveryId"]]["lastError"] == notify.INTERRUPTED
+    assert shown[current["deliveryId"]]["status"] == "pending"

@@ -1,18 +1,22 @@
-"""The registry on a real SQLite file, without Ray."""
+"""The registry on a real SQLite file and a real PostgreSQL server, without Ray."""
 
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import inspect, text
 
 from raydock.client import default_deploy_body
-from raydock.platform import security
+from raydock.platform import db, security
 from raydock.platform.registry import Conflict, NotFound, Registry
 from raydock.platform.states import InvalidTransition
 
 
 @pytest.fixture
-def reg(tmp_path) -> Registry:
-    return Registry(f"sqlite:///{tmp_path / 'raydock.db'}")
+def reg(db_url) -> Registry:
+    """On SQLite and on PostgreSQL (tests/unit/conftest.py)."""
+    registry = Registry(db_url)
+    yield registry
+    registry.close()
 
 
 @pytest.fixture
@@ -27,11 +31,19 @@ def ready_model(reg: Registry, user_id: str) -> dict:
     return reg.set_model_status(m["modelId"], "READY", artifact_uri="/x", checksum="c")
 
 
-def test_first_admin_key_is_created_once_and_stored_hashed(reg, tmp_path):
+def test_first_admin_key_is_created_once_and_stored_hashed(reg, db_url, tmp_path):
     key = reg.ensure_admin()
     assert key.startswith("rdm-")
     assert reg.ensure_admin() is None  # never shown twice
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("raydock.db*"))  # db + WAL
+    if db_url.startswith("sqlite"):
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("raydock.db*"))  # db + WAL
+    else:  # every row of every table, as text
+        engine = db.make_engine(db_url)
+        with engine.connect() as conn:
+            tables = inspect(conn).get_table_names()
+            rows = [r for t in tables for r in conn.execute(text(f'SELECT * FROM "{t}"'))]
+        engine.dispose()
+        raw = repr(rows).encode()
     assert key.encode() not in raw
     assert security.hash_key(key).encode() in raw
     assert reg.authenticate_management(key)["name"] == "admin"
@@ -153,3 +165,13 @@ def test_deleting_a_model_ends_its_running_import(reg, admin):
     reg.delete_model(importing["modelId"])
     ended = reg.get_job(job["dockStatusId"])
     assert ended["status"] == "FAILED" and ended["message"] == "the model was deleted"
+
+
+def test_long_names_fit_their_columns_on_every_backend(reg, admin):
+    """PostgreSQL holds VARCHAR(n) to n (SQLite stores anything): a zip's file name of 250
+    characters names its model, a user name of 200 its management key."""
+    _, user = admin
+    m = reg.create_model("m" * 250, "file", user["userId"])
+    assert reg.get_model(m["modelId"])["name"] == "m" * 200
+    made = reg.create_user("u" * 200, None, False, user["userId"])
+    assert reg.authenticate_management(made["apiKey"])["name"] == "u" * 200

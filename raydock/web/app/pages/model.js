@@ -1,0 +1,75 @@
+// A model's Deployments page: the seed's columns and actions, live.
+import { api } from "../api.js";
+import {
+  anyMenuOpen, badge, clear, copyText, fmtDate, h, kebab, poll, table, toast,
+} from "../ui.js";
+import { POLL_MS } from "./models.js";
+
+export function curlFor(dep) {
+  const url = `${location.origin}/deployments/${dep.deploymentId}/v2/chat/completions`;
+  return `curl ${url} -H 'Authorization: Bearer $RAYDOCK_KEY' -H 'Content-Type: application/json' `
+    + `-d '{"messages": [{"role": "user", "content": "Hello"}]}'`;
+}
+
+const RETRIGGERABLE = new Set(["FAILED", "UNDEPLOYED"]);
+
+export function modelPage(main, modelId) {
+  const id = encodeURIComponent(modelId);
+  const title = h("h1", { text: "Deployments" });
+  const info = h("p", { class: "muted" });
+  const { el, tbody } = table(
+    ["Deployment Name", "ID", "Status", "Tags", "Added By", "Added On", ""], "deployments");
+  const empty = h("p", { class: "muted empty", hidden: true, text: "No deployments of this model yet." });
+  main.append(
+    h("nav", { class: "crumbs" }, h("a", { href: "#/models", text: "Open-Source Models" }), " / ",
+      h("span", { id: "crumb-model" })),
+    h("div", { class: "page-head" }, title), info, el, empty);
+  let shown = "";
+
+  function row(d) {
+    const actions = [
+      { label: "Copy cURL", onSelect: async () => {
+        await copyText(curlFor(d));
+        toast("cURL copied");
+      } },
+      { label: "Manage API Keys",
+        onSelect: () => (location.hash = `#/deployments/${d.deploymentId}/keys`) },
+    ];
+    if (RETRIGGERABLE.has(d.status)) {
+      actions.push({ label: "Re-trigger", onSelect: async () => {
+        try {
+          await api.post(`/deployments/${d.deploymentId}/retrigger`);
+          toast(`${d.name}: re-triggered`);
+          refresh();
+        } catch (err) {
+          toast(err.message, "error");
+        }
+      } });
+    }
+    return h("tr", { dataset: { deploymentId: d.deploymentId } },
+      h("td", { class: "name" }, h("a", { href: `#/deployments/${d.deploymentId}`, text: d.name })),
+      h("td", { class: "mono", text: d.deploymentId }),
+      h("td", {}, badge(d.status, undefined, d.failureReason || undefined)),
+      h("td", {}, (d.tags || []).map((t) => h("span", { class: "tag", text: t }))),
+      h("td", { text: d.addedBy || "—" }),
+      h("td", { text: fmtDate(d.addedOn) }),
+      h("td", { class: "row-menu" }, kebab(`Actions for ${d.name}`, actions)));
+  }
+
+  async function refresh() {
+    const [model, deps] = await Promise.all([
+      api.get(`/models/${id}`), api.get(`/models/${id}/deployments`),
+    ]);
+    title.textContent = `Deployments of ${model.name}`;
+    document.getElementById("crumb-model").textContent = model.name;
+    info.textContent = `${model.sourceLabel} · ${model.statusLabel} · imported ${fmtDate(model.createdAt)}`
+      + (model.error ? ` · ${model.error}` : "");
+    const signature = JSON.stringify(deps.deployments);
+    if (signature === shown || anyMenuOpen()) return;
+    shown = signature;
+    clear(tbody, deps.deployments.map(row));
+    empty.hidden = deps.deployments.length > 0;
+  }
+
+  return poll(refresh, POLL_MS);
+}

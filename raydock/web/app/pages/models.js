@@ -1,0 +1,79 @@
+// Open-Source Models: the seed's list, with search, live counts and a three-dot menu.
+import { api } from "../api.js";
+import { anyMenuOpen, badge, clear, confirmAction, h, kebab, poll, table, toast } from "../ui.js";
+import { importDialog } from "./import.js";
+
+export const POLL_MS = 3000;
+
+export function modelsPage(main) {
+  let models = [];
+  let shown = "";
+  const search = h("input", {
+    type: "search", id: "model-search", placeholder: "Search models", "aria-label": "Search models",
+  });
+  const { el, tbody } = table(
+    ["Model Name", "Active Deployments", "Deployment Failed", "Ready to Deploy", "Source", ""],
+    "models");
+  const empty = h("p", { class: "muted empty", hidden: true });
+  const importButton = h("button", { type: "button", class: "btn primary", text: "Import model",
+    onclick: () => importDialog(refresh) });
+  main.append(
+    h("div", { class: "page-head" }, h("h1", { text: "Open-Source Models" }),
+      h("div", { class: "tools" }, search, importButton)),
+    el, empty);
+
+  function render(force = false) {
+    const q = search.value.trim().toLowerCase();
+    const rows = models.filter((m) => !q || m.name.toLowerCase().includes(q)
+      || (m.tags || []).some((t) => t.toLowerCase().includes(q)));
+    const signature = JSON.stringify([q, rows]);
+    if (!force && (signature === shown || anyMenuOpen())) return;
+    shown = signature;
+    clear(tbody, rows.map(row));
+    empty.hidden = rows.length > 0;
+    empty.textContent = models.length ? "No model matches your search." : "No models yet: import one.";
+  }
+
+  function row(m) {
+    const name = h("td", { class: "name" },
+      h("a", { href: `#/models/${encodeURIComponent(m.modelId)}`, text: m.name }));
+    name.append(" ", badge(m.status, m.statusLabel, m.error || undefined));
+    if (m.kind === "adapter") name.append(" ", h("span", { class: "tag", text: "adapter" }));
+    if (m.status === "IMPORT_FAILED" && m.error) {
+      name.append(h("div", { class: "error-detail", text: m.error }));
+    }
+    return h("tr", { dataset: { modelId: m.modelId } },
+      name,
+      h("td", { class: "num", "data-col": "active", text: m.activeDeployments }),
+      h("td", { class: "num", "data-col": "failed", text: m.deploymentFailed }),
+      h("td", { class: "num", "data-col": "ready", text: m.readyToDeploy }),
+      h("td", { "data-col": "source", text: m.sourceLabel }),
+      h("td", { class: "row-menu" }, kebab(`Actions for ${m.name}`, [
+        { label: "View deployments",
+          onSelect: () => (location.hash = `#/models/${encodeURIComponent(m.modelId)}`) },
+        { label: "Delete", danger: true, onSelect: () => remove(m) },
+      ])));
+  }
+
+  async function remove(m) {
+    const done = await confirmAction({
+      title: `Delete ${m.name}?`,
+      message: "The model, its files and its deployments' records are removed. "
+        + "A model with active deployments cannot be deleted: undeploy them first.",
+      confirmLabel: "Delete model",
+      action: () => api.del(`/models/${encodeURIComponent(m.modelId)}`),
+    });
+    if (done) {
+      toast(`${m.name} deleted`);
+      refresh();
+    }
+  }
+
+  async function refresh() {
+    models = (await api.get("/models")).models;
+    render();
+  }
+
+  search.addEventListener("input", () => render(true));
+  return poll(refresh, POLL_MS);
+}

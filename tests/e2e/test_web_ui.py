@@ -1,0 +1,284 @@
+"""The web dashboard in a real browser: Debian's chromium driven by Playwright, against the
+session's platform through the Serve ingress (the page, its scripts and the API on one port).
+
+The tests assert what a user sees (texts, rows, dialogs) and check the same facts from outside
+the browser with plain HTTP: the session cookie's attributes and CSRF rule, a key created in
+the page answering a real chat request, and refusals after deletion and sign-out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.e2e.conftest import Live, Platform, wait_for
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TIMEOUT_MS = 15_000
+#: a folder for screenshots of the pages (build artifacts), when set
+SHOTS = os.environ.get("RAYDOCK_UI_SCREENSHOTS")
+
+
+def shot(page: Page, name: str) -> None:
+    if SHOTS:
+        os.makedirs(SHOTS, exist_ok=True)
+        page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Browser:
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is not installed (apt-get install chromium; .ci/run does)")
+    with sync_playwright() as pw:
+        # root in a container: chromium's sandbox needs user namespaces it may not have
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, platform: Platform) -> Page:
+    context = browser.new_context(base_url=platform.url)
+    context.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, errors  # no uncaught script error on any page
+
+
+def sign_in(page: Page, key: str) -> None:
+    page.goto("/")
+    page.get_by_label("Management key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def session_cookies(page: Page) -> dict[str, dict]:
+    return {c["name"]: c for c in page.context.cookies()}
+
+
+def chat(platform: Platform, deployment_id: str, key: str) -> httpx.Response:
+    return httpx.post(
+        f"{platform.url}/deployments/{deployment_id}/v2/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        timeout=60,
+    )
+
+
+def test_sign_in_shows_the_models_page_with_a_cookie_session(
+    page: Page, platform: Platform, ready_model: dict, live: Live
+):
+    sign_in(page, platform.admin_key + "-wrong")
+    error = page.locator("#sign-in-error")
+    expect(error).to_be_visible()
+    expect(error).to_contain_text("not a valid management key")
+    expect(page.get_by_role("heading", name="Open-Source Models")).to_have_count(0)
+
+    page.get_by_label("Management key").fill(platform.admin_key)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Open-Source Models")).to_be_visible()
+    expect(page.locator("#user-name")).to_have_text("admin")
+
+    # the session model's row: the seed's columns, with the API's own counts
+    row = page.locator(f'tr[data-model-id="{ready_model["modelId"]}"]')
+    expect(row).to_be_visible()
+    model = platform.client.get(f"/models/{ready_model['modelId']}")
+    assert model["activeDeployments"] >= 1  # `live` is deployed
+    expect(row.locator("td.name")).to_contain_text(model["name"])
+    expect(row.locator('[data-col="active"]')).to_have_text(str(model["activeDeployments"]))
+    expect(row.locator('[data-col="failed"]')).to_have_text(str(model["deploymentFailed"]))
+    expect(row.locator('[data-col="ready"]')).to_have_text(str(model["readyToDeploy"]))
+    expect(row.locator('[data-col="source"]')).to_have_text("File")
+    shot(page, "models")
+    headers = page.locator("table.models th").all_inner_texts()
+    assert [h.strip().lower() for h in headers[:5]] == [
+        "model name",
+        "active deployments",
+        "deployment failed",
+        "ready to deploy",
+        "source",
+    ]
+
+    # search filters the list
+    page.get_by_label("Search models").fill("no-such-model-anywhere")
+    expect(row).to_have_count(0)
+    expect(page.get_by_text("No model matches your search.")).to_be_visible()
+    page.get_by_label("Search models").fill(model["name"][:5])
+    expect(row).to_be_visible()
+
+    # the three-dot menu's Delete: confirmation, then the API's rule (an active deployment)
+    row.get_by_role("button", name=f"Actions for {model['name']}").click()
+    page.get_by_role("menuitem", name="Delete").click()
+    dialog = page.locator("dialog[open]")
+    expect(dialog).to_contain_text(f"Delete {model['name']}?")
+    dialog.get_by_role("button", name="Delete model").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("active deployments")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(row).to_be_visible()
+    assert platform.client.get(f"/models/{ready_model['modelId']}")["status"] == "READY"
+
+    # the session: HttpOnly + SameSite=Strict; no key in the cookies or the page's storage
+    cookies = session_cookies(page)
+    session, csrf = cookies["raydock_session"], cookies["raydock_csrf"]
+    assert session["httpOnly"] and session["sameSite"] == "Strict"
+    assert not csrf["httpOnly"] and csrf["sameSite"] == "Strict"
+    assert all(platform.admin_key not in c["value"] for c in cookies.values())
+    stored = page.evaluate(
+        "() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])"
+    )
+    assert platform.admin_key not in stored
+    assert "raydock_session" not in page.evaluate("document.cookie")  # scripts cannot read it
+
+    # the cookie alone authenticates reads; a change also needs the CSRF header
+    jar = {"raydock_session": session["value"], "raydock_csrf": csrf["value"]}
+    with httpx.Client(base_url=platform.url, cookies=jar, timeout=30) as http:
+        assert http.get("/api/public/models").status_code == 200
+        path = f"/api/public/deployments/{live.deployment['deploymentId']}/api-keys"
+        refused = http.post(path, json={"name": "csrf-probe"})
+        assert refused.status_code == 403, refused.text
+        assert "CSRF" in refused.json()["error"]["message"]
+        made = http.post(path, json={"name": "csrf-probe"}, headers={"X-CSRF-Token": "nope"})
+        assert made.status_code == 403
+        made = http.post(path, json={"name": "csrf-probe"}, headers={"X-CSRF-Token": csrf["value"]})
+        assert made.status_code == 201, made.text
+        gone = http.delete(
+            f"{path}/{made.json()['keyId']}", headers={"X-CSRF-Token": csrf["value"]}
+        )
+        assert gone.status_code == 200
+    # API clients are unchanged: the key header, no cookie, no CSRF token
+    with platform.http() as http:
+        assert http.post(path, json={"name": "header-key"}).status_code == 201
+
+
+def test_a_key_made_in_the_page_works_until_deleted_there(
+    page: Page, platform: Platform, live: Live
+):
+    dep_id = live.deployment["deploymentId"]
+    sign_in(page, platform.admin_key)
+    expect(page.locator("#user-name")).to_have_text("admin")
+    page.goto(f"/#/deployments/{dep_id}/endpoint")
+    expect(page.locator(".dep-head [data-status]")).to_have_text("Deployed")
+    expect(page.locator("#endpoint-url")).to_have_text(
+        f"{platform.url}/deployments/{dep_id}/v2/chat/completions"
+    )
+    expect(page.locator("#curl-sample")).to_contain_text(f"/deployments/{dep_id}/v2/chat")
+    shot(page, "deployment-endpoint")
+
+    page.get_by_role("tab", name="API keys").click()
+    page.get_by_label("Name").fill("ui-key")
+    page.get_by_text("Limits (optional)").click()
+    rpm = page.get_by_label("Requests per minute")
+    expect(rpm).to_have_attribute("min", "1")  # the range, read from the OpenAPI document
+    rpm.fill("1000")
+    page.get_by_role("button", name="Create API key").click()
+    shown = page.locator("#new-api-key")
+    expect(shown).to_be_visible()
+    key = shown.inner_text().strip()
+    assert re.fullmatch(r"\S{20,}", key), key
+    page.get_by_role("button", name="Copy and close").click()
+    expect(shown).to_have_count(0)
+    assert key not in page.content()  # shown once: gone from the page
+    row = page.locator('tr[data-key-name="ui-key"]')
+    expect(row).to_contain_text("requestsPerMinute: 1,000")
+    expect(row).to_contain_text(key[:10])  # the prefix lists show
+    shot(page, "deployment-keys")
+
+    reply = chat(platform, dep_id, key)
+    assert reply.status_code == 200, reply.text
+
+    # live refresh: a key made elsewhere appears without a reload
+    other = platform.client.create_key(dep_id, "made-by-api")
+    assert other
+    expect(page.locator('tr[data-key-name="made-by-api"]')).to_be_visible()
+
+    row.get_by_role("button", name="Delete key ui-key").click()
+    dialog = page.locator("dialog[open]")
+    expect(dialog).to_contain_text("Delete the key ui-key?")
+    dialog.get_by_role("button", name="Delete key").click()
+    expect(row).to_have_count(0)
+    wait_for(lambda: chat(platform, dep_id, key).status_code == 401, timeout=10)
+
+    # the Metrics tab reads /metrics: this deployment has served requests
+    page.get_by_role("tab", name="Metrics").click()
+    expect(page.locator("#metric-requests")).to_have_text(re.compile(r"^[1-9][\d,]*$"))
+    expect(page.locator("#metric-ttft")).to_have_text(re.compile(r"^[\d,]+ ms$"))
+    # a rate needs two readings (one poll apart): then the charts draw a line
+    expect(page.locator("svg#chart-requests polyline")).to_have_count(1)
+    expect(page.locator("svg#chart-tokens polyline")).to_have_count(1)
+    shot(page, "deployment-metrics")
+
+
+def test_sign_out_ends_the_session(page: Page, platform: Platform):
+    sign_in(page, platform.admin_key)
+    expect(page.locator("#user-name")).to_have_text("admin")
+    cookie = session_cookies(page)["raydock_session"]["value"]
+    page.get_by_role("button", name="Sign out").click()
+    expect(page.get_by_label("Management key")).to_be_visible()
+    expect(page.locator("#user-name")).to_be_hidden()
+    assert "raydock_session" not in session_cookies(page)
+    # the old cookie, replayed, is refused: the server ended the session
+    reply = httpx.get(
+        f"{platform.url}/api/public/models", cookies={"raydock_session": cookie}, timeout=30
+    )
+    assert reply.status_code == 401, reply.text
+    page.reload()
+    expect(page.get_by_label("Management key")).to_be_visible()
+
+
+WATCH_PROGRESS = """() => {
+    const bar = document.getElementById("import-progress");
+    window.progressSeen = [];
+    new MutationObserver(() => window.progressSeen.push(Number(bar.getAttribute("aria-valuenow"))))
+        .observe(bar, {attributes: true, attributeFilter: ["aria-valuenow"]});
+}"""
+
+
+def test_import_dialog_uploads_with_progress_and_the_row_goes_live(
+    page: Page, platform: Platform, tiny_zip, tmp_path
+):
+    """A wrong file is refused in the page with its reason; a zip goes up in chunks (the bar
+    reaches 100 %), its row follows the import live to Ready to Deploy, then the three-dot
+    menu deletes it (no deployments: the API allows it)."""
+    sign_in(page, platform.admin_key)
+    page.get_by_role("button", name="Import model").click()
+    dialog = page.locator("dialog[open]")
+    expect(dialog.get_by_role("tab", name="Base Model")).to_have_attribute("aria-selected", "true")
+    expect(dialog).to_contain_text("config.json")  # the Instructions panel
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    dialog.locator("#import-file").set_input_files(notes)
+    expect(dialog.get_by_role("alert")).to_contain_text('"notes.txt" is not one')
+    shot(page, "import-refused")
+    dialog.get_by_role("button", name="Import").click()  # refused before any upload
+    expect(dialog.locator("#import-progress")).to_be_hidden()
+
+    upload = tmp_path / "ui-upload.zip"
+    upload.write_bytes(tiny_zip.read_bytes())
+    dialog.locator("#import-file").set_input_files(upload)
+    expect(dialog.get_by_role("alert")).to_be_hidden()
+    page.evaluate(WATCH_PROGRESS)
+    dialog.get_by_role("button", name="Import").click()
+    expect(dialog).to_have_count(0)  # closes once the upload completed
+    seen = page.evaluate("window.progressSeen")
+    assert seen and seen[-1] == 100 and seen == sorted(seen), seen
+    row = page.locator("tr", has=page.get_by_role("link", name="ui-upload", exact=True))
+    expect(row.locator("[data-status]")).to_have_text("Ready to Deploy", timeout=120_000)
+    (model,) = [m for m in platform.client.get("/models")["models"] if m["name"] == "ui-upload"]
+    assert model["status"] == "READY" and model["sourceLabel"] == "File"
+
+    row.get_by_role("button", name="Actions for ui-upload").click()
+    page.get_by_role("menuitem", name="Delete").click()
+    page.locator("dialog[open]").get_by_role("button", name="Delete model").click()
+    expect(row).to_have_count(0)
+    assert all(m["name"] != "ui-upload" for m in platform.client.get("/models")["models"])

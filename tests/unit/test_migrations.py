@@ -1,0 +1,358 @@
+"""The schema's versions (Alembic) and the platform lease, on a real SQLite file and a real
+PostgreSQL server (tests/pg_server.py), without Ray: `raydock up` checks both before Ray
+starts, and the registry applies migrations and holds the lease for its life."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from raydock import cli
+from raydock.platform import db, migrations, security
+from raydock.platform.lease import Lease, LeaseHeld
+from raydock.platform.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def schema_differences(url: str) -> list:
+    """What Alembic's autogenerate finds between the database and db.py's metadata."""
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            return compare_metadata(ctx, db.Base.metadata)
+    finally:
+        engine.dispose()
+
+
+def revision_of(url: str) -> str | None:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def sql(url: str, *statements: str) -> list:
+    """Run statements in one transaction; the last one's rows (if it returns any)."""
+    engine = db.make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for st in statements:
+                result = conn.execute(text(st))
+            return list(result) if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
+def inspect_tables(url: str) -> set[str]:
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def upgrade(url: str):
+    engine = db.make_engine(url)
+    try:
+        return migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def registries():
+    """Registries a test opens, closed at its end (their lease and connections)."""
+    made: list[Registry] = []
+
+    def open_(url: str, **kw) -> Registry:
+        made.append(Registry(url, **kw))
+        return made[-1]
+
+    yield open_
+    for r in made:
+        r.close()
+
+
+# ---------------------------------------------------------------- schema versions
+
+
+def test_alembic_upgrade_head_on_an_empty_database_makes_exactly_db_pys_schema(db_url):
+    engine = db.make_engine(db_url)
+    started = time.perf_counter()
+    with engine.begin() as conn:  # Alembic's own command, on the package's configuration
+        command.upgrade(migrations.config(conn), "head")
+    took = time.perf_counter() - started
+    engine.dispose()
+    print(f"alembic upgrade head on an empty database: {took:.3f} s")
+    assert revision_of(db_url) == migrations.head()
+    assert schema_differences(db_url) == []
+    # and the path the registry takes finds nothing left to do
+    before, now = upgrade(db_url)
+    assert (before.revision, before.pending, now) == (migrations.head(), [], migrations.head())
+
+
+def test_an_empty_sqlite_migrates_in_well_under_a_second(tmp_path):
+    migrations.baseline_columns()  # warm: imports and the scripts' parse, once per process
+    started = time.perf_counter()
+    db.make_sessionmaker(f"sqlite:///{tmp_path / 'fresh.db'}", create=True)
+    assert time.perf_counter() - started < 0.5
+
+
+OLDER_TABLES = [t for name, t in db.Base.metadata.tables.items() if name != "usage"]
+
+
+def test_a_database_made_before_migrations_is_adopted_and_keeps_its_rows(db_url, registries):
+    # what an older raydock left: create_all of its tables (no usage table yet, no
+    # alembic_version), with a user, a key and a model in it
+    engine = db.make_engine(db_url)
+    db.Base.metadata.create_all(engine, tables=OLDER_TABLES)
+    engine.dispose()
+    sessions = db.make_sessionmaker(db_url)  # no migrations: rows as that raydock wrote them
+    admin_key = security.new_key(security.MANAGEMENT_PREFIX)
+    with sessions.begin() as s:
+        s.add(db.User(id="u-old", name="admin", is_admin=True))
+        s.flush()
+        s.add(Registry._key_row(admin_key, "admin", "management", None, "u-old", "u-old"))
+        s.add(db.Model(id="cm-old", name="kept", source="file", status="READY", tags=["a"]))
+    sessions.kw["bind"].dispose()
+    assert revision_of(db_url) is None and "usage" not in inspect_tables(db_url)
+
+    reg = registries(db_url)  # what `raydock up` starts: adopts, then upgrades
+
+    assert revision_of(db_url) == migrations.head()
+    assert schema_differences(db_url) == []
+    assert reg.authenticate_management(admin_key)["userId"] == "u-old"
+    assert reg.get_model("cm-old")["tags"] == ["a"]
+    assert reg.ensure_admin() is None  # the old admin is still the admin
+    reg.record_usage([(1_800_000_000, "dp-1", "", "key-1", 1, 2, 3)])  # the table it lacked
+    assert reg.tokens_since(db.utcnow().replace(year=2020)) == {"key-1": 5}
+
+
+def test_a_pre_migration_database_that_does_not_match_is_refused_naming_what_differs(db_url):
+    engine = db.make_engine(db_url)
+    db.Base.metadata.create_all(engine, tables=OLDER_TABLES)
+    engine.dispose()
+    sql(db_url, "ALTER TABLE models DROP COLUMN checksum")
+    with pytest.raises(db.DatabaseRefused, match="table models lacks checksum"):
+        Registry(db_url, lease_wait_s=0)
+    assert revision_of(db_url) is None  # nothing written
+
+
+def test_a_database_newer_than_this_raydock_is_refused_naming_its_revision(db_url, registries):
+    registries(db_url).close()
+    sql(db_url, "UPDATE alembic_version SET version_num = '0042_from_the_future'")
+    with pytest.raises(db.DatabaseRefused, match="revision '0042_from_the_future'.*newer"):
+        Registry(db_url, lease_wait_s=0)
+    assert revision_of(db_url) == "0042_from_the_future"  # left as it was
+    # the lease went back with the refusal: the next start is refused for the same reason
+    with pytest.raises(db.DatabaseRefused, match="0042_from_the_future"):
+        Registry(db_url, lease_wait_s=0)
+
+
+def home_with(tmp_path: Path, monkeypatch, db_url: str) -> Path:
+    """A data dir whose database is `db_url` (SQLite: moved into the dir, as `raydock up`
+    would have it)."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("RAYDOCK_HOME", str(home))
+    monkeypatch.setenv("RAYDOCK_DATABASE_URL", db_url)
+    return home
+
+
+def no_ray(monkeypatch) -> None:
+    def refuse(*_a, **_k):
+        raise AssertionError("Ray must not start for a database that cannot be used")
+
+    monkeypatch.setattr("raydock.platform.bootstrap.connect", refuse)
+
+
+def test_raydock_up_refuses_a_newer_database_in_one_line_before_ray_starts(
+    db_url, registries, tmp_path, monkeypatch, capsys
+):
+    registries(db_url).close()
+    sql(db_url, "UPDATE alembic_version SET version_num = '0042_from_the_future'")
+    home_with(tmp_path, monkeypatch, db_url)
+    no_ray(monkeypatch)
+    assert cli.main(["up"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("raydock: the database is at schema")
+    assert "'0042_from_the_future'" in err
+    assert cli.main(["db", "current"]) == 1
+    assert "0042_from_the_future" in capsys.readouterr().err
+
+
+def test_db_commands_report_adopt_and_upgrade(db_url, tmp_path, monkeypatch, capsys):
+    home_with(tmp_path, monkeypatch, db_url)
+    engine = db.make_engine(db_url)
+    db.Base.metadata.create_all(engine, tables=OLDER_TABLES)
+    engine.dispose()
+    head = migrations.head()
+
+    assert cli.main(["db", "history"]) == 0
+    assert capsys.readouterr().out.startswith(f"{head} (head)  Initial schema")
+    assert cli.main(["db", "current"]) == 0
+    out = capsys.readouterr().out
+    assert "revision: none (made before migrations" in out and f"pending: {head}" in out
+    assert "lease: free" in out
+
+    with Lease(db_url, "a running platform") as held:  # never under a platform's feet
+        held.acquire()
+        assert cli.main(["db", "upgrade"]) == 1
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()} on host" in err and "a running platform" in err
+        assert cli.main(["db", "current"]) == 0
+        assert f"lease: held by pid {os.getpid()}" in capsys.readouterr().out
+    assert revision_of(db_url) is None
+
+    assert cli.main(["db", "upgrade"]) == 0
+    assert f"adopted (made before migrations), then upgraded from nothing to {head}" in (
+        capsys.readouterr().out
+    )
+    assert schema_differences(db_url) == []
+    assert cli.main(["db", "upgrade"]) == 0
+    assert f"is at {head} (head)" in capsys.readouterr().out
+    assert cli.main(["db", "current"]) == 0
+    assert f"revision: {head} (head)" in capsys.readouterr().out
+
+
+def test_a_plain_postgresql_url_means_psycopg_3():
+    assert db.normalize_url("postgresql://u:p@h/d") == "postgresql+psycopg://u:p@h/d"
+    assert db.normalize_url("postgres://h/d") == "postgresql+psycopg://h/d"
+    assert db.safe_url("postgresql://u:secret@h/d") == "postgresql+psycopg://u:***@h/d"
+
+
+# ---------------------------------------------------------------- the lease
+
+
+def test_a_second_registry_is_refused_naming_the_holder_and_takes_over_once_it_lets_go(db_url):
+    first = Registry(db_url)
+    key = first.ensure_admin()
+    started = time.monotonic()
+    with pytest.raises(LeaseHeld, match=f"in use by another raydock platform \\(pid {os.getpid()}"):
+        Registry(db_url, lease_wait_s=0)
+    assert time.monotonic() - started < 2  # refused at once, not after a wait
+    first.close()
+    second = Registry(db_url, lease_wait_s=0)
+    try:
+        assert second.authenticate_management(key)["name"] == "admin"
+    finally:
+        second.close()
+
+
+def test_a_restarted_registry_waits_for_its_predecessor_instead_of_failing(db_url):
+    """The supervisor may create the next registry while the dead one's process is still
+    going away: the new one waits for the lease rather than refusing or hanging."""
+    first = Registry(db_url)
+    threading.Timer(0.6, first.close).start()
+    started = time.monotonic()
+    second = Registry(db_url, lease_wait_s=10)
+    took = time.monotonic() - started
+    second.close()
+    assert 0.5 < took < 5, took
+
+
+HOLDER = """
+import sys, time
+from raydock.platform.lease import Lease
+lease = Lease(sys.argv[1], "a platform that will be killed")
+lease.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holder_releases_the_lease_to_the_next_platform(db_url):
+    """The OS (flock) or the server (advisory lock) releases a dead process's lease: a crashed
+    platform never blocks the next start."""
+    upgrade(db_url)  # the holder's row goes into platform_lease (PostgreSQL)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, db_url], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseHeld, match=f"pid {holder.pid} on host .*will be killed"):
+            Lease(db_url).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lease = Lease(db_url, "next")
+    lease.acquire(wait_s=5, any_holder=False)  # the dead holder is going away: a moment
+    assert lease.held
+    lease.release()
+
+
+def test_raydock_up_refuses_a_held_database_in_one_line_before_ray_starts(
+    db_url, tmp_path, monkeypatch, capsys
+):
+    home_with(tmp_path, monkeypatch, db_url)
+    no_ray(monkeypatch)
+    upgrade(db_url)  # as a running platform has it
+    with Lease(db_url, "Ray session session_other") as held:
+        held.acquire()
+        started = time.monotonic()
+        assert cli.main(["up"]) == 1
+        assert time.monotonic() - started < 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("raydock: the database ") and "in use by another raydock platform" in err
+    assert f"pid {os.getpid()} on host" in err and "session_other" in err
+
+
+def test_postgresql_lease_survives_a_cut_connection_unless_another_took_it(pg_server):
+    url = pg_server.new_database()
+    reg = Registry(url)
+    try:
+        lease_pid = reg._lease._conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        reg._lease._conn.commit()
+        cut = f"SELECT pg_terminate_backend({lease_pid})"
+        sql(url, cut)
+        assert reg._lease.check()  # nobody took it meanwhile: taken again
+        assert reg.ensure_admin()
+        # cut again, and another platform takes it before this one notices
+        lease_pid = reg._lease._conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        reg._lease._conn.commit()
+        sql(url, f"SELECT pg_terminate_backend({lease_pid})")
+        other = Lease(url, "the other platform")
+        other.acquire()
+        assert not reg._lease.check()
+        reg._lease.lost = "lost to the other platform"  # what the watch thread sets
+        with pytest.raises(db.DatabaseRefused, match="lost to the other platform"):
+            reg.ensure_admin()
+        other.release()
+    finally:
+        reg.close()
+
+
+def test_an_in_memory_sqlite_needs_no_lease_file():
+    reg = Registry("sqlite://")
+    try:
+        assert reg.ensure_admin()
+    finally:
+        reg.close()
+
+
+def test_the_lease_file_sits_beside_the_sqlite_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    reg = Registry(url)
+    try:
+        assert (tmp_path / "x.db.lock").exists()
+        (row,) = sql(url, "SELECT host, pid, platform FROM platform_lease")
+        assert row.pid == os.getpid()
+    finally:
+        reg.close()

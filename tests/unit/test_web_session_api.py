@@ -1,0 +1,108 @@
+"""The dashboard's session routes and the management API's cookie rule, over HTTP (FastAPI's
+test client on the API app) with a real registry on SQLite, without Ray."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from raydock.config import load_settings
+from raydock.platform import api_deps, sessions
+from raydock.platform.api import app
+from raydock.platform.registry import Registry
+
+
+class _Call:
+    def __init__(self, fn):
+        self.fn = fn
+
+    async def remote(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class _Actor:
+    """The registry as the routes call it (`await registry.method.remote(...)`)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __getattr__(self, name):
+        return _Call(getattr(self.target, name))
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAYDOCK_SECRET_KEY", raising=False)
+    reg = Registry(f"sqlite:///{tmp_path / 'raydock.db'}")
+    admin_key = reg.ensure_admin()
+    monkeypatch.setattr(api_deps.ctx, "settings", load_settings(home=str(tmp_path)), raising=False)
+    monkeypatch.setattr(api_deps.ctx, "registry", _Actor(reg), raising=False)
+    monkeypatch.setattr(api_deps.ctx, "session_key", None)
+    with TestClient(app, base_url="http://raydock.test") as c:
+        c.admin_key = admin_key
+        yield c
+
+
+def test_sign_in_sets_an_httponly_strict_cookie_and_returns_the_csrf_token(client):
+    refused = client.post("/public/session", json={"apiKey": client.admin_key + "x"})
+    assert refused.status_code == 401
+    assert refused.json()["error"]["message"] == "this is not a valid management key"
+    assert "set-cookie" not in refused.headers
+
+    reply = client.post("/public/session", json={"apiKey": client.admin_key})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["signedIn"] and body["user"]["name"] == "admin"
+    set_cookie = reply.headers.get_list("set-cookie")
+    session = next(c for c in set_cookie if c.startswith("raydock_session="))
+    csrf = next(c for c in set_cookie if c.startswith("raydock_csrf="))
+    assert "HttpOnly" in session and "SameSite=strict" in session and "Path=/" in session
+    assert "HttpOnly" not in csrf and "SameSite=strict" in csrf
+    assert f"raydock_csrf={body['csrfToken']};" in csrf
+    assert client.admin_key not in " ".join(set_cookie)
+    assert client.get("/public/session").json()["user"]["name"] == "admin"
+
+
+def test_the_cookie_needs_the_csrf_header_for_changes(client):
+    csrf = client.post("/public/session", json={"apiKey": client.admin_key}).json()["csrfToken"]
+    assert client.get("/public/models").status_code == 200
+    body = {"name": "u2"}
+    refused = client.post("/public/users", json=body)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == "csrf_failed"
+    assert client.post("/public/users", json=body, headers={"X-CSRF-Token": "x"}).status_code == 403
+    made = client.post("/public/users", json=body, headers={sessions.CSRF_HEADER: csrf})
+    assert made.status_code == 201
+    # a key header still works alone (API clients), and wins over the cookie
+    client.cookies.clear()
+    headers = {"X-api-key": client.admin_key}
+    assert client.post("/public/users", json={"name": "u3"}, headers=headers).status_code == 201
+    assert client.get("/public/models").status_code == 401
+
+
+def test_sign_out_ends_the_session_on_the_server(client):
+    csrf = client.post("/public/session", json={"apiKey": client.admin_key}).json()["csrfToken"]
+    token = client.cookies.get(sessions.COOKIE)
+    assert client.delete("/public/session").status_code == 403  # no CSRF token
+    out = client.delete("/public/session", headers={sessions.CSRF_HEADER: csrf})
+    assert out.status_code == 200 and not out.json()["signedIn"]
+    assert sessions.COOKIE not in client.cookies
+    # the same cookie replayed: refused, and GET /session says signed out and clears it
+    client.cookies.set(sessions.COOKIE, token)
+    assert client.get("/public/models").status_code == 401
+    assert client.get("/public/session").json() == {
+        "signedIn": False,
+        "user": None,
+        "csrfToken": None,
+        "expiresAt": None,
+    }
+
+
+def test_a_forged_cookie_is_refused(client):
+    client.post("/public/session", json={"apiKey": client.admin_key})
+    token = client.cookies.get(sessions.COOKIE)
+    payload, signature = token.split(".")
+    client.cookies.clear()
+    client.cookies.set(sessions.COOKIE, payload + "." + signature[::-1])
+    reply = client.get("/public/models")
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_session"
