@@ -23,7 +23,7 @@ export function lineChart({ title, unit = "", points, windowMs = 5 * 60 * 1000, 
   const last = points.length ? points[points.length - 1] : null;
   const now = last ? last.t : Date.now();
   const shown = points.filter((p) => p.t >= now - windowMs && p.v !== null);
-  const max = Math.max(1e-9, ...shown.map((p) => p.v)) * 1.15;
+  const max = Math.max(0, ...shown.map((p) => p.v)) * 1.15 || 1; // all zero: a 0..1 scale
   const x = (t) => L + ((t - (now - windowMs)) / windowMs) * (W - L - R);
   const y = (v) => H - B - (v / max) * (H - T - B);
   root.append(
