@@ -90,7 +90,11 @@ async def _flush_meter() -> None:
         pass
 
 
-@router.get("/usage", tags=["usage"])
+@router.get(
+    "/usage",
+    tags=["usage"],
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},  # format=csv
+)
 async def usage(
     _: User,
     deploymentId: str | None = None,

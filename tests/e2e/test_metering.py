@@ -87,10 +87,15 @@ def test_metrics_move_by_what_was_served(platform, live):
     prompt = sum(u["prompt_tokens"] for u in usages)
     completion = sum(u["completion_tokens"] for u in usages)
 
-    def moved() -> dict | None:
+    refused = {"deployment": dep_id, "key": "", "status": "401"}
+
+    def moved() -> dict | None:  # replicas report twice a second
         after = scrape(platform)
-        ok = value(after, "raydock_requests_total", status="200", **labels) == 4
-        return after if ok else None
+        served_all = value(after, "raydock_requests_total", status="200", **labels) == 4
+        refused_too = value(after, "raydock_requests_total", **refused) > value(
+            before, "raydock_requests_total", **refused
+        )
+        return after if served_all and refused_too else None
 
     after = wait_for(moved, timeout=10, interval=0.3)
     assert value(after, "raydock_prompt_tokens_total", **labels) == prompt
@@ -106,10 +111,9 @@ def test_metrics_move_by_what_was_served(platform, live):
         )
         assert 1 <= moved_by <= 4 if "per_output" in hist else moved_by == 4, hist
         assert value(after, f"{hist}_sum", **served) > value(before, f"{hist}_sum", **served)
-    unauthorized = value(after, "raydock_requests_total", deployment=dep_id, key="", status="401")
     assert (
-        unauthorized
-        - value(before, "raydock_requests_total", deployment=dep_id, key="", status="401")
+        value(after, "raydock_requests_total", **refused)
+        - value(before, "raydock_requests_total", **refused)
         == 1
     )
     # the schema was new to the replica: compiled once, its time observed
