@@ -21,41 +21,22 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.loadgen import prompt_text, run_http, table
-from benchmarks.serving import OUT, deploy_body, machine
+from benchmarks.serving import OUT, embedded_deployment, machine
 
 TARGET = 0.97
 LIMITS = {"requestsPerMinute": 1_000_000, "tokensPerDay": 10**12}  # never reached
 
 
 def served(zip_path: Path, metering: bool, args, messages) -> dict:
-    import ray
-
-    from raydock.client import Client
-    from raydock.config import load_settings
-    from raydock.platform.bootstrap import connect, start_platform, stop_platform
-
-    settings = load_settings(
-        home=tempfile.mkdtemp(prefix="raydock-bench-"), port=args.port, metering=metering
-    )
-    connect(settings, include_dashboard=False)
-    try:
-        info = start_platform(settings)
-        client = Client(info["url"], info["admin_key"])
-        ref = client.import_zip(zip_path, chunked=True)
-        assert client.wait_job(ref["dockStatusId"], timeout=900)["status"] == "SUCCESS"
-        dep = client.deploy(ref["modelId"], deploy_body(args.device, args.batch))
-        assert client.wait_job(dep["dockStatusId"], timeout=900)["status"] == "SUCCESS"
+    with embedded_deployment(zip_path, args, metering=metering) as (client, dep_id):
         body = {"name": "bench"} | ({"limits": LIMITS} if metering else {})
-        key = client.post(f"/deployments/{dep['deploymentId']}/api-keys", json=body)["apiKey"]
-        base = f"{info['url']}/deployments/{dep['deploymentId']}/v2"
+        key = client.post(f"/deployments/{dep_id}/api-keys", json=body)["apiKey"]
+        base = f"{client.base_url}/deployments/{dep_id}/v2"
         asyncio.run(run_http(base, key, 4, 8, messages, 8))  # warm-up
         row = asyncio.run(run_http(base, key, 16, args.requests, messages, args.max_tokens))
         label = "metering on" if metering else "metering off"
         print(f"{label}: {row['output_token_throughput']:.1f} tok/s", flush=True)
         return row | {"target": label}
-    finally:
-        stop_platform()
-        ray.shutdown()
 
 
 def main() -> None:

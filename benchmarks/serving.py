@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
 import platform as py_platform
 import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,25 +94,37 @@ BESIDE = "in-process, raydock idle beside"
 SERVED = "raydock (HTTP, Serve)"
 
 
-def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list[dict], list[dict]]:
-    """The served rows, and with --beside the in-process rows measured beside idle raydock."""
+@contextlib.contextmanager
+def embedded_deployment(zip_path: Path, args, **settings: Any) -> Iterator[tuple[Any, str]]:
+    """An embedded raydock (`settings` over the defaults) serving the model in `zip_path` on
+    one replica: (its admin client, the deployment's id); shut down on exit."""
     import ray
 
     from raydock.client import Client
     from raydock.config import load_settings
     from raydock.platform.bootstrap import connect, start_platform, stop_platform
 
-    settings = load_settings(home=tempfile.mkdtemp(prefix="raydock-bench-"), port=args.port)
-    connect(settings, include_dashboard=False)
+    home = tempfile.mkdtemp(prefix="raydock-bench-")
+    parsed = load_settings(home=home, port=args.port, **settings)
+    connect(parsed, include_dashboard=False)
     try:
-        info = start_platform(settings)
+        info = start_platform(parsed)
         client = Client(info["url"], info["admin_key"])
         ref = client.import_zip(zip_path, chunked=True)
         assert client.wait_job(ref["dockStatusId"], timeout=900)["status"] == "SUCCESS"
         dep = client.deploy(ref["modelId"], deploy_body(args.device, args.batch))
         assert client.wait_job(dep["dockStatusId"], timeout=900)["status"] == "SUCCESS"
-        key = client.create_key(dep["deploymentId"])
-        base = f"{info['url']}/deployments/{dep['deploymentId']}/v2"
+        yield client, dep["deploymentId"]
+    finally:
+        stop_platform()
+        ray.shutdown()
+
+
+def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list[dict], list[dict]]:
+    """The served rows, and with --beside the in-process rows measured beside idle raydock."""
+    with embedded_deployment(zip_path, args) as (client, dep_id):
+        key = client.create_key(dep_id)
+        base = f"{client.base_url}/deployments/{dep_id}/v2"
         asyncio.run(run_http(base, key, 1, 2, messages, 8))  # warm-up
         beside = baseline(model_dir, levels, args, messages, BESIDE) if args.beside else []
         rows = []
@@ -119,9 +133,6 @@ def served(zip_path: Path, levels, args, messages, model_dir: str) -> tuple[list
             rows.append(asyncio.run(run_http(base, key, c, n, messages, args.max_tokens)))
             print(f"raydock c={c}: {rows[-1]['output_token_throughput']:.1f} tok/s", flush=True)
         return [r | {"target": SERVED} for r in rows], beside
-    finally:
-        stop_platform()
-        ray.shutdown()
 
 
 def one_round(r: int, zip_path: Path, levels, args, messages, model_dir: str) -> dict:

@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from raydock.config import Settings
+from raydock.metering.limits import BUDGET_WARNING as BUDGET_WARNING_SHARE
 
 log = logging.getLogger("raydock.notify")
 
@@ -38,9 +39,6 @@ UNDEPLOYED = "deployment.undeployed"
 BUDGET_WARNING = "key.budget_warning"
 BUDGET_EXHAUSTED = "key.budget_exhausted"
 KINDS = (IMPORT_FAILED, DEPLOYED, DEPLOY_FAILED, UNDEPLOYED, BUDGET_WARNING, BUDGET_EXHAUSTED)
-
-#: A key's budget warning goes out at this share of its limit
-BUDGET_WARNING_SHARE = 0.8
 
 SIGNATURE_HEADER = "X-Raydock-Signature"
 EVENT_HEADER = "X-Raydock-Event"

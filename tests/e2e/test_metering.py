@@ -209,9 +209,11 @@ def test_a_key_over_its_limit_gets_429_and_a_change_applies_within_a_second(plat
     assert bad.status_code == 422 and "requestsPerMinute" in bad.text
 
 
-def test_a_budget_reached_mid_stream_ends_that_stream_and_refuses_the_next(platform, live):
+def test_a_budget_reached_mid_stream_ends_that_stream_and_refuses_the_next(
+    platform, live, notify_sinks
+):
     """The rule: a request admitted under the budget runs to its end; the next one is
-    refused with tokensPerDay until midnight UTC."""
+    refused with tokensPerDay until midnight UTC. Its owner hears of 80 % and of 100 %."""
     dep_id = live.deployment["deploymentId"]
     key = _key(platform, dep_id, "budget", {"tokensPerDay": 30})
     with httpx.stream(
@@ -237,3 +239,9 @@ def test_a_budget_reached_mid_stream_ends_that_stream_and_refuses_the_next(platf
     )
     assert "tokensPerDay" in refused.json()["error"]["message"]
     assert int(refused.headers["retry-after"]) <= 86_400
+    # one stream passed both thresholds: both notices, signed, to the platform's webhook
+    hooks, path = notify_sinks.hooks, notify_sinks.PLATFORM_PATH
+    for kind in ("key.budget_warning", "key.budget_exhausted"):
+        got = wait_for(lambda k=kind: hooks.find(k, path, keyId=key["keyId"]), timeout=10)
+        assert got[0]["event"]["data"]["limit"] == 30 and got[0]["verified"], got
+    assert notify_sinks.mail.find("key.budget_exhausted", notify_sinks.OPS_EMAIL)
