@@ -50,7 +50,10 @@ IsoTime = Annotated[datetime, BeforeValidator(_iso_only)]
 def as_utc(value: datetime | None) -> datetime | None:
     """A query's date-time as naive UTC (the database's); one without a zone is UTC."""
     if value is not None and value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
+        try:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        except OverflowError:  # a zone offset past year 1 or 9999: before or after all usage
+            value = datetime.min if value.year < 5000 else datetime.max
     return value
 
 

@@ -258,3 +258,15 @@ def test_usage_is_added_per_minute_and_filtered(reg):
     later = at(minute + 60)
     assert [r["keyId"] for r in reg.usage_rows(start=later)] == ["key-gone"]
     assert reg.tokens_since(at(minute)) == {key["keyId"]: 60, "key-gone": 2}
+
+
+def test_usage_times_at_the_ends_of_the_calendar_do_not_overflow():
+    from pydantic import TypeAdapter
+
+    from raydock.platform.api_usage import IsoTime, as_utc
+
+    parse = TypeAdapter(IsoTime).validate_python
+    assert as_utc(parse("9999-12-31T23:59:59-23:59")) == datetime.max
+    assert as_utc(parse("0001-01-01T00:00:00+23:59")) == datetime.min
+    assert as_utc(parse("2026-12-01T08:00:00+02:00")) == datetime(2026, 12, 1, 6)
+    assert as_utc(parse("2026-12-01")) == datetime(2026, 12, 1)
