@@ -8,7 +8,6 @@ import email
 import hashlib
 import hmac
 import json
-import socket
 import threading
 import time
 from email import policy
@@ -17,11 +16,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from raydock.platform.bootstrap import free_port  # re-exported for the tests
 
 
 def wait_until(predicate, timeout: float = 30, interval: float = 0.1):
