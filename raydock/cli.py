@@ -131,10 +131,17 @@ def _client(args: argparse.Namespace):
     from raydock.client import Client
 
     settings = _settings(args)
-    key = args.key or os.environ.get("RAYDOCK_API_KEY")
+    key = args.key or os.environ.get("RAYDOCK_API_KEY") or _key_from_file()
     if not key:
-        sys.exit("a management key is needed: --key or RAYDOCK_API_KEY")
+        sys.exit("a management key is needed: --key, RAYDOCK_API_KEY or RAYDOCK_API_KEY_FILE")
     return Client(args.url or os.environ.get("RAYDOCK_URL") or settings.base_url, key)
+
+
+def _key_from_file() -> str | None:
+    """RAYDOCK_API_KEY_FILE: a file holding the key (e.g. on the head node, for Ray jobs:
+    the key then stays out of the job's runtime environment, which `ray job list` shows)."""
+    path = os.environ.get("RAYDOCK_API_KEY_FILE")
+    return Path(path).expanduser().read_text().strip() if path else None
 
 
 def _import_with_progress(client, path: Path, **options) -> dict:
@@ -176,24 +183,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0 if model["status"] == "READY" else 1
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    rows = _client(args).get("/models")["models"]
-    print(f"{'NAME':30} {'ACTIVE':>6} {'FAILED':>6} {'READY':>6}  {'SOURCE':15} {'STATUS':15} ID")
-    for m in rows:
-        print(
-            f"{m['name'][:30]:30} {m['activeDeployments']:>6} {m['deploymentFailed']:>6} "
-            f"{m['readyToDeploy']:>6}  {m['sourceLabel']:15} {m['statusLabel']:15} {m['modelId']}"
-        )
-    return 0
-
-
 def cmd_deploy(args: argparse.Namespace) -> int:
+    from raydock.cli_resources import follow
     from raydock.client import default_deploy_body
 
     client = _client(args)
     body = default_deploy_body(args.name, args.device)
     ref = client.deploy(args.model_id, body)
-    job = client.wait_job(ref["dockStatusId"])
+    job = follow(client, ref)  # a progress bar with the deployment's status
     print(json.dumps(client.get(f"/deployments/{ref['deploymentId']}"), indent=2))
     return 0 if job["status"] == "SUCCESS" else 1
 
@@ -335,8 +332,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from raydock.client import Client, default_deploy_body
     from raydock.modelgen import build_model_zip
 
-    url, key = os.environ.get("RAYDOCK_URL"), os.environ.get("RAYDOCK_API_KEY")
-    embedded = not (url and key)
+    url = args.url or os.environ.get("RAYDOCK_URL")
+    key = args.key or os.environ.get("RAYDOCK_API_KEY")
+    embedded = not key  # a key means a running platform: at --url, else the settings' URL
+    url = url or _settings(args).base_url
     if embedded:  # no platform given: run one in-process on a fresh data dir
         from raydock.platform.bootstrap import connect, start_platform
 
@@ -372,6 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             seed=7,
         )
         print(f"reply: {reply.choices[0].message.content!r}")
+        print("(the bundled model has random weights: its reply is noise, by design)")
         print(f"usage: {reply.usage.model_dump()}")
         print(f"endpoint: {base}/chat/completions")
         print("curl:")
@@ -413,10 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         "current: the database's revision and who holds it; history: this raydock's revisions",
     )
     demo.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    demo.add_argument("--url", help="a running platform (default RAYDOCK_URL, else settings)")
+    demo.add_argument("--key", help="its management key (default RAYDOCK_API_KEY)")
     for name, func, help_ in (
         ("import", cmd_import, "import a model .zip (chunked upload with progress)"),
         ("import-hf", cmd_import_hf, "import a model from Hugging Face (progress shown)"),
-        ("models", cmd_models, "list models"),
         ("deploy", cmd_deploy, "deploy a model with default parameters"),
         ("deploy-hf", cmd_deploy_hf, "import a Hugging Face model and deploy it"),
         ("catalog", cmd_catalog, "list the platform-hosted catalog"),
@@ -448,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "connections":
             p.add_argument("action", choices=["list", "create", "test", "delete"])
             p.add_argument("target", nargs="?", help="a name (create) or a connection id")
+    from raydock import apply_files, cli_apply, cli_backup, cli_resources
+
+    cli_resources.register(add)  # models, deployments, keys, jobs, history, usage
+    cli_backup.register(add)  # backup, restore
+    cli_apply.register(add)  # apply, diff, get deployments, rollback
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -457,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         url = getattr(args, "url", None) or "the platform"
         print(f"raydock: cannot reach {url}: {exc}; is `raydock up` running?", file=sys.stderr)
     except OSError as exc:  # e.g. the file to import does not exist
+        print(f"raydock: {exc}", file=sys.stderr)
+    except apply_files.FileError as exc:  # a deployment file: "file:line: what"
         print(f"raydock: {exc}", file=sys.stderr)
     except Exception as exc:  # the database refused, or cannot be reached: one line too
         reason = _database_failure(exc, args)

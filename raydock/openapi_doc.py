@@ -70,6 +70,10 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /deployments/huggingface": (400, 404, 409),  # as deploy, and connectionId
     "POST /models/{modelId}/retry-import": (409,),  # not a failed download
     "POST /catalog/{entryId}/deploy": (400, 404, 409),  # too small; connectionId; importing
+    # as deploy; a model, catalog entry or connection named; names twice, zips to upload
+    "POST /apply": (400, 404, 409),
+    "POST /deployments/{deploymentId}/rollback": (400, 409),  # as redeploy
+    "POST /backup": (403, 409),  # not an admin; the database is not at this raydock's head
     "GET /users/me/webhook": (404,),  # none set
     "DELETE /users/me/webhook": (404,),
     "POST /session": (401,),  # not a management key
@@ -380,7 +384,7 @@ def _as_validated(schemas: dict[str, Any]) -> None:
         return schemas[model]["properties"]
 
     # checked against configs/hardware.yaml by DeployRequest._known_device; blank names refused
-    for deploy in ("DeployRequest", "HuggingFaceDeploy", "CatalogDeploy"):
+    for deploy in ("DeployRequest", "HuggingFaceDeploy", "CatalogDeploy", "DeploymentSpec"):
         props(deploy)["deviceType"]["enum"] = list(hardware_profiles())
         props(deploy)["name"]["pattern"] = NOT_BLANK
     props("HyperParameters")["stopSequence"]["items"]["minLength"] = 1

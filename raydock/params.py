@@ -38,6 +38,10 @@ N = Param(1, 8, 1)
 MAX_LOADED_ADAPTERS = Param(0, 64, 4)
 #: the largest LoRA rank a deployment loads (vLLM sizes its LoRA buffers for it)
 MAX_ADAPTER_RANK = Param(1, 512, 64)
+#: prefix-cache-aware routing: how many more requests a prefix's replica may have in flight
+#: than the least-loaded replica before that prefix's next request goes elsewhere; None: half
+#: the deployment's maxBatchSize (at least 1)
+PREFIX_IMBALANCE = Param(0, 1024, None)
 #: a deployment key's optional limits (metering/limits.py); None: unlimited
 REQUESTS_PER_MINUTE = Param(1, 1_000_000, None)
 TOKENS_PER_MINUTE = Param(1, 1_000_000_000, None)

@@ -102,6 +102,26 @@ GUIDED_CACHE_MISSES = _m(
     ("deployment",),
     "Guided-decoding grammars compiled",
 )
+#: per replica (`replica`: Serve's replica id), to see where prefix-cache-aware routing sends
+#: requests and what vLLM's prefix cache saves on each
+REPLICA_REQUESTS = _m(
+    "raydock_replica_requests_total",
+    "counter",
+    ("deployment", "replica"),
+    "Requests an engine replica took (both inference paths)",
+)
+PREFIX_CACHE_QUERIES = _m(
+    "raydock_prefix_cache_queried_tokens_total",
+    "counter",
+    ("deployment", "replica"),
+    "Prompt tokens vLLM looked up in its prefix cache",
+)
+PREFIX_CACHE_HITS = _m(
+    "raydock_prefix_cache_hit_tokens_total",
+    "counter",
+    ("deployment", "replica"),
+    "Prompt tokens vLLM found in its prefix cache (not computed again)",
+)
 REPLICAS = _m("raydock_replicas", "gauge", ("deployment",), "Running replicas of the deployment")
 REPLICAS_TARGET = _m(
     "raydock_replicas_target",
@@ -136,6 +156,9 @@ ALL: tuple[Metric, ...] = (
     GUIDED_COMPILE,
     GUIDED_CACHE_HITS,
     GUIDED_CACHE_MISSES,
+    REPLICA_REQUESTS,
+    PREFIX_CACHE_QUERIES,
+    PREFIX_CACHE_HITS,
     REPLICAS,
     REPLICAS_TARGET,
     JOB_DURATION,

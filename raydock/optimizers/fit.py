@@ -13,6 +13,7 @@ from typing import Any
 
 from raydock.errors import ApiError
 from raydock.model_memory import DTYPE_BYTES, TRANSFORMERS_DTYPE, ModelShape, kv_cache_bytes
+from raydock.optimizers.parallel import parallelism
 from raydock.optimizers.plan import EnginePlan
 
 GiB = 2**30
@@ -85,16 +86,18 @@ class Estimate:
         )
 
 
-def _available(profile: dict[str, Any]) -> tuple[int, str]:
+def _available(profile: dict[str, Any], engine: str) -> tuple[int, str]:
     if profile.get("num_gpus"):
-        # one GPU per replica: raydock's engines do not split a model across GPUs yet
+        # vLLM splits the model over the profile's GPUs (optimizers.parallel); the other
+        # engines use one of them
+        used = parallelism(engine, profile).devices
         per_gpu = float(profile.get("gpu_memory_gb") or 16)
         acc = profile.get("accelerator_type") or "GPU"
-        many = profile["num_gpus"] > 1
-        where = f"1 {acc} GPU ({per_gpu:g} GiB)" + (
-            f", one of its {profile['num_gpus']}: an engine uses one GPU" if many else ""
+        many = profile["num_gpus"] > used
+        where = f"{used} {acc} GPU{'s' if used > 1 else ''} ({per_gpu:g} GiB each)" + (
+            f", of its {profile['num_gpus']}: the {engine} engine uses {used}" if many else ""
         )
-        return int(per_gpu * GiB), where
+        return int(per_gpu * used * GiB), where
     memory = float(profile.get("memory_gb") or 0)
     return int(memory * GiB), f"{memory:g} GiB of memory"
 
@@ -114,7 +117,7 @@ def estimate(
     context = shape.serving_context()
     kv = kv_cache_bytes(shape, context, max_batch_size, _kv_width(plan, device))
     runtime = RUNTIME_BYTES[device] + int(ACTIVATION_SHARE * weights)
-    available, where = _available(profile)
+    available, where = _available(profile, plan.engine)
     return Estimate(weights, kv, runtime, available, where, max_batch_size, context)
 
 

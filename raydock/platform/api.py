@@ -26,10 +26,14 @@ from raydock.errors import ApiError, error_response
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import merge
 from raydock.platform import (
+    api_apply,
+    api_backup,
     api_hub,
     api_notify,
     api_session,
     api_usage,
+    api_web,
+    apply,
     deploy_checks,
     names,
     schemas,
@@ -65,7 +69,11 @@ BODY_MODELS: dict[str, type] = {}
 async def _invalid(request: Request, exc: RequestValidationError):
     route = request.scope.get("route")
     body_model = BODY_MODELS.get(getattr(route, "name", ""))
-    described = [schemas.describe_error(e, body_model) for e in exc.errors()]
+    described = (
+        apply.describe_errors(exc.errors(), exc.body)  # "file:line: field ..." per document
+        if getattr(route, "name", "") == "apply_documents"
+        else [schemas.describe_error(e, body_model) for e in exc.errors()]
+    )
     message = "; ".join(m for _, m in described)
     detail = [{"field": f, "message": m} for f, m in described]
     return error_response(
@@ -222,6 +230,7 @@ async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
         "deviceType": "cpu-small",
         "optimizationInfo": schemas.OptimizationInfo().model_dump(),
         "adapterParameters": schemas.AdapterParameters().model_dump(),
+        "routingParameters": schemas.RoutingParameters().model_dump(),
         "timeout": schemas.DEFAULT_TIMEOUT_S,
     }
     for key, value in prefill.items():
@@ -382,6 +391,8 @@ BODY_MODELS["deploy_model"] = schemas.DeployRequest
 @router.get("/models/{modelId}/deployments", tags=["deployments"])
 async def list_deployments(modelId: str, _: User) -> dict[str, Any]:
     deps = await ctx.registry.list_deployments.remote(modelId)
+    for dep in deps:  # what the dashboard offers per row
+        dep["actions"] = api_web.allowed_actions(dep["status"])
     return {"deployments": deps, "total": len(deps)}
 
 
@@ -402,6 +413,7 @@ async def get_deployment(deploymentId: str, request: Request, _: User) -> dict[s
         "nodes": live["nodes"],
     }
     dep["curl"] = _curl(dep, _base_url(request))
+    dep["actions"] = api_web.allowed_actions(dep["status"])
     return dep
 
 
@@ -476,7 +488,8 @@ def _base_url(request: Request) -> str:
 def _curl(dep: dict[str, Any], base: str) -> str:
     url = f"{base}/deployments/{dep['deploymentId']}/v2/chat/completions"
     return (
-        f"curl {url} -H 'Authorization: Bearer $RAYDOCK_KEY' -H 'Content-Type: application/json' "
+        # double quotes: the shell fills in $RAYDOCK_KEY when the command is pasted
+        f"curl {url} -H \"Authorization: Bearer $RAYDOCK_KEY\" -H 'Content-Type: application/json' "
         """-d '{"messages": [{"role": "user", "content": "Hello"}]}'"""
     )
 
@@ -559,9 +572,12 @@ async def download_export(dockStatusId: str, _: User) -> Response:
 
 app.include_router(router)
 app.include_router(api_hub.router)
+app.include_router(api_apply.router)  # apply, export, rollback
 app.include_router(api_notify.router)  # notifications: webhooks, deliveries
 app.include_router(api_usage.router)
 app.include_router(api_session.router)  # the web dashboard's sign-in
+app.include_router(api_backup.router)  # POST /backup (admins)
+app.include_router(api_web.router)  # the dashboard's metrics history and playground
 BODY_MODELS.update(
     create_connection=schemas.ConnectionCreate,
     import_from_hf=schemas.HuggingFaceImport,

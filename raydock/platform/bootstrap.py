@@ -81,6 +81,12 @@ def _use_haproxy_ingress() -> None:
     # HAProxy's default of 4 threads is meant for many cores; one easily carries the traffic
     # a single host's replicas can serve
     os.environ.setdefault("RAY_SERVE_HAPROXY_NBTHREAD", "1")
+    # prefix-cache-aware routing: HAProxy hands each request's body to the app's route server
+    # (serve_apps/prefix_router.py). Its buffer holds a body's head (256 KiB: ~60k tokens of
+    # prompt; a longer body is load-balanced) instead of Serve's 8 MiB, allocated per
+    # connection in flight
+    os.environ.setdefault("RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY", "1")
+    os.environ.setdefault("RAY_SERVE_HAPROXY_INGRESS_REQUEST_ROUTER_BUFSIZE", str(256 * 1024))
     for var in (
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
         "RAY_SERVE_HAPROXY_STATS_PORT",

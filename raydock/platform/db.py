@@ -77,6 +77,8 @@ class Deployment(Base):
     added_by: Mapped[str | None] = mapped_column(String(64))
     added_on: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    # the file `raydock apply` declared it in; None: made by hand (apply --prune leaves it)
+    applied_from: Mapped[str | None] = mapped_column(String(500))
 
 
 class DeploymentVersion(Base):

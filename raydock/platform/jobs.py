@@ -278,6 +278,7 @@ def deployconfig_from(config: dict[str, Any]) -> dict[str, Any]:
         "deviceType",
         "optimizationInfo",
         "adapterParameters",
+        "routingParameters",
         "timeout",
     )
     return {k: config[k] for k in keys if k in config}

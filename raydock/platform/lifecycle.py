@@ -375,8 +375,8 @@ class Lifecycle:
             if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 raise DeployFailed(failure_reason(status))
             if status is not None:
-                states = [dict(d.replica_states) for d in status.deployments.values()]
-                running = sum(s.get("RUNNING", 0) for s in states)
+                engine = status.deployments.get(names.ENGINE_DEPLOYMENT)
+                running = dict(engine.replica_states).get("RUNNING", 0) if engine else 0
                 want = dep["config"]["scalingParameters"]["minReplicas"]
                 await self._progress(
                     job_id, 20 + int(70 * running / max(1, want)), "starting replicas"
@@ -451,7 +451,9 @@ def replica_view(app: dict[str, Any] | None) -> dict[str, Any]:
     nodes: dict[str, int] = {}  # running replicas per node
     messages = [app.get("message") or ""]
     target = 0
-    for dep in app["deployments"].values():
+    for name, dep in app["deployments"].items():
+        if name != names.ENGINE_DEPLOYMENT:  # the prefix route server is no engine replica
+            continue
         target += dep.get("target_num_replicas") or 0
         messages.append(dep.get("message") or "")  # e.g. replicas that cannot be placed
         for replica in dep.get("replicas", []):

@@ -22,6 +22,7 @@ import ray
 from raydock.metering import catalog as M
 from raydock.metering.batch import Batch, Series
 from raydock.metering.exposition import render
+from raydock.metering.history import History
 from raydock.metering.limits import DAY_S, Limiter, budget_crossings, day_of
 from raydock.platform import names, notify
 
@@ -44,6 +45,7 @@ class Meter:
         self.budgets: dict[str, int] = {}  # key -> tokensPerDay, from admissions
         self.keys_deployment: dict[str, str] = {}
         self.notified: set[tuple[str, int, str]] = set()  # (key, day, "warning"|"exhausted")
+        self.history = History()  # the last hour, for the dashboard's Metrics tab
         self._started: asyncio.Task | None = None
 
     def _registry(self):
@@ -62,9 +64,26 @@ class Meter:
                 self.limiter.load_day(key, day_of(now), tokens)
         except Exception as exc:  # no registry yet: budgets count from now
             log.warning("today's usage not loaded: %r", exc)
+        asyncio.get_running_loop().create_task(self._record_history())
         while True:
             await asyncio.sleep(USAGE_FLUSH_S)
             await self.flush_usage()
+
+    async def _record_history(self) -> None:
+        while True:
+            try:
+                self.history.record(time.time(), self.totals, await _replica_counts())
+            except Exception as exc:  # never let one bad snapshot end the hour's record
+                log.warning("metrics history: %r", exc)
+            await asyncio.sleep(self.history.interval_s)
+
+    async def series(self, deployment: str) -> dict:
+        """The last hour of one deployment's figures (metering/history.py)."""
+        self._start()
+        return {
+            "intervalSeconds": self.history.interval_s,
+            "points": self.history.series(deployment, time.time(), self.totals),
+        }
 
     async def ping(self) -> bool:
         self._start()

@@ -30,6 +30,10 @@ def engine_app(deployment_id: str) -> str:
     return deployment_id
 
 
+#: The engine app's replicas; a prefix-routed app also has HAProxy's route server ("router")
+ENGINE_DEPLOYMENT = "engine"
+
+
 def engine_route(deployment_id: str) -> str:
     """The HTTP route prefix of a deployment's Serve application."""
     return f"/deployments/{deployment_id}"

@@ -591,6 +591,11 @@ class Registry:
             self._access_changed.add(d.id)
             return views.deployment(d, self._user_names(s))
 
+    def set_applied_from(self, deployment_id: str, source: str | None) -> None:
+        """Mark a deployment as managed by `raydock apply` from `source` (None: by hand)."""
+        with self._tx() as s:
+            self._deployment(s, deployment_id).applied_from = source
+
     def begin_deploy(
         self, deployment_id: str, config: dict[str, Any] | None, user_id: str, status: str
     ) -> dict[str, Any]:

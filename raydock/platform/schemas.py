@@ -118,6 +118,23 @@ class AdapterParameters(_Body):
     maxAdapterRank: JsonInt = params.MAX_ADAPTER_RANK.field("Largest LoRA rank loaded")
 
 
+class RoutingParameters(_Body):
+    """How requests pick one of the deployment's replicas (README "Prefix-cache-aware
+    routing")."""
+
+    prefixCacheAffinity: bool | None = Field(
+        None,
+        description="Send requests whose prompts share a long prefix to the replica that "
+        "served it (its KV cache holds it) while it is not overloaded; applies when "
+        "maxReplicas > 1. Null: on for the vLLM engine, off for the others.",
+    )
+    imbalanceThreshold: JsonInt | None = params.PREFIX_IMBALANCE.field(
+        "Requests in flight a prefix's replica may have beyond the least-loaded one before "
+        "the prefix goes elsewhere (null: half of maxBatchSize)",
+        default=None,
+    )
+
+
 class DeployRequest(_Body):
     name: str = Field(..., min_length=1, max_length=200, description="Deployment name.")
     hyperParameters: HyperParameters
@@ -125,6 +142,7 @@ class DeployRequest(_Body):
     deviceType: str = Field(..., description="A deviceType from configs/hardware.yaml.")
     optimizationInfo: OptimizationInfo = Field(default_factory=OptimizationInfo)
     adapterParameters: AdapterParameters = Field(default_factory=AdapterParameters)
+    routingParameters: RoutingParameters = Field(default_factory=RoutingParameters)
     isDeployedPreviously: bool = False
     description: str = Field("", max_length=2000)
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)

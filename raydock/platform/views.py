@@ -74,6 +74,7 @@ def deployment(d: db.Deployment, users: dict[str, str] | None = None) -> dict[st
         "addedBy": (users or {}).get(d.added_by or "", d.added_by),
         "addedOn": iso(d.added_on),
         "endpoint": f"/deployments/{d.id}/v2/chat/completions",
+        "appliedFrom": d.applied_from,  # the file `raydock apply` manages it from, or None
     }
 
 

@@ -105,6 +105,9 @@ class EngineServer:
         self._guided_seen = (0, 0)  # guided cache hits and misses already reported
         self.queue_limit = spec["queue_limit"]
         self.requests = 0  # in flight in this replica, decoding or waiting for a slot
+        self.taken = 0  # requests this replica took, reported per replica (routing)
+        self._reported = {"taken": 0, "prefix_queries": 0, "prefix_hits": 0}
+        self.replica = serve.get_replica_context().replica_id.unique_id
         # one thread: tokenizers are not shared between threads, and prompts stay in order
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         from raydock.serve_apps.adapters import ReplicaAdapters
@@ -125,6 +128,8 @@ class EngineServer:
             "maxContext": self.engine.max_context,
             "queueLimit": self.queue_limit,
             "requests": self.requests,
+            "replica": self.replica,
+            "requestsTaken": self.taken,
             "adapterLoads": self.adapters.loads,
             **self.engine.stats(),
         }
@@ -137,6 +142,20 @@ class EngineServer:
         stats = self.engine.stats()
         batch.set(M.RUNNING, dep, stats.get("running", 0))
         batch.set(M.QUEUE_DEPTH, dep, stats.get("waiting", 0))
+        totals = {
+            "taken": self.taken,
+            "prefix_queries": stats.get("prefixCacheQueries", 0),
+            "prefix_hits": stats.get("prefixCacheHits", 0),
+        }
+        per_replica = (self.deployment_id, self.replica)
+        for name, metric in (
+            ("taken", M.REPLICA_REQUESTS),
+            ("prefix_queries", M.PREFIX_CACHE_QUERIES),
+            ("prefix_hits", M.PREFIX_CACHE_HITS),
+        ):
+            if totals[name] != self._reported[name]:
+                batch.inc(metric, per_replica, totals[name] - self._reported[name])
+        self._reported = totals
         guided = getattr(self.engine, "guided", None)
         if guided is None:
             return
@@ -243,6 +262,7 @@ class EngineServer:
             ]
             return
         self.requests += 1
+        self.taken += 1
         try:
             async for batch in self._generate(request):
                 yield batch
@@ -318,19 +338,20 @@ def queue_limit(batch: int) -> int:
     return max(8, 4 * batch)
 
 
-def serve_options(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
-    """Serve deployment options from a deploy body and a hardware profile."""
+def serve_options(
+    config: dict[str, Any], profile: dict[str, Any], engine: str = "transformers"
+) -> dict[str, Any]:
+    """Serve deployment options from a deploy body and a hardware profile; a replica whose
+    engine spans several devices reserves them as one placement group (optimizers.parallel:
+    each replica Serve adds is a whole group)."""
+    from raydock.optimizers.parallel import actor_and_placement, parallelism
+
     scaling = config["scalingParameters"]
     batch = scaling["maxBatchSize"]
-    actor: dict[str, Any] = {"num_cpus": profile.get("num_cpus", 1)}
-    if profile.get("num_gpus"):
-        actor["num_gpus"] = profile["num_gpus"]
-        if profile.get("accelerator_type"):
-            actor["accelerator_type"] = profile["accelerator_type"]
-    if profile.get("memory_gb"):
-        actor["memory"] = int(profile["memory_gb"] * 2**30)
+    actor, placement = actor_and_placement(profile, parallelism(engine, profile))
     return {
         "ray_actor_options": actor,
+        **placement,
         # maxBatchSize sequences decode, up to queue_limit wait in the engine; the replica
         # itself refuses the next one with an OpenAI-shaped 429
         "max_ongoing_requests": batch + queue_limit(batch) + 1,
@@ -349,6 +370,30 @@ def serve_options(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, 
         "health_check_period_s": 10,
         "graceful_shutdown_timeout_s": 5,
     }
+
+
+def prefix_routing(config: dict[str, Any], engine: str) -> dict[str, Any] | None:
+    """The prefix-cache-aware router's arguments for a deployment, or None when it routes as
+    Serve does: only where it can have more than one replica, and by default only for vLLM,
+    the engine that caches prefixes (routingParameters.prefixCacheAffinity decides)."""
+    scaling = config["scalingParameters"]
+    routing = config.get("routingParameters") or {}
+    on = routing.get("prefixCacheAffinity")
+    if on is None:
+        on = engine == "vllm"
+    if not on or scaling["maxReplicas"] < 2:
+        return None
+    threshold = routing.get("imbalanceThreshold")
+    if threshold is None:
+        threshold = max(1, scaling["maxBatchSize"] // 2)
+    return {"imbalance_threshold": threshold}
+
+
+def parallel_args(engine: str, profile: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's tensor/pipeline parallel arguments for the profile's devices ({}: one)."""
+    from raydock.optimizers.parallel import engine_args, parallelism
+
+    return engine_args(parallelism(engine, profile), profile.get("device", "cpu"))
 
 
 def engine_threads(engine: str, profile: dict[str, Any]) -> int | None:
@@ -423,6 +468,7 @@ def load_engine(spec: dict[str, Any]):
             quantization=spec["quantization"] or None,
             max_loaded_adapters=spec["max_loaded_adapters"],
             max_adapter_rank=spec["max_adapter_rank"],
+            parallel=spec.get("parallel") or {},
             **common,
         )
     from raydock.serve_apps.engines.transformers_engine import TransformersEngine
@@ -463,8 +509,28 @@ def build_engine_app(
         "max_request_bytes": max_request_bytes,
         "device": profile.get("device", "cpu"),
         "num_threads": engine_threads(engine.engine, profile),
+        "parallel": parallel_args(engine.engine, profile),
         # deployments made before adapter serving existed get the defaults
         "max_loaded_adapters": adapters.get("maxLoadedAdapters", MAX_LOADED_ADAPTERS.default),
         "max_adapter_rank": adapters.get("maxAdapterRank", MAX_ADAPTER_RANK.default),
     }
-    return EngineServer.options(**serve_options(config, profile)).bind(spec)
+    options = serve_options(config, profile, engine.engine)
+    routing = prefix_routing(config, engine.engine)
+    if routing is None:
+        return EngineServer.options(**options).bind(spec)
+    from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
+    from ray.serve.config import RequestRouterConfig
+
+    from raydock.serve_apps.prefix_router import PrefixRouteServer
+
+    options["request_router_config"] = RequestRouterConfig(
+        request_router_class="raydock.serve_apps.prefix_router.PrefixAffinityRouter",
+        request_router_kwargs=routing,
+    )
+    app = EngineServer.options(**options).bind(spec)
+    if not RAY_SERVE_ENABLE_HA_PROXY:
+        # Serve's Python proxy hands the router an HTTP request, not its body: only the
+        # gateway's /v1 path routes on the prefix there
+        return app
+    # HAProxy sends /deployments/<id>/… straight to a replica: it asks the route server which
+    return app._with_ingress_request_router(PrefixRouteServer.bind(app))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from raydock.modelgen import build_model_zip
 from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
 from tests.hf_hub import FakeHub
 from tests.notify_sinks import NotifySinks
+from tests.pg_server import pg_server  # noqa: F401 (RAYDOCK_TEST_DB=postgresql)
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +55,9 @@ class Platform:
 
 def boot(settings: Settings) -> dict:
     # 16 logical CPUs on a 2-core machine: replicas mostly wait on each other, not on cores
-    connect(settings, num_cpus=16, include_dashboard=False)
+    # the dashboard runs Ray's job server (`ray job submit`, tests/e2e/test_apply.py): about
+    # 225 MiB (PSS) and 2-3 s more to start, once per session (DEVELOPERS.md)
+    connect(settings, num_cpus=16, include_dashboard=True, dashboard_port=free_port())
     return start_platform(settings)
 
 
@@ -71,12 +75,25 @@ def notify_sinks() -> NotifySinks:
         yield sinks
 
 
+def session_database_url(request) -> str | None:
+    """RAYDOCK_TEST_DB=postgresql: the session's platform keeps its state in a database on a
+    PostgreSQL server the session starts (tests/pg_server.py), else in the data dir's SQLite
+    file. README's test command runs the `core` tests both ways."""
+    if os.environ.get("RAYDOCK_TEST_DB", "sqlite") == "sqlite":
+        return None
+    try:
+        return request.getfixturevalue("pg_server").new_database()
+    except pytest.skip.Exception as exc:  # asked for: a missing server fails the session
+        pytest.fail(f"RAYDOCK_TEST_DB=postgresql, but {exc}")
+
+
 @pytest.fixture(scope="session")
-def platform(tmp_path_factory, hf_hub, notify_sinks) -> Platform:
+def platform(request, tmp_path_factory, hf_hub, notify_sinks) -> Platform:
     home = tmp_path_factory.mktemp("raydock-home")
     # a 20 MiB archive limit lets the size-limit test stay small
     settings = load_settings(
         home=str(home),
+        database_url=session_database_url(request),
         port=free_port(),
         max_archive_bytes=20 * 2**20,
         hf_endpoint=hf_hub.url,
@@ -84,6 +101,8 @@ def platform(tmp_path_factory, hf_hub, notify_sinks) -> Platform:
     )
     info = boot(settings)
     assert info["admin_key"], "a fresh data dir must print the first admin key"
+    # on PostgreSQL, no SQLite file appears in the data dir
+    assert (home / "raydock.db").exists() == (not settings.database_url)
     p = Platform(settings, info["url"], info["admin_key"], Client(info["url"], info["admin_key"]))
     yield p
     if ray.is_initialized():

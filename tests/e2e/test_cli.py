@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+import yaml
 
 from raydock.modelgen import build_model_zip
 from raydock.platform.bootstrap import free_port
@@ -63,6 +64,105 @@ def test_raydock_import_uploads_a_zip_and_prints_the_ready_model(platform, zips)
         [RAYDOCK, "import", str(archive), *auth], capture_output=True, text=True, env=env
     )
     assert nokey.returncode == 1 and "management key" in nokey.stderr
+
+
+def cli_json(*args: str, ok: bool = True, **env: str):
+    """Run `raydock ARGS -o json`; its exit status must be 0 (or 1 when not `ok`), and a
+    success prints JSON, returned parsed."""
+    done = raydock(*args, "-o", "json", **env)
+    assert done.returncode == (0 if ok else 1), (args, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    return json.loads(done.stdout) if ok else done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.core
+def test_resource_commands_drive_the_api_with_table_json_and_yaml_output(
+    platform, ready_model, live
+):
+    """Every resource command once, on the live deployment and one deployment of its own
+    (deploy, redeploy, undeploy, re-trigger, delete: about a minute of deploys)."""
+    opts = ["--url", platform.url, "--key", platform.admin_key]
+    env = {"RAYDOCK_URL": platform.url, "RAYDOCK_API_KEY": platform.admin_key}
+    model_id, live_id = ready_model["modelId"], live.deployment["deploymentId"]
+
+    # models: -o json / yaml / table; --url/--key or the environment
+    listed = cli_json("models", *opts)
+    assert model_id in {m["modelId"] for m in listed["models"]}
+    as_yaml = yaml.safe_load(raydock("models", "list", "-o", "yaml", **env).stdout)
+    assert as_yaml["models"] == listed["models"]
+    table = raydock("models", **env)
+    assert table.returncode == 0 and table.stdout.startswith("ID") and model_id in table.stdout
+    assert cli_json("models", "show", model_id, **env)["status"] == "READY"
+
+    # deployments and history
+    deps = cli_json("deployments", "list", "--model", model_id, **env)["deployments"]
+    assert live_id in {d["deploymentId"] for d in deps}
+    assert cli_json("deployments", "show", live_id, **env)["status"] == "DEPLOYED"
+    versions = cli_json("history", live_id, **env)["versions"]
+    assert versions[0]["name"] == "chat-main_v1"
+
+    # a deployment's whole life, with progress on stderr while it waits
+    name = "cli-life"
+    deploy = raydock("deployments", "deploy", model_id, "--name", name, "-o", "json", **env)
+    assert deploy.returncode == 0, deploy.stderr
+    dep = json.loads(deploy.stdout)
+    assert dep["status"] == "DEPLOYED" and "deploy" in deploy.stderr and "%" in deploy.stderr
+    dep_id = dep["deploymentId"]
+    redeployed = cli_json(
+        "deployments", "redeploy", dep_id, "--set", "hyperParameters.topK=40", **env
+    )
+    assert redeployed["status"] == "DEPLOYED"
+    assert redeployed["config"]["hyperParameters"]["topK"] == 40
+    # a value out of range: the API's message, one line, exit 1, nothing changed
+    refused = cli_json(
+        "deployments",
+        "redeploy",
+        dep_id,
+        "--set",
+        "scalingParameters.maxBatchSize=999",
+        ok=False,
+        **env,
+    )
+    assert "maxBatchSize" in refused and "256" in refused and refused.startswith("raydock:")
+    assert cli_json("deployments", "undeploy", dep_id, **env)["status"] == "UNDEPLOYED"
+    assert cli_json("deployments", "retrigger", dep_id, **env)["status"] == "DEPLOYED"
+    history = cli_json("deployments", "history", dep_id, **env)["versions"]
+    assert [v["name"] for v in history] == [f"{name}_v1", f"{name}_v2", f"{name}_v3"]
+    # --no-wait prints the job; `jobs show --wait` follows it to its end
+    ref = cli_json("deployments", "undeploy", dep_id, "--no-wait", **env)
+    job = cli_json("jobs", "show", ref["dockStatusId"], "--wait", **env)
+    assert (job["status"], job["action"]) == ("SUCCESS", "UNDEPLOY")
+    assert cli_json("deployments", "delete", dep_id, **env)["deleted"] is True
+    gone = cli_json("deployments", "show", dep_id, ok=False, **env)
+    assert "HTTP 404" in gone and dep_id in gone
+
+    # keys: created once (shown once), listed without the secret, deleted
+    key = cli_json("keys", "create", live_id, "--name", "cli", "--tokens-per-day", "1000", **env)
+    assert key["apiKey"] and key["limits"]["tokensPerDay"] == 1000
+    keys = cli_json("keys", "list", live_id, **env)["apiKeys"]
+    assert key["keyId"] in {k["keyId"] for k in keys} and all("apiKey" not in k for k in keys)
+    answered = httpx.post(
+        f"{live.base_url}/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        headers={"Authorization": f"Bearer {key['apiKey']}"},
+        timeout=60,
+    )
+    assert answered.status_code == 200
+    assert cli_json("keys", "delete", live_id, key["keyId"], **env)["deleted"] is True
+    assert key["keyId"] not in {
+        k["keyId"] for k in cli_json("keys", "list", live_id, **env)["apiKeys"]
+    }
+
+    # usage: that key's request, counted (replicas report to the meter within a second)
+    def counted() -> bool:
+        usage = cli_json("usage", "--deployment", live_id, "--key-id", key["keyId"], **env)
+        return usage["totals"]["requests"] == 1
+
+    wait_for(counted, timeout=30, interval=1)
+
+    # a wrong key: the API's refusal in one line, exit 1
+    wrong = cli_json("models", "--url", platform.url, "--key", "rdm-wrong", ok=False)
+    assert "HTTP 401" in wrong
 
 
 @pytest.mark.restarts_cluster

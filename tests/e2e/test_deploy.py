@@ -16,6 +16,7 @@ from raydock.client import default_deploy_body
 from .conftest import deploy_and_wait, import_ready, wait_for
 
 
+@pytest.mark.core
 def test_chat_completion_through_openai_sdk(live):
     sdk = openai.OpenAI(base_url=live.base_url, api_key=live.key)
     reply = sdk.chat.completions.create(
@@ -129,6 +130,7 @@ def test_other_deploy_refusals(platform, ready_model):
     assert "x" not in names  # nothing half-created by refused requests
 
 
+@pytest.mark.core
 def test_api_keys_are_per_deployment_and_revocable(platform, ready_model, live):
     other = deploy_and_wait(platform, ready_model["modelId"], "other")
     other_key = platform.client.create_key(other["deploymentId"], "other")
@@ -163,6 +165,7 @@ def test_api_keys_are_per_deployment_and_revocable(platform, ready_model, live):
     wait_for(lambda: httpx.post(other_url, json=body, headers=other_auth).status_code == 503, 1)
 
 
+@pytest.mark.core
 def test_redeploy_history_undeploy_retrigger_delete(platform, ready_model):
     http = platform.http()
     dep = deploy_and_wait(platform, ready_model["modelId"], "Flan T5")
@@ -224,6 +227,7 @@ def test_redeploy_history_undeploy_retrigger_delete(platform, ready_model):
     assert http.get(f"/api/public/deployments/{dep_id}").status_code == 404
 
 
+@pytest.mark.core
 def test_deployment_list_and_model_counts(platform, ready_model, live):
     http = platform.http()
     deps = http.get(f"/api/public/models/{ready_model['modelId']}/deployments").json()[

@@ -14,6 +14,7 @@ from raydock.modelgen import build_model_zip
 from .conftest import import_ready
 
 
+@pytest.mark.core
 def test_multipart_import_moves_to_ready_named_after_zip(platform, tiny_zip):
     states = []
     ref = platform.client.import_zip(tiny_zip, description="first", tags=["a", "b"])
@@ -34,6 +35,7 @@ def test_multipart_import_moves_to_ready_named_after_zip(platform, tiny_zip):
     assert len(model["checksum"]) == 64
 
 
+@pytest.mark.core
 def test_chunked_session_import(platform, tiny_zip):
     chunks = []
     ref = platform.client.import_zip(
@@ -202,6 +204,7 @@ def test_upload_must_be_a_zip(platform, tmp_path):
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
 
 
+@pytest.mark.core
 def test_list_edit_and_delete_model(platform, zips):
     model = import_ready(platform, build_model_zip(zips / "to-delete.zip", size="tiny", seed=3))
     http = platform.http()
@@ -223,6 +226,7 @@ def test_list_edit_and_delete_model(platform, zips):
     assert model["modelId"] not in platform.stored("exports")
 
 
+@pytest.mark.core
 def test_management_api_needs_a_valid_key(platform):
     import httpx
 

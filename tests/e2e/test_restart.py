@@ -15,6 +15,7 @@ from raydock.client import default_deploy_body
 from .conftest import boot, wait_for
 
 
+@pytest.mark.core
 @pytest.mark.restarts_cluster
 def test_state_survives_and_deployments_serve_again(platform, ready_model, live):
     http = platform.http()

@@ -8,9 +8,13 @@ the page answering a real chat request, and refusals after deletion and sign-out
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,14 +26,16 @@ pytestmark = pytest.mark.e2e
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TIMEOUT_MS = 15_000
-#: a folder for screenshots of the pages (build artifacts), when set
-SHOTS = os.environ.get("RAYDOCK_UI_SCREENSHOTS")
+#: where the pages' screenshots go (build artifacts; git-ignored)
+SHOTS = Path(
+    os.environ.get("RAYDOCK_SCREENSHOTS")
+    or Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
+)
 
 
 def shot(page: Page, name: str) -> None:
-    if SHOTS:
-        os.makedirs(SHOTS, exist_ok=True)
-        page.screenshot(path=os.path.join(SHOTS, f"{name}.png"), full_page=True)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,9 @@ def browser() -> Browser:
 
 @pytest.fixture
 def page(browser: Browser, platform: Platform) -> Page:
-    context = browser.new_context(base_url=platform.url)
+    context = browser.new_context(base_url=platform.url, viewport={"width": 1280, "height": 860})
+    # Copy cURL writes to the clipboard; the test reads it back
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=platform.url)
     context.set_default_timeout(TIMEOUT_MS)
     expect.set_options(timeout=TIMEOUT_MS)
     page = context.new_page()
@@ -73,6 +81,17 @@ def chat(platform: Platform, deployment_id: str, key: str) -> httpx.Response:
         headers={"Authorization": f"Bearer {key}"},
         json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
         timeout=60,
+    )
+
+
+def run_shell(command: str, key: str) -> subprocess.CompletedProcess:
+    """A command copied from the page, run as a user would paste it (the key in the env)."""
+    return subprocess.run(
+        ["bash", "-c", command + " --silent --show-error --fail-with-body"],
+        env={**os.environ, "RAYDOCK_KEY": key},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -173,6 +192,11 @@ def test_a_key_made_in_the_page_works_until_deleted_there(
         f"{platform.url}/deployments/{dep_id}/v2/chat/completions"
     )
     expect(page.locator("#curl-sample")).to_contain_text(f"/deployments/{dep_id}/v2/chat")
+    expect(page.locator("#curl-sample-json")).to_contain_text('"response_format"')
+    page.get_by_role("tab", name="Python (openai)").click()
+    expect(page.locator("#python-sample")).to_contain_text('os.environ["RAYDOCK_KEY"]')
+    page.get_by_role("tab", name="JavaScript").click()
+    expect(page.locator("#javascript-sample-json")).to_contain_text("json_schema")
     shot(page, "deployment-endpoint")
 
     page.get_by_role("tab", name="API keys").click()
@@ -197,6 +221,25 @@ def test_a_key_made_in_the_page_works_until_deleted_there(
     reply = chat(platform, dep_id, key)
     assert reply.status_code == 200, reply.text
 
+    # Copy cURL (the deployments page's menu) gives a command that works when run
+    page.goto(f"/#/models/{live.deployment['modelId']}")
+    dep_row = page.locator(f'tr[data-deployment-id="{dep_id}"]')
+    dep_row.get_by_role("button", name=re.compile("^Actions for")).click()
+    page.get_by_role("menuitem", name="Copy cURL").click()
+    expect(page.get_by_text("cURL copied")).to_be_visible()
+    command = page.evaluate("navigator.clipboard.readText()")
+    assert command.startswith("curl ") and "$RAYDOCK_KEY" in command, command
+    ran = run_shell(command, key)
+    assert ran.returncode == 0, (ran.stdout, ran.stderr)
+    assert json.loads(ran.stdout)["choices"][0]["message"]["role"] == "assistant"
+    # so does the Model Endpoint tab's sample with response_format
+    page.goto(f"/#/deployments/{dep_id}/endpoint")
+    sample = page.locator("#curl-sample-json").inner_text()
+    ran = run_shell(sample.replace('"Hello"}]', '"Hello"}], "max_tokens": 8'), key)
+    assert ran.returncode == 0, (ran.stdout, ran.stderr)
+    assert json.loads(ran.stdout)["choices"][0]["message"]["content"].startswith("{")
+    page.goto(f"/#/deployments/{dep_id}/keys")
+
     # live refresh: a key made elsewhere appears without a reload
     other = platform.client.create_key(dep_id, "made-by-api")
     assert other
@@ -209,13 +252,18 @@ def test_a_key_made_in_the_page_works_until_deleted_there(
     expect(row).to_have_count(0)
     wait_for(lambda: chat(platform, dep_id, key).status_code == 401, timeout=10)
 
-    # the Metrics tab reads /metrics: this deployment has served requests
+    # the Metrics tab: the meter's last hour, drawn by uPlot (the platform answered requests
+    # with this deployment just now, so the latest interval counts them)
     page.get_by_role("tab", name="Metrics").click()
     expect(page.locator("#metric-requests")).to_have_text(re.compile(r"^[1-9][\d,]*$"))
     expect(page.locator("#metric-ttft")).to_have_text(re.compile(r"^[\d,]+ ms$"))
-    # a rate needs two readings (one poll apart): then the charts draw a line
-    expect(page.locator("svg#chart-requests polyline")).to_have_count(1)
-    expect(page.locator("svg#chart-tokens polyline")).to_have_count(1)
+    replicas = re.compile(r"^\d+ / target \d+ \(\d+–\d+\)$")
+    expect(page.locator("#metric-replicas")).to_have_text(replicas)
+    for chart in ("requests", "tokens", "ttft", "errors", "replicas"):
+        expect(page.locator(f"#chart-{chart} canvas")).to_have_count(1)  # uPlot drew it
+    expect(page.locator("#chart-requests")).not_to_have_attribute("data-points", "0")
+    history = platform.client.get(f"/deployments/{dep_id}/metrics/history")
+    assert sum(p["requestsPerSecond"] for p in history["points"]) > 0, history
     shot(page, "deployment-metrics")
 
 
@@ -282,3 +330,168 @@ def test_import_dialog_uploads_with_progress_and_the_row_goes_live(
     page.locator("dialog[open]").get_by_role("button", name="Delete model").click()
     expect(row).to_have_count(0)
     assert all(m["name"] != "ui-upload" for m in platform.client.get("/models")["models"])
+
+    # a zip that is not a model: the row ends Import Failed with the reason, and offers to
+    # re-import or discard it
+    bad = tmp_path / "ui-broken.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("readme.txt", "no model here")
+    page.get_by_role("button", name="Import model").click()
+    page.locator("dialog[open] #import-file").set_input_files(bad)
+    page.locator("dialog[open]").get_by_role("button", name="Import").click()
+    row = page.locator("tr", has=page.get_by_role("link", name="ui-broken", exact=True))
+    expect(row.locator("[data-status]")).to_have_text("Import Failed", timeout=120_000)
+    expect(row.locator(".error-detail")).to_contain_text("config.json")
+    row.get_by_role("button", name="Actions for ui-broken").click()
+    expect(page.get_by_role("menuitem", name="Re-import a file…")).to_be_visible()
+    page.get_by_role("menuitem", name="Delete (discard the import)").click()
+    page.locator("dialog[open]").get_by_role("button", name="Delete model").click()
+    expect(row).to_have_count(0)
+
+
+def test_the_playground_streams_an_answer(page: Page, platform: Platform, live: Live):
+    """The page chats through the management API's playground route with the session: the
+    answer arrives in pieces, and the browser never holds a deployment key."""
+    dep_id = live.deployment["deploymentId"]
+    sign_in(page, platform.admin_key)
+    expect(page.locator("#user-name")).to_have_text("admin")
+    page.goto(f"/#/deployments/{dep_id}/playground")
+    page.get_by_label("Max tokens").fill("9999")  # out of ChatRequest's range: refused here
+    page.get_by_label("Message").fill("Hello there")
+    page.get_by_role("button", name="Send").click()
+    expect(page.locator("#playground-error")).to_contain_text("max_tokens must be between 1 and")
+    page.get_by_label("Max tokens").fill("24")
+    page.evaluate(WATCH_STREAM)
+    page.get_by_role("button", name="Send").click()
+    answer = page.locator('.bubble[data-role="assistant"] .text')
+    expect(answer).not_to_have_text("")
+    expect(page.locator(".bubble.streaming")).to_have_count(0, timeout=60_000)
+    lengths = page.evaluate("window.answerLengths")
+    assert len(set(lengths)) >= 2, lengths  # it grew piece by piece: streamed
+    assert answer.inner_text().strip()
+    shot(page, "playground")
+    # the key it used: listed under the user's name, its secret nowhere in the page
+    keys = platform.client.get(f"/deployments/{dep_id}/api-keys")["apiKeys"]
+    assert any(k["name"] == "playground (admin)" for k in keys), keys
+    assert "rdk-" not in page.content()
+
+
+WATCH_STREAM = """() => {
+    window.answerLengths = [];
+    new MutationObserver(() => {
+        const el = document.querySelector('.bubble[data-role="assistant"] .text');
+        if (el) window.answerLengths.push(el.textContent.length);
+    }).observe(document.getElementById("playground-transcript"),
+               {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_the_wizard_deploys_then_redeploy_undeploy_and_delete(
+    page: Page, platform: Platform, ready_model: dict
+):
+    """The deploy wizard refuses an out-of-range field in the page (the API's range, read from
+    its OpenAPI document), deploys, a redeploy adds `_v2` to the history, then the
+    Configurations tab undeploys and deletes after their confirmations. Two tiny-model
+    deploys (about a minute)."""
+    model_id = ready_model["modelId"]
+    sign_in(page, platform.admin_key)
+    expect(page.locator("#user-name")).to_have_text("admin")
+    page.goto(f"/#/models/{model_id}")
+    page.get_by_role("link", name="Deploy", exact=True).click()
+    expect(page.locator(".stepper li.active")).to_have_text("General details")
+    page.get_by_label("Deployment name").fill("ui-wizard")
+    expect(page.locator('[data-range-for="timeout"]')).to_contain_text("30–180")
+    page.get_by_role("button", name="Next").click()
+    expect(page.locator(".stepper li.active")).to_contain_text("Optimization")
+    page.get_by_role("button", name="Next").click()
+    expect(page.locator('[data-range-for="hyperParameters.temperature"]')).to_contain_text("0–2")
+    page.get_by_label("Temperature").fill("2.5")
+    page.get_by_role("button", name="Next").click()
+    error = page.locator('[data-error-for="hyperParameters.temperature"]')
+    expect(error).to_have_text("hyperParameters.temperature must be between 0 and 2 (got 2.5)")
+    expect(page.locator(".stepper li.active")).to_contain_text("Parameters")  # not past it
+    shot(page, "wizard-refused")
+    page.get_by_label("Temperature").fill("0.7")
+    expect(error).to_be_hidden()
+    page.get_by_role("button", name="Next").click()
+    expect(page.locator(".stepper li.active")).to_contain_text("Hardware")
+    # a rule across fields (min ≤ max replicas) is the API's alone: its 422 lands by the field
+    page.get_by_label("Min replicas").fill("3")
+    page.get_by_label("Max replicas").fill("1")
+    page.get_by_role("button", name="Next").click()
+    expect(page.locator("#wizard-review")).to_contain_text("temperature 0.7")
+    deploy = page.locator("#wizard-deploy")
+    expect(deploy).to_be_disabled()  # until the terms are accepted
+    page.get_by_label("I accept all the Terms and Conditions").check()
+    shot(page, "wizard-review")
+    deploy.click()
+    expect(page.locator('[data-error-for="scalingParameters"]')).to_contain_text(
+        "minReplicas (3) must not exceed maxReplicas (1)"
+    )
+    expect(page.locator(".stepper li.active")).to_contain_text("Hardware")
+    page.get_by_label("Min replicas").fill("1")
+    page.get_by_role("button", name="Next").click()
+    page.get_by_label("I accept all the Terms and Conditions").check()
+    deploy.click()
+
+    # the deployment's page, its status live until Deployed
+    expect(page).to_have_url(re.compile(r"#/deployments/[^/]+/endpoint$"))
+    dep_id = page.url.split("#/deployments/")[1].split("/")[0]
+    status = page.locator(".dep-head [data-status]")
+    expect(status).to_have_text("Deployed", timeout=300_000)
+    dep = platform.client.get(f"/deployments/{dep_id}")
+    assert dep["config"]["hyperParameters"]["temperature"] == 0.7
+    assert dep["addedBy"] == "admin"
+    shot(page, "deployment-detail")
+
+    # redeploy, pre-filled from the current configuration: history gains ui-wizard_v2
+    page.get_by_role("link", name="Redeploy").click()
+    expect(page.get_by_label("Deployment name")).to_have_value("ui-wizard")
+    for _ in range(2):
+        page.get_by_role("button", name="Next").click()
+    expect(page.get_by_label("Temperature")).to_have_value("0.7")
+    page.get_by_label("Max tokens").fill("64")
+    for _ in range(2):
+        page.get_by_role("button", name="Next").click()
+    page.get_by_label("I accept all the Terms and Conditions").check()
+    page.locator("#wizard-deploy").click()
+    page.get_by_role("tab", name="Deployment history").click()
+    v2 = page.locator('tr[data-version="2"]')
+    expect(v2).to_contain_text("ui-wizard_v2")
+    expect(v2).to_contain_text("Latest")
+    expect(v2.locator("[data-status]")).to_have_text("Success", timeout=300_000)
+    v2.get_by_role("button", name="Details of ui-wizard_v2").click()
+    expect(page.locator('[data-details-for="2"]')).to_contain_text("maxTokens: 64")
+    expect(page.locator('[data-details-for="2"]')).to_contain_text("by admin")
+    shot(page, "deployment-history")
+    assert (
+        platform.client.get(f"/deployments/{dep_id}")["config"]["hyperParameters"]["maxTokens"]
+        == 64
+    )
+
+    # Configurations: the timeout's range checked in the page, then undeploy and delete
+    page.get_by_role("tab", name="Configurations").click()
+    page.get_by_label("Endpoint timeout (s)").fill("500")
+    page.get_by_role("button", name="Save changes").click()
+    expect(page.locator('[data-error-for="timeout"]')).to_contain_text(
+        "timeout must be between 30 and 180 (got 500)"
+    )
+    page.get_by_label("Endpoint timeout (s)").fill("90")
+    page.get_by_role("button", name="Save changes").click()
+    expect(page.get_by_text("Configuration saved")).to_be_visible()
+    assert platform.client.get(f"/deployments/{dep_id}")["timeout"] == 90
+    shot(page, "deployment-configurations")
+
+    page.get_by_role("button", name="Undeploy").click()
+    dialog = page.locator("dialog[open]")
+    expect(dialog).to_contain_text("Undeploy ui-wizard?")
+    dialog.get_by_role("button", name="Undeploy").click()
+    expect(status).to_have_text("Undeployed", timeout=120_000)
+    page.get_by_role("button", name="Delete deployment").click()
+    dialog = page.locator("dialog[open]")
+    expect(dialog).to_contain_text("Delete ui-wizard?")
+    dialog.get_by_role("button", name="Delete deployment").click()
+    expect(page).to_have_url(re.compile(f"#/models/{model_id}$"))
+    expect(page.locator(f'tr[data-deployment-id="{dep_id}"]')).to_have_count(0)
+    with platform.http() as http:
+        assert http.get(f"/api/public/deployments/{dep_id}").status_code == 404

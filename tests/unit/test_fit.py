@@ -67,12 +67,20 @@ def test_llama_3_1_70b_awq_fits_one_l40s():
     assert est.total == 46_775_405_811
     assert est.fits
     assert not estimate("llama-3.1-70b-instruct", awq, "g5.xlarge").fits
-    # unquantized (2 bytes a weight: 131 GiB) it fits no single GPU raydock offers
-    assert not any(
-        estimate("llama-3.1-70b-instruct", EnginePlan("vllm", ""), d).fits
+    # unquantized (2 bytes a weight: 131 GiB, ~146 GiB in all) it fits no single GPU raydock
+    # offers, but vLLM splits it over 8 x 24 GiB: a g5.48xlarge (tensor parallel 8) or two
+    # g5.12xlarge (4 x 2 pipeline stages)
+    fits = {
+        d
         for d, p in hardware_profiles().items()
-        if p.get("num_gpus")
-    )
+        if p.get("num_gpus") and estimate("llama-3.1-70b-instruct", EnginePlan("vllm", ""), d).fits
+    }
+    assert fits == {"g5.48xlarge", "g5.12xlarge-x2"}
+    big = estimate("llama-3.1-70b-instruct", EnginePlan("vllm", ""), "g5.48xlarge")
+    assert big.available == 8 * 24 * 2**30 and big.where == "8 A10G GPUs (24 GiB each)"
+    # transformers runs on one of the instance's GPUs
+    one = estimate("llama-3.1-70b-instruct", EnginePlan("transformers", ""), "g5.48xlarge")
+    assert one.available == 24 * 2**30
 
 
 def test_gemma_2_9b_int8_fits_a_t4_only_with_a_smaller_batch():

@@ -115,14 +115,22 @@ def test_an_empty_sqlite_migrates_in_well_under_a_second(tmp_path):
 
 
 OLDER_TABLES = [t for name, t in db.Base.metadata.tables.items() if name != "usage"]
+# columns later revisions added to OLDER_TABLES: an older raydock's tables lack them
+ADDED_AFTER_BASELINE = [("deployments", "applied_from")]
+
+
+def create_older_tables(db_url: str) -> None:
+    engine = db.make_engine(db_url)
+    db.Base.metadata.create_all(engine, tables=OLDER_TABLES)
+    engine.dispose()
+    for table, column in ADDED_AFTER_BASELINE:
+        sql(db_url, f"ALTER TABLE {table} DROP COLUMN {column}")
 
 
 def test_a_database_made_before_migrations_is_adopted_and_keeps_its_rows(db_url, registries):
     # what an older raydock left: create_all of its tables (no usage table yet, no
     # alembic_version), with a user, a key and a model in it
-    engine = db.make_engine(db_url)
-    db.Base.metadata.create_all(engine, tables=OLDER_TABLES)
-    engine.dispose()
+    create_older_tables(db_url)
     sessions = db.make_sessionmaker(db_url)  # no migrations: rows as that raydock wrote them
     admin_key = security.new_key(security.MANAGEMENT_PREFIX)
     with sessions.begin() as s:
@@ -145,9 +153,7 @@ def test_a_database_made_before_migrations_is_adopted_and_keeps_its_rows(db_url,
 
 
 def test_a_pre_migration_database_that_does_not_match_is_refused_naming_what_differs(db_url):
-    engine = db.make_engine(db_url)
-    db.Base.metadata.create_all(engine, tables=OLDER_TABLES)
-    engine.dispose()
+    create_older_tables(db_url)
     sql(db_url, "ALTER TABLE models DROP COLUMN checksum")
     with pytest.raises(db.DatabaseRefused, match="table models lacks checksum"):
         Registry(db_url, lease_wait_s=0)
@@ -199,16 +205,15 @@ def test_raydock_up_refuses_a_newer_database_in_one_line_before_ray_starts(
 
 def test_db_commands_report_adopt_and_upgrade(db_url, tmp_path, monkeypatch, capsys):
     home_with(tmp_path, monkeypatch, db_url)
-    engine = db.make_engine(db_url)
-    db.Base.metadata.create_all(engine, tables=OLDER_TABLES)
-    engine.dispose()
+    create_older_tables(db_url)
     head = migrations.head()
 
     assert cli.main(["db", "history"]) == 0
-    assert capsys.readouterr().out.startswith(f"{head} (head)  Initial schema")
+    out = capsys.readouterr().out  # newest first, down to the baseline
+    assert out.startswith(f"{head} (head)  ") and "\n0001  Initial schema" in out
     assert cli.main(["db", "current"]) == 0
     out = capsys.readouterr().out
-    assert "revision: none (made before migrations" in out and f"pending: {head}" in out
+    assert "revision: none (made before migrations" in out and f"pending: 0001, {head}" in out
     assert "lease: free" in out
 
     with Lease(db_url, "a running platform") as held:  # never under a platform's feet

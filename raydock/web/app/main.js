@@ -4,6 +4,7 @@ import { clear, h } from "./ui.js";
 import { modelsPage } from "./pages/models.js";
 import { modelPage } from "./pages/model.js";
 import { deploymentPage } from "./pages/deployment.js";
+import { wizardPage } from "./pages/wizard.js";
 
 const main = document.getElementById("main");
 let user = null;
@@ -12,6 +13,10 @@ let dispose = () => {};
 const ROUTES = [
   [/^#\/models\/?$/, () => modelsPage],
   [/^#\/models\/([^/]+)$/, (m) => (el) => modelPage(el, decodeURIComponent(m[1]))],
+  [/^#\/models\/([^/]+)\/deploy$/,
+    (m) => (el) => wizardPage(el, { modelId: decodeURIComponent(m[1]) })],
+  [/^#\/deployments\/([^/]+)\/redeploy$/,
+    (m) => (el) => wizardPage(el, { deploymentId: decodeURIComponent(m[1]) })],
   [/^#\/deployments\/([^/]+)(?:\/([a-z]+))?$/,
     (m) => (el) => deploymentPage(el, decodeURIComponent(m[1]), m[2] || "endpoint")],
 ];

@@ -89,9 +89,13 @@ export async function importDialog(onImported) {
     clear(instructions, h("li", { class: "head", text: head }), items.map((t) => h("li", { text: t })));
   }
   setKind("base");
-  api.get("/models").then(({ models }) => clear(base,
-    models.filter((m) => m.kind === "base" && m.status === "READY")
-      .map((m) => h("option", { value: m.modelId, text: m.name }))));
+  // an adapter is checked against its base's weights: the base comes first
+  api.get("/models").then(({ models }) => {
+    const bases = models.filter((m) => m.kind === "base" && m.status === "READY");
+    clear(base, h("option", { value: "", text: bases.length ? "Choose the base model…"
+      : "No base model is Ready to Deploy" }),
+    bases.map((m) => h("option", { value: m.modelId, text: m.name })));
+  });
 
   const d = dialog({
     title: "Import model",

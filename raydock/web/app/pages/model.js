@@ -5,13 +5,13 @@ import {
 } from "../ui.js";
 import { POLL_MS } from "./models.js";
 
+// one line that runs as pasted, with the key in $RAYDOCK_KEY (double quotes: the shell fills
+// it in)
 export function curlFor(dep) {
   const url = `${location.origin}/deployments/${dep.deploymentId}/v2/chat/completions`;
-  return `curl ${url} -H 'Authorization: Bearer $RAYDOCK_KEY' -H 'Content-Type: application/json' `
+  return `curl ${url} -H "Authorization: Bearer $RAYDOCK_KEY" -H 'Content-Type: application/json' `
     + `-d '{"messages": [{"role": "user", "content": "Hello"}]}'`;
 }
-
-const RETRIGGERABLE = new Set(["FAILED", "UNDEPLOYED"]);
 
 export function modelPage(main, modelId) {
   const id = encodeURIComponent(modelId);
@@ -23,7 +23,9 @@ export function modelPage(main, modelId) {
   main.append(
     h("nav", { class: "crumbs" }, h("a", { href: "#/models", text: "Open-Source Models" }), " / ",
       h("span", { id: "crumb-model" })),
-    h("div", { class: "page-head" }, title), info, el, empty);
+    h("div", { class: "page-head" }, title,
+      h("a", { class: "btn primary", id: "deploy-model", href: `#/models/${id}/deploy`,
+        text: "Deploy" })), info, el, empty);
   let shown = "";
 
   function row(d) {
@@ -35,7 +37,7 @@ export function modelPage(main, modelId) {
       { label: "Manage API Keys",
         onSelect: () => (location.hash = `#/deployments/${d.deploymentId}/keys`) },
     ];
-    if (RETRIGGERABLE.has(d.status)) {
+    if (d.actions?.retrigger) {
       actions.push({ label: "Re-trigger", onSelect: async () => {
         try {
           await api.post(`/deployments/${d.deploymentId}/retrigger`);
@@ -61,6 +63,8 @@ export function modelPage(main, modelId) {
       api.get(`/models/${id}`), api.get(`/models/${id}/deployments`),
     ]);
     title.textContent = `Deployments of ${model.name}`;
+    // only a Ready-to-Deploy model deploys (the API answers 409 otherwise)
+    document.getElementById("deploy-model").hidden = model.status !== "READY";
     document.getElementById("crumb-model").textContent = model.name;
     info.textContent = `${model.sourceLabel} · ${model.statusLabel} · imported ${fmtDate(model.createdAt)}`
       + (model.error ? ` · ${model.error}` : "");

@@ -48,11 +48,33 @@ export function modelsPage(main) {
       h("td", { class: "num", "data-col": "failed", text: m.deploymentFailed }),
       h("td", { class: "num", "data-col": "ready", text: m.readyToDeploy }),
       h("td", { "data-col": "source", text: m.sourceLabel }),
-      h("td", { class: "row-menu" }, kebab(`Actions for ${m.name}`, [
-        { label: "View deployments",
-          onSelect: () => (location.hash = `#/models/${encodeURIComponent(m.modelId)}`) },
-        { label: "Delete", danger: true, onSelect: () => remove(m) },
-      ])));
+      h("td", { class: "row-menu" }, kebab(`Actions for ${m.name}`, menu(m))));
+  }
+
+  function menu(m) {
+    const id = encodeURIComponent(m.modelId);
+    const items = [
+      { label: "View deployments", onSelect: () => (location.hash = `#/models/${id}`) },
+    ];
+    if (m.status === "READY") {
+      items.push({ label: "Deploy", onSelect: () => (location.hash = `#/models/${id}/deploy`) });
+    }
+    if (m.status === "IMPORT_FAILED") {
+      // a download resumes (the API refuses an upload, with the reason: upload it again)
+      items.push({ label: "Retry import", onSelect: async () => {
+        try {
+          await api.post(`/models/${id}/retry-import`);
+          toast(`${m.name}: importing again`);
+          refresh();
+        } catch (err) {
+          toast(err.message, "error");
+        }
+      } });
+      items.push({ label: "Re-import a file…", onSelect: () => importDialog(refresh) });
+    }
+    items.push({ label: m.status === "IMPORT_FAILED" ? "Delete (discard the import)" : "Delete",
+      danger: true, onSelect: () => remove(m) });
+    return items;
   }
 
   async function remove(m) {

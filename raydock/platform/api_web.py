@@ -1,0 +1,136 @@
+"""Routes the web dashboard needs beyond the seed's API: a deployment's last hour of figures
+(the Metrics tab) and the Playground's chat.
+
+The Playground chats as the signed-in user without handing the browser a deployment key: the
+API replica creates a key named `playground (<user>)` for that user and deployment, keeps the
+secret only in its own memory, and forwards the page's request (a management-authorized one:
+session cookie + CSRF token, or a management key) to the deployment's own endpoint with it.
+The request therefore takes the path any client takes (key check, limits, metering, timeout,
+the pipeline's validation), its usage is visible under that key, and no lasting credential
+is ever readable by a script in the page. Deleting the key in the API keys tab stops it;
+the next Playground message makes a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import ray
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from raydock.errors import ApiError
+from raydock.platform import names
+from raydock.platform.api_deps import User, ctx
+from raydock.platform.states import (
+    DELETABLE_DEPLOYMENT,
+    RETRIGGERABLE_DEPLOYMENT,
+    UNDEPLOYABLE_DEPLOYMENT,
+)
+
+router = APIRouter(prefix="/public")
+
+#: how long the metrics history waits for the meter
+METER_WAIT_S = 5.0
+#: a new key reaches the replicas within milliseconds; a 401 is retried this long
+NEW_KEY_WAIT_S = 5.0
+
+_playground_keys: dict[tuple[str, str], str] = {}  # (deployment, user) -> secret, memory only
+_key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+
+@router.get("/deployments/{deploymentId}/metrics/history", tags=["deployments"])
+async def metrics_history(deploymentId: str, _: User) -> dict[str, Any]:
+    """The last hour of the deployment's figures, one point per interval (10 s): requests,
+    errors and tokens per second, TTFT p50/p95 (seconds; null without requests), running and
+    target replicas; with the deployment's minimum and maximum replicas."""
+    dep = await ctx.registry.get_deployment.remote(deploymentId)
+    scaling = dep["config"].get("scalingParameters", {})
+    try:
+        meter = ray.get_actor(names.METER, namespace=names.NAMESPACE)
+        series = await asyncio.wait_for(meter.series.remote(deploymentId), METER_WAIT_S)
+    except ValueError:
+        raise ApiError(404, "metering is off on this platform (metering: false)") from None
+    return {
+        "deploymentId": deploymentId,
+        "replicasMin": scaling.get("minReplicas"),
+        "replicasMax": scaling.get("maxReplicas"),
+        **series,
+    }
+
+
+async def _playground_key(
+    deployment_id: str, user: dict[str, Any], fresh: bool
+) -> tuple[str, bool]:
+    """(the user's playground key for the deployment, whether it was made just now)."""
+    slot = (deployment_id, user["userId"])
+    async with _key_locks.setdefault(slot, asyncio.Lock()):
+        if not fresh and slot in _playground_keys:
+            return _playground_keys[slot], False
+        name = f"playground ({user['name']})"
+        # the secret of an earlier one is gone (a restart) or refused: that key is of no use
+        for k in await ctx.registry.list_deployment_keys.remote(deployment_id):
+            if k["name"] == name and k["createdBy"] == user["name"]:
+                await ctx.registry.delete_deployment_key.remote(deployment_id, k["keyId"])
+        made = await ctx.registry.create_deployment_key.remote(
+            deployment_id, name, user["userId"], None
+        )
+        _playground_keys[slot] = made["apiKey"]
+        return made["apiKey"], True
+
+
+@router.post("/deployments/{deploymentId}/playground/chat/completions", tags=["deployments"])
+async def playground_chat(deploymentId: str, request: Request, user: User) -> Response:
+    """Chat with the deployment as the signed-in user (the dashboard's Playground): the body
+    is an OpenAI chat request, checked and answered exactly as on
+    `/deployments/{id}/v2/chat/completions`, streaming included."""
+    await ctx.registry.get_deployment.remote(deploymentId)  # 404 for an unknown one
+    body = await request.body()
+    url = f"http://127.0.0.1:{ctx.settings.port}/deployments/{deploymentId}/v2/chat/completions"
+    client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + NEW_KEY_WAIT_S
+    key, new = await _playground_key(deploymentId, user, fresh=False)
+    while True:
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        try:
+            upstream = await client.send(
+                client.build_request("POST", url, content=body, headers=headers), stream=True
+            )
+        except httpx.TransportError as exc:
+            await client.aclose()
+            raise ApiError(503, f"the deployment's endpoint did not answer: {exc}") from None
+        if upstream.status_code != 401 or loop.time() > deadline:
+            break
+        await upstream.aclose()
+        if new:  # the replicas have not heard of it yet (milliseconds)
+            await asyncio.sleep(0.1)
+        else:  # deleted in the API keys tab: a new one
+            key, new = await _playground_key(deploymentId, user, fresh=True)
+
+    async def relay() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in upstream.aiter_raw():
+                yield chunk
+        finally:
+            await upstream.aclose()
+            await client.aclose()
+
+    return StreamingResponse(
+        relay(),
+        status_code=upstream.status_code,
+        media_type=upstream.headers.get("content-type", "application/json"),
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+def allowed_actions(status: str) -> dict[str, bool]:
+    """What the dashboard offers for a deployment in `status` (the rules are states.py's)."""
+    return {
+        "undeploy": status in UNDEPLOYABLE_DEPLOYMENT,
+        "delete": status in DELETABLE_DEPLOYMENT,
+        "retrigger": status in RETRIGGERABLE_DEPLOYMENT,
+    }

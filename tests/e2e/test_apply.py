@@ -1,0 +1,256 @@
+"""Declarative deployments as a user runs them: `raydock apply | diff | get deployments |
+rollback` in a separate process against the session's platform, and `ray job submit` of an
+apply against the session's cluster (its job server).
+
+One flow, because each step starts from the state the previous one left: create, a no-op
+re-apply, a change (`_v2`), a rollback to `_v1` (`_v3`), a change applied as a Ray job
+(`_v4`), the export applied back (no change), a bad file, and --prune. It needs a few
+minutes: five deploys of the tiny model and two undeploys, which it waits for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import ray
+import yaml
+
+from .conftest import ASK_JSON
+from .test_cli import raydock
+from .test_huggingface import model_files
+
+NAME = "apply-chat"
+HF_REPO = "acme/apply-chat"
+
+APP = """\
+kind: Deployment
+name: {name}
+model:
+  zip: models/tiny.zip
+deviceType: cpu-small
+hyperParameters:
+  temperature: 1
+  maxTokens: {max_tokens}
+scalingParameters:
+  maxBatchSize: 4
+  minReplicas: 1
+  maxReplicas: 1
+  scaleDownDelay: 600
+apiKeys:
+  - name: app
+"""
+
+
+def served_tokens(platform, deployment_id: str, key: str) -> int:
+    """Tokens a request that leaves max_tokens to the deployment gets: its maxTokens."""
+    sdk = openai.OpenAI(base_url=f"{platform.url}/deployments/{deployment_id}/v2", api_key=key)
+    reply = sdk.chat.completions.create(
+        model="m", messages=ASK_JSON, extra_body={"ignore_eos": True}
+    )
+    return reply.usage.completion_tokens
+
+
+def write_app(folder: Path, max_tokens: int, name: str = NAME) -> None:
+    (folder / "app.yaml").write_text(APP.format(name=name, max_tokens=max_tokens))
+
+
+def secrets_in(output: str) -> list[str]:
+    return re.findall(r"key \(shown once, store it now\): (\S+)", output)
+
+
+def versions(platform, deployment_id: str) -> list[dict]:
+    return platform.client.get(f"/deployments/{deployment_id}/history")["versions"]
+
+
+def ray_job(platform, working_dir: Path, key_file: Path) -> subprocess.CompletedProcess:
+    """`ray job submit` of `raydock apply -f .`, as README shows it: the platform's URL and
+    the key's file in the job's environment (the key itself stays out of it)."""
+    dashboard = ray._private.worker.get_dashboard_url()
+    env = {
+        "RAYDOCK_URL": platform.url,
+        "RAYDOCK_API_KEY_FILE": str(key_file),
+        # the job runs `raydock` from the cluster's Python environment
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+    }
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    return subprocess.run(
+        [
+            ray_cli,
+            "job",
+            "submit",
+            "--address",
+            f"http://{dashboard}",
+            "--working-dir",
+            str(working_dir),
+            "--runtime-env-json",
+            json.dumps({"env_vars": env}),
+            "--",
+            "raydock",
+            "apply",
+            "-f",
+            ".",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_apply_diff_rollback_export_prune_and_a_ray_job(
+    platform, ready_model, tiny_zip, hf_hub, tmp_path
+):
+    auth = {"RAYDOCK_URL": platform.url, "RAYDOCK_API_KEY": platform.admin_key}
+    files = tmp_path / "deployments"
+    (files / "models").mkdir(parents=True)
+    shutil.copy(tiny_zip, files / "models" / "tiny.zip")  # the same bytes as ready_model's
+    write_app(files, max_tokens=3)
+    models_before = platform.client.get("/models")["total"]
+
+    # diff: what would change, exit 1
+    diff = raydock("diff", "-f", str(files), **auth)
+    assert diff.returncode == 1, diff.stderr
+    assert f"app.yaml:2: deployment {NAME}: create" in diff.stdout
+
+    # create: on the model already imported from that zip (no upload), with its key
+    done = raydock("apply", "-f", str(files), **auth)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"deployment {NAME}: create → {NAME}_v1" in done.stdout
+    assert f"apiKey app (deployment {NAME}): create" in done.stdout
+    assert f"deployment {NAME}: DEPLOYED ({NAME}_v1)" in done.stdout
+    assert "importing" not in done.stdout
+    (key,) = secrets_in(done.stdout)
+    assert platform.client.get("/models")["total"] == models_before
+    (dep,) = [d for d in platform.client.get("/apply/export")["documents"] if d["name"] == NAME]
+    assert dep["model"] == {"id": ready_model["modelId"]}
+    dep_id = platform.client.get(f"/models/{ready_model['modelId']}/deployments")["deployments"]
+    dep_id = next(d["deploymentId"] for d in dep_id if d["name"] == NAME)
+    assert served_tokens(platform, dep_id, key) == 3
+
+    # the same files again: nothing happens, and the key's secret is not shown again
+    again = raydock("apply", "-f", str(files), **auth)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"deployment {NAME}: unchanged" in again.stdout and not secrets_in(again.stdout)
+    assert "apply: 2 unchanged; done" in again.stdout
+    assert len(versions(platform, dep_id)) == 1
+    assert len(platform.client.get(f"/deployments/{dep_id}/api-keys")["apiKeys"]) == 1
+
+    # a change: diff names it, apply redeploys as _v2, the endpoint serves it
+    write_app(files, max_tokens=5)
+    diff = raydock("diff", "-f", str(files), **auth)
+    assert diff.returncode == 1 and "hyperParameters.maxTokens: 3 → 5" in diff.stdout
+    done = raydock("apply", "-f", str(files), **auth)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"deployment {NAME}: redeploy → {NAME}_v2" in done.stdout
+    assert served_tokens(platform, dep_id, key) == 5
+
+    # rollback to _v1: its configuration, as a new version _v3
+    back = raydock("rollback", NAME, "--version", "1", "-o", "json", **auth)
+    assert back.returncode == 0, back.stderr
+    assert f"rolling back to {NAME}_v1 as {NAME}_v3" in back.stderr
+    assert json.loads(back.stdout)["status"] == "DEPLOYED"
+    assert served_tokens(platform, dep_id, key) == 3
+    history = versions(platform, dep_id)
+    assert [v["name"] for v in history] == [f"{NAME}_v{n}" for n in (1, 2, 3)]
+    assert history[2]["config"]["hyperParameters"]["maxTokens"] == 3
+    missing = raydock("rollback", dep_id, "--version", "9", **auth)
+    assert missing.returncode == 1
+    assert f"version 9 not found: deployment {NAME} has versions 1 to 3" in missing.stderr
+    with platform.http() as http:
+        zero = http.post(f"/api/public/deployments/{dep_id}/rollback", params={"version": 0})
+    assert zero.status_code == 422 and zero.json()["error"]["param"] == "version"
+    assert "greater than or equal to 1" in zero.json()["error"]["message"]
+
+    # a change applied by a Ray job: its log shows the change and its result
+    key_file = tmp_path / "raydock.key"
+    key_file.write_text(platform.admin_key)
+    key_file.chmod(0o600)
+    write_app(files, max_tokens=4)
+    job = ray_job(platform, files, key_file)
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert f"deployment {NAME}: redeploy → {NAME}_v4" in job.stdout
+    assert "hyperParameters.maxTokens: 3 → 4" in job.stdout
+    assert f"deployment {NAME}: DEPLOYED ({NAME}_v4)" in job.stdout
+    assert platform.admin_key not in job.stdout + job.stderr
+    assert served_tokens(platform, dep_id, key) == 4
+
+    # a job whose deployment cannot be made fails, saying why
+    failing = tmp_path / "failing"
+    failing.mkdir()
+    model_id = ready_model["modelId"]
+    (failing / "gpu.yaml").write_text(
+        f"name: apply-gpu\nmodel: {{id: {model_id}}}\ndeviceType: g5.xlarge\n"
+    )
+    job = ray_job(platform, failing, key_file)
+    assert job.returncode != 0
+    assert "gpu.yaml:1: " in job.stdout and "g5.xlarge" in job.stdout
+
+    # the live state exported as files applies back unchanged (a dry run: nothing adopted)
+    export = raydock("get", "deployments", "-o", "yaml", **auth)
+    assert export.returncode == 0, export.stderr
+    (mine,) = [d for d in yaml.safe_load_all(export.stdout) if d["name"] == NAME]
+    assert mine["hyperParameters"]["maxTokens"] == 4 and mine["apiKeys"] == [{"name": "app"}]
+    assert key not in export.stdout
+    (tmp_path / "exported.yaml").write_text(yaml.safe_dump(mine))
+    same = raydock("diff", "-f", str(tmp_path / "exported.yaml"), **auth)
+    assert same.returncode == 0, same.stdout + same.stderr
+
+    # a bad file: one line naming the file, line and field; nothing made
+    bad = files / "bad.yaml"
+    text = APP.format(name="apply-bad", max_tokens=3)
+    bad.write_text(text.replace("temperature: 1\n", "temperature: 5\n"))
+    refused = raydock("apply", "-f", str(bad), **auth)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"{bad}:7: hyperParameters.temperature must be between 0 and 2 (got 5)" in (
+        refused.stderr
+    )
+    assert "apply-bad" not in json.dumps(platform.client.get("/apply/export"))
+
+    # --prune: a file set without apply-chat undeploys it; deployments made by hand stay
+    by_hand = {
+        d["deploymentId"]: d["status"]
+        for d in platform.client.get(f"/models/{ready_model['modelId']}/deployments")["deployments"]
+        if not d["appliedFrom"]
+    }
+    other = tmp_path / "other"
+    other.mkdir()
+    hf_hub.add_repo(HF_REPO, model_files())  # a model apply imports from the Hub first
+    (other / "two.yaml").write_text(
+        APP.format(name="apply-two", max_tokens=2).replace(
+            "zip: models/tiny.zip", f"huggingFace: {{repoId: {HF_REPO}}}"
+        )
+    )
+    secrets = tmp_path / "secrets.txt"  # the created key's secret: there, not in the output
+    pruned = raydock("apply", "-f", str(other), "--prune", "--secrets-out", str(secrets), **auth)
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert f"key written to {secrets}" in pruned.stdout and not secrets_in(pruned.stdout)
+    (line,) = secrets.read_text().splitlines()
+    assert line.startswith("apply-two/app: ") and line.split()[-1] not in pruned.stdout
+    assert secrets.stat().st_mode & 0o777 == 0o600
+    assert f"deployment {NAME}: undeploy" in pruned.stdout
+    assert f"deployment {NAME}: UNDEPLOYED" in pruned.stdout
+    assert "deployment apply-two: import-and-create" in pruned.stdout
+    assert "deployment apply-two: DEPLOYED" in pruned.stdout
+    assert platform.client.get(f"/deployments/{dep_id}")["status"] == "UNDEPLOYED"
+    # the repo's model, once imported, is the document's model: nothing more to do
+    again = raydock("apply", "-f", str(other), "--prune", **auth)
+    assert again.returncode == 0 and "apply: 2 unchanged; done" in again.stdout, again.stdout
+    for deployment_id, status in by_hand.items():
+        assert platform.client.get(f"/deployments/{deployment_id}")["status"] == status
+
+    # clean up what this test deployed
+    (two,) = [
+        d
+        for m in platform.client.get("/models")["models"]
+        if m["source"] == "hugging_face" and m["name"] == HF_REPO
+        for d in platform.client.get(f"/models/{m['modelId']}/deployments")["deployments"]
+    ]
+    assert two["name"] == "apply-two"
+    ref = platform.client.post(f"/deployments/{two['deploymentId']}/undeploy")
+    assert platform.client.wait_job(ref["dockStatusId"])["status"] == "SUCCESS"

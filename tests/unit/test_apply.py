@@ -1,0 +1,330 @@
+"""Declarative deployment files: reading them with line numbers, validating them (errors name
+the file, line and field), and the plan (what changes) against a platform's state."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from raydock import apply_files
+from raydock.errors import ApiError
+from raydock.platform import apply, schemas
+
+SHA = "a" * 64
+
+GOOD = """\
+# a comment first: lines still count
+name: tiny-chat
+model:
+  zip: ../models/tiny.zip
+  sha256: {sha}
+deviceType: cpu-small
+hyperParameters:
+  temperature: 0.5
+  maxTokens: 3
+scalingParameters:
+  maxBatchSize: 4
+apiKeys:
+  - name: app
+"""
+
+
+def docs_of(text: str, source: str = "deployments/app.yaml") -> list[dict]:
+    """The documents of a file as `raydock apply` sends them."""
+    return [d.wire() for d in apply_files.load_text(textwrap.dedent(text), source)]
+
+
+def declared(text: str = GOOD) -> list[apply.Declared]:
+    """What the API makes of a file: validated (422), then its names checked (409)."""
+    body = apply.parse({"documents": docs_of(text.replace("{sha}", SHA))})
+    return apply.declare(body.documents)
+
+
+# ------------------------------------------------------------------ reading and validating
+
+
+def test_a_document_records_the_line_of_every_field():
+    (doc,) = apply_files.load_text(GOOD.replace("{sha}", SHA), "app.yaml")
+    assert doc.line == 2  # the comment before it is not the document
+    assert doc.lines["name"] == 2
+    assert doc.lines["hyperParameters.maxTokens"] == 9
+    assert doc.lines["apiKeys.0"] == 13 and doc.lines["apiKeys.0.name"] == 13
+
+
+def test_several_documents_in_one_file_keep_their_own_lines():
+    text = "name: a\nmodel: {id: cm-1}\ndeviceType: cpu-small\n---\nname: b\nmodel: {id: cm-1}\n"
+    a, b = apply_files.load_text(text, "two.yaml")
+    assert (a.line, b.line, b.lines["model"]) == (1, 5, 6)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: a\n  bad: indent\n", "x.yaml:2: not valid YAML"),
+        ("name: a\nname: b\n", "x.yaml:2: name: duplicate key (first on line 1)"),
+        ("- just\n- a list\n", "x.yaml:1: a document must be a mapping"),
+    ],
+)
+def test_files_that_are_not_documents_are_refused_with_file_and_line(text, message):
+    with pytest.raises(apply_files.FileError, match=re.escape(message)):
+        apply_files.load_text(text, "x.yaml")
+
+
+def test_a_bad_field_is_named_with_its_file_line_and_range():
+    bad = GOOD.replace("temperature: 0.5", "temperature: 5")
+    with pytest.raises(ApiError) as exc:
+        declared(bad)
+    assert exc.value.status == 422 and exc.value.param == "hyperParameters.temperature"
+    assert exc.value.message == (
+        "deployments/app.yaml:8: hyperParameters.temperature must be between 0 and 2 (got 5)"
+    )
+
+
+def test_every_problem_of_every_document_is_listed_and_an_unknown_field_too():
+    text = GOOD + "---\nname: other\nmodel: {catalog: x, id: cm-1}\ndeviceType: cpu-small\n"
+    text = text.replace("maxBatchSize: 4", "maxBatchSize: 4\n  maxReplicaz: 3")
+    with pytest.raises(ApiError) as exc:
+        declared(text)
+    msg = exc.value.message
+    assert "deployments/app.yaml:12: scalingParameters.maxReplicaz: Extra inputs" in msg
+    assert "deployments/app.yaml:17: model: Value error, give exactly one of zip, catalog" in msg
+
+
+def test_a_missing_field_points_at_the_document_and_names_used_twice_are_a_conflict():
+    with pytest.raises(ApiError, match=r"app.yaml:1: deviceType: Field required"):
+        declared("name: a\nmodel: {id: cm-1}\n")
+    twice = "name: a\nmodel: {id: cm-1}\ndeviceType: cpu-small\n---\n" * 2
+    with pytest.raises(ApiError, match=r"app.yaml:5: name: 'a' is also declared at .*app.yaml:1"):
+        declared(twice)
+    keys = GOOD + "  - name: app\n"
+    with pytest.raises(ApiError, match=r"app.yaml:14: apiKeys.1.name: 'app' is also at .*:13") as e:
+        declared(keys)
+    assert e.value.status == 409
+
+
+def test_documents_without_a_file_are_named_by_their_index():
+    doc = {"spec": {"name": "a", "model": {"id": "cm-1"}, "deviceType": "tpu"}}
+    with pytest.raises(ApiError, match=r"^documents.0: deviceType: Value error"):
+        apply.parse({"documents": [doc]})
+
+
+def test_a_model_source_is_exactly_one_of_four_and_the_document_says_so():
+    schema = apply.ModelSource.model_json_schema()
+    assert [s["required"] for s in schema["oneOf"]] == [
+        ["zip", "sha256"],
+        ["catalog"],
+        ["huggingFace"],
+        ["id"],
+    ]
+    assert "null" not in str(schema["properties"]["catalog"])
+    with pytest.raises(ApiError, match="model.zip: Input should be a valid string"):
+        declared("name: a\nmodel: {zip: null, id: cm-1}\ndeviceType: cpu-small\n")
+    with pytest.raises(ApiError, match="sha256 goes with a zip source"):
+        declared("name: a\nmodel: {zip: a.zip}\ndeviceType: cpu-small\n")
+    with pytest.raises(ApiError, match="sha256 goes with a zip source"):
+        declared(f"name: a\nmodel: {{id: cm-1, sha256: {SHA}}}\ndeviceType: cpu-small\n")
+
+
+def test_zip_paths_are_relative_to_their_file_and_hashed(tmp_path: Path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny.zip").write_bytes(b"zip bytes")
+    folder = tmp_path / "deployments"
+    folder.mkdir()
+    (folder / "app.yaml").write_text(GOOD.replace("  sha256: {sha}\n", ""))
+    (folder / "notes.txt").write_text("not a deployment")
+    docs = apply_files.load(folder)
+    zips = apply_files.resolve_zips(docs)
+    sha = apply_files.sha256_file(tmp_path / "models" / "tiny.zip")
+    assert docs[0].spec["model"] == {"zip": "../models/tiny.zip", "sha256": sha}
+    assert zips == {sha: (tmp_path / "models" / "tiny.zip").resolve()}
+    (tmp_path / "models" / "tiny.zip").unlink()
+    with pytest.raises(apply_files.FileError, match=r"app.yaml:4: model.zip: no such file"):
+        apply_files.resolve_zips(apply_files.load(folder))
+
+
+# ------------------------------------------------------------------ the plan
+
+
+def model(model_id: str = "cm-1", checksum: str = SHA, **kw) -> dict:
+    return {"modelId": model_id, "source": "file", "checksum": checksum, "status": "READY"} | kw
+
+
+def deployment_of(d: apply.Declared, model_id="cm-1", status="DEPLOYED", managed=True) -> dict:
+    body = d.spec.deploy_body()
+    return {
+        "deploymentId": "dp-1",
+        "modelId": model_id,
+        "name": d.spec.name,
+        "status": status,
+        "config": body,
+        "description": body["description"],
+        "tags": body["tags"],
+        "timeout": body["timeout"],
+        "appliedFrom": d.source if managed else None,
+    }
+
+
+def key(name: str = "app", **limits) -> dict:
+    full = {"requestsPerMinute": None, "tokensPerMinute": None, "tokensPerDay": None} | limits
+    return {"keyId": "key-1", "name": name, "limits": full}
+
+
+def actions(changes: list[dict]) -> list[tuple[str, str, str]]:
+    return [(c["kind"], c["name"], c["action"]) for c in changes]
+
+
+def test_a_new_document_creates_its_deployment_and_keys_on_the_model_with_its_zip():
+    (d,) = declared()
+    changes = apply.plan([d], apply.State([], [model()]), prune=False)
+    assert actions(changes) == [("deployment", "tiny-chat", "create"), ("apiKey", "app", "create")]
+    assert changes[0]["modelId"] == "cm-1" and changes[0]["source"] == "deployments/app.yaml:2"
+    other_zip = apply.plan([d], apply.State([], [model(checksum="b" * 64)]), prune=False)
+    assert other_zip[0]["action"] == "upload-and-create"
+
+
+def test_an_unchanged_document_changes_nothing():
+    (d,) = declared()
+    state = apply.State([deployment_of(d)], [model()], {"dp-1": [key()]})
+    assert [c["action"] for c in apply.plan([d], state, prune=False)] == ["unchanged"] * 2
+
+
+def test_a_changed_parameter_redeploys_and_says_what_changed():
+    (d,) = declared()
+    (changed,) = declared(GOOD.replace("maxTokens: 3", "maxTokens: 5"))
+    state = apply.State([deployment_of(d)], [model()], {"dp-1": [key()]})
+    change = apply.plan([changed], state, prune=False)[0]
+    assert change["action"] == "redeploy"
+    assert change["details"] == ["hyperParameters.maxTokens: 3 → 5"]
+
+
+def test_description_tags_and_timeout_alone_update_without_a_redeploy():
+    (d,) = declared()
+    (changed,) = declared(GOOD + "timeout: 90\ntags: [x]\n")
+    state = apply.State([deployment_of(d)], [model()], {"dp-1": [key()]})
+    change = apply.plan([changed], state, prune=False)[0]
+    assert change["action"] == "update"
+    assert change["details"] == ["tags: [] → ['x']", "timeout: 60 → 90"]
+
+
+def test_a_failed_or_undeployed_deployment_is_deployed_again_and_a_starting_one_waited_for():
+    (d,) = declared()
+    for status, action in (("FAILED", "deploy"), ("UNDEPLOYED", "deploy"), ("DEPLOYING", "wait")):
+        state = apply.State([deployment_of(d, status=status)], [model()], {"dp-1": [key()]})
+        assert apply.plan([d], state, prune=False)[0]["action"] == action
+    (changed,) = declared(GOOD.replace("maxTokens: 3", "maxTokens: 5"))
+    state = apply.State([deployment_of(d, status="DEPLOYING")], [model()], {"dp-1": [key()]})
+    with pytest.raises(ApiError, match="is DEPLOYING; apply the change when that ends"):
+        apply.plan([changed], state, prune=False)
+
+
+def test_a_hand_made_deployment_of_that_name_and_model_is_adopted():
+    (d,) = declared()
+    state = apply.State([deployment_of(d, managed=False)], [model()], {"dp-1": [key()]})
+    (change, _) = apply.plan([d], state, prune=False)
+    assert change["action"] == "unchanged" and change["adopted"] and change["mark"]
+    on_other_model = apply.State([deployment_of(d, "cm-2", managed=False)], [model()])
+    assert apply.plan([d], on_other_model, prune=False)[0]["action"] == "create"
+
+
+def test_a_deployment_cannot_move_to_another_model():
+    (d,) = declared()
+    state = apply.State([deployment_of(d, model_id="cm-old")], [model()])
+    with pytest.raises(ApiError, match="serves model cm-old; a deployment's model cannot change"):
+        apply.plan([d], state, prune=False)
+
+
+def test_keys_are_created_once_and_their_limits_follow_the_file():
+    (d,) = declared(GOOD + "    limits: {requestsPerMinute: 10}\n")
+    state = apply.State([deployment_of(d)], [model()], {"dp-1": [key()]})
+    change = apply.plan([d], state, prune=False)[1]
+    assert change["action"] == "update" and change["limits"] == {"requestsPerMinute": 10}
+    state.keys = {"dp-1": [key(requestsPerMinute=10), key("old")]}
+    assert [c["action"] for c in apply.plan([d], state, prune=False)] == ["unchanged"] * 2
+
+
+def test_prune_undeploys_only_what_apply_manages_and_no_file_names():
+    (d,) = declared()
+    gone = deployment_of(d) | {"deploymentId": "dp-2", "name": "gone"}
+    by_hand = deployment_of(d, managed=False) | {"deploymentId": "dp-3", "name": "by-hand"}
+    already = gone | {"deploymentId": "dp-4", "name": "old", "status": "UNDEPLOYED"}
+    state = apply.State([deployment_of(d), gone, by_hand, already], [model()], {"dp-1": [key()]})
+    assert ("deployment", "gone", "undeploy") not in actions(apply.plan([d], state, False))
+    pruned = apply.plan([d], state, prune=True)
+    assert actions(pruned)[2:] == [("deployment", "gone", "undeploy")]
+
+
+def test_catalog_and_hugging_face_sources_download_when_not_imported_yet():
+    text = "name: q\nmodel: {catalog: qwen2.5-0.5b-instruct}\ndeviceType: cpu-large\n"
+    (d,) = declared(text)
+    change = apply.plan([d], apply.State([], []), prune=False)[0]
+    assert change["action"] == "import-and-create"
+    assert change["origin"]["catalogId"] == "qwen2.5-0.5b-instruct"
+    imported = model("cm-q", None, source="platform_hosted", metadata={"origin": change["origin"]})
+    assert apply.plan([d], apply.State([], [imported]), False)[0]["action"] == "create"
+    hf = "name: h\nmodel: {huggingFace: {repoId: org/m, connection: team}}\ndeviceType: cpu-small\n"
+    (h,) = declared(hf)
+    with pytest.raises(ApiError, match=r"app.yaml:2: model.huggingFace.connection: no connection"):
+        apply.plan([h], apply.State([], []), prune=False)
+    conn = [{"name": "team", "connectionId": "hfc-1"}]
+    change = apply.plan([h], apply.State([], [], connections=conn), prune=False)[0]
+    assert change["origin"] == {"repoId": "org/m", "revision": None, "connectionId": "hfc-1"}
+
+
+def test_an_exported_deployment_applies_back_unchanged():
+    (d,) = declared(GOOD + "    limits: {tokensPerDay: 1000}\ndescription: hi\n")
+    dep = deployment_of(d)
+    keys = [key(tokensPerDay=1000)]
+    doc = apply.export(dep, model(), keys)
+    assert doc["model"] == {"id": "cm-1"} and doc["apiKeys"] == [
+        {"name": "app", "limits": {"tokensPerDay": 1000}}
+    ]
+    text = apply_files.dump([doc])
+    (again,) = apply.declare(apply.parse({"documents": docs_of(text)}).documents)
+    state = apply.State([dep], [model()], {"dp-1": keys})
+    assert [c["action"] for c in apply.plan([again], state, False)] == ["unchanged"] * 2
+
+
+def test_the_example_file_in_configs_is_a_valid_document():
+    folder = Path(__file__).resolve().parents[2] / "configs" / "deployments"
+    docs = apply_files.load(folder)
+    assert docs, "configs/deployments/ holds an example"
+    for doc in docs:
+        if "zip" in doc.spec["model"]:
+            doc.spec["model"].setdefault("sha256", SHA)  # what `raydock apply` fills in
+    apply.parse({"documents": [d.wire() for d in docs]})
+    assert schemas.DeployRequest  # the deploy body is the seed's
+
+
+def test_the_api_handler_names_file_and_line_from_fastapis_errors():
+    body = {"documents": docs_of(GOOD.replace("{sha}", SHA).replace("0.5", "5"))}
+    err = {
+        "loc": ("body", "documents", 0, "spec", "hyperParameters", "temperature"),
+        "type": "less_than_equal",
+        "msg": "Input should be less than or equal to 2",
+        "input": 5,
+    }
+    assert apply.describe_errors([err], body) == [
+        (
+            "hyperParameters.temperature",
+            "deployments/app.yaml:8: hyperParameters.temperature must be between 0 and 2 (got 5)",
+        )
+    ]
+    outer = {
+        "loc": ("body", "dryRun"),
+        "type": "bool_type",
+        "msg": "Input should be a valid boolean",
+    }
+    assert apply.describe_errors([outer], body) == [
+        ("dryRun", "dryRun: Input should be a valid boolean")
+    ]
+
+
+def test_json_integers_may_be_written_as_whole_floats_but_not_booleans():
+    spec = {"name": "a", "model": {"id": "cm-1"}, "deviceType": "cpu-small"}
+    body = apply.parse({"documents": [{"spec": spec, "line": 3.0, "lines": {"name": 3.0}}]})
+    assert (body.documents[0].line, body.documents[0].lines) == (3, {"name": 3})
+    with pytest.raises(ApiError, match="prune: Input should be a valid boolean"):
+        apply.parse({"documents": [], "prune": 0})

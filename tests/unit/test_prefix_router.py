@@ -1,0 +1,101 @@
+"""The prefix-cache-aware routing rule (serve_apps/prefix_router.py) and when a deployment gets
+it (engine_app.prefix_routing); the routing itself is shown end to end in
+tests/e2e/test_prefix_routing.py."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from raydock.platform import schemas
+from raydock.serve_apps.engine_app import prefix_routing
+from raydock.serve_apps.prefix_router import (
+    BLOCK_CHARS,
+    PrefixTable,
+    pick,
+    prefix_keys,
+    routing_text,
+)
+
+LONG = "The keeper's log, page one. " * 40  # ~1,100 characters
+
+
+def test_the_prompt_text_comes_from_messages_or_prompt():
+    chat = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]}
+    assert routing_text([chat]) == "system\nS\nuser\nU\n"
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert routing_text([parts]) == "user\nhi\n"
+    assert routing_text([{"prompt": "p"}]) == "p"
+    assert routing_text([{"prompt": ["first", "second"]}]) == "first"
+    assert routing_text(["not a request", {"other": 1}]) is None
+
+
+def test_texts_share_keys_exactly_as_far_as_they_share_whole_blocks():
+    a = prefix_keys(LONG + "question A")
+    b = prefix_keys(LONG + "question B, somewhat longer than A")
+    shared = len(LONG) // BLOCK_CHARS
+    assert a[:shared] == b[:shared]
+    assert prefix_keys("short") == []  # under one block: nothing worth routing on
+    other = prefix_keys("X" + LONG)
+    assert not set(other) & set(a)
+
+
+def test_the_longest_shared_prefix_decides_and_dead_replicas_are_forgotten():
+    table = PrefixTable()
+    base = prefix_keys(LONG)
+    longer = prefix_keys(LONG + "more text " * 30)
+    table.assign(base, "r1")
+    table.assign(longer, "r2")  # r2 served a longer prompt with the same start
+    assert table.longest_owner(longer, {"r1", "r2"}) == "r2"
+    assert table.longest_owner(base, {"r1", "r2"}) == "r2"  # re-served: the blocks moved
+    assert table.longest_owner(longer, {"r1"}) is None  # r2 is not a candidate now
+    table.forget(["r2"])
+    assert table.longest_owner(longer, {"r1", "r2"}) is None and "r2" not in table.held
+
+
+def test_the_table_is_bounded():
+    table = PrefixTable(max_entries=10)
+    table.assign(prefix_keys(LONG), "r1")
+    table.assign(prefix_keys("Y" + LONG), "r2")
+    assert len(table.owner) == 10 and sum(table.held.values()) == 10
+
+
+def test_owner_while_not_overloaded_else_least_loaded():
+    held = Counter({"a": 5, "b": 1})
+    assert pick("a", {"a": 3, "b": 0}, held, imbalance_threshold=4)[0] == "a"
+    assert pick("a", {"a": 4, "b": 0}, held, imbalance_threshold=4)[0] == "a"
+    assert pick("a", {"a": 5, "b": 0}, held, imbalance_threshold=4)[0] == "b"  # overloaded
+    # a new prefix: least loaded; at equal load the replica holding fewer prefixes
+    assert pick(None, {"a": 0, "b": 0}, held, imbalance_threshold=4) == ["b", "a"]
+    assert pick(None, {"a": 0, "b": 1}, held, imbalance_threshold=4) == ["a", "b"]
+    # an owner that is not a candidate now (gone, or its probe unanswered) is passed over
+    assert pick("c", {"a": 1, "b": 0}, held, imbalance_threshold=4)[0] == "b"
+
+
+def body(engine: str = "vllm", max_replicas: int = 2, **routing) -> dict:
+    return {
+        "scalingParameters": {"maxReplicas": max_replicas, "maxBatchSize": 8},
+        "routingParameters": routing,
+        "optimizationInfo": {"optimizationType": engine},
+    }
+
+
+def test_on_by_default_for_vllm_with_more_than_one_replica():
+    assert prefix_routing(body(), "vllm") == {"imbalance_threshold": 4}  # half a batch
+    assert prefix_routing(body(max_replicas=1), "vllm") is None  # nothing to choose from
+    assert prefix_routing(body(), "transformers") is None  # no prefix cache there
+    assert prefix_routing(body(prefixCacheAffinity=False), "vllm") is None
+    on = body(prefixCacheAffinity=True, imbalanceThreshold=0)
+    assert prefix_routing(on, "ctranslate2") == {"imbalance_threshold": 0}
+    assert prefix_routing({"scalingParameters": body()["scalingParameters"]}, "vllm")
+
+
+def test_the_routing_settings_are_validated():
+    ok = schemas.RoutingParameters(prefixCacheAffinity=False, imbalanceThreshold=16)
+    assert ok.model_dump() == {"prefixCacheAffinity": False, "imbalanceThreshold": 16}
+    for bad in ({"imbalanceThreshold": 1025}, {"imbalanceThreshold": -1}):
+        with pytest.raises(ValueError, match="imbalanceThreshold"):
+            schemas.RoutingParameters(**bad)
+    with pytest.raises(ValueError, match="prefixCacheAffinity"):
+        schemas.RoutingParameters(prefixCacheAffinity="yes")
