@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.serving import OUT, machine
+from benchmarks.serving import machine, save
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
@@ -133,12 +132,7 @@ def main() -> None:
             f"| {k} | {v['p50']:.1f} | {v['p90']:.1f} | {v['min']:.1f} |\n" for k, v in rows.items()
         )
     )
-    OUT.mkdir(exist_ok=True)
-    (OUT / "latency.json").write_text(
-        json.dumps({"machine": machine(), "args": vars(args), "rows": rows}, indent=2)
-    )
-    (OUT / "latency.md").write_text(md)
-    print(md)
+    save("latency", {"machine": machine(), "args": vars(args), "rows": rows}, md)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 from benchmarks.loadgen import prompt_text, run_http, table
-from benchmarks.serving import OUT, embedded_deployment, machine
+from benchmarks.serving import embedded_deployment, machine, save
 
 TARGET = 0.97
 LIMITS = {"requestsPerMinute": 1_000_000, "tokensPerDay": 10**12}  # never reached
@@ -67,13 +66,9 @@ def main() -> None:
         f"{', '.join(f'{x:.3f}' for x in ratios)}; target >= {TARGET}: "
         f"{'met' if median >= TARGET else 'NOT met'})"
     )
-    OUT.mkdir(exist_ok=True)
-    (OUT / "metering.json").write_text(
-        json.dumps({"machine": machine(), "args": vars(args), "rows": rows, "verdict": verdict})
-    )
     md = f"Machine: {machine()}\n\n{table(rows, 'target')}\n- {verdict}\n"
-    (OUT / "metering.md").write_text(md)
-    print(md)
+    record = {"machine": machine(), "args": vars(args), "rows": rows, "verdict": verdict}
+    save("metering", record, md)
 
 
 if __name__ == "__main__":

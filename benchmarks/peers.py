@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 
 from benchmarks.loadgen import prompt_text
-from benchmarks.serving import OUT, deploy_body, machine, sampling_defaults
+from benchmarks.serving import OUT, deploy_body, machine, sampling_defaults, save
 from benchmarks.vllm_serving import (
     _stop_group,
     _version,
@@ -309,11 +309,8 @@ def report(rounds, sides, levels, args, eng, batch) -> None:
         f"{len(rounds)} round(s), sides one after the other, the first rotating\n\n"
         + render(rounds, sides, levels)
     )
-    OUT.mkdir(exist_ok=True)
     summary = {"machine": machine(), "versions": versions, "args": vars(args), "engine": eng}
-    (OUT / "peers.json").write_text(json.dumps(summary | {"rounds": rounds}, indent=2, default=str))
-    (OUT / "peers.md").write_text(md)
-    print(md, flush=True)
+    save("peers", summary | {"rounds": rounds}, md)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import tempfile
@@ -36,7 +35,7 @@ import aiohttp
 import httpx
 
 from benchmarks.loadgen import WORDS, _run_level, http_one, summarize
-from benchmarks.serving import OUT, deploy_body, machine
+from benchmarks.serving import deploy_body, machine, save
 
 ARMS = ("on", "off")
 TARGET = 0.30  # TTFT p50 at least 30 % lower with affinity
@@ -208,12 +207,7 @@ def main() -> None:
         + "\n".join(lines)
         + f"\n\n- {verdict}\n"
     )
-    OUT.mkdir(exist_ok=True)
-    (OUT / "prefix_routing.json").write_text(
-        json.dumps({"machine": machine(), "args": vars(args), "rounds": rounds}, indent=2)
-    )
-    (OUT / "prefix_routing.md").write_text(md)
-    print(md)
+    save("prefix_routing", {"machine": machine(), "args": vars(args), "rounds": rounds}, md)
 
 
 if __name__ == "__main__":

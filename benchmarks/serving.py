@@ -35,6 +35,14 @@ from benchmarks.loadgen import prompt_text, requests_for, run_engine, run_http, 
 OUT = Path(__file__).parent / "out"
 
 
+def save(name: str, record: dict[str, Any], md: str) -> None:
+    """A benchmark's raw record as out/<name>.json and its report as out/<name>.md, printed."""
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (OUT / f"{name}.md").write_text(md)
+    print(md, flush=True)
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
