@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -128,6 +128,22 @@ class PrefixTable:
             self.held.pop(replica, None)
 
 
+def known_queue_lens(
+    probed: Iterable[tuple[Any, int | None]], cached: Callable[[Any], int | None]
+) -> dict[Any, int]:
+    """Each replica's requests in flight: its probe's answer, else the last figure it gave
+    (fresh within Serve's queue-length cache timeout, 10 s). A probe has 0.1 s to answer and a
+    replica busy prefilling a long prompt can miss that; without the fallback its prefixes
+    would move to the other replica whenever it is busiest with them."""
+    lens = {}
+    for replica, queue_len in probed:
+        if queue_len is None:
+            queue_len = cached(replica)
+        if queue_len is not None:
+            lens[replica] = queue_len
+    return lens
+
+
 def pick(
     owner: Any | None,
     queue_lens: dict[Any, int],
@@ -166,8 +182,10 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
         probed = await self._probe_queue_lens(candidate_replicas, 0)
         by_id = {r.replica_id: r for r, _ in probed}
         # a full replica stays a candidate: it answers the request itself with raydock's 429
-        lens = {r.replica_id: q for r, q in probed if q is not None}
-        if not lens:  # none answered the probe in time: Serve's own choice
+        lens = known_queue_lens(
+            ((r.replica_id, q) for r, q in probed), self.replica_queue_len_cache.get
+        )
+        if not lens:  # none has answered for 10 s: Serve's own choice
             return await PowerOfTwoChoicesRequestRouter.choose_replicas(
                 self, candidate_replicas, pending_request
             )

@@ -25,11 +25,12 @@ WORDS = ("lighthouse", "keeper", "fog", "harbour", "lantern", "tide", "rocks", "
 USERS = 6
 
 
-def shared_prefixes(n: int = 4, chars: int = 1200) -> list[str]:
+def shared_prefixes(n: int = 4, chars: int = 1200, first: int = 0) -> list[str]:
     """n long system prompts that differ from their first words on."""
-    rng = random.Random(7)
+    rng = random.Random(7 + first)
     return [
-        f"Document {i}: " + " ".join(rng.choice(WORDS) for _ in range(chars // 6)) for i in range(n)
+        f"Document {i}: " + " ".join(rng.choice(WORDS) for _ in range(chars // 6))
+        for i in range(first, first + n)
     ]
 
 
@@ -43,7 +44,7 @@ def per_replica(samples: dict, name: str, deployment_id: str) -> dict[str, float
 
 
 def run_workload(
-    platform, dep: dict, key: str, openai_path: bool = False, prefixes: int = 4
+    platform, dep: dict, key: str, openai_path: bool = False, prefixes: list[str] | None = None
 ) -> dict[int, dict[str, float]]:
     """Each prefix's users ask their own question (the first alone, then 4 at a time, through the
     deployment's own route, i.e. HAProxy); returns, per prefix, the requests each replica
@@ -73,7 +74,7 @@ def run_workload(
         def total() -> float:
             return sum(per_replica(scrape(platform), REQUESTS, dep_id).values())
 
-        for i, system in enumerate(shared_prefixes()[:prefixes]):
+        for i, system in enumerate(prefixes or shared_prefixes()):
             before = per_replica(scrape(platform), REQUESTS, dep_id)
             ask(system, 0)  # the prefix's first user fills a replica's cache with it
             list(pool.map(ask, [system] * (USERS - 1), range(1, USERS)))
@@ -100,6 +101,11 @@ def test_shared_prefixes_stay_on_one_replica_and_spread_when_switched_off(platfo
     dep = deploy_and_wait(platform, ready_model["modelId"], "prefix-routing", **deploy_body(None))
     dep_id = dep["deploymentId"]
     key = platform.client.create_key(dep_id, "prefix-routing")
+    # HAProxy takes the app's route server into its config a moment after the app is up
+    # (until then Ray load-balances, README "Prefix-cache-aware routing"): warm-up prefixes
+    # until one is routed with affinity
+    warmups = iter(shared_prefixes(10, first=100))
+    wait_for(lambda: len(run_workload(platform, dep, key, prefixes=[next(warmups)])[0]) == 1, 60)
     before = scrape(platform)
 
     # on (vLLM's default): every user of a prefix lands on the replica that holds it
@@ -119,7 +125,7 @@ def test_shared_prefixes_stay_on_one_replica_and_spread_when_switched_off(platfo
     print(f"affinity on: requests per prefix and replica {taken}; prefix cache {hits}/{queried}")
     assert queried > 0 and hits / queried > 0.5, (hits, queried)
     # /v1 reaches the replicas through the gateway's DeploymentHandle: the same rule there
-    via_gateway = run_workload(platform, dep, key, openai_path=True, prefixes=2)
+    via_gateway = run_workload(platform, dep, key, openai_path=True, prefixes=shared_prefixes(2))
     assert all(len(replicas) == 1 for replicas in via_gateway.values()), via_gateway
 
     # off: the same workload spreads over the replicas as Serve balances it

@@ -49,7 +49,7 @@ from tests.e2e.conftest import Live, Platform
 pytestmark = pytest.mark.e2e
 
 # fuzzing examples per operation (the coverage phase adds its own); more for a deeper run
-MAX_EXAMPLES = int(os.environ.get("RAYDOCK_SCHEMATHESIS_EXAMPLES", "10"))
+MAX_EXAMPLES = int(os.environ.get("RAYDOCK_SCHEMATHESIS_EXAMPLES", "6"))
 STATEFUL_EXAMPLES = 40  # scenarios, of at most STATEFUL_STEPS requests each
 STATEFUL_STEPS = 8
 STATEFUL_RUNS = 8  # ...in this many runs (see test_stateful)

@@ -13,6 +13,7 @@ from raydock.serve_apps.engine_app import prefix_routing
 from raydock.serve_apps.prefix_router import (
     BLOCK_CHARS,
     PrefixTable,
+    known_queue_lens,
     pick,
     prefix_keys,
     routing_text,
@@ -71,6 +72,15 @@ def test_owner_while_not_overloaded_else_least_loaded():
     assert pick(None, {"a": 0, "b": 1}, held, imbalance_threshold=4) == ["a", "b"]
     # an owner that is not a candidate now (gone, or its probe unanswered) is passed over
     assert pick("c", {"a": 1, "b": 0}, held, imbalance_threshold=4)[0] == "b"
+
+
+def test_a_replica_too_busy_to_answer_its_probe_keeps_its_last_known_load():
+    cached = {"a": 2}.get
+    assert known_queue_lens([("a", None), ("b", 0)], cached) == {"a": 2, "b": 0}
+    assert known_queue_lens([("a", 3), ("b", None)], cached) == {"a": 3}  # b: nothing known
+    # so the owner keeps its prefix through a slow probe
+    lens = known_queue_lens([("a", None), ("b", 0)], cached)
+    assert pick("a", lens, Counter(), imbalance_threshold=4)[0] == "a"
 
 
 def body(engine: str = "vllm", max_replicas: int = 2, **routing) -> dict:
