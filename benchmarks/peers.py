@@ -7,10 +7,10 @@
   with `optimizationType: vllm` on `--device`, driven at /deployments/<id>/v2 (HAProxy).
 - Ray Serve LLM: `ray.serve.llm.build_openai_app` with an `LLMConfig` carrying the engine
   arguments raydock's `VLLMEngine` resolves (dtype, max model length, KV-cache bytes,
-  max-num-seqs, eager, seed, structured-outputs backend, thread environment), Serve's
-  defaults otherwise (as a Ray user would run it), in a child process (`--serve-llm-python`:
-  `ray.serve.llm` needs pyarrow, Ray's `llm` extra, which raydock's venv lacks; see
-  benchmarks/RESULTS.md for the overlay venv used here), driven at /v1.
+  max-num-seqs, eager, chunked prefill, seed, structured-outputs backend, thread
+  environment), Serve's defaults otherwise (as a Ray user would run it), in a child process
+  (`--serve-llm-python`: `ray.serve.llm` needs pyarrow, Ray's `llm` extra, which raydock's
+  venv lacks; see benchmarks/RESULTS.md for the overlay venv used here), driven at /v1.
 - `vllm serve` with the same engine arguments (benchmarks.vllm_serving).
 
 Each side starts, is driven with streaming chat completions at every concurrency (identical
@@ -64,6 +64,7 @@ def serve_llm_config(model_dir: Path, eng: dict[str, Any], body: dict[str, Any])
             "max_num_seqs": eng["max_num_seqs"],
             "kv_cache_memory_bytes": eng["kv_cache_bytes"],
             "enforce_eager": True,
+            "enable_chunked_prefill": eng["enable_chunked_prefill"],
             "seed": 0,
             "structured_outputs_config": {"backend": eng["structured_outputs_backend"]},
             "override_generation_config": sampling_defaults(body),

@@ -6,9 +6,9 @@
 1. Builds the generated model via modelgen (cached) and its zip.
 2. Starts `vllm serve` on that model directory with the engine settings raydock's
    `VLLMEngine` would pick for the deployment (dtype, max model length, KV-cache bytes,
-   max-num-seqs, eager mode, seed, structured-outputs backend, thread environment, with the
-   threads = the deviceType's CPUs), waits for /health, drives it with streaming chat
-   completions at each concurrency, then stops it (the whole process group).
+   max-num-seqs, eager mode, chunked prefill, seed, structured-outputs backend, thread
+   environment, with the threads = the deviceType's CPUs), waits for /health, drives it with
+   streaming chat completions at each concurrency, then stops it (the whole process group).
 3. Starts an embedded raydock (its own local Ray cluster and port), imports the same zip,
    deploys it with `optimizationType: vllm` on `--device`, drives the same load through the
    Serve proxy at /deployments/<id>/v2, then shuts the platform and Ray down.
@@ -79,6 +79,7 @@ def engine_settings(model_dir: Path, profile: dict[str, Any], batch: int) -> dic
         "max_model_len": max_len,
         "kv_cache_bytes": ve._kv_cache_bytes(config, max_len, batch, kv_dtype),
         "max_num_seqs": batch,
+        "enable_chunked_prefill": ve.chunked_prefill(device == "cpu"),
         "threads": threads,
         "structured_outputs_backend": ve.STRUCTURED_OUTPUTS_BACKEND,
         "env": env,
@@ -142,6 +143,9 @@ def vllm_command(model_dir: Path, port: int, eng: dict[str, Any], body, args) ->
         "--kv-cache-memory-bytes",
         str(eng["kv_cache_bytes"]),
         "--enforce-eager",
+        "--enable-chunked-prefill"
+        if eng["enable_chunked_prefill"]
+        else "--no-enable-chunked-prefill",
         "--seed",
         "0",
         "--structured-outputs-config",

