@@ -52,7 +52,7 @@ DESCRIPTIONS = {
 # to all, or that follow from the route's parameters, are derived in `_management_errors`.
 ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /users": (403,),
-    "POST /models/import": (409,),  # baseModelId is not a ready base model
+    "POST /models/import": (409, 413),  # baseModelId is not a ready base model; disk full
     "POST /files/session/{sessionId}/chunks/{chunkNumber}": (400,),  # chunkNumber out of range
     "PUT /files/session/{sessionId}/chunks/{chunkNumber}": (400,),
     "POST /files/session/{sessionId}/complete": (400, 409),  # chunks missing; as import
@@ -92,6 +92,7 @@ LINKS: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
             {"sessionId": BODY + "sessionId", "chunkNumber": "1"},
         ),
         ("POST /files/session/{sessionId}/complete", {"sessionId": BODY + "sessionId"}),
+        ("DELETE /files/session/{sessionId}", {"sessionId": BODY + "sessionId"}),
     ],
     ("POST /models/import", "202"): [
         ("GET /models/{modelId}", {"modelId": BODY + "modelId"}),

@@ -9,12 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import shutil
-import uuid
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
@@ -31,6 +28,7 @@ from raydock.platform import (
     api_hub,
     api_notify,
     api_session,
+    api_uploads,
     api_usage,
     api_web,
     apply,
@@ -164,60 +162,6 @@ def _delete_artifacts(model: dict[str, Any]) -> None:
             store.delete(f"optimized/{key}")
 
 
-def _zip_name(file_name: str) -> str:
-    name = Path(file_name or "").name
-    if not name.lower().endswith(".zip") or len(name) <= 4:
-        raise ApiError(400, f"file must be a .zip archive (got {name!r})", param="file")
-    return name[:-4]
-
-
-async def _start_import(
-    zip_path: Path,
-    file_name: str,
-    user: dict,
-    kind: str,
-    base_model_id: str | None,
-    description: str,
-    tags: list[str],
-) -> dict[str, Any]:
-    if kind == "adapter" and not base_model_id:
-        zip_path.unlink(missing_ok=True)
-        raise ApiError(400, "baseModelId is required to import an adapter", param="baseModelId")
-    try:
-        model = await ctx.registry.create_model.remote(
-            _zip_name(file_name), "file", user["userId"], kind, base_model_id, description, tags
-        )
-    except Exception:
-        zip_path.unlink(missing_ok=True)
-        raise
-    job = await ctx.registry.create_job.remote(JobAction.IMPORT, model["modelId"], user["userId"])
-    await ctx.lifecycle.submit_import.remote(
-        model["modelId"], job["dockStatusId"], str(zip_path), kind
-    )
-    return {**job_ref(job), "model": model}
-
-
-@router.post("/models/import", tags=["models"], status_code=202)
-async def import_model(
-    user: User,
-    file: Annotated[UploadFile, File(description="A .zip in Hugging Face layout")],
-    kind: Annotated[Literal["base", "adapter"], Form()] = "base",
-    baseModelId: Annotated[str | None, Form()] = None,
-    description: Annotated[str, Form(max_length=2000)] = "",
-    tags: Annotated[str, Form(description="Comma-separated")] = "",
-) -> dict[str, Any]:
-    """Import a model `.zip` in one multipart request (see files/session for large files)."""
-    _zip_name(file.filename or "")
-    tag_list = schemas.parse_tags(tags)
-    ctx.settings.uploads_path.mkdir(parents=True, exist_ok=True)
-    dest = ctx.settings.uploads_path / f"{uuid.uuid4()}.zip"
-    with dest.open("wb") as out:
-        await asyncio.to_thread(shutil.copyfileobj, file.file, out, 4 * 2**20)
-    return await _start_import(
-        dest, file.filename or "", user, kind, baseModelId, description, tag_list
-    )
-
-
 @router.get("/models/{modelId}/deploy-form", tags=["models"])
 async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
     """Deploy-form defaults, pre-filled from the model's deployconfig.json when it has one."""
@@ -250,90 +194,6 @@ async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
         # per deviceType: the memory estimate and whether the model fits; the smallest that does
         "fit": fit,
     }
-
-
-# ------------------------------------------------------------------ chunked upload session
-
-
-@router.post("/files/session/start", tags=["files"], status_code=201)
-async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str, Any]:
-    """Open a chunked upload: send chunks 1..totalChunks, then complete."""
-    session = await ctx.registry.create_upload_session.remote(body.model_dump(), user["userId"])
-    _session_dir(session["sessionId"]).mkdir(parents=True, exist_ok=True)
-    return {**session, "maxChunkBytes": ctx.settings.upload_chunk_max_bytes}
-
-
-def _session_dir(session_id: str) -> Path:
-    return ctx.settings.uploads_path / session_id
-
-
-@router.put("/files/session/{sessionId}/chunks/{chunkNumber}", tags=["files"])
-@router.post("/files/session/{sessionId}/chunks/{chunkNumber}", tags=["files"])
-async def upload_chunk(
-    sessionId: str, chunkNumber: int, request: Request, _: User
-) -> dict[str, Any]:
-    """Send one chunk as the raw request body (application/octet-stream)."""
-    session = await ctx.registry.get_upload_session.remote(sessionId)
-    if not 1 <= chunkNumber <= session["totalChunks"]:
-        raise ApiError(
-            400, f"chunkNumber must be between 1 and {session['totalChunks']}", "chunkNumber"
-        )
-    limit = ctx.settings.upload_chunk_max_bytes
-    part = _session_dir(sessionId) / f"{chunkNumber:06d}.part"
-    tmp = part.with_suffix(".tmp")
-    size = 0
-    with tmp.open("wb") as out:
-        async for piece in request.stream():
-            size += len(piece)
-            if size > limit:
-                out.close()
-                tmp.unlink(missing_ok=True)
-                raise ApiError(413, f"chunk exceeds the {limit} byte limit", "chunk")
-            out.write(piece)
-    tmp.replace(part)  # a re-sent chunk replaces the earlier copy
-    return await ctx.registry.add_upload_chunk.remote(sessionId, chunkNumber)
-
-
-@router.get("/files/session/{sessionId}", tags=["files"])
-async def upload_status(sessionId: str, _: User) -> dict[str, Any]:
-    return await ctx.registry.get_upload_session.remote(sessionId)
-
-
-@router.post("/files/session/{sessionId}/complete", tags=["files"], status_code=202)
-async def upload_complete(sessionId: str, user: User) -> dict[str, Any]:
-    """Assemble the chunks and start the import."""
-    session = await ctx.registry.get_upload_session.remote(sessionId)
-    missing = sorted(set(range(1, session["totalChunks"] + 1)) - set(session["receivedChunks"]))
-    if missing:
-        raise ApiError(400, f"chunks missing: {missing[:20]}", "chunks", "incomplete_upload")
-    folder = _session_dir(sessionId)
-    dest = ctx.settings.uploads_path / f"{sessionId}.zip"
-
-    def assemble() -> int:
-        with dest.open("wb") as out:
-            for n in range(1, session["totalChunks"] + 1):
-                with (folder / f"{n:06d}.part").open("rb") as part:
-                    shutil.copyfileobj(part, out, 4 * 2**20)
-        return dest.stat().st_size
-
-    size = await asyncio.to_thread(assemble)
-    shutil.rmtree(folder, ignore_errors=True)
-    await ctx.registry.delete_upload_session.remote(sessionId)
-    if size != session["totalSize"]:
-        dest.unlink(missing_ok=True)
-        raise ApiError(
-            400, f"received {size} bytes but totalSize was {session['totalSize']}", "totalSize"
-        )
-    opts = session["options"]
-    return await _start_import(
-        dest,
-        session["fileName"],
-        user,
-        opts.get("kind") or "base",
-        opts.get("baseModelId"),
-        opts.get("description") or "",
-        opts.get("tags") or [],
-    )
 
 
 # ------------------------------------------------------------------ dock status
@@ -571,6 +431,7 @@ async def download_export(dockStatusId: str, _: User) -> Response:
 
 
 app.include_router(router)
+app.include_router(api_uploads.router)  # multipart import, chunked upload sessions
 app.include_router(api_hub.router)
 app.include_router(api_apply.router)  # apply, export, rollback
 app.include_router(api_notify.router)  # notifications: webhooks, deliveries
@@ -638,3 +499,4 @@ class ApiServer:
     async def __init__(self, settings: dict[str, Any]):
         configure(settings)
         self.supervisor = asyncio.create_task(supervise())
+        self.upload_sweeper = asyncio.create_task(api_uploads.sweep_idle_uploads())

@@ -930,6 +930,15 @@ class Registry:
             u.received = sorted(set(u.received) | {str(chunk)}, key=int)
             return self._upload_view(u)
 
+    def list_upload_sessions(self) -> list[dict[str, Any]]:
+        """Every open session's id and start (epoch seconds), for the idle sweep."""
+        with self._tx() as s:
+            rows = s.execute(select(db.UploadSession.id, db.UploadSession.created_at))
+            return [
+                {"sessionId": sid, "startedAt": started.replace(tzinfo=UTC).timestamp()}
+                for sid, started in rows
+            ]
+
     def delete_upload_session(self, session_id: str) -> None:
         with self._tx() as s:
             s.execute(delete(db.UploadSession).where(db.UploadSession.id == session_id))

@@ -68,6 +68,43 @@ def test_chunked_session_refuses_incomplete_upload(platform, tiny_zip):
     assert r.status_code == 422 and r.json()["error"]["param"] == "fileName"
 
 
+def test_a_chunked_upload_can_be_cancelled_and_one_too_large_is_refused_before_it_starts(
+    platform,
+):
+    http = platform.http()
+    uploads = platform.settings.uploads_path
+    sid = http.post(
+        "/api/public/files/session/start",
+        json={"fileName": "cancel-me.zip", "totalSize": 10, "totalChunks": 2},
+    ).json()["sessionId"]
+    assert http.put(f"/api/public/files/session/{sid}/chunks/1", content=b"12345").is_success
+    assert (uploads / sid / "000001.part").read_bytes() == b"12345"
+
+    r = http.delete(f"/api/public/files/session/{sid}")
+    assert r.status_code == 200 and r.json() == {"deleted": True, "sessionId": sid}, r.text
+    assert not (uploads / sid).exists()  # the chunks are gone from the disk
+    for r in (
+        http.get(f"/api/public/files/session/{sid}"),
+        http.put(f"/api/public/files/session/{sid}/chunks/2", content=b"67890"),
+        http.post(f"/api/public/files/session/{sid}/complete"),
+        http.delete(f"/api/public/files/session/{sid}"),
+    ):
+        assert r.status_code == 404, r.text
+
+    # over the platform's archive limit: refused before a byte is sent, nothing created
+    before = sorted(uploads.iterdir())
+    too_big = platform.settings.max_archive_bytes + 2**30
+    r = http.post(
+        "/api/public/files/session/start",
+        json={"fileName": "huge.zip", "totalSize": too_big, "totalChunks": 100},
+    )
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("totalSize", "archive_too_large")
+    assert f"max_archive_bytes {platform.settings.max_archive_bytes}" in error["message"]
+    assert sorted(uploads.iterdir()) == before
+
+
 def _rezip(src: Path, dst: Path, drop=(), add: dict | None = None, mutate=None) -> Path:
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
         for item in zin.infolist():

@@ -6,11 +6,17 @@ with a fresh one.
 
 from __future__ import annotations
 
+import os
+import time
+from datetime import timedelta
+
 import httpx
 import pytest
 import ray
+import sqlalchemy as sa
 
 from raydock.client import default_deploy_body
+from raydock.platform import db
 
 from .conftest import boot, wait_for
 
@@ -23,6 +29,18 @@ def test_state_survives_and_deployments_serve_again(platform, ready_model, live)
     history_before = http.get(
         f"/api/public/deployments/{live.deployment['deploymentId']}/history"
     ).json()
+    # an upload abandoned a day ago, and a chunk folder no session names (a crash's leftover)
+    idle = platform.client.post(
+        "/files/session/start", json={"fileName": "gone.zip", "totalSize": 10, "totalChunks": 2}
+    )["sessionId"]
+    assert http.put(f"/api/public/files/session/{idle}/chunks/1", content=b"12345").is_success
+    uploads = platform.settings.uploads_path
+    orphan = uploads / "up-orphan"
+    orphan.mkdir()
+    (orphan / "000001.part").write_bytes(b"x")
+    _age_upload(platform.settings, idle, days=2)
+    two_days_ago = time.time() - 2 * 86_400
+    os.utime(orphan, (two_days_ago, two_days_ago))
     # a job in flight when the cluster dies
     ref = platform.client.deploy(ready_model["modelId"], default_deploy_body("interrupted"))
     assert platform.client.get(f"/dock-status/{ref['dockStatusId']}")["status"] == "IN_PROGRESS"
@@ -43,6 +61,14 @@ def test_state_survives_and_deployments_serve_again(platform, ready_model, live)
         == history_before
     )
 
+    # the API's sweep (at its start, then every 10 minutes) removed the idle upload's chunks
+    def swept():
+        return not (uploads / idle).exists() and not orphan.exists()
+
+    wait_for(swept, timeout=60, interval=1)
+    r = http.get(f"/api/public/files/session/{idle}")
+    assert r.status_code == 404, r.text
+
     # the deployment that was DEPLOYED serves again, with its old key
     body = {"messages": [{"role": "user", "content": "back?"}], "max_tokens": 3}
     auth = {"Authorization": f"Bearer {live.key}"}
@@ -59,3 +85,19 @@ def test_state_survives_and_deployments_serve_again(platform, ready_model, live)
     # the interrupted one can be re-triggered
     ref = platform.client.post(f"/deployments/{ref['deploymentId']}/retrigger")
     assert platform.client.wait_job(ref["dockStatusId"])["status"] == "SUCCESS"
+
+
+def _age_upload(settings, session_id: str, days: int) -> None:
+    """Make an upload session look idle for `days`: its start in the database and its chunk
+    folder's mtime (what the sweep reads)."""
+    then = db.utcnow() - timedelta(days=days)
+    engine = sa.create_engine(settings.db_url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(db.UploadSession)
+            .where(db.UploadSession.id == session_id)
+            .values(created_at=then)
+        )
+    engine.dispose()
+    old = time.time() - days * 86_400
+    os.utime(settings.uploads_path / session_id, (old, old))

@@ -193,12 +193,15 @@ DEPLOYMENT_REFUSALS = {
 }
 # - management: what only the cluster or the Hub can judge: whether the cluster has the
 #   deviceType's GPUs, whether its hardware runs the optimization, whether the model fits
-#   it, whether a Hugging Face token authenticates
+#   it, whether a Hugging Face token authenticates; and (413) whether an upload's totalSize
+#   fits the platform's archive limit and its free disk
 MANAGEMENT_REFUSALS = {
     "device_unavailable",
     "invalid_optimization",
     "insufficient_memory",
     "invalid_token",
+    "archive_too_large",
+    "insufficient_storage",
 }
 # - POST /models/import: the upload's file name must end in .zip (it names the model); OpenAPI
 #   cannot constrain a multipart part's file name, and schemathesis sends none
@@ -209,7 +212,8 @@ def positive_data_acceptance_but_what_no_document_can_state(ctx, response, case)
     try:
         return positive_data_acceptance(ctx, response, case)
     except RejectedPositiveData:
-        error = (response.json() or {}).get("error", {}) if response.status_code == 400 else {}
+        refused = response.status_code in (400, 413)
+        error = (response.json() or {}).get("error", {}) if refused else {}
         if case.path.startswith("/api/"):
             if case.path.endswith("/models/import") and error.get("param") == IMPORT_FILE_NAME:
                 return None

@@ -8,6 +8,7 @@ the page answering a real chat request, and refusals after deletion and sign-out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 from tests.e2e.conftest import Live, Platform, wait_for
 
@@ -347,6 +349,32 @@ def test_import_dialog_uploads_with_progress_and_the_row_goes_live(
     page.get_by_role("menuitem", name="Delete (discard the import)").click()
     page.locator("dialog[open]").get_by_role("button", name="Delete model").click()
     expect(row).to_have_count(0)
+
+    # Cancel during an upload: the chunk the server holds is deleted, nothing is imported
+    big = tmp_path / "ui-cancel.zip"
+    with zipfile.ZipFile(big, "w") as z:  # stored, 9 MiB: two chunks of the page's 8 MiB
+        z.writestr("weights.bin", os.urandom(9 * 2**20))
+    held: list[Route] = []
+    page.route(
+        "**/files/session/*/chunks/*",
+        lambda route: route.continue_() if route.request.url.endswith("/1") else held.append(route),
+    )
+    page.get_by_role("button", name="Import model").click()
+    page.locator("dialog[open] #import-file").set_input_files(big)
+    page.locator("dialog[open]").get_by_role("button", name="Import").click()
+    wait_for(lambda: held or page.wait_for_timeout(100), timeout=60)  # chunk 1 is in
+    session_id = held[0].request.url.split("/files/session/")[1].split("/")[0]
+    chunks = platform.settings.uploads_path / session_id
+    assert (chunks / "000001.part").is_file()
+    page.locator("dialog[open]").get_by_role("button", name="Cancel").click()
+    expect(page.get_by_role("status").filter(has_text="upload cancelled")).to_be_visible()
+    wait_for(lambda: not chunks.exists(), timeout=30)
+    with contextlib.suppress(PlaywrightError):  # the page aborted it already
+        held[0].abort()
+    page.unroute("**/files/session/*/chunks/*")
+    gone = platform.http().get(f"/api/public/files/session/{session_id}")
+    assert gone.status_code == 404, gone.text
+    assert all(m["name"] != "ui-cancel" for m in platform.client.get("/models")["models"])
 
 
 def test_the_playground_streams_an_answer(page: Page, platform: Platform, live: Live):

@@ -97,7 +97,12 @@ def test_error_body_matches_what_the_server_sends(doc):
         (f"POST {MGMT}/deployments/{{deploymentId}}/undeploy", {401, 404, 409, 413, 500, 503}),
         (f"DELETE {MGMT}/models/{{modelId}}", {401, 404, 405, 409, 413, 500, 503}),
         (f"POST {MGMT}/models/{{modelId}}/export", {401, 404, 409, 413, 500, 503}),
-        (f"POST {MGMT}/models/import", {400, 401, 409, 422, 500, 503}),  # no body limit
+        # no body limit; 413: the disk is full
+        (f"POST {MGMT}/models/import", {400, 401, 409, 413, 422, 500, 503}),
+        (
+            f"DELETE {MGMT}/files/session/{{sessionId}}",
+            {401, 404, 405, 413, 500, 503},
+        ),  # 405: "start"
         (
             f"PUT {MGMT}/files/session/{{sessionId}}/chunks/{{chunkNumber}}",
             {400, 401, 404, 413, 422, 500, 503},  # chunkNumber is an int

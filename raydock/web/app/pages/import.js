@@ -21,10 +21,12 @@ export function zipProblem(file) {
   return null;
 }
 
-function putChunk(url, blob, csrf, onProgress) {
+function putChunk(url, blob, csrf, onProgress, signal) {
   // XMLHttpRequest: fetch has no upload progress
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
+    signal.addEventListener("abort", () => xhr.abort(), { once: true });
+    xhr.onabort = () => reject(new DOMException("the upload was cancelled", "AbortError"));
     xhr.open("PUT", url);
     xhr.setRequestHeader("Content-Type", "application/octet-stream");
     xhr.setRequestHeader("X-CSRF-Token", csrf);
@@ -42,20 +44,30 @@ function putChunk(url, blob, csrf, onProgress) {
   });
 }
 
-export async function uploadZip(file, options, onProgress, csrf) {
+// `signal` (an AbortController's) cancels the upload: the server deletes what it received
+export async function uploadZip(file, options, onProgress, csrf, signal) {
   const totalChunks = Math.max(1, Math.ceil(file.size / CHUNK_BYTES));
   const session = await api.post("/files/session/start", {
     fileName: file.name, totalSize: file.size, totalChunks, ...options,
   });
+  const path = `/files/session/${session.sessionId}`;
   let sent = 0;
-  for (let n = 1; n <= totalChunks; n++) {
-    const blob = file.slice((n - 1) * CHUNK_BYTES, n * CHUNK_BYTES);
-    await putChunk(`/api/public/files/session/${session.sessionId}/chunks/${n}`, blob, csrf,
-      (loaded) => onProgress((sent + loaded) / file.size));
-    sent += blob.size;
-    onProgress(sent / file.size);
+  try {
+    for (let n = 1; n <= totalChunks; n++) {
+      signal.throwIfAborted();
+      const blob = file.slice((n - 1) * CHUNK_BYTES, n * CHUNK_BYTES);
+      await putChunk(`/api/public${path}/chunks/${n}`, blob, csrf,
+        (loaded) => onProgress((sent + loaded) / file.size), signal);
+      sent += blob.size;
+      onProgress(sent / file.size);
+    }
+    signal.throwIfAborted();
+  } catch (err) {
+    // cancelled, or a chunk failed: nothing of it should stay on the server's disk
+    await api.del(path).catch(() => {});
+    throw err;
   }
-  return api.post(`/files/session/${session.sessionId}/complete`);
+  return api.post(`${path}/complete`);
 }
 
 export async function importDialog(onImported) {
@@ -113,6 +125,10 @@ export async function importDialog(onImported) {
     ],
   });
 
+  // Cancel (or Esc) during an upload stops it
+  const upload = new AbortController();
+  d.addEventListener("close", () => upload.abort());
+
   function choose(f) {
     file = f;
     chosen.textContent = f ? `${f.name} (${(f.size / 2 ** 20).toFixed(1)} MiB)` : "No file chosen";
@@ -147,12 +163,13 @@ export async function importDialog(onImported) {
       const options = { kind, description: description.value.trim(),
         tags: tags.value.split(",").map((t) => t.trim()).filter(Boolean) };
       if (kind === "adapter") options.baseModelId = base.value;
-      const ref = await uploadZip(file, options, show, session.csrfToken);
+      const ref = await uploadZip(file, options, show, session.csrfToken, upload.signal);
       show(1);
       toast(`${file.name}: uploaded, importing`);
       dlg.close("ok");
       onImported(ref);
     } catch (err) {
+      if (err.name === "AbortError") return toast(`${file.name}: upload cancelled`);
       dlg.showError(err.message);
       button.disabled = false;
     }

@@ -1,0 +1,286 @@
+"""Model uploads: one multipart request, or a chunked session (start, chunks, complete, or
+cancel). Both land in the data dir's `uploads/` folder until the import takes the zip.
+
+A session's chunks stay on disk until it completes, is cancelled (DELETE), or lies idle for
+`upload_session_ttl_s` (default a day): the API replica sweeps such sessions, and folders
+no session names, every UPLOAD_SWEEP_INTERVAL_S. An upload the disk cannot hold is refused
+before it starts (and a chunk the disk could not take, when it comes): 413, nothing kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+
+from raydock.errors import ApiError
+from raydock.platform import schemas
+from raydock.platform.api_deps import User, ctx, job_ref
+from raydock.platform.states import JobAction
+
+log = logging.getLogger("raydock.api")
+
+router = APIRouter(prefix="/public")
+
+UPLOAD_SWEEP_INTERVAL_S = 600.0
+#: headers and directory of a zip beyond its entries' bytes: a zip this much larger than
+#: max_archive_bytes cannot hold an acceptable model (weights barely compress)
+ZIP_OVERHEAD_BYTES = 64 * 2**20
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def zip_name(file_name: str) -> str:
+    name = Path(file_name or "").name
+    if not name.lower().endswith(".zip") or len(name) <= 4:
+        raise ApiError(400, f"file must be a .zip archive (got {name!r})", param="file")
+    return name[:-4]
+
+
+def storage_refusal(total_size: int, max_archive_bytes: int, free_bytes: int) -> ApiError | None:
+    """Why an upload of `total_size` bytes cannot succeed here, before a byte is sent: over
+    the archive limit, or more than the disk can hold while it is assembled (the chunks and
+    the zip made of them: twice its size)."""
+    limit = max_archive_bytes + ZIP_OVERHEAD_BYTES
+    if total_size > limit:
+        return ApiError(
+            413,
+            f"totalSize {total_size} bytes is over the platform's archive limit of {limit} "
+            f"bytes (max_archive_bytes {max_archive_bytes} plus zip overhead)",
+            "totalSize",
+            "archive_too_large",
+        )
+    if 2 * total_size > free_bytes:
+        return ApiError(
+            413,
+            f"totalSize {total_size} bytes needs {2 * total_size} bytes free on the server "
+            f"(the chunks and the zip assembled from them); {free_bytes} are free",
+            "totalSize",
+            "insufficient_storage",
+        )
+    return None
+
+
+def _disk_full(what: str) -> ApiError:
+    return ApiError(
+        413, f"the server's disk is full: {what} was not stored", None, "insufficient_storage"
+    )
+
+
+def idle_uploads(
+    sessions: Iterable[dict[str, Any]], root: Path, now: float, ttl_s: float
+) -> list[str]:
+    """Ids of the sessions, and of folders in `root` no session names, idle over `ttl_s`:
+    last active at their start or their newest chunk (a folder's mtime moves with each)."""
+    started = {s["sessionId"]: s["startedAt"] for s in sessions}
+    folders = (
+        {p.name: p.stat().st_mtime for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
+    )
+    idle = []
+    for sid in started.keys() | folders.keys():
+        last = max(started.get(sid, 0.0), folders.get(sid, 0.0))
+        if now - last > ttl_s:
+            idle.append(sid)
+    return sorted(idle)
+
+
+async def _start_import(
+    zip_path: Path,
+    file_name: str,
+    user: dict,
+    kind: str,
+    base_model_id: str | None,
+    description: str,
+    tags: list[str],
+) -> dict[str, Any]:
+    if kind == "adapter" and not base_model_id:
+        zip_path.unlink(missing_ok=True)
+        raise ApiError(400, "baseModelId is required to import an adapter", param="baseModelId")
+    try:
+        model = await ctx.registry.create_model.remote(
+            zip_name(file_name), "file", user["userId"], kind, base_model_id, description, tags
+        )
+    except Exception:
+        zip_path.unlink(missing_ok=True)
+        raise
+    job = await ctx.registry.create_job.remote(JobAction.IMPORT, model["modelId"], user["userId"])
+    await ctx.lifecycle.submit_import.remote(
+        model["modelId"], job["dockStatusId"], str(zip_path), kind
+    )
+    return {**job_ref(job), "model": model}
+
+
+@router.post("/models/import", tags=["models"], status_code=202)
+async def import_model(
+    user: User,
+    file: Annotated[UploadFile, File(description="A .zip in Hugging Face layout")],
+    kind: Annotated[Literal["base", "adapter"], Form()] = "base",
+    baseModelId: Annotated[str | None, Form()] = None,
+    description: Annotated[str, Form(max_length=2000)] = "",
+    tags: Annotated[str, Form(description="Comma-separated")] = "",
+) -> dict[str, Any]:
+    """Import a model `.zip` in one multipart request (see files/session for large files)."""
+    zip_name(file.filename or "")
+    tag_list = schemas.parse_tags(tags)
+    ctx.settings.uploads_path.mkdir(parents=True, exist_ok=True)
+    dest = ctx.settings.uploads_path / f"{uuid.uuid4()}.zip"
+    try:
+        with dest.open("wb") as out:
+            await asyncio.to_thread(shutil.copyfileobj, file.file, out, 4 * 2**20)
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        if exc.errno in NO_SPACE:
+            raise _disk_full("the upload") from None
+        raise
+    return await _start_import(
+        dest, file.filename or "", user, kind, baseModelId, description, tag_list
+    )
+
+
+# ------------------------------------------------------------------ chunked upload session
+
+
+def _session_dir(session_id: str) -> Path:
+    return ctx.settings.uploads_path / session_id
+
+
+@router.post("/files/session/start", tags=["files"], status_code=201)
+async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str, Any]:
+    """Open a chunked upload: send chunks 1..totalChunks, then complete (or DELETE it)."""
+    root = ctx.settings.uploads_path
+    root.mkdir(parents=True, exist_ok=True)
+    refusal = storage_refusal(
+        body.totalSize, ctx.settings.max_archive_bytes, shutil.disk_usage(root).free
+    )
+    if refusal:
+        raise refusal
+    session = await ctx.registry.create_upload_session.remote(body.model_dump(), user["userId"])
+    _session_dir(session["sessionId"]).mkdir(parents=True, exist_ok=True)
+    return {
+        **session,
+        "maxChunkBytes": ctx.settings.upload_chunk_max_bytes,
+        "expiresAfterIdleSeconds": ctx.settings.upload_session_ttl_s,
+    }
+
+
+@router.put("/files/session/{sessionId}/chunks/{chunkNumber}", tags=["files"])
+@router.post("/files/session/{sessionId}/chunks/{chunkNumber}", tags=["files"])
+async def upload_chunk(
+    sessionId: str, chunkNumber: int, request: Request, _: User
+) -> dict[str, Any]:
+    """Send one chunk as the raw request body (application/octet-stream)."""
+    session = await ctx.registry.get_upload_session.remote(sessionId)
+    if not 1 <= chunkNumber <= session["totalChunks"]:
+        raise ApiError(
+            400, f"chunkNumber must be between 1 and {session['totalChunks']}", "chunkNumber"
+        )
+    limit = ctx.settings.upload_chunk_max_bytes
+    part = _session_dir(sessionId) / f"{chunkNumber:06d}.part"
+    tmp = part.with_suffix(".tmp")
+    size = 0
+    try:
+        with tmp.open("wb") as out:
+            async for piece in request.stream():
+                size += len(piece)
+                if size > limit:
+                    raise ApiError(413, f"chunk exceeds the {limit} byte limit", "chunk")
+                out.write(piece)
+        tmp.replace(part)  # a re-sent chunk replaces the earlier copy
+    except FileNotFoundError:  # cancelled or swept while this chunk came
+        raise _gone(sessionId) from None
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise _disk_full(f"chunk {chunkNumber}") from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return await ctx.registry.add_upload_chunk.remote(sessionId, chunkNumber)
+
+
+def _gone(session_id: str) -> ApiError:
+    return ApiError(404, f"upload session {session_id} was cancelled or expired", "sessionId")
+
+
+@router.get("/files/session/{sessionId}", tags=["files"])
+async def upload_status(sessionId: str, _: User) -> dict[str, Any]:
+    return await ctx.registry.get_upload_session.remote(sessionId)
+
+
+@router.delete("/files/session/{sessionId}", tags=["files"])
+async def upload_cancel(sessionId: str, _: User) -> dict[str, Any]:
+    """Cancel an upload: its chunks are deleted and the session ends."""
+    await ctx.registry.get_upload_session.remote(sessionId)  # 404 if there is none
+    await _drop(sessionId)
+    return {"deleted": True, "sessionId": sessionId}
+
+
+async def _drop(session_id: str) -> None:
+    await asyncio.to_thread(shutil.rmtree, _session_dir(session_id), True)
+    await ctx.registry.delete_upload_session.remote(session_id)
+
+
+@router.post("/files/session/{sessionId}/complete", tags=["files"], status_code=202)
+async def upload_complete(sessionId: str, user: User) -> dict[str, Any]:
+    """Assemble the chunks and start the import."""
+    session = await ctx.registry.get_upload_session.remote(sessionId)
+    missing = sorted(set(range(1, session["totalChunks"] + 1)) - set(session["receivedChunks"]))
+    if missing:
+        raise ApiError(400, f"chunks missing: {missing[:20]}", "chunks", "incomplete_upload")
+    folder = _session_dir(sessionId)
+    dest = ctx.settings.uploads_path / f"{sessionId}.zip"
+
+    def assemble() -> int:
+        with dest.open("wb") as out:
+            for n in range(1, session["totalChunks"] + 1):
+                with (folder / f"{n:06d}.part").open("rb") as part:
+                    shutil.copyfileobj(part, out, 4 * 2**20)
+        return dest.stat().st_size
+
+    try:
+        size = await asyncio.to_thread(assemble)
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        if isinstance(exc, FileNotFoundError):
+            raise _gone(sessionId) from None
+        if exc.errno in NO_SPACE:
+            raise _disk_full("the assembled zip") from None
+        raise
+    await _drop(sessionId)
+    if size != session["totalSize"]:
+        dest.unlink(missing_ok=True)
+        raise ApiError(
+            400, f"received {size} bytes but totalSize was {session['totalSize']}", "totalSize"
+        )
+    opts = session["options"]
+    return await _start_import(
+        dest,
+        session["fileName"],
+        user,
+        opts.get("kind") or "base",
+        opts.get("baseModelId"),
+        opts.get("description") or "",
+        opts.get("tags") or [],
+    )
+
+
+async def sweep_idle_uploads() -> None:
+    """Runs in the API replica: ends sessions idle over upload_session_ttl_s, with their
+    chunks (and chunk folders whose session is gone)."""
+    ttl_s = ctx.settings.upload_session_ttl_s
+    while True:
+        try:
+            sessions = await ctx.registry.list_upload_sessions.remote()
+            root = ctx.settings.uploads_path
+            for sid in await asyncio.to_thread(idle_uploads, sessions, root, time.time(), ttl_s):
+                log.info("upload session %s was idle over %s s: removed", sid, ttl_s)
+                await _drop(sid)
+        except Exception as exc:  # the registry restarting: next round
+            log.warning("sweeping idle uploads failed: %r", exc)
+        await asyncio.sleep(UPLOAD_SWEEP_INTERVAL_S)

@@ -1,0 +1,53 @@
+"""The upload rules (platform/api_uploads.py): what is refused before a byte is sent, and
+which sessions the idle sweep removes; both shown end to end in tests/e2e/test_import.py and
+test_restart.py."""
+
+from __future__ import annotations
+
+import os
+
+from raydock.platform.api_uploads import ZIP_OVERHEAD_BYTES, idle_uploads, storage_refusal
+
+GIB = 2**30
+
+
+def test_an_upload_over_the_archive_limit_or_the_free_disk_is_refused_up_front():
+    assert storage_refusal(GIB, max_archive_bytes=20 * GIB, free_bytes=100 * GIB) is None
+    at_limit = 20 * GIB + ZIP_OVERHEAD_BYTES
+    assert storage_refusal(at_limit, max_archive_bytes=20 * GIB, free_bytes=100 * GIB) is None
+    over = storage_refusal(at_limit + 1, max_archive_bytes=20 * GIB, free_bytes=100 * GIB)
+    assert (over.status, over.param, over.code) == (413, "totalSize", "archive_too_large")
+    assert "max_archive_bytes 21474836480" in over.message
+    # the chunks and the zip assembled from them: twice the size must be free
+    assert storage_refusal(10 * GIB, max_archive_bytes=20 * GIB, free_bytes=20 * GIB) is None
+    full = storage_refusal(10 * GIB, max_archive_bytes=20 * GIB, free_bytes=20 * GIB - 1)
+    assert (full.status, full.param, full.code) == (413, "totalSize", "insufficient_storage")
+    assert f"{20 * GIB - 1} are free" in full.message
+
+
+def test_sessions_and_stray_folders_idle_past_the_ttl_are_swept(tmp_path):
+    now = 1_000_000.0
+    day = 86_400
+
+    def folder(name: str, age_s: float) -> None:
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (now - age_s, now - age_s))
+
+    folder("up-fresh-chunks", 60)  # started long ago, a chunk a minute ago
+    folder("up-stale", 2 * day)
+    folder("up-orphan-old", 2 * day)  # no session names it
+    folder("up-orphan-new", 60)  # a session being created right now
+    (tmp_path / "up-x.zip").write_bytes(b"")  # an assembled zip is the import's, not swept
+    sessions = [
+        {"sessionId": "up-fresh-chunks", "startedAt": now - 3 * day},
+        {"sessionId": "up-stale", "startedAt": now - 3 * day},
+        {"sessionId": "up-no-folder", "startedAt": now - 2 * day},
+        {"sessionId": "up-just-started", "startedAt": now - 5},
+    ]
+    idle = idle_uploads(sessions, tmp_path, now, ttl_s=day)
+    assert idle == ["up-no-folder", "up-orphan-old", "up-stale"]
+    assert idle_uploads(sessions, tmp_path / "missing", now, ttl_s=day) == [
+        "up-fresh-chunks",
+        "up-no-folder",
+        "up-stale",
+    ]
