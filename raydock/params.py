@@ -34,7 +34,8 @@ TIMEOUT_S = Param(30, 180, 60)
 #: choices per request
 N = Param(1, 8, 1)
 #: adapters a replica keeps loaded (least recently used ones leave); 0: the deployment serves
-#: no adapter
+#: no adapter. The default holds where adapter slots cost nothing until an adapter is used;
+#: vLLM's are off unless asked for (engine_app.loaded_adapters)
 MAX_LOADED_ADAPTERS = Param(0, 64, 4)
 #: the largest LoRA rank a deployment loads (vLLM sizes its LoRA buffers for it)
 MAX_ADAPTER_RANK = Param(1, 512, 64)

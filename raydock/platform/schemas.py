@@ -112,8 +112,11 @@ class AdapterParameters(_Body):
     """Serving adapters of this deployment's base model by request (`model: "<deployment>:
     <adapter>"`): how many a replica keeps loaded, and how large their rank may be."""
 
-    maxLoadedAdapters: JsonInt = params.MAX_LOADED_ADAPTERS.field(
-        "Adapters a replica keeps loaded (least recently used leave; 0: none)"
+    maxLoadedAdapters: JsonInt | None = params.MAX_LOADED_ADAPTERS.field(
+        "Adapters a replica keeps loaded (least recently used leave; 0: none; null: "
+        f"{params.MAX_LOADED_ADAPTERS.default}, but 0 on the vLLM engine, whose adapter "
+        "support slows every step whether or not an adapter is used)",
+        default=None,
     )
     maxAdapterRank: JsonInt = params.MAX_ADAPTER_RANK.field("Largest LoRA rank loaded")
 

@@ -98,7 +98,8 @@ class ReplicaAdapters:
         if self._multiplexed is None:
             raise ApiError(
                 400,
-                "this deployment serves no adapters (adapterParameters.maxLoadedAdapters is 0)",
+                "this deployment serves no adapters (adapterParameters.maxLoadedAdapters is "
+                "0, the vLLM engine's default: deploy with it set to serve adapters)",
                 param,
                 "unsupported_parameter",
             )

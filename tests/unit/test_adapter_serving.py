@@ -12,6 +12,7 @@ import pytest
 from raydock.modelgen import cached_model_dir
 from raydock.modelgen.adapters import cached_adapter_dir
 from raydock.optimizers.merge import merge_adapter
+from raydock.serve_apps.engine_app import loaded_adapters
 from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 from raydock.serve_apps.sampling import SamplingParams
 
@@ -140,3 +141,16 @@ def test_an_adapter_that_cannot_load_is_a_503_without_internals(tmp_path):
     assert exc.value.status == 503 and exc.value.code == "adapter_unavailable"
     assert "'lora'" in exc.value.message
     assert str(tmp_path) not in exc.value.message and "models/m-1" not in exc.value.message
+
+
+def test_adapter_slots_are_on_by_default_except_on_vllm_where_they_cost_every_step():
+    def config(**adapters) -> dict:
+        return {"adapterParameters": adapters}
+
+    assert loaded_adapters(config(), "transformers") == 4
+    assert loaded_adapters(config(), "ctranslate2") == 4
+    assert loaded_adapters(config(), "vllm") == 0
+    assert loaded_adapters({}, "vllm") == 0  # a deployment from before adapter serving
+    assert loaded_adapters(config(maxLoadedAdapters=None), "transformers") == 4
+    assert loaded_adapters(config(maxLoadedAdapters=3), "vllm") == 3
+    assert loaded_adapters(config(maxLoadedAdapters=0), "transformers") == 0
