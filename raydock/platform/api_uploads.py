@@ -10,12 +10,13 @@ before it starts (and a chunk the disk could not take, when it comes): 413, noth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -68,10 +69,28 @@ def storage_refusal(total_size: int, max_archive_bytes: int, free_bytes: int) ->
     return None
 
 
-def _disk_full(what: str) -> ApiError:
-    return ApiError(
-        413, f"the server's disk is full: {what} was not stored", None, "insufficient_storage"
-    )
+@contextlib.contextmanager
+def _storing(partial: Path, what: str, session_id: str | None = None) -> Iterator[None]:
+    """Writing `partial` (`what`, for messages): whatever fails, the partial file goes; a
+    full disk is a 413, and a session folder removed meanwhile (cancelled or swept) a 404."""
+    try:
+        yield
+    except BaseException as exc:
+        partial.unlink(missing_ok=True)
+        if session_id and isinstance(exc, FileNotFoundError):
+            raise _gone(session_id) from None
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            raise ApiError(
+                413,
+                f"the server's disk is full: {what} was not stored",
+                None,
+                "insufficient_storage",
+            ) from None
+        raise
+
+
+def _gone(session_id: str) -> ApiError:
+    return ApiError(404, f"upload session {session_id} was cancelled or expired", "sessionId")
 
 
 def idle_uploads(
@@ -131,14 +150,8 @@ async def import_model(
     tag_list = schemas.parse_tags(tags)
     ctx.settings.uploads_path.mkdir(parents=True, exist_ok=True)
     dest = ctx.settings.uploads_path / f"{uuid.uuid4()}.zip"
-    try:
-        with dest.open("wb") as out:
-            await asyncio.to_thread(shutil.copyfileobj, file.file, out, 4 * 2**20)
-    except OSError as exc:
-        dest.unlink(missing_ok=True)
-        if exc.errno in NO_SPACE:
-            raise _disk_full("the upload") from None
-        raise
+    with _storing(dest, "the upload"), dest.open("wb") as out:
+        await asyncio.to_thread(shutil.copyfileobj, file.file, out, 4 * 2**20)
     return await _start_import(
         dest, file.filename or "", user, kind, baseModelId, description, tag_list
     )
@@ -185,7 +198,7 @@ async def upload_chunk(
     part = _session_dir(sessionId) / f"{chunkNumber:06d}.part"
     tmp = part.with_suffix(".tmp")
     size = 0
-    try:
+    with _storing(tmp, f"chunk {chunkNumber}", sessionId):
         with tmp.open("wb") as out:
             async for piece in request.stream():
                 size += len(piece)
@@ -193,19 +206,7 @@ async def upload_chunk(
                     raise ApiError(413, f"chunk exceeds the {limit} byte limit", "chunk")
                 out.write(piece)
         tmp.replace(part)  # a re-sent chunk replaces the earlier copy
-    except FileNotFoundError:  # cancelled or swept while this chunk came
-        raise _gone(sessionId) from None
-    except OSError as exc:
-        if exc.errno in NO_SPACE:
-            raise _disk_full(f"chunk {chunkNumber}") from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
     return await ctx.registry.add_upload_chunk.remote(sessionId, chunkNumber)
-
-
-def _gone(session_id: str) -> ApiError:
-    return ApiError(404, f"upload session {session_id} was cancelled or expired", "sessionId")
 
 
 @router.get("/files/session/{sessionId}", tags=["files"])
@@ -243,15 +244,8 @@ async def upload_complete(sessionId: str, user: User) -> dict[str, Any]:
                     shutil.copyfileobj(part, out, 4 * 2**20)
         return dest.stat().st_size
 
-    try:
+    with _storing(dest, "the assembled zip", sessionId):
         size = await asyncio.to_thread(assemble)
-    except OSError as exc:
-        dest.unlink(missing_ok=True)
-        if isinstance(exc, FileNotFoundError):
-            raise _gone(sessionId) from None
-        if exc.errno in NO_SPACE:
-            raise _disk_full("the assembled zip") from None
-        raise
     await _drop(sessionId)
     if size != session["totalSize"]:
         dest.unlink(missing_ok=True)
