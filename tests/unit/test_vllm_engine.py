@@ -223,6 +223,22 @@ def test_concurrent_requests_are_batched(engine, loop):
     assert elapsed < 60
 
 
+def test_prefix_cache_figures_count_a_shared_prompt(engine, loop):
+    """The second of two requests with one long prompt finds most of it in vLLM's prefix
+    cache, and the replica's figures (the `/metrics` prefix-cache gauges) say so."""
+    ids = engine.text_prompt(" ".join(f"word{i}" for i in range(120)))
+    before = engine.stats()
+    loop.run(collect(engine, ids, max_tokens=2))
+    first = engine.stats()
+    loop.run(collect(engine, ids, max_tokens=2))
+    second = engine.stats()
+    assert first["prefixCacheQueries"] - before["prefixCacheQueries"] == len(ids)
+    assert second["prefixCacheQueries"] - first["prefixCacheQueries"] == len(ids)
+    found = second["prefixCacheHits"] - first["prefixCacheHits"]
+    assert len(ids) // 2 < found < len(ids), (found, len(ids))  # whole blocks, never the last
+    assert second["running"] == 0 and second["waiting"] == 0
+
+
 def test_closing_the_stream_aborts_the_request(engine, loop):
     ids = engine.text_prompt("go on forever")
 

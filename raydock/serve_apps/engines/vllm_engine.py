@@ -125,33 +125,6 @@ def _default_dtype(device: str, config: dict[str, Any], quantization: str | None
     return "bfloat16" if native and int(config.get("hidden_size") or 0) >= 512 else "float32"
 
 
-def _stats_logger(state: dict[str, Any]):
-    """A vLLM stat-logger factory that keeps the scheduler's latest numbers in `state`."""
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class _SchedulerProbe(StatLoggerBase):
-        def __init__(self, vllm_config, engine_index: int = 0):
-            pass
-
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
-            if scheduler_stats is None:
-                return
-            running = int(getattr(scheduler_stats, "num_running_reqs", 0))
-            state["running"] = running
-            state["waiting"] = int(getattr(scheduler_stats, "num_waiting_reqs", 0))
-            state["steps"] += 1
-            cache = getattr(scheduler_stats, "prefix_cache_stats", None)
-            if cache is not None:  # this update's lookups: prompt tokens queried, found
-                state["prefix_queries"] += int(cache.queries)
-                state["prefix_hits"] += int(cache.hits)
-            state["max_batch"] = max(state["max_batch"], running)
-
-        def log_engine_initialized(self):
-            pass
-
-    return lambda vllm_config, engine_index=0: _SchedulerProbe(vllm_config, engine_index)
-
-
 class VLLMEngine(TokenizerPrompts):
     """Same public surface as `TransformersEngine`: `generate`, `chat_prompt`, `text_prompt`,
     `stats`, `max_context`, `max_batch_size`; plus `shutdown()`."""
@@ -206,14 +179,10 @@ class VLLMEngine(TokenizerPrompts):
             kv_dtype = dtype if dtype != "auto" else str(config.get("torch_dtype", "bfloat16"))
             kv_cache_bytes = _kv_cache_bytes(config, self.max_context, max_batch_size, kv_dtype)
         self.counters = {"finished": 0, "cancelled": 0, "failed": 0}
-        self._sched = {
-            "running": 0,
-            "waiting": 0,
-            "steps": 0,
-            "max_batch": 0,
-            "prefix_queries": 0,
-            "prefix_hits": 0,
-        }
+        # counted here from each request's outputs, not from vLLM's engine statistics: a stat
+        # logger turns vLLM's `log_stats` on, which cost ~8 % of throughput at concurrency 16
+        # on the CPU (benchmarks/RESULTS.md, session 18)
+        self._sched = {"running": 0, "max_batch": 0, "prefix_queries": 0, "prefix_hits": 0}
         self._in_flight = 0
         self._adapters: dict[str, Any] = {}  # adapter id -> its vLLM LoRARequest
         self._null_adapter: Any = None  # see load_adapter
@@ -259,16 +228,17 @@ class VLLMEngine(TokenizerPrompts):
             )
             env["OMP_NUM_THREADS"] = str(max(1, num_threads // ranks))  # split between ranks
         with _env(env):
-            self.engine = AsyncLLM.from_engine_args(args, stat_loggers=[_stats_logger(self._sched)])
+            self.engine = AsyncLLM.from_engine_args(args)
 
     def stats(self) -> dict[str, Any]:
-        idle = self._in_flight == 0  # vLLM reports nothing once idle: its last numbers are old
+        """`running`: requests vLLM has produced a first token for and not finished (it decodes
+        them together, step by step); `waiting`: the other requests in flight. vLLM's own step
+        count comes only with its engine statistics (see __init__), so there is no `steps`."""
         split = self.engine.vllm_config.parallel_config if self.engine else None
         return {
-            "running": 0 if idle else self._sched["running"],
-            "waiting": 0 if idle else self._sched["waiting"],
+            "running": self._sched["running"],
+            "waiting": self._in_flight - self._sched["running"],
             "maxBatchSize": self.max_batch_size,
-            "steps": self._sched["steps"],
             "max_batch": self._sched["max_batch"],
             "unfinished": self.engine.get_num_unfinished_requests() if self.engine else 0,
             # what vLLM itself runs with (a deviceType's devices: optimizers.parallel)
@@ -278,6 +248,19 @@ class VLLMEngine(TokenizerPrompts):
             "prefixCacheHits": self._sched["prefix_hits"],
             **self.counters,
         }
+
+    def _started(self, n_prompt: int, cached: int | None) -> bool:
+        sched = self._sched
+        sched["running"] += 1
+        sched["max_batch"] = max(sched["max_batch"], sched["running"])
+        sched["prefix_queries"] += n_prompt  # prompt tokens looked up in the prefix cache ...
+        sched["prefix_hits"] += cached or 0  # ... and those found there
+        return True
+
+    def _stopped(self, running: bool) -> bool:
+        if running:
+            self._sched["running"] -= 1
+        return False
 
     async def load_adapter(self, adapter_id: str, adapter_dir: str) -> None:
         """Load a PEFT LoRA adapter under `adapter_id` into vLLM (its own LRU keeps it)."""
@@ -400,10 +383,14 @@ class VLLMEngine(TokenizerPrompts):
             request_id,
             lora_request=self._adapters[adapter] if adapter else self._null_adapter,
         )
-        produced, outcome = 0, "cancelled"
+        produced, outcome, running = 0, "cancelled", False
         self._in_flight += 1
         try:
             async for out in stream:
+                if not running:  # its prefill is done: from now on it decodes in the batch
+                    running = self._started(n_prompt, out.num_cached_tokens)
+                if out.finished:  # counted now, not when the consumer asks for more
+                    running = self._stopped(running)
                 o = out.outputs[0]
                 token_ids = list(o.token_ids)
                 logprobs = (
@@ -434,6 +421,7 @@ class VLLMEngine(TokenizerPrompts):
             outcome = "failed"
             raise
         finally:
+            self._stopped(running)
             self._in_flight -= 1
             self.counters[outcome] += 1
             if outcome != "finished":  # the caller went away (or vLLM failed): stop decoding
