@@ -40,6 +40,8 @@ import httpx
 from benchmarks.loadgen import prompt_text
 from benchmarks.serving import OUT, deploy_body, machine, sampling_defaults, save
 from benchmarks.vllm_serving import (
+    _descendants,
+    _reap,
     _stop_group,
     _version,
     drive,
@@ -147,12 +149,17 @@ def serve_llm_side(model_dir: Path, eng, body, levels, args, messages) -> dict[s
         out = drive(SIDES["serve-llm"], f"{base}/v1", "unused", levels, args, messages)
         return out | {"start_s": start_s, "config": config}
     finally:
+        # the child's Ray daemons, workers and HAProxy, before they are orphaned: HAProxy can
+        # outlive the child's shutdown, and its listeners broke the next side's HAProxy
+        started = _descendants(proc.pid)
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)  # the child shuts Serve and Ray down
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(60)
         _stop_group(proc, grace=5)
+        if leftover := _reap(started):
+            print(f"Ray Serve LLM: killed {len(leftover)} leftover processes", flush=True)
 
 
 def _answers(base: str) -> bool:

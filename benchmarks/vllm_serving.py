@@ -209,10 +209,13 @@ def vllm_side(model_dir: Path, eng, body, levels, args, messages) -> dict[str, A
 # ---------------------------------------------------------------------------- raydock
 
 
-def _descendants() -> list:
+def _descendants(pid: int | None = None) -> list:
+    """The processes below `pid` (default: this one)."""
     import psutil
 
-    return psutil.Process().children(recursive=True)
+    with contextlib.suppress(psutil.Error):
+        return psutil.Process(pid).children(recursive=True)
+    return []
 
 
 def _reap(procs: list, grace: float = 15) -> list[int]:

@@ -202,42 +202,48 @@ def test_two_replicas_across_nodes_and_a_lost_node(platform, models, cluster):
     # lose the node of one replica: the other keeps answering, Serve places a new one
     lost = next(w for w in cluster.alive_workers if w.node_id in nodes)
     cluster.remove_worker(lost)
-    cluster.wait_node_dead(lost, timeout=30)
-    started = time.monotonic()
-    wait_for(lambda: chat(platform, dep_id, key).status_code == 200, timeout=60, interval=0.5)
-    serving_again = time.monotonic() - started
-
-    seen: list[dict] = []  # every view until the replacement runs
-
-    def replaced() -> dict | None:  # Serve notices the lost replica at its next health check
-        d = platform.client.get(f"/deployments/{dep_id}")
-        seen.append(d)
-        nodes = d["replicas"]["nodes"]
-        return d if lost.node_id not in nodes and sum(nodes.values()) == 2 else None
-
     try:
-        view = wait_for(replaced, timeout=120, interval=0.2)
-    except AssertionError:
-        raise AssertionError(f"not replaced: {seen[-1]['status']} {seen[-1]['replicas']}") from None
-    assert view["status"] == "DEPLOYED" and view["replicas"]["current"] == 2
-    print(f"serving again {serving_again:.1f} s after the node was declared dead")
+        cluster.wait_node_dead(lost, timeout=30)
+        started = time.monotonic()
+        wait_for(lambda: chat(platform, dep_id, key).status_code == 200, timeout=60, interval=0.5)
+        serving_again = time.monotonic() - started
 
-    # while Serve counted a replica missing, the view said why (Serve's words)
-    missing = [d["replicas"] for d in seen if d["replicas"]["current"] < d["replicas"]["target"]]
-    views = {(r["current"], r["target"], r["message"]) for r in (d["replicas"] for d in seen)}
-    assert missing, f"no view showed the replica missing before its replacement ran: {views}"
-    print(f"{len(missing)} views with a replica missing, e.g. {missing[0]}")
-    for replicas in missing:
-        assert replicas["current"] == 1 and replicas["target"] == 2, replicas
-        assert replicas["applicationStatus"] == "UNHEALTHY", replicas
-        message = replicas["message"] or ""
-        assert "A replica's health check failed" in message, replicas
-    ok = sum(chat(platform, dep_id, key).status_code == 200 for _ in range(6))
-    assert ok == 6
-    cluster.add_worker(num_cpus=2)  # back to two workers for the next tests
-    platform.client.wait_job(
-        platform.client.post(f"/deployments/{dep_id}/undeploy")["dockStatusId"]
-    )
+        seen: list[dict] = []  # every view until the replacement runs
+
+        def replaced() -> dict | None:  # Serve notices the lost replica at its next health check
+            d = platform.client.get(f"/deployments/{dep_id}")
+            seen.append(d)
+            nodes = d["replicas"]["nodes"]
+            return d if lost.node_id not in nodes and sum(nodes.values()) == 2 else None
+
+        try:
+            view = wait_for(replaced, timeout=120, interval=0.2)
+        except AssertionError:
+            raise AssertionError(
+                f"not replaced: {seen[-1]['status']} {seen[-1]['replicas']}"
+            ) from None
+        assert view["status"] == "DEPLOYED" and view["replicas"]["current"] == 2
+        print(f"serving again {serving_again:.1f} s after the node was declared dead")
+
+        # while Serve counted a replica missing, the view said why (Serve's words)
+        missing = [
+            d["replicas"] for d in seen if d["replicas"]["current"] < d["replicas"]["target"]
+        ]
+        views = {(r["current"], r["target"], r["message"]) for r in (d["replicas"] for d in seen)}
+        assert missing, f"no view showed the replica missing before its replacement ran: {views}"
+        print(f"{len(missing)} views with a replica missing, e.g. {missing[0]}")
+        for replicas in missing:
+            assert replicas["current"] == 1 and replicas["target"] == 2, replicas
+            assert replicas["applicationStatus"] == "UNHEALTHY", replicas
+            message = replicas["message"] or ""
+            assert "A replica's health check failed" in message, replicas
+        ok = sum(chat(platform, dep_id, key).status_code == 200 for _ in range(6))
+        assert ok == 6
+    finally:  # back to two workers and no replicas for the next tests, whatever happened
+        cluster.add_worker(num_cpus=2)
+        platform.client.wait_job(
+            platform.client.post(f"/deployments/{dep_id}/undeploy")["dockStatusId"]
+        )
 
 
 def test_ctranslate2_converts_on_a_worker_and_serves(platform, models, cluster, s3):
