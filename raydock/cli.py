@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from raydock.client import ApiFailure
-from raydock.config import Settings, load_settings
+from raydock.config import Settings, SettingsError, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -465,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # e.g. the file to import does not exist
         print(f"raydock: {exc}", file=sys.stderr)
     except apply_files.FileError as exc:  # a deployment file: "file:line: what"
+        print(f"raydock: {exc}", file=sys.stderr)
+    except SettingsError as exc:  # platform.yaml or a RAYDOCK_* variable
         print(f"raydock: {exc}", file=sys.stderr)
     except Exception as exc:  # the database refused, or cannot be reached: one line too
         reason = _database_failure(exc, args)

@@ -50,6 +50,9 @@ class Settings:
     webhook_url: str = ""  # platform-wide webhook; empty: none
     webhook_secret: str = field(default="", repr=False)
     notify_max_attempts: int = 5
+    # ---- retention (platform/retention.py): 0 keeps for ever
+    usage_retention_days: int = 400  # usage minutes older than this are deleted
+    delivery_retention_days: int = 90  # delivered or failed notifications older than this
 
     @property
     def home_path(self) -> Path:
@@ -97,10 +100,18 @@ class Settings:
         return asdict(self)
 
 
-def _coerce(value: str, kind: type) -> Any:
+class SettingsError(ValueError):
+    """A setting the platform cannot start with; the message names it."""
+
+
+def _coerce(name: str, value: str, kind: type) -> Any:
     if kind is bool:
         return value.strip().lower() in {"1", "true", "yes", "on"}
-    return kind(value)
+    try:
+        return kind(value)
+    except ValueError:
+        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
+        raise SettingsError(f"RAYDOCK_{name.upper()} is {value!r}; it must be {what}") from None
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -113,12 +124,24 @@ def load_settings(**overrides: Any) -> Settings:
     for name, kind in types.items():
         env = os.environ.get(f"RAYDOCK_{name.upper()}")
         if env is not None:
-            raw[name] = _coerce(env, kind)
+            raw[name] = _coerce(name, env, kind)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(raw) - set(types)
     if unknown:
-        raise ValueError(f"unknown settings in platform.yaml: {sorted(unknown)}")
-    return Settings(**{k: types[k](v) if v is not None else v for k, v in raw.items()})
+        raise SettingsError(f"unknown settings in platform.yaml: {sorted(unknown)}")
+    settings = Settings(**{k: types[k](v) if v is not None else v for k, v in raw.items()})
+    for name, (low, high) in RANGES.items():
+        value = getattr(settings, name)
+        if not low <= value <= high:
+            raise SettingsError(f"setting {name} is {value}; it must be between {low} and {high}")
+    return settings
+
+
+#: settings with an allowed range (both ends included), checked when settings are loaded
+RANGES: dict[str, tuple[int, int]] = {
+    "usage_retention_days": (0, 36_500),
+    "delivery_retention_days": (0, 36_500),
+}
 
 
 @lru_cache

@@ -34,6 +34,7 @@ from raydock.platform import (
     apply,
     deploy_checks,
     names,
+    retention,
     schemas,
 )
 from raydock.platform.api_deps import User, admin_user, ctx, job_ref
@@ -500,3 +501,4 @@ class ApiServer:
         configure(settings)
         self.supervisor = asyncio.create_task(supervise())
         self.upload_sweeper = asyncio.create_task(api_uploads.sweep_idle_uploads())
+        self.pruner = asyncio.create_task(retention.keep_pruning())

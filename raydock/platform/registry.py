@@ -887,6 +887,25 @@ class Registry:
             q = select(db.Usage.key_id, total).where(db.Usage.minute >= start)
             return {key: int(n or 0) for key, n in s.execute(q.group_by(db.Usage.key_id))}
 
+    def prune_history(
+        self, usage_before: datetime | None, deliveries_before: datetime | None
+    ) -> dict[str, int]:
+        """Retention: delete usage minutes before `usage_before` and the delivered or failed
+        notifications created before `deliveries_before` (naive UTC; None keeps them). Pending
+        deliveries stay: the notifier may still be retrying them. Returns how many of each."""
+        gone = {"usage": 0, "deliveries": 0}
+        with self._tx() as s:
+            if usage_before is not None:
+                q = delete(db.Usage).where(db.Usage.minute < usage_before)
+                gone["usage"] = s.execute(q).rowcount
+            if deliveries_before is not None:
+                q = delete(db.NotificationDelivery).where(
+                    db.NotificationDelivery.status != "pending",
+                    db.NotificationDelivery.created_at < deliveries_before,
+                )
+                gone["deliveries"] = s.execute(q).rowcount
+        return gone
+
     # ---------------------------------------------------------------- chunked uploads
 
     def create_upload_session(self, fields: dict[str, Any], user_id: str) -> dict[str, Any]:

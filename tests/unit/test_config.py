@@ -27,3 +27,15 @@ def test_an_unknown_key_in_platform_yaml_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
     with pytest.raises(ValueError, match="max_tokns"):
         load_settings()
+
+
+def test_a_setting_the_platform_cannot_start_with_is_named(monkeypatch):
+    from raydock.config import SettingsError, load_settings
+
+    monkeypatch.setenv("RAYDOCK_PORT", "eighty")
+    with pytest.raises(SettingsError, match="RAYDOCK_PORT is 'eighty'; it must be an integer"):
+        load_settings()
+    monkeypatch.delenv("RAYDOCK_PORT")
+    monkeypatch.setenv("RAYDOCK_DELIVERY_RETENTION_DAYS", "40000")
+    with pytest.raises(SettingsError, match="delivery_retention_days is 40000; .* 0 and 36500"):
+        load_settings()

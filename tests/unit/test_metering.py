@@ -270,3 +270,40 @@ def test_usage_times_at_the_ends_of_the_calendar_do_not_overflow():
     assert as_utc(parse("0001-01-01T00:00:00+23:59")) == datetime.min
     assert as_utc(parse("2026-12-01T08:00:00+02:00")) == datetime(2026, 12, 1, 6)
     assert as_utc(parse("2026-12-01")) == datetime(2026, 12, 1)
+
+
+def test_retention_deletes_old_usage_and_finished_deliveries_only(reg):
+    from datetime import timedelta
+
+    reg, dep_id, key = _registry_with_key(reg)
+    day = 86_400
+    old, recent = 1_800_000_000 // 60 * 60, 1_800_000_000 // 60 * 60 + 3 * day
+    reg.record_usage([(old, dep_id, "", key["keyId"], 1, 5, 5)])
+    reg.record_usage([(recent, dep_id, "", key["keyId"], 2, 7, 7)])
+    event = {"id": "ev-1", "kind": "deployment.deployed", "createdAt": "", "data": {}}
+    done = reg.record_delivery(event, "email", "ops@example.test")
+    failed = reg.record_delivery(event, "webhook", "https://h.test/x")
+    pending = reg.record_delivery(event, "webhook", "https://h.test/y")
+    reg.update_delivery(done["deliveryId"], "delivered", 1, None)
+    reg.update_delivery(failed["deliveryId"], "failed", 5, "HTTP 500")
+
+    cutoff = datetime.fromtimestamp(old + day, UTC).replace(tzinfo=None)
+    soon = datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=5)
+    assert reg.prune_history(None, None) == {"usage": 0, "deliveries": 0}
+    assert reg.prune_history(cutoff, soon) == {"usage": 1, "deliveries": 2}
+    assert [r["requests"] for r in reg.usage_rows(deployment_id=dep_id)] == [2]
+    assert [d["deliveryId"] for d in reg.list_deliveries()] == [pending["deliveryId"]]
+    assert reg.prune_history(cutoff, soon) == {"usage": 0, "deliveries": 0}  # idempotent
+
+
+def test_retention_cutoffs_follow_the_settings():
+    from datetime import timedelta
+
+    from raydock.config import SettingsError, load_settings
+    from raydock.platform.retention import cutoffs
+
+    now = datetime(2026, 12, 2, 12)
+    settings = load_settings(usage_retention_days=30, delivery_retention_days=0)
+    assert cutoffs(settings, now) == (now - timedelta(days=30), None)
+    with pytest.raises(SettingsError, match="usage_retention_days is -1; it must be between 0"):
+        load_settings(usage_retention_days=-1)

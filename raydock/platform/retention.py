@@ -1,0 +1,55 @@
+"""Retention: usage minutes and finished notification deliveries older than the settings
+allow (`usage_retention_days`, `delivery_retention_days`; 0 keeps them) are deleted hourly.
+
+The API replica runs `keep_pruning`; deleting is idempotent, so two replicas doing it is
+harmless, and a round that fails (the registry restarting) is simply the next one's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timedelta
+
+from raydock.config import Settings
+from raydock.platform import db
+from raydock.platform.api_deps import ctx
+
+log = logging.getLogger("raydock.retention")
+
+RETENTION_INTERVAL_S = 3600.0
+
+
+def cutoffs(settings: Settings, now: datetime) -> tuple[datetime | None, datetime | None]:
+    """What is older than these goes: (usage minutes, finished deliveries); None keeps all."""
+
+    def before(days: int) -> datetime | None:
+        return now - timedelta(days=days) if days else None
+
+    return before(settings.usage_retention_days), before(settings.delivery_retention_days)
+
+
+async def prune_once() -> dict[str, int]:
+    """One round: deletes what the settings no longer keep; how many of each went."""
+    usage_before, deliveries_before = cutoffs(ctx.settings, db.utcnow())
+    if usage_before is None and deliveries_before is None:
+        return {"usage": 0, "deliveries": 0}
+    gone = await ctx.registry.prune_history.remote(usage_before, deliveries_before)
+    if any(gone.values()):
+        log.info(
+            "retention: deleted %d usage minutes before %s and %d deliveries before %s",
+            gone["usage"],
+            usage_before,
+            gone["deliveries"],
+            deliveries_before,
+        )
+    return gone
+
+
+async def keep_pruning() -> None:
+    while True:
+        try:
+            await prune_once()
+        except Exception as exc:  # the registry restarting: next round
+            log.warning("pruning old usage and deliveries failed: %r", exc)
+        await asyncio.sleep(RETENTION_INTERVAL_S)
