@@ -46,7 +46,7 @@ DELIVERY_HEADER = "X-Raydock-Delivery"
 
 TIMEOUT_S = 5.0  # one SMTP session or webhook POST
 CHANNELS = ("email", "webhook")
-INTERRUPTED = "interrupted: the notifier stopped before its next attempt"
+TARGET_GONE = "not resumed after a notifier restart: its target is no longer configured"
 STATUSES = ("pending", "delivered", "failed")
 
 
@@ -224,7 +224,7 @@ class Notifier:
         self._tasks: set[asyncio.Task] = set()
         self._registry = registry  # unit tests hand one in; the platform's is looked up
         self._started = datetime.now(UTC).replace(tzinfo=None)
-        if registry is None:  # a Ray actor: close what a notifier before it left pending
+        if registry is None:  # a Ray actor: go on with what a notifier before it left pending
             import ray
 
             ray.get_runtime_context().current_actor.recover.remote()
@@ -243,12 +243,44 @@ class Notifier:
         return True
 
     async def recover(self) -> int:
-        """Deliveries that a notifier before this one was still retrying end failed."""
+        """Deliveries that a notifier before this one left pending go on from their next
+        attempt (same delivery id: receivers deduplicate by it); one whose email or webhook
+        is no longer configured ends failed. Returns how many go on."""
         try:
-            return await self.registry.abandon_deliveries.remote(self._started, INTERRUPTED)
+            left = await self.registry.pending_deliveries.remote(self._started)
         except Exception as exc:
-            log.warning("cannot close the deliveries left pending: %r", exc)
+            log.warning("cannot resume the deliveries left pending: %r", exc)
             return 0
+        resumed = 0
+        for d in left:
+            secret = await self._secret_for(d["channel"], d["target"], d["event"])
+            if secret is None or d["attempts"] > len(self.delays):
+                await self._record(d["deliveryId"], "failed", d["attempts"], TARGET_GONE)
+                continue
+            self._spawn(
+                self._deliver(
+                    d["event"], d["channel"], d["target"], secret, d["deliveryId"], d["attempts"]
+                )
+            )
+            resumed += 1
+        return resumed
+
+    async def _secret_for(self, channel: str, target: str, event: dict[str, Any]) -> str | None:
+        """What signs a resumed delivery to `target` ("" for email and unsigned webhooks);
+        None when the settings or the user's webhook no longer send there."""
+        if channel == "email":
+            return "" if self.settings.smtp_host else None
+        if target == self.settings.webhook_url:
+            return self.settings.webhook_secret
+        try:
+            found = await self.registry.notification_targets.remote(
+                event.get("userId"), event.get("data", {}).get("keyId")
+            )
+        except Exception as exc:
+            log.warning("cannot look up the webhook of a resumed delivery: %r", exc)
+            return None
+        hook = found.get("webhook")
+        return hook["secret"] if hook and hook["url"] == target else None
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -304,10 +336,18 @@ class Notifier:
             self._spawn(self._deliver(event, channel, target, secret, delivery["deliveryId"]))
 
     async def _deliver(
-        self, event: dict[str, Any], channel: str, target: str, secret: str, delivery_id: str
+        self,
+        event: dict[str, Any],
+        channel: str,
+        target: str,
+        secret: str,
+        delivery_id: str,
+        done: int = 0,
     ) -> None:
+        """Attempt the delivery until it succeeds or has had every attempt (`done` of them
+        were made by a notifier before this one)."""
         attempts = len(self.delays) + 1
-        for attempt in range(1, attempts + 1):
+        for attempt in range(done + 1, attempts + 1):
             try:
                 if channel == "email":
                     await asyncio.to_thread(self._send_email, event, target, delivery_id)

@@ -1129,18 +1129,26 @@ class Registry:
             if status == "delivered":
                 row.delivered_at = db.utcnow()
 
-    def abandon_deliveries(self, before: datetime, reason: str) -> int:
-        """End FAILED the deliveries still pending from before `before` (UTC): the notifier
-        that was retrying them stopped. Returns how many."""
+    def pending_deliveries(self, before: datetime) -> list[dict[str, Any]]:
+        """The deliveries still pending from before `before` (UTC), oldest first, with what
+        the notifier needs to go on with them: the event, channel, full target, attempts.
+        For the notifier only: the target is not masked as in `list_deliveries`."""
         with self._tx() as s:
             q = select(db.NotificationDelivery).where(
                 db.NotificationDelivery.status == "pending",
                 db.NotificationDelivery.created_at < before,
             )
-            rows = list(s.scalars(q))
-            for row in rows:
-                row.status, row.last_error = "failed", reason
-            return len(rows)
+            order = (db.NotificationDelivery.created_at, db.NotificationDelivery.id)
+            return [
+                {
+                    "deliveryId": r.id,
+                    "event": r.event,
+                    "channel": r.channel,
+                    "target": r.target,
+                    "attempts": r.attempts,
+                }
+                for r in s.scalars(q.order_by(*order))
+            ]
 
     def list_deliveries(
         self, kind: str | None = None, status: str | None = None, limit: int = 100

@@ -17,8 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import ray
 
 from raydock.client import Client, default_deploy_body
+from raydock.platform import names
 from tests.notify_sinks import NotifySinks, free_port
 
 from .conftest import Platform, deploy_and_wait, wait_for
@@ -176,6 +178,49 @@ def test_a_failed_import_is_notified(platform, tiny_zip, member, notify_sinks, t
     mine = [d for d in r.json()["deliveries"] if d["event"]["data"]["modelId"] == model_id]
     assert len(mine) == 4 and all(d["kind"] == IMPORT_FAILED for d in mine)
     member.platform.client.delete(f"/models/{model_id}")
+
+
+def test_a_delivery_the_notifier_was_retrying_goes_on_after_it_is_killed(
+    platform, tiny_zip, member, notify_sinks, tmp_path
+):
+    """The member's webhook refuses the first attempt (a wrong secret on the receiver); the
+    notifier is killed while it waits to retry; the one the platform starts in its place
+    sends the same delivery again, and it arrives."""
+    hooks = notify_sinks.hooks
+    flaky = "/flaky"
+    hooks.secrets[flaky] = "not-the-secret-yet"
+    secret = member.set_webhook(hooks.url(flaky))
+    try:
+        ref = member.platform.client.import_zip(
+            _without(tiny_zip, tmp_path / "restart.zip", "config.json")
+        )
+        model_id = ref["modelId"]
+        (refused,) = wait_for(
+            lambda: hooks.find(IMPORT_FAILED, flaky, modelId=model_id), 30, interval=0.05
+        )
+        ray.kill(ray.get_actor(names.NOTIFIER, namespace=names.NAMESPACE))  # within its 1 s wait
+        hooks.secrets[flaky] = secret
+        assert refused["verified"] is False
+        delivery_id = refused["headers"]["X-Raydock-Delivery"]
+        arrived = wait_for(
+            lambda: [
+                r for r in hooks.find(IMPORT_FAILED, flaky, modelId=model_id) if r["verified"]
+            ],
+            30,
+        )
+        assert [r["headers"]["X-Raydock-Delivery"] for r in arrived] == [delivery_id]
+
+        def shown() -> dict | None:
+            r = platform.http().get(
+                "/api/public/notifications/deliveries", params={"kind": IMPORT_FAILED}
+            )
+            found = [d for d in r.json()["deliveries"] if d["deliveryId"] == delivery_id]
+            return found[0] if found and found[0]["status"] == "delivered" else None
+
+        assert wait_for(shown, 10)["channel"] == "webhook"
+        member.platform.client.delete(f"/models/{model_id}")
+    finally:
+        member.platform.http().delete("/api/public/users/me/webhook")
 
 
 def test_webhook_and_delivery_routes_refuse_bad_input(platform):

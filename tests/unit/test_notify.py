@@ -400,15 +400,42 @@ def test_a_receiver_refusing_the_signature_fails_the_delivery(reg):
     )
 
 
-def test_a_new_notifier_fails_what_its_predecessor_left_pending(reg):
-    event = notify.new_event(notify.DEPLOYED, None, {"deploymentId": "dp-1"})
-    left = reg.record_delivery(event, "email", "ops@example.test")  # its notifier died
-    time.sleep(0.01)
-    n = _notifier(reg)
-    time.sleep(0.01)
-    current = reg.record_delivery(event, "webhook", "https://h.test/x")  # the new one's own
-    assert asyncio.run(n.recover()) == 1
+def test_a_new_notifier_goes_on_with_what_its_predecessor_left_pending(reg):
+    ana = _user(reg, "ana")
+    with WebhookSink() as hooks:
+        hooks.secrets = {"/ana": "", "/platform": "platform-secret"}
+        mine = reg.set_user_webhook(ana, hooks.url("/ana"))
+        hooks.secrets["/ana"] = mine["secret"]
+        event = notify.new_event(notify.DEPLOYED, ana, {"deploymentId": "dp-1"})
+        # a predecessor's: its webhooks failed once each before it died; email is off now,
+        # and one webhook was removed meanwhile
+        platform = reg.record_delivery(event, "webhook", hooks.url("/platform"))
+        own = reg.record_delivery(event, "webhook", hooks.url("/ana"))
+        email = reg.record_delivery(event, "email", "ops@example.test")
+        gone = reg.record_delivery(event, "webhook", hooks.url("/removed"))
+        for d in (platform, own, gone):
+            reg.update_delivery(d["deliveryId"], "pending", 1, "HTTP 503")
+        time.sleep(0.01)
+        n = _notifier(reg, webhook_url=hooks.url("/platform"), webhook_secret="platform-secret")
+        time.sleep(0.01)
+        current = reg.record_delivery(event, "webhook", "https://h.test/x")  # the new one's
+
+        async def run():
+            resumed = await n.recover()
+            await _drain(n)
+            return resumed
+
+        assert asyncio.run(run()) == 2
+        got = {r["path"]: r for r in hooks.received}
+        assert sorted(got) == ["/ana", "/platform"] and all(r["verified"] for r in got.values())
+        assert got["/ana"]["headers"]["X-Raydock-Delivery"] == own["deliveryId"]
     shown = {d["deliveryId"]: d for d in reg.list_deliveries()}
-    assert shown[left["deliveryId"]]["status"] == "failed"
-    assert shown[left["deliveryId"]]["lastError"] == notify.INTERRUPTED
+    for d in (platform, own):
+        assert (shown[d["deliveryId"]]["status"], shown[d["deliveryId"]]["attempts"]) == (
+            "delivered",
+            2,
+        )
+    for d in (email, gone):
+        assert shown[d["deliveryId"]]["status"] == "failed"
+        assert shown[d["deliveryId"]]["lastError"] == notify.TARGET_GONE
     assert shown[current["deliveryId"]]["status"] == "pending"
