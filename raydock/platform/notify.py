@@ -16,9 +16,12 @@ import hashlib
 import hmac
 import json
 import logging
+import queue
 import re
 import smtplib
 import ssl
+import threading
+import time
 import uuid
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -190,25 +193,59 @@ def describe_failure(exc: BaseException) -> str:
 # ------------------------------------------------------------------ emitting
 
 
+#: how long an emitted event waits for a notifier (one that died is started again by the
+#: platform's supervisor within seconds) before it is given up, logged
+HANDOVER_TIMEOUT_S = 60.0
+
+
 def emit(kind: str, user_id: str | None, **fields: Any) -> None:
     """Hand an event to the notifier actor, fire-and-forget: never raises, never waits for a
     delivery. `user_id`: who started the action (None for a key event: the notifier tells its
-    creator, found by `keyId`)."""
+    creator, found by `keyId`). A background thread of this process hands it over, waiting
+    for a notifier while there is none (it died and is being started again)."""
     try:
         import ray
 
         if not ray.is_initialized():
             return
-        from raydock.platform import names
-
-        try:
-            notifier = ray.get_actor(names.NOTIFIER, namespace=names.NAMESPACE)
-        except ValueError:
-            log.debug("no notifier running: %s not sent", kind)
-            return
-        notifier.notify.remote(kind, user_id, fields)
+        _handover().put((kind, user_id, fields, time.monotonic() + HANDOVER_TIMEOUT_S))
     except Exception as exc:  # a notification must never fail what it reports
         log.debug("emitting %s failed: %r", kind, exc)
+
+
+_queue: queue.Queue | None = None
+_queue_lock = threading.Lock()
+
+
+def _handover() -> queue.Queue:
+    """This process's queue of events for the notifier, and the thread that empties it."""
+    global _queue
+    with _queue_lock:
+        if _queue is None:
+            _queue = queue.Queue()
+            threading.Thread(
+                target=_hand_over, args=(_queue,), name="notify-handover", daemon=True
+            ).start()
+        return _queue
+
+
+def _hand_over(events: queue.Queue) -> None:
+    import ray
+
+    from raydock.platform import names
+
+    while True:
+        kind, user_id, fields, deadline = events.get()
+        while True:
+            try:
+                notifier = ray.get_actor(names.NOTIFIER, namespace=names.NAMESPACE)
+                ray.get(notifier.notify.remote(kind, user_id, fields), timeout=10)
+                break
+            except Exception as exc:  # no notifier, or it died: wait for its successor
+                if time.monotonic() > deadline:
+                    log.warning("notification %s not sent: no notifier answered (%r)", kind, exc)
+                    break
+                time.sleep(0.5)
 
 
 # ------------------------------------------------------------------ the actor

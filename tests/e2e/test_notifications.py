@@ -12,6 +12,7 @@ their own) deploys the session's model twice (about 15 s each) and undeploys bot
 from __future__ import annotations
 
 import dataclasses
+import time
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import ray
 
 from raydock.client import Client, default_deploy_body
-from raydock.platform import names
+from raydock.platform import names, notify
 from tests.notify_sinks import NotifySinks, free_port
 
 from .conftest import Platform, deploy_and_wait, wait_for
@@ -221,6 +222,20 @@ def test_a_delivery_the_notifier_was_retrying_goes_on_after_it_is_killed(
         member.platform.client.delete(f"/models/{model_id}")
     finally:
         member.platform.http().delete("/api/public/users/me/webhook")
+
+
+def test_an_event_emitted_while_no_notifier_runs_is_delivered_by_the_next(platform, notify_sinks):
+    """The notifier is killed; an event emitted at once (as the registry emits one: here
+    from the test's own Ray driver, so that it surely comes before the platform has started
+    the next notifier) waits for that notifier and reaches the platform webhook."""
+    hooks = notify_sinks.hooks
+    ray.kill(ray.get_actor(names.NOTIFIER, namespace=names.NAMESPACE))
+    model_id = f"m-handover-{time.time_ns()}"
+    notify.emit(IMPORT_FAILED, None, modelId=model_id, modelName="handover", error="test")
+    (got,) = wait_for(
+        lambda: hooks.find(IMPORT_FAILED, NotifySinks.PLATFORM_PATH, modelId=model_id), 30
+    )
+    assert got["verified"]
 
 
 def test_webhook_and_delivery_routes_refuse_bad_input(platform):
