@@ -36,6 +36,9 @@ UPLOAD_SWEEP_INTERVAL_S = 600.0
 #: max_archive_bytes cannot hold an acceptable model (weights barely compress)
 ZIP_OVERHEAD_BYTES = 64 * 2**20
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+#: a chunk reaches the disk in writes this large, each in a worker thread: a slow disk
+#: never stalls the API event loop that every other management call shares
+WRITE_BYTES = 2**20
 
 
 def zip_name(file_name: str) -> str:
@@ -198,14 +201,19 @@ async def upload_chunk(
     part = _session_dir(sessionId) / f"{chunkNumber:06d}.part"
     tmp = part.with_suffix(".tmp")
     size = 0
+    pending = bytearray()  # written in WRITE_BYTES pieces, off the event loop
     with _storing(tmp, f"chunk {chunkNumber}", sessionId):
-        with tmp.open("wb") as out:
+        with await asyncio.to_thread(tmp.open, "wb") as out:
             async for piece in request.stream():
                 size += len(piece)
                 if size > limit:
                     raise ApiError(413, f"chunk exceeds the {limit} byte limit", "chunk")
-                out.write(piece)
-        tmp.replace(part)  # a re-sent chunk replaces the earlier copy
+                pending += piece
+                if len(pending) >= WRITE_BYTES:
+                    await asyncio.to_thread(out.write, pending)
+                    pending = bytearray()
+            await asyncio.to_thread(out.write, pending)
+        await asyncio.to_thread(tmp.replace, part)  # a re-sent chunk replaces the earlier copy
     return await ctx.registry.add_upload_chunk.remote(sessionId, chunkNumber)
 
 
