@@ -291,7 +291,7 @@ class Notifier:
         resumed = 0
         for d in left:
             secret = await self._secret_for(d["channel"], d["target"], d["event"])
-            if secret is None or d["attempts"] > len(self.delays):
+            if secret is None:
                 await self._record(d["deliveryId"], "failed", d["attempts"], TARGET_GONE)
                 continue
             self._spawn(
@@ -383,7 +383,7 @@ class Notifier:
     ) -> None:
         """Attempt the delivery until it succeeds or has had every attempt (`done` of them
         were made by a notifier before this one)."""
-        attempts = len(self.delays) + 1
+        attempts = max(len(self.delays) + 1, done + 1)  # at least one more after a restart
         for attempt in range(done + 1, attempts + 1):
             try:
                 if channel == "email":

@@ -18,6 +18,7 @@ from raydock.platform.api_deps import ctx
 log = logging.getLogger("raydock.retention")
 
 RETENTION_INTERVAL_S = 3600.0
+RETRY_S = 60.0  # after a round that failed
 
 
 def cutoffs(settings: Settings, now: datetime) -> tuple[datetime | None, datetime | None]:
@@ -50,6 +51,8 @@ async def keep_pruning() -> None:
     while True:
         try:
             await prune_once()
-        except Exception as exc:  # the registry restarting: next round
+            wait = RETENTION_INTERVAL_S
+        except Exception as exc:  # the registry restarting: try again soon
             log.warning("pruning old usage and deliveries failed: %r", exc)
-        await asyncio.sleep(RETENTION_INTERVAL_S)
+            wait = RETRY_S
+        await asyncio.sleep(wait)
