@@ -303,21 +303,19 @@ class Notifier:
         return resumed
 
     async def _secret_for(self, channel: str, target: str, event: dict[str, Any]) -> str | None:
-        """What signs a resumed delivery to `target` ("" for email and unsigned webhooks);
-        None when the settings or the user's webhook no longer send there."""
-        if channel == "email":
-            return "" if self.settings.smtp_host else None
-        if target == self.settings.webhook_url:
-            return self.settings.webhook_secret
+        """What signs a resumed delivery to `target` ("" for email and unsigned webhooks):
+        where the event would go now (`_targets`); None when that is no longer there."""
         try:
             found = await self.registry.notification_targets.remote(
                 event.get("userId"), event.get("data", {}).get("keyId")
             )
-        except Exception as exc:
-            log.warning("cannot look up the webhook of a resumed delivery: %r", exc)
-            return None
-        hook = found.get("webhook")
-        return hook["secret"] if hook and hook["url"] == target else None
+        except Exception as exc:  # as _dispatch: the platform's own targets still count
+            log.warning("cannot look up the recipients of a resumed delivery: %r", exc)
+            found = {}
+        for c, t, secret in self._targets(found):
+            if (c, t) == (channel, target):
+                return secret
+        return None
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
