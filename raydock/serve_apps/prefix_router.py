@@ -33,7 +33,6 @@ from ray import serve
 from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.request_router import (
-    FIFOMixin,
     LocalityMixin,
     MultiplexMixin,
     PendingRequest,
@@ -159,9 +158,13 @@ def pick(
     return by_load
 
 
-class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     """Serve request router (`request_router_config`) implementing the rule above. Adapter
-    requests (multiplexed) and requests without a prefix keep Serve's power of two choices."""
+    requests (multiplexed) and requests without a prefix keep Serve's power of two choices.
+
+    No `FIFOMixin`: its pick is for one request's prefix, so it must go to that request. With
+    the mixin, a pick that came first went to the oldest waiting request (of whatever prefix)
+    and its own request went on to the next, fallback, rank."""
 
     def initialize_state(self, imbalance_threshold: int = 4) -> None:
         self.imbalance_threshold = imbalance_threshold

@@ -4,14 +4,19 @@ tests/e2e/test_prefix_routing.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import pytest
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve._private.request_router.common import PendingRequest
+from ray.serve.request_router import ReplicaID
 
 from raydock.platform import schemas
 from raydock.serve_apps.engine_app import prefix_routing
 from raydock.serve_apps.prefix_router import (
     BLOCK_CHARS,
+    PrefixAffinityRouter,
     PrefixTable,
     known_queue_lens,
     pick,
@@ -109,3 +114,60 @@ def test_the_routing_settings_are_validated():
             schemas.RoutingParameters(**bad)
     with pytest.raises(ValueError, match="prefixCacheAffinity"):
         schemas.RoutingParameters(prefixCacheAffinity="yes")
+
+
+ENGINE = DeploymentID("engine", "app")
+HANDLE = DeploymentHandleSource.REPLICA  # the gateway's handle lives in a replica
+
+
+class Replica:
+    """A running replica as Serve's routing loop sees it (the edge: no actor behind it); its
+    queue-length probes answer after `probe_delays` seconds, one per probe, then at once."""
+
+    def __init__(self, name: str, probe_delays: list[float]):
+        self.replica_id = ReplicaID(name, ENGINE)
+        self.probe_delays = probe_delays
+        self.max_ongoing_requests = 41
+        self.node_id, self.availability_zone = "", None
+        self.multiplexed_model_ids: set[str] = set()
+        self.is_cross_language = False
+        self.routing_stats: dict = {}
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        await asyncio.sleep(self.probe_delays.pop(0) if self.probe_delays else 0)
+        return 0
+
+
+def chat(system: str) -> dict:
+    return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]}
+
+
+def request(system: str, n: int) -> PendingRequest:
+    return PendingRequest(
+        args=[chat(system)], kwargs={}, metadata=RequestMetadata(f"r{n}", f"i{n}")
+    )
+
+
+def test_each_request_gets_the_replica_chosen_for_its_own_prefix():
+    """Routing tasks finish out of order when an older request's probes answer later: each
+    request must still go to its own prefix's owner (Serve's FIFO mixin handed the younger
+    request's pick to the older one and sent the younger one to its fallback replica)."""
+
+    async def route() -> tuple[str, str]:
+        # after the probe of a new replica, the first request's probes are slow: the second
+        # request is chosen first
+        a, b = Replica("a", [0, 0.05]), Replica("b", [0, 0.05])
+        router = PrefixAffinityRouter(deployment_id=ENGINE, handle_source=HANDLE)
+        router.initialize_state()
+        router.update_replicas([a, b])
+        await asyncio.sleep(0.01)  # its probe of new replicas
+        first, second = LONG, "Y" + LONG
+        router.table.assign(prefix_keys(routing_text([chat(first)])), a.replica_id)
+        router.table.assign(prefix_keys(routing_text([chat(second)])), b.replica_id)
+        picked = await asyncio.gather(
+            router._choose_replica_for_request(request(first, 1)),
+            router._choose_replica_for_request(request(second, 2)),
+        )
+        return tuple(r.replica_id.unique_id for r in picked)
+
+    assert asyncio.run(route()) == ("a", "b")
