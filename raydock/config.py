@@ -53,6 +53,7 @@ class Settings:
     # ---- retention (platform/retention.py): 0 keeps for ever
     usage_retention_days: int = 400  # usage minutes older than this are deleted
     delivery_retention_days: int = 90  # delivered or failed notifications older than this
+    job_retention_days: int = 90  # finished dock-status jobs (a model's import jobs: see README)
 
     @property
     def home_path(self) -> Path:
@@ -141,6 +142,7 @@ def load_settings(**overrides: Any) -> Settings:
 RANGES: dict[str, tuple[int, int]] = {
     "usage_retention_days": (0, 36_500),
     "delivery_retention_days": (0, 36_500),
+    "job_retention_days": (0, 36_500),
 }
 
 

@@ -887,23 +887,29 @@ class Registry:
             q = select(db.Usage.key_id, total).where(db.Usage.minute >= start)
             return {key: int(n or 0) for key, n in s.execute(q.group_by(db.Usage.key_id))}
 
-    def prune_history(
-        self, usage_before: datetime | None, deliveries_before: datetime | None
-    ) -> dict[str, int]:
-        """Retention: delete usage minutes before `usage_before` and the delivered or failed
-        notifications created before `deliveries_before` (naive UTC; None keeps them). Pending
-        deliveries stay: the notifier may still be retrying them. Returns how many of each."""
-        gone = {"usage": 0, "deliveries": 0}
+    def prune_history(self, before: dict[str, datetime | None]) -> dict[str, int]:
+        """Retention: delete what was recorded before `before[kind]` (naive UTC; None or
+        absent keeps it) of each kind: `usage` minutes, `deliveries` delivered or failed
+        (pending ones stay: the notifier may still be retrying them), `jobs` that ended
+        (the import jobs of a model that still exists stay: a retry and a failed import's
+        notice read its latest one). Returns how many of each went."""
+        Job, Delivery = db.DockStatus, db.NotificationDelivery
+        queries = {
+            "usage": lambda t: delete(db.Usage).where(db.Usage.minute < t),
+            "deliveries": lambda t: delete(Delivery).where(
+                Delivery.status != "pending", Delivery.created_at < t
+            ),
+            "jobs": lambda t: delete(Job).where(
+                Job.status != JobStatus.IN_PROGRESS,
+                Job.created_at < t,
+                ~((Job.action == JobAction.IMPORT) & Job.model_id.in_(select(db.Model.id))),
+            ),
+        }
+        gone = dict.fromkeys(queries, 0)
         with self._tx() as s:
-            if usage_before is not None:
-                q = delete(db.Usage).where(db.Usage.minute < usage_before)
-                gone["usage"] = s.execute(q).rowcount
-            if deliveries_before is not None:
-                q = delete(db.NotificationDelivery).where(
-                    db.NotificationDelivery.status != "pending",
-                    db.NotificationDelivery.created_at < deliveries_before,
-                )
-                gone["deliveries"] = s.execute(q).rowcount
+            for kind, query in queries.items():
+                if before.get(kind) is not None:
+                    gone[kind] = s.execute(query(before[kind])).rowcount
         return gone
 
     # ---------------------------------------------------------------- chunked uploads

@@ -1,5 +1,6 @@
-"""Retention: usage minutes and finished notification deliveries older than the settings
-allow (`usage_retention_days`, `delivery_retention_days`; 0 keeps them) are deleted hourly.
+"""Retention: usage minutes, finished notification deliveries and finished dock-status jobs
+older than the settings allow (`usage_retention_days`, `delivery_retention_days`,
+`job_retention_days`; 0 keeps them) are deleted hourly.
 
 The API replica runs `keep_pruning`; deleting is idempotent, so two replicas doing it is
 harmless, and a round that fails (the registry restarting) is simply the next one's work.
@@ -21,28 +22,29 @@ RETENTION_INTERVAL_S = 3600.0
 RETRY_S = 60.0  # after a round that failed
 
 
-def cutoffs(settings: Settings, now: datetime) -> tuple[datetime | None, datetime | None]:
-    """What is older than these goes: (usage minutes, finished deliveries); None keeps all."""
+def cutoffs(settings: Settings, now: datetime) -> dict[str, datetime | None]:
+    """What is older than these goes, per kind of record (None keeps them all)."""
 
     def before(days: int) -> datetime | None:
         return now - timedelta(days=days) if days else None
 
-    return before(settings.usage_retention_days), before(settings.delivery_retention_days)
+    return {
+        "usage": before(settings.usage_retention_days),
+        "deliveries": before(settings.delivery_retention_days),
+        "jobs": before(settings.job_retention_days),
+    }
 
 
 async def prune_once() -> dict[str, int]:
     """One round: deletes what the settings no longer keep; how many of each went."""
-    usage_before, deliveries_before = cutoffs(ctx.settings, db.utcnow())
-    if usage_before is None and deliveries_before is None:
-        return {"usage": 0, "deliveries": 0}
-    gone = await ctx.registry.prune_history.remote(usage_before, deliveries_before)
+    before = cutoffs(ctx.settings, db.utcnow())
+    if not any(before.values()):
+        return dict.fromkeys(before, 0)
+    gone = await ctx.registry.prune_history.remote(before)
     if any(gone.values()):
         log.info(
-            "retention: deleted %d usage minutes before %s and %d deliveries before %s",
-            gone["usage"],
-            usage_before,
-            gone["deliveries"],
-            deliveries_before,
+            "retention: deleted %s",
+            ", ".join(f"{n} {kind} before {before[kind]}" for kind, n in gone.items() if n),
         )
     return gone
 

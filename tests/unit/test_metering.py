@@ -272,8 +272,10 @@ def test_usage_times_at_the_ends_of_the_calendar_do_not_overflow():
     assert as_utc(parse("2026-12-01")) == datetime(2026, 12, 1)
 
 
-def test_retention_deletes_old_usage_and_finished_deliveries_only(reg):
+def test_retention_deletes_old_usage_finished_deliveries_and_jobs_only(reg):
     from datetime import timedelta
+
+    from raydock.platform.registry import NotFound
 
     reg, dep_id, key = _registry_with_key(reg)
     day = 86_400
@@ -286,14 +288,36 @@ def test_retention_deletes_old_usage_and_finished_deliveries_only(reg):
     pending = reg.record_delivery(event, "webhook", "https://h.test/y")
     reg.update_delivery(done["deliveryId"], "delivered", 1, None)
     reg.update_delivery(failed["deliveryId"], "failed", 5, "HTTP 500")
+    model_id = reg.get_deployment(dep_id)["modelId"]
+    gone_model = reg.create_model("gone", "file", "u")["modelId"]
+    jobs = {
+        name: reg.create_job(action, model, "u", dep)["dockStatusId"]
+        for name, action, model, dep in [
+            ("deployed", "DEPLOY", model_id, dep_id),
+            ("imported", "IMPORT", model_id, None),  # its model exists: kept
+            ("gone model's import", "IMPORT", gone_model, None),
+            ("running", "UNDEPLOY", model_id, dep_id),  # not ended: kept
+        ]
+    }
+    reg.delete_model(gone_model)  # which fails its import job
+    for name in ("deployed", "imported"):
+        reg.update_job(jobs[name], status="SUCCESS", percentage=100)
 
+    nothing = {"usage": None, "deliveries": None, "jobs": None}
+    assert reg.prune_history(nothing) == {"usage": 0, "deliveries": 0, "jobs": 0}
     cutoff = datetime.fromtimestamp(old + day, UTC).replace(tzinfo=None)
     soon = datetime.now(UTC).replace(tzinfo=None) + timedelta(seconds=5)
-    assert reg.prune_history(None, None) == {"usage": 0, "deliveries": 0}
-    assert reg.prune_history(cutoff, soon) == {"usage": 1, "deliveries": 2}
+    before = {"usage": cutoff, "deliveries": soon, "jobs": soon}
+    assert reg.prune_history(before) == {"usage": 1, "deliveries": 2, "jobs": 2}
     assert [r["requests"] for r in reg.usage_rows(deployment_id=dep_id)] == [2]
     assert [d["deliveryId"] for d in reg.list_deliveries()] == [pending["deliveryId"]]
-    assert reg.prune_history(cutoff, soon) == {"usage": 0, "deliveries": 0}  # idempotent
+    for name, job_id in jobs.items():
+        if name in ("imported", "running"):
+            assert reg.get_job(job_id)["status"] in ("SUCCESS", "IN_PROGRESS")
+        else:
+            with pytest.raises(NotFound):
+                reg.get_job(job_id)
+    assert reg.prune_history(before) == {"usage": 0, "deliveries": 0, "jobs": 0}  # idempotent
 
 
 def test_retention_cutoffs_follow_the_settings():
@@ -304,6 +328,7 @@ def test_retention_cutoffs_follow_the_settings():
 
     now = datetime(2026, 12, 2, 12)
     settings = load_settings(usage_retention_days=30, delivery_retention_days=0)
-    assert cutoffs(settings, now) == (now - timedelta(days=30), None)
+    month, quarter = now - timedelta(days=30), now - timedelta(days=90)
+    assert cutoffs(settings, now) == {"usage": month, "deliveries": None, "jobs": quarter}
     with pytest.raises(SettingsError, match="usage_retention_days is -1; it must be between 0"):
         load_settings(usage_retention_days=-1)
