@@ -3,8 +3,9 @@ cancel). Both land in the data dir's `uploads/` folder until the import takes th
 
 A session's chunks stay on disk until it completes, is cancelled (DELETE), or lies idle for
 `upload_session_ttl_s` (default a day): the API replica sweeps such sessions, and folders
-no session names, every UPLOAD_SWEEP_INTERVAL_S. An upload the disk cannot hold is refused
-before it starts (and a chunk the disk could not take, when it comes): 413, nothing kept.
+no session names, every UPLOAD_SWEEP_INTERVAL_S. An upload the disk cannot hold beside what
+the open sessions still need is refused before it starts (and a chunk the disk could not
+take, when it comes): 413, nothing kept.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -48,10 +50,13 @@ def zip_name(file_name: str) -> str:
     return name[:-4]
 
 
-def storage_refusal(total_size: int, max_archive_bytes: int, free_bytes: int) -> ApiError | None:
+def storage_refusal(
+    total_size: int, max_archive_bytes: int, free_bytes: int, promised_bytes: int = 0
+) -> ApiError | None:
     """Why an upload of `total_size` bytes cannot succeed here, before a byte is sent: over
     the archive limit, or more than the disk can hold while it is assembled (the chunks and
-    the zip made of them: twice its size)."""
+    the zip made of them: twice its size) besides what the open uploads still need
+    (`promised_bytes`)."""
     limit = max_archive_bytes + ZIP_OVERHEAD_BYTES
     if total_size > limit:
         return ApiError(
@@ -61,15 +66,31 @@ def storage_refusal(total_size: int, max_archive_bytes: int, free_bytes: int) ->
             "totalSize",
             "archive_too_large",
         )
-    if 2 * total_size > free_bytes:
+    if 2 * total_size > free_bytes - promised_bytes:
+        promised = f", {promised_bytes} of them promised to open uploads" if promised_bytes else ""
         return ApiError(
             413,
             f"totalSize {total_size} bytes needs {2 * total_size} bytes free on the server "
-            f"(the chunks and the zip assembled from them); {free_bytes} are free",
+            f"(the chunks and the zip assembled from them); {free_bytes} are free{promised}",
             "totalSize",
             "insufficient_storage",
         )
     return None
+
+
+def promised_bytes(sessions: Iterable[dict[str, Any]], root: Path) -> int:
+    """Disk space the open upload sessions still need: twice each one's size (its chunks, then
+    the zip assembled from them) less the chunks it has already written to its folder."""
+    promised = 0
+    for s in sessions:
+        written = 0
+        # a session or chunk gone meanwhile (completed, cancelled) has nothing left to write
+        with contextlib.suppress(FileNotFoundError), os.scandir(root / s["sessionId"]) as folder:
+            for entry in folder:
+                with contextlib.suppress(FileNotFoundError):
+                    written += entry.stat().st_size
+        promised += max(0, 2 * s["totalSize"] - written)
+    return promised
 
 
 @contextlib.contextmanager
@@ -172,8 +193,12 @@ async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str
     """Open a chunked upload: send chunks 1..totalChunks, then complete (or DELETE it)."""
     root = ctx.settings.uploads_path
     root.mkdir(parents=True, exist_ok=True)
+    open_sessions = await ctx.registry.list_upload_sessions.remote()
     refusal = storage_refusal(
-        body.totalSize, ctx.settings.max_archive_bytes, shutil.disk_usage(root).free
+        body.totalSize,
+        ctx.settings.max_archive_bytes,
+        shutil.disk_usage(root).free,
+        await asyncio.to_thread(promised_bytes, open_sessions, root),
     )
     if refusal:
         raise refusal

@@ -956,12 +956,18 @@ class Registry:
             return self._upload_view(u)
 
     def list_upload_sessions(self) -> list[dict[str, Any]]:
-        """Every open session's id and start (epoch seconds), for the idle sweep."""
+        """Every open session's id, start (epoch seconds) and size: for the idle sweep, and
+        the disk space a new session must leave to the open ones."""
         with self._tx() as s:
-            rows = s.execute(select(db.UploadSession.id, db.UploadSession.created_at))
+            u = db.UploadSession
+            rows = s.execute(select(u.id, u.created_at, u.total_size))
             return [
-                {"sessionId": sid, "startedAt": started.replace(tzinfo=UTC).timestamp()}
-                for sid, started in rows
+                {
+                    "sessionId": sid,
+                    "startedAt": started.replace(tzinfo=UTC).timestamp(),
+                    "totalSize": size,
+                }
+                for sid, started, size in rows
             ]
 
     def delete_upload_session(self, session_id: str) -> None:

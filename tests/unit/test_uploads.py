@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import os
 
-from raydock.platform.api_uploads import ZIP_OVERHEAD_BYTES, idle_uploads, storage_refusal
+from raydock.platform.api_uploads import (
+    ZIP_OVERHEAD_BYTES,
+    idle_uploads,
+    promised_bytes,
+    storage_refusal,
+)
 
 GIB = 2**30
 
@@ -51,3 +56,22 @@ def test_sessions_and_stray_folders_idle_past_the_ttl_are_swept(tmp_path):
         "up-no-folder",
         "up-stale",
     ]
+
+
+def test_a_new_upload_leaves_the_open_ones_the_space_they_still_need(tmp_path):
+    (tmp_path / "up-half").mkdir()
+    (tmp_path / "up-half" / "1").write_bytes(b"x" * 300)  # one of its chunks is written
+    sessions = [
+        {"sessionId": "up-half", "totalSize": 600},  # 1200 in all, 300 written
+        {"sessionId": "up-new", "totalSize": 100},  # no folder yet
+        {"sessionId": "up-gone", "totalSize": 50},  # but see below
+    ]
+    assert promised_bytes(sessions[:2], tmp_path) == 900 + 200
+    (tmp_path / "up-gone").mkdir()
+    (tmp_path / "up-gone" / "zip").write_bytes(b"x" * 150)  # assembled: needs nothing more
+    assert promised_bytes(sessions, tmp_path) == 900 + 200
+    # so with 3000 bytes free an upload of 1000 fits alone but not beside them
+    assert storage_refusal(1000, max_archive_bytes=GIB, free_bytes=3000) is None
+    refused = storage_refusal(1000, max_archive_bytes=GIB, free_bytes=3000, promised_bytes=1100)
+    assert refused.code == "insufficient_storage"
+    assert "3000 are free, 1100 of them promised to open uploads" in refused.message
