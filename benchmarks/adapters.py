@@ -4,6 +4,7 @@ Throughput at concurrency 16 (the `small` model, 64 output tokens per request, g
 `ignore_eos`) with requests spread over 1, 4 or 16 distinct adapters, against the plain base
 (no adapter loaded at all), in alternating rounds within one run; plus the time to load one
 adapter into a warm engine (PEFT, from the node-local directory the replica fetched).
+Writes benchmarks/out/adapters.{json,md}.
 
     python -m benchmarks.adapters --rounds 3
 """
@@ -12,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
-from pathlib import Path
 
+from benchmarks.serving import machine, save
 from raydock.modelgen import cached_model_dir
 from raydock.modelgen.adapters import cached_adapter_dir
 from raydock.serve_apps.engines.transformers_engine import TransformersEngine
@@ -26,7 +26,6 @@ PROMPT = (
     "Tell me a long story about a lighthouse keeper who collects stones from the shore, "
     "the storms of the northern sea, the ships that pass at night and the bread she bakes"
 )
-OUT = Path(__file__).parent / "out"
 
 
 async def _throughput(
@@ -47,6 +46,29 @@ async def _throughput(
     start = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(requests)))
     return produced / (time.perf_counter() - start)
+
+
+def markdown(report: dict) -> str:
+    """The report's figures as a short markdown table."""
+    args = report["args"]
+    lines = [
+        f"Machine: {machine()}",
+        "",
+        f"Model: generated `small`, {args['requests']} requests at concurrency 16, "
+        f"{args['tokens']} output tokens (ignore_eos), {args['threads']} torch threads, "
+        f"median of {args['rounds']} rounds",
+        "",
+        "| adapters | tok/s (median) | vs base |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {tok_s:.1f} | {report['ratio_to_base'][name]:.3f} |"
+            for name, tok_s in report["tok_s_median"].items()
+        ),
+        "",
+        f"adapter load: first {report['first_load_s']:.2f} s, warm median "
+        f"{report['warm_load_s_median']:.3f} s, max {report['warm_load_s_max']:.3f} s",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -98,9 +120,7 @@ def main() -> None:
         "warm_load_s_median": statistics.median(warm),
         "warm_load_s_max": max(warm),
     }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "adapters.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    save("adapters", report, markdown(report))
 
 
 if __name__ == "__main__":

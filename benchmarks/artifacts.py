@@ -14,7 +14,6 @@ times in a row on each: the revocation latency. Writes benchmarks/out/artifacts.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-OUT = Path(__file__).parent / "out"
+from benchmarks.serving import save
 
 
 def deploy_seconds(client, model_id: str, name: str, **scaling) -> tuple[float, str]:
@@ -139,8 +138,6 @@ def main() -> None:
         },
         "revocations_not_seen": {n: v.count(None) for n, v in latencies.items()},
     }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "artifacts.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"model {args.size}: {size_mb:.0f} MiB; deploy → DEPLOYED, {args.rounds} rounds",
         f"cold (from S3): median {result['cold_median_s']:.2f} s  {cold}",
@@ -148,8 +145,7 @@ def main() -> None:
     ]
     for name, v in result["revocation_ms"].items():
         lines.append(f"revocation, {name}: median {v['median']:.1f} ms, max {v['max']:.1f} ms")
-    (OUT / "artifacts.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save("artifacts", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

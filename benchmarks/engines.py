@@ -24,7 +24,6 @@ import asyncio
 import functools
 import gc
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.loadgen import prompt_text, requests_for, run_engine
-from benchmarks.serving import OUT, machine
+from benchmarks.serving import OUT, machine, save
 
 
 def measure(makers: dict, levels: list[int], args, messages) -> list[dict]:
@@ -211,16 +210,8 @@ def main() -> None:
         f"{conversion['seconds']:.1f}s, {conversion['size_bytes'] / 2**20:.1f} MiB\n\n"
         + render(rows, base)
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engines.json").write_text(
-        json.dumps(
-            {"machine": machine(), "args": vars(args), "conversion": conversion, "rows": rows},
-            indent=2,
-            default=str,
-        )
-    )
-    (args.out / "engines.md").write_text(md)
-    print(md)
+    record = {"machine": machine(), "args": vars(args), "conversion": conversion, "rows": rows}
+    save("engines", record, md, out=args.out)
 
 
 if __name__ == "__main__":

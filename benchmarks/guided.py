@@ -13,12 +13,11 @@ Writes benchmarks/out/guided.{json,md}.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import statistics
 import time
 
-from benchmarks.serving import OUT, machine
+from benchmarks.serving import machine, save
 
 FIVE_FIELDS = {
     "type": "object",
@@ -150,12 +149,6 @@ def main() -> None:
                 "ratio": guided / plain,
             }
         )
-    OUT.mkdir(exist_ok=True)
-    (OUT / "guided.json").write_text(
-        json.dumps(
-            {"machine": machine(), "compile": compile_rows, "per_token": token_rows}, indent=2
-        )
-    )
     md = [
         f"Machine: {machine()}",
         "",
@@ -177,9 +170,8 @@ def main() -> None:
         f"| {r['ratio']:.3f} |"
         for r in token_rows
     ]
-    text = "\n".join(md) + "\n"
-    (OUT / "guided.md").write_text(text)
-    print(text)
+    record = {"machine": machine(), "compile": compile_rows, "per_token": token_rows}
+    save("guided", record, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

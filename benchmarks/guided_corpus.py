@@ -13,7 +13,7 @@ import statistics
 import time
 
 from benchmarks.guided import FIVE_FIELDS, big_tokenizer
-from benchmarks.serving import OUT, machine
+from benchmarks.serving import machine, save
 from tests.guided_checks import HOSTILE_REGEX, HOSTILE_SCHEMAS, SCHEMAS, rss_mb
 
 OLD_TIMEOUT_S = 30.0  # the old path's per-request compile budget (COMPILE_TIMEOUT_S)
@@ -161,8 +161,6 @@ def main() -> None:
         },
         "new_refused": new_refused,
     }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "guided_corpus.json").write_text(json.dumps(result, indent=2))
     n = len(docs)
     md = [
         f"Machine: {machine()}; vocabulary {len(tok)}; {n} schemas (tests/schemas, incl. refused)",
@@ -185,9 +183,7 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| `{h[0]}` | {h[1]} | {h[2]:.1f} | {h[3]:.0f} |" for h in hostile],
     ]
-    text = "\n".join(md) + "\n"
-    (OUT / "guided_corpus.md").write_text(text)
-    print(text)
+    save("guided_corpus", result, "\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

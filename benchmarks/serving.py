@@ -35,11 +35,14 @@ from benchmarks.loadgen import prompt_text, requests_for, run_engine, run_http, 
 OUT = Path(__file__).parent / "out"
 
 
-def save(name: str, record: dict[str, Any], md: str) -> None:
-    """A benchmark's raw record as out/<name>.json and its report as out/<name>.md, printed."""
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
-    (OUT / f"{name}.md").write_text(md)
+def save(name: str, record: dict[str, Any], md: str, out: Path = OUT) -> None:
+    """A benchmark's raw record as <out>/<name>.json and its report as <out>/<name>.md, printed.
+
+    `out` is benchmarks/out unless the benchmark lets its caller choose another folder.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / f"{name}.md").write_text(md)
     print(md, flush=True)
 
 
@@ -244,13 +247,6 @@ def main() -> None:
     rows = [row for rnd in rounds for part in ("engine", "beside", "served") for row in rnd[part]]
     if args.rounds > 1:
         rows = [row | {"target": f"{row['target']}, round {row['round']}"} for row in rows]
-    OUT.mkdir(exist_ok=True)
-    (OUT / "serving.json").write_text(
-        json.dumps(
-            {"machine": machine(), "args": vars(args), "rounds": rounds, "verdicts": notes},
-            indent=2,
-        )
-    )
     md = (
         f"Machine: {machine()}\n\nModel: generated `{args.size}`, prompt {args.prompt_words} "
         f"words, {args.max_tokens} output tokens (ignore_eos), maxBatchSize {args.batch}, "
@@ -260,8 +256,8 @@ def main() -> None:
         + "\n".join(f"- {n}" for n in notes)
         + "\n"
     )
-    (OUT / "serving.md").write_text(md)
-    print(md)
+    record = {"machine": machine(), "args": vars(args), "rounds": rounds, "verdicts": notes}
+    save("serving", record, md)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import threading
 import time
@@ -25,7 +24,8 @@ from typing import Any
 
 import aiohttp
 
-OUT = Path(__file__).parent / "out"
+from benchmarks.serving import save
+
 ASK = [{"role": "user", "content": "Tell me about the sea."}]
 
 
@@ -191,8 +191,6 @@ def main() -> None:
     peaks = dict(sorted(memory.peaks.items(), key=lambda kv: -kv[1])[:25])
     server_errors = len(result["failures"])
     report = {"args": vars(args), **result, "serverErrors": server_errors, "peakRssMiB": peaks}
-    OUT.mkdir(exist_ok=True)
-    (OUT / "soak.json").write_text(json.dumps(report, indent=2))
     lines = [
         f"# Soak: {args.concurrency} streams for {args.duration} s + hostile requests",
         "",
@@ -204,8 +202,7 @@ def main() -> None:
         "| ---: | --- |",
         *(f"| {mib:.0f} | `{name}` |" for name, mib in peaks.items()),
     ]
-    (OUT / "soak.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save("soak", report, "\n".join(lines) + "\n")
     print("VERDICT:", "PASS" if server_errors == 0 else f"FAIL ({server_errors} server errors)")
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 
 from benchmarks.loadgen import prompt_text, requests_for, run_http
-from benchmarks.serving import OUT, deploy_body, machine, sampling_defaults
+from benchmarks.serving import OUT, deploy_body, machine, sampling_defaults, save
 
 VLLM_SIDE = "vllm serve"
 RAYDOCK_SIDE = "raydock (vllm)"
@@ -393,21 +393,6 @@ def main() -> None:
         return " / ".join(f"{rnd[side]['start_s']:.0f}" for rnd in rounds)
 
     versions = ", ".join(f"{d} {_version(d)}" for d in ("vllm", "ray", "torch"))
-    OUT.mkdir(exist_ok=True)
-    (OUT / "vllm_serving.json").write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "versions": versions,
-                "args": vars(args),
-                "engine": eng,
-                "rounds": rounds,
-                "verdicts": notes,
-            },
-            indent=2,
-            default=str,
-        )
-    )
     md = (
         f"Machine: {machine()}; {versions}\n\n"
         f"Model: generated `{args.size}`, prompt {args.prompt_words} words "
@@ -421,8 +406,15 @@ def main() -> None:
         f"{starts('vllm_serve')} s, raydock deploy {starts('raydock')} s)"
         "\n\n" + render(rounds) + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
     )
-    (OUT / "vllm_serving.md").write_text(md)
-    print(md)
+    record = {
+        "machine": machine(),
+        "versions": versions,
+        "args": vars(args),
+        "engine": eng,
+        "rounds": rounds,
+        "verdicts": notes,
+    }
+    save("vllm_serving", record, md)
 
 
 if __name__ == "__main__":
