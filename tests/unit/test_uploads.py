@@ -64,11 +64,11 @@ def test_a_new_upload_leaves_the_open_ones_the_space_they_still_need(tmp_path):
     sessions = [
         {"sessionId": "up-half", "totalSize": 600},  # 1200 in all, 300 written
         {"sessionId": "up-new", "totalSize": 100},  # no folder yet
-        {"sessionId": "up-gone", "totalSize": 50},  # but see below
+        {"sessionId": "up-full", "totalSize": 50},  # below: more written than it needs
     ]
     assert promised_bytes(sessions[:2], tmp_path) == 900 + 200
-    (tmp_path / "up-gone").mkdir()
-    (tmp_path / "up-gone" / "zip").write_bytes(b"x" * 150)  # assembled: needs nothing more
+    (tmp_path / "up-full").mkdir()
+    (tmp_path / "up-full" / "1").write_bytes(b"x" * 150)  # needs nothing more, never less
     assert promised_bytes(sessions, tmp_path) == 900 + 200
     # so with 3000 bytes free an upload of 1000 fits alone but not beside them
     assert storage_refusal(1000, max_archive_bytes=GIB, free_bytes=3000) is None
