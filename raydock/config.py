@@ -138,9 +138,21 @@ def load_settings(**overrides: Any) -> Settings:
     return settings
 
 
-#: settings with an allowed range (both ends included), checked when settings are loaded
-RANGES: dict[str, tuple[int, int]] = {
-    "usage_retention_days": (0, 36_500),
+#: every numeric setting's allowed range (both ends included), checked when settings are loaded
+RANGES: dict[str, tuple[float, float]] = {
+    "cache_max_gb": (0, 1_000_000),  # 0: no limit
+    "port": (1, 65_535),
+    "ray_num_cpus": (1, 100_000),
+    "max_archive_bytes": (2**20, 2**50),
+    "max_archive_entries": (1, 10_000_000),
+    "max_compression_ratio": (1, 1_000_000),
+    "upload_chunk_max_bytes": (2**10, 2**32),
+    "upload_session_ttl_s": (60, 365 * 86_400),
+    "stream_interval_ms": (0, 1_000),  # 0: every token its own message
+    "max_request_bytes": (2**10, 2**30),
+    "smtp_port": (1, 65_535),
+    "notify_max_attempts": (1, 100),
+    "usage_retention_days": (0, 36_500),  # 0 keeps for ever, as for the two below
     "delivery_retention_days": (0, 36_500),
     "job_retention_days": (0, 36_500),
 }

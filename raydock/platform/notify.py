@@ -257,7 +257,7 @@ class Notifier:
 
     def __init__(self, settings: dict[str, Any], registry: Any = None):
         self.settings = Settings(**settings)
-        self.delays = backoff_delays(max(1, self.settings.notify_max_attempts))
+        self.delays = backoff_delays(self.settings.notify_max_attempts)
         self._tasks: set[asyncio.Task] = set()
         self._registry = registry  # unit tests hand one in; the platform's is looked up
         self._started = datetime.now(UTC).replace(tzinfo=None)

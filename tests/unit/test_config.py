@@ -3,6 +3,8 @@ explicit overrides."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from raydock import config
@@ -39,3 +41,24 @@ def test_a_setting_the_platform_cannot_start_with_is_named(monkeypatch):
     monkeypatch.setenv("RAYDOCK_DELIVERY_RETENTION_DAYS", "40000")
     with pytest.raises(SettingsError, match="delivery_retention_days is 40000; .* 0 and 36500"):
         load_settings()
+    monkeypatch.delenv("RAYDOCK_DELIVERY_RETENTION_DAYS")
+    # a negative time, a port that cannot be, a chunk too small to carry a model: refused
+    for name, value, allowed in (
+        ("UPLOAD_SESSION_TTL_S", "-5", "60 and 31536000"),
+        ("PORT", "70000", "1 and 65535"),
+        ("UPLOAD_CHUNK_MAX_BYTES", "0", "1024 and 4294967296"),
+        ("CACHE_MAX_GB", "-1.5", "0 and 1000000"),
+    ):
+        monkeypatch.setenv(f"RAYDOCK_{name}", value)
+        with pytest.raises(SettingsError, match=f"{name.lower()} is {value}; .* {allowed}$"):
+            load_settings()
+        monkeypatch.delenv(f"RAYDOCK_{name}")
+
+
+def test_every_numeric_setting_has_a_range():
+    """A numeric setting added without a range would take any value, negative included."""
+    from raydock.config import RANGES, Settings
+
+    numeric = {f.name for f in fields(Settings) if type(f.default) in (int, float)}
+    assert numeric == set(RANGES)
+    assert all(low <= getattr(Settings(), name) <= high for name, (low, high) in RANGES.items())
