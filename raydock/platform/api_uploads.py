@@ -41,6 +41,9 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 #: a chunk reaches the disk in writes this large, each in a worker thread: a slow disk
 #: never stalls the API event loop that every other management call shares
 WRITE_BYTES = 2**20
+#: one start at a time measures the free disk and claims its share: two starts in the same
+#: instant would each see the other's space as free (the API runs as one replica)
+_STARTING = asyncio.Lock()
 
 
 def zip_name(file_name: str) -> str:
@@ -193,16 +196,17 @@ async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str
     """Open a chunked upload: send chunks 1..totalChunks, then complete (or DELETE it)."""
     root = ctx.settings.uploads_path
     root.mkdir(parents=True, exist_ok=True)
-    open_sessions = await ctx.registry.list_upload_sessions.remote()
-    refusal = storage_refusal(
-        body.totalSize,
-        ctx.settings.max_archive_bytes,
-        shutil.disk_usage(root).free,
-        await asyncio.to_thread(promised_bytes, open_sessions, root),
-    )
-    if refusal:
-        raise refusal
-    session = await ctx.registry.create_upload_session.remote(body.model_dump(), user["userId"])
+    async with _STARTING:
+        open_sessions = await ctx.registry.list_upload_sessions.remote()
+        refusal = storage_refusal(
+            body.totalSize,
+            ctx.settings.max_archive_bytes,
+            shutil.disk_usage(root).free,
+            await asyncio.to_thread(promised_bytes, open_sessions, root),
+        )
+        if refusal:
+            raise refusal
+        session = await ctx.registry.create_upload_session.remote(body.model_dump(), user["userId"])
     _session_dir(session["sessionId"]).mkdir(parents=True, exist_ok=True)
     return {
         **session,

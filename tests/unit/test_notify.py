@@ -19,6 +19,7 @@ from raydock.platform import notify
 from raydock.platform.registry import NotFound, Registry
 from raydock.platform.schemas import WebhookSet
 from tests.notify_sinks import MailSink, WebhookSink, free_port, wait_until
+from tests.unit.registry_handle import RegistryHandle
 
 FIELDS = {
     notify.IMPORT_FAILED: {
@@ -294,29 +295,8 @@ def test_deliveries_are_recorded_and_listed_newest_first(reg):
 # ------------------------------------------------------------------ the notifier
 
 
-class _Remote:
-    """A registry method as an actor handle has it: `.remote(...)` gives an awaitable."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def remote(self, *args):
-        async def call():
-            return self.fn(*args)
-
-        return call()
-
-
-class _Handle:
-    def __init__(self, reg: Registry):
-        self.reg = reg
-
-    def __getattr__(self, name):
-        return _Remote(getattr(self.reg, name))
-
-
 def _notifier(reg: Registry, **settings) -> notify.Notifier:
-    n = notify.Notifier(load_settings(**settings).to_dict(), registry=_Handle(reg))
+    n = notify.Notifier(load_settings(**settings).to_dict(), registry=RegistryHandle(reg))
     n.delays = [0.05 * d for d in n.delays]  # the schedule, 20 times faster
     return n
 

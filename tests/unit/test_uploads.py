@@ -4,14 +4,23 @@ test_restart.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 
+import httpx
+
+from raydock.config import load_settings
+from raydock.platform import api_deps
+from raydock.platform.api import app
 from raydock.platform.api_uploads import (
     ZIP_OVERHEAD_BYTES,
     idle_uploads,
     promised_bytes,
     storage_refusal,
 )
+from raydock.platform.registry import Registry
+from tests.unit.registry_handle import RegistryHandle
 
 GIB = 2**30
 
@@ -75,3 +84,33 @@ def test_a_new_upload_leaves_the_open_ones_the_space_they_still_need(tmp_path):
     refused = storage_refusal(1000, max_archive_bytes=GIB, free_bytes=3000, promised_bytes=1100)
     assert refused.code == "insufficient_storage"
     assert "3000 are free, 1100 of them promised to open uploads" in refused.message
+
+
+def test_uploads_started_together_cannot_both_claim_the_same_free_space(tmp_path, monkeypatch):
+    """Over HTTP on the API app, with a real registry (no Ray): the disk has room for one
+    upload's chunks and zip, not two; of two starts sent at once, one is refused."""
+    reg = Registry(f"sqlite:///{tmp_path / 'raydock.db'}")
+    admin_key = reg.ensure_admin()
+    monkeypatch.setattr(api_deps.ctx, "settings", load_settings(home=str(tmp_path)), raising=False)
+    monkeypatch.setattr(api_deps.ctx, "registry", RegistryHandle(reg), raising=False)
+    size = 10 * 2**20
+    disk_usage = shutil.disk_usage
+    # a full disk is the world's to arrange: this one has 3 x size free, each start needs 2 x
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: disk_usage(p)._replace(free=3 * size))
+    body = {"fileName": "m.zip", "totalSize": size, "totalChunks": 1}
+
+    async def start_two() -> list[httpx.Response]:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://raydock.test",
+            headers={"X-api-key": admin_key},
+        ) as http:
+            starts = (http.post("/public/files/session/start", json=body) for _ in range(2))
+            return await asyncio.gather(*starts)
+
+    replies = asyncio.run(start_two())
+    assert sorted(r.status_code for r in replies) == [201, 413], [r.text for r in replies]
+    refused = next(r for r in replies if r.status_code == 413).json()["error"]
+    assert refused["code"] == "insufficient_storage"
+    assert f"{3 * size} are free, {2 * size} of them promised to open uploads" in refused["message"]
+    assert len(reg.list_upload_sessions()) == 1

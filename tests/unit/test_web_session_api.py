@@ -10,24 +10,7 @@ from raydock.config import load_settings
 from raydock.platform import api_deps, sessions
 from raydock.platform.api import app
 from raydock.platform.registry import Registry
-
-
-class _Call:
-    def __init__(self, fn):
-        self.fn = fn
-
-    async def remote(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-
-class _Actor:
-    """The registry as the routes call it (`await registry.method.remote(...)`)."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __getattr__(self, name):
-        return _Call(getattr(self.target, name))
+from tests.unit.registry_handle import RegistryHandle
 
 
 @pytest.fixture
@@ -36,7 +19,7 @@ def client(tmp_path, monkeypatch):
     reg = Registry(f"sqlite:///{tmp_path / 'raydock.db'}")
     admin_key = reg.ensure_admin()
     monkeypatch.setattr(api_deps.ctx, "settings", load_settings(home=str(tmp_path)), raising=False)
-    monkeypatch.setattr(api_deps.ctx, "registry", _Actor(reg), raising=False)
+    monkeypatch.setattr(api_deps.ctx, "registry", RegistryHandle(reg), raising=False)
     monkeypatch.setattr(api_deps.ctx, "session_key", None)
     with TestClient(app, base_url="http://raydock.test") as c:
         c.admin_key = admin_key
