@@ -31,9 +31,9 @@ from raydock.config import Settings
 from raydock.errors import ApiError
 from raydock.metering import exposition
 from raydock.platform import names
-from raydock.serve_apps.access import Auth
+from raydock.serve_apps.access import Auth, DeploymentAccess
 from raydock.serve_apps.metering import ReplicaMeter
-from raydock.serve_apps.openai_service import complete
+from raydock.serve_apps.openai_service import complete, unknown_model
 
 app = FastAPI(title="raydock inference", docs_url=None, openapi_url=None)
 
@@ -166,16 +166,33 @@ async def completions_openai(request: Request):
     return await _serve("completion", request, None)
 
 
-@app.get("/v1/models", tags=["inference"])
-async def list_models(request: Request):
+def _models(dep: DeploymentAccess) -> list[dict[str, Any]]:
     """The key's deployment, then the adapters it serves by request (`<deployment>:<name>`)."""
-    dep, _ = await ctx.auth.authorize(request, None)
     base = {"object": "model", "created": dep.created, "owned_by": dep.name}
     adapters = [
         base | {"id": f"{dep.deployment_id}:{a['name']}", "parent": dep.deployment_id}
         for a in dep.adapters.values()
     ]
-    return {"object": "list", "data": [base | {"id": dep.deployment_id}, *adapters]}
+    return [base | {"id": dep.deployment_id}, *adapters]
+
+
+@app.get("/v1/models", tags=["inference"])
+async def list_models(request: Request):
+    """The key's deployment, then the adapters it serves by request (`<deployment>:<name>`)."""
+    dep, _ = await ctx.auth.authorize(request, None)
+    return {"object": "list", "data": _models(dep)}
+
+
+@app.get("/v1/models/{model}", tags=["inference"])
+async def retrieve_model(model: str, request: Request):
+    """One entry of /v1/models, by its id or with the deployment's name in place of its id."""
+    dep, _ = await ctx.auth.authorize(request, None)
+    base, sep, adapter = model.partition(":")
+    wanted = dep.deployment_id + sep + adapter if base == dep.name else model
+    for entry in _models(dep):
+        if entry["id"] == wanted:
+            return entry
+    raise unknown_model(model, dep)
 
 
 # ------------------------------------------------------------------ metrics

@@ -76,6 +76,13 @@ def engine_request(
             out["prompt"] = req.prompt[0]
         else:
             out["prompt"] = req.prompt
+        if req.echo and req.logprobs is not None:
+            raise ApiError(
+                400,
+                "echo with logprobs is not supported: the engines do not score the prompt",
+                "echo",
+                "unsupported_parameter",
+            )
     return out
 
 
@@ -278,14 +285,16 @@ async def _complete(
     call.adapter, call.n = (adapter["id"] if adapter else ""), req.n
     constraint = _constraint(kind, req)
     await meter.admit(dep.deployment_id, call.key, dep.limits.get(call.key))
-    payload = engine_request(kind, req, dep) | {
+    request_for_engine = engine_request(kind, req, dep)
+    payload = request_for_engine | {
         "regex": constraint.regex,
         "grammar": constraint.grammar,
         "constraint_param": constraint.param,
         "adapter": adapter,
     }
     deadline = started + dep.timeout_s
-    fmt = protocol.Formatter(kind, f"{dep.name}:{adapter['name']}" if adapter else dep.name)
+    echo = request_for_engine["prompt"] if kind == "completion" and req.echo else ""
+    fmt = protocol.Formatter(kind, f"{dep.name}:{adapter['name']}" if adapter else dep.name, echo)
     events = meter.watch(_bounded(run(payload), deadline, dep.timeout_s), call)
     if constraint.mode == "tools":
         events = _as_tool_calls(events)
@@ -308,21 +317,32 @@ def requested_adapter(
     (`by_model`) `model: "<deployment id or name>:<adapter>"`; 404 for one the deployment
     does not serve, naming the field."""
     ref, param = req.adapter, "adapter"
+    if by_model and req.model is None:
+        raise ApiError(
+            400,
+            "model is required on /v1: the deployment's id or name, or '<deployment>:<adapter>'",
+            "model",
+            "invalid_parameter",
+        )
     if by_model and req.model not in (dep.deployment_id, dep.name):
-        base, _, named = (req.model or "").rpartition(":")
+        base, _, named = req.model.rpartition(":")
         if base not in (dep.deployment_id, dep.name) or not named:
-            raise ApiError(
-                404,
-                f"model {req.model!r} is not the deployment of this API key "
-                f"({dep.deployment_id}, {dep.name!r}) nor one of its adapters "
-                "('<deployment>:<adapter>')",
-                "model",
-                "model_not_found",
-            )
+            raise unknown_model(req.model, dep)
         if ref is not None and ref != named:
             raise ApiError(400, f"model names adapter {named!r} and adapter {ref!r}", "adapter")
         ref, param = named, "model"
     return None if ref is None else dep.adapter(ref, param)
+
+
+def unknown_model(model: str, dep: DeploymentAccess) -> ApiError:
+    """The 404 for a `model` that names neither the key's deployment nor its adapters."""
+    return ApiError(
+        404,
+        f"model {model!r} is not the deployment of this API key ({dep.deployment_id}, "
+        f"{dep.name!r}) nor one of its adapters ('<deployment>:<adapter>')",
+        "model",
+        "model_not_found",
+    )
 
 
 #: JSON nested deeper than this is refused: real requests (schemas included) stay far below,

@@ -108,17 +108,26 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+class TextPart(BaseModel):
+    """An OpenAI content part. The engines read text only: an image, audio or file part is
+    refused (naming its `type`), never silently dropped."""
+
+    model_config = STRICT | ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str = Field(..., max_length=MAX_TEXT_CHARS)
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT | ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
     tool_calls: list[ToolCall] | None = Field(None, max_length=64)  # an assistant's calls
     tool_call_id: str | None = Field(None, max_length=256)  # the call a tool message answers
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # OpenAI content parts: keep the text parts
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
         return self.content or ""
 
     def for_template(self) -> dict[str, Any]:
@@ -256,6 +265,22 @@ def _bounds(model: type[BaseModel], name: str) -> str:
     return f" (allowed range {lo}–{hi})" if lo is not None and hi is not None else ""
 
 
+#: what pydantic puts in an error's location besides field names and indexes: the member of
+#: a union that was tried (`str`, `list[...]`, `function-after[...]`) or a dict's key marker
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
+def _param(loc: tuple) -> str:
+    """The request parameter an error's location names: `messages.0.content`, not
+    `messages.0.content.str`."""
+    path = [
+        str(p)
+        for p in loc
+        if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or "-" in p))
+    ]
+    return ".".join(path) or "body"
+
+
 def parse(model: type[_Request], body: Any) -> _Request:
     """Validate a request body; raise BadParam naming the first offending parameter."""
     if not isinstance(body, dict):
@@ -263,8 +288,10 @@ def parse(model: type[_Request], body: Any) -> _Request:
     try:
         req = model.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or "body"
+        # of a union's failed members, the one that got furthest says what is wrong
+        # (an image part in a content list, not "content should be a string")
+        err = max(exc.errors(), key=lambda e: len(e["loc"]))
+        param = _param(err["loc"])
         top = str(err["loc"][0]) if err["loc"] else ""
         raise BadParam(param, f"invalid {param}: {err['msg']}{_bounds(model, top)}") from None
     _check_shapes(req)
@@ -313,24 +340,32 @@ def chat_logprobs(items: list) -> dict[str, Any] | None:
     }
 
 
-def completion_logprobs(items: list) -> dict[str, Any] | None:
+def completion_logprobs(items: list, offset: int = 0) -> dict[str, Any] | None:
+    """`text_offset`: where each token starts in the choice's text, the first at `offset`
+    (the text earlier chunks of a stream carried)."""
     if not items:
         return None
+    starts = []
+    for tok, _, _ in items:
+        starts.append(offset)
+        offset += len(tok)
     return {
         "tokens": [t for t, _, _ in items],
         "token_logprobs": [_logprob(lp) for _, lp, _ in items],
         "top_logprobs": [{t: _logprob(v) for t, v in alts} for _, _, alts in items],
-        "text_offset": [],
+        "text_offset": starts,
     }
 
 
 class Formatter:
     """Builds chat or completion objects / chunks for one request."""
 
-    def __init__(self, kind: Literal["chat", "completion"], model: str):
-        self.kind, self.model = kind, model
+    def __init__(self, kind: Literal["chat", "completion"], model: str, echo: str = ""):
+        """`echo`: the prompt, which a completion's text begins with (`echo: true`)."""
+        self.kind, self.model, self.echo = kind, model, echo
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
+        self._streamed: dict[int, int] = {}  # characters of text each choice has streamed
 
     def _envelope(self, obj: str, choices: list[dict], extra: dict | None = None) -> dict:
         out = {
@@ -364,10 +399,14 @@ class Formatter:
                 "finish_reason": finish,
             }
             return self._envelope("chat.completion.chunk", [choice])
+        if first:
+            text = self.echo + text
+        offset = self._streamed.get(index, 0)
+        self._streamed[index] = offset + len(text)
         choice = {
             "index": index,
             "text": text,
-            "logprobs": completion_logprobs(logprobs),
+            "logprobs": completion_logprobs(logprobs, offset + (len(self.echo) if first else 0)),
             "finish_reason": finish,
         }
         return self._envelope("text_completion", [choice])
@@ -396,8 +435,8 @@ class Formatter:
                 out.append(
                     {
                         "index": c["index"],
-                        "text": c["text"],
-                        "logprobs": completion_logprobs(c["logprobs"]),
+                        "text": self.echo + c["text"],
+                        "logprobs": completion_logprobs(c["logprobs"], len(self.echo)),
                         "finish_reason": c["finish_reason"],
                     }
                 )

@@ -157,10 +157,25 @@ def test_length_finish_and_legacy_completions(sdk):
     assert r.object == "text_completion" and choice.finish_reason == "length"
     assert r.usage.completion_tokens == 6
     assert len(choice.logprobs.tokens) == 6 and len(choice.logprobs.top_logprobs[0]) == 2
+    # each token's place in the text, as code that pairs tokens with the text reads it
+    tokens, offsets = choice.logprobs.tokens, choice.logprobs.text_offset
+    placed = [choice.text[o : o + len(t)] for o, t in zip(offsets, tokens, strict=True)]
+    assert placed == tokens, (choice.text, offsets)
     stream = client.completions.create(
         model="m", prompt="The harbour", max_tokens=4, stream=True, extra_body={"ignore_eos": True}
     )
     assert "".join(c.choices[0].text for c in stream if c.choices)
+    # echo: the text begins with the prompt, whole or streamed
+    echoed = client.completions.create(model="m", prompt="The harbour", max_tokens=3, echo=True)
+    assert echoed.choices[0].text.startswith("The harbour")
+    assert len(echoed.choices[0].text) > len("The harbour")
+    stream = client.completions.create(
+        model="m", prompt="The harbour", max_tokens=3, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices).startswith("The harbour")
+    with pytest.raises(openai.BadRequestError) as exc:  # it would need the prompt's logprobs
+        client.completions.create(model="m", prompt="x", max_tokens=2, echo=True, logprobs=1)
+    assert exc.value.body["param"] == "echo"
 
 
 def test_v1_streams_with_usage_and_serves_legacy_completions(platform, live, ready_model):
@@ -218,6 +233,20 @@ def test_openai_standard_base_url(platform, live):
     with pytest.raises(openai.NotFoundError) as exc:
         client.chat.completions.create(model="no-such-model", messages=HELLO, max_tokens=2)
     assert exc.value.body["param"] == "model"
+    # one model by its id or the deployment's name, as client.models.retrieve asks
+    for name in (dep_id, live.deployment["name"]):
+        assert client.models.retrieve(name).id == dep_id
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.models.retrieve("no-such-model")
+    assert exc.value.body["code"] == "model_not_found"
+    # /v1 needs a model: a 400 that names it, not a 404 about "None"
+    r = httpx.post(
+        v1_url(platform),
+        json={"messages": HELLO, "max_tokens": 2},
+        headers={"Authorization": f"Bearer {live.key}"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+    assert "model is required" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -230,6 +259,11 @@ def test_openai_standard_base_url(platform, live):
         ({"n": 9}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"top_logprobs": 21}, "top_logprobs"),
+        # the engines read text: an image part is refused, not silently dropped
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages.0.content.0.type",
+        ),
     ],
 )
 def test_out_of_range_parameter_is_400_naming_it(live, extra, param):
@@ -237,7 +271,7 @@ def test_out_of_range_parameter_is_400_naming_it(live, extra, param):
         f"{live.base_url}/chat/completions",
         timeout=30,
         headers={"Authorization": f"Bearer {live.key}"},
-        json={"messages": HELLO, **extra},
+        json={"messages": HELLO} | extra,
     )
     assert r.status_code == 400
     err = r.json()["error"]

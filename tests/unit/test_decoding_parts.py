@@ -93,7 +93,7 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
         ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         ({"prompt": "x", "logit_bias": {"7": 101}}, "logit_bias.7"),
-        ({"prompt": "x", "logit_bias": {"seven": 1}}, "logit_bias.seven.[key]"),
+        ({"prompt": "x", "logit_bias": {"seven": 1}}, "logit_bias.seven"),
         # at most 300 token ids, as OpenAI
         ({"prompt": "x", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
         ({"messages": []}, "messages"),
@@ -105,6 +105,15 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
         ({"prompt": "x", "n": True}, "n"),
         ({"prompt": "x", "temperature": "0.5"}, "temperature"),
+        # a union's member is not part of the name; the member that got furthest speaks
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"prompt": "x", "stop": 5}, "stop"),
+        ({"prompt": "x", "stop": ["a", 1]}, "stop.1"),
+        # the engines read text: an image part is refused, not dropped
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages.0.content.0.type",
+        ),
     ],
 )
 def test_bad_openai_parameters_name_the_parameter(body, param):
@@ -195,3 +204,22 @@ def test_a_logprob_of_minus_infinity_is_reported_as_json(kind):
     chunk = fmt.chunk(0, "a", items, None, True)
     text = json.dumps([final, chunk], allow_nan=False)
     assert str(protocol.MIN_LOGPROB) in text and "-0.25" in text
+
+
+def test_completion_text_offsets_and_echo_whole_and_streamed():
+    """`text_offset` places each token in the choice's text (after an echoed prompt), and a
+    stream's offsets go on from the text its earlier chunks carried."""
+    tokens = [("Once", -0.1, []), (" upon", -0.2, []), (" a", -0.3, [])]
+    fmt = protocol.Formatter("completion", "m", echo="Tell: ")
+    whole = fmt.final(
+        [{"index": 0, "text": "Once upon a", "logprobs": tokens, "finish_reason": "length"}], 2, 3
+    )["choices"][0]
+    assert whole["text"] == "Tell: Once upon a"
+    assert whole["logprobs"]["text_offset"] == [6, 10, 15]
+    fmt = protocol.Formatter("completion", "m", echo="Tell: ")
+    first = fmt.chunk(0, "Once", tokens[:1], None, True)["choices"][0]
+    rest = fmt.chunk(0, " upon a", tokens[1:], "length", False)["choices"][0]
+    assert first["text"] + rest["text"] == "Tell: Once upon a"
+    assert first["logprobs"]["text_offset"] + rest["logprobs"]["text_offset"] == [6, 10, 15]
+    plain = protocol.Formatter("completion", "m").chunk(0, "Once", tokens[:1], None, True)
+    assert plain["choices"][0]["logprobs"]["text_offset"] == [0]
