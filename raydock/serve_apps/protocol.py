@@ -282,7 +282,7 @@ def _param(loc: tuple) -> str:
 
 
 def parse(model: type[_Request], body: Any) -> _Request:
-    """Validate a request body; raise BadParam naming the first offending parameter."""
+    """Validate a request body; raise BadParam naming the offending parameter."""
     if not isinstance(body, dict):
         raise BadParam("body", "the request body must be a JSON object")
     try:
