@@ -55,6 +55,8 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /models/import": (409, 413),  # baseModelId is not a ready base model; disk full
     "POST /files/session/{sessionId}/chunks/{chunkNumber}": (400,),  # chunkNumber out of range
     "PUT /files/session/{sessionId}/chunks/{chunkNumber}": (400,),
+    # an adapter's base is not a ready base model (409), checked at start and at complete
+    "POST /files/session/start": (409,),
     "POST /files/session/{sessionId}/complete": (400, 409),  # chunks missing; as import
     "POST /models/{modelId}/deploy": (409,),  # model not READY, deployment already deploying
     "POST /deployments/{deploymentId}/redeploy": (409,),
@@ -391,13 +393,14 @@ def _as_validated(schemas: dict[str, Any]) -> None:
     props("HyperParameters")["stopSequence"]["items"]["minLength"] = 1
     schemas["ScalingParameters"]["description"] = "minReplicas must not exceed maxReplicas."
     schemas["ScalingParameters"]["allOf"] = _min_not_above_max(ScalingParameters)
-    # UploadSessionStart._adapter_has_base; the multipart import checks the same
+    # schemas.import_kind_problem, for JSON bodies and the multipart import alike
     adapter = {
         "if": {"properties": {"kind": {"const": "adapter"}}, "required": ["kind"]},
         "then": {
             "properties": {"baseModelId": {"type": "string", "minLength": 1}},
             "required": ["baseModelId"],
         },
+        "else": {"properties": {"baseModelId": {"enum": [None, ""]}}},
     }
     schemas["UploadSessionStart"].update(copy.deepcopy(adapter))
     schemas["HuggingFaceImport"].update(copy.deepcopy(adapter))

@@ -121,7 +121,7 @@ async def import_from_hf(body: schemas.HuggingFaceImport, user: User) -> dict[st
     """Import a model from the Hugging Face Hub by repo id (only its config, tokenizer and
     safetensors files are downloaded), or a LoRA adapter onto a base model (`kind: adapter`,
     `baseModelId`; checked against the base). The dock status shows the bytes downloaded."""
-    base = body.baseModelId if body.kind == "adapter" else None
+    base = body.baseModelId or None
     return await _start_download(
         body.repoId,
         "hugging_face",

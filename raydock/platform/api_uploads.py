@@ -44,6 +44,8 @@ WRITE_BYTES = 2**20
 #: one start at a time measures the free disk and claims its share: two starts in the same
 #: instant would each see the other's space as free (the API runs as one replica)
 _STARTING = asyncio.Lock()
+#: sessions whose chunks are being assembled: a second complete would import them twice
+_COMPLETING: set[str] = set()
 
 
 def zip_name(file_name: str) -> str:
@@ -81,19 +83,38 @@ def storage_refusal(
     return None
 
 
+def chunking_problem(total_size: int, total_chunks: int, max_chunk_bytes: int) -> str | None:
+    """Why `total_size` bytes cannot arrive in `total_chunks` chunks (None: they can)."""
+    if total_chunks > total_size:
+        return (
+            f"totalChunks {total_chunks} is more than totalSize {total_size}: every chunk "
+            "holds a byte at least"
+        )
+    if total_size > total_chunks * max_chunk_bytes:
+        least = -(-total_size // max_chunk_bytes)
+        return (
+            f"totalSize {total_size} in {total_chunks} chunks needs chunks over the "
+            f"{max_chunk_bytes} byte limit: send at least {least} chunks"
+        )
+    return None
+
+
+def written_bytes(folder: Path, but: Iterable[Path] = ()) -> int:
+    """Bytes in an upload's folder (its chunks, and those being written), but `but`'s."""
+    written, skip = 0, {str(p) for p in but}
+    # a session or chunk gone meanwhile (completed, cancelled) has nothing written
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.path not in skip:
+                with contextlib.suppress(FileNotFoundError):
+                    written += entry.stat().st_size
+    return written
+
+
 def promised_bytes(sessions: Iterable[dict[str, Any]], root: Path) -> int:
     """Disk space the open upload sessions still need: twice each one's size (its chunks, then
     the zip assembled from them) less the chunks it has already written to its folder."""
-    promised = 0
-    for s in sessions:
-        written = 0
-        # a session or chunk gone meanwhile (completed, cancelled) has nothing left to write
-        with contextlib.suppress(FileNotFoundError), os.scandir(root / s["sessionId"]) as folder:
-            for entry in folder:
-                with contextlib.suppress(FileNotFoundError):
-                    written += entry.stat().st_size
-        promised += max(0, 2 * s["totalSize"] - written)
-    return promised
+    return sum(max(0, 2 * s["totalSize"] - written_bytes(root / s["sessionId"])) for s in sessions)
 
 
 @contextlib.contextmanager
@@ -146,9 +167,9 @@ async def _start_import(
     description: str,
     tags: list[str],
 ) -> dict[str, Any]:
-    if kind == "adapter" and not base_model_id:
+    if problem := schemas.import_kind_problem(kind, base_model_id):
         zip_path.unlink(missing_ok=True)
-        raise ApiError(400, "baseModelId is required to import an adapter", param="baseModelId")
+        raise ApiError(400, problem, param="baseModelId")
     try:
         model = await ctx.registry.create_model.remote(
             zip_name(file_name), "file", user["userId"], kind, base_model_id, description, tags
@@ -194,6 +215,12 @@ def _session_dir(session_id: str) -> Path:
 @router.post("/files/session/start", tags=["files"], status_code=201)
 async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str, Any]:
     """Open a chunked upload: send chunks 1..totalChunks, then complete (or DELETE it)."""
+    if problem := chunking_problem(
+        body.totalSize, body.totalChunks, ctx.settings.upload_chunk_max_bytes
+    ):
+        raise ApiError(400, problem, "totalChunks", "invalid_chunking")
+    if body.kind == "adapter":  # refused now, not after the last chunk
+        await ctx.registry.check_base_model.remote(body.baseModelId)
     root = ctx.settings.uploads_path
     root.mkdir(parents=True, exist_ok=True)
     async with _STARTING:
@@ -226,9 +253,13 @@ async def upload_chunk(
         raise ApiError(
             400, f"chunkNumber must be between 1 and {session['totalChunks']}", "chunkNumber"
         )
-    limit = ctx.settings.upload_chunk_max_bytes
-    part = _session_dir(sessionId) / f"{chunkNumber:06d}.part"
+    folder = _session_dir(sessionId)
+    part = folder / f"{chunkNumber:06d}.part"
     tmp = part.with_suffix(".tmp")
+    # the upload may not outgrow the totalSize its disk space was checked for
+    others = await asyncio.to_thread(written_bytes, folder, (part, tmp))
+    left = session["totalSize"] - others
+    limit = min(ctx.settings.upload_chunk_max_bytes, left)
     size = 0
     pending = bytearray()  # written in WRITE_BYTES pieces, off the event loop
     with _storing(tmp, f"chunk {chunkNumber}", sessionId):
@@ -236,7 +267,7 @@ async def upload_chunk(
             async for piece in request.stream():
                 size += len(piece)
                 if size > limit:
-                    raise ApiError(413, f"chunk exceeds the {limit} byte limit", "chunk")
+                    raise ApiError(413, _chunk_too_large(limit, left, others, session), "chunk")
                 pending += piece
                 if len(pending) >= WRITE_BYTES:
                     await asyncio.to_thread(out.write, pending)
@@ -259,6 +290,15 @@ async def upload_cancel(sessionId: str, _: User) -> dict[str, Any]:
     return {"deleted": True, "sessionId": sessionId}
 
 
+def _chunk_too_large(limit: int, left: int, others: int, session: dict[str, Any]) -> str:
+    if limit < left:
+        return f"chunk exceeds the {limit} byte limit"
+    return (
+        f"chunk would take the upload past its totalSize of {session['totalSize']} bytes "
+        f"({others} received in its other chunks, so {max(left, 0)} left)"
+    )
+
+
 async def _drop(session_id: str) -> None:
     await asyncio.to_thread(shutil.rmtree, _session_dir(session_id), True)
     await ctx.registry.delete_upload_session.remote(session_id)
@@ -266,31 +306,44 @@ async def _drop(session_id: str) -> None:
 
 @router.post("/files/session/{sessionId}/complete", tags=["files"], status_code=202)
 async def upload_complete(sessionId: str, user: User) -> dict[str, Any]:
-    """Assemble the chunks and start the import."""
+    """Assemble the chunks and start the import. A refusal keeps the session and its chunks:
+    re-send a chunk and complete again, or cancel."""
+    if sessionId in _COMPLETING:
+        raise ApiError(409, f"upload session {sessionId} is already completing", "sessionId")
+    _COMPLETING.add(sessionId)
+    try:
+        return await _complete(sessionId, user)
+    finally:
+        _COMPLETING.discard(sessionId)
+
+
+async def _complete(sessionId: str, user: dict[str, Any]) -> dict[str, Any]:
     session = await ctx.registry.get_upload_session.remote(sessionId)
     missing = sorted(set(range(1, session["totalChunks"] + 1)) - set(session["receivedChunks"]))
     if missing:
         raise ApiError(400, f"chunks missing: {missing[:20]}", "chunks", "incomplete_upload")
     folder = _session_dir(sessionId)
+    received = await asyncio.to_thread(written_bytes, folder)
+    if received != session["totalSize"]:
+        raise ApiError(
+            400,
+            f"received {received} bytes but totalSize was {session['totalSize']}: re-send the "
+            "chunks that differ, then complete again",
+            "totalSize",
+            "incomplete_upload",
+        )
     dest = ctx.settings.uploads_path / f"{sessionId}.zip"
 
-    def assemble() -> int:
+    def assemble() -> None:
         with dest.open("wb") as out:
             for n in range(1, session["totalChunks"] + 1):
                 with (folder / f"{n:06d}.part").open("rb") as part:
                     shutil.copyfileobj(part, out, 4 * 2**20)
-        return dest.stat().st_size
 
     with _storing(dest, "the assembled zip", sessionId):
-        size = await asyncio.to_thread(assemble)
-    await _drop(sessionId)
-    if size != session["totalSize"]:
-        dest.unlink(missing_ok=True)
-        raise ApiError(
-            400, f"received {size} bytes but totalSize was {session['totalSize']}", "totalSize"
-        )
+        await asyncio.to_thread(assemble)
     opts = session["options"]
-    return await _start_import(
+    started = await _start_import(  # a refusal (the base model gone) removes only the zip
         dest,
         session["fileName"],
         user,
@@ -299,6 +352,8 @@ async def upload_complete(sessionId: str, user: User) -> dict[str, Any]:
         opts.get("description") or "",
         opts.get("tags") or [],
     )
+    await _drop(sessionId)
+    return started
 
 
 async def sweep_idle_uploads() -> None:

@@ -264,6 +264,18 @@ class Registry:
 
     # ---------------------------------------------------------------- models
 
+    @staticmethod
+    def _ready_base(s: Session, base_model_id: str) -> None:
+        base = s.get(db.Model, base_model_id)
+        if base is None or base.status != ModelStatus.READY or base.kind != "base":
+            raise Conflict(f"baseModelId {base_model_id} is not a ready base model")
+
+    def check_base_model(self, base_model_id: str) -> None:
+        """409 unless an adapter can be imported onto `base_model_id` now (a chunked upload
+        asks before its first chunk, not after its last)."""
+        with self._tx() as s:
+            self._ready_base(s, base_model_id)
+
     def create_model(
         self,
         name: str,
@@ -279,9 +291,7 @@ class Registry:
         entry) so lists show it while the import runs."""
         with self._tx() as s:
             if base_model_id:
-                base = s.get(db.Model, base_model_id)
-                if base is None or base.status != ModelStatus.READY or base.kind != "base":
-                    raise Conflict(f"baseModelId {base_model_id} is not a ready base model")
+                self._ready_base(s, base_model_id)
             m = db.Model(
                 id=db.new_id("cm"),
                 name=name[:200],  # a zip's file name may be longer; PostgreSQL holds to 200

@@ -229,9 +229,19 @@ class _ImportKind(_Body):
     @field_validator("baseModelId")
     @classmethod
     def _adapter_has_base(cls, v: str | None, info: ValidationInfo) -> str | None:
-        if info.data.get("kind") == "adapter" and not v:
-            raise ValueError("baseModelId is required to import an adapter")
+        if problem := import_kind_problem(info.data.get("kind"), v):
+            raise ValueError(problem)
         return v
+
+
+def import_kind_problem(kind: str | None, base_model_id: str | None) -> str | None:
+    """Why `kind` and `baseModelId` do not go together (None: they do): an adapter names its
+    base, a base model names none (it would be listed and refused as an adapter of it)."""
+    if kind == "adapter" and not base_model_id:
+        return "baseModelId is required to import an adapter"
+    if kind == "base" and base_model_id:
+        return "baseModelId is only for kind 'adapter'; a base model takes none"
+    return None
 
 
 class UploadSessionStart(_ImportKind):

@@ -195,8 +195,9 @@ DEPLOYMENT_REFUSALS = {
 }
 # - management: what only the cluster or the Hub can judge: whether the cluster has the
 #   deviceType's GPUs, whether its hardware runs the optimization, whether the model fits
-#   it, whether a Hugging Face token authenticates; and (413) whether an upload's totalSize
-#   fits the platform's archive limit and its free disk
+#   it, whether a Hugging Face token authenticates; (413) whether an upload's totalSize
+#   fits the platform's archive limit and its free disk; and a cross-field rule JSON Schema
+#   cannot state: an upload's totalChunks against its totalSize and the chunk limit
 MANAGEMENT_REFUSALS = {
     "device_unavailable",
     "invalid_optimization",
@@ -204,6 +205,7 @@ MANAGEMENT_REFUSALS = {
     "invalid_token",
     "archive_too_large",
     "insufficient_storage",
+    "invalid_chunking",
 }
 # - POST /models/import: the upload's file name must end in .zip (it names the model); OpenAPI
 #   cannot constrain a multipart part's file name, and schemathesis sends none

@@ -9,12 +9,15 @@ import os
 import shutil
 
 import httpx
+import pytest
+from fastapi.testclient import TestClient
 
 from raydock.config import load_settings
 from raydock.platform import api_deps
 from raydock.platform.api import app
 from raydock.platform.api_uploads import (
     ZIP_OVERHEAD_BYTES,
+    chunking_problem,
     idle_uploads,
     promised_bytes,
     storage_refusal,
@@ -86,13 +89,21 @@ def test_a_new_upload_leaves_the_open_ones_the_space_they_still_need(tmp_path):
     assert "3000 are free, 1100 of them promised to open uploads" in refused.message
 
 
-def test_uploads_started_together_cannot_both_claim_the_same_free_space(tmp_path, monkeypatch):
-    """Over HTTP on the API app, with a real registry (no Ray): the disk has room for one
-    upload's chunks and zip, not two; of two starts sent at once, one is refused."""
+@pytest.fixture
+def api(tmp_path, monkeypatch) -> tuple[Registry, str]:
+    """The API app's routes (over HTTP, in process) on a real registry and data dir, no Ray:
+    the registry and the admin key."""
     reg = Registry(f"sqlite:///{tmp_path / 'raydock.db'}")
     admin_key = reg.ensure_admin()
     monkeypatch.setattr(api_deps.ctx, "settings", load_settings(home=str(tmp_path)), raising=False)
     monkeypatch.setattr(api_deps.ctx, "registry", RegistryHandle(reg), raising=False)
+    return reg, admin_key
+
+
+def test_uploads_started_together_cannot_both_claim_the_same_free_space(api, monkeypatch):
+    """The disk has room for one upload's chunks and zip, not two; of two starts sent at
+    once, one is refused."""
+    reg, admin_key = api
     size = 10 * 2**20
     disk_usage = shutil.disk_usage
     # a full disk is the world's to arrange: this one has 3 x size free, each start needs 2 x
@@ -114,3 +125,67 @@ def test_uploads_started_together_cannot_both_claim_the_same_free_space(tmp_path
     assert refused["code"] == "insufficient_storage"
     assert f"{3 * size} are free, {2 * size} of them promised to open uploads" in refused["message"]
     assert len(reg.list_upload_sessions()) == 1
+
+
+def test_chunks_must_be_able_to_carry_the_upload():
+    assert chunking_problem(100, 1, max_chunk_bytes=100) is None
+    assert "every chunk holds a byte" in chunking_problem(10, 20, max_chunk_bytes=100)
+    assert "send at least 3 chunks" in chunking_problem(201, 2, max_chunk_bytes=100)
+
+
+def test_a_chunked_upload_is_held_to_its_kind_base_and_size_and_survives_a_bad_complete(api):
+    """What the upload routes refuse before the last chunk, and a complete that finds the
+    bytes short keeps the session, so the client can re-send a chunk."""
+    reg, admin_key = api
+    start = "/public/files/session/start"
+    with TestClient(app, base_url="http://raydock.test", headers={"X-api-key": admin_key}) as http:
+        # a base model names no base (it would be listed, and refused, as an adapter of it)
+        r = http.post(
+            start,
+            json={
+                "fileName": "b.zip",
+                "totalSize": 9,
+                "totalChunks": 1,
+                "kind": "base",
+                "baseModelId": "cm-1",
+            },
+        )
+        assert r.status_code == 422 and r.json()["error"]["param"] == "baseModelId", r.text
+        files = {"file": ("b.zip", b"PK", "application/zip")}
+        r = http.post("/public/models/import", files=files, data={"baseModelId": "cm-1"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "baseModelId", r.text
+        # an adapter whose base does not exist: refused before its first chunk
+        r = http.post(
+            start,
+            json={
+                "fileName": "a.zip",
+                "totalSize": 9,
+                "totalChunks": 1,
+                "kind": "adapter",
+                "baseModelId": "cm-none",
+            },
+        )
+        assert r.status_code == 409 and "cm-none" in r.json()["error"]["message"], r.text
+        # chunks that cannot carry the size
+        r = http.post(start, json={"fileName": "c.zip", "totalSize": 10, "totalChunks": 20})
+        assert r.status_code == 400, r.text
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (
+            "totalChunks",
+            "invalid_chunking",
+        )
+        assert reg.list_upload_sessions() == []
+
+        session = http.post(start, json={"fileName": "m.zip", "totalSize": 100, "totalChunks": 2})
+        chunk = f"/public/files/session/{session.json()['sessionId']}/chunks"
+        assert http.put(f"{chunk}/1", content=b"x" * 60).status_code == 200
+        # more than the declared size: its disk space was checked for 100 bytes, not more
+        r = http.put(f"{chunk}/2", content=b"y" * 41)
+        assert r.status_code == 413 and "40 left" in r.json()["error"]["message"], r.text
+        assert http.put(f"{chunk}/2", content=b"y" * 30).status_code == 200
+        # short by 10: refused, and nothing is lost
+        complete = chunk.replace("/chunks", "/complete")
+        r = http.post(complete)
+        assert r.status_code == 400 and "received 90 bytes" in r.json()["error"]["message"]
+        status = http.get(chunk.removesuffix("/chunks")).json()
+        assert status["receivedChunks"] == [1, 2]
+        assert http.put(f"{chunk}/2", content=b"y" * 40).status_code == 200  # re-sent whole
