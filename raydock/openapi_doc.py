@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from raydock.config import hardware_profiles
 from raydock.errors import TYPES, error_body
 from raydock.platform.schemas import NOT_BLANK, ScalingParameters
-from raydock.serve_apps.protocol import SHAPES, ChatRequest, CompletionRequest
+from raydock.serve_apps.protocol import MESSAGE_NEEDS, SHAPES, ChatRequest, CompletionRequest
 
 Doc = dict[str, Any]
 
@@ -430,10 +430,33 @@ def _as_validated(schemas: dict[str, Any]) -> None:
         "required": ["tools"],
         "properties": {"tools": {"type": "array", "minItems": 1}},
     }
+    schemas["ChatMessage"]["allOf"] = _message_needs()
     props("CompletionRequest")["prompt"]["anyOf"] = [
         {"type": "string"},
         {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
     ]
+
+
+def _message_needs() -> list[dict[str, Any]]:
+    """protocol.MESSAGE_NEEDS: per role, the fields a message must carry (not null); an
+    assistant's message needs content or tool_calls."""
+    present = {"not": {"type": "null"}}
+
+    def needs(*fields: str) -> dict[str, Any]:
+        return {"required": list(fields), "properties": {f: present for f in fields}}
+
+    rules = [
+        {"if": {"properties": {"role": {"const": role}}}, "then": needs(*fields)}
+        for role, fields in MESSAGE_NEEDS.items()
+        if fields
+    ]
+    rules.append(
+        {
+            "if": {"properties": {"role": {"const": "assistant"}}},
+            "then": {"anyOf": [needs("content"), needs("tool_calls")]},
+        }
+    )
+    return rules
 
 
 def _min_not_above_max(model: type[BaseModel]) -> list[dict[str, Any]]:

@@ -144,6 +144,17 @@ class ChatMessage(BaseModel):
         return out
 
 
+#: What a message of each role must carry, as OpenAI requires: content, and for a tool result
+#: the call it answers. An assistant's message may carry tool_calls instead of content.
+MESSAGE_NEEDS: dict[str, tuple[str, ...]] = {
+    "system": ("content",),
+    "developer": ("content",),
+    "user": ("content",),
+    "tool": ("content", "tool_call_id"),
+    "assistant": (),
+}
+
+
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: JsonInt | None = params.MAX_TOKENS.field(
@@ -258,6 +269,19 @@ def _check_shapes(req: _Request) -> None:
         raise BadParam("tool_choice", "tool_choice needs tools")
 
 
+def _check_messages(messages: list[ChatMessage]) -> None:
+    for i, m in enumerate(messages):
+        for field in MESSAGE_NEEDS[m.role]:
+            if getattr(m, field) is None:
+                param = f"messages.{i}.{field}"
+                raise BadParam(param, f"invalid {param}: a {m.role} message needs {field}")
+        if m.role == "assistant" and m.content is None and m.tool_calls is None:
+            param = f"messages.{i}.content"
+            raise BadParam(
+                param, f"invalid {param}: an assistant message needs content or tool_calls"
+            )
+
+
 def _bounds(model: type[BaseModel], name: str) -> str:
     info = model.model_fields.get(name)
     lo = next((m.ge for m in getattr(info, "metadata", []) if isinstance(m, Ge)), None)
@@ -295,6 +319,8 @@ def parse(model: type[_Request], body: Any) -> _Request:
         top = str(err["loc"][0]) if err["loc"] else ""
         raise BadParam(param, f"invalid {param}: {err['msg']}{_bounds(model, top)}") from None
     _check_shapes(req)
+    if isinstance(req, ChatRequest):
+        _check_messages(req.messages)
     return req
 
 

@@ -264,6 +264,11 @@ def test_openai_standard_base_url(platform, live):
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages.0.content.0.type",
         ),
+        # a tool result names the call it answers, as OpenAI requires
+        (
+            {"messages": [*HELLO, {"role": "tool", "content": "21"}]},
+            "messages.1.tool_call_id",
+        ),
     ],
 )
 def test_out_of_range_parameter_is_400_naming_it(live, extra, param):

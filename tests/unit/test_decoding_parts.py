@@ -109,6 +109,15 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
         ({"prompt": "x", "stop": 5}, "stop"),
         ({"prompt": "x", "stop": ["a", 1]}, "stop.1"),
+        # what each role's message must carry, as OpenAI
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [{"role": "system", "content": None}]}, "messages.0.content"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]},
+            "messages.1.content",
+        ),
+        ({"messages": [{"role": "tool", "content": "21"}]}, "messages.0.tool_call_id"),
+        ({"messages": [{"role": "tool", "tool_call_id": "c1"}]}, "messages.0.content"),
         # the engines read text: an image part is refused, not dropped
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

@@ -300,6 +300,41 @@ def test_chat_shapes_agree_with_parsing(doc, extra):
     assert documented == parsed
 
 
+_CALL = {"id": "c1", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "user"},
+        {"role": "user", "content": None},
+        {"role": "user", "content": ""},
+        {"role": "developer", "content": [{"type": "text", "text": "x"}]},
+        {"role": "assistant"},
+        {"role": "assistant", "content": None, "tool_calls": [_CALL]},
+        {"role": "assistant", "content": "x", "tool_calls": None},
+        {"role": "assistant", "tool_calls": None},
+        {"role": "tool", "content": "21"},
+        {"role": "tool", "content": "21", "tool_call_id": "c1"},
+        {"role": "tool", "tool_call_id": "c1"},
+    ],
+)
+def test_message_needs_agree_with_parsing(doc, message):
+    """What a message of each role must carry, the document says as protocol.parse holds."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from raydock.serve_apps import protocol
+
+    body = {"messages": [message]}
+    schema = {"$ref": "#/components/schemas/ChatRequest", "components": doc["components"]}
+    documented = jsonschema.Draft202012Validator(schema).is_valid(body)
+    try:
+        protocol.parse(protocol.ChatRequest, body)
+        parsed = True
+    except protocol.BadParam:
+        parsed = False
+    assert documented == parsed
+
+
 def test_links_name_operations_and_their_path_parameters(doc):
     by_id = {op["operationId"]: op for op in operations(doc).values()}
     links = [
