@@ -60,30 +60,33 @@ def _describe(change: dict[str, Any]) -> str:
     return line
 
 
-def _print_changes(
-    changes: list[dict[str, Any]], only_differences: bool = False, secrets_to: str | None = None
-) -> None:
+def _print_changes(changes: list[dict[str, Any]], only_differences: bool = False) -> None:
     for c in changes:
         if only_differences and c["action"] == "unchanged":
             continue
         say(_describe(c))
         for detail in c.get("details") or []:
             say(f"    {detail}")
-        if c.get("apiKey") and secrets_to:
-            _keep_secret(Path(secrets_to), c)
-            say(f"    key written to {secrets_to} (shown once)")
+        if c.get("apiKeyWrittenTo"):
+            say(f"    key written to {c['apiKeyWrittenTo']} (shown once)")
         elif c.get("apiKey"):
             say(f"    key (shown once, store it now): {c['apiKey']}")
         if c.get("error"):
             say(f"    failed: {c['error']}")
 
 
-def _keep_secret(path: Path, change: dict[str, Any]) -> None:
-    """Append `deployment/key: secret` to a file only its owner reads (e.g. in a Ray job,
-    whose log the cluster keeps)."""
+def keep_secrets(changes: list[dict[str, Any]], path: Path) -> None:
+    """Move the created keys' secrets out of `changes` into a file only its owner reads, as
+    `deployment/key: secret` lines (e.g. in a Ray job, whose log the cluster keeps)."""
+    created = [c for c in changes if c.get("apiKey")]
+    if not created:
+        return
     path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)  # a file that was there already may be readable by others
     with path.open("a") as f:
-        f.write(f"{change['deployment']}/{change['name']}: {change['apiKey']}\n")
+        for c in created:
+            f.write(f"{c['deployment']}/{c['name']}: {c['apiKey']}\n")
+            c["apiKey"], c["apiKeyWrittenTo"] = None, str(path)
 
 
 def _upload(client: Any, uploads: list[dict[str, Any]], zips: dict[str, Path]) -> bool:
@@ -160,10 +163,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if planned["uploads"] and not _upload(client, planned["uploads"], zips):
         return 1
     result = client.post("/apply", json=_request(docs, args.prune, dry_run=False))
+    if args.secrets_out:  # the keys go to the file, never to stdout (a job's log)
+        keep_secrets(result["changes"], Path(args.secrets_out))
     if args.output == "json":
         print(json.dumps(result, indent=2))
     else:
-        _print_changes(result["changes"], secrets_to=args.secrets_out)
+        _print_changes(result["changes"])
     ok = _follow(client, result["changes"])
     counts: dict[str, int] = {}
     for c in result["changes"]:

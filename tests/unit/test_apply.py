@@ -3,6 +3,7 @@ the file, line and field), and the plan (what changes) against a platform's stat
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -328,3 +329,22 @@ def test_json_integers_may_be_written_as_whole_floats_but_not_booleans():
     assert (body.documents[0].line, body.documents[0].lines) == (3, {"name": 3})
     with pytest.raises(ApiError, match="prune: Input should be a valid boolean"):
         apply.parse({"documents": [], "prune": 0})
+
+
+def test_created_keys_go_to_the_secrets_file_and_never_to_the_output(tmp_path: Path):
+    """`raydock apply --secrets-out` (text or `-o json`): the file gets the secret, only its
+    owner reads it (even when it was there before), and the changes printed hold none."""
+    from raydock.cli_apply import keep_secrets
+
+    out = tmp_path / "secrets.txt"
+    out.write_text("earlier/k: old\n")
+    out.chmod(0o644)
+    changes = [
+        {"kind": "key", "deployment": "chat", "name": "app", "apiKey": "rd-secret-1"},
+        {"kind": "deployment", "deployment": "chat", "action": "create"},
+    ]
+    keep_secrets(changes, out)
+    assert out.read_text().splitlines() == ["earlier/k: old", "chat/app: rd-secret-1"]
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert "rd-secret-1" not in json.dumps(changes)
+    assert changes[0]["apiKeyWrittenTo"] == str(out)
