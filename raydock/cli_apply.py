@@ -162,16 +162,28 @@ def cmd_apply(args: argparse.Namespace) -> int:
     planned = client.post("/apply", json=_request(docs, args.prune, dry_run=True))
     if planned["uploads"] and not _upload(client, planned["uploads"], zips):
         return 1
-    result = client.post("/apply", json=_request(docs, args.prune, dry_run=False))
-    if args.secrets_out:  # the keys go to the file, never to stdout (a job's log)
-        keep_secrets(result["changes"], Path(args.secrets_out))
-    if args.output == "json":
-        print(json.dumps(result, indent=2))
-    else:
-        _print_changes(result["changes"])
-    ok = _follow(client, result["changes"])
+    changes: list[dict[str, Any]] = []
+    waited: set[str] | None = None
+    while True:
+        result = client.post("/apply", json=_request(docs, args.prune, dry_run=False))
+        done = result["changes"]
+        if waited is not None:  # the second round: what waited for an import
+            done = result["changes"] = [c for c in done if c.get("deployment", c["name"]) in waited]
+        if args.secrets_out:  # the keys go to the file, never to stdout (a job's log)
+            keep_secrets(done, Path(args.secrets_out))
+        if args.output != "json":
+            _print_changes(done)
+        ok = _follow(client, done)
+        after = {c["name"] for c in done if c.get("after") and c["kind"] == "deployment"}
+        changes += [c for c in done if not (ok and c.get("after"))]
+        if waited is not None or not (ok and after):
+            break
+        waited = after  # another document's import is READY now: apply once more
+        say(f"apply: again, for {', '.join(sorted(after))}")
+    if args.output == "json":  # one document, both rounds' changes
+        print(json.dumps(result | {"changes": changes}, indent=2))
     counts: dict[str, int] = {}
-    for c in result["changes"]:
+    for c in changes:
         counts[c["action"]] = counts.get(c["action"], 0) + 1
     summary = ", ".join(f"{n} {action}" for action, n in counts.items()) or "nothing to apply"
     say(f"apply: {summary}; {'done' if ok else 'FAILED'}")

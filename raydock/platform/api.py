@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from raydock import errors
 from raydock.config import Settings, hardware_profiles
@@ -284,8 +285,13 @@ async def engine_stats(deploymentId: str, _: User) -> dict[str, Any]:
     dep = await ctx.registry.get_deployment.remote(deploymentId)
     if dep["status"] != D.DEPLOYED:
         raise ApiError(409, f"deployment is {dep['status']}; stats exist only while DEPLOYED")
-    handle = serve.get_app_handle(names.engine_app(deploymentId))
-    return await asyncio.wait_for(handle.stats.remote(), 10)
+    try:  # get_app_handle waits on the Serve controller: off the event loop
+        handle = await asyncio.to_thread(serve.get_app_handle, names.engine_app(deploymentId))
+        return await asyncio.wait_for(handle.stats.remote(), 10)
+    except (RayServeException, TimeoutError) as exc:  # its app is being restored, or busy
+        raise ApiError(
+            503, f"the deployment's replicas did not answer ({type(exc).__name__}); retry shortly"
+        ) from None
 
 
 BODY_MODELS["redeploy"] = schemas.DeployRequest
@@ -308,8 +314,12 @@ async def retrigger(deploymentId: str, user: User) -> dict[str, Any]:
         raise ApiError(
             409, f"only failed or undeployed deployments can be re-triggered (is {dep['status']})"
         )
-    model = await ctx.registry.get_model.remote(dep["modelId"])
-    await _check_deployable(schemas.DeployRequest(**dep["config"]), model)
+    body = schemas.stored_deploy_config(dep["config"])
+    if isinstance(body, str):
+        raise ApiError(
+            409, f"its last configuration is not valid any more: {body}; redeploy it with one"
+        )
+    await _check_deployable(body, await ctx.registry.get_model.remote(dep["modelId"]))
     return await _start_deploy(deploymentId, None, user)
 
 

@@ -9,7 +9,6 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import ValidationError
 
 from raydock.errors import ApiError, Conflict, NotFound
 from raydock.platform import api_hub, apply, catalog, deploy_checks, schemas
@@ -104,6 +103,8 @@ async def _carry_out(change: dict[str, Any], spec: apply.DeploymentSpec | None, 
         dep_id = change["deploymentId"] = started["deployment"]["deploymentId"]
         change["modelId"] = started["modelId"]
         change["job"] = job_ref(started)
+    if action == "retry-import":  # its deployment deploys once the import is READY
+        change["job"] = job_ref(await api_hub.retry_model_import(change["modelId"], user))
     # apply manages it from now on (adopted), or from where its file is now
     if dep_id and (change.get("mark") or action in ("create", "import-and-create")):
         await ctx.registry.set_applied_from.remote(dep_id, change["appliedFrom"])
@@ -173,6 +174,8 @@ async def apply_documents(body: apply.ApplyRequest, user: User) -> dict[str, Any
                     await _carry_out(c, specs.get(c["name"]), user)
                     if c["deploymentId"]:
                         deployment_ids[c["name"]] = c["deploymentId"]
+                elif c["action"] == "wait":  # its deployment is created by a later apply
+                    continue
                 elif c["deployment"] in deployment_ids:
                     await _carry_out_key(c, deployment_ids[c["deployment"]], user)
                 else:
@@ -221,13 +224,11 @@ async def rollback(
             f"version {version} not found: deployment {dep['name']} has versions 1 to {last}",
             "version",
         )
-    try:
-        body = schemas.DeployRequest.model_validate(chosen["config"] | {"name": dep["name"]})
-    except ValidationError as exc:
-        why = "; ".join(schemas.describe_error(e, schemas.DeployRequest)[1] for e in exc.errors())
+    body = schemas.stored_deploy_config(chosen["config"] | {"name": dep["name"]})
+    if isinstance(body, str):
         raise ApiError(
-            422, f"version {version}'s configuration is not valid any more: {why}", "version"
-        ) from None
+            422, f"version {version}'s configuration is not valid any more: {body}", "version"
+        )
     config = body.model_dump()
     model = await ctx.registry.get_model.remote(dep["modelId"])
     deploy_checks.check_deploy(model, config)

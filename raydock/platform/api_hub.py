@@ -150,10 +150,15 @@ async def deploy_from_hf(body: schemas.HuggingFaceDeploy, user: User) -> dict[st
 async def retry_import(modelId: str, user: User) -> dict[str, Any]:
     """Import a model that failed to download again: finished files are kept and a partial
     one resumes on the node that had it; a deployment that waited for it deploys after."""
-    started = await ctx.registry.begin_retry_import.remote(modelId, user["userId"])
-    job = started["job"]
-    await ctx.lifecycle.submit_hf_import.remote(modelId, job["dockStatusId"])
-    return {**job_ref(job), "model": started["model"]}
+    started = await retry_model_import(modelId, user)
+    return {**job_ref(started["job"]), "model": started["model"]}
+
+
+async def retry_model_import(model_id: str, user: dict[str, Any]) -> dict[str, Any]:
+    """Start a failed download import again; {"model", "job"}."""
+    started = await ctx.registry.begin_retry_import.remote(model_id, user["userId"])
+    await ctx.lifecycle.submit_hf_import.remote(model_id, started["job"]["dockStatusId"])
+    return started
 
 
 # ------------------------------------------------------------------ catalog

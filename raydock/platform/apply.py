@@ -215,7 +215,8 @@ class Resolved:
     """A document's model: found on the platform (`model`), or what bringing it takes."""
 
     model: dict[str, Any] | None
-    needs: Literal["", "upload", "download"] = ""
+    # retry: `model` is the one the document's deployment waits for, and its import failed
+    needs: Literal["", "upload", "download", "retry"] = ""
     origin: dict[str, Any] | None = None  # a download's: repo, revision, connection
 
 
@@ -227,8 +228,17 @@ def _origin(model: dict[str, Any]) -> dict[str, Any]:
     return (model.get("metadata") or {}).get("origin") or {}
 
 
+def _pick(candidates: list[dict[str, Any]], current: str | None) -> dict[str, Any] | None:
+    """Of the models that match a document's source, the one its deployment already serves
+    (several may: imported twice, or by hand too), else the newest."""
+    mine = [m for m in candidates if m["modelId"] == current]
+    return (mine or candidates or [None])[-1]
+
+
 def resolve_model(d: Declared, state: State) -> Resolved:
     src = d.spec.model
+    managed = _managed(d, state)
+    current = managed["modelId"] if managed else None
     if src.id:
         model = next((m for m in state.models if m["modelId"] == src.id), None)
         if model is None:
@@ -240,8 +250,8 @@ def resolve_model(d: Declared, state: State) -> Resolved:
         return Resolved(model)
     if src.zip:
         same = [m for m in state.models if m["source"] == "file" and m["checksum"] == src.sha256]
-        ready = [m for m in same if m["status"] == ModelStatus.READY]
-        return Resolved(ready[0]) if ready else Resolved(None, "upload")
+        ready = _pick([m for m in same if m["status"] == ModelStatus.READY], current)
+        return Resolved(ready) if ready else Resolved(None, "upload")
     if src.catalog:
         try:
             entry = catalog.get(src.catalog)
@@ -276,8 +286,12 @@ def resolve_model(d: Declared, state: State) -> Resolved:
             and _origin(m).get("revision") == hf.revision
         ]
         origin = {"repoId": hf.repoId, "revision": hf.revision, "connectionId": connection_id}
-    usable = [m for m in found if m["status"] != ModelStatus.IMPORT_FAILED]
-    return Resolved(usable[-1], origin=origin) if usable else Resolved(None, "download", origin)
+    waited_for = _pick(found, current)
+    if waited_for is not None and waited_for["modelId"] == current:
+        failed = waited_for["status"] == ModelStatus.IMPORT_FAILED
+        return Resolved(waited_for, "retry" if failed else "", origin)
+    usable = _pick([m for m in found if m["status"] != ModelStatus.IMPORT_FAILED], current)
+    return Resolved(usable, origin=origin) if usable else Resolved(None, "download", origin)
 
 
 def _flat(value: Any, path: str = "") -> dict[str, Any]:
@@ -312,12 +326,18 @@ def _editable(dep: dict[str, Any]) -> dict[str, Any]:
 def _find_deployment(d: Declared, model: dict[str, Any] | None, state: State) -> dict | None:
     """The deployment a document means: the one apply manages under its name, else one made
     by hand with that name on the same model (apply adopts it)."""
-    named = [x for x in state.deployments if x["name"] == d.spec.name]
-    managed = [x for x in named if x.get("appliedFrom")]
+    managed = _managed(d, state)
     if managed:
-        return managed[-1]
+        return managed
+    named = [x for x in state.deployments if x["name"] == d.spec.name]
     same_model = [x for x in named if model is not None and x["modelId"] == model["modelId"]]
     return same_model[-1] if same_model else None
+
+
+def _managed(d: Declared, state: State) -> dict[str, Any] | None:
+    """The deployment apply manages under the document's name, if any."""
+    managed = [x for x in state.deployments if x["name"] == d.spec.name and x.get("appliedFrom")]
+    return managed[-1] if managed else None
 
 
 def _key_changes(d: Declared, dep: dict[str, Any] | None, state: State) -> list[dict[str, Any]]:
@@ -388,7 +408,18 @@ def plan_deployment(d: Declared, state: State) -> list[dict[str, Any]]:
     edit_diff = differences(_editable(dep), {k: body[k] for k in EDITABLE_FIELDS})
     status = dep["status"]
     waiting_for_import = status == D.READY_TO_DEPLOY and model["status"] in IMPORTING_MODEL
-    if status in (D.OPTIMIZING, D.DEPLOYING) or waiting_for_import:
+    if resolved.needs == "retry":  # it never deployed: it deploys once the retry is READY
+        if state_diff or edit_diff:
+            raise PlanError(
+                409,
+                f"{d.where}: deployment {d.spec.name!r} waits for model {model['modelId']}, "
+                "whose import failed: apply the file unchanged to retry the import, or delete "
+                "the deployment to apply the change",
+                "model",
+            )
+        why = f"model {model['modelId']}'s import failed: {model.get('error') or 'see the model'}"
+        change |= {"action": "retry-import", "details": [why]}
+    elif status in (D.OPTIMIZING, D.DEPLOYING) or waiting_for_import:
         if state_diff or edit_diff:
             raise PlanError(
                 409,
@@ -413,11 +444,21 @@ def plan(declared: list[Declared], state: State, prune: bool) -> list[dict[str, 
     document that cannot be applied (nothing is applied then)."""
     changes: list[dict[str, Any]] = []
     problems: list[PlanError] = []
+    downloads: dict[tuple, str] = {}  # a repo at a revision -> the document importing it
     for d in declared:
         try:
-            changes.extend(plan_deployment(d, state))
+            planned = plan_deployment(d, state)
         except PlanError as exc:
             problems.append(exc)
+            continue
+        if planned[0]["action"] == "import-and-create":
+            origin = planned[0]["origin"]
+            first = downloads.setdefault((origin["repoId"], origin.get("revision")), d.spec.name)
+            if first != d.spec.name:  # imported once: this one is created when it is READY
+                why = f"its model is imported for deployment {first!r}; created once it is READY"
+                for c in planned:
+                    c |= {"action": "wait", "details": [why], "after": first}
+        changes.extend(planned)
     if problems:
         first = problems[0]
         message = "; ".join(p.message for p in problems)

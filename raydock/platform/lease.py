@@ -240,16 +240,17 @@ class Lease:
             return self.held
         with self._guard:
             try:
-                held = self._conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                        "AND classid = :a AND objid = :b AND objsubid = 2 "
-                        "AND pid = pg_backend_pid() AND granted"
-                    ),
-                    _keys(),
-                ).scalar()
-                self._conn.commit()
-                return bool(held)
+                if self._conn is not None:  # None: lost at an earlier check, not back yet
+                    held = self._conn.execute(
+                        text(
+                            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND classid = :a AND objid = :b AND objsubid = 2 "
+                            "AND pid = pg_backend_pid() AND granted"
+                        ),
+                        _keys(),
+                    ).scalar()
+                    self._conn.commit()
+                    return bool(held)
             except DBAPIError:  # the connection is gone, and the lock with it
                 with contextlib.suppress(Exception):
                     self._conn.close()
@@ -273,7 +274,11 @@ class Lease:
 
         def run() -> None:
             while not stop.wait(interval_s):
-                if self.check():
+                try:
+                    if self.check():
+                        continue
+                except Exception:  # keep watching: a thread that ends watches nothing
+                    log.exception("checking the database lease failed; checking again")
                     continue
                 holder = self.holder()
                 self.lost = (

@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.api import RunTarget
 
 from raydock.config import Settings, hardware_profiles
+from raydock.errors import Conflict
 from raydock.optimizers import plan
 from raydock.platform import deploy_checks, names, views
 from raydock.platform.jobs import (
@@ -33,7 +34,13 @@ from raydock.platform.jobs import (
     merge_adapter_task,
     optimize_model_task,
 )
-from raydock.platform.states import ACTIVE_DEPLOYMENT, JobAction, JobStatus, ModelStatus
+from raydock.platform.states import (
+    ACTIVE_DEPLOYMENT,
+    JobAction,
+    JobStatus,
+    ModelStatus,
+    undeployable_model,
+)
 from raydock.platform.states import DeploymentStatus as D
 
 log = logging.getLogger("raydock.lifecycle")
@@ -184,6 +191,9 @@ class Lifecycle:
         transition and its job in one step, then runs it; returns the job."""
         dep = await self.registry.get_deployment.remote(deployment_id)
         model = await self.registry.get_model.remote(dep["modelId"])
+        problem = undeployable_model(model["modelId"], model["status"])
+        if problem:
+            raise Conflict(problem)
         engine = deploy_checks.check_deploy(model, config or dep["config"])
         # an adapter is merged into its base first: optimizing too
         converts = engine.converts or model["kind"] == "adapter"

@@ -39,6 +39,7 @@ from raydock.platform.states import (
     check_job,
     check_model,
     is_serving,
+    undeployable_model,
 )
 
 
@@ -163,19 +164,23 @@ class Registry:
     @staticmethod
     def _servable_adapters(s: Session, model_id: str) -> dict[str, dict[str, Any]]:
         """The READY adapters of a base model, as its deployments serve them by request:
-        adapter id -> name, rank and where the adapter is in the artifact store."""
+        adapter id -> name, rank and where the adapter is in the artifact store (and, for one
+        that has them, what keeps it from being applied per request)."""
         ready = select(db.Model).where(
             db.Model.base_model_id == model_id, db.Model.status == ModelStatus.READY
         )
-        return {
-            a.id: {
+        adapters = {}
+        for a in s.scalars(ready.order_by(db.Model.created_at)):
+            facts = a.meta.get("adapter") or {}
+            adapters[a.id] = {
                 "name": a.name,
-                "rank": int((a.meta.get("adapter") or {}).get("rank") or 0),
+                "rank": int(facts.get("rank") or 0),
                 "prefix": a.artifact_uri,
                 "digest": a.meta.get("artifactDigest"),
             }
-            for a in s.scalars(ready.order_by(db.Model.created_at))
-        }
+            if facts.get("per_request_unsupported"):  # refused by ReplicaAdapters.check
+                adapters[a.id]["perRequestUnsupported"] = list(facts["per_request_unsupported"])
+        return adapters
 
     def _base_deployments_changed(self, s: Session, m: db.Model) -> None:
         """An adapter came or went: its base model's deployments serve another set."""
@@ -331,6 +336,11 @@ class Registry:
             waiting = last.deployment_id if last is not None else None
             if waiting and not self._never_deployed(s, waiting):
                 waiting = None
+            if waiting:  # it waits for the import again (and fails again if the import does)
+                d = self._deployment(s, waiting)
+                check_deployment(d.status, DeploymentStatus.READY_TO_DEPLOY)
+                d.status, d.failure_reason = DeploymentStatus.READY_TO_DEPLOY, None
+                self._access_changed.add(d.id)
             job = self._add_job(s, JobAction.IMPORT, model_id, user_id, waiting)
             return {"model": views.model(m), "job": job}
 
@@ -521,6 +531,7 @@ class Registry:
                 d = s.get(db.Deployment, j.deployment_id) if j.action == JobAction.DEPLOY else None
                 if d is not None and d.status in STARTING_DEPLOYMENT:
                     d.status, d.failure_reason = DeploymentStatus.FAILED, reason
+                    self._access_changed.add(d.id)  # replicas and the gateway stop serving it
                     self._end_version(s, d.id, "FAILED", reason)
                     failed["deployments"].append(d.id)
                     self._deployment_notice(s, d, j.created_by)
@@ -560,9 +571,9 @@ class Registry:
         imported, which the lifecycle deploys when the import ends."""
         with self._tx() as s:
             m = self._model(s, model_id)
-            ready = {ModelStatus.READY} | (IMPORTING_MODEL if awaiting_import else set())
-            if m.status not in ready:
-                raise Conflict(f"model {model_id} is {m.status}, not READY: it cannot be deployed")
+            problem = undeployable_model(model_id, m.status)
+            if problem and not (awaiting_import and m.status in IMPORTING_MODEL):
+                raise Conflict(problem)
             d = db.Deployment(
                 id=db.new_id("dp"),
                 model_id=model_id,
@@ -615,6 +626,11 @@ class Registry:
             d = self._deployment(s, deployment_id)
             if d.status in STARTING_DEPLOYMENT:
                 raise Conflict(f"deployment {deployment_id} is already {d.status}")
+            problem = undeployable_model(d.model_id, self._model(s, d.model_id).status)
+            if problem:  # e.g. a re-trigger after its import failed
+                raise Conflict(problem)
+            if self._undeploying(s, d.id):
+                raise Conflict(f"deployment {deployment_id} is being undeployed; deploy it after")
             check_deployment(d.status, status)
             if config is not None:
                 d.config = config
@@ -649,14 +665,18 @@ class Registry:
             if d.status not in UNDEPLOYABLE_DEPLOYMENT:
                 allowed = " or ".join(sorted(UNDEPLOYABLE_DEPLOYMENT))
                 raise Conflict(f"deployment is {d.status}; only {allowed} can be undeployed")
-            running = select(func.count()).where(
-                db.DockStatus.deployment_id == d.id,
-                db.DockStatus.action == JobAction.UNDEPLOY,
-                db.DockStatus.status == JobStatus.IN_PROGRESS,
-            )
-            if s.scalar(running):
+            if self._undeploying(s, d.id):
                 raise Conflict(f"deployment {deployment_id} is already being undeployed")
             return self._add_job(s, JobAction.UNDEPLOY, d.model_id, user_id, d.id)
+
+    @staticmethod
+    def _undeploying(s: Session, deployment_id: str) -> bool:
+        running = select(func.count()).where(
+            db.DockStatus.deployment_id == deployment_id,
+            db.DockStatus.action == JobAction.UNDEPLOY,
+            db.DockStatus.status == JobStatus.IN_PROGRESS,
+        )
+        return bool(s.scalar(running))
 
     def _end_version(self, s: Session, deployment_id: str, result: str, reason: str | None) -> None:
         v = s.scalar(

@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -362,6 +363,15 @@ def describe_error(err: dict[str, Any], body_model: type[BaseModel] | None) -> t
 _SPACE = NOT_BLANK[2:-1] + "\\u0000-\\u001f\\u007f"
 WEBHOOK_URL_PATTERN = f"^https?://[^/?#@{_SPACE}]+(?:[/?#][^{_SPACE}]*)?$"
 MAX_WEBHOOK_URL = 2000
+
+
+def stored_deploy_config(config: dict[str, Any]) -> DeployRequest | str:
+    """A configuration stored earlier (a deployment's last one, a history version) as a
+    DeployRequest, or why it is not valid any more (e.g. its deviceType left hardware.yaml)."""
+    try:
+        return DeployRequest.model_validate(config)
+    except ValidationError as exc:
+        return "; ".join(describe_error(e, DeployRequest)[1] for e in exc.errors())
 
 
 class WebhookSet(_Body):

@@ -69,7 +69,8 @@ _DEPLOYMENT = {
     D.OPTIMIZING: {D.DEPLOYING, D.FAILED},
     D.DEPLOYING: {D.DEPLOYED, D.FAILED},
     D.DEPLOYED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED, D.FAILED},
-    D.FAILED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED},
+    # READY_TO_DEPLOY: it never deployed, and waits again for its model's retried import
+    D.FAILED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED, D.READY_TO_DEPLOY},
     D.UNDEPLOYED: {D.DEPLOYING, D.OPTIMIZING},
 }
 
@@ -85,6 +86,14 @@ IMPORTING_MODEL = {ModelStatus.IMPORTING, ModelStatus.VALIDATING}
 RETRYABLE_SOURCES = {"hugging_face", "platform_hosted"}
 # Deployments a deploy job is starting (the lifecycle's deploy drives them to DEPLOYED/FAILED).
 STARTING_DEPLOYMENT = {D.OPTIMIZING, D.DEPLOYING}
+
+
+def undeployable_model(model_id: str, status: str) -> str | None:
+    """Why a model in `status` cannot be deployed now, or None when it is READY."""
+    if status == ModelStatus.READY:
+        return None
+    retry = " (retry its import first)" if status == ModelStatus.IMPORT_FAILED else ""
+    return f"model {model_id} is {status}, not READY: it cannot be deployed{retry}"
 
 
 def is_serving(status: str, previous_version_live: bool) -> bool:

@@ -274,6 +274,52 @@ def test_catalog_and_hugging_face_sources_download_when_not_imported_yet():
     assert change["origin"] == {"repoId": "org/m", "revision": None, "connectionId": "hfc-1"}
 
 
+CATALOG_DOC = "name: {name}\nmodel: {{catalog: qwen2.5-0.5b-instruct}}\ndeviceType: cpu-large\n"
+
+
+def test_documents_sharing_a_download_import_it_once_and_keep_their_own_model():
+    """Two documents naming one catalog model: downloaded once (the second deployment is
+    created once it is READY); applied again, each keeps the model it serves even when the
+    repo was imported twice (by hand too)."""
+    (a,) = declared(CATALOG_DOC.format(name="a"))
+    (b,) = declared(CATALOG_DOC.format(name="b"))
+    first = apply.plan([a, b], apply.State([], []), prune=False)
+    assert [(c["name"], c["action"]) for c in first] == [("a", "import-and-create"), ("b", "wait")]
+    assert first[1]["after"] == "a" and "imported for deployment 'a'" in first[1]["details"][0]
+
+    origin = first[0]["origin"]
+    imported = [
+        model(m, None, source="platform_hosted", metadata={"origin": origin})
+        for m in ("cm-1", "cm-2")
+    ]
+    deps = [
+        deployment_of(a, model_id="cm-1"),
+        deployment_of(b, model_id="cm-2") | {"deploymentId": "dp-2"},
+    ]
+    again = apply.plan([a, b], apply.State(deps, imported), prune=False)
+    assert [c["action"] for c in again] == ["unchanged", "unchanged"]
+
+
+def test_a_failed_import_is_retried_by_applying_the_file_again():
+    (d,) = declared(CATALOG_DOC.format(name="q"))
+    origin = apply.plan([d], apply.State([], []), prune=False)[0]["origin"]
+    failed = model(
+        "cm-q",
+        None,
+        source="platform_hosted",
+        status="IMPORT_FAILED",
+        error="the download broke",
+        metadata={"origin": origin},
+    )
+    waiting = deployment_of(d, model_id="cm-q", status="FAILED")
+    (change,) = apply.plan([d], apply.State([waiting], [failed]), prune=False)
+    assert change["action"] == "retry-import" and change["modelId"] == "cm-q"
+    assert "import failed: the download broke" in change["details"][0]
+    (changed,) = declared(CATALOG_DOC.format(name="q") + "description: other\n")
+    with pytest.raises(ApiError, match="whose import failed: apply the file unchanged"):
+        apply.plan([changed], apply.State([waiting], [failed]), prune=False)
+
+
 def test_an_exported_deployment_applies_back_unchanged():
     (d,) = declared(GOOD + "    limits: {tokensPerDay: 1000}\ndescription: hi\n")
     dep = deployment_of(d)

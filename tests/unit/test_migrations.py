@@ -344,6 +344,25 @@ def test_postgresql_lease_survives_a_cut_connection_unless_another_took_it(pg_se
         reg.close()
 
 
+def test_postgresql_lease_is_kept_through_an_outage_longer_than_one_check(pg_server):
+    """The server refuses connections for several checks (a restart, a failover): each
+    check keeps the lease (nobody can take it meanwhile), and it is taken again after."""
+    url = pg_server.new_database()
+    name = url.rsplit("/", 1)[-1]
+    reg = Registry(url)
+    try:
+        lease_pid = reg._lease._conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        reg._lease._conn.commit()
+        sql(pg_server.url(), f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        sql(pg_server.url(), f"SELECT pg_terminate_backend({lease_pid})")
+        assert reg._lease.check() and reg._lease.check() and reg._lease.check()
+        sql(pg_server.url(), f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        assert reg._lease.check() and reg._lease._conn is not None
+        assert reg.ensure_admin() is not None
+    finally:
+        reg.close()
+
+
 def test_an_in_memory_sqlite_needs_no_lease_file():
     reg = Registry("sqlite://")
     try:

@@ -158,6 +158,51 @@ def test_undeploy_job_only_for_deployed_or_failed_and_once(reg, admin):
         reg.begin_undeploy(d["deploymentId"], user["userId"])
 
 
+def test_a_deploy_needs_a_ready_model_and_no_undeploy_under_way(reg, admin):
+    """A re-trigger of a deployment whose model's import failed is refused (its engine would
+    find no weights); so is a redeploy while an undeploy of it runs (that undeploy would
+    delete the new version's app and fail)."""
+    _, user = admin
+    uid = user["userId"]
+    failed = reg.create_model("gone", "hugging_face", uid)
+    d = reg.create_deployment(
+        failed["modelId"], default_deploy_body("w"), uid, awaiting_import=True
+    )
+    job = reg.create_job("IMPORT", failed["modelId"], uid, d["deploymentId"])
+    reg.fail_jobs([job["dockStatusId"]], "the download broke")
+    assert reg.get_deployment(d["deploymentId"])["status"] == "FAILED"
+    with pytest.raises(Conflict, match="IMPORT_FAILED, not READY.*retry its import first"):
+        reg.begin_deploy(d["deploymentId"], None, uid, "DEPLOYING")
+    assert reg.history(d["deploymentId"]) == []  # nothing recorded for the refused deploy
+    # a retried import: the deployment waits for it again (and deploys when it is READY)
+    retry = reg.begin_retry_import(failed["modelId"], uid)
+    assert retry["job"]["deploymentId"] == d["deploymentId"]
+    waiting = reg.get_deployment(d["deploymentId"])
+    assert waiting["status"] == "READY_TO_DEPLOY" and not waiting["failureReason"]
+
+    m = ready_model(reg, uid)
+    live = reg.create_deployment(m["modelId"], default_deploy_body("live"), uid)
+    reg.begin_deploy(live["deploymentId"], None, uid, "DEPLOYING")
+    reg.set_deployment_status(live["deploymentId"], "DEPLOYED")
+    reg.begin_undeploy(live["deploymentId"], uid)
+    with pytest.raises(Conflict, match="is being undeployed"):
+        reg.begin_deploy(live["deploymentId"], None, uid, "DEPLOYING")
+    assert reg.get_deployment(live["deploymentId"])["status"] == "DEPLOYED"
+
+
+def test_an_interrupted_deploy_tells_the_replicas_it_stopped(reg, admin, monkeypatch):
+    """fail_jobs ends a starting deployment FAILED: its access snapshot (what replicas and
+    the gateway serve by) is published, else they keep serving the old status."""
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    d = reg.create_deployment(m["modelId"], default_deploy_body("a"), user["userId"])
+    deploy = reg.begin_deploy(d["deploymentId"], None, user["userId"], "DEPLOYING")
+    published: list[dict] = []
+    monkeypatch.setattr(reg, "_publish", published.append)  # the access hub is not running
+    reg.fail_jobs([deploy["dockStatusId"]], "interrupted")
+    assert published and published[-1][d["deploymentId"]]["status"] == "FAILED"
+
+
 def test_deleting_a_model_ends_its_running_import(reg, admin):
     _, user = admin
     importing = reg.create_model("half", "file", user["userId"])
