@@ -65,7 +65,8 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "DELETE /models/{modelId}": (409,),
     "DELETE /deployments/{deploymentId}": (409,),
     "POST /models/{modelId}/export": (409,),
-    "GET /deployments/{deploymentId}/stats": (409,),
+    "GET /deployments/{deploymentId}/stats": (409,),  # not DEPLOYED
+    "GET /catalog/{entryId}": (400,),  # an optimizationType its architecture does not run
     "GET /exports/{dockStatusId}/download": (409,),
     "POST /connections": (400, 409),  # the Hub refuses the token; the name exists
     "POST /models/import/huggingface": (404, 409),  # connectionId; baseModelId not READY

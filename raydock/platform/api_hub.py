@@ -171,8 +171,9 @@ async def list_catalog(
     family: Annotated[str | None, Query(max_length=50)] = None,
 ) -> dict[str, Any]:
     """Platform-hosted models, with the deviceTypes each fits (unoptimized, default batch
-    size) and the smallest of them. Filters: a name substring, a family."""
-    found = catalog.listing(name, family)
+    size) and the smallest of them, and `importRefusal`: why one cannot be imported here
+    (its weights are over max_archive_bytes), else null. Filters: a name substring, a family."""
+    found = catalog.listing(ctx.settings.max_archive_bytes, name, family)
     return {"models": found, "total": len(found)}
 
 
@@ -184,11 +185,15 @@ async def catalog_entry(
     quantizationType: Annotated[str, Query(max_length=20)] = "",
     maxBatchSize: Annotated[int, Query(ge=1, le=256)] = schemas.ScalingParameters().maxBatchSize,
 ) -> dict[str, Any]:
-    """One entry with its memory estimate on every deviceType for an optimization."""
+    """One entry with its memory estimate on every deviceType for an optimization (one of
+    those its architecture supports), and `importRefusal` as in the listing."""
     entry = catalog.get(entryId)
     optimization = {"optimizationType": optimizationType, "quantizationType": quantizationType}
-    fit = deploy_checks.fit_report(catalog.as_model(entry), optimization, maxBatchSize)
-    return {**entry, "fit": fit}
+    model = catalog.as_model(entry)
+    catalog.check_optimization(model, optimization, param="optimizationType")
+    fit = deploy_checks.fit_report(model, optimization, maxBatchSize)
+    refusal = catalog.import_refusal(entry, ctx.settings.max_archive_bytes)
+    return {**entry, "importRefusal": refusal, "fit": fit}
 
 
 async def _catalog_model(entry: dict[str, Any]) -> dict[str, Any] | None:
@@ -211,13 +216,15 @@ async def _catalog_model(entry: dict[str, Any]) -> dict[str, Any] | None:
 async def deploy_catalog(entryId: str, body: schemas.CatalogDeploy, user: User) -> dict[str, Any]:
     """Deploy a platform-hosted model: imported from its repo on first use (source Platform
     Hosted), then deployed; later deploys reuse the imported model. Refused with a 400 that
-    gives the estimate when the deviceType cannot hold it."""
+    gives the estimate when the deviceType cannot hold it, and before an import that could
+    only fail: a gated repo without `connectionId`."""
     entry = catalog.get(entryId)
     config = _deploy_body(body)
     deploy_checks.check_deploy(catalog.as_model(entry), config)
     deploy_checks.check_cluster(body.deviceType, ctx.settings.cluster_autoscaling)
     model = await _catalog_model(entry)
     if model is None:
+        catalog.check_import(entry, body.connectionId)
         origin = {**catalog.origin(entry), "connectionId": body.connectionId}
         return await _start_download(
             entry["name"], "platform_hosted", origin, user, body.description, body.tags, config

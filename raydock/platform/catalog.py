@@ -14,6 +14,9 @@ from raydock.errors import ApiError, NotFound
 from raydock.platform.schemas import ScalingParameters
 
 _REQUIRED = ("id", "name", "family", "repo", "parameters", "context_length", "license", "config")
+#: The least a catalog repo's weights take per parameter. The catalog records no file sizes;
+#: its checkpoints are 16-bit or wider (each config's torch_dtype), none quantized.
+MIN_BYTES_PER_PARAMETER = 2
 
 
 @lru_cache
@@ -60,23 +63,59 @@ def origin(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def check_optimization(model: dict[str, Any], optimization: dict[str, Any]) -> None:
-    """A catalog model runs the optimizations its entry lists (its architecture's)."""
+def import_refusal(entry: dict[str, Any], max_archive_bytes: int) -> str | None:
+    """Why the entry's model files cannot be imported on this platform (None: they can):
+    its weights alone, at 2 bytes per parameter, are over the import limit."""
+    weights = entry["parameters"] * MIN_BYTES_PER_PARAMETER
+    if weights <= max_archive_bytes:
+        return None
+    return (
+        f"{entry['name']} cannot be imported here: its weights take at least "
+        f"{weights / 2**30:.1f} GiB ({entry['parameters']:,} parameters at "
+        f"{MIN_BYTES_PER_PARAMETER} bytes), over the import limit (max_archive_bytes "
+        f"{max_archive_bytes})"
+    )
+
+
+def check_import(entry: dict[str, Any], connection_id: str | None) -> None:
+    """Refuse, before an import starts, one that can only fail: a gated repo without a
+    connection (the Hub refuses anonymous downloads). The files' size is the import's first
+    check, on the Hub's own listing (`importRefusal` is the catalog's lower bound of it)."""
+    if entry.get("gated") and not connection_id:
+        raise ApiError(
+            400,
+            f"{entry['repo']} is a gated repository: give the connectionId of a connection "
+            "whose Hugging Face account has accepted its licence",
+            "connectionId",
+            "connection_required",
+        )
+
+
+def check_optimization(
+    model: dict[str, Any],
+    optimization: dict[str, Any],
+    param: str = "optimizationInfo.optimizationType",
+) -> None:
+    """A catalog model runs the optimizations its entry lists (its architecture's);
+    `param`: where the request gave optimizationType."""
     allowed = ((model.get("metadata") or {}).get("origin") or {}).get("optimizations")
     kind = optimization.get("optimizationType") or ""
     if kind and allowed is not None and kind not in allowed:
         raise ApiError(
             400,
-            f"optimizationType {kind!r} does not support this model's architecture; "
+            f"optimizationType {kind!r} is not an engine this model's architecture supports; "
             f"choose one of {['', *allowed]}",
-            "optimizationInfo.optimizationType",
+            param,
             "invalid_optimization",
         )
 
 
-def listing(name: str | None = None, family: str | None = None) -> list[dict[str, Any]]:
+def listing(
+    max_archive_bytes: int, name: str | None = None, family: str | None = None
+) -> list[dict[str, Any]]:
     """Entries matching a name (substring of id, name or repo) and a family, each with the
-    deviceTypes it fits unoptimized at the default batch size and the smallest of them."""
+    deviceTypes it fits unoptimized at the default batch size and the smallest of them, and
+    why it cannot be imported here (`importRefusal`, null when it can)."""
     from raydock.platform.deploy_checks import fit_report
 
     batch = ScalingParameters().maxBatchSize
@@ -95,6 +134,7 @@ def listing(name: str | None = None, family: str | None = None) -> list[dict[str
                 "config": entry["config"],
                 "deviceTypes": fits,
                 "suggestedDeviceType": report["suggestedDeviceType"],
+                "importRefusal": import_refusal(entry, max_archive_bytes),
             }
         )
     return found

@@ -10,6 +10,8 @@ download interrupted (retry resumes it).
 from __future__ import annotations
 
 import fnmatch
+import json
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +21,8 @@ from typing import Any
 
 from raydock.platform.model_archive import ArchiveError, check_layout
 
+#: A sharded checkpoint's index: its `weight_map` names the shards the model loads.
+INDEX_FILE = "model.safetensors.index.json"
 #: The files of a model raydock serves (config, tokenizer, safetensors weights), at the repo
 #: root: nothing else is downloaded (no pickles, no other formats, no READMEs of gigabytes).
 MODEL_FILES = (
@@ -35,7 +39,7 @@ MODEL_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "*.safetensors",
-    "model.safetensors.index.json",
+    INDEX_FILE,
     "adapter_config.json",
 )
 #: Pickle weights: listed so the layout check can say why they are refused, never fetched.
@@ -146,14 +150,62 @@ def repo_files(
         raise HubError(f"{repo_id}: {exc}") from None
     if info.gated and not token:  # listing a gated repo is public; its files are not
         raise HubError(_refusal(_Gated(), repo_id, revision, connection))
-    sizes = {n: size for n, size in siblings.items() if _needed(n, MODEL_FILES)}
-    files = RepoFiles(sha=info.sha or revision or "main", sizes=sizes)
+    sha = info.sha or revision or "main"
+    needed = [n for n in siblings if _needed(n, MODEL_FILES)]
+    if INDEX_FILE in needed:  # sharded: only the shards the index names
+        weights = _shards(endpoint, repo_id, sha, token, connection)
+    else:
+        weights = _weights(needed, kind)
+    missing = sorted(weights - siblings.keys())
+    if missing:
+        raise HubError(f"{repo_id}: {INDEX_FILE} names {missing}, which the repo lacks")
+    sizes = {n: siblings[n] for n in needed if not n.endswith(".safetensors")}
+    sizes |= {n: siblings[n] for n in sorted(weights)}
+    files = RepoFiles(sha=sha, sizes=sizes)
     if files.total > limits.max_total_bytes:
         raise HubError(
             f"{repo_id} needs {files.total / 2**30:.1f} GiB of model files, over the import "
             f"limit of {limits.max_total_bytes / 2**30:.1f} GiB (max_archive_bytes)"
         )
     return files
+
+
+def _weights(names: list[str], kind: str) -> set[str]:
+    """The safetensors files an unsharded model loads: model.safetensors (an adapter:
+    adapter_model.safetensors) when the repo has it, so that no other copy of the weights
+    beside it is fetched; else every one at the root."""
+    single = "adapter_model.safetensors" if kind == "adapter" else "model.safetensors"
+    if single in names:
+        return {single}
+    return {n for n in names if n.endswith(".safetensors")}
+
+
+def _shards(
+    endpoint: str | None, repo_id: str, sha: str, token: str | None, connection: str | None
+) -> set[str]:
+    """The shards the index's weight_map names, read from the Hub at the pinned commit: a
+    repo may hold another copy of the weights beside them (e.g. Mistral's
+    consolidated.safetensors), which is not fetched."""
+    from huggingface_hub import hf_hub_download
+
+    with tempfile.TemporaryDirectory(prefix="raydock-index-") as tmp:
+        try:
+            path = hf_hub_download(
+                repo_id,
+                INDEX_FILE,
+                revision=sha,
+                local_dir=tmp,
+                cache_dir=Path(tmp) / ".cache",  # nothing written to the node's home
+                token=token or False,
+                endpoint=endpoint or None,
+            )
+        except Exception as exc:
+            raise HubError(_refusal(exc, repo_id, sha, connection)) from None
+        try:
+            weight_map = json.loads(Path(path).read_text())["weight_map"]
+            return {str(shard) for shard in weight_map.values()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HubError(f"{repo_id}: {INDEX_FILE} has no readable weight_map") from None
 
 
 def _bytes_on_disk(folder: Path) -> int:

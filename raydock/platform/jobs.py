@@ -218,7 +218,7 @@ def import_hf_task(
     endpoint = cfg.hf_endpoint or None
     repo_id = origin["repoId"]
     kind = "adapter" if base else "base"
-    work = Path(tempfile.mkdtemp(prefix="raydock-hf-"))
+    work: Path | None = None
     try:
         files = hf.repo_files(
             endpoint,
@@ -230,6 +230,9 @@ def import_hf_task(
             limits,
         )
         folder = hf_download_folder(cfg, repo_id, files.sha)
+        # beside the download, on its filesystem: the files are moved (renamed) out of it
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder.parent))
         downloading = JobProgress(job_id, 2, 75)
         hf.download(
             endpoint,
@@ -267,7 +270,8 @@ def import_hf_task(
     except Exception as exc:
         return job.fail(f"import failed: {exc}")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def deployconfig_from(config: dict[str, Any]) -> dict[str, Any]:

@@ -3,15 +3,35 @@ model needs, the reasons a repo is refused, and a download that a retry resumes.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
+from raydock.config import Settings
 from raydock.modelgen import cached_model_dir
+from raydock.modelgen.adapters import cached_adapter_dir
 from raydock.optimizers.merge import is_merge_of, merged_key
 from raydock.platform import hf
 from raydock.platform.model_archive import ArchiveLimits
 from tests.hf_hub import FakeHub
 
 LIMITS = ArchiveLimits(max_total_bytes=20 * 2**20)
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def sharded(files: dict[str, bytes], index_names: tuple[str, ...] = SHARDS) -> dict[str, bytes]:
+    """A repo laid out as Mistral's: the weights in SHARDS, which an index names
+    (`index_names`: perhaps one the repo lacks), and a consolidated copy of them beside (for
+    another library), as large as the shards."""
+    weight_map = {f"layer.{i}.weight": shard for i, shard in enumerate(index_names)}
+    index = json.dumps({"metadata": {"total_size": 2 * 2**20}, "weight_map": weight_map})
+    return (
+        {n: c for n, c in files.items() if n != "model.safetensors"}
+        | {"consolidated.safetensors": b"c" * 2 * 2**20, hf.INDEX_FILE: index.encode()}
+        | {shard: b"s" * 2**20 for shard in SHARDS}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +43,14 @@ def hub():
         hub.add_repo("org/gated", files, gated=True)
         hub.add_repo("org/pickled", {**files, "model.safetensors": b""} | {"model.bin": b"x"})
         hub.add_repo("org/flaky", files)
+        hub.add_repo("org/sharded", sharded(files))
+        hub.add_repo("org/gated-sharded", sharded(files), gated=True)
+        hub.add_repo(
+            "org/lost-shard", sharded(files, (*SHARDS, "model-00003-of-00002.safetensors"))
+        )
+        hub.add_repo("org/two-copies", files | {"consolidated.safetensors": b"c" * 2**20})
+        adapter = {p.name: p.read_bytes() for p in cached_adapter_dir("tiny", 3).iterdir()}
+        hub.add_repo("org/adapter-two-copies", adapter | {"model.safetensors": b"m" * 2**20})
         hub.add_token("hf_good", user="alice")
         yield hub
 
@@ -36,6 +64,42 @@ def test_only_the_files_a_model_serves_are_chosen(hub):
     assert "README.md" not in files.sizes and "pytorch_model.bin" not in files.sizes
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files.sizes)
     assert len(files.sha) == 40
+
+
+def test_only_the_shards_the_index_names_are_chosen_and_downloaded(hub, tmp_path):
+    files = files_of(hub, "org/sharded")
+    weights = {n for n in files.sizes if n.endswith(".safetensors")}
+    assert weights == set(SHARDS)
+    assert hf.INDEX_FILE in files.sizes and "config.json" in files.sizes
+    rest = sum(s for n, s in files.sizes.items() if not n.endswith(".safetensors"))
+    # the two 1 MiB shards, not the 2 MiB consolidated copy: the limit and progress count these
+    assert files.total == rest + 2 * 2**20
+    hf.repo_files(hub.url, "org/sharded", None, None, None, "base", ArchiveLimits(files.total))
+
+    seen: list[tuple[int, int]] = []
+    folder = tmp_path / "download"
+    hf.download(hub.url, "org/sharded", files, None, None, folder, lambda *a: seen.append(a))
+    assert seen[-1] == (files.total, files.total)
+    hf.take_model_files(folder, files, tmp_path / "model")
+    assert {p.name for p in (tmp_path / "model").glob("*.safetensors")} == set(SHARDS)
+    fetched = {r["path"].rsplit("/", 1)[1] for r in hub.requests if "/org/sharded/" in r["path"]}
+    assert "consolidated.safetensors" not in fetched
+
+    # the index of a gated repo is read with the connection's token
+    assert set(SHARDS) <= set(files_of(hub, "org/gated-sharded", "hf_good", "team").sizes)
+
+
+def test_an_unsharded_model_gets_model_safetensors_alone(hub):
+    files = files_of(hub, "org/two-copies")
+    assert "model.safetensors" in files.sizes
+    assert "consolidated.safetensors" not in files.sizes
+    adapter = hf.repo_files(hub.url, "org/adapter-two-copies", None, None, None, "adapter", LIMITS)
+    assert {n for n in adapter.sizes if n.endswith(".safetensors")} == {"adapter_model.safetensors"}
+
+
+def test_a_shard_the_index_names_and_the_repo_lacks_is_refused(hub):
+    with pytest.raises(hf.HubError, match="model-00003-of-00002.safetensors.*repo lacks"):
+        files_of(hub, "org/lost-shard")
 
 
 def test_refusals_say_what_to_do(hub):
@@ -80,6 +144,48 @@ def test_a_broken_download_fails_then_a_retry_fetches_only_what_is_missing(
         and r["path"].endswith("flaky/resolve/" + files.sha + "/config.json")
     ]
     assert len(config_gets) == 1  # kept from the broken attempt
+
+
+class _FakeImport:
+    """jobs._ModelImport without the registry or the store: records what the task finished."""
+
+    finished: dict = {}
+
+    def __init__(self, cfg, model_id, job_id):
+        self.registry = SimpleNamespace(update_job=SimpleNamespace(remote=lambda *a, **k: None))
+
+    def mark_validating(self):
+        pass
+
+    def finish(self, folder, meta, origin=None):
+        _FakeImport.finished = {"folder": folder, "files": sorted(p.name for p in folder.iterdir())}
+        return {"status": "READY"}
+
+    def fail(self, reason):
+        return {"error": reason}
+
+
+def test_an_import_moves_the_files_within_the_download_folder_filesystem(
+    hub, tmp_path, monkeypatch
+):
+    """The model is moved (renamed) out of the download folder into the task's work folder:
+    beside it in the node cache, never under /tmp (often a tmpfs of its own: the rename fails
+    with EXDEV after the whole download)."""
+    from raydock.platform import jobs, model_archive
+
+    cfg = Settings(home=str(tmp_path / "home"), hf_endpoint=hub.url)
+    downloads = Path(cfg.cache_location) / "downloads"
+    monkeypatch.setattr(jobs, "_ModelImport", _FakeImport)
+    monkeypatch.setattr(jobs, "JobProgress", lambda *a: lambda *b: None)
+    monkeypatch.setattr(jobs.ray, "get", lambda ref: ref)
+    monkeypatch.setattr(model_archive, "inspect_model_dir", lambda *a, **k: None)
+    origin = {"repoId": "org/public", "revision": None}
+    result = jobs.import_hf_task._function(cfg.to_dict(), "m-1", "j-1", origin, None)
+    assert result == {"status": "READY"}
+    model = _FakeImport.finished["folder"]
+    assert model.parent.parent == downloads and model.parent.name.startswith(".work-")
+    assert "model.safetensors" in _FakeImport.finished["files"]
+    assert list(downloads.iterdir()) == []  # the work folder and the download, removed
 
 
 def test_a_merge_is_found_by_its_adapter():
