@@ -4,11 +4,13 @@ The archive stage (model_archive.inspect_model_dir) sees only the adapter's own 
 one reads the base model's safetensors headers (no tensor data) and refuses an adapter that
 cannot apply to it: another architecture, target modules the base lacks, shapes or depth
 that do not match, ranks and alphas out of range. What it returns is what serving the
-adapter needs (rank, alpha, target modules).
+adapter needs (rank, alpha, target modules, and the settings that keep it from being applied
+per request: :func:`per_request_unsupported`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -82,11 +84,13 @@ def check_adapter_against_base(
     model's name in the hub, compared (as a hint only) with the adapter's
     base_model_name_or_path. Raises :class:`ArchiveError` saying what does not fit.
 
-    Returns ``peft_type``, ``rank``, ``alpha``, ``target_modules`` (the layer names that carry
-    LoRA weights, e.g. ``["q_proj", "v_proj"]``), ``base_model_name_or_path``,
-    ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``, ``modules_to_save``,
-    ``adapted_layers`` (how many layers the adapter changes) and ``warnings`` (user-facing
-    notes that did not refuse the adapter).
+    Returns ``peft_type``, ``rank`` (the largest of r and the rank_pattern ranks: what a
+    deployment's maxAdapterRank bounds, as vLLM counts it), ``alpha``, ``target_modules`` (the
+    layer names that carry LoRA weights, e.g. ``["q_proj", "v_proj"]``),
+    ``base_model_name_or_path``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``,
+    ``use_dora``, ``bias``, ``modules_to_save``, ``per_request_unsupported``
+    (:func:`per_request_unsupported`), ``adapted_layers`` (how many layers the adapter changes)
+    and ``warnings`` (user-facing notes that did not refuse the adapter).
     """
     adapter_root, base_root = Path(adapter_dir), Path(base_dir)
     if not adapter_root.is_dir():
@@ -158,7 +162,7 @@ def check_adapter_against_base(
     modules_to_save = config.get("modules_to_save")
     return {
         "peft_type": "LORA",
-        "rank": rank,
+        "rank": max([rank, *rank_pattern.values()]),
         "alpha": alpha,
         "target_modules": leaves,
         "base_model_name_or_path": adapter_name,
@@ -166,10 +170,35 @@ def check_adapter_against_base(
         "alpha_pattern": alpha_pattern,
         "use_rslora": config.get("use_rslora") is True,
         "use_dora": config.get("use_dora") is True,
+        "bias": config.get("bias", "none"),
         "modules_to_save": modules_to_save if isinstance(modules_to_save, list) else None,
+        "per_request_unsupported": per_request_unsupported(config),
         "adapted_layers": len(parts),
         "warnings": _base_name_warnings(adapter_name, base.config, base_name),
     }
+
+
+def per_request_unsupported(config: dict) -> list[str]:
+    """The adapter_config.json settings that keep an adapter from being applied per request on
+    a deployment of its base, each as "field: value (allowed: ...)"; empty for a plain LoRA.
+
+    vLLM refuses them when it loads the adapter, and PEFT's mixed batches (the transformers
+    engine) fail every sequence of a batch a DoRA adapter joins. A merge applies them all: the
+    adapter deployed as its own deployment, or on a CTranslate2 replica, which merges too.
+    (init_lora_weights only matters in training.)
+    """
+    found = []
+    if config.get("use_dora"):
+        found.append("use_dora: true (DoRA; allowed: false)")
+    if config.get("bias", "none") != "none":
+        found.append(f'bias: {json.dumps(config["bias"])} (allowed: "none")')
+    if config.get("lora_bias"):
+        found.append("lora_bias: true (allowed: false)")
+    if config.get("modules_to_save"):
+        found.append(
+            f"modules_to_save: {json.dumps(config['modules_to_save'])} (allowed: null or [])"
+        )
+    return found
 
 
 def _check_peft_type(peft_type: str) -> None:

@@ -103,11 +103,22 @@ class ReplicaAdapters:
                 param,
                 "unsupported_parameter",
             )
+        unsupported = adapter.get("perRequestUnsupported")  # adapter_check's list
+        if unsupported and self.merged is None:  # a merge applies them
+            raise ApiError(
+                400,
+                f"adapter {adapter['name']!r} cannot be applied per request: its "
+                f"adapter_config.json sets {'; '.join(unsupported)}; deploy the adapter as its "
+                "own deployment (it is merged into the base), or retrain it without them",
+                param,
+                "unsupported_parameter",
+            )
         if adapter["rank"] > self.max_rank:
             raise ApiError(
                 400,
-                f"adapter {adapter['name']!r} has rank {adapter['rank']}; this deployment "
-                f"loads ranks up to {self.max_rank} (adapterParameters.maxAdapterRank)",
+                f"adapter {adapter['name']!r} has rank {adapter['rank']} (the largest of r and "
+                f"rank_pattern); this deployment loads ranks up to {self.max_rank} "
+                "(adapterParameters.maxAdapterRank)",
                 param,
                 "unsupported_parameter",
             )

@@ -8,6 +8,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from raydock.modelgen import cached_model_dir
 from raydock.modelgen.adapters import cached_adapter_dir
@@ -123,6 +124,87 @@ def test_adapters_a_deployment_cannot_apply_are_refused(engine, max_loaded, rank
     with pytest.raises(ApiError) as exc:
         replica.check({"id": "m-1", "name": "lora", "rank": rank}, "model")
     assert exc.value.status == 400 and exc.value.param == "model" and says in exc.value.message
+
+
+@pytest.fixture
+def imported(tmp_path):
+    """Import generated adapters (their archives checked against the tiny base, as an import
+    does) onto a base deployment; `imported(name, **build)` is the adapter as the
+    deployment's replicas see it in their access snapshot."""
+    from raydock.modelgen.adapters import build_adapter_zip
+    from raydock.platform.model_archive import extract_model_archive
+    from raydock.platform.registry import Registry
+    from raydock.serve_apps.access import DeploymentAccess
+
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    base = reg.create_model("base", "file", "u")["modelId"]
+    reg.set_model_status(base, "VALIDATING")
+    reg.set_model_status(base, "READY")
+    dep = reg.create_deployment(base, {"name": "d"}, "u")["deploymentId"]
+
+    def imported_adapter(name: str, **build) -> dict:
+        archive = build_adapter_zip(tmp_path / f"{name}.zip", "tiny", **build)
+        meta = extract_model_archive(
+            archive, tmp_path / name, kind="adapter", base_dir=cached_model_dir("tiny")
+        )
+        lora = reg.create_model(name, "file", "u", kind="adapter", base_model_id=base)["modelId"]
+        reg.set_model_status(lora, "VALIDATING")
+        facts = {"adapter": meta.adapter, "artifactDigest": "0" * 64}
+        reg.set_model_status(lora, "READY", artifact_uri=f"models/{lora}", meta=facts)
+        return DeploymentAccess.from_dict(reg.access_snapshots([dep])[dep]).adapter(name, "model")
+
+    yield imported_adapter
+    reg.close()
+
+
+def test_dora_bias_and_saved_modules_are_refused_per_request_but_not_merged(imported):
+    """vLLM refuses them when it loads the adapter, and a DoRA adapter in a PEFT mixed batch
+    fails every sequence of the batch: refused before either, naming the config field. A
+    CTranslate2 replica merges the adapter, which applies them."""
+    from raydock.errors import ApiError
+    from raydock.serve_apps.adapters import MergedServing, ReplicaAdapters
+
+    unsupported = {
+        "dora": ({"use_dora": True}, "use_dora: true (DoRA; allowed: false)"),
+        "bias": ({"bias": "all"}, 'bias: "all" (allowed: "none")'),
+        "saves": ({"modules_to_save": ["lm_head"]}, 'modules_to_save: ["lm_head"]'),
+    }
+    adapters = {
+        name: imported(name, overrides={"config": c}) for name, (c, _) in unsupported.items()
+    }
+    plain = imported("plain")
+    runtime = TransformersEngine.__new__(TransformersEngine)
+    for engine_name in ("transformers", "vllm"):
+        replica = ReplicaAdapters(runtime, engine_name, {}, max_loaded=4, max_rank=64)
+        for name, (_, says) in unsupported.items():
+            with pytest.raises(ApiError) as exc:
+                replica.check(adapters[name], "model")
+            assert (exc.value.status, exc.value.param) == (400, "model")
+            assert says in exc.value.message and "as its own deployment" in exc.value.message
+        replica.check(plain, "model")
+    merged = MergedServing({}, "int8", lambda merged, out: None, lambda out: None)
+    ct2 = ReplicaAdapters(_NoLoRA(), "ctranslate2", {}, max_loaded=4, max_rank=64, merged=merged)
+    for adapter in adapters.values():
+        ct2.check(adapter, "model")
+
+
+def test_a_rank_pattern_above_the_deployments_rank_is_refused(imported):
+    """vLLM bounds max(r, *rank_pattern.values()) by max_lora_rank: so does the replica."""
+    from raydock.errors import ApiError
+    from raydock.serve_apps.adapters import ReplicaAdapters
+
+    q_rank_16 = {  # r is 4, but q_proj has rank 16
+        f"base_model.model.model.layers.{layer}.self_attn.q_proj.lora_{m}.weight": torch.ones(shape)
+        for layer in (0, 1)
+        for m, shape in (("A", (16, 128)), ("B", (128, 16)))
+    }
+    pattern = {"config": {"rank_pattern": {"q_proj": 16}}, "tensors": q_rank_16}
+    adapter = imported("wide", rank=4, overrides=pattern)
+    engine = TransformersEngine.__new__(TransformersEngine)
+    ReplicaAdapters(engine, "vllm", {}, max_loaded=4, max_rank=16).check(adapter)
+    with pytest.raises(ApiError) as exc:
+        ReplicaAdapters(engine, "vllm", {}, max_loaded=4, max_rank=8).check(adapter)
+    assert exc.value.status == 400 and "has rank 16" in exc.value.message
 
 
 def test_an_adapter_that_cannot_load_is_a_503_without_internals(tmp_path):

@@ -210,6 +210,11 @@ def test_adapters_saved_by_peft_fit(tmp_path: Path, base: Path, config: dict) ->
         peft.get_peft_model(model, peft.LoraConfig(**config)).save_pretrained(str(tmp_path))
     facts = check_adapter_against_base(tmp_path, base)
     assert facts["use_dora"] is bool(config.get("use_dora"))
+    # what vLLM and PEFT's mixed batches cannot apply is recorded (a merge serves it)
+    unsupported = [entry.split(":")[0] for entry in facts["per_request_unsupported"]]
+    assert unsupported == [
+        field for field in ("use_dora", "lora_bias", "modules_to_save") if config.get(field)
+    ]
     with pytest.raises(ArchiveError, match="does not fit|replaces the base model's"):
         check_adapter_against_base(tmp_path, cached_model_dir("small"))
 
@@ -227,7 +232,9 @@ def test_generated_adapter_fits_its_base(tmp_path: Path, base: Path) -> None:
         "alpha_pattern": {},
         "use_rslora": False,
         "use_dora": False,
+        "bias": "none",
         "modules_to_save": None,
+        "per_request_unsupported": [],
         "adapted_layers": 4,
         "warnings": [],
     }
@@ -256,6 +263,43 @@ def test_target_modules_all_linear_and_rank_pattern(tmp_path: Path, base: Path) 
     assert check_adapter_against_base(adapter, base)["rank_pattern"] == {"q_proj": 8}
     regex = _extract(tmp_path, "regex", overrides={"config": {"target_modules": r".*\.[qv]_proj"}})
     assert check_adapter_against_base(regex, base)["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_rank_is_the_largest_of_r_and_rank_pattern(tmp_path: Path, base: Path) -> None:
+    """vLLM bounds max(r, *rank_pattern.values()) by max_lora_rank: the recorded rank (what
+    maxAdapterRank is compared with) is that one, not r."""
+    q_rank_16 = {
+        **_lora(0, "q_proj", (16, 128), (128, 16)),
+        **_lora(1, "q_proj", (16, 128), (128, 16)),
+    }
+    adapter = _extract(
+        tmp_path,
+        rank=4,
+        overrides={"config": {"rank_pattern": {"q_proj": 16}}, "tensors": q_rank_16},
+    )
+    facts = check_adapter_against_base(adapter, base)
+    assert (facts["rank"], facts["rank_pattern"]) == (16, {"q_proj": 16})
+
+
+@pytest.mark.parametrize(
+    ("config", "recorded"),
+    [
+        ({"use_dora": True}, ["use_dora: true (DoRA; allowed: false)"]),
+        ({"bias": "all"}, ['bias: "all" (allowed: "none")']),
+        ({"bias": "lora_only"}, ['bias: "lora_only" (allowed: "none")']),
+        ({"modules_to_save": ["lm_head"]}, ['modules_to_save: ["lm_head"] (allowed: null or [])']),
+        ({"lora_bias": True}, ["lora_bias: true (allowed: false)"]),
+        ({"modules_to_save": [], "init_lora_weights": "gaussian", "bias": "none"}, []),
+    ],
+    ids=["dora", "bias-all", "bias-lora_only", "modules_to_save", "lora_bias", "plain"],
+)
+def test_what_cannot_be_applied_per_request_is_recorded(
+    tmp_path: Path, base: Path, config: dict, recorded: list[str]
+) -> None:
+    """The import accepts these (a merge applies them: the adapter's own deployment); the
+    metadata names the adapter_config.json fields that keep it off per-request serving."""
+    adapter = _extract(tmp_path, overrides={"config": config})
+    assert check_adapter_against_base(adapter, base)["per_request_unsupported"] == recorded
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -344,6 +346,17 @@ def test_hostile_constraints_are_bounded(engine, loop):
     hostile_bounds_check(engine, run=loop.run)
 
 
+def test_an_adapter_vllm_refuses_leaves_plain_requests_working(engine, loop, tmp_path):
+    """Before any adapter loaded (so before the next test): the first adapter is one vLLM
+    refuses; plain requests still answer as before it."""
+    prompt = engine.text_prompt("the lighthouse keeper")
+    greedy = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+    before = ids_of(loop.run(collect(engine, prompt, **greedy)))
+    with pytest.raises(Exception, match="DoRA"):
+        loop.run(engine.load_adapter("dora", _unservable_adapter(tmp_path)))
+    assert ids_of(loop.run(collect(engine, prompt, **greedy))) == before
+
+
 def test_adapters_per_request_equal_their_peft_merges(engine, loop, tmp_path_factory):
     """Two adapters and the plain base in one concurrent batch: each adapter's answer equals
     the transformers engine on that adapter merged into the base with PEFT, and the base's
@@ -389,3 +402,83 @@ def test_adapters_per_request_equal_their_peft_merges(engine, loop, tmp_path_fac
     # within 0.02 by the sixth token), so the base in a mixed batch may part on a near tie
     assert got[None][:5] == expected[None][:5]
     assert expected["a1"] != expected[None] != expected["a2"]
+
+
+class _ValidatingEngine:
+    """vLLM's add_lora as far as refusing goes: PEFTHelper.validate_legal on the config (no
+    engine processes)."""
+
+    def __init__(self):
+        self.added = []
+
+    async def add_lora(self, request) -> bool:
+        _validate_like_vllm(request.lora_path)
+        self.added.append(request.lora_name)
+        return True
+
+
+def _validate_like_vllm(adapter_dir: str) -> None:
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    PEFTHelper.from_local_dir(adapter_dir, None).validate_legal(LoRAConfig(max_lora_rank=16))
+
+
+def _unservable_adapter(tmp_path) -> str:
+    """A DoRA adapter with biases and a saved module (what vLLM refuses), with the tensors
+    PEFT saves for them."""
+    from raydock.modelgen.adapters import build_adapter_zip
+    from raydock.modelgen.adapters import lora_tensor_name as lora
+    from raydock.platform.model_archive import extract_model_archive
+
+    torch = pytest.importorskip("torch")
+    magnitude = lora(0, "q_proj", "A").replace("lora_A.weight", "lora_magnitude_vector")
+    magnitudes = {magnitude.replace(".0.", f".{layer}."): torch.ones(128) for layer in (0, 1)}
+    saved = {"base_model.model.lm_head.modules_to_save.weight": torch.zeros(256, 128)}
+    config = {"use_dora": True, "bias": "all", "modules_to_save": ["lm_head"]}
+    archive = build_adapter_zip(
+        tmp_path / "dora.zip", "tiny", overrides={"config": config, "tensors": magnitudes | saved}
+    )
+    extract_model_archive(archive, tmp_path / "dora", kind="adapter")
+    return str(tmp_path / "dora")
+
+
+def test_a_refused_adapter_leaves_plain_requests_alone(tmp_path):
+    """The all-zero adapter plain requests carry is made once vLLM accepted an adapter, never
+    from one it refused (whose config would fail every plain request on the replica)."""
+    from raydock.modelgen.adapters import cached_adapter_dir
+
+    engine = VLLMEngine.__new__(VLLMEngine)
+    engine.engine, engine._adapters, engine._null_adapter = _ValidatingEngine(), {}, None
+    engine._lora_numbers = iter(range(1, 100))
+    with pytest.raises(ValueError, match="DoRA"):
+        asyncio.run(engine.load_adapter("dora", _unservable_adapter(tmp_path)))
+    assert engine._null_adapter is None  # plain requests run without an adapter, as before
+    asyncio.run(engine.load_adapter("a1", str(cached_adapter_dir("tiny", seed=1))))
+    assert engine.engine.added == ["a1"] and engine._null_adapter is not None
+    _validate_like_vllm(engine._null_adapter.lora_path)
+    shutil.rmtree(engine._null_adapter.lora_path)
+
+
+def test_the_null_adapter_is_a_plain_lora_of_zeros(tmp_path):
+    """Whatever the adapter it is made from uses besides LoRA, the null adapter has only its
+    lora_A / lora_B matrices, all zero, and a config vLLM accepts."""
+    from safetensors.torch import load_file
+
+    from raydock.modelgen.adapters import lora_tensor_name
+    from raydock.serve_apps.engines.vllm_engine import _zero_adapter
+
+    source = _unservable_adapter(tmp_path)
+    null = _zero_adapter(source)
+    _validate_like_vllm(null)
+    tensors = load_file(f"{null}/adapter_model.safetensors")
+    assert set(tensors) == {
+        lora_tensor_name(layer, module, matrix)
+        for layer in (0, 1)
+        for module in ("q_proj", "v_proj")
+        for matrix in "AB"
+    }
+    assert all(not t.any() for t in tensors.values())
+    config = json.loads(Path(null, "adapter_config.json").read_text())
+    assert (config["r"], config["target_modules"]) == (8, ["q_proj", "v_proj"])
+    shutil.rmtree(null)

