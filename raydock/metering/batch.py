@@ -1,7 +1,9 @@
-"""What one process counted since it last reported: counters, histograms, gauges and usage.
+"""What one process counted since it last reported: counters, histograms, gauges and usage,
+and the daily budget of each key it admitted.
 
 Batches are plain data (dicts of tuples and numbers) that travel to the meter actor and add
-up there: counters and histograms by summing, gauges by replacing (per reporting replica).
+up there: counters and histograms by summing, gauges and budgets by replacing (gauges per
+reporting replica).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Batch:
     gauges: dict[Series, float] = field(default_factory=dict)
     # [requests, prompt tokens, completion tokens]
     usage: dict[UsageKey, list[int]] = field(default_factory=dict)
+    # key id -> its tokensPerDay (None: no budget) as of the key's last admission here
+    budgets: dict[str, int | None] = field(default_factory=dict)
 
     def inc(self, metric: Metric, labels: tuple[str, ...], value: float = 1) -> None:
         key = _series(metric, labels)
@@ -67,6 +71,7 @@ class Batch:
         self.gauges.update(other.gauges)
         for key, row in other.usage.items():
             self.add_usage(key, *row)
+        self.budgets.update(other.budgets)
 
     def __bool__(self) -> bool:
-        return bool(self.counters or self.histograms or self.gauges or self.usage)
+        return bool(self.counters or self.histograms or self.gauges or self.usage or self.budgets)

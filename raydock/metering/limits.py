@@ -98,22 +98,23 @@ class Limiter:
         return before, before + tokens
 
     def load_day(self, key: str, day: int, tokens: int) -> None:
-        """Tokens a key used on `day` before this limiter started (from stored usage)."""
+        """Tokens a key used on `day` before this limiter started (from stored usage), added
+        to what it charged since it started (not yet stored)."""
         current_day, current = self._day.get(key, (day, 0))
         if current_day == day:
-            self._day[key] = (day, max(current, tokens))
+            self._day[key] = (day, current + tokens)
 
 
-def budget_crossings(before: int, after: int, budget: int | None) -> list[str]:
-    """The budget thresholds a charge crossed: "warning" (80 %) and/or "exhausted"."""
+def budget_reached(used: int, budget: int | None) -> str | None:
+    """The highest budget threshold `used` tokens reach: "exhausted", "warning" (80 %), or
+    None. The meter tells each (key, day, threshold, budget) once: a budget raised or
+    lowered during the day is told about anew, and one exhausted at a stroke is not also
+    "nearing" its end."""
     if not budget:
-        return []
-    crossed = []
-    if before < BUDGET_WARNING * budget <= after:
-        crossed.append("warning")
-    if before < budget <= after:
-        crossed.append("exhausted")
-    return crossed
+        return None
+    if used >= budget:
+        return "exhausted"
+    return "warning" if used >= BUDGET_WARNING * budget else None
 
 
 def _ceil(seconds: float) -> int:

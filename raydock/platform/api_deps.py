@@ -12,6 +12,7 @@ from raydock.config import Settings
 from raydock.errors import ApiError
 from raydock.platform import sessions
 from raydock.platform.secrets import platform_key
+from raydock.serve_apps.access import bearer_token
 
 
 class _Ctx:
@@ -40,7 +41,7 @@ async def current_user(
 ) -> dict[str, Any]:
     """The caller: by a management key (X-api-key or Bearer), else by the dashboard's session
     cookie, which needs the CSRF header on state-changing methods."""
-    key = x_api_key or (authorization or "").removeprefix("Bearer ").strip() or None
+    key = x_api_key or bearer_token(authorization)
     if not key and sessions.COOKIE in request.cookies:
         return await session_user(request)
     if not key:

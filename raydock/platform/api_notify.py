@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
+from raydock.errors import NotFound
 from raydock.platform import notify, schemas
 from raydock.platform.api_deps import User, ctx
 
@@ -35,14 +36,38 @@ async def delete_my_webhook(user: User) -> dict[str, Any]:
     return {"deleted": True}
 
 
+#: a non-admin's deliveries are looked for among this many of the newest
+OWN_DELIVERIES_SCAN = 1000
+
+
 @router.get("/notifications/deliveries", tags=["notifications"])
 async def list_deliveries(
-    _: User,
+    user: User,
     kind: Annotated[Kind | None, Query(description="Only this event kind.")] = None,
     status: Annotated[Status | None, Query(description="Only deliveries in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many, 1–1000.")] = 100,
 ) -> dict[str, Any]:
-    """Each email and webhook delivery, newest first: its event, target, status
-    (pending while it is retried, then delivered or failed), attempts and last error."""
-    found = await ctx.registry.list_deliveries.remote(kind, status, limit)
+    """Email and webhook deliveries, newest first: its event, target (a URL as its scheme,
+    host and a short hash), status (pending while it is retried, then delivered or failed),
+    attempts and last error. An admin sees every delivery; any other user the deliveries of
+    their own events to their own email and webhook (among the newest 1,000)."""
+    if user["isAdmin"]:
+        found = await ctx.registry.list_deliveries.remote(kind, status, limit)
+    else:
+        own = await _own_targets(user)
+        newest = await ctx.registry.list_deliveries.remote(kind, status, OWN_DELIVERIES_SCAN)
+        found = [
+            d for d in newest if d["event"].get("userId") == user["userId"] and d["target"] in own
+        ][:limit]
     return {"deliveries": found, "total": len(found)}
+
+
+async def _own_targets(user: dict[str, Any]) -> set[str]:
+    """The user's own targets, as deliveries show them: their email and their webhook."""
+    own = {user["email"]} if user.get("email") else set()
+    try:
+        hook = await ctx.registry.get_user_webhook.remote(user["userId"])
+        own.add(notify.display_target(hook["url"]))
+    except NotFound:
+        pass
+    return own

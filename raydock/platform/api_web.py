@@ -21,6 +21,7 @@ import httpx
 import ray
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from ray.exceptions import RayError
 
 from raydock.errors import ApiError
 from raydock.platform import names
@@ -54,6 +55,12 @@ async def metrics_history(deploymentId: str, _: User) -> dict[str, Any]:
         series = await asyncio.wait_for(meter.series.remote(deploymentId), METER_WAIT_S)
     except ValueError:
         raise ApiError(404, "metering is off on this platform (metering: false)") from None
+    except (TimeoutError, RayError):  # the meter busy, or being started again
+        raise ApiError(
+            503,
+            "the metrics history is unavailable (the meter is busy or restarting); retry shortly",
+            headers={"Retry-After": "5"},
+        ) from None
     return {
         "deploymentId": deploymentId,
         "replicasMin": scaling.get("minReplicas"),

@@ -23,7 +23,7 @@ from raydock.metering import catalog as M
 from raydock.metering.batch import Batch, Series
 from raydock.metering.exposition import render
 from raydock.metering.history import History
-from raydock.metering.limits import DAY_S, Limiter, budget_crossings, day_of
+from raydock.metering.limits import DAY_S, Limiter, budget_reached, day_of
 from raydock.platform import names, notify
 
 log = logging.getLogger("raydock.meter")
@@ -42,11 +42,13 @@ class Meter:
         self.gauges: dict[str, tuple[float, dict[Series, float]]] = {}  # source -> (at, values)
         self.unsaved = Batch()  # usage not yet in the database
         self.limiter = Limiter()
-        self.budgets: dict[str, int] = {}  # key -> tokensPerDay, from admissions
+        self.budgets: dict[str, int] = {}  # key -> tokensPerDay, as the replicas last admitted
         self.keys_deployment: dict[str, str] = {}
-        self.notified: set[tuple[str, int, str]] = set()  # (key, day, "warning"|"exhausted")
+        self.notified: set[tuple] = set()  # (key, day, "warning"|"exhausted", budget)
         self.history = History()  # the last hour, for the dashboard's Metrics tab
         self._started: asyncio.Task | None = None
+        # set once today's stored usage is in the limiter: what is saved before would count twice
+        self._day_loaded = asyncio.Event()
 
     def _registry(self):
         return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
@@ -56,6 +58,14 @@ class Meter:
             self._started = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        await self._load_today()
+        asyncio.get_running_loop().create_task(self._record_history())
+        while True:
+            await asyncio.sleep(USAGE_FLUSH_S)
+            await self.flush_usage()
+
+    async def _load_today(self) -> None:
+        """Today's stored usage into the limiter, added to what was charged since the start."""
         now = time.time()
         try:
             start = datetime.fromtimestamp(day_of(now) * DAY_S, UTC).replace(tzinfo=None)
@@ -64,10 +74,7 @@ class Meter:
                 self.limiter.load_day(key, day_of(now), tokens)
         except Exception as exc:  # no registry yet: budgets count from now
             log.warning("today's usage not loaded: %r", exc)
-        asyncio.get_running_loop().create_task(self._record_history())
-        while True:
-            await asyncio.sleep(USAGE_FLUSH_S)
-            await self.flush_usage()
+        self._day_loaded.set()
 
     async def _record_history(self) -> None:
         while True:
@@ -96,27 +103,32 @@ class Meter:
         self.totals.merge(Batch(counters=batch.counters, histograms=batch.histograms))
         if batch.gauges:
             self.gauges[source] = (time.monotonic(), batch.gauges)
+        for key, budget in batch.budgets.items():  # before the charges: a removed budget
+            if budget:  # notifies no more
+                self.budgets[key] = budget
+            else:
+                self.budgets.pop(key, None)
         if batch.usage:
             self.unsaved.merge(Batch(usage=batch.usage))
             for (_, dep, _, key), (_, prompt, completion) in batch.usage.items():
                 self._charge(key, dep, prompt + completion)
 
     def _charge(self, key: str, deployment: str, tokens: int) -> None:
-        before, after = self.limiter.charge(key, tokens)
+        _, after = self.limiter.charge(key, tokens)
         budget = self.budgets.get(key)
-        today = day_of(time.time())
-        for crossed in budget_crossings(before, after, budget):
-            if (key, today, crossed) in self.notified:
-                continue
-            self.notified.add((key, today, crossed))
-            notify.emit(
-                "key.budget_warning" if crossed == "warning" else "key.budget_exhausted",
-                None,
-                keyId=key,
-                deploymentId=deployment,
-                limit=budget,
-                used=after,
-            )
+        reached = budget_reached(after, budget)
+        told = (key, day_of(time.time()), reached, budget)
+        if reached is None or told in self.notified:
+            return
+        self.notified = {t for t in self.notified if t[1] == told[1]} | {told}  # today's
+        notify.emit(
+            "key.budget_warning" if reached == "warning" else "key.budget_exhausted",
+            None,
+            keyId=key,
+            deploymentId=deployment,
+            limit=budget,
+            used=after,
+        )
 
     async def jobs_ended(self, ended: list[tuple[str, str, float]]) -> None:
         for action, status, seconds in ended:
@@ -129,10 +141,6 @@ class Meter:
         """None (the request is counted), or the refusal: {limit, message, retryAfter}."""
         self._start()
         self.keys_deployment[key] = deployment
-        if limits.get("tokensPerDay"):
-            self.budgets[key] = limits["tokensPerDay"]
-        else:
-            self.budgets.pop(key, None)
         refusal = self.limiter.admit(key, limits)
         if refusal is None:
             return None
@@ -147,6 +155,7 @@ class Meter:
     async def flush_usage(self) -> None:
         if not self.unsaved.usage:
             return
+        await self._day_loaded.wait()
         batch, self.unsaved = self.unsaved, Batch()
         rows = [(*key, *row) for key, row in sorted(batch.usage.items())]
         try:

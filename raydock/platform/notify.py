@@ -26,7 +26,7 @@ import uuid
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from raydock.config import Settings
 from raydock.metering.limits import BUDGET_WARNING as BUDGET_WARNING_SHARE
@@ -78,7 +78,8 @@ def sign(secret: str, body: bytes) -> str:
 
 def verify(secret: str, body: bytes, header: str | None) -> bool:
     """What a receiver does (README): recompute the signature, compare in constant time."""
-    return bool(header) and hmac.compare_digest(sign(secret, body), header)
+    # bytes: compare_digest refuses str with non-ASCII characters (a TypeError)
+    return bool(header) and hmac.compare_digest(sign(secret, body).encode(), header.encode())
 
 
 def webhook_headers(event: dict[str, Any], delivery_id: str, secret: str, body: bytes) -> dict:
@@ -104,6 +105,10 @@ def _budget_line(data: dict[str, Any]) -> str:
     used, limit = data.get("used"), data.get("limit")
     share = f" ({100 * used / limit:.0f} %)" if used is not None and limit else ""
     return f"{used} of {limit} tokens used{share}"
+
+
+#: what may not stand in a header (a CR or LF makes EmailMessage refuse the whole message)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
 def render(event: dict[str, Any]) -> tuple[str, str]:
@@ -140,7 +145,7 @@ def render(event: dict[str, Any]) -> tuple[str, str]:
         raise ValueError(f"unknown notification kind {kind!r}")
     details = "\n".join(f"  {k}: {v}" for k, v in sorted(data.items()))
     footer = f"\n\nEvent {event['id']} ({kind}) at {event['createdAt']}\n{details}\n"
-    return f"[raydock] {subject}", text + footer
+    return f"[raydock] {_CONTROL.sub(' ', subject)}", text + footer
 
 
 def email_message(event: dict[str, Any], sender: str, to: str, delivery_id: str) -> EmailMessage:
@@ -163,18 +168,21 @@ def addresses(text: str) -> list[str]:
 
 
 def display_target(target: str) -> str:
-    """A delivery's target as the API shows it: a URL without user info or query string
-    (either may carry a credential); an address as is."""
+    """A delivery's target as the API shows it: an address as is; a URL as its scheme and host
+    and the first 8 hex digits of the SHA-256 of the whole URL, which tell URLs apart without
+    showing them: any other part may carry a credential (a Slack webhook's path is its token).
+    E.g. `https://hooks.slack.com (5d41402a)`."""
     if "://" not in target:
         return target
+    digest = hashlib.sha256(target.encode()).hexdigest()[:8]
     try:
         parts = urlsplit(target)
         host = parts.hostname or ""
         if parts.port:
             host = f"{host}:{parts.port}"
     except ValueError:
-        return target.split("?", 1)[0]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+        return f"URL ({digest})"
+    return f"{parts.scheme}://{host} ({digest})"
 
 
 def describe_failure(exc: BaseException) -> str:

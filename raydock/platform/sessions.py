@@ -91,7 +91,8 @@ def verify(key: bytes, token: str | None, *, now: float | None = None) -> Sessio
     if not token or token.count(".") != 1:
         return None
     payload, signature = token.split(".")
-    if not hmac.compare_digest(_sign(key, payload), signature):
+    # bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so a 500)
+    if not hmac.compare_digest(_sign(key, payload).encode(), signature.encode()):
         return None
     try:
         data = json.loads(_unb64(payload))

@@ -104,11 +104,18 @@ class DeploymentAccess:
         )
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (the scheme in any case, as
+    RFC 7235 has it); None for another scheme or none. The one parser of the data plane and
+    the management API."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
 def _key_from(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip() or None
-    return request.headers.get("x-api-key")
+    return bearer_token(request.headers.get("authorization")) or request.headers.get("x-api-key")
 
 
 @dataclass
@@ -196,6 +203,11 @@ class Auth:
             dep, key_id = self.table.authorize(key, deployment_id)
         self._touch(key_id)
         return dep, key_id
+
+    def known(self, deployment_id: str | None) -> str:
+        """`deployment_id` when it names a deployment of the table, else "": the label of a
+        refusal, so that ids made up by clients do not each make a metric series."""
+        return deployment_id if deployment_id in self.table.deployments else ""
 
     async def _refreshed(self) -> bool:
         """Ask the hub for the current snapshots now (one call shared by concurrent requests,

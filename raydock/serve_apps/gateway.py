@@ -31,7 +31,7 @@ from raydock.config import Settings
 from raydock.errors import ApiError
 from raydock.metering import exposition
 from raydock.platform import names
-from raydock.serve_apps.access import Auth, DeploymentAccess
+from raydock.serve_apps.access import Auth, DeploymentAccess, bearer_token
 from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import complete, unknown_model
 
@@ -126,7 +126,7 @@ async def _serve(kind, request: Request, deployment_id: str | None):
     try:
         dep, key_id = await ctx.auth.authorize(request, deployment_id)
     except ApiError as exc:
-        ctx.meter.refused(deployment_id or "", exc.status)
+        ctx.meter.refused(ctx.auth.known(deployment_id), exc.status)
         raise
     return await complete(
         kind,
@@ -203,7 +203,7 @@ async def metrics(request: Request):
     """Every raydock metric in Prometheus' text format, summed over all replicas and nodes
     (README "Metrics"); with `metrics_token` set, only for `Authorization: Bearer <token>`."""
     if ctx.metrics_token:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = bearer_token(request.headers.get("authorization")) or ""
         if not hmac.compare_digest(given.encode(), ctx.metrics_token.encode()):
             raise ApiError(401, "metrics need 'Authorization: Bearer <metrics_token>'")
     if ctx.meter.meter is None:

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -46,7 +46,8 @@ class Call:
     first_token: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    events: int = 0  # engine events seen: the tokens of a stream cut before its usage came
+    # tokens streamed per choice: what a stream cut before its end (no usage yet) is charged
+    streamed: dict[int, int] = field(default_factory=dict)
     finished: int = 0  # choices that ended
     n: int = 1
     done: bool = False
@@ -78,7 +79,8 @@ class ReplicaMeter:
         return Call(deployment, key, time.monotonic())
 
     def refused(self, deployment: str, status: int) -> None:
-        """A request refused before it was authorized (no key known)."""
+        """A request refused before it was authorized (no key known); `deployment`: a known
+        deployment's id or "" (never an id taken unchecked from the request's path)."""
         if not self.enabled:
             return
         self._running()
@@ -94,7 +96,7 @@ class ReplicaMeter:
         b.inc(M.REQUESTS, (*keyed, str(status)))
         completion = call.completion_tokens
         if call.finished < call.n:  # cut before its end: what it streamed
-            completion = max(completion, call.events)
+            completion = max(completion, sum(call.streamed.values()))
         if call.prompt_tokens:
             b.inc(M.PROMPT_TOKENS, keyed, call.prompt_tokens)
         if completion:
@@ -125,11 +127,17 @@ class ReplicaMeter:
             async for batch in events:
                 if call.first_token is None:
                     call.first_token = time.monotonic()
-                call.events += len(batch)
                 for ev in batch:
+                    # every engine event carries the prompt's length and the choice's tokens
+                    # so far: a stream that never finishes is charged what it used
+                    call.prompt_tokens = max(call.prompt_tokens, ev.get("prompt_tokens", 0))
+                    i = ev.get("index", 0)
+                    call.streamed[i] = max(
+                        call.streamed.get(i, 0) + len(ev.get("token_ids") or ()),
+                        ev.get("completion_tokens", 0),
+                    )
                     if ev.get("finish_reason"):
                         call.finished += 1
-                        call.prompt_tokens = ev.get("prompt_tokens", 0)
                         call.completion_tokens += ev.get("completion_tokens", 0)
                 yield batch
             status = 200
@@ -145,7 +153,11 @@ class ReplicaMeter:
 
     async def admit(self, deployment: str, key: str, limits: dict[str, int] | None) -> None:
         """Raise a 429 (with Retry-After) when the key is over one of its limits."""
-        if not limits or self.meter is None or not self.enabled:
+        if not self.enabled:
+            return
+        # the meter learns the key's budget (or that it has none now) from the report
+        self.pending.budgets[key] = (limits or {}).get("tokensPerDay") or None
+        if not limits or self.meter is None:
             return
         try:
             refusal = await asyncio.wait_for(

@@ -106,8 +106,9 @@ def test_deploy_and_undeploy_reach_email_and_signed_webhooks(
         [
             ("email", EMAIL, 1),
             ("email", NotifySinks.OPS_EMAIL, 1),
-            ("webhook", hooks.url(MINE), 1),
-            ("webhook", hooks.url(NotifySinks.PLATFORM_PATH), 1),
+            # a URL shows as its scheme, host and a digest: its path may be a credential
+            ("webhook", notify.display_target(hooks.url(MINE)), 1),
+            ("webhook", notify.display_target(hooks.url(NotifySinks.PLATFORM_PATH)), 1),
         ]
     )
 
@@ -145,7 +146,11 @@ def test_a_dead_mail_server_and_webhook_leave_the_deploy_succeeding(
 
         shown = wait_for(failed, 60)
         assert sorted((d["channel"], d["target"]) for d in shown) == sorted(
-            [("email", EMAIL), ("email", NotifySinks.OPS_EMAIL), ("webhook", dead_hook)]
+            [
+                ("email", EMAIL),
+                ("email", NotifySinks.OPS_EMAIL),
+                ("webhook", notify.display_target(dead_hook)),
+            ]
         )
         for d in shown:
             assert d["attempts"] == NotifySinks.MAX_ATTEMPTS > 1, d

@@ -200,3 +200,54 @@ def test_a_request_names_an_adapter_by_id_or_unique_name():
         dep.adapter("medical", "model")
     assert (exc.value.status, exc.value.param) == (404, "model")
     assert "legal, twin, twin" in exc.value.message
+
+
+def test_refusals_of_unknown_deployments_share_one_metric_series(monkeypatch):
+    """Made-up ids in the path must not each make a permanent series (nor history entry)."""
+    from raydock.serve_apps import gateway
+    from raydock.serve_apps.metering import ReplicaMeter
+
+    async def scenario():
+        hub = AccessHub()
+        hub._loaded = True
+        await hub.publish({"a": snapshot("a", {"ka": ""})})
+        monkeypatch.setattr(ray, "get_actor", lambda *a, **k: _HubHandle(hub))
+        monkeypatch.setattr(gateway.ctx, "auth", Auth(("hub", "ns"), ("r", "ns")), raising=False)
+        monkeypatch.setattr(gateway.ctx, "meter", ReplicaMeter(None), raising=False)
+        for dep_id in ("a", "random-1", "random-2"):
+            with pytest.raises(ApiError):  # no key
+                await gateway._serve("chat", Request({"type": "http", "headers": []}), dep_id)
+        with pytest.raises(ApiError):  # /v1 with a wrong key
+            await gateway._serve("chat", _request("nope"), None)
+        gateway.ctx.auth._watch.cancel()
+        return gateway.ctx.meter.pending.counters
+
+    counters = asyncio.run(scenario())
+    assert counters == {
+        ("raydock_requests_total", ("a", "", "", "401")): 1,
+        ("raydock_requests_total", ("", "", "", "401")): 3,
+    }
+
+
+def test_one_bearer_parser_for_keys_and_the_metrics_token(monkeypatch):
+    """RFC 7235: the scheme is case-insensitive (the management API: test_web_session_api)."""
+    from fastapi.testclient import TestClient
+
+    from raydock.serve_apps import gateway
+    from raydock.serve_apps.access import bearer_token
+    from raydock.serve_apps.metering import ReplicaMeter
+
+    assert [bearer_token(h) for h in ("Bearer k", "bearer  k ", "BEARER k", " bearer k")] == [
+        "k"
+    ] * 4
+    assert [bearer_token(h) for h in (None, "", "Bearer", "Bearer ", "Basic k", "Bearerk")] == [
+        None
+    ] * 6
+    monkeypatch.setattr(gateway.ctx, "metrics_token", "tok", raising=False)
+    monkeypatch.setattr(gateway.ctx, "meter", ReplicaMeter(None, enabled=False), raising=False)
+    monkeypatch.setattr(gateway.ctx, "max_request_bytes", 1 << 20, raising=False)
+    with TestClient(gateway.app) as client:
+        for header, status in (("bearer tok", 404), ("Bearer tok", 404), ("bearer nope", 401)):
+            # 404: past the token check, metering is off (meter None) in this test
+            got = client.get("/metrics", headers={"authorization": header})
+            assert got.status_code == status, header

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
+import ray
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 
@@ -14,7 +16,8 @@ from raydock.errors import ApiError
 from raydock.metering import catalog as M
 from raydock.metering.batch import Batch
 from raydock.metering.exposition import render
-from raydock.metering.limits import DAY_S, Limiter, budget_crossings
+from raydock.metering.limits import DAY_S, Limiter, budget_reached
+from raydock.platform.meter import Meter
 from raydock.platform.registry import Registry
 from raydock.serve_apps.access import DeploymentAccess
 from raydock.serve_apps.metering import CLIENT_CLOSED, ReplicaMeter
@@ -120,12 +123,11 @@ def test_a_restarted_limiter_takes_todays_stored_usage():
     assert lim.admit("k", {"tokensPerDay": 500}).limit == "tokensPerDay"
 
 
-def test_budget_crossings():
-    assert budget_crossings(0, 79, 100) == []
-    assert budget_crossings(79, 80, 100) == ["warning"]
-    assert budget_crossings(10, 120, 100) == ["warning", "exhausted"]
-    assert budget_crossings(100, 130, 100) == []  # told once
-    assert budget_crossings(0, 10**6, None) == []
+def test_budget_reached():
+    assert budget_reached(79, 100) is None
+    assert budget_reached(80, 100) == "warning"
+    assert budget_reached(120, 100) == "exhausted"  # not "nearing" it as well
+    assert budget_reached(10**6, None) is None
 
 
 # ------------------------------------------------------------ a request, metered
@@ -206,6 +208,153 @@ def test_refusals_and_streams_cut_by_the_client_are_counted():
     assert counts[closed] == 1
     # what it streamed before the cut is counted: the first batch's one token
     assert counts[("raydock_completion_tokens_total", ("dep-1", "", "key-1"))] >= 1
+
+
+def _unfinished_engine(ending):
+    """vLLM-like: several tokens per event, a long prompt, and no end: `ending` instead."""
+
+    async def engine(payload):
+        ev = {"index": 0, "text": "abcd", "logprobs": [], "finish_reason": None}
+        yield [ev | {"token_ids": [1, 2, 3, 4], "prompt_tokens": 500, "completion_tokens": 4}]
+        yield [ev | {"token_ids": [5, 6], "prompt_tokens": 500, "completion_tokens": 6}]
+        await ending()
+
+    return engine
+
+
+async def _hang():
+    await asyncio.Event().wait()
+
+
+async def _fail():
+    raise RuntimeError("engine died")
+
+
+def test_a_stream_that_never_finishes_is_charged_its_prompt_and_streamed_tokens():
+    meter = ReplicaMeter(None)
+
+    async def main():
+        resp = await complete(
+            "completion",
+            _request({"prompt": "x", "stream": True}),
+            _dep(),
+            "k",
+            _unfinished_engine(_hang),
+            meter,
+        )
+        async for _ in resp.body_iterator:
+            break  # the first message (4 tokens); the client goes
+        await resp.body_iterator.aclose()
+        with pytest.raises(RuntimeError):
+            await complete(
+                "completion",
+                _request({"prompt": "x"}),
+                _dep(),
+                "k",
+                _unfinished_engine(_fail),
+                meter,
+            )
+
+    asyncio.run(main())
+    counts = _counts(meter)
+    keyed = ("dep-1", "", "k")
+    assert counts[("raydock_requests_total", (*keyed, str(CLIENT_CLOSED)))] == 1
+    assert counts[("raydock_requests_total", (*keyed, "500"))] == 1
+    assert counts[("raydock_prompt_tokens_total", keyed)] == 500 + 500
+    assert counts[("raydock_completion_tokens_total", keyed)] == 4 + 6
+    assert sorted(row for row in meter.pending.usage.values()) == [[2, 1000, 10]]
+
+
+def _used(replica: ReplicaMeter, key: str, tokens: int) -> None:
+    call = replica.start("dep-1", key)
+    call.prompt_tokens, call.finished = tokens, 1
+    replica.finish(call, 200)
+
+
+def _meter() -> Meter:
+    """A meter without its background loop (its history asks Serve, which needs Ray)."""
+    meter = Meter()
+    meter._started = asyncio.get_running_loop().create_future()
+    return meter
+
+
+def test_a_removed_budget_notifies_no_more():
+    """Without limits a replica never asks the meter at admission: its report says so."""
+    replica = ReplicaMeter(None)
+    budget = {"tokensPerDay": 1000}
+
+    async def scenario():
+        meter = _meter()
+        assert await meter.admit("k", "dep-1", budget) is None  # the replica's actor call
+        await replica.admit("dep-1", "k", budget)
+        _used(replica, "k", 900)
+        await meter.report("r1", replica.pending)
+        replica.pending = Batch()
+        await replica.admit("dep-1", "k", None)  # PATCH limits to null: no meter call
+        _used(replica, "k", 200)
+        await meter.report("r1", replica.pending)
+        return meter
+
+    meter = asyncio.run(scenario())
+    assert meter.limiter.day_tokens("k") == 1100
+    # 80 % was told; "exhausted" (requests refused) would be false: there is no budget now
+    assert {told[2] for told in meter.notified} == {"warning"}
+
+
+def test_a_budget_changed_during_the_day_is_told_about_anew():
+    """Raised after it was exhausted: its new 80 % and end are told; lowered below what
+    was used: the key is refused, and told so at the next charge."""
+    replica = ReplicaMeter(None)
+
+    async def charge(meter: Meter, tokens: int, budget: int) -> None:
+        await replica.admit("dep-1", "k", {"tokensPerDay": budget})
+        _used(replica, "k", tokens)
+        await meter.report("r1", replica.pending)
+        replica.pending = Batch()
+
+    async def scenario():
+        meter = _meter()
+        await charge(meter, 59, 50)
+        await charge(meter, 60, 200)  # raised to 200: 119 used
+        await charge(meter, 60, 200)  # 179: 80 %
+        await charge(meter, 60, 200)  # 239: exhausted
+        await charge(meter, 10, 100)  # lowered to 100 below the 249 used
+        return meter
+
+    told = sorted((t[3], t[2]) for t in asyncio.run(scenario()).notified)
+    assert told == [(50, "exhausted"), (100, "exhausted"), (200, "exhausted"), (200, "warning")]
+
+
+def test_a_restarted_meter_adds_todays_stored_usage_to_what_it_charged_first(monkeypatch):
+    saved: list[list] = []
+
+    class Registry:  # the registry actor's answers (the database holds 900 for today)
+        async def _tokens_since(self, start):
+            return {"k": 900 + sum(row[-2] + row[-1] for row in saved)}
+
+        async def _record_usage(self, rows):
+            saved.extend(rows)
+
+        def __init__(self):
+            self.tokens_since = SimpleNamespace(remote=self._tokens_since)
+            self.record_usage = SimpleNamespace(remote=self._record_usage)
+
+    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: Registry())
+    replica = ReplicaMeter(None)
+
+    async def scenario():
+        meter = _meter()
+        _used(replica, "k", 300)
+        await meter.report("r1", replica.pending)  # reaches a new meter before it loads
+        flush = asyncio.create_task(meter.flush_usage())  # GET /usage meanwhile
+        await asyncio.sleep(0.01)
+        assert saved == []  # not saved yet: loading would count it twice
+        await meter._load_today()
+        await flush
+        return meter.limiter.day_tokens("k")
+
+    assert asyncio.run(scenario()) == 1200
+    assert len(saved) == 1
 
 
 # ------------------------------------------------------------ the registry's part

@@ -8,7 +8,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
@@ -94,6 +96,29 @@ def test_every_kind_renders_an_email_and_a_webhook_body(kind):
     assert expected[1] in text, text
 
 
+def test_names_with_line_breaks_still_make_an_email():
+    """A name is the user's text: a CR/LF in the subject would make EmailMessage refuse."""
+    fields = FIELDS[notify.DEPLOYED] | {"deploymentName": "evil\r\nBcc: x@y.test\u2028z"}
+    event = notify.new_event(notify.DEPLOYED, "u-1", fields)
+    msg = notify.email_message(event, "raydock@example.test", "ana@example.test", "nd-9")
+    assert msg["Subject"] == "[raydock] Deployment evil Bcc: x@y.test z is DEPLOYED"
+    assert msg["Bcc"] is None
+    assert "evil\r\nBcc" in notify.render(event)[1]  # the body keeps the data as is
+
+
+def test_a_signature_header_with_any_characters_is_refused_not_an_error():
+    body = notify.webhook_body(notify.new_event(notify.DEPLOYED, "u-1", FIELDS[notify.DEPLOYED]))
+    assert not notify.verify("s3cret", body, "sha256=\u00e9t\u00e9")
+    # the receiver's snippet in the README, run as written
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    snippet = next(b for b in readme.split("```python")[1:] if "def verify(" in b)
+    scope: dict = {}
+    exec(textwrap.dedent(snippet.split("```")[0]), scope)
+    assert scope["verify"]("s3cret", body, notify.sign("s3cret", body))
+    assert not scope["verify"]("s3cret", body, "sha256=\u00e9t\u00e9")
+    assert not scope["verify"]("s3cret", body, None)
+
+
 def test_an_unknown_kind_is_refused():
     with pytest.raises(ValueError, match="unknown notification kind"):
         notify.new_event("deployment.exploded", None, {})
@@ -126,7 +151,13 @@ def test_settings_from_yaml_and_environment(monkeypatch):
 
 def test_delivery_targets_hide_credentials():
     assert notify.display_target("ana@example.test") == "ana@example.test"
-    assert notify.display_target("https://u:p@h.test:8443/a/b?token=x") == "https://h.test:8443/a/b"
+    slack = "https://hooks.slack.com/services/T0/B0/SeCrEt"  # the path is the token
+    digest = hashlib.sha256(slack.encode()).hexdigest()[:8]
+    assert notify.display_target(slack) == f"https://hooks.slack.com ({digest})"
+    shown = notify.display_target("https://u:p@h.test:8443/a/b?token=x")
+    assert shown.startswith("https://h.test:8443 (") and "/a/b" not in shown
+    assert notify.display_target("https://h.test/a") != notify.display_target("https://h.test/b")
+    assert "SeCrEt" not in notify.display_target("https://[::1/SeCrEt")  # unparsable
 
 
 def test_webhook_url_is_validated_naming_the_field():
@@ -172,9 +203,10 @@ def test_registry_tells_each_deployment_outcome_to_who_started_it(reg, emitted):
     reg.begin_deploy(dep, body, bo, "DEPLOYING")
     assert emitted == []  # DEPLOYING tells nobody
     reg.set_deployment_status(dep, "DEPLOYED")
-    reg.begin_undeploy(dep, ana)
+    undeploy = reg.begin_undeploy(dep, ana)
     reg.record_undeploy(dep, ana, ended=False)
     reg.set_deployment_status(dep, "UNDEPLOYED")
+    reg.update_job(undeploy["dockStatusId"], status="SUCCESS")  # as the lifecycle ends it
     reg.begin_deploy(dep, None, bo, "DEPLOYING")
     reg.set_deployment_status(dep, "FAILED", "a replica failed to start: OOM")
     names = {"deploymentId": dep, "deploymentName": "chat", "modelId": m["modelId"]}
@@ -283,7 +315,7 @@ def test_deliveries_are_recorded_and_listed_newest_first(reg):
     reg.update_delivery(b["deliveryId"], "failed", 3, "ConnectionRefusedError: refused")
     listed = reg.list_deliveries()
     assert [d["deliveryId"] for d in listed] == [b["deliveryId"], a["deliveryId"]]
-    assert listed[0]["target"] == "https://h.test/x"  # no credentials shown
+    assert listed[0]["target"] == notify.display_target("https://u:p@h.test/x?token=t")
     assert (listed[0]["status"], listed[0]["attempts"]) == ("failed", 3)
     assert listed[0]["lastError"] == "ConnectionRefusedError: refused"
     assert listed[1]["deliveredAt"] and listed[1]["event"] == first
@@ -419,3 +451,43 @@ def test_a_new_notifier_goes_on_with_what_its_predecessor_left_pending(reg):
         assert shown[d["deliveryId"]]["status"] == "failed"
         assert shown[d["deliveryId"]]["lastError"] == notify.TARGET_GONE
     assert shown[current["deliveryId"]]["status"] == "pending"
+
+
+# ------------------------------------------------------------------ the deliveries route
+
+
+def test_deliveries_are_listed_to_admins_and_to_each_user_their_own(reg, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from raydock.platform import api_deps
+    from raydock.platform.api import app
+
+    admin_key = reg.ensure_admin()
+    ana = reg.create_user("ana", "ana@example.test", False, "system")
+    bo = reg.create_user("bo", "bo@example.test", False, "system")
+    ana_hook = "https://hooks.slack.com/services/T/B/SeCrEt"
+    reg.set_user_webhook(ana["userId"], ana_hook)
+    for user, targets in (
+        (ana, ["ana@example.test", ana_hook, "ops@example.test", "https://ops.test/x?k=PlAtFoRm"]),
+        (bo, ["bo@example.test", "ops@example.test"]),
+    ):
+        event = notify.new_event(notify.DEPLOYED, user["userId"], FIELDS[notify.DEPLOYED])
+        for target in targets:
+            channel = "email" if "@" in target else "webhook"
+            reg.record_delivery(event, channel, target)
+    monkeypatch.setattr(api_deps.ctx, "settings", load_settings(home=str(tmp_path)), raising=False)
+    monkeypatch.setattr(api_deps.ctx, "registry", RegistryHandle(reg), raising=False)
+
+    def listed(key: str, **params) -> list[str]:
+        with TestClient(app, base_url="http://raydock.test") as c:
+            r = c.get("/public/notifications/deliveries", params=params, headers={"X-api-key": key})
+        assert r.status_code == 200 and "SeCrEt" not in r.text and "PlAtFoRm" not in r.text
+        return sorted(d["target"] for d in r.json()["deliveries"])
+
+    assert len(listed(admin_key)) == 6
+    assert listed(ana["apiKey"]) == sorted(["ana@example.test", notify.display_target(ana_hook)])
+    assert listed(ana["apiKey"], limit=1) in (
+        ["ana@example.test"],
+        [notify.display_target(ana_hook)],
+    )
+    assert listed(bo["apiKey"]) == ["bo@example.test"]

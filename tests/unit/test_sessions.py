@@ -47,6 +47,13 @@ def test_forged_or_damaged_tokens_are_refused():
         assert sessions.verify(KEY, bad, now=1001) is None
 
 
+def test_a_token_with_non_ascii_characters_is_refused_not_an_error():
+    token, _ = sessions.issue(KEY, "u-1", now=1000)
+    payload, signature = token.split(".")
+    assert sessions.verify(KEY, f"{payload}.\u00e9{signature[1:]}", now=1001) is None
+    assert sessions.verify(KEY, f"\u00e9{payload}.{signature}", now=1001) is None
+
+
 def test_the_signing_key_is_derived_not_the_platform_key():
     assert KEY != b"platform-key" and len(KEY) == 32
     assert sessions.signing_key(b"platform-key") == KEY  # stable across restarts

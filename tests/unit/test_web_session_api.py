@@ -89,3 +89,19 @@ def test_a_forged_cookie_is_refused(client):
     client.cookies.set(sessions.COOKIE, payload + "." + signature[::-1])
     reply = client.get("/public/models")
     assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_session"
+
+
+def test_a_cookie_with_non_ascii_bytes_is_an_invalid_session_not_a_500(client):
+    cookie = {"cookie": b"raydock_session=abc.\xe9"}
+    signed_out = client.get("/public/session", headers=cookie)
+    assert signed_out.status_code == 200 and not signed_out.json()["signedIn"]
+    reply = client.get("/public/models", headers=cookie)
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_session"
+
+
+def test_a_bearer_key_is_taken_whatever_the_case_of_its_scheme(client):
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        headers = {"authorization": f"{scheme} {client.admin_key}"}
+        assert client.get("/public/models", headers=headers).status_code == 200, scheme
+    for wrong in (f"Basic {client.admin_key}", f"Bearer{client.admin_key}", "Bearer "):
+        assert client.get("/public/models", headers={"authorization": wrong}).status_code == 401
