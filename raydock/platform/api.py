@@ -40,7 +40,7 @@ from raydock.platform import (
 )
 from raydock.platform.api_deps import User, admin_user, ctx, job_ref
 from raydock.platform.bootstrap import ensure_platform_actors
-from raydock.platform.jobs import EXPORT_URL_TTL_S, deployconfig_from, exports_key
+from raydock.platform.jobs import EXPORT_URL_TTL_S, deployconfig_from, exports_key, model_key
 from raydock.platform.states import RETRIGGERABLE_DEPLOYMENT, JobAction
 from raydock.platform.states import DeploymentStatus as D
 
@@ -150,6 +150,8 @@ def _delete_artifacts(model: dict[str, Any]) -> None:
     store = ctx.settings.store()
     if model.get("artifactUri"):
         store.delete(model["artifactUri"])
+    # an import that died while storing left part of the model there, and no artifactUri
+    store.delete(model_key(model["modelId"]))
     store.delete(exports_key(model["modelId"]))
     if not model.get("checksum") or model["checksumShared"]:
         return

@@ -21,8 +21,7 @@ from raydock.platform.states import IMPORTING_MODEL, UNDEPLOYABLE_DEPLOYMENT, Mo
 from raydock.platform.states import DeploymentStatus as D
 
 MAX_DOCUMENTS = 500
-#: deploy-body fields a change of which needs no redeploy (PATCH /deployments/{id})
-EDITABLE_FIELDS = ("description", "tags", "timeout")
+EDITABLE_FIELDS = schemas.EDITABLE_FIELDS
 #: deploy-body fields that are not part of the deployment's desired state
 NOT_STATE = ("name", "isDeployedPreviously", *EDITABLE_FIELDS)
 

@@ -135,8 +135,10 @@ class Lifecycle:
                     )
             stale = [j["dockStatusId"] for j in orphans if j["dockStatusId"] not in resumed]
             failed = await self.registry.fail_jobs.remote(stale, INTERRUPTED_REASON)
-            active = await self.registry.deployments_in.remote(list(ACTIVE_DEPLOYMENT))
+            # apps first: a deploy that starts between the two reads is active by the second
+            # (its record precedes its app), so its new app is never taken for a stray
             apps = (await asyncio.to_thread(serve.status)).applications
+            active = await self.registry.deployments_in.remote(list(ACTIVE_DEPLOYMENT))
             owned = {names.engine_app(d["deploymentId"]) for d in active}
             removed = sorted(set(apps) - owned - {names.API_APP, names.GATEWAY_APP})
             for app in removed:
@@ -166,6 +168,12 @@ class Lifecycle:
 
     async def _restore(self, deployment_id: str) -> None:
         async with self._locks[deployment_id]:
+            try:  # undeployed, redeployed or deleted since reconcile saw it lost: not ours
+                dep = await self.registry.get_deployment.remote(deployment_id)
+            except Exception:  # gone (or the registry restarting: the next reconcile sees)
+                return
+            if dep["status"] != D.DEPLOYED:
+                return
             try:
                 await self._run_app(deployment_id, job_id=None)
                 self._restores.pop(deployment_id, None)
@@ -339,6 +347,11 @@ class Lifecycle:
             raise DeployFailed(str(exc.cause)) from None
 
     async def _run_app(self, deployment_id: str, job_id: str | None) -> None:
+        await self._start_app(*await self._build_app(deployment_id, job_id), job_id)
+
+    async def _build_app(self, deployment_id: str, job_id: str | None) -> tuple[RunTarget, int]:
+        """The Serve application of a deployment's configuration (its artifact optimized
+        first), and how many replicas it starts with; Serve is not touched yet."""
         from raydock.serve_apps.engine_app import build_engine_app
 
         dep = await self.registry.get_deployment.remote(deployment_id)
@@ -367,9 +380,17 @@ class Lifecycle:
             max_request_bytes=self.settings.max_request_bytes,
             source=views.stored_artifact(model) if model["kind"] == "base" else None,
         )
-        name = names.engine_app(deployment_id)
         # the replicas answer /deployments/<id>/… themselves: no gateway hop per token
-        target = RunTarget(target=app, name=name, route_prefix=names.engine_route(deployment_id))
+        target = RunTarget(
+            target=app,
+            name=names.engine_app(deployment_id),
+            route_prefix=names.engine_route(deployment_id),
+        )
+        return target, config["scalingParameters"]["minReplicas"]
+
+    async def _start_app(self, target: RunTarget, want: int, job_id: str | None) -> None:
+        """Submit the application to Serve and wait until its replicas run."""
+        name = target.name
         await asyncio.to_thread(
             serve.run_many,
             [target],
@@ -387,7 +408,6 @@ class Lifecycle:
             if status is not None:
                 engine = status.deployments.get(names.ENGINE_DEPLOYMENT)
                 running = dict(engine.replica_states).get("RUNNING", 0) if engine else 0
-                want = dep["config"]["scalingParameters"]["minReplicas"]
                 await self._progress(
                     job_id, 20 + int(70 * running / max(1, want)), "starting replicas"
                 )
@@ -396,8 +416,11 @@ class Lifecycle:
 
     async def _deploy(self, deployment_id: str, job_id: str) -> None:
         async with self._locks[deployment_id]:
+            submitted = False
             try:
-                await self._run_app(deployment_id, job_id)
+                app = await self._build_app(deployment_id, job_id)
+                submitted = True
+                await self._start_app(*app, job_id)
                 await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYED)
                 await self.registry.update_job.remote(
                     job_id, status=JobStatus.SUCCESS, message="deployed"
@@ -406,6 +429,16 @@ class Lifecycle:
                 known = (DeployFailed, plan.OptimizationError)
                 reason = str(exc) if isinstance(exc, known) else repr(exc)
                 log.warning("deployment %s failed: %s", deployment_id, reason)
+                # a redeploy that failed before Serve saw it: the live version serves on
+                kept = None
+                if not submitted:
+                    kept = await self.registry.keep_live_version.remote(deployment_id, reason)
+                if kept:
+                    message = f"{reason}; {kept}'s configuration goes on serving"
+                    await self.registry.update_job.remote(
+                        job_id, status=JobStatus.FAILED, message=message, response={"error": reason}
+                    )
+                    return
                 await asyncio.to_thread(serve.delete, names.engine_app(deployment_id))
                 await self.registry.set_deployment_status.remote(deployment_id, D.FAILED, reason)
                 await self.registry.update_job.remote(

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from raydock import params
 from raydock.errors import Conflict, NotFound
-from raydock.platform import db, names, security, views
+from raydock.platform import db, names, schemas, security, views
 from raydock.platform.lease import Lease, ray_session
 from raydock.platform.secrets import SecretBox, SecretUnreadable
 from raydock.platform.states import (
@@ -500,6 +500,11 @@ class Registry:
                 raise NotFound(f"dock status {job_id} not found")
             return views.job(j)
 
+    def existing_jobs(self, job_ids: list[str]) -> list[str]:
+        """Which of these jobs are still recorded (retention deletes finished ones)."""
+        with self._tx() as s:
+            return list(s.scalars(select(db.DockStatus.id).where(db.DockStatus.id.in_(job_ids))))
+
     def orphan_jobs(self, running: list[str], grace_s: float) -> list[dict[str, Any]]:
         """Jobs IN_PROGRESS that no worker runs: not in `running` (the lifecycle's own) and
         older than `grace_s` (a job the API just created is handed to the lifecycle next)."""
@@ -606,9 +611,11 @@ class Registry:
     def update_deployment(self, deployment_id: str, **fields: Any) -> dict[str, Any]:
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
-            for k, v in fields.items():
-                if v is not None:
-                    setattr(d, {"timeout": "timeout_s"}.get(k, k), v)
+            changed = {k: v for k, v in fields.items() if v is not None}
+            for k, v in changed.items():
+                setattr(d, {"timeout": "timeout_s"}.get(k, k), v)
+            # the configuration holds them too: a redeploy from it, an export, the history
+            d.config = {**(d.config or {}), **changed}
             self._access_changed.add(d.id)
             return views.deployment(d, self._user_names(s))
 
@@ -704,6 +711,54 @@ class Registry:
             if changed:
                 self._deployment_notice(s, d)
             return views.deployment(d, self._user_names(s))
+
+    def keep_live_version(self, deployment_id: str, reason: str) -> str | None:
+        """A redeploy failed before its Serve application was touched (a conversion, a
+        merge, a plan refused): the version that was serving goes on serving. The failed
+        version ends FAILED with `reason`, a new one records the live configuration again
+        (with the redeploy's description, tags and timeout, which need no redeploy) and the
+        deployment is DEPLOYED. Returns the name of the version kept, or None when none was
+        live (the deployment then fails as any deploy does)."""
+        with self._tx() as s:
+            d = self._deployment(s, deployment_id)
+            latest, previous = (
+                s.scalars(
+                    select(db.DeploymentVersion)
+                    .where(db.DeploymentVersion.deployment_id == d.id)
+                    .order_by(db.DeploymentVersion.version.desc())
+                    .limit(2)
+                ).all()
+                + [None, None]
+            )[:2]
+            live = previous is not None and previous.result == "SUCCESS"
+            if d.status not in STARTING_DEPLOYMENT or not live or previous.undeploy_started_at:
+                return None
+            self._end_version(s, d.id, "FAILED", reason)
+            edits = {k: d.config[k] for k in schemas.EDITABLE_FIELDS if k in (d.config or {})}
+            d.config = {**previous.config, **edits}
+            check_deployment(d.status, DeploymentStatus.DEPLOYED)
+            d.status, d.failure_reason = DeploymentStatus.DEPLOYED, None
+            now = db.utcnow()
+            s.add(
+                db.DeploymentVersion(
+                    deployment_id=d.id,
+                    version=latest.version + 1,
+                    name=f"{d.name}_v{latest.version + 1}",
+                    config=d.config,
+                    deployed_by=latest.deployed_by,
+                    started_at=now,
+                    ended_at=now,
+                    result="SUCCESS",
+                )
+            )
+            self._access_changed.add(d.id)
+            kept = previous.name
+            fields = {"deploymentId": d.id, "deploymentName": d.name, "modelId": d.model_id}
+            fields["reason"] = f"{reason} ({kept}'s configuration goes on serving)"
+            from raydock.platform import notify
+
+            self._notices.append((notify.DEPLOY_FAILED, latest.deployed_by, fields))
+            return kept
 
     def record_undeploy(self, deployment_id: str, user_id: str | None, ended: bool) -> None:
         """Stamp who undeployed the live version, and when it started / ended."""

@@ -1,6 +1,7 @@
 """Retention: usage minutes, finished notification deliveries and finished dock-status jobs
 older than the settings allow (`usage_retention_days`, `delivery_retention_days`,
-`job_retention_days`; 0 keeps them) are deleted hourly.
+`job_retention_days`; 0 keeps them) are deleted hourly, and with an export job the zip it
+made (a full copy of the model's weights that its download link no longer reaches).
 
 The API replica runs `keep_pruning`; deleting is idempotent, so two replicas doing it is
 harmless, and a round that fails (the registry restarting) is simply the next one's work.
@@ -41,12 +42,32 @@ async def prune_once() -> dict[str, int]:
     if not any(before.values()):
         return dict.fromkeys(before, 0)
     gone = await ctx.registry.prune_history.remote(before)
+    gone["exports"] = await _sweep_exports()
     if any(gone.values()):
         log.info(
             "retention: deleted %s",
-            ", ".join(f"{n} {kind} before {before[kind]}" for kind, n in gone.items() if n),
+            ", ".join(
+                f"{n} {kind}" + (f" before {before[kind]}" if kind in before else " of those jobs")
+                for kind, n in gone.items()
+                if n
+            ),
         )
     return gone
+
+
+async def _sweep_exports() -> int:
+    """Delete the export zips (`exports/<model>/<job>/<file>`) whose job is gone."""
+    store = ctx.settings.store()
+    folders = {
+        "/".join(parts[:3])
+        for parts in (k.split("/") for k in await asyncio.to_thread(store.list, "exports"))
+        if len(parts) > 3
+    }
+    kept = set(await ctx.registry.existing_jobs.remote([f.split("/")[2] for f in folders]))
+    gone = [f for f in folders if f.split("/")[2] not in kept]
+    for folder in gone:
+        await asyncio.to_thread(store.delete, folder)
+    return len(gone)
 
 
 async def keep_pruning() -> None:

@@ -187,6 +187,10 @@ class DeploymentUpdate(_Body):
     timeout: JsonInt | None = params.TIMEOUT_S.field("Endpoint timeout in seconds", default=None)
 
 
+#: deploy-body fields a change of which needs no redeploy (PATCH /deployments/{id})
+EDITABLE_FIELDS = tuple(DeploymentUpdate.model_fields)
+
+
 class KeyLimits(_Body):
     """A key's limits, for all replicas and nodes of its deployment together; null or left
     out: none. Over a limit, a request gets 429 with Retry-After."""

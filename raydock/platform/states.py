@@ -66,7 +66,8 @@ _MODEL = {
 D = DeploymentStatus
 _DEPLOYMENT = {
     D.READY_TO_DEPLOY: {D.OPTIMIZING, D.DEPLOYING, D.FAILED},
-    D.OPTIMIZING: {D.DEPLOYING, D.FAILED},
+    # DEPLOYED: a redeploy's optimization failed and the live version serves on
+    D.OPTIMIZING: {D.DEPLOYING, D.FAILED, D.DEPLOYED},
     D.DEPLOYING: {D.DEPLOYED, D.FAILED},
     D.DEPLOYED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED, D.FAILED},
     # READY_TO_DEPLOY: it never deployed, and waits again for its model's retried import

@@ -81,6 +81,48 @@ def test_deploy_versions_and_history(reg, admin):
     assert hist[1]["config"]["timeout"] == 90 and hist[1]["latest"]
     assert hist[0]["deployedBy"] == "admin"
     assert reg.get_deployment(dep_id)["timeout"] == 90
+    # an edit (PATCH) is part of the configuration a re-trigger or an export starts from
+    reg.update_deployment(dep_id, timeout=150, description="edited", tags=["x"])
+    config = reg.get_deployment(dep_id)["config"]
+    assert (config["timeout"], config["description"], config["tags"]) == (150, "edited", ["x"])
+    reg.begin_deploy(dep_id, None, user["userId"], "DEPLOYING")  # a re-trigger
+    assert reg.get_deployment(dep_id)["timeout"] == 150
+    assert reg.history(dep_id)[-1]["config"]["timeout"] == 150
+
+
+def test_a_redeploy_that_fails_before_serve_saw_it_keeps_the_live_version(reg, admin):
+    """The lifecycle calls keep_live_version when a redeploy's conversion, merge or plan
+    failed before the Serve application was touched: the old replicas still run, so the
+    deployment stays DEPLOYED on the live configuration (with the redeploy's edits, which
+    need no redeploy), the failed version ends FAILED, and replicas keep serving."""
+    _, user = admin
+    uid = user["userId"]
+    m = ready_model(reg, uid)
+    body = default_deploy_body("live")
+    dep_id = reg.create_deployment(m["modelId"], body, uid)["deploymentId"]
+    reg.begin_deploy(dep_id, None, uid, "DEPLOYING")
+    assert reg.keep_live_version(dep_id, "x") is None  # a first deploy has nothing live
+    reg.set_deployment_status(dep_id, "DEPLOYED")
+    ct2 = {"optimizationType": "ctranslate2", "quantizationType": "int8"}
+    changed = {**body, "optimizationInfo": ct2, "timeout": 120}
+    reg.begin_deploy(dep_id, changed, uid, "OPTIMIZING")
+
+    assert reg.keep_live_version(dep_id, "conversion failed: no space") == "live_v1"
+    dep = reg.get_deployment(dep_id)
+    assert dep["status"] == "DEPLOYED" and not dep["failureReason"]
+    assert dep["config"]["optimizationInfo"] == body["optimizationInfo"]
+    assert dep["timeout"] == 120 and dep["config"]["timeout"] == 120
+    versions = reg.history(dep_id)
+    assert [(v["name"], v["result"]) for v in versions] == [
+        ("live_v1", "SUCCESS"),
+        ("live_v2", "FAILED"),
+        ("live_v3", "SUCCESS"),
+    ]
+    assert versions[1]["failureReason"] == "conversion failed: no space"
+    assert reg.access_snapshots([dep_id])[dep_id]["serving"]
+    # the next redeploy starts from a live version: served meanwhile, as before
+    reg.begin_deploy(dep_id, changed, uid, "OPTIMIZING")
+    assert reg.access_snapshots([dep_id])[dep_id]["serving"]
 
 
 def test_model_counts_and_delete_rules(reg, admin):

@@ -9,11 +9,8 @@ import os
 import shutil
 
 import httpx
-import pytest
 from fastapi.testclient import TestClient
 
-from raydock.config import load_settings
-from raydock.platform import api_deps
 from raydock.platform.api import app
 from raydock.platform.api_uploads import (
     ZIP_OVERHEAD_BYTES,
@@ -22,8 +19,6 @@ from raydock.platform.api_uploads import (
     promised_bytes,
     storage_refusal,
 )
-from raydock.platform.registry import Registry
-from tests.unit.registry_handle import RegistryHandle
 
 GIB = 2**30
 
@@ -87,17 +82,6 @@ def test_a_new_upload_leaves_the_open_ones_the_space_they_still_need(tmp_path):
     refused = storage_refusal(1000, max_archive_bytes=GIB, free_bytes=3000, promised_bytes=1100)
     assert refused.code == "insufficient_storage"
     assert "3000 are free, 1100 of them promised to open uploads" in refused.message
-
-
-@pytest.fixture
-def api(tmp_path, monkeypatch) -> tuple[Registry, str]:
-    """The API app's routes (over HTTP, in process) on a real registry and data dir, no Ray:
-    the registry and the admin key."""
-    reg = Registry(f"sqlite:///{tmp_path / 'raydock.db'}")
-    admin_key = reg.ensure_admin()
-    monkeypatch.setattr(api_deps.ctx, "settings", load_settings(home=str(tmp_path)), raising=False)
-    monkeypatch.setattr(api_deps.ctx, "registry", RegistryHandle(reg), raising=False)
-    return reg, admin_key
 
 
 def test_uploads_started_together_cannot_both_claim_the_same_free_space(api, monkeypatch):

@@ -1,0 +1,56 @@
+"""Model routes of the management API over HTTP in process (no Ray), on a real registry and
+artifact store."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from raydock.platform import api_deps, db, retention
+from raydock.platform.api import app
+from raydock.platform.jobs import exports_key, model_key
+
+
+def test_deleting_a_failed_import_removes_what_it_had_stored(api, tmp_path: Path):
+    """An import task killed while storing (OOM, a lost node) leaves part of the model in
+    the store and no artifactUri on the model: deleting the model removes those files too."""
+    reg, admin_key = api
+    model = reg.create_model("half", "file", reg.authenticate_management(admin_key)["userId"])
+    store = api_deps.ctx.settings.store()
+    part = tmp_path / "model-00001-of-00002.safetensors"
+    part.write_bytes(b"\0" * 1024)
+    store.put_file(part, f"{model_key(model['modelId'])}/{part.name}")
+    reg.set_model_status(model["modelId"], "IMPORT_FAILED", error="the task died")
+    assert store.list(model_key(model["modelId"]))
+
+    with TestClient(app) as http:
+        r = http.delete(f"/public/models/{model['modelId']}", headers={"X-api-key": admin_key})
+    assert r.status_code == 200, r.text
+    assert store.list(model_key(model["modelId"])) == []
+
+
+def test_retention_deletes_an_export_zip_with_its_job(api, tmp_path: Path):
+    """An export's zip is a full copy of the weights: when retention deletes its finished
+    job (whose download link was the way to it), the zip goes too; a running export's stays."""
+    reg, admin_key = api
+    uid = reg.authenticate_management(admin_key)["userId"]
+    model_id = reg.create_model("m", "file", uid)["modelId"]
+    store = api_deps.ctx.settings.store()
+    zip_file = tmp_path / "m.zip"
+    zip_file.write_bytes(b"PK")
+    jobs = [reg.create_job("EXPORT", model_id, uid)["dockStatusId"] for _ in range(2)]
+    for job in jobs:
+        store.put_file(zip_file, f"{exports_key(model_id)}/{job}/m.zip")
+    reg.update_job(jobs[0], status="SUCCESS", percentage=100)
+    old = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=365)
+    with db.make_engine(f"sqlite:///{tmp_path / 'raydock.db'}").begin() as conn:
+        conn.execute(text("UPDATE dock_status SET created_at = :t"), {"t": old})
+
+    gone = asyncio.run(retention.prune_once())
+    assert gone["jobs"] == 1 and gone["exports"] == 1
+    assert store.list(f"{exports_key(model_id)}/{jobs[0]}") == []
+    assert store.list(f"{exports_key(model_id)}/{jobs[1]}")  # still being made
