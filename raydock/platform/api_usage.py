@@ -93,6 +93,18 @@ async def _flush_meter() -> None:
         pass
 
 
+#: what a spreadsheet reads as the start of a formula (OWASP's CSV injection list)
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (a key named `=HYPERLINK(...)`),
+    quoted with a leading apostrophe so that it shows as text."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 @router.get(
     "/usage",
     tags=["usage"],
@@ -121,7 +133,7 @@ async def usage(
         buf = io.StringIO()
         writer = csv.DictWriter(buf, COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: spreadsheet_safe(v) for k, v in r.items()} for r in rows)
         return Response(
             buf.getvalue(),
             media_type="text/csv",

@@ -80,7 +80,7 @@ async def _playground_key(
         name = f"playground ({user['name']})"
         # the secret of an earlier one is gone (a restart) or refused: that key is of no use
         for k in await ctx.registry.list_deployment_keys.remote(deployment_id):
-            if k["name"] == name and k["createdBy"] == user["name"]:
+            if k["name"] == name and k["createdById"] == user["userId"]:
                 await ctx.registry.delete_deployment_key.remote(deployment_id, k["keyId"])
         made = await ctx.registry.create_deployment_key.remote(
             deployment_id, name, user["userId"], None
@@ -126,11 +126,14 @@ async def playground_chat(deploymentId: str, request: Request, user: User) -> Re
             await upstream.aclose()
             await client.aclose()
 
+    relayed = {"Cache-Control": "no-cache"}
+    if "retry-after" in upstream.headers:  # a 429's: when the key may ask again
+        relayed["Retry-After"] = upstream.headers["retry-after"]
     return StreamingResponse(
         relay(),
         status_code=upstream.status_code,
         media_type=upstream.headers.get("content-type", "application/json"),
-        headers={"Cache-Control": "no-cache"},
+        headers=relayed,
     )
 
 

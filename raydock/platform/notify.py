@@ -12,6 +12,7 @@ what triggered it: `emit` only hands the event to the actor.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import json
@@ -153,6 +154,11 @@ def email_message(event: dict[str, Any], sender: str, to: str, delivery_id: str)
     msg = EmailMessage()
     msg["Subject"], msg["From"], msg["To"] = subject, sender, to
     msg[EVENT_HEADER], msg[DELIVERY_HEADER] = event["kind"], delivery_id
+    # RFC 5322 asks for both; a retry of a delivery keeps its Message-ID (mail servers and
+    # clients drop the duplicate)
+    msg["Date"] = email.utils.formatdate(usegmt=True)
+    domain = sender.rpartition("@")[2].strip("> ") or "raydock.invalid"
+    msg["Message-ID"] = f"<{delivery_id}@{domain}>"
     msg.set_content(text)
     return msg
 

@@ -114,6 +114,7 @@ def api_key(
         "scope": k.scope,
         "deploymentId": k.deployment_id,
         "createdBy": (users or {}).get(k.created_by or "", k.created_by),
+        "createdById": k.created_by,  # names need not be unique
         "createdAt": iso(k.created_at),
         "lastUsedAt": iso(k.last_used_at),
     }

@@ -136,7 +136,7 @@ def test_metrics_move_by_what_was_served(platform, live):
 
 def test_usage_equals_the_responses_and_exports_as_csv(platform, live):
     dep_id = live.deployment["deploymentId"]
-    key = _key(platform, dep_id, "usage")
+    key = _key(platform, dep_id, "=usage+1")  # a spreadsheet would run it as a formula
     usages = []
     for n in (3, 7):
         r = _chat(platform, dep_id, key["apiKey"], max_tokens=n)
@@ -156,13 +156,14 @@ def test_usage_equals_the_responses_and_exports_as_csv(platform, live):
     assert got["totals"]["completionTokens"] == sum(u["completion_tokens"] for u in usages)
     assert got["totals"]["totalTokens"] == sum(u["total_tokens"] for u in usages)
     (row,) = got["rows"]
-    assert row["keyName"] == "usage" and row["deploymentId"] == dep_id
+    assert row["keyName"] == "=usage+1" and row["deploymentId"] == dep_id
     assert row["period"] == time.strftime("%Y-%m-%d", time.gmtime())
 
     exported = http.get("/api/public/usage", params=params | {"format": "csv"})
     assert exported.headers["content-type"].startswith("text/csv")
     (line,) = list(csv.DictReader(io.StringIO(exported.text)))
     assert int(line["totalTokens"]) == got["totals"]["totalTokens"]
+    assert line["keyName"] == "'=usage+1"  # shown as text, not run
     # a time range that ends before the requests holds none of them
     empty = http.get("/api/public/usage", params=params | {"end": "2020-01-01"}).json()
     assert empty["totals"]["requests"] == 0

@@ -5,6 +5,7 @@ notifier's deliveries to a real SMTP server and webhook receiver, and to dead on
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import hmac
 import json
@@ -79,6 +80,9 @@ def test_every_kind_renders_an_email_and_a_webhook_body(kind):
     msg = notify.email_message(event, "raydock@example.test", "ana@example.test", "nd-9")
     assert msg["To"] == "ana@example.test" and msg["From"] == "raydock@example.test"
     assert msg["X-Raydock-Event"] == kind and msg["X-Raydock-Delivery"] == "nd-9"
+    # RFC 5322's Date, and a Message-ID a retry of the delivery keeps
+    assert email.utils.parsedate_to_datetime(msg["Date"]).tzinfo is not None
+    assert msg["Message-ID"] == "<nd-9@example.test>"
     subject, text = msg["Subject"], msg.get_content()
     assert subject.startswith("[raydock] ") and event["id"] in text
     expected = {
