@@ -47,15 +47,20 @@ _key_locks: dict[tuple[str, str], asyncio.Lock] = {}
 async def metrics_history(deploymentId: str, _: User) -> dict[str, Any]:
     """The last hour of the deployment's figures, one point per interval (10 s): requests,
     errors and tokens per second, TTFT p50/p95 (seconds; null without requests), running and
-    target replicas; with the deployment's minimum and maximum replicas."""
+    target replicas; with the deployment's minimum and maximum replicas.
+
+    Each point's `t` is its interval's end and `requests` the requests counted in that
+    interval (a field added beside the earlier ones, which are unchanged): their sum is the
+    window's requests. A rate times `intervalSeconds` is not, since intervals differ in length
+    (the last, live one runs to now) and the first one's start is not returned."""
     dep = await ctx.registry.get_deployment.remote(deploymentId)
     scaling = dep["config"].get("scalingParameters", {})
+    if not ctx.settings.metering:
+        raise ApiError(404, "metering is off on this platform (metering: false)")
     try:
         meter = ray.get_actor(names.METER, namespace=names.NAMESPACE)
         series = await asyncio.wait_for(meter.series.remote(deploymentId), METER_WAIT_S)
-    except ValueError:
-        raise ApiError(404, "metering is off on this platform (metering: false)") from None
-    except (TimeoutError, RayError):  # the meter busy, or being started again
+    except (ValueError, TimeoutError, RayError):  # busy, or being started again (no name yet)
         raise ApiError(
             503,
             "the metrics history is unavailable (the meter is busy or restarting); retry shortly",

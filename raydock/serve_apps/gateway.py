@@ -23,7 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
 from raydock import errors, openapi_doc
@@ -198,6 +198,10 @@ async def retrieve_model(model: str, request: Request):
 # ------------------------------------------------------------------ metrics
 
 
+#: how long /metrics waits for the meter
+METER_WAIT_S = 10.0
+
+
 @app.get("/metrics", include_in_schema=False)
 async def metrics(request: Request):
     """Every raydock metric in Prometheus' text format, summed over all replicas and nodes
@@ -208,8 +212,16 @@ async def metrics(request: Request):
             raise ApiError(401, "metrics need 'Authorization: Bearer <metrics_token>'")
     if ctx.meter.meter is None:
         raise ApiError(404, "metering is off on this platform (metering: false)")
-    meter = ray.get_actor(*ctx.meter.meter)
-    return Response(await meter.exposition.remote(), media_type=exposition.CONTENT_TYPE)
+    try:
+        meter = ray.get_actor(*ctx.meter.meter)
+        text = await asyncio.wait_for(meter.exposition.remote(), METER_WAIT_S)
+    except (ValueError, TimeoutError, RayError):  # busy, or being started again (no name yet)
+        raise ApiError(
+            503,
+            "metrics are unavailable (the meter is busy or restarting); retry shortly",
+            headers={"Retry-After": "5"},
+        ) from None
+    return Response(text, media_type=exposition.CONTENT_TYPE)
 
 
 # ------------------------------------------------------------------ docs: one document for all

@@ -251,3 +251,25 @@ def test_one_bearer_parser_for_keys_and_the_metrics_token(monkeypatch):
             # 404: past the token check, metering is off (meter None) in this test
             got = client.get("/metrics", headers={"authorization": header})
             assert got.status_code == status, header
+
+
+def test_metrics_while_the_meter_is_started_again_are_a_503(monkeypatch):
+    """Ray forgets the meter's name for a moment while it is started again: Prometheus gets
+    a 503 with Retry-After (it was a 500), not a body it cannot parse."""
+    import ray
+    from fastapi.testclient import TestClient
+
+    from raydock.serve_apps import gateway
+    from raydock.serve_apps.metering import ReplicaMeter
+
+    def no_such_actor(*args, **kwargs):
+        raise ValueError("Failed to look up actor with name 'raydock-meter'")
+
+    monkeypatch.setattr(ray, "get_actor", no_such_actor)
+    monkeypatch.setattr(gateway.ctx, "metrics_token", "", raising=False)
+    meter = ReplicaMeter(("raydock-meter", "raydock"), enabled=False)
+    monkeypatch.setattr(gateway.ctx, "meter", meter, raising=False)
+    monkeypatch.setattr(gateway.ctx, "max_request_bytes", 1 << 20, raising=False)
+    with TestClient(gateway.app) as client:
+        got = client.get("/metrics")
+    assert got.status_code == 503 and got.headers["Retry-After"] == "5", got.text

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import ray
@@ -70,3 +71,18 @@ def test_a_meter_that_cannot_answer_is_a_503_not_a_500(client, monkeypatch, answ
     assert reply.status_code == 503, reply.text
     assert "meter" in reply.json()["error"]["message"]
     assert reply.headers["Retry-After"] == "5"
+
+
+def test_a_meter_between_two_lives_is_a_503_and_metering_off_a_404(client, monkeypatch):
+    """Ray forgets the actor's name while the meter is started again: that is not "metering
+    is off", which the settings say."""
+
+    def no_such_actor(*args, **kwargs):
+        raise ValueError("Failed to look up actor with name 'raydock-meter'")
+
+    monkeypatch.setattr(ray, "get_actor", no_such_actor)
+    assert client.get(client.url_of).status_code == 503
+    off = dataclasses.replace(api_deps.ctx.settings, metering=False)
+    monkeypatch.setattr(api_deps.ctx, "settings", off)
+    reply = client.get(client.url_of)
+    assert reply.status_code == 404 and "metering is off" in reply.json()["error"]["message"]
