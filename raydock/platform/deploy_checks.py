@@ -13,8 +13,13 @@ from raydock.platform import catalog
 
 
 def _figures(model: dict[str, Any]) -> tuple[dict | None, int | None, dict | None]:
+    """(config figures, parameter count, declared quantization). A quantized checkpoint's
+    count from its headers counts packed words (eight 4-bit weights in each int32 of an
+    AWQ/GPTQ qweight), not weights: its config's shape counts them instead."""
     meta = model.get("metadata") or {}
-    return meta.get("config_figures"), meta.get("parameters"), meta.get("quantization_config")
+    declared = meta.get("quantization_config")
+    parameters = None if declared else meta.get("parameters")
+    return meta.get("config_figures"), parameters, declared
 
 
 def estimates(

@@ -176,3 +176,24 @@ def test_unknown_figures_skip_the_estimate():
     assert fit.check(None, TRANSFORMERS, "cpu-small", hardware_profiles()["cpu-small"], 10) is None
     with pytest.raises(ValueError, match="hidden_size"):
         ModelShape.from_config({"num_hidden_layers": 2})
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_a_4_bit_checkpoint_is_estimated_from_its_shape_not_its_packed_tensors(method):
+    """AWQ/GPTQ pack eight 4-bit weights into each int32 of a qweight: the headers' element
+    count is far below the weights (the estimate was ~4x too small, so a deploy that could not
+    fit was accepted). The estimate counts the config's shape, as for any model."""
+    from raydock.modelgen import cached_model_dir
+    from raydock.optimizers import plan
+    from raydock.platform.model_archive import inspect_model_dir
+
+    meta = inspect_model_dir(cached_model_dir("tiny", quantization=method)).to_dict()
+    shape = ModelShape.from_config(meta["config_figures"])
+    assert meta["parameters"] < 0.8 * shape.parameters()  # what the headers count
+    vllm = {"optimizationType": "vllm", "quantizationType": method}
+    found = deploy_checks.estimates({"metadata": meta}, vllm, 1)
+    assert found
+    for device, est in found.items():
+        profile = hardware_profiles()[device]
+        engine = plan.check(vllm, device, profile, meta["quantization_config"])
+        assert est.weights == fit.estimate(meta["config_figures"], engine, profile, 1).weights
