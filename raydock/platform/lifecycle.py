@@ -9,11 +9,13 @@ and every few seconds after, so the platform heals itself after any component di
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,9 @@ class Lifecycle:
     def __init__(self, settings: dict[str, Any]):
         self.settings = Settings(**settings)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # one merge or conversion of the same weights at a time: the next deploy that needs
+        # it waits, then finds it stored (two at once wrote one prefix with two manifests)
+        self._artifact_locks: dict[tuple, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task] = set()
         self._jobs: set[str] = set()  # jobs a task of this actor is running
         self._restores: dict[str, int] = defaultdict(int)  # failed restores in a row
@@ -313,9 +318,10 @@ class Lifecycle:
         served = model
         if model["kind"] == "adapter":
             base = await self.registry.get_model.remote(model["baseModelId"])
-            merged = await self._run_task(
-                merge_adapter_task, profile, self.settings.to_dict(), base, model, job_id
-            )
+            async with self._one_at_a_time(("merge", base["checksum"], model["checksum"]), job_id):
+                merged = await self._run_task(
+                    merge_adapter_task, profile, self.settings.to_dict(), base, model, job_id
+                )
             served = {
                 "checksum": merged["checksum"],
                 "artifactUri": merged["prefix"],
@@ -323,19 +329,33 @@ class Lifecycle:
             }
         if not engine.converts:
             return views.stored_artifact(served)
-        converted = await self._run_task(
-            optimize_model_task,
-            profile,
-            self.settings.to_dict(),
-            served,
-            engine.quantization,
-            job_id,
-        )
+        async with self._one_at_a_time(
+            ("convert", served["checksum"], engine.quantization), job_id
+        ):
+            converted = await self._run_task(
+                optimize_model_task,
+                profile,
+                self.settings.to_dict(),
+                served,
+                engine.quantization,
+                job_id,
+            )
         reused = converted.pop("reused")
         if job_id:  # the deploy job tells whether this deploy converted or found it stored
             conversion = {"artifact": converted["prefix"], "reused": reused}
             await self.registry.update_job.remote(job_id, response={"conversion": conversion})
         return converted
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, key: tuple, job_id: str | None) -> AsyncIterator[None]:
+        """Hold the merge or conversion `key` ("merge"|"convert", weights...) alone."""
+        lock = self._artifact_locks[key]
+        if lock.locked():
+            await self._progress(
+                job_id, 1, f"waiting for another deploy's {key[0]} of the same weights"
+            )
+        async with lock:
+            yield
 
     @staticmethod
     async def _run_task(task, profile: dict, *args: Any) -> dict[str, str]:

@@ -208,17 +208,26 @@ def in_process_greedy(model_dir: Path, quantization: str) -> list[str]:
 
 @ct2_only
 def test_ctranslate2_int8_passes_optimizing_and_serves(platform, ready_model):
-    ref = platform.client.deploy(
-        ready_model["modelId"],
-        {**default_deploy_body("ct2-int8"), **optimized("ctranslate2", "int8")},
-    )
+    # two deployments of the same weights and quantization at once: one converts, the other
+    # waits for it and reuses it (two conversions at once wrote one artifact twice)
+    refs = [
+        platform.client.deploy(
+            ready_model["modelId"],
+            {**default_deploy_body(name), **optimized("ctranslate2", "int8")},
+        )
+        for name in ("ct2-int8", "ct2-int8-twin")
+    ]
     # the conversion (a Ray task) runs before any replica starts
-    assert platform.client.get(f"/deployments/{ref['deploymentId']}")["status"] == "OPTIMIZING"
-    job = platform.client.wait_job(ref["dockStatusId"], timeout=600)
-    assert job["status"] == "SUCCESS", job
-    # this deploy converted (nothing was stored for these weights and this quantization)
-    first = job["response"]["conversion"]
-    assert first["reused"] is False and "int8-" in first["artifact"], job
+    assert platform.client.get(f"/deployments/{refs[0]['deploymentId']}")["status"] == "OPTIMIZING"
+    jobs = [platform.client.wait_job(ref["dockStatusId"], timeout=600) for ref in refs]
+    assert all(job["status"] == "SUCCESS" for job in jobs), jobs
+    # one deploy converted (nothing was stored for these weights and this quantization)
+    conversions = sorted((j["response"]["conversion"] for j in jobs), key=lambda c: c["reused"])
+    first = conversions[0]
+    assert first["reused"] is False and "int8-" in first["artifact"], jobs
+    assert conversions[1] == {**first, "reused": True}, jobs
+    undeploy(platform, platform.client.get(f"/deployments/{refs[1]['deploymentId']}"))
+    ref = refs[0]
     dep = platform.client.get(f"/deployments/{ref['deploymentId']}")
     stats = platform.client.get(f"/deployments/{dep['deploymentId']}/stats")
     assert stats["engine"] == "ctranslate2"
