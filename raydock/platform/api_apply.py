@@ -6,14 +6,17 @@ made, and carry the changes out through the registry and the lifecycle."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from raydock.errors import ApiError, Conflict, NotFound
+from raydock.errors import ApiError, Conflict, NotFound, as_api_error
 from raydock.platform import api_hub, apply, catalog, deploy_checks, schemas
 from raydock.platform.api_deps import User, ctx, job_ref
 from raydock.platform.states import DeploymentStatus as D
+
+log = logging.getLogger("raydock.apply")
 
 router = APIRouter(prefix="/public")
 
@@ -33,7 +36,8 @@ async def _state(declared: list[apply.Declared], prune: bool) -> apply.State:
         *(ctx.registry.list_deployment_keys.remote(d["deploymentId"]) for d in mine)
     )
     connections = []
-    if any(d.spec.model.huggingFace and d.spec.model.huggingFace.connection for d in declared):
+    sources = [d.spec.model for d in declared]
+    if any(m.connection or (m.huggingFace and m.huggingFace.connection) for m in sources):
         connections = await ctx.registry.list_connections.remote()
     return apply.State(
         deployments,
@@ -171,6 +175,8 @@ async def apply_documents(body: apply.ApplyRequest, user: User) -> dict[str, Any
         for c in changes:
             try:
                 if c["kind"] == "deployment":
+                    if c["deploymentId"]:  # it exists: its keys follow the file whatever happens
+                        deployment_ids[c["name"]] = c["deploymentId"]
                     await _carry_out(c, specs.get(c["name"]), user)
                     if c["deploymentId"]:
                         deployment_ids[c["name"]] = c["deploymentId"]
@@ -180,8 +186,11 @@ async def apply_documents(body: apply.ApplyRequest, user: User) -> dict[str, Any
                     await _carry_out_key(c, deployment_ids[c["deployment"]], user)
                 else:
                     c["error"] = "its deployment was not created"
-            except ApiError as exc:  # one change refused (e.g. a race): the others go on
-                c["error"] = exc.message
+            except Exception as exc:  # one change refused (e.g. a race): the others go on
+                err = as_api_error(exc)
+                if err is None:
+                    log.error("apply: %s %s failed", c["kind"], c["name"], exc_info=exc)
+                c["error"] = err.message if err else f"internal error: {type(exc).__name__}"
     public = [{k: v for k, v in c.items() if k not in INTERNAL} for c in changes]
     return {"dryRun": body.dryRun, "prune": body.prune, "changes": public, "uploads": uploads}
 

@@ -52,14 +52,27 @@ class ModelSource(schemas._Body):
     model_config = ConfigDict(
         json_schema_extra={
             "oneOf": [
-                _only(["zip", "sha256"], SOURCES[1:]),
-                *(_only([k], [*(s for s in SOURCES if s != k), "sha256"]) for k in SOURCES[1:]),
+                _only(["zip", "sha256"], [*SOURCES[1:], "connection"]),
+                *(
+                    _only(
+                        [k],
+                        [*(s for s in SOURCES if s != k), "sha256"]
+                        + ([] if k == "catalog" else ["connection"]),
+                    )
+                    for k in SOURCES[1:]
+                ),
             ]
         }
     )
     zip: str = Field(None, min_length=1, max_length=1000)
     sha256: str = Field(None, pattern=r"^[0-9a-f]{64}$")
     catalog: str = Field(None, min_length=1, max_length=200)
+    connection: str = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="With catalog: a connection's name (gated repos need one).",
+    )
     huggingFace: HuggingFaceRef = Field(None)
     id: str = Field(None, min_length=1, max_length=64)
 
@@ -74,6 +87,10 @@ class ModelSource(schemas._Body):
         if (self.zip is None) != (self.sha256 is None):
             raise ValueError(
                 "sha256 goes with a zip source, which needs it (raydock apply computes it)"
+            )
+        if self.connection is not None and self.catalog is None:
+            raise ValueError(
+                "connection goes with a catalog source (a huggingFace source names its own)"
             )
         return self
 
@@ -262,21 +279,20 @@ def resolve_model(d: Declared, state: State) -> Resolved:
                 "model.catalog",
             ) from None
         found = [m for m in state.models if _origin(m).get("catalogId") == entry["id"]]
-        origin = {**catalog.origin(entry), "connectionId": None}
+        connection_id = _connection_id(d, src.connection, ("model", "connection"), state)
+        if not found:
+            try:  # a gated repo without a connection: its download can only fail
+                catalog.check_import(entry, connection_id, "model.connection")
+            except ApiError as exc:
+                where = d.at("model", "catalog")
+                raise PlanError(exc.status, f"{where}: {exc.message}", exc.param) from None
+        origin = {**catalog.origin(entry), "connectionId": connection_id}
     else:
         hf = src.huggingFace
         assert hf is not None
-        connection_id = None
-        if hf.connection:
-            by_name = {c["name"]: c["connectionId"] for c in state.connections}
-            if hf.connection not in by_name:
-                raise PlanError(
-                    404,
-                    f"{d.at('model', 'huggingFace', 'connection')}: model.huggingFace."
-                    f"connection: no connection named {hf.connection!r} (raydock connections list)",
-                    "model.huggingFace.connection",
-                )
-            connection_id = by_name[hf.connection]
+        connection_id = _connection_id(
+            d, hf.connection, ("model", "huggingFace", "connection"), state
+        )
         found = [
             m
             for m in state.models
@@ -291,6 +307,23 @@ def resolve_model(d: Declared, state: State) -> Resolved:
         return Resolved(waited_for, "retry" if failed else "", origin)
     usable = _pick([m for m in found if m["status"] != ModelStatus.IMPORT_FAILED], current)
     return Resolved(usable, origin=origin) if usable else Resolved(None, "download", origin)
+
+
+def _connection_id(
+    d: Declared, name: str | None, path: tuple[str, ...], state: State
+) -> str | None:
+    """The id of the connection a document names (404 naming the field when none has it)."""
+    if not name:
+        return None
+    by_name = {c["name"]: c["connectionId"] for c in state.connections}
+    if name not in by_name:
+        field = ".".join(path)
+        raise PlanError(
+            404,
+            f"{d.at(*path)}: {field}: no connection named {name!r} (raydock connections list)",
+            field,
+        )
+    return by_name[name]
 
 
 def _flat(value: Any, path: str = "") -> dict[str, Any]:
@@ -489,7 +522,10 @@ def source_of(model: dict[str, Any]) -> dict[str, Any]:
     """A model's source as a document names it."""
     origin = _origin(model)
     if model["source"] == "platform_hosted" and origin.get("catalogId"):
-        return {"catalog": origin["catalogId"]}
+        ref = {"catalog": origin["catalogId"]}
+        if origin.get("connection"):
+            ref["connection"] = origin["connection"]
+        return ref
     if model["source"] == "hugging_face" and origin.get("repoId"):
         ref = {"repoId": origin["repoId"]}
         if origin.get("revision"):

@@ -77,16 +77,18 @@ def import_refusal(entry: dict[str, Any], max_archive_bytes: int) -> str | None:
     )
 
 
-def check_import(entry: dict[str, Any], connection_id: str | None) -> None:
+def check_import(
+    entry: dict[str, Any], connection_id: str | None, param: str = "connectionId"
+) -> None:
     """Refuse, before an import starts, one that can only fail: a gated repo without a
     connection (the Hub refuses anonymous downloads). The files' size is the import's first
     check, on the Hub's own listing (`importRefusal` is the catalog's lower bound of it)."""
     if entry.get("gated") and not connection_id:
         raise ApiError(
             400,
-            f"{entry['repo']} is a gated repository: give the connectionId of a connection "
-            "whose Hugging Face account has accepted its licence",
-            "connectionId",
+            f"{entry['repo']} is a gated repository: give {param}, a connection whose "
+            "Hugging Face account has accepted its licence",
+            param,
             "connection_required",
         )
 

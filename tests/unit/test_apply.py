@@ -300,6 +300,26 @@ def test_documents_sharing_a_download_import_it_once_and_keep_their_own_model():
     assert [c["action"] for c in again] == ["unchanged", "unchanged"]
 
 
+def test_a_gated_catalog_entry_needs_a_connection_and_exports_with_it():
+    gated = "name: g\nmodel: {catalog: llama-3.2-1b-instruct}\ndeviceType: g5.xlarge\n"
+    (d,) = declared(gated)
+    with pytest.raises(ApiError, match=r"app.yaml:2: .*gated repository: give model.connection"):
+        apply.plan([d], apply.State([], []), prune=False)
+    (named,) = declared(gated.replace("instruct}", "instruct, connection: team}"))
+    conn = [{"name": "team", "connectionId": "hfc-1"}]
+    (change,) = apply.plan([named], apply.State([], [], connections=conn), prune=False)
+    assert change["action"] == "import-and-create" and change["origin"]["connectionId"] == "hfc-1"
+    imported = model(
+        "cm-g",
+        None,
+        source="platform_hosted",
+        metadata={"origin": {**change["origin"], "connection": "team"}},
+    )
+    assert apply.source_of(imported) == {"catalog": "llama-3.2-1b-instruct", "connection": "team"}
+    with pytest.raises(ApiError, match="connection goes with a catalog source"):
+        declared("name: z\nmodel: {id: cm-1, connection: team}\ndeviceType: cpu-small\n")
+
+
 def test_a_failed_import_is_retried_by_applying_the_file_again():
     (d,) = declared(CATALOG_DOC.format(name="q"))
     origin = apply.plan([d], apply.State([], []), prune=False)[0]["origin"]
