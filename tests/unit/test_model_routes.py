@@ -4,13 +4,16 @@ artifact store."""
 from __future__ import annotations
 
 import asyncio
+import io
+import tarfile
+import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from raydock.platform import api_deps, db, retention
+from raydock.platform import api_deps, backup, db, retention
 from raydock.platform.api import app
 from raydock.platform.jobs import exports_key, model_key
 
@@ -54,3 +57,23 @@ def test_retention_deletes_an_export_zip_with_its_job(api, tmp_path: Path):
     assert gone["jobs"] == 1 and gone["exports"] == 1
     assert store.list(f"{exports_key(model_id)}/{jobs[0]}") == []
     assert store.list(f"{exports_key(model_id)}/{jobs[1]}")  # still being made
+
+
+def test_a_backup_download_leaves_no_copy_on_the_server(api, tmp_path: Path, monkeypatch):
+    """The archive holds the platform key and every sealed secret: it is staged without a
+    name, so nothing stays in the server's temp folder, whether the download ends or not."""
+    reg, admin_key = api
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    with TestClient(app) as http:
+        with http.stream("POST", "/public/backup", headers={"X-api-key": admin_key}) as r:
+            assert r.status_code == 200, r.read()
+            assert list(staging.iterdir()) == []  # while it is being sent
+            first = next(r.iter_bytes())  # the client goes away after the first chunk
+        assert first
+        whole = http.post("/public/backup", headers={"X-api-key": admin_key})
+    assert int(whole.headers["content-length"]) == len(whole.content)
+    with tarfile.open(fileobj=io.BytesIO(whole.content)) as tar:
+        assert backup.MANIFEST in tar.getnames()
+    assert list(staging.iterdir()) == []

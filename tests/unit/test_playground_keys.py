@@ -13,7 +13,9 @@ def test_two_users_of_one_name_keep_their_own_playground_keys(api):
     one, never the key of another user who has the same name."""
     reg, admin_key = api
     admin = reg.authenticate_management(admin_key)
-    twin = reg.authenticate_management(reg.create_user("admin", None, False, admin["userId"])["apiKey"])
+    twin = reg.authenticate_management(
+        reg.create_user("admin", None, False, admin["userId"])["apiKey"]
+    )
     model = reg.create_model("m", "file", admin["userId"])
     reg.set_model_status(model["modelId"], "VALIDATING")
     reg.set_model_status(model["modelId"], "READY", artifact_uri="/x", checksum="c")
