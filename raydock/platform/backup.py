@@ -263,10 +263,14 @@ def restore(
     the platform lease."""
     try:
         with tarfile.open(archive) as tar:
-            revision = read_manifest(tar, str(archive))["database"]["revision"]
+            manifest = read_manifest(tar, str(archive))
+            revision = manifest["database"]["revision"]
+            member = tar.extractfile(KEY_FILE) if KEY_FILE in tar.getnames() else None
+            archived_key = member.read().strip() if member else None
     except (tarfile.TarError, ValueError, KeyError, TypeError) as exc:
         raise BackupError(f"{archive} is not a raydock backup ({exc})") from None
     check_revision(revision)
+    _check_secret_key(manifest.get("secretKey"), archived_key)
     settings.home_path.mkdir(parents=True, exist_ok=True)
     why = _not_empty(settings)
     if why and not force:
@@ -291,6 +295,24 @@ def restore(
         raise
     engine.dispose()
     return result
+
+
+def _check_secret_key(kind: str | None, archived: bytes | None) -> None:
+    """Refuse, before anything is written, a restore whose sealed secrets (Hugging Face
+    tokens, webhook secrets) the restored platform could not open: its key would differ."""
+    configured = os.environ.get("RAYDOCK_SECRET_KEY", "").strip().encode()
+    if kind == "configured" and not configured:
+        raise BackupError(
+            "this backup's secrets are sealed with the RAYDOCK_SECRET_KEY its platform was "
+            "given, and this environment has none: set it (here and for raydock up), then "
+            "restore again"
+        )
+    if kind == "file" and configured and archived and configured != archived:
+        raise BackupError(
+            "this backup carries its platform key, but RAYDOCK_SECRET_KEY here is another "
+            "key and would be used instead, leaving the restored secrets unreadable: unset it "
+            "(or set it to the archived key), then restore again"
+        )
 
 
 def _restore_member(

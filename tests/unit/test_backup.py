@@ -16,6 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet
 
 from raydock.config import load_settings
 from raydock.platform import backup, db, migrations, security
@@ -151,6 +152,30 @@ def test_a_backup_restores_rows_keys_secret_and_artifacts_into_a_fresh_data_dir(
         "INSERT INTO deployment_versions (deployment_id, version, name, config, started_at, "
         "result) VALUES ('dep-1', 2, 'chat_v2', '{}', '2026-01-02 03:04:05', 'SUCCESS')",
     )
+
+
+def test_a_restore_whose_secrets_would_not_open_is_refused_before_writing(tmp_path, monkeypatch):
+    """Sealed tokens open only with the key they were sealed with: a backup taken with
+    RAYDOCK_SECRET_KEY needs it set again, and an archived key file must not be shadowed by
+    another RAYDOCK_SECRET_KEY (both went unnoticed until a connection failed)."""
+    monkeypatch.delenv("RAYDOCK_SECRET_KEY", raising=False)
+    src = populated(tmp_path / "src")
+    with_file = tmp_path / "file.tar"
+    take_backup(src["settings"], with_file)
+    target = load_settings(home=str(tmp_path / "t1"))
+    monkeypatch.setenv("RAYDOCK_SECRET_KEY", Fernet.generate_key().decode())
+    with pytest.raises(backup.BackupError, match="RAYDOCK_SECRET_KEY here is another key"):
+        backup.restore(target, with_file)
+    assert not (target.home_path / KEY_FILE).exists()
+    monkeypatch.setenv("RAYDOCK_SECRET_KEY", src["secret"].decode())  # the same key: fine
+    backup.restore(target, with_file)
+
+    configured = tmp_path / "configured.tar"
+    take_backup(src["settings"], configured)  # the key is the operator's: not archived
+    monkeypatch.delenv("RAYDOCK_SECRET_KEY")
+    other = load_settings(home=str(tmp_path / "t2"))
+    with pytest.raises(backup.BackupError, match="this environment has none"):
+        backup.restore(other, configured)
 
 
 def test_restore_refuses_a_data_dir_in_use_unless_forced(tmp_path):
