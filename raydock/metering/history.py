@@ -1,10 +1,11 @@
 """The last hour of each deployment's figures, for the dashboard's Metrics tab.
 
 The meter records a snapshot of its running totals every `INTERVAL_S` into a bounded ring (one
-hour); a deployment's series are the differences between consecutive snapshots: requests,
-errors and tokens per second, TTFT p50/p95 of the requests that arrived in between (from the
-histogram's buckets, as Prometheus' `histogram_quantile` computes them), and the replica
-counts Serve reported. Nothing here is stored: a new meter starts an empty hour.
+hour); a deployment's series are the differences between consecutive snapshots: the requests
+counted in each interval, requests, errors and tokens per second, TTFT p50/p95 of the
+requests that arrived in between (from the histogram's buckets, as Prometheus'
+`histogram_quantile` computes them), and the replica counts Serve reported. Nothing here is
+stored: a new meter starts an empty hour.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ class History:
     def series(
         self, deployment: str, now: float | None = None, totals: Batch | None = None
     ) -> list[dict[str, Any]]:
-        """One point per interval: rates over it, TTFT quantiles of the requests in it (None
-        without any), replica counts at its end (None when Serve had no app). With `now` and
+        """One point per interval: the requests counted in it (their sum is the window's
+        requests, exactly), rates over it, TTFT quantiles of the requests in it (None without
+        any), replica counts at its end (None when Serve had no app). With `now` and
         `totals`, a last point runs from the latest snapshot to now (the chart stays live
         between snapshots; its replica counts are the snapshot's)."""
         ring = list(self.ring)
@@ -107,12 +109,14 @@ class History:
         for (t0, before), (t1, after) in zip(ring, ring[1:], strict=False):
             a, b = before.get(deployment, Snapshot()), after.get(deployment, Snapshot())
             dt = max(t1 - t0, 1e-9)
+            requests = max(0.0, b.requests - a.requests)
             old = a.ttft or [0.0] * len(b.ttft)
             ttft = [max(0.0, x - y) for x, y in zip(b.ttft, old, strict=True)]
             points.append(
                 {
                     "t": t1,
-                    "requestsPerSecond": max(0.0, b.requests - a.requests) / dt,
+                    "requests": requests,
+                    "requestsPerSecond": requests / dt,
                     "errorsPerSecond": max(0.0, b.errors - a.errors) / dt,
                     "tokensPerSecond": max(0.0, b.tokens - a.tokens) / dt,
                     "ttftP50": quantile(0.5, ttft, M.TTFT.buckets) if ttft else None,

@@ -269,6 +269,22 @@ def test_a_key_made_in_the_page_works_until_deleted_there(
     shot(page, "deployment-metrics")
 
 
+def test_an_unknown_deployment_or_model_says_not_found(page: Page, platform: Platform):
+    """Not an empty page or a Deploy button: a "not found" with a link back (a deployment
+    deleted while its page is open: the wizard test)."""
+    sign_in(page, platform.admin_key)
+    expect(page.locator("#user-name")).to_have_text("admin")
+    gone = page.locator("#not-found")
+    page.goto("/#/deployments/dp-doesnotexist/configurations")
+    expect(gone).to_contain_text("There is no deployment dp-doesnotexist")
+    expect(page.get_by_role("tab")).to_have_count(0)
+    page.goto("/#/models/cm-doesnotexist")
+    expect(gone).to_contain_text("There is no model cm-doesnotexist")
+    expect(page.locator("#deploy-model")).to_have_count(0)
+    gone.get_by_role("link", name="Back to Open-Source Models").click()
+    expect(page.get_by_role("heading", name="Open-Source Models")).to_be_visible()
+
+
 def test_sign_out_ends_the_session(page: Page, platform: Platform):
     sign_in(page, platform.admin_key)
     expect(page.locator("#user-name")).to_have_text("admin")
@@ -515,11 +531,19 @@ def test_the_wizard_deploys_then_redeploy_undeploy_and_delete(
     expect(dialog).to_contain_text("Undeploy ui-wizard?")
     dialog.get_by_role("button", name="Undeploy").click()
     expect(status).to_have_text("Undeployed", timeout=120_000)
+    other = page.context.new_page()  # the deployment open in a second tab while it is deleted
+    other.goto(f"/#/deployments/{dep_id}/configurations")
+    expect(other.locator("#delete-deployment")).to_be_enabled()
     page.get_by_role("button", name="Delete deployment").click()
     dialog = page.locator("dialog[open]")
     expect(dialog).to_contain_text("Delete ui-wizard?")
     dialog.get_by_role("button", name="Delete deployment").click()
     expect(page).to_have_url(re.compile(f"#/models/{model_id}$"))
     expect(page.locator(f'tr[data-deployment-id="{dep_id}"]')).to_have_count(0)
+    # the other tab says so (no stale "Undeployed" with Delete) and links back to the model
+    expect(other.locator("#not-found")).to_contain_text(f"There is no deployment {dep_id}")
+    expect(other.locator("#delete-deployment")).to_have_count(0)
+    back = other.get_by_role("link", name="Back to the model's deployments")
+    expect(back).to_have_attribute("href", f"#/models/{model_id}")
     with platform.http() as http:
         assert http.get(f"/api/public/deployments/{dep_id}").status_code == 404

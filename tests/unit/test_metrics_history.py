@@ -47,3 +47,21 @@ def test_a_live_last_point_and_an_hour_at_most():
     points = history.series("d1", now=195.0, totals=totals)
     assert points[-1]["t"] == 195.0
     assert points[-1]["requestsPerSecond"] == pytest.approx(1.0)  # 5 in the last 5 s
+
+
+def test_each_point_counts_its_requests_and_they_sum_to_the_window():
+    """The dashboard's "Requests (last hour)" sums these counts: a rate times an assumed 10 s
+    undercounted when the first interval was longer (27 shown for 28 served)."""
+    totals = Batch()
+    history = History(interval_s=10, window_s=3600)
+    history.record(1000.0, totals, {})
+    totals.inc(M.REQUESTS, ("d1", "", "k1", "200"), 3)  # the first interval: 12.25 s
+    history.record(1012.25, totals, {})
+    totals.inc(M.REQUESTS, ("d1", "", "k1", "200"), 24)
+    totals.inc(M.REQUESTS, ("d1", "", "k1", "500"), 1)
+    history.record(1022.25, totals, {})
+    totals.inc(M.REQUESTS, ("d1", "", "k1", "200"), 1)  # after the latest snapshot
+    points = history.series("d1", now=1025.0, totals=totals)
+    assert [p["requests"] for p in points] == [3, 25, 1]
+    assert sum(p["requests"] for p in points) == 29
+    assert points[0]["requestsPerSecond"] == pytest.approx(3 / 12.25)

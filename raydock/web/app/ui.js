@@ -1,4 +1,5 @@
 // Small DOM helpers: elements without innerHTML (no markup injection), dialogs, menus, copy.
+import { ApiError } from "./api.js";
 
 export function h(tag, props = {}, ...children) {
   const el = document.createElement(tag);
@@ -199,15 +200,16 @@ export function anyMenuOpen() {
   return Boolean(document.querySelector(".menu-pop:not([hidden]), dialog[open]"));
 }
 
-// Calls fn now and every `ms` until stop(); a failing call is retried on the next tick.
-export function poll(fn, ms) {
+// Calls fn now and every `ms` until stop(); a failing call is passed to `onError` and retried
+// on the next tick, unless onError returns true.
+export function poll(fn, ms, onError = (err) => console.warn(err)) {
   let timer = null;
   let stopped = false;
   const tick = async () => {
     try {
       await fn();
     } catch (err) {
-      if (!stopped) console.warn(err);
+      if (!stopped && onError(err) === true) stopped = true;
     }
     if (!stopped) timer = setTimeout(tick, ms);
   };
@@ -224,4 +226,26 @@ export function table(columns, className = "") {
     h("thead", {}, h("tr", {}, columns.map((c) => h("th", { scope: "col", text: c })))),
     tbody);
   return { el, tbody };
+}
+
+// The onError of a page's poll (see poll): a 404 (the page's model or deployment is gone, or
+// never was) calls gone(err) and stops polling; another error shows in `line` (a .form-error,
+// which the page hides again after a refresh that worked) and polling goes on.
+export function pageErrors(line, gone) {
+  return (err) => {
+    if (err instanceof ApiError && err.status === 404) {
+      gone(err);
+      return true;
+    }
+    line.textContent = err.message || String(err);
+    line.hidden = false;
+    return false;
+  };
+}
+
+// What a page for a missing model or deployment shows instead of itself.
+export function notFound(message, href, linkText) {
+  return h("div", { class: "card not-found", id: "not-found", role: "alert" },
+    h("h1", { text: "Not found" }), h("p", { text: message }),
+    h("a", { class: "btn", href, text: linkText }));
 }

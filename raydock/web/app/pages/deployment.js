@@ -3,7 +3,8 @@
 import { api } from "../api.js";
 import { rulesOf } from "../schema.js";
 import {
-  badge, clear, confirmAction, copyButton, copyText, dialog, fmtDate, h, poll, table, toast,
+  badge, clear, confirmAction, copyButton, copyText, dialog, fmtDate, h, notFound, pageErrors, poll,
+  table, toast,
 } from "../ui.js";
 import { configurationsTab } from "./configurations.js";
 import { historyTab } from "./history.js";
@@ -24,10 +25,12 @@ const TABS = [
 export function deploymentPage(main, deploymentId, tab) {
   const id = encodeURIComponent(deploymentId);
   const head = h("div", { class: "dep-head" });
+  const problem = h("p", { class: "form-error", role: "alert", id: "page-error", hidden: true });
   const body = h("section", { class: "tab-body", id: `tab-${tab}` });
   main.append(
     h("nav", { class: "crumbs" }, h("a", { href: "#/models", text: "Open-Source Models" }), " / ",
       h("a", { id: "crumb-model", href: "#/models" }), " / ", h("span", { id: "crumb-dep" })),
+    problem,
     head,
     h("div", { class: "tabs", role: "tablist" }, TABS.map(([key, label]) => h("a", {
       role: "tab", href: `#/deployments/${id}/${key}`, text: label,
@@ -39,6 +42,7 @@ export function deploymentPage(main, deploymentId, tab) {
   const listeners = [];
   async function refreshHead() {
     dep = await api.get(`/deployments/${id}`);
+    problem.hidden = true;
     const r = dep.replicas || {};
     clear(head,
       h("div", { class: "page-head" },
@@ -57,13 +61,23 @@ export function deploymentPage(main, deploymentId, tab) {
     document.getElementById("crumb-dep").textContent = dep.name;
     for (const fn of listeners) fn(dep);
   }
-  const stops = [poll(refreshHead, POLL_MS)];
+  const stops = [];
+  const stopAll = () => stops.forEach((s) => s());
+  // deleted (here, elsewhere, or never made): the page says so instead of its stale tabs
+  const gone = () => {
+    stopAll();
+    const [href, back] = dep ? [`#/models/${encodeURIComponent(dep.modelId)}`,
+      "Back to the model's deployments"] : ["#/models", "Back to Open-Source Models"];
+    clear(main, notFound(`There is no deployment ${deploymentId}: it was deleted or never `
+      + "existed.", href, back));
+  };
+  stops.push(poll(refreshHead, POLL_MS, pageErrors(problem, gone)));
   const onDep = (fn) => listeners.push(fn);
   const render = { endpoint: endpointTab, keys: keysTab, configurations: configurationsTab,
     history: historyTab, playground: playgroundTab, metrics: metricsTab };
   const stop = (render[tab] || endpointTab)(body, id, onDep);
   if (stop) stops.push(stop);
-  return () => stops.forEach((s) => s());
+  return stopAll;
 }
 
 // ------------------------------------------------------------------ Model Endpoint

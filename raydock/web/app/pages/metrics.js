@@ -17,6 +17,12 @@ const CHARTS = [
       ["min", "min", "#98a2b3"], ["max", "max", "#475467"]] },
 ];
 
+// The requests of the window: the sum of each interval's count (`requests`). A rate times
+// `intervalSeconds` undercounts: the first interval's start is not known, and intervals differ.
+export function requestsInWindow(points) {
+  return points.reduce((sum, p) => sum + (p.requests || 0), 0);
+}
+
 export function fmtNumber(v, digits = 2) {
   if (v === null || v === undefined || Number.isNaN(v)) return "—";
   if (Math.abs(v) >= 1000) return Math.round(v).toLocaleString();
@@ -88,9 +94,8 @@ export function metricsTab(body, id) {
     const withTtft = pts.filter((p) => p.ttftP50 !== null);
     const lastTtft = withTtft.length ? withTtft[withTtft.length - 1] : null;
     clear(tiles,
-      tile("Requests (last hour)", Math.round(pts.reduce((s, p, i) => s + (p.requestsPerSecond || 0)
-        * (i ? p.t - pts[i - 1].t : history.intervalSeconds), 0)).toLocaleString(),
-      "metric-requests"),
+      tile("Requests (last hour)", Math.round(requestsInWindow(pts)).toLocaleString(),
+        "metric-requests"),
       tile("Requests/s now", fmtNumber(last.requestsPerSecond), "metric-rps"),
       tile("TTFT p50 (latest)", lastTtft ? `${fmtNumber(lastTtft.ttftP50 * 1000, 0)} ms` : "—",
         "metric-ttft"),

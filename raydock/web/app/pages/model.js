@@ -1,7 +1,7 @@
 // A model's Deployments page: the seed's columns and actions, live.
 import { api } from "../api.js";
 import {
-  anyMenuOpen, badge, clear, copyText, fmtDate, h, kebab, poll, table, toast,
+  anyMenuOpen, badge, clear, copyText, fmtDate, h, kebab, notFound, pageErrors, poll, table, toast,
 } from "../ui.js";
 import { POLL_MS } from "./models.js";
 
@@ -20,12 +20,15 @@ export function modelPage(main, modelId) {
   const { el, tbody } = table(
     ["Deployment Name", "ID", "Status", "Tags", "Added By", "Added On", ""], "deployments");
   const empty = h("p", { class: "muted empty", hidden: true, text: "No deployments of this model yet." });
+  const problem = h("p", { class: "form-error", role: "alert", id: "page-error", hidden: true });
   main.append(
     h("nav", { class: "crumbs" }, h("a", { href: "#/models", text: "Open-Source Models" }), " / ",
       h("span", { id: "crumb-model" })),
+    problem,
     h("div", { class: "page-head" }, title,
+      // shown once the model is known to be Ready to Deploy
       h("a", { class: "btn primary", id: "deploy-model", href: `#/models/${id}/deploy`,
-        text: "Deploy" })), info, el, empty);
+        text: "Deploy", hidden: true })), info, el, empty);
   let shown = "";
 
   function row(d) {
@@ -62,6 +65,7 @@ export function modelPage(main, modelId) {
     const [model, deps] = await Promise.all([
       api.get(`/models/${id}`), api.get(`/models/${id}/deployments`),
     ]);
+    problem.hidden = true;
     title.textContent = `Deployments of ${model.name}`;
     // only a Ready-to-Deploy model deploys (the API answers 409 otherwise)
     document.getElementById("deploy-model").hidden = model.status !== "READY";
@@ -75,5 +79,8 @@ export function modelPage(main, modelId) {
     empty.hidden = deps.deployments.length > 0;
   }
 
-  return poll(refresh, POLL_MS);
+  // deleted (here, elsewhere, or never made): the page says so instead of a stale one
+  const gone = () => clear(main, notFound(`There is no model ${modelId}: it was deleted or never `
+    + "existed.", "#/models", "Back to Open-Source Models"));
+  return poll(refresh, POLL_MS, pageErrors(problem, gone));
 }
