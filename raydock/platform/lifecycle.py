@@ -168,6 +168,8 @@ class Lifecycle:
             since = self._unhealthy_since.setdefault(deployment_id, time.monotonic())
             return time.monotonic() - since > UNHEALTHY_GRACE_S
         self._unhealthy_since.pop(deployment_id, None)
+        if status == "DEPLOYING" and self._restores.get(deployment_id):
+            return True  # a restore timed out with its replicas still unplaced: try again
         # DELETING: restored once it is gone (a new app under its name would stop the delete)
         return status not in ("RUNNING", "DEPLOYING", "DELETING")
 
