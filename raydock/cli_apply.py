@@ -127,6 +127,11 @@ def _wait_deployment(client: Any, change: dict[str, Any]) -> bool:
         if status not in STARTING:
             break
         time.sleep(1)
+    if job.get("action") == "DEPLOY":  # the job says whether this deploy worked: a failed
+        ended = client.wait_job(job["dockStatusId"], timeout=60)  # redeploy may keep DEPLOYED
+        if ended["status"] != "SUCCESS":
+            say(f"deployment {name}: {status}, but this deploy FAILED: {ended.get('message')}")
+            return False
     if status == "DEPLOYED":
         version = change.get("version") or "its live version"
         say(f"deployment {name}: DEPLOYED ({version}) in {time.monotonic() - started:.0f} s")

@@ -454,7 +454,7 @@ def _message_needs() -> list[dict[str, Any]]:
     rules.append(
         {
             "if": {"properties": {"role": {"const": "assistant"}}},
-            "then": {"anyOf": [needs("content"), needs("tool_calls")]},
+            "then": {"anyOf": [needs("content"), needs("tool_calls"), needs("function_call")]},
         }
     )
     return rules

@@ -64,7 +64,7 @@ async def _check_all(changes: list[dict[str, Any]], declared: list[apply.Declare
     by_name = {d.spec.name: d for d in declared}
     problems = []
     for c in changes:
-        if c["kind"] == "deployment" and c["action"] in DEPLOYS:
+        if c["kind"] == "deployment" and (c["action"] in DEPLOYS or c.get("after")):
             try:
                 await _check(c, by_name[c["name"]])
             except ApiError as exc:
@@ -108,7 +108,8 @@ async def _carry_out(change: dict[str, Any], spec: apply.DeploymentSpec | None, 
         change["modelId"] = started["modelId"]
         change["job"] = job_ref(started)
     if action == "retry-import":  # its deployment deploys once the import is READY
-        change["job"] = job_ref(await api_hub.retry_model_import(change["modelId"], user))
+        started = await api_hub.retry_model_import(change["modelId"], user)
+        change["job"] = job_ref(started["job"])
     # apply manages it from now on (adopted), or from where its file is now
     if dep_id and (change.get("mark") or action in ("create", "import-and-create")):
         await ctx.registry.set_applied_from.remote(dep_id, change["appliedFrom"])

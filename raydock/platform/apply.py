@@ -244,17 +244,22 @@ def _origin(model: dict[str, Any]) -> dict[str, Any]:
     return (model.get("metadata") or {}).get("origin") or {}
 
 
-def _pick(candidates: list[dict[str, Any]], current: str | None) -> dict[str, Any] | None:
-    """Of the models that match a document's source, the one its deployment already serves
-    (several may: imported twice, or by hand too), else the newest."""
-    mine = [m for m in candidates if m["modelId"] == current]
-    return (mine or candidates or [None])[-1]
+def _pick(candidates: list[dict[str, Any]], current: list[str]) -> dict[str, Any] | None:
+    """Of the models that match a document's source (several may: imported twice, or by
+    hand too), the one a deployment of the document's name serves (`current`: the managed
+    one's first, then hand-made ones apply would adopt), else the newest."""
+    for model_id in current:
+        mine = [m for m in candidates if m["modelId"] == model_id]
+        if mine:
+            return mine[0]
+    return candidates[-1] if candidates else None
 
 
 def resolve_model(d: Declared, state: State) -> Resolved:
     src = d.spec.model
     managed = _managed(d, state)
-    current = managed["modelId"] if managed else None
+    named = [x for x in state.deployments if x["name"] == d.spec.name]
+    current = [x["modelId"] for x in ([managed] if managed else []) + named]
     if src.id:
         model = next((m for m in state.models if m["modelId"] == src.id), None)
         if model is None:
@@ -302,7 +307,7 @@ def resolve_model(d: Declared, state: State) -> Resolved:
         ]
         origin = {"repoId": hf.repoId, "revision": hf.revision, "connectionId": connection_id}
     waited_for = _pick(found, current)
-    if waited_for is not None and waited_for["modelId"] == current:
+    if waited_for is not None and managed and waited_for["modelId"] == managed["modelId"]:
         failed = waited_for["status"] == ModelStatus.IMPORT_FAILED
         return Resolved(waited_for, "retry" if failed else "", origin)
     usable = _pick([m for m in found if m["status"] != ModelStatus.IMPORT_FAILED], current)

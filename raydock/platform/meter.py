@@ -44,6 +44,7 @@ class Meter:
         self.limiter = Limiter()
         self.budgets: dict[str, int] = {}  # key -> tokensPerDay, as the replicas last admitted
         self.keys_deployment: dict[str, str] = {}
+        self.changed_budgets: set[str] = set()  # keys whose budget a report changed
         self.notified: set[tuple] = set()  # (key, day, "warning"|"exhausted", budget)
         self.history = History()  # the last hour, for the dashboard's Metrics tab
         self._started: asyncio.Task | None = None
@@ -104,7 +105,9 @@ class Meter:
         if batch.gauges:
             self.gauges[source] = (time.monotonic(), batch.gauges)
         for key, budget in batch.budgets.items():  # before the charges: a removed budget
-            if budget:  # notifies no more
+            if key in self.budgets and self.budgets[key] != budget:  # notifies no more, a
+                self.changed_budgets.add(key)  # changed one tells where usage stands now
+            if budget:
                 self.budgets[key] = budget
             else:
                 self.budgets.pop(key, None)
@@ -114,9 +117,15 @@ class Meter:
                 self._charge(key, dep, prompt + completion)
 
     def _charge(self, key: str, deployment: str, tokens: int) -> None:
-        _, after = self.limiter.charge(key, tokens)
+        before, after = self.limiter.charge(key, tokens)
         budget = self.budgets.get(key)
         reached = budget_reached(after, budget)
+        # a threshold this charge crossed; after a budget change, one it stands past (a
+        # restarted meter, which forgot what it told, only tells what is crossed anew)
+        changed = key in self.changed_budgets
+        self.changed_budgets.discard(key)
+        if not changed and budget_reached(before, budget) == reached:
+            return
         told = (key, day_of(time.time()), reached, budget)
         if reached is None or told in self.notified:
             return

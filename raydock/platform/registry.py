@@ -137,16 +137,7 @@ class Registry:
     @staticmethod
     def _access(s: Session, d: db.Deployment) -> dict[str, Any]:
         keys = s.scalars(select(db.ApiKey).where(db.ApiKey.deployment_id == d.id)).all()
-        versions = s.scalars(
-            select(db.DeploymentVersion)
-            .where(db.DeploymentVersion.deployment_id == d.id)
-            .order_by(db.DeploymentVersion.version.desc())
-            .limit(2)
-        ).all()
-        previous = versions[1] if len(versions) > 1 else None
-        previous_live = bool(
-            previous and previous.result == "SUCCESS" and previous.undeploy_started_at is None
-        )
+        previous_live = Registry._last_two_versions(s, d.id)[1] is not None
         return {
             "deploymentId": d.id,
             "name": d.name,
@@ -160,6 +151,26 @@ class Registry:
             "adapters": Registry._servable_adapters(s, d.model_id),
             "stamp": time.time_ns(),
         }
+
+    @staticmethod
+    def _last_two_versions(
+        s: Session, deployment_id: str
+    ) -> tuple[db.DeploymentVersion | None, db.DeploymentVersion | None]:
+        """(the latest version, the one before it if its replicas still run: it deployed and
+        was neither undeployed nor lost since — a redeploy of it serves meanwhile)."""
+        latest, previous = (
+            list(
+                s.scalars(
+                    select(db.DeploymentVersion)
+                    .where(db.DeploymentVersion.deployment_id == deployment_id)
+                    .order_by(db.DeploymentVersion.version.desc())
+                    .limit(2)
+                )
+            )
+            + [None, None]
+        )[:2]
+        live = previous is not None and previous.result == "SUCCESS"
+        return latest, previous if live and previous.undeploy_started_at is None else None
 
     @staticmethod
     def _servable_adapters(s: Session, model_id: str) -> dict[str, dict[str, Any]]:
@@ -701,6 +712,7 @@ class Registry:
             d = self._deployment(s, deployment_id)
             check_deployment(d.status, status)
             changed = d.status != status
+            lost = d.status == DeploymentStatus.DEPLOYED and status == DeploymentStatus.FAILED
             d.status = status
             self._access_changed.add(d.id)
             d.failure_reason = reason if status == DeploymentStatus.FAILED else None
@@ -708,6 +720,8 @@ class Registry:
                 self._end_version(s, d.id, "SUCCESS", None)
             elif status == DeploymentStatus.FAILED:
                 self._end_version(s, d.id, "FAILED", reason)
+            if lost:  # its app is gone (restores failed): the live version's replicas ended
+                self._version_stopped(s, d.id)
             if changed:
                 self._deployment_notice(s, d)
             return views.deployment(d, self._user_names(s))
@@ -721,17 +735,8 @@ class Registry:
         live (the deployment then fails as any deploy does)."""
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
-            latest, previous = (
-                s.scalars(
-                    select(db.DeploymentVersion)
-                    .where(db.DeploymentVersion.deployment_id == d.id)
-                    .order_by(db.DeploymentVersion.version.desc())
-                    .limit(2)
-                ).all()
-                + [None, None]
-            )[:2]
-            live = previous is not None and previous.result == "SUCCESS"
-            if d.status not in STARTING_DEPLOYMENT or not live or previous.undeploy_started_at:
+            latest, previous = self._last_two_versions(s, d.id)
+            if d.status not in STARTING_DEPLOYMENT or previous is None:
                 return None
             self._end_version(s, d.id, "FAILED", reason)
             edits = {k: d.config[k] for k in schemas.EDITABLE_FIELDS if k in (d.config or {})}
@@ -759,6 +764,13 @@ class Registry:
 
             self._notices.append((notify.DEPLOY_FAILED, latest.deployed_by, fields))
             return kept
+
+    @staticmethod
+    def _version_stopped(s: Session, deployment_id: str) -> None:
+        """The latest version's replicas ended without an undeploy (its app was lost)."""
+        v = Registry._last_two_versions(s, deployment_id)[0]
+        if v is not None and v.undeploy_started_at is None:
+            v.undeploy_started_at = v.undeploy_ended_at = db.utcnow()
 
     def record_undeploy(self, deployment_id: str, user_id: str | None, ended: bool) -> None:
         """Stamp who undeployed the live version, and when it started / ended."""

@@ -275,8 +275,9 @@ def _check_messages(messages: list[ChatMessage]) -> None:
             if getattr(m, field) is None:
                 param = f"messages.{i}.{field}"
                 raise BadParam(param, f"invalid {param}: a {m.role} message needs {field}")
-        if m.role == "assistant" and m.content is None and m.tool_calls is None:
-            param = f"messages.{i}.content"
+        called = m.tool_calls is not None or (m.model_extra or {}).get("function_call") is not None
+        if m.role == "assistant" and m.content is None and not called:  # function_call: the
+            param = f"messages.{i}.content"  # deprecated form of tool_calls
             raise BadParam(
                 param, f"invalid {param}: an assistant message needs content or tool_calls"
             )

@@ -320,6 +320,19 @@ def test_a_gated_catalog_entry_needs_a_connection_and_exports_with_it():
         declared("name: z\nmodel: {id: cm-1, connection: team}\ndeviceType: cpu-small\n")
 
 
+def test_a_hand_made_deployment_is_adopted_on_whichever_copy_of_its_zip_it_serves():
+    (d,) = declared()
+    for serving in ("cm-1", "cm-2"):  # the same zip imported twice
+        by_hand = deployment_of(d, model_id=serving, managed=False)
+        state = apply.State([by_hand], [model("cm-1"), model("cm-2")], {"dp-1": [key()]})
+        change = apply.plan([d], state, prune=False)[0]
+        assert (change["action"], change["modelId"], change["adopted"]) == (
+            "unchanged",
+            serving,
+            True,
+        )
+
+
 def test_a_failed_import_is_retried_by_applying_the_file_again():
     (d,) = declared(CATALOG_DOC.format(name="q"))
     origin = apply.plan([d], apply.State([], []), prune=False)[0]["origin"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from raydock.errors import ApiError
 from raydock.metering import catalog as M
 from raydock.metering.batch import Batch
 from raydock.metering.exposition import render
-from raydock.metering.limits import DAY_S, Limiter, budget_reached
+from raydock.metering.limits import DAY_S, Limiter, budget_reached, day_of
 from raydock.platform.meter import Meter
 from raydock.platform.registry import Registry
 from raydock.serve_apps.access import DeploymentAccess
@@ -299,6 +300,24 @@ def test_a_removed_budget_notifies_no_more():
     assert meter.limiter.day_tokens("k") == 1100
     # 80 % was told; "exhausted" (requests refused) would be false: there is no budget now
     assert {told[2] for told in meter.notified} == {"warning"}
+
+
+def test_a_restarted_meter_does_not_tell_a_threshold_again():
+    """The told thresholds are memory only: a new meter (today's usage loaded: 900 of 1000)
+    tells only what a charge crosses from now on."""
+    replica = ReplicaMeter(None)
+
+    async def scenario():
+        meter = _meter()
+        meter.limiter.load_day("k", day_of(time.time()), 900)
+        for tokens in (10, 100):  # 910: still past 80 %; 1010: exhausted, crossed now
+            await replica.admit("dep-1", "k", {"tokensPerDay": 1000})
+            _used(replica, "k", tokens)
+            await meter.report("r1", replica.pending)
+            replica.pending = Batch()
+        return meter
+
+    assert [t[2] for t in asyncio.run(scenario()).notified] == ["exhausted"]
 
 
 def test_a_budget_changed_during_the_day_is_told_about_anew():

@@ -314,6 +314,7 @@ _CALL = {"id": "c1", "function": {"name": "f", "arguments": "{}"}}
         {"role": "assistant", "content": None, "tool_calls": [_CALL]},
         {"role": "assistant", "content": "x", "tool_calls": None},
         {"role": "assistant", "tool_calls": None},
+        {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},  # deprecated
         {"role": "tool", "content": "21"},
         {"role": "tool", "content": "21", "tool_call_id": "c1"},
         {"role": "tool", "tool_call_id": "c1"},

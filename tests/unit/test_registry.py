@@ -123,6 +123,12 @@ def test_a_redeploy_that_fails_before_serve_saw_it_keeps_the_live_version(reg, a
     # the next redeploy starts from a live version: served meanwhile, as before
     reg.begin_deploy(dep_id, changed, uid, "OPTIMIZING")
     assert reg.access_snapshots([dep_id])[dep_id]["serving"]
+    reg.keep_live_version(dep_id, "again")
+    # its app is lost (restores failed): nothing runs, so a failed redeploy keeps nothing
+    reg.set_deployment_status(dep_id, "FAILED", "its Serve application was lost")
+    reg.begin_deploy(dep_id, changed, uid, "OPTIMIZING")
+    assert not reg.access_snapshots([dep_id])[dep_id]["serving"]
+    assert reg.keep_live_version(dep_id, "conversion failed") is None
 
 
 def test_model_counts_and_delete_rules(reg, admin):
