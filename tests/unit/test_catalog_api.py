@@ -1,4 +1,4 @@
-"""The catalog routes over HTTP (FastAPI's test client on the API app) with a real registry on
+"""The catalog routes (and an apply of a catalog document) over HTTP (FastAPI's test client on the API app) with a real registry on
 SQLite, without Ray: what the listing says about each entry, and the deploys refused before an
 import that could only fail starts."""
 
@@ -98,3 +98,25 @@ def test_an_unknown_optimization_type_is_refused_with_the_allowed_ones(client):
     assert "'bogus'" in error["message"] and "'vllm'" in error["message"]
     fit = client.get(f"/public/catalog/{SMALL}", params={"optimizationType": "vllm"}).json()
     assert fit["fit"]["deviceTypes"]
+
+
+def test_apply_retries_the_failed_import_its_deployment_waits_for(client):
+    """A catalog deploy whose download failed: applying its document again (unchanged)
+    retries the import, and the deployment waits for it again."""
+    entry = listed(client)[SMALL]
+    body = default_deploy_body("d", device=entry["suggestedDeviceType"])
+    started = deploy(client, entry).json()
+    reg = api_deps.ctx.registry.registry
+    reg.fail_jobs([started["dockStatusId"]], "the download broke")
+    dep_id = started["deployment"]["deploymentId"]
+    reg.set_applied_from(dep_id, "app.yaml")
+    doc = {k: v for k, v in body.items() if k != "isDeployedPreviously"}
+    doc["model"] = {"catalog": SMALL}
+    r = client.post("/public/apply", json={"documents": [{"spec": doc, "source": "app.yaml"}]})
+    assert r.status_code == 200, r.text
+    (change,) = r.json()["changes"]
+    assert change["action"] == "retry-import" and not change.get("error"), change
+    assert change["job"]["action"] == "IMPORT" and change["job"]["modelId"] == started["modelId"]
+    assert reg.get_model(started["modelId"])["status"] == "IMPORTING"
+    assert reg.get_deployment(dep_id)["status"] == "READY_TO_DEPLOY"
+    assert client.lifecycle.imports == [started["modelId"]] * 2
