@@ -1,6 +1,6 @@
-"""The catalog routes (and an apply of a catalog document) over HTTP (FastAPI's test client on the API app) with a real registry on
-SQLite, without Ray: what the listing says about each entry, and the deploys refused before an
-import that could only fail starts."""
+"""The catalog routes over HTTP (FastAPI's test client on the API app) with a real registry on
+SQLite, without Ray: what the listing says about each entry, the deploys refused before an
+import that could only fail starts, and an apply that retries a failed catalog import."""
 
 from __future__ import annotations
 
