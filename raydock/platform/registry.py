@@ -545,6 +545,10 @@ class Registry:
                     self._import_failed_notice(s, m, j.created_by)
                 self._fail_waiting_deployment(s, j, reason)
                 d = s.get(db.Deployment, j.deployment_id) if j.action == JobAction.DEPLOY else None
+                # still OPTIMIZING, a redeploy had not touched Serve: the live version serves on
+                optimizing = d is not None and d.status == DeploymentStatus.OPTIMIZING
+                if optimizing and self._keep_live(s, d, reason):
+                    continue
                 if d is not None and d.status in STARTING_DEPLOYMENT:
                     d.status, d.failure_reason = DeploymentStatus.FAILED, reason
                     self._access_changed.add(d.id)  # replicas and the gateway stop serving it
@@ -735,35 +739,40 @@ class Registry:
         live (the deployment then fails as any deploy does)."""
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
-            latest, previous = self._last_two_versions(s, d.id)
-            if d.status not in STARTING_DEPLOYMENT or previous is None:
+            if d.status not in STARTING_DEPLOYMENT:
                 return None
-            self._end_version(s, d.id, "FAILED", reason)
-            edits = {k: d.config[k] for k in schemas.EDITABLE_FIELDS if k in (d.config or {})}
-            d.config = {**previous.config, **edits}
-            check_deployment(d.status, DeploymentStatus.DEPLOYED)
-            d.status, d.failure_reason = DeploymentStatus.DEPLOYED, None
-            now = db.utcnow()
-            s.add(
-                db.DeploymentVersion(
-                    deployment_id=d.id,
-                    version=latest.version + 1,
-                    name=f"{d.name}_v{latest.version + 1}",
-                    config=d.config,
-                    deployed_by=latest.deployed_by,
-                    started_at=now,
-                    ended_at=now,
-                    result="SUCCESS",
-                )
-            )
-            self._access_changed.add(d.id)
-            kept = previous.name
-            fields = {"deploymentId": d.id, "deploymentName": d.name, "modelId": d.model_id}
-            fields["reason"] = f"{reason} ({kept}'s configuration goes on serving)"
-            from raydock.platform import notify
+            return self._keep_live(s, d, reason)
 
-            self._notices.append((notify.DEPLOY_FAILED, latest.deployed_by, fields))
-            return kept
+    def _keep_live(self, s: Session, d: db.Deployment, reason: str) -> str | None:
+        latest, previous = self._last_two_versions(s, d.id)
+        if previous is None:
+            return None
+        self._end_version(s, d.id, "FAILED", reason)
+        edits = {k: d.config[k] for k in schemas.EDITABLE_FIELDS if k in (d.config or {})}
+        d.config = {**previous.config, **edits}
+        check_deployment(d.status, DeploymentStatus.DEPLOYED)
+        d.status, d.failure_reason = DeploymentStatus.DEPLOYED, None
+        now = db.utcnow()
+        s.add(
+            db.DeploymentVersion(
+                deployment_id=d.id,
+                version=latest.version + 1,
+                name=f"{d.name}_v{latest.version + 1}",
+                config=d.config,
+                deployed_by=latest.deployed_by,
+                started_at=now,
+                ended_at=now,
+                result="SUCCESS",
+            )
+        )
+        self._access_changed.add(d.id)
+        kept = previous.name
+        fields = {"deploymentId": d.id, "deploymentName": d.name, "modelId": d.model_id}
+        fields["reason"] = f"{reason} ({kept}'s configuration goes on serving)"
+        from raydock.platform import notify
+
+        self._notices.append((notify.DEPLOY_FAILED, latest.deployed_by, fields))
+        return kept
 
     @staticmethod
     def _version_stopped(s: Session, deployment_id: str) -> None:

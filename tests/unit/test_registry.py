@@ -121,8 +121,13 @@ def test_a_redeploy_that_fails_before_serve_saw_it_keeps_the_live_version(reg, a
     assert versions[1]["failureReason"] == "conversion failed: no space"
     assert reg.access_snapshots([dep_id])[dep_id]["serving"]
     # the next redeploy starts from a live version: served meanwhile, as before
-    reg.begin_deploy(dep_id, changed, uid, "OPTIMIZING")
+    job = reg.begin_deploy(dep_id, changed, uid, "OPTIMIZING")
     assert reg.access_snapshots([dep_id])[dep_id]["serving"]
+    # the platform restarted during that conversion: the job ends, the live version serves on
+    reg.fail_jobs([job["dockStatusId"]], "interrupted")
+    assert reg.get_deployment(dep_id)["status"] == "DEPLOYED"
+    assert reg.history(dep_id)[-2]["result"] == "FAILED"
+    reg.begin_deploy(dep_id, changed, uid, "OPTIMIZING")
     reg.keep_live_version(dep_id, "again")
     # its app is lost (restores failed): nothing runs, so a failed redeploy keeps nothing
     reg.set_deployment_status(dep_id, "FAILED", "its Serve application was lost")
