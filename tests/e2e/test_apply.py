@@ -221,36 +221,45 @@ def test_apply_diff_rollback_export_prune_and_a_ray_job(
     other = tmp_path / "other"
     other.mkdir()
     hf_hub.add_repo(HF_REPO, model_files())  # a model apply imports from the Hub first
-    (other / "two.yaml").write_text(
-        APP.format(name="apply-two", max_tokens=2).replace(
-            "zip: models/tiny.zip", f"huggingFace: {{repoId: {HF_REPO}}}"
+    for name in ("apply-two", "apply-three"):  # two documents, one repo: downloaded once
+        (other / f"{name}.yaml").write_text(
+            APP.format(name=name, max_tokens=2).replace(
+                "zip: models/tiny.zip", f"huggingFace: {{repoId: {HF_REPO}}}"
+            )
         )
-    )
     secrets = tmp_path / "secrets.txt"  # the created key's secret: there, not in the output
     pruned = raydock("apply", "-f", str(other), "--prune", "--secrets-out", str(secrets), **auth)
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert f"key written to {secrets}" in pruned.stdout and not secrets_in(pruned.stdout)
-    (line,) = secrets.read_text().splitlines()
-    assert line.startswith("apply-two/app: ") and line.split()[-1] not in pruned.stdout
+    lines = sorted(secrets.read_text().splitlines())
+    assert [line.split(":")[0] for line in lines] == ["apply-three/app", "apply-two/app"]
+    assert all(line.split()[-1] not in pruned.stdout for line in lines)
     assert secrets.stat().st_mode & 0o777 == 0o600
     assert f"deployment {NAME}: undeploy" in pruned.stdout
     assert f"deployment {NAME}: UNDEPLOYED" in pruned.stdout
-    assert "deployment apply-two: import-and-create" in pruned.stdout
-    assert "deployment apply-two: DEPLOYED" in pruned.stdout
+    assert "deployment apply-three: import-and-create" in pruned.stdout
+    assert "deployment apply-two: wait" in pruned.stdout  # then created in a second round
+    assert "apply: again, for apply-two" in pruned.stdout
+    assert "deployment apply-two: create" in pruned.stdout
+    for name in ("apply-two", "apply-three"):
+        assert f"deployment {name}: DEPLOYED" in pruned.stdout
+    hub_models = [m for m in platform.client.get("/models")["models"] if m["name"] == HF_REPO]
+    assert len(hub_models) == 1
     assert platform.client.get(f"/deployments/{dep_id}")["status"] == "UNDEPLOYED"
-    # the repo's model, once imported, is the document's model: nothing more to do
+    # the repo's model, once imported, is the documents' model: nothing more to do
     again = raydock("apply", "-f", str(other), "--prune", **auth)
-    assert again.returncode == 0 and "apply: 2 unchanged; done" in again.stdout, again.stdout
+    assert again.returncode == 0 and "apply: 4 unchanged; done" in again.stdout, again.stdout
     for deployment_id, status in by_hand.items():
         assert platform.client.get(f"/deployments/{deployment_id}")["status"] == status
 
     # clean up what this test deployed
-    (two,) = [
+    made = [
         d
         for m in platform.client.get("/models")["models"]
         if m["source"] == "hugging_face" and m["name"] == HF_REPO
         for d in platform.client.get(f"/models/{m['modelId']}/deployments")["deployments"]
     ]
-    assert two["name"] == "apply-two"
-    ref = platform.client.post(f"/deployments/{two['deploymentId']}/undeploy")
-    assert platform.client.wait_job(ref["dockStatusId"])["status"] == "SUCCESS"
+    assert sorted(d["name"] for d in made) == ["apply-three", "apply-two"]
+    for dep in made:
+        ref = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
+        assert platform.client.wait_job(ref["dockStatusId"])["status"] == "SUCCESS"
