@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import math
 import os
 import signal
 import sys
@@ -54,7 +55,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     url = info["url"]
     print(f"raydock is up at {url}  (web dashboard: {url}/, API docs: {url}/docs)")
     print(f"data dir: {settings.home_path}")
-    if info["admin_key"]:
+    if info["admin_key"] and info["admin_key"] == os.environ.get("RAYDOCK_ADMIN_KEY"):
+        print("first admin: the management key RAYDOCK_ADMIN_KEY gives (not printed)")
+    elif info["admin_key"]:
         print("first admin management key (shown once, store it now):")
         print(f"  {info['admin_key']}")
     sys.stdout.flush()
@@ -168,7 +171,8 @@ def _follow_import(client, ref: dict) -> dict:
             bar.update(job["percentageComplete"] - bar.n)
             bar.set_postfix_str(job.get("message") or "")
 
-        job = client.wait_job(ref["dockStatusId"], progress=on_job)
+        # a download of many GiB takes as long as it takes: the job's progress shows it moves
+        job = client.wait_job(ref["dockStatusId"], timeout=math.inf, progress=on_job)
     model = client.get(f"/models/{ref['modelId']}")
     if job["status"] != "SUCCESS":
         print(f"import failed: {model.get('error') or job.get('message')}", file=sys.stderr)

@@ -17,7 +17,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from raydock.cli import _client
-    from raydock.client import ApiFailure
+    from raydock.client import ApiFailure, response_body
 
     client = _client(args)
     dest = Path(args.file)
@@ -31,7 +31,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         ):
             if r.status_code >= 400:
                 r.read()
-                raise ApiFailure(r.status_code, r.json())
+                raise ApiFailure(r.status_code, response_body(r))
             size = int(r.headers.get("content-length", 0)) or None
             with tqdm(total=size, unit="B", unit_scale=True, desc=f"backup {dest.name}") as bar:
                 for chunk in r.iter_bytes(2**20):

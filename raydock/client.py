@@ -15,9 +15,20 @@ CHUNK_BYTES = 8 * 2**20
 
 class ApiFailure(Exception):
     def __init__(self, status: int, body: Any):
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else body
+        error = body.get("error") if isinstance(body, dict) else body
+        message = error.get("message") if isinstance(error, dict) else error
         super().__init__(f"HTTP {status}: {message}")
         self.status, self.body = status, body
+
+
+def response_body(r: httpx.Response) -> Any:
+    """JSON when the server says it sent JSON, else the text (a proxy's HTML error page)."""
+    if r.headers.get("content-type", "").startswith("application/json"):
+        try:
+            return r.json()
+        except ValueError:
+            pass
+    return r.text
 
 
 class Client:
@@ -29,9 +40,7 @@ class Client:
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         r = self.http.request(method, path, **kw)
-        body = (
-            r.json() if r.headers.get("content-type", "").startswith("application/json") else r.text
-        )
+        body = response_body(r)
         if r.status_code >= 400:
             raise ApiFailure(r.status_code, body)
         return body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -105,14 +106,30 @@ class SettingsError(ValueError):
     """A setting the platform cannot start with; the message names it."""
 
 
-def _coerce(name: str, value: str, kind: type) -> Any:
-    if kind is bool:
-        return value.strip().lower() in {"1", "true", "yes", "on"}
-    try:
-        return kind(value)
-    except ValueError:
-        what = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
-        raise SettingsError(f"RAYDOCK_{name.upper()} is {value!r}; it must be {what}") from None
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
+    """A setting's value as its type: text (an environment variable, a quoted YAML value)
+    parsed, a YAML number or boolean taken as it is; SettingsError naming `where` else."""
+    what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "text")
+    if kind is bool and isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int | str) and not isinstance(value, bool):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise SettingsError(f"{where} is {value!r}; it must be {what}")
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -122,15 +139,24 @@ def load_settings(**overrides: Any) -> Settings:
     if path.exists():
         raw.update(yaml.safe_load(path.read_text()) or {})
     types = {f.name: type(f.default) for f in fields(Settings)}
-    for name, kind in types.items():
-        env = os.environ.get(f"RAYDOCK_{name.upper()}")
-        if env is not None:
-            raw[name] = _coerce(name, env, kind)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(raw) - set(types)
     if unknown:
         raise SettingsError(f"unknown settings in platform.yaml: {sorted(unknown)}")
+    for name in list(raw):
+        if raw[name] is not None:
+            raw[name] = _coerce(f"{name} in platform.yaml", raw[name], types[name])
+    for name, kind in types.items():
+        env = os.environ.get(f"RAYDOCK_{name.upper()}")
+        if env is not None:
+            raw[name] = _coerce(f"RAYDOCK_{name.upper()}", env, kind)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(raw) - set(types)
+    if unknown:
+        raise SettingsError(f"unknown settings: {sorted(unknown)}")
     settings = Settings(**{k: types[k](v) if v is not None else v for k, v in raw.items()})
+    if not settings.home.startswith("~") and not Path(settings.home).is_absolute():
+        # every actor and replica resolves it in its own working directory otherwise
+        settings = dataclasses.replace(settings, home=str(Path(settings.home).resolve()))
     for name, (low, high) in RANGES.items():
         value = getattr(settings, name)
         if not low <= value <= high:

@@ -62,3 +62,32 @@ def test_every_numeric_setting_has_a_range():
     numeric = {f.name for f in fields(Settings) if type(f.default) in (int, float)}
     assert numeric == set(RANGES)
     assert all(low <= getattr(Settings(), name) <= high for name, (low, high) in RANGES.items())
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("port: 8k", "port in platform.yaml is '8k'; it must be an integer"),
+        ("max_archive_bytes: 20e9", "'20e9'; it must be an integer"),  # YAML reads a string
+        ("ray_num_cpus: 2.9", "ray_num_cpus in platform.yaml is 2.9; it must be an integer"),
+        ('metering: "maybe"', "metering in platform.yaml is 'maybe'; it must be true or false"),
+    ],
+)
+def test_a_wrong_typed_value_in_platform_yaml_is_named_not_misread(
+    tmp_path, monkeypatch, line, message
+):
+    (tmp_path / "platform.yaml").write_text(line + "\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(config.SettingsError, match=message):
+        load_settings()
+
+
+def test_quoted_yaml_values_and_a_relative_home_are_read_as_meant(tmp_path, monkeypatch):
+    (tmp_path / "platform.yaml").write_text('metering: "false"\nport: "9000"\n')
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(home="rd")
+    assert (s.metering, s.port) == (False, 9000)  # "false" was True
+    # every actor and replica resolves the home where it runs: it is made absolute here
+    assert s.home == str(tmp_path / "rd") and s.cache_location == str(tmp_path / "rd" / "cache")
+    assert load_settings(home="~/x").home == "~/x"  # `~`: each node's own home
