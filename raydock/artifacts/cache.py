@@ -8,6 +8,7 @@ processes, so one file lock per digest makes concurrent fetches share one downlo
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -27,11 +28,16 @@ log = logging.getLogger(__name__)
 MARKER_NAME = ".raydock-complete"  # written last in an entry; its mtime is the last use
 
 
+#: the in-use locks this process holds, by file: open for as long as the process lives
+_HELD: dict[str, int] = {}
+
+
 class NodeCache:
     """Fetches artifacts into root/<digest> once per node and evicts the least recently used.
 
     max_bytes (0 = unlimited) bounds the total size of complete entries; an entry being
-    fetched by anyone (its lock held) is never evicted.
+    fetched by anyone (its lock held), or held by a process that serves it (`hold`: a shared
+    lock on .locks/<digest>.use for that process's life), is never evicted.
     """
 
     def __init__(self, root: Path | str, max_bytes: int = 0) -> None:
@@ -47,10 +53,20 @@ class NodeCache:
     def _marker(self, digest: str) -> Path:
         return self.root / digest / MARKER_NAME
 
+    def _in_use(self, digest: str) -> Path:
+        return self._locks / f"{digest}.use"
+
     def fetch(
-        self, store: ArtifactStore, prefix: str, digest: str, progress: Progress | None = None
+        self,
+        store: ArtifactStore,
+        prefix: str,
+        digest: str,
+        progress: Progress | None = None,
+        hold: bool = False,
     ) -> Path:
-        """The local directory of the artifact at prefix, downloading it unless cached.
+        """The local directory of the artifact at prefix, downloading it unless cached;
+        `hold`: this process uses it from now on (a replica loading its model), so no
+        eviction removes it while the process lives.
 
         ArtifactError from the store propagates unchanged, leaving no entry behind.
         """
@@ -62,9 +78,28 @@ class NodeCache:
             if not marker.is_file():
                 self._download(store, prefix, digest, progress)
             _touch(marker)
+            if hold:  # taken with the fetch lock held: no eviction can come in between
+                self._hold(digest)
         if self.max_bytes > 0:
             self._evict(self.max_bytes, keep=digest)
         return entry
+
+    def _hold(self, digest: str) -> None:
+        path = str(self._in_use(digest))
+        if path not in _HELD:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            _HELD[path] = fd
+
+    def _unused(self, digest: str) -> int | None:
+        """An exclusive lock on the entry's in-use file (None: a process holds it)."""
+        fd = os.open(self._in_use(digest), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def _download(
         self, store: ArtifactStore, prefix: str, digest: str, progress: Progress | None
@@ -126,6 +161,10 @@ class NodeCache:
                 lock.acquire(timeout=0)
             except Timeout:
                 continue  # someone is fetching (or evicting) it
+            unused = self._unused(e["digest"])
+            if unused is None:  # a replica serves it
+                lock.release()
+                continue
             try:
                 marker = self._marker(e["digest"])
                 if marker.is_file():  # else another process evicted it meanwhile
@@ -134,6 +173,7 @@ class NodeCache:
                     evicted.append(e["digest"])
                     log.info("evicted %s (%d bytes) from %s", e["digest"], e["bytes"], self.root)
             finally:
+                os.close(unused)
                 lock.release()
             total -= e["bytes"]
         if total > max_bytes:
@@ -146,16 +186,19 @@ class NodeCache:
         return evicted
 
 
-def fetch_cached(artifact: Mapping[str, Any], progress: Progress | None = None) -> Path:
+def fetch_cached(
+    artifact: Mapping[str, Any], progress: Progress | None = None, hold: bool = False
+) -> Path:
     """An artifact's directory on this node, fetched through this node's cache.
 
     `artifact` is plain data: the store and cache settings (`Settings.artifact_access()`:
     "store", "endpoint", "cache_dir", "cache_max_bytes") plus the artifact's "prefix" and
-    "digest". Replicas and conversion tasks on any node fetch with it.
+    "digest". Replicas and conversion tasks on any node fetch with it; a replica `hold`s
+    what it serves (NodeCache.fetch).
     """
     store = open_store(artifact["store"], artifact["endpoint"] or None)
     cache = NodeCache(Path(artifact["cache_dir"]).expanduser(), artifact["cache_max_bytes"])
-    return cache.fetch(store, artifact["prefix"], artifact["digest"], progress)
+    return cache.fetch(store, artifact["prefix"], artifact["digest"], progress, hold)
 
 
 def _touch(path: Path) -> None:

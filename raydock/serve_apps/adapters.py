@@ -167,7 +167,7 @@ class ReplicaAdapters:
 
         entry = self.entries[adapter_id]
         where = {**self.artifact, "prefix": entry["prefix"], "digest": entry["digest"]}
-        path = await asyncio.to_thread(fetch_cached, where)
+        path = await asyncio.to_thread(fetch_cached, where, None, True)  # loaded: held
         if self.merged is None:
             await self.engine.load_adapter(adapter_id, str(path))
             self.loads += 1
@@ -191,7 +191,7 @@ class ReplicaAdapters:
         final = Path(self.artifact["cache_dir"]).expanduser() / "adapters" / key
         if final.is_dir():
             return final
-        base_dir = fetch_cached({**self.artifact, **merged.base})
+        base_dir = fetch_cached({**self.artifact, **merged.base}, hold=True)
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
         try:

@@ -428,7 +428,7 @@ def fetch_model(artifact: dict[str, Any]) -> str:
     from raydock.artifacts import ArtifactError, fetch_cached
 
     try:
-        return str(fetch_cached(artifact))
+        return str(fetch_cached(artifact, hold=True))  # not evicted while this replica lives
     except ArtifactError as exc:  # the deploy's failure reason: the last "…Error: …" line
         raise ArtifactError(f"the model artifact cannot be used: {exc}") from exc
 

@@ -225,3 +225,33 @@ def test_an_entry_in_use_is_not_evicted(store, tmp_path):
     assert cache.evict(0) == [a, c]  # nothing held now: evict(0) empties the cache
     assert cache.entries() == []
     assert leftovers(cache) == []
+
+
+def _serve_in_child(cache_root, store_root, digest, served, done) -> None:
+    """A replica: fetches its model holding it, then serves until told to stop."""
+    NodeCache(Path(cache_root)).fetch(LocalStore(Path(store_root)), "models/m0", digest, hold=True)
+    served.set()
+    done.wait(60)
+
+
+def test_a_model_a_replica_serves_is_not_evicted_while_it_runs(store, tmp_path):
+    """Another replica on the node fetching other models (room for one) evicted the model a
+    running replica loads from; now the serving process holds it until it ends."""
+    a, b, c = three_models(store, tmp_path)
+    ctx = multiprocessing.get_context("spawn")  # replicas are separate processes
+    served, done = ctx.Event(), ctx.Event()
+    replica = ctx.Process(
+        target=_serve_in_child, args=(str(tmp_path / "cache"), str(store.root), a, served, done)
+    )
+    replica.start()
+    try:
+        assert served.wait(60)
+        cache = NodeCache(tmp_path / "cache", max_bytes=1000)  # smaller than any entry
+        cache.fetch(store, "models/m1", b)
+        cache.fetch(store, "models/m2", c)
+        assert (tmp_path / "cache" / a / "config.json").is_file()  # a is in use: kept
+        assert {e["digest"] for e in cache.entries()} == {a, c}
+    finally:
+        done.set()
+        replica.join(timeout=60)
+    assert cache.evict(0) == [a, c]  # its replica has ended: it may go now
