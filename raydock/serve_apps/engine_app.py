@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import math
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -163,9 +164,8 @@ class EngineServer:
         batch.inc(M.GUIDED_CACHE_HITS, dep, hits - self._guided_seen[0])
         batch.inc(M.GUIDED_CACHE_MISSES, dep, misses - self._guided_seen[1])
         self._guided_seen = (hits, misses)
-        compiles, guided.compile_seconds = guided.compile_seconds, []
-        for seconds in compiles:
-            batch.observe(M.GUIDED_COMPILE, dep, seconds)
+        while guided.compile_seconds:  # popleft: compile threads may append meanwhile
+            batch.observe(M.GUIDED_COMPILE, dep, guided.compile_seconds.popleft())
 
     async def _prompt(self, request: dict[str, Any]) -> list[int]:
         """The request's prompt ids, tokenized off the event loop (a long prompt would stall
@@ -173,8 +173,14 @@ class EngineServer:
         from raydock.serve_apps.chat_render import ChatTemplateError
 
         param = "messages" if "messages" in request else "prompt"
-        if "messages" in request:
-            chars = sum(len(m["content"]) for m in request["messages"])
+        if "messages" in request:  # what the template renders: contents, calls and tools
+
+            def text(value: Any) -> int:
+                return len(json.dumps(value, ensure_ascii=False)) if value else 0
+
+            messages = request["messages"]
+            chars = sum(len(m["content"]) + text(m.get("tool_calls")) for m in messages)
+            chars += text(request.get("tools"))
         else:
             chars = len(request["prompt"])
         context = self.engine.max_context
@@ -196,6 +202,8 @@ class EngineServer:
             ids = await asyncio.get_running_loop().run_in_executor(self.tokenizing, work)
         except ChatTemplateError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_messages") from None
+        if not ids:  # a tokenizer that adds no BOS token makes "" no ids: nothing to decode
+            raise ApiError(400, f"the {param} is empty: there is nothing to continue", param)
         if len(ids) >= context:
             raise ApiError(
                 400,

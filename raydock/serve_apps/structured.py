@@ -13,6 +13,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
+
 from raydock.serve_apps.guided import (
     UnsupportedSchema,
     choice_grammar,
@@ -53,8 +55,23 @@ def _check_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         name = fn.get("name")
         if not isinstance(name, str) or not name:
             raise StructuredError(f"tools.{i}.function.name", "a function needs a name")
+        if name in by_name:  # a named tool_choice could not say which one
+            raise StructuredError(f"tools.{i}.function.name", f"two tools are named {name!r}")
+        if "parameters" in fn:
+            _check_schema(fn["parameters"], f"tools.{i}.function.parameters")
         by_name[name] = tool
     return by_name
+
+
+def _check_schema(schema: Any, param: str) -> None:
+    """A JSON schema as the 2020-12 metaschema defines it (`{"type": 5}` is none)."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(map(str, exc.absolute_path)) or "its root"
+        raise StructuredError(
+            param, f"{param} is not a valid JSON schema at {where}: {exc.message[:200]}"
+        ) from None
 
 
 def _tools(tools: list[dict[str, Any]], auto: bool) -> Constraint:
@@ -112,6 +129,7 @@ def constraint_for(
 
 
 def _schema(schema: Any, param: str) -> Constraint:
+    _check_schema(schema, param)
     try:
         return Constraint("json", None, param, grammar=json_grammar(schema))
     except UnsupportedSchema as exc:

@@ -264,6 +264,11 @@ def test_openai_standard_base_url(platform, live):
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
             "messages.0.content.0.type",
         ),
+        # a schema keyword with a value no schema has (it was a 500)
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}},
+            "response_format.json_schema.schema",
+        ),
         # a tool result names the call it answers, as OpenAI requires
         (
             {"messages": [*HELLO, {"role": "tool", "content": "21"}]},

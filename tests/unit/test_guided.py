@@ -270,3 +270,33 @@ def test_a_huge_enum_is_a_refusal_naming_the_bound():
     grammar = grammar_of("grammar", json_grammar({"enum": [f"v{i}" for i in range(100_000)]}))
     with pytest.raises(guided.matcher.ConstraintError, match="initial_lexer_fuel"):
         dec.compile_sync(grammar)
+
+
+def _fn(name: str, parameters: dict) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+
+@pytest.mark.parametrize(
+    ("response_format", "tools", "param"),
+    [
+        (
+            {"type": "json_schema", "json_schema": {"schema": {"type": 5}}},
+            None,
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"type": "json_schema", "json_schema": {"schema": {"minLength": "3"}}},
+            None,
+            "response_format.json_schema.schema",
+        ),
+        (None, [_fn("f", {"type": "object", "required": "a"})], "tools.0.function.parameters"),
+        (None, [_fn("f", {}), _fn("f", {})], "tools.1.function.name"),  # which one is f?
+    ],
+)
+def test_a_schema_that_is_not_one_is_a_400_naming_it(response_format, tools, param):
+    """A malformed keyword value reached the grammar builder and came back as a 500."""
+    from raydock.serve_apps import structured
+
+    with pytest.raises(structured.StructuredError) as refused:
+        structured.constraint_for(response_format, tools, "required" if tools else None)
+    assert refused.value.param == param

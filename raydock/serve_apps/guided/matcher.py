@@ -10,6 +10,7 @@ and a sequence whose step runs over one ends with finish_reason "length", never 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import threading
@@ -146,7 +147,8 @@ class GuidedDecoder:
         # for the replica's metrics: a request's check found its grammar compiled, or not;
         # compile durations not yet reported (the replica takes them)
         self.cache_hits = self.cache_misses = 0
-        self.compile_seconds: list[float] = []
+        # compile times the meter has not taken yet (bounded: with metering off nobody does)
+        self.compile_seconds: collections.deque[float] = collections.deque(maxlen=1000)
 
     def _build(self, grammar: str) -> llguidance.LLMatcher:
         started = time.perf_counter()
