@@ -286,10 +286,14 @@ def test_a_path_parameter_cannot_be_a_literal_segment_beside_it(doc):
 )
 def test_chat_shapes_agree_with_parsing(doc, extra):
     """The document's shapes of free-form fields are what protocol.parse holds requests to."""
+    _chat_agrees(doc, {"messages": [{"role": "user", "content": "x"}], **extra})
+
+
+def _chat_agrees(doc: dict, body: dict) -> None:
+    """The document's ChatRequest accepts `body` exactly when protocol.parse does."""
     jsonschema = pytest.importorskip("jsonschema")
     from raydock.serve_apps import protocol
 
-    body = {"messages": [{"role": "user", "content": "x"}], **extra}
     schema = {"$ref": "#/components/schemas/ChatRequest", "components": doc["components"]}
     documented = jsonschema.Draft202012Validator(schema).is_valid(body)
     try:
@@ -297,7 +301,7 @@ def test_chat_shapes_agree_with_parsing(doc, extra):
         parsed = True
     except protocol.BadParam:
         parsed = False
-    assert documented == parsed
+    assert documented == parsed, body
 
 
 _CALL = {"id": "c1", "function": {"name": "f", "arguments": "{}"}}
@@ -322,18 +326,7 @@ _CALL = {"id": "c1", "function": {"name": "f", "arguments": "{}"}}
 )
 def test_message_needs_agree_with_parsing(doc, message):
     """What a message of each role must carry, the document says as protocol.parse holds."""
-    jsonschema = pytest.importorskip("jsonschema")
-    from raydock.serve_apps import protocol
-
-    body = {"messages": [message]}
-    schema = {"$ref": "#/components/schemas/ChatRequest", "components": doc["components"]}
-    documented = jsonschema.Draft202012Validator(schema).is_valid(body)
-    try:
-        protocol.parse(protocol.ChatRequest, body)
-        parsed = True
-    except protocol.BadParam:
-        parsed = False
-    assert documented == parsed
+    _chat_agrees(doc, {"messages": [message]})
 
 
 def test_links_name_operations_and_their_path_parameters(doc):
