@@ -64,9 +64,10 @@ def _check_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _check_schema(schema: Any, param: str) -> None:
-    """A JSON schema as the 2020-12 metaschema defines it (`{"type": 5}` is none)."""
+    """A JSON schema as the 2020-12 metaschema defines it (`{"type": 5}` is none). Formats
+    are not checked: a `pattern` is the Rust regex dialect (`\\p{Lu}`), not Python's."""
     try:
-        jsonschema.Draft202012Validator.check_schema(schema)
+        jsonschema.Draft202012Validator.check_schema(schema, format_checker=None)
     except jsonschema.SchemaError as exc:
         where = "/".join(map(str, exc.absolute_path)) or "its root"
         raise StructuredError(
