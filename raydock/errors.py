@@ -60,6 +60,16 @@ class ApiError(Exception):
         return (_rebuild, (type(self), self.__dict__.copy()))
 
 
+def meter_unavailable(what: str) -> ApiError:
+    """The 503 of a route that asks the meter actor while it is busy or being started again
+    (Ray forgets its name for a few seconds)."""
+    return ApiError(
+        503,
+        f"{what} unavailable (the meter is busy or restarting); retry shortly",
+        headers={"Retry-After": "5"},
+    )
+
+
 def _rebuild(cls: type[ApiError], fields: dict[str, Any]) -> ApiError:
     exc = Exception.__new__(cls)
     Exception.__init__(exc, fields["message"])

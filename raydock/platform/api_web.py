@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from ray.exceptions import RayError
 
-from raydock.errors import ApiError
+from raydock.errors import ApiError, meter_unavailable
 from raydock.platform import names
 from raydock.platform.api_deps import User, ctx
 from raydock.platform.states import (
@@ -61,11 +61,7 @@ async def metrics_history(deploymentId: str, _: User) -> dict[str, Any]:
         meter = ray.get_actor(names.METER, namespace=names.NAMESPACE)
         series = await asyncio.wait_for(meter.series.remote(deploymentId), METER_WAIT_S)
     except (ValueError, TimeoutError, RayError):  # busy, or being started again (no name yet)
-        raise ApiError(
-            503,
-            "the metrics history is unavailable (the meter is busy or restarting); retry shortly",
-            headers={"Retry-After": "5"},
-        ) from None
+        raise meter_unavailable("the metrics history is") from None
     return {
         "deploymentId": deploymentId,
         "replicasMin": scaling.get("minReplicas"),

@@ -661,24 +661,30 @@ class Registry:
                 d.tags = config.get("tags", d.tags)
             d.status, d.failure_reason = status, None
             self._access_changed.add(d.id)
-            n = (
-                s.scalar(
-                    select(func.max(db.DeploymentVersion.version)).where(
-                        db.DeploymentVersion.deployment_id == d.id
-                    )
-                )
-                or 0
-            )
-            s.add(
-                db.DeploymentVersion(
-                    deployment_id=d.id,
-                    version=n + 1,
-                    name=f"{d.name}_v{n + 1}",
-                    config=d.config,
-                    deployed_by=user_id,
-                )
-            )
+            self._add_version(s, d, user_id)
             return self._add_job(s, JobAction.DEPLOY, d.model_id, user_id, d.id)
+
+    @staticmethod
+    def _add_version(s: Session, d: db.Deployment, deployed_by: str | None, **fields: Any) -> None:
+        """The deployment's next history version (`name_vN`), of its current configuration."""
+        n = (
+            s.scalar(
+                select(func.max(db.DeploymentVersion.version)).where(
+                    db.DeploymentVersion.deployment_id == d.id
+                )
+            )
+            or 0
+        )
+        s.add(
+            db.DeploymentVersion(
+                deployment_id=d.id,
+                version=n + 1,
+                name=f"{d.name}_v{n + 1}",
+                config=d.config,
+                deployed_by=deployed_by,
+                **fields,
+            )
+        )
 
     def begin_undeploy(self, deployment_id: str, user_id: str) -> dict[str, Any]:
         """Create the undeploy job of a deployment that may be undeployed; returns the job."""
@@ -753,18 +759,7 @@ class Registry:
         check_deployment(d.status, DeploymentStatus.DEPLOYED)
         d.status, d.failure_reason = DeploymentStatus.DEPLOYED, None
         now = db.utcnow()
-        s.add(
-            db.DeploymentVersion(
-                deployment_id=d.id,
-                version=latest.version + 1,
-                name=f"{d.name}_v{latest.version + 1}",
-                config=d.config,
-                deployed_by=latest.deployed_by,
-                started_at=now,
-                ended_at=now,
-                result="SUCCESS",
-            )
-        )
+        self._add_version(s, d, latest.deployed_by, started_at=now, ended_at=now, result="SUCCESS")
         self._access_changed.add(d.id)
         kept = previous.name
         fields = {"deploymentId": d.id, "deploymentName": d.name, "modelId": d.model_id}

@@ -216,11 +216,7 @@ async def metrics(request: Request):
         meter = ray.get_actor(*ctx.meter.meter)
         text = await asyncio.wait_for(meter.exposition.remote(), METER_WAIT_S)
     except (ValueError, TimeoutError, RayError):  # busy, or being started again (no name yet)
-        raise ApiError(
-            503,
-            "metrics are unavailable (the meter is busy or restarting); retry shortly",
-            headers={"Retry-After": "5"},
-        ) from None
+        raise errors.meter_unavailable("metrics are") from None
     return Response(text, media_type=exposition.CONTENT_TYPE)
 
 
