@@ -153,6 +153,14 @@ class Registry:
         }
 
     @staticmethod
+    def _latest_version(s: Session, deployment_id: str) -> db.DeploymentVersion | None:
+        return s.scalar(
+            select(db.DeploymentVersion)
+            .where(db.DeploymentVersion.deployment_id == deployment_id)
+            .order_by(db.DeploymentVersion.version.desc())
+        )
+
+    @staticmethod
     def _last_two_versions(
         s: Session, deployment_id: str
     ) -> tuple[db.DeploymentVersion | None, db.DeploymentVersion | None]:
@@ -707,11 +715,7 @@ class Registry:
         return bool(s.scalar(running))
 
     def _end_version(self, s: Session, deployment_id: str, result: str, reason: str | None) -> None:
-        v = s.scalar(
-            select(db.DeploymentVersion)
-            .where(db.DeploymentVersion.deployment_id == deployment_id)
-            .order_by(db.DeploymentVersion.version.desc())
-        )
+        v = Registry._latest_version(s, deployment_id)
         if v is not None and v.ended_at is None:
             v.ended_at, v.result, v.failure_reason = db.utcnow(), result, reason
 
@@ -772,18 +776,14 @@ class Registry:
     @staticmethod
     def _version_stopped(s: Session, deployment_id: str) -> None:
         """The latest version's replicas ended without an undeploy (its app was lost)."""
-        v = Registry._last_two_versions(s, deployment_id)[0]
+        v = Registry._latest_version(s, deployment_id)
         if v is not None and v.undeploy_started_at is None:
             v.undeploy_started_at = v.undeploy_ended_at = db.utcnow()
 
     def record_undeploy(self, deployment_id: str, user_id: str | None, ended: bool) -> None:
         """Stamp who undeployed the live version, and when it started / ended."""
         with self._tx() as s:
-            v = s.scalar(
-                select(db.DeploymentVersion)
-                .where(db.DeploymentVersion.deployment_id == deployment_id)
-                .order_by(db.DeploymentVersion.version.desc())
-            )
+            v = Registry._latest_version(s, deployment_id)
             if v is None:
                 return
             if not ended:
@@ -1175,11 +1175,7 @@ class Registry:
         if kind is None:
             return
         if user_id is None:
-            v = s.scalar(
-                select(db.DeploymentVersion)
-                .where(db.DeploymentVersion.deployment_id == d.id)
-                .order_by(db.DeploymentVersion.version.desc())
-            )
+            v = Registry._latest_version(s, d.id)
             if v is not None:
                 undeployed = d.status == DeploymentStatus.UNDEPLOYED
                 user_id = v.undeployed_by if undeployed else v.deployed_by
