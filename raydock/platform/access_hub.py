@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from raydock.platform import names
+from raydock import names
 
 
 class AccessHub:

@@ -18,7 +18,7 @@ from fastapi.routing import APIRoute
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from raydock import errors
+from raydock import errors, names
 from raydock.config import Settings, hardware_profiles
 from raydock.errors import ApiError, error_response
 from raydock.optimizers import ctranslate2 as ct2
@@ -34,7 +34,7 @@ from raydock.platform import (
     api_web,
     apply,
     deploy_checks,
-    names,
+    openapi_doc,
     retention,
     schemas,
 )
@@ -514,3 +514,7 @@ class ApiServer:
         self.supervisor = asyncio.create_task(supervise())
         self.upload_sweeper = asyncio.create_task(api_uploads.sweep_idle_uploads())
         self.pruner = asyncio.create_task(retention.keep_pruning())
+
+    def openapi_document(self) -> dict[str, Any]:
+        """The combined OpenAPI document the gateway serves at /openapi.json."""
+        return openapi_doc.combined()

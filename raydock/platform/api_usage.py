@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 from pydantic import BeforeValidator
 
-from raydock.platform import names
+from raydock import names
 from raydock.platform.api_deps import User, ctx
 
 router = APIRouter(prefix="/public")

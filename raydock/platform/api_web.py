@@ -23,8 +23,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from ray.exceptions import RayError
 
+from raydock import names
 from raydock.errors import ApiError, meter_unavailable
-from raydock.platform import names
 from raydock.platform.api_deps import User, ctx
 from raydock.platform.states import (
     DELETABLE_DEPLOYMENT,

@@ -13,8 +13,8 @@ from typing import Any
 import ray
 from ray import serve
 
+from raydock import names
 from raydock.config import Settings
-from raydock.platform import names
 from raydock.platform.access_hub import AccessHub
 from raydock.platform.db import DatabaseRefused
 from raydock.platform.lifecycle import Lifecycle

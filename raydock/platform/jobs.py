@@ -15,10 +15,11 @@ from typing import Any
 
 import ray
 
+from raydock import names
 from raydock.artifacts import MANIFEST_NAME, fetch_cached
 from raydock.config import Settings
 from raydock.errors import NotFound
-from raydock.platform import names, views
+from raydock.platform import views
 from raydock.platform.states import InvalidTransition, JobStatus, ModelStatus
 
 #: How long a presigned export URL stays valid

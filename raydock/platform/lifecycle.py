@@ -23,10 +23,11 @@ import ray
 from ray import serve
 from ray.serve.api import RunTarget
 
+from raydock import names
 from raydock.config import Settings, hardware_profiles
 from raydock.errors import Conflict
 from raydock.optimizers import plan
-from raydock.platform import deploy_checks, names, views
+from raydock.platform import deploy_checks, views
 from raydock.platform.jobs import (
     JobProgress,
     bytes_progress,

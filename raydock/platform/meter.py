@@ -19,12 +19,13 @@ from datetime import UTC, datetime
 
 import ray
 
+from raydock import names
 from raydock.metering import catalog as M
 from raydock.metering.batch import Batch, Series
 from raydock.metering.exposition import render
 from raydock.metering.history import History
 from raydock.metering.limits import DAY_S, Limiter, budget_reached, day_of
-from raydock.platform import names, notify
+from raydock.platform import notify
 
 log = logging.getLogger("raydock.meter")
 

@@ -246,7 +246,7 @@ def _handover() -> queue.Queue:
 def _hand_over(events: queue.Queue) -> None:
     import ray
 
-    from raydock.platform import names
+    from raydock import names
 
     while True:
         kind, user_id, fields, deadline = events.get()
@@ -286,7 +286,7 @@ class Notifier:
             return self._registry
         import ray
 
-        from raydock.platform import names
+        from raydock import names
 
         return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
 

@@ -18,9 +18,9 @@ import ray
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from raydock import params
+from raydock import names, params
 from raydock.errors import Conflict, NotFound
-from raydock.platform import db, names, schemas, security, views
+from raydock.platform import db, schemas, security, views
 from raydock.platform.lease import Lease, ray_session
 from raydock.platform.secrets import SecretBox, SecretUnreadable
 from raydock.platform.states import (

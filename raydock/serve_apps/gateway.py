@@ -19,18 +19,17 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.exceptions import BackPressureError, RayServeException
 
-from raydock import errors, openapi_doc
+from raydock import errors, names
 from raydock.config import Settings
 from raydock.errors import ApiError
 from raydock.metering import exposition
-from raydock.platform import names
+from raydock.serve_apps import docs_page
 from raydock.serve_apps.access import Auth, DeploymentAccess, bearer_token
 from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import complete, unknown_model
@@ -45,6 +44,7 @@ class _Ctx:
     handles: dict[str, Any]
     stream_interval_s: float
     max_request_bytes: int
+    openapi: dict[str, Any] | None = None
 
 
 ctx = _Ctx()
@@ -252,38 +252,25 @@ class _WebFiles(StaticFiles):
 app.mount("/ui", _WebFiles(directory=WEB_DIR), name="web")
 
 
-def combined_openapi() -> dict[str, Any]:
-    """The management API (under /api) and inference endpoints in one OpenAPI document."""
-    from raydock.platform.api import app as api_app
-
-    routes = list(app.routes)
-    doc = get_openapi(
-        title="raydock",
-        version="0.1.0",
-        routes=routes,
-        description="Management API (/api/public/*) and OpenAI-compatible "
-        "inference (/v1/*, /deployments/{id}/*).",
-    )
-    mgmt = get_openapi(title="raydock", version="0.1.0", routes=api_app.routes)
-    for path, item in mgmt["paths"].items():
-        doc["paths"]["/api" + path] = item
-    doc.setdefault("components", {}).setdefault("schemas", {}).update(
-        mgmt.get("components", {}).get("schemas", {})
-    )
-    return openapi_doc.finish(doc)
-
-
 @app.get("/openapi.json", include_in_schema=False)
 async def openapi_json():
-    return JSONResponse(combined_openapi())
+    """The combined document, built by the management API's replica (it reads both planes'
+    routes) and kept: it changes only with the code, which a restart redeploys."""
+    if ctx.openapi is None:
+        try:
+            api = serve.get_app_handle(names.API_APP)
+            ctx.openapi = await api.openapi_document.remote()
+        except (RayError, RayServeException) as exc:
+            raise ApiError(503, "the management API is restarting; retry shortly") from exc
+    return JSONResponse(ctx.openapi)
 
 
 @app.get("/docs", include_in_schema=False)
 async def docs():
-    return openapi_doc.swagger_ui("/openapi.json", "raydock API")
+    return docs_page.swagger_ui("/openapi.json", "raydock API")
 
 
-app.mount(openapi_doc.ASSETS_URL, StaticFiles(directory=openapi_doc.ASSETS_DIR), name="docs-assets")
+app.mount(docs_page.ASSETS_URL, StaticFiles(directory=docs_page.ASSETS_DIR), name="docs-assets")
 
 
 def configure(settings: dict[str, Any], control_plane: dict[str, tuple[str, str]]) -> None:

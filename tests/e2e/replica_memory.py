@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from raydock.platform import names
+from raydock import names
 
 MIB = 2**20
 

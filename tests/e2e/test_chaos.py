@@ -17,9 +17,10 @@ from ray import serve
 from ray.serve.api import RunTarget
 from ray.serve.context import _get_global_client
 
+from raydock import names
 from raydock.client import default_deploy_body
 from raydock.modelgen import build_model_zip
-from raydock.platform import lifecycle, names
+from raydock.platform import lifecycle
 
 from .conftest import ASK_JSON, Live, deploy_and_wait, import_ready, wait_for
 

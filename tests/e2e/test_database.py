@@ -13,7 +13,8 @@ import time
 import httpx
 import ray
 
-from raydock.platform import migrations, names
+from raydock import names
+from raydock.platform import migrations
 from raydock.platform.bootstrap import free_port
 
 from .conftest import wait_for

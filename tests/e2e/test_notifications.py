@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import ray
 
+from raydock import names
 from raydock.client import Client, default_deploy_body
-from raydock.platform import names, notify
+from raydock.platform import notify
 from tests.notify_sinks import NotifySinks, free_port
 
 from .conftest import Platform, deploy_and_wait, wait_for

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from raydock import openapi_doc
 from raydock.config import hardware_profiles
-from raydock.serve_apps import gateway
+from raydock.platform import openapi_doc
+from raydock.serve_apps import docs_page, gateway
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
 MGMT = openapi_doc.MANAGEMENT
@@ -20,7 +20,7 @@ MGMT = openapi_doc.MANAGEMENT
 
 @pytest.fixture(scope="module")
 def doc() -> dict[str, Any]:
-    return gateway.combined_openapi()
+    return openapi_doc.combined()
 
 
 def operations(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -168,17 +168,12 @@ def client(monkeypatch) -> TestClient:
 def test_docs_load_swagger_ui_from_raydock(client):
     html = client.get("/docs").text
     urls = re.findall(r"""(?:src|href)="([^"]+)\"""", html)
-    assert urls and all(u.startswith(openapi_doc.ASSETS_URL + "/") for u in urls), urls
+    assert urls and all(u.startswith(docs_page.ASSETS_URL + "/") for u in urls), urls
     assert "http://" not in html and "https://" not in html
     for url in urls:
         asset = client.get(url)
         assert asset.status_code == 200, url
         assert asset.content
-
-
-def test_openapi_json_is_served(client):
-    served = client.get("/openapi.json").json()
-    assert f"{MGMT}/models/{{modelId}}/deploy" in served["paths"]
 
 
 def test_security_schemes_say_how_each_route_authenticates(doc):

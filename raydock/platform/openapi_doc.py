@@ -1,4 +1,4 @@
-"""The combined OpenAPI document made accurate, and the offline Swagger UI that shows it.
+"""The combined OpenAPI document (management and inference), made accurate.
 
 FastAPI documents what it can see: a 422 `HTTPValidationError` (a body raydock never sends)
 on every route with parameters, no other error, no body for routes that read the raw request,
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 from typing import Any
 
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from raydock.config import hardware_profiles
@@ -215,6 +213,28 @@ ERROR_SCHEMAS: dict[str, Any] = {
         ],
     },
 }
+
+
+def combined() -> Doc:
+    """The management API (under /api) and the inference endpoints in one document. Built
+    here, in the control plane, which may read both planes' routes; the gateway serves it."""
+    from raydock.platform.api import app as api_app
+    from raydock.serve_apps.gateway import app as gateway_app
+
+    doc = get_openapi(
+        title="raydock",
+        version="0.1.0",
+        routes=list(gateway_app.routes),
+        description="Management API (/api/public/*) and OpenAI-compatible "
+        "inference (/v1/*, /deployments/{id}/*).",
+    )
+    mgmt = get_openapi(title="raydock", version="0.1.0", routes=api_app.routes)
+    for path, item in mgmt["paths"].items():
+        doc["paths"]["/api" + path] = item
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(
+        mgmt.get("components", {}).get("schemas", {})
+    )
+    return finish(doc)
 
 
 def finish(doc: Doc) -> Doc:
@@ -484,21 +504,3 @@ def _import_form(schemas: dict[str, Any]) -> str:
     """The name FastAPI gives the multipart form of POST /models/import."""
     (name,) = (n for n in schemas if n.startswith("Body_import_model"))
     return name
-
-
-# ------------------------------------------------------------------ Swagger UI, offline
-
-ASSETS_DIR = Path(__file__).parent / "web" / "swagger-ui"  # swagger-ui-dist; see its README
-ASSETS_URL = "/docs/assets"
-
-
-def swagger_ui(openapi_url: str, title: str) -> HTMLResponse:
-    """Swagger UI loaded from raydock's own copy of its assets: /docs works offline."""
-    return get_swagger_ui_html(
-        openapi_url=openapi_url,
-        title=title,
-        swagger_js_url=f"{ASSETS_URL}/swagger-ui-bundle.js",
-        swagger_css_url=f"{ASSETS_URL}/swagger-ui.css",
-        swagger_favicon_url=f"{ASSETS_URL}/favicon-32x32.png",
-        swagger_ui_parameters={"validatorUrl": None},  # no validator badge from swagger.io
-    )
