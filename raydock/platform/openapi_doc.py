@@ -443,14 +443,26 @@ def _as_validated(schemas: dict[str, Any]) -> None:
         for name, shape in SHAPES.items():  # protocol.parse holds requests to them
             if name in props(request):
                 props(request)[name]["anyOf"] = [copy.deepcopy(shape), {"type": "null"}]
-    schemas["ChatRequest"]["if"] = {  # protocol._check_shapes: tool_choice needs tools
-        "required": ["tool_choice"],
-        "properties": {"tool_choice": {"not": {"enum": [None, "none"]}}},
-    }
-    schemas["ChatRequest"]["then"] = {
-        "required": ["tools"],
-        "properties": {"tools": {"type": "array", "minItems": 1}},
-    }
+    # protocol._check_shapes: tool_choice needs tools, top_logprobs needs logprobs
+    schemas["ChatRequest"]["allOf"] = [
+        {
+            "if": {
+                "required": ["tool_choice"],
+                "properties": {"tool_choice": {"not": {"enum": [None, "none"]}}},
+            },
+            "then": {
+                "required": ["tools"],
+                "properties": {"tools": {"type": "array", "minItems": 1}},
+            },
+        },
+        {
+            "if": {
+                "required": ["top_logprobs"],
+                "properties": {"top_logprobs": {"not": {"type": "null"}}},
+            },
+            "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+        },
+    ]
     schemas["ChatMessage"]["allOf"] = _message_needs()
     props("CompletionRequest")["prompt"]["anyOf"] = [
         {"type": "string"},

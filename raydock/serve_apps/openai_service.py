@@ -129,8 +129,11 @@ def _vllm_structured(req: protocol._Request) -> tuple[str, Any, str] | None:
     return asked[0] if asked else None
 
 
-async def _as_tool_calls(batches: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:
-    """Hold each choice's text until it ends, then emit it as a tool call or as text."""
+async def _as_tool_calls(
+    batches: AsyncIterator[list[dict]], finish: str
+) -> AsyncIterator[list[dict]]:
+    """Hold each choice's text until it ends, then emit it as a tool call (ending with
+    `finish`) or as text."""
     texts: dict[int, str] = {}
     try:
         async for batch in batches:
@@ -142,7 +145,7 @@ async def _as_tool_calls(batches: AsyncIterator[list[dict]]) -> AsyncIterator[li
                     continue
                 call = structured.as_tool_call(texts[i]) if ev["finish_reason"] == "stop" else None
                 if call:
-                    out.append(ev | {"text": "", "tool_call": call, "finish_reason": "tool_calls"})
+                    out.append(ev | {"text": "", "tool_call": call, "finish_reason": finish})
                 else:
                     out.append(ev | {"text": texts[i]})
             if out:
@@ -297,7 +300,10 @@ async def _complete(
     fmt = protocol.Formatter(kind, f"{dep.name}:{adapter['name']}" if adapter else dep.name, echo)
     events = meter.watch(_bounded(run(payload), deadline, dep.timeout_s), call)
     if constraint.mode == "tools":
-        events = _as_tool_calls(events)
+        # as OpenAI (and vLLM): a call the request named ends with "stop", one the model chose
+        # ("auto", "required") with "tool_calls"
+        named = isinstance(req.tool_choice, dict)
+        events = _as_tool_calls(events, "stop" if named else "tool_calls")
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         if stream_interval_s > 0:

@@ -267,6 +267,8 @@ def _check_shapes(req: _Request) -> None:
         raise BadParam(param, f"invalid {param}: {reason}")
     if isinstance(req, ChatRequest) and not req.tools and req.tool_choice not in (None, "none"):
         raise BadParam("tool_choice", "tool_choice needs tools")
+    if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise BadParam("top_logprobs", "top_logprobs needs logprobs: true")  # as OpenAI
 
 
 def _check_messages(messages: list[ChatMessage]) -> None:

@@ -259,6 +259,7 @@ def test_openai_standard_base_url(platform, live):
         ({"n": 9}, "n"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"top_logprobs": 21}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: as OpenAI
         # the engines read text: an image part is refused, not silently dropped
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

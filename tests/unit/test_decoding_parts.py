@@ -118,6 +118,8 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ),
         ({"messages": [{"role": "tool", "content": "21"}]}, "messages.0.tool_call_id"),
         ({"messages": [{"role": "tool", "tool_call_id": "c1"}]}, "messages.0.content"),
+        # as OpenAI: top_logprobs only with logprobs (it was ignored)
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
         # the engines read text: an image part is refused, not dropped
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

@@ -36,7 +36,7 @@ def errors_of(op: dict[str, Any]) -> set[int]:
 
 
 def resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
-    while "$ref" in schema or "allOf" in schema:
+    while "$ref" in schema or "$ref" in schema.get("allOf", [{}])[0]:
         if "$ref" in schema:
             schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
         else:
@@ -322,6 +322,20 @@ _CALL = {"id": "c1", "function": {"name": "f", "arguments": "{}"}}
 def test_message_needs_agree_with_parsing(doc, message):
     """What a message of each role must carry, the document says as protocol.parse holds."""
     _chat_agrees(doc, {"messages": [message]})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"top_logprobs": 2},
+        {"top_logprobs": 2, "logprobs": False},
+        {"top_logprobs": 2, "logprobs": True},
+        {"top_logprobs": None},
+        {"logprobs": True},
+    ],
+)
+def test_top_logprobs_needs_logprobs_in_document_and_parsing(doc, extra):
+    _chat_agrees(doc, {"messages": [{"role": "user", "content": "x"}]} | extra)
 
 
 def test_links_name_operations_and_their_path_parameters(doc):
