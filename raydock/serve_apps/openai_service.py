@@ -132,22 +132,35 @@ def _vllm_structured(req: protocol._Request) -> tuple[str, Any, str] | None:
 async def _as_tool_calls(
     batches: AsyncIterator[list[dict]], finish: str
 ) -> AsyncIterator[list[dict]]:
-    """Hold each choice's text until it ends, then emit it as a tool call (ending with
-    `finish`) or as text."""
+    """Hold each choice's events while its text may still be a tool call (it starts with
+    `{`), then emit it as one tool call (ending with `finish`) or as the events themselves:
+    text that cannot be a call (`tool_choice: auto`) streams as soon as its first character
+    says so, with its logprobs."""
+    held: dict[int, list[dict]] = {}
     texts: dict[int, str] = {}
+    plain: set[int] = set()  # choices whose text is not a call: passed through
     try:
         async for batch in batches:
             out = []
             for ev in batch:
                 i = ev["index"]
+                if i in plain:
+                    out.append(ev)
+                    continue
+                held.setdefault(i, []).append(ev)
                 texts[i] = texts.get(i, "") + ev["text"]
+                if texts[i] and not texts[i].startswith("{"):
+                    plain.add(i)
+                    out.extend(held.pop(i))
+                    continue
                 if not ev["finish_reason"]:
                     continue
+                events = held.pop(i)
                 call = structured.as_tool_call(texts[i]) if ev["finish_reason"] == "stop" else None
                 if call:
                     out.append(ev | {"text": "", "tool_call": call, "finish_reason": finish})
-                else:
-                    out.append(ev | {"text": texts[i]})
+                else:  # cut short ("length"), or not a call after all
+                    out.extend(events)
             if out:
                 yield out
     finally:
