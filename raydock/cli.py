@@ -71,8 +71,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     while not stop["now"]:
         time.sleep(0.5)
     print("raydock: shutting down")
-    if not settings.ray_address:  # we own the cluster: take everything down with us
-        stop_platform()
+    # a cluster of our own goes down with us; on a joined one, only raydock's parts go
+    stop_platform(own_cluster=not settings.ray_address)
+    if not settings.ray_address:
         ray.shutdown()
     _pidfile(settings).unlink(missing_ok=True)
     return 0

@@ -1,4 +1,6 @@
-"""Names of the platform's Ray actors and Serve applications."""
+"""Names of the platform's Ray actors and Serve applications (shared by both planes)."""
+
+import re
 
 NAMESPACE = "raydock"
 REGISTRY = "raydock-registry"
@@ -25,9 +27,20 @@ def control_plane(metering: bool = True) -> dict[str, tuple[str, str] | None]:
     }
 
 
+#: a deployment's id is this prefix, a dash and a UUID (db.new_id)
+DEPLOYMENT_ID_PREFIX = "dp"
+_ENGINE_APP = re.compile(DEPLOYMENT_ID_PREFIX + r"-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+
+
 def engine_app(deployment_id: str) -> str:
     """The Serve application that serves one deployment."""
     return deployment_id
+
+
+def is_engine_app(app: str) -> bool:
+    """Whether a Serve application is one of raydock's engine apps (on a cluster raydock
+    joins, other applications are someone else's and never touched)."""
+    return _ENGINE_APP.fullmatch(app) is not None
 
 
 #: The engine app's replicas; a prefix-routed app also has HAProxy's route server ("router")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import re
@@ -14,7 +15,7 @@ import ray
 from ray import serve
 
 from raydock import names
-from raydock.config import Settings
+from raydock.config import Settings, SettingsError
 from raydock.platform.access_hub import AccessHub
 from raydock.platform.db import DatabaseRefused
 from raydock.platform.lifecycle import Lifecycle
@@ -165,6 +166,8 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     from raydock.platform.api import ApiServer
     from raydock.serve_apps.gateway import Gateway
 
+    if settings.ray_address:
+        _check_secret_key_on_head()
     for path in (settings.home_path, settings.uploads_path):
         path.mkdir(parents=True, exist_ok=True)
     cfg = settings.to_dict()
@@ -181,9 +184,46 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     return {"url": settings.base_url, "admin_key": admin_key}
 
 
-def stop_platform() -> None:
-    """Remove every Serve app and the platform actors (the database keeps all state)."""
-    serve.shutdown()
+@ray.remote(num_cpus=0)
+def _secret_key_fingerprint() -> str:
+    return _fingerprint(os.environ.get("RAYDOCK_SECRET_KEY", ""))
+
+
+def _fingerprint(key: str) -> str:
+    return hashlib.sha256(key.strip().encode()).hexdigest() if key.strip() else ""
+
+
+def _check_secret_key_on_head() -> None:
+    """On a cluster raydock joins, the API replica, and a registry its supervisor creates
+    again, take RAYDOCK_SECRET_KEY from the head's `ray start` environment, not from this
+    shell's: the two must agree, or stored tokens would be sealed with one key and read with
+    another (and backups would misreport where the key is kept)."""
+    task = _secret_key_fingerprint.options(resources=names.ON_HEAD)
+    here, there = _fingerprint(os.environ.get("RAYDOCK_SECRET_KEY", "")), ray.get(task.remote())
+    if here == there:
+        return
+    if not there:
+        problem = "is set in this shell but not in the head node's `ray start` environment"
+    elif not here:
+        problem = "is set in the head node's `ray start` environment but not in this shell"
+    else:
+        problem = "differs between this shell and the head node's `ray start` environment"
+    raise SettingsError(
+        f"RAYDOCK_SECRET_KEY {problem}; on a cluster raydock joins, set the same value in both "
+        "(or in neither: the data dir's key file is used)"
+    )
+
+
+def stop_platform(own_cluster: bool = True) -> None:
+    """Remove raydock's Serve apps and the platform actors (the database keeps all state).
+    On a cluster of its own, Serve goes too; on one raydock joined, only raydock's apps go."""
+    if own_cluster:
+        serve.shutdown()
+    else:
+        ours = {names.API_APP, names.GATEWAY_APP}
+        for app in serve.status().applications:
+            if app in ours or names.is_engine_app(app):
+                serve.delete(app)
     for name in (names.LIFECYCLE, names.ACCESS_HUB, names.METER, names.NOTIFIER, names.REGISTRY):
         with contextlib.suppress(ValueError):  # not running
             ray.kill(ray.get_actor(name, namespace=names.NAMESPACE), no_restart=True)

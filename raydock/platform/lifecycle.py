@@ -128,7 +128,8 @@ class Lifecycle:
 
     async def reconcile(self) -> dict[str, Any]:
         """One pass: end jobs nobody runs, restore DEPLOYED deployments whose app is lost,
-        delete apps no deployment owns. Returns what it did."""
+        delete engine apps no deployment owns (other apps are not raydock's). Returns what
+        it did."""
         async with self._pass:
             orphans = await self.registry.orphan_jobs.remote(list(self._jobs), ORPHAN_GRACE_S)
             resumed = []
@@ -146,7 +147,7 @@ class Lifecycle:
             apps = (await asyncio.to_thread(serve.status)).applications
             active = await self.registry.deployments_in.remote(list(ACTIVE_DEPLOYMENT))
             owned = {names.engine_app(d["deploymentId"]) for d in active}
-            removed = sorted(set(apps) - owned - {names.API_APP, names.GATEWAY_APP})
+            removed = sorted(a for a in set(apps) - owned if names.is_engine_app(a))
             for app in removed:
                 await asyncio.to_thread(serve.delete, app)
             restored = []

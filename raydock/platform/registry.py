@@ -603,7 +603,7 @@ class Registry:
             if problem and not (awaiting_import and m.status in IMPORTING_MODEL):
                 raise Conflict(problem)
             d = db.Deployment(
-                id=db.new_id("dp"),
+                id=db.new_id(names.DEPLOYMENT_ID_PREFIX),
                 model_id=model_id,
                 name=body["name"],
                 status=DeploymentStatus.READY_TO_DEPLOY,

@@ -221,7 +221,8 @@ def chat_ok(live) -> bool:
 
 
 def test_an_app_nobody_owns_is_removed(platform):
-    # an app with a deployment's kind of name and route that no deployment owns
+    # an app with a deployment's kind of name and route that no deployment owns; and an app
+    # of someone else's (raydock may share the cluster), which is left alone
     name = f"dp-{uuid.uuid4()}"
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -229,11 +230,16 @@ def test_an_app_nobody_owns_is_removed(platform):
         return "stray"
 
     target = RunTarget(target=stray.bind(), name=name, route_prefix=names.engine_route(name))
-    serve.run_many([target], wait_for_applications_running=False)
+    theirs = RunTarget(target=stray.bind(), name="their-app", route_prefix="/their-app")
+    serve.run_many([target, theirs], wait_for_applications_running=False)
     started = time.monotonic()
     assert name in serve.status().applications
     wait_for(lambda: name not in serve.status().applications, timeout=HEAL_S, interval=0.5)
     removed = time.monotonic() - started
+    lifecycle_actor = ray.get_actor(names.LIFECYCLE, namespace=names.NAMESPACE)
+    ray.get(lifecycle_actor.reconcile.remote())  # one more whole pass after the removal
+    assert "their-app" in serve.status().applications
+    serve.delete("their-app")
     # raydock answers its route again: an unknown deployment
     r = httpx.post(f"{platform.url}/deployments/{name}/v2/chat/completions", json={}, timeout=30)
     assert r.status_code in (401, 404) and r.json()["error"], r.text

@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import ray
+from ray import serve
 
 from raydock.client import Client, default_deploy_body
-from raydock.config import load_settings
+from raydock.config import SettingsError, load_settings
 from raydock.modelgen import build_model_zip
 from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
 from tests.e2e.conftest import Platform, import_ready, wait_for
@@ -41,8 +42,24 @@ def platform(cluster, mn_home, s3):
     connect(settings)
     info = start_platform(settings)
     yield Platform(settings, info["url"], info["admin_key"], Client(info["url"], info["admin_key"]))
-    stop_platform()
+    # a cluster raydock joined: its own apps go, someone else's stay
+    serve.run(_theirs.bind(), name="their-app", route_prefix="/their-app")
+    stop_platform(own_cluster=False)
+    assert list(serve.status().applications) == ["their-app"]
     ray.shutdown()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+def _theirs(request) -> str:
+    return "theirs"
+
+
+def test_the_secret_key_must_be_the_head_nodes(platform, monkeypatch):
+    """The API replica reads RAYDOCK_SECRET_KEY on the head, from `ray start`'s environment:
+    a key set only in the shell that joins would seal and open tokens with two keys."""
+    monkeypatch.setenv("RAYDOCK_SECRET_KEY", "k" * 44)
+    with pytest.raises(SettingsError, match="not in the head node's `ray start` environment"):
+        start_platform(platform.settings)
 
 
 @pytest.fixture(scope="module")
