@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -51,6 +52,9 @@ class Settings:
     webhook_url: str = ""  # platform-wide webhook; empty: none
     webhook_secret: str = field(default="", repr=False)
     notify_max_attempts: int = 5
+    # users' webhooks may not reach loopback, private, link-local or other non-public
+    # addresses (the platform's own network) except these comma-separated networks (CIDR)
+    webhook_allowed_networks: str = ""
     # ---- retention (platform/retention.py): 0 keeps for ever
     usage_retention_days: int = 400  # usage minutes older than this are deleted
     delivery_retention_days: int = 90  # delivered or failed notifications older than this
@@ -161,7 +165,21 @@ def load_settings(**overrides: Any) -> Settings:
         value = getattr(settings, name)
         if not low <= value <= high:
             raise SettingsError(f"setting {name} is {value}; it must be between {low} and {high}")
+    allowed_networks(settings.webhook_allowed_networks)  # a typo refused at start
     return settings
+
+
+def allowed_networks(setting: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The `webhook_allowed_networks` setting; SettingsError naming the entry it cannot read."""
+    out = []
+    for entry in filter(None, (e.strip() for e in setting.split(","))):
+        try:
+            out.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise SettingsError(
+                f"webhook_allowed_networks: {entry!r} is not an address or a network (CIDR)"
+            ) from None
+    return out
 
 
 #: every numeric setting's allowed range (both ends included), checked when settings are loaded

@@ -3,11 +3,12 @@ delivery with its attempts."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
-from raydock.errors import NotFound
+from raydock.errors import ApiError, NotFound
 from raydock.platform import notify, schemas
 from raydock.platform.api_deps import User, ctx
 
@@ -20,7 +21,13 @@ Status = Literal[notify.STATUSES]  # type: ignore[valid-type]
 @router.put("/users/me/webhook", tags=["notifications"])
 async def set_my_webhook(body: schemas.WebhookSet, user: User) -> dict[str, Any]:
     """Set (or replace) the webhook your events go to. The answer carries a new signing
-    secret, shown this once: verify each delivery's `X-Raydock-Signature` with it."""
+    secret, shown this once: verify each delivery's `X-Raydock-Signature` with it. The URL's
+    host must resolve to public addresses (or networks the platform allows)."""
+    try:
+        allowed = ctx.settings.webhook_allowed_networks
+        await asyncio.to_thread(notify.webhook_address, body.url, allowed)
+    except notify.WebhookAddressRefused as exc:
+        raise ApiError(400, f"url: {exc}", "url") from None
     return await ctx.registry.set_user_webhook.remote(user["userId"], body.url)
 
 

@@ -15,11 +15,13 @@ import asyncio
 import email.utils
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import queue
 import re
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -29,7 +31,7 @@ from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
 
-from raydock.config import Settings
+from raydock.config import Settings, allowed_networks
 from raydock.metering.limits import BUDGET_WARNING as BUDGET_WARNING_SHARE
 
 log = logging.getLogger("raydock.notify")
@@ -189,6 +191,41 @@ def display_target(target: str) -> str:
     except ValueError:
         return f"URL ({digest})"
     return f"{parts.scheme}://{host} ({digest})"
+
+
+class WebhookAddressRefused(ValueError):
+    """A user's webhook whose host is (or resolves to) an address they may not reach."""
+
+
+def webhook_address(url: str, allowed: str) -> str:
+    """The address to POST a user's webhook to: its host resolved, every address it has
+    checked. A user's webhook must not reach the platform's own network (the Ray dashboard,
+    a cloud's metadata service, a database): loopback, private, link-local, reserved or
+    multicast addresses are refused unless `allowed` (webhook_allowed_networks) names them.
+    The delivery then connects to the address checked, so a name that resolves otherwise a
+    moment later (DNS rebinding) cannot take it elsewhere."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise WebhookAddressRefused(
+            f"the webhook's host {host!r} does not resolve: {exc}"
+        ) from None
+    networks = allowed_networks(allowed)
+    addresses = list(dict.fromkeys(info[4][0] for info in found))
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if getattr(ip, "ipv4_mapped", None):
+            ip = ip.ipv4_mapped
+        if not ip.is_global and not any(ip in net for net in networks):
+            raise WebhookAddressRefused(
+                f"the webhook's host {host!r} is {ip}, an address of the platform's own network "
+                "(loopback, private, link-local or reserved); an admin may allow it with "
+                "webhook_allowed_networks"
+            )
+    return addresses[0]
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -444,10 +481,17 @@ class Notifier:
 
         body = webhook_body(event)
         headers = webhook_headers(event, delivery_id, secret, body)
+        target, extensions = httpx.URL(url), {}
+        if url != self.settings.webhook_url:  # a user's: to the address checked, by name
+            allowed = self.settings.webhook_allowed_networks
+            address = await asyncio.to_thread(webhook_address, url, allowed)
+            headers["Host"] = target.netloc.decode()
+            extensions["sni_hostname"] = target.host  # TLS: the name's certificate
+            target = target.copy_with(host=address)
         async with httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False) as client:
-            r = await client.post(url, content=body, headers=headers)
-        if not 200 <= r.status_code < 300:
-            raise WebhookRefused(f"HTTP {r.status_code}: {r.text[:200]}")
+            r = await client.post(target, content=body, headers=headers, extensions=extensions)
+        if not 200 <= r.status_code < 300:  # the status only: the body stays the receiver's
+            raise WebhookRefused(f"HTTP {r.status_code}")
 
 
 class WebhookRefused(Exception):

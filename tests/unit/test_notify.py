@@ -17,7 +17,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from raydock.client import default_deploy_body
-from raydock.config import load_settings
+from raydock.config import SettingsError, load_settings
 from raydock.platform import notify
 from raydock.platform.registry import NotFound, Registry
 from raydock.platform.schemas import WebhookSet
@@ -171,6 +171,53 @@ def test_webhook_url_is_validated_naming_the_field():
             WebhookSet(url=bad)
     with pytest.raises(ValueError, match="at most 2000"):
         WebhookSet(url="https://h/" + "x" * 2000)
+    for bad in ("http://[::1", "http://h:99999/", "http://h:0/"):
+        with pytest.raises(ValueError, match="valid host and a port"):
+            WebhookSet(url=bad)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8265/api/jobs",  # the Ray dashboard
+        "http://localhost/x",
+        "http://169.254.169.254/latest/meta-data",  # a cloud's metadata service
+        "http://10.0.0.7/",
+        "http://[::1]:6379/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://0.0.0.0/",
+    ],
+)
+def test_a_users_webhook_may_not_reach_the_platforms_network(url):
+    with pytest.raises(notify.WebhookAddressRefused, match="webhook_allowed_networks"):
+        notify.webhook_address(url, "")
+
+
+def test_allowed_networks_and_public_addresses_pass():
+    assert notify.webhook_address("http://127.0.0.1:9/x", "127.0.0.0/8") == "127.0.0.1"
+    assert notify.webhook_address("https://93.184.215.14/hook", "") == "93.184.215.14"
+    with pytest.raises(notify.WebhookAddressRefused, match="does not resolve"):
+        notify.webhook_address("http://no-such-host.invalid/", "")
+    with pytest.raises(SettingsError, match="webhook_allowed_networks: '10.0.0.0/33'"):
+        load_settings(webhook_allowed_networks="10.0.0.0/8, 10.0.0.0/33")
+
+
+def test_a_delivery_to_the_platforms_network_is_refused_and_reaches_nothing(reg):
+    """A webhook set before the rule, or whose name resolves elsewhere by now, is checked
+    again at each attempt: nothing is sent."""
+    ana = _user(reg, "ana")
+    with WebhookSink() as hooks:
+        reg.set_user_webhook(ana, hooks.url("/ana"))
+        n = _notifier(reg, notify_max_attempts=1, webhook_allowed_networks="")
+
+        async def run():
+            await n.notify(notify.UNDEPLOYED, ana, {"deploymentId": "dp-1"})
+            await _drain(n)
+
+        asyncio.run(run())
+    (d,) = reg.list_deliveries()
+    assert d["status"] == "failed" and "WebhookAddressRefused" in d["lastError"], d
+    assert hooks.received == []
 
 
 def test_emit_never_raises_without_a_platform():
@@ -332,6 +379,7 @@ def test_deliveries_are_recorded_and_listed_newest_first(reg):
 
 
 def _notifier(reg: Registry, **settings) -> notify.Notifier:
+    settings = {"webhook_allowed_networks": "127.0.0.1/32"} | settings  # the test receivers
     n = notify.Notifier(load_settings(**settings).to_dict(), registry=RegistryHandle(reg))
     n.delays = [0.05 * d for d in n.delays]  # the schedule, 20 times faster
     return n
@@ -412,7 +460,7 @@ def test_a_receiver_refusing_the_signature_fails_the_delivery(reg):
     assert (d["status"], d["attempts"], d["lastError"]) == (
         "failed",
         2,
-        "WebhookRefused: HTTP 401: ",
+        "WebhookRefused: HTTP 401",  # the status only: the receiver's body is its own
     )
 
 
