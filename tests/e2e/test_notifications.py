@@ -60,6 +60,14 @@ def member(platform) -> Member:
     as_member.http().delete("/api/public/users/me/webhook")
 
 
+def test_a_webhook_into_the_platforms_network_is_refused(member):
+    """The session allows 127.0.0.1 (its receiver); a private address is still refused."""
+    for url in ("http://10.1.2.3/hook", "http://169.254.169.254/latest"):
+        r = member.platform.http().put("/api/public/users/me/webhook", json={"url": url})
+        assert r.status_code == 400, r.text
+        assert "webhook_allowed_networks" in r.text and "url" in r.text
+
+
 def deliveries(platform: Platform, deployment_id: str, **params) -> list[dict]:
     r = platform.http().get("/api/public/notifications/deliveries", params=params)
     assert r.status_code == 200, r.text
