@@ -237,7 +237,8 @@ async def deploy_model(
     """Deploy a Ready-to-Deploy model (the seed's Deploy a Model API).
 
     With `isDeployedPreviously: true` and the name of an existing deployment of this model,
-    that deployment is redeployed (a new history version); otherwise a new one is created.
+    that deployment (the newest of that name) is redeployed (a new history version);
+    otherwise a new one is created.
     """
     await _check_deployable(body, await ctx.registry.get_model.remote(modelId))
     config = body.model_dump()

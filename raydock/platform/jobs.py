@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -294,6 +295,14 @@ def export_download_path(job_id: str) -> str:
     return f"/api/public/exports/{job_id}/download"
 
 
+def export_file_stem(model_name: str) -> str:
+    """A file name for a model's export: a Hugging Face import is named by its repo id
+    (`Qwen/Qwen2.5-0.5B`), and a name may hold any character; path separators and the like
+    become `_` (the export failed on the folder the `/` named)."""
+    stem = re.sub(r"[^\w.\-]+", "_", model_name).strip("._")[:100]
+    return stem or "model"
+
+
 @ray.remote(num_cpus=1, max_retries=0)
 def export_model_task(
     settings: dict[str, Any], model: dict[str, Any], job_id: str, deployconfig: dict | None
@@ -304,7 +313,7 @@ def export_model_task(
     store = cfg.store()
     registry = _registry()
     work = Path(tempfile.mkdtemp(prefix="raydock-export-"))
-    name = f"{model['name']}.zip"
+    name = f"{export_file_stem(model['name'])}.zip"
     key = f"{exports_key(model['modelId'])}/{job_id}/{name}"
     try:
         src = work / "model"

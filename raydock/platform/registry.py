@@ -141,7 +141,7 @@ class Registry:
         return {
             "deploymentId": d.id,
             "name": d.name,
-            "created": int(d.added_on.timestamp()),
+            "created": int(d.added_on.replace(tzinfo=UTC).timestamp()),  # stored naive UTC
             "status": d.status,
             "serving": is_serving(d.status, previous_live),
             "timeoutS": d.timeout_s,
@@ -499,6 +499,8 @@ class Registry:
                     j.percentage = 100
                 if status == JobStatus.FAILED:
                     self._fail_waiting_deployment(s, j, message)
+            elif j.status != JobStatus.IN_PROGRESS:  # ended: a late progress report (a task
+                return views.job(j)  # still running after its job failed) changes nothing
             if percentage is not None and j.status == JobStatus.IN_PROGRESS:
                 j.percentage = max(j.percentage, min(100, int(percentage)))
             if message is not None:
@@ -586,8 +588,12 @@ class Registry:
 
     def find_deployment_by_name(self, model_id: str, name: str) -> dict[str, Any] | None:
         with self._tx() as s:
-            q = select(db.Deployment).where(
-                db.Deployment.model_id == model_id, db.Deployment.name == name
+            q = (
+                select(db.Deployment)
+                .where(db.Deployment.model_id == model_id, db.Deployment.name == name)
+                # names need not be unique: the newest, on every database alike
+                .order_by(db.Deployment.added_on.desc(), db.Deployment.id.desc())
+                .limit(1)
             )
             d = s.scalar(q)
             return views.deployment(d) if d else None

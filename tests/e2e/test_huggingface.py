@@ -134,6 +134,11 @@ def test_a_public_repo_imports_only_the_files_a_model_needs(platform, hub):
     assert all(len(gets(hub, PUBLIC, name)) == 1 for name in needed)
     assert not gets(hub, PUBLIC, "README.md") and not gets(hub, PUBLIC, "model.onnx")
     assert model["modelId"] in platform.stored("models")
+    # its export works although its name is a repo id (the "/" failed every export)
+    ref = platform.client.post(f"/models/{model['modelId']}/export")
+    job = platform.client.wait_job(ref["dockStatusId"])
+    assert job["status"] == "SUCCESS", job
+    assert job["response"]["fileName"] == PUBLIC.replace("/", "_") + ".zip"
 
 
 def test_an_adapter_from_hugging_face_is_checked_against_its_base(platform, hub):

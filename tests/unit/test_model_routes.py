@@ -77,3 +77,12 @@ def test_a_backup_download_leaves_no_copy_on_the_server(api, tmp_path: Path, mon
     with tarfile.open(fileobj=io.BytesIO(whole.content)) as tar:
         assert backup.MANIFEST in tar.getnames()
     assert list(staging.iterdir()) == []
+
+
+def test_an_exports_file_name_holds_no_path():
+    from raydock.platform.jobs import export_file_stem
+
+    assert export_file_stem("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen_Qwen2.5-0.5B-Instruct"
+    assert export_file_stem("../../etc/passwd") == "etc_passwd"
+    assert export_file_stem("C:\\models\\llama 3") == "C_models_llama_3"
+    assert export_file_stem("/..") == "model" and export_file_stem("modèle") == "modèle"

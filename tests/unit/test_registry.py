@@ -273,3 +273,43 @@ def test_long_names_fit_their_columns_on_every_backend(reg, admin):
     assert reg.get_model(m["modelId"])["name"] == "m" * 200
     made = reg.create_user("u" * 200, None, False, user["userId"])
     assert reg.authenticate_management(made["apiKey"])["name"] == "u" * 200
+
+
+def test_an_ended_jobs_outcome_is_not_changed_by_late_progress(reg, admin):
+    _, user = admin
+    m = reg.create_model("late", "file", user["userId"])
+    job = reg.create_job("IMPORT", m["modelId"], user["userId"])["dockStatusId"]
+    reg.update_job(job, status="FAILED", message="the model was deleted", response={"error": "x"})
+    # a task still running reports on (progress reports are sent without waiting)
+    reg.update_job(job, percentage=80, message="downloaded", response={"downloadedBytes": 1})
+    ended = reg.get_job(job)
+    assert (ended["status"], ended["message"]) == ("FAILED", "the model was deleted")
+    assert ended["response"] == {"error": "x"}
+
+
+def test_redeploy_by_name_takes_the_newest_of_that_name(reg, admin):
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    first = reg.create_deployment(m["modelId"], default_deploy_body("chat"), user["userId"])
+    newest = reg.create_deployment(m["modelId"], default_deploy_body("chat"), user["userId"])
+    for _ in range(3):  # rewritten rows move on PostgreSQL's pages (it took them in that order)
+        reg.update_deployment(first["deploymentId"], description="edited")
+    found = reg.find_deployment_by_name(m["modelId"], "chat")
+    assert found["deploymentId"] == newest["deploymentId"]
+
+
+def test_v1_models_created_is_the_utc_time_on_any_host_timezone(reg, admin, monkeypatch):
+    import time as clock
+
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    before = int(clock.time())
+    d = reg.create_deployment(m["modelId"], default_deploy_body("tz"), user["userId"])
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    clock.tzset()
+    try:
+        created = reg.access_snapshots([d["deploymentId"]])[d["deploymentId"]]["created"]
+    finally:
+        monkeypatch.delenv("TZ")
+        clock.tzset()
+    assert before - 1 <= created <= int(clock.time()) + 1
