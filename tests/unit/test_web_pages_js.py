@@ -68,3 +68,20 @@ console.log(JSON.stringify(seen));
     assert seen["calls"] == 3  # the 503 was retried; nothing after the 404
     assert seen["gone"] == 1
     assert seen["lines"][1] == ["the meter is busy", False]  # shown until a refresh worked
+
+
+def test_the_python_snippet_quotes_any_deployment_name():
+    """A deployment name is free text: pasted into the copy-ready Python call unquoted, a
+    name like this one ran code on whoever ran the snippet."""
+    import ast
+
+    name = '" + __import__("os").system("touch pwned") + "\\\\\'x\u2028'
+    dep = {"deploymentId": "dp-1", "name": name}
+    script = f"""
+const {{ python }} = await import({json.dumps((APP / "pages" / "snippets.js").as_uri())});
+console.log(JSON.stringify(python("http://h:8000", {json.dumps(dep)}, false)));
+"""
+    tree = ast.parse(run_node(script))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    (model,) = [k.value for c in calls for k in c.keywords if k.arg == "model"]
+    assert isinstance(model, ast.Constant) and model.value == name

@@ -25,7 +25,7 @@ function curl(base, dep, structured) {
   ].join("\n");
 }
 
-function python(base, dep, structured) {
+export function python(base, dep, structured) {
   const lines = [
     "import os",
     "from openai import OpenAI",
@@ -33,7 +33,8 @@ function python(base, dep, structured) {
     `client = OpenAI(base_url="${base}/deployments/${dep.deploymentId}/v2",`,
     '                api_key=os.environ["RAYDOCK_KEY"])',
     "reply = client.chat.completions.create(",
-    `    model="${dep.name}",`,
+    // a name may hold any character: a JSON string is a valid Python string literal
+    `    model=${JSON.stringify(dep.name)},`,
     '    messages=[{"role": "user", "content": "Hello"}],',
   ];
   if (structured) {
