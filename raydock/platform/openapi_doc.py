@@ -20,7 +20,13 @@ from pydantic import BaseModel
 from raydock.config import hardware_profiles
 from raydock.errors import TYPES, error_body
 from raydock.platform.schemas import NOT_BLANK, ScalingParameters
-from raydock.serve_apps.protocol import MESSAGE_NEEDS, SHAPES, ChatRequest, CompletionRequest
+from raydock.serve_apps.protocol import (
+    MESSAGE_NEEDS,
+    NOT_HONOURED,
+    SHAPES,
+    ChatRequest,
+    CompletionRequest,
+)
 
 Doc = dict[str, Any]
 
@@ -463,6 +469,18 @@ def _as_validated(schemas: dict[str, Any]) -> None:
             "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
         },
     ]
+    for request in ("ChatRequest", "CompletionRequest"):
+        schemas[request].setdefault("allOf", []).append(
+            {  # stream_options needs stream: true
+                "if": {
+                    "required": ["stream_options"],
+                    "properties": {"stream_options": {"not": {"type": "null"}}},
+                },
+                "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+            }
+        )
+        for name, why in NOT_HONOURED.items():  # refused unless null (best_of: unless n)
+            props(request)[name] = {"type": "null", "description": f"Not supported: {why}."}
     schemas["ChatMessage"]["allOf"] = _message_needs()
     props("CompletionRequest")["prompt"]["anyOf"] = [
         {"type": "string"},

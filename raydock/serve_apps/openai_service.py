@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -37,7 +38,8 @@ def engine_request(
 ) -> dict[str, Any]:
     hp = dep.defaults
     default_max = hp.get("maxTokens") or P.MAX_TOKENS.default
-    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or default_max
+    newer = req.max_completion_tokens if kind == "chat" else None  # chat's newer name
+    max_tokens = newer or req.max_tokens or default_max
     stops = req.stop_list() or hp.get("stopSequence", [])
     logprobs = bool(req.logprobs) if kind == "chat" else req.logprobs is not None
     top = (req.top_logprobs or 0) if kind == "chat" else (req.logprobs or 0)
@@ -369,6 +371,19 @@ def unknown_model(model: str, dep: DeploymentAccess) -> ApiError:
 MAX_JSON_DEPTH = 64
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(body: Any) -> bool:
+    """JSON may escape half a character (`"\\ud800"`); Python keeps it in the string, and the
+    tokenizer then fails on it (a 500)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def read_json(raw: bytes) -> Any:
     """A request body as JSON; a 400 that says where it is malformed or too deep."""
     try:
@@ -388,8 +403,19 @@ def read_json(raw: bytes) -> Any:
     except RecursionError:  # the parser's own stack limit, far beyond MAX_JSON_DEPTH
         body = None
         depth = MAX_JSON_DEPTH + 1
+    except ValueError as exc:  # an integer past Python's 4,300 digits
+        problem = f"the request body is not valid JSON: {exc}"
+        raise ApiError(400, problem, "body", "invalid_json") from None
     else:
         depth = json_depth(body)
+        if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+            raise ApiError(
+                400,
+                "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff not "
+                "in a pair), which is no character",
+                "body",
+                "invalid_json",
+            )
     if depth > MAX_JSON_DEPTH:
         raise ApiError(
             400,

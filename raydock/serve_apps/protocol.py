@@ -269,6 +269,27 @@ def _check_shapes(req: _Request) -> None:
         raise BadParam("tool_choice", "tool_choice needs tools")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
         raise BadParam("top_logprobs", "top_logprobs needs logprobs: true")  # as OpenAI
+    if req.stream_options is not None and not req.stream:
+        raise BadParam("stream_options", "stream_options needs stream: true")  # as OpenAI
+    for name, why in NOT_HONOURED.items():
+        value = (req.model_extra or {}).get(name)
+        if value is not None and not (name == "best_of" and value == req.n):
+            raise BadParam(name, f"{name} is not supported: {why}")
+
+
+#: OpenAI's and vLLM's parameters that raydock knows but does not honour: refused (a 400
+#: naming them), never ignored, since a client relies on what they ask (unknown fields are
+#: ignored, as OpenAI servers do)
+NOT_HONOURED: dict[str, str] = {
+    "functions": "use tools (functions is OpenAI's deprecated form of it)",
+    "function_call": "use tool_choice (function_call is OpenAI's deprecated form of it)",
+    "suffix": "raydock does not fill in the middle",
+    "best_of": "each choice is returned (set n instead)",
+    "min_tokens": "ask with max_tokens and ignore_eos instead",
+    "min_p": "use top_p or top_k",
+    "stop_token_ids": "use stop",
+    "prompt_logprobs": "the engines do not score the prompt",
+}
 
 
 def _check_messages(messages: list[ChatMessage]) -> None:

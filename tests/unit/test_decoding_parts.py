@@ -120,6 +120,17 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ({"messages": [{"role": "tool", "tool_call_id": "c1"}]}, "messages.0.content"),
         # as OpenAI: top_logprobs only with logprobs (it was ignored)
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        # known parameters raydock cannot honour are refused, not ignored
+        (
+            {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
+            "functions",
+        ),
+        ({"prompt": "x", "suffix": " END"}, "suffix"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "min_tokens": 5}, "min_tokens"),
+        ({"prompt": "x", "stop_token_ids": [5]}, "stop_token_ids"),
+        ({"prompt": "x", "min_p": 0.9}, "min_p"),
         # the engines read text: an image part is refused, not dropped
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
@@ -234,3 +245,63 @@ def test_completion_text_offsets_and_echo_whole_and_streamed():
     assert first["logprobs"]["text_offset"] + rest["logprobs"]["text_offset"] == [6, 10, 15]
     plain = protocol.Formatter("completion", "m").chunk(0, "Once", tokens[:1], None, True)
     assert plain["choices"][0]["logprobs"]["text_offset"] == [0]
+
+
+def test_known_parameters_asked_as_null_or_best_of_n_are_fine():
+    req = protocol.parse(
+        protocol.CompletionRequest, {"prompt": "x", "n": 2, "best_of": 2, "suffix": None}
+    )
+    assert req.n == 2
+    protocol.parse(
+        protocol.CompletionRequest, {"prompt": "x", "stream": True, "stream_options": {}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "4300"),
+        (b'{"prompt": "hi \\ud800"}', "surrogate"),
+        (b'{"prompt": "x", "response_format": {"pattern": "\\udfff"}}', "surrogate"),
+    ],
+)
+def test_json_no_engine_can_read_is_a_400(raw, words):
+    from raydock.errors import ApiError
+    from raydock.serve_apps.openai_service import read_json
+
+    with pytest.raises(ApiError) as exc:
+        read_json(raw)
+    assert exc.value.status == 400 and exc.value.code == "invalid_json"
+    assert words in exc.value.message
+
+
+def test_a_surrogate_pair_is_one_character():
+    from raydock.serve_apps.openai_service import read_json
+
+    assert read_json(b'{"prompt": "\\ud83d\\ude00"}') == {"prompt": "\U0001f600"}
+
+
+def test_legacy_completions_take_no_max_completion_tokens():
+    """Not a completions parameter: it once bypassed max_tokens' range (2000 tokens; "abc" a
+    500)."""
+    from raydock.serve_apps.access import DeploymentAccess
+    from raydock.serve_apps.openai_service import engine_request
+
+    dep = DeploymentAccess.from_dict(
+        {
+            "deploymentId": "d",
+            "name": "n",
+            "created": 0,
+            "status": "DEPLOYED",
+            "serving": True,
+            "timeoutS": 60,
+            "defaults": {"maxTokens": 16},
+            "keys": {},
+            "limits": {},
+        }
+    )
+    for value in (2000, "abc", [1]):
+        req = protocol.parse(
+            protocol.CompletionRequest, {"prompt": "x", "max_completion_tokens": value}
+        )
+        assert engine_request("completion", req, dep)["params"]["max_tokens"] == 16
