@@ -88,6 +88,35 @@ def engine_request(
     return out
 
 
+async def _constraint_of(kind: str, req: protocol._Request) -> structured.Constraint:
+    """The request's output constraint. Compiling a schema or tool list is pure Python that
+    grows with its size: bounded, run off the event loop (every stream of the replica shares
+    it), and kept for the requests that ask for the same format again."""
+    asked = {f: v for f in structured.FORMAT_FIELDS if (v := getattr(req, f, None)) is not None}
+    if not asked:
+        return _constraint(kind, req)
+    if kind == "chat" and req.tool_choice is not None:
+        asked["tool_choice"] = req.tool_choice
+    try:
+        for field, value in asked.items():
+            structured.check_format_size(field, value)
+    except structured.StructuredError as exc:
+        raise ApiError(400, str(exc), exc.param, "unsupported_schema") from None
+    key = kind + json.dumps(asked, sort_keys=True)
+    found = _compiled.get(key)
+    if found is None:
+        found = await asyncio.to_thread(_constraint, kind, req)
+        _compiled[key] = found
+        if len(_compiled) > _COMPILED_KEPT:
+            _compiled.pop(next(iter(_compiled)))
+    return found
+
+
+#: output constraints compiled lately (request format as JSON -> constraint), oldest first
+_compiled: dict[str, structured.Constraint] = {}
+_COMPILED_KEPT = 256
+
+
 def _constraint(kind: str, req: protocol._Request) -> structured.Constraint:
     # legacy completions take response_format as vLLM's server does; tools are chat-only
     tools, tool_choice = (req.tools, req.tool_choice) if kind == "chat" else (None, None)
@@ -301,7 +330,7 @@ async def _complete(
         raise ApiError(400, str(exc), exc.param, "invalid_parameter") from None
     adapter = requested_adapter(req, dep, by_model)
     call.adapter, call.n = (adapter["id"] if adapter else ""), req.n
-    constraint = _constraint(kind, req)
+    constraint = await _constraint_of(kind, req)
     await meter.admit(dep.deployment_id, call.key, dep.limits.get(call.key))
     request_for_engine = engine_request(kind, req, dep)
     payload = request_for_engine | {

@@ -28,6 +28,39 @@ from raydock.serve_apps.guided import (
 MAX_PATTERN_CHARS = 10_000
 
 
+#: JSON values (objects, arrays, scalars) one output format may hold: compiling one costs
+#: ~0.3 ms per value (~1 ms per `pattern`), so this bounds a request's compile to about 3 s
+#: of a replica's CPU (off its event loop). OpenAI's own bound: 5,000 object properties.
+MAX_FORMAT_VALUES = 10_000
+
+#: the request fields that describe an output format
+FORMAT_FIELDS = (
+    "response_format",
+    "tools",
+    "structured_outputs",
+    "guided_json",
+    "guided_choice",
+    "guided_regex",
+    "guided_grammar",
+)
+
+
+def check_format_size(param: str, value: Any) -> None:
+    """Refuse an output format too large to compile in reasonable time (StructuredError)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_FORMAT_VALUES:
+            raise StructuredError(
+                param, f"{param} holds more than {MAX_FORMAT_VALUES} JSON values; at most that many"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 class StructuredError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 import torch
 
@@ -305,3 +308,56 @@ def test_legacy_completions_take_no_max_completion_tokens():
             protocol.CompletionRequest, {"prompt": "x", "max_completion_tokens": value}
         )
         assert engine_request("completion", req, dep)["params"]["max_tokens"] == 16
+
+
+def _schema_request(properties: int, pattern: bool = False) -> protocol.ChatRequest:
+    prop = {"type": "string", **({"pattern": "^[a-z]+$"} if pattern else {})}
+    schema = {"type": "object", "properties": {f"p{i}": dict(prop) for i in range(properties)}}
+    body = {
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    }
+    return protocol.parse(protocol.ChatRequest, body)
+
+
+def test_an_output_format_too_large_is_refused_before_compiling():
+    from raydock.errors import ApiError
+    from raydock.serve_apps import openai_service, structured
+
+    req = _schema_request(structured.MAX_FORMAT_VALUES)  # two values per property
+    with pytest.raises(ApiError) as exc:
+        asyncio.run(openai_service._constraint_of("chat", req))
+    assert exc.value.status == 400 and exc.value.param == "response_format"
+    assert str(structured.MAX_FORMAT_VALUES) in exc.value.message
+
+
+def test_compiling_a_large_schema_leaves_the_event_loop_serving():
+    """Every stream of a replica (and on /v1, of the gateway) shares its event loop: a
+    schema's compile ran on it and froze them all (5.4 s for 5,000 patterned properties)."""
+    from raydock.serve_apps import openai_service
+
+    req = _schema_request(1500, pattern=True)
+
+    async def main():
+        gaps, last = [], time.monotonic()
+
+        async def tick():
+            nonlocal last
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        ticker = asyncio.create_task(tick())
+        started = time.monotonic()
+        await openai_service._constraint_of("chat", req)
+        took = time.monotonic() - started
+        again = time.monotonic()
+        await openai_service._constraint_of("chat", req)  # the same format: kept
+        ticker.cancel()
+        return took, max(gaps), time.monotonic() - again
+
+    took, longest, second = asyncio.run(main())
+    assert longest < took / 3, (took, longest)
+    assert second < took / 10, (took, second)
