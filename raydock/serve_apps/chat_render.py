@@ -81,6 +81,9 @@ def render(
     source = template_source(tokenizer)
     if source is None:
         raise ChatTemplateError("this model has no chat template; use /v1/completions")
+    if "developer" not in source:  # OpenAI's newer name for system, which such a template
+        # would drop (Qwen's renders its default system turn instead) or mislabel
+        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
     if "tool_calls" in source:
         attempts = [([_native(m) for m in messages], {"tools": tools or None})]
     else:

@@ -97,3 +97,27 @@ def test_a_template_refusing_system_messages_gets_them_in_the_first_user_turn(to
         tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     )
     assert text == "<user>Be brief.\n\nHi<assistant>"
+
+
+# Qwen2.5's way: a system turn of its own when the first message is not "system"
+QWEN_LIKE = (
+    "{%- if messages[0].role != 'system' %}<system>You are Qwen.{% endif %}"
+    "{%- for m in messages %}{% if m.role in ('system', 'user', 'assistant') %}"
+    "<{{ m.role }}>{{ m.content }}{% endif %}{% endfor %}"
+    "{%- if tool_calls is defined %}{% endif %}<assistant>"
+)
+
+
+@pytest.mark.parametrize("template", [NATIVE_TEMPLATE, QWEN_LIKE])
+def test_a_developer_message_is_the_system_message_for_a_template_without_it(tokenizer, template):
+    t = copy.copy(tokenizer)
+    t.chat_template = template
+    messages = [
+        {"role": "developer", "content": "Always answer in French."},
+        {"role": "user", "content": "hi"},
+    ]
+    text = chat_render.render(t, messages)
+    assert "<system>Always answer in French." in text and "You are Qwen" not in text
+    t.chat_template = template.replace("'assistant')", "'assistant', 'developer')")
+    if t.chat_template != template:  # a template that knows the role gets it as sent
+        assert "<developer>Always answer in French." in chat_render.render(t, messages)
