@@ -390,6 +390,12 @@ def chat_logprobs(items: list) -> dict[str, Any] | None:
     }
 
 
+def _with_sampled(token: str, logprob: float, alts: list) -> dict[str, float]:
+    top = {t: _logprob(v) for t, v in alts}
+    top.setdefault(token, _logprob(logprob))
+    return top
+
+
 def completion_logprobs(items: list, offset: int = 0) -> dict[str, Any] | None:
     """`text_offset`: where each token starts in the choice's text, the first at `offset`
     (the text earlier chunks of a stream carried)."""
@@ -402,7 +408,8 @@ def completion_logprobs(items: list, offset: int = 0) -> dict[str, Any] | None:
     return {
         "tokens": [t for t, _, _ in items],
         "token_logprobs": [_logprob(lp) for _, lp, _ in items],
-        "top_logprobs": [{t: _logprob(v) for t, v in alts} for _, _, alts in items],
+        # as OpenAI: the sampled token is always among them (up to logprobs + 1 entries)
+        "top_logprobs": [_with_sampled(tok, lp, alts) for tok, lp, alts in items],
         "text_offset": starts,
     }
 
@@ -415,7 +422,9 @@ class Formatter:
         self.kind, self.model, self.echo = kind, model, echo
         self.id = new_id("chatcmpl" if kind == "chat" else "cmpl")
         self.created = int(time.time())
-        self._streamed: dict[int, int] = {}  # characters of text each choice has streamed
+        # characters of token text each choice's streamed logprobs covered (the text itself
+        # may lag behind: a possible stop string or a split character is held back)
+        self._scored: dict[int, int] = {}
 
     def _envelope(self, obj: str, choices: list[dict], extra: dict | None = None) -> dict:
         out = {
@@ -451,12 +460,12 @@ class Formatter:
             return self._envelope("chat.completion.chunk", [choice])
         if first:
             text = self.echo + text
-        offset = self._streamed.get(index, 0)
-        self._streamed[index] = offset + len(text)
+        offset = self._scored.get(index, len(self.echo))
+        self._scored[index] = offset + sum(len(tok) for tok, _, _ in logprobs or ())
         choice = {
             "index": index,
             "text": text,
-            "logprobs": completion_logprobs(logprobs, offset + (len(self.echo) if first else 0)),
+            "logprobs": completion_logprobs(logprobs, offset),
             "finish_reason": finish,
         }
         return self._envelope("text_completion", [choice])

@@ -248,6 +248,17 @@ def test_completion_text_offsets_and_echo_whole_and_streamed():
     assert first["logprobs"]["text_offset"] + rest["logprobs"]["text_offset"] == [6, 10, 15]
     plain = protocol.Formatter("completion", "m").chunk(0, "Once", tokens[:1], None, True)
     assert plain["choices"][0]["logprobs"]["text_offset"] == [0]
+    # text held back (a possible stop string): the scores go ahead, their offsets stay right
+    fmt = protocol.Formatter("completion", "m")
+    first = fmt.chunk(0, "", tokens[:1], None, True)["choices"][0]
+    rest = fmt.chunk(0, "Once upon a", tokens[1:], "length", False)["choices"][0]
+    assert first["logprobs"]["text_offset"] + rest["logprobs"]["text_offset"] == [0, 4, 9]
+
+
+def test_completion_top_logprobs_hold_the_sampled_token():
+    tokens = [("Once", -0.1, [("Twice", -0.05)]), (" upon", -0.2, [(" upon", -0.2)])]
+    got = protocol.completion_logprobs(tokens)["top_logprobs"]
+    assert got == [{"Twice": -0.05, "Once": -0.1}, {" upon": -0.2}]
 
 
 def test_known_parameters_asked_as_null_or_best_of_n_are_fine():
