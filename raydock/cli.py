@@ -42,7 +42,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from raydock.platform.db import DatabaseRefused
 
     settings = _settings(args)
-    settings.home_path.mkdir(parents=True, exist_ok=True)
+    # the data dir holds the database, uploads and weights: owner-only (Ray's workers, which
+    # write them, inherit the umask from here)
+    os.umask(0o077)
+    settings.home_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     _check_database(settings)  # before Ray starts: one line and exit 1 when it cannot be used
     connect(settings)
     try:

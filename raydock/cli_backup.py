@@ -24,6 +24,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     part = dest.with_name(dest.name + ".part")
     # the archive holds the platform key and sealed secrets: owner-only from the start
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies to a new file only, not a leftover .part
     try:
         with (
             os.fdopen(fd, "wb") as out,

@@ -376,9 +376,21 @@ async def create_key(deploymentId: str, body: schemas.KeyCreate, user: User) -> 
     """Create an inference key for this deployment, with optional rate limits and a daily
     token budget. `apiKey` is shown only in this response."""
     limits = body.limits.model_dump() if body.limits else None
+    _limits_need_metering(limits)
     return await ctx.registry.create_deployment_key.remote(
         deploymentId, body.name, user["userId"], limits
     )
+
+
+def _limits_need_metering(limits: dict[str, Any] | None) -> None:
+    """Replicas enforce a key's limits from what they meter: without metering they would be
+    shown and never applied."""
+    if not ctx.settings.metering and any(v is not None for v in (limits or {}).values()):
+        raise ApiError(
+            409,
+            "limits: key limits need metering, which is off on this platform (metering: false)",
+            "limits",
+        )
 
 
 @router.patch("/deployments/{deploymentId}/api-keys/{keyId}", tags=["api keys"])
@@ -386,9 +398,9 @@ async def update_key(
     deploymentId: str, keyId: str, body: schemas.KeyUpdate, _: User
 ) -> dict[str, Any]:
     """Change a key's limits; every replica applies them within a second."""
-    return await ctx.registry.set_key_limits.remote(
-        deploymentId, keyId, body.limits.model_dump(exclude_unset=True)
-    )
+    limits = body.limits.model_dump(exclude_unset=True)
+    _limits_need_metering(limits)
+    return await ctx.registry.set_key_limits.remote(deploymentId, keyId, limits)
 
 
 BODY_MODELS["update_key"] = schemas.KeyUpdate

@@ -16,6 +16,7 @@ from ray import serve
 
 from raydock import names
 from raydock.config import Settings, SettingsError
+from raydock.platform import security
 from raydock.platform.access_hub import AccessHub
 from raydock.platform.db import DatabaseRefused
 from raydock.platform.lifecycle import Lifecycle
@@ -172,7 +173,7 @@ def start_platform(settings: Settings) -> dict[str, Any]:
         path.mkdir(parents=True, exist_ok=True)
     cfg = settings.to_dict()
     registry = _registry(settings)
-    admin_key = _first_call(registry.ensure_admin.remote(os.environ.get("RAYDOCK_ADMIN_KEY")))
+    admin_key = _first_call(registry.ensure_admin.remote(_chosen_admin_key()))
     # Serve first: the lifecycle's first pass may restore deployments, which would otherwise
     # start Serve with its default HTTP options
     serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -212,6 +213,13 @@ def _check_secret_key_on_head() -> None:
         f"RAYDOCK_SECRET_KEY {problem}; on a cluster raydock joins, set the same value in both "
         "(or in neither: the data dir's key file is used)"
     )
+
+
+def _chosen_admin_key() -> str | None:
+    chosen = os.environ.get("RAYDOCK_ADMIN_KEY") or None
+    if chosen and (problem := security.chosen_key_problem(chosen)):
+        raise SettingsError(problem)
+    return chosen
 
 
 def stop_platform(own_cluster: bool = True) -> None:

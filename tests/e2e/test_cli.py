@@ -204,6 +204,11 @@ def test_raydock_up_serves_and_raydock_down_stops_it(platform, tmp_path):
         me = httpx.get(f"{url}/api/public/me", headers={"X-api-key": key}, timeout=30)
         assert me.status_code == 200 and me.json()["isAdmin"], me.text
         assert httpx.get(f"{url}/api/public/me", timeout=30).status_code == 401
+        # the data dir and the database in it are the owner's only
+        assert (home.stat().st_mode & 0o777, (home / "raydock.db").stat().st_mode & 0o777) == (
+            0o700,
+            0o600,
+        )
 
         down = raydock("down", "--home", str(home), timeout=240)
         assert down.returncode == 0 and "raydock stopped" in down.stdout, down

@@ -86,3 +86,52 @@ def test_an_exports_file_name_holds_no_path():
     assert export_file_stem("../../etc/passwd") == "etc_passwd"
     assert export_file_stem("C:\\models\\llama 3") == "C_models_llama_3"
     assert export_file_stem("/..") == "model" and export_file_stem("modèle") == "modèle"
+
+
+def test_key_limits_are_refused_when_metering_is_off(api, tmp_path: Path, monkeypatch):
+    """Replicas enforce limits from what they meter: without metering a limit was accepted,
+    listed, and never applied."""
+    from raydock.client import default_deploy_body
+    from raydock.config import load_settings
+
+    reg, admin_key = api
+    user = reg.authenticate_management(admin_key)["userId"]
+    model = reg.create_model("m", "file", user)
+    reg.set_model_status(model["modelId"], "VALIDATING")
+    reg.set_model_status(model["modelId"], "READY", artifact_uri="/x", checksum="c")
+    dep = reg.create_deployment(model["modelId"], default_deploy_body("d"), user)
+    off = load_settings(home=str(tmp_path), metering=False)
+    monkeypatch.setattr(api_deps.ctx, "settings", off, raising=False)
+    url = f"/public/deployments/{dep['deploymentId']}/api-keys"
+    with TestClient(app) as http:
+        h = {"X-api-key": admin_key}
+        r = http.post(url, json={"name": "k", "limits": {"tokensPerDay": 1000}}, headers=h)
+        assert r.status_code == 409 and "metering" in r.text and "limits" in r.text, r.text
+        r = http.post(url, json={"name": "k"}, headers=h)
+        assert r.status_code == 201, r.text
+        key_id = r.json()["keyId"]
+        r = http.patch(f"{url}/{key_id}", json={"limits": {"tokensPerDay": 5}}, headers=h)
+        assert r.status_code == 409, r.text
+        r = http.patch(f"{url}/{key_id}", json={"limits": {"tokensPerDay": None}}, headers=h)
+        assert r.status_code == 200, r.text
+
+
+def test_a_chosen_admin_key_must_be_long():
+    from raydock.platform import security
+
+    assert security.chosen_key_problem("admin")
+    assert security.chosen_key_problem(" " + "k" * 40)
+    assert security.chosen_key_problem(security.new_key(security.MANAGEMENT_PREFIX)) is None
+
+
+def test_raydock_up_refuses_a_short_chosen_admin_key(monkeypatch):
+    import pytest
+
+    from raydock.config import SettingsError
+    from raydock.platform import bootstrap
+
+    monkeypatch.setenv("RAYDOCK_ADMIN_KEY", "admin")
+    with pytest.raises(SettingsError, match="RAYDOCK_ADMIN_KEY must be at least 32"):
+        bootstrap._chosen_admin_key()
+    monkeypatch.setenv("RAYDOCK_ADMIN_KEY", "rdm-" + "x" * 43)
+    assert bootstrap._chosen_admin_key() == "rdm-" + "x" * 43
