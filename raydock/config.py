@@ -48,6 +48,7 @@ class Settings:
     smtp_username: str = ""
     smtp_password: str = field(default="", repr=False)  # never in a repr or a log line
     smtp_starttls: bool = False
+    smtp_ssl: bool = False  # TLS from the first byte (port 465) instead of STARTTLS
     notify_emails: str = ""  # comma-separated addresses told of every event
     webhook_url: str = ""  # platform-wide webhook; empty: none
     webhook_secret: str = field(default="", repr=False)
@@ -166,6 +167,11 @@ def load_settings(**overrides: Any) -> Settings:
         if not low <= value <= high:
             raise SettingsError(f"setting {name} is {value}; it must be between {low} and {high}")
     allowed_networks(settings.webhook_allowed_networks)  # a typo refused at start
+    if settings.smtp_username and not (settings.smtp_starttls or settings.smtp_ssl):
+        raise SettingsError(
+            "smtp_username is set but neither smtp_starttls nor smtp_ssl: the password would "
+            "cross the network in clear text"
+        )
     return settings
 
 

@@ -467,9 +467,14 @@ class Notifier:
     def _send_email(self, event: dict[str, Any], to: str, delivery_id: str) -> None:
         s = self.settings
         msg = email_message(event, s.smtp_from, to, delivery_id)
-        with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=TIMEOUT_S) as smtp:
-            if s.smtp_starttls:
-                smtp.starttls(context=ssl.create_default_context())
+        tls = ssl.create_default_context()
+        if s.smtp_ssl:
+            session = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, timeout=TIMEOUT_S, context=tls)
+        else:
+            session = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=TIMEOUT_S)
+        with session as smtp:
+            if s.smtp_starttls and not s.smtp_ssl:
+                smtp.starttls(context=tls)
             if s.smtp_username:
                 smtp.login(s.smtp_username, s.smtp_password)
             smtp.send_message(msg)

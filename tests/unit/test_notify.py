@@ -153,6 +153,13 @@ def test_settings_from_yaml_and_environment(monkeypatch):
     assert "do-not-log" not in repr(s)  # secrets stay out of reprs (and so of logs)
 
 
+def test_an_smtp_login_needs_tls():
+    with pytest.raises(SettingsError, match="smtp_username is set but neither smtp_starttls"):
+        load_settings(smtp_host="mail.test", smtp_username="raydock", smtp_password="pw")
+    for tls in ({"smtp_starttls": True}, {"smtp_ssl": True, "smtp_port": 465}):
+        assert load_settings(smtp_host="mail.test", smtp_username="raydock", **tls).smtp_username
+
+
 def test_delivery_targets_hide_credentials():
     assert notify.display_target("ana@example.test") == "ana@example.test"
     slack = "https://hooks.slack.com/services/T0/B0/SeCrEt"  # the path is the token
