@@ -1,4 +1,4 @@
-"""`raydock models|deployments|keys|jobs|history|usage`: the management API's resources from
+"""`raydock models|deployments|keys|users|jobs|history|usage`: the management API's resources from
 the command line, each with `-o table|json|yaml` and `--url`/`--key` (else RAYDOCK_URL /
 RAYDOCK_API_KEY). The API decides everything; these commands only call it and print.
 Errors are one line (the API's message) with exit status 1 (raydock/cli.py's `main`)."""
@@ -246,6 +246,38 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+USER_COLUMNS: Columns = [
+    ("ID", lambda u: u["userId"]),
+    ("NAME", lambda u: u["name"]),
+    ("EMAIL", lambda u: u["email"]),
+    ("ADMIN", lambda u: "yes" if u["isAdmin"] else "no"),
+    ("KEYS", lambda u: u["managementKeys"]),
+    ("CREATED", lambda u: u["createdAt"]),
+]
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    client = _client(args)
+    if args.action == "list":
+        emit(client.get("/users"), args.output, USER_COLUMNS, "users")
+        return 0
+    if args.action == "create":
+        if not args.id:
+            raise SystemExit("raydock: users create needs the user's name")
+        body = {"name": args.id, "email": args.email, "isAdmin": args.admin}
+        shown = client.post("/users", json=body)
+    elif not args.id:
+        raise SystemExit(f"raydock: users {args.action} needs a user id (rotate-key: or me)")
+    elif args.action == "delete":
+        shown = client.delete(f"/users/{args.id}")
+    else:
+        shown = client.post(f"/users/{args.id}/rotate-key")
+    emit(shown, args.output)
+    if "apiKey" in shown and args.output == "table":
+        print("the management key is shown once: store it now", file=sys.stderr)
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     client = _client(args)
     job = client.get(f"/dock-status/{args.id}")
@@ -339,6 +371,13 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--requests-per-minute", type=int)
     p.add_argument("--tokens-per-minute", type=int)
     p.add_argument("--tokens-per-day", type=int)
+
+    p = add("users", cmd_users, "users (admin): list | create NAME | delete ID | rotate-key ID|me")
+    _common(p)
+    p.add_argument("action", choices=["list", "create", "delete", "rotate-key"])
+    p.add_argument("id", nargs="?", help="create: the name; delete, rotate-key: the user's id")
+    p.add_argument("--email", help="create: the user's email (notifications)")
+    p.add_argument("--admin", action="store_true", help="create: an admin")
 
     p = add("jobs", cmd_jobs, "a job's dock status (imports, exports, deploys)")
     _common(p)

@@ -115,6 +115,32 @@ async def create_user(
     )
 
 
+@router.get("/users", tags=["platform"])
+async def list_users(_: Annotated[dict, Depends(admin_user)]) -> dict[str, Any]:
+    """Every user and how many management keys they hold (an admin's view)."""
+    users = await ctx.registry.list_users.remote()
+    return {"users": users, "total": len(users)}
+
+
+@router.delete("/users/{userId}", tags=["platform"])
+async def delete_user(userId: str, admin: Annotated[dict, Depends(admin_user)]) -> dict[str, Any]:
+    """Remove a user: their management keys stop working at once, with every dashboard
+    session begun with them, and their webhook goes; what they created stays. Not yourself
+    (409): so an admin always remains."""
+    return await ctx.registry.delete_user.remote(userId, admin["userId"])
+
+
+@router.post("/users/{userId}/rotate-key", tags=["platform"])
+async def rotate_management_key(userId: str, user: User) -> dict[str, Any]:
+    """A new management key (shown once) in place of the user's keys, which stop working at
+    once with their dashboard sessions (a leaked key, someone leaving). An admin rotates
+    anyone's; every user their own (`me`)."""
+    target = user["userId"] if userId == "me" else userId
+    if target != user["userId"] and not user["isAdmin"]:
+        raise ApiError(403, "only an admin may rotate another user's key")
+    return await ctx.registry.rotate_management_key.remote(target, user["userId"])
+
+
 # ------------------------------------------------------------------ models
 
 

@@ -245,6 +245,56 @@ class Registry:
             s.add(row)
             return {**views.user(u), "apiKey": key, "keyId": row.id}
 
+    def list_users(self) -> list[dict[str, Any]]:
+        """Every user, with how many management keys they hold (never the keys)."""
+        with self._tx() as s:
+            counts = dict(
+                s.execute(
+                    select(db.ApiKey.user_id, func.count())
+                    .where(db.ApiKey.scope == "management")
+                    .group_by(db.ApiKey.user_id)
+                ).all()
+            )
+            users = s.scalars(select(db.User).order_by(db.User.created_at, db.User.id))
+            return [views.user(u) | {"managementKeys": counts.get(u.id, 0)} for u in users]
+
+    def _user(self, s: Session, user_id: str) -> db.User:
+        u = s.get(db.User, user_id)
+        if u is None:
+            raise NotFound(f"user {user_id} not found")
+        return u
+
+    def _end_management_access(self, s: Session, user_id: str) -> None:
+        """Delete a user's management keys and so every dashboard session begun with them."""
+        s.execute(delete(db.WebSession).where(db.WebSession.user_id == user_id))
+        s.execute(
+            delete(db.ApiKey).where(db.ApiKey.user_id == user_id, db.ApiKey.scope == "management")
+        )
+
+    def delete_user(self, user_id: str, by_user_id: str) -> dict[str, Any]:
+        """Remove a user: their management keys, sessions and webhook go at once; what they
+        created (models, deployments, keys) stays, naming them by id."""
+        with self._tx() as s:
+            u = self._user(s, user_id)
+            if user_id == by_user_id:  # so an admin always remains: the one deleting
+                raise Conflict("you cannot delete yourself; another admin can")
+            self._end_management_access(s, user_id)
+            s.execute(delete(db.UserWebhook).where(db.UserWebhook.user_id == user_id))
+            s.delete(u)
+            return {"userId": user_id, "deleted": True}
+
+    def rotate_management_key(self, user_id: str, by_user_id: str) -> dict[str, Any]:
+        """A new management key for the user (shown once); their old keys and the dashboard
+        sessions begun with them stop working at once."""
+        with self._tx() as s:
+            u = self._user(s, user_id)
+            self._end_management_access(s, user_id)
+            s.flush()
+            key = security.new_key(security.MANAGEMENT_PREFIX)
+            row = self._key_row(key, f"{u.name} (management)", "management", None, u.id, by_user_id)
+            s.add(row)
+            return {**views.user(u), "apiKey": key, "keyId": row.id}
+
     def authenticate_management(self, key: str) -> dict[str, Any] | None:
         with self._tx() as s:
             row = s.scalar(select(db.ApiKey).where(db.ApiKey.key_hash == security.hash_key(key)))

@@ -105,3 +105,46 @@ def test_a_bearer_key_is_taken_whatever_the_case_of_its_scheme(client):
         assert client.get("/public/models", headers=headers).status_code == 200, scheme
     for wrong in (f"Basic {client.admin_key}", f"Bearer{client.admin_key}", "Bearer "):
         assert client.get("/public/models", headers={"authorization": wrong}).status_code == 401
+
+
+def test_a_users_keys_can_be_rotated_and_the_user_deleted(client):
+    """A leaked key, someone leaving: the old key and the dashboard sessions begun with it
+    stop working at once."""
+    admin = {"X-api-key": client.admin_key}
+    bob = client.post("/public/users", json={"name": "bob"}, headers=admin).json()
+    old = {"X-api-key": bob["apiKey"]}
+    assert client.get("/public/users", headers=old).status_code == 403  # admins only
+    listed = client.get("/public/users", headers=admin).json()["users"]
+    assert [(u["name"], u["managementKeys"]) for u in listed] == [("admin", 1), ("bob", 1)]
+    assert "apiKey" not in str(listed) and bob["apiKey"] not in str(listed)
+
+    # bob's dashboard session, begun with the key about to be rotated
+    client.post("/public/session", json={"apiKey": bob["apiKey"]})
+    assert client.get("/public/session").status_code == 200
+    other = client.post(f"/public/users/{listed[0]['userId']}/rotate-key", headers=old)
+    assert other.status_code == 403  # not someone else's
+    new = client.post("/public/users/me/rotate-key", headers=old).json()
+    assert new["userId"] == bob["userId"] and new["apiKey"] != bob["apiKey"]
+    assert client.get("/public/me", headers=old).status_code == 401
+    assert client.get("/public/session").json().get("signedIn") is not True
+    client.cookies.clear()
+    assert client.get("/public/me", headers={"X-api-key": new["apiKey"]}).status_code == 200
+
+    # an admin rotates anyone's; then removes bob: his key stops working
+    again = client.post(f"/public/users/{bob['userId']}/rotate-key", headers=admin).json()
+    assert client.get("/public/me", headers={"X-api-key": new["apiKey"]}).status_code == 401
+    assert client.delete(f"/public/users/{bob['userId']}", headers=admin).json()["deleted"]
+    assert client.get("/public/me", headers={"X-api-key": again["apiKey"]}).status_code == 401
+    assert client.delete(f"/public/users/{bob['userId']}", headers=admin).status_code == 404
+
+
+def test_nobody_deletes_themselves_so_an_admin_remains(client):
+    admin = {"X-api-key": client.admin_key}
+    me = client.get("/public/me", headers=admin).json()
+    r = client.delete(f"/public/users/{me['userId']}", headers=admin)
+    assert r.status_code == 409 and "yourself" in r.text
+    ops = client.post("/public/users", json={"name": "ops", "isAdmin": True}, headers=admin)
+    ops_key = {"X-api-key": ops.json()["apiKey"]}
+    assert client.delete(f"/public/users/{me['userId']}", headers=ops_key).json()["deleted"]
+    r = client.delete(f"/public/users/{ops.json()['userId']}", headers=ops_key)
+    assert r.status_code == 409
