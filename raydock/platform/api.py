@@ -166,7 +166,13 @@ async def update_model(modelId: str, body: schemas.ModelUpdate, _: User) -> dict
 @router.delete("/models/{modelId}", tags=["models"])
 async def delete_model(modelId: str, _: User) -> dict[str, Any]:
     model = await ctx.registry.delete_model.remote(modelId)
-    await asyncio.to_thread(_delete_artifacts, model)
+    try:
+        await asyncio.to_thread(_delete_artifacts, model)
+    except Exception as exc:  # the model is gone: its files are retention's to delete
+        log.warning(
+            "model %s deleted; its files stay until retention's next pass: %r", modelId, exc
+        )
+        return {"deleted": True, "modelId": modelId, "filesLeft": retention.FILES_LEFT}
     return {"deleted": True, "modelId": modelId}
 
 

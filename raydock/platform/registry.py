@@ -576,6 +576,11 @@ class Registry:
         with self._tx() as s:
             return list(s.scalars(select(db.DockStatus.id).where(db.DockStatus.id.in_(job_ids))))
 
+    def existing_models(self, model_ids: list[str]) -> list[str]:
+        """Which of these models are still recorded (retention deletes a deleted one's files)."""
+        with self._tx() as s:
+            return list(s.scalars(select(db.Model.id).where(db.Model.id.in_(model_ids))))
+
     def orphan_jobs(self, running: list[str], grace_s: float) -> list[dict[str, Any]]:
         """Jobs IN_PROGRESS that no worker runs: not in `running` (the lifecycle's own) and
         older than `grace_s` (a job the API just created is handed to the lifecycle next)."""

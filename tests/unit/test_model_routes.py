@@ -135,3 +135,36 @@ def test_raydock_up_refuses_a_short_chosen_admin_key(monkeypatch):
         bootstrap._chosen_admin_key()
     monkeypatch.setenv("RAYDOCK_ADMIN_KEY", "rdm-" + "x" * 43)
     assert bootstrap._chosen_admin_key() == "rdm-" + "x" * 43
+
+
+def test_a_delete_the_store_fails_is_done_and_retention_removes_the_files(
+    api, tmp_path: Path, monkeypatch
+):
+    """The store refused (an S3 503) after the model's row was deleted: the answer was a 500
+    for a delete that happened, and nothing ever removed the files."""
+    from raydock.artifacts.store import LocalStore
+
+    reg, admin_key = api
+    uid = reg.authenticate_management(admin_key)["userId"]
+    model_id = reg.create_model("m", "file", uid)["modelId"]
+    store = api_deps.ctx.settings.store()
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    store.put_file(weights, f"{model_key(model_id)}/w.safetensors")
+    real_delete = LocalStore.delete
+
+    def refuse(self, key):
+        raise OSError("the store is unavailable")
+
+    monkeypatch.setattr(LocalStore, "delete", refuse)
+    with TestClient(app) as http:
+        r = http.delete(f"/public/models/{model_id}", headers={"X-api-key": admin_key})
+        assert r.status_code == 200 and r.json()["filesLeft"] == retention.FILES_LEFT, r.text
+        assert (
+            http.get(f"/public/models/{model_id}", headers={"X-api-key": admin_key}).status_code
+            == 404
+        )
+    assert store.list(model_key(model_id))
+    monkeypatch.setattr(LocalStore, "delete", real_delete)
+    gone = asyncio.run(retention.prune_once())
+    assert gone["deleted models' files"] == 1 and store.list(model_key(model_id)) == []
