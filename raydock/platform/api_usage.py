@@ -21,7 +21,6 @@ router = APIRouter(prefix="/public")
 
 #: how long a usage read waits for the meter to write what it holds
 FLUSH_WAIT_S = 2.0
-PERIODS = {"minute": 16, "hour": 13, "day": 10}  # characters of the ISO minute kept
 COLUMNS = (
     "period",
     "deploymentId",
@@ -55,33 +54,6 @@ def as_utc(value: datetime | None) -> datetime | None:
         except OverflowError:  # a zone offset past year 1 or 9999: before or after all usage
             value = datetime.min if value.year < 5000 else datetime.max
     return value
-
-
-def group(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
-    """Minute rows summed per period (or over everything: "total"), deployment, adapter, key."""
-    out: dict[tuple, dict[str, Any]] = {}
-    for r in rows:
-        period = "" if by == "total" else r["minute"][: PERIODS[by]]
-        if by == "hour":
-            period += ":00Z"
-        elif by == "minute":
-            period += "Z"
-        key = (period, r["deploymentId"], r["adapterId"], r["keyId"])
-        row = out.get(key)
-        if row is None:
-            row = out[key] = {
-                "period": period or None,
-                **{c: r[c] for c in COLUMNS[1:7]},
-                "requests": 0,
-                "promptTokens": 0,
-                "completionTokens": 0,
-                "totalTokens": 0,
-            }
-        row["requests"] += r["requests"]
-        row["promptTokens"] += r["promptTokens"]
-        row["completionTokens"] += r["completionTokens"]
-        row["totalTokens"] += r["promptTokens"] + r["completionTokens"]
-    return list(out.values())
 
 
 async def _flush_meter() -> None:
@@ -128,7 +100,7 @@ async def usage(
     `usage` reported), with totals; `format=csv` downloads the rows."""
     since, until = as_utc(start), as_utc(end)
     await _flush_meter()
-    rows = group(await ctx.registry.usage_rows.remote(since, until, deploymentId, keyId), groupBy)
+    rows = await ctx.registry.usage_rows.remote(since, until, deploymentId, keyId, groupBy)
     if format == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, COLUMNS)

@@ -71,6 +71,27 @@ def _leave_if_actor(reason: str) -> None:
         os._exit(1)
 
 
+#: a usage row's period, as the API shows it: per database, the minute's text truncated
+_PERIOD_FORMATS = {
+    "sqlite": {"day": "%Y-%m-%d", "hour": "%Y-%m-%dT%H:00Z", "minute": "%Y-%m-%dT%H:%MZ"},
+    "postgresql": {
+        "day": "YYYY-MM-DD",
+        "hour": 'YYYY-MM-DD"T"HH24":00Z"',
+        "minute": 'YYYY-MM-DD"T"HH24:MI"Z"',
+    },
+}
+
+
+def _usage_period(dialect: str, by: str) -> Any:
+    """The SQL expression of a usage minute's period (None: "total", no period)."""
+    if by == "total":
+        return None
+    fmt = _PERIOD_FORMATS[dialect][by]
+    if dialect == "sqlite":
+        return func.strftime(fmt, db.Usage.minute)
+    return func.to_char(db.Usage.minute, fmt)
+
+
 class Registry:
     def __init__(
         self, db_url: str, secret_key: bytes | None = None, lease_wait_s: float = LEASE_WAIT_S
@@ -1023,24 +1044,49 @@ class Registry:
         end: datetime | None = None,
         deployment_id: str | None = None,
         key_id: str | None = None,
+        by: str = "minute",
     ) -> list[dict[str, Any]]:
-        """Stored usage minutes in [start, end), with the names of keys and deployments
-        that still exist."""
+        """Stored usage in [start, end) summed per period (`by`: minute, hour, day, or
+        "total": over everything), deployment, adapter and key, by the database itself (a
+        year of a busy key's minutes read into this actor blocked it for seconds), with the
+        names of keys, deployments and adapters that still exist."""
+        U = db.Usage
         with self._tx() as s:
-            q = select(db.Usage)
+            period = _usage_period(s.bind.dialect.name, by)
+            columns = [U.deployment_id, U.adapter_id, U.key_id]
+            sums = [func.sum(U.requests), func.sum(U.prompt_tokens), func.sum(U.completion_tokens)]
+            grouping = columns if period is None else [period, *columns]
+            q = select(*grouping, *sums)
             if start is not None:
-                q = q.where(db.Usage.minute >= start)
+                q = q.where(U.minute >= start)
             if end is not None:
-                q = q.where(db.Usage.minute < end)
+                q = q.where(U.minute < end)
             if deployment_id:
-                q = q.where(db.Usage.deployment_id == deployment_id)
+                q = q.where(U.deployment_id == deployment_id)
             if key_id:
-                q = q.where(db.Usage.key_id == key_id)
-            rows = s.scalars(q.order_by(db.Usage.minute)).all()
-            keys = {k.id: k.name for k in s.scalars(select(db.ApiKey))}
-            deps = {d.id: d.name for d in s.scalars(select(db.Deployment))}
-            adapters = {a.id: a.name for a in s.scalars(select(db.Model))}
-            return [views.usage(r, deps, adapters, keys) for r in rows]
+                q = q.where(U.key_id == key_id)
+            found = s.execute(q.group_by(*grouping).order_by(*grouping)).all()
+            rows = [(None, *r) if period is None else tuple(r) for r in found]
+            names_of = self._names_of(s, rows)
+            return [views.usage(r, *names_of) for r in rows]
+
+    @staticmethod
+    def _names_of(s: Session, rows: list[tuple]) -> tuple[dict[str, str], ...]:
+        """Names of the deployments, adapters and keys these usage rows name."""
+
+        def names(model: Any, ids: set[str]) -> dict[str, str]:
+            ids.discard("")
+            if not ids:
+                return {}
+            return {
+                i: n for i, n in s.execute(select(model.id, model.name).where(model.id.in_(ids)))
+            }
+
+        return (
+            names(db.Deployment, {r[1] for r in rows}),
+            names(db.Model, {r[2] for r in rows}),
+            names(db.ApiKey, {r[3] for r in rows}),
+        )
 
     def tokens_since(self, start: datetime) -> dict[str, int]:
         """Tokens each key used since `start` (a restarted meter's daily budgets)."""

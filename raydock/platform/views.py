@@ -166,17 +166,24 @@ def connection(c: db.HfConnection, users: dict[str, str] | None = None) -> dict[
 
 
 def usage(
-    u: db.Usage, deployments: dict[str, str], adapters: dict[str, str], keys: dict[str, str]
+    row: tuple,
+    deployments: dict[str, str],
+    adapters: dict[str, str],
+    keys: dict[str, str],
 ) -> dict[str, Any]:
+    """(period, deployment, adapter, key, requests, prompt, completion tokens) summed."""
+    period, deployment_id, adapter_id, key_id, requests, prompt, completion = row
+    prompt, completion = int(prompt or 0), int(completion or 0)
     return {
-        "minute": iso(u.minute),
-        "deploymentId": u.deployment_id,
-        "deploymentName": deployments.get(u.deployment_id),
-        "adapterId": u.adapter_id or None,
-        "adapterName": adapters.get(u.adapter_id) if u.adapter_id else None,
-        "keyId": u.key_id,
-        "keyName": keys.get(u.key_id),
-        "requests": u.requests,
-        "promptTokens": u.prompt_tokens,
-        "completionTokens": u.completion_tokens,
+        "period": period,
+        "deploymentId": deployment_id,
+        "deploymentName": deployments.get(deployment_id),
+        "adapterId": adapter_id or None,
+        "adapterName": adapters.get(adapter_id) if adapter_id else None,
+        "keyId": key_id,
+        "keyName": keys.get(key_id),
+        "requests": int(requests or 0),
+        "promptTokens": prompt,
+        "completionTokens": completion,
+        "totalTokens": prompt + completion,
     }

@@ -500,3 +500,32 @@ def test_retention_cutoffs_follow_the_settings():
     assert cutoffs(settings, now) == {"usage": month, "deliveries": None, "jobs": quarter}
     with pytest.raises(SettingsError, match="usage_retention_days is -1; it must be between 0"):
         load_settings(usage_retention_days=-1)
+
+
+def test_usage_is_summed_per_period_by_the_database(reg):
+    """Per day, hour, minute or in total, on SQLite and PostgreSQL alike (the grouping was
+    done in the registry actor, over every stored minute)."""
+    reg, dep_id, key = _registry_with_key(reg)
+    t = int(datetime(2026, 12, 1, 8, 5, tzinfo=UTC).timestamp())
+    reg.record_usage(
+        [
+            (t, dep_id, "", key["keyId"], 1, 10, 1),
+            (t + 60, dep_id, "", key["keyId"], 2, 20, 2),  # the same hour
+            (t + 3600, dep_id, "", key["keyId"], 4, 40, 4),  # the next hour, same day
+            (t + 86_400, dep_id, "", key["keyId"], 8, 80, 8),  # the next day
+        ]
+    )
+
+    def summed(by: str) -> list[tuple]:
+        return [(r["period"], r["requests"], r["totalTokens"]) for r in reg.usage_rows(by=by)]
+
+    assert summed("day") == [("2026-12-01", 7, 77), ("2026-12-02", 8, 88)]
+    assert summed("hour") == [
+        ("2026-12-01T08:00Z", 3, 33),
+        ("2026-12-01T09:00Z", 4, 44),
+        ("2026-12-02T08:00Z", 8, 88),
+    ]
+    assert summed("minute")[:2] == [("2026-12-01T08:05Z", 1, 11), ("2026-12-01T08:06Z", 2, 22)]
+    assert summed("total") == [(None, 15, 165)]
+    (row,) = reg.usage_rows(by="total")
+    assert (row["keyName"], row["deploymentName"], row["adapterId"]) == ("k", "d", None)
