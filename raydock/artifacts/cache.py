@@ -8,6 +8,7 @@ processes, so one file lock per digest makes concurrent fetches share one downlo
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -15,7 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ class NodeCache:
     """Fetches artifacts into root/<digest> once per node and evicts the least recently used.
 
     max_bytes (0 = unlimited) bounds the total size of complete entries; an entry being
-    fetched by anyone (its lock held), or held by a process that serves it (`hold`: a shared
-    lock on .locks/<digest>.use for that process's life), is never evicted.
+    fetched by anyone (its lock held), or held (a shared lock on .locks/<digest>.use: for a
+    serving process's life with `fetch(hold=True)`, for a task's reading with `held`), is
+    never evicted.
     """
 
     def __init__(self, root: Path | str, max_bytes: int = 0) -> None:
@@ -70,26 +72,62 @@ class NodeCache:
 
         ArtifactError from the store propagates unchanged, leaving no entry behind.
         """
+        entry, shared = self._fetch(store, prefix, digest, progress, share=hold)
+        if shared is not None:
+            path = str(self._in_use(digest))
+            if path in _HELD:  # one lock per entry is enough for the process's life
+                os.close(shared)
+            else:
+                _HELD[path] = shared
+        return entry
+
+    @contextlib.contextmanager
+    def held(
+        self,
+        store: ArtifactStore,
+        prefix: str,
+        digest: str,
+        progress: Progress | None = None,
+    ) -> Iterator[Path]:
+        """`fetch`, and keep the entry from eviction until the block ends: for a task that
+        reads it while other fetches on the node run (a merge fetches the adapter after its
+        base; other tasks and replicas fetch beside a conversion)."""
+        entry, shared = self._fetch(store, prefix, digest, progress, share=True)
+        try:
+            yield entry
+        finally:
+            os.close(shared)  # releases the shared lock: evictable again
+
+    def _fetch(
+        self,
+        store: ArtifactStore,
+        prefix: str,
+        digest: str,
+        progress: Progress | None,
+        share: bool,
+    ) -> tuple[Path, int | None]:
+        """`fetch`; `share`: also return a descriptor holding a shared lock on the entry's
+        in-use file (None otherwise), which keeps eviction away until it is closed."""
         if not is_sha256(digest):
             raise ValueError(f"cache digest {digest!r}: not a sha256 hex digest")
         entry = self.root / digest
         marker = self._marker(digest)
+        shared = None
         with self._lock(digest):
             if not marker.is_file():
                 self._download(store, prefix, digest, progress)
             _touch(marker)
-            if hold:  # taken with the fetch lock held: no eviction can come in between
-                self._hold(digest)
-        if self.max_bytes > 0:
-            self._evict(self.max_bytes, keep=digest)
-        return entry
-
-    def _hold(self, digest: str) -> None:
-        path = str(self._in_use(digest))
-        if path not in _HELD:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            _HELD[path] = fd
+            if share:  # taken with the fetch lock held: no eviction can come in between
+                shared = os.open(self._in_use(digest), os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(shared, fcntl.LOCK_SH)
+        try:
+            if self.max_bytes > 0:
+                self._evict(self.max_bytes, keep=digest)
+        except BaseException:
+            if shared is not None:
+                os.close(shared)
+            raise
+        return entry, shared
 
     def _unused(self, digest: str) -> int | None:
         """An exclusive lock on the entry's in-use file (None: a process holds it)."""
@@ -162,7 +200,7 @@ class NodeCache:
             except Timeout:
                 continue  # someone is fetching (or evicting) it
             unused = self._unused(e["digest"])
-            if unused is None:  # a replica serves it
+            if unused is None:  # a replica serves it, or a task reads it (held)
                 lock.release()
                 continue
             try:
@@ -193,12 +231,22 @@ def fetch_cached(
 
     `artifact` is plain data: the store and cache settings (`Settings.artifact_access()`:
     "store", "endpoint", "cache_dir", "cache_max_bytes") plus the artifact's "prefix" and
-    "digest". Replicas and conversion tasks on any node fetch with it; a replica `hold`s
-    what it serves (NodeCache.fetch).
+    "digest". Replicas and tasks on any node fetch with it; a replica `hold`s what it
+    serves (NodeCache.fetch), a task reads in a `held_cached` block.
     """
     store = open_store(artifact["store"], artifact["endpoint"] or None)
     cache = NodeCache(Path(artifact["cache_dir"]).expanduser(), artifact["cache_max_bytes"])
     return cache.fetch(store, artifact["prefix"], artifact["digest"], progress, hold)
+
+
+@contextlib.contextmanager
+def held_cached(artifact: Mapping[str, Any], progress: Progress | None = None) -> Iterator[Path]:
+    """`fetch_cached` for a task: the directory is not evicted while the block runs
+    (NodeCache.held), so later fetches on the node cannot remove what the task reads."""
+    store = open_store(artifact["store"], artifact["endpoint"] or None)
+    cache = NodeCache(Path(artifact["cache_dir"]).expanduser(), artifact["cache_max_bytes"])
+    with cache.held(store, artifact["prefix"], artifact["digest"], progress) as path:
+        yield path
 
 
 def _touch(path: Path) -> None:

@@ -14,10 +14,13 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from raydock.platform.model_archive import (
     _SAFETENSORS_DTYPE_BITS,
@@ -35,6 +38,11 @@ from raydock.platform.model_archive import (
 #: by design: 4 to 256 in practice; alphas are of the order of the rank).
 MAX_LORA_RANK = 1024
 MAX_LORA_ALPHA = 100_000
+#: Seconds one check may spend matching the adapter's regexes (target_modules, rank_pattern
+#: keys) against the base model's layer names: a hostile pattern such as "(?:.|.)*\d\d"
+#: backtracks for minutes per name, and nothing cancels an import task. Plain patterns take
+#: microseconds per name, so thousands of layers fit in it many times over.
+REGEX_BUDGET_S = 5.0
 _PEFT_PREFIX = "base_model.model."
 # What peft's save_pretrained writes per adapted layer (the adapter name is stripped).
 _LORA_TENSOR = re.compile(
@@ -45,6 +53,32 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _LORA_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 _FLOAT_DTYPES = _LORA_DTYPES | {name for name in _SAFETENSORS_DTYPE_BITS if name.startswith("F")}
 _RESAVE_ADAPTER = "save the adapter again with peft's model.save_pretrained(dir)"
+
+
+class _RegexBudget:
+    """What is left of one check's REGEX_BUDGET_S. Patterns are matched with the regex
+    module, whose matches can time out (Python's re cannot be interrupted); its syntax and
+    matching are re's (VERSION0), and validation still compiles with re, as peft does."""
+
+    def __init__(self) -> None:
+        self._end = time.monotonic() + REGEX_BUDGET_S
+
+    def match(self, pattern: str, module: str, field: str, shown: str, *, whole: bool) -> bool:
+        """re.fullmatch (``whole``) or re.match of ``pattern`` on ``module``; ``field`` and
+        ``shown`` (the pattern as the user wrote it) name it in errors."""
+        try:
+            left = self._end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            find = regex.fullmatch if whole else regex.match
+            return find(pattern, module, timeout=left) is not None
+        except TimeoutError:
+            raise ArchiveError(
+                f"adapter_config.json {field}: {shown!r} is too slow to match: matching "
+                f"target_modules and rank_pattern against the base model's layer names may "
+                f"take at most {REGEX_BUDGET_S:g} s in all; use a simpler regex without nested "
+                'repeats, or list the layers (e.g. ["q_proj", "v_proj"])'
+            ) from None
 
 
 @dataclass
@@ -112,7 +146,8 @@ def check_adapter_against_base(
     if config.get("fan_in_fan_out") is True:  # GPT-2's Conv1D stores its weight as [in, out]
         base.linear = {m: dims and (dims[1], dims[0]) for m, dims in base.linear.items()}
     adapter_name = config["base_model_name_or_path"]
-    _check_targets_exist(targets, base, adapter_name)
+    budget = _RegexBudget()
+    _check_targets_exist(targets, base, adapter_name, budget)
 
     header = read_safetensors_header(
         adapter_root / "adapter_model.safetensors", "adapter_model.safetensors"
@@ -150,13 +185,13 @@ def check_adapter_against_base(
             f"*.lora_B.weight tensors); {_RESAVE_ADAPTER}"
         )
     for module, shapes in sorted(parts.items()):
-        if not _is_targeted(module, targets, base):
+        if not _is_targeted(module, targets, base, budget):
             raise ArchiveError(
                 f"adapter_model.safetensors has LoRA weights for {module}, but target_modules "
                 f"in adapter_config.json ({_describe_targets(targets)}) does not name that "
                 f"layer; the config and the weights do not belong together ({_RESAVE_ADAPTER})"
             )
-        effective_rank = _pattern_value(rank_pattern, module, rank)
+        effective_rank = _pattern_value(rank_pattern, module, rank, budget)
         _check_lora_shapes(module, shapes, effective_rank, base, adapter_name)
     leaves = sorted({module.rsplit(".", 1)[-1] for module in parts})
     modules_to_save = config.get("modules_to_save")
@@ -260,24 +295,37 @@ def _lora_pattern(config: dict, key: str, check: Callable[[Any, str], Any]) -> d
         )
     for name, value in pattern.items():
         _compile_target(name, key)
+        # and as peft matches it: some keys fail only there (e.g. "(?i)q_proj" for re)
+        _compile_target(name, key, _pattern_key_regex(name))
         check(value, f"{key!r} entry {name!r}")
     return dict(pattern)
 
 
-def _compile_target(pattern: str, key: str) -> re.Pattern[str]:
+def _compile_target(pattern: str, key: str, matched: str | None = None) -> None:
+    """Refuse ``pattern`` unless re (what peft uses) and regex (what matches here) both read
+    it; ``matched``: the regex built from it, where that is what gets matched."""
+    matched = matched or pattern
     try:
-        return re.compile(pattern)
-    except re.error as e:
+        re.compile(matched)
+        regex.compile(matched)
+    except (re.error, regex.error) as e:
+        how = f" as peft matches it, {matched!r}" if matched != pattern else ""
         raise ArchiveError(
             f"adapter_config.json {key!r} holds {pattern!r}, which is not a valid regular "
-            f"expression ({e})"
+            f"expression{how} ({e})"
         ) from None
 
 
-def _pattern_value(pattern: dict, module: str, default: Any) -> Any:
+def _pattern_key_regex(key: str) -> str:
+    """peft's rule for rank_pattern / alpha_pattern: the key matches the end of the module
+    path, after a dot or from its start."""
+    return rf"(.*\.)?({key})$"
+
+
+def _pattern_value(pattern: dict, module: str, default: Any, budget: _RegexBudget) -> Any:
     """peft's rule: the first key that matches the end of the module path wins."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if budget.match(_pattern_key_regex(key), module, f"rank_pattern.{key}", key, whole=False):
             return value
     return default
 
@@ -300,21 +348,27 @@ def _describe_targets(targets: str | list[str]) -> str:
     return repr(targets) if isinstance(targets, str) else ", ".join(targets)
 
 
-def _is_targeted(module: str, targets: str | list[str], base: _BaseLayers) -> bool:
+def _is_targeted(
+    module: str, targets: str | list[str], base: _BaseLayers, budget: _RegexBudget
+) -> bool:
     """peft's rules: a list names layers by their last path components, a string is a regex
     the whole module path must match, and "all-linear" is every linear layer but lm_head."""
     if targets == "all-linear":
         return module in base.linear and module.rsplit(".", 1)[-1] != "lm_head"
     if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
+        return budget.match(targets, module, "target_modules", targets, whole=True)
     return any(module == t or module.endswith("." + t) for t in targets)
 
 
-def _check_targets_exist(targets: str | list[str], base: _BaseLayers, adapter_name: str) -> None:
+def _check_targets_exist(
+    targets: str | list[str], base: _BaseLayers, adapter_name: str, budget: _RegexBudget
+) -> None:
     modules = base.modules
     names = ", ".join(base.leaf_names())
     if isinstance(targets, str):
-        if targets != "all-linear" and not any(_is_targeted(m, targets, base) for m in modules):
+        if targets != "all-linear" and not any(
+            _is_targeted(m, targets, base, budget) for m in modules
+        ):
             raise ArchiveError(
                 f"adapter_config.json target_modules {targets!r} matches no layer of the base "
                 f"model (its weight layers are {names}); the adapter was made for another "
@@ -322,7 +376,7 @@ def _check_targets_exist(targets: str | list[str], base: _BaseLayers, adapter_na
             )
         return
     for target in targets:
-        if not any(_is_targeted(m, [target], base) for m in modules):
+        if not any(_is_targeted(m, [target], base, budget) for m in modules):
             raise ArchiveError(
                 f"adapter_config.json target_modules names {target!r}, but the base model has "
                 f"no such layer (its weight layers are {names}); the adapter was made for "

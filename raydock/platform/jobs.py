@@ -17,7 +17,8 @@ from typing import Any
 import ray
 
 from raydock import names
-from raydock.artifacts import MANIFEST_NAME, fetch_cached
+from raydock.artifacts import MANIFEST_NAME
+from raydock.artifacts.cache import held_cached
 from raydock.config import Settings
 from raydock.errors import NotFound
 from raydock.platform import views
@@ -170,16 +171,18 @@ def import_model_task(
     try:
         zip_path = _local_copy(job.store, upload_key, work, JobProgress(job_id, 0, 5))
         checksum = sha256_file(zip_path)
-        base_dir = fetch_cached({**base, **cfg.artifact_access()}) if base else None
-        meta = extract_model_archive(
-            zip_path,
-            work / "model",
-            ArchiveLimits.from_settings(cfg),
-            kind=kind,
-            progress=on_progress,
-            base_dir=base_dir,
-            base_name=base and base["name"],
-        )
+        # held while the adapter is checked against it: no fetch on this node evicts it
+        held = held_cached({**base, **cfg.artifact_access()}) if base else contextlib.nullcontext()
+        with held as base_dir:
+            meta = extract_model_archive(
+                zip_path,
+                work / "model",
+                ArchiveLimits.from_settings(cfg),
+                kind=kind,
+                progress=on_progress,
+                base_dir=base_dir,
+                base_name=base and base["name"],
+            )
         return job.finish(work / "model", meta, checksum)
     except Exception as exc:  # any failure ends the import FAILED, store cleaned
         return job.fail(str(exc) if isinstance(exc, ArchiveError) else f"import failed: {exc}")
@@ -264,8 +267,8 @@ def import_hf_task(
         job.mark_validating()
         meta = inspect_model_dir(work / "model", kind=kind, allow_pickle=limits.allow_pickle)
         if base:
-            base_dir = fetch_cached({**base, **cfg.artifact_access()})
-            meta.adapter = check_adapter_against_base(work / "model", base_dir, base["name"])
+            with held_cached({**base, **cfg.artifact_access()}) as base_dir:
+                meta.adapter = check_adapter_against_base(work / "model", base_dir, base["name"])
         return job.finish(work / "model", meta, origin={**origin, "sha": files.sha})
     except (hf.HubError, ArchiveError) as exc:
         return job.fail(str(exc))
@@ -381,10 +384,11 @@ def optimize_model_task(
     if store.exists(f"{prefix}/{MANIFEST_NAME}"):
         progress(1.0, f"reusing the CTranslate2 {ct2.normalize(quantization)} conversion")
         return {"prefix": prefix, "digest": store.read_manifest(prefix).digest, "reused": True}
-    source = fetch_cached({**views.stored_artifact(model), **cfg.artifact_access()})
     work = Path(tempfile.mkdtemp(prefix="raydock-convert-"))
     try:
-        ct2.convert(source, work / "ct2", quantization, progress=progress)
+        # held: other fetches on this node must not evict the source mid-conversion
+        with held_cached({**views.stored_artifact(model), **cfg.artifact_access()}) as source:
+            ct2.convert(source, work / "ct2", quantization, progress=progress)
         manifest = store.put_dir(work / "ct2", prefix)
         return {"prefix": prefix, "digest": manifest.digest, "reused": False}
     finally:
@@ -410,14 +414,16 @@ def merge_adapter_task(
         digest = store.read_manifest(prefix).digest
         return {"prefix": prefix, "digest": digest, "checksum": checksum}
 
-    def fetch(model: dict[str, Any]) -> Path:
+    def fetch(model: dict[str, Any]) -> contextlib.AbstractContextManager[Path]:
         artifact = views.stored_artifact(model)
-        return fetch_cached(artifact | cfg.artifact_access())
+        return held_cached(artifact | cfg.artifact_access())
 
     progress(0.1, "merging the adapter into its base")
     work = Path(tempfile.mkdtemp(prefix="raydock-merge-"))
     try:
-        merge_adapter(fetch(base), fetch(adapter), work / "merged")
+        # held: the adapter's fetch (or any other on this node) must not evict the base
+        with fetch(base) as base_dir, fetch(adapter) as adapter_dir:
+            merge_adapter(base_dir, adapter_dir, work / "merged")
         manifest = store.put_dir(work / "merged", prefix)
         progress(1.0, "adapter merged")
         return {"prefix": prefix, "digest": manifest.digest, "checksum": checksum}

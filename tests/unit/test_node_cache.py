@@ -13,7 +13,7 @@ import pytest
 from filelock import FileLock
 
 from raydock.artifacts import ArtifactCorrupt, ArtifactMissing, LocalStore, NodeCache
-from raydock.artifacts.cache import MARKER_NAME
+from raydock.artifacts.cache import MARKER_NAME, held_cached
 
 PREFIX = "models/m1"
 
@@ -255,3 +255,39 @@ def test_a_model_a_replica_serves_is_not_evicted_while_it_runs(store, tmp_path):
         done.set()
         replica.join(timeout=60)
     assert cache.evict(0) == [a, c]  # its replica has ended: it may go now
+
+
+def test_what_a_task_reads_is_not_evicted_until_its_block_ends(store, tmp_path):
+    """A merge fetches its base, then its adapter: with room for one of them (8,000 bytes for
+    6,000 and 3,000), the adapter's fetch evicted the base the merge was about to read."""
+    base = put_model(store, tmp_path, "models/base", size=6000)
+    adapter = put_model(store, tmp_path, "models/adapter", size=3000)
+    cache = NodeCache(tmp_path / "cache", max_bytes=8000)
+
+    with cache.held(store, "models/base", base) as base_dir:
+        with cache.held(store, "models/adapter", adapter) as adapter_dir:
+            assert (base_dir / "weights" / "model.safetensors").stat().st_size == 6000
+            assert (adapter_dir / "weights" / "model.safetensors").stat().st_size == 3000
+        # a conversion's source: another fetch on the node, by another task, does not take it
+        NodeCache(tmp_path / "cache", max_bytes=8000).fetch(store, "models/adapter", adapter)
+        assert (base_dir / "config.json").read_text() == '{"model_type": "llama"}'
+        assert {e["digest"] for e in cache.entries()} == {base, adapter}
+
+    # the block has ended: the next fetch evicts the least recently used entry again
+    cache.fetch(store, "models/adapter", adapter)
+    assert not (tmp_path / "cache" / base).exists()
+    assert [e["digest"] for e in cache.entries()] == [adapter]
+
+
+def test_held_cached_fetches_through_the_node_cache(store, tmp_path):
+    base = put_model(store, tmp_path, "models/base", size=6000)
+    adapter = put_model(store, tmp_path, "models/adapter", size=3000)
+    access = {"store": store.uri, "endpoint": None, "cache_dir": str(tmp_path / "cache")}
+    access["cache_max_bytes"] = 8000
+    with (
+        held_cached({**access, "prefix": "models/base", "digest": base}) as base_dir,
+        held_cached({**access, "prefix": "models/adapter", "digest": adapter}),
+    ):
+        assert (base_dir / "weights" / "model.safetensors").stat().st_size == 6000
+    assert base_dir == tmp_path / "cache" / base
+    assert NodeCache(tmp_path / "cache").evict(8000) == [base]  # released: evictable
