@@ -900,9 +900,8 @@ class Registry:
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
             if d.status not in DELETABLE_DEPLOYMENT:
-                raise Conflict(
-                    f"deployment is {d.status}; only {sorted(DELETABLE_DEPLOYMENT)} can be deleted"
-                )
+                allowed = ", ".join(sorted(DELETABLE_DEPLOYMENT))
+                raise Conflict(f"deployment is {d.status}; only {allowed} can be deleted")
             self._delete_deployment_rows(s, deployment_id)
 
     def deployments_in(self, statuses: list[str]) -> list[dict[str, Any]]:

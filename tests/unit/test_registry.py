@@ -313,3 +313,17 @@ def test_v1_models_created_is_the_utc_time_on_any_host_timezone(reg, admin, monk
         monkeypatch.delenv("TZ")
         clock.tzset()
     assert before - 1 <= created <= int(clock.time()) + 1
+
+
+def test_a_refused_delete_names_the_states_in_plain_words(reg, admin):
+    from raydock.errors import Conflict
+
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    d = reg.create_deployment(m["modelId"], default_deploy_body("busy"), user["userId"])
+    reg.begin_deploy(d["deploymentId"], None, user["userId"], "DEPLOYING")
+    with pytest.raises(Conflict) as exc:
+        reg.delete_deployment(d["deploymentId"])
+    assert str(exc.value) == (
+        "deployment is DEPLOYING; only FAILED, READY_TO_DEPLOY, UNDEPLOYED can be deleted"
+    )
