@@ -38,10 +38,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     """Start Ray (or join --address), the platform, and stay up until Ctrl-C / `raydock down`."""
     import ray
 
-    from raydock.platform.bootstrap import connect, start_platform, stop_platform
+    from raydock.platform.bootstrap import (
+        check_port_free,
+        connect,
+        start_platform,
+        stop_platform,
+    )
     from raydock.platform.db import DatabaseRefused
 
     settings = _settings(args)
+    if not settings.ray_address:  # a cluster of our own: its proxy binds the port here
+        check_port_free(settings.host, settings.port)
     # the data dir holds the database, uploads and weights: owner-only (Ray's workers, which
     # write them, inherit the umask from here)
     os.umask(0o077)

@@ -105,6 +105,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, before Ray starts, a port something already listens on: Serve's proxy would
+    fail to bind it only after a whole cluster came up, in a long traceback."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise SettingsError(
+                f"port {port} on {host or 'every interface'} is in use ({exc.strerror}): another "
+                "raydock, or another program; choose one with --port or RAYDOCK_PORT"
+            ) from None
+
+
 def _actor(cls, name: str, *args: Any, **options: Any):
     return (
         ray.remote(cls)

@@ -45,6 +45,18 @@ def test_a_killed_registry_is_replaced_and_its_successor_holds_the_lease(platfor
     assert ray.get(registry.ping.remote())
 
 
+def test_a_port_in_use_is_refused_in_one_line_before_anything_starts(platform, tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "RAYDOCK_HOME": str(home), "RAYDOCK_PORT": str(platform.settings.port)}
+    up = subprocess.run(
+        [sys.executable, "-m", "raydock.cli", "up"], env=env, capture_output=True, text=True
+    )
+    assert up.returncode == 1, (up.stdout, up.stderr)
+    (line,) = up.stderr.strip().splitlines()
+    assert f"port {platform.settings.port}" in line and "in use" in line
+    assert not home.exists()  # nothing made
+
+
 def test_a_second_platform_on_the_same_database_is_refused_in_one_line(platform):
     holder = lease_holder(platform)
     env = {
