@@ -109,6 +109,8 @@ def check_port_free(host: str, port: int) -> None:
     """Refuse, before Ray starts, a port something already listens on: Serve's proxy would
     fail to bind it only after a whole cluster came up, in a long traceback."""
     with socket.socket() as s:
+        # as the proxy binds: a port whose last connections are in TIME_WAIT is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
