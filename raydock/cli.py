@@ -472,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
+        print(
+            "raydock: interrupted (an upload in progress was cancelled; a job the platform "
+            "already started goes on: raydock jobs show <id>)",
+            file=sys.stderr,
+        )
+        return 130
     except ApiFailure as exc:  # the server's own message: one line, no traceback
         print(f"raydock: {exc}", file=sys.stderr)
     except httpx.TransportError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -82,19 +83,24 @@ class Client:
         )
         sid = session["sessionId"]
         sent = 0
-        with path.open("rb") as f:
-            for n in range(1, chunks + 1):
-                piece = f.read(chunk_bytes)
-                self._call(
-                    "PUT",
-                    f"/files/session/{sid}/chunks/{n}",
-                    content=piece,
-                    headers={"Content-Type": "application/octet-stream"},
-                )
-                sent += len(piece)
-                if progress:
-                    progress(sent, size)
-        return self.post(f"/files/session/{sid}/complete")
+        try:
+            with path.open("rb") as f:
+                for n in range(1, chunks + 1):
+                    piece = f.read(chunk_bytes)
+                    self._call(
+                        "PUT",
+                        f"/files/session/{sid}/chunks/{n}",
+                        content=piece,
+                        headers={"Content-Type": "application/octet-stream"},
+                    )
+                    sent += len(piece)
+                    if progress:
+                        progress(sent, size)
+            return self.post(f"/files/session/{sid}/complete")
+        except BaseException:  # Ctrl-C, a refusal: the server would keep the chunks a day
+            with contextlib.suppress(Exception):
+                self._call("DELETE", f"/files/session/{sid}")
+            raise
 
     # ---- jobs
     def wait_job(

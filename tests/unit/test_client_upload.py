@@ -1,0 +1,42 @@
+"""The CLI's chunked upload, against the API app in process (no Ray): an upload broken off
+(Ctrl-C, a refusal) deletes its session and chunks on the server, which kept them a day."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from raydock.client import Client
+from raydock.platform import api_deps
+from raydock.platform.api import app
+
+
+def test_ctrl_c_during_an_upload_deletes_its_session(api, tmp_path):
+    reg, admin_key = api
+    archive = tmp_path / "model.zip"
+    archive.write_bytes(b"PK" + b"\0" * 5000)
+    client = Client("http://raydock.test", admin_key)
+    client.http = TestClient(app, base_url="http://raydock.test/public")
+    client.http.headers["X-api-key"] = admin_key
+
+    def interrupt(sent: int, total: int) -> None:
+        if sent < total:  # after the first chunk reached the server
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        client.import_zip(archive, chunked=True, chunk_bytes=1024, progress=interrupt)
+    assert reg.list_upload_sessions() == []
+    uploads = api_deps.ctx.settings.uploads_path
+    assert not uploads.exists() or list(uploads.iterdir()) == []
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from raydock import cli, cli_resources
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_resources, "cmd_models", interrupted)
+    assert cli.main(["models", "list", "--key", "k"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raydock: interrupted"), err
