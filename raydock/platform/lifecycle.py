@@ -151,11 +151,14 @@ class Lifecycle:
             for app in removed:
                 await asyncio.to_thread(serve.delete, app)
             restored = []
+            # a redeploy interrupted while DEPLOYING kept its live version: Serve may hold the
+            # new version's app, so the live one is run again whatever Serve shows
+            kept = set(failed.get("kept", ()))
             for d in active:
                 dep_id = d["deploymentId"]
                 if d["status"] != D.DEPLOYED or self._locks[dep_id].locked():
                     continue  # a deploy, undeploy or restore of it is running
-                if self._app_lost(dep_id, apps.get(names.engine_app(dep_id))):
+                if dep_id in kept or self._app_lost(dep_id, apps.get(names.engine_app(dep_id))):
                     restored.append(dep_id)
                     self._spawn(self._restore(dep_id))
         done = {"failed": failed, "resumedUndeploys": resumed, "removedApps": removed}

@@ -614,8 +614,9 @@ class Registry:
 
     def fail_jobs(self, job_ids: list[str], reason: str) -> dict[str, list[str]]:
         """End these jobs FAILED with `reason`, and fail what they were moving: the model an
-        import was bringing in, the deployment a deploy was starting."""
-        failed: dict[str, list[str]] = {"jobs": [], "models": [], "deployments": []}
+        import was bringing in, the deployment a deploy was starting (a redeploy's keeps its
+        live version: `kept` lists those whose app must be run again with it)."""
+        failed: dict[str, list[str]] = {"jobs": [], "models": [], "deployments": [], "kept": []}
         with self._tx() as s:
             for j in s.scalars(select(db.DockStatus).where(db.DockStatus.id.in_(job_ids))):
                 if j.status != JobStatus.IN_PROGRESS:
@@ -631,10 +632,15 @@ class Registry:
                     self._import_failed_notice(s, m, j.created_by)
                 self._fail_waiting_deployment(s, j, reason)
                 d = s.get(db.Deployment, j.deployment_id) if j.action == JobAction.DEPLOY else None
-                # still OPTIMIZING, a redeploy had not touched Serve: the live version serves on
-                optimizing = d is not None and d.status == DeploymentStatus.OPTIMIZING
-                if optimizing and self._keep_live(s, d, reason):
-                    continue
+                # an interrupted redeploy: the live version serves on (OPTIMIZING had not
+                # touched Serve; DEPLOYING may have: "kept" tells the lifecycle to run the
+                # live version's app again)
+                if d is not None and d.status in STARTING_DEPLOYMENT:
+                    deploying = d.status == DeploymentStatus.DEPLOYING
+                    if self._keep_live(s, d, reason):
+                        if deploying:
+                            failed["kept"].append(d.id)
+                        continue
                 if d is not None and d.status in STARTING_DEPLOYMENT:
                     d.status, d.failure_reason = DeploymentStatus.FAILED, reason
                     self._access_changed.add(d.id)  # replicas and the gateway stop serving it

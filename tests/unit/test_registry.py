@@ -327,3 +327,32 @@ def test_a_refused_delete_names_the_states_in_plain_words(reg, admin):
     assert str(exc.value) == (
         "deployment is DEPLOYING; only FAILED, READY_TO_DEPLOY, UNDEPLOYED can be deleted"
     )
+
+
+def test_a_redeploy_interrupted_while_deploying_keeps_the_live_version(reg, admin):
+    """The platform restarted while a redeploy was DEPLOYING: the deployment was FAILED
+    (an outage of a version that had been serving); now the live version is kept, and the
+    lifecycle is told to run its app again (Serve may hold the new version's)."""
+    _, user = admin
+    uid = user["userId"]
+    m = ready_model(reg, uid)
+    body = default_deploy_body("chat")
+    dep_id = reg.create_deployment(m["modelId"], body, uid)["deploymentId"]
+    first = reg.begin_deploy(dep_id, None, uid, "DEPLOYING")
+    reg.set_deployment_status(dep_id, "DEPLOYED")
+    reg.update_job(first["dockStatusId"], status="SUCCESS")
+    changed = {**body, "hyperParameters": {**body["hyperParameters"], "topK": 30}}
+    job = reg.begin_deploy(dep_id, changed, uid, "DEPLOYING")
+    out = reg.fail_jobs([job["dockStatusId"]], "interrupted")
+    assert out["kept"] == [dep_id] and out["deployments"] == []
+    dep = reg.get_deployment(dep_id)
+    assert (
+        dep["status"] == "DEPLOYED" and dep["config"]["hyperParameters"] == body["hyperParameters"]
+    )
+    assert [v["result"] for v in reg.history(dep_id)] == ["SUCCESS", "FAILED", "SUCCESS"]
+    assert reg.get_job(job["dockStatusId"])["status"] == "FAILED"
+    # a first deploy interrupted has nothing live: it fails, as before
+    other = reg.create_deployment(m["modelId"], default_deploy_body("new"), uid)["deploymentId"]
+    job = reg.begin_deploy(other, None, uid, "DEPLOYING")
+    out = reg.fail_jobs([job["dockStatusId"]], "interrupted")
+    assert out["kept"] == [] and out["deployments"] == [other]
