@@ -13,11 +13,14 @@ import re
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raydock.jsontypes import NUL
 
 log = logging.getLogger("raydock.errors")
 
@@ -165,7 +168,8 @@ _HTTP_MESSAGES = {404: "no such route", 405: "method not allowed on this route"}
 
 def install(app: FastAPI, max_body_bytes: Callable[[], int | None] = lambda: None) -> None:
     """Give `app` request ids, a body size limit (read per request: the app is configured
-    after import) and raydock's error bodies for every error."""
+    after import), URLs with a NUL character refused, and raydock's error bodies for every
+    error."""
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):
@@ -177,6 +181,8 @@ def install(app: FastAPI, max_body_bytes: Callable[[], int | None] = lambda: Non
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if isinstance(exc.__cause__, ApiError):  # FastAPI's 400 for any error reading a body
+            return respond(request, exc.__cause__)  # (limited_receive's 413)
         msg = _HTTP_MESSAGES.get(exc.status_code) or str(exc.detail)
         if exc.status_code == 404:
             msg = f"{msg}: {request.method} {request.url.path}"
@@ -220,11 +226,49 @@ class BodyTooLarge(ApiError):
         )
 
 
+def limited_receive(scope, receive, limit: int, too_large: Callable[[], ApiError]):
+    """`receive` for a body of at most `limit` bytes: `too_large()` is raised at once when
+    the Content-Length says more, else as soon as more has arrived (a chunked body)."""
+    declared = dict(scope.get("headers") or []).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large()
+    seen = 0
+
+    async def bounded_receive():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large()
+        return message
+
+    return bounded_receive
+
+
+def nul_in_url(scope) -> ApiError | None:
+    """A NUL character (%00) in the URL: PostgreSQL's text cannot hold one, so no id or name
+    has one. In the path, nothing is there whatever the route (404); in a query parameter,
+    a 422 naming it."""
+    if NUL in scope.get("path", ""):
+        return ApiError(
+            404, "not found: no id or name contains a NUL character (%00)", "path", "not_found"
+        )
+    # parsed as Starlette parses it for the routes
+    query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    for name, value in query:
+        if NUL in name or NUL in value:
+            message = f"{name}: query parameters must not contain a NUL character (%00)"
+            return ApiError(422, message, name, "validation_error")
+    return None
+
+
 class RequestGuard:
-    """ASGI middleware: a request id for every request, and bodies over `max_body_bytes`
-    refused with a 413 before they are read whole (routes that stream uploads set their own
-    limits and are exempt). The id is the `X-Request-Id` Serve's proxy sets (and returns in
-    the response's header, so logs, header and error body agree), else a new one."""
+    """ASGI middleware: a request id for every request, a URL with a NUL character refused
+    (nul_in_url), and bodies over `max_body_bytes` refused with a 413 before they are read
+    whole (routes that stream uploads set their own limits and are exempt). The id is the
+    `X-Request-Id` Serve's proxy sets (and returns in the response's header, so logs, header
+    and error body agree), else a new one."""
 
     def __init__(self, app, max_body_bytes: Callable[[], int | None]):
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -239,22 +283,11 @@ class RequestGuard:
 
         limit = self.max_body_bytes()
         path = scope.get("path", "")
-        if not limit or path.endswith("/models/import") or "/chunks/" in path:
-            return await self.app(scope, receive, send)
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            err = BodyTooLarge(limit)
-            response = error_response(err.status, err.message, err.param, err.code, rid)
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def bounded_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise BodyTooLarge(limit)
-            return message
-
-        await self.app(scope, bounded_receive, send)
+        try:
+            if refusal := nul_in_url(scope):
+                raise refusal
+            if limit and not (path.endswith("/models/import") or "/chunks/" in path):
+                receive = limited_receive(scope, receive, limit, lambda: BodyTooLarge(limit))
+        except ApiError as refused:  # answered here: the app's handlers are inside
+            return await respond(Request(scope), refused)(scope, receive, send)
+        await self.app(scope, receive, send)

@@ -1,5 +1,6 @@
 """JSON value types shared by the management API and the OpenAI protocol: integers as JSON
-has them, and what "not blank" means. Neither plane's internals: both import it."""
+has them, what "not blank" means, and the one character no stored text may hold (NUL).
+Neither plane's internals: both import it."""
 
 from __future__ import annotations
 
@@ -51,3 +52,31 @@ def refuse_non_json_integers(model: type[BaseModel], value: Any, info: Validatio
     ):
         raise PydanticCustomError("int_type", "Input should be a valid integer")
     return value
+
+
+#: PostgreSQL's text columns cannot hold a NUL character (SQLite's can): no text the
+#: management API stores or looks up may carry one
+NUL = "\x00"
+
+
+def nul_at(value: Any, path: str = "") -> str | None:
+    """Where in `value` (text, or lists and dicts of it) a NUL character is, as a message's
+    start: "" for the text itself, "item 1 " or "item a.0 " inside, "key 'k' " in a dict's
+    key; None where there is none. Models are left to their own validators."""
+    if isinstance(value, str):
+        if NUL not in value:
+            return None
+        return f"item {path} " if path else ""
+    if isinstance(value, dict):
+        for key in value:
+            if isinstance(key, str) and NUL in key:
+                return f"key {key!r} "
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if (at := nul_at(item, f"{path}.{key}" if path else str(key))) is not None:
+            return at
+    return None

@@ -22,9 +22,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi.routing import APIRoute
 
-from raydock.errors import ApiError
+from raydock.errors import ApiError, limited_receive
+from raydock.jsontypes import NUL
 from raydock.platform import schemas
 from raydock.platform.api_deps import User, ctx, job_ref
 from raydock.platform.states import JobAction
@@ -37,6 +39,8 @@ UPLOAD_SWEEP_INTERVAL_S = 600.0
 #: headers and directory of a zip beyond its entries' bytes: a zip this much larger than
 #: max_archive_bytes cannot hold an acceptable model (weights barely compress)
 ZIP_OVERHEAD_BYTES = 64 * 2**20
+#: a multipart import's body beyond its zip: the part headers and the other form fields
+FORM_OVERHEAD_BYTES = 2**20
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 #: a chunk reaches the disk in writes this large, each in a worker thread: a slow disk
 #: never stalls the API event loop that every other management call shares
@@ -50,37 +54,54 @@ _COMPLETING: set[str] = set()
 
 def zip_name(file_name: str) -> str:
     name = Path(file_name or "").name
+    if NUL in name:  # PostgreSQL's text cannot hold it (jsontypes.NUL)
+        raise ApiError(422, "file: its name must not contain a NUL character", param="file")
     if not name.lower().endswith(".zip") or len(name) <= 4:
         raise ApiError(400, f"file must be a .zip archive (got {name!r})", param="file")
     return name[:-4]
 
 
 def storage_refusal(
-    total_size: int, max_archive_bytes: int, free_bytes: int, promised_bytes: int = 0
+    total_size: int,
+    max_archive_bytes: int,
+    free_bytes: int,
+    promised_bytes: int = 0,
+    chunked: bool = True,
 ) -> ApiError | None:
-    """Why an upload of `total_size` bytes cannot succeed here, before a byte is sent: over
-    the archive limit, or more than the disk can hold while it is assembled (the chunks and
-    the zip made of them: twice its size) besides what the open uploads still need
-    (`promised_bytes`)."""
+    """Why an upload of `total_size` bytes cannot succeed here: over the archive limit, or
+    more than the disk can hold besides what the open uploads still need (`promised_bytes`).
+    A chunked upload, refused before a byte is sent, needs twice its size (the chunks and
+    the zip made of them); a multipart import, whose body is already spooled, once."""
+    param, what = ("totalSize", "totalSize") if chunked else ("file", "the file of")
     limit = max_archive_bytes + ZIP_OVERHEAD_BYTES
     if total_size > limit:
         return ApiError(
             413,
-            f"totalSize {total_size} bytes is over the platform's archive limit of {limit} "
+            f"{what} {total_size} bytes is over the platform's archive limit of {limit} "
             f"bytes (max_archive_bytes {max_archive_bytes} plus zip overhead)",
-            "totalSize",
+            param,
             "archive_too_large",
         )
-    if 2 * total_size > free_bytes - promised_bytes:
+    needed = 2 * total_size if chunked else total_size
+    if needed > free_bytes - promised_bytes:
         promised = f", {promised_bytes} of them promised to open uploads" if promised_bytes else ""
+        copies = "the chunks and the zip assembled from them" if chunked else "the zip's copy"
         return ApiError(
             413,
-            f"totalSize {total_size} bytes needs {2 * total_size} bytes free on the server "
-            f"(the chunks and the zip assembled from them); {free_bytes} are free{promised}",
-            "totalSize",
+            f"{what} {total_size} bytes needs {needed} bytes free on the server "
+            f"({copies}); {free_bytes} are free{promised}",
+            param,
             "insufficient_storage",
         )
     return None
+
+
+async def _disk_room(root: Path) -> tuple[int, int]:
+    """The bytes free where uploads are kept, and those the open sessions still need (with
+    _STARTING held, so that no other upload claims the same space meanwhile)."""
+    open_sessions = await ctx.registry.list_upload_sessions.remote()
+    promised = await asyncio.to_thread(promised_bytes, open_sessions, root)
+    return shutil.disk_usage(root).free, promised
 
 
 def chunking_problem(total_size: int, total_chunks: int, max_chunk_bytes: int) -> str | None:
@@ -184,7 +205,31 @@ async def _start_import(
     return {**job_ref(job), "model": model}
 
 
-@router.post("/models/import", tags=["models"], status_code=202)
+class _ImportRoute(APIRoute):
+    """The multipart import's route. FastAPI spools the whole body to a temporary file
+    before the route runs, and the request guard leaves this body to it (it may exceed
+    max_request_bytes): it is held to the archive limit here, refused from its Content-Length
+    before a byte is read, else as soon as it outgrows the limit."""
+
+    def get_route_handler(self):
+        handle = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            archive = ctx.settings.max_archive_bytes
+            limit = archive + ZIP_OVERHEAD_BYTES + FORM_OVERHEAD_BYTES
+            refusal = ApiError(
+                413,
+                f"the upload exceeds the {limit} byte limit of an import (max_archive_bytes "
+                f"{archive} plus zip and form overhead)",
+                "file",
+                "archive_too_large",
+            )
+            receive = limited_receive(request.scope, request.receive, limit, lambda: refusal)
+            return await handle(Request(request.scope, receive))
+
+        return bounded
+
+
 async def import_model(
     user: User,
     file: Annotated[UploadFile, File(description="A .zip in Hugging Face layout")],
@@ -195,14 +240,34 @@ async def import_model(
 ) -> dict[str, Any]:
     """Import a model `.zip` in one multipart request (see files/session for large files)."""
     zip_name(file.filename or "")
+    schemas.refuse_nul(baseModelId=baseModelId, description=description, tags=tags)
     tag_list = schemas.parse_tags(tags)
-    ctx.settings.uploads_path.mkdir(parents=True, exist_ok=True)
-    dest = ctx.settings.uploads_path / f"{uuid.uuid4()}.zip"
+    root = ctx.settings.uploads_path
+    root.mkdir(parents=True, exist_ok=True)
+    async with _STARTING:  # once a chunked upload starting now has claimed its share
+        free, promised = await _disk_room(root)
+    # file.size: the zip FastAPI spooled. Another import copying at the same time may take
+    # the space counted here: then _storing's 413 (the disk full), nothing kept.
+    if refusal := storage_refusal(
+        file.size or 0, ctx.settings.max_archive_bytes, free, promised, chunked=False
+    ):
+        raise refusal
+    dest = root / f"{uuid.uuid4()}.zip"
     with _storing(dest, "the upload"), dest.open("wb") as out:
         await asyncio.to_thread(shutil.copyfileobj, file.file, out, 4 * 2**20)
     return await _start_import(
         dest, file.filename or "", user, kind, baseModelId, description, tag_list
     )
+
+
+router.add_api_route(
+    "/models/import",
+    import_model,
+    methods=["POST"],
+    tags=["models"],
+    status_code=202,
+    route_class_override=_ImportRoute,
+)
 
 
 # ------------------------------------------------------------------ chunked upload session
@@ -224,13 +289,8 @@ async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str
     root = ctx.settings.uploads_path
     root.mkdir(parents=True, exist_ok=True)
     async with _STARTING:
-        open_sessions = await ctx.registry.list_upload_sessions.remote()
-        refusal = storage_refusal(
-            body.totalSize,
-            ctx.settings.max_archive_bytes,
-            shutil.disk_usage(root).free,
-            await asyncio.to_thread(promised_bytes, open_sessions, root),
-        )
+        free, promised = await _disk_room(root)
+        refusal = storage_refusal(body.totalSize, ctx.settings.max_archive_bytes, free, promised)
         if refusal:
             raise refusal
         session = await ctx.registry.create_upload_session.remote(body.model_dump(), user["userId"])

@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from raydock import params
 from raydock.config import hardware_profiles
@@ -31,6 +32,7 @@ from raydock.jsontypes import (  # noqa: F401 (re-exported for the API's routes)
     NOT_BLANK,
     ZIP_NAME_PATTERN,
     JsonInt,
+    nul_at,
     refuse_non_json_integers,
 )
 from raydock.optimizers import plan
@@ -42,6 +44,10 @@ MAX_TAGS = 50
 
 DEFAULT_TIMEOUT_S = params.TIMEOUT_S.default
 
+#: why a body's or form's field is refused for a NUL character (after "<field>: "): no
+#: text the platform keeps may hold one (jsontypes.NUL)
+NUL_MESSAGE = "{at}must not contain a NUL character (\\u0000)"
+
 
 class _Body(BaseModel):
     # strict: a value must have the JSON type the document gives it (lax mode would read
@@ -52,6 +58,14 @@ class _Body(BaseModel):
     @classmethod
     def _json_integers(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_non_json_integers(cls, value, info)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # a 422 naming the field, where PostgreSQL would have failed the request (500)
+        if (at := nul_at(value)) is not None:
+            raise PydanticCustomError("nul_character", NUL_MESSAGE, {"at": at})
+        return value
 
 
 class HyperParameters(_Body):
@@ -304,6 +318,14 @@ class CatalogDeploy(DeployRequest):
     connectionId: str | None = Field(
         None, max_length=64, description="A connection, for gated catalog models."
     )
+
+
+def refuse_nul(**fields: str | None) -> None:
+    """A multipart form's text fields, held to the rule of JSON bodies (_Body._no_nul)."""
+    for name, value in fields.items():
+        if (at := nul_at(value)) is not None:
+            message = f"{name}: " + NUL_MESSAGE.format(at=at)
+            raise ApiError(422, message, name, "validation_error")
 
 
 def parse_tags(text: str) -> list[str]:

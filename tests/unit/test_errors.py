@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 
 from raydock import errors
+
+
+class Echo(BaseModel):
+    text: str
 
 
 def test_a_405_names_every_method_of_the_path():
@@ -69,3 +74,22 @@ def test_every_422_lists_the_fields_at_fault():
     assert body["detail"] == [
         {"field": "tags.1", "message": "tags.1: at most 100 characters (got 101)"}
     ]
+
+
+def test_a_body_over_the_limit_is_a_413_without_a_content_length_too():
+    """Sent in chunks, the body outgrows the limit while FastAPI reads it, and FastAPI
+    answers any error it meets there with a 400 "error parsing the body": the guard's 413
+    is what the client sees."""
+    app = FastAPI()
+    errors.install(app, lambda: 100)
+
+    @app.post("/echo")
+    async def echo(body: Echo):
+        return body
+
+    client = TestClient(app)
+    big = b'{"text": "' + b"a" * 200 + b'"}'
+    for content in (big, (piece for piece in (big[:50], big[50:]))):  # then no Content-Length
+        r = client.post("/echo", content=content, headers={"content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]["code"]) == (413, "body_too_large"), r.text
+    assert client.post("/echo", json={"text": "a"}).status_code == 200

@@ -5,12 +5,16 @@ test_restart.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
+from types import SimpleNamespace
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
+from raydock.platform import api_deps, api_uploads
 from raydock.platform.api import app
 from raydock.platform.api_uploads import (
     ZIP_OVERHEAD_BYTES,
@@ -19,6 +23,7 @@ from raydock.platform.api_uploads import (
     promised_bytes,
     storage_refusal,
 )
+from tests.unit.registry_handle import RegistryHandle
 
 GIB = 2**30
 
@@ -173,3 +178,97 @@ def test_a_chunked_upload_is_held_to_its_kind_base_and_size_and_survives_a_bad_c
         status = http.get(chunk.removesuffix("/chunks")).json()
         assert status["receivedChunks"] == [1, 2]
         assert http.put(f"{chunk}/2", content=b"y" * 40).status_code == 200  # re-sent whole
+
+
+MIB = 2**20
+
+
+@pytest.fixture
+def small_limits(api, monkeypatch):
+    """The API app with max_archive_bytes and max_request_bytes at 1 MiB, zips 64 KiB over
+    it still accepted, and imports submitted to a lifecycle that only records them."""
+    reg, admin_key = api
+    settings = dataclasses.replace(
+        api_deps.ctx.settings, max_archive_bytes=MIB, max_request_bytes=MIB
+    )
+    monkeypatch.setattr(api_deps.ctx, "settings", settings)
+    monkeypatch.setattr(api_uploads, "ZIP_OVERHEAD_BYTES", 64 * 2**10)
+    submitted: list[tuple] = []
+    lifecycle = RegistryHandle(SimpleNamespace(submit_import=lambda *a: submitted.append(a)))
+    monkeypatch.setattr(api_deps.ctx, "lifecycle", lifecycle, raising=False)
+    with TestClient(app, base_url="http://raydock.test", headers={"X-api-key": admin_key}) as c:
+        c.reg, c.submitted = reg, submitted
+        yield c
+
+
+def _stored(http) -> list[str]:
+    uploads = api_deps.ctx.settings.uploads_path
+    return sorted(p.name for p in uploads.iterdir()) if uploads.exists() else []
+
+
+def test_a_multipart_import_is_held_to_the_archive_limit(small_limits):
+    """The one-request import: over max_request_bytes is fine (it is an upload), over
+    max_archive_bytes (plus the zip's overhead) is a 413, and nothing is kept."""
+    http = small_limits
+    limit = MIB + 64 * 2**10 + api_uploads.FORM_OVERHEAD_BYTES
+    # from the Content-Length, before the body is read
+    files = {"file": ("big.zip", b"x" * 4 * MIB, "application/zip")}
+    r = http.post("/public/models/import", files=files)
+    assert r.status_code == 413, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("file", "archive_too_large")
+    assert f"the {limit} byte limit" in r.json()["error"]["message"]
+    assert "max_archive_bytes 1048576" in r.json()["error"]["message"]
+
+    # without one (a chunked body): refused once that much has arrived
+    body = httpx.Request("POST", "http://x", files=files)
+    piece = 64 * 2**10
+    sent = []
+
+    async def pieces():
+        for i in range(0, len(body.read()), piece):
+            sent.append(i)
+            yield body.content[i : i + piece]
+
+    async def post_chunked() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://raydock.test") as c:
+            headers = {"content-type": body.headers["content-type"], **http.headers}
+            return await c.post("/public/models/import", content=pieces(), headers=headers)
+
+    r = asyncio.run(post_chunked())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "archive_too_large", r.text
+    assert len(sent) * piece <= limit + piece  # the rest was never read
+
+    # a body within the limit whose zip is not: the zip's own limit, as a chunked upload's
+    files = {"file": ("big.zip", b"x" * (MIB + 64 * 2**10 + 1), "application/zip")}
+    r = http.post("/public/models/import", files=files)
+    assert r.status_code == 413, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("file", "archive_too_large")
+    assert _stored(http) == [] and http.reg.list_models() == [] and http.submitted == []
+
+    # at the limit: accepted, though over max_request_bytes
+    files = {"file": ("ok.zip", b"x" * (MIB + 64 * 2**10), "application/zip")}
+    r = http.post("/public/models/import", files=files, data={"description": "d"})
+    assert r.status_code == 202, r.text
+    assert [m["name"] for m in http.reg.list_models()] == ["ok"] and len(http.submitted) == 1
+    (stored,) = _stored(http)
+    assert (api_deps.ctx.settings.uploads_path / stored).stat().st_size == MIB + 64 * 2**10
+
+
+def test_a_multipart_import_the_disk_cannot_hold_is_refused(small_limits, monkeypatch):
+    """As a chunked upload's start: the zip's copy must fit beside what the open upload
+    sessions still need."""
+    http = small_limits
+    disk_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: disk_usage(p)._replace(free=3 * MIB))
+    start = {"fileName": "s.zip", "totalSize": MIB, "totalChunks": 1}
+    assert http.post("/public/files/session/start", json=start).status_code == 201
+    files = {"file": ("m.zip", b"x" * (MIB + 1), "application/zip")}
+    r = http.post("/public/models/import", files=files)
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["code"]) == ("file", "insufficient_storage")
+    assert f"{3 * MIB} are free, {2 * MIB} of them promised to open uploads" in error["message"]
+    assert [p for p in _stored(http) if p.endswith(".zip")] == [] and http.submitted == []
+    files = {"file": ("m.zip", b"x" * MIB, "application/zip")}  # fits: 3 - 2 MiB
+    assert http.post("/public/models/import", files=files).status_code == 202
