@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from raydock.errors import ApiError, Conflict
 from raydock.platform import catalog, deploy_checks, hf, schemas
 from raydock.platform.api_deps import User, ctx, job_ref
-from raydock.platform.states import JobAction, ModelStatus
+from raydock.platform.states import ModelStatus
 
 router = APIRouter(prefix="/public")
 
@@ -85,7 +85,7 @@ async def _start_download(
         connection = await ctx.registry.get_connection.remote(origin["connectionId"])
         origin = {**origin, "connection": connection["name"]}
     kind = "adapter" if base_model_id else "base"
-    model = await ctx.registry.create_model.remote(
+    begun = await ctx.registry.begin_import.remote(
         name,
         source,
         user["userId"],
@@ -94,17 +94,11 @@ async def _start_download(
         description,
         tags or [],
         {"origin": origin},
+        deploy,
     )
-    dep = None
-    if deploy is not None:
-        dep = await ctx.registry.create_deployment.remote(
-            model["modelId"], deploy, user["userId"], awaiting_import=True
-        )
-    job = await ctx.registry.create_job.remote(
-        JobAction.IMPORT, model["modelId"], user["userId"], dep and dep["deploymentId"]
-    )
+    model, job = begun["model"], begun["job"]
     await ctx.lifecycle.submit_hf_import.remote(model["modelId"], job["dockStatusId"])
-    return {**job_ref(job), "model": model, "deployment": dep}
+    return {**job_ref(job), "model": model, "deployment": begun["deployment"]}
 
 
 def _hf_origin(body: schemas.HuggingFaceSource) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from raydock.errors import ApiError, limited_receive
 from raydock.jsontypes import NUL
 from raydock.platform import schemas
 from raydock.platform.api_deps import User, ctx, job_ref
-from raydock.platform.states import JobAction
 
 log = logging.getLogger("raydock.api")
 
@@ -192,13 +191,13 @@ async def _start_import(
         zip_path.unlink(missing_ok=True)
         raise ApiError(400, problem, param="baseModelId")
     try:
-        model = await ctx.registry.create_model.remote(
+        begun = await ctx.registry.begin_import.remote(
             zip_name(file_name), "file", user["userId"], kind, base_model_id, description, tags
         )
     except Exception:
         zip_path.unlink(missing_ok=True)
         raise
-    job = await ctx.registry.create_job.remote(JobAction.IMPORT, model["modelId"], user["userId"])
+    model, job = begun["model"], begun["job"]
     await ctx.lifecycle.submit_import.remote(
         model["modelId"], job["dockStatusId"], str(zip_path), kind
     )

@@ -102,22 +102,17 @@ class _ModelImport:
         deployconfig = info.pop("deployconfig", None)
         if origin:
             info["origin"] = origin
-        model = ray.get(
+        return ray.get(  # READY, and the job SUCCESS, in one step
             self.registry.set_model_status.remote(
                 self.model_id,
                 ModelStatus.READY,
+                job_id=self.job_id,
                 artifact_uri=self.key,
                 checksum=checksum or manifest.digest,
                 meta={**info, "artifactDigest": manifest.digest},
                 deployconfig=deployconfig,
             )
         )
-        ray.get(
-            self.registry.update_job.remote(
-                self.job_id, status=JobStatus.SUCCESS, message="imported"
-            )
-        )
-        return model
 
     def fail(self, reason: str) -> dict:
         self.store.delete(self.key)
@@ -125,12 +120,7 @@ class _ModelImport:
         with contextlib.suppress(NotFound, InvalidTransition):
             ray.get(
                 self.registry.set_model_status.remote(
-                    self.model_id, ModelStatus.IMPORT_FAILED, error=reason
-                )
-            )
-            ray.get(
-                self.registry.update_job.remote(
-                    self.job_id, status=JobStatus.FAILED, message=reason, response={"error": reason}
+                    self.model_id, ModelStatus.IMPORT_FAILED, job_id=self.job_id, error=reason
                 )
             )
         return {"error": reason}

@@ -385,24 +385,70 @@ class Registry:
         """A model IMPORTING; `meta` may carry its origin (a Hugging Face repo, a catalog
         entry) so lists show it while the import runs."""
         with self._tx() as s:
-            if base_model_id:
-                self._ready_base(s, base_model_id)
-            m = db.Model(
-                id=db.new_id("cm"),
-                name=name[:200],  # a zip's file name may be longer; PostgreSQL holds to 200
-                source=source,
-                kind=kind,
-                base_model_id=base_model_id,
-                model_type="openSource",
-                status=ModelStatus.IMPORTING,
-                description=description,
-                tags=tags or [],
-                meta=meta or {},
-                created_by=created_by,
+            return views.model(
+                self._add_model(
+                    s, name, source, created_by, kind, base_model_id, description, tags, meta
+                )
             )
-            s.add(m)
-            s.flush()
-            return views.model(m)
+
+    def begin_import(
+        self,
+        name: str,
+        source: str,
+        created_by: str,
+        kind: str = "base",
+        base_model_id: str | None = None,
+        description: str = "",
+        tags: list[str] | None = None,
+        meta: dict[str, Any] | None = None,
+        deploy: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The model IMPORTING, the deployment that waits for it (`deploy`: its body) and
+        the import job, in one transaction: a failure between separate calls left a model
+        IMPORTING for ever, with no job for reconciliation to fail (and, for a catalog entry,
+        every later deploy of it refused as "being imported"). Returns {model, job,
+        deployment}."""
+        with self._tx() as s:
+            m = self._add_model(
+                s, name, source, created_by, kind, base_model_id, description, tags, meta
+            )
+            d = None
+            if deploy is not None:
+                d = self._add_deployment(s, m, deploy, created_by, awaiting_import=True)
+            job = self._add_job(s, JobAction.IMPORT, m.id, created_by, d and d.id)
+            shown = views.deployment(d, self._user_names(s)) if d else None
+            return {"model": views.model(m), "job": job, "deployment": shown}
+
+    def _add_model(
+        self,
+        s: Session,
+        name: str,
+        source: str,
+        created_by: str,
+        kind: str,
+        base_model_id: str | None,
+        description: str,
+        tags: list[str] | None,
+        meta: dict[str, Any] | None,
+    ) -> db.Model:
+        if base_model_id:
+            self._ready_base(s, base_model_id)
+        m = db.Model(
+            id=db.new_id("cm"),
+            name=name[:200],  # a zip's file name may be longer; PostgreSQL holds to 200
+            source=source,
+            kind=kind,
+            base_model_id=base_model_id,
+            model_type="openSource",
+            status=ModelStatus.IMPORTING,
+            description=description,
+            tags=tags or [],
+            meta=meta or {},
+            created_by=created_by,
+        )
+        s.add(m)
+        s.flush()
+        return m
 
     def begin_retry_import(self, model_id: str, user_id: str) -> dict[str, Any]:
         """IMPORT_FAILED → IMPORTING for a download import, with a new import job (carrying
@@ -476,8 +522,13 @@ class Registry:
                 m.tags = tags
             return views.model(m, self._deployments_of(s, model_id))
 
-    def set_model_status(self, model_id: str, status: str, **fields: Any) -> dict[str, Any]:
-        """Persist a model state transition plus fields set by the import job."""
+    def set_model_status(
+        self, model_id: str, status: str, job_id: str | None = None, **fields: Any
+    ) -> dict[str, Any]:
+        """Persist a model state transition plus fields set by the import job; with `job_id`
+        (READY or IMPORT_FAILED), that import job ends with it, in the same transaction: a
+        crash between the two left a READY model whose job reconciliation then failed, and
+        the deployment waiting for it with it."""
         with self._tx() as s:
             m = self._model(s, model_id)
             check_model(m.status, status)
@@ -487,7 +538,21 @@ class Registry:
             self._base_deployments_changed(s, m)
             if status == ModelStatus.IMPORT_FAILED:
                 self._import_failed_notice(s, m)
+            if job_id is not None:
+                self._end_import_job(s, job_id, status, fields.get("error"))
             return views.model(m)
+
+    def _end_import_job(self, s: Session, job_id: str, model_status: str, error: str | None):
+        j = s.get(db.DockStatus, job_id)
+        if j is None or j.status != JobStatus.IN_PROGRESS:
+            return
+        if model_status == ModelStatus.READY:
+            j.status, j.message, j.percentage = JobStatus.SUCCESS, "imported", 100
+        else:
+            j.status, j.message = JobStatus.FAILED, error
+            j.response = {**(j.response or {}), "error": error}
+            self._fail_waiting_deployment(s, j, error)
+        self._job_ended(j)
 
     def delete_model(self, model_id: str) -> dict[str, Any]:
         """Remove a model with no active deployment; returns it for cleanup (with artifactUri,
@@ -686,25 +751,30 @@ class Registry:
         """A READY_TO_DEPLOY deployment of a READY model, or (`awaiting_import`) of one being
         imported, which the lifecycle deploys when the import ends."""
         with self._tx() as s:
-            m = self._model(s, model_id)
-            problem = undeployable_model(model_id, m.status)
-            if problem and not (awaiting_import and m.status in IMPORTING_MODEL):
-                raise Conflict(problem)
-            d = db.Deployment(
-                id=db.new_id(names.DEPLOYMENT_ID_PREFIX),
-                model_id=model_id,
-                name=body["name"],
-                status=DeploymentStatus.READY_TO_DEPLOY,
-                config=body,
-                description=body.get("description", ""),
-                tags=body.get("tags", []),
-                timeout_s=body.get("timeout", params.TIMEOUT_S.default),
-                added_by=user_id,
-            )
-            s.add(d)
-            s.flush()
-            self._access_changed.add(d.id)
+            d = self._add_deployment(s, self._model(s, model_id), body, user_id, awaiting_import)
             return views.deployment(d, self._user_names(s))
+
+    def _add_deployment(
+        self, s: Session, m: db.Model, body: dict[str, Any], user_id: str, awaiting_import: bool
+    ) -> db.Deployment:
+        problem = undeployable_model(m.id, m.status)
+        if problem and not (awaiting_import and m.status in IMPORTING_MODEL):
+            raise Conflict(problem)
+        d = db.Deployment(
+            id=db.new_id(names.DEPLOYMENT_ID_PREFIX),
+            model_id=m.id,
+            name=body["name"],
+            status=DeploymentStatus.READY_TO_DEPLOY,
+            config=body,
+            description=body.get("description", ""),
+            tags=body.get("tags", []),
+            timeout_s=body.get("timeout", params.TIMEOUT_S.default),
+            added_by=user_id,
+        )
+        s.add(d)
+        s.flush()
+        self._access_changed.add(d.id)
+        return d
 
     def get_deployment(self, deployment_id: str) -> dict[str, Any]:
         with self._tx() as s:

@@ -356,3 +356,48 @@ def test_a_redeploy_interrupted_while_deploying_keeps_the_live_version(reg, admi
     job = reg.begin_deploy(other, None, uid, "DEPLOYING")
     out = reg.fail_jobs([job["dockStatusId"]], "interrupted")
     assert out["kept"] == [] and out["deployments"] == [other]
+
+
+def test_an_import_begins_in_one_step_or_not_at_all(reg, admin):
+    """Model, waiting deployment and job are written together: a failure in between left a
+    model IMPORTING for ever (no job for reconciliation to fail)."""
+    from raydock.errors import Conflict
+
+    _, user = admin
+    uid = user["userId"]
+    begun = reg.begin_import("acme/tiny", "hugging_face", uid, deploy=default_deploy_body("c"))
+    job = reg.get_job(begun["job"]["dockStatusId"])
+    assert job["modelId"] == begun["model"]["modelId"]
+    assert job["deploymentId"] == begun["deployment"]["deploymentId"]
+    before = len(reg.list_models())
+    with pytest.raises(Conflict):  # an adapter onto no ready base: nothing is written
+        reg.begin_import("lora", "file", uid, kind="adapter", base_model_id="cm-none")
+    assert len(reg.list_models()) == before
+
+
+def test_an_import_ends_with_its_job_in_one_step(reg, admin):
+    """READY and the job's SUCCESS were two calls: a crash between them left a READY model
+    whose job reconciliation failed, failing the deployment that waited for it."""
+    _, user = admin
+    uid = user["userId"]
+    begun = reg.begin_import("tiny", "file", uid, deploy=default_deploy_body("w"))
+    model_id, job_id = begun["model"]["modelId"], begun["job"]["dockStatusId"]
+    reg.set_model_status(model_id, "VALIDATING")
+    reg.set_model_status(model_id, "READY", job_id=job_id, artifact_uri="/x", checksum="c")
+    job = reg.get_job(job_id)
+    assert (job["status"], job["percentageComplete"], job["message"]) == (
+        "SUCCESS",
+        100,
+        "imported",
+    )
+    assert reg.orphan_jobs([], grace_s=0) == []  # nothing left for reconciliation to fail
+    failed = reg.begin_import("bad", "file", uid, deploy=default_deploy_body("w2"))
+    reg.set_model_status(
+        failed["model"]["modelId"],
+        "IMPORT_FAILED",
+        job_id=failed["job"]["dockStatusId"],
+        error="not a zip",
+    )
+    assert reg.get_job(failed["job"]["dockStatusId"])["status"] == "FAILED"
+    dep = reg.get_deployment(failed["deployment"]["deploymentId"])
+    assert dep["status"] == "FAILED" and "not a zip" in dep["failureReason"]
