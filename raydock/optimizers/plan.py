@@ -124,6 +124,9 @@ def check(
             raise OptimizationError(
                 qfield, f"vLLM quantizationType must be one of {['no_quantization', *VLLM_TYPES]}"
             )
+        declared_method = (declared_quantization or {}).get("quant_method")
+        if not quant and declared_method in ("awq", "gptq"):  # packed 4-bit weights: only as
+            quant = declared_method  # declared (unset, the dtype chosen for them was refused)
         if quant in ("awq", "gptq"):
             declared = declared_quantization or {}
             have = declared.get("quant_method")

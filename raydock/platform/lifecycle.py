@@ -69,6 +69,7 @@ def _app_status(name: str) -> Any | None:
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)\b.*")
+_VALIDATION_ERRORS = re.compile(r"\d+ validation errors? for \w+$")
 
 
 def failure_reason(app: Any) -> str:
@@ -79,9 +80,12 @@ def failure_reason(app: Any) -> str:
         raised = [i for i, line in enumerate(lines) if _EXCEPTION_LINE.match(line)]
         if raised:
             last = raised[-1]
-            # "...: Error(s) in loading state_dict:" says what on the lines after it
-            end = last + 3 if lines[last].endswith(":") else last + 1
-            return "a replica failed to start: " + " ".join(lines[last:end])
+            # "...: Error(s) in loading state_dict:" says what on the lines after it, and so
+            # does pydantic's "1 validation error for VllmConfig" (less its input dump)
+            said_after = lines[last].endswith(":") or _VALIDATION_ERRORS.search(lines[last])
+            end = last + 3 if said_after else last + 1
+            said = " ".join(line.split(" [type=")[0] for line in lines[last:end])
+            return "a replica failed to start: " + said
     return app.message or app.status
 
 

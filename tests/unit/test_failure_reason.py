@@ -33,3 +33,22 @@ def test_the_replicas_exception_is_the_reason():
 def test_without_an_exception_the_apps_message_stays():
     assert failure_reason(app("")) == "Failed to update the deployments ['engine']."
     assert failure_reason(app(None, app_message="")) == "DEPLOY_FAILED"
+
+
+VLLM_CONFIG_MESSAGE = """The deployment failed to start 3 times in a row. Error:
+Traceback (most recent call last):
+ray.exceptions.RayTaskError(ValidationError): ray::ServeReplica:dp-1:engine.initialize()
+pydantic_core._pydantic_core.ValidationError: 1 validation error for VllmConfig
+  Value error, torch.float32 is not supported for quantization method awq. Supported dtypes: \
+[torch.float16, torch.bfloat16] [type=value_error, input_value=ArgsKwargs((), {}), input_type=A]
+    For further information visit https://errors.pydantic.dev/2.12/v/value_error
+"""
+
+
+def test_a_validation_error_says_what_failed_validation():
+    """vLLM refusing its configuration: the reason was only "1 validation error for
+    VllmConfig", what was wrong only in the controller's log."""
+    reason = failure_reason(app(VLLM_CONFIG_MESSAGE))
+    assert "1 validation error for VllmConfig" in reason
+    assert "torch.float32 is not supported for quantization method awq" in reason
+    assert "input_value" not in reason

@@ -93,6 +93,17 @@ def test_vllm_on_cpu_runs_4_bit_awq_and_gptq_checkpoints():
         assert check("vllm", method, "g5.xlarge", {**qc, "bits": 8}).quantization == method
 
 
+@needs_vllm
+def test_vllm_serves_a_4_bit_checkpoint_as_declared_when_no_quantization_is_asked():
+    """Left at "" or "no_quantization", vLLM ran an AWQ checkpoint in float32, which it
+    refuses only in the replica (a minute of retries, then a reason naming VllmConfig)."""
+    for method in ("awq", "gptq"):
+        qc = {"quant_method": method, "bits": 4}
+        for asked in ("", "no_quantization"):
+            assert check("vllm", asked, "cpu-small", qc).quantization == method
+        assert "4-bit" in str(refusal("vllm", "", "cpu-small", {**qc, "bits": 8}))
+
+
 @pytest.mark.parametrize(
     ("device_type", "engine", "threads"),
     [
