@@ -134,6 +134,7 @@ def import_model_task(
     upload_key: str,
     kind: str,
     base: dict[str, Any] | None = None,
+    file_name: str | None = None,
 ) -> dict[str, Any]:
     """Validate an uploaded archive (a file in the artifact store) and store the model; an
     adapter is checked against its `base` ({"prefix", "digest", "name"}: fetched through this
@@ -172,6 +173,7 @@ def import_model_task(
                 progress=on_progress,
                 base_dir=base_dir,
                 base_name=base and base["name"],
+                archive_name=file_name,
             )
         return job.finish(work / "model", meta, checksum)
     except Exception as exc:  # any failure ends the import FAILED, store cleaned

@@ -278,8 +278,10 @@ class Lifecycle:
             # the upload arrived on this (the head) node; the import task may run on any
             await asyncio.to_thread(self._stage_upload, Path(zip_path), upload, job_id)
             base = await self._base_artifact(model_id) if kind == "adapter" else None
+            # errors name the user's file (a file import's model is named after it)
+            name = (await self.registry.get_model.remote(model_id))["name"] + ".zip"
             await import_model_task.remote(
-                self.settings.to_dict(), model_id, job_id, upload, kind, base
+                self.settings.to_dict(), model_id, job_id, upload, kind, base, name
             )
         except Exception as exc:  # staging failed, or the task itself died (crash, OOM)
             await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")

@@ -174,8 +174,10 @@ def extract_model_archive(
     progress: ProgressCallback | None = None,
     base_dir: str | os.PathLike[str] | None = None,
     base_name: str | None = None,
+    archive_name: str | None = None,
 ) -> ModelMetadata:
-    """Check, extract and validate a model archive into ``dest_dir``.
+    """Check, extract and validate a model archive into ``dest_dir``; errors name it
+    ``archive_name`` (the user's file name, not the server's staged copy), else its name.
 
     ``dest_dir`` must not exist or be an empty folder (else :class:`FileExistsError`). On any
     failure nothing is left under ``dest_dir``; an exception raised by ``progress`` aborts the
@@ -193,8 +195,8 @@ def extract_model_archive(
     _check_dest_dir(dest)
     report = _ProgressReporter(progress)
     report(0.0, "checking")
-    archive_name = Path(zip_path).name
-    with _open_zip(zip_path) as zf:
+    archive_name = archive_name or Path(zip_path).name
+    with _open_zip(zip_path, archive_name) as zf:
         plan = _plan_extraction(zf, limits)
         check_layout([target for _, target in plan], kind, limits.allow_pickle)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -279,15 +281,15 @@ class _ProgressReporter:
 # --------------------------------------------------------------------------- archive checks
 
 
-def _open_zip(zip_path: str | os.PathLike[str]) -> zipfile.ZipFile:
+def _open_zip(zip_path: str | os.PathLike[str], name: str) -> zipfile.ZipFile:
     path = Path(zip_path)
     if not path.is_file():
-        raise ArchiveError(f"{path.name} does not exist or is not a file; upload a .zip archive")
+        raise ArchiveError(f"{name} does not exist or is not a file; upload a .zip archive")
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as e:
         raise ArchiveError(
-            f"{path.name} is not a valid .zip archive ({e}); "
+            f"{name} is not a valid .zip archive ({e}); "
             "create one with e.g. `zip -r model.zip model_folder`"
         ) from None
 

@@ -293,6 +293,13 @@ def test_not_a_zip(tmp_path, dest):
     expect_failure(path, dest, r"model\.zip is not a valid \.zip archive")
 
 
+def test_errors_name_the_users_file_not_the_staged_copy(tmp_path, dest):
+    staged = tmp_path / "ds-71b73e0c.zip"  # how the server keeps an upload
+    staged.write_bytes(b"hello")
+    err = expect_failure(staged, dest, r"^notzip\.zip is not a valid", archive_name="notzip.zip")
+    assert "ds-71b73e0c" not in str(err)
+
+
 def test_truncated_zip(model_dir, tmp_path, dest):
     path = zip_dir(model_dir, tmp_path / "m.zip")
     path.write_bytes(path.read_bytes()[:-100])
