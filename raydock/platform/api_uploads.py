@@ -60,6 +60,21 @@ def zip_name(file_name: str) -> str:
     return name[:-4]
 
 
+def size_refusal(total_size: int, max_archive_bytes: int, chunked: bool = True) -> ApiError | None:
+    """An upload over the archive limit (413), whatever the disk or its chunking."""
+    limit = max_archive_bytes + ZIP_OVERHEAD_BYTES
+    if total_size <= limit:
+        return None
+    param, what = ("totalSize", "totalSize") if chunked else ("file", "the file of")
+    return ApiError(
+        413,
+        f"{what} {total_size} bytes is over the platform's archive limit of {limit} "
+        f"bytes (max_archive_bytes {max_archive_bytes} plus zip overhead)",
+        param,
+        "archive_too_large",
+    )
+
+
 def storage_refusal(
     total_size: int,
     max_archive_bytes: int,
@@ -71,16 +86,9 @@ def storage_refusal(
     more than the disk can hold besides what the open uploads still need (`promised_bytes`).
     A chunked upload, refused before a byte is sent, needs twice its size (the chunks and
     the zip made of them); a multipart import, whose body is already spooled, once."""
+    if too_large := size_refusal(total_size, max_archive_bytes, chunked):
+        return too_large
     param, what = ("totalSize", "totalSize") if chunked else ("file", "the file of")
-    limit = max_archive_bytes + ZIP_OVERHEAD_BYTES
-    if total_size > limit:
-        return ApiError(
-            413,
-            f"{what} {total_size} bytes is over the platform's archive limit of {limit} "
-            f"bytes (max_archive_bytes {max_archive_bytes} plus zip overhead)",
-            param,
-            "archive_too_large",
-        )
     needed = 2 * total_size if chunked else total_size
     if needed > free_bytes - promised_bytes:
         promised = f", {promised_bytes} of them promised to open uploads" if promised_bytes else ""
@@ -279,6 +287,8 @@ def _session_dir(session_id: str) -> Path:
 @router.post("/files/session/start", tags=["files"], status_code=201)
 async def upload_start(body: schemas.UploadSessionStart, user: User) -> dict[str, Any]:
     """Open a chunked upload: send chunks 1..totalChunks, then complete (or DELETE it)."""
+    if too_large := size_refusal(body.totalSize, ctx.settings.max_archive_bytes):
+        raise too_large  # first: no chunking would make it fit
     if problem := chunking_problem(
         body.totalSize, body.totalChunks, ctx.settings.upload_chunk_max_bytes
     ):

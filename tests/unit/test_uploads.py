@@ -272,3 +272,14 @@ def test_a_multipart_import_the_disk_cannot_hold_is_refused(small_limits, monkey
     assert [p for p in _stored(http) if p.endswith(".zip")] == [] and http.submitted == []
     files = {"file": ("m.zip", b"x" * MIB, "application/zip")}  # fits: 3 - 2 MiB
     assert http.post("/public/models/import", files=files).status_code == 202
+
+
+def test_a_chunked_upload_over_the_archive_limit_is_a_413_however_chunked(small_limits):
+    """It said "send at least 9536744 chunks", which totalChunks' own limit then refused."""
+    body = {"fileName": "t.zip", "totalSize": 999_999_999_999_999, "totalChunks": 2}
+    r = small_limits.post("/public/files/session/start", json=body)
+    assert r.status_code == 413, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (
+        "totalSize",
+        "archive_too_large",
+    )
