@@ -152,13 +152,18 @@ class AccessTable:
                 401, "this API key is not valid for this deployment", None, "invalid_api_key"
             )
         if not dep.serving:
-            raise ApiError(
-                503,
-                f"deployment {dep.deployment_id} is {dep.status}, not serving",
-                None,
-                "deployment_not_ready",
-            )
+            raise NotServing(dep)
         return dep, dep.keys[hash_key(key)]
+
+
+class NotServing(ApiError):
+    """503 for a deployment the key may use but which is not serving; it names the
+    deployment for the metrics even when the request did not (`/v1/*`: its key did)."""
+
+    def __init__(self, dep: DeploymentAccess):
+        message = f"deployment {dep.deployment_id} is {dep.status}, not serving"
+        super().__init__(503, message, None, "deployment_not_ready")
+        self.deployment_id = dep.deployment_id
 
 
 class Auth:

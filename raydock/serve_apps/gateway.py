@@ -30,7 +30,7 @@ from raydock.config import Settings
 from raydock.errors import ApiError
 from raydock.metering import exposition
 from raydock.serve_apps import docs_page
-from raydock.serve_apps.access import Auth, DeploymentAccess, bearer_token
+from raydock.serve_apps.access import Auth, DeploymentAccess, NotServing, bearer_token
 from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import complete, unknown_model
 
@@ -126,7 +126,8 @@ async def _serve(kind, request: Request, deployment_id: str | None):
     try:
         dep, key_id = await ctx.auth.authorize(request, deployment_id)
     except ApiError as exc:
-        ctx.meter.refused(ctx.auth.known(deployment_id), exc.status)
+        named = exc.deployment_id if isinstance(exc, NotServing) else None
+        ctx.meter.refused(named or ctx.auth.known(deployment_id), exc.status)
         raise
     return await complete(
         kind,

@@ -210,7 +210,7 @@ def test_refusals_of_unknown_deployments_share_one_metric_series(monkeypatch):
     async def scenario():
         hub = AccessHub()
         hub._loaded = True
-        await hub.publish({"a": snapshot("a", {"ka": ""})})
+        await hub.publish({"a": snapshot("a", {"ka": ""}), "b": snapshot("b", {"kb": ""}, False)})
         monkeypatch.setattr(ray, "get_actor", lambda *a, **k: _HubHandle(hub))
         monkeypatch.setattr(gateway.ctx, "auth", Auth(("hub", "ns"), ("r", "ns")), raising=False)
         monkeypatch.setattr(gateway.ctx, "meter", ReplicaMeter(None), raising=False)
@@ -219,6 +219,8 @@ def test_refusals_of_unknown_deployments_share_one_metric_series(monkeypatch):
                 await gateway._serve("chat", Request({"type": "http", "headers": []}), dep_id)
         with pytest.raises(ApiError):  # /v1 with a wrong key
             await gateway._serve("chat", _request("nope"), None)
+        with pytest.raises(ApiError):  # /v1 with b's key: b is not serving (its key names it)
+            await gateway._serve("chat", _request("kb"), None)
         gateway.ctx.auth._watch.cancel()
         return gateway.ctx.meter.pending.counters
 
@@ -226,6 +228,7 @@ def test_refusals_of_unknown_deployments_share_one_metric_series(monkeypatch):
     assert counters == {
         ("raydock_requests_total", ("a", "", "", "401")): 1,
         ("raydock_requests_total", ("", "", "", "401")): 3,
+        ("raydock_requests_total", ("b", "", "", "503")): 1,
     }
 
 
