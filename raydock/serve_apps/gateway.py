@@ -184,7 +184,7 @@ async def list_models(request: Request):
     return {"object": "list", "data": _models(dep)}
 
 
-@app.get("/v1/models/{model}", tags=["inference"])
+@app.get("/v1/models/{model:path}", tags=["inference"])  # names may hold "/"
 async def retrieve_model(model: str, request: Request):
     """One entry of /v1/models, by its id or with the deployment's name in place of its id."""
     dep, _ = await ctx.auth.authorize(request, None)
