@@ -165,15 +165,19 @@ async def update_model(modelId: str, body: schemas.ModelUpdate, _: User) -> dict
 
 @router.delete("/models/{modelId}", tags=["models"])
 async def delete_model(modelId: str, _: User) -> dict[str, Any]:
+    """Delete a model without active deployments; its undeployed deployments go with it (the
+    answer names them), and its files, exports and conversions (unless another model has the
+    same weights)."""
     model = await ctx.registry.delete_model.remote(modelId)
+    done = {"deleted": True, "modelId": modelId, "deletedDeployments": model["deletedDeployments"]}
     try:
         await asyncio.to_thread(_delete_artifacts, model)
     except Exception as exc:  # the model is gone: its files are retention's to delete
         log.warning(
             "model %s deleted; its files stay until retention's next pass: %r", modelId, exc
         )
-        return {"deleted": True, "modelId": modelId, "filesLeft": retention.FILES_LEFT}
-    return {"deleted": True, "modelId": modelId}
+        return {**done, "filesLeft": retention.FILES_LEFT}
+    return done
 
 
 def _delete_artifacts(model: dict[str, Any]) -> None:

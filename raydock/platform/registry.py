@@ -563,8 +563,13 @@ class Registry:
             active = [d.id for d in deps if d.status in ACTIVE_DEPLOYMENT]
             if active:
                 raise Conflict(f"model has active deployments {active}; undeploy them first")
-            if s.scalar(select(func.count()).where(db.Model.base_model_id == model_id)):
-                raise Conflict("adapters are imported on this base model; delete them first")
+            adapters = sorted(
+                s.scalars(select(db.Model.id).where(db.Model.base_model_id == model_id))
+            )
+            if adapters:
+                raise Conflict(
+                    f"adapters {adapters} are imported on this base model; delete them first"
+                )
             shared = m.checksum is not None and bool(
                 s.scalar(
                     select(func.count()).where(
@@ -573,7 +578,12 @@ class Registry:
                 )
             )
             # the caller removes the files; conversions only when no other model has them
-            out = {**views.model(m), "artifactUri": m.artifact_uri, "checksumShared": shared}
+            out = {
+                **views.model(m),
+                "artifactUri": m.artifact_uri,
+                "checksumShared": shared,
+                "deletedDeployments": [d.id for d in deps],  # undeployed ones go with it
+            }
             # an import or export still running ends here (its task finds the model gone)
             running = select(db.DockStatus).where(
                 db.DockStatus.model_id == model_id, db.DockStatus.status == JobStatus.IN_PROGRESS

@@ -401,3 +401,17 @@ def test_an_import_ends_with_its_job_in_one_step(reg, admin):
     assert reg.get_job(failed["job"]["dockStatusId"])["status"] == "FAILED"
     dep = reg.get_deployment(failed["deployment"]["deploymentId"])
     assert dep["status"] == "FAILED" and "not a zip" in dep["failureReason"]
+
+
+def test_a_model_delete_names_what_goes_with_it_and_what_blocks_it(reg, admin):
+    from raydock.errors import Conflict
+
+    _, user = admin
+    uid = user["userId"]
+    base = ready_model(reg, uid)
+    adapter = reg.create_model("lora", "file", uid, kind="adapter", base_model_id=base["modelId"])
+    with pytest.raises(Conflict, match=adapter["modelId"]):
+        reg.delete_model(base["modelId"])
+    reg.delete_model(adapter["modelId"])
+    d = reg.create_deployment(base["modelId"], default_deploy_body("idle"), uid)
+    assert reg.delete_model(base["modelId"])["deletedDeployments"] == [d["deploymentId"]]
