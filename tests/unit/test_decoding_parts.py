@@ -372,3 +372,37 @@ def test_compiling_a_large_schema_leaves_the_event_loop_serving():
     took, longest, second = asyncio.run(main())
     assert longest < took / 3, (took, longest)
     assert second < took / 10, (took, second)
+
+
+def _sentencepiece_tokenizer():
+    """A tokenizer with Llama 2's / Mistral's normalizer and decoder chain: the decoder
+    strips the leading space of what it decodes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁The": 3, "▁capital": 4, "▁is": 5, "▁Paris": 6}
+    vocab |= {".": 7, "▁": 8}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def test_a_sentencepiece_output_keeps_its_first_space():
+    """ "The capital is" + " Paris." read "The capital isParis." (and the logprob token
+    "Paris"): the output is decoded after the prompt's last tokens, as vLLM does."""
+    from raydock.serve_apps.engines.base import token_text
+
+    tok = _sentencepiece_tokenizer()
+    prompt = tok("The capital is")["input_ids"]
+    tracker = TextTracker(lambda ids: tok.decode(ids, skip_special_tokens=True), (), prompt)
+    assert "".join(tracker.add(t) for t in (6, 7)) + tracker.flush() == " Paris."
+    assert token_text(tok, prompt[-1], 6) == " Paris" and token_text(tok, 6, 7) == "."
+    assert token_text(tok, None, 6) == "Paris"  # nothing before it: as decoded alone

@@ -126,9 +126,22 @@ def append_token(
     seq.done = finish is not None
     logprobs = []
     if seq.params.logprobs:
-        alts = [(tokenizer.decode([t]), lp) for t, lp in top]
-        logprobs = [(tokenizer.decode([token]), float(logprob), alts)]
+        ids = seq.tracker.ids
+        before = ids[-2] if len(ids) > 1 else (seq.prompt[-1] if seq.prompt else None)
+        alts = [(token_text(tokenizer, before, t), lp) for t, lp in top]
+        logprobs = [(token_text(tokenizer, before, token), float(logprob), alts)]
     return StepEvent(text, [token], logprobs, finish, len(seq.prompt), seq.produced)
+
+
+def token_text(tokenizer: Any, before: int | None, token: int) -> str:
+    """A token's text as it reads after the token `before` (detok.TextTracker's reason: a
+    SentencePiece token decoded alone loses its leading space)."""
+    if before is not None:
+        head = tokenizer.decode([before], skip_special_tokens=True)
+        both = tokenizer.decode([before, token], skip_special_tokens=True)
+        if head and both.startswith(head):
+            return both[len(head) :]
+    return tokenizer.decode([token])
 
 
 async def drain_steps(out: asyncio.Queue) -> AsyncIterator[list[StepEvent]]:

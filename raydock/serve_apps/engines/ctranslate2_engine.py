@@ -263,7 +263,7 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
             guide=guide,
             prompt=prompt,
             params=params,
-            tracker=TextTracker(self._decode, params.stop),
+            tracker=TextTracker(self._decode, params.stop, prompt),
             generator=make_generator(params.seed),
             budget=min(params.max_tokens, self.max_context - len(prompt)),
             key=self._key(params, guide is not None),

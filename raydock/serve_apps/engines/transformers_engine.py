@@ -209,7 +209,7 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
             adapter=adapter,
             prompt=list(prompt_ids),
             params=params,
-            tracker=TextTracker(self._decode, params.stop),
+            tracker=TextTracker(self._decode, params.stop, list(prompt_ids)),
             generator=make_generator(params.seed),
             budget=min(params.max_tokens, self.max_context - len(prompt_ids)),
         )
