@@ -40,6 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from raydock.platform.bootstrap import (
         check_port_free,
+        chosen_admin_key,
         connect,
         start_platform,
         stop_platform,
@@ -49,6 +50,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.ray_address:  # a cluster of our own: its proxy binds the port here
         check_port_free(settings.host, settings.port)
+    chosen_admin_key()  # a short RAYDOCK_ADMIN_KEY: refused before anything starts
     # the data dir holds the database, uploads and weights: owner-only (Ray's workers, which
     # write them, inherit the umask from here)
     os.umask(0o077)
@@ -398,7 +400,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
             from raydock.platform.bootstrap import stop_platform
 
-            stop_platform()
+            stop_platform(own_cluster=not settings.ray_address)  # joined: our apps only
             ray.shutdown()
 
 

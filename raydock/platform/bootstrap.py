@@ -187,8 +187,9 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     for path in (settings.home_path, settings.uploads_path):
         path.mkdir(parents=True, exist_ok=True)
     cfg = settings.to_dict()
+    chosen = chosen_admin_key()  # refused before any actor holds the database
     registry = _registry(settings)
-    admin_key = _first_call(registry.ensure_admin.remote(_chosen_admin_key()))
+    admin_key = _first_call(registry.ensure_admin.remote(chosen))
     # Serve first: the lifecycle's first pass may restore deployments, which would otherwise
     # start Serve with its default HTTP options
     serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -230,7 +231,9 @@ def _check_secret_key_on_head() -> None:
     )
 
 
-def _chosen_admin_key() -> str | None:
+def chosen_admin_key() -> str | None:
+    """RAYDOCK_ADMIN_KEY, the first admin's key an operator chooses; SettingsError when it is
+    too short to be safe (checked before Ray starts, and again before the registry)."""
     chosen = os.environ.get("RAYDOCK_ADMIN_KEY") or None
     if chosen and (problem := security.chosen_key_problem(chosen)):
         raise SettingsError(problem)
@@ -240,13 +243,20 @@ def _chosen_admin_key() -> str | None:
 def stop_platform(own_cluster: bool = True) -> None:
     """Remove raydock's Serve apps and the platform actors (the database keeps all state).
     On a cluster of its own, Serve goes too; on one raydock joined, only raydock's apps go."""
+
+    def kill(*actors: str) -> None:
+        for name in actors:
+            with contextlib.suppress(ValueError):  # not running
+                ray.kill(ray.get_actor(name, namespace=names.NAMESPACE), no_restart=True)
+
     if own_cluster:
         serve.shutdown()
     else:
-        ours = {names.API_APP, names.GATEWAY_APP}
+        # first what would bring the rest back: the API's supervisor re-creates actors, the
+        # lifecycle restores a DEPLOYED deployment's app as soon as it is gone
+        serve.delete(names.API_APP)
+        kill(names.LIFECYCLE)
         for app in serve.status().applications:
-            if app in ours or names.is_engine_app(app):
+            if app == names.GATEWAY_APP or names.is_engine_app(app):
                 serve.delete(app)
-    for name in (names.LIFECYCLE, names.ACCESS_HUB, names.METER, names.NOTIFIER, names.REGISTRY):
-        with contextlib.suppress(ValueError):  # not running
-            ray.kill(ray.get_actor(name, namespace=names.NAMESPACE), no_restart=True)
+    kill(names.LIFECYCLE, names.ACCESS_HUB, names.METER, names.NOTIFIER, names.REGISTRY)

@@ -197,6 +197,21 @@ class WebhookAddressRefused(ValueError):
     """A user's webhook whose host is (or resolves to) an address they may not reach."""
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    """The IPv4 address an IPv6 one carries (mapped, compatible, 6to4, NAT64), which is
+    where it leads on networks that translate them; else the address itself."""
+    if ip.version == 4:
+        return ip
+    if ip.ipv4_mapped or ip.sixtofour:
+        return ip.ipv4_mapped or ip.sixtofour
+    if ip in _NAT64 or int(ip) >> 32 == 0:  # NAT64, or IPv4-compatible (::a.b.c.d)
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip
+
+
 def webhook_address(url: str, allowed: str) -> str:
     """The address to POST a user's webhook to: its host resolved, every address it has
     checked. A user's webhook must not reach the platform's own network (the Ray dashboard,
@@ -216,9 +231,7 @@ def webhook_address(url: str, allowed: str) -> str:
     networks = allowed_networks(allowed)
     addresses = list(dict.fromkeys(info[4][0] for info in found))
     for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if getattr(ip, "ipv4_mapped", None):
-            ip = ip.ipv4_mapped
+        ip = _embedded_ipv4(ipaddress.ip_address(address.split("%")[0]))
         if not ip.is_global and not any(ip in net for net in networks):
             raise WebhookAddressRefused(
                 f"the webhook's host {host!r} is {ip}, an address of the platform's own network "

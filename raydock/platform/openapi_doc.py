@@ -22,6 +22,7 @@ from raydock.errors import TYPES, error_body
 from raydock.platform.schemas import NOT_BLANK, ScalingParameters
 from raydock.serve_apps.protocol import (
     MESSAGE_NEEDS,
+    NEUTRAL,
     NOT_HONOURED,
     SHAPES,
     ChatRequest,
@@ -482,8 +483,9 @@ def _as_validated(schemas: dict[str, Any]) -> None:
                 "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
             }
         )
-        for name, why in NOT_HONOURED.items():  # refused unless null (best_of: unless n)
-            props(request)[name] = {"type": "null", "description": f"Not supported: {why}."}
+        for name, why in NOT_HONOURED.items():  # refused unless null, neutral (best_of: n)
+            allowed = [None, *NEUTRAL.get(name, ())]
+            props(request)[name] = {"enum": allowed, "description": f"Not supported: {why}."}
     schemas["ChatMessage"]["allOf"] = _message_needs()
     props("CompletionRequest")["prompt"]["anyOf"] = [
         {"type": "string"},

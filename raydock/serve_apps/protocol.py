@@ -273,7 +273,8 @@ def _check_shapes(req: _Request) -> None:
         raise BadParam("stream_options", "stream_options needs stream: true")  # as OpenAI
     for name, why in NOT_HONOURED.items():
         value = (req.model_extra or {}).get(name)
-        if value is not None and not (name == "best_of" and value == req.n):
+        neutral = value in NEUTRAL.get(name, ()) or (name == "best_of" and value == req.n)
+        if value is not None and not neutral:
             raise BadParam(name, f"{name} is not supported: {why}")
 
 
@@ -289,6 +290,13 @@ NOT_HONOURED: dict[str, str] = {
     "min_p": "use top_p or top_k",
     "stop_token_ids": "use stop",
     "prompt_logprobs": "the engines do not score the prompt",
+}
+#: values of them that ask for nothing (clients that send vLLM's defaults explicitly)
+NEUTRAL: dict[str, tuple] = {
+    "functions": ([],),
+    "min_tokens": (0,),
+    "min_p": (0, 0.0),
+    "stop_token_ids": ([],),
 }
 
 

@@ -266,6 +266,8 @@ def test_known_parameters_asked_as_null_or_best_of_n_are_fine():
         protocol.CompletionRequest, {"prompt": "x", "n": 2, "best_of": 2, "suffix": None}
     )
     assert req.n == 2
+    neutral = {"min_p": 0.0, "min_tokens": 0, "stop_token_ids": [], "functions": []}
+    protocol.parse(protocol.ChatRequest, {"messages": [{"role": "user", "content": "x"}]} | neutral)
     protocol.parse(
         protocol.CompletionRequest, {"prompt": "x", "stream": True, "stream_options": {}}
     )

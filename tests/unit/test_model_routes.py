@@ -132,9 +132,9 @@ def test_raydock_up_refuses_a_short_chosen_admin_key(monkeypatch):
 
     monkeypatch.setenv("RAYDOCK_ADMIN_KEY", "admin")
     with pytest.raises(SettingsError, match="RAYDOCK_ADMIN_KEY must be at least 32"):
-        bootstrap._chosen_admin_key()
+        bootstrap.chosen_admin_key()
     monkeypatch.setenv("RAYDOCK_ADMIN_KEY", "rdm-" + "x" * 43)
-    assert bootstrap._chosen_admin_key() == "rdm-" + "x" * 43
+    assert bootstrap.chosen_admin_key() == "rdm-" + "x" * 43
 
 
 def test_a_delete_the_store_fails_is_done_and_retention_removes_the_files(

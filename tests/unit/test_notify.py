@@ -192,6 +192,9 @@ def test_webhook_url_is_validated_naming_the_field():
         "http://10.0.0.7/",
         "http://[::1]:6379/",
         "http://[::ffff:127.0.0.1]/",
+        "http://[::127.0.0.1]/",  # IPv4-compatible
+        "http://[2002:7f00:1::]/",  # 6to4 of 127.0.0.1
+        "http://[64:ff9b::a00:1]/",  # NAT64 of 10.0.0.1
         "http://0.0.0.0/",
     ],
 )
