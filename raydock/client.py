@@ -96,11 +96,12 @@ class Client:
                     sent += len(piece)
                     if progress:
                         progress(sent, size)
-            return self.post(f"/files/session/{sid}/complete")
         except BaseException:  # Ctrl-C, a refusal: the server would keep the chunks a day
             with contextlib.suppress(Exception):
                 self._call("DELETE", f"/files/session/{sid}")
             raise
+        # every chunk is there: the server assembles the zip however long it takes
+        return self._call("POST", f"/files/session/{sid}/complete", timeout=None)
 
     # ---- jobs
     def wait_job(

@@ -353,8 +353,11 @@ async def upload_status(sessionId: str, _: User) -> dict[str, Any]:
 
 @router.delete("/files/session/{sessionId}", tags=["files"])
 async def upload_cancel(sessionId: str, _: User) -> dict[str, Any]:
-    """Cancel an upload: its chunks are deleted and the session ends."""
+    """Cancel an upload: its chunks are deleted and the session ends (not while it is being
+    completed: 409)."""
     await ctx.registry.get_upload_session.remote(sessionId)  # 404 if there is none
+    if sessionId in _COMPLETING:  # its chunks are being assembled into the import's zip
+        raise ApiError(409, f"upload session {sessionId} is being completed", "sessionId")
     await _drop(sessionId)
     return {"deleted": True, "sessionId": sessionId}
 

@@ -66,6 +66,7 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     # an adapter's base is not a ready base model (409), checked at start and at complete
     "POST /files/session/start": (409,),
     "POST /files/session/{sessionId}/complete": (400, 409),  # chunks missing; as import
+    "DELETE /files/session/{sessionId}": (409,),  # while it is being completed
     "POST /models/{modelId}/deploy": (409,),  # model not READY, deployment already deploying
     "POST /deployments/{deploymentId}/redeploy": (409,),
     "POST /deployments/{deploymentId}/retrigger": (400, 409),  # the cluster cannot run it

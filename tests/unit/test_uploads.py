@@ -283,3 +283,17 @@ def test_a_chunked_upload_over_the_archive_limit_is_a_413_however_chunked(small_
         "totalSize",
         "archive_too_large",
     )
+
+
+def test_an_upload_being_completed_cannot_be_cancelled(small_limits):
+    """A client whose complete timed out cancelled the upload mid-assembly (a 404 for an
+    upload about to succeed): a cancel then is a 409."""
+    body = {"fileName": "t.zip", "totalSize": 10, "totalChunks": 1}
+    sid = small_limits.post("/public/files/session/start", json=body).json()["sessionId"]
+    api_uploads._COMPLETING.add(sid)  # as while upload_complete assembles its zip
+    try:
+        r = small_limits.delete(f"/public/files/session/{sid}")
+        assert r.status_code == 409 and "being completed" in r.text, r.text
+    finally:
+        api_uploads._COMPLETING.discard(sid)
+    assert small_limits.delete(f"/public/files/session/{sid}").status_code == 200
