@@ -101,8 +101,8 @@ def test_error_body_matches_what_the_server_sends(doc):
         (f"POST {MGMT}/models/import", {400, 401, 409, 413, 422, 500, 503}),
         (
             f"DELETE {MGMT}/files/session/{{sessionId}}",
-            {401, 404, 405, 413, 500, 503},
-        ),  # 405: "start"
+            {401, 404, 405, 409, 413, 500, 503},
+        ),  # 405: "start"; 409: being completed
         (
             f"PUT {MGMT}/files/session/{{sessionId}}/chunks/{{chunkNumber}}",
             {400, 401, 404, 413, 422, 500, 503},  # chunkNumber is an int
