@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -102,19 +103,23 @@ async def _constraint_of(kind: str, req: protocol._Request) -> structured.Constr
             structured.check_format_size(field, value)
     except structured.StructuredError as exc:
         raise ApiError(400, str(exc), exc.param, "unsupported_schema") from None
-    key = kind + json.dumps(asked, sort_keys=True)
+    text = kind + json.dumps(asked, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()
     found = _compiled.get(key)
     if found is None:
         found = await asyncio.to_thread(_constraint, kind, req)
-        _compiled[key] = found
-        if len(_compiled) > _COMPILED_KEPT:
-            _compiled.pop(next(iter(_compiled)))
+        if len(text) <= _KEPT_FORMAT_CHARS:  # a large one would hold its size in memory
+            _compiled[key] = found
+            if len(_compiled) > _COMPILED_KEPT:
+                _compiled.pop(next(iter(_compiled)))
     return found
 
 
-#: output constraints compiled lately (request format as JSON -> constraint), oldest first
+#: output constraints compiled lately (hash of the request's format -> constraint), oldest
+#: first: at most this many, of formats up to this size (a grammar embeds its strings)
 _compiled: dict[str, structured.Constraint] = {}
 _COMPILED_KEPT = 256
+_KEPT_FORMAT_CHARS = 64 * 1024
 
 
 def _constraint(kind: str, req: protocol._Request) -> structured.Constraint:

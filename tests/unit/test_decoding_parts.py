@@ -349,7 +349,7 @@ def test_compiling_a_large_schema_leaves_the_event_loop_serving():
     schema's compile ran on it and froze them all (5.4 s for 5,000 patterned properties)."""
     from raydock.serve_apps import openai_service
 
-    req = _schema_request(1500, pattern=True)
+    req = _schema_request(1200, pattern=True)  # under the size kept compiled
 
     async def main():
         gaps, last = [], time.monotonic()
@@ -408,3 +408,17 @@ def test_a_sentencepiece_output_keeps_its_first_space():
     assert "".join(tracker.add(t) for t in (6, 7)) + tracker.flush() == " Paris."
     assert token_text(tok, prompt[-1], 6) == " Paris" and token_text(tok, 6, 7) == "."
     assert token_text(tok, None, 6) == "Paris"  # nothing before it: as decoded alone
+
+
+def test_only_formats_of_modest_size_are_kept_compiled():
+    """Each kept constraint holds its grammar: 256 large ones pinned gigabytes per replica."""
+    from raydock.serve_apps import openai_service
+
+    big = _schema_request(2000)  # over _KEPT_FORMAT_CHARS as JSON
+    small = _schema_request(3)
+    before = len(openai_service._compiled)
+    asyncio.run(openai_service._constraint_of("chat", big))
+    assert len(openai_service._compiled) == before
+    asyncio.run(openai_service._constraint_of("chat", small))
+    assert len(openai_service._compiled) == before + 1
+    assert all(len(k) == 64 for k in openai_service._compiled)  # hashes, not the formats
