@@ -414,8 +414,8 @@ def test_only_formats_of_modest_size_are_kept_compiled():
     """Each kept constraint holds its grammar: 256 large ones pinned gigabytes per replica."""
     from raydock.serve_apps import openai_service
 
-    big = _schema_request(2000)  # over _KEPT_FORMAT_CHARS as JSON
-    small = _schema_request(3)
+    big = _schema_request(3000)  # over _KEPT_FORMAT_CHARS as JSON
+    small = _schema_request(7)
     before = len(openai_service._compiled)
     asyncio.run(openai_service._constraint_of("chat", big))
     assert len(openai_service._compiled) == before
