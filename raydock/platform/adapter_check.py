@@ -191,8 +191,10 @@ def check_adapter_against_base(
                 f"in adapter_config.json ({_describe_targets(targets)}) does not name that "
                 f"layer; the config and the weights do not belong together ({_RESAVE_ADAPTER})"
             )
-        effective_rank = _pattern_value(rank_pattern, module, rank, budget)
+        effective_rank = _pattern_value(rank_pattern, module, rank, budget, "rank_pattern")
         _check_lora_shapes(module, shapes, effective_rank, base, adapter_name)
+        # matched here, under the budget, as peft will when it merges or loads the adapter
+        _pattern_value(alpha_pattern, module, None, budget, "alpha_pattern")
     leaves = sorted({module.rsplit(".", 1)[-1] for module in parts})
     modules_to_save = config.get("modules_to_save")
     return {
@@ -322,10 +324,12 @@ def _pattern_key_regex(key: str) -> str:
     return rf"(.*\.)?({key})$"
 
 
-def _pattern_value(pattern: dict, module: str, default: Any, budget: _RegexBudget) -> Any:
+def _pattern_value(
+    pattern: dict, module: str, default: Any, budget: _RegexBudget, field: str
+) -> Any:
     """peft's rule: the first key that matches the end of the module path wins."""
     for key, value in pattern.items():
-        if budget.match(_pattern_key_regex(key), module, f"rank_pattern.{key}", key, whole=False):
+        if budget.match(_pattern_key_regex(key), module, f"{field}.{key}", key, whole=False):
             return value
     return default
 

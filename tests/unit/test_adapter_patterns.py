@@ -71,6 +71,17 @@ def test_a_rank_pattern_key_that_backtracks_is_refused(
     assert "is too slow to match" in message
 
 
+@pytest.mark.timeout(60)
+def test_an_alpha_pattern_key_that_backtracks_is_refused(
+    tmp_path: Path, base: Path, small_budget: None
+) -> None:
+    """peft matches alpha_pattern keys too (when it merges or loads the adapter), with no
+    time limit: it was accepted here, then hung the merge task or the replica."""
+    adapter = _adapter(tmp_path, config={"alpha_pattern": {HOSTILE: 16}})
+    message = _refused_in_time(adapter, base)
+    assert f"adapter_config.json alpha_pattern.{HOSTILE}:" in message
+
+
 def test_peft_matching_is_kept(tmp_path: Path, base: Path) -> None:
     """A rank_pattern key is a regex matched against the end of the module path (after a dot)
     and a target_modules string must match the whole path, as peft applies them."""
