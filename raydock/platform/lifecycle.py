@@ -99,6 +99,9 @@ class Lifecycle:
         self._tasks: set[asyncio.Task] = set()
         self._jobs: set[str] = set()  # jobs a task of this actor is running
         self._restores: dict[str, int] = defaultdict(int)  # failed restores in a row
+        # deployments whose live version's app must run again whatever Serve shows (a
+        # redeploy interrupted while DEPLOYING: Serve may hold the new version's app)
+        self._rerun: set[str] = set()
         self._unhealthy_since: dict[str, float] = {}
         self._pass = asyncio.Lock()
         # the first pass runs as soon as __init__ returns: at start and after every restart
@@ -146,6 +149,7 @@ class Lifecycle:
                     )
             stale = [j["dockStatusId"] for j in orphans if j["dockStatusId"] not in resumed]
             failed = await self.registry.fail_jobs.remote(stale, INTERRUPTED_REASON)
+            self._rerun |= set(failed.get("kept", ()))  # kept until a restore succeeds
             # apps first: a deploy that starts between the two reads is active by the second
             # (its record precedes its app), so its new app is never taken for a stray
             apps = (await asyncio.to_thread(serve.status)).applications
@@ -155,14 +159,12 @@ class Lifecycle:
             for app in removed:
                 await asyncio.to_thread(serve.delete, app)
             restored = []
-            # a redeploy interrupted while DEPLOYING kept its live version: Serve may hold the
-            # new version's app, so the live one is run again whatever Serve shows
-            kept = set(failed.get("kept", ()))
             for d in active:
                 dep_id = d["deploymentId"]
                 if d["status"] != D.DEPLOYED or self._locks[dep_id].locked():
                     continue  # a deploy, undeploy or restore of it is running
-                if dep_id in kept or self._app_lost(dep_id, apps.get(names.engine_app(dep_id))):
+                lost = self._app_lost(dep_id, apps.get(names.engine_app(dep_id)))
+                if dep_id in self._rerun or lost:
                     restored.append(dep_id)
                     self._spawn(self._restore(dep_id))
         done = {"failed": failed, "resumedUndeploys": resumed, "removedApps": removed}
@@ -189,9 +191,11 @@ class Lifecycle:
             except Exception:  # gone (or the registry restarting: the next reconcile sees)
                 return
             if dep["status"] != D.DEPLOYED:
+                self._rerun.discard(deployment_id)
                 return
             try:
                 await self._run_app(deployment_id, job_id=None)
+                self._rerun.discard(deployment_id)
                 self._restores.pop(deployment_id, None)
                 self._unhealthy_since.pop(deployment_id, None)
             except Exception as exc:
@@ -200,6 +204,7 @@ class Lifecycle:
                 log.warning("restoring %s failed (%d): %r", deployment_id, tries, exc)
                 if tries >= MAX_RESTORES:
                     self._restores.pop(deployment_id, None)
+                    self._rerun.discard(deployment_id)
                     reason = f"its Serve application was lost; {tries} restores failed: {exc}"
                     await asyncio.to_thread(serve.delete, names.engine_app(deployment_id))
                     await self.registry.set_deployment_status.remote(

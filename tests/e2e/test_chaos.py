@@ -135,7 +135,9 @@ def test_killing_each_platform_component_heals_within_30_s(platform, ready_model
     assert_consistent(platform)
 
 
-def test_a_deploy_whose_lifecycle_dies_ends_failed_and_leaves_no_app(platform, ready_model):
+def test_a_deploy_whose_lifecycle_dies_ends_failed_and_a_redeploys_keeps_the_live_one(
+    platform, ready_model
+):
     ref = platform.client.deploy(ready_model["modelId"], default_deploy_body("chaos-deploy"))
     ray.kill(VICTIMS["lifecycle"](), no_restart=False)
     job = platform.client.wait_job(ref["dockStatusId"], timeout=60)
@@ -146,7 +148,30 @@ def test_a_deploy_whose_lifecycle_dies_ends_failed_and_leaves_no_app(platform, r
     # and it can be re-triggered, by the new lifecycle
     ref = platform.client.post(f"/deployments/{ref['deploymentId']}/retrigger")
     assert platform.client.wait_job(ref["dockStatusId"], timeout=300)["status"] == "SUCCESS"
-    job = platform.client.post(f"/deployments/{ref['deploymentId']}/undeploy")
+    dep_id = ref["deploymentId"]
+    key = platform.client.post(f"/deployments/{dep_id}/api-keys", json={"name": "k"})["apiKey"]
+
+    # a redeploy whose lifecycle dies while DEPLOYING: the live version serves on (it was
+    # FAILED: an outage of a version that had been serving)
+    changed = default_deploy_body("chaos-deploy")
+    changed["hyperParameters"]["topK"] = 7
+    ref = platform.client.post(f"/deployments/{dep_id}/redeploy", json=changed)
+    assert platform.client.get(f"/deployments/{dep_id}")["status"] == "DEPLOYING"
+    ray.kill(VICTIMS["lifecycle"](), no_restart=False)
+    job = platform.client.wait_job(ref["dockStatusId"], timeout=60)
+    assert job["status"] == "FAILED" and "interrupted" in job["message"]
+    dep = platform.client.get(f"/deployments/{dep_id}")
+    assert dep["status"] == "DEPLOYED" and dep["config"]["hyperParameters"]["topK"] != 7
+    body = {"messages": ASK_JSON, "max_tokens": 2}
+    url = f"{platform.url}/deployments/{dep_id}/v2/chat/completions"
+
+    def serving() -> bool:
+        r = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        app = serve.status().applications.get(names.engine_app(dep_id))
+        return r.status_code == 200 and app is not None and app.status == "RUNNING"
+
+    wait_for(serving, timeout=180, interval=1)
+    job = platform.client.post(f"/deployments/{dep_id}/undeploy")
     assert platform.client.wait_job(job["dockStatusId"], timeout=120)["status"] == "SUCCESS"
 
 
@@ -229,9 +254,10 @@ def test_an_app_nobody_owns_is_removed(platform):
     def stray(request) -> str:
         return "stray"
 
+    serve.run(stray.bind(), name="their-app", route_prefix="/their-app")  # up first: the
+    # stray may be removed before run_many sees its deployment made, which it then waits for
     target = RunTarget(target=stray.bind(), name=name, route_prefix=names.engine_route(name))
-    theirs = RunTarget(target=stray.bind(), name="their-app", route_prefix="/their-app")
-    serve.run_many([target, theirs], wait_for_applications_running=False)
+    serve.run_many([target], wait_for_applications_running=False)
     started = time.monotonic()
     assert name in serve.status().applications
     wait_for(lambda: name not in serve.status().applications, timeout=HEAL_S, interval=0.5)
