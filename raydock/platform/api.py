@@ -38,7 +38,7 @@ from raydock.platform import (
     retention,
     schemas,
 )
-from raydock.platform.api_deps import User, admin_user, ctx, job_ref
+from raydock.platform.api_deps import User, admin_user, ctx, job_ref, limits_need_metering
 from raydock.platform.bootstrap import ensure_platform_actors
 from raydock.platform.jobs import EXPORT_URL_TTL_S, deployconfig_from, exports_key, model_key
 from raydock.platform.states import RETRIGGERABLE_DEPLOYMENT, JobAction
@@ -412,21 +412,10 @@ async def create_key(deploymentId: str, body: schemas.KeyCreate, user: User) -> 
     """Create an inference key for this deployment, with optional rate limits and a daily
     token budget. `apiKey` is shown only in this response."""
     limits = body.limits.model_dump() if body.limits else None
-    _limits_need_metering(limits)
+    limits_need_metering(limits)
     return await ctx.registry.create_deployment_key.remote(
         deploymentId, body.name, user["userId"], limits
     )
-
-
-def _limits_need_metering(limits: dict[str, Any] | None) -> None:
-    """Replicas enforce a key's limits from what they meter: without metering they would be
-    shown and never applied."""
-    if not ctx.settings.metering and any(v is not None for v in (limits or {}).values()):
-        raise ApiError(
-            409,
-            "limits: key limits need metering, which is off on this platform (metering: false)",
-            "limits",
-        )
 
 
 @router.patch("/deployments/{deploymentId}/api-keys/{keyId}", tags=["api keys"])
@@ -435,7 +424,7 @@ async def update_key(
 ) -> dict[str, Any]:
     """Change a key's limits; every replica applies them within a second."""
     limits = body.limits.model_dump(exclude_unset=True)
-    _limits_need_metering(limits)
+    limits_need_metering(limits)
     return await ctx.registry.set_key_limits.remote(deploymentId, keyId, limits)
 
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query
 
 from raydock.errors import ApiError, Conflict, NotFound, as_api_error
 from raydock.platform import api_hub, apply, catalog, deploy_checks, schemas
-from raydock.platform.api_deps import User, ctx, job_ref
+from raydock.platform.api_deps import User, ctx, job_ref, limits_need_metering
 from raydock.platform.states import DeploymentStatus as D
 
 log = logging.getLogger("raydock.apply")
@@ -128,6 +128,8 @@ async def _carry_out(change: dict[str, Any], spec: apply.DeploymentSpec | None, 
 
 async def _carry_out_key(change: dict[str, Any], deployment_id: str, user: dict) -> None:
     limits = change.get("limits") or {}
+    if change["action"] in ("create", "update"):
+        limits_need_metering(limits)
     if change["action"] == "create":
         created = await ctx.registry.create_deployment_key.remote(
             deployment_id, change["name"], user["userId"], limits or None

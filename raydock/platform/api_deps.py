@@ -90,3 +90,14 @@ def job_ref(job: dict[str, Any]) -> dict[str, Any]:
         "action": job["action"],
         "status": job["status"],
     }
+
+
+def limits_need_metering(limits: dict[str, Any] | None) -> None:
+    """Replicas enforce a key's limits from what they meter: without metering they would be
+    shown and never applied (409; the API's key routes and apply alike)."""
+    if not ctx.settings.metering and any(v is not None for v in (limits or {}).values()):
+        raise ApiError(
+            409,
+            "limits: key limits need metering, which is off on this platform (metering: false)",
+            "limits",
+        )
