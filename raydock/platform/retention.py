@@ -25,7 +25,8 @@ RETENTION_INTERVAL_S = 3600.0
 RETRY_S = 60.0  # after a round that failed
 #: a model's delete whose files the store could not delete says so
 FILES_LEFT = (
-    "the store could not delete the model's files now; retention deletes them within the hour"
+    "the store could not delete the model's files now: retention deletes its files and exports "
+    "within the hour (conversions and merges made from it stay)"
 )
 
 
