@@ -21,6 +21,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     client = _client(args)
     dest = Path(args.file)
+    if not dest.parent.is_dir():  # else the error would name the .part file
+        raise SystemExit(f"raydock: {dest.parent} is not a folder; the backup goes into one")
     part = dest.with_name(dest.name + ".part")
     # the archive holds the platform key and sealed secrets: owner-only from the start
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -40,3 +40,12 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert cli.main(["models", "list", "--key", "k"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("raydock: interrupted"), err
+
+
+def test_a_backup_into_a_missing_folder_says_so(tmp_path):
+    from raydock import cli
+
+    target = tmp_path / "nodir" / "bk.tar"
+    with pytest.raises(SystemExit) as exc:  # its message is the one line on stderr
+        cli.main(["backup", str(target), "--key", "k", "--url", "http://127.0.0.1:9"])
+    assert f"{target.parent} is not a folder" in str(exc.value) and ".part" not in str(exc.value)
