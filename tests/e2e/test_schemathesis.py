@@ -89,7 +89,7 @@ def protected(platform: Platform, live: Live) -> set[str]:
     use (the live deployment, its model and key, the admin). schemathesis may create and
     destroy what it creates, but must not change or delete these (see `guard`)."""
     client = platform.client
-    ids = {platform.client.get("/me")["userId"]}
+    ids = {platform.client.get("/me")["userId"], "me"}  # the admin: whose key runs the tests
     for model in client.get("/models")["models"]:
         ids.add(model["modelId"])
         for dep in client.get(f"/models/{model['modelId']}/deployments")["deployments"]:
@@ -166,6 +166,7 @@ DESTRUCTIVE_POSTS = (
     "/rollback",
     "/complete",
     "/chunks/",
+    "/rotate-key",
 )
 
 
