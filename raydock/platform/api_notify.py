@@ -27,7 +27,7 @@ async def set_my_webhook(body: schemas.WebhookSet, user: User) -> dict[str, Any]
         allowed = ctx.settings.webhook_allowed_networks
         await asyncio.to_thread(notify.webhook_address, body.url, allowed)
     except notify.WebhookAddressRefused as exc:
-        raise ApiError(400, f"url: {exc}", "url") from None
+        raise ApiError(400, f"url: {exc}", "url", "webhook_address_refused") from None
     return await ctx.registry.set_user_webhook.remote(user["userId"], body.url)
 
 

@@ -277,11 +277,53 @@ def finish(doc: Doc) -> Doc:
             )
     _link(doc)
     _as_validated(schemas)
+    _refuse_nul(doc)
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
     schemas.update(copy.deepcopy(ERROR_SCHEMAS))  # callers may edit the document
     doc["components"]["securitySchemes"] = copy.deepcopy(SECURITY_SCHEMES)
     return doc
+
+
+#: what no management string may hold (jsontypes.NUL: PostgreSQL's text cannot): a body's
+#: field or a query parameter with one is a 422 (schemas._Body, errors.nul_in_url)
+NO_NUL = "^[^\\u0000]*$"
+
+
+def _refuse_nul(doc: Doc) -> None:
+    """Say on every management string, in bodies and query parameters, that it holds no NUL
+    (inference text may: a chat message is not stored)."""
+    inference = {ChatRequest.__name__, CompletionRequest.__name__}
+    for model in (ChatRequest, CompletionRequest):
+        inference |= set(model.model_json_schema().get("$defs", {}))
+    for name, schema in doc["components"]["schemas"].items():
+        if name not in inference and name not in ERROR_SCHEMAS:
+            _no_nul_strings(schema)
+    for path, _, op in _operations(doc):
+        if path.startswith(MANAGEMENT):
+            for param in op.get("parameters", []):
+                if param["in"] == "query":
+                    _no_nul_strings(param["schema"])
+
+
+def _no_nul_strings(schema: Any) -> None:
+    if isinstance(schema, list):
+        for item in schema:
+            _no_nul_strings(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    types = schema.get("type")
+    is_string = types == "string" or (isinstance(types, list) and "string" in types)
+    free = is_string and schema.get("format") != "binary" and not {"enum", "const"} & set(schema)
+    if free:
+        if "pattern" in schema:  # one pattern per schema: the other joins through allOf
+            schema.setdefault("allOf", []).append({"pattern": NO_NUL})
+        else:
+            schema["pattern"] = NO_NUL
+    for key, value in schema.items():
+        if key not in ("enum", "const", "default", "example", "examples", "pattern"):
+            _no_nul_strings(value)
 
 
 def _secure(path: str, op: dict[str, Any]) -> None:
@@ -366,11 +408,11 @@ def _management_errors(path: str, method: str, op: dict[str, Any]) -> set[int]:
 
 
 def _can_fail(param: dict[str, Any]) -> bool:
-    """Whether FastAPI can refuse this parameter: a required query parameter, or a path or
-    query parameter typed other than a free string (an int, an enum)."""
+    """Whether this parameter can be refused (422): any query parameter (required, or with
+    a NUL), or a path parameter typed other than a free string (an int, an enum)."""
     if param["in"] not in ("path", "query"):
         return False
-    if param["in"] == "query" and param.get("required"):
+    if param["in"] == "query":  # required, or a NUL in it (errors.nul_in_url)
         return True
     schema = param.get("schema", {})
     options = schema.get("anyOf", [schema])

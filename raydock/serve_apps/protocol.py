@@ -273,7 +273,10 @@ def _check_shapes(req: _Request) -> None:
         raise BadParam("stream_options", "stream_options needs stream: true")  # as OpenAI
     for name, why in NOT_HONOURED.items():
         value = (req.model_extra or {}).get(name)
-        neutral = value in NEUTRAL.get(name, ()) or (name == "best_of" and value == req.n)
+        # as JSON compares: false is no 0
+        neutral = not isinstance(value, bool) and (
+            value in NEUTRAL.get(name, ()) or (name == "best_of" and value == req.n)
+        )
         if value is not None and not neutral:
             raise BadParam(name, f"{name} is not supported: {why}")
 

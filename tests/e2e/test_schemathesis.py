@@ -194,7 +194,8 @@ DEPLOYMENT_REFUSALS = {
     "context_length_exceeded",
     "invalid_messages",
 }
-# - management: what only the cluster or the Hub can judge: whether the cluster has the
+# - management: what only the cluster, the Hub or the network can judge (where a webhook's
+#   host resolves); whether the cluster has the
 #   deviceType's GPUs, whether its hardware runs the optimization, whether the model fits
 #   it, whether a Hugging Face token authenticates; (413) whether an upload's totalSize
 #   fits the platform's archive limit and its free disk; and a cross-field rule JSON Schema
@@ -207,6 +208,7 @@ MANAGEMENT_REFUSALS = {
     "archive_too_large",
     "insufficient_storage",
     "invalid_chunking",
+    "webhook_address_refused",  # where a webhook's host resolves (the network's to say)
 }
 # - POST /models/import: the upload's file name must end in .zip (it names the model); OpenAPI
 #   cannot constrain a multipart part's file name, and schemathesis sends none

@@ -134,6 +134,7 @@ def test_penalties_change_the_choice_not_the_reported_logprob():
         ({"prompt": "x", "min_tokens": 5}, "min_tokens"),
         ({"prompt": "x", "stop_token_ids": [5]}, "stop_token_ids"),
         ({"prompt": "x", "min_p": 0.9}, "min_p"),
+        ({"prompt": "x", "min_p": False}, "min_p"),  # JSON's false is no 0
         # the engines read text: an image part is refused, not dropped
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

@@ -96,7 +96,8 @@ def test_error_body_matches_what_the_server_sends(doc):
         (f"POST {MGMT}/models/{{modelId}}/deploy", {400, 401, 404, 409, 413, 422, 500, 503}),
         (f"POST {MGMT}/deployments/{{deploymentId}}/undeploy", {401, 404, 409, 413, 500, 503}),
         (f"DELETE {MGMT}/models/{{modelId}}", {401, 404, 405, 409, 413, 500, 503}),
-        (f"POST {MGMT}/models/{{modelId}}/export", {401, 404, 409, 413, 500, 503}),
+        # 422: its query parameter (deploymentId) holds a NUL
+        (f"POST {MGMT}/models/{{modelId}}/export", {401, 404, 409, 413, 422, 500, 503}),
         # no body limit; 413: the disk is full
         (f"POST {MGMT}/models/import", {400, 401, 409, 413, 422, 500, 503}),
         (
@@ -351,3 +352,18 @@ def test_links_name_operations_and_their_path_parameters(doc):
         target = by_id[link["operationId"]]
         names = {p["name"] for p in target.get("parameters", []) if p["in"] == "path"}
         assert set(link["parameters"]) == names, link
+
+
+def test_management_strings_say_they_hold_no_nul(doc):
+    """A NUL is refused (PostgreSQL cannot store one): the document says so, on body fields
+    and query parameters of the management API, not on inference text."""
+    schemas = doc["components"]["schemas"]
+    assert schemas["ModelUpdate"]["properties"]["description"]["anyOf"][0]["pattern"] == (
+        openapi_doc.NO_NUL
+    )
+    name = schemas["DeployRequest"]["properties"]["name"]  # NOT_BLANK's pattern, and this
+    assert {"pattern": openapi_doc.NO_NUL} in name["allOf"]
+    export = operations(doc)[f"POST {MGMT}/models/{{modelId}}/export"]
+    (param,) = [p for p in export["parameters"] if p["name"] == "deploymentId"]
+    assert param["schema"]["anyOf"][0]["pattern"] == openapi_doc.NO_NUL
+    assert "u0000" not in str(schemas["ChatMessage"])
