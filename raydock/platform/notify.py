@@ -219,9 +219,14 @@ def webhook_address(url: str, allowed: str) -> str:
     multicast addresses are refused unless `allowed` (webhook_allowed_networks) names them.
     The delivery then connects to the address checked, so a name that resolves otherwise a
     moment later (DNS rebinding) cannot take it elsewhere."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)  # ValueError past 65535
+    except ValueError as exc:
+        raise WebhookAddressRefused(
+            f"the webhook's URL has no valid host and port: {exc}"
+        ) from None
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
