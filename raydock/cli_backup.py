@@ -7,6 +7,7 @@ database (the settings `raydock up` uses), under the platform lease, with no Ray
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -58,15 +59,23 @@ def cmd_restore(args: argparse.Namespace) -> int:
     archive = Path(args.file)
     if not archive.is_file():
         raise FileNotFoundError(f"no backup at {archive}")
+    made_home = not settings.home_path.exists()
     if db.normalize_url(settings.db_url).startswith("sqlite"):
         settings.home_path.mkdir(parents=True, exist_ok=True)  # for the lease's file
-    with Lease(settings.db_url, "raydock restore") as lease:
-        lease.acquire(wait_s=5, any_holder=False)  # never under a running platform's feet
-        try:
-            done = backup.restore(settings, archive, force=args.force, progress=_say)
-        except backup.BackupError as exc:
-            print(f"raydock: {exc}", file=sys.stderr)
-            return 1
+    done = None
+    try:
+        with Lease(settings.db_url, "raydock restore") as lease:
+            lease.acquire(wait_s=5, any_holder=False)  # never under a running platform's feet
+            try:
+                done = backup.restore(settings, archive, force=args.force, progress=_say)
+            except backup.BackupError as exc:
+                print(f"raydock: {exc}", file=sys.stderr)
+                return 1
+    finally:
+        if done is None and made_home:  # a failed restore leaves no data dir it made
+            (settings.home_path / backup.LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: left as it is
+                settings.home_path.rmdir()
     moved = f", migrated up to {done.head}" if done.head != done.revision else ""
     print(
         f"restored {sum(done.rows.values())} rows and {done.artifacts} artifact files into "

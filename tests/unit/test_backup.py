@@ -210,6 +210,24 @@ def test_a_backup_from_a_newer_raydock_is_refused_naming_both_revisions(tmp_path
         backup.restore(load_settings(home=str(home)), junk)
 
 
+def test_a_failed_raydock_restore_leaves_no_data_dir_behind(tmp_path, monkeypatch, capsys):
+    """`raydock restore` makes the data dir to hold the lease's file; a restore that fails
+    removes it again (it left `raydock.db.lock` in a new directory)."""
+    from raydock import cli
+
+    monkeypatch.delenv("RAYDOCK_DATABASE_URL", raising=False)
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"")
+    home = tmp_path / "new"
+    assert cli.main(["restore", str(junk), "--home", str(home)]) == 1
+    assert "not a raydock backup" in capsys.readouterr().err
+    assert not home.exists()
+    kept = tmp_path / "kept"  # a data dir that was there stays, as it was
+    kept.mkdir()
+    assert cli.main(["restore", str(junk), "--home", str(kept)]) == 1
+    assert kept.is_dir()
+
+
 def test_an_upgrade_that_changes_the_schema_keeps_the_data(db_url, tmp_path, monkeypatch):
     """A database made by the previous version (this raydock's head) with data in it, then
     opened by the next raydock (head 9001): `raydock up`'s path migrates it, and every row
