@@ -193,20 +193,21 @@ def _follow_import(client, ref: dict) -> dict:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    model = _import_with_progress(
-        _client(args), Path(args.file), kind=args.kind, baseModelId=args.base_model
-    )
+    from raydock.cli_resources import model_id
+
+    client = _client(args)
+    base = args.base_model and model_id(client, args.base_model, "--base-model")
+    model = _import_with_progress(client, Path(args.file), kind=args.kind, baseModelId=base)
     print(json.dumps(model, indent=2))
     return 0 if model["status"] == "READY" else 1
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from raydock.cli_resources import follow
-    from raydock.client import default_deploy_body
+    from raydock.cli_resources import follow, model_id
+    from raydock.client import deploy_body
 
     client = _client(args)
-    body = default_deploy_body(args.name, args.device)
-    ref = client.deploy(args.model_id, body)
+    ref = client.deploy(model_id(client, args.model_id), deploy_body(args.name, args.device))
     job = follow(client, ref)  # a progress bar with the deployment's status
     print(json.dumps(client.get(f"/deployments/{ref['deploymentId']}"), indent=2))
     return 0 if job["status"] == "SUCCESS" else 1
@@ -236,10 +237,10 @@ def _follow_deploy(client, ref: dict) -> int:
 
 
 def cmd_deploy_hf(args: argparse.Namespace) -> int:
-    from raydock.client import default_deploy_body
+    from raydock.client import deploy_body
 
     client = _client(args)
-    body = default_deploy_body(args.name, args.device) | {
+    body = deploy_body(args.name, args.device) | {
         "repoId": args.repo,
         "revision": args.revision,
         "connectionId": args.connection,
@@ -260,10 +261,10 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_catalog(args: argparse.Namespace) -> int:
-    from raydock.client import default_deploy_body
+    from raydock.client import deploy_body
 
     client = _client(args)
-    body = default_deploy_body(args.name, args.device) | {"connectionId": args.connection}
+    body = deploy_body(args.name, args.device) | {"connectionId": args.connection}
     return _follow_deploy(client, client.post(f"/catalog/{args.entry}/deploy", json=body))
 
 
@@ -346,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Import the bundled model's zip, deploy it, and chat with it through the OpenAI SDK."""
     import openai
 
-    from raydock.client import Client, default_deploy_body
+    from raydock.client import Client, deploy_body
     from raydock.modelgen import build_model_zip
 
     url = args.url or os.environ.get("RAYDOCK_URL")
@@ -370,7 +371,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if model["status"] != "READY":
             return 1
         print(f"model {model['name']} ({model['modelId']}) is {model['statusLabel']}")
-        ref = client.deploy(model["modelId"], default_deploy_body("demo-chat"))
+        ref = client.deploy(model["modelId"], deploy_body("demo-chat"))
         print(f"deploying {ref['deploymentId']} (dock status {ref['dockStatusId']}) ...")
         job = client.wait_job(ref["dockStatusId"], timeout=600)
         dep = client.get(f"/deployments/{ref['deploymentId']}")
@@ -447,14 +448,14 @@ def main(argv: list[str] | None = None) -> int:
         if name == "import":
             p.add_argument("file")
             p.add_argument("--kind", default="base", choices=["base", "adapter"])
-            p.add_argument("--base-model", help="base model id (adapters)")
+            p.add_argument("--base-model", help="adapters: the base model's id or name")
         if name in ("import-hf", "deploy-hf"):
             p.add_argument("repo", help="Hugging Face repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct")
             p.add_argument("--revision", help="branch, tag or commit (default main)")
         if name in ("import-hf", "deploy-hf", "deploy-catalog"):
             p.add_argument("--connection", help="connection id (private or gated repos)")
         if name == "deploy":
-            p.add_argument("model_id")
+            p.add_argument("model_id", metavar="MODEL", help="the model's id or name")
         if name == "deploy-catalog":
             p.add_argument("entry", help="catalog entry id (raydock catalog lists them)")
         if name in ("deploy", "deploy-hf", "deploy-catalog"):

@@ -226,24 +226,11 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deployment_id(client: Any, ref: str) -> str:
-    """A deployment's id from its id or its (unique) name."""
-    if ref.startswith("dp-"):
-        return ref
-    from raydock.cli_resources import _all_deployments
-
-    found = [d["deploymentId"] for d in _all_deployments(client, None) if d["name"] == ref]
-    if len(found) != 1:
-        what = "no deployment" if not found else f"{len(found)} deployments ({', '.join(found)})"
-        raise SystemExit(f"raydock: {what} named {ref!r}: give its id")
-    return found[0]
-
-
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from raydock.cli_resources import _job_result
+    from raydock.cli_resources import _job_result, deployment_id
 
     client = _client(args)
-    dep_id = _deployment_id(client, args.deployment)
+    dep_id = deployment_id(client, args.deployment)
     ref = client.post(f"/deployments/{dep_id}/rollback", params={"version": args.version})
     print(f"rolling back to {ref['rolledBackTo']} as {ref['version']}", file=sys.stderr)
     return _job_result(client, args, ref)

@@ -1,14 +1,18 @@
-"""`raydock models|deployments|keys|users|jobs|history|usage`: the management API's resources from
-the command line, each with `-o table|json|yaml` and `--url`/`--key` (else RAYDOCK_URL /
-RAYDOCK_API_KEY). The API decides everything; these commands only call it and print.
-Errors are one line (the API's message) with exit status 1 (raydock/cli.py's `main`)."""
+"""`raydock models|deployments|keys|users|jobs|history|usage|uploads`: the management API's
+resources from the command line, each with `-o table|json|yaml` and `--url`/`--key` (else
+RAYDOCK_URL / RAYDOCK_API_KEY). The API decides everything; these commands only call it and
+print. A model, deployment or key is given by its id or its name (`model_id`,
+`deployment_id`, `key_id`). Errors are one line (the API's message) with exit status 1
+(raydock/cli.py's `main`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -88,6 +92,57 @@ USAGE_COLUMNS: Columns = [
 ]
 
 
+# ------------------------------------------------------------------ ids or names
+
+#: the ids the platform makes: a prefix, a dash and a UUID (registry.py's db.new_id)
+_UUID = r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}"
+Rows = Callable[[], list[dict[str, Any]]]
+
+
+def resolve(ref: str, option: str, kind: str, prefix: str, rows: Rows, id_field: str) -> str:
+    """The id of the one `kind` whose id or name is `ref`, given as `option`. A value shaped
+    like the kind's ids is taken as given, unlisted: the API answers for an unknown one, and
+    usage still counts a deployment deleted since. Anything else is looked up in `rows()`;
+    none, or several of that name, is an error naming `option` and `ref` (exit 1)."""
+    if re.fullmatch(f"{prefix}-{_UUID}", ref):
+        return ref
+    listed = rows()
+    if any(r[id_field] == ref for r in listed):
+        return ref
+    named = [r[id_field] for r in listed if r.get("name") == ref]
+    if len(named) == 1:
+        return named[0]
+    if not named:
+        raise SystemExit(f"raydock: {option} {ref!r}: no {kind} has this id or name")
+    raise SystemExit(
+        f"raydock: {option} {ref!r}: {len(named)} {kind}s have this name "
+        f"({', '.join(named)}): give the id of one"
+    )
+
+
+def model_id(client: Any, ref: str, option: str = "MODEL") -> str:
+    """A model's id from its id or its name."""
+    return resolve(ref, option, "model", "cm", lambda: client.get("/models")["models"], "modelId")
+
+
+def deployment_id(client: Any, ref: str, option: str = "DEPLOYMENT") -> str:
+    """A deployment's id from its id or its name (of every model's deployments)."""
+    return resolve(
+        ref, option, "deployment", "dp", lambda: _all_deployments(client, None), "deploymentId"
+    )
+
+
+def key_id(client: Any, deployment: str | None, ref: str, option: str = "KEY") -> str:
+    """An inference key's id from its id or its name, which is its deployment's to give."""
+
+    def keys() -> list[dict[str, Any]]:
+        if deployment is None:
+            raise SystemExit(f"raydock: {option} {ref!r}: a key's name needs its --deployment")
+        return client.get(f"/deployments/{deployment}/api-keys")["apiKeys"]
+
+    return resolve(ref, option, "API key", "key", keys, "keyId")
+
+
 # ------------------------------------------------------------------ waiting, with progress
 
 
@@ -133,7 +188,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 def _need_id(args: argparse.Namespace) -> None:
     if args.action != "list" and not args.id:
-        raise SystemExit(f"raydock: {args.command} {args.action} needs an id")
+        raise SystemExit(f"raydock: {args.command} {args.action} needs an id or a name")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -141,10 +196,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     client = _client(args)
     if args.action == "list":
         emit(client.get("/models"), args.output, MODEL_COLUMNS, "models")
-    elif args.action == "show":
-        emit(client.get(f"/models/{args.id}"), args.output)
+        return 0
+    model = model_id(client, args.id)
+    if args.action == "export":
+        return _export(client, args, model)
+    if args.action == "show":
+        emit(client.get(f"/models/{model}"), args.output)
     else:
-        emit(client.delete(f"/models/{args.id}"), args.output)
+        emit(client.delete(f"/models/{model}"), args.output)
+    return 0
+
+
+def _export(client: Any, args: argparse.Namespace, model: str) -> int:
+    """Export a model (a job), then say where its zip is, and save it with --out."""
+    params: dict[str, str] = {}
+    if args.deployment:  # whose configuration goes into deployconfig.json
+        params["deploymentId"] = deployment_id(client, args.deployment, "--deployment")
+    ref = client.post(f"/models/{model}/export", params=params)
+    if args.no_wait:
+        emit(ref, args.output)
+        return 0
+    job = follow(client, ref)
+    if job["status"] != "SUCCESS":
+        why = (job.get("message") or "see its job").removeprefix("export failed: ")
+        print(f"raydock: export failed: {why}", file=sys.stderr)
+        return 1
+    url = job["response"]["downloadUrl"]  # the API's route, or the store's presigned URL
+    shown = {
+        "dockStatusId": job["dockStatusId"],
+        "modelId": model,
+        "fileName": job["response"]["fileName"],
+        "downloadUrl": client.base_url + url if url.startswith("/") else url,
+    }
+    if args.out:
+        out = Path(args.out)
+        dest = out / shown["fileName"] if out.is_dir() else out
+        shown["savedTo"] = str(client.download_export(job["dockStatusId"], dest))
+    emit(shown, args.output)
     return 0
 
 
@@ -174,12 +262,13 @@ def _apply_sets(body: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_deployments(args: argparse.Namespace) -> int:
-    from raydock.client import default_deploy_body
+    from raydock.client import deploy_body
 
     _need_id(args)
     client, action = _client(args), args.action
     if action == "list":
-        rows = _all_deployments(client, args.model)
+        model = args.model and model_id(client, args.model, "--model")
+        rows = _all_deployments(client, model)
         emit(
             {"deployments": rows, "total": len(rows)},
             args.output,
@@ -187,31 +276,30 @@ def cmd_deployments(args: argparse.Namespace) -> int:
             "deployments",
         )
         return 0
-    if action == "show":
-        emit(client.get(f"/deployments/{args.id}"), args.output)
-        return 0
-    if action == "history":
-        emit(
-            client.get(f"/deployments/{args.id}/history"), args.output, VERSION_COLUMNS, "versions"
-        )
-        return 0
-    if action == "delete":
-        emit(client.delete(f"/deployments/{args.id}"), args.output)
-        return 0
-    if action == "deploy":  # id: the model
+    if action == "deploy":  # id: the model; the platform's defaults for what is not --set
         if not args.name:
             raise SystemExit("raydock: deployments deploy needs --name")
-        body = _apply_sets(default_deploy_body(args.name, args.device or "cpu-small"), args.set)
-        return _job_result(client, args, client.deploy(args.id, body))
+        body = _apply_sets(deploy_body(args.name, args.device or "cpu-small"), args.set)
+        return _job_result(client, args, client.deploy(model_id(client, args.id), body))
+    dep = deployment_id(client, args.id)
+    if action == "show":
+        emit(client.get(f"/deployments/{dep}"), args.output)
+        return 0
+    if action == "history":
+        emit(client.get(f"/deployments/{dep}/history"), args.output, VERSION_COLUMNS, "versions")
+        return 0
+    if action == "delete":
+        emit(client.delete(f"/deployments/{dep}"), args.output)
+        return 0
     if action == "redeploy":  # the current configuration, with --device / --set applied
-        body = client.get(f"/deployments/{args.id}")["config"]
+        body = client.get(f"/deployments/{dep}")["config"]
         if args.device:
             body["deviceType"] = args.device
         body = _apply_sets(body, args.set)
-        ref = client.post(f"/deployments/{args.id}/redeploy", json=body)
+        ref = client.post(f"/deployments/{dep}/redeploy", json=body)
         return _job_result(client, args, ref)
     path = {"undeploy": "undeploy", "retrigger": "retrigger"}[action]
-    return _job_result(client, args, client.post(f"/deployments/{args.id}/{path}"))
+    return _job_result(client, args, client.post(f"/deployments/{dep}/{path}"))
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -219,26 +307,49 @@ def cmd_history(args: argparse.Namespace) -> int:
     return cmd_deployments(args)
 
 
+#: a key's limits, by the API's field names (the options' dests too), and their options
+LIMIT_OPTIONS = {
+    "requestsPerMinute": "--requests-per-minute",
+    "tokensPerMinute": "--tokens-per-minute",
+    "tokensPerDay": "--tokens-per-day",
+}
+
+
+def _limits_given(args: argparse.Namespace) -> dict[str, int]:
+    return {f: getattr(args, f) for f in LIMIT_OPTIONS if getattr(args, f) is not None}
+
+
+def _limits_change(args: argparse.Namespace) -> dict[str, int | None]:
+    """`keys limits`' PATCH: a limit given is set, one cleared is null (removed), the others
+    are left out (kept). `--clear` alone clears every limit not given."""
+    cleared = set(LIMIT_OPTIONS) if "all" in args.clear else set(args.clear)
+    change = {f: None for f in LIMIT_OPTIONS if f in cleared} | _limits_given(args)
+    if not change:
+        options = ", ".join(LIMIT_OPTIONS.values())
+        raise SystemExit(f"raydock: keys limits needs {options} or --clear [FIELD]")
+    return change
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     client = _client(args)
-    base = f"/deployments/{args.deployment}/api-keys"
+    dep = deployment_id(client, args.deployment)
+    base = f"/deployments/{dep}/api-keys"
     if args.action == "list":
         emit(client.get(base), args.output, KEY_COLUMNS, "apiKeys")
-    elif args.action == "delete":
+    elif args.action in ("delete", "limits"):
         if not args.key_id:
-            raise SystemExit("raydock: keys delete needs the key's id")
-        emit(client.delete(f"{base}/{args.key_id}"), args.output)
+            raise SystemExit(f"raydock: keys {args.action} needs the key's id or name")
+        key = f"{base}/{key_id(client, dep, args.key_id)}"
+        if args.action == "delete":
+            emit(client.delete(key), args.output)
+        else:
+            emit(client.patch(key, json={"limits": _limits_change(args)}), args.output)
     else:
         if not args.name:
             raise SystemExit("raydock: keys create needs --name")
-        limits = {
-            "requestsPerMinute": args.requests_per_minute,
-            "tokensPerMinute": args.tokens_per_minute,
-            "tokensPerDay": args.tokens_per_day,
-        }
         body: dict[str, Any] = {"name": args.name}
-        if any(v is not None for v in limits.values()):
-            body["limits"] = {k: v for k, v in limits.items() if v is not None}
+        if limits := _limits_given(args):
+            body["limits"] = limits
         created = client.post(base, json=body)
         emit(created, args.output)
         if args.output == "table":
@@ -288,18 +399,29 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
+    client = _client(args)
+    dep = args.deployment and deployment_id(client, args.deployment, "--deployment")
     params = {
-        "deploymentId": args.deployment,
-        "keyId": args.key_id,
+        "deploymentId": dep,
+        "keyId": args.key_id and key_id(client, dep, args.key_id, "--key-id"),
         "start": args.start,
         "end": args.end,
         "groupBy": args.group_by,
     }
-    usage = _client(args).get("/usage", params={k: v for k, v in params.items() if v})
+    usage = client.get("/usage", params={k: v for k, v in params.items() if v})
     emit(usage, args.output, USAGE_COLUMNS, "rows")
     if args.output == "table":
         t = usage["totals"]
         print(f"total: {t['requests']} requests, {t['totalTokens']} tokens")
+    return 0
+
+
+def cmd_uploads(args: argparse.Namespace) -> int:
+    """A chunked upload session: what it has received, or cancel it (its chunks are
+    deleted; the server would keep them until idle for a day)."""
+    client = _client(args)
+    path = f"/files/session/{args.id}"
+    emit(client.get(path) if args.action == "show" else client.delete(path), args.output)
     return 0
 
 
@@ -318,15 +440,24 @@ def _waiting(p: argparse.ArgumentParser) -> None:
 
 def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Add the resource commands through cli.py's `add(name, func, help)`."""
-    p = add("models", cmd_models, "models: list | show ID | delete ID")
+    p = add("models", cmd_models, "models: list | show MODEL | delete MODEL | export MODEL")
     _common(p)
-    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "delete"])
-    p.add_argument("id", nargs="?", help="a model id (show, delete)")
+    _waiting(p)
+    p.add_argument(
+        "action", nargs="?", default="list", choices=["list", "show", "delete", "export"]
+    )
+    p.add_argument("id", nargs="?", metavar="MODEL", help="a model's id or name")
+    p.add_argument(
+        "--deployment",
+        help="export: the deployment (id or name) whose configuration goes into "
+        "deployconfig.json (default: the model's latest)",
+    )
+    p.add_argument("--out", metavar="PATH", help="export: also download the zip (file or folder)")
 
     p = add(
         "deployments",
         cmd_deployments,
-        "deployments: list | show | deploy MODEL_ID | redeploy | undeploy | retrigger | "
+        "deployments: list | show | deploy MODEL | redeploy | undeploy | retrigger | "
         "delete | history",
     )
     _common(p)
@@ -346,8 +477,13 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
             "history",
         ],
     )
-    p.add_argument("id", nargs="?", help="a deployment id (a model id for deploy)")
-    p.add_argument("--model", help="list: only this model's deployments")
+    p.add_argument(
+        "id",
+        nargs="?",
+        metavar="DEPLOYMENT",
+        help="a deployment's id or name (deploy: a model's id or name)",
+    )
+    p.add_argument("--model", help="list: only this model's deployments (its id or name)")
     p.add_argument("--name", help="deploy: the deployment's name")
     p.add_argument("--device", help="deploy, redeploy: the deviceType (default cpu-small)")
     p.add_argument(
@@ -360,17 +496,27 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     p = add("history", cmd_history, "a deployment's history versions")
     _common(p)
-    p.add_argument("id", help="a deployment id")
+    p.add_argument("id", metavar="DEPLOYMENT", help="a deployment's id or name")
 
-    p = add("keys", cmd_keys, "a deployment's inference keys: list | create | delete")
+    p = add("keys", cmd_keys, "a deployment's inference keys: list | create | delete | limits")
     _common(p)
-    p.add_argument("action", choices=["list", "create", "delete"])
-    p.add_argument("deployment", help="the deployment's id")
-    p.add_argument("key_id", nargs="?", help="delete: the key's id")
+    p.add_argument("action", choices=["list", "create", "delete", "limits"])
+    p.add_argument("deployment", metavar="DEPLOYMENT", help="the deployment's id or name")
+    p.add_argument("key_id", nargs="?", metavar="KEY", help="delete, limits: the key's id or name")
     p.add_argument("--name", help="create: the key's name")
-    p.add_argument("--requests-per-minute", type=int)
-    p.add_argument("--tokens-per-minute", type=int)
-    p.add_argument("--tokens-per-day", type=int)
+    for field, option in LIMIT_OPTIONS.items():
+        p.add_argument(option, dest=field, type=int, metavar="N", help=f"create, limits: {field}")
+    p.add_argument(
+        "--clear",
+        action="append",
+        nargs="?",
+        const="all",
+        default=[],
+        choices=[*LIMIT_OPTIONS, "all"],
+        metavar="FIELD",
+        help=f"limits: remove this limit ({', '.join(LIMIT_OPTIONS)}; repeatable); alone, "
+        "every limit not given",
+    )
 
     p = add("users", cmd_users, "users (admin): list | create NAME | delete ID | rotate-key ID|me")
     _common(p)
@@ -387,8 +533,13 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
 
     p = add("usage", cmd_usage, "requests and tokens per deployment, adapter and key")
     _common(p)
-    p.add_argument("--deployment", help="a deployment id")
-    p.add_argument("--key-id", help="an API key id")
+    p.add_argument("--deployment", help="a deployment's id or name")
+    p.add_argument("--key-id", help="an API key's id (or its name, with --deployment)")
     p.add_argument("--start", help="ISO 8601, inclusive")
     p.add_argument("--end", help="ISO 8601, exclusive")
     p.add_argument("--group-by", choices=["day", "hour", "minute", "total"], default="day")
+
+    p = add("uploads", cmd_uploads, "a chunked upload session: show ID | cancel ID")
+    _common(p)
+    p.add_argument("action", choices=["show", "cancel"])
+    p.add_argument("id", metavar="SESSION_ID", help="the upload's sessionId")

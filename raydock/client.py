@@ -52,6 +52,9 @@ class Client:
     def post(self, path: str, **kw: Any) -> Any:
         return self._call("POST", path, **kw)
 
+    def patch(self, path: str, **kw: Any) -> Any:
+        return self._call("PATCH", path, **kw)
+
     def delete(self, path: str, **kw: Any) -> Any:
         return self._call("DELETE", path, **kw)
 
@@ -121,6 +124,19 @@ class Client:
                 raise TimeoutError(f"job {job_id} still IN_PROGRESS after {timeout} s")
             time.sleep(0.3)
 
+    # ---- export
+    def download_export(self, dock_status_id: str, dest: str | Path) -> Path:
+        """Save a finished export's zip to `dest`. The API serves it, or redirects to the
+        object store's presigned URL, fetched without the management key (which goes to
+        raydock only)."""
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+        url = f"/exports/{dock_status_id}/download"
+        with self.http.stream("GET", url, timeout=None) as r:
+            if r.is_redirect:
+                return _save(httpx.stream("GET", r.headers["location"], timeout=None), dest, part)
+            return _save(contextlib.nullcontext(r), dest, part)
+
     # ---- deploy
     def deploy(self, model_id: str, body: dict[str, Any], model_type: str = "openSource") -> dict:
         return self.post(f"/models/{model_id}/deploy", params={"modelType": model_type}, json=body)
@@ -129,28 +145,52 @@ class Client:
         return self.post(f"/deployments/{deployment_id}/api-keys", json={"name": name})["apiKey"]
 
 
+def _save(stream: Any, dest: Path, part: Path) -> Path:
+    """Write a streamed response to `dest` through `part`: a broken transfer leaves no
+    partial file under the name asked for."""
+    with stream as r:
+        if r.status_code >= 400:
+            r.read()
+            raise ApiFailure(r.status_code, response_body(r))
+        try:
+            with part.open("wb") as f:
+                for piece in r.iter_bytes(2**20):
+                    f.write(piece)
+            part.replace(dest)
+        finally:
+            part.unlink(missing_ok=True)
+    return dest
+
+
+def deploy_body(name: str, device: str = "cpu-small", **overrides: Any) -> dict[str, Any]:
+    """What a user's deploy sends: the name, the deviceType and the fields given (`overrides`,
+    merged into their groups). Every other parameter is left out, so the platform fills it
+    from its one definition (platform/schemas.py, params.py), as for `raydock apply` and the
+    web deploy form."""
+    body: dict[str, Any] = {"name": name, "hyperParameters": {}, "deviceType": device}
+    return _merged(body, overrides)
+
+
+#: the tests' and benchmarks' footprint, smaller than the platform's defaults: one replica and
+#: a batch of 8 are what the 2-core CI machine holds
+TEST_SCALING = {"maxBatchSize": 8, "maxReplicas": 1}
+
+
 def default_deploy_body(name: str, device: str = "cpu-small", **overrides: Any) -> dict[str, Any]:
-    """A deploy body with the seed's sample values and a CPU profile."""
-    body = {
-        "name": name,
-        "hyperParameters": {
-            "temperature": 1,
-            "maxTokens": 512,
-            "topP": 1,
-            "topK": 50,
-            "stopSequence": [],
-        },
-        "scalingParameters": {
-            "maxBatchSize": 8,
-            "minReplicas": 1,
-            "maxReplicas": 1,
-            "scaleUpDelay": 30,
-            "scaleDownDelay": 600,
-        },
-        "deviceType": device,
-        "optimizationInfo": {"optimizationType": "", "quantizationType": ""},
-        "isDeployedPreviously": False,
-    }
+    """The tests' and benchmarks' deploy body: every field spelled out, at the platform's
+    defaults but for TEST_SCALING. Not for users' deploys: those send `deploy_body`."""
+    from raydock.platform import schemas  # the one definition of each default
+
+    body = deploy_body(name, device)
+    body["hyperParameters"] = schemas.HyperParameters().model_dump()
+    body["scalingParameters"] = schemas.ScalingParameters().model_dump() | TEST_SCALING
+    body["optimizationInfo"] = schemas.OptimizationInfo().model_dump()
+    body["isDeployedPreviously"] = False
+    return _merged(body, overrides)
+
+
+def _merged(body: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`body` with `overrides`: a group (a dict) merged into the body's, anything else set."""
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(body.get(key), dict):
             body[key] = {**body[key], **value}

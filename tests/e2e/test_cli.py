@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -163,6 +164,60 @@ def test_resource_commands_drive_the_api_with_table_json_and_yaml_output(
     # a wrong key: the API's refusal in one line, exit 1
     wrong = cli_json("models", "--url", platform.url, "--key", "rdm-wrong", ok=False)
     assert "HTTP 401" in wrong
+
+
+def test_names_key_limits_export_and_uploads_from_the_command_line(
+    platform, ready_model, live, tmp_path
+):
+    """A deployment by its name, a key's limits set and cleared, a model exported and
+    downloaded, an upload session shown and cancelled: on the session's live deployment
+    (no deploy; the export of the tiny model takes seconds)."""
+    env = {"RAYDOCK_URL": platform.url, "RAYDOCK_API_KEY": platform.admin_key}
+    name, live_id = live.deployment["name"], live.deployment["deploymentId"]
+
+    # a name or an id: the same deployment; a name no deployment has: one line, exit 1
+    assert cli_json("deployments", "show", name, **env)["deploymentId"] == live_id
+    by_name = cli_json("usage", "--deployment", name, "--group-by", "total", **env)
+    by_id = cli_json("usage", "--deployment", live_id, "--group-by", "total", **env)
+    assert by_name["totals"] == by_id["totals"]
+    unknown = raydock("usage", "--deployment", "no-such-deployment", **env)
+    assert unknown.returncode == 1 and unknown.stderr.strip().splitlines() == [
+        "raydock: --deployment 'no-such-deployment': no deployment has this id or name"
+    ]
+
+    # keys limits: set, one cleared, the rest kept; the key by its name
+    key = cli_json("keys", "create", name, "--name", "cli-limits", **env)
+    limits = ["--requests-per-minute", "100", "--tokens-per-day", "5000"]
+    set_ = cli_json("keys", "limits", name, "cli-limits", *limits, **env)["limits"]
+    assert set_ == {"requestsPerMinute": 100, "tokensPerMinute": None, "tokensPerDay": 5000}
+    cleared = cli_json("keys", "limits", live_id, key["keyId"], "--clear", "tokensPerDay", **env)
+    assert cleared["limits"]["tokensPerDay"] is None
+    assert cleared["limits"]["requestsPerMinute"] == 100
+    assert cli_json("keys", "delete", name, "cli-limits", **env)["deleted"] is True
+
+    # models export: follows the job, says where the zip is, downloads it with --out
+    model_id = ready_model["modelId"]
+    shown = cli_json(
+        "models", "export", model_id, "--deployment", name, "--out", str(tmp_path), **env
+    )
+    assert shown["downloadUrl"].startswith(("http://", "https://")), shown
+    saved = Path(shown["savedTo"])
+    assert saved.parent == tmp_path and saved.name == shown["fileName"]
+    with zipfile.ZipFile(saved) as zf:
+        assert "config.json" in zf.namelist()
+        config = json.loads(zf.read("deployconfig.json"))
+    live_config = platform.client.get(f"/deployments/{live_id}")["config"]
+    assert config["scalingParameters"] == live_config["scalingParameters"]
+
+    # uploads: a chunked session shown, then cancelled (its chunks deleted)
+    started = platform.client.post(
+        "/files/session/start",
+        json={"fileName": "later.zip", "totalSize": 10, "totalChunks": 1},
+    )
+    sid = started["sessionId"]
+    assert cli_json("uploads", "show", sid, **env)["fileName"] == "later.zip"
+    assert cli_json("uploads", "cancel", sid, **env) == {"deleted": True, "sessionId": sid}
+    assert "HTTP 404" in cli_json("uploads", "show", sid, ok=False, **env)
 
 
 @pytest.mark.restarts_cluster
