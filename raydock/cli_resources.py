@@ -416,10 +416,25 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+UPLOAD_COLUMNS: Columns = [
+    ("SESSION", lambda u: u["sessionId"]),
+    ("FILE", lambda u: u["fileName"][:40]),
+    ("SIZE", lambda u: u["totalSize"]),
+    ("CHUNKS", lambda u: f"{u['chunksReceived']}/{u['totalChunks']}"),
+    ("BY", lambda u: u["createdBy"]),
+    ("STARTED", lambda u: u["createdAt"]),
+]
+
+
 def cmd_uploads(args: argparse.Namespace) -> int:
-    """A chunked upload session: what it has received, or cancel it (its chunks are
-    deleted; the server would keep them until idle for a day)."""
+    """Chunked upload sessions: the open ones, what one has received, or cancel one (its
+    chunks are deleted; the server would keep them until idle for a day)."""
     client = _client(args)
+    if args.action == "list":
+        emit(client.get("/files/session"), args.output, UPLOAD_COLUMNS, "sessions")
+        return 0
+    if not args.id:
+        raise SystemExit(f"raydock: uploads {args.action} needs a SESSION_ID")
     path = f"/files/session/{args.id}"
     emit(client.get(path) if args.action == "show" else client.delete(path), args.output)
     return 0
@@ -539,7 +554,7 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--end", help="ISO 8601, exclusive")
     p.add_argument("--group-by", choices=["day", "hour", "minute", "total"], default="day")
 
-    p = add("uploads", cmd_uploads, "a chunked upload session: show ID | cancel ID")
+    p = add("uploads", cmd_uploads, "chunked upload sessions: list | show ID | cancel ID")
     _common(p)
-    p.add_argument("action", choices=["show", "cancel"])
-    p.add_argument("id", metavar="SESSION_ID", help="the upload's sessionId")
+    p.add_argument("action", choices=["list", "show", "cancel"])
+    p.add_argument("id", nargs="?", metavar="SESSION_ID", help="the upload's sessionId")

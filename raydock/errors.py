@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, get_args
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raydock.jsontypes import NUL
@@ -90,8 +92,8 @@ class NotFound(ApiError):
 class Conflict(ApiError):
     """The request clashes with the object's current state (409)."""
 
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(409, message, param, "conflict")
+    def __init__(self, message: str, param: str | None = None, code: str = "conflict"):
+        super().__init__(409, message, param, code)
 
 
 def error_body(
@@ -192,17 +194,218 @@ def install(app: FastAPI, max_body_bytes: Callable[[], int | None] = lambda: Non
             response.headers["Allow"] = ", ".join(sorted(allowed_methods(request)))
         return response
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        from raydock.platform.schemas import describe_error
-
-        described = [describe_error(e, None) for e in exc.errors()]
-        message = "; ".join(m for _, m in described)
-        return error_response(
-            422, message, described[0][0], "validation_error", request_id(request)
-        )
-
+    app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes)
+
+
+# ---------------------------------------------------------------- validation errors in words
+# Every refusal of a request's fields (FastAPI's validation, a body validated by hand, an
+# apply document) is put in words here: the field named, what it allows said in words, and
+# none of pydantic's own phrasing ("Value error, ...", "String should match pattern '^...'").
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """The 422 of FastAPI's validation: each error in words, ranges, lengths and fields read
+    from the route's body model."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    body_model = model if isinstance(model, type) and issubclass(model, BaseModel) else None
+    described = [describe_validation_error(e, body_model) for e in exc.errors()]
+    return validation_response(request, described)
+
+
+def validation_response(request: Request, described: list[tuple[str, str]]) -> JSONResponse:
+    """The 422 for (field, message) pairs: the messages joined, each field in `detail` (the
+    document's ValidationErrorResponse)."""
+    message = "; ".join(m for _, m in described)
+    detail = [{"field": f, "message": m} for f, m in described]
+    return error_response(
+        422, message, described[0][0], "validation_error", request_id(request), detail=detail
+    )
+
+
+#: What a `pattern` allows, in words: the rest of "<field> <words>" ("must be a file name
+#: ending in .zip"). The module that declares a pattern gives its words (`explained`); one
+#: character class (`^[A-Za-z0-9_.-]+$`) is put in words without them.
+PATTERN_WORDS: dict[str, str] = {}
+
+
+def explained(pattern: str, words: str) -> str:
+    """`pattern`, with the words that say what it allows recorded for its refusals."""
+    PATTERN_WORDS[pattern] = words
+    return pattern
+
+
+_ONE_CLASS = re.compile(r"\^\[((?:\\.|[^\]\\])+)\](\+|\*|\{(\d+)(?:,(\d*))?\})\$")
+_CLASS_RANGES = {"A-Z": "capital letters", "a-z": "lowercase letters", "0-9": "digits"}
+
+
+def _class_words(chars: str) -> str | None:
+    """A regex character class's content in words ("letters, digits, '_', '.', '-'"), or
+    None for one that words cannot say simply (negated, or another range)."""
+    if chars.startswith("^"):
+        return None
+    parts = []
+    if "A-Z" in chars and "a-z" in chars:
+        parts.append("letters")
+        chars = chars.replace("A-Z", "").replace("a-z", "")
+    for span, words in _CLASS_RANGES.items():
+        if span in chars:
+            parts.append(words)
+            chars = chars.replace(span, "")
+    tokens = re.findall(r"\\.|.", chars)
+    for i, token in enumerate(tokens):
+        if token == "-" and 0 < i < len(tokens) - 1:  # a range: no words for it
+            return None
+        parts.append(repr(token[-1]))
+    return ", ".join(parts)
+
+
+def _length_words(lo: int | None, hi: int | None) -> str:
+    if lo and lo == hi:
+        return f" ({lo} character{'s' if lo > 1 else ''})"
+    if lo and hi:
+        return f" ({lo}–{hi} characters)"
+    if hi:
+        return f" (at most {hi} characters)"
+    if lo:
+        return f" (at least {lo} character{'s' if lo > 1 else ''})"
+    return ""
+
+
+def pattern_words(pattern: str, info: FieldInfo | None = None) -> str:
+    """What `pattern` allows, as the rest of "<field> ..."; the field's lengths from `info`."""
+    if pattern in PATTERN_WORDS:
+        return PATTERN_WORDS[pattern]
+    one = _ONE_CLASS.fullmatch(pattern)
+    chars = _class_words(one.group(1)) if one else None
+    if one is None or chars is None:
+        return f"must match the regular expression {pattern}"
+    lo, hi = _metadata(info, "min_length"), _metadata(info, "max_length")
+    if one.group(3) is not None:  # {m}, {m,} or {m,n} in the pattern itself
+        lo, most = int(one.group(3)), one.group(4)
+        hi = lo if most is None else int(most) if most else None
+    elif one.group(2) == "+":
+        lo = max(lo or 0, 1)
+    return f"may hold {chars}{_length_words(lo, hi)}"
+
+
+def _metadata(info: FieldInfo | None, name: str) -> Any:
+    """A constraint of a field (min_length, ge, ...), None when it has none."""
+    for m in info.metadata if info is not None else ():
+        if getattr(m, name, None) is not None:
+            return getattr(m, name)
+    return None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field's annotation holds: itself, within `X | None` or a list."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (model := _model_in(arg)) is not None:
+            return model
+    return None
+
+
+def _field_at(
+    model: type[BaseModel] | None, loc: tuple[Any, ...]
+) -> tuple[FieldInfo | None, type[BaseModel] | None]:
+    """(the field at `loc`, the model it is or would be a field of), walking nested models;
+    None for what `loc` does not lead to (a list's item is not its list's field)."""
+    info, owner = None, model
+    for part in loc:
+        if isinstance(part, int):  # an item: `model` is already the items' model, if any
+            info = None
+            continue
+        if model is None:
+            return None, None
+        owner, info = model, model.model_fields.get(part)
+        model = _model_in(info.annotation) if info is not None else None
+    return info, owner
+
+
+def _as_field_says(field: str, loc: tuple[Any, ...], text: str) -> str:
+    """A validator's message about `field`: as it stands when it starts with the field's
+    name ("name must not be blank"), else after it ("scalingParameters: minReplicas ...")."""
+    name = next((str(p) for p in reversed(loc) if isinstance(p, str)), None)
+    if name and text.startswith(name + " "):
+        return field.removesuffix(name) + text
+    return f"{field}: {text}"
+
+
+#: type errors in JSON's words, where pydantic's name Python's ("a valid dictionary or
+#: instance of HyperParameters")
+_TYPE_WORDS = {
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+    "dict_type": "an object",
+    "list_type": "a list",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+}
+#: the first part of a FastAPI error's loc
+_SOURCES = ("body", "query", "path", "header", "cookie")
+#: a one-sided range's words, by pydantic's name of its bound
+_BOUND_WORDS = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "less than"}
+
+
+def describe_validation_error(
+    err: Mapping[str, Any], body_model: type[BaseModel] | None = None
+) -> tuple[str, str]:
+    """(field path, message) for one pydantic error, in raydock's words. `body_model`, the
+    model that was validated, gives ranges, lengths and the fields a body may have."""
+    kind, ctx = err.get("type", ""), err.get("ctx") or {}
+    msg = str(err.get("msg", "invalid value"))
+    if kind == "json_invalid":  # loc is ("body", <character offset>)
+        at, reason = err.get("loc", (None, None))[-1], ctx.get("error", "invalid JSON")
+        return "body", f"the body is not valid JSON: {reason} at character {at}"
+    loc = tuple(err.get("loc", ()))
+    if loc and loc[0] in _SOURCES:  # where FastAPI read it from, not part of the field
+        loc = loc[1:]
+    field = ".".join(str(p) for p in loc) or "body"
+    info, owner = _field_at(body_model, loc)
+    got = err.get("input")
+    if kind.startswith(("greater_than", "less_than")):
+        lo, hi = _metadata(info, "ge"), _metadata(info, "le")
+        lo = _metadata(info, "gt") if lo is None else lo
+        hi = _metadata(info, "lt") if hi is None else hi
+        if lo is not None and hi is not None:
+            return field, f"{field} must be between {lo} and {hi} (got {got})"
+        bound = next((f"{w} {ctx[k]}" for k, w in _BOUND_WORDS.items() if k in ctx), None)
+        if bound:
+            return field, f"{field} must be {bound} (got {got})"
+    if kind == "string_too_short":
+        n = ctx.get("min_length")
+        return field, f"{field}: at least {n} character{'s' if n != 1 else ''}"
+    if kind == "string_too_long":
+        size = f" (got {len(got)})" if isinstance(got, str) else ""
+        return field, f"{field}: at most {ctx.get('max_length')} characters{size}"
+    if kind in ("too_short", "too_long"):  # a list's items
+        n = ctx.get("min_length" if kind == "too_short" else "max_length")
+        size = f" (got {ctx['actual_length']})" if ctx.get("actual_length") is not None else ""
+        least = "at least" if kind == "too_short" else "at most"
+        return field, f"{field}: {least} {n} item{'s' if n != 1 else ''}{size}"
+    if kind == "string_pattern_mismatch":  # the value is not repeated: it may be a secret
+        return field, f"{field} {pattern_words(str(ctx.get('pattern')), info)}"
+    if kind == "missing":
+        return field, f"{field} is required"
+    if kind == "extra_forbidden":
+        allowed = f" (allowed: {', '.join(owner.model_fields)})" if owner else ""
+        return field, f"{field}: unknown field{allowed}"
+    if kind in ("value_error", "assertion_error"):  # a validator's own message
+        text = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        return field, _as_field_says(field, loc, text)
+    if kind == "literal_error" and " or " in str(ctx.get("expected", "")):
+        return field, f"{field} must be one of {ctx['expected']}"
+    if kind in _TYPE_WORDS:
+        return field, f"{field} must be {_TYPE_WORDS[kind]}"
+    if msg.startswith("Input should be "):  # pydantic's other "Input should be ..."
+        return field, f"{field} must be {msg.removeprefix('Input should be ')}"
+    return field, f"{field}: {msg}"
 
 
 def allowed_methods(request: Request) -> set[str]:

@@ -20,7 +20,7 @@ from ray.serve.exceptions import RayServeException
 
 from raydock import errors, names
 from raydock.config import Settings, hardware_profiles
-from raydock.errors import ApiError, error_response
+from raydock.errors import ApiError
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import merge
 from raydock.platform import (
@@ -62,23 +62,14 @@ router = APIRouter(prefix="/public")
 # ------------------------------------------------------------------ errors
 
 errors.install(app, lambda: ctx.settings.max_request_bytes)
-BODY_MODELS: dict[str, type] = {}
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError):
-    route = request.scope.get("route")
-    body_model = BODY_MODELS.get(getattr(route, "name", ""))
-    described = (
-        apply.describe_errors(exc.errors(), exc.body)  # "file:line: field ..." per document
-        if getattr(route, "name", "") == "apply_documents"
-        else [schemas.describe_error(e, body_model) for e in exc.errors()]
-    )
-    message = "; ".join(m for _, m in described)
-    detail = [{"field": f, "message": m} for f, m in described]
-    return error_response(
-        422, message, described[0][0], "validation_error", errors.request_id(request), detail=detail
-    )
+    if getattr(request.scope.get("route"), "name", "") != "apply_documents":
+        return await errors.invalid_request(request, exc)
+    # "file:line: field ..." per document
+    return errors.validation_response(request, apply.describe_errors(exc.errors(), exc.body))
 
 
 # ------------------------------------------------------------------ platform & users
@@ -273,8 +264,8 @@ async def deploy_model(
     """Deploy a Ready-to-Deploy model (the seed's Deploy a Model API).
 
     With `isDeployedPreviously: true` and the name of an existing deployment of this model,
-    that deployment (the newest of that name) is redeployed (a new history version);
-    otherwise a new one is created.
+    that deployment is redeployed (a new history version); otherwise a new one is created,
+    under a name no other deployment of the model has (409 otherwise).
     """
     await _check_deployable(body, await ctx.registry.get_model.remote(modelId))
     config = body.model_dump()
@@ -284,9 +275,6 @@ async def deploy_model(
     if existing is None:
         existing = await ctx.registry.create_deployment.remote(modelId, config, user["userId"])
     return await _start_deploy(existing["deploymentId"], config, user)
-
-
-BODY_MODELS["deploy_model"] = schemas.DeployRequest
 
 
 @router.get("/models/{modelId}/deployments", tags=["deployments"])
@@ -333,9 +321,6 @@ async def engine_stats(deploymentId: str, _: User) -> dict[str, Any]:
         ) from None
 
 
-BODY_MODELS["redeploy"] = schemas.DeployRequest
-
-
 @router.post("/deployments/{deploymentId}/redeploy", tags=["deployments"])
 async def redeploy(deploymentId: str, body: schemas.DeployRequest, user: User) -> dict[str, Any]:
     """Redeploy with changed parameters; history gains the next `name_vN`."""
@@ -375,9 +360,6 @@ async def update_deployment(
     return await ctx.registry.update_deployment.remote(
         deploymentId, description=body.description, tags=body.tags, timeout=body.timeout
     )
-
-
-BODY_MODELS["update_deployment"] = schemas.DeploymentUpdate
 
 
 @router.delete("/deployments/{deploymentId}", tags=["deployments"])
@@ -426,9 +408,6 @@ async def update_key(
     limits = body.limits.model_dump(exclude_unset=True)
     limits_need_metering(limits)
     return await ctx.registry.set_key_limits.remote(deploymentId, keyId, limits)
-
-
-BODY_MODELS["update_key"] = schemas.KeyUpdate
 
 
 @router.get("/deployments/{deploymentId}/api-keys", tags=["api keys"])
@@ -490,14 +469,6 @@ app.include_router(api_usage.router)
 app.include_router(api_session.router)  # the web dashboard's sign-in
 app.include_router(api_backup.router)  # POST /backup (admins)
 app.include_router(api_web.router)  # the dashboard's metrics history and playground
-BODY_MODELS.update(
-    create_connection=schemas.ConnectionCreate,
-    import_from_hf=schemas.HuggingFaceImport,
-    deploy_from_hf=schemas.HuggingFaceDeploy,
-    deploy_catalog=schemas.CatalogDeploy,
-    set_my_webhook=schemas.WebhookSet,
-    sign_in=api_session.SessionCreate,
-)
 
 
 def _literal_segments_win(routes: list[Any]) -> None:

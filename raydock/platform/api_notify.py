@@ -22,7 +22,10 @@ Status = Literal[notify.STATUSES]  # type: ignore[valid-type]
 async def set_my_webhook(body: schemas.WebhookSet, user: User) -> dict[str, Any]:
     """Set (or replace) the webhook your events go to. The answer carries a new signing
     secret, shown this once: verify each delivery's `X-Raydock-Signature` with it. The URL's
-    host must resolve to public addresses (or networks the platform allows)."""
+    host must resolve to public addresses (or networks the platform allows). The URL is
+    stored encrypted and never shown again, in this answer neither: `url` is masked, its
+    scheme, host and port, the last 4 characters of the rest and a short hash of it (e.g.
+    `https://hooks.slack.com/…/XyZ9 (5d41402a)`, as deliveries show it)."""
     try:
         allowed = ctx.settings.webhook_allowed_networks
         await asyncio.to_thread(notify.webhook_address, body.url, allowed)
@@ -33,7 +36,8 @@ async def set_my_webhook(body: schemas.WebhookSet, user: User) -> dict[str, Any]
 
 @router.get("/users/me/webhook", tags=["notifications"])
 async def get_my_webhook(user: User) -> dict[str, Any]:
-    """Your webhook's URL (never its secret); 404 when none is set."""
+    """Your webhook: `url` masked as the answer to PUT shows it (never the URL itself, nor
+    its secret) and `createdAt`, when it was set; 404 when none is set."""
     return await ctx.registry.get_user_webhook.remote(user["userId"])
 
 
@@ -54,8 +58,8 @@ async def list_deliveries(
     status: Annotated[Status | None, Query(description="Only deliveries in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many, 1–1000.")] = 100,
 ) -> dict[str, Any]:
-    """Email and webhook deliveries, newest first: its event, target (a URL as its scheme,
-    host and a short hash), status (pending while it is retried, then delivered or failed),
+    """Email and webhook deliveries, newest first: its event, target (a URL masked, as
+    GET /users/me/webhook shows it), status (pending while it is retried, then delivered or failed),
     attempts and last error. An admin sees every delivery; any other user the deliveries of
     their own events to their own email and webhook (among the newest 1,000)."""
     if user["isAdmin"]:
@@ -70,11 +74,12 @@ async def list_deliveries(
 
 
 async def _own_targets(user: dict[str, Any]) -> set[str]:
-    """The user's own targets, as deliveries show them: their email and their webhook."""
+    """The user's own targets, as deliveries show them: their email and their webhook (the
+    registry shows its URL masked as deliveries record it)."""
     own = {user["email"]} if user.get("email") else set()
     try:
         hook = await ctx.registry.get_user_webhook.remote(user["userId"])
-        own.add(notify.display_target(hook["url"]))
+        own.add(hook["url"])
     except NotFound:
         pass
     return own

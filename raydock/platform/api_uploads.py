@@ -346,6 +346,13 @@ async def upload_chunk(
     return await ctx.registry.add_upload_chunk.remote(sessionId, chunkNumber)
 
 
+@router.get("/files/session", tags=["files"])
+async def upload_sessions(_: User) -> dict[str, Any]:
+    """Open upload sessions, oldest first: an upload broken off, to resume or cancel."""
+    sessions = await ctx.registry.list_upload_sessions.remote()
+    return {"sessions": sessions, "total": len(sessions)}
+
+
 @router.get("/files/session/{sessionId}", tags=["files"])
 async def upload_status(sessionId: str, _: User) -> dict[str, Any]:
     return await ctx.registry.get_upload_session.remote(sessionId)

@@ -24,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from ray.exceptions import RayError
 
 from raydock import names
-from raydock.errors import ApiError, meter_unavailable
+from raydock.errors import ApiError, as_api_error, meter_unavailable
 from raydock.platform.api_deps import User, ctx
 from raydock.platform.states import (
     DELETABLE_DEPLOYMENT,
@@ -78,14 +78,21 @@ async def _playground_key(
     async with _key_locks.setdefault(slot, asyncio.Lock()):
         if not fresh and slot in _playground_keys:
             return _playground_keys[slot], False
-        name = f"playground ({user['name']})"
+        # a deployment's key names are unique, user names are not: a user whose name another
+        # user's playground key already bears gets one that names their id too
+        names = (f"playground ({user['name']})", f"playground ({user['name']}, {user['userId']})")
         # the secret of an earlier one is gone (a restart) or refused: that key is of no use
         for k in await ctx.registry.list_deployment_keys.remote(deployment_id):
-            if k["name"] == name and k["createdById"] == user["userId"]:
+            if k["name"] in names and k["createdById"] == user["userId"]:
                 await ctx.registry.delete_deployment_key.remote(deployment_id, k["keyId"])
-        made = await ctx.registry.create_deployment_key.remote(
-            deployment_id, name, user["userId"], None
-        )
+        create = ctx.registry.create_deployment_key.remote
+        try:
+            made = await create(deployment_id, names[0], user["userId"], None)
+        except Exception as exc:
+            err = as_api_error(exc)
+            if err is None or err.code != "duplicate_name":
+                raise
+            made = await create(deployment_id, names[1], user["userId"], None)
         _playground_keys[slot] = made["apiKey"]
         return made["apiKey"], True
 

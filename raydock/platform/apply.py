@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from raydock.errors import ApiError
+from raydock.errors import ApiError, explained
 from raydock.jsontypes import JsonInt
 from raydock.platform import catalog, schemas
 from raydock.platform.states import IMPORTING_MODEL, UNDEPLOYABLE_DEPLOYMENT, ModelStatus
@@ -65,7 +65,10 @@ class ModelSource(schemas._Body):
         }
     )
     zip: str = Field(None, min_length=1, max_length=1000)
-    sha256: str = Field(None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(
+        None,
+        pattern=explained(r"^[0-9a-f]{64}$", "must be 64 lowercase hexadecimal digits (a sha256)"),
+    )
     catalog: str = Field(None, min_length=1, max_length=200)
     connection: str = Field(
         None,
@@ -512,11 +515,8 @@ def plan(declared: list[Declared], state: State, prune: bool) -> list[dict[str, 
                 "deploymentId": dep["deploymentId"],
                 "modelId": dep["modelId"],
             }
-            if dep["status"] in UNDEPLOYABLE_DEPLOYMENT:
+            if dep["status"] in UNDEPLOYABLE_DEPLOYMENT:  # a starting one: its deploy cancelled
                 changes.append(change | {"action": "undeploy", "details": ["no file names it"]})
-            elif dep["status"] in (D.OPTIMIZING, D.DEPLOYING):
-                why = f"no file names it, but it is {dep['status']}: apply --prune again later"
-                changes.append(change | {"action": "wait", "details": [why]})
     return changes
 
 

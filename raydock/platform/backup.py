@@ -7,7 +7,7 @@ A backup is one tar file:
 - `database/<table>.jsonl`: every row, read in one consistent snapshot (SQLite: a copy made
   with its online backup API; PostgreSQL: one REPEATABLE READ transaction). Rows, not a
   backend's dump, so a SQLite backup restores into PostgreSQL and back;
-- `secret.key`: the platform key that seals Hugging Face tokens and webhook secrets (absent
+- `secret.key`: the platform key that seals Hugging Face tokens, webhook URLs and secrets (absent
   when the operator sets RAYDOCK_SECRET_KEY: they keep that key themselves). The archive is
   therefore as secret as the data dir: it is written mode 0600;
 - `artifacts/<key>`: a local artifact store's files (models, optimized and merged weights):
@@ -299,7 +299,8 @@ def restore(
 
 def _check_secret_key(kind: str | None, archived: bytes | None) -> None:
     """Refuse, before anything is written, a restore whose sealed secrets (Hugging Face
-    tokens, webhook secrets) the restored platform could not open: its key would differ."""
+    tokens, webhook URLs and secrets) the restored platform could not open: its key would
+    differ."""
     configured = os.environ.get("RAYDOCK_SECRET_KEY", "").strip().encode()
     if kind == "configured" and not configured:
         raise BackupError(

@@ -202,13 +202,18 @@ class NotificationDelivery(Base):
 
 
 class UserWebhook(Base):
-    """A user's own webhook; its signing secret sealed as connection tokens are."""
+    """A user's own webhook; its URL (which may carry its credential: a Slack webhook's path,
+    a `?token=`) and its signing secret sealed as connection tokens are."""
 
     __tablename__ = "user_webhooks"
     user_id: Mapped[str] = mapped_column(
         ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
     )
-    url: Mapped[str] = mapped_column(String(2000))
+    url_sealed: Mapped[str | None] = mapped_column(Text)
+    url_hint: Mapped[str | None] = mapped_column(Text)  # notify.display_target: all APIs show
+    # the URL in clear as raydocks before revision 0003 stored it: the registry seals it into
+    # url_sealed and empties this when it starts (the migration cannot: no platform key)
+    url: Mapped[str | None] = mapped_column(String(2000))
     secret_sealed: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 

@@ -57,6 +57,9 @@ ORPHAN_GRACE_S = 15.0
 MAX_RESTORES = 3
 # Serve replaces unhealthy replicas itself; an app unhealthy for longer is redeployed
 UNHEALTHY_GRACE_S = 60.0
+# a cancelled conversion is awaited this long for its task to end (Python code sees the
+# cancellation at its next bytecode; a native call in progress is waited for)
+CANCEL_WAIT_S = 120.0
 INTERRUPTED_REASON = "interrupted: the platform component running it stopped; re-trigger it"
 
 
@@ -98,6 +101,7 @@ class Lifecycle:
         self._artifact_locks: dict[tuple, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task] = set()
         self._jobs: set[str] = set()  # jobs a task of this actor is running
+        self._deploys: dict[str, asyncio.Task] = {}  # deployment id -> its running deploy
         self._restores: dict[str, int] = defaultdict(int)  # failed restores in a row
         # deployments whose live version's app must run again whatever Serve shows (a
         # redeploy interrupted while DEPLOYING: Serve may hold the new version's app)
@@ -112,13 +116,14 @@ class Lifecycle:
         """Looked up on each use: the supervisor replaces a registry that died."""
         return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
 
-    def _spawn(self, coro, job_id: str | None = None) -> None:
+    def _spawn(self, coro, job_id: str | None = None) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if job_id:
             self._jobs.add(job_id)
             task.add_done_callback(lambda _: self._jobs.discard(job_id))
+        return task
 
     async def ping(self) -> bool:
         return True
@@ -228,10 +233,14 @@ class Lifecycle:
         converts = engine.converts or model["kind"] == "adapter"
         status = D.OPTIMIZING if converts else D.DEPLOYING
         job = await self.registry.begin_deploy.remote(deployment_id, config, user_id, status)
-        self._spawn(self._deploy(deployment_id, job["dockStatusId"]), job["dockStatusId"])
+        task = self._spawn(self._deploy(deployment_id, job["dockStatusId"]), job["dockStatusId"])
+        self._deploys[deployment_id] = task
+        task.add_done_callback(lambda _: self._deploys.pop(deployment_id, None))
         return job
 
     async def undeploy(self, deployment_id: str, user_id: str) -> dict[str, Any]:
+        """Start an undeploy; one of a deployment still OPTIMIZING or DEPLOYING cancels that
+        deploy first. Returns the undeploy job."""
         job = await self.registry.begin_undeploy.remote(deployment_id, user_id)
         self._spawn(
             self._undeploy(deployment_id, job["dockStatusId"], user_id), job["dockStatusId"]
@@ -378,23 +387,36 @@ class Lifecycle:
     @staticmethod
     async def _run_task(task, profile: dict, *args: Any) -> dict[str, str]:
         """A conversion task with the replica's CPUs; its failure fails the deploy with the
-        converter's own reason."""
+        converter's own reason. A deploy cancelled meanwhile cancels the task, and waits for
+        it to end: the next conversion of the same weights must not meet it writing."""
+        ref = task.options(num_cpus=profile.get("num_cpus", 1)).remote(*args)
+        result = ref.as_future()
         try:
-            return await task.options(num_cpus=profile.get("num_cpus", 1)).remote(*args)
+            return await asyncio.shield(result)
         except ray.exceptions.RayTaskError as exc:
             raise DeployFailed(str(exc.cause)) from None
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(result, CANCEL_WAIT_S)
+            raise
 
-    async def _run_app(self, deployment_id: str, job_id: str | None) -> None:
-        await self._start_app(*await self._build_app(deployment_id, job_id), job_id)
+    async def _run_app(
+        self, deployment_id: str, job_id: str | None, config: dict[str, Any] | None = None
+    ) -> None:
+        await self._start_app(*await self._build_app(deployment_id, job_id, config), job_id)
 
-    async def _build_app(self, deployment_id: str, job_id: str | None) -> tuple[RunTarget, int]:
-        """The Serve application of a deployment's configuration (its artifact optimized
-        first), and how many replicas it starts with; Serve is not touched yet."""
+    async def _build_app(
+        self, deployment_id: str, job_id: str | None, config: dict[str, Any] | None = None
+    ) -> tuple[RunTarget, int]:
+        """The Serve application of a deployment's configuration (or of `config`, a version
+        it ran before), its artifact optimized first, and how many replicas it starts with;
+        Serve is not touched yet."""
         from raydock.serve_apps.engine_app import build_engine_app
 
         dep = await self.registry.get_deployment.remote(deployment_id)
         model = await self.registry.get_model.remote(dep["modelId"])
-        config = dep["config"]
+        config = config or dep["config"]
         profile = hardware_profiles()[config["deviceType"]]
         engine = plan.check(
             config.get("optimizationInfo", {}),
@@ -467,10 +489,7 @@ class Lifecycle:
                 known = (DeployFailed, plan.OptimizationError)
                 reason = str(exc) if isinstance(exc, known) else repr(exc)
                 log.warning("deployment %s failed: %s", deployment_id, reason)
-                # a redeploy that failed before Serve saw it: the live version serves on
-                kept = None
-                if not submitted:
-                    kept = await self.registry.keep_live_version.remote(deployment_id, reason)
+                kept, reason = await self._keep_live(deployment_id, job_id, reason, submitted)
                 if kept:
                     message = f"{reason}; {kept}'s configuration goes on serving"
                     await self.registry.update_job.remote(
@@ -483,9 +502,35 @@ class Lifecycle:
                     job_id, status=JobStatus.FAILED, message=reason, response={"error": reason}
                 )
 
+    async def _keep_live(
+        self, deployment_id: str, job_id: str, reason: str, submitted: bool
+    ) -> tuple[str | None, str]:
+        """A redeploy failed: the version that was serving serves on. Before Serve saw the
+        new version nothing else is needed; after, Serve replaced the live replicas, so the
+        live version's app runs again first. Returns the kept version's name (None: none
+        was live, or it could not run again) and the reason the redeploy failed."""
+        if submitted:
+            live = await self.registry.live_version.remote(deployment_id)
+            if live is None:
+                return None, reason
+            await self._progress(job_id, 95, f"{reason}; starting {live['name']} again")
+            try:
+                await self._run_app(deployment_id, None, config=live["config"])
+            except Exception as exc:
+                log.warning("starting %s of %s again failed: %r", live["name"], deployment_id, exc)
+                return None, f"{reason}; starting {live['name']} again failed too: {exc}"
+        return await self.registry.keep_live_version.remote(deployment_id, reason), reason
+
     async def _undeploy(self, deployment_id: str, job_id: str, user_id: str) -> None:
+        deploy = self._deploys.get(deployment_id)
+        if deploy is not None:  # still starting: stopped where it is, its app deleted below
+            await self._progress(job_id, 10, "cancelling the deploy")
+            deploy.cancel()
+            await asyncio.wait([deploy])
         async with self._locks[deployment_id]:
             try:
+                # the deploy's job and version end (also one an earlier lifecycle ran)
+                await self.registry.cancel_deploy.remote(deployment_id, user_id)
                 await self.registry.record_undeploy.remote(deployment_id, user_id, ended=False)
                 await self._progress(job_id, 30, "deleting Serve application")
                 await asyncio.to_thread(serve.delete, names.engine_app(deployment_id))

@@ -175,22 +175,61 @@ def addresses(text: str) -> list[str]:
     return [a for a in re.split(r"[,;\s]+", text or "") if a]
 
 
+#: a masked URL shows this many of the last characters of its path and query, when they are
+#: at least HINT_MIN_HIDDEN long (a shorter one shows as "…" only: a hint never shows most of it)
+HINT_CHARS = 4
+HINT_MIN_HIDDEN = 16
+
+
+def _after_host(parts) -> str:
+    """A URL's path, query and fragment: where a webhook's credential usually is."""
+    rest = parts.path
+    if parts.query:
+        rest += "?" + parts.query
+    if parts.fragment:
+        rest += "#" + parts.fragment
+    return rest
+
+
 def display_target(target: str) -> str:
-    """A delivery's target as the API shows it: an address as is; a URL as its scheme and host
-    and the first 8 hex digits of the SHA-256 of the whole URL, which tell URLs apart without
-    showing them: any other part may carry a credential (a Slack webhook's path is its token).
-    E.g. `https://hooks.slack.com (5d41402a)`."""
+    """A delivery's target, and a user's webhook, as the API shows them: an address as is; a
+    URL masked, since any part but its scheme, host and port may carry a credential (a Slack
+    webhook's path is its token, others take `?token=`): its scheme, host and port, the last
+    4 characters of the rest, and the first 8 hex digits of the SHA-256 of the whole URL,
+    which tell URLs apart (and a user's webhook among the deliveries) without showing them.
+    E.g. `https://hooks.slack.com/…/XyZ9 (5d41402a)`. Revision 0003 holds a copy of it (the
+    targets it masked): change both, or pending deliveries of before no longer resume."""
     if "://" not in target:
         return target
     digest = hashlib.sha256(target.encode()).hexdigest()[:8]
     try:
         parts = urlsplit(target)
         host = parts.hostname or ""
+        if ":" in host:  # IPv6
+            host = f"[{host}]"
         if parts.port:
             host = f"{host}:{parts.port}"
     except ValueError:
         return f"URL ({digest})"
-    return f"{parts.scheme}://{host} ({digest})"
+    rest = _after_host(parts)
+    hidden = "" if rest in ("", "/") else "/…"
+    if len(rest) >= HINT_MIN_HIDDEN:
+        hidden += "/" + rest[-HINT_CHARS:]
+    return f"{parts.scheme}://{host}{hidden} ({digest})"
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an attempt's error, a log line) with `url` masked, and the part of it after
+    its host removed wherever it appears alone (a request to the checked address carries it
+    without the host)."""
+    if "://" not in url:
+        return text
+    text = text.replace(url, display_target(url))
+    try:
+        rest = _after_host(urlsplit(url))
+    except ValueError:
+        return text
+    return text.replace(rest, "/…") if len(rest) > 1 else text
 
 
 class WebhookAddressRefused(ValueError):
@@ -330,6 +369,11 @@ class Notifier:
         self._tasks: set[asyncio.Task] = set()
         self._registry = registry  # unit tests hand one in; the platform's is looked up
         self._started = datetime.now(UTC).replace(tzinfo=None)
+        # httpx logs every request's whole URL at INFO (httpcore its parts at DEBUG): a
+        # webhook's URL may be its credential, so neither logs below WARNING here
+        for name in ("httpx", "httpcore"):
+            logger = logging.getLogger(name)
+            logger.setLevel(max(logging.WARNING, logger.level))
         if registry is None:  # a Ray actor: go on with what a notifier before it left pending
             import ray
 
@@ -359,21 +403,26 @@ class Notifier:
             return 0
         resumed = 0
         for d in left:
-            secret = await self._secret_for(d["channel"], d["target"], d["event"])
-            if secret is None:
+            found = await self._resolve(d["channel"], d["target"], d["event"])
+            if found is None:
                 await self._record(d["deliveryId"], "failed", d["attempts"], TARGET_GONE)
                 continue
+            target, secret = found
             self._spawn(
                 self._deliver(
-                    d["event"], d["channel"], d["target"], secret, d["deliveryId"], d["attempts"]
+                    d["event"], d["channel"], target, secret, d["deliveryId"], d["attempts"]
                 )
             )
             resumed += 1
         return resumed
 
-    async def _secret_for(self, channel: str, target: str, event: dict[str, Any]) -> str | None:
-        """What signs a resumed delivery to `target` ("" for email and unsigned webhooks):
-        where the event would go now (`_targets`); None when that is no longer there."""
+    async def _resolve(
+        self, channel: str, shown: str, event: dict[str, Any]
+    ) -> tuple[str, str] | None:
+        """Where a resumed delivery goes, and what signs it ("" for email and unsigned
+        webhooks): the place the event would go now (`_targets`) that its record names (a
+        webhook's URL is recorded masked, `display_target`); None when that is no longer
+        there."""
         try:
             found = await self.registry.notification_targets.remote(
                 event.get("userId"), event.get("data", {}).get("keyId")
@@ -382,8 +431,8 @@ class Notifier:
             log.warning("cannot look up the recipients of a resumed delivery: %r", exc)
             found = {}
         for c, t, secret in self._targets(found):
-            if (c, t) == (channel, target):
-                return secret
+            if c == channel and display_target(t) == shown:
+                return t, secret
         return None
 
     def _spawn(self, coro) -> None:
@@ -459,6 +508,8 @@ class Notifier:
                     await self._post_webhook(event, target, secret, delivery_id)
             except Exception as exc:
                 error = describe_failure(exc)
+                if channel == "webhook":  # recorded and logged: never the URL itself
+                    error = scrub(error, target)
                 last = attempt == attempts
                 await self._record(delivery_id, "failed" if last else "pending", attempt, error)
                 if last:

@@ -67,7 +67,9 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /files/session/start": (409,),
     "POST /files/session/{sessionId}/complete": (400, 409),  # chunks missing; as import
     "DELETE /files/session/{sessionId}": (409,),  # while it is being completed
-    "POST /models/{modelId}/deploy": (409,),  # model not READY, deployment already deploying
+    # model not READY, deployment already deploying, the name is another deployment's
+    "POST /models/{modelId}/deploy": (409,),
+    "POST /deployments/{deploymentId}/api-keys": (409,),  # the name is another key's; metering
     "POST /deployments/{deploymentId}/redeploy": (409,),
     "POST /deployments/{deploymentId}/retrigger": (400, 409),  # the cluster cannot run it
     "POST /deployments/{deploymentId}/undeploy": (409,),

@@ -113,6 +113,7 @@ class Registry:
         self._access_changed: set[str] = set()  # deployments whose access data this tx changed
         self._jobs_ended: list[tuple[str, str, float]] = []  # (action, status, seconds)
         self._notices: list[tuple[str, str | None, dict]] = []  # notify.emit after commit
+        self._seal_clear_webhooks()  # webhook URLs an older raydock stored in clear
 
     def close(self) -> None:
         """Give the lease back and close the database connections (the end of the process
@@ -547,12 +548,10 @@ class Registry:
         if j is None or j.status != JobStatus.IN_PROGRESS:
             return
         if model_status == ModelStatus.READY:
-            j.status, j.message, j.percentage = JobStatus.SUCCESS, "imported", 100
+            self._end_job(j, JobStatus.SUCCESS, "imported")
         else:
-            j.status, j.message = JobStatus.FAILED, error
-            j.response = {**(j.response or {}), "error": error}
+            self._end_job(j, JobStatus.FAILED, error)
             self._fail_waiting_deployment(s, j, error)
-        self._job_ended(j)
 
     def delete_model(self, model_id: str) -> dict[str, Any]:
         """Remove a model with no active deployment; returns it for cleanup (with artifactUri,
@@ -655,6 +654,16 @@ class Registry:
                 j.response = {**(j.response or {}), **response}
             return views.job(j)
 
+    def _end_job(self, j: db.DockStatus, status: str, message: str | None) -> None:
+        """End a running job: SUCCESS at 100 %, or FAILED with `message` as its error."""
+        check_job(j.status, status)
+        j.status, j.message = status, message
+        if status == JobStatus.SUCCESS:
+            j.percentage = 100
+        else:
+            j.response = {**(j.response or {}), "error": message}
+        self._job_ended(j)
+
     def _job_ended(self, j: db.DockStatus) -> None:
         if j.status != JobStatus.IN_PROGRESS:  # for the meter's job metrics, once committed
             took = (db.utcnow() - j.created_at).total_seconds()
@@ -696,9 +705,7 @@ class Registry:
             for j in s.scalars(select(db.DockStatus).where(db.DockStatus.id.in_(job_ids))):
                 if j.status != JobStatus.IN_PROGRESS:
                     continue
-                j.status, j.message = JobStatus.FAILED, reason
-                j.response = {**(j.response or {}), "error": reason}
-                self._job_ended(j)
+                self._end_job(j, JobStatus.FAILED, reason)
                 failed["jobs"].append(j.id)
                 m = s.get(db.Model, j.model_id) if j.action == JobAction.IMPORT else None
                 if m is not None and m.status in IMPORTING_MODEL:
@@ -745,15 +752,34 @@ class Registry:
 
     def find_deployment_by_name(self, model_id: str, name: str) -> dict[str, Any] | None:
         with self._tx() as s:
-            q = (
-                select(db.Deployment)
-                .where(db.Deployment.model_id == model_id, db.Deployment.name == name)
-                # names need not be unique: the newest, on every database alike
-                .order_by(db.Deployment.added_on.desc(), db.Deployment.id.desc())
-                .limit(1)
-            )
-            d = s.scalar(q)
+            d = self._named_deployment(s, model_id, name)
             return views.deployment(d) if d else None
+
+    @staticmethod
+    def _named_deployment(s: Session, model_id: str, name: str) -> db.Deployment | None:
+        """The deployment of `model_id` named `name`. New names are unique per model, but a
+        database of an older raydock may hold several: the newest, on every database alike."""
+        q = (
+            select(db.Deployment)
+            .where(db.Deployment.model_id == model_id, db.Deployment.name == name)
+            .order_by(db.Deployment.added_on.desc(), db.Deployment.id.desc())
+            .limit(1)
+        )
+        return s.scalar(q)
+
+    def _refuse_taken_name(self, s: Session, model_id: str, name: str) -> None:
+        """409 when a deployment of the model has that name already, whatever its status:
+        apply, rollback and the deploy route's isDeployedPreviously find deployments by name,
+        and `raydock get` writes files that apply would refuse. Checked here, not by a unique
+        index: older databases may hold duplicates, and the registry is the only writer."""
+        taken = self._named_deployment(s, model_id, name)
+        if taken is not None:
+            raise Conflict(
+                f'name: model {model_id} already has a deployment named "{name}" '
+                f"({taken.id}, {taken.status}); choose another name, or redeploy that one",
+                "name",
+                "duplicate_name",
+            )
 
     def create_deployment(
         self, model_id: str, body: dict[str, Any], user_id: str, awaiting_import: bool = False
@@ -770,6 +796,7 @@ class Registry:
         problem = undeployable_model(m.id, m.status)
         if problem and not (awaiting_import and m.status in IMPORTING_MODEL):
             raise Conflict(problem)
+        self._refuse_taken_name(s, m.id, body["name"])
         d = db.Deployment(
             id=db.new_id(names.DEPLOYMENT_ID_PREFIX),
             model_id=m.id,
@@ -803,6 +830,8 @@ class Registry:
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
             changed = {k: v for k, v in fields.items() if v is not None}
+            if "name" in changed and changed["name"] != d.name:  # the API offers no rename
+                self._refuse_taken_name(s, d.model_id, changed["name"])
             for k, v in changed.items():
                 setattr(d, {"timeout": "timeout_s"}.get(k, k), v)
             # the configuration holds them too: a redeploy from it, an export, the history
@@ -867,11 +896,28 @@ class Registry:
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
             if d.status not in UNDEPLOYABLE_DEPLOYMENT:
-                allowed = " or ".join(sorted(UNDEPLOYABLE_DEPLOYMENT))
+                allowed = ", ".join(sorted(UNDEPLOYABLE_DEPLOYMENT))
                 raise Conflict(f"deployment is {d.status}; only {allowed} can be undeployed")
             if self._undeploying(s, d.id):
                 raise Conflict(f"deployment {deployment_id} is already being undeployed")
             return self._add_job(s, JobAction.UNDEPLOY, d.model_id, user_id, d.id)
+
+    def cancel_deploy(self, deployment_id: str, user_id: str) -> None:
+        """An undeploy came while the deployment was starting: its deploy job and the
+        version it was starting end FAILED, saying who cancelled them (no-op otherwise)."""
+        with self._tx() as s:
+            running = select(db.DockStatus).where(
+                db.DockStatus.deployment_id == deployment_id,
+                db.DockStatus.action == JobAction.DEPLOY,
+                db.DockStatus.status == JobStatus.IN_PROGRESS,
+            )
+            jobs = list(s.scalars(running))
+            if not jobs:
+                return
+            reason = f"cancelled: undeployed by {self._user_names(s).get(user_id, user_id)}"
+            for j in jobs:
+                self._end_job(j, JobStatus.FAILED, reason)
+            self._end_version(s, deployment_id, "FAILED", reason)
 
     @staticmethod
     def _undeploying(s: Session, deployment_id: str) -> bool:
@@ -908,9 +954,17 @@ class Registry:
                 self._deployment_notice(s, d)
             return views.deployment(d, self._user_names(s))
 
+    def live_version(self, deployment_id: str) -> dict[str, Any] | None:
+        """The version a starting redeploy replaces, while it counts as live ({"name",
+        "config"}), or None (a first deploy, or the version before was not serving)."""
+        with self._tx() as s:
+            _, previous = self._last_two_versions(s, deployment_id)
+            return None if previous is None else {"name": previous.name, "config": previous.config}
+
     def keep_live_version(self, deployment_id: str, reason: str) -> str | None:
-        """A redeploy failed before its Serve application was touched (a conversion, a
-        merge, a plan refused): the version that was serving goes on serving. The failed
+        """A redeploy failed (a conversion, a merge or a plan refused; or its replicas did
+        not start, and the lifecycle ran the live version's app again): the version that
+        was serving goes on serving. The failed
         version ends FAILED with `reason`, a new one records the live configuration again
         (with the redeploy's description, tags and timeout, which need no redeploy) and the
         deployment is DEPLOYED. Returns the name of the version kept, or None when none was
@@ -1021,6 +1075,18 @@ class Registry:
     ) -> dict[str, Any]:
         with self._tx() as s:
             self._deployment(s, deployment_id)
+            # apply and `raydock get` know a deployment's keys by name (older databases may
+            # hold duplicates; new ones are refused here, by the only writer)
+            taken = select(db.ApiKey.id).where(
+                db.ApiKey.deployment_id == deployment_id, db.ApiKey.name == name[:200]
+            )
+            if s.scalar(taken.limit(1)) is not None:
+                raise Conflict(
+                    f'name: deployment {deployment_id} already has an API key named "{name}"; '
+                    "choose another name (or delete that key first)",
+                    "name",
+                    "duplicate_name",
+                )
             key = security.new_key(security.DEPLOYMENT_PREFIX)
             row = self._key_row(key, name, "deployment", deployment_id, None, user_id)
             self._access_changed.add(deployment_id)
@@ -1249,18 +1315,24 @@ class Registry:
             return self._upload_view(u)
 
     def list_upload_sessions(self) -> list[dict[str, Any]]:
-        """Every open session's id, start (epoch seconds) and size: for the idle sweep, and
-        the disk space a new session must leave to the open ones."""
+        """Every open session, oldest first: its id, file, size, chunks received and who
+        started it when (`startedAt` in epoch seconds: for the idle sweep, and the disk space
+        a new session must leave to the open ones)."""
         with self._tx() as s:
-            u = db.UploadSession
-            rows = s.execute(select(u.id, u.created_at, u.total_size))
+            names = self._user_names(s)
+            rows = s.scalars(select(db.UploadSession).order_by(db.UploadSession.created_at))
             return [
                 {
-                    "sessionId": sid,
-                    "startedAt": started.replace(tzinfo=UTC).timestamp(),
-                    "totalSize": size,
+                    "sessionId": u.id,
+                    "fileName": u.file_name,
+                    "totalSize": u.total_size,
+                    "totalChunks": u.total_chunks,
+                    "chunksReceived": len(u.received),
+                    "createdBy": names.get(u.created_by or "", u.created_by),
+                    "createdAt": views.iso(u.created_at),
+                    "startedAt": u.created_at.replace(tzinfo=UTC).timestamp(),
                 }
-                for sid, started, size in rows
+                for u in rows
             ]
 
     def delete_upload_session(self, session_id: str) -> None:
@@ -1379,8 +1451,9 @@ class Registry:
 
     def notification_targets(self, user_id: str | None, key_id: str | None = None) -> dict:
         """Where an event goes besides the platform's addresses: its user's email and own
-        webhook (the secret opened: for the notifier's signing only, never an API's). A key
-        event without a user goes to the key's creator; `fields`: the names it lacks."""
+        webhook (its URL and secret opened: for the notifier's delivery and signing only,
+        never an API's). A key event without a user goes to the key's creator; `fields`: the
+        names it lacks."""
         fields: dict[str, Any] = {}
         with self._tx() as s:
             k = s.get(db.ApiKey, key_id) if key_id else None
@@ -1395,21 +1468,27 @@ class Registry:
             webhook = None
             if hook is not None and self._secrets is not None:
                 try:
-                    webhook = {"url": hook.url, "secret": self._secrets.open(hook.secret_sealed)}
+                    webhook = {
+                        "url": self._webhook_url(hook),
+                        "secret": self._secrets.open(hook.secret_sealed),
+                    }
                 except SecretUnreadable:  # the platform key changed: set the webhook again
                     webhook = None
             email = u.email if u is not None else None
             return {"userId": user_id, "email": email, "webhook": webhook, "fields": fields}
 
     def record_delivery(self, event: dict[str, Any], channel: str, target: str) -> dict:
-        """A delivery about to be attempted (pending)."""
+        """A delivery about to be attempted (pending), its target recorded as every API
+        shows it: a webhook's URL masked (notify.display_target), never in clear."""
+        from raydock.platform import notify
+
         with self._tx() as s:
             row = db.NotificationDelivery(
                 id=db.new_id("nd"),
                 kind=event["kind"],
                 event=event,
                 channel=channel,
-                target=target,
+                target=notify.display_target(target),
                 status="pending",
                 attempts=0,
             )
@@ -1432,8 +1511,8 @@ class Registry:
 
     def pending_deliveries(self, before: datetime) -> list[dict[str, Any]]:
         """The deliveries still pending from before `before` (UTC), oldest first, with what
-        the notifier needs to go on with them: the event, channel, full target, attempts.
-        For the notifier only: the target is not masked as in `list_deliveries`."""
+        the notifier needs to go on with them: the event, channel, target (a URL masked, as
+        recorded: the notifier finds the URL among the event's targets), attempts."""
         with self._tx() as s:
             q = select(db.NotificationDelivery).where(
                 db.NotificationDelivery.status == "pending",
@@ -1466,13 +1545,11 @@ class Registry:
 
     @staticmethod
     def _delivery_view(row: db.NotificationDelivery) -> dict[str, Any]:
-        from raydock.platform import notify
-
         return {
             "deliveryId": row.id,
             "kind": row.kind,
             "channel": row.channel,
-            "target": notify.display_target(row.target),
+            "target": row.target,  # masked when recorded (revision 0003 masked older ones)
             "status": row.status,
             "attempts": row.attempts,
             "lastError": row.last_error,
@@ -1483,26 +1560,54 @@ class Registry:
         }
 
     def set_user_webhook(self, user_id: str, url: str) -> dict[str, Any]:
-        """Set (or replace) a user's webhook with a new signing secret: returned here only."""
+        """Set (or replace) a user's webhook with a new signing secret: returned here only.
+        The URL is stored sealed and shown masked (`url`: notify.display_target), here too:
+        it may be the receiver's credential."""
         import secrets
 
+        from raydock.platform import notify
+
         secret = "rdwh-" + secrets.token_urlsafe(32)
+        box = self._box()
         with self._tx() as s:
             hook = s.get(db.UserWebhook, user_id)
             if hook is None:
-                hook = db.UserWebhook(user_id=user_id, url=url, secret_sealed="")
+                hook = db.UserWebhook(user_id=user_id, secret_sealed="")
                 s.add(hook)
-            hook.url, hook.secret_sealed = url, self._box().seal(secret)
+            hook.url, hook.url_sealed = None, box.seal(url)
+            hook.url_hint, hook.secret_sealed = notify.display_target(url), box.seal(secret)
             hook.created_at = db.utcnow()
             s.flush()
-            return {"url": url, "secret": secret, "createdAt": views.iso(hook.created_at)}
+            return {"url": hook.url_hint, "secret": secret, "createdAt": views.iso(hook.created_at)}
 
     def get_user_webhook(self, user_id: str) -> dict[str, Any]:
+        """A user's webhook as the API shows it: its URL masked (never its secret)."""
         with self._tx() as s:
             hook = s.get(db.UserWebhook, user_id)
             if hook is None:
                 raise NotFound("no webhook is set for this user")
-            return {"url": hook.url, "createdAt": views.iso(hook.created_at)}
+            return {"url": hook.url_hint, "createdAt": views.iso(hook.created_at)}
+
+    def _webhook_url(self, hook: db.UserWebhook) -> str:
+        """A webhook's URL opened (raises SecretUnreadable when the platform key changed);
+        one not yet sealed (a registry without the key since the upgrade) as it is."""
+        return self._box().open(hook.url_sealed) if hook.url_sealed else hook.url or ""
+
+    def _seal_clear_webhooks(self) -> int:
+        """Seal the webhook URLs raydocks before revision 0003 stored in clear (`url` into
+        `url_sealed`, `url` emptied); returns how many. Here and not in that revision:
+        migrations run without the platform key (`raydock db upgrade`, a restore,
+        db.make_sessionmaker), while the registry `raydock up` starts always has it and runs
+        this before anything reads a webhook. A registry without the key (tests) leaves
+        them to the next one with it."""
+        if self._secrets is None:
+            return 0
+        with self._tx() as s:
+            q = select(db.UserWebhook).where(db.UserWebhook.url.is_not(None))
+            clear = s.scalars(q).all()
+            for hook in clear:
+                hook.url_sealed, hook.url = self._secrets.seal(hook.url), None
+            return len(clear)
 
     def delete_user_webhook(self, user_id: str) -> None:
         with self._tx() as s:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Gt, Le, Lt
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from raydock import params
 from raydock.config import hardware_profiles
-from raydock.errors import ApiError
+from raydock.errors import ApiError, describe_validation_error, explained
 from raydock.jsontypes import (  # noqa: F401 (re-exported for the API's routes)
     EMAIL_PATTERN,
     NOT_BLANK,
@@ -178,7 +177,7 @@ class DeployRequest(_Body):
     def _known_device(cls, v: str) -> str:
         allowed = list(hardware_profiles())
         if v not in allowed:
-            raise ValueError(f"deviceType must be one of {allowed}")
+            raise ValueError(f"deviceType must be one of {', '.join(allowed)}")
         return v
 
 
@@ -233,7 +232,11 @@ class KeyUpdate(_Body):
 
 class UserCreate(_Body):
     name: str = Field(..., min_length=1, max_length=200)
-    email: str | None = Field(None, max_length=320, pattern=EMAIL_PATTERN)
+    email: str | None = Field(
+        None,
+        max_length=320,
+        pattern=explained(EMAIL_PATTERN, "must be an email address: name@domain, no spaces"),
+    )
     isAdmin: bool = False
 
 
@@ -264,7 +267,12 @@ def import_kind_problem(kind: str | None, base_model_id: str | None) -> str | No
 
 
 class UploadSessionStart(_ImportKind):
-    fileName: str = Field(..., min_length=5, max_length=300, pattern=ZIP_NAME_PATTERN)
+    fileName: str = Field(
+        ...,
+        min_length=5,
+        max_length=300,
+        pattern=explained(ZIP_NAME_PATTERN, "must be a file name ending in .zip, without a folder"),
+    )
     # 2**53: what the database's 64-bit integer holds, and JSON numbers carry exactly
     totalSize: JsonInt = Field(..., gt=0, le=2**53, description="Bytes, at most 2^53.")
     totalChunks: JsonInt = Field(..., ge=1, le=100_000)
@@ -272,7 +280,11 @@ class UploadSessionStart(_ImportKind):
     tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS)
 
 
-REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$"
+REPO_ID_PATTERN = explained(
+    r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$",
+    "must be a Hugging Face repo id, `name` or `owner/name`: each part 1–96 letters, digits, "
+    "'_', '.', '-', starting with a letter or digit",
+)
 
 
 class ConnectionCreate(_Body):
@@ -282,7 +294,7 @@ class ConnectionCreate(_Body):
         min_length=1,
         max_length=1000,
         # visible ASCII: what tokens are made of, read alike by Python and JSON Schema
-        pattern=r"^[!-~]+$",
+        pattern=explained(r"^[!-~]+$", "may hold visible ASCII characters only (no spaces)"),
         description="A Hugging Face access token; stored encrypted, never returned.",
     )
     verify: bool = Field(True, description="Check the token with the Hub before storing it.")
@@ -340,47 +352,10 @@ def parse_tags(text: str) -> list[str]:
     return tags
 
 
-# ---- turning validation errors into messages that name the field and its range ----
+# ---- validation errors: errors.describe_validation_error names the field and what it
+# allows (ranges, lengths and patterns read back from these models)
 
-
-def _field_bounds(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Any, Any] | None:
-    """Walk `loc` through nested models; return (lower, upper) of the final field."""
-    info = None
-    for part in loc:
-        if not isinstance(part, str) or model is None:
-            return None
-        info = model.model_fields.get(part)
-        if info is None:
-            return None
-        ann = info.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    if info is None:
-        return None
-    lo = hi = None
-    for m in info.metadata:
-        if isinstance(m, Ge | Gt):
-            lo = getattr(m, "ge", getattr(m, "gt", None))
-        if isinstance(m, Le | Lt):
-            hi = getattr(m, "le", getattr(m, "lt", None))
-    return (lo, hi) if lo is not None or hi is not None else None
-
-
-def describe_error(err: dict[str, Any], body_model: type[BaseModel] | None) -> tuple[str, str]:
-    """(field path, human message) for one pydantic error."""
-    if err.get("type") == "json_invalid":  # loc is ("body", <character offset>)
-        at = err.get("loc", (None, None))[-1]
-        reason = (err.get("ctx") or {}).get("error", "invalid JSON")
-        return "body", f"the body is not valid JSON: {reason} at character {at}"
-    loc = tuple(p for p in err.get("loc", ()) if p not in ("body", "query", "path"))
-    field = ".".join(str(p) for p in loc) or "body"
-    msg = err.get("msg", "invalid value")
-    if body_model is not None and err.get("type", "").startswith(("greater", "less")):
-        bounds = _field_bounds(body_model, loc)
-        if bounds:
-            lo, hi = bounds
-            got = err.get("input")
-            return field, f"{field} must be between {lo} and {hi} (got {got!r})"
-    return field, f"{field}: {msg}"
+describe_error = describe_validation_error
 
 
 # ---- notifications: a user's own webhook (platform/notify.py)

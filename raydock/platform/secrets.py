@@ -1,4 +1,5 @@
-"""Secrets raydock must use again (Hugging Face tokens), encrypted at rest.
+"""Secrets raydock must use again (Hugging Face tokens, users' webhook URLs and signing
+secrets), encrypted at rest.
 
 Fernet (AES-128-CBC + HMAC-SHA256) with one platform key: the `secret_key` setting
 (RAYDOCK_SECRET_KEY) when an operator provides one, else a key generated on first start into

@@ -26,7 +26,8 @@ class ModelStatus(StrEnum):
 class DeploymentStatus(StrEnum):
     """Driven by the lifecycle actor alone: a deploy, redeploy or re-trigger moves a
     deployment to OPTIMIZING (a conversion runs first) or DEPLOYING, then to DEPLOYED or
-    FAILED; an undeploy to UNDEPLOYED; reconciliation fails a deployment whose deploy job is
+    FAILED; an undeploy to UNDEPLOYED (from OPTIMIZING or DEPLOYING it cancels the deploy);
+    reconciliation fails a deployment whose deploy job is
     gone, and one whose app it could not restore. A deployment made together with its model's
     import (from Hugging Face or the catalog) waits READY_TO_DEPLOY, then deploys when the
     import ends READY, or goes FAILED with the import's reason."""
@@ -67,8 +68,9 @@ D = DeploymentStatus
 _DEPLOYMENT = {
     D.READY_TO_DEPLOY: {D.OPTIMIZING, D.DEPLOYING, D.FAILED},
     # DEPLOYED: a redeploy's optimization failed and the live version serves on
-    D.OPTIMIZING: {D.DEPLOYING, D.FAILED, D.DEPLOYED},
-    D.DEPLOYING: {D.DEPLOYED, D.FAILED},
+    # UNDEPLOYED: undeployed while starting (the deploy is cancelled)
+    D.OPTIMIZING: {D.DEPLOYING, D.FAILED, D.DEPLOYED, D.UNDEPLOYED},
+    D.DEPLOYING: {D.DEPLOYED, D.FAILED, D.UNDEPLOYED},
     D.DEPLOYED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED, D.FAILED},
     # READY_TO_DEPLOY: it never deployed, and waits again for its model's retried import
     D.FAILED: {D.DEPLOYING, D.OPTIMIZING, D.UNDEPLOYED, D.READY_TO_DEPLOY},
@@ -106,8 +108,8 @@ def is_serving(status: str, previous_version_live: bool) -> bool:
 
 # Deployments that hold (or are about to hold) a Serve application.
 ACTIVE_DEPLOYMENT = {D.OPTIMIZING, D.DEPLOYING, D.DEPLOYED}
-# Deployments "Undeploy" applies to.
-UNDEPLOYABLE_DEPLOYMENT = {D.DEPLOYED, D.FAILED}
+# Deployments "Undeploy" applies to (a starting one's deploy is cancelled).
+UNDEPLOYABLE_DEPLOYMENT = {D.DEPLOYED, D.FAILED, D.OPTIMIZING, D.DEPLOYING}
 # Deployments that may be removed from the database.
 DELETABLE_DEPLOYMENT = {D.READY_TO_DEPLOY, D.UNDEPLOYED, D.FAILED}
 # Deployments that "Re-trigger" restarts (the seed: "only if failed or stopped").

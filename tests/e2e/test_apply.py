@@ -22,6 +22,8 @@ import openai
 import ray
 import yaml
 
+from raydock.client import default_deploy_body
+
 from .conftest import ASK_JSON
 from .test_cli import raydock
 from .test_huggingface import model_files
@@ -165,7 +167,7 @@ def test_apply_diff_rollback_export_prune_and_a_ray_job(
     with platform.http() as http:
         zero = http.post(f"/api/public/deployments/{dep_id}/rollback", params={"version": 0})
     assert zero.status_code == 422 and zero.json()["error"]["param"] == "version"
-    assert "greater than or equal to 1" in zero.json()["error"]["message"]
+    assert zero.json()["error"]["message"] == "version must be at least 1 (got 0)"
 
     # a change applied by a Ray job: its log shows the change and its result
     key_file = tmp_path / "raydock.key"
@@ -263,3 +265,46 @@ def test_apply_diff_rollback_export_prune_and_a_ray_job(
     for dep in made:
         ref = platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")
         assert platform.client.wait_job(ref["dockStatusId"])["status"] == "SUCCESS"
+
+
+def test_a_name_taken_is_refused_so_the_export_applies_back(platform, live, ready_model, tmp_path):
+    """A second deployment of the model, or a second key of the deployment, under a name in
+    use is a 409 naming the field and the value (over HTTP and in the CLI): `raydock get`
+    then writes files apply takes (it knows deployments and keys by name). Deploys nothing:
+    the session's live deployment holds the names."""
+    auth = {"RAYDOCK_URL": platform.url, "RAYDOCK_API_KEY": platform.admin_key}
+    dep, model_id = live.deployment, ready_model["modelId"]
+    name = dep["name"]
+    before = platform.client.get(f"/models/{model_id}/deployments")["total"]
+    with platform.http() as http:
+        again = http.post(
+            f"/api/public/models/{model_id}/deploy",
+            params={"modelType": "openSource"},
+            json=default_deploy_body(name),
+        )
+    assert again.status_code == 409, again.text
+    error = again.json()["error"]
+    assert (error["param"], error["code"]) == ("name", "duplicate_name")
+    assert f'name: model {model_id} already has a deployment named "{name}"' in error["message"]
+    assert platform.client.get(f"/models/{model_id}/deployments")["total"] == before
+
+    keys = {
+        k["name"]
+        for k in platform.client.get(f"/deployments/{dep['deploymentId']}/api-keys")["apiKeys"]
+    }
+    taken = sorted(keys)[0]
+    refused = raydock("keys", "create", dep["deploymentId"], "--name", taken, **auth)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (
+        f"raydock: HTTP 409: name: deployment {dep['deploymentId']} already has an API key "
+        f'named "{taken}"; choose another name (or delete that key first)'
+    )
+
+    # the model's deployments as files: apply would change nothing
+    export = raydock("get", "deployments", "-o", "yaml", **auth)
+    assert export.returncode == 0, export.stderr
+    mine = [d for d in yaml.safe_load_all(export.stdout) if d["model"] == {"id": model_id}]
+    assert name in [d["name"] for d in mine]
+    (tmp_path / "exported.yaml").write_text(yaml.safe_dump_all(mine))
+    same = raydock("diff", "-f", str(tmp_path / "exported.yaml"), **auth)
+    assert same.returncode == 0, same.stdout + same.stderr

@@ -12,6 +12,7 @@ from ray import serve
 from ray.serve.context import _get_global_client
 
 from raydock.client import default_deploy_body
+from raydock.optimizers import ctranslate2 as ct2
 
 from .conftest import deploy_and_wait, import_ready, wait_for
 
@@ -225,6 +226,79 @@ def test_redeploy_history_undeploy_retrigger_delete(platform, ready_model):
     )
     assert http.delete(f"/api/public/deployments/{dep_id}").status_code == 200
     assert http.get(f"/api/public/deployments/{dep_id}").status_code == 404
+
+
+def test_undeploy_cancels_a_deploy_still_starting(platform, ready_model):
+    """A deploy whose replicas cannot all be placed (10 × 4 CPUs on the session's 16) waits
+    for them until its timeout; undeploying it cancels it there."""
+    scaling = {"minReplicas": 10, "maxReplicas": 10}
+    body = default_deploy_body("cancelled", "cpu-large", scalingParameters=scaling)
+    ref = platform.client.deploy(ready_model["modelId"], body)
+    dep_id, deploy_job = ref["deploymentId"], ref["dockStatusId"]
+    wait_for(lambda: platform.client.get(f"/dock-status/{deploy_job}")["percentageComplete"] >= 20)
+    assert dep_id in serve.status().applications  # Serve is starting what it can place
+    dep = platform.client.get(f"/deployments/{dep_id}")
+    assert dep["status"] == "DEPLOYING" and dep["actions"]["undeploy"]
+
+    job = platform.client.post(f"/deployments/{dep_id}/undeploy")
+    assert platform.client.wait_job(job["dockStatusId"], timeout=180)["status"] == "SUCCESS"
+    deploy = platform.client.get(f"/dock-status/{deploy_job}")
+    assert deploy["status"] == "FAILED" and deploy["message"] == "cancelled: undeployed by admin"
+    assert platform.client.get(f"/deployments/{dep_id}")["status"] == "UNDEPLOYED"
+    assert dep_id not in serve.status().applications
+    [version] = platform.client.get(f"/deployments/{dep_id}/history")["versions"]
+    assert version["result"] == "FAILED" and "cancelled" in version["failureReason"]
+    assert platform.http().delete(f"/api/public/deployments/{dep_id}").status_code == 200
+
+
+def test_a_redeploy_whose_replicas_fail_keeps_the_live_version(platform, ready_model, tmp_path):
+    """About a minute: a deploy, then a redeploy whose new replicas fail Serve's tries.
+
+    The redeploy asks for a CTranslate2 int8 conversion of the model, which the test stored
+    beforehand, broken (its files are no model): the deploy reuses it, Serve replaces the live
+    replicas with new ones, and those fail loading it — an outage, until the lifecycle runs the
+    live version again."""
+    dep = deploy_and_wait(platform, ready_model["modelId"], "rollback")
+    dep_id = dep["deploymentId"]
+    key = platform.client.create_key(dep_id)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.bin").write_bytes(b"not a CTranslate2 model")
+    (broken / "config.json").write_text("{}")
+    prefix = f"optimized/{ct2.artifact_key(ready_model['checksum'], 'int8')}"
+    platform.store.put_dir(broken, prefix)
+    try:
+        optimization = {"optimizationType": "ctranslate2", "quantizationType": "int8"}
+        body = default_deploy_body("rollback", optimizationInfo=optimization)
+        ref = platform.client.post(f"/deployments/{dep_id}/redeploy", json=body)
+        job = platform.client.wait_job(ref["dockStatusId"], timeout=300)
+        assert job["status"] == "FAILED", job
+        assert "rollback_v1's configuration goes on serving" in job["message"], job
+        assert job["response"]["conversion"]["reused"]  # the broken one, as the test meant
+        dep = platform.client.get(f"/deployments/{dep_id}")
+        assert dep["status"] == "DEPLOYED" and dep["config"]["optimizationInfo"] == {
+            "optimizationType": "",
+            "quantizationType": "",
+        }
+        # served by the live version's replicas, started again
+        app = serve.status().applications[dep_id]
+        assert app.status == "RUNNING"
+        r = httpx.post(
+            f"{platform.url}/deployments/{dep_id}/v2/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        versions = platform.client.get(f"/deployments/{dep_id}/history")["versions"]
+        assert [v["result"] for v in versions] == ["SUCCESS", "FAILED", "SUCCESS"]
+        kept = versions[2]["config"]["optimizationInfo"]
+        assert kept == versions[0]["config"]["optimizationInfo"]
+    finally:
+        platform.store.delete(prefix)
+    job = platform.client.post(f"/deployments/{dep_id}/undeploy")
+    assert platform.client.wait_job(job["dockStatusId"])["status"] == "SUCCESS"
+    assert platform.http().delete(f"/api/public/deployments/{dep_id}").status_code == 200
 
 
 @pytest.mark.core

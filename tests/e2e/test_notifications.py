@@ -45,7 +45,7 @@ class Member:
         """The member's webhook; returns its new secret."""
         r = self.platform.http().put("/api/public/users/me/webhook", json={"url": url})
         assert r.status_code == 200, r.text
-        assert r.json()["url"] == url
+        assert r.json()["url"] == notify.display_target(url) and url not in r.text  # masked
         return r.json()["secret"]
 
 
@@ -88,8 +88,10 @@ def test_deploy_and_undeploy_reach_email_and_signed_webhooks(
 ):
     hooks, mail = notify_sinks.hooks, notify_sinks.mail
     hooks.secrets[MINE] = secret = member.set_webhook(hooks.url(MINE))
-    shown = member.platform.http().get("/api/public/users/me/webhook").json()
-    assert shown["url"] == hooks.url(MINE) and "secret" not in shown
+    r = member.platform.http().get("/api/public/users/me/webhook")
+    # the URL is stored sealed and never shown again (its path may be its credential)
+    assert r.json()["url"] == notify.display_target(hooks.url(MINE)) and "secret" not in r.json()
+    assert hooks.url(MINE) not in r.text and MINE not in r.text
 
     dep = deploy_and_wait(member.platform, ready_model["modelId"], "notify-live")
     dep_id = dep["deploymentId"]
@@ -111,11 +113,13 @@ def test_deploy_and_undeploy_reach_email_and_signed_webhooks(
         return found if len(found) == 4 else []
 
     shown = wait_for(delivered, 30)
+    r = platform.http().get("/api/public/notifications/deliveries", params={"kind": DEPLOYED})
+    assert hooks.url(MINE) not in r.text and MINE not in r.text
     assert sorted((d["channel"], d["target"], d["attempts"]) for d in shown) == sorted(
         [
             ("email", EMAIL, 1),
             ("email", NotifySinks.OPS_EMAIL, 1),
-            # a URL shows as its scheme, host and a digest: its path may be a credential
+            # a URL shows masked (as GET /users/me/webhook): its path may be a credential
             ("webhook", notify.display_target(hooks.url(MINE)), 1),
             ("webhook", notify.display_target(hooks.url(NotifySinks.PLATFORM_PATH)), 1),
         ]

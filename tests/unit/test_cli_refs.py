@@ -1,7 +1,7 @@
 """The CLI against the API app in process (a real registry on SQLite, no Ray): a model,
 deployment or key is named by its id or its name in every command; a deploy leaves the
 parameters it was not given to the platform's defaults; and `models export`, `keys limits`,
-`uploads show|cancel`."""
+`uploads list|show|cancel`."""
 
 from __future__ import annotations
 
@@ -284,12 +284,18 @@ def test_models_export_follows_the_job_and_saves_the_zip(platform, capsys, tmp_p
 # ------------------------------------------------------------------ uploads
 
 
-def test_uploads_show_and_cancel_a_chunked_upload(platform, capsys):
+def test_uploads_list_show_and_cancel_a_chunked_upload(platform, capsys):
     client = cli._client(None)
     body = {"fileName": "big.zip", "totalSize": 2048, "totalChunks": 2}
     sid = client.post("/files/session/start", json=body)["sessionId"]
+    client.http.put(f"/files/session/{sid}/chunks/1", content=b"x" * 1024).raise_for_status()
+    [listed] = run(capsys, "uploads", "list")["sessions"]
+    assert listed["sessionId"] == sid and listed["fileName"] == "big.zip"
+    assert (listed["chunksReceived"], listed["totalChunks"], listed["createdBy"]) == (1, 2, "admin")
+    assert cli.main(["uploads", "list", "-o", "table"]) == 0
+    assert f"{sid}  big.zip" in capsys.readouterr().out
     shown = run(capsys, "uploads", "show", sid)
-    assert (shown["fileName"], shown["receivedChunks"]) == ("big.zip", [])
+    assert (shown["fileName"], shown["receivedChunks"]) == ("big.zip", [1])
     assert run(capsys, "uploads", "cancel", sid) == {"deleted": True, "sessionId": sid}
     assert platform.reg.list_upload_sessions() == []
     assert cli.main(["uploads", "show", sid]) == 1

@@ -4,6 +4,8 @@ starts, and the registry applies migrations and holds the lease for its life."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,12 +18,17 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from cryptography.fernet import Fernet
 from sqlalchemy import inspect, text
 
 from raydock import cli
-from raydock.platform import db, migrations, security
+from raydock.config import load_settings
+from raydock.platform import db, migrations, notify, security
 from raydock.platform.lease import Lease, LeaseHeld
 from raydock.platform.registry import Registry
+from raydock.platform.secrets import SecretBox
+from tests.notify_sinks import WebhookSink
+from tests.unit.registry_handle import RegistryHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +123,11 @@ def test_an_empty_sqlite_migrates_in_well_under_a_second(tmp_path):
 
 OLDER_TABLES = [t for name, t in db.Base.metadata.tables.items() if name != "usage"]
 # columns later revisions added to OLDER_TABLES: an older raydock's tables lack them
-ADDED_AFTER_BASELINE = [("deployments", "applied_from")]
+ADDED_AFTER_BASELINE = [
+    ("deployments", "applied_from"),
+    ("user_webhooks", "url_sealed"),
+    ("user_webhooks", "url_hint"),
+]
 
 
 def create_older_tables(db_url: str) -> None:
@@ -150,6 +161,80 @@ def test_a_database_made_before_migrations_is_adopted_and_keeps_its_rows(db_url,
     assert reg.ensure_admin() is None  # the old admin is still the admin
     reg.record_usage([(1_800_000_000, "dp-1", "", "key-1", 1, 2, 3)])  # the table it lacked
     assert reg.tokens_since(db.utcnow().replace(year=2020)) == {"key-1": 5}
+
+
+def test_0003_masks_and_the_registry_seals_webhook_urls_an_older_raydock_kept_in_clear(
+    db_url, registries
+):
+    """A database at 0002 holding a user's webhook URL in clear, and deliveries that recorded
+    it (one still pending). The upgrade masks the deliveries' targets and adds what the API
+    shows; a registry with the platform key seals the URL when it starts (one without
+    leaves it); the pending delivery then goes on to the whole URL."""
+    engine = db.make_engine(db_url)
+    with engine.begin() as conn:
+        migrations._run(conn, "0002")
+    engine.dispose()
+    key = Fernet.generate_key()
+    box = SecretBox(key)
+    event = notify.new_event(notify.DEPLOYED, "u-1", {"deploymentId": "dp-1"})
+    with WebhookSink() as hooks:
+        path = "/services/T0/B0/SeCrEtToKeN9"
+        url = hooks.url(path)
+        hooks.secrets[path] = "rdwh-old"
+        at = "'2026-01-01 00:00:00'"
+        sql(
+            db_url,
+            "INSERT INTO users (id, name, is_admin, created_at) VALUES "
+            f"('u-1', 'ana', false, {at})",
+            "INSERT INTO user_webhooks (user_id, url, secret_sealed, created_at) VALUES "
+            f"('u-1', '{url}', '{box.seal('rdwh-old')}', {at})",
+            *(
+                "INSERT INTO notification_deliveries (id, kind, event, channel, target, "
+                f"status, attempts, created_at, updated_at) VALUES ('{i}', '{event['kind']}', "
+                f"'{json.dumps(event)}', '{channel}', '{target}', '{status}', 1, {at}, {at})"
+                for i, channel, target, status in (
+                    ("nd-sent", "webhook", url, "delivered"),
+                    ("nd-left", "webhook", url, "pending"),
+                    ("nd-mail", "email", "ana@example.test", "delivered"),
+                )
+            ),
+        )
+        shown = notify.display_target(url)
+
+        registries(db_url).close()  # no platform key (a bare upgrade): masked, not sealed
+        assert revision_of(db_url) == migrations.head()
+        assert schema_differences(db_url) == []
+        assert sql(db_url, "SELECT url, url_sealed, url_hint FROM user_webhooks") == [
+            (url, None, shown)
+        ]
+        assert sorted(sql(db_url, "SELECT id, target FROM notification_deliveries")) == [
+            ("nd-left", shown),
+            ("nd-mail", "ana@example.test"),
+            ("nd-sent", shown),
+        ]
+
+        reg = registries(db_url, secret_key=key)  # what `raydock up` starts: seals
+        (row,) = sql(db_url, "SELECT url, url_sealed, url_hint FROM user_webhooks")
+        clear, sealed, hint = row
+        assert clear is None and box.open(sealed) == url and "SeCrEt" not in sealed
+        assert hint == shown and reg.get_user_webhook("u-1")["url"] == shown
+        assert reg.notification_targets("u-1")["webhook"] == {"url": url, "secret": "rdwh-old"}
+
+        settings = load_settings(webhook_allowed_networks="127.0.0.1/32").to_dict()
+        notifier = notify.Notifier(settings, registry=RegistryHandle(reg))
+
+        async def resume() -> int:
+            resumed = await notifier.recover()
+            while await notifier.pending():
+                await asyncio.sleep(0.02)
+            return resumed
+
+        assert asyncio.run(resume()) == 1
+    (got,) = hooks.received
+    assert got["path"] == path and got["verified"]
+    assert got["headers"]["X-Raydock-Delivery"] == "nd-left"
+    left = [d for d in reg.list_deliveries() if d["deliveryId"] == "nd-left"]
+    assert [(d["status"], d["target"]) for d in left] == [("delivered", shown)]
 
 
 def test_a_pre_migration_database_that_does_not_match_is_refused_naming_what_differs(db_url):
@@ -213,7 +298,8 @@ def test_db_commands_report_adopt_and_upgrade(db_url, tmp_path, monkeypatch, cap
     assert out.startswith(f"{head} (head)  ") and "\n0001  Initial schema" in out
     assert cli.main(["db", "current"]) == 0
     out = capsys.readouterr().out
-    assert "revision: none (made before migrations" in out and f"pending: 0001, {head}" in out
+    every = ", ".join(r.revision for r in reversed(migrations.history()))  # 0001, ..., head
+    assert "revision: none (made before migrations" in out and f"pending: {every}\n" in out
     assert "lease: free" in out
 
     with Lease(db_url, "a running platform") as held:  # never under a platform's feet

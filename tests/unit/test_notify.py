@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
+from sqlalchemy import text
 
 from raydock.client import default_deploy_body
 from raydock.config import SettingsError, load_settings
 from raydock.platform import notify
 from raydock.platform.registry import NotFound, Registry
 from raydock.platform.schemas import WebhookSet
+from raydock.platform.secrets import SecretBox, platform_key
 from tests.notify_sinks import MailSink, WebhookSink, free_port, wait_until
 from tests.unit.registry_handle import RegistryHandle
 
@@ -162,13 +164,26 @@ def test_an_smtp_login_needs_tls():
 
 def test_delivery_targets_hide_credentials():
     assert notify.display_target("ana@example.test") == "ana@example.test"
-    slack = "https://hooks.slack.com/services/T0/B0/SeCrEt"  # the path is the token
+    slack = "https://hooks.slack.com/services/T0/B0/SeCrEtToKeN9"  # the path is the token
     digest = hashlib.sha256(slack.encode()).hexdigest()[:8]
-    assert notify.display_target(slack) == f"https://hooks.slack.com ({digest})"
+    assert notify.display_target(slack) == f"https://hooks.slack.com/…/KeN9 ({digest})"
     shown = notify.display_target("https://u:p@h.test:8443/a/b?token=x")
-    assert shown.startswith("https://h.test:8443 (") and "/a/b" not in shown
+    assert shown.startswith("https://h.test:8443/… (") and "/a/b" not in shown
+    assert "token" not in shown and "u:p" not in shown
+    # a short path or query shows no hint: 4 characters would be most of it
+    assert notify.display_target("https://h.test/a?t=x1").startswith("https://h.test/… (")
+    assert notify.display_target("http://[::1]:8080/").startswith("http://[::1]:8080 (")
     assert notify.display_target("https://h.test/a") != notify.display_target("https://h.test/b")
     assert "SeCrEt" not in notify.display_target("https://[::1/SeCrEt")  # unparsable
+
+
+def test_an_attempts_error_never_carries_the_webhooks_url():
+    url = "https://hooks.slack.com/services/T0/B0/SeCrEtToKeN9"
+    by_name = f"InvalidURL: bad URL {url!r}"
+    by_address = "ConnectError: POST https://93.184.215.14/services/T0/B0/SeCrEtToKeN9 failed"
+    assert notify.scrub(by_name, url) == f"InvalidURL: bad URL '{notify.display_target(url)}'"
+    assert notify.scrub(by_address, url) == "ConnectError: POST https://93.184.215.14/… failed"
+    assert notify.scrub("ConnectionRefusedError: refused", url) == "ConnectionRefusedError: refused"
 
 
 def test_webhook_url_is_validated_naming_the_field():
@@ -331,16 +346,22 @@ def test_user_webhook_secret_is_sealed_shown_once_and_resolved_for_signing(reg, 
     ana = _user(reg, "ana", "ana@example.test")
     with pytest.raises(NotFound, match="no webhook"):
         reg.get_user_webhook(ana)
-    hook = reg.set_user_webhook(ana, "https://hooks.example.test/ana")
-    assert hook["secret"].startswith("rdwh-") and hook["url"] == "https://hooks.example.test/ana"
+    url = "https://hooks.example.test/services/T0/B0/SeCrEtToKeN9"  # the path is the token
+    hook = reg.set_user_webhook(ana, url)
+    assert hook["secret"].startswith("rdwh-")
+    # the URL is never shown again, not even in the answer that set it: masked
+    assert hook["url"] == notify.display_target(url)
+    assert hook["url"].startswith("https://hooks.example.test/…/KeN9 (")
     assert reg.get_user_webhook(ana) == {"url": hook["url"], "createdAt": hook["createdAt"]}
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("raydock.db*"))
     assert hook["secret"].encode() not in raw  # sealed at rest
-    targets = reg.notification_targets(ana)
+    assert b"SeCrEtToKe" not in raw and b"services/T0" not in raw  # the URL too
+    targets = reg.notification_targets(ana)  # the notifier's, opened
     assert targets["email"] == "ana@example.test"
-    assert targets["webhook"] == {"url": hook["url"], "secret": hook["secret"]}
+    assert targets["webhook"] == {"url": url, "secret": hook["secret"]}
     again = reg.set_user_webhook(ana, "https://hooks.example.test/ana2")  # a new secret
     assert again["secret"] != hook["secret"]
+    assert reg.notification_targets(ana)["webhook"]["url"] == "https://hooks.example.test/ana2"
     reg.delete_user_webhook(ana)
     assert reg.notification_targets(ana)["webhook"] is None
     with pytest.raises(NotFound):
@@ -371,6 +392,7 @@ def test_deliveries_are_recorded_and_listed_newest_first(reg):
     a = reg.record_delivery(first, "email", "ops@example.test")
     time.sleep(0.01)
     b = reg.record_delivery(second, "webhook", "https://u:p@h.test/x?token=t")
+    assert b["target"] == notify.display_target("https://u:p@h.test/x?token=t")
     assert (a["status"], a["attempts"]) == ("pending", 0)
     reg.update_delivery(a["deliveryId"], "delivered", 1, None)
     reg.update_delivery(b["deliveryId"], "failed", 3, "ConnectionRefusedError: refused")
@@ -383,6 +405,32 @@ def test_deliveries_are_recorded_and_listed_newest_first(reg):
     assert [d["deliveryId"] for d in reg.list_deliveries(status="failed")] == [b["deliveryId"]]
     assert [d["kind"] for d in reg.list_deliveries(kind=notify.DEPLOYED)] == [notify.DEPLOYED]
     assert len(reg.list_deliveries(limit=1)) == 1
+
+
+TOKEN_URL = "https://hooks.example.test/services/T0/B0/SeCrEtToKeN9?token=QuErYtOkEn"
+
+
+def test_a_webhook_url_is_stored_sealed_and_its_deliveries_masked(db_url):
+    """What the database holds (SQLite and PostgreSQL): the URL sealed with the platform key,
+    its masked form, no URL in clear, and deliveries that name it masked."""
+    key = Fernet.generate_key()
+    reg = Registry(db_url, key)
+    try:
+        ana = _user(reg, "ana")
+        reg.set_user_webhook(ana, TOKEN_URL)
+        event = notify.new_event(notify.DEPLOYED, ana, {"deploymentId": "dp-1"})
+        reg.record_delivery(event, "webhook", TOKEN_URL)
+        with reg._tx() as s:
+            (row,) = s.execute(
+                text("SELECT url, url_sealed, url_hint, secret_sealed FROM user_webhooks")
+            ).all()
+            targets = s.scalars(text("SELECT target FROM notification_deliveries")).all()
+    finally:
+        reg.close()
+    assert row.url is None and SecretBox(key).open(row.url_sealed) == TOKEN_URL
+    assert row.url_hint == notify.display_target(TOKEN_URL) == targets[0]
+    for stored in (*row[1:], *targets):
+        assert "SeCrEtToKe" not in stored and "QuErYtOkEn" not in stored, stored
 
 
 # ------------------------------------------------------------------ the notifier
@@ -431,6 +479,64 @@ def test_notifier_delivers_by_email_and_signed_webhook(reg):
     assert {d["attempts"] for d in listed} == {1}
     ids = {r["headers"]["X-Raydock-Delivery"] for r in hooks.received}
     assert ids <= {d["deliveryId"] for d in listed}
+
+
+def _deliver_one(n: notify.Notifier, user_id: str) -> None:
+    async def run():
+        await n.notify(notify.DEPLOYED, user_id, {"deploymentId": "dp-1"})
+        await _drain(n)
+
+    asyncio.run(run())
+
+
+def test_a_sealed_webhook_url_is_opened_for_the_delivery_only(reg, tmp_path):
+    """The URL is sealed at rest and masked in every answer, yet the receiver gets the
+    delivery at its whole URL (path and query: its credential)."""
+    ana = _user(reg, "ana")
+    with WebhookSink() as hooks:
+        path = "/services/T0/B0/SeCrEtToKeN9?token=QuErYtOkEn"
+        hook = reg.set_user_webhook(ana, hooks.url(path))
+        hooks.secrets = {path: hook["secret"]}
+        _deliver_one(_notifier(reg), ana)
+    (got,) = hooks.received
+    assert got["path"] == path and got["verified"], got
+    (d,) = reg.list_deliveries()
+    assert d["status"] == "delivered" and d["target"] == hook["url"]
+    shown = json.dumps([d, reg.get_user_webhook(ana), hook])
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("raydock.db*"))
+    for secret_part in ("SeCrEtToKe", "QuErYtOkEn"):
+        assert secret_part not in shown and secret_part.encode() not in raw
+
+
+def test_a_restored_backup_still_delivers_to_the_sealed_webhook(tmp_path):
+    """The URL and its signing secret are sealed with the platform key; a backup carries
+    that key (secret.key), so the restored platform opens both and delivers."""
+    from raydock.platform import backup
+
+    src = load_settings(home=str(tmp_path / "src"))
+    with WebhookSink() as hooks:
+        path = "/services/T0/B0/SeCrEtToKeN9"
+        reg = Registry(src.db_url, platform_key(src.home_path))
+        try:
+            ana = _user(reg, "ana")
+            hooks.secrets = {path: reg.set_user_webhook(ana, hooks.url(path))["secret"]}
+        finally:
+            reg.close()
+        archive = tmp_path / "raydock.tar"
+        with archive.open("wb") as out:
+            backup.write_backup(src, out)
+        assert b"SeCrEtToKe" not in archive.read_bytes()  # the archive has it sealed too
+
+        target = load_settings(home=str(tmp_path / "restored"))
+        backup.restore(target, archive)
+        reg = Registry(target.db_url, platform_key(target.home_path))
+        try:
+            _deliver_one(_notifier(reg), ana)
+            assert reg.list_deliveries()[0]["status"] == "delivered"
+        finally:
+            reg.close()
+    (got,) = hooks.received
+    assert got["path"] == path and got["verified"], got
 
 
 def test_dead_mail_server_and_webhook_fail_after_every_attempt_without_blocking(reg):

@@ -29,4 +29,9 @@ def test_two_users_of_one_name_keep_their_own_playground_keys(api):
     asyncio.run(keys_of_both())
     keys = reg.list_deployment_keys(dep_id)
     assert sorted(k["createdById"] for k in keys) == sorted([admin["userId"], twin["userId"]])
-    assert all(k["name"] == "playground (admin)" for k in keys)
+    # a deployment's key names are unique: the second "admin" gets a name with its id
+    names = {k["createdById"]: k["name"] for k in keys}
+    assert names == {
+        admin["userId"]: "playground (admin)",
+        twin["userId"]: f"playground (admin, {twin['userId']})",
+    }

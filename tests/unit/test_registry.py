@@ -136,6 +136,36 @@ def test_a_redeploy_that_fails_before_serve_saw_it_keeps_the_live_version(reg, a
     assert reg.keep_live_version(dep_id, "conversion failed") is None
 
 
+def test_an_undeploy_while_starting_cancels_the_deploy(reg, admin):
+    """Undeploy applies to a starting deployment: its deploy job and the version it was
+    starting end FAILED saying who cancelled them, and it may become UNDEPLOYED."""
+    _, user = admin
+    uid = user["userId"]
+    m = ready_model(reg, uid)
+    body = default_deploy_body("slow")
+    dep_id = reg.create_deployment(m["modelId"], body, uid)["deploymentId"]
+    reg.cancel_deploy(dep_id, uid)  # nothing starting: nothing changes
+    deploy = reg.begin_deploy(dep_id, None, uid, "DEPLOYING")
+    assert reg.live_version(dep_id) is None  # a first deploy replaces nothing
+    undeploy = reg.begin_undeploy(dep_id, uid)
+    assert undeploy["action"] == "UNDEPLOY"
+    reg.cancel_deploy(dep_id, uid)
+    job = reg.get_job(deploy["dockStatusId"])
+    assert job["status"] == "FAILED" and job["message"] == "cancelled: undeployed by admin"
+    reg.set_deployment_status(dep_id, "UNDEPLOYED")
+    [version] = reg.history(dep_id)
+    assert version["result"] == "FAILED" and version["failureReason"] == job["message"]
+    # and a redeploy of a live version names the version it replaces
+    reg.update_job(undeploy["dockStatusId"], status="SUCCESS")
+    reg.begin_deploy(dep_id, None, uid, "DEPLOYING")
+    reg.set_deployment_status(dep_id, "DEPLOYED")
+    reg.begin_deploy(dep_id, None, uid, "OPTIMIZING")
+    assert reg.live_version(dep_id) == {
+        "name": "slow_v2",
+        "config": reg.history(dep_id)[1]["config"],
+    }
+
+
 def test_model_counts_and_delete_rules(reg, admin):
     _, user = admin
     m = ready_model(reg, user["userId"])
@@ -197,11 +227,12 @@ def test_orphan_jobs_fail_with_what_they_were_moving(reg, admin):
     assert reg.fail_jobs(ids, "again")["jobs"] == []  # finished jobs stay as they ended
 
 
-def test_undeploy_job_only_for_deployed_or_failed_and_once(reg, admin):
+def test_undeploy_job_only_for_a_started_deployment_and_once(reg, admin):
     _, user = admin
     m = ready_model(reg, user["userId"])
     d = reg.create_deployment(m["modelId"], default_deploy_body("a"), user["userId"])
-    with pytest.raises(Conflict, match="READY_TO_DEPLOY; only DEPLOYED or FAILED"):
+    allowed = "DEPLOYED, DEPLOYING, FAILED, OPTIMIZING"
+    with pytest.raises(Conflict, match=f"READY_TO_DEPLOY; only {allowed} can be undeployed"):
         reg.begin_undeploy(d["deploymentId"], user["userId"])
     reg.begin_deploy(d["deploymentId"], None, user["userId"], "DEPLOYING")
     reg.set_deployment_status(d["deploymentId"], "DEPLOYED")
@@ -287,11 +318,16 @@ def test_an_ended_jobs_outcome_is_not_changed_by_late_progress(reg, admin):
     assert ended["response"] == {"error": "x"}
 
 
-def test_redeploy_by_name_takes_the_newest_of_that_name(reg, admin):
+def test_redeploy_by_name_takes_the_newest_of_that_name(reg, admin, db_url):
+    """New names are unique per model; a database of an older raydock may hold two."""
     _, user = admin
     m = ready_model(reg, user["userId"])
     first = reg.create_deployment(m["modelId"], default_deploy_body("chat"), user["userId"])
-    newest = reg.create_deployment(m["modelId"], default_deploy_body("chat"), user["userId"])
+    newest = reg.create_deployment(m["modelId"], default_deploy_body("chat2"), user["userId"])
+    engine = db.make_engine(db_url)
+    with engine.begin() as conn:  # as an older raydock left it
+        conn.execute(text("UPDATE deployments SET name = 'chat' WHERE name = 'chat2'"))
+    engine.dispose()
     for _ in range(3):  # rewritten rows move on PostgreSQL's pages (it took them in that order)
         reg.update_deployment(first["deploymentId"], description="edited")
     found = reg.find_deployment_by_name(m["modelId"], "chat")

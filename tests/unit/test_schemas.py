@@ -104,7 +104,7 @@ def test_a_number_without_fraction_is_an_integer():
     assert parsed.timeout == 60 and isinstance(parsed.timeout, int)
     assert parsed.scalingParameters.maxReplicas == 3
     (msg,) = errors_for(timeout=60.5)
-    assert msg.startswith("timeout: Input should be a valid integer")
+    assert msg == "timeout must be a whole number"
 
 
 def test_an_upload_size_fits_the_database():
