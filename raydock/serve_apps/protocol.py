@@ -352,7 +352,9 @@ def parse(model: type[_Request], body: Any) -> _Request:
         err = max(exc.errors(), key=lambda e: len(e["loc"]))
         param = _param(err["loc"])
         top = str(err["loc"][0]) if err["loc"] else ""
-        raise BadParam(param, f"invalid {param}: {err['msg']}{_bounds(model, top)}") from None
+        # a validator's own words, without pydantic's "Value error, " before them
+        msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        raise BadParam(param, f"invalid {param}: {msg}{_bounds(model, top)}") from None
     _check_shapes(req)
     if isinstance(req, ChatRequest):
         _check_messages(req.messages)

@@ -149,6 +149,12 @@ def test_bad_openai_parameters_name_the_parameter(body, param):
     assert exc.value.param == param
 
 
+def test_a_validators_refusal_reads_in_its_own_words():
+    with pytest.raises(protocol.BadParam) as exc:
+        protocol.parse(protocol.CompletionRequest, {"prompt": "x", "stop": ["a", ""]})
+    assert str(exc.value) == "invalid stop: stop sequences must be non-empty"
+
+
 def test_logit_bias_holds_up_to_300_ids():
     bias = {str(i): 1 for i in range(300)}
     req = protocol.parse(protocol.CompletionRequest, {"prompt": "x", "logit_bias": bias})
