@@ -421,7 +421,7 @@ UPLOAD_COLUMNS: Columns = [
     ("FILE", lambda u: u["fileName"][:40]),
     ("SIZE", lambda u: u["totalSize"]),
     ("CHUNKS", lambda u: f"{u['chunksReceived']}/{u['totalChunks']}"),
-    ("BY", lambda u: u["createdBy"]),
+    ("BY", lambda u: u["createdByName"]),
     ("STARTED", lambda u: u["createdAt"]),
 ]
 

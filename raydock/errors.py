@@ -298,6 +298,11 @@ def _metadata(info: FieldInfo | None, name: str) -> Any:
     return None
 
 
+def _bound(info: FieldInfo | None, *kinds: str) -> tuple[str, Any] | None:
+    """(kind, value) of a field's first bound of these kinds ("ge", "gt"), or None."""
+    return next(((k, v) for k in kinds if (v := _metadata(info, k)) is not None), None)
+
+
 def _model_in(annotation: Any) -> type[BaseModel] | None:
     """The model a field's annotation holds: itself, within `X | None` or a list."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -370,11 +375,12 @@ def describe_validation_error(
     info, owner = _field_at(body_model, loc)
     got = err.get("input")
     if kind.startswith(("greater_than", "less_than")):
-        lo, hi = _metadata(info, "ge"), _metadata(info, "le")
-        lo = _metadata(info, "gt") if lo is None else lo
-        hi = _metadata(info, "lt") if hi is None else hi
-        if lo is not None and hi is not None:
-            return field, f"{field} must be between {lo} and {hi} (got {got})"
+        lo, hi = _bound(info, "ge", "gt"), _bound(info, "le", "lt")
+        if lo and hi and lo[0] == "ge" and hi[0] == "le":
+            return field, f"{field} must be between {lo[1]} and {hi[1]} (got {got})"
+        if lo and hi:  # an exclusive side in its own words: "greater than 0", not "between"
+            words = f"{_BOUND_WORDS[lo[0]]} {lo[1]} and {_BOUND_WORDS[hi[0]]} {hi[1]}"
+            return field, f"{field} must be {words} (got {got})"
         bound = next((f"{w} {ctx[k]}" for k, w in _BOUND_WORDS.items() if k in ctx), None)
         if bound:
             return field, f"{field} must be {bound} (got {got})"

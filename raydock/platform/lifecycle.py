@@ -15,7 +15,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from raydock.platform.jobs import (
 )
 from raydock.platform.states import (
     ACTIVE_DEPLOYMENT,
+    STARTING_DEPLOYMENT,
     JobAction,
     JobStatus,
     ModelStatus,
@@ -58,7 +59,7 @@ MAX_RESTORES = 3
 # Serve replaces unhealthy replicas itself; an app unhealthy for longer is redeployed
 UNHEALTHY_GRACE_S = 60.0
 # a cancelled conversion is awaited this long for its task to end (Python code sees the
-# cancellation at its next bytecode; a native call in progress is waited for)
+# cancellation at its next bytecode; a native call in progress is waited for), then killed
 CANCEL_WAIT_S = 120.0
 INTERRUPTED_REASON = "interrupted: the platform component running it stopped; re-trigger it"
 
@@ -235,7 +236,12 @@ class Lifecycle:
         job = await self.registry.begin_deploy.remote(deployment_id, config, user_id, status)
         task = self._spawn(self._deploy(deployment_id, job["dockStatusId"]), job["dockStatusId"])
         self._deploys[deployment_id] = task
-        task.add_done_callback(lambda _: self._deploys.pop(deployment_id, None))
+
+        def ended(_: asyncio.Task) -> None:  # a later deploy of it may be running by now
+            if self._deploys.get(deployment_id) is task:
+                del self._deploys[deployment_id]
+
+        task.add_done_callback(ended)
         return job
 
     async def undeploy(self, deployment_id: str, user_id: str) -> dict[str, Any]:
@@ -390,16 +396,14 @@ class Lifecycle:
         converter's own reason. A deploy cancelled meanwhile cancels the task, and waits for
         it to end: the next conversion of the same weights must not meet it writing."""
         ref = task.options(num_cpus=profile.get("num_cpus", 1)).remote(*args)
-        result = ref.as_future()
+
+        def stop() -> None:  # asked first; killed when it does not end in time
+            ray.cancel(ref)
+
         try:
-            return await asyncio.shield(result)
+            return await _to_the_end(ref.as_future(), stop, lambda: ray.cancel(ref, force=True))
         except ray.exceptions.RayTaskError as exc:
             raise DeployFailed(str(exc.cause)) from None
-        except asyncio.CancelledError:
-            ray.cancel(ref)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(result, CANCEL_WAIT_S)
-            raise
 
     async def _run_app(
         self, deployment_id: str, job_id: str | None, config: dict[str, Any] | None = None
@@ -451,12 +455,14 @@ class Lifecycle:
     async def _start_app(self, target: RunTarget, want: int, job_id: str | None) -> None:
         """Submit the application to Serve and wait until its replicas run."""
         name = target.name
-        await asyncio.to_thread(
+        # a cancelled deploy waits for its submit: an undeploy's delete must come after it
+        submit = asyncio.to_thread(
             serve.run_many,
             [target],
             wait_for_ingress_deployment_creation=False,
             wait_for_applications_running=False,
         )
+        await _to_the_end(asyncio.ensure_future(submit))
         await self._progress(job_id, 20, "Serve application submitted")
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -481,10 +487,6 @@ class Lifecycle:
                 app = await self._build_app(deployment_id, job_id)
                 submitted = True
                 await self._start_app(*app, job_id)
-                await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYED)
-                await self.registry.update_job.remote(
-                    job_id, status=JobStatus.SUCCESS, message="deployed"
-                )
             except Exception as exc:
                 known = (DeployFailed, plan.OptimizationError)
                 reason = str(exc) if isinstance(exc, known) else repr(exc)
@@ -501,6 +503,13 @@ class Lifecycle:
                 await self.registry.update_job.remote(
                     job_id, status=JobStatus.FAILED, message=reason, response={"error": reason}
                 )
+                return
+            # running: a registry that fails to record it now leaves the job to reconciliation,
+            # as a lifecycle that died here would
+            await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYED)
+            await self.registry.update_job.remote(
+                job_id, status=JobStatus.SUCCESS, message="deployed"
+            )
 
     async def _keep_live(
         self, deployment_id: str, job_id: str, reason: str, submitted: bool
@@ -540,9 +549,16 @@ class Lifecycle:
                     job_id, status=JobStatus.SUCCESS, message="undeployed"
                 )
             except Exception as exc:
+                reason = f"undeploy failed: {exc!r}"
                 await self.registry.update_job.remote(
-                    job_id, status=JobStatus.FAILED, message=f"undeploy failed: {exc!r}"
+                    job_id, status=JobStatus.FAILED, message=reason
                 )
+                # a cancelled deploy has no job left to end it: it must not stay starting
+                dep = await self.registry.get_deployment.remote(deployment_id)
+                if dep["status"] in STARTING_DEPLOYMENT:
+                    await self.registry.set_deployment_status.remote(
+                        deployment_id, D.FAILED, reason
+                    )
 
     # ------------------------------------------------------------ views of live state
 
@@ -552,6 +568,30 @@ class Lifecycle:
         return replica_view(
             (details.get("applications") or {}).get(names.engine_app(deployment_id))
         )
+
+
+async def _to_the_end(
+    future: asyncio.Future,
+    stop: Callable[[], None] | None = None,
+    kill: Callable[[], None] | None = None,
+) -> Any:
+    """Await `future`. When the awaiting task is cancelled meanwhile (an undeploy cancelling a
+    deploy), `stop` it and wait for it to end before the cancellation goes on — `kill` it when
+    it does not within CANCEL_WAIT_S — so that what it does (a submit to Serve, a conversion
+    writing to the store) cannot land after what the canceller does next."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if stop is not None:
+            stop()
+        with contextlib.suppress(Exception):  # its own failure is not the canceller's
+            try:
+                await asyncio.wait_for(asyncio.shield(future), CANCEL_WAIT_S)
+            except TimeoutError:
+                if kill is not None:
+                    kill()
+                    await future
+        raise
 
 
 async def serve_details() -> dict[str, Any]:

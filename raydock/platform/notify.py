@@ -295,7 +295,7 @@ def describe_failure(exc: BaseException) -> str:
         seen.add(id(root))
     if root is not exc and str(root) not in text:
         text += f" ({type(root).__name__}: {root})"
-    return text[:500]
+    return text
 
 
 # ------------------------------------------------------------------ emitting
@@ -510,6 +510,7 @@ class Notifier:
                 error = describe_failure(exc)
                 if channel == "webhook":  # recorded and logged: never the URL itself
                     error = scrub(error, target)
+                error = error[:500]  # after scrubbing: a URL cut short would escape it
                 last = attempt == attempts
                 await self._record(delivery_id, "failed" if last else "pending", attempt, error)
                 if last:

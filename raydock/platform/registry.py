@@ -588,8 +588,7 @@ class Registry:
                 db.DockStatus.model_id == model_id, db.DockStatus.status == JobStatus.IN_PROGRESS
             )
             for j in s.scalars(running):
-                j.status, j.message = JobStatus.FAILED, "the model was deleted"
-                j.response = {**(j.response or {}), "error": j.message}
+                self._end_job(j, JobStatus.FAILED, "the model was deleted")
             for d in deps:
                 self._delete_deployment_rows(s, d.id)
             self._base_deployments_changed(s, m)
@@ -917,6 +916,10 @@ class Registry:
             reason = f"cancelled: undeployed by {self._user_names(s).get(user_id, user_id)}"
             for j in jobs:
                 self._end_job(j, JobStatus.FAILED, reason)
+            _, live = self._last_two_versions(s, deployment_id)
+            if live is not None:  # a redeploy's: the live version's replicas go with it
+                live.undeployed_by, live.undeploy_started_at = user_id, db.utcnow()
+                live.undeploy_ended_at = live.undeploy_started_at
             self._end_version(s, deployment_id, "FAILED", reason)
 
     @staticmethod
@@ -941,6 +944,11 @@ class Registry:
             check_deployment(d.status, status)
             changed = d.status != status
             lost = d.status == DeploymentStatus.DEPLOYED and status == DeploymentStatus.FAILED
+            if d.status in STARTING_DEPLOYMENT and status == DeploymentStatus.FAILED:
+                # a redeploy that failed with its app deleted: the live version ended too
+                _, live = self._last_two_versions(s, d.id)
+                if live is not None:
+                    live.undeploy_started_at = live.undeploy_ended_at = db.utcnow()
             d.status = status
             self._access_changed.add(d.id)
             d.failure_reason = reason if status == DeploymentStatus.FAILED else None
@@ -958,6 +966,8 @@ class Registry:
         """The version a starting redeploy replaces, while it counts as live ({"name",
         "config"}), or None (a first deploy, or the version before was not serving)."""
         with self._tx() as s:
+            if self._deployment(s, deployment_id).status not in STARTING_DEPLOYMENT:
+                return None
             _, previous = self._last_two_versions(s, deployment_id)
             return None if previous is None else {"name": previous.name, "config": previous.config}
 
@@ -1328,7 +1338,8 @@ class Registry:
                     "totalSize": u.total_size,
                     "totalChunks": u.total_chunks,
                     "chunksReceived": len(u.received),
-                    "createdBy": names.get(u.created_by or "", u.created_by),
+                    "createdBy": u.created_by,
+                    "createdByName": names.get(u.created_by or "", u.created_by),
                     "createdAt": views.iso(u.created_at),
                     "startedAt": u.created_at.replace(tzinfo=UTC).timestamp(),
                 }

@@ -291,7 +291,11 @@ def test_uploads_list_show_and_cancel_a_chunked_upload(platform, capsys):
     client.http.put(f"/files/session/{sid}/chunks/1", content=b"x" * 1024).raise_for_status()
     [listed] = run(capsys, "uploads", "list")["sessions"]
     assert listed["sessionId"] == sid and listed["fileName"] == "big.zip"
-    assert (listed["chunksReceived"], listed["totalChunks"], listed["createdBy"]) == (1, 2, "admin")
+    assert (listed["chunksReceived"], listed["totalChunks"], listed["createdByName"]) == (
+        1,
+        2,
+        "admin",
+    )
     assert cli.main(["uploads", "list", "-o", "table"]) == 0
     assert f"{sid}  big.zip" in capsys.readouterr().out
     shown = run(capsys, "uploads", "show", sid)

@@ -164,6 +164,14 @@ def test_an_undeploy_while_starting_cancels_the_deploy(reg, admin):
         "name": "slow_v2",
         "config": reg.history(dep_id)[1]["config"],
     }
+    # that redeploy cancelled: the live version's replicas were undeployed with it
+    reg.begin_undeploy(dep_id, uid)
+    reg.cancel_deploy(dep_id, uid)
+    reg.set_deployment_status(dep_id, "UNDEPLOYED")
+    live = reg.history(dep_id)[1]
+    assert live["name"] == "slow_v2" and live["undeployment"]["undeployedBy"] == "admin"
+    assert live["undeployment"]["endedAt"]
+    assert reg.live_version(dep_id) is None  # nothing starting: nothing replaced
 
 
 def test_model_counts_and_delete_rules(reg, admin):

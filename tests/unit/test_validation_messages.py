@@ -183,3 +183,17 @@ def test_the_management_api_refuses_in_its_own_words(api):
             assert not PYDANTIC.search(error["message"]), (url, error["message"])
             assert error["code"] == "validation_error" and error["param"]
             assert [d["field"] for d in r.json()["detail"]][0] == error["param"]
+
+
+def test_an_exclusive_bound_is_not_said_as_between():
+    class Sized(BaseModel):
+        size: int = Field(1, gt=0, le=10)
+        count: int = Field(1, ge=0, le=10)
+
+    def said(body: dict) -> str:
+        with pytest.raises(ValueError) as exc:
+            Sized.model_validate(body)
+        return errors.describe_validation_error(exc.value.errors()[0], Sized)[1]
+
+    assert said({"size": 0}) == "size must be greater than 0 and at most 10 (got 0)"
+    assert said({"count": 11}) == "count must be between 0 and 10 (got 11)"
