@@ -15,12 +15,19 @@ since it uses only the system, user and assistant roles:
 Some templates refuse a system message (Gemma's) or tool-call ids not in their model's own
 format (Mistral's); when the template fails, raydock renders the fallback once more with the
 system text at the head of the first user message, and refuses only if that fails too.
+
+A template that teaches its model a native tool-call format (Qwen's and Hermes'
+`<tool_call>\n{...}\n</tool_call>`: `tool_call_wrapper`) gets it accepted under
+`tool_choice: "auto"` besides raydock's bare JSON call (`guided.grammars.with_native_calls`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
+
+from raydock.serve_apps.guided.grammars import TOOL_CALL_WRAPPERS, ToolCallWrapper
 
 TOOLS_PREAMBLE = (
     "You can call these tools. To call one, answer with only a JSON object "
@@ -71,6 +78,23 @@ def template_source(tokenizer: Any) -> str | None:
     if isinstance(template, dict):  # named templates: the default one renders chats
         template = template.get("default")
     return template if isinstance(template, str) else None
+
+
+def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
+    """The native tool-call wrapper the model's chat template teaches (its source holds the
+    opening tag, e.g. `<tool_call>`), with the ids of the tokenizer's added tokens for its
+    tags; None: the model is asked for bare JSON calls."""
+    source = template_source(tokenizer) or ""
+    wrapper = next((w for w in TOOL_CALL_WRAPPERS if w.open in source), None)
+    if wrapper is None:
+        return None
+    try:
+        added = tokenizer.get_added_vocab()
+    except Exception:  # a tokenizer without added tokens, or not a Hugging Face one
+        added = {}
+    return dataclasses.replace(
+        wrapper, open_token=added.get(wrapper.open), close_token=added.get(wrapper.close)
+    )
 
 
 def render(

@@ -165,13 +165,23 @@ def _vllm_structured(req: protocol._Request) -> tuple[str, Any, str] | None:
     return asked[0] if asked else None
 
 
+def native_tool_calls(constraint: structured.Constraint, req: protocol._Request) -> int:
+    """How many calls in its chat template's own wrapper the engine replica may accept
+    (`tool_choice: "auto"`; 0: none): one when the request turns parallel calls off."""
+    if constraint.native_calls and getattr(req, "parallel_tool_calls", None) is False:
+        return 1
+    return constraint.native_calls
+
+
 async def _as_tool_calls(
     batches: AsyncIterator[list[dict]], finish: str
 ) -> AsyncIterator[list[dict]]:
     """Hold each choice's events while its text may still be a tool call (it starts with
-    `{`), then emit it as one tool call (ending with `finish`) or as the events themselves:
-    text that cannot be a call (`tool_choice: auto`) streams as soon as its first character
-    says so, with its logprobs."""
+    `{`, or with a native wrapper's opening tag such as `<tool_call>`, or is the start of
+    one), then emit it as its tool calls, one event each (the last ends with `finish`; as
+    OpenAI streams them, each with its `index`), or as the events themselves: text that cannot
+    be a call (`tool_choice: auto`) streams as soon as its first characters say so, with its
+    logprobs, and no chunk ever shows a wrapper."""
     held: dict[int, list[dict]] = {}
     texts: dict[int, str] = {}
     plain: set[int] = set()  # choices whose text is not a call: passed through
@@ -185,16 +195,27 @@ async def _as_tool_calls(
                     continue
                 held.setdefault(i, []).append(ev)
                 texts[i] = texts.get(i, "") + ev["text"]
-                if texts[i] and not texts[i].startswith("{"):
+                if texts[i] and not structured.may_be_tool_call(texts[i]):
                     plain.add(i)
                     out.extend(held.pop(i))
                     continue
                 if not ev["finish_reason"]:
                     continue
                 events = held.pop(i)
-                call = structured.as_tool_call(texts[i]) if ev["finish_reason"] == "stop" else None
-                if call:
-                    out.append(ev | {"text": "", "tool_call": call, "finish_reason": finish})
+                stopped = ev["finish_reason"] == "stop"
+                calls = structured.as_tool_calls(texts[i]) if stopped else None
+                if calls:
+                    last = len(calls) - 1
+                    out.extend(
+                        ev
+                        | {
+                            "text": "",
+                            "logprobs": ev["logprobs"] if k == last else [],
+                            "tool_calls": [{"index": k, **call}],
+                            "finish_reason": finish if k == last else None,
+                        }
+                        for k, call in enumerate(calls)
+                    )
                 else:  # cut short ("length"), or not a call after all
                     out.extend(events)
             if out:
@@ -343,6 +364,7 @@ async def _complete(
         "grammar": constraint.grammar,
         "constraint_param": constraint.param,
         "adapter": adapter,
+        "native_tool_calls": native_tool_calls(constraint, req),
     }
     deadline = started + dep.timeout_s
     echo = request_for_engine["prompt"] if kind == "completion" and req.echo else ""
@@ -490,7 +512,7 @@ async def _collect(fmt: protocol.Formatter, events: AsyncIterator[list[dict]], n
             c = choices[ev["index"]]
             c["text"] += ev["text"]
             c["logprobs"] += ev["logprobs"]
-            c["tool_call"] = ev.get("tool_call")
+            c["tool_calls"] = c.get("tool_calls", []) + (ev.get("tool_calls") or [])
             if ev["finish_reason"]:
                 c["finish_reason"] = ev["finish_reason"]
                 prompt = ev["prompt_tokens"]
@@ -523,7 +545,7 @@ async def _sse(
                 ev["logprobs"],
                 ev["finish_reason"],
                 i not in started,
-                ev.get("tool_call"),
+                ev.get("tool_calls"),
             )
             started.add(i)
             lines.append(_sse_line(chunk))

@@ -164,7 +164,9 @@ class ChatRequest(_Request):
     top_logprobs: JsonInt | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # one call per choice is generated
+    # false: at most one call per choice (a bare call is always one; a template's own
+    # wrapper, tool_choice "auto", may hold several)
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Request):
@@ -456,12 +458,13 @@ class Formatter:
         logprobs: list,
         finish: str | None,
         first: bool,
-        tool_call: dict[str, Any] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
+        """`tool_calls`: OpenAI's tool call deltas, each with its `index` in the reply."""
         if self.kind == "chat":
             delta: dict[str, Any] = {"content": text} if text or not finish else {}
-            if tool_call:
-                delta = {"tool_calls": [{"index": 0, **tool_call}]}
+            if tool_calls:
+                delta = {"tool_calls": tool_calls}
             if first:
                 delta = {"role": "assistant", **delta}
             choice = {
@@ -488,13 +491,17 @@ class Formatter:
         return self._envelope(obj, [], {"usage": usage(prompt, completion)})
 
     def final(self, choices: list[dict[str, Any]], prompt: int, completion: int) -> dict:
-        """choices: [{index, text, logprobs, finish_reason}] collected from the stream."""
+        """choices: [{index, text, logprobs, finish_reason, tool_calls}] collected from the
+        stream (the calls with their stream `index`, which a message does not show)."""
         out = []
         for c in choices:
             if self.kind == "chat":
                 message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
-                if c.get("tool_call"):
-                    message = {"role": "assistant", "content": None, "tool_calls": [c["tool_call"]]}
+                if c.get("tool_calls"):
+                    calls = [
+                        {k: v for k, v in tc.items() if k != "index"} for tc in c["tool_calls"]
+                    ]
+                    message = {"role": "assistant", "content": None, "tool_calls": calls}
                 out.append(
                     {
                         "index": c["index"],

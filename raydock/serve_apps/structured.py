@@ -22,6 +22,7 @@ from raydock.serve_apps.guided import (
     json_object_grammar,
     tools_grammar,
 )
+from raydock.serve_apps.guided.grammars import TOOL_CALL_WRAPPERS, ToolCallWrapper
 
 #: A user regex or grammar longer than this is refused before any compile (a cheap first
 #: bound; the compile itself runs under `guided.Limits`).
@@ -32,6 +33,10 @@ MAX_PATTERN_CHARS = 10_000
 #: ~0.3 ms per value (~1 ms per `pattern`), so this bounds a request's compile to about 3 s
 #: of a replica's CPU (off its event loop). OpenAI's own bound: 5,000 object properties.
 MAX_FORMAT_VALUES = 10_000
+
+#: Calls one reply may hold in its chat template's own wrapper (`tool_choice: "auto"`,
+#: `parallel_tool_calls` not false): a weak model that loops on calls still ends
+MAX_NATIVE_CALLS = 8
 
 #: the request fields that describe an output format
 FORMAT_FIELDS = (
@@ -75,6 +80,9 @@ class Constraint:
     param: str | None = None
     # a Lark (llguidance dialect) or GBNF grammar: schemas, tools and choices become one
     grammar: str | None = None
+    # tool_choice "auto": how many calls in the chat template's own wrapper the engine replica,
+    # which knows the template, adds to the grammar (`guided.grammars.with_native_calls`)
+    native_calls: int = 0
 
 
 def _check_tools(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -110,7 +118,8 @@ def _check_schema(schema: Any, param: str) -> None:
 
 def _tools(tools: list[dict[str, Any]], auto: bool) -> Constraint:
     try:
-        return Constraint("tools", None, "tools", grammar=tools_grammar(tools, auto))
+        grammar = tools_grammar(tools, auto)
+        return Constraint("tools", None, "tools", grammar, MAX_NATIVE_CALLS if auto else 0)
     except UnsupportedSchema as exc:
         raise StructuredError(
             "tools", f"tool parameters use '{exc.keyword}', which raydock cannot enforce: {exc}"
@@ -210,14 +219,65 @@ def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
     )
 
 
+def may_be_tool_call(text: str) -> bool:
+    """Whether an output that begins with `text` may still be a tool call: it starts like a
+    bare call (`{`) or a known wrapper, or is the start of a wrapper's opening tag (`<tool`)."""
+    return text.startswith("{") or any(
+        text.startswith(w.open) or w.open.startswith(text) for w in TOOL_CALL_WRAPPERS
+    )
+
+
 def as_tool_call(text: str) -> dict[str, Any] | None:
-    """The OpenAI tool_call an output stands for, or None when it is plain text."""
-    if not text.startswith("{"):
-        return None
+    """The OpenAI tool_call a bare call `{"name": ..., "arguments": ...}` stands for, or None
+    when the output is not one."""
+    return _call(text) if text.startswith("{") else None
+
+
+def as_tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """The OpenAI tool_calls an output stands for: a bare call `{"name": ..., "arguments":
+    ...}`, or one or more in a known wrapper (`<tool_call>` call `</tool_call>`, whitespace
+    around); None when it is plain text. Only the start decides: text that mentions a wrapper
+    later is text, as the grammar has it."""
+    if text.startswith("{"):
+        call = as_tool_call(text)
+        return None if call is None else [call]
+    for wrapper in TOOL_CALL_WRAPPERS:
+        if text.startswith(wrapper.open):
+            return _wrapped_calls(text, wrapper)
+    return None
+
+
+def _wrapped_calls(text: str, wrapper: ToolCallWrapper) -> list[dict[str, Any]] | None:
+    calls: list[dict[str, Any]] = []
+    rest = text
+    while rest:
+        if not rest.startswith(wrapper.open):
+            return None
+        body = rest[len(wrapper.open) :].lstrip()
+        try:  # the JSON's end, not the next close tag: a string may hold "</tool_call>"
+            value, end = _DECODER.raw_decode(body)
+        except json.JSONDecodeError:
+            return None
+        after = body[end:].lstrip()
+        call = _as_call(value)
+        if call is None or not after.startswith(wrapper.close):
+            return None
+        calls.append(call)
+        rest = after[len(wrapper.close) :].lstrip()
+    return calls or None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def _call(text: str) -> dict[str, Any] | None:
     try:
-        call = json.loads(text)
+        return _as_call(json.loads(text))
     except json.JSONDecodeError:
         return None
+
+
+def _as_call(call: Any) -> dict[str, Any] | None:
     if not isinstance(call, dict) or "name" not in call:
         return None
     return {

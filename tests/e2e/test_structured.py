@@ -11,10 +11,11 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from raydock.modelgen import cached_model_dir
+from raydock.modelgen import cached_model_dir, write_zip
 from tests.guided_checks import validator_for
+from tests.unit.test_native_tool_calls import qwen_like_model
 
-from .conftest import legacy_sdk, tool_conversation
+from .conftest import deploy_and_wait, import_ready, legacy_sdk, tool_conversation
 
 CORPUS = Path(__file__).parents[1] / "schemas"
 SCHEMAS = sorted(CORPUS.glob("*.json"))
@@ -344,6 +345,43 @@ def test_streamed_tool_call(sdk):
 
 def test_tool_conversation_over_three_turns(sdk):
     tool_conversation(sdk)
+
+
+def test_auto_takes_tool_calls_in_the_chat_templates_own_wrapper(platform, zips, tmp_path):
+    """Qwen's way of calling tools (`<tool_call>` blocks; the tags are tokens of its vocabulary)
+    needs a model of its own: an import and a deploy (about 20 s here), undeployed at the end.
+    The opening tag's token is favoured: the random model would rarely pick it."""
+    tags = qwen_like_model(tmp_path / "qwen-like")
+    files = {f.name: f for f in (tmp_path / "qwen-like").iterdir() if f.is_file()}
+    model = import_ready(platform, write_zip(zips / "tiny-qwen-like.zip", files))
+    dep = deploy_and_wait(platform, model["modelId"], "chat-qwen-like")
+    try:
+        key = platform.client.create_key(dep["deploymentId"], "tests")
+        base_url = f"{platform.url}/deployments/{dep['deploymentId']}/v2"
+        sdk = openai.OpenAI(base_url=base_url, api_key=key, timeout=120)
+        ask = {
+            "model": "m",
+            "messages": ASK,
+            "tools": [WEATHER, TIME],
+            "seed": 1,
+            "max_tokens": 512,  # eight calls (the most) take about 370
+            "logit_bias": {str(tags["<tool_call>"]): 100},
+        }
+        one = sdk.chat.completions.create(**ask, parallel_tool_calls=False)
+        assert_valid_call(one.choices[0], set(TOOLS))  # one call, "tool_calls", valid arguments
+        assert one.choices[0].message.content is None
+        chunks = list(sdk.chat.completions.create(**ask, stream=True))
+        assert not any(c.choices and c.choices[0].delta.content for c in chunks)  # no tags
+        calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+        assert [c.index for c in calls] == list(range(len(calls))) and len(calls) > 1
+        assert len({c.id for c in calls}) == len(calls)
+        for call in calls:
+            check(TOOLS[call.function.name]["function"]["parameters"], call.function.arguments)
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    finally:
+        platform.client.wait_job(
+            platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
+        )
 
 
 def test_tool_errors(live):

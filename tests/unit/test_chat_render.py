@@ -121,3 +121,65 @@ def test_a_developer_message_is_the_system_message_for_a_template_without_it(tok
     t.chat_template = template.replace("'assistant')", "'assistant', 'developer')")
     if t.chat_template != template:  # a template that knows the role gets it as sent
         assert "<developer>Always answer in French." in chat_render.render(t, messages)
+
+
+# Qwen2.5-Instruct's chat template (tools part as published; Qwen3 and Hermes-style templates
+# teach the same `<tool_call>` wrapper)
+QWEN25_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}"
+    "{%- endif %}"
+    '{{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.'
+    "\\n\\nYou are provided with function signatures within <tools></tools> XML tags:"
+    '\\n<tools>" }}'
+    '{%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}'
+    '{{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and '
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    '{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call>'
+    '<|im_end|>\\n" }}'
+    "{%- else %}{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+    "helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- endif %}"
+    "{%- for message in messages %}"
+    '{%- if (message.role == "user") or (message.role == "system" and not loop.first) or '
+    '(message.role == "assistant" and not message.tool_calls) %}'
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == \"assistant\" %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    '{{- \'\\n<tool_call>\\n{"name": "\' }}{{- tool_call.name }}'
+    "{{- '\", \"arguments\": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\\n' }}"
+    '{%- elif message.role == "tool" %}'
+    '{%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}'
+    "{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}"
+    '{%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}'
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_a_qwen_template_is_detected_with_its_tool_call_wrapper(tokenizer):
+    tok = copy.copy(tokenizer)
+    tok.chat_template = QWEN25_TEMPLATE
+    text = chat_render.render(tok, SAMPLE_CONVERSATION, SAMPLE_TOOLS)  # natively: it knows tools
+    # what the template teaches, and how it shows a past call: the wrapper raydock accepts
+    assert "<tool_call>\n{" in text and chat_render.TOOLS_PREAMBLE not in text
+    past = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert f"<tool_call>\n{past}\n</tool_call>" in text
+    wrapper = chat_render.tool_call_wrapper(tok)
+    assert (wrapper.open, wrapper.close) == ("<tool_call>", "</tool_call>")
+    assert wrapper.open_token is None  # the tiny vocabulary has no token for the tag
+
+
+def test_templates_without_a_wrapper_have_none(tokenizer):
+    tok = copy.copy(tokenizer)
+    assert chat_render.tool_call_wrapper(tok) is None  # raydock's generated models
+    for template in (NATIVE_TEMPLATE, QWEN_LIKE, None, {"default": QWEN25_TEMPLATE}):
+        tok.chat_template = template
+        found = chat_render.tool_call_wrapper(tok)
+        assert (found is not None) == isinstance(template, dict), template  # named: "default"

@@ -18,6 +18,7 @@ from raydock.serve_apps.guided import (
     GuidedDecoder,
     UnsupportedSchema,
     grammar_of,
+    grammars,
     json_grammar,
     normalize,
     tools_grammar,
@@ -214,6 +215,122 @@ def _accepts(grammar: str, text: str) -> bool:
     tok, dec = decoder()
     m = dec.compile_sync(grammar_of("grammar", grammar)).deep_copy()
     return m.consume_tokens(tok.encode(text, add_special_tokens=False)) and m.is_accepting()
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+CALL = '{"name":"get_weather","arguments":{"city":"Oslo"}}'
+WRAPPED = f"<tool_call>\n{CALL}\n</tool_call>"
+
+
+def _native(max_calls: int = 8) -> str:
+    wrapper = grammars.TOOL_CALL_WRAPPERS[0]
+    return grammars.with_native_calls(tools_grammar([WEATHER], auto=True), wrapper, max_calls)
+
+
+@pytest.mark.parametrize(
+    ("text", "plain", "native"),
+    [
+        (CALL, True, True),  # the bare call, as before
+        ("hello", True, True),
+        ("<b>bold</b> text", True, True),
+        ("<tool", True, True),  # the start of the tag, then the end: text
+        ("<tool_callx and more", True, True),
+        ("I would use <tool_call> here", True, True),  # a mention later on stays text
+        ("{", False, False),
+        ("<tool_call>", False, False),  # never text, on any template
+        ("<tool_call> no call inside", False, False),
+        (WRAPPED, False, True),
+        (f"<tool_call>{CALL}</tool_call>", False, True),
+        (f"{WRAPPED}\n", False, True),
+        (f"{WRAPPED}\n{WRAPPED}\n<tool_call>\n{CALL}</tool_call>", False, True),
+        (f"{WRAPPED}{WRAPPED}", False, True),
+        # the wrapped JSON is constrained as the bare call: name, arguments, schema
+        ('<tool_call>{"name":"other","arguments":{}}</tool_call>', False, False),
+        ('<tool_call>{"name":"get_weather","arguments":{}}</tool_call>', False, False),
+        ('<tool_call>{"name":"get_weather","arguments":{"city":5}}</tool_call>', False, False),
+        (f"<tool_call>\n{CALL}\n", False, False),  # not closed
+        (f"{WRAPPED} and then text", False, False),
+        (f"{WRAPPED}\n{CALL}", False, False),  # wrapped and bare calls do not mix
+        (f"<tool_call>{CALL}{CALL}</tool_call>", False, False),
+        (f"<tool_call>\n\n\n\n\n{CALL}</tool_call>", False, False),  # whitespace bounded
+    ],
+)
+def test_tools_auto_takes_the_templates_wrapped_calls_only_where_added(text, plain, native):
+    assert _accepts(tools_grammar([WEATHER], auto=True), text) == plain
+    assert _accepts(_native(), text) == native
+
+
+def test_wrapped_calls_are_bounded_and_one_when_parallel_calls_are_off():
+    assert _accepts(_native(3), "\n".join([WRAPPED] * 3))
+    assert not _accepts(_native(3), "\n".join([WRAPPED] * 4))
+    assert _accepts(_native(1), WRAPPED) and not _accepts(_native(1), WRAPPED * 2)
+
+
+def test_required_and_named_tool_choices_take_only_the_bare_call():
+    grammar = tools_grammar([WEATHER], auto=False)
+    assert _accepts(grammar, CALL) and not _accepts(grammar, WRAPPED)
+    with pytest.raises(ValueError, match="auto"):
+        grammars.with_native_calls(grammar, grammars.TOOL_CALL_WRAPPERS[0], 8)
+
+
+def test_a_wrapper_that_is_one_token_of_the_vocabulary_is_taken_as_that_token():
+    """Qwen's vocabulary holds `<tool_call>` and `</tool_call>` as added (non-special) tokens,
+    which llguidance counts as special: the grammar names them by id, beside the text."""
+    import copy
+
+    from raydock.serve_apps import chat_render
+
+    tok = copy.deepcopy(decoder()[0])
+    tok.add_tokens(["<tool_call>", "</tool_call>"])
+    tok.chat_template = "{{ messages }} answer with <tool_call>{...}</tool_call>"
+    wrapper = chat_render.tool_call_wrapper(tok)
+    opening, closing = tok.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    assert (wrapper.open_token, wrapper.close_token) == (opening, closing)
+    dec = GuidedDecoder(tok, {tok.eos_token_id}, len(tok))
+    one_token = tok.encode(WRAPPED, add_special_tokens=False)
+    assert one_token[0] == opening and one_token[-1] == closing
+    assert tok.decode(one_token, skip_special_tokens=True) == WRAPPED  # as the engines decode
+    pieces = ["<", "tool", "_call", ">", f"\n{CALL}\n"]
+    spelled = [t for p in pieces for t in tok.encode(p, add_special_tokens=False)] + [closing]
+
+    def accepts(grammar: str, ids: list[int]) -> bool:
+        m = dec.compile_sync(grammar_of("grammar", grammar)).deep_copy()
+        return m.consume_tokens(ids) and m.is_accepting()
+
+    auto = tools_grammar([WEATHER], auto=True)
+    native = grammars.with_native_calls(auto, wrapper, 8)
+    assert accepts(native, one_token) and accepts(native, spelled)
+    assert not accepts(auto, one_token[:1])  # neither a call nor text without the wrapper
+    textual = grammars.with_native_calls(auto, grammars.TOOL_CALL_WRAPPERS[0], 8)
+    assert not accepts(textual, one_token[:1])  # the text literal alone misses the token
+
+
+def test_not_starting_with_is_exact():
+    """The text rule's regex (Rust dialect: `\\x{..}` escapes) against its definition."""
+    import regex
+
+    prefixes = ["{", "<tool_call>", "[TC]"]
+    rust = grammars.not_starting_with(prefixes)
+    assert "\\<" not in rust and "/" not in rust  # a word boundary in Rust; ends a Lark regex
+    pattern = re.sub(r"\\x\{([0-9A-F]+)\}", lambda m: f"\\U{int(m[1], 16):08x}", rust)
+    rng = random.Random(0)
+    alphabet = "{}<>/tool_call[]TCx \n"
+    texts = ["", "<", "<tool_call", "<tool_call>", "[T", "[TC]x", "x<tool_call>"]
+    texts += ["".join(rng.choices(alphabet, k=rng.randint(1, 14))) for _ in range(3000)]
+    texts += [p[:k] + c for p in prefixes for k in range(len(p)) for c in alphabet]
+    for text in texts:
+        want = bool(text) and not any(text.startswith(p) for p in prefixes)
+        assert bool(regex.fullmatch(pattern, text)) == want, text
 
 
 def test_not_over_a_few_strings_is_exact():

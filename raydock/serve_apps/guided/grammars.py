@@ -5,12 +5,68 @@ JSON schemas are embedded with `%json`, after `schema.normalize` (bounds and rew
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from raydock.serve_apps.guided.schema import Bounds, UnsupportedSchema, normalize
 
-# auto tool choice: plain text that does not start like a tool call
-_TEXT_NOT_JSON = r"/[^{][\s\S]*/"
+
+@dataclass(frozen=True)
+class ToolCallWrapper:
+    """How a chat template tells its model to write a tool call: `open`, the call's JSON
+    `{"name": ..., "arguments": ...}`, `close`; parallel calls are several such blocks. A
+    template whose source holds `open` uses it (`chat_render.tool_call_wrapper`), with the
+    ids of the vocabulary's own tokens for the tags where it has them (Qwen's do): llguidance
+    counts every added token as special, which no text literal matches."""
+
+    open: str
+    close: str
+    open_token: int | None = None
+    close_token: int | None = None
+
+
+#: The native tool-call formats raydock knows, the first found in a template wins: the one
+#: place to add another (its grammar, detection, stream holding and parsing follow from it).
+TOOL_CALL_WRAPPERS: tuple[ToolCallWrapper, ...] = (
+    ToolCallWrapper("<tool_call>", "</tool_call>"),  # Qwen2 / 2.5 / 3, Hermes, many others
+)
+
+#: whitespace allowed around and between wrapped calls (bounded: a weak model cannot loop)
+_WRAPPER_SPACE = r"/[ \t\r\n]{1,4}/"
+
+
+def _regex_char(ch: str) -> str:
+    """One character as a regex literal that means itself anywhere (in a class too): escapes
+    like `\\<` mean something else in the Rust dialect, and `/` would end a Lark regex."""
+    return ch if ch.isascii() and (ch.isalnum() or ch == "_") else f"\\x{{{ord(ch):X}}}"
+
+
+def not_starting_with(prefixes: list[str]) -> str:
+    """A regex of the non-empty texts that start with none of `prefixes` (the start of one,
+    `<tool`, is such a text): a trie of the prefixes, each branch either leaves it by another
+    character, stops, or goes on with the prefix's next character."""
+    trie: dict = {}
+    for prefix in prefixes:
+        node = trie
+        for ch in prefix:
+            node = node.setdefault(ch, {})
+        node[None] = True  # a whole prefix: the text may not go through here
+
+    def alternatives(node: dict) -> str:
+        chars = sorted(c for c in node if c is not None)
+        alts = [f"[^{''.join(map(_regex_char, chars))}][\\s\\S]*"]
+        for c in chars:
+            if None not in node[c]:
+                alts.append(f"{_regex_char(c)}({alternatives(node[c])})?")
+        return "|".join(alts)
+
+    return alternatives(trie)
+
+
+# auto tool choice: plain text that starts neither like a bare call nor like a wrapped one, on
+# every template (so an output that starts with a wrapper was constrained as a call)
+_TEXT = "/" + not_starting_with(["{", *(w.open for w in TOOL_CALL_WRAPPERS)]) + "/"
+_AUTO_HEAD = "start: call | text\n"
 
 
 def json_grammar(schema: Any, bounds: Bounds | None = None) -> str:
@@ -47,8 +103,31 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def tools_grammar(tools: list[dict[str, Any]], auto: bool, bounds: Bounds | None = None) -> str:
-    """A tool call; with `auto`, or plain text that does not start with '{'."""
+    """A tool call; with `auto`, or plain text that starts neither with '{' nor with a
+    wrapper's opening tag (`with_native_calls` adds the template's wrapped calls)."""
     call = "%json " + json.dumps(normalize(tool_call_schema(tools), bounds))
     if not auto:
         return f"start: {call}"
-    return f"start: call | text\ncall: {call}\ntext: {_TEXT_NOT_JSON}"
+    return f"{_AUTO_HEAD}call: {call}\ntext: {_TEXT}"
+
+
+def with_native_calls(grammar: str, wrapper: ToolCallWrapper, max_calls: int) -> str:
+    """An auto `tools_grammar` that also takes 1 to `max_calls` calls each written in the
+    chat template's own `wrapper`, `<tool_call>` ws call ws `</tool_call>`, with whitespace
+    between: the same `call` rule, so the wrapped JSON is as constrained as a bare call."""
+    if not grammar.startswith(_AUTO_HEAD):
+        raise ValueError("not a tool_choice 'auto' grammar of tools_grammar")
+    more = f" (WS? wrapped){{0,{max_calls - 1}}}" if max_calls > 1 else ""
+    open_, close = _tag(wrapper.open, wrapper.open_token), _tag(wrapper.close, wrapper.close_token)
+    return (
+        "start: call | calls | text\n"
+        + grammar[len(_AUTO_HEAD) :]
+        + f"\ncalls: wrapped{more} WS?"
+        + f"\nwrapped: {open_} WS? call WS? {close}"
+        + f"\nWS: {_WRAPPER_SPACE}"
+    )
+
+
+def _tag(text: str, token: int | None) -> str:
+    """A wrapper's tag as text, or as the vocabulary's one token for it (`<[id]>`)."""
+    return json.dumps(text) if token is None else f"({json.dumps(text)} | <[{token}]>)"

@@ -1,0 +1,330 @@
+"""Tool calls in the chat template's own wrapper (Qwen's and Hermes' `<tool_call>` ...
+`</tool_call>`) under `tool_choice: "auto"`, without Ray: the request's constraint, the
+grammar the engine replica makes of it for its template, and the OpenAI answer the service
+makes of the output, whole and streamed."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from raydock.serve_apps import chat_render, protocol, structured
+from raydock.serve_apps.engine_app import native_tool_grammar
+from raydock.serve_apps.openai_service import _as_tool_calls, _collect, _sse, native_tool_calls
+from tests.unit.test_chat_render import QWEN25_TEMPLATE
+from tests.unit.test_guided import _accepts, decoder
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
+PARIS = '{"name":"get_weather","arguments":{"city":"Paris"}}'
+NOW = '{"name":"get_time","arguments":{}}'
+# as Qwen writes them (compact JSON: the grammar's, as for a bare call)
+TWO_CALLS = f"<tool_call>\n{PARIS}\n</tool_call>\n<tool_call>\n{NOW}\n</tool_call>"
+
+
+@pytest.fixture(scope="module")
+def qwen_wrapper():
+    tok = copy.copy(decoder()[0])
+    tok.chat_template = QWEN25_TEMPLATE
+    return chat_render.tool_call_wrapper(tok)
+
+
+def _payload(tool_choice="auto", **request) -> dict:
+    """What the API replica sends the engine replica for a chat request with the two tools."""
+    req = protocol.ChatRequest(
+        messages=[{"role": "user", "content": "hi"}],
+        tools=[WEATHER, TIME],
+        tool_choice=tool_choice,
+        **request,
+    )
+    constraint = structured.constraint_for(None, req.tools, req.tool_choice)
+    return {"grammar": constraint.grammar, "native_tool_calls": native_tool_calls(constraint, req)}
+
+
+def test_auto_asks_the_engine_for_wrapped_calls_required_and_named_do_not():
+    assert _payload()["native_tool_calls"] == structured.MAX_NATIVE_CALLS
+    assert _payload(parallel_tool_calls=False)["native_tool_calls"] == 1
+    assert _payload("required")["native_tool_calls"] == 0
+    named = {"type": "function", "function": {"name": "get_time"}}
+    assert _payload(named)["native_tool_calls"] == 0
+
+
+def test_the_engine_replica_adds_its_templates_wrapper_to_auto_grammars(qwen_wrapper):
+    auto = _payload()
+    assert native_tool_grammar(auto, None) == auto  # a template without a wrapper
+    grammar = native_tool_grammar(auto, qwen_wrapper)["grammar"]
+    for text in (TWO_CALLS, PARIS, "It is sunny."):
+        assert _accepts(grammar, text), text
+    bad_city = '<tool_call>{"name":"get_weather","arguments":{"city":5}}</tool_call>'
+    for text in (bad_city, "<tool_call>", f"{TWO_CALLS} and text"):
+        assert not _accepts(grammar, text), text
+    assert not _accepts(auto["grammar"], TWO_CALLS)  # as sent, before the replica adds it
+    one = native_tool_grammar(_payload(parallel_tool_calls=False), qwen_wrapper)["grammar"]
+    assert _accepts(one, TWO_CALLS.split("\n<tool_call>")[0])
+    assert not _accepts(one, TWO_CALLS)
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        (PARIS, ["get_weather"]),
+        (TWO_CALLS, ["get_weather", "get_time"]),
+        (f"<tool_call>{NOW}</tool_call>\n", ["get_time"]),
+        # the JSON's end decides, not the next close tag inside a string
+        (
+            '<tool_call>{"name":"f","arguments":{"s":"</tool_call>"}}</tool_call>',
+            ["f"],
+        ),
+        ("It is sunny.", None),
+        (f"Calling: <tool_call>{NOW}</tool_call>", None),  # a mention is text
+        (f"<tool_call>{NOW}", None),  # not closed
+        (f"<tool_call>{NOW}</tool_call> done", None),
+        ("<tool_call>not json</tool_call>", None),
+    ],
+)
+def test_output_as_tool_calls(text, names):
+    calls = structured.as_tool_calls(text)
+    assert (None if calls is None else [c["function"]["name"] for c in calls]) == names
+
+
+def _events(text: str, size: int = 6) -> list[list[dict]]:
+    parts = [text[i : i + size] for i in range(0, len(text), size)]
+    out = []
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        out.append(
+            [
+                {
+                    "index": 0,
+                    "text": part,
+                    "logprobs": [],
+                    "finish_reason": "stop" if last else None,
+                    "prompt_tokens": 12 if last else 0,
+                    "completion_tokens": len(parts) if last else 0,
+                }
+            ]
+        )
+    return out
+
+
+async def _source(batches):
+    for b in batches:
+        yield b
+
+
+def test_wrapped_calls_answer_as_openai_tool_calls():
+    fmt = protocol.Formatter("chat", "m")
+    events = _as_tool_calls(_source(_events(TWO_CALLS)), "tool_calls")
+    body = asyncio.run(_collect(fmt, events, 1))
+    reply = ChatCompletion.model_validate(body)
+    (choice,) = reply.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert len({c.id for c in calls}) == 2
+    assert "index" not in body["choices"][0]["message"]["tool_calls"][0]
+    assert reply.usage.completion_tokens == len(_events(TWO_CALLS))
+
+
+def _stream(text: str) -> list[ChatCompletionChunk]:
+    async def chunks() -> list[str]:
+        fmt = protocol.Formatter("chat", "m")
+        events = _as_tool_calls(_source(_events(text)), "tool_calls")
+        return [line async for line in _sse(fmt, None, events, True, "req-1")]
+
+    lines = "".join(asyncio.run(chunks())).split("\n\n")
+    data = [line.removeprefix("data: ") for line in lines if line]
+    assert data[-1] == "[DONE]"
+    return [ChatCompletionChunk.model_validate_json(d) for d in data[:-1]]
+
+
+def test_wrapped_calls_stream_as_openai_tool_call_deltas():
+    chunks = _stream(TWO_CALLS)
+    assert not any(c.choices and c.choices[0].delta.content for c in chunks)  # no wrapper text
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert [(d.index, d.function.name) for d in deltas] == [(0, "get_weather"), (1, "get_time")]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    state = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    final = state.get_final_completion().choices[0]  # as the SDK puts the stream together
+    assert final.finish_reason == "tool_calls"
+    assert [c.function.arguments for c in final.message.tool_calls] == [
+        '{"city":"Paris"}',
+        "{}",
+    ]
+
+
+def test_text_mentioning_the_wrapper_streams_as_content():
+    text = "I could call <tool_call> for that."
+    chunks = _stream(text)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+class _Engine:
+    """An engine that records the grammar the replica checks and decodes with."""
+
+    max_batch_size, max_context, longest_token_chars, vocab_size = 2, 4096, 4, 256
+    unsupported_params = frozenset()
+
+    def __init__(self) -> None:
+        self.grammars: list[str] = []
+
+    def chat_prompt(self, messages, tools=None) -> list[int]:
+        return [1, 2, 3]
+
+    async def check_grammar(self, grammar: str) -> None:
+        self.grammars.append(grammar)
+
+    async def generate(self, ids, params, regex=None, grammar=None, **options):
+        from raydock.serve_apps.engines.base import StepEvent
+
+        self.grammars.append(grammar)
+        yield [StepEvent("hi", [5], [], "stop", len(ids), 1)]
+
+
+def _replica(engine, wrapper):
+    """EngineServer's request path on a plain object (no Serve), with this engine and the
+    wrapper its `__init__` would have found in the model's template."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raydock.serve_apps.engine_app import EngineServer
+
+    cls = EngineServer.func_or_class
+    methods = ("generate", "_generate", "_prompt", "_check_params", "_check_constraint")
+    server = type("Replica", (), {name: getattr(cls, name) for name in methods})()
+    server.engine, server.queue_limit, server.requests, server.taken = engine, 1, 0, 0
+    server.tool_call_wrapper = wrapper
+    server.tokenizing = ThreadPoolExecutor(1)
+    return server
+
+
+async def _steps(server, request: dict):
+    """The replica's step events (what the service reads after metering took its own)."""
+    async for batch in server.generate(request):
+        if steps := [ev for ev in batch if "index" in ev]:
+            yield steps
+
+
+@pytest.mark.parametrize("templated", [True, False])
+def test_the_replica_checks_and_decodes_with_its_templates_grammar(qwen_wrapper, templated):
+    server = _replica(_Engine(), qwen_wrapper if templated else None)
+    request = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "params": {"max_tokens": 4},
+        **_payload(),
+    }
+
+    async def run() -> None:
+        async for _ in _steps(server, request):
+            pass
+
+    asyncio.run(run())
+    server.tokenizing.shutdown()
+    checked, decoded = server.engine.grammars
+    assert checked == decoded
+    assert (checked != request["grammar"]) == templated
+    assert _accepts(checked, TWO_CALLS) == templated
+
+
+def qwen_like_model(root: Path) -> dict[str, int]:
+    """The tiny model at `root` with a vocabulary and template in Qwen's way: `<tool_call>` and
+    `</tool_call>` are added, non-special tokens (two rare tokens of the tiny vocabulary give
+    up their ids: the embedding has no row to spare) and the template teaches them. Returns
+    the tags' token ids."""
+    import shutil
+
+    from raydock.modelgen import cached_model_dir
+
+    shutil.copytree(cached_model_dir("tiny"), root)
+    spec = json.loads((root / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tags = dict(zip(["<tool_call>", "</tool_call>"], sorted(vocab.values())[-2:], strict=True))
+    freed = {token for token, i in vocab.items() if i in tags.values()}
+    spec["model"]["vocab"] = {t: i for t, i in vocab.items() if t not in freed}
+
+    def result(merge) -> str:  # ["a", "b"] or "a b": what the merge makes
+        return "".join(merge) if isinstance(merge, list) else merge.replace(" ", "")
+
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if result(m) not in freed]
+    spec["added_tokens"] += [
+        {"id": i, "content": tag, "single_word": False, "lstrip": False, "rstrip": False}
+        | {"normalized": False, "special": False}
+        for tag, i in tags.items()
+    ]
+    (root / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    (root / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": QWEN25_TEMPLATE})
+    )
+    (root / "chat_template.jinja").write_text(QWEN25_TEMPLATE)
+    return tags
+
+
+@pytest.fixture(scope="module")
+def qwen_like(tmp_path_factory) -> tuple[Path, dict[str, int]]:
+    root = tmp_path_factory.mktemp("qwen-like") / "model"
+    return root, qwen_like_model(root)
+
+
+def test_a_qwen_like_model_answers_auto_with_calls_in_its_own_wrapper(qwen_like):
+    """The whole path but HTTP and Ray: the engine replica finds the wrapper and its tokens in
+    the model's template and vocabulary, the engine decodes under its grammar (the opening
+    tag's token favoured: the random model would rarely pick it), the service answers."""
+    from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+
+    root, tags = qwen_like
+    engine = TransformersEngine(str(root), num_threads=1, max_batch_size=2)
+    wrapper = chat_render.tool_call_wrapper(engine.tokenizer)
+    assert (wrapper.open_token, wrapper.close_token) == tuple(tags.values())
+    server = _replica(engine, wrapper)
+    request = {
+        "messages": [{"role": "user", "content": "The weather in Paris, and the time?"}],
+        "tools": [WEATHER, TIME],
+        "params": {
+            "max_tokens": 300,
+            "seed": 3,
+            "logit_bias": ((tags["<tool_call>"], 100.0),),
+        },
+        **_payload(),
+    }
+    request["native_tool_calls"] = 2
+    prompt = engine.tokenizer.decode(asyncio.run(server._prompt(request)))
+    assert "<tool_call>" in prompt and chat_render.TOOLS_PREAMBLE not in prompt  # its own
+
+    async def answer() -> dict:
+        events = _as_tool_calls(_steps(server, request), "tool_calls")
+        return await _collect(protocol.Formatter("chat", "m"), events, 1)
+
+    reply = ChatCompletion.model_validate(asyncio.run(answer()))
+    server.tokenizing.shutdown()
+    (choice,) = reply.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert len(calls) == 2 and len({c.id for c in calls}) == 2  # the bias asks for more: 2 max
+    for call in calls:
+        tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
