@@ -22,6 +22,7 @@ from raydock import errors
 from raydock.errors import ApiError
 from raydock.optimizers.plan import EnginePlan
 from raydock.params import MAX_ADAPTER_RANK, MAX_LOADED_ADAPTERS
+from raydock.serve_apps.metering import prompt_taken
 
 engine_http = FastAPI(title="raydock engine replica", docs_url=None, openapi_url=None)
 
@@ -101,6 +102,10 @@ def asgi_app() -> FastAPI:
 class EngineServer:
     def __init__(self, spec: dict[str, Any]):
         self.engine = load_engine(spec)
+        from raydock.serve_apps.chat_render import tool_call_wrapper
+
+        # the tool-call format the model's chat template teaches (None: bare JSON calls only)
+        self.tool_call_wrapper = tool_call_wrapper(getattr(self.engine, "tokenizer", None))
         self.engine_name = spec["engine"]
         self.deployment_id = spec["deployment_id"]
         self._guided_seen = (0, 0)  # guided cache hits and misses already reported
@@ -255,7 +260,9 @@ class EngineServer:
         """Stream step events (dicts with an `index`) for the request's `n` sequences.
 
         Events that are ready together travel as one list: a reader that fell behind catches
-        up in one message instead of one per token. Refusals come as one error event.
+        up in one message instead of one per token. Refusals come as one error event. Once
+        the prompt is tokenized and checked, before its prefill, `metering.prompt_taken` goes
+        first: the request's meter charges the prompt from then on, and drops that batch.
         """
         if self.requests >= self.engine.max_batch_size + self.queue_limit:
             yield [
@@ -281,6 +288,8 @@ class EngineServer:
         from raydock.serve_apps.sampling import SamplingParams
 
         options: dict[str, Any] = {}  # the engine's keyword arguments: grammar, adapter
+        if request.get("native_tool_calls"):
+            request = native_tool_grammar(request, self.tool_call_wrapper)
         params = request["params"]
         try:
             ids = await self._prompt(request)
@@ -293,6 +302,8 @@ class EngineServer:
         except ApiError as exc:
             yield [_error_event(exc)]
             return
+        # the prompt's work begins: charged even if the client goes before the first token
+        yield prompt_taken(len(ids))
         n = request.get("n", 1)
         if request.get("grammar"):
             options["grammar"] = request["grammar"]
@@ -334,6 +345,19 @@ class EngineServer:
         finally:
             for t in tasks:  # client gone (or error): stop decoding at once
                 t.cancel()
+
+
+def native_tool_grammar(request: dict[str, Any], wrapper: Any) -> dict[str, Any]:
+    """The request with its `tool_choice: "auto"` grammar also taking up to
+    `native_tool_calls` calls in the chat template's own `wrapper` (a `ToolCallWrapper`; None:
+    the request as it came). The API replica that built the grammar does not know the model's
+    template, so every engine gets the same grammar from here."""
+    if wrapper is None or not request.get("grammar"):
+        return request
+    from raydock.serve_apps.guided.grammars import with_native_calls
+
+    grammar = with_native_calls(request["grammar"], wrapper, request["native_tool_calls"])
+    return request | {"grammar": grammar}
 
 
 def _error_event(exc: ApiError) -> dict[str, Any]:

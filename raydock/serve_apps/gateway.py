@@ -31,7 +31,7 @@ from raydock.errors import ApiError
 from raydock.metering import exposition
 from raydock.serve_apps import docs_page
 from raydock.serve_apps.access import Auth, DeploymentAccess, NotServing, bearer_token
-from raydock.serve_apps.metering import ReplicaMeter
+from raydock.serve_apps.metering import ReplicaMeter, is_prompt_taken
 from raydock.serve_apps.openai_service import complete, unknown_model
 
 app = FastAPI(title="raydock inference", docs_url=None, openapi_url=None)
@@ -77,7 +77,7 @@ def _cancel_quietly(gen) -> None:
         gen.cancel()
 
 
-#: A replica that dies before a request's first event: the request goes to another one, this
+#: A replica that dies before a request's first token: the request goes to another one, this
 #: many times at most (Serve routes around the dead replica)
 REPLICA_RETRIES = 2
 
@@ -107,7 +107,8 @@ def _via_handle(deployment_id: str):
             produced = False
             try:
                 async for batch in attempt(payload):
-                    produced = True
+                    # the replica's prompt_taken is no answer yet: the request may move on
+                    produced = produced or not is_prompt_taken(batch)
                     yield batch
                 return
             except (RayActorError, ActorUnavailableError) as exc:

@@ -34,6 +34,21 @@ CLIENT_CLOSED = 499
 #: adds what the process measures besides requests (gauges, engine counters) at each report
 Collect = Callable[[Batch], None]
 
+#: the key of the event a replica sends first once it has taken a request's prompt
+PROMPT_TAKEN = "prompt_taken"
+
+
+def prompt_taken(prompt_tokens: int) -> list[dict]:
+    """The batch a replica sends when it has tokenized and checked a request's prompt, before
+    its prefill: the request's meter charges the prompt from then on, even if the client goes
+    (or the deadline passes) before the first token. `ReplicaMeter.watch` takes it out of the
+    stream, metering on or off: no consumer of the events sees it."""
+    return [{PROMPT_TAKEN: True, "prompt_tokens": prompt_tokens}]
+
+
+def is_prompt_taken(batch: list[dict]) -> bool:
+    return bool(batch) and PROMPT_TAKEN in batch[0]
+
 
 @dataclass
 class Call:
@@ -117,14 +132,18 @@ class ReplicaMeter:
                 b.observe(M.TPOT, served, (now - call.first_token) / (per_choice - 1))
 
     def watch(self, events: AsyncIterator[list[dict]], call: Call) -> AsyncIterator[list[dict]]:
-        """Engine events, noting the first token and the usage; the call is finished when the
-        events end, fail or are closed (the client went away)."""
-        return self._watch(events, call) if self.enabled else events
+        """Engine events, noting the prompt, the first token and the usage; the call is
+        finished when the events end, fail or are closed (the client went away). The
+        replica's `prompt_taken` batch is read here and passed on to no one."""
+        return self._watch(events, call) if self.enabled else _without_prompt_taken(events)
 
     async def _watch(self, events: AsyncIterator[list[dict]], call: Call):
         status = CLIENT_CLOSED
         try:
             async for batch in events:
+                if PROMPT_TAKEN in batch[0]:  # the prompt is charged even if no token follows
+                    call.prompt_tokens = max(call.prompt_tokens, batch[0]["prompt_tokens"])
+                    continue  # not the first token: time to first token runs on
                 if call.first_token is None:
                     call.first_token = time.monotonic()
                 for ev in batch:
@@ -197,3 +216,13 @@ class ReplicaMeter:
             log.debug("meter report failed: %r", exc)
             batch.merge(self.pending)
             self.pending = batch
+
+
+async def _without_prompt_taken(events: AsyncIterator[list[dict]]) -> AsyncIterator[list[dict]]:
+    """Metering off: the engine's events as they come, less the replica's `prompt_taken`."""
+    try:
+        async for batch in events:
+            if PROMPT_TAKEN not in batch[0]:
+                yield batch
+    finally:
+        await events.aclose()

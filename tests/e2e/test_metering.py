@@ -5,10 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
+import threading
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.test_dashboards import dashboard_metric_names, exported_sample_names
@@ -249,3 +253,99 @@ def test_a_budget_reached_mid_stream_ends_that_stream_and_refuses_the_next(
     assert got[0]["event"]["data"]["used"] >= 40
     assert notify_sinks.mail.find("key.budget_exhausted", notify_sinks.OPS_EMAIL)
     assert not hooks.find("key.budget_warning", path, keyId=key["keyId"])
+
+
+#: a long prompt (hundreds of tokens): its prefill is the work a caller could take unpaid
+LONG = [{"role": "user", "content": " ".join(["the tide comes in and the tide goes out"] * 50)}]
+
+
+@pytest.mark.parametrize("path", ["replica route", "gateway /v1"])
+def test_a_stream_whose_client_goes_before_its_first_token_is_charged_its_prompt(
+    platform, live, path
+):
+    """The replica took the prompt (it waits for a batch slot: every slot decodes a long
+    stream, and as many more wait before it), then the client closes the connection before
+    any byte of the answer: the key's usage has the request, with its whole prompt."""
+    dep_id = live.deployment["deploymentId"]
+    key = _key(platform, dep_id, f"cut before a token ({path})")
+    http = platform.http()
+    stats_url = f"/api/public/deployments/{dep_id}/stats"
+    expected = _chat(platform, dep_id, live.key, messages=LONG, max_tokens=1)
+    assert expected.status_code == 200, expected.text
+    prompt = expected.json()["usage"]["prompt_tokens"]
+    assert prompt > 100
+
+    slots = http.get(stats_url).json()["maxBatchSize"]
+    stop = threading.Event()
+    answered: list[threading.Event] = []  # per long stream: its first token came
+
+    def fill(first: threading.Event) -> None:  # a long stream, read until the test ends
+        with httpx.stream(
+            "POST",
+            f"{platform.url}/deployments/{dep_id}/v2/chat/completions",
+            json={"messages": SAY, "max_tokens": 512, "ignore_eos": True, "stream": True},
+            headers={"Authorization": f"Bearer {live.key}"},
+            timeout=120,
+        ) as r:
+            for _ in r.iter_lines():
+                first.set()
+                if stop.is_set():
+                    return
+
+    def queued() -> int:
+        """Requests waiting for a slot, less the long streams that may still be waiting."""
+        unanswered = sum(not e.is_set() for e in answered)  # read first: it only falls
+        return http.get(stats_url).json()["waiting"] - unanswered
+
+    # two waves of long streams: the request waits for the second one (512 steps at least)
+    answered.extend(threading.Event() for _ in range(2 * slots))
+    fillers = [threading.Thread(target=fill, args=(e,), daemon=True) for e in answered]
+    try:
+        for t in fillers:
+            t.start()
+        full = {"running": slots, "waiting": slots}
+        wait_for(lambda: full.items() <= http.get(stats_url).json().items(), 30, 0.05)
+        url = urlsplit(platform.url)
+        route = (
+            "/v1/chat/completions"
+            if path == "gateway /v1"
+            else f"/deployments/{dep_id}/v2/chat/completions"
+        )
+        body = json.dumps(
+            {"model": dep_id, "messages": LONG, "max_tokens": 16, "stream": True}
+        ).encode()
+        client = socket.create_connection((url.hostname, url.port), timeout=30)
+        client.sendall(
+            (
+                f"POST {route} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                f"Authorization: Bearer {key['apiKey']}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body
+        )
+        # tokenized, waiting for a slot: its prompt taken (and on its way to the gateway)
+        wait_for(lambda: queued() == 1, timeout=30, interval=0.05)
+        time.sleep(0.5)
+        client.setblocking(False)
+        try:
+            got = client.recv(1)
+        except BlockingIOError:
+            got = b""
+        assert got == b"", "the answer began before the client went"
+        client.close()  # the client goes before its first token
+    finally:
+        stop.set()
+        for t in fillers:
+            t.join(timeout=60)
+
+    params = {"deploymentId": dep_id, "keyId": key["keyId"], "groupBy": "total"}
+    usage = wait_for(
+        lambda: (
+            (u := http.get("/api/public/usage", params=params).json())["totals"]["requests"] == 1
+            and u["totals"]
+        ),
+        timeout=10,
+    )
+    assert usage["promptTokens"] == prompt and usage["completionTokens"] == 0, usage
+    went = {"deployment": dep_id, "key": key["keyId"], "status": "499"}
+    assert value(scrape(platform), "raydock_requests_total", **went) == 1

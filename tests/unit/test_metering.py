@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -21,7 +22,7 @@ from raydock.metering.limits import DAY_S, Limiter, budget_reached, day_of
 from raydock.platform.meter import Meter
 from raydock.platform.registry import Registry
 from raydock.serve_apps.access import DeploymentAccess
-from raydock.serve_apps.metering import CLIENT_CLOSED, ReplicaMeter
+from raydock.serve_apps.metering import CLIENT_CLOSED, ReplicaMeter, prompt_taken
 from raydock.serve_apps.openai_service import complete
 
 
@@ -264,6 +265,232 @@ def test_a_stream_that_never_finishes_is_charged_its_prompt_and_streamed_tokens(
     assert counts[("raydock_prompt_tokens_total", keyed)] == 500 + 500
     assert counts[("raydock_completion_tokens_total", keyed)] == 4 + 6
     assert sorted(row for row in meter.pending.usage.values()) == [[2, 1000, 10]]
+
+
+# ------------------------------------------------------------ a prompt charged before any token
+
+
+def _taken_then(*batches, prompt: int = 900, wait=None):
+    """A replica's events: its prompt taken (`prompt` tokens), `wait()` (prefill, a queue),
+    then `batches`."""
+
+    async def engine(payload=None):
+        yield prompt_taken(prompt)
+        if wait is not None:
+            await wait()
+        for batch in batches:
+            yield batch
+
+    return engine
+
+
+def _events(finish_at: int = 2, prompt: int = 900) -> list[list[dict]]:
+    return [
+        [
+            {
+                "index": 0,
+                "text": f"t{i}",
+                "logprobs": [],
+                "finish_reason": "length" if i == finish_at else None,
+                "prompt_tokens": prompt,
+                "completion_tokens": i + 1,
+            }
+        ]
+        for i in range(finish_at + 1)
+    ]
+
+
+def test_a_request_cut_before_its_first_token_is_charged_its_prompt():
+    """The replica took a long prompt (tokenized; prefill or a queue ahead), then the client
+    went away: the prompt is charged, in the counters and the key's usage."""
+    meter = ReplicaMeter(None)
+    call = meter.start("dep-1", "k")
+
+    async def main():
+        watched = meter.watch(_taken_then(wait=_hang)(), call)
+        reading = asyncio.ensure_future(anext(watched))
+        await asyncio.sleep(0.05)  # the prompt is taken; no token yet
+        assert not reading.done()
+        reading.cancel()  # the client goes: its request's task is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        await watched.aclose()
+
+    asyncio.run(main())
+    counts = _counts(meter)
+    keyed = ("dep-1", "", "k")
+    assert counts[("raydock_requests_total", (*keyed, str(CLIENT_CLOSED)))] == 1
+    assert counts[("raydock_prompt_tokens_total", keyed)] == 900
+    assert ("raydock_completion_tokens_total", keyed) not in counts
+    assert list(meter.pending.usage.values()) == [[1, 900, 0]]
+    assert call.first_token is None  # the prompt taken is no token
+
+
+@pytest.mark.parametrize("cut", ["client", "deadline"])
+def test_a_stream_cut_before_its_first_token_is_charged_its_prompt_through_complete(cut):
+    meter = ReplicaMeter(None)
+
+    async def main():
+        ask = complete(
+            "completion",
+            _request({"prompt": "x", "stream": True}),
+            _dep(timeout_s=1),
+            "k",
+            _taken_then(wait=_hang),
+            meter,
+        )
+        if cut == "deadline":
+            with pytest.raises(ApiError) as refused:
+                await ask
+            assert refused.value.status == 504
+            return
+        task = asyncio.ensure_future(ask)
+        await asyncio.sleep(0.05)  # the response waits for the first token
+        task.cancel()  # the client went away before it
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    keyed = ("dep-1", "", "k")
+    status = "504" if cut == "deadline" else str(CLIENT_CLOSED)
+    counts = _counts(meter)
+    assert counts[("raydock_requests_total", (*keyed, status))] == 1
+    assert counts[("raydock_prompt_tokens_total", keyed)] == 900
+    assert list(meter.pending.usage.values()) == [[1, 900, 0]]
+
+
+@pytest.mark.parametrize("metering", [True, False], ids=["metering on", "metering off"])
+def test_the_prompt_taken_reaches_no_consumer(metering):
+    meter = ReplicaMeter(None, enabled=metering)
+    events = _events(prompt=7)
+
+    async def watched():
+        call = meter.start("dep-1", "k")
+        return [b async for b in meter.watch(_taken_then(*events, prompt=7)(), call)]
+
+    async def answers():
+        out = []
+        for stream, interval in ((False, 0.0), (True, 0.0), (True, 0.01)):
+            resp = await complete(
+                "completion",
+                _request({"prompt": "x", "stream": stream}),
+                _dep(),
+                "k",
+                _taken_then(*events, prompt=7),
+                meter,
+                stream_interval_s=interval,
+            )
+            if stream:
+                out.append("".join([m async for m in resp.body_iterator]))
+            else:
+                out.append(json.loads(resp.body))
+        return out
+
+    assert asyncio.run(watched()) == events
+    plain, streamed, paced = asyncio.run(answers())
+    assert plain["choices"][0]["text"] == "t0t1t2"
+    assert plain["usage"]["prompt_tokens"] == 7
+    for sse in (streamed, paced):
+        chunks = [json.loads(line[6:]) for line in sse.split("\n\n") if line[6:7] == "{"]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == "t0t1t2", sse
+        assert not any("error" in c for c in chunks), sse
+        assert sse.endswith("data: [DONE]\n\n")
+    if metering:
+        assert list(meter.pending.usage.values()) == [[4, 28, 12]]
+    else:
+        assert not meter.pending
+
+
+def test_time_to_first_token_is_not_taken_from_the_prompt_taken():
+    meter = ReplicaMeter(None)
+
+    async def prefill():
+        await asyncio.sleep(0.3)
+
+    async def main():
+        resp = await complete(
+            "completion",
+            _request({"prompt": "x"}),
+            _dep(),
+            "k",
+            _taken_then(*_events(), wait=prefill),
+            meter,
+        )
+        assert resp.status_code == 200
+
+    asyncio.run(main())
+    sum_at = -2  # a histogram: bucket counts, then the sum and the count
+    ttft = meter.pending.histograms[(M.TTFT.name, ("dep-1", ""))]
+    assert ttft[-1] == 1 and ttft[sum_at] >= 0.3  # the first token came after the prefill
+
+
+# ------------------------------------------------------------ the replica's side
+
+
+class _Engine:
+    """What EngineServer.generate asks of an engine: one character a token."""
+
+    max_batch_size = 2
+    max_context = 4096
+    longest_token_chars = 4
+    vocab_size = 256
+    unsupported_params = frozenset()
+
+    def __init__(self) -> None:
+        self.prefills = 0
+
+    def text_prompt(self, prompt: str) -> list[int]:
+        return [ord(c) % 256 for c in prompt]
+
+    async def generate(self, ids, params, regex=None, **options):
+        from raydock.serve_apps.engines.base import StepEvent
+
+        self.prefills += 1
+        for i in range(params.max_tokens):
+            finish = "length" if i == params.max_tokens - 1 else None
+            yield [StepEvent("a", [97], [], finish, len(ids), i + 1)]
+
+
+def _replica(engine: _Engine, tokenizing, requests: int = 0):
+    """EngineServer's request methods on a plain object (no model, no Serve)."""
+    from raydock.serve_apps.engine_app import EngineServer
+
+    methods = ("generate", "_generate", "_prompt", "_check_params", "_check_constraint")
+    cls = EngineServer.func_or_class
+    server = type("Replica", (), {name: getattr(cls, name) for name in methods})()
+    server.engine, server.queue_limit, server.tokenizing = engine, 1, tokenizing
+    server.requests, server.taken = requests, 0
+    return server
+
+
+def test_a_replica_sends_the_prompt_taken_before_the_prefill_and_never_with_a_refusal():
+    from raydock.serve_apps.metering import is_prompt_taken
+
+    engine = _Engine()
+
+    async def first(server, request, then=0):
+        stream = server.generate(request)
+        batches = [await anext(stream)]
+        prefills = engine.prefills
+        batches += [b async for b in stream][:then]
+        return batches, prefills
+
+    params = {"max_tokens": 2}
+    with ThreadPoolExecutor(1) as tokenizing:
+        server = _replica(engine, tokenizing)
+        asked = {"prompt": "hello", "params": params}
+        batches, prefills = asyncio.run(first(server, asked, 2))
+        assert is_prompt_taken(batches[0]) and batches[0][0]["prompt_tokens"] == 5
+        assert prefills == 0  # sent before the engine begins the prompt
+        assert [ev["completion_tokens"] for b in batches[1:] for ev in b] == [1, 2]
+        assert not any(is_prompt_taken(b) for b in batches[1:])
+        # refusals stay one error event: a full queue (429), a prompt too long (400)
+        busy = _replica(engine, tokenizing, requests=3)
+        full, _ = asyncio.run(first(busy, {"prompt": "x", "params": params}))
+        assert [ev["status"] for ev in full[0]] == [429] and len(full) == 1
+        long = {"prompt": "x" * 5000, "params": params}
+        refused, _ = asyncio.run(first(server, long, 5))
+        assert [ev.get("status") for b in refused for ev in b] == [400]
 
 
 def _used(replica: ReplicaMeter, key: str, tokens: int) -> None:
