@@ -19,19 +19,8 @@ from raydock.serve_apps import chat_render, protocol, structured
 from raydock.serve_apps.engine_app import native_tool_grammar
 from raydock.serve_apps.openai_service import _as_tool_calls, _collect, _sse, native_tool_calls
 from tests.unit.test_chat_render import QWEN25_TEMPLATE
-from tests.unit.test_guided import _accepts, decoder
+from tests.unit.test_guided import WEATHER, _accepts, decoder
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
