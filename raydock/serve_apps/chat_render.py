@@ -92,6 +92,10 @@ def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
         added = tokenizer.get_added_vocab()
     except Exception:  # a tokenizer without added tokens, or not a Hugging Face one
         added = {}
+    # a special token's text is skipped when the output is decoded: a tag the model wrote as
+    # one would vanish from it, so such a tag is spelled out instead
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    added = {text: i for text, i in added.items() if i not in special}
     return dataclasses.replace(
         wrapper, open_token=added.get(wrapper.open), close_token=added.get(wrapper.close)
     )

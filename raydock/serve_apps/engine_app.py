@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import math
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ from raydock.errors import ApiError
 from raydock.optimizers.plan import EnginePlan
 from raydock.params import MAX_ADAPTER_RANK, MAX_LOADED_ADAPTERS
 from raydock.serve_apps.metering import prompt_taken
+
+log = logging.getLogger("raydock.engine_app")
 
 engine_http = FastAPI(title="raydock engine replica", docs_url=None, openapi_url=None)
 
@@ -356,7 +359,11 @@ def native_tool_grammar(request: dict[str, Any], wrapper: Any) -> dict[str, Any]
         return request
     from raydock.serve_apps.guided.grammars import with_native_calls
 
-    grammar = with_native_calls(request["grammar"], wrapper, request["native_tool_calls"])
+    try:
+        grammar = with_native_calls(request["grammar"], wrapper, request["native_tool_calls"])
+    except ValueError as exc:  # an API replica of another version: bare calls, as it asked
+        log.warning("tool grammar kept without native calls: %s", exc)
+        return request
     return request | {"grammar": grammar}
 
 

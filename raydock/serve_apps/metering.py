@@ -39,10 +39,11 @@ PROMPT_TAKEN = "prompt_taken"
 
 
 def prompt_taken(prompt_tokens: int) -> list[dict]:
-    """The batch a replica sends when it has tokenized and checked a request's prompt, before
-    its prefill: the request's meter charges the prompt from then on, even if the client goes
-    (or the deadline passes) before the first token. `ReplicaMeter.watch` takes it out of the
-    stream, metering on or off: no consumer of the events sees it."""
+    """The batch a replica sends when it has taken a request (its prompt tokenized and
+    checked, queued for the engine): the request's meter charges the prompt from then on,
+    even if the client goes (or the deadline passes) before the first token.
+    `ReplicaMeter.watch` takes it out of the stream, metering on or off: no consumer of the
+    events sees it."""
     return [{PROMPT_TAKEN: True, "prompt_tokens": prompt_tokens}]
 
 
@@ -141,7 +142,7 @@ class ReplicaMeter:
         status = CLIENT_CLOSED
         try:
             async for batch in events:
-                if PROMPT_TAKEN in batch[0]:  # the prompt is charged even if no token follows
+                if is_prompt_taken(batch):  # the prompt is charged even if no token follows
                     call.prompt_tokens = max(call.prompt_tokens, batch[0]["prompt_tokens"])
                     continue  # not the first token: time to first token runs on
                 if call.first_token is None:
@@ -222,7 +223,7 @@ async def _without_prompt_taken(events: AsyncIterator[list[dict]]) -> AsyncItera
     """Metering off: the engine's events as they come, less the replica's `prompt_taken`."""
     try:
         async for batch in events:
-            if PROMPT_TAKEN not in batch[0]:
+            if not is_prompt_taken(batch):
                 yield batch
     finally:
         await events.aclose()

@@ -417,3 +417,19 @@ def test_a_schema_that_is_not_one_is_a_400_naming_it(response_format, tools, par
     with pytest.raises(structured.StructuredError) as refused:
         structured.constraint_for(response_format, tools, "required" if tools else None)
     assert refused.value.param == param
+
+
+def test_a_wrapper_whose_tags_are_special_tokens_is_spelled_out():
+    """Some vocabularies mark the tags special: the engines decode with special tokens
+    skipped, so a tag written as its token would vanish from the reply (and the call come back
+    as text). Such tags get no id: the model spells them."""
+    import copy
+
+    from raydock.serve_apps import chat_render
+
+    tok = copy.deepcopy(decoder()[0])
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    tok.chat_template = "{{ messages }} answer with <tool_call>{...}</tool_call>"
+    wrapper = chat_render.tool_call_wrapper(tok)
+    assert wrapper is not None and wrapper.open == "<tool_call>"
+    assert (wrapper.open_token, wrapper.close_token) == (None, None)

@@ -71,6 +71,9 @@ def test_the_engine_replica_adds_its_templates_wrapper_to_auto_grammars(qwen_wra
     one = native_tool_grammar(_payload(parallel_tool_calls=False), qwen_wrapper)["grammar"]
     assert _accepts(one, TWO_CALLS.split("\n<tool_call>")[0])
     assert not _accepts(one, TWO_CALLS)
+    # a grammar of another shape (an API replica of another version): kept as it came
+    other = auto | {"grammar": "start: %json {}"}
+    assert native_tool_grammar(other, qwen_wrapper) == other
 
 
 @pytest.mark.parametrize(
