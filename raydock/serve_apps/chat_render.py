@@ -73,10 +73,12 @@ class ChatTemplateError(ValueError):
     """The model's chat template cannot render these messages (the reason is its own)."""
 
 
-def template_source(tokenizer: Any) -> str | None:
+def template_source(tokenizer: Any, tools: bool = False) -> str | None:
+    """The chat template's source; of named templates (Hermes-style), "tool_use" for a chat
+    with tools (as Hugging Face picks it), else "default"."""
     template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # named templates: the default one renders chats
-        template = template.get("default")
+    if isinstance(template, dict):
+        template = (tools and template.get("tool_use")) or template.get("default")
     return template if isinstance(template, str) else None
 
 
@@ -84,7 +86,7 @@ def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
     """The native tool-call wrapper the model's chat template teaches (its source holds the
     opening tag, e.g. `<tool_call>`), with the ids of the tokenizer's added tokens for its
     tags; None: the model is asked for bare JSON calls."""
-    source = template_source(tokenizer) or ""
+    source = template_source(tokenizer, tools=True) or ""
     wrapper = next((w for w in TOOL_CALL_WRAPPERS if w.open in source), None)
     if wrapper is None:
         return None
@@ -106,7 +108,7 @@ def render(
 ) -> str:
     """The prompt text for `messages` (OpenAI chat messages) and `tools`, ending with the
     assistant's turn; raises ChatTemplateError with the template's reason."""
-    source = template_source(tokenizer)
+    source = template_source(tokenizer, tools=bool(tools))
     if source is None:
         raise ChatTemplateError("this model has no chat template; use /v1/completions")
     if "developer" not in source:  # OpenAI's newer name for system, which such a template

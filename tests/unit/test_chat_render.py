@@ -183,3 +183,15 @@ def test_templates_without_a_wrapper_have_none(tokenizer):
         tok.chat_template = template
         found = chat_render.tool_call_wrapper(tok)
         assert (found is not None) == isinstance(template, dict), template  # named: "default"
+
+
+def test_named_templates_render_tools_with_their_tool_use_template(tokenizer):
+    """Hermes-style tokenizers keep tools (and `<tool_call>`) in a "tool_use" template beside
+    "default": a chat with tools renders with it, and its wrapper is the one taught."""
+    tok = copy.copy(tokenizer)
+    tok.chat_template = {"default": NATIVE_TEMPLATE, "tool_use": QWEN25_TEMPLATE}
+    text = chat_render.render(tok, SAMPLE_CONVERSATION, SAMPLE_TOOLS)
+    assert "<tool_call>\n{" in text and chat_render.TOOLS_PREAMBLE not in text
+    assert chat_render.tool_call_wrapper(tok).open == "<tool_call>"
+    plain = [m for m in SAMPLE_CONVERSATION if m["role"] in ("system", "user")][:2]
+    assert "<tool_call>" not in chat_render.render(tok, plain)  # no tools: "default"
