@@ -905,31 +905,29 @@ class Registry:
         """An undeploy came while the deployment was starting: its deploy job and the
         version it was starting end FAILED, saying who cancelled them (no-op otherwise)."""
         with self._tx() as s:
-            running = select(db.DockStatus).where(
-                db.DockStatus.deployment_id == deployment_id,
-                db.DockStatus.action == JobAction.DEPLOY,
-                db.DockStatus.status == JobStatus.IN_PROGRESS,
-            )
-            jobs = list(s.scalars(running))
+            jobs = self._running_jobs(s, deployment_id, JobAction.DEPLOY)
             if not jobs:
                 return
             reason = f"cancelled: undeployed by {self._user_names(s).get(user_id, user_id)}"
             for j in jobs:
                 self._end_job(j, JobStatus.FAILED, reason)
             _, live = self._last_two_versions(s, deployment_id)
-            if live is not None:  # a redeploy's: the live version's replicas go with it
-                live.undeployed_by, live.undeploy_started_at = user_id, db.utcnow()
-                live.undeploy_ended_at = live.undeploy_started_at
+            self._stopped(live, user_id)  # a redeploy's: the live replicas go with it
             self._end_version(s, deployment_id, "FAILED", reason)
 
     @staticmethod
-    def _undeploying(s: Session, deployment_id: str) -> bool:
-        running = select(func.count()).where(
+    def _running_jobs(s: Session, deployment_id: str, action: str) -> list[db.DockStatus]:
+        """The deployment's jobs of `action` still IN_PROGRESS."""
+        running = select(db.DockStatus).where(
             db.DockStatus.deployment_id == deployment_id,
-            db.DockStatus.action == JobAction.UNDEPLOY,
+            db.DockStatus.action == action,
             db.DockStatus.status == JobStatus.IN_PROGRESS,
         )
-        return bool(s.scalar(running))
+        return list(s.scalars(running))
+
+    @staticmethod
+    def _undeploying(s: Session, deployment_id: str) -> bool:
+        return bool(Registry._running_jobs(s, deployment_id, JobAction.UNDEPLOY))
 
     def _end_version(self, s: Session, deployment_id: str, result: str, reason: str | None) -> None:
         v = Registry._latest_version(s, deployment_id)
@@ -946,9 +944,7 @@ class Registry:
             lost = d.status == DeploymentStatus.DEPLOYED and status == DeploymentStatus.FAILED
             if d.status in STARTING_DEPLOYMENT and status == DeploymentStatus.FAILED:
                 # a redeploy that failed with its app deleted: the live version ended too
-                _, live = self._last_two_versions(s, d.id)
-                if live is not None:
-                    live.undeploy_started_at = live.undeploy_ended_at = db.utcnow()
+                self._stopped(self._last_two_versions(s, d.id)[1])
             d.status = status
             self._access_changed.add(d.id)
             d.failure_reason = reason if status == DeploymentStatus.FAILED else None
@@ -957,7 +953,7 @@ class Registry:
             elif status == DeploymentStatus.FAILED:
                 self._end_version(s, d.id, "FAILED", reason)
             if lost:  # its app is gone (restores failed): the live version's replicas ended
-                self._version_stopped(s, d.id)
+                self._stopped(self._latest_version(s, d.id))
             if changed:
                 self._deployment_notice(s, d)
             return views.deployment(d, self._user_names(s))
@@ -1006,11 +1002,13 @@ class Registry:
         return kept
 
     @staticmethod
-    def _version_stopped(s: Session, deployment_id: str) -> None:
-        """The latest version's replicas ended without an undeploy (its app was lost)."""
-        v = Registry._latest_version(s, deployment_id)
+    def _stopped(v: db.DeploymentVersion | None, by: str | None = None) -> None:
+        """A version's replicas ended: by `by`'s undeploy, or with no undeploy (its app lost
+        or deleted); a version already stopped keeps its stamps."""
         if v is not None and v.undeploy_started_at is None:
             v.undeploy_started_at = v.undeploy_ended_at = db.utcnow()
+            if by is not None:
+                v.undeployed_by = by
 
     def record_undeploy(self, deployment_id: str, user_id: str | None, ended: bool) -> None:
         """Stamp who undeployed the live version, and when it started / ended."""

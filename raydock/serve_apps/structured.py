@@ -227,19 +227,16 @@ def may_be_tool_call(text: str) -> bool:
     )
 
 
-def as_tool_call(text: str) -> dict[str, Any] | None:
-    """The OpenAI tool_call a bare call `{"name": ..., "arguments": ...}` stands for, or None
-    when the output is not one."""
-    return _call(text) if text.startswith("{") else None
-
-
 def as_tool_calls(text: str) -> list[dict[str, Any]] | None:
     """The OpenAI tool_calls an output stands for: a bare call `{"name": ..., "arguments":
     ...}`, or one or more in a known wrapper (`<tool_call>` call `</tool_call>`, whitespace
     around); None when it is plain text. Only the start decides: text that mentions a wrapper
     later is text, as the grammar has it."""
     if text.startswith("{"):
-        call = as_tool_call(text)
+        try:
+            call = _as_call(json.loads(text))
+        except json.JSONDecodeError:
+            return None
         return None if call is None else [call]
     for wrapper in TOOL_CALL_WRAPPERS:
         if text.startswith(wrapper.open):
@@ -268,13 +265,6 @@ def _wrapped_calls(text: str, wrapper: ToolCallWrapper) -> list[dict[str, Any]] 
 
 
 _DECODER = json.JSONDecoder()
-
-
-def _call(text: str) -> dict[str, Any] | None:
-    try:
-        return _as_call(json.loads(text))
-    except json.JSONDecodeError:
-        return None
 
 
 def _as_call(call: Any) -> dict[str, Any] | None:

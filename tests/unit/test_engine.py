@@ -195,8 +195,9 @@ def test_tool_call_is_a_declared_tool_with_valid_arguments(engine):
     for text, finish in run(main()):
         if finish != "stop":
             continue
-        call = structured.as_tool_call(text)
-        assert call is not None, text
+        calls = structured.as_tool_calls(text)
+        assert calls is not None and len(calls) == 1, text
+        [call] = calls
         args = json.loads(call["function"]["arguments"])
         if call["function"]["name"] == "forecast":
             validate(args, params)
