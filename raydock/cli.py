@@ -31,6 +31,37 @@ def _pidfile(settings: Settings) -> Path:
     return settings.home_path / "raydock.pid"
 
 
+def _started_at(pid: int) -> str | None:
+    """When process pid started (clock ticks since boot, from /proc), None if no such process
+    (or no /proc): with the pid, it tells `raydock up` from a later process given its pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return ""  # /proc unreadable here: the pid alone must do
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def _write_pidfile(settings: Settings) -> None:
+    pid = os.getpid()
+    _pidfile(settings).write_text(f"{pid} {_started_at(pid) or ''}".strip())
+
+
+def _running_up(settings: Settings) -> int | None:
+    """The pid of the `raydock up` of this data dir, None if its pid file is missing or stale:
+    that process ended (a crash, a kill -9 left the file) and its pid may now be another's."""
+    try:
+        pid_text, _, started = _pidfile(settings).read_text().partition(" ")
+        pid = int(pid_text)
+    except (FileNotFoundError, ValueError):
+        return None
+    now = _started_at(pid)
+    if now is None or (started and now and now != started.strip()):
+        return None
+    return pid
+
+
 # ------------------------------------------------------------------ up / down
 
 
@@ -63,7 +94,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not settings.ray_address:
             ray.shutdown()
         raise
-    _pidfile(settings).write_text(str(os.getpid()))
+    _write_pidfile(settings)
     url = info["url"]
     print(f"raydock is up at {url}  (web dashboard: {url}/, API docs: {url}/docs)")
     print(f"data dir: {settings.home_path}")
@@ -120,8 +151,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not pidfile.exists():
         print("raydock is not running (no pid file)")
         return 0
-    pid = int(pidfile.read_text())
+    pid = _running_up(settings)
     try:
+        if pid is None:
+            raise ProcessLookupError
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pidfile.unlink(missing_ok=True)
