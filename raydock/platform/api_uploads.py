@@ -1,11 +1,15 @@
 """Model uploads: one multipart request, or a chunked session (start, chunks, complete, or
-cancel). Both land in the data dir's `uploads/` folder until the import takes the zip.
+cancel). Both land in the data dir's `uploads/` folder until the import takes the zip: a
+multipart body's file is written there as it arrives (SPOOL_SUFFIX) and renamed to the
+import's zip, never copied.
 
 A session's chunks stay on disk until it completes, is cancelled (DELETE), or lies idle for
 `upload_session_ttl_s` (default a day): the API replica sweeps such sessions, and folders
 no session names, every UPLOAD_SWEEP_INTERVAL_S. An upload the disk cannot hold beside what
 the open sessions still need is refused before it starts (and a chunk the disk could not
-take, when it comes): 413, nothing kept.
+take, when it comes): 413, nothing kept. What each session has written is kept in memory as
+its chunks come (UploadBytes), read from its folder the first time: a chunk costs the same
+however many came before it.
 """
 
 from __future__ import annotations
@@ -16,19 +20,23 @@ import errno
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
-from fastapi import APIRouter, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from fastapi.routing import APIRoute
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from raydock.errors import ApiError, limited_receive
 from raydock.jsontypes import NUL
 from raydock.platform import schemas
-from raydock.platform.api_deps import User, ctx, job_ref
+from raydock.platform.api_deps import User, ctx, current_user, job_ref
 
 log = logging.getLogger("raydock.api")
 
@@ -49,6 +57,8 @@ WRITE_BYTES = 2**20
 _STARTING = asyncio.Lock()
 #: sessions whose chunks are being assembled: a second complete would import them twice
 _COMPLETING: set[str] = set()
+#: a multipart body's file while it arrives, in the uploads folder (then renamed to a .zip)
+SPOOL_SUFFIX = ".receiving"
 
 
 def zip_name(file_name: str) -> str:
@@ -83,24 +93,31 @@ def storage_refusal(
     chunked: bool = True,
 ) -> ApiError | None:
     """Why an upload of `total_size` bytes cannot succeed here: over the archive limit, or
-    more than the disk can hold besides what the open uploads still need (`promised_bytes`).
-    A chunked upload, refused before a byte is sent, needs twice its size (the chunks and
-    the zip made of them); a multipart import, whose body is already spooled, once."""
+    more than the disk can hold besides what the open uploads still need (`promised_bytes`)."""
     if too_large := size_refusal(total_size, max_archive_bytes, chunked):
         return too_large
-    param, what = ("totalSize", "totalSize") if chunked else ("file", "the file of")
+    return disk_refusal(total_size, free_bytes, promised_bytes, chunked)
+
+
+def disk_refusal(
+    total_size: int, free_bytes: int, promised_bytes: int = 0, chunked: bool = True
+) -> ApiError | None:
+    """An upload the disk cannot hold beside what the open uploads still need (413). A
+    chunked upload needs twice its size (the chunks, then the zip assembled from them); a
+    multipart import once (its body, written straight into the uploads folder and renamed)."""
     needed = 2 * total_size if chunked else total_size
-    if needed > free_bytes - promised_bytes:
-        promised = f", {promised_bytes} of them promised to open uploads" if promised_bytes else ""
-        copies = "the chunks and the zip assembled from them" if chunked else "the zip's copy"
-        return ApiError(
-            413,
-            f"{what} {total_size} bytes needs {needed} bytes free on the server "
-            f"({copies}); {free_bytes} are free{promised}",
-            param,
-            "insufficient_storage",
-        )
-    return None
+    if needed <= free_bytes - promised_bytes:
+        return None
+    param, what = ("totalSize", "totalSize") if chunked else ("file", "the upload of")
+    promised = f", {promised_bytes} of them promised to open uploads" if promised_bytes else ""
+    copies = "the chunks and the zip assembled from them" if chunked else "its body, written once"
+    return ApiError(
+        413,
+        f"{what} {total_size} bytes needs {needed} bytes free on the server "
+        f"({copies}); {free_bytes} are free{promised}",
+        param,
+        "insufficient_storage",
+    )
 
 
 async def _disk_room(root: Path) -> tuple[int, int]:
@@ -127,22 +144,88 @@ def chunking_problem(total_size: int, total_chunks: int, max_chunk_bytes: int) -
     return None
 
 
-def written_bytes(folder: Path, but: Iterable[Path] = ()) -> int:
-    """Bytes in an upload's folder (its chunks, and those being written), but `but`'s."""
-    written, skip = 0, {str(p) for p in but}
-    # a session or chunk gone meanwhile (completed, cancelled) has nothing written
-    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.path not in skip:
-                with contextlib.suppress(FileNotFoundError):
-                    written += entry.stat().st_size
-    return written
+def stored_chunks(folder: Path) -> dict[int, int] | None:
+    """The bytes of each chunk kept in an upload's folder, by chunk number (its .part files:
+    a .tmp that a request which died left is written over when its chunk is sent again).
+    None: there is no folder (the session was cancelled, swept, or is being made)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {
+                int(entry.name.removesuffix(".part")): entry.stat().st_size
+                for entry in entries
+                if entry.name.endswith(".part")
+            }
+    except FileNotFoundError:  # removed meanwhile, with all its chunks
+        return None
+
+
+class UploadBytes:
+    """What one upload session has on its disk: each chunk kept, and those being written.
+    Kept up to date as chunks arrive, so that a chunk's limit and a start's promised space
+    cost the same however many chunks came before (a scan of the folder per chunk made an
+    upload's bookkeeping grow with the square of its chunks)."""
+
+    def __init__(self, stored: dict[int, int]):
+        self.stored = stored  # chunk number -> bytes of its .part file
+        self.writing: dict[int, int] = {}  # chunk number -> bytes of its .tmp so far
+        self.total = sum(stored.values())
+
+    def besides(self, chunk: int) -> int:
+        """Bytes in the other chunks (a chunk sent again replaces its own)."""
+        return self.total - self.stored.get(chunk, 0) - self.writing.get(chunk, 0)
+
+    def wrote(self, chunk: int, size: int) -> None:
+        """`size` more bytes of `chunk` reached its .tmp file."""
+        self.writing[chunk] = self.writing.get(chunk, 0) + size
+        self.total += size
+
+    def finished(self, chunk: int, size: int, kept: bool) -> None:
+        """A request wrote `size` bytes of `chunk`: kept (its .tmp replaced the .part), or
+        not (the .tmp removed)."""
+        left = self.writing.pop(chunk, 0) - size
+        if left > 0:  # another request for the same chunk is writing too
+            self.writing[chunk] = left
+        self.total -= size
+        if kept:
+            self.total += size - self.stored.get(chunk, 0)
+            self.stored[chunk] = size
+
+
+#: each upload folder's UploadBytes, read from disk the first time this process needs it:
+#: after a restart the folders are the truth
+_UPLOAD_BYTES: dict[Path, UploadBytes] = {}
+#: one reading of a folder at a time: a chunk written meanwhile would be counted by a
+#: reading that then lost to another, or by neither
+_READING = threading.Lock()
+
+
+def upload_bytes(folder: Path) -> UploadBytes | None:
+    """An upload folder's UploadBytes (None: no such folder). Blocking, the first time a
+    folder is asked for: call it in a thread."""
+    with _READING:
+        known = _UPLOAD_BYTES.get(folder)
+        if known is None:
+            stored = stored_chunks(folder)
+            if stored is None:
+                return None
+            known = _UPLOAD_BYTES[folder] = UploadBytes(stored)
+        return known
+
+
+def forget_upload_bytes(folder: Path) -> None:
+    """After the folder was removed (with the _READING lock: a reading of it finishes first)."""
+    with _READING:
+        _UPLOAD_BYTES.pop(folder, None)
 
 
 def promised_bytes(sessions: Iterable[dict[str, Any]], root: Path) -> int:
     """Disk space the open upload sessions still need: twice each one's size (its chunks, then
-    the zip assembled from them) less the chunks it has already written to its folder."""
-    return sum(max(0, 2 * s["totalSize"] - written_bytes(root / s["sessionId"])) for s in sessions)
+    the zip assembled from them) less what it has already written to its folder."""
+    promised = 0
+    for s in sessions:
+        written = upload_bytes(root / s["sessionId"])
+        promised += max(0, 2 * s["totalSize"] - (written.total if written else 0))
+    return promised
 
 
 @contextlib.contextmanager
@@ -156,17 +239,31 @@ def _storing(partial: Path, what: str, session_id: str | None = None) -> Iterato
         if session_id and isinstance(exc, FileNotFoundError):
             raise _gone(session_id) from None
         if isinstance(exc, OSError) and exc.errno in NO_SPACE:
-            raise ApiError(
-                413,
-                f"the server's disk is full: {what} was not stored",
-                None,
-                "insufficient_storage",
-            ) from None
+            raise _disk_full(what) from None
         raise
+
+
+def _disk_full(what: str) -> ApiError:
+    return ApiError(
+        413, f"the server's disk is full: {what} was not stored", None, "insufficient_storage"
+    )
 
 
 def _gone(session_id: str) -> ApiError:
     return ApiError(404, f"upload session {session_id} was cancelled or expired", "sessionId")
+
+
+def idle_spools(root: Path, now: float, ttl_s: float) -> list[Path]:
+    """Multipart bodies being received (SPOOL_SUFFIX) untouched over `ttl_s`: left by a
+    request that died with its process (a live one's file moves with each write)."""
+    idle = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
+        for entry in entries:
+            if entry.name.endswith(SPOOL_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):  # its request ended meanwhile
+                    if now - entry.stat().st_mtime > ttl_s:
+                        idle.append(Path(entry.path))
+    return sorted(idle)
 
 
 def idle_uploads(
@@ -212,16 +309,73 @@ async def _start_import(
     return {**job_ref(job), "model": model}
 
 
+class _SpoolingParser(MultiPartParser):
+    """Starlette's multipart parser, but a file part is written straight into a named file
+    in the uploads folder, which the import then takes by renaming it: Starlette's own spool
+    (a temporary file elsewhere) had to be copied there, twice the writes and the disk."""
+
+    def __init__(
+        self,
+        headers: Headers,
+        stream: AsyncGenerator[bytes, None],
+        folder: Path,
+        spools: list[tuple[Path, BinaryIO]],
+    ):
+        super().__init__(headers, stream)
+        self.folder, self.spools = folder, spools
+
+    def on_headers_finished(self) -> None:
+        super().on_headers_finished()
+        upload = self._current_part.file  # an UploadFile when the part has a filename
+        if upload is not None:
+            path = self.folder / f"{uuid.uuid4()}{SPOOL_SUFFIX}"
+            upload.file.close()  # the empty in-memory spool Starlette opened for it
+            upload.file = path.open("w+b")
+            self.spools.append((path, upload.file))
+
+
+class _ImportRequest(Request):
+    """The multipart import's request: its form parsed by _SpoolingParser. The files it
+    wrote and the route did not take are removed by discard_spools, whatever happened."""
+
+    def __init__(self, scope, receive, folder: Path):
+        super().__init__(scope, receive)
+        self.folder = folder
+        self.spools: list[tuple[Path, BinaryIO]] = []
+
+    async def form(self, **limits: Any) -> FormData:  # FastAPI's `await request.form()`
+        content_type, _ = parse_options_header(self.headers.get("Content-Type"))
+        if content_type != b"multipart/form-data":
+            return await super().form(**limits)  # then no file: FastAPI's 422 names it
+        parser = _SpoolingParser(self.headers, self.stream(), self.folder, self.spools)
+        try:
+            return await parser.parse()
+        except MultiPartException as exc:  # as Starlette's own parsing answers it
+            raise HTTPException(400, exc.message) from None
+        except OSError as exc:
+            if exc.errno in NO_SPACE:
+                raise _disk_full("the upload") from None
+            raise
+
+    def discard_spools(self) -> None:
+        for path, file in self.spools:
+            file.close()
+            path.unlink(missing_ok=True)  # gone already when the route took it
+
+
 class _ImportRoute(APIRoute):
-    """The multipart import's route. FastAPI spools the whole body to a temporary file
-    before the route runs, and the request guard leaves this body to it (it may exceed
-    max_request_bytes): it is held to the archive limit here, refused from its Content-Length
-    before a byte is read, else as soon as it outgrows the limit."""
+    """The multipart import's route. Its body is read before the route runs, and the request
+    guard leaves it to this route (it may exceed max_request_bytes). Before a byte is read:
+    the caller is authenticated (no one else has the server write an upload), and the body
+    is held to the archive limit and to the free disk from its Content-Length (without one,
+    refused as soon as it outgrows the limit, and the route checks the disk after)."""
 
     def get_route_handler(self):
         handle = super().get_route_handler()
 
         async def bounded(request: Request) -> Response:
+            headers = request.headers
+            await current_user(request, headers.get("x-api-key"), headers.get("authorization"))
             archive = ctx.settings.max_archive_bytes
             limit = archive + ZIP_OVERHEAD_BYTES + FORM_OVERHEAD_BYTES
             refusal = ApiError(
@@ -232,9 +386,29 @@ class _ImportRoute(APIRoute):
                 "archive_too_large",
             )
             receive = limited_receive(request.scope, request.receive, limit, lambda: refusal)
-            return await handle(Request(request.scope, receive))
+            root = ctx.settings.uploads_path
+            root.mkdir(parents=True, exist_ok=True)
+            declared = headers.get("content-length", "")
+            if declared.isdigit():
+                async with _STARTING:  # once a chunked upload starting now has claimed its share
+                    free, promised = await _disk_room(root)
+                if too_full := disk_refusal(int(declared), free, promised, chunked=False):
+                    raise too_full
+            spooling = _ImportRequest(request.scope, receive, root)
+            try:
+                return await handle(spooling)
+            finally:
+                spooling.discard_spools()
 
         return bounded
+
+
+def _spooled(file: UploadFile) -> Path:
+    """Where _SpoolingParser wrote a multipart import's file."""
+    path = Path(getattr(file.file, "name", ""))
+    if path.suffix != SPOOL_SUFFIX:
+        raise RuntimeError("the multipart import's file was not written by _SpoolingParser")
+    return path
 
 
 async def import_model(
@@ -249,19 +423,18 @@ async def import_model(
     zip_name(file.filename or "")
     schemas.refuse_nul(baseModelId=baseModelId, description=description, tags=tags)
     tag_list = schemas.parse_tags(tags)
-    root = ctx.settings.uploads_path
-    root.mkdir(parents=True, exist_ok=True)
+    spooled, size = _spooled(file), file.size or 0
     async with _STARTING:  # once a chunked upload starting now has claimed its share
-        free, promised = await _disk_room(root)
-    # file.size: the zip FastAPI spooled. Another import copying at the same time may take
-    # the space counted here: then _storing's 413 (the disk full), nothing kept.
+        free, promised = await _disk_room(spooled.parent)
+    # its bytes are on the uploads disk already: the room it had is what is free now and its
+    # own size (checked from the Content-Length too, before they came, when it had one)
     if refusal := storage_refusal(
-        file.size or 0, ctx.settings.max_archive_bytes, free, promised, chunked=False
+        size, ctx.settings.max_archive_bytes, free + size, promised, chunked=False
     ):
         raise refusal
-    dest = root / f"{uuid.uuid4()}.zip"
-    with _storing(dest, "the upload"), dest.open("wb") as out:
-        await asyncio.to_thread(shutil.copyfileobj, file.file, out, 4 * 2**20)
+    await file.close()  # flushed: the import reads it by name
+    dest = spooled.with_suffix(".zip")
+    await asyncio.to_thread(spooled.rename, dest)  # the import takes the file: no copy
     return await _start_import(
         dest, file.filename or "", user, kind, baseModelId, description, tag_list
     )
@@ -323,26 +496,42 @@ async def upload_chunk(
             400, f"chunkNumber must be between 1 and {session['totalChunks']}", "chunkNumber"
         )
     folder = _session_dir(sessionId)
+    written = await asyncio.to_thread(upload_bytes, folder)
+    if written is None:
+        raise _gone(sessionId)
     part = folder / f"{chunkNumber:06d}.part"
     tmp = part.with_suffix(".tmp")
     # the upload may not outgrow the totalSize its disk space was checked for
-    others = await asyncio.to_thread(written_bytes, folder, (part, tmp))
+    others = written.besides(chunkNumber)
     left = session["totalSize"] - others
     limit = min(ctx.settings.upload_chunk_max_bytes, left)
-    size = 0
+    size, in_tmp = 0, 0  # bytes received, and those of them written to tmp
     pending = bytearray()  # written in WRITE_BYTES pieces, off the event loop
-    with _storing(tmp, f"chunk {chunkNumber}", sessionId):
-        with await asyncio.to_thread(tmp.open, "wb") as out:
-            async for piece in request.stream():
-                size += len(piece)
-                if size > limit:
-                    raise ApiError(413, _chunk_too_large(limit, left, others, session), "chunk")
-                pending += piece
-                if len(pending) >= WRITE_BYTES:
-                    await asyncio.to_thread(out.write, pending)
-                    pending = bytearray()
-            await asyncio.to_thread(out.write, pending)
-        await asyncio.to_thread(tmp.replace, part)  # a re-sent chunk replaces the earlier copy
+
+    async def write(out: BinaryIO) -> None:
+        nonlocal pending, in_tmp
+        await asyncio.to_thread(out.write, pending)
+        written.wrote(chunkNumber, len(pending))
+        in_tmp += len(pending)
+        pending = bytearray()
+
+    try:
+        with _storing(tmp, f"chunk {chunkNumber}", sessionId):
+            with await asyncio.to_thread(tmp.open, "wb") as out:
+                async for piece in request.stream():
+                    size += len(piece)
+                    if size > limit:
+                        message = _chunk_too_large(limit, left, others, session)
+                        raise ApiError(413, message, "chunk")
+                    pending += piece
+                    if len(pending) >= WRITE_BYTES:
+                        await write(out)
+                await write(out)
+            await asyncio.to_thread(tmp.replace, part)  # a re-sent chunk replaces its copy
+    except BaseException:
+        written.finished(chunkNumber, in_tmp, kept=False)
+        raise
+    written.finished(chunkNumber, in_tmp, kept=True)
     return await ctx.registry.add_upload_chunk.remote(sessionId, chunkNumber)
 
 
@@ -379,7 +568,9 @@ def _chunk_too_large(limit: int, left: int, others: int, session: dict[str, Any]
 
 
 async def _drop(session_id: str) -> None:
-    await asyncio.to_thread(shutil.rmtree, _session_dir(session_id), True)
+    folder = _session_dir(session_id)
+    await asyncio.to_thread(shutil.rmtree, folder, True)
+    await asyncio.to_thread(forget_upload_bytes, folder)
     await ctx.registry.delete_upload_session.remote(session_id)
 
 
@@ -402,7 +593,11 @@ async def _complete(sessionId: str, user: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ApiError(400, f"chunks missing: {missing[:20]}", "chunks", "incomplete_upload")
     folder = _session_dir(sessionId)
-    received = await asyncio.to_thread(written_bytes, folder)
+    # read from the disk, once: the zip is assembled from what is there
+    stored = await asyncio.to_thread(stored_chunks, folder)
+    if stored is None:
+        raise _gone(sessionId)
+    received = sum(stored.values())
     if received != session["totalSize"]:
         raise ApiError(
             400,
@@ -437,7 +632,8 @@ async def _complete(sessionId: str, user: dict[str, Any]) -> dict[str, Any]:
 
 async def sweep_idle_uploads() -> None:
     """Runs in the API replica: ends sessions idle over upload_session_ttl_s, with their
-    chunks (and chunk folders whose session is gone)."""
+    chunks (and chunk folders whose session is gone, and multipart bodies whose request
+    died)."""
     ttl_s = ctx.settings.upload_session_ttl_s
     while True:
         try:
@@ -446,6 +642,9 @@ async def sweep_idle_uploads() -> None:
             for sid in await asyncio.to_thread(idle_uploads, sessions, root, time.time(), ttl_s):
                 log.info("upload session %s was idle over %s s: removed", sid, ttl_s)
                 await _drop(sid)
+            for spool in await asyncio.to_thread(idle_spools, root, time.time(), ttl_s):
+                log.info("multipart upload %s was idle over %s s: removed", spool.name, ttl_s)
+                spool.unlink(missing_ok=True)
         except Exception as exc:  # the registry restarting: next round
             log.warning("sweeping idle uploads failed: %r", exc)
         await asyncio.sleep(UPLOAD_SWEEP_INTERVAL_S)

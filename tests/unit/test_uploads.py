@@ -1,6 +1,7 @@
 """The upload rules (platform/api_uploads.py): what is refused before a byte is sent, and
 which sessions the idle sweep removes; both shown end to end in tests/e2e/test_import.py and
-test_restart.py."""
+test_restart.py. And what an upload costs the server: a multipart import's bytes written
+once, a chunk's bookkeeping the same however many chunks came before it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import asyncio
 import dataclasses
 import os
 import shutil
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -19,6 +22,7 @@ from raydock.platform.api import app
 from raydock.platform.api_uploads import (
     ZIP_OVERHEAD_BYTES,
     chunking_problem,
+    idle_spools,
     idle_uploads,
     promised_bytes,
     storage_refusal,
@@ -63,6 +67,11 @@ def test_sessions_and_stray_folders_idle_past_the_ttl_are_swept(tmp_path):
     ]
     idle = idle_uploads(sessions, tmp_path, now, ttl_s=day)
     assert idle == ["up-no-folder", "up-orphan-old", "up-stale"]
+    # multipart bodies being received: one a crash left a day ago goes, one arriving stays
+    for name, age_s in (("dead.receiving", 2 * day), ("live.receiving", 1)):
+        (tmp_path / name).write_bytes(b"PK")
+        os.utime(tmp_path / name, (now - age_s, now - age_s))
+    assert idle_spools(tmp_path, now, ttl_s=day) == [tmp_path / "dead.receiving"]
     assert idle_uploads(sessions, tmp_path / "missing", now, ttl_s=day) == [
         "up-fresh-chunks",
         "up-no-folder",
@@ -72,7 +81,7 @@ def test_sessions_and_stray_folders_idle_past_the_ttl_are_swept(tmp_path):
 
 def test_a_new_upload_leaves_the_open_ones_the_space_they_still_need(tmp_path):
     (tmp_path / "up-half").mkdir()
-    (tmp_path / "up-half" / "1").write_bytes(b"x" * 300)  # one of its chunks is written
+    (tmp_path / "up-half" / "000001.part").write_bytes(b"x" * 300)  # one chunk written
     sessions = [
         {"sessionId": "up-half", "totalSize": 600},  # 1200 in all, 300 written
         {"sessionId": "up-new", "totalSize": 100},  # no folder yet
@@ -80,7 +89,7 @@ def test_a_new_upload_leaves_the_open_ones_the_space_they_still_need(tmp_path):
     ]
     assert promised_bytes(sessions[:2], tmp_path) == 900 + 200
     (tmp_path / "up-full").mkdir()
-    (tmp_path / "up-full" / "1").write_bytes(b"x" * 150)  # needs nothing more, never less
+    (tmp_path / "up-full" / "000001.part").write_bytes(b"x" * 150)  # needs nothing more, never less
     assert promised_bytes(sessions, tmp_path) == 900 + 200
     # so with 3000 bytes free an upload of 1000 fits alone but not beside them
     assert storage_refusal(1000, max_archive_bytes=GIB, free_bytes=3000) is None
@@ -201,8 +210,12 @@ def small_limits(api, monkeypatch):
         yield c
 
 
+def _uploads() -> Path:
+    return api_deps.ctx.settings.uploads_path
+
+
 def _stored(http) -> list[str]:
-    uploads = api_deps.ctx.settings.uploads_path
+    uploads = _uploads()
     return sorted(p.name for p in uploads.iterdir()) if uploads.exists() else []
 
 
@@ -255,23 +268,86 @@ def test_a_multipart_import_is_held_to_the_archive_limit(small_limits):
     assert (api_deps.ctx.settings.uploads_path / stored).stat().st_size == MIB + 64 * 2**10
 
 
+def _post_streamed(http, files: dict, headers: dict | None = None) -> tuple[httpx.Response, int]:
+    """A multipart import whose body is sent in 64 KiB pieces as the server reads them (with
+    its Content-Length): the answer, and how many bytes the server read before it."""
+    body = httpx.Request("POST", "http://x", files=files)
+    content, piece, sent = body.read(), 64 * 2**10, 0
+
+    async def pieces():
+        nonlocal sent
+        for i in range(0, len(content), piece):
+            sent = i + piece
+            yield content[i : i + piece]
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://raydock.test") as c:
+            sent_headers = {
+                "content-type": body.headers["content-type"],
+                "content-length": str(len(content)),
+                **(http.headers if headers is None else headers),
+            }
+            return await c.post("/public/models/import", content=pieces(), headers=sent_headers)
+
+    return asyncio.run(post()), sent
+
+
 def test_a_multipart_import_the_disk_cannot_hold_is_refused(small_limits, monkeypatch):
-    """As a chunked upload's start: the zip's copy must fit beside what the open upload
-    sessions still need."""
+    """As a chunked upload's start: the body (written once, into the uploads folder) must fit
+    beside what the open upload sessions still need, refused from its Content-Length before
+    a byte of it is read."""
     http = small_limits
     disk_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: disk_usage(p)._replace(free=3 * MIB))
     start = {"fileName": "s.zip", "totalSize": MIB, "totalChunks": 1}
     assert http.post("/public/files/session/start", json=start).status_code == 201
-    files = {"file": ("m.zip", b"x" * (MIB + 1), "application/zip")}
-    r = http.post("/public/models/import", files=files)
+    r, read = _post_streamed(http, {"file": ("m.zip", b"x" * MIB, "application/zip")})
     assert r.status_code == 413, r.text
+    assert read == 0  # refused from the Content-Length
     error = r.json()["error"]
     assert (error["param"], error["code"]) == ("file", "insufficient_storage")
     assert f"{3 * MIB} are free, {2 * MIB} of them promised to open uploads" in error["message"]
+    assert "(its body, written once)" in error["message"]
     assert [p for p in _stored(http) if p.endswith(".zip")] == [] and http.submitted == []
-    files = {"file": ("m.zip", b"x" * MIB, "application/zip")}  # fits: 3 - 2 MiB
+    # fits: 3 - 2 MiB less the form's few hundred bytes
+    files = {"file": ("m.zip", b"x" * (MIB - 2**10), "application/zip")}
     assert http.post("/public/models/import", files=files).status_code == 202
+
+
+def _bytes_written_by_this_process() -> int:
+    """What this process has passed to write() and the like, in all its threads (Linux)."""
+    with open("/proc/self/io") as io:
+        return int(next(line for line in io if line.startswith("wchar:")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's /proc/self/io")
+def test_a_multipart_import_writes_its_zip_once(small_limits):
+    """It was spooled to a temporary file, then copied into the uploads folder: a
+    multi-GB zip written twice, and needing twice its size on disk. Now its bytes are
+    written once, and the import reads them where they were written."""
+    http = small_limits
+    size = MIB + 64 * 2**10
+    files = {"file": ("once.zip", os.urandom(size), "application/zip")}
+    before = _bytes_written_by_this_process()
+    r = http.post("/public/models/import", files=files)
+    written = _bytes_written_by_this_process() - before
+    assert r.status_code == 202, r.text
+    assert size <= written < 1.5 * size, f"{written} bytes written for a {size} byte zip"
+    (submitted,) = http.submitted
+    zip_path = Path(submitted[2])  # (modelId, jobId, the zip's path, kind)
+    assert zip_path.read_bytes() == files["file"][1] and zip_path.parent == _uploads()
+    assert _stored(http) == [zip_path.name]  # nothing else kept
+
+
+def test_a_multipart_import_from_no_one_is_refused_before_its_body_is_read(small_limits):
+    """Without a valid key the server writes nothing: 401 before a byte is read."""
+    files = {"file": ("m.zip", b"x" * MIB, "application/zip")}
+    r, read = _post_streamed(small_limits, files, headers={"X-api-key": "rd-wrong"})
+    assert r.status_code == 401 and read == 0, r.text
+    r, read = _post_streamed(small_limits, files, headers={})
+    assert r.status_code == 401 and read == 0, r.text
+    assert _stored(small_limits) == [] and small_limits.submitted == []
 
 
 def test_a_chunked_upload_over_the_archive_limit_is_a_413_however_chunked(small_limits):
@@ -297,3 +373,82 @@ def test_an_upload_being_completed_cannot_be_cancelled(small_limits):
     finally:
         api_uploads._COMPLETING.discard(sid)
     assert small_limits.delete(f"/public/files/session/{sid}").status_code == 200
+
+
+#: directories listed (os.scandir, os.listdir: every folder scan goes through one) while a
+#: test records them; None: not recording. Python's audit hooks see every such call.
+_LISTED: list[str] | None = None
+
+
+def _record_listings(event: str, args: tuple) -> None:
+    if _LISTED is not None and event in ("os.scandir", "os.listdir"):
+        listed = args[0]  # a path, or a directory's file descriptor
+        _LISTED.append(os.fsdecode(listed) if isinstance(listed, str | bytes | os.PathLike) else "")
+
+
+_HOOKED = False
+
+
+def _listings_of(folder: Path, run) -> int:
+    """How many times `folder` is listed while `run()` runs."""
+    global _LISTED, _HOOKED
+    if not _HOOKED:  # an audit hook stays for the process's life: one, idle when not asked
+        sys.addaudithook(_record_listings)
+        _HOOKED = True
+    _LISTED = []
+    try:
+        run()
+        return sum(Path(p) == folder for p in _LISTED)
+    finally:
+        _LISTED = None
+
+
+def test_a_chunk_costs_the_same_however_many_came_before_it(small_limits):
+    """Each chunk listed its session's folder and read the size of every chunk already there
+    (the upload may not outgrow its totalSize): 2,500 chunks of a 20 GB upload, 3 million
+    file sizes read. Now a folder is read once, the first time the API needs it; the chunks
+    after it, and other uploads starting beside it, read none."""
+    http = small_limits
+    chunks, piece = 300, b"0123456789"
+    body = {"fileName": "many.zip", "totalSize": chunks * len(piece), "totalChunks": chunks}
+    sid = http.post("/public/files/session/start", json=body).json()["sessionId"]
+    folder = _uploads() / sid
+
+    def send(first: int, last: int) -> None:
+        for n in range(first, last + 1):
+            r = http.put(f"/public/files/session/{sid}/chunks/{n}", content=piece)
+            assert r.status_code == 200, r.text
+
+    assert _listings_of(folder, lambda: send(1, 10)) == 1  # read once
+    assert _listings_of(folder, lambda: send(11, chunks)) == 0  # however many follow
+
+    def start_another() -> None:
+        other = {"fileName": "beside.zip", "totalSize": 10, "totalChunks": 1}
+        assert http.post("/public/files/session/start", json=other).status_code == 201
+
+    assert _listings_of(folder, start_another) == 0  # its written bytes were known
+    # what that bookkeeping guards still holds: the size, re-sent chunks, the whole zip
+    r = http.put(f"/public/files/session/{sid}/chunks/{chunks}", content=piece + b"!")
+    assert r.status_code == 413 and "10 left" in r.json()["error"]["message"], r.text
+    send(7, 7)  # sent again: replaces its copy
+    assert http.post(f"/public/files/session/{sid}/complete").status_code == 202
+    (submitted,) = http.submitted
+    assert Path(submitted[2]).read_bytes() == piece * chunks
+
+
+def test_an_upload_resumed_by_a_restarted_api_counts_the_chunks_on_its_disk(small_limits):
+    """A chunk the API received before it restarted is in the session's folder, which the
+    new API process has never read: it is held to the upload's totalSize all the same."""
+    http = small_limits
+    body = {"fileName": "r.zip", "totalSize": 100, "totalChunks": 2}
+    sid = http.post("/public/files/session/start", json=body).json()["sessionId"]
+    # chunk 1 as the API process before the restart stored it
+    (_uploads() / sid / "000001.part").write_bytes(b"x" * 60)
+    http.reg.add_upload_chunk(sid, 1)
+    r = http.put(f"/public/files/session/{sid}/chunks/2", content=b"y" * 41)
+    assert r.status_code == 413, r.text
+    assert "60 received in its other chunks, so 40 left" in r.json()["error"]["message"]
+    assert http.put(f"/public/files/session/{sid}/chunks/2", content=b"y" * 40).status_code == 200
+    assert http.post(f"/public/files/session/{sid}/complete").status_code == 202
+    (submitted,) = http.submitted
+    assert Path(submitted[2]).read_bytes() == b"x" * 60 + b"y" * 40
