@@ -27,7 +27,12 @@ import dataclasses
 import json
 from typing import Any
 
-from raydock.serve_apps.guided.grammars import TOOL_CALL_WRAPPERS, ToolCallWrapper
+from raydock.serve_apps.guided.grammars import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_WRAPPERS,
+    ToolCallWrapper,
+)
 
 TOOLS_PREAMBLE = (
     "You can call these tools. To call one, answer with only a JSON object "
@@ -99,7 +104,11 @@ def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
     added = {text: i for text, i in added.items() if i not in special}
     return dataclasses.replace(
-        wrapper, open_token=added.get(wrapper.open), close_token=added.get(wrapper.close)
+        wrapper,
+        open_token=added.get(wrapper.open),
+        close_token=added.get(wrapper.close),
+        think_open_token=added.get(THINK_OPEN),  # a thinking model's (Qwen3's)
+        think_close_token=added.get(THINK_CLOSE),
     )
 
 

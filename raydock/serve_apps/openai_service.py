@@ -26,6 +26,7 @@ from raydock import params as P
 from raydock.errors import ApiError, error_body
 from raydock.serve_apps import protocol, structured
 from raydock.serve_apps.access import DeploymentAccess
+from raydock.serve_apps.guided.grammars import THINK_OPEN
 from raydock.serve_apps.metering import Call, ReplicaMeter
 
 log = logging.getLogger("raydock.inference")
@@ -176,52 +177,104 @@ def native_tool_calls(constraint: structured.Constraint, req: protocol._Request)
 async def _as_tool_calls(
     batches: AsyncIterator[list[dict]], finish: str
 ) -> AsyncIterator[list[dict]]:
-    """Hold each choice's events while its text may still be a tool call (it starts with
-    `{`, or with a native wrapper's opening tag such as `<tool_call>`, or is the start of
-    one), then emit it as its tool calls, one event each (the last ends with `finish`; as
-    OpenAI streams them, each with its `index`), or as the events themselves: text that cannot
-    be a call (`tool_choice: auto`) streams as soon as its first characters say so, with its
-    logprobs, and no chunk ever shows a wrapper."""
-    held: dict[int, list[dict]] = {}
-    texts: dict[int, str] = {}
-    plain: set[int] = set()  # choices whose text is not a call: passed through
+    """Each choice's events as OpenAI answers under tools (`_ToolReply`, one per choice):
+    calls become tool-call events (the last ends with `finish`), text streams as it comes."""
+    replies: dict[int, _ToolReply] = {}
     try:
         async for batch in batches:
             out = []
             for ev in batch:
-                i = ev["index"]
-                if i in plain:
-                    out.append(ev)
-                    continue
-                held.setdefault(i, []).append(ev)
-                texts[i] = texts.get(i, "") + ev["text"]
-                if texts[i] and not structured.may_be_tool_call(texts[i]):
-                    plain.add(i)
-                    out.extend(held.pop(i))
-                    continue
-                if not ev["finish_reason"]:
-                    continue
-                events = held.pop(i)
-                stopped = ev["finish_reason"] == "stop"
-                calls = structured.as_tool_calls(texts[i]) if stopped else None
-                if calls:
-                    last = len(calls) - 1
-                    out.extend(
-                        ev
-                        | {
-                            "text": "",
-                            "logprobs": ev["logprobs"] if k == last else [],
-                            "tool_calls": [{"index": k, **call}],
-                            "finish_reason": finish if k == last else None,
-                        }
-                        for k, call in enumerate(calls)
-                    )
-                else:  # cut short ("length"), or not a call after all
-                    out.extend(events)
+                out.extend(replies.setdefault(ev["index"], _ToolReply(finish)).take(ev))
             if out:
                 yield out
     finally:
         await batches.aclose()
+
+
+class _ToolReply:
+    """One choice's output under tools. A thinking block it opens with (`<think>` …
+    `</think>`) streams as content as it comes; the reply after it is held while it may still
+    be a tool call (it starts, after whitespace, with `{` or a native wrapper's opening tag
+    such as `<tool_call>`, or with the start of one), then emitted as its tool calls, one event
+    each (as OpenAI streams them, each with its `index`), or as the events themselves: text
+    that cannot be a call (`tool_choice: auto`) streams as soon as its first characters say
+    so, with its logprobs. No chunk ever shows a wrapper tag."""
+
+    def __init__(self, finish: str) -> None:
+        self.finish = finish  # of a reply of calls that ended by itself
+        self.text = ""
+        self.reply_at: int | None = None  # where the reply begins, once the thinking ended
+        self.held: list[dict] = []
+        self.plain = False  # the reply is text: passed through
+
+    def take(self, ev: dict) -> list[dict]:
+        """The events to send now for `ev`, in order."""
+        if self.plain:
+            return [ev]
+        self.text += ev["text"]
+        self.held.append(ev)
+        out: list[dict] = []
+        if self.reply_at is None:
+            self.reply_at = structured.thinking_length(self.text)
+            if self.reply_at is None and self.text.startswith(THINK_OPEN):
+                out = self._release()  # thinking: content as it comes
+            elif self.reply_at:
+                out = self._release_thinking()
+        if self.reply_at is None or not self.held:  # undecided, or the reply has not begun
+            return out + self._release() if ev["finish_reason"] else out
+        reply = self.text[self.reply_at :]
+        if reply and not structured.may_be_tool_call(reply):
+            self.plain = True
+            return out + self._release()
+        if ev["finish_reason"] == "stop":
+            calls = structured.as_tool_calls(reply)
+            return out + (self._as_calls(calls, self.finish) if calls else self._release())
+        if ev["finish_reason"] == "length":  # cut short: the calls as far as written
+            return out + self._as_calls(structured.as_cut_tool_calls(reply), "length")
+        return out + self._release() if ev["finish_reason"] else out
+
+    def _release(self) -> list[dict]:
+        out, self.held = self.held, []
+        return out
+
+    def _release_thinking(self) -> list[dict]:
+        """The held events up to the thinking's end; the event it ends in is split there
+        (its tokens' logprobs with the thinking, the end of the choice with the reply)."""
+        held_from = len(self.text) - sum(len(e["text"]) for e in self.held)
+        out = []
+        while self.held:
+            ev = self.held[0]
+            cut = self.reply_at - held_from
+            if cut <= 0:
+                break
+            self.held.pop(0)
+            if cut >= len(ev["text"]):
+                out.append(ev)
+                held_from += len(ev["text"])
+                continue
+            out.append(ev | {"text": ev["text"][:cut], "finish_reason": None})
+            self.held.insert(0, ev | {"text": ev["text"][cut:], "logprobs": []})
+            break
+        return out
+
+    def _as_calls(self, calls: list[dict], finish: str) -> list[dict]:
+        """The held reply as tool-call events (or one empty event when the reply was cut
+        before any call began): the last ends the choice."""
+        last_ev = self.held[-1]
+        self.held = []
+        if not calls:
+            return [last_ev | {"text": "", "logprobs": [], "finish_reason": finish}]
+        last = len(calls) - 1
+        return [
+            last_ev
+            | {
+                "text": "",
+                "logprobs": last_ev["logprobs"] if k == last else [],
+                "tool_calls": [{"index": k, **call}],
+                "finish_reason": finish if k == last else None,
+            }
+            for k, call in enumerate(calls)
+        ]
 
 
 async def _bounded(

@@ -501,7 +501,9 @@ class Formatter:
                     calls = [
                         {k: v for k, v in tc.items() if k != "index"} for tc in c["tool_calls"]
                     ]
-                    message = {"role": "assistant", "content": None, "tool_calls": calls}
+                    # the thinking a reply opened with, if any, stays its content
+                    message = {"role": "assistant", "content": c["text"] or None}
+                    message["tool_calls"] = calls
                 out.append(
                     {
                         "index": c["index"],

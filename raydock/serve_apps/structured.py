@@ -9,6 +9,7 @@ schema is ignored").
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,12 @@ from raydock.serve_apps.guided import (
     json_object_grammar,
     tools_grammar,
 )
-from raydock.serve_apps.guided.grammars import TOOL_CALL_WRAPPERS, ToolCallWrapper
+from raydock.serve_apps.guided.grammars import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_WRAPPERS,
+    ToolCallWrapper,
+)
 
 #: A user regex or grammar longer than this is refused before any compile (a cheap first
 #: bound; the compile itself runs under `guided.Limits`).
@@ -219,29 +225,83 @@ def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
     )
 
 
-def may_be_tool_call(text: str) -> bool:
-    """Whether an output that begins with `text` may still be a tool call: it starts like a
-    bare call (`{`) or a known wrapper, or is the start of a wrapper's opening tag (`<tool`)."""
-    return text.startswith("{") or any(
-        text.startswith(w.open) or w.open.startswith(text) for w in TOOL_CALL_WRAPPERS
+def thinking_length(text: str) -> int | None:
+    """How much of an output under tool_choice "auto" is the thinking block it opens with
+    (`<think>` to the first `</think>`, as the grammar has it): 0 when it opens none, None
+    while it may still open one or is inside one. What follows is the reply proper."""
+    if text.startswith(THINK_OPEN):
+        end = text.find(THINK_CLOSE, len(THINK_OPEN))
+        return None if end < 0 else end + len(THINK_CLOSE)
+    return None if THINK_OPEN.startswith(text) else 0
+
+
+def may_be_tool_call(reply: str) -> bool:
+    """Whether a reply that begins with `reply` may still be a tool call: after any
+    whitespace it starts like a bare call (`{`) or a known wrapper, or is the start of a
+    wrapper's opening tag (`<tool`), or nothing yet."""
+    head = reply.lstrip()
+    return head.startswith("{") or any(
+        head.startswith(w.open) or w.open.startswith(head) for w in TOOL_CALL_WRAPPERS
     )
 
 
-def as_tool_calls(text: str) -> list[dict[str, Any]] | None:
-    """The OpenAI tool_calls an output stands for: a bare call `{"name": ..., "arguments":
-    ...}`, or one or more in a known wrapper (`<tool_call>` call `</tool_call>`, whitespace
-    around); None when it is plain text. Only the start decides: text that mentions a wrapper
-    later is text, as the grammar has it."""
-    if text.startswith("{"):
+def as_tool_calls(reply: str) -> list[dict[str, Any]] | None:
+    """The OpenAI tool_calls a whole reply stands for: a bare call `{"name": ...,
+    "arguments": ...}`, or one or more in a known wrapper (`<tool_call>` call `</tool_call>`),
+    whitespace around; None when it is plain text. Only the start decides: text that mentions
+    a wrapper later is text, as the grammar has it."""
+    reply = reply.lstrip()
+    if reply.startswith("{"):
         try:
-            call = _as_call(json.loads(text))
+            call = _as_call(json.loads(reply))
         except json.JSONDecodeError:
             return None
         return None if call is None else [call]
     for wrapper in TOOL_CALL_WRAPPERS:
-        if text.startswith(wrapper.open):
-            return _wrapped_calls(text, wrapper)
+        if reply.startswith(wrapper.open):
+            return _wrapped_calls(reply, wrapper)
     return None
+
+
+def as_cut_tool_calls(reply: str) -> list[dict[str, Any]]:
+    """The tool_calls of a reply that `may_be_tool_call` and `max_tokens` cut short
+    (finish_reason "length"), as OpenAI returns such a reply: the whole calls, then the cut one
+    as far as it was written, its name so far and its `arguments` the JSON text so far (not
+    valid JSON); a call cut before its name began is left out. No wrapper tag shows."""
+    reply = reply.lstrip()
+    if reply.startswith("{"):
+        return _cut_call(reply)
+    wrapper = next((w for w in TOOL_CALL_WRAPPERS if reply.startswith(w.open)), None)
+    calls: list[dict[str, Any]] = []
+    while wrapper is not None and reply.startswith(wrapper.open):
+        body = reply[len(wrapper.open) :].lstrip()
+        try:
+            value, end = _DECODER.raw_decode(body)
+        except json.JSONDecodeError:  # the cut is in this call's JSON
+            return calls + _cut_call(body)
+        calls.append(_as_call(value) or _cut_call(body[:end])[0])
+        reply = body[end:].lstrip().removeprefix(wrapper.close).lstrip()
+    return calls
+
+
+# a call's JSON cut anywhere: its name as far as written, then its arguments' text
+_CUT_CALL = re.compile(
+    r'\{\s*(?:"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)(?:"\s*,\s*"arguments"\s*:\s*'
+    r"(?P<arguments>.*))?)?",
+    re.S,
+)
+
+
+def _cut_call(text: str) -> list[dict[str, Any]]:
+    """The call a cut JSON text began, as far as written: none before its name began."""
+    found = _CUT_CALL.match(text)
+    if not (found and found["name"]):
+        return []
+    try:
+        name = json.loads(f'"{found["name"]}"')
+    except json.JSONDecodeError:  # cut inside an escape
+        name = found["name"]
+    return [_new_call(name, (found["arguments"] or "").rstrip())]
 
 
 def _wrapped_calls(text: str, wrapper: ToolCallWrapper) -> list[dict[str, Any]] | None:
@@ -270,11 +330,12 @@ _DECODER = json.JSONDecoder()
 def _as_call(call: Any) -> dict[str, Any] | None:
     if not isinstance(call, dict) or "name" not in call:
         return None
+    return _new_call(call["name"], json.dumps(call.get("arguments", {}), separators=(",", ":")))
+
+
+def _new_call(name: Any, arguments: str) -> dict[str, Any]:
     return {
         "id": f"call_{uuid.uuid4().hex[:24]}",
         "type": "function",
-        "function": {
-            "name": call["name"],
-            "arguments": json.dumps(call.get("arguments", {}), separators=(",", ":")),
-        },
+        "function": {"name": name, "arguments": arguments},
     }

@@ -263,6 +263,23 @@ def _native(max_calls: int = 8) -> str:
         (f"{WRAPPED}\n{CALL}", False, False),  # wrapped and bare calls do not mix
         (f"<tool_call>{CALL}{CALL}</tool_call>", False, False),
         (f"<tool_call>\n\n\n\n\n{CALL}</tool_call>", False, False),  # whitespace bounded
+        # whitespace before a call: the call is constrained, never text
+        (f"\n{WRAPPED}", False, True),
+        (f"\n\n{WRAPPED}\n", False, True),
+        (f" \n{CALL}", True, True),
+        ("\n<tool_call> no call inside", False, False),
+        ("\n{", False, False),
+        ("\n\n\n\n\n\nhello", True, True),
+        # a thinking block first (Qwen3), then the reply: calls constrained, or text
+        (f"<think>\nweather: <tool_call> it\n</think>\n\n{WRAPPED}", False, True),
+        (f"<think>hm</think>{CALL}", True, True),
+        ("<think>\nhm\n</think>\n\nIt is sunny.", True, True),
+        ('<think>x</think>\n<tool_call>{"name":"other","arguments":{}}</tool_call>', False, False),
+        ("<think>hm</think>\n\n{", False, False),
+        ("<think>hm</think>", False, False),  # a reply follows
+        ("<think>hm", False, False),
+        ("\n<think>hm</think>hi", False, False),  # the block opens the reply or is none
+        ("<thinking> is text", True, True),
     ],
 )
 def test_tools_auto_takes_the_templates_wrapped_calls_only_where_added(text, plain, native):
@@ -315,12 +332,43 @@ def test_a_wrapper_that_is_one_token_of_the_vocabulary_is_taken_as_that_token():
     assert not accepts(textual, one_token[:1])  # the text literal alone misses the token
 
 
+def test_a_thinking_models_own_tags_are_taken_as_their_tokens():
+    """Qwen3's vocabulary holds `<think>` and `</think>` as added tokens, which llguidance
+    counts as special: without their ids in the grammar the model could not think first."""
+    import copy
+
+    from raydock.serve_apps import chat_render
+
+    tok = copy.deepcopy(decoder()[0])
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>"])
+    tok.chat_template = "{{ messages }} think, then answer with <tool_call>{...}</tool_call>"
+    wrapper = chat_render.tool_call_wrapper(tok)
+    think, unthink = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    assert (wrapper.think_open_token, wrapper.think_close_token) == (think, unthink)
+    dec = GuidedDecoder(tok, {tok.eos_token_id}, len(tok))
+    native = grammars.with_native_calls(tools_grammar([WEATHER], auto=True), wrapper, 8)
+    textual = grammars.with_native_calls(
+        tools_grammar([WEATHER], auto=True), grammars.TOOL_CALL_WRAPPERS[0], 8
+    )
+
+    def accepts(grammar: str, text: str) -> bool:
+        m = dec.compile_sync(grammar_of("grammar", grammar)).deep_copy()
+        return m.consume_tokens(tok.encode(text, add_special_tokens=False)) and m.is_accepting()
+
+    reply = f"<think>\nThe weather in Oslo.\n</think>\n\n{WRAPPED}"
+    assert tok.encode(reply, add_special_tokens=False)[0] == think  # as the model writes it
+    assert accepts(native, reply) and not accepts(textual, reply)
+    assert accepts(native, "<think></think>\n\nSunny.")  # Qwen3's empty block
+    bad = '<think>x</think>\n<tool_call>{"name":"other","arguments":{}}</tool_call>'
+    assert not accepts(native, bad)
+
+
 def test_not_starting_with_is_exact():
     """The text rule's regex (Rust dialect: `\\x{..}` escapes) against its definition."""
     import regex
 
     prefixes = ["{", "<tool_call>", "[TC]"]
-    rust = grammars.not_starting_with(prefixes)
+    rust = grammars.not_starting_with(prefixes, not_first=" \n")
     assert "\\<" not in rust and "/" not in rust  # a word boundary in Rust; ends a Lark regex
     pattern = re.sub(r"\\x\{([0-9A-F]+)\}", lambda m: f"\\U{int(m[1], 16):08x}", rust)
     rng = random.Random(0)
@@ -329,7 +377,7 @@ def test_not_starting_with_is_exact():
     texts += ["".join(rng.choices(alphabet, k=rng.randint(1, 14))) for _ in range(3000)]
     texts += [p[:k] + c for p in prefixes for k in range(len(p)) for c in alphabet]
     for text in texts:
-        want = bool(text) and not any(text.startswith(p) for p in prefixes)
+        want = bool(text) and not any(text.startswith(p) for p in [*prefixes, " ", "\n"])
         assert bool(regex.fullmatch(pattern, text)) == want, text
 
 

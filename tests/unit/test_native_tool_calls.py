@@ -320,3 +320,118 @@ def test_a_qwen_like_model_answers_auto_with_calls_in_its_own_wrapper(qwen_like)
     for call in calls:
         tool = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
         jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+# ---------------------------------------------------------------- what a client sees of replies
+# that open with whitespace or thinking, are cut by max_tokens, or carry logprobs
+
+
+def _answer(events: list[list[dict]]) -> ChatCompletion:
+    fmt = protocol.Formatter("chat", "m")
+    body = asyncio.run(_collect(fmt, _as_tool_calls(_source(events), "tool_calls"), 1))
+    return ChatCompletion.model_validate(body)
+
+
+def _streamed(events: list[list[dict]]) -> list[ChatCompletionChunk]:
+    async def chunks() -> list[str]:
+        fmt = protocol.Formatter("chat", "m")
+        out = _as_tool_calls(_source(events), "tool_calls")
+        return [line async for line in _sse(fmt, None, out, True, "req-1")]
+
+    data = [d.removeprefix("data: ") for d in "".join(asyncio.run(chunks())).split("\n\n") if d]
+    return [ChatCompletionChunk.model_validate_json(d) for d in data[:-1]]
+
+
+def _as_sdk_assembles(chunks: list[ChatCompletionChunk]):
+    state = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    # its snapshot: the final completion refuses a reply cut by the length limit
+    return state.current_completion_snapshot.choices[0]
+
+
+def _cut(events: list[list[dict]]) -> list[list[dict]]:
+    """The same events ended by max_tokens instead."""
+    return events[:-1] + [[events[-1][0] | {"finish_reason": "length"}]]
+
+
+THINKING = "<think>\nThe user asks for Paris; get_weather, then get_time.\n</think>"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [f"\n{TWO_CALLS}", f"\n\n{TWO_CALLS}\n", f" {TWO_CALLS}", f"{THINKING}\n\n{TWO_CALLS}"],
+    ids=["newline", "newlines", "space", "thinking"],
+)
+def test_calls_after_whitespace_or_thinking_answer_as_tool_calls(text):
+    content = THINKING if text.startswith(THINKING) else None  # the thinking stays content
+    whole = _answer(_events(text)).choices[0]
+    streamed = _as_sdk_assembles(_streamed(_events(text)))
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content == content
+        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather", "get_time"]
+        assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_text_after_thinking_is_the_content():
+    text = f"{THINKING}\n\nIt is sunny in Paris."
+    for choice in (_answer(_events(text)).choices[0], _as_sdk_assembles(_streamed(_events(text)))):
+        assert choice.finish_reason == "stop" and choice.message.content == text
+        assert not choice.message.tool_calls
+
+
+@pytest.mark.parametrize(
+    ("text", "calls"),
+    [
+        ('<tool_call>\n{"name":"get_w', [("get_w", "")]),  # its name as far as written
+        (f"<tool_call>\n{PARIS[:-6]}", [("get_weather", '{"city":"Pa')]),
+        # the second call cut before its name began: the first alone
+        (TWO_CALLS[: TWO_CALLS.index("get_time")], [("get_weather", '{"city":"Paris"}')]),
+        (f"{THINKING}\n<tool_call>{NOW[:-2]}", [("get_time", "{")]),
+        (PARIS[:-5], [("get_weather", '{"city":"Par')]),  # a bare call
+        ("<tool_call>\n", []),
+    ],
+    ids=["in-name", "in-arguments", "before-second", "after-thinking", "bare", "in-tag"],
+)
+def test_a_call_cut_by_max_tokens_is_a_tool_call_so_far_with_length(text, calls):
+    """As OpenAI: finish_reason "length", the call with the arguments generated so far; no
+    wrapper tag anywhere, whole or streamed."""
+    events = _cut(_events(text))
+    chunks = _streamed(events)
+    assert not any("tool_call>" in (c.choices[0].delta.content or "") for c in chunks if c.choices)
+    for choice in (_answer(events).choices[0], _as_sdk_assembles(chunks)):
+        assert choice.finish_reason == "length"
+        assert (choice.message.content or None) == (THINKING if THINKING in text else None)
+        got = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()]
+        assert got == calls
+
+
+def _scored(text: str, size: int = 6) -> list[list[dict]]:
+    """Events that carry their tokens' logprobs; the last, the end of the reply, has none
+    (an EOS token's text is empty: as the engines report it)."""
+    events = [
+        [ev | {"logprobs": [(ev["text"], -0.25, [(ev["text"], -0.25)])]} for ev in batch]
+        for batch in _events(text, size)
+    ]
+    end = {"text": "", "logprobs": [], "finish_reason": "stop"}
+    last = events[-1][0]
+    events[-1] = [last | {"finish_reason": None}]
+    return events + [[last | end]]
+
+
+@pytest.mark.parametrize("text", ["It is sunny.", f"{THINKING}\n\nIt is sunny."])
+def test_streamed_chunks_without_tokens_carry_null_logprobs(text):
+    """OpenAI clients read `logprobs.content[0]` of a chunk that has logprobs: a chunk with no
+    token of its own (the end of the reply; the reply's part of an event the thinking ends
+    in) carries `logprobs: null`, never `{"content": []}`."""
+    chunks = [c for c in _streamed(_scored(text)) if c.choices]
+    for chunk in chunks:
+        logprobs = chunk.choices[0].logprobs
+        assert logprobs is None or logprobs.content[0].token, chunk
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].logprobs is None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices[0].logprobs) == len(
+        _events(text)
+    )

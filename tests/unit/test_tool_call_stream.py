@@ -64,11 +64,14 @@ def test_a_call_is_held_and_sent_whole_with_the_given_finish_reason():
     assert json.loads(call["function"]["arguments"]) == {"city": "Rome"}
 
 
-def test_a_call_cut_short_comes_back_as_its_text():
-    seen = _run([[_ev(0, CALL[:8])], [_ev(0, CALL[8:12], "length")]])
+def test_a_call_cut_short_comes_back_as_the_call_so_far():
+    cut = CALL.index("Rome") + 2  # max_tokens reached inside the arguments
+    seen = _run([[_ev(0, CALL[:8])], [_ev(0, CALL[8:cut], "length")]])
     assert seen[0] == []
-    assert "".join(e["text"] for e in seen[1]) == CALL[:12]
-    assert seen[1][-1]["finish_reason"] == "length"
+    (ev,) = seen[1]
+    assert ev["text"] == "" and ev["finish_reason"] == "length"  # as OpenAI: not "tool_calls"
+    (call,) = ev["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Ro'}
 
 
 def test_choices_are_decided_each_on_its_own():
@@ -112,6 +115,74 @@ def test_a_mention_of_the_wrapper_later_in_the_text_is_text():
     assert not any("tool_calls" in e for b in seen for e in b)
 
 
-def test_wrapped_calls_cut_short_come_back_as_their_text():
-    seen = _run([[_ev(0, WRAPPED[:20])], [_ev(0, WRAPPED[20:30], "length")]])
-    assert seen[0] == [] and "".join(e["text"] for e in seen[1]) == WRAPPED[:30]
+def _texts(seen: list[list[dict]]) -> str:
+    return "".join(e["text"] for b in seen for e in b)
+
+
+def _calls(seen: list[list[dict]]) -> list[tuple[str, str]]:
+    return [
+        (c["function"]["name"], c["function"]["arguments"])
+        for b in seen
+        for e in b
+        for c in e.get("tool_calls") or ()
+    ]
+
+
+def test_wrapped_calls_cut_short_come_back_as_the_calls_so_far_without_tags():
+    second = WRAPPED.index("get_time") + 5  # inside the second call's name
+    seen = _run(
+        [[_ev(0, p)] for p in _pieces(WRAPPED[:second])[:-1]]
+        + [[_ev(0, _pieces(WRAPPED[:second])[-1], "length")]]
+    )
+    assert _texts(seen) == ""  # no tag, no JSON as text
+    assert _calls(seen) == [("get_weather", '{"city":"Rome"}'), ("get_t", "")]
+    assert [e["finish_reason"] for e in seen[-1]] == [None, "length"]
+
+
+def test_a_reply_cut_inside_the_opening_tag_has_no_call_and_no_tag():
+    seen = _run([[_ev(0, "<tool")], [_ev(0, "_ca", "length")]])
+    assert _texts(seen) == "" and _calls(seen) == []
+    assert seen[-1][-1]["finish_reason"] == "length"
+
+
+def test_whitespace_before_a_wrapped_call_is_held_and_dropped():
+    text = "\n\n" + WRAPPED
+    parts = _pieces(text, 1)[:3] + _pieces(text[3:])
+    seen = _run([[_ev(0, p, "stop" if k == len(parts) - 1 else None)] for k, p in enumerate(parts)])
+    assert _texts(seen) == ""
+    assert [name for name, _ in _calls(seen)] == ["get_weather", "get_time"]
+
+
+def test_whitespace_then_text_streams_the_whitespace_with_it():
+    seen = _run([[_ev(0, "\n")], [_ev(0, " Sunny")], [_ev(0, ".", "stop")]])
+    assert seen[0] == [] and [e["text"] for e in seen[1]] == ["\n", " Sunny"]
+    assert _texts(seen) == "\n Sunny." and _calls(seen) == []
+
+
+THINKING = "<think>\nThe user wants <tool_call> weather; call get_weather.\n</think>"
+
+
+def test_thinking_streams_as_content_then_the_call_is_held():
+    """Qwen3: `<think>`…`</think>` (a tag may be mentioned inside), whitespace, the call. The
+    thinking streams as it comes; the event the thinking ends in is split there."""
+    text = THINKING + "\n\n" + WRAPPED
+    parts = _pieces(text, 9)
+    seen = _run([[_ev(0, p, "stop" if k == len(parts) - 1 else None)] for k, p in enumerate(parts)])
+    assert _texts(seen) == THINKING  # all of it, and only it, as content
+    assert "".join(e["text"] for e in seen[0]) == parts[0]  # from its first event
+    assert [name for name, _ in _calls(seen)] == ["get_weather", "get_time"]
+    assert seen[-1][-1]["finish_reason"] == "tool_calls"
+
+
+def test_thinking_then_text_is_all_text():
+    text = THINKING + "\n\nIt is sunny in Rome."
+    parts = _pieces(text, 9)
+    seen = _run([[_ev(0, p, "stop" if k == len(parts) - 1 else None)] for k, p in enumerate(parts)])
+    assert _texts(seen) == text and _calls(seen) == []
+    assert seen[-1][-1]["finish_reason"] == "stop"
+
+
+def test_thinking_cut_short_is_its_text():
+    seen = _run([[_ev(0, "<think>\nHm")], [_ev(0, "m, the", "length")]])
+    assert _texts(seen) == "<think>\nHmm, the" and _calls(seen) == []
+    assert seen[0] and seen[-1][-1]["finish_reason"] == "length"

@@ -23,6 +23,9 @@ class ToolCallWrapper:
     close: str
     open_token: int | None = None
     close_token: int | None = None
+    # the vocabulary's own tokens for THINK_OPEN and THINK_CLOSE, where it has them (Qwen3's)
+    think_open_token: int | None = None
+    think_close_token: int | None = None
 
 
 #: The native tool-call formats raydock knows, the first found in a template wins: the one
@@ -31,8 +34,15 @@ TOOL_CALL_WRAPPERS: tuple[ToolCallWrapper, ...] = (
     ToolCallWrapper("<tool_call>", "</tool_call>"),  # Qwen2 / 2.5 / 3, Hermes, many others
 )
 
-#: whitespace allowed around and between wrapped calls (bounded: a weak model cannot loop)
+#: A reasoning model's thinking (Qwen3, QwQ, DeepSeek-R1): under tool_choice "auto" a reply
+#: may open with one such block; what follows its first THINK_CLOSE is the reply proper, a call
+#: or text (`structured.thinking_length` reads it back).
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+#: whitespace allowed before a call and around and between wrapped calls (bounded: a weak
+#: model cannot loop)
 _WRAPPER_SPACE = r"/[ \t\r\n]{1,4}/"
+_SPACE = " \t\r\n"
 
 
 def _regex_char(ch: str) -> str:
@@ -41,10 +51,11 @@ def _regex_char(ch: str) -> str:
     return ch if ch.isascii() and (ch.isalnum() or ch == "_") else f"\\x{{{ord(ch):X}}}"
 
 
-def not_starting_with(prefixes: list[str]) -> str:
+def not_starting_with(prefixes: list[str], not_first: str = "") -> str:
     """A regex of the non-empty texts that start with none of `prefixes` (the start of one,
-    `<tool`, is such a text): a trie of the prefixes, each branch either leaves it by another
-    character, stops, or goes on with the prefix's next character."""
+    `<tool`, is such a text) nor with a character of `not_first`: a trie of the prefixes,
+    each branch either leaves it by another character, stops, or goes on with the prefix's
+    next character."""
     trie: dict = {}
     for prefix in prefixes:
         node = trie
@@ -52,21 +63,28 @@ def not_starting_with(prefixes: list[str]) -> str:
             node = node.setdefault(ch, {})
         node[None] = True  # a whole prefix: the text may not go through here
 
-    def alternatives(node: dict) -> str:
+    def alternatives(node: dict, excluded: str = "") -> str:
         chars = sorted(c for c in node if c is not None)
-        alts = [f"[^{''.join(map(_regex_char, chars))}][\\s\\S]*"]
+        alts = [f"[^{''.join(map(_regex_char, chars + sorted(excluded)))}][\\s\\S]*"]
         for c in chars:
             if None not in node[c]:
                 alts.append(f"{_regex_char(c)}({alternatives(node[c])})?")
         return "|".join(alts)
 
-    return alternatives(trie)
+    return alternatives(trie, not_first)
 
 
-# auto tool choice: plain text that starts neither like a bare call nor like a wrapped one, on
-# every template (so an output that starts with a wrapper was constrained as a call)
-_TEXT = "/" + not_starting_with(["{", *(w.open for w in TOOL_CALL_WRAPPERS)]) + "/"
-_AUTO_HEAD = "start: call | text\n"
+# auto tool choice: plain text that, after any whitespace, starts neither like a bare call, a
+# wrapped one nor a thinking block, on every template (so an output that starts with a wrapper
+# was constrained as a call). Its leading whitespace is a lexeme of its own: one regex for
+# all of it would run on greedily past the whitespace that may precede a call.
+_TEXT_START = not_starting_with(["{", THINK_OPEN, *(w.open for w in TOOL_CALL_WRAPPERS)], _SPACE)
+_AUTO_HEAD = "start: think? reply\nreply: WS? call | text\n"
+_NATIVE_HEAD = "start: think? reply\nreply: WS? call | WS? calls | text\n"
+# a thinking block's text up to its first THINK_CLOSE, spelled out; or, before that tag as
+# the vocabulary's own token, text without it
+_THINKING = r"THINKING: /[\s\S]*<\/think>/ & ~/[\s\S]*<\/think>[\s\S]+/"
+_THINKING_OPEN = r"THINKING_OPEN: /[\s\S]+/ & ~/[\s\S]*<\/think>[\s\S]*/"
 
 
 def json_grammar(schema: Any, bounds: Bounds | None = None) -> str:
@@ -103,28 +121,44 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def tools_grammar(tools: list[dict[str, Any]], auto: bool, bounds: Bounds | None = None) -> str:
-    """A tool call; with `auto`, or plain text that starts neither with '{' nor with a
-    wrapper's opening tag (`with_native_calls` adds the template's wrapped calls)."""
+    """A tool call; with `auto`, or plain text that (after whitespace) starts neither with
+    '{' nor with a wrapper's opening tag, either after one thinking block the reply may open
+    with (`with_native_calls` adds the template's wrapped calls)."""
     call = "%json " + json.dumps(normalize(tool_call_schema(tools), bounds))
     if not auto:
         return f"start: {call}"
-    return f"{_AUTO_HEAD}call: {call}\ntext: {_TEXT}"
+    return f"{_AUTO_HEAD}call: {call}\n{_auto_tail(None, None)}"
+
+
+def _auto_tail(think_open: int | None, think_close: int | None) -> str:
+    """The rules an auto grammar ends with: the text, the thinking block a reply may open
+    with (its tags spelled out, or also as the vocabulary's own tokens) and the whitespace
+    before a call."""
+    thinking = f"THINKING\n{_THINKING}"
+    if think_close is not None:
+        thinking = f"(THINKING | THINKING_OPEN? <[{think_close}]>)\n{_THINKING}\n{_THINKING_OPEN}"
+    return (
+        f"text: SPACE? TEXT\nTEXT: /{_TEXT_START}/\nSPACE: /[ \\t\\r\\n]+/\n"
+        f"think: {_tag(THINK_OPEN, think_open)} {thinking}\nWS: {_WRAPPER_SPACE}"
+    )
 
 
 def with_native_calls(grammar: str, wrapper: ToolCallWrapper, max_calls: int) -> str:
     """An auto `tools_grammar` that also takes 1 to `max_calls` calls each written in the
     chat template's own `wrapper`, `<tool_call>` ws call ws `</tool_call>`, with whitespace
-    between: the same `call` rule, so the wrapped JSON is as constrained as a bare call."""
-    if not grammar.startswith(_AUTO_HEAD):
+    between: the same `call` rule, so the wrapped JSON is as constrained as a bare call. The
+    tags, and the thinking block's, may be the vocabulary's own tokens."""
+    tail = _auto_tail(None, None)
+    if not (grammar.startswith(_AUTO_HEAD) and grammar.endswith(tail)):
         raise ValueError("not a tool_choice 'auto' grammar of tools_grammar")
     more = f" (WS? wrapped){{0,{max_calls - 1}}}" if max_calls > 1 else ""
     open_, close = _tag(wrapper.open, wrapper.open_token), _tag(wrapper.close, wrapper.close_token)
     return (
-        "start: call | calls | text\n"
-        + grammar[len(_AUTO_HEAD) :]
-        + f"\ncalls: wrapped{more} WS?"
-        + f"\nwrapped: {open_} WS? call WS? {close}"
-        + f"\nWS: {_WRAPPER_SPACE}"
+        _NATIVE_HEAD
+        + grammar[len(_AUTO_HEAD) : -len(tail)]
+        + f"calls: wrapped{more} WS?"
+        + f"\nwrapped: {open_} WS? call WS? {close}\n"
+        + _auto_tail(wrapper.think_open_token, wrapper.think_close_token)
     )
 
 
