@@ -122,7 +122,7 @@ def resolve(ref: str, option: str, kind: str, prefix: str, rows: Rows, id_field:
 
 def model_id(client: Any, ref: str, option: str = "MODEL") -> str:
     """A model's id from its id or its name."""
-    return resolve(ref, option, "model", "cm", lambda: client.get("/models")["models"], "modelId")
+    return resolve(ref, option, "model", "cm", lambda: _all_models(client), "modelId")
 
 
 def deployment_id(client: Any, ref: str, option: str = "DEPLOYMENT") -> str:
@@ -195,7 +195,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     _need_id(args)
     client = _client(args)
     if args.action == "list":
-        emit(client.get("/models"), args.output, MODEL_COLUMNS, "models")
+        models = _all_models(client)
+        emit({"models": models, "total": len(models)}, args.output, MODEL_COLUMNS, "models")
         return 0
     model = model_id(client, args.id)
     if args.action == "export":
@@ -236,8 +237,13 @@ def _export(client: Any, args: argparse.Namespace, model: str) -> int:
     return 0
 
 
+def _all_models(client: Any) -> list[dict[str, Any]]:
+    """Every model: GET /models answers a page at a time."""
+    return client.every("/models", "models", "modelId")
+
+
 def _all_deployments(client: Any, model_id: str | None) -> list[dict[str, Any]]:
-    models = [model_id] if model_id else [m["modelId"] for m in client.get("/models")["models"]]
+    models = [model_id] if model_id else [m["modelId"] for m in _all_models(client)]
     return [d for m in models for d in client.get(f"/models/{m}/deployments")["deployments"]]
 
 
@@ -286,7 +292,9 @@ def cmd_deployments(args: argparse.Namespace) -> int:
         emit(client.get(f"/deployments/{dep}"), args.output)
         return 0
     if action == "history":
-        emit(client.get(f"/deployments/{dep}/history"), args.output, VERSION_COLUMNS, "versions")
+        versions = client.every(f"/deployments/{dep}/history", "versions", "version")
+        shown = {"versions": versions, "total": len(versions)}
+        emit(shown, args.output, VERSION_COLUMNS, "versions")
         return 0
     if action == "delete":
         emit(client.delete(f"/deployments/{dep}"), args.output)
@@ -328,6 +336,43 @@ def _limits_change(args: argparse.Namespace) -> dict[str, int | None]:
         options = ", ".join(LIMIT_OPTIONS.values())
         raise SystemExit(f"raydock: keys limits needs {options} or --clear [FIELD]")
     return change
+
+
+#: `keys`' positionals, in the order they are given
+KEY_REFS = ("deployment", "key_id")
+CLEARABLE = (*LIMIT_OPTIONS, "all")
+
+
+def _next_ref(namespace: argparse.Namespace, value: str) -> bool:
+    """Give `value` to the first of KEY_REFS not given yet; False when both are."""
+    free = next((name for name in KEY_REFS if getattr(namespace, name, None) is None), None)
+    if free is not None:
+        setattr(namespace, free, value)
+    return free is not None
+
+
+class _KeyRef(argparse.Action):
+    """DEPLOYMENT or KEY: the next of the two not given yet (a bare --clear before them may
+    have taken the first: see _Clear)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        # argparse calls an absent KEY with its default (None)
+        if value is not None and not _next_ref(namespace, value):
+            parser.error(f"unrecognized arguments: {value}")
+
+
+class _Clear(argparse.Action):
+    """`--clear [FIELD]`, repeatable. argparse gives a bare --clear the word after it: one
+    that is not a limit's field is the DEPLOYMENT or KEY, so that `keys limits --clear chat
+    ci` reads as `keys limits chat ci --clear` (every limit not given)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        if value not in CLEARABLE and not _next_ref(namespace, value):
+            raise argparse.ArgumentError(
+                self, f"invalid choice: {value!r} (choose from {', '.join(CLEARABLE)})"
+            )
+        cleared = value if value in CLEARABLE else "all"
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), cleared])
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -516,18 +561,25 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p = add("keys", cmd_keys, "a deployment's inference keys: list | create | delete | limits")
     _common(p)
     p.add_argument("action", choices=["list", "create", "delete", "limits"])
-    p.add_argument("deployment", metavar="DEPLOYMENT", help="the deployment's id or name")
-    p.add_argument("key_id", nargs="?", metavar="KEY", help="delete, limits: the key's id or name")
+    p.add_argument(
+        "deployment", action=_KeyRef, metavar="DEPLOYMENT", help="the deployment's id or name"
+    )
+    p.add_argument(
+        "key_id",
+        action=_KeyRef,
+        nargs="?",
+        metavar="KEY",
+        help="delete, limits: the key's id or name",
+    )
     p.add_argument("--name", help="create: the key's name")
     for field, option in LIMIT_OPTIONS.items():
         p.add_argument(option, dest=field, type=int, metavar="N", help=f"create, limits: {field}")
     p.add_argument(
         "--clear",
-        action="append",
+        action=_Clear,
         nargs="?",
         const="all",
         default=[],
-        choices=[*LIMIT_OPTIONS, "all"],
         metavar="FIELD",
         help=f"limits: remove this limit ({', '.join(LIMIT_OPTIONS)}; repeatable); alone, "
         "every limit not given",

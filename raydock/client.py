@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 CHUNK_BYTES = 8 * 2**20
+PAGE_SIZE = 500  # rows per request when reading a whole list: the API's largest page
 
 
 class ApiFailure(Exception):
@@ -57,6 +58,19 @@ class Client:
 
     def delete(self, path: str, **kw: Any) -> Any:
         return self._call("DELETE", path, **kw)
+
+    def every(self, path: str, rows: str, id_field: str) -> list[dict[str, Any]]:
+        """Every row of a list route that answers pages (`rows`, `nextOffset`), page after
+        page. A row that moved on to the next page while paging (one added meanwhile pushes
+        the rest down) is kept once, by its `id_field`."""
+        found: dict[Any, dict[str, Any]] = {}
+        offset: int | None = 0
+        while offset is not None:
+            page = self.get(path, params={"limit": PAGE_SIZE, "offset": offset})
+            for row in page[rows]:
+                found.setdefault(row[id_field], row)
+            offset = page.get("nextOffset")  # absent from an older server's one answer
+        return list(found.values())
 
     # ---- import
     def import_zip(

@@ -207,11 +207,23 @@ def install(app: FastAPI, max_body_bytes: Callable[[], int | None] = lambda: Non
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """The 422 of FastAPI's validation: each error in words, ranges, lengths and fields read
     from the route's body model."""
-    field = getattr(request.scope.get("route"), "body_field", None)
+    route = request.scope.get("route")
+    field = getattr(route, "body_field", None)
     model = getattr(getattr(field, "field_info", None), "annotation", None)
     body_model = model if isinstance(model, type) and issubclass(model, BaseModel) else None
-    described = [describe_validation_error(e, body_model) for e in exc.errors()]
+    query = _query_fields(route)
+    described = [describe_validation_error(e, body_model, query) for e in exc.errors()]
     return validation_response(request, described)
+
+
+def _query_fields(route: Any) -> dict[str, FieldInfo]:
+    """A route's query parameters by name: their bounds give a refusal's whole range."""
+    from fastapi.dependencies.utils import get_flat_dependant
+
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return {}
+    return {p.alias: p.field_info for p in get_flat_dependant(dependant).query_params}
 
 
 def validation_response(request: Request, described: list[tuple[str, str]]) -> JSONResponse:
@@ -359,10 +371,13 @@ _BOUND_WORDS = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "
 
 
 def describe_validation_error(
-    err: Mapping[str, Any], body_model: type[BaseModel] | None = None
+    err: Mapping[str, Any],
+    body_model: type[BaseModel] | None = None,
+    query: Mapping[str, FieldInfo] | None = None,
 ) -> tuple[str, str]:
     """(field path, message) for one pydantic error, in raydock's words. `body_model`, the
-    model that was validated, gives ranges, lengths and the fields a body may have."""
+    model that was validated, gives ranges, lengths and the fields a body may have; `query`,
+    the route's query parameters, their ranges."""
     kind, ctx = err.get("type", ""), err.get("ctx") or {}
     msg = str(err.get("msg", "invalid value"))
     if kind == "json_invalid":  # loc is ("body", <character offset>)
@@ -373,6 +388,8 @@ def describe_validation_error(
         loc = loc[1:]
     field = ".".join(str(p) for p in loc) or "body"
     info, owner = _field_at(body_model, loc)
+    if tuple(err.get("loc", ()))[:1] == ("query",):
+        info = (query or {}).get(field)
     got = err.get("input")
     if kind.startswith(("greater_than", "less_than")):
         lo, hi = _bound(info, "ge", "gt"), _bound(info, "le", "lt")

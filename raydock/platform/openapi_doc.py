@@ -135,6 +135,13 @@ LINKS: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
     ],
 }
 
+# list routes that answer a page (api._page, its `limit` and `offset` parameters): the
+# rows' field in the answer
+PAGED: dict[str, str] = {
+    "GET /models": "models",
+    "GET /deployments/{deploymentId}/history": "versions",
+}
+
 # streams its upload to disk with no size limit (errors.RequestGuard exempts it)
 NO_BODY_LIMIT = {"POST /models/import"}
 
@@ -266,6 +273,9 @@ def finish(doc: Doc) -> Doc:
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
                 },
             }
+        route = f"{method.upper()} {path.removeprefix(MANAGEMENT)}"
+        if path.startswith(MANAGEMENT) and route in PAGED:
+            op["responses"]["200"]["content"]["application/json"]["schema"] = _page(PAGED[route])
         kept = {code: r for code, r in op.get("responses", {}).items() if code != "422"}
         op["responses"] = kept | {str(s): _error_response(s) for s in sorted(statuses)}
         if not path.startswith(MANAGEMENT) and "400" in op["responses"]:
@@ -421,6 +431,27 @@ def _can_fail(param: dict[str, Any]) -> bool:
     return not all(
         o.get("type") in ("string", "null") and o.keys() <= {"type", "title"} for o in options
     )
+
+
+def _page(rows: str) -> dict[str, Any]:
+    """The answer of a list route that pages (api._page)."""
+    count = {"type": "integer", "minimum": 0}
+    return {
+        "type": "object",
+        "description": f"A page of the list: `{rows}` from `offset`, at most `limit` of them.",
+        "required": [rows, "total", "limit", "offset", "nextOffset"],
+        "properties": {
+            rows: {"type": "array", "items": {"type": "object"}},
+            "total": count | {"description": "How many rows the whole list has."},
+            "limit": {"type": "integer", "minimum": 1},
+            "offset": count,
+            "nextOffset": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "description": "The next page's `offset`; null: this page is the last.",
+            },
+        },
+    }
 
 
 def _error_response(status: int) -> dict[str, Any]:

@@ -92,6 +92,11 @@ def _usage_period(dialect: str, by: str) -> Any:
     return func.to_char(db.Usage.minute, fmt)
 
 
+#: the order models are listed in: newest first, the id breaking ties, so that the pages of
+#: the list hold each model once
+MODEL_ORDER = (db.Model.created_at.desc(), db.Model.id.desc())
+
+
 class Registry:
     def __init__(
         self, db_url: str, secret_key: bytes | None = None, lease_wait_s: float = LEASE_WAIT_S
@@ -505,12 +510,20 @@ class Registry:
             return out
 
     def list_models(self) -> list[dict[str, Any]]:
+        """Every model, newest first (apply's view of the platform; the API pages them)."""
+        return self.models_page(None)["models"]
+
+    def models_page(self, limit: int | None, offset: int = 0) -> dict[str, Any]:
+        """`limit` models (None: all) from `offset` in MODEL_ORDER, each with its deployments'
+        counts, and `total`: how many models there are. Only the page's rows are read."""
         with self._tx() as s:
+            page = select(db.Model).order_by(*MODEL_ORDER).offset(offset).limit(limit)
+            on_page = db.Deployment.model_id.in_(page.with_only_columns(db.Model.id))
             deps: dict[str, list[db.Deployment]] = {}
-            for d in s.scalars(select(db.Deployment)):
+            for d in s.scalars(select(db.Deployment).where(on_page)):
                 deps.setdefault(d.model_id, []).append(d)
-            models = s.scalars(select(db.Model).order_by(db.Model.created_at.desc()))
-            return [views.model(m, deps.get(m.id, [])) for m in models]
+            models = [views.model(m, deps.get(m.id, [])) for m in s.scalars(page)]
+            return {"models": models, "total": s.scalar(select(func.count(db.Model.id)))}
 
     def update_model(
         self, model_id: str, description: str | None, tags: list[str] | None
@@ -1023,18 +1036,26 @@ class Registry:
                 v.undeploy_ended_at = db.utcnow()
 
     def history(self, deployment_id: str) -> list[dict[str, Any]]:
+        """Every version, oldest first (rollback and apply read them all; the API pages)."""
+        return self.history_page(deployment_id, None)["versions"]
+
+    def history_page(
+        self, deployment_id: str, limit: int | None, offset: int = 0
+    ) -> dict[str, Any]:
+        """`limit` versions (None: all) from `offset`, oldest first, the newest marked
+        `latest`, and `total`: how many versions the deployment has."""
+        V = db.DeploymentVersion
         with self._tx() as s:
             self._deployment(s, deployment_id)
-            q = (
-                select(db.DeploymentVersion)
-                .where(db.DeploymentVersion.deployment_id == deployment_id)
-                .order_by(db.DeploymentVersion.version)
-            )
+            of_it = V.deployment_id == deployment_id
+            page = select(V).where(of_it).order_by(V.version, V.id).offset(offset).limit(limit)
+            counted = select(func.count(V.id), func.max(V.version)).where(of_it)
+            total, newest = s.execute(counted).one()
             names = self._user_names(s)
-            rows = [views.version(v, names) for v in s.scalars(q)]
-            for r in rows:
-                r["latest"] = r is rows[-1]
-            return rows
+            versions = [
+                views.version(v, names) | {"latest": v.version == newest} for v in s.scalars(page)
+            ]
+            return {"versions": versions, "total": total}
 
     def _delete_deployment_rows(self, s: Session, deployment_id: str) -> None:
         self._access_changed.add(deployment_id)
@@ -1540,16 +1561,25 @@ class Registry:
             ]
 
     def list_deliveries(
-        self, kind: str | None = None, status: str | None = None, limit: int = 100
+        self,
+        kind: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        own: tuple[str, list[str]] | None = None,
     ) -> list[dict[str, Any]]:
-        """Newest first."""
+        """Newest first. `own`: (a user's id, their targets as deliveries show them): only
+        the deliveries of that user's events to those targets, `limit` of them."""
+        row = db.NotificationDelivery
         with self._tx() as s:
-            q = select(db.NotificationDelivery)
+            q = select(row)
             if kind:
-                q = q.where(db.NotificationDelivery.kind == kind)
+                q = q.where(row.kind == kind)
             if status:
-                q = q.where(db.NotificationDelivery.status == status)
-            order = (db.NotificationDelivery.created_at.desc(), db.NotificationDelivery.id)
+                q = q.where(row.status == status)
+            if own is not None:
+                user_id, targets = own
+                q = q.where(row.event["userId"].as_string() == user_id, row.target.in_(targets))
+            order = (row.created_at.desc(), row.id)
             return [self._delivery_view(r) for r in s.scalars(q.order_by(*order).limit(limit))]
 
     @staticmethod

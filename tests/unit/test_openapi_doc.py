@@ -90,7 +90,7 @@ def test_error_body_matches_what_the_server_sends(doc):
             {400, 401, 404, 413, 429, 500, 503, 504},
         ),
         (f"GET {MGMT}/health", {413, 500, 503}),  # no key needed
-        (f"GET {MGMT}/models", {401, 413, 500, 503}),
+        (f"GET {MGMT}/models", {401, 413, 422, 500, 503}),  # 422: limit or offset out of range
         (f"POST {MGMT}/users", {400, 401, 403, 413, 422, 500, 503}),
         (f"GET {MGMT}/models/{{modelId}}", {401, 404, 405, 413, 500, 503}),  # 405: "import"
         (f"POST {MGMT}/models/{{modelId}}/deploy", {400, 401, 404, 409, 413, 422, 500, 503}),

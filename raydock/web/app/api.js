@@ -76,3 +76,19 @@ export const api = {
   patch: (path, body) => request("PATCH", path, body),
   del: (path) => request("DELETE", path),
 };
+
+// `pages` pages (each of the API's default size) of a list route that answers pages
+// (`total`, `nextOffset`: null after the last), from `offset`: their rows under `key`, the
+// list's `total`, and whether more follow
+export async function listPages(path, key, { pages = Infinity, offset = 0 } = {}) {
+  const rows = [];
+  let next = offset;
+  let total = 0;
+  for (let n = 0; next !== null && next !== undefined && n < pages; n++) {
+    const page = await api.get(`${path}?offset=${next}`);
+    rows.push(...page[key]);
+    total = page.total;
+    next = page.nextOffset;
+  }
+  return { rows, total, more: next !== null && next !== undefined };
+}

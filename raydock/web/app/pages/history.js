@@ -1,7 +1,7 @@
 // Deployment history: every `_vN`, the latest marked; a version's details (parameters,
 // hardware, optimization, who, start/end, duration, status with the failure reason on hover,
 // undeployment) open below its row.
-import { api } from "../api.js";
+import { api, listPages } from "../api.js";
 import { badge, clear, fmtDate, fmtDuration, h, poll, table } from "../ui.js";
 import { POLL_MS } from "./models.js";
 
@@ -31,10 +31,17 @@ export function historyTab(body, id) {
   const { el, tbody } = table(
     ["Version", "Status", "Deployed By", "Started", "Ended", "Duration", "Undeployed", ""],
     "history");
-  body.append(el);
+  const older = h("button", { type: "button", class: "btn", id: "history-older", hidden: true,
+    onclick: () => {
+      pages += 1;
+      refresh();
+    } });
+  body.append(el, h("div", { class: "list-more" }, older));
   const open = new Set(); // versions whose details are shown, kept across refreshes
   let versions = [];
   let shown = "";
+  let pages = 1; // pages of the newest versions shown; "Show older" adds one
+  let hidden = 0; // older versions not shown
 
   function render() {
     clear(tbody, [...versions].reverse().flatMap((v) => {
@@ -63,8 +70,20 @@ export function historyTab(body, id) {
     }));
   }
 
+  // the newest `pages` pages: the API lists versions oldest first, so they are its last
+  async function newest(path) {
+    const first = await api.get(path);
+    if (first.nextOffset === null || first.nextOffset === undefined) {
+      return { rows: first.versions, hidden: 0 };
+    }
+    const offset = Math.max(0, first.total - pages * first.limit);
+    return { ...(await listPages(path, "versions", { pages, offset })), hidden: offset };
+  }
+
   async function refresh() {
-    versions = (await api.get(`/deployments/${id}/history`)).versions;
+    ({ rows: versions, hidden } = await newest(`/deployments/${id}/history`));
+    older.hidden = hidden === 0;
+    older.textContent = `Show older versions (${hidden} more)`;
     const signature = JSON.stringify(versions);
     if (signature === shown) return;
     shown = signature;

@@ -1,6 +1,6 @@
 // The Import model dialog: Base / Adapter tabs, drag-and-drop or browse, the extension checked
 // before upload, and a chunked upload (the files/session API) with a progress bar.
-import { api } from "../api.js";
+import { api, listPages } from "../api.js";
 import { clear, dialog, h, toast } from "../ui.js";
 
 const CHUNK_BYTES = 8 * 2 ** 20;
@@ -102,7 +102,7 @@ export async function importDialog(onImported) {
   }
   setKind("base");
   // an adapter is checked against its base's weights: the base comes first
-  api.get("/models").then(({ models }) => {
+  listPages("/models", "models").then(({ rows: models }) => {
     const bases = models.filter((m) => m.kind === "base" && m.status === "READY");
     clear(base, h("option", { value: "", text: bases.length ? "Choose the base model…"
       : "No base model is Ready to Deploy" }),

@@ -1,5 +1,5 @@
 // Open-Source Models: the seed's list, with search, live counts and a three-dot menu.
-import { api } from "../api.js";
+import { api, listPages } from "../api.js";
 import { anyMenuOpen, badge, clear, confirmAction, h, kebab, poll, table, toast } from "../ui.js";
 import { importDialog } from "./import.js";
 
@@ -8,6 +8,8 @@ export const POLL_MS = 3000;
 export function modelsPage(main) {
   let models = [];
   let shown = "";
+  let pages = 1; // pages of the list shown (newest first); "Show more" adds one
+  let total = 0;
   const search = h("input", {
     type: "search", id: "model-search", placeholder: "Search models", "aria-label": "Search models",
   });
@@ -15,23 +17,32 @@ export function modelsPage(main) {
     ["Model Name", "Active Deployments", "Deployment Failed", "Ready to Deploy", "Source", ""],
     "models");
   const empty = h("p", { class: "muted empty", hidden: true });
+  const more = h("button", { type: "button", class: "btn", id: "models-more", hidden: true,
+    onclick: () => {
+      pages += 1;
+      refresh();
+    } });
   const importButton = h("button", { type: "button", class: "btn primary", text: "Import model",
     onclick: () => importDialog(refresh) });
   main.append(
     h("div", { class: "page-head" }, h("h1", { text: "Open-Source Models" }),
       h("div", { class: "tools" }, search, importButton)),
-    el, empty);
+    el, empty, h("div", { class: "list-more" }, more));
 
   function render(force = false) {
     const q = search.value.trim().toLowerCase();
     const rows = models.filter((m) => !q || m.name.toLowerCase().includes(q)
       || (m.tags || []).some((t) => t.toLowerCase().includes(q)));
-    const signature = JSON.stringify([q, rows]);
+    const signature = JSON.stringify([q, rows, total]);
     if (!force && (signature === shown || anyMenuOpen())) return;
     shown = signature;
     clear(tbody, rows.map(row));
     empty.hidden = rows.length > 0;
-    empty.textContent = models.length ? "No model matches your search." : "No models yet: import one.";
+    empty.textContent = !models.length ? "No models yet: import one."
+      : models.length < total ? `No model among the ${models.length} shown matches your search.`
+        : "No model matches your search.";
+    more.hidden = models.length >= total;
+    more.textContent = `Show more (${models.length} of ${total} shown)`;
   }
 
   function row(m) {
@@ -92,7 +103,7 @@ export function modelsPage(main) {
   }
 
   async function refresh() {
-    models = (await api.get("/models")).models;
+    ({ rows: models, total } = await listPages("/models", "models", { pages }));
     render();
   }
 
