@@ -47,11 +47,18 @@ def _request(docs: list[apply_files.Document], prune: bool, dry_run: bool) -> di
     return {"documents": [d.wire() for d in docs], "prune": prune, "dryRun": dry_run}
 
 
+def _deployment(change: dict[str, Any]) -> str:
+    """Which deployment a change is about: its name on its model (two models may each have
+    a deployment of one name)."""
+    name = change["deployment"] if change["kind"] == "apiKey" else change["name"]
+    return f"deployment {name}" + (f" on {change['model']}" if change.get("model") else "")
+
+
 def _describe(change: dict[str, Any]) -> str:
     if change["kind"] == "apiKey":
-        what = f"apiKey {change['name']} (deployment {change['deployment']})"
+        what = f"apiKey {change['name']} of {_deployment(change)}"
     else:
-        what = f"deployment {change['name']}"
+        what = _deployment(change)
     line = f"{change['source']}: {what}: {change['action']}"
     if change.get("adopted"):
         line += " (made by hand; apply manages it from now on)"
@@ -77,7 +84,8 @@ def _print_changes(changes: list[dict[str, Any]], only_differences: bool = False
 
 def keep_secrets(changes: list[dict[str, Any]], path: Path) -> None:
     """Move the created keys' secrets out of `changes` into a file only its owner reads, as
-    `deployment/key: secret` lines (e.g. in a Ray job, whose log the cluster keeps)."""
+    `model/deployment/key: secret` lines (model: its id; a deployment's name is unique per
+    model only), e.g. in a Ray job, whose log the cluster keeps."""
     created = [c for c in changes if c.get("apiKey")]
     if not created:
         return
@@ -85,7 +93,7 @@ def keep_secrets(changes: list[dict[str, Any]], path: Path) -> None:
     path.chmod(0o600)  # a file that was there already may be readable by others
     with path.open("a") as f:
         for c in created:
-            f.write(f"{c['deployment']}/{c['name']}: {c['apiKey']}\n")
+            f.write(f"{c['modelId']}/{c['deployment']}/{c['name']}: {c['apiKey']}\n")
             c["apiKey"], c["apiKeyWrittenTo"] = None, str(path)
 
 
@@ -107,12 +115,12 @@ def _upload(client: Any, uploads: list[dict[str, Any]], zips: dict[str, Path]) -
 def _wait_deployment(client: Any, change: dict[str, Any]) -> bool:
     """Follow a deploy (or an import that then deploys) to its end, one line per status
     change and one every STILL_WAITING_S; True when it ends DEPLOYED."""
-    name, dep_id = change["name"], change["deploymentId"]
+    name, dep_id = _deployment(change), change["deploymentId"]
     job = change.get("job") or {}
     if job.get("action") == "IMPORT":  # a catalog or Hugging Face model is downloaded first
         from raydock.cli import _follow_import
 
-        say(f"deployment {name}: importing its model {job['modelId']}")
+        say(f"{name}: importing its model {job['modelId']}")
         if _follow_import(client, job)["status"] != "READY":
             return False
     started = last_said = time.monotonic()
@@ -123,27 +131,27 @@ def _wait_deployment(client: Any, change: dict[str, Any]) -> bool:
         if dep["status"] != status or now - last_said > STILL_WAITING_S:
             status, last_said = dep["status"], now
             if status in STARTING:
-                say(f"deployment {name}: {status} ({now - started:.0f} s)")
+                say(f"{name}: {status} ({now - started:.0f} s)")
         if status not in STARTING:
             break
         time.sleep(1)
     if job.get("action") == "DEPLOY":  # the job says whether this deploy worked: a failed
         ended = client.wait_job(job["dockStatusId"], timeout=60)  # redeploy may keep DEPLOYED
         if ended["status"] != "SUCCESS":
-            say(f"deployment {name}: {status}, but this deploy FAILED: {ended.get('message')}")
+            say(f"{name}: {status}, but this deploy FAILED: {ended.get('message')}")
             return False
     if status == "DEPLOYED":
         version = change.get("version") or "its live version"
-        say(f"deployment {name}: DEPLOYED ({version}) in {time.monotonic() - started:.0f} s")
+        say(f"{name}: DEPLOYED ({version}) in {time.monotonic() - started:.0f} s")
         return True
-    say(f"deployment {name}: {status}: {dep.get('failureReason') or 'see its history'}")
+    say(f"{name}: {status}: {dep.get('failureReason') or 'see its history'}")
     return False
 
 
 def _wait_undeploy(client: Any, change: dict[str, Any]) -> bool:
     job = client.wait_job(change["job"]["dockStatusId"], timeout=900)
     ok = job["status"] == "SUCCESS"
-    say(f"deployment {change['name']}: {'UNDEPLOYED' if ok else 'undeploy failed'}")
+    say(f"{_deployment(change)}: {'UNDEPLOYED' if ok else 'undeploy failed'}")
     return ok
 
 
@@ -168,23 +176,23 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if planned["uploads"] and not _upload(client, planned["uploads"], zips):
         return 1
     changes: list[dict[str, Any]] = []
-    waited: set[str] | None = None
+    waited: set[str] | None = None  # the documents (file:line) that waited for an import
     while True:
         result = client.post("/apply", json=_request(docs, args.prune, dry_run=False))
         done = result["changes"]
         if waited is not None:  # the second round: what waited for an import
-            done = result["changes"] = [c for c in done if c.get("deployment", c["name"]) in waited]
+            done = result["changes"] = [c for c in done if c["source"] in waited]
         if args.secrets_out:  # the keys go to the file, never to stdout (a job's log)
             keep_secrets(done, Path(args.secrets_out))
         if args.output != "json":
             _print_changes(done)
         ok = _follow(client, done)
-        after = {c["name"] for c in done if c.get("after") and c["kind"] == "deployment"}
+        after = [c for c in done if c.get("after") and c["kind"] == "deployment"]
         changes += [c for c in done if not (ok and c.get("after"))]
         if waited is not None or not (ok and after):
             break
-        waited = after  # another document's import is READY now: apply once more
-        say(f"apply: again, for {', '.join(sorted(after))}")
+        waited = {c["source"] for c in after}  # their model is READY now: apply once more
+        say(f"apply: again, for {', '.join(sorted(_deployment(c) for c in after))}")
     if args.output == "json":  # one document, both rounds' changes
         print(json.dumps(result | {"changes": changes}, indent=2))
     counts: dict[str, int] = {}

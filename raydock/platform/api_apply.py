@@ -22,8 +22,8 @@ router = APIRouter(prefix="/public")
 
 #: actions that start a deploy (a new history version)
 DEPLOYS = ("create", "import-and-create", "upload-and-create", "deploy", "redeploy")
-#: what a change carries for the executor only
-INTERNAL = ("config", "origin", "appliedFrom", "mark")
+#: what a change carries for the executor only (`document`: the index of its document)
+INTERNAL = ("config", "origin", "appliedFrom", "mark", "document")
 
 
 async def _state(declared: list[apply.Declared], prune: bool) -> apply.State:
@@ -61,12 +61,11 @@ async def _check(change: dict[str, Any], declared: apply.Declared) -> None:
 
 
 async def _check_all(changes: list[dict[str, Any]], declared: list[apply.Declared]) -> None:
-    by_name = {d.spec.name: d for d in declared}
     problems = []
     for c in changes:
         if c["kind"] == "deployment" and (c["action"] in DEPLOYS or c.get("after")):
             try:
-                await _check(c, by_name[c["name"]])
+                await _check(c, declared[c["document"]])
             except ApiError as exc:
                 where = f"{c['source']}: {exc.message}"
                 problems.append(ApiError(exc.status, where, exc.param, exc.code))
@@ -106,6 +105,7 @@ async def _carry_out(change: dict[str, Any], spec: apply.DeploymentSpec | None, 
         )
         dep_id = change["deploymentId"] = started["deployment"]["deploymentId"]
         change["modelId"] = started["modelId"]
+        change["model"] = apply.model_label({"modelId": started["modelId"], "name": name})
         change["job"] = job_ref(started)
     if action == "retry-import":  # its deployment deploys once the import is READY
         started = await api_hub.retry_model_import(change["modelId"], user)
@@ -144,23 +144,23 @@ async def _carry_out_key(change: dict[str, Any], deployment_id: str, user: dict)
 @router.post("/apply", tags=["apply"])
 async def apply_documents(body: apply.ApplyRequest, user: User) -> dict[str, Any]:
     """Make the platform match deployment documents (`raydock apply -f`; the same files
-    `GET /apply/export` writes). Idempotent: an unchanged document changes nothing; a changed
-    one redeploys (a new history version) or, for description, tags and timeout only,
-    updates; `prune` undeploys the deployments apply manages that no document names. Every
-    document is validated (errors name its file, line and field) and every deploy checked
-    before anything changes. A zip source the platform lacks is listed in `uploads` (upload
-    it, then apply again). Keys a document names are created once; their secret is in this
-    answer only. With `dryRun` nothing changes."""
+    `GET /apply/export` writes). A document means the deployment of its name on its model
+    (two models may each have a "chat"; one model's twice is a 409). Idempotent: an
+    unchanged document changes nothing; a changed one redeploys (a new history version) or,
+    for description, tags and timeout only, updates; `prune` undeploys the deployments apply
+    manages that no document names. Every document is validated (errors name its file, line
+    and field) and every deploy checked before anything changes. A zip source the platform
+    lacks is listed in `uploads` (upload it, then apply again). Keys a document names are
+    created once; their secret is in this answer only. With `dryRun` nothing changes."""
     declared = apply.declare(body.documents)
     state = await _state(declared, body.prune)
     changes = apply.plan(declared, state, body.prune)
     await _check_all(changes, declared)
-    specs = {d.spec.name: d.spec for d in declared}
     uploads = [
         {
             "source": c["source"],
-            "zip": specs[c["name"]].model.zip,
-            "sha256": specs[c["name"]].model.sha256,
+            "zip": declared[c["document"]].spec.model.zip,
+            "sha256": declared[c["document"]].spec.model.sha256,
         }
         for c in changes
         if c["kind"] == "deployment" and c["action"] == "upload-and-create"
@@ -174,19 +174,20 @@ async def apply_documents(body: apply.ApplyRequest, user: User) -> dict[str, Any
             "upload_required",
         )
     if not body.dryRun:
-        deployment_ids: dict[str, str] = {}
+        owners: dict[int, dict[str, Any]] = {}  # a document's deployment change, for its keys
         for c in changes:
             try:
                 if c["kind"] == "deployment":
-                    if c["deploymentId"]:  # it exists: its keys follow the file whatever happens
-                        deployment_ids[c["name"]] = c["deploymentId"]
-                    await _carry_out(c, specs.get(c["name"]), user)
-                    if c["deploymentId"]:
-                        deployment_ids[c["name"]] = c["deploymentId"]
+                    doc = c.get("document")  # none for what --prune undeploys
+                    if doc is not None:  # an existing one's keys follow the file whatever happens
+                        owners[doc] = c
+                    await _carry_out(c, declared[doc].spec if doc is not None else None, user)
                 elif c["action"] == "wait":  # its deployment is created by a later apply
                     continue
-                elif c["deployment"] in deployment_ids:
-                    await _carry_out_key(c, deployment_ids[c["deployment"]], user)
+                elif owners.get(c["document"], {}).get("deploymentId"):
+                    owner = owners[c["document"]]  # a created one's ids are known now
+                    c |= {k: owner[k] for k in apply.OWNER_FIELDS}
+                    await _carry_out_key(c, owner["deploymentId"], user)
                 else:
                     c["error"] = "its deployment was not created"
             except Exception as exc:  # one change refused (e.g. a race): the others go on
@@ -202,16 +203,16 @@ async def apply_documents(body: apply.ApplyRequest, user: User) -> dict[str, Any
 async def export_documents(_: User) -> dict[str, Any]:
     """Every deployment that is not UNDEPLOYED as the document that declares it (`raydock
     get deployments -o yaml`): applying them back changes nothing. A model uploaded as a zip
-    is named by its id; keys by name and limits (never their secrets)."""
+    is named by its id (so is one whose source another model of a deployment of the same name
+    shares); keys by name and limits (never their secrets)."""
     deployments, models = await asyncio.gather(
         ctx.registry.list_deployments.remote(), ctx.registry.list_models.remote()
     )
-    by_id = {m["modelId"]: m for m in models}
     live = [d for d in deployments if d["status"] != D.UNDEPLOYED]
     keys = await asyncio.gather(
         *(ctx.registry.list_deployment_keys.remote(d["deploymentId"]) for d in live)
     )
-    docs = [apply.export(d, by_id[d["modelId"]], k) for d, k in zip(live, keys, strict=True)]
+    docs = apply.export_all(live, models, list(keys))
     return {"documents": docs, "total": len(docs)}
 
 

@@ -3,12 +3,16 @@ the file, line and field), and what must change to make the platform match the d
 
 `plan` is pure: it compares the documents with the platform's state (deployments, models,
 keys) and lists the changes; `api_apply.py` gathers that state and carries the changes out.
-A deployment is identified by its name. Apply marks the deployments it creates or adopts
-(`appliedFrom`, the file that declares them); `prune` only ever undeploys those.
+A document means the deployment of its name on its model (the model its `model:` source
+resolves to): names are unique per model only, so two models may each have a "chat". Apply
+marks the deployments it creates or adopts (`appliedFrom`, the file that declares them);
+`prune` only ever undeploys those.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -192,18 +196,13 @@ def parse(body: dict[str, Any]) -> ApplyRequest:
 
 
 def declare(documents: list[ApplyDocument]) -> list[Declared]:
-    """The validated documents, once their names are known not to clash: a deployment or a
-    deployment's key named twice is a 409 naming both places."""
+    """The validated documents, once their keys' names are known not to clash: a document
+    naming a key twice is a 409 naming both places. (Two documents declaring one deployment
+    are found by `plan`: which model a source means depends on the platform.)"""
     problems: list[str] = []
     declared: list[Declared] = []
-    first: dict[str, str] = {}
     for i, doc in enumerate(documents):
         d = Declared(doc.spec, _where(doc, i, ("name",)), doc.source or f"documents.{i}", doc, i)
-        if d.spec.name in first:
-            problems.append(
-                f"{d.where}: name: {d.spec.name!r} is also declared at {first[d.spec.name]}"
-            )
-        first.setdefault(d.spec.name, d.where)
         keys: dict[str, str] = {}
         for n, key in enumerate(d.spec.apiKeys):
             at = d.at("apiKeys", str(n), "name")
@@ -249,8 +248,8 @@ def _origin(model: dict[str, Any]) -> dict[str, Any]:
 
 def _pick(candidates: list[dict[str, Any]], current: list[str]) -> dict[str, Any] | None:
     """Of the models that match a document's source (several may: imported twice, or by
-    hand too), the one a deployment of the document's name serves (`current`: the managed
-    one's first, then hand-made ones apply would adopt), else the newest."""
+    hand too), the one a deployment of the document's name serves (`current`: the models of
+    the managed ones first, then of hand-made ones apply would adopt), else the newest."""
     for model_id in current:
         mine = [m for m in candidates if m["modelId"] == model_id]
         if mine:
@@ -258,11 +257,20 @@ def _pick(candidates: list[dict[str, Any]], current: list[str]) -> dict[str, Any
     return candidates[-1] if candidates else None
 
 
+def _named(d: Declared, state: State) -> list[dict[str, Any]]:
+    """The deployments of the document's name, on any model: the ones apply manages first,
+    newest first in each group."""
+    named = [x for x in reversed(state.deployments) if x["name"] == d.spec.name]
+    return sorted(named, key=lambda x: not x.get("appliedFrom"))
+
+
 def resolve_model(d: Declared, state: State) -> Resolved:
+    """The model a document's source means. Several may match it (imported twice): the one
+    a deployment of the document's name serves, so that the document keeps meaning it."""
     src = d.spec.model
-    managed = _managed(d, state)
-    named = [x for x in state.deployments if x["name"] == d.spec.name]
-    current = [x["modelId"] for x in ([managed] if managed else []) + named]
+    named = _named(d, state)
+    current = [x["modelId"] for x in named]
+    managed = {x["modelId"] for x in named if x.get("appliedFrom")}
     if src.id:
         model = next((m for m in state.models if m["modelId"] == src.id), None)
         if model is None:
@@ -310,7 +318,7 @@ def resolve_model(d: Declared, state: State) -> Resolved:
         ]
         origin = {"repoId": hf.repoId, "revision": hf.revision, "connectionId": connection_id}
     waited_for = _pick(found, current)
-    if waited_for is not None and managed and waited_for["modelId"] == managed["modelId"]:
+    if waited_for is not None and waited_for["modelId"] in managed:
         failed = waited_for["status"] == ModelStatus.IMPORT_FAILED
         return Resolved(waited_for, "retry" if failed else "", origin)
     usable = _pick([m for m in found if m["status"] != ModelStatus.IMPORT_FAILED], current)
@@ -364,28 +372,57 @@ def _editable(dep: dict[str, Any]) -> dict[str, Any]:
 
 
 def _find_deployment(d: Declared, model: dict[str, Any] | None, state: State) -> dict | None:
-    """The deployment a document means: the one apply manages under its name, else one made
-    by hand with that name on the same model (apply adopts it)."""
-    managed = _managed(d, state)
-    if managed:
-        return managed
-    named = [x for x in state.deployments if x["name"] == d.spec.name]
-    same_model = [x for x in named if model is not None and x["modelId"] == model["modelId"]]
-    return same_model[-1] if same_model else None
+    """The deployment a document means: the one of its name on its model, whether apply
+    manages it or it was made by hand (apply adopts it then). None when its model is still
+    to be imported."""
+    if model is None:
+        return None
+    mine = [
+        x
+        for x in _named(d, state)  # one: a model's deployment names are unique
+        if x["modelId"] == model["modelId"]
+    ]
+    return mine[0] if mine else None
 
 
-def _managed(d: Declared, state: State) -> dict[str, Any] | None:
-    """The deployment apply manages under the document's name, if any."""
-    managed = [x for x in state.deployments if x["name"] == d.spec.name and x.get("appliedFrom")]
-    return managed[-1] if managed else None
+def model_label(model: dict[str, Any]) -> str:
+    """How a change names the model its deployment is on (plan output: which "chat")."""
+    name = model.get("name")
+    return f"model {model['modelId']}" + (f" ({name})" if name else "")
 
 
-def _key_changes(d: Declared, dep: dict[str, Any] | None, state: State) -> list[dict[str, Any]]:
+def source_label(src: ModelSource) -> str:
+    """How a change names a model that is still to be uploaded or imported."""
+    if src.zip:
+        return f"zip {src.zip}"
+    if src.catalog:
+        return f"catalog {src.catalog}"
+    if src.huggingFace:
+        hf = src.huggingFace
+        return f"huggingFace {hf.repoId}" + (f"@{hf.revision}" if hf.revision else "")
+    return f"model {src.id}"
+
+
+#: what a key's change repeats of its deployment's (which deployment it is about)
+OWNER_FIELDS = ("deploymentId", "modelId", "model")
+
+
+def _key_changes(
+    d: Declared, dep: dict[str, Any] | None, owner: dict[str, Any], state: State
+) -> list[dict[str, Any]]:
+    """A document's keys' changes; `owner`: its deployment's change."""
     existing = {k["name"]: k for k in state.keys.get(dep["deploymentId"], [])} if dep else {}
     out = []
     for key in d.spec.apiKeys:
         want = {k: v for k, v in (key.limits.model_dump() if key.limits else {}).items() if v}
-        change = {"kind": "apiKey", "name": key.name, "deployment": d.spec.name, "source": d.where}
+        change = {
+            "kind": "apiKey",
+            "name": key.name,
+            "deployment": d.spec.name,
+            **{k: owner[k] for k in OWNER_FIELDS},
+            "source": d.where,
+            "document": d.index,
+        }
         have = existing.get(key.name)
         if have is None:
             out.append(change | {"action": "create", "limits": want})
@@ -415,17 +452,11 @@ def plan_deployment(d: Declared, state: State) -> list[dict[str, Any]]:
         "appliedFrom": d.source,
         "details": [],
         "modelId": model["modelId"] if model else None,
+        "model": model_label(model) if model else source_label(d.spec.model),
         "deploymentId": dep["deploymentId"] if dep else None,
         "config": body,
+        "document": d.index,
     }
-    if dep is not None and (model is None or model["modelId"] != dep["modelId"]):
-        raise PlanError(
-            409,
-            f"{d.at('model')}: model: deployment {d.spec.name!r} serves model {dep['modelId']}; a "
-            "deployment's model cannot change: give the new model a deployment of its own "
-            "(with --prune the old one is undeployed)",
-            "model",
-        )
     if dep is None:
         if model is not None and model["status"] in IMPORTING_MODEL:
             raise PlanError(
@@ -441,7 +472,7 @@ def plan_deployment(d: Declared, state: State) -> list[dict[str, Any]]:
             change["details"] = [f"model: zip {d.spec.model.zip} is not on the platform"]
         elif resolved.needs == "download":
             change["details"] = [f"model: imported from {resolved.origin}"]
-        return [change, *_key_changes(d, None, state)]
+        return [change, *_key_changes(d, None, change, state)]
     change["adopted"] = not dep.get("appliedFrom")  # made by hand: apply manages it now
     change["mark"] = dep.get("appliedFrom") != d.source
     state_diff = differences(serving_state(dep["config"]), serving_state(body))
@@ -476,47 +507,110 @@ def plan_deployment(d: Declared, state: State) -> list[dict[str, Any]]:
         change |= {"action": "update", "details": edit_diff}
     else:
         change["action"] = "unchanged"
-    return [change, *_key_changes(d, dep, state)]
+    return [change, *_key_changes(d, dep, change, state)]
+
+
+def _model_key(d: Declared, change: dict[str, Any]) -> tuple:
+    """The model a document's deployment is on: one on the platform, or the zip or repo
+    apply will import (documents naming the same one share it)."""
+    if change["modelId"]:
+        return ("model", change["modelId"])
+    if change.get("origin"):
+        return ("repo", change["origin"]["repoId"], change["origin"].get("revision"))
+    return ("zip", d.spec.model.sha256)
+
+
+def _declared_twice(d: Declared, first: Declared, change: dict[str, Any]) -> PlanError:
+    return PlanError(
+        409,
+        f"{d.where}: name: {d.spec.name!r} is also declared at {first.where}, on the same "
+        f"model ({change['model']})",
+        "name",
+        "duplicate_name",
+    )
+
+
+def _left_behind(
+    d: Declared, change: dict[str, Any], declared: set[tuple[str, str]], state: State
+) -> list[dict[str, Any]]:
+    """Deployments of the document's name that its file declared on another model and no
+    document declares any more: its `model:` source changed. Not moved: the document means
+    a deployment on the new model, and the old one is left to --prune."""
+    return [
+        x
+        for x in _named(d, state)
+        if x.get("appliedFrom") == d.source
+        and x["modelId"] != change["modelId"]
+        and (x["name"], x["modelId"]) not in declared
+        and x["status"] != D.UNDEPLOYED
+    ]
+
+
+def _label_of(model_id: str, state: State) -> str:
+    model = next((m for m in state.models if m["modelId"] == model_id), None)
+    return model_label(model or {"modelId": model_id})
+
+
+def _prune_change(dep: dict[str, Any], state: State) -> dict[str, Any]:
+    return {
+        "kind": "deployment",
+        "name": dep["name"],
+        "source": dep["appliedFrom"],
+        "deploymentId": dep["deploymentId"],
+        "modelId": dep["modelId"],
+        "model": _label_of(dep["modelId"], state),
+        "action": "undeploy",
+        "details": ["no file names it"],
+    }
 
 
 def plan(declared: list[Declared], state: State, prune: bool) -> list[dict[str, Any]]:
     """Every change, in document order, then what --prune undeploys; a PlanError names every
-    document that cannot be applied (nothing is applied then)."""
+    document that cannot be applied (nothing is applied then), two documents declaring the
+    same deployment (its name on one model) too."""
     changes: list[dict[str, Any]] = []
     problems: list[PlanError] = []
-    downloads: dict[tuple, str] = {}  # a repo at a revision -> the document importing it
+    downloads: dict[tuple, Declared] = {}  # a repo at a revision -> the document importing it
+    seen: dict[tuple, Declared] = {}  # (name, model) -> the document declaring it
+    ours: list[tuple[Declared, dict[str, Any]]] = []  # each document, its deployment's change
     for d in declared:
         try:
             planned = plan_deployment(d, state)
         except PlanError as exc:
             problems.append(exc)
             continue
+        first = seen.setdefault((d.spec.name, _model_key(d, planned[0])), d)
+        if first is not d:
+            problems.append(_declared_twice(d, first, planned[0]))
+            continue
         if planned[0]["action"] == "import-and-create":
             origin = planned[0]["origin"]
-            first = downloads.setdefault((origin["repoId"], origin.get("revision")), d.spec.name)
-            if first != d.spec.name:  # imported once: this one is created when it is READY
-                why = f"its model is imported for deployment {first!r}; created once it is READY"
+            importer = downloads.setdefault((origin["repoId"], origin.get("revision")), d)
+            if importer is not d:  # imported once: this one is created when it is READY
+                name = importer.spec.name
+                why = f"its model is imported for deployment {name!r}; created once it is READY"
                 for c in planned:
-                    c |= {"action": "wait", "details": [why], "after": first}
+                    c |= {"action": "wait", "details": [why], "after": name}
+        ours.append((d, planned[0]))
         changes.extend(planned)
     if problems:
-        first = problems[0]
+        first_problem = problems[0]
         message = "; ".join(p.message for p in problems)
-        raise PlanError(first.status, message, first.param, first.code)
+        raise PlanError(first_problem.status, message, first_problem.param, first_problem.code)
+    kept = {(c["name"], c["modelId"]) for _, c in ours if c["modelId"]}
+    for d, change in ours:
+        for old in _left_behind(d, change, kept, state):
+            fate = "--prune undeploys it (below)" if prune else "it stays (--prune undeploys it)"
+            change["details"].append(
+                f"model: {d.spec.name!r} on {_label_of(old['modelId'], state)}, which this "
+                f"file declared before, is not moved: {fate}"
+            )
     if prune:
-        named = {d.spec.name for d in declared}
         for dep in state.deployments:
-            if not dep.get("appliedFrom") or dep["name"] in named:
+            if not dep.get("appliedFrom") or (dep["name"], dep["modelId"]) in kept:
                 continue
-            change = {
-                "kind": "deployment",
-                "name": dep["name"],
-                "source": dep["appliedFrom"],
-                "deploymentId": dep["deploymentId"],
-                "modelId": dep["modelId"],
-            }
             if dep["status"] in UNDEPLOYABLE_DEPLOYMENT:  # a starting one: its deploy cancelled
-                changes.append(change | {"action": "undeploy", "details": ["no file names it"]})
+                changes.append(_prune_change(dep, state))
     return changes
 
 
@@ -539,6 +633,23 @@ def source_of(model: dict[str, Any]) -> dict[str, Any]:
             ref["connection"] = origin["connection"]
         return {"huggingFace": ref}
     return {"id": model["modelId"]}  # an uploaded zip is not where the file will be
+
+
+def export_all(
+    deployments: list[dict[str, Any]],
+    models: list[dict[str, Any]],
+    keys: list[list[dict[str, Any]]],
+) -> list[dict[str, Any]]:
+    """Deployments (with each one's keys) as the documents that declare them. A model is
+    named by its source, or by its id where two deployments of one name are on models of
+    the same source (imported twice): that source alone would mean one model for both."""
+    by_id = {m["modelId"]: m for m in models}
+    docs = [export(d, by_id[d["modelId"]], k) for d, k in zip(deployments, keys, strict=True)]
+    same = Counter((doc["name"], json.dumps(doc["model"], sort_keys=True)) for doc in docs)
+    for dep, doc in zip(deployments, docs, strict=True):
+        if same[doc["name"], json.dumps(doc["model"], sort_keys=True)] > 1:
+            doc["model"] = {"id": dep["modelId"]}
+    return docs
 
 
 def export(dep: dict[str, Any], model: dict[str, Any], keys: list[dict[str, Any]]) -> dict:

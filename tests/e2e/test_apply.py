@@ -23,6 +23,7 @@ import ray
 import yaml
 
 from raydock.client import default_deploy_body
+from raydock.modelgen import build_model_zip
 
 from .conftest import ASK_JSON
 from .test_cli import raydock
@@ -57,6 +58,12 @@ def served_tokens(platform, deployment_id: str, key: str) -> int:
         model="m", messages=ASK_JSON, extra_body={"ignore_eos": True}
     )
     return reply.usage.completion_tokens
+
+
+def on_model(platform, name: str, model_id: str) -> str:
+    """How apply's output names a deployment: its name on its model."""
+    model = platform.client.get(f"/models/{model_id}")
+    return f"deployment {name} on model {model_id} ({model['name']})"
 
 
 def write_app(folder: Path, max_tokens: int, name: str = NAME) -> None:
@@ -114,18 +121,19 @@ def test_apply_diff_rollback_export_prune_and_a_ray_job(
     shutil.copy(tiny_zip, files / "models" / "tiny.zip")  # the same bytes as ready_model's
     write_app(files, max_tokens=3)
     models_before = platform.client.get("/models")["total"]
+    on = on_model(platform, NAME, ready_model["modelId"])
 
     # diff: what would change, exit 1
     diff = raydock("diff", "-f", str(files), **auth)
     assert diff.returncode == 1, diff.stderr
-    assert f"app.yaml:2: deployment {NAME}: create" in diff.stdout
+    assert f"app.yaml:2: {on}: create" in diff.stdout
 
     # create: on the model already imported from that zip (no upload), with its key
     done = raydock("apply", "-f", str(files), **auth)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"deployment {NAME}: create → {NAME}_v1" in done.stdout
-    assert f"apiKey app (deployment {NAME}): create" in done.stdout
-    assert f"deployment {NAME}: DEPLOYED ({NAME}_v1)" in done.stdout
+    assert f"{on}: create → {NAME}_v1" in done.stdout
+    assert f"apiKey app of {on}: create" in done.stdout
+    assert f"{on}: DEPLOYED ({NAME}_v1)" in done.stdout
     assert "importing" not in done.stdout
     (key,) = secrets_in(done.stdout)
     assert platform.client.get("/models")["total"] == models_before
@@ -138,7 +146,7 @@ def test_apply_diff_rollback_export_prune_and_a_ray_job(
     # the same files again: nothing happens, and the key's secret is not shown again
     again = raydock("apply", "-f", str(files), **auth)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"deployment {NAME}: unchanged" in again.stdout and not secrets_in(again.stdout)
+    assert f"{on}: unchanged" in again.stdout and not secrets_in(again.stdout)
     assert "apply: 2 unchanged; done" in again.stdout
     assert len(versions(platform, dep_id)) == 1
     assert len(platform.client.get(f"/deployments/{dep_id}/api-keys")["apiKeys"]) == 1
@@ -149,7 +157,7 @@ def test_apply_diff_rollback_export_prune_and_a_ray_job(
     assert diff.returncode == 1 and "hyperParameters.maxTokens: 3 → 5" in diff.stdout
     done = raydock("apply", "-f", str(files), **auth)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"deployment {NAME}: redeploy → {NAME}_v2" in done.stdout
+    assert f"{on}: redeploy → {NAME}_v2" in done.stdout
     assert served_tokens(platform, dep_id, key) == 5
 
     # rollback to _v1: its configuration, as a new version _v3
@@ -176,9 +184,9 @@ def test_apply_diff_rollback_export_prune_and_a_ray_job(
     write_app(files, max_tokens=4)
     job = ray_job(platform, files, key_file)
     assert job.returncode == 0, job.stdout + job.stderr
-    assert f"deployment {NAME}: redeploy → {NAME}_v4" in job.stdout
+    assert f"{on}: redeploy → {NAME}_v4" in job.stdout
     assert "hyperParameters.maxTokens: 3 → 4" in job.stdout
-    assert f"deployment {NAME}: DEPLOYED ({NAME}_v4)" in job.stdout
+    assert f"{on}: DEPLOYED ({NAME}_v4)" in job.stdout
     assert platform.admin_key not in job.stdout + job.stderr
     assert served_tokens(platform, dep_id, key) == 4
 
@@ -234,19 +242,22 @@ def test_apply_diff_rollback_export_prune_and_a_ray_job(
     assert pruned.returncode == 0, pruned.stdout + pruned.stderr
     assert f"key written to {secrets}" in pruned.stdout and not secrets_in(pruned.stdout)
     lines = sorted(secrets.read_text().splitlines())
-    assert [line.split(":")[0] for line in lines] == ["apply-three/app", "apply-two/app"]
+    (hub_model,) = [m for m in platform.client.get("/models")["models"] if m["name"] == HF_REPO]
+    assert [line.split(":")[0] for line in lines] == [
+        f"{hub_model['modelId']}/apply-three/app",
+        f"{hub_model['modelId']}/apply-two/app",
+    ]
     assert all(line.split()[-1] not in pruned.stdout for line in lines)
     assert secrets.stat().st_mode & 0o777 == 0o600
-    assert f"deployment {NAME}: undeploy" in pruned.stdout
-    assert f"deployment {NAME}: UNDEPLOYED" in pruned.stdout
-    assert "deployment apply-three: import-and-create" in pruned.stdout
-    assert "deployment apply-two: wait" in pruned.stdout  # then created in a second round
-    assert "apply: again, for apply-two" in pruned.stdout
-    assert "deployment apply-two: create" in pruned.stdout
-    for name in ("apply-two", "apply-three"):
-        assert f"deployment {name}: DEPLOYED" in pruned.stdout
-    hub_models = [m for m in platform.client.get("/models")["models"] if m["name"] == HF_REPO]
-    assert len(hub_models) == 1
+    assert f"{on}: undeploy" in pruned.stdout
+    assert f"{on}: UNDEPLOYED" in pruned.stdout
+    three, two = (on_model(platform, n, hub_model["modelId"]) for n in ("apply-three", "apply-two"))
+    assert f"{three}: import-and-create" in pruned.stdout  # its model's id once it started
+    to_import = f"on huggingFace {HF_REPO}"  # not on the platform before its import ends
+    assert f"deployment apply-two {to_import}: wait" in pruned.stdout  # then in a second round
+    assert f"apply: again, for deployment apply-two {to_import}" in pruned.stdout
+    assert f"{two}: create" in pruned.stdout
+    assert f"{two}: DEPLOYED" in pruned.stdout and f"{three}: DEPLOYED" in pruned.stdout
     assert platform.client.get(f"/deployments/{dep_id}")["status"] == "UNDEPLOYED"
     # the repo's model, once imported, is the documents' model: nothing more to do
     again = raydock("apply", "-f", str(other), "--prune", **auth)
@@ -308,3 +319,68 @@ def test_a_name_taken_is_refused_so_the_export_applies_back(platform, live, read
     (tmp_path / "exported.yaml").write_text(yaml.safe_dump_all(mine))
     same = raydock("diff", "-f", str(tmp_path / "exported.yaml"), **auth)
     assert same.returncode == 0, same.stdout + same.stderr
+
+
+TWIN = "apply-twin"
+
+
+def test_two_models_deployments_of_one_name_export_and_apply_back(
+    platform, ready_model, tiny_zip, tmp_path
+):
+    """Two models each with a deployment "apply-twin" (a name is unique per model only):
+    one apply makes both (uploading the second model's zip), `raydock get deployments -o
+    yaml` applies back as a no-op, and a change to one of them redeploys only that one."""
+    auth = {"RAYDOCK_URL": platform.url, "RAYDOCK_API_KEY": platform.admin_key}
+    files = tmp_path / "twins"
+    (files / "models").mkdir(parents=True)
+    shutil.copy(tiny_zip, files / "models" / "tiny.zip")  # ready_model's bytes
+    build_model_zip(files / "models" / "twin.zip", size="tiny", seed=7)  # a model to upload
+    for model_zip in ("tiny", "twin"):
+        text = APP.format(name=TWIN, max_tokens=3)
+        (files / f"{model_zip}.yaml").write_text(text.replace("tiny.zip", f"{model_zip}.zip"))
+    secrets = tmp_path / "twin-secrets.txt"
+    made = raydock("apply", "-f", str(files), "--secrets-out", str(secrets), **auth)
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert "importing models/twin.zip" in made.stdout
+    # each key's secret says which model's apply-twin it opens
+    keys = dict(line.split(": ") for line in secrets.read_text().splitlines())
+    by_model = {path.split("/")[0]: key for path, key in keys.items()}
+    assert sorted(keys) == sorted(f"{m}/{TWIN}/app" for m in by_model)
+    a = ready_model["modelId"]
+    (b,) = set(by_model) - {a}
+    deployment = {}
+    for m in (a, b):
+        assert f"{on_model(platform, TWIN, m)}: create → {TWIN}_v1" in made.stdout
+        listed = platform.client.get(f"/models/{m}/deployments")["deployments"]
+        deployment[m] = next(d["deploymentId"] for d in listed if d["name"] == TWIN)
+        assert served_tokens(platform, deployment[m], by_model[m]) == 3
+
+    # the live state as files: both, each on its model; applied back, nothing changes
+    export = raydock("get", "deployments", "-o", "yaml", **auth)
+    assert export.returncode == 0, export.stderr
+    twins = [d for d in yaml.safe_load_all(export.stdout) if d["name"] == TWIN]
+    assert sorted(d["model"]["id"] for d in twins) == sorted([a, b])
+    live = tmp_path / "live.yaml"
+    live.write_text(yaml.safe_dump_all(twins))
+    same = raydock("apply", "-f", str(live), **auth)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "apply: 4 unchanged; done" in same.stdout
+
+    # a change to b's only: b's redeploys, a's stays as it was
+    for doc in twins:
+        if doc["model"]["id"] == b:
+            doc["hyperParameters"]["maxTokens"] = 5
+    live.write_text(yaml.safe_dump_all(twins))
+    changed = raydock("apply", "-f", str(live), **auth)
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert f"{on_model(platform, TWIN, b)}: redeploy → {TWIN}_v2" in changed.stdout
+    assert f"{on_model(platform, TWIN, a)}: unchanged" in changed.stdout
+    assert served_tokens(platform, deployment[b], by_model[b]) == 5
+    assert served_tokens(platform, deployment[a], by_model[a]) == 3
+    assert [len(versions(platform, deployment[m])) for m in (a, b)] == [1, 2]
+
+    # clean up: both undeployed, the uploaded model deleted
+    for m in (a, b):
+        ref = platform.client.post(f"/deployments/{deployment[m]}/undeploy")
+        assert platform.client.wait_job(ref["dockStatusId"])["status"] == "SUCCESS"
+    platform.client.delete(f"/models/{b}")

@@ -94,12 +94,9 @@ def test_every_problem_of_every_document_is_listed_and_an_unknown_field_too():
     assert "deployments/app.yaml:17: model: give exactly one of zip, catalog" in msg
 
 
-def test_a_missing_field_points_at_the_document_and_names_used_twice_are_a_conflict():
+def test_a_missing_field_points_at_the_document_and_key_names_used_twice_are_a_conflict():
     with pytest.raises(ApiError, match=r"app.yaml:1: deviceType is required"):
         declared("name: a\nmodel: {id: cm-1}\n")
-    twice = "name: a\nmodel: {id: cm-1}\ndeviceType: cpu-small\n---\n" * 2
-    with pytest.raises(ApiError, match=r"app.yaml:5: name: 'a' is also declared at .*app.yaml:1"):
-        declared(twice)
     keys = GOOD + "  - name: app\n"
     with pytest.raises(ApiError, match=r"app.yaml:14: apiKeys.1.name: 'app' is also at .*:13") as e:
         declared(keys)
@@ -230,11 +227,142 @@ def test_a_hand_made_deployment_of_that_name_and_model_is_adopted():
     assert apply.plan([d], on_other_model, prune=False)[0]["action"] == "create"
 
 
-def test_a_deployment_cannot_move_to_another_model():
+def test_a_changed_model_source_means_a_deployment_on_the_new_model_the_old_one_is_pruned():
+    """The file's document used to be on cm-old: now it means tiny-chat on cm-1 (created),
+    and the plan says cm-old's is not moved: it stays, or --prune undeploys it."""
     (d,) = declared()
-    state = apply.State([deployment_of(d, model_id="cm-old")], [model()])
-    with pytest.raises(ApiError, match="serves model cm-old; a deployment's model cannot change"):
-        apply.plan([d], state, prune=False)
+    old = deployment_of(d, model_id="cm-old") | {"deploymentId": "dp-old"}
+    state = apply.State(
+        [old], [model(), model("cm-old", "c" * 64, name="old")], {"dp-old": [key()]}
+    )
+    change, key_change = apply.plan([d], state, prune=False)
+    assert (change["action"], change["modelId"], key_change["action"]) == (
+        "create",
+        "cm-1",
+        "create",
+    )
+    assert change["details"] == [
+        "model: 'tiny-chat' on model cm-old (old), which this file declared before, is not "
+        "moved: it stays (--prune undeploys it)"
+    ]
+    pruned = apply.plan([d], state, prune=True)
+    assert actions(pruned) == [
+        ("deployment", "tiny-chat", "create"),
+        ("apiKey", "app", "create"),
+        ("deployment", "tiny-chat", "undeploy"),
+    ]
+    assert (
+        pruned[2]["deploymentId"] == "dp-old"
+        and "--prune undeploys it (below)" in (pruned[0]["details"][0])
+    )
+
+
+CHAT = "name: chat\nmodel: {{id: {model}}}\ndeviceType: cpu-small\napiKeys:\n  - name: app\n"
+
+
+def two_chats(*, managed: bool = True) -> tuple[list[apply.Declared], apply.State]:
+    """Two models (cm-a, cm-b) each with a deployment "chat" (dp-a, dp-b) and its key "app",
+    and the two documents that declare them, one file each."""
+    (a,) = declared(CHAT.format(model="cm-a"))
+    (b,) = apply.declare(
+        apply.parse({"documents": docs_of(CHAT.format(model="cm-b"), "b.yaml")}).documents
+    )
+    deps = [
+        deployment_of(d, model_id=m, managed=managed) | {"deploymentId": f"dp-{m[-1]}"}
+        for d, m in ((a, "cm-a"), (b, "cm-b"))
+    ]
+    models = [model("cm-a", "a" * 64, name="a"), model("cm-b", "b" * 64, name="b")]
+    keys = {"dp-a": [key()], "dp-b": [key() | {"keyId": "key-2"}]}
+    return [a, b], apply.State(deps, models, keys)
+
+
+def test_two_models_deployments_of_one_name_are_two_deployments():
+    """A document means its name on its model: changing cm-b's "chat" changes only that
+    one, and the plan's lines say which "chat" each change is about."""
+    from raydock.cli_apply import _describe
+
+    (a, b), state = two_chats()
+    assert [c["action"] for c in apply.plan([a, b], state, prune=True)] == ["unchanged"] * 4
+    (b5,) = apply.declare(
+        apply.parse(
+            {"documents": docs_of(CHAT.format(model="cm-b") + "timeout: 90\n", "b.yaml")}
+        ).documents
+    )
+    changes = apply.plan([a, b5], state, prune=True)
+    assert [(c["deploymentId"], c["action"]) for c in changes] == [
+        ("dp-a", "unchanged"),
+        ("dp-a", "unchanged"),
+        ("dp-b", "update"),
+        ("dp-b", "unchanged"),
+    ]
+    assert [_describe(c) for c in changes[2:]] == [
+        "b.yaml:1: deployment chat on model cm-b (b): update",
+        "b.yaml:1: apiKey app of deployment chat on model cm-b (b): unchanged",
+    ]
+    # one file alone: the other model's "chat" is another deployment, left alone (or pruned)
+    assert actions(apply.plan([b], state, prune=False)) == [
+        ("deployment", "chat", "unchanged"),
+        ("apiKey", "app", "unchanged"),
+    ]
+    (gone,) = apply.plan([b], state, prune=True)[2:]
+    assert (gone["action"], gone["deploymentId"]) == ("undeploy", "dp-a")
+    assert _describe(gone) == "deployments/app.yaml: deployment chat on model cm-a (a): undeploy"
+
+
+def test_a_document_on_another_model_creates_or_adopts_there_whatever_chat_apply_manages():
+    """cm-a's "chat" is managed: a document "chat" on cm-b creates one there (it used to
+    be refused as a move of cm-a's), or adopts cm-b's hand-made one, with its own keys."""
+    (a, b), state = two_chats()
+    only_a = apply.State(state.deployments[:1], state.models, state.keys)
+    created = apply.plan([b], only_a, prune=False)
+    assert [(c["action"], c["modelId"], c["deploymentId"]) for c in created] == [
+        ("create", "cm-b", None),
+        ("create", "cm-b", None),
+    ]
+    assert created[0]["details"] == []  # another file declared cm-a's: nothing moves
+    hand_made_b = state.deployments[1] | {"appliedFrom": None}
+    by_hand = apply.State([state.deployments[0], hand_made_b], state.models, {"dp-a": [key()]})
+    adopted, key_change = apply.plan([b], by_hand, prune=False)
+    assert (adopted["action"], adopted["deploymentId"], adopted["adopted"]) == (
+        "unchanged",
+        "dp-b",
+        True,
+    )
+    assert (key_change["action"], key_change["deploymentId"]) == ("create", "dp-b")
+
+
+def test_the_same_name_twice_on_one_model_is_refused_naming_both_places():
+    """However the two documents name the model (its id, its zip, one catalog entry to
+    import), one model's deployment is declared once: a 409 naming both file:line places."""
+    twice = "name: a\nmodel: {id: cm-1}\ndeviceType: cpu-small\n---\n" * 2
+    with pytest.raises(ApiError) as exc:
+        apply.plan(declared(twice), apply.State([], [model()]), prune=False)
+    assert (exc.value.status, exc.value.param, exc.value.code) == (409, "name", "duplicate_name")
+    assert exc.value.message == (
+        "deployments/app.yaml:5: name: 'a' is also declared at deployments/app.yaml:1, on the "
+        "same model (model cm-1)"
+    )
+    by_zip = GOOD + "---\nname: tiny-chat\nmodel: {id: cm-1}\ndeviceType: cpu-small\n"
+    with pytest.raises(ApiError, match=r"app.yaml:15: name: 'tiny-chat' is also declared at .*:2"):
+        apply.plan(declared(by_zip), apply.State([], [model()]), prune=False)
+    with pytest.raises(ApiError, match=r"app.yaml:5: name: 'q' .* same model \(catalog qwen"):
+        apply.plan(
+            declared(CATALOG_DOC.format(name="q") + "---\n" + CATALOG_DOC.format(name="q")),
+            apply.State([], []),
+            prune=False,
+        )
+    other_model = (
+        "name: a\nmodel: {id: cm-1}\ndeviceType: cpu-small\n---\nname: a\nmodel: {id: cm-2}\n"
+    )
+    changes = apply.plan(
+        declared(other_model + "deviceType: cpu-small\n"),
+        apply.State([], [model(), model("cm-2")]),
+        prune=False,
+    )
+    assert [(c["action"], c["modelId"]) for c in changes] == [
+        ("create", "cm-1"),
+        ("create", "cm-2"),
+    ]
 
 
 def test_keys_are_created_once_and_their_limits_follow_the_file():
@@ -417,11 +545,92 @@ def test_created_keys_go_to_the_secrets_file_and_never_to_the_output(tmp_path: P
     out.write_text("earlier/k: old\n")
     out.chmod(0o644)
     changes = [
-        {"kind": "key", "deployment": "chat", "name": "app", "apiKey": "rd-secret-1"},
+        {"kind": "key", "deployment": "chat", "modelId": "cm-1", "name": "app", "apiKey": "rd-1"},
+        {"kind": "key", "deployment": "chat", "modelId": "cm-2", "name": "app", "apiKey": "rd-2"},
         {"kind": "deployment", "deployment": "chat", "action": "create"},
     ]
     keep_secrets(changes, out)
-    assert out.read_text().splitlines() == ["earlier/k: old", "chat/app: rd-secret-1"]
+    # two models' "chat": each secret says which one it opens
+    assert out.read_text().splitlines() == [
+        "earlier/k: old",
+        "cm-1/chat/app: rd-1",
+        "cm-2/chat/app: rd-2",
+    ]
     assert out.stat().st_mode & 0o777 == 0o600
-    assert "rd-secret-1" not in json.dumps(changes)
+    assert "rd-1" not in json.dumps(changes) and "rd-2" not in json.dumps(changes)
     assert changes[0]["apiKeyWrittenTo"] == str(out)
+
+
+def applied_back(docs: list[dict], state: apply.State) -> list[dict]:
+    """`raydock get deployments -o yaml` written to a file, then `raydock diff -f` of it."""
+    text = apply_files.dump(docs)
+    again = apply.declare(apply.parse({"documents": docs_of(text, "live.yaml")}).documents)
+    return apply.plan(again, state, prune=False)
+
+
+def test_two_models_chats_export_as_files_that_apply_back_unchanged():
+    """Made by hand on two models, each "chat" exports as its own document; applying the
+    export changes nothing (it adopts both). Two copies of one Hugging Face repo, each with
+    a "chat": their source alone would mean one model, so the export names them by id."""
+    (a, b), state = two_chats(managed=False)
+    keys = [state.keys["dp-a"], state.keys["dp-b"]]
+    docs = apply.export_all(state.deployments, state.models, keys)
+    assert [(doc["name"], doc["model"]) for doc in docs] == [
+        ("chat", {"id": "cm-a"}),
+        ("chat", {"id": "cm-b"}),
+    ]
+    changes = applied_back(docs, state)
+    assert [(c["action"], c["deploymentId"]) for c in changes] == [
+        ("unchanged", "dp-a"),
+        ("unchanged", "dp-a"),
+        ("unchanged", "dp-b"),
+        ("unchanged", "dp-b"),
+    ]
+    hub = {"source": "hugging_face", "metadata": {"origin": {"repoId": "org/m"}}}
+    state.models = [model("cm-a", None, **hub), model("cm-b", None, **hub)]
+    docs = apply.export_all(state.deployments, state.models, keys)
+    assert [doc["model"] for doc in docs] == [{"id": "cm-a"}, {"id": "cm-b"}]
+    assert {c["action"] for c in applied_back(docs, state)} == {"unchanged"}
+    alone = apply.export_all(state.deployments[:1], state.models, keys[:1])
+    assert alone[0]["model"] == {"huggingFace": {"repoId": "org/m"}}
+
+
+def test_the_api_exports_two_models_chats_and_applies_a_change_to_one_only(api):
+    """Over HTTP on a real registry: `GET /apply/export` of two models' "chat" applies back
+    unchanged (`POST /apply`), and a changed description updates that model's only."""
+    from fastapi.testclient import TestClient
+
+    from raydock.client import default_deploy_body
+    from raydock.platform.api import app
+
+    reg, admin_key = api
+    uid = reg.authenticate_management(admin_key)["userId"]
+    deployments = {}
+    for name in ("a", "b"):
+        m = reg.create_model(name, "file", uid)["modelId"]
+        reg.set_model_status(m, "VALIDATING")
+        reg.set_model_status(m, "READY", artifact_uri="/x", checksum=name * 64)
+        dep = reg.create_deployment(m, default_deploy_body("chat"), uid)["deploymentId"]
+        reg.begin_deploy(dep, None, uid, "DEPLOYING")
+        reg.set_deployment_status(dep, "DEPLOYED")
+        reg.create_deployment_key(dep, "app", uid)
+        deployments[m] = dep
+    with TestClient(app, headers={"X-api-key": admin_key}) as http:
+        docs = http.get("/public/apply/export").json()["documents"]
+        assert sorted(d["model"]["id"] for d in docs if d["name"] == "chat") == sorted(deployments)
+        wire = [{"spec": doc, "source": "live.yaml", "line": 1 + i} for i, doc in enumerate(docs)]
+        r = http.post("/public/apply", json={"documents": wire, "dryRun": True})
+        assert r.status_code == 200, r.text
+        assert {c["action"] for c in r.json()["changes"]} == {"unchanged"}
+
+        b = next(m for m in deployments if reg.get_model(m)["name"] == "b")
+        (b_doc,) = [w for w in wire if w["spec"]["model"] == {"id": b}]
+        b_doc["spec"]["description"] = "the b one"
+        r = http.post("/public/apply", json={"documents": wire})
+        assert r.status_code == 200, r.text
+    changed = [(c["kind"], c["action"], c["model"]) for c in r.json()["changes"]]
+    assert [c for c in changed if c[1] != "unchanged"] == [
+        ("deployment", "update", f"model {b} (b)")
+    ]
+    descriptions = {m: reg.get_deployment(d)["description"] for m, d in deployments.items()}
+    assert descriptions == {m: "the b one" if m == b else "" for m in deployments}
