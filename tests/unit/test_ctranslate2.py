@@ -144,27 +144,32 @@ def test_greedy_equals_the_transformers_engine(engine, model_dir, converted):
             assert alts[0][1] == pytest.approx(lp)  # greedy: the best alternative
 
 
-#: int8 greedy decoding against float32 over a fixed prompt set: every first token the same,
-#: and on average at least this share of 24 tokens before the first difference (measured on
-#: the tiny model over 12 such prompts: all first tokens, 94 % of the prefix)
-INT8_PREFIX_AGREEMENT = 0.8
+#: int8 against float32, the next token's distribution over a fixed prompt set. The tiny
+#: model's distribution is nearly flat (its best logits lie within ~0.03 of each other), so
+#: int8 rounding swaps near-ties as a host's int8 kernels happen to round: greedy-token
+#: agreement held on one host and was 6 of 10 on an AVX2-only AMD EPYC, on the same
+#: conversion. What holds on any host, and fails for a broken conversion: the 20 best tokens
+#: are mostly the same, int8's choice is one float32 scores within INT8_LOGPROB_GAP of its
+#: best, and int8 scores it as float32 does. Measured on that EPYC over these 10 prompts:
+#: overlap 0.85-0.95, gaps up to 0.029, score differences up to 0.04.
+INT8_TOP_OVERLAP = 0.7
+INT8_LOGPROB_GAP = 0.1
 
 
-def test_int8_greedy_agrees_with_float32(engine, converted):
+def test_int8_next_tokens_agree_with_float32(engine, converted):
     int8 = CTranslate2Engine(str(converted["int8"][0]), num_threads=1, compute_type="int8")
     words = ("sea", "harbour", "keeper", "fog", "lamp", "boat", "rope", "tide", "gull", "wind")
     asks = [f"Question {i}: what is the {w}?" for i, w in enumerate(words)]
-    greedy = dict(max_tokens=24, temperature=0, ignore_eos=True)
-    first, prefix = 0, 0
+    scored = dict(max_tokens=1, temperature=0, logprobs=True, top_logprobs=20)
     for ask in asks:
         ids = engine.chat_prompt([{"role": "user", "content": ask}])
-        exact = [t for ev in run(collect(engine, ids, **greedy)) for t in ev.token_ids]
-        quant = [t for ev in run(collect(int8, ids, **greedy)) for t in ev.token_ids]
-        assert len(exact) == len(quant) == 24
-        first += exact[0] == quant[0]
-        prefix += next((k for k, (a, b) in enumerate(zip(exact, quant, strict=True)) if a != b), 24)
-    assert first == len(asks)
-    assert prefix / (24 * len(asks)) >= INT8_PREFIX_AGREEMENT
+        (_, _, exact), *_ = run(collect(engine, ids, **scored))[0].logprobs
+        (chosen, chosen_lp, quant), *_ = run(collect(int8, ids, **scored))[0].logprobs
+        exact, quant = dict(exact), dict(quant)
+        assert len(exact.keys() & quant.keys()) >= INT8_TOP_OVERLAP * 20, (ask, exact, quant)
+        assert chosen in exact, (ask, chosen, exact)
+        assert max(exact.values()) - exact[chosen] <= INT8_LOGPROB_GAP, (ask, chosen, exact)
+        assert abs(chosen_lp - exact[chosen]) <= INT8_LOGPROB_GAP, (ask, chosen, exact)
 
 
 def test_stream_stop_strings_and_length(engine):
