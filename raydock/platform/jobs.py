@@ -18,7 +18,7 @@ import ray
 
 from raydock import names
 from raydock.artifacts import MANIFEST_NAME
-from raydock.artifacts.cache import held_cached
+from raydock.artifacts.cache import held_cached, work_folder
 from raydock.config import Settings
 from raydock.errors import NotFound
 from raydock.platform import views
@@ -184,6 +184,9 @@ def import_model_task(
             job.store.delete(upload_key)
 
 
+HF_WORK_PREFIX = ".work-"  # an HF import's work folder, beside its download folder
+
+
 def hf_download_folder(cfg: Settings, repo_id: str, sha: str) -> Path:
     """Where this node keeps a Hugging Face download while it runs, and after it broke off
     (so that a retry resumes it): beside the node cache, by repo and commit."""
@@ -215,7 +218,7 @@ def import_hf_task(
     endpoint = cfg.hf_endpoint or None
     repo_id = origin["repoId"]
     kind = "adapter" if base else "base"
-    work: Path | None = None
+    cleanup = contextlib.ExitStack()
     try:
         files = hf.repo_files(
             endpoint,
@@ -227,9 +230,10 @@ def import_hf_task(
             limits,
         )
         folder = hf_download_folder(cfg, repo_id, files.sha)
-        # beside the download, on its filesystem: the files are moved (renamed) out of it
+        # beside the download, on its filesystem: the files are moved (renamed) out of it;
+        # locked while this task lives, so a later import removes it if this process is killed
         folder.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".work-", dir=folder.parent))
+        work = cleanup.enter_context(work_folder(folder.parent, HF_WORK_PREFIX))
         downloading = JobProgress(job_id, 2, 75)
         hf.download(
             endpoint,
@@ -267,8 +271,7 @@ def import_hf_task(
     except Exception as exc:
         return job.fail(f"import failed: {exc}")
     finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+        cleanup.close()
 
 
 def deployconfig_from(config: dict[str, Any]) -> dict[str, Any]:

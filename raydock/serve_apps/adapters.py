@@ -9,14 +9,16 @@ adapter. An engine keeps an evicted adapter until its running sequences finish.
 
 An engine without runtime LoRA (CTranslate2) serves an adapter with an engine of its own: the
 adapter merged into the base's weights with PEFT and converted, once per node for each (base,
-adapter, quantization), in the node cache's `adapters/` folder.
+adapter, quantization), as an entry of the node cache: held while its engine is loaded, then
+evictable like any other (a later load makes it again).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,7 @@ class ReplicaAdapters:
 
         self.engine, self.engine_name, self.merged = engine, engine_name, merged
         self.engines: dict[str, Any] = {}  # adapter id -> its own engine (merged serving)
+        self.holds: dict[str, contextlib.ExitStack] = {}  # its conversion, kept from eviction
         self.artifact = dict(artifact)  # the store and cache settings; prefix/digest replaced
         self.max_loaded, self.max_rank = max_loaded, max_rank
         self.entries: dict[str, Mapping[str, Any]] = {}
@@ -158,9 +161,13 @@ class ReplicaAdapters:
     def release_adapter(self, adapter_id: str) -> None:
         """Let an adapter's own engine go (merged serving) once the requests streaming from
         it finish."""
-        engine = self.engines.pop(adapter_id, None)
-        if engine is not None:
-            engine.close()
+        engine, hold = self.engines.pop(adapter_id, None), self.holds.pop(adapter_id, None)
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            if hold is not None:
+                hold.close()  # after the engine: its conversion may be evicted now
 
     async def _load(self, adapter_id: str) -> LoadedAdapter:
         from raydock.artifacts import fetch_cached
@@ -172,36 +179,34 @@ class ReplicaAdapters:
             await self.engine.load_adapter(adapter_id, str(path))
             self.loads += 1
             return LoadedAdapter(self.engine, adapter_id)
-        served = await asyncio.to_thread(self._merged_conversion, path, entry["digest"])
-        self.engines[adapter_id] = await asyncio.to_thread(self.merged.make_engine, str(served))
+        hold = contextlib.ExitStack()
+        try:
+            conversion = self._merged_conversion(path, entry["digest"])
+            served = await asyncio.to_thread(hold.enter_context, conversion)
+            engine = await asyncio.to_thread(self.merged.make_engine, str(served))
+        except BaseException:
+            hold.close()
+            raise
+        self.engines[adapter_id], self.holds[adapter_id] = engine, hold
         self.loads += 1
         return LoadedAdapter(self, adapter_id)
 
-    def _merged_conversion(self, adapter_dir: Path, adapter_digest: str) -> Path:
-        """The adapter merged into the base and converted, made once per node (a replica
-        that finds it in the node cache reuses it)."""
-        import shutil
-        import tempfile
-
-        from raydock.artifacts import fetch_cached
+    @contextlib.contextmanager
+    def _merged_conversion(self, adapter_dir: Path, adapter_digest: str) -> Iterator[Path]:
+        """The adapter merged into the base and converted: a node cache entry, made once per
+        node (a replica that finds it there reuses it, one that finds it evicted makes it
+        again) and kept from eviction while the block runs."""
+        from raydock.artifacts.cache import held_cached, made_cached
         from raydock.optimizers.merge import merge_adapter
 
         merged = self.merged
-        key = f"{merged.base['digest'][:16]}-{adapter_digest[:16]}-{merged.label}"
-        final = Path(self.artifact["cache_dir"]).expanduser() / "adapters" / key
-        if final.is_dir():
-            return final
-        base_dir = fetch_cached({**self.artifact, **merged.base}, hold=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-        try:
-            merge_adapter(base_dir, adapter_dir, work / "merged")
+        recipe = f"merged adapter {adapter_digest} into {merged.base['digest']}, {merged.label}"
+
+        def build(work: Path) -> Path:
+            with held_cached({**self.artifact, **merged.base}) as base_dir:  # while it merges
+                merge_adapter(base_dir, adapter_dir, work / "merged")
             merged.convert(work / "merged", work / "served")
-            try:
-                (work / "served").rename(final)
-            except OSError:
-                if not final.is_dir():  # else another replica on this node was first
-                    raise
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        return final
+            return work / "served"
+
+        with made_cached(self.artifact, recipe, build) as served:
+            yield served

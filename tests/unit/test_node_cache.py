@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import threading
@@ -158,17 +159,131 @@ def test_an_incomplete_entry_is_fetched_again(store, tmp_path):
 
 
 def test_a_dead_download_is_cleaned_up(store, tmp_path):
+    """Laid out as killed fetches leave them: removed by the next fetch, unless a live fetch
+    holds the digest's lock."""
     digest = put_model(store, tmp_path)
     cache = NodeCache(tmp_path / "cache")
     stale = tmp_path / "cache" / f".tmp-{digest}-0123456789abcdef"  # its process was killed
     (stale / "weights").mkdir(parents=True)
     (stale / "weights" / "model.safetensors").write_bytes(b"half")
-    other = tmp_path / "cache" / f".tmp-{'f' * 64}-0123456789abcdef"  # maybe still running
+    unmarked = tmp_path / "cache" / ("e" * 64)  # killed between its rename and its marker
+    unmarked.mkdir()
+    (unmarked / "config.json").write_text("{}")
+    other = tmp_path / "cache" / f".tmp-{'f' * 64}-0123456789abcdef"  # still running
     other.mkdir()
 
-    cache.fetch(store, PREFIX, digest)
-    assert not stale.exists()
+    with FileLock(str(tmp_path / "cache" / ".locks" / f"{'f' * 64}.lock")):  # its fetch's
+        cache.fetch(store, PREFIX, digest)
+    assert not stale.exists() and not unmarked.exists()
     assert other.exists()
+
+    cache.evict(0)  # its fetch has ended, without a trace: an eviction pass removes it
+    assert leftovers(cache) == [] and cache.entries() == []
+
+
+def disk_bytes(root: Path) -> int:
+    """What the cache folder takes on disk (file sizes)."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+class HangingStore(LocalStore):
+    """A download that writes part of the artifact, then hangs until its process is killed."""
+
+    def __init__(self, root: Path, started) -> None:
+        super().__init__(root)
+        self.started = started
+
+    def get_dir(self, prefix, local_dir, digest, progress=None):
+        (local_dir / "weights").mkdir(parents=True)
+        (local_dir / "weights" / "model.safetensors").write_bytes(os.urandom(30_000))
+        self.started.set()
+        time.sleep(600)
+
+
+def _hang_in_child(kind, cache_root, store_root, prefix, digest, started) -> None:
+    """A replica killed mid-way: downloading a model, or building a merged conversion."""
+    cache = NodeCache(Path(cache_root))
+    if kind == "download":
+        cache.fetch(HangingStore(Path(store_root), started), prefix, digest)
+        return
+
+    def build(work: Path) -> Path:
+        (work / "merged").mkdir()
+        (work / "merged" / "model.safetensors").write_bytes(os.urandom(30_000))
+        started.set()
+        time.sleep(600)
+        return work / "merged"
+
+    with cache.made(f"merged {digest}", build):
+        pass
+
+
+def start_hanging(kind: str, store: LocalStore, cache_root: Path, prefix: str, digest: str):
+    ctx = multiprocessing.get_context("spawn")  # replicas are separate processes
+    started = ctx.Event()
+    args = (kind, str(cache_root), str(store.root), prefix, digest, started)
+    child = ctx.Process(target=_hang_in_child, args=args, daemon=True)  # ends with the tests
+    child.start()
+    assert started.wait(60)
+    return child
+
+
+@pytest.mark.parametrize("kind", ["download", "build"])
+def test_what_a_killed_process_left_goes_with_the_next_fetch_but_a_live_ones_stays(
+    kind, store, tmp_path, caplog
+):
+    """A process killed mid-download (or mid-merge) left its work folder, of a model no one
+    fetches again: the cache grew past its bound for good. Now the next fetch of anything
+    removes it, unless its process still runs (it holds the digest's lock)."""
+    a, b, c = three_models(store, tmp_path)
+    root = tmp_path / "cache"
+    NodeCache(tmp_path / "probe").fetch(store, "models/m1", b)
+    size = disk_bytes(tmp_path / "probe")  # of one model
+    dead = start_hanging(kind, store, root, "models/m0", a)
+    dead.kill()  # SIGKILL: no finally, no cleanup
+    dead.join(60)
+    live = start_hanging(kind, store, root, "models/m2", c)
+    try:
+        assert disk_bytes(root) >= 60_000  # two work folders of 30,000 bytes
+        cache = NodeCache(root, max_bytes=size + size // 2)  # room for one model
+        with caplog.at_level(logging.INFO, logger="raydock.artifacts.cache"):
+            cache.fetch(store, "models/m1", b)
+        work = [p.name for p in root.glob(".tmp-*")]
+        assert len(work) == 1 and not work[0].startswith(f".tmp-{a}")  # the live one stays
+        assert "(30000 bytes) of a process that died" in caplog.text
+    finally:
+        live.kill()
+        live.join(60)
+    cache.evict(cache.max_bytes)  # its process has died now: the next pass removes it
+    assert leftovers(cache) == []
+    assert [e["digest"] for e in cache.entries()] == [b]
+    assert disk_bytes(root) <= cache.max_bytes
+
+
+def test_entries_made_on_the_node_are_evicted_like_fetched_ones_unless_held(store, tmp_path):
+    """A merged adapter conversion is an entry too: within the bound, kept while held, made
+    again once evicted."""
+    a = put_model(store, tmp_path, "models/m0")
+    cache = NodeCache(tmp_path / "cache")
+    builds = []
+
+    def build(work: Path) -> Path:
+        builds.append(work)
+        (work / "out").mkdir()
+        (work / "out" / "model.bin").write_bytes(os.urandom(40_000))
+        return work / "out"
+
+    with cache.made("merged adapter x into y", build) as made:
+        cache.max_bytes = 1000  # smaller than any entry
+        cache.fetch(store, "models/m0", a)
+        assert (made / "model.bin").stat().st_size == 40_000  # held: not evicted
+        with cache.made("merged adapter x into y", build) as again:  # another replica
+            assert again == made and len(builds) == 1
+    cache.fetch(store, "models/m0", a)
+    assert not made.exists() and [e["digest"] for e in cache.entries()] == [a]
+    with cache.made("merged adapter x into y", build) as made:  # evicted: made again
+        assert (made / "model.bin").stat().st_size == 40_000 and len(builds) == 2
+    assert leftovers(cache) == []
 
 
 def test_a_digest_is_a_sha256(store, tmp_path):
