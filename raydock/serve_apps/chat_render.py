@@ -19,6 +19,10 @@ system text at the head of the first user message, and refuses only if that fail
 A template that teaches its model a native tool-call format (Qwen's and Hermes'
 `<tool_call>\n{...}\n</tool_call>`: `tool_call_wrapper`) gets it accepted under
 `tool_choice: "auto"` besides raydock's bare JSON call (`guided.grammars.with_native_calls`).
+
+A reasoning model's template may open the thinking block itself: its generation prompt ends in
+`<think>\n` (Qwen3-Thinking-2507, QwQ, DeepSeek-R1), so the model's output starts inside the
+thinking, without a `<think>` of its own (`opens_thinking`).
 """
 
 from __future__ import annotations
@@ -95,14 +99,7 @@ def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
     wrapper = next((w for w in TOOL_CALL_WRAPPERS if w.open in source), None)
     if wrapper is None:
         return None
-    try:
-        added = tokenizer.get_added_vocab()
-    except Exception:  # a tokenizer without added tokens, or not a Hugging Face one
-        added = {}
-    # a special token's text is skipped when the output is decoded: a tag the model wrote as
-    # one would vanish from it, so such a tag is spelled out instead
-    special = set(getattr(tokenizer, "all_special_ids", None) or ())
-    added = {text: i for text, i in added.items() if i not in special}
+    added = _tag_tokens(tokenizer)
     return dataclasses.replace(
         wrapper,
         open_token=added.get(wrapper.open),
@@ -110,6 +107,32 @@ def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
         think_open_token=added.get(THINK_OPEN),  # a thinking model's (Qwen3's)
         think_close_token=added.get(THINK_CLOSE),
     )
+
+
+def think_close_token(tokenizer: Any) -> int | None:
+    """The id of the vocabulary's own token for THINK_CLOSE, where it has one (Qwen3's,
+    DeepSeek-R1's): a grammar that must end a thinking block names it."""
+    return _tag_tokens(tokenizer).get(THINK_CLOSE)
+
+
+def _tag_tokens(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's added tokens that a grammar may name as tags (text -> id)."""
+    try:
+        added = tokenizer.get_added_vocab()
+    except Exception:  # a tokenizer without added tokens, or not a Hugging Face one
+        return {}
+    # a special token's text is skipped when the output is decoded: a tag the model wrote as
+    # one would vanish from it, so such a tag is spelled out instead
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    return {text: i for text, i in added.items() if i not in special}
+
+
+def opens_thinking(prompt: str) -> bool:
+    """Whether a rendered prompt ends inside a thinking block its template opened (the
+    generation prompt ends in `<think>` and whitespace): the model's output then starts inside
+    the thinking and has no THINK_OPEN of its own. Only the end counts: a `<think>` a message
+    mentions, or a block the template closes (`<think>\n\n</think>`), opens nothing."""
+    return prompt.rstrip().endswith(THINK_OPEN)
 
 
 def render(

@@ -105,10 +105,13 @@ def asgi_app() -> FastAPI:
 class EngineServer:
     def __init__(self, spec: dict[str, Any]):
         self.engine = load_engine(spec)
-        from raydock.serve_apps.chat_render import tool_call_wrapper
+        from raydock.serve_apps.chat_render import think_close_token, tool_call_wrapper
 
+        tokenizer = getattr(self.engine, "tokenizer", None)
         # the tool-call format the model's chat template teaches (None: bare JSON calls only)
-        self.tool_call_wrapper = tool_call_wrapper(getattr(self.engine, "tokenizer", None))
+        self.tool_call_wrapper = tool_call_wrapper(tokenizer)
+        # the vocabulary's own `</think>`, which ends a thinking block its template opened
+        self.think_close_token = think_close_token(tokenizer)
         self.engine_name = spec["engine"]
         self.deployment_id = spec["deployment_id"]
         self._guided_seen = (0, 0)  # guided cache hits and misses already reported
@@ -175,10 +178,11 @@ class EngineServer:
         while guided.compile_seconds:  # popleft: compile threads may append meanwhile
             batch.observe(M.GUIDED_COMPILE, dep, guided.compile_seconds.popleft())
 
-    async def _prompt(self, request: dict[str, Any]) -> list[int]:
+    async def _prompt(self, request: dict[str, Any]) -> tuple[list[int], bool]:
         """The request's prompt ids, tokenized off the event loop (a long prompt would stall
-        every stream of this replica); one that cannot fit is refused before any work."""
-        from raydock.serve_apps.chat_render import ChatTemplateError
+        every stream of this replica), and whether the rendered chat ends inside a thinking
+        block its template opened; one that cannot fit is refused before any work."""
+        from raydock.serve_apps.chat_render import ChatTemplateError, opens_thinking
 
         param = "messages" if "messages" in request else "prompt"
         if "messages" in request:  # what the template renders: contents, calls and tools
@@ -200,14 +204,15 @@ class EngineServer:
                 param,
                 "context_length_exceeded",
             )
-        if "messages" in request:
-            work = functools.partial(
-                self.engine.chat_prompt, request["messages"], request.get("tools")
-            )
-        else:
-            work = functools.partial(self.engine.text_prompt, request["prompt"])
+
+        def work() -> tuple[list[int], bool]:
+            if "messages" not in request:
+                return self.engine.text_prompt(request["prompt"]), False
+            text, ids = self.engine.rendered_chat(request["messages"], request.get("tools"))
+            return ids, opens_thinking(text)
+
         try:
-            ids = await asyncio.get_running_loop().run_in_executor(self.tokenizing, work)
+            ids, thinking = await asyncio.get_running_loop().run_in_executor(self.tokenizing, work)
         except ChatTemplateError as exc:
             raise ApiError(400, str(exc), "messages", "invalid_messages") from None
         if not ids:  # a tokenizer that adds no BOS token makes "" no ids: nothing to decode
@@ -219,7 +224,7 @@ class EngineServer:
                 param,
                 "context_length_exceeded",
             )
-        return ids
+        return ids, thinking
 
     def _check_params(self, params: dict[str, Any]) -> None:
         """Refuse (400) what the request asks that this engine or model cannot do."""
@@ -289,13 +294,16 @@ class EngineServer:
 
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         from raydock.serve_apps.sampling import SamplingParams
+        from raydock.serve_apps.structured import IN_THINKING
 
         options: dict[str, Any] = {}  # the engine's keyword arguments: grammar, adapter
-        if request.get("native_tool_calls"):
-            request = native_tool_grammar(request, self.tool_call_wrapper)
         params = request["params"]
         try:
-            ids = await self._prompt(request)
+            ids, opens_thinking = await self._prompt(request)
+            if request.get("native_tool_calls"):
+                request = native_tool_grammar(
+                    request, self.tool_call_wrapper, opens_thinking, self.think_close_token
+                )
             self._check_params(params)
             await self._check_constraint(request)
             engine = self.engine
@@ -311,6 +319,8 @@ class EngineServer:
         if request.get("grammar"):
             options["grammar"] = request["grammar"]
         regex = request.get("regex")
+        # the service reads an output that starts inside the thinking as such
+        mark = {IN_THINKING: True} if request.get(IN_THINKING) else {}
 
         def sampling(index: int) -> SamplingParams:
             p = dict(params)
@@ -320,7 +330,7 @@ class EngineServer:
 
         if n == 1:
             async for steps in engine.generate(ids, sampling(0), regex, **options):
-                yield [{"index": 0, **ev.to_dict()} for ev in steps]
+                yield [{"index": 0, **ev.to_dict(), **mark} for ev in steps]
             return
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -328,7 +338,7 @@ class EngineServer:
             try:
                 async for steps in engine.generate(ids, sampling(index), regex, **options):
                     for ev in steps:
-                        queue.put_nowait({"index": index, **ev.to_dict()})
+                        queue.put_nowait({"index": index, **ev.to_dict(), **mark})
             finally:
                 queue.put_nowait({"index": index, "done": True})
 
@@ -350,21 +360,34 @@ class EngineServer:
                 t.cancel()
 
 
-def native_tool_grammar(request: dict[str, Any], wrapper: Any) -> dict[str, Any]:
-    """The request with its `tool_choice: "auto"` grammar also taking up to
-    `native_tool_calls` calls in the chat template's own `wrapper` (a `ToolCallWrapper`; None:
-    the request as it came). The API replica that built the grammar does not know the model's
-    template, so every engine gets the same grammar from here."""
-    if wrapper is None or not request.get("grammar"):
+def native_tool_grammar(
+    request: dict[str, Any],
+    wrapper: Any,
+    opens_thinking: bool = False,
+    think_close_token: int | None = None,
+) -> dict[str, Any]:
+    """The request with its `tool_choice: "auto"` grammar fitted to the chat template: also
+    taking up to `native_tool_calls` calls in the template's own `wrapper` (a
+    `ToolCallWrapper`; None: bare calls only) and, where the rendered prompt `opens_thinking`,
+    starting inside that thinking block (`think_close_token`: the vocabulary's `</think>`);
+    such a request is marked `structured.IN_THINKING`, which its events carry to the service.
+    The API replica that built the grammar does not know the model's template, so every
+    engine gets the same grammar from here."""
+    if (wrapper is None and not opens_thinking) or not request.get("grammar"):
         return request
-    from raydock.serve_apps.guided.grammars import with_native_calls
+    from raydock.serve_apps.guided.grammars import starting_in_thinking, with_native_calls
+    from raydock.serve_apps.structured import IN_THINKING
 
+    grammar = request["grammar"]
     try:
-        grammar = with_native_calls(request["grammar"], wrapper, request["native_tool_calls"])
+        if wrapper is not None:
+            grammar = with_native_calls(grammar, wrapper, request["native_tool_calls"])
+        if opens_thinking:
+            grammar = starting_in_thinking(grammar, think_close_token)
     except ValueError as exc:  # an API replica of another version: bare calls, as it asked
-        log.warning("tool grammar kept without native calls: %s", exc)
+        log.warning("tool grammar kept as the API replica sent it: %s", exc)
         return request
-    return request | {"grammar": grammar}
+    return request | {"grammar": grammar, IN_THINKING: opens_thinking}
 
 
 def _error_event(exc: ApiError) -> dict[str, Any]:

@@ -184,7 +184,10 @@ async def _as_tool_calls(
         async for batch in batches:
             out = []
             for ev in batch:
-                out.extend(replies.setdefault(ev["index"], _ToolReply(finish)).take(ev))
+                if (reply := replies.get(ev["index"])) is None:
+                    in_thinking = bool(ev.get(structured.IN_THINKING))
+                    reply = replies[ev["index"]] = _ToolReply(finish, in_thinking)
+                out.extend(reply.take(ev))
             if out:
                 yield out
     finally:
@@ -193,6 +196,7 @@ async def _as_tool_calls(
 
 class _ToolReply:
     """One choice's output under tools. A thinking block it opens with (`<think>` …
+    `</think>`; with `in_thinking`, the one its prompt opened: from its start to the first
     `</think>`) streams as content as it comes; the reply after it is held while it may still
     be a tool call (it starts, after whitespace, with `{` or a native wrapper's opening tag
     such as `<tool_call>`, or with the start of one), then emitted as its tool calls, one event
@@ -200,8 +204,9 @@ class _ToolReply:
     that cannot be a call (`tool_choice: auto`) streams as soon as its first characters say
     so, with its logprobs. No chunk ever shows a wrapper tag."""
 
-    def __init__(self, finish: str) -> None:
+    def __init__(self, finish: str, in_thinking: bool = False) -> None:
         self.finish = finish  # of a reply of calls that ended by itself
+        self.in_thinking = in_thinking  # the output starts inside a thinking block
         self.text = ""
         self.reply_at: int | None = None  # where the reply begins, once the thinking ended
         self.held: list[dict] = []
@@ -215,8 +220,8 @@ class _ToolReply:
         self.held.append(ev)
         out: list[dict] = []
         if self.reply_at is None:
-            self.reply_at = structured.thinking_length(self.text)
-            if self.reply_at is None and self.text.startswith(THINK_OPEN):
+            self.reply_at = structured.thinking_length(self.text, self.in_thinking)
+            if self.reply_at is None and (self.in_thinking or self.text.startswith(THINK_OPEN)):
                 out = self._release()  # thinking: content as it comes
             elif self.reply_at:
                 out = self._release_thinking()

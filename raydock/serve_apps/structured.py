@@ -225,14 +225,26 @@ def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
     )
 
 
-def thinking_length(text: str) -> int | None:
+#: The key of the engine events of an output that starts inside a thinking block its prompt
+#: opened (the engine replica, which renders the prompt, fitted the grammar to it:
+#: `guided.grammars.starting_in_thinking`): the service then reads the output as such.
+IN_THINKING = "in_thinking"
+
+
+def thinking_length(text: str, in_thinking: bool = False) -> int | None:
     """How much of an output under tool_choice "auto" is the thinking block it opens with
-    (`<think>` to the first `</think>`, as the grammar has it): 0 when it opens none, None
-    while it may still open one or is inside one. What follows is the reply proper."""
-    if text.startswith(THINK_OPEN):
-        end = text.find(THINK_CLOSE, len(THINK_OPEN))
-        return None if end < 0 else end + len(THINK_CLOSE)
-    return None if THINK_OPEN.startswith(text) else 0
+    (`<think>` to the first `</think>`, as the grammar has it; `in_thinking`: the prompt
+    opened the block, the output starts inside it and its text runs to the first `</think>`):
+    0 when it opens none, None while it may still open one or is inside one. What follows is
+    the reply proper."""
+    if in_thinking:
+        start = 0
+    elif text.startswith(THINK_OPEN):
+        start = len(THINK_OPEN)
+    else:
+        return None if THINK_OPEN.startswith(text) else 0
+    end = text.find(THINK_CLOSE, start)
+    return None if end < 0 else end + len(THINK_CLOSE)
 
 
 def may_be_tool_call(reply: str) -> bool:

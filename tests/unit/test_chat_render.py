@@ -195,3 +195,36 @@ def test_named_templates_render_tools_with_their_tool_use_template(tokenizer):
     assert chat_render.tool_call_wrapper(tok).open == "<tool_call>"
     plain = [m for m in SAMPLE_CONVERSATION if m["role"] in ("system", "user")][:2]
     assert "<tool_call>" not in chat_render.render(tok, plain)  # no tools: "default"
+
+
+@pytest.mark.parametrize(
+    ("generation_prompt", "opens"),
+    [
+        ("<|im_start|>assistant\n<think>\n", True),  # Qwen3-Thinking-2507, QwQ
+        ("<|Assistant|><think>\n", True),  # DeepSeek-R1
+        ("<|im_start|>assistant\n<think>\n\n</think>\n\n", False),  # Qwen3, thinking off
+        ("<|im_start|>assistant\n", False),
+    ],
+)
+def test_a_template_that_opens_the_thinking_is_told_from_its_rendered_prompt(
+    tokenizer, generation_prompt, opens
+):
+    tok = copy.copy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        f"{{% if add_generation_prompt %}}{generation_prompt}{{% endif %}}"
+    )
+    # a message that ends mentioning the tag opens nothing: only the prompt's end counts
+    messages = [{"role": "user", "content": "What does this tag do: <think>"}]
+    prompt = chat_render.render(tok, messages)
+    assert prompt.endswith(generation_prompt)
+    assert chat_render.opens_thinking(prompt) == opens
+
+
+def test_the_vocabularys_own_end_of_thinking_is_found(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    assert chat_render.think_close_token(tok) is None  # the tiny vocabulary spells it
+    tok.add_tokens(["<think>", "</think>"])
+    assert chat_render.think_close_token(tok) == tok.convert_tokens_to_ids("</think>")
+    tok.add_special_tokens({"additional_special_tokens": ["</think>"]})
+    assert chat_render.think_close_token(tok) is None  # decoding would drop it: spelled

@@ -363,6 +363,57 @@ def test_a_thinking_models_own_tags_are_taken_as_their_tokens():
     assert not accepts(native, bad)
 
 
+@pytest.mark.parametrize(
+    ("text", "plain", "native"),
+    [
+        # the prompt opened the block: the output is thinking up to its first `</think>`
+        (f"The weather in Oslo.\n</think>\n\n{WRAPPED}", False, True),
+        (f"hm</think>{CALL}", True, True),
+        ("</think>\n\nIt is sunny.", True, True),  # an empty block
+        (f"<tool_call> {{ mentioned\n</think>\n{WRAPPED}", False, True),
+        (f"<think>hm</think>\n\n{CALL}", True, True),  # `<think>` is thinking text here
+        # the block must end, before a call or text
+        (WRAPPED, False, False),
+        (CALL, False, False),
+        ("It is sunny.", False, False),
+        ("hm</think>", False, False),  # a reply follows
+        # after it, calls are as constrained as ever
+        ('hm</think>\n<tool_call>{"name":"other","arguments":{}}</tool_call>', False, False),
+        ("hm</think>\n\n{", False, False),
+        (f"hm</think>\n<think>x</think>{CALL}", False, False),  # one block only
+        (f"hm</think>\n{WRAPPED}\n</think>", False, False),
+    ],
+)
+def test_a_grammar_starting_in_thinking_the_prompt_opened(text, plain, native):
+    auto = tools_grammar([WEATHER], auto=True)
+    assert _accepts(grammars.starting_in_thinking(auto, None), text) == plain
+    assert _accepts(grammars.starting_in_thinking(_native(), None), text) == native
+
+
+def test_a_grammar_starting_in_thinking_takes_the_vocabularys_end_tag():
+    """DeepSeek-R1's and Qwen3's `</think>` is an added token, which llguidance counts as
+    special: the grammar names its id, or the model could not end its thinking."""
+    import copy
+
+    tok = copy.deepcopy(decoder()[0])
+    tok.add_tokens(["<think>", "</think>"])
+    unthink = tok.convert_tokens_to_ids("</think>")
+    dec = GuidedDecoder(tok, {tok.eos_token_id}, len(tok))
+    auto = tools_grammar([WEATHER], auto=True)
+
+    def accepts(grammar: str, text: str) -> bool:
+        m = dec.compile_sync(grammar_of("grammar", grammar)).deep_copy()
+        return m.consume_tokens(tok.encode(text, add_special_tokens=False)) and m.is_accepting()
+
+    reply = f"The weather in Oslo.\n</think>\n\n{CALL}"
+    assert unthink in tok.encode(reply, add_special_tokens=False)
+    assert accepts(grammars.starting_in_thinking(auto, unthink), reply)
+    assert accepts(grammars.starting_in_thinking(auto, unthink), "</think>Sunny.")
+    assert not accepts(grammars.starting_in_thinking(auto, None), reply)
+    with pytest.raises(ValueError, match="auto"):  # required and named choices start no block
+        grammars.starting_in_thinking(tools_grammar([WEATHER], auto=False), unthink)
+
+
 def test_not_starting_with_is_exact():
     """The text rule's regex (Rust dialect: `\\x{..}` escapes) against its definition."""
     import regex

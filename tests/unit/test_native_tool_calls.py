@@ -17,6 +17,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from raydock.serve_apps import chat_render, protocol, structured
 from raydock.serve_apps.engine_app import native_tool_grammar
+from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts
 from raydock.serve_apps.openai_service import _as_tool_calls, _collect, _sse, native_tool_calls
 from tests.unit.test_chat_render import QWEN25_TEMPLATE
 from tests.unit.test_guided import WEATHER, _accepts, decoder
@@ -185,15 +186,13 @@ class _Engine:
     def __init__(self) -> None:
         self.grammars: list[str] = []
 
-    def chat_prompt(self, messages, tools=None) -> list[int]:
-        return [1, 2, 3]
+    def rendered_chat(self, messages, tools=None) -> tuple[str, list[int]]:
+        return "<user>hi<assistant>", [1, 2, 3]
 
     async def check_grammar(self, grammar: str) -> None:
         self.grammars.append(grammar)
 
     async def generate(self, ids, params, regex=None, grammar=None, **options):
-        from raydock.serve_apps.engines.base import StepEvent
-
         self.grammars.append(grammar)
         yield [StepEvent("hi", [5], [], "stop", len(ids), 1)]
 
@@ -210,6 +209,7 @@ def _replica(engine, wrapper):
     server = type("Replica", (), {name: getattr(cls, name) for name in methods})()
     server.engine, server.queue_limit, server.requests, server.taken = engine, 1, 0, 0
     server.tool_call_wrapper = wrapper
+    server.think_close_token = chat_render.think_close_token(getattr(engine, "tokenizer", None))
     server.tokenizing = ThreadPoolExecutor(1)
     return server
 
@@ -304,7 +304,9 @@ def test_a_qwen_like_model_answers_auto_with_calls_in_its_own_wrapper(qwen_like)
         **_payload(),
     }
     request["native_tool_calls"] = 2
-    prompt = engine.tokenizer.decode(asyncio.run(server._prompt(request)))
+    ids, opens_thinking = asyncio.run(server._prompt(request))
+    prompt = engine.tokenizer.decode(ids)
+    assert not opens_thinking
     assert "<tool_call>" in prompt and chat_render.TOOLS_PREAMBLE not in prompt  # its own
 
     async def answer() -> dict:
@@ -435,3 +437,168 @@ def test_streamed_chunks_without_tokens_carry_null_logprobs(text):
     assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices[0].logprobs) == len(
         _events(text)
     )
+
+
+# ------------------------------------------------ templates that open the thinking themselves
+# Qwen3-Thinking-2507's and QwQ's template (Qwen's tools and `<tool_call>`), and DeepSeek-R1's
+# way (its own call format, which raydock does not know: bare JSON calls), each ending the
+# generation prompt in `<think>\n`: the model's reply starts inside the thinking.
+
+QWEN3_THINKING_TEMPLATE = QWEN25_TEMPLATE.replace(
+    "'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n<think>\\n' }}"
+)
+R1_TEMPLATE = (
+    "{%- for m in messages %}{% if m.role == 'system' %}{{ m.content }}"
+    "{%- elif m.role == 'user' %}<|User|>{{ m.content }}"
+    "{%- else %}<|Assistant|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|Assistant|><think>\n{% endif %}"
+)
+# what the model writes after the prompt's `<think>\n`: its thinking, the tag that ends it
+THOUGHT = "The user asks for Paris: get_weather, then get_time.\n</think>"
+
+
+class _Scripted(TokenizerPrompts):
+    """An engine with a real tokenizer and chat template (the engines' own prompt path) whose
+    model writes `reply`, token by token, under the grammar the replica sends it, as
+    llguidance enforces it: a token the grammar refuses fails the test, and so does an end the
+    grammar does not allow."""
+
+    max_batch_size, max_context = 2, 4096
+    unsupported_params = frozenset()
+
+    def __init__(self, tokenizer, reply: str) -> None:
+        from raydock.serve_apps.guided import GuidedDecoder
+
+        self.tokenizer, self.reply = tokenizer, reply
+        self.guided = GuidedDecoder(tokenizer, {tokenizer.eos_token_id}, len(tokenizer))
+
+    async def check_grammar(self, grammar: str) -> None:
+        self._matcher(grammar)
+
+    def _matcher(self, grammar: str):
+        from raydock.serve_apps.guided import grammar_of
+
+        return self.guided.compile_sync(grammar_of("grammar", grammar)).deep_copy()
+
+    async def generate(self, ids, params, regex=None, grammar=None, **options):
+        matcher = self._matcher(grammar)
+        tokens = self.tokenizer.encode(self.reply, add_special_tokens=False)
+        for k, token in enumerate(tokens):
+            written = self.tokenizer.decode(tokens[: k + 1])
+            assert matcher.consume_tokens([token]), f"the grammar refuses {written!r}"
+            # as the engines decode: special tokens skipped, added tags kept
+            text = self.tokenizer.decode([token], skip_special_tokens=True)
+            yield [StepEvent(text, [token], [], None, len(ids), k + 1)]
+        assert matcher.is_accepting(), f"the grammar does not let {self.reply!r} end"
+        yield [StepEvent("", [], [], "stop", len(ids), len(tokens) + 1)]
+
+
+def _tokenizer(template: str, tags_are_tokens: bool):
+    """The tiny model's tokenizer with `template`; with `tags_are_tokens`, `<think>`,
+    `</think>` and the call tags added as the vocabulary's own (non-special) tokens, as
+    Qwen3's and DeepSeek-R1's vocabularies hold them."""
+    tok = copy.deepcopy(decoder()[0])
+    tok.chat_template = template
+    if tags_are_tokens:
+        tok.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>"])
+    return tok
+
+
+def _served(tok, reply: str) -> tuple[list, object, object]:
+    """The replica's events (less metering's), and the choice a client gets for them whole
+    and streamed (as the OpenAI SDK puts a stream together), for a chat with two tools under
+    tool_choice "auto" to a model that writes `reply`."""
+    server = _replica(_Scripted(tok, reply), chat_render.tool_call_wrapper(tok))
+    request = {
+        "messages": [{"role": "user", "content": "The weather in Paris, and the time?"}],
+        "tools": [WEATHER, TIME],
+        "params": {"max_tokens": 300},
+        **_payload(),
+    }
+
+    async def run() -> tuple[list, dict, list[str]]:
+        fmt = protocol.Formatter("chat", "m")
+        steps = [ev async for batch in _steps(server, request) for ev in batch]
+        whole = await _collect(fmt, _as_tool_calls(_steps(server, request), "tool_calls"), 1)
+        events = _as_tool_calls(_steps(server, request), "tool_calls")
+        lines = [line async for line in _sse(fmt, None, events, True, "req-1")]
+        return steps, whole, lines
+
+    try:
+        steps, whole, lines = asyncio.run(run())
+    finally:
+        server.tokenizing.shutdown()
+    data = [d.removeprefix("data: ") for d in "".join(lines).split("\n\n") if d]
+    assert data[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(d) for d in data[:-1]]
+    assert not any("tool_call>" in (c.choices[0].delta.content or "") for c in chunks if c.choices)
+    streamed = _as_sdk_assembles(chunks)
+    return steps, ChatCompletion.model_validate(whole).choices[0], streamed
+
+
+@pytest.mark.parametrize("tags_are_tokens", [False, True], ids=["spelled", "tokens"])
+@pytest.mark.parametrize(
+    ("template", "calls"),
+    [(QWEN3_THINKING_TEMPLATE, TWO_CALLS), (R1_TEMPLATE, PARIS)],
+    ids=["qwen3-thinking", "r1"],
+)
+def test_calls_after_thinking_the_template_opened_answer_as_tool_calls(
+    template, calls, tags_are_tokens
+):
+    """The prompt ends in `<think>\\n`, so the model writes no `<think>`: its thinking, then
+    `</think>`, then its calls. The client gets the thinking as written as the content (no
+    tag invented) and the calls as tool_calls, whole and streamed."""
+    tok = _tokenizer(template, tags_are_tokens)
+    rendered = chat_render.render(tok, [{"role": "user", "content": "hi"}], [WEATHER, TIME])
+    assert rendered.endswith("<think>\n")
+    end_tag = tok.convert_tokens_to_ids("</think>")
+    assert (end_tag in tok.encode(THOUGHT, add_special_tokens=False)) == tags_are_tokens
+    steps, whole, streamed = _served(tok, f"{THOUGHT}\n\n{calls}")
+    assert "".join(ev["text"] for ev in steps) == f"{THOUGHT}\n\n{calls}"
+    names = ["get_weather", "get_time"] if calls == TWO_CALLS else ["get_weather"]
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content == THOUGHT
+        assert [c.function.name for c in choice.message.tool_calls] == names
+        assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+
+@pytest.mark.parametrize("template", [QWEN3_THINKING_TEMPLATE, R1_TEMPLATE])
+def test_text_after_thinking_the_template_opened_is_the_content(template):
+    reply = f"{THOUGHT}\n\nIt is sunny in Paris."
+    _, whole, streamed = _served(_tokenizer(template, False), reply)
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "stop" and choice.message.content == reply
+        assert not choice.message.tool_calls
+
+
+def test_the_thinking_the_template_opened_must_end_before_a_call():
+    """The grammar starts inside the thinking: a call there is thinking text, so the model
+    cannot end (the scripted model's end is refused), nor call a tool that is not declared
+    after it."""
+    tok = _tokenizer(QWEN3_THINKING_TEMPLATE, False)
+    with pytest.raises(AssertionError, match="does not let"):
+        _served(tok, TWO_CALLS)
+    other = '<tool_call>\n{"name":"other","arguments":{}}\n</tool_call>'
+    with pytest.raises(AssertionError, match="refuses"):
+        _served(tok, f"{THOUGHT}\n\n{other}")
+
+
+@pytest.mark.parametrize(
+    ("reply", "content"),
+    [
+        # `</think>` in a call's arguments is no end of thinking where none began
+        ('<tool_call>\n{"name":"get_weather","arguments":{"city":"</think>"}}\n</tool_call>', None),
+        (f"<think>\n{THOUGHT}\n\n{TWO_CALLS}", f"<think>\n{THOUGHT}"),  # a block of its own
+    ],
+    ids=["think-tag-in-arguments", "own-thinking"],
+)
+def test_a_template_that_opens_no_thinking_answers_as_before(reply, content):
+    steps, whole, streamed = _served(_tokenizer(QWEN25_TEMPLATE, False), reply)
+    assert not any(structured.IN_THINKING in ev for ev in steps)
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls" and choice.message.content == content
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+    if content is None:
+        (call,) = whole.message.tool_calls
+        assert json.loads(call.function.arguments) == {"city": "</think>"}

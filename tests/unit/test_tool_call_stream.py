@@ -186,3 +186,55 @@ def test_thinking_cut_short_is_its_text():
     seen = _run([[_ev(0, "<think>\nHm")], [_ev(0, "m, the", "length")]])
     assert _texts(seen) == "<think>\nHmm, the" and _calls(seen) == []
     assert seen[0] and seen[-1][-1]["finish_reason"] == "length"
+
+
+# an output that starts inside the thinking its prompt opened (the template's generation prompt
+# ends in `<think>\n`): the replica marks its events so
+OPENED = "The user wants {} weather; call get_weather.\n</think>"
+
+
+def _in_thinking(text: str, size: int, finish: str | None = "stop") -> list[list[dict]]:
+    parts = _pieces(text, size)
+    return [
+        [_ev(0, p, finish if k == len(parts) - 1 else None) | {"in_thinking": True}]
+        for k, p in enumerate(parts)
+    ]
+
+
+def test_thinking_the_prompt_opened_streams_as_content_then_the_call_is_held():
+    """No `<think>` comes: the output is thinking from its first event, which streams at once,
+    to the first `</think>` (a call-like `{` in it included); the event it ends in is split."""
+    seen = _run(_in_thinking(OPENED + "\n\n" + WRAPPED, 9))
+    assert _texts(seen) == OPENED  # as the model wrote it: no tag added
+    assert [e["text"] for e in seen[0]] == [OPENED[:9]]
+    assert [name for name, _ in _calls(seen)] == ["get_weather", "get_time"]
+    assert seen[-1][-1]["finish_reason"] == "tool_calls"
+
+
+def test_the_end_of_thinking_split_between_events_is_found():
+    at = OPENED.index("</think>") + 3  # "</thi" | "nk>"
+    batches = _in_thinking(OPENED[:at], 100, None) + _in_thinking(OPENED[at:] + CALL, 100)
+    seen = _run(batches)
+    assert [e["text"] for e in seen[0]] == [OPENED[:at]]
+    assert _texts(seen) == OPENED and _calls(seen) == [("get_weather", '{"city":"Rome"}')]
+
+
+def test_text_after_thinking_the_prompt_opened_is_all_text():
+    text = OPENED + "\n\nIt is sunny in Rome."
+    seen = _run(_in_thinking(text, 9))
+    assert _texts(seen) == text and _calls(seen) == []
+    assert seen[-1][-1]["finish_reason"] == "stop"
+
+
+def test_thinking_the_prompt_opened_cut_short_is_its_text():
+    seen = _run(_in_thinking("Hmm, the user wants", 6, "length"))
+    assert _texts(seen) == "Hmm, the user wants" and _calls(seen) == []
+    assert all(seen) and seen[-1][-1]["finish_reason"] == "length"
+
+
+def test_a_call_after_thinking_the_prompt_opened_cut_short_is_the_call_so_far():
+    cut = WRAPPED.index("Rome") + 2
+    seen = _run(_in_thinking(OPENED + "\n" + WRAPPED[:cut], 9, "length"))
+    assert _texts(seen) == OPENED
+    assert _calls(seen) == [("get_weather", '{"city": "Ro')]
+    assert seen[-1][-1]["finish_reason"] == "length"

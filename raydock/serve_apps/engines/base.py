@@ -49,6 +49,11 @@ class Engine(Protocol):
     ) -> list[int]:
         """Token ids of the rendered chat; raises chat_render.ChatTemplateError."""
 
+    def rendered_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[int]]:
+        """The rendered chat's text and token ids; raises chat_render.ChatTemplateError."""
+
     @property
     def longest_token_chars(self) -> int: ...
 
@@ -178,8 +183,13 @@ class TokenizerPrompts:
     def chat_prompt(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
     ) -> list[int]:
+        return self.rendered_chat(messages, tools)[1]
+
+    def rendered_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[int]]:
         text = chat_render.render(self.tokenizer, messages, tools)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @functools.cached_property
     def longest_token_chars(self) -> int:

@@ -35,7 +35,8 @@ TOOL_CALL_WRAPPERS: tuple[ToolCallWrapper, ...] = (
 )
 
 #: A reasoning model's thinking (Qwen3, QwQ, DeepSeek-R1): under tool_choice "auto" a reply
-#: may open with one such block; what follows its first THINK_CLOSE is the reply proper, a call
+#: may open with one such block, or start inside one its chat template opened
+#: (`starting_in_thinking`); what follows its first THINK_CLOSE is the reply proper, a call
 #: or text (`structured.thinking_length` reads it back).
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -79,12 +80,14 @@ def not_starting_with(prefixes: list[str], not_first: str = "") -> str:
 # was constrained as a call). Its leading whitespace is a lexeme of its own: one regex for
 # all of it would run on greedily past the whitespace that may precede a call.
 _TEXT_START = not_starting_with(["{", THINK_OPEN, *(w.open for w in TOOL_CALL_WRAPPERS)], _SPACE)
-_AUTO_HEAD = "start: think? reply\nreply: WS? call | text\n"
-_NATIVE_HEAD = "start: think? reply\nreply: WS? call | WS? calls | text\n"
+_START = "start: think? reply\n"
+_AUTO_HEAD = _START + "reply: WS? call | text\n"
+_NATIVE_HEAD = _START + "reply: WS? call | WS? calls | text\n"
 # a thinking block's text up to its first THINK_CLOSE, spelled out; or, before that tag as
 # the vocabulary's own token, text without it
 _THINKING = r"THINKING: /[\s\S]*<\/think>/ & ~/[\s\S]*<\/think>[\s\S]+/"
-_THINKING_OPEN = r"THINKING_OPEN: /[\s\S]+/ & ~/[\s\S]*<\/think>[\s\S]*/"
+_WITHOUT_CLOSE = r"/[\s\S]+/ & ~/[\s\S]*<\/think>[\s\S]*/"
+_THINKING_OPEN = f"THINKING_OPEN: {_WITHOUT_CLOSE}"
 
 
 def json_grammar(schema: Any, bounds: Bounds | None = None) -> str:
@@ -160,6 +163,19 @@ def with_native_calls(grammar: str, wrapper: ToolCallWrapper, max_calls: int) ->
         + f"\nwrapped: {open_} WS? call WS? {close}\n"
         + _auto_tail(wrapper.think_open_token, wrapper.think_close_token)
     )
+
+
+def starting_in_thinking(grammar: str, think_close_token: int | None) -> str:
+    """An auto grammar (`tools_grammar`'s or `with_native_calls`') for a prompt whose chat
+    template opened the thinking block itself (`chat_render.opens_thinking`): the output starts
+    inside it, with no THINK_OPEN of its own, runs to its first THINK_CLOSE (spelled out, or
+    `think_close_token`, the vocabulary's token for it), then the reply as before."""
+    if not grammar.startswith(_START):
+        raise ValueError("not a tool_choice 'auto' grammar of tools_grammar")
+    thought = "thought: THINKING"
+    if think_close_token is not None:  # its own terminal: THINKING_OPEN may be defined already
+        thought = f"thought: THINKING | THOUGHT? <[{think_close_token}]>\nTHOUGHT: {_WITHOUT_CLOSE}"
+    return f"start: thought reply\n{grammar[len(_START) :]}\n{thought}"
 
 
 def _tag(text: str, token: int | None) -> str:
