@@ -36,7 +36,7 @@ class Settings:
     max_compression_ratio: float = 200.0
     allow_pickle_weights: bool = False
     upload_chunk_max_bytes: int = 100 * 2**20
-    upload_session_ttl_s: int = 86_400  # a chunked upload idle this long is removed
+    upload_session_ttl_s: int = 86_400  # an idle chunked upload or kept HF download: removed
     stream_interval_ms: int = 50
     max_request_bytes: int = 8 * 2**20
     metrics_token: str = ""

@@ -9,7 +9,8 @@ What a process killed mid-way leaves (an OOM kill, a node crash: no `finally` ru
 once a lock says its owner is gone, not by age: a download's or a build's work folder
 (root/.tmp-<digest>-*) and an entry without its marker by a later fetch or eviction once the
 digest's lock is free; a task's `work_folder` (an HF import's) by the next `work_folder`
-beside it once its own lock is free.
+beside it once its own lock is free. A `resumable_folder` (an HF download kept for a retry)
+is removed by the next one beside it once no task holds it and it lay idle long enough.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 
 MARKER_NAME = ".raydock-complete"  # written last in an entry; its mtime is the last use
 WORK_LOCK_NAME = ".raydock-work.lock"  # in a work_folder: locked while its process lives
+LOCKS_DIR = ".locks"  # lock files, beside what they lock (kept: see remove_abandoned_folders)
 WORK_PREFIX = ".tmp-"  # root/.tmp-<digest>-<random>: where an entry is made before its rename
+LEGACY_ADAPTERS = "adapters"  # root/adapters: merged adapters before they were entries
 
 #: makes an entry's files inside a fresh work folder: returns their directory there and the
 #: facts the marker records ("bytes" at least)
@@ -59,7 +62,7 @@ class NodeCache:
     def __init__(self, root: Path | str, max_bytes: int = 0) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
-        self._locks = self.root / ".locks"
+        self._locks = self.root / LOCKS_DIR
         self._locks.mkdir(parents=True, exist_ok=True)
 
     def _lock(self, digest: str) -> FileLock:
@@ -197,8 +200,12 @@ class NodeCache:
     def remove_dead_leftovers(self) -> int:
         """Remove what fetches and builds that died left in the cache (work folders,
         entries without their marker): those of digests whose lock is free, as a held lock
-        means a live fetch is still writing them. The bytes freed."""
+        means a live fetch is still writing them; and the merged adapter conversions an
+        earlier raydock kept outside the cache (root/adapters: now cache entries). The bytes
+        freed."""
         freed = 0
+        if (legacy := self.root / LEGACY_ADAPTERS).is_dir():
+            freed += _remove_tree(legacy, "(an earlier raydock's merged adapters)")
         for digest in sorted({d for p in self.root.iterdir() if (d := self._leftover_of(p))}):
             lock = self._lock(digest)
             try:
@@ -344,6 +351,54 @@ def work_folder(parent: Path, prefix: str) -> Iterator[Path]:
     finally:
         shutil.rmtree(path, ignore_errors=True)
         os.close(fd)  # after the removal: a sweep never sees it unlocked
+
+
+@contextlib.contextmanager
+def resumable_folder(path: Path, keep_idle_s: float) -> Iterator[Path]:
+    """A download folder that outlives a task that failed, so that a retry resumes it; the
+    task holds a shared lock on it meanwhile (imports of one repo may share it). Entering
+    first removes the other resumable folders beside it that no task holds and that nothing
+    wrote for keep_idle_s: retries that never came (the model deleted, or imported elsewhere)."""
+    locks = path.parent / LOCKS_DIR
+    locks.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_folders(path.parent, keep_idle_s)
+    fd = os.open(locks / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits for a sweep deciding on it
+        yield path
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned_folders(parent: Path, keep_idle_s: float) -> int:
+    """Remove parent's resumable folders (not the dot ones: work folders, locks) that no task
+    holds and that nothing wrote for keep_idle_s; the bytes freed."""
+    freed, now = 0, time.time()
+    for path in parent.iterdir():
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        # never unlinked: a task holding the old file's lock would not keep a sweep away
+        fd = os.open(parent / LOCKS_DIR / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a task is filling it
+        try:
+            if now - _last_written(path) > keep_idle_s:
+                freed += _remove_tree(path, f"(idle over {keep_idle_s:.0f} s, no retry came)")
+        finally:
+            os.close(fd)
+    return freed
+
+
+def _last_written(path: Path) -> float:
+    """The newest mtime in a tree (its folders' too: a file created or removed moves them)."""
+    newest = path.stat().st_mtime
+    for p in path.rglob("*"):
+        with contextlib.suppress(FileNotFoundError):
+            newest = max(newest, p.lstat().st_mtime)
+    return newest
 
 
 def _new_locked_folder(parent: Path, prefix: str) -> tuple[Path, int]:

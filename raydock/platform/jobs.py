@@ -18,7 +18,7 @@ import ray
 
 from raydock import names
 from raydock.artifacts import MANIFEST_NAME
-from raydock.artifacts.cache import held_cached, work_folder
+from raydock.artifacts.cache import held_cached, resumable_folder, work_folder
 from raydock.config import Settings
 from raydock.errors import NotFound
 from raydock.platform import views
@@ -230,9 +230,12 @@ def import_hf_task(
             limits,
         )
         folder = hf_download_folder(cfg, repo_id, files.sha)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # kept after a failure for a retry to resume; one no retry came for is removed by a
+        # later import on this node
+        cleanup.enter_context(resumable_folder(folder, cfg.upload_session_ttl_s))
         # beside the download, on its filesystem: the files are moved (renamed) out of it;
         # locked while this task lives, so a later import removes it if this process is killed
-        folder.parent.mkdir(parents=True, exist_ok=True)
         work = cleanup.enter_context(work_folder(folder.parent, HF_WORK_PREFIX))
         downloading = JobProgress(job_id, 2, 75)
         hf.download(

@@ -171,10 +171,13 @@ def test_a_dead_download_is_cleaned_up(store, tmp_path):
     (unmarked / "config.json").write_text("{}")
     other = tmp_path / "cache" / f".tmp-{'f' * 64}-0123456789abcdef"  # still running
     other.mkdir()
+    legacy = tmp_path / "cache" / "adapters" / "0123-4567-int8"  # an earlier raydock's merge
+    legacy.mkdir(parents=True)
+    (legacy / "model.bin").write_bytes(b"merged")
 
     with FileLock(str(tmp_path / "cache" / ".locks" / f"{'f' * 64}.lock")):  # its fetch's
         cache.fetch(store, PREFIX, digest)
-    assert not stale.exists() and not unmarked.exists()
+    assert not stale.exists() and not unmarked.exists() and not legacy.parent.exists()
     assert other.exists()
 
     cache.evict(0)  # its fetch has ended, without a trace: an eviction pass removes it
