@@ -24,6 +24,7 @@ from raydock.serve_apps.guided import (
     tools_grammar,
 )
 from raydock.serve_apps.guided.grammars import (
+    CALL_SPACE,
     THINK_CLOSE,
     THINK_OPEN,
     TOOL_CALL_WRAPPERS,
@@ -251,7 +252,7 @@ def may_be_tool_call(reply: str) -> bool:
     """Whether a reply that begins with `reply` may still be a tool call: after any
     whitespace it starts like a bare call (`{`) or a known wrapper, or is the start of a
     wrapper's opening tag (`<tool`), or nothing yet."""
-    head = reply.lstrip()
+    head = reply.lstrip(CALL_SPACE)
     return head.startswith("{") or any(
         head.startswith(w.open) or w.open.startswith(head) for w in TOOL_CALL_WRAPPERS
     )
@@ -262,7 +263,7 @@ def as_tool_calls(reply: str) -> list[dict[str, Any]] | None:
     "arguments": ...}`, or one or more in a known wrapper (`<tool_call>` call `</tool_call>`),
     whitespace around; None when it is plain text. Only the start decides: text that mentions
     a wrapper later is text, as the grammar has it."""
-    reply = reply.lstrip()
+    reply = reply.lstrip(CALL_SPACE)
     if reply.startswith("{"):
         try:
             call = _as_call(json.loads(reply))
@@ -280,19 +281,22 @@ def as_cut_tool_calls(reply: str) -> list[dict[str, Any]]:
     (finish_reason "length"), as OpenAI returns such a reply: the whole calls, then the cut one
     as far as it was written, its name so far and its `arguments` the JSON text so far (not
     valid JSON); a call cut before its name began is left out. No wrapper tag shows."""
-    reply = reply.lstrip()
+    reply = reply.lstrip(CALL_SPACE)
     if reply.startswith("{"):
-        return _cut_call(reply)
+        try:  # whole, the limit reached on its last token
+            return [call] if (call := _as_call(_DECODER.raw_decode(reply)[0])) else []
+        except json.JSONDecodeError:
+            return _cut_call(reply)
     wrapper = next((w for w in TOOL_CALL_WRAPPERS if reply.startswith(w.open)), None)
     calls: list[dict[str, Any]] = []
     while wrapper is not None and reply.startswith(wrapper.open):
-        body = reply[len(wrapper.open) :].lstrip()
+        body = reply[len(wrapper.open) :].lstrip(CALL_SPACE)
         try:
             value, end = _DECODER.raw_decode(body)
         except json.JSONDecodeError:  # the cut is in this call's JSON
             return calls + _cut_call(body)
         calls.append(_as_call(value) or _cut_call(body[:end])[0])
-        reply = body[end:].lstrip().removeprefix(wrapper.close).lstrip()
+        reply = body[end:].lstrip(CALL_SPACE).removeprefix(wrapper.close).lstrip(CALL_SPACE)
     return calls
 
 
@@ -322,17 +326,17 @@ def _wrapped_calls(text: str, wrapper: ToolCallWrapper) -> list[dict[str, Any]] 
     while rest:
         if not rest.startswith(wrapper.open):
             return None
-        body = rest[len(wrapper.open) :].lstrip()
+        body = rest[len(wrapper.open) :].lstrip(CALL_SPACE)
         try:  # the JSON's end, not the next close tag: a string may hold "</tool_call>"
             value, end = _DECODER.raw_decode(body)
         except json.JSONDecodeError:
             return None
-        after = body[end:].lstrip()
+        after = body[end:].lstrip(CALL_SPACE)
         call = _as_call(value)
         if call is None or not after.startswith(wrapper.close):
             return None
         calls.append(call)
-        rest = after[len(wrapper.close) :].lstrip()
+        rest = after[len(wrapper.close) :].lstrip(CALL_SPACE)
     return calls or None
 
 

@@ -159,6 +159,22 @@ def test_whitespace_then_text_streams_the_whitespace_with_it():
     assert _texts(seen) == "\n Sunny." and _calls(seen) == []
 
 
+def test_text_after_whitespace_the_grammar_does_not_allow_before_a_call_is_text():
+    # a no-break space or a vertical tab then `{`: text to the grammar (unchecked against any
+    # tool's schema), so text here too, never a call of whatever name it holds
+    for space in ("\u00a0", "\x0b", "\u2003"):
+        seen = _run([[_ev(0, space + CALL[:9])], [_ev(0, CALL[9:], "stop")]])
+        assert _texts(seen) == space + CALL and _calls(seen) == []
+
+
+def test_a_whole_call_that_reached_max_tokens_on_its_last_token_is_that_call():
+    seen = _run([[_ev(0, CALL[:8])], [_ev(0, CALL[8:], "length")]])
+    (ev,) = seen[1]
+    assert ev["finish_reason"] == "length"
+    (call,) = ev["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"city": "Rome"}
+
+
 THINKING = "<think>\nThe user wants <tool_call> weather; call get_weather.\n</think>"
 
 

@@ -43,7 +43,9 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 #: whitespace allowed before a call and around and between wrapped calls (bounded: a weak
 #: model cannot loop)
 _WRAPPER_SPACE = r"/[ \t\r\n]{1,4}/"
-_SPACE = " \t\r\n"
+#: the whitespace the grammars allow before a call (str.lstrip() alone strips more: a reply
+#: starting with a no-break space then `{` is text to the grammar, and must stay text)
+CALL_SPACE = " \t\r\n"
 
 
 def _regex_char(ch: str) -> str:
@@ -79,7 +81,9 @@ def not_starting_with(prefixes: list[str], not_first: str = "") -> str:
 # wrapped one nor a thinking block, on every template (so an output that starts with a wrapper
 # was constrained as a call). Its leading whitespace is a lexeme of its own: one regex for
 # all of it would run on greedily past the whitespace that may precede a call.
-_TEXT_START = not_starting_with(["{", THINK_OPEN, *(w.open for w in TOOL_CALL_WRAPPERS)], _SPACE)
+_TEXT_START = not_starting_with(
+    ["{", THINK_OPEN, *(w.open for w in TOOL_CALL_WRAPPERS)], CALL_SPACE
+)
 _START = "start: think? reply\n"
 _AUTO_HEAD = _START + "reply: WS? call | text\n"
 _NATIVE_HEAD = _START + "reply: WS? call | WS? calls | text\n"
