@@ -183,8 +183,10 @@ def install(app: FastAPI, max_body_bytes: Callable[[], int | None] = lambda: Non
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if isinstance(exc.__cause__, ApiError):  # FastAPI's 400 for any error reading a body
-            return respond(request, exc.__cause__)  # (limited_receive's 413)
+        # FastAPI's 400 for any error reading a body: limited_receive's 413 is its own, and
+        # a server's file that failed (an upload spooled to its disk) is a 500 in its log
+        if isinstance(exc.__cause__, ApiError | OSError):
+            return respond(request, exc.__cause__)
         msg = _HTTP_MESSAGES.get(exc.status_code) or str(exc.detail)
         if exc.status_code == 404:
             msg = f"{msg}: {request.method} {request.url.path}"

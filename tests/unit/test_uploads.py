@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -338,6 +339,27 @@ def test_a_multipart_import_writes_its_zip_once(small_limits):
     zip_path = Path(submitted[2])  # (modelId, jobId, the zip's path, kind)
     assert zip_path.read_bytes() == files["file"][1] and zip_path.parent == _uploads()
     assert _stored(http) == [zip_path.name]  # nothing else kept
+
+
+def test_a_multipart_import_the_server_cannot_write_is_its_500_not_the_clients_400(
+    small_limits, caplog
+):
+    """FastAPI answers any error reading a body with 400 "error parsing the body": a spool
+    file the server could not open blamed the client and left no trace in the log."""
+    uploads = _uploads()
+    uploads.mkdir(parents=True, exist_ok=True)
+    # a folder in which no file can be made, even by root
+    if subprocess.run(["chattr", "+i", str(uploads)], capture_output=True).returncode:
+        pytest.skip("needs chattr +i (ext4 and the like)")
+    try:
+        files = {"file": ("m.zip", b"x" * 1000, "application/zip")}
+        r = small_limits.post("/public/models/import", files=files)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+        assert "request id" in r.json()["error"]["message"]
+        assert ".receiving" in caplog.text  # the operator sees what failed
+        assert small_limits.submitted == []
+    finally:
+        subprocess.run(["chattr", "-i", str(uploads)], check=True)
 
 
 def test_a_multipart_import_from_no_one_is_refused_before_its_body_is_read(small_limits):
