@@ -279,8 +279,8 @@ def as_tool_calls(reply: str) -> list[dict[str, Any]] | None:
 def as_cut_tool_calls(reply: str) -> list[dict[str, Any]]:
     """The tool_calls of a reply that `may_be_tool_call` and `max_tokens` cut short
     (finish_reason "length"), as OpenAI returns such a reply: the whole calls, then the cut one
-    as far as it was written, its name so far and its `arguments` the JSON text so far (not
-    valid JSON); a call cut before its name began is left out. No wrapper tag shows."""
+    as far as it was written, its `arguments` the JSON text so far (not valid JSON); a call
+    cut before its name was whole is left out. No wrapper tag shows."""
     reply = reply.lstrip(CALL_SPACE)
     if reply.startswith("{"):
         try:  # whole, the limit reached on its last token
@@ -295,29 +295,28 @@ def as_cut_tool_calls(reply: str) -> list[dict[str, Any]]:
             value, end = _DECODER.raw_decode(body)
         except json.JSONDecodeError:  # the cut is in this call's JSON
             return calls + _cut_call(body)
-        calls.append(_as_call(value) or _cut_call(body[:end])[0])
+        if (call := _as_call(value)) is None:  # not a call (the grammar makes none such)
+            return calls
+        calls.append(call)
         reply = body[end:].lstrip(CALL_SPACE).removeprefix(wrapper.close).lstrip(CALL_SPACE)
     return calls
 
 
-# a call's JSON cut anywhere: its name as far as written, then its arguments' text
+# a call's JSON cut after its name: the name, then its arguments' text as far as written
 _CUT_CALL = re.compile(
-    r'\{\s*(?:"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)(?:"\s*,\s*"arguments"\s*:\s*'
-    r"(?P<arguments>.*))?)?",
+    r'\{\s*"name"\s*:\s*"(?P<name>(?:[^"\\]|\\.)*)"(?:\s*,\s*"arguments"\s*:\s*'
+    r"(?P<arguments>.*))?",
     re.S,
 )
 
 
 def _cut_call(text: str) -> list[dict[str, Any]]:
-    """The call a cut JSON text began, as far as written: none before its name began."""
+    """The call a cut JSON text began, as far as written: none before its name was whole (as
+    OpenAI, whose calls name a declared tool even when their arguments are cut)."""
     found = _CUT_CALL.match(text)
-    if not (found and found["name"]):
+    if not found:
         return []
-    try:
-        name = json.loads(f'"{found["name"]}"')
-    except json.JSONDecodeError:  # cut inside an escape
-        name = found["name"]
-    return [_new_call(name, (found["arguments"] or "").rstrip())]
+    return [_new_call(json.loads(f'"{found["name"]}"'), (found["arguments"] or "").rstrip())]
 
 
 def _wrapped_calls(text: str, wrapper: ToolCallWrapper) -> list[dict[str, Any]] | None:

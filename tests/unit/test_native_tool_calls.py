@@ -386,7 +386,8 @@ def test_text_after_thinking_is_the_content():
 @pytest.mark.parametrize(
     ("text", "calls"),
     [
-        ('<tool_call>\n{"name":"get_w', [("get_w", "")]),  # its name as far as written
+        ('<tool_call>\n{"name":"get_w', []),  # its name not whole: no call (OpenAI sends none)
+        ('<tool_call>\n{"name":"get_weather"', [("get_weather", "")]),
         (f"<tool_call>\n{PARIS[:-6]}", [("get_weather", '{"city":"Pa')]),
         # the second call cut before its name began: the first alone
         (TWO_CALLS[: TWO_CALLS.index("get_time")], [("get_weather", '{"city":"Paris"}')]),
@@ -394,7 +395,15 @@ def test_text_after_thinking_is_the_content():
         (PARIS[:-5], [("get_weather", '{"city":"Par')]),  # a bare call
         ("<tool_call>\n", []),
     ],
-    ids=["in-name", "in-arguments", "before-second", "after-thinking", "bare", "in-tag"],
+    ids=[
+        "in-name",
+        "after-name",
+        "in-arguments",
+        "before-second",
+        "after-thinking",
+        "bare",
+        "in-tag",
+    ],
 )
 def test_a_call_cut_by_max_tokens_is_a_tool_call_so_far_with_length(text, calls):
     """As OpenAI: finish_reason "length", the call with the arguments generated so far; no

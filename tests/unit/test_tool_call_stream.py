@@ -33,8 +33,9 @@ def _run(batches: list[list[dict]], finish: str = "tool_calls") -> list[list[dic
         out = _as_tool_calls(source(), finish)
         step = asyncio.create_task(out.__anext__())
         for _ in batches:
-            done, _ = await asyncio.wait({step}, timeout=0.2)
-            if done:
+            for _ in range(20):  # all in this loop: a few turns decide it, however busy the host
+                await asyncio.sleep(0)
+            if step.done():
                 seen.append(step.result())
                 step = asyncio.create_task(out.__anext__())
             else:
@@ -129,14 +130,14 @@ def _calls(seen: list[list[dict]]) -> list[tuple[str, str]]:
 
 
 def test_wrapped_calls_cut_short_come_back_as_the_calls_so_far_without_tags():
-    second = WRAPPED.index("get_time") + 5  # inside the second call's name
+    second = WRAPPED.index("get_time") + 5  # inside the second call's name: not a call yet
     seen = _run(
         [[_ev(0, p)] for p in _pieces(WRAPPED[:second])[:-1]]
         + [[_ev(0, _pieces(WRAPPED[:second])[-1], "length")]]
     )
     assert _texts(seen) == ""  # no tag, no JSON as text
-    assert _calls(seen) == [("get_weather", '{"city":"Rome"}'), ("get_t", "")]
-    assert [e["finish_reason"] for e in seen[-1]] == [None, "length"]
+    assert _calls(seen) == [("get_weather", '{"city":"Rome"}')]
+    assert [e["finish_reason"] for e in seen[-1]] == ["length"]
 
 
 def test_a_reply_cut_inside_the_opening_tag_has_no_call_and_no_tag():
