@@ -505,7 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     cli_resources.register(add)  # models, deployments, keys, jobs, history, usage
     cli_backup.register(add)  # backup, restore
     cli_apply.register(add)  # apply, diff, get deployments, rollback
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills positionals only where they stand together: `keys limits chat --clear
+    # requestsPerMinute ci` leaves KEY after the options over; it is still the key
+    for word in extra:
+        if word.startswith("-") or args.command != "keys" or not cli_resources.fill_ref(args, word):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback

@@ -343,7 +343,7 @@ KEY_REFS = ("deployment", "key_id")
 CLEARABLE = (*LIMIT_OPTIONS, "all")
 
 
-def _next_ref(namespace: argparse.Namespace, value: str) -> bool:
+def fill_ref(namespace: argparse.Namespace, value: str) -> bool:
     """Give `value` to the first of KEY_REFS not given yet; False when both are."""
     free = next((name for name in KEY_REFS if getattr(namespace, name, None) is None), None)
     if free is not None:
@@ -357,7 +357,7 @@ class _KeyRef(argparse.Action):
 
     def __call__(self, parser, namespace, value, option_string=None) -> None:
         # argparse calls an absent KEY with its default (None)
-        if value is not None and not _next_ref(namespace, value):
+        if value is not None and not fill_ref(namespace, value):
             parser.error(f"unrecognized arguments: {value}")
 
 
@@ -367,7 +367,7 @@ class _Clear(argparse.Action):
     ci` reads as `keys limits chat ci --clear` (every limit not given)."""
 
     def __call__(self, parser, namespace, value, option_string=None) -> None:
-        if value not in CLEARABLE and not _next_ref(namespace, value):
+        if value not in CLEARABLE and not fill_ref(namespace, value):
             raise argparse.ArgumentError(
                 self, f"invalid choice: {value!r} (choose from {', '.join(CLEARABLE)})"
             )

@@ -35,6 +35,7 @@ from raydock.platform import (
     apply,
     deploy_checks,
     openapi_doc,
+    pages,
     retention,
     schemas,
 )
@@ -132,50 +133,17 @@ async def rotate_management_key(userId: str, user: User) -> dict[str, Any]:
     return await ctx.registry.rotate_management_key.remote(target, user["userId"])
 
 
-# ------------------------------------------------------------------ pages of a list
-
-#: a list route answers a page: `limit` rows (PAGE_DEFAULT when not given, at most PAGE_MAX)
-#: from `offset`, in a stable order; `nextOffset` is the next page's offset (null: no more)
-PAGE_DEFAULT = 100
-PAGE_MAX = 500
-OFFSET_MAX = 2**31 - 1  # a 32-bit integer: any database's OFFSET takes it
-
-Limit = Annotated[
-    int,
-    Query(
-        ge=1,
-        le=PAGE_MAX,
-        description=f"At most this many rows, 1–{PAGE_MAX} (default {PAGE_DEFAULT}).",
-    ),
-]
-Offset = Annotated[
-    int,
-    Query(
-        ge=0,
-        le=OFFSET_MAX,
-        description="Skip this many rows first: 0 for the first page, then the previous "
-        "answer's `nextOffset`.",
-    ),
-]
-
-
-def _page(found: dict[str, Any], rows: str, limit: int, offset: int) -> dict[str, Any]:
-    """The answer of a list route: the page's `rows`, `total` (rows in the whole list),
-    `limit`, `offset` and `nextOffset` (null when this page reaches the end)."""
-    end = offset + len(found[rows])
-    more = len(found[rows]) > 0 and end < found["total"]
-    return found | {"limit": limit, "offset": offset, "nextOffset": end if more else None}
-
-
 # ------------------------------------------------------------------ models
 
 
 @router.get("/models", tags=["models"])
-async def list_models(_: User, limit: Limit = PAGE_DEFAULT, offset: Offset = 0) -> dict[str, Any]:
+async def list_models(
+    _: User, limit: pages.Limit = pages.PAGE_DEFAULT, offset: pages.Offset = 0
+) -> dict[str, Any]:
     """A page of the models, newest first (ties by id): `total` counts them all, and
     `nextOffset` is the next page's `offset` (null after the last page)."""
     found = await ctx.registry.models_page.remote(limit, offset)
-    return _page(found, "models", limit, offset)
+    return pages.page(found, "models", limit, offset)
 
 
 @router.get("/models/{modelId}", tags=["models"])
@@ -407,12 +375,12 @@ async def delete_deployment(deploymentId: str, _: User) -> dict[str, Any]:
 
 @router.get("/deployments/{deploymentId}/history", tags=["deployments"])
 async def history(
-    deploymentId: str, _: User, limit: Limit = PAGE_DEFAULT, offset: Offset = 0
+    deploymentId: str, _: User, limit: pages.Limit = pages.PAGE_DEFAULT, offset: pages.Offset = 0
 ) -> dict[str, Any]:
     """A page of the deployment's history versions, oldest first (the newest is marked
     `latest`): `total` counts them all, `nextOffset` is the next page's `offset`."""
     found = await ctx.registry.history_page.remote(deploymentId, limit, offset)
-    return _page(found, "versions", limit, offset)
+    return pages.page(found, "versions", limit, offset)
 
 
 def _base_url(request: Request) -> str:

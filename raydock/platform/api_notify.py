@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from raydock.errors import ApiError, NotFound
-from raydock.platform import notify, schemas
+from raydock.platform import notify, pages, schemas
 from raydock.platform.api_deps import User, ctx
 
 router = APIRouter(prefix="/public")
@@ -52,15 +52,16 @@ async def list_deliveries(
     user: User,
     kind: Annotated[Kind | None, Query(description="Only this event kind.")] = None,
     status: Annotated[Status | None, Query(description="Only deliveries in this state.")] = None,
-    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many, 1–1000.")] = 100,
+    limit: pages.Limit = pages.PAGE_DEFAULT,
+    offset: pages.Offset = 0,
 ) -> dict[str, Any]:
-    """Email and webhook deliveries, newest first: its event, target (a URL masked, as
+    """A page of the email and webhook deliveries, newest first: its event, target (a URL masked, as
     GET /users/me/webhook shows it), status (pending while it is retried, then delivered or failed),
     attempts and last error. An admin sees every delivery; any other user the deliveries of
     their own events to their own email and webhook, however old."""
     own = None if user["isAdmin"] else (user["userId"], sorted(await _own_targets(user)))
-    found = await ctx.registry.list_deliveries.remote(kind, status, limit, own)
-    return {"deliveries": found, "total": len(found)}
+    found = await ctx.registry.deliveries_page.remote(kind, status, limit, offset, own)
+    return pages.page(found, "deliveries", limit, offset)
 
 
 async def _own_targets(user: dict[str, Any]) -> set[str]:

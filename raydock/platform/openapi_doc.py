@@ -135,11 +135,12 @@ LINKS: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {
     ],
 }
 
-# list routes that answer a page (api._page, its `limit` and `offset` parameters): the
-# rows' field in the answer
+# list routes that answer a page (platform/pages.py: `limit`, `offset`): the rows' field in
+# the answer
 PAGED: dict[str, str] = {
     "GET /models": "models",
     "GET /deployments/{deploymentId}/history": "versions",
+    "GET /notifications/deliveries": "deliveries",
 }
 
 # streams its upload to disk with no size limit (errors.RequestGuard exempts it)

@@ -1561,26 +1561,36 @@ class Registry:
             ]
 
     def list_deliveries(
+        self, kind: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Newest first (every user's)."""
+        return self.deliveries_page(kind, status, limit)["deliveries"]
+
+    def deliveries_page(
         self,
         kind: str | None = None,
         status: str | None = None,
         limit: int = 100,
+        offset: int = 0,
         own: tuple[str, list[str]] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Newest first. `own`: (a user's id, their targets as deliveries show them): only
-        the deliveries of that user's events to those targets, `limit` of them."""
+    ) -> dict[str, Any]:
+        """`limit` deliveries from `offset`, newest first, and `total`: how many match.
+        `own`: (a user's id, their targets as deliveries show them): only the deliveries of
+        that user's events to those targets."""
         row = db.NotificationDelivery
         with self._tx() as s:
-            q = select(row)
+            match = []
             if kind:
-                q = q.where(row.kind == kind)
+                match.append(row.kind == kind)
             if status:
-                q = q.where(row.status == status)
+                match.append(row.status == status)
             if own is not None:
                 user_id, targets = own
-                q = q.where(row.event["userId"].as_string() == user_id, row.target.in_(targets))
-            order = (row.created_at.desc(), row.id)
-            return [self._delivery_view(r) for r in s.scalars(q.order_by(*order).limit(limit))]
+                match += [row.event["userId"].as_string() == user_id, row.target.in_(targets)]
+            q = select(row).where(*match).order_by(row.created_at.desc(), row.id)
+            found = [self._delivery_view(r) for r in s.scalars(q.offset(offset).limit(limit))]
+            total = s.scalar(select(func.count(row.id)).where(*match))
+            return {"deliveries": found, "total": total}
 
     @staticmethod
     def _delivery_view(row: db.NotificationDelivery) -> dict[str, Any]:

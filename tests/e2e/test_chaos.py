@@ -202,7 +202,7 @@ def _no_job_left_running(platform):
 def assert_consistent(platform) -> None:
     """Every deployment's status matches its Serve application."""
     apps = serve.status().applications
-    for model in platform.client.get("/models")["models"]:
+    for model in platform.client.every("/models", "models", "modelId"):
         for dep in platform.client.get(f"/models/{model['modelId']}/deployments")["deployments"]:
             app = apps.get(names.engine_app(dep["deploymentId"]))
             if dep["status"] == "DEPLOYED":

@@ -90,7 +90,7 @@ def protected(platform: Platform, live: Live) -> set[str]:
     destroy what it creates, but must not change or delete these (see `guard`)."""
     client = platform.client
     ids = {platform.client.get("/me")["userId"], "me"}  # the admin: whose key runs the tests
-    for model in client.get("/models")["models"]:
+    for model in client.every("/models", "models", "modelId"):
         ids.add(model["modelId"])
         for dep in client.get(f"/models/{model['modelId']}/deployments")["deployments"]:
             ids.add(dep["deploymentId"])

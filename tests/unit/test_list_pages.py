@@ -67,8 +67,8 @@ def test_pages_of_models_hold_every_model_once_newest_first(api, tmp_path):
 @pytest.mark.parametrize(
     ("params", "field", "words"),
     [
-        ({"limit": 0}, "limit", "limit must be between 1 and 500 (got 0)"),
-        ({"limit": 501}, "limit", "limit must be between 1 and 500 (got 501)"),
+        ({"limit": 0}, "limit", "limit must be between 1 and 1000 (got 0)"),
+        ({"limit": 1001}, "limit", "limit must be between 1 and 1000 (got 1001)"),
         ({"offset": -1}, "offset", "offset must be between 0 and 2147483647 (got -1)"),
         ({"offset": 2**63}, "offset", "offset must be between 0 and 2147483647"),
     ],
@@ -89,7 +89,7 @@ def test_the_document_states_the_page_parameters_and_answer():
 
     op = openapi_doc.combined()["paths"]["/api/public/models"]["get"]
     limit = next(p["schema"] for p in op["parameters"] if p["name"] == "limit")
-    assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 500, 100)
+    assert (limit["minimum"], limit["maximum"], limit["default"]) == (1, 1000, 100)
     page = op["responses"]["200"]["content"]["application/json"]["schema"]
     assert {"models", "total", "nextOffset"} <= set(page["required"])
     assert "422" in op["responses"]
@@ -148,7 +148,13 @@ def test_a_user_sees_an_own_delivery_older_than_a_thousand_others(db_url, tmp_pa
         shown = get(ana["apiKey"], "/notifications/deliveries", limit=5)["deliveries"]
         assert [d["deliveryId"] for d in shown] == [mine["deliveryId"]]
         assert shown[0]["target"] == "ana@example.test"
-        assert len(get(bo["apiKey"], "/notifications/deliveries", limit=5)["deliveries"]) == 5
+        # bo's own: pages like every list's, counted in the query
+        first = get(bo["apiKey"], "/notifications/deliveries", limit=600)
+        assert (len(first["deliveries"]), first["total"], first["nextOffset"]) == (600, 1001, 600)
+        rest = get(bo["apiKey"], "/notifications/deliveries", limit=600, offset=600)
+        assert (len(rest["deliveries"]), rest["nextOffset"]) == (401, None)
+        ids = {d["deliveryId"] for d in first["deliveries"] + rest["deliveries"]}
+        assert len(ids) == 1001 and mine["deliveryId"] not in ids
     finally:
         reg.close()
 
@@ -182,6 +188,13 @@ def test_keys_limits_takes_clear_before_the_deployment_and_key(platform, capsys)
     assert one["tokensPerDay"] is None
     kept = run(capsys, "keys", "limits", "chat", "--clear", "ci", "--tokens-per-minute", "7")
     assert kept["limits"]["tokensPerMinute"] == 7
+    # the KEY after options (argparse fills positionals only where they stand together)
+    run(capsys, "keys", "limits", "chat", "--requests-per-minute", "5", "ci")
+    late = run(capsys, "keys", "limits", "chat", "--clear", "requestsPerMinute", "ci")
+    assert late["limits"]["requestsPerMinute"] is None
+    with pytest.raises(SystemExit):  # a third name is still an error
+        cli.main(["keys", "limits", "chat", "ci", "--tokens-per-day", "3", "extra"])
+    assert "unrecognized arguments: extra" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a field that is none, once both names are given
         cli.main(["keys", "limits", "chat", "ci", "--clear", "tokensPerYear"])
     assert "invalid choice: 'tokensPerYear'" in capsys.readouterr().err

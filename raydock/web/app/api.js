@@ -80,13 +80,18 @@ export const api = {
 // `pages` pages (each of the API's default size) of a list route that answers pages
 // (`total`, `nextOffset`: null after the last), from `offset`: their rows under `key`, the
 // list's `total`, and whether more follow
-export async function listPages(path, key, { pages = Infinity, offset = 0 } = {}) {
+export async function listPages(path, key, { pages = Infinity, offset = 0, id = null } = {}) {
   const rows = [];
+  const seen = new Set(); // `id`: a row pushed onto the next page by one added meanwhile, once
   let next = offset;
   let total = 0;
   for (let n = 0; next !== null && next !== undefined && n < pages; n++) {
     const page = await api.get(`${path}?offset=${next}`);
-    rows.push(...page[key]);
+    for (const row of page[key]) {
+      if (id && seen.has(row[id])) continue;
+      if (id) seen.add(row[id]);
+      rows.push(row);
+    }
     total = page.total;
     next = page.nextOffset;
   }

@@ -102,7 +102,7 @@ export async function importDialog(onImported) {
   }
   setKind("base");
   // an adapter is checked against its base's weights: the base comes first
-  listPages("/models", "models").then(({ rows: models }) => {
+  listPages("/models", "models", { id: "modelId" }).then(({ rows: models }) => {
     const bases = models.filter((m) => m.kind === "base" && m.status === "READY");
     clear(base, h("option", { value: "", text: bases.length ? "Choose the base model…"
       : "No base model is Ready to Deploy" }),

@@ -103,7 +103,7 @@ export function modelsPage(main) {
   }
 
   async function refresh() {
-    ({ rows: models, total } = await listPages("/models", "models", { pages }));
+    ({ rows: models, total } = await listPages("/models", "models", { pages, id: "modelId" }));
     render();
   }
 
