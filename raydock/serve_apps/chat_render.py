@@ -35,6 +35,7 @@ from raydock.serve_apps.guided.grammars import (
     THINK_CLOSE,
     THINK_OPEN,
     TOOL_CALL_WRAPPERS,
+    ThinkTokens,
     ToolCallWrapper,
 )
 
@@ -101,18 +102,21 @@ def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
         return None
     added = _tag_tokens(tokenizer)
     return dataclasses.replace(
-        wrapper,
-        open_token=added.get(wrapper.open),
-        close_token=added.get(wrapper.close),
-        think_open_token=added.get(THINK_OPEN),  # a thinking model's (Qwen3's)
-        think_close_token=added.get(THINK_CLOSE),
+        wrapper, open_token=added.get(wrapper.open), close_token=added.get(wrapper.close)
     )
 
 
+def think_tokens(tokenizer: Any) -> ThinkTokens:
+    """The ids of the vocabulary's own tokens for THINK_OPEN and THINK_CLOSE, where it has
+    them (Qwen3's, DeepSeek-R1's), with or without a wrapper in the template: a grammar that
+    lets the model think names them."""
+    added = _tag_tokens(tokenizer)
+    return ThinkTokens(added.get(THINK_OPEN), added.get(THINK_CLOSE))
+
+
 def think_close_token(tokenizer: Any) -> int | None:
-    """The id of the vocabulary's own token for THINK_CLOSE, where it has one (Qwen3's,
-    DeepSeek-R1's): a grammar that must end a thinking block names it."""
-    return _tag_tokens(tokenizer).get(THINK_CLOSE)
+    """The id of the vocabulary's own token for THINK_CLOSE, where it has one."""
+    return think_tokens(tokenizer).close
 
 
 def _tag_tokens(tokenizer: Any) -> dict[str, int]:

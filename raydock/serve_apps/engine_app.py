@@ -105,13 +105,13 @@ def asgi_app() -> FastAPI:
 class EngineServer:
     def __init__(self, spec: dict[str, Any]):
         self.engine = load_engine(spec)
-        from raydock.serve_apps.chat_render import think_close_token, tool_call_wrapper
+        from raydock.serve_apps.chat_render import think_tokens, tool_call_wrapper
 
         tokenizer = getattr(self.engine, "tokenizer", None)
         # the tool-call format the model's chat template teaches (None: bare JSON calls only)
         self.tool_call_wrapper = tool_call_wrapper(tokenizer)
-        # the vocabulary's own `</think>`, which ends a thinking block its template opened
-        self.think_close_token = think_close_token(tokenizer)
+        # the vocabulary's own `<think>` and `</think>`, which the model thinks in
+        self.think_tokens = think_tokens(tokenizer)
         self.engine_name = spec["engine"]
         self.deployment_id = spec["deployment_id"]
         self._guided_seen = (0, 0)  # guided cache hits and misses already reported
@@ -302,7 +302,7 @@ class EngineServer:
             ids, opens_thinking = await self._prompt(request)
             if request.get("native_tool_calls"):
                 request = native_tool_grammar(
-                    request, self.tool_call_wrapper, opens_thinking, self.think_close_token
+                    request, self.tool_call_wrapper, opens_thinking, self.think_tokens
                 )
             self._check_params(params)
             await self._check_constraint(request)
@@ -364,26 +364,36 @@ def native_tool_grammar(
     request: dict[str, Any],
     wrapper: Any,
     opens_thinking: bool = False,
-    think_close_token: int | None = None,
+    think: Any = None,
 ) -> dict[str, Any]:
-    """The request with its `tool_choice: "auto"` grammar fitted to the chat template: also
-    taking up to `native_tool_calls` calls in the template's own `wrapper` (a
-    `ToolCallWrapper`; None: bare calls only) and, where the rendered prompt `opens_thinking`,
-    starting inside that thinking block (`think_close_token`: the vocabulary's `</think>`);
-    such a request is marked `structured.IN_THINKING`, which its events carry to the service.
-    The API replica that built the grammar does not know the model's template, so every
-    engine gets the same grammar from here."""
-    if (wrapper is None and not opens_thinking) or not request.get("grammar"):
-        return request
-    from raydock.serve_apps.guided.grammars import starting_in_thinking, with_native_calls
+    """The request with its `tool_choice: "auto"` grammar fitted to the model: also taking up
+    to `native_tool_calls` calls in the template's own `wrapper` (a `ToolCallWrapper`; None:
+    bare calls only), the thinking tags as the vocabulary's own tokens where `think` (a
+    `ThinkTokens`) has them, with or without a wrapper, and, where the rendered prompt
+    `opens_thinking`, starting inside that thinking block; such a request is marked
+    `structured.IN_THINKING`, which its events carry to the service. The API replica that
+    built the grammar does not know the model's template, so every engine gets the same
+    grammar from here."""
+    from raydock.serve_apps.guided.grammars import (
+        ThinkTokens,
+        starting_in_thinking,
+        with_native_calls,
+        with_think_tokens,
+    )
     from raydock.serve_apps.structured import IN_THINKING
 
+    think = think or ThinkTokens()
+    fitted = wrapper is not None or opens_thinking or think != ThinkTokens()
+    if not fitted or not request.get("grammar"):
+        return request
     grammar = request["grammar"]
     try:
         if wrapper is not None:
-            grammar = with_native_calls(grammar, wrapper, request["native_tool_calls"])
+            grammar = with_native_calls(grammar, wrapper, request["native_tool_calls"], think)
+        else:
+            grammar = with_think_tokens(grammar, think)
         if opens_thinking:
-            grammar = starting_in_thinking(grammar, think_close_token)
+            grammar = starting_in_thinking(grammar)
     except ValueError as exc:  # an API replica of another version: bare calls, as it asked
         log.warning("tool grammar kept as the API replica sent it: %s", exc)
         return request

@@ -244,7 +244,7 @@ class _ToolReply:
 
     def _release_thinking(self) -> list[dict]:
         """The held events up to the thinking's end; the event it ends in is split there
-        (its tokens' logprobs with the thinking, the end of the choice with the reply)."""
+        (`_split_logprobs`; the end of the choice goes with the reply)."""
         held_from = len(self.text) - sum(len(e["text"]) for e in self.held)
         out = []
         while self.held:
@@ -257,29 +257,44 @@ class _ToolReply:
                 out.append(ev)
                 held_from += len(ev["text"])
                 continue
-            out.append(ev | {"text": ev["text"][:cut], "finish_reason": None})
-            self.held.insert(0, ev | {"text": ev["text"][cut:], "logprobs": []})
+            thinking, reply = _split_logprobs(ev["logprobs"], cut)
+            out.append(ev | {"text": ev["text"][:cut], "logprobs": thinking, "finish_reason": None})
+            self.held.insert(0, ev | {"text": ev["text"][cut:], "logprobs": reply})
             break
         return out
 
     def _as_calls(self, calls: list[dict], finish: str) -> list[dict]:
         """The held reply as tool-call events (or one empty event when the reply was cut
-        before any call began): the last ends the choice."""
-        last_ev = self.held[-1]
-        self.held = []
+        before any call began): the last ends the choice and carries the logprobs of every
+        held event, in order (the calls' tokens are not told apart)."""
+        held, self.held = self.held, []
+        logprobs = [entry for ev in held for entry in ev["logprobs"]]
         if not calls:
-            return [last_ev | {"text": "", "logprobs": [], "finish_reason": finish}]
+            return [held[-1] | {"text": "", "logprobs": logprobs, "finish_reason": finish}]
         last = len(calls) - 1
         return [
-            last_ev
+            held[-1]
             | {
                 "text": "",
-                "logprobs": last_ev["logprobs"] if k == last else [],
+                "logprobs": logprobs if k == last else [],
                 "tool_calls": [{"index": k, **call}],
                 "finish_reason": finish if k == last else None,
             }
             for k, call in enumerate(calls)
         ]
+
+
+def _split_logprobs(logprobs: list, cut: int) -> tuple[list, list]:
+    """An event's per-token logprobs split where its text is cut at `cut` characters: each
+    token goes with the part its own text begins in, by the lengths of the tokens' texts
+    (the engines' token texts spell the event's text; where they do not, e.g. a token whose
+    text decoding drops, the count is off by as much)."""
+    at = 0
+    for k, entry in enumerate(logprobs):
+        if at >= cut:
+            return logprobs[:k], logprobs[k:]
+        at += len(entry[0])
+    return logprobs, []
 
 
 async def _bounded(

@@ -344,9 +344,11 @@ def test_a_thinking_models_own_tags_are_taken_as_their_tokens():
     tok.chat_template = "{{ messages }} think, then answer with <tool_call>{...}</tool_call>"
     wrapper = chat_render.tool_call_wrapper(tok)
     think, unthink = tok.convert_tokens_to_ids(["<think>", "</think>"])
-    assert (wrapper.think_open_token, wrapper.think_close_token) == (think, unthink)
+    assert chat_render.think_tokens(tok) == grammars.ThinkTokens(think, unthink)
     dec = GuidedDecoder(tok, {tok.eos_token_id}, len(tok))
-    native = grammars.with_native_calls(tools_grammar([WEATHER], auto=True), wrapper, 8)
+    native = grammars.with_native_calls(
+        tools_grammar([WEATHER], auto=True), wrapper, 8, chat_render.think_tokens(tok)
+    )
     textual = grammars.with_native_calls(
         tools_grammar([WEATHER], auto=True), grammars.TOOL_CALL_WRAPPERS[0], 8
     )
@@ -361,6 +363,42 @@ def test_a_thinking_models_own_tags_are_taken_as_their_tokens():
     assert accepts(native, "<think></think>\n\nSunny.")  # Qwen3's empty block
     bad = '<think>x</think>\n<tool_call>{"name":"other","arguments":{}}</tool_call>'
     assert not accepts(native, bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        # the model's own tag tokens inside its thinking, and later in its text
+        (f"<think>\nI will emit <tool_call> now\n</think>\n\n{WRAPPED}", True),
+        ("<think>a </tool_call> b <think> c</think>Sunny.", True),
+        ("<think><tool_call></think>Sunny.", True),
+        ("Sunny; I could write <tool_call> or </tool_call> or <think>.", True),
+        ("Sunny <tool_call><tool_call>", True),
+        # the thinking still ends at its first `</think>`, the text starts like no call
+        (f"<think>a</think>b</think>\n{CALL}", False),
+        ("<think>a</think><tool_call> no call", False),
+        ("\n<tool_call> no call", False),
+        ("</tool_call> text", True),  # no call starts so: spelled out, as before
+    ],
+)
+def test_the_vocabularys_own_tags_may_come_inside_thinking_and_text(text, ok):
+    """Qwen3's `<tool_call>`, `</tool_call>` and `<think>` are tokens, no text to llguidance:
+    the thinking and the text name them, or a model mentioning one would be refused."""
+    import copy
+
+    from raydock.serve_apps import chat_render
+
+    tok = copy.deepcopy(decoder()[0])
+    tok.add_tokens(["<tool_call>", "</tool_call>", "<think>", "</think>"])
+    tok.chat_template = "{{ messages }} think, then answer with <tool_call>{...}</tool_call>"
+    dec = GuidedDecoder(tok, {tok.eos_token_id}, len(tok))
+    auto = tools_grammar([WEATHER], auto=True)
+    wrapper, think = chat_render.tool_call_wrapper(tok), chat_render.think_tokens(tok)
+    native = grammars.with_native_calls(auto, wrapper, 8, think)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) < len(tok.encode(text.replace("<", "< "), add_special_tokens=False))
+    m = dec.compile_sync(grammar_of("grammar", native)).deep_copy()
+    assert (m.consume_tokens(ids) and m.is_accepting()) == ok
 
 
 @pytest.mark.parametrize(
@@ -386,8 +424,8 @@ def test_a_thinking_models_own_tags_are_taken_as_their_tokens():
 )
 def test_a_grammar_starting_in_thinking_the_prompt_opened(text, plain, native):
     auto = tools_grammar([WEATHER], auto=True)
-    assert _accepts(grammars.starting_in_thinking(auto, None), text) == plain
-    assert _accepts(grammars.starting_in_thinking(_native(), None), text) == native
+    assert _accepts(grammars.starting_in_thinking(auto), text) == plain
+    assert _accepts(grammars.starting_in_thinking(_native()), text) == native
 
 
 def test_a_grammar_starting_in_thinking_takes_the_vocabularys_end_tag():
@@ -407,11 +445,12 @@ def test_a_grammar_starting_in_thinking_takes_the_vocabularys_end_tag():
 
     reply = f"The weather in Oslo.\n</think>\n\n{CALL}"
     assert unthink in tok.encode(reply, add_special_tokens=False)
-    assert accepts(grammars.starting_in_thinking(auto, unthink), reply)
-    assert accepts(grammars.starting_in_thinking(auto, unthink), "</think>Sunny.")
-    assert not accepts(grammars.starting_in_thinking(auto, None), reply)
+    fitted = grammars.with_think_tokens(auto, grammars.ThinkTokens(close=unthink))
+    assert accepts(grammars.starting_in_thinking(fitted), reply)
+    assert accepts(grammars.starting_in_thinking(fitted), "</think>Sunny.")
+    assert not accepts(grammars.starting_in_thinking(auto), reply)
     with pytest.raises(ValueError, match="auto"):  # required and named choices start no block
-        grammars.starting_in_thinking(tools_grammar([WEATHER], auto=False), unthink)
+        grammars.starting_in_thinking(tools_grammar([WEATHER], auto=False))
 
 
 def test_not_starting_with_is_exact():

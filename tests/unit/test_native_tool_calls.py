@@ -209,7 +209,7 @@ def _replica(engine, wrapper):
     server = type("Replica", (), {name: getattr(cls, name) for name in methods})()
     server.engine, server.queue_limit, server.requests, server.taken = engine, 1, 0, 0
     server.tool_call_wrapper = wrapper
-    server.think_close_token = chat_render.think_close_token(getattr(engine, "tokenizer", None))
+    server.think_tokens = chat_render.think_tokens(getattr(engine, "tokenizer", None))
     server.tokenizing = ThreadPoolExecutor(1)
     return server
 
@@ -513,10 +513,11 @@ def _tokenizer(template: str, tags_are_tokens: bool):
     return tok
 
 
-def _served(tok, reply: str) -> tuple[list, object, object]:
+def _served(tok, reply: str, tags_in_content: bool = False) -> tuple[list, object, object]:
     """The replica's events (less metering's), and the choice a client gets for them whole
     and streamed (as the OpenAI SDK puts a stream together), for a chat with two tools under
-    tool_choice "auto" to a model that writes `reply`."""
+    tool_choice "auto" to a model that writes `reply` (no chunk shows a call tag, unless
+    `tags_in_content`: the text mentions them)."""
     server = _replica(_Scripted(tok, reply), chat_render.tool_call_wrapper(tok))
     request = {
         "messages": [{"role": "user", "content": "The weather in Paris, and the time?"}],
@@ -540,7 +541,8 @@ def _served(tok, reply: str) -> tuple[list, object, object]:
     data = [d.removeprefix("data: ") for d in "".join(lines).split("\n\n") if d]
     assert data[-1] == "[DONE]"
     chunks = [ChatCompletionChunk.model_validate_json(d) for d in data[:-1]]
-    assert not any("tool_call>" in (c.choices[0].delta.content or "") for c in chunks if c.choices)
+    shown = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert tags_in_content or "tool_call>" not in shown
     streamed = _as_sdk_assembles(chunks)
     return steps, ChatCompletion.model_validate(whole).choices[0], streamed
 
@@ -611,3 +613,119 @@ def test_a_template_that_opens_no_thinking_answers_as_before(reply, content):
     if content is None:
         (call,) = whole.message.tool_calls
         assert json.loads(call.function.arguments) == {"city": "</think>"}
+
+
+# ------------------------------------------- the logprobs of held replies and of split events
+
+
+def _tokened(text: str, finish: str = "stop", per_event: int = 3) -> list[list[dict]]:
+    """Events of `per_event` tokens each (a token: 4 characters) with each token's logprob,
+    then the end of the reply as its own event without a token (an EOS: as the engines
+    report it)."""
+    tokens = [text[i : i + 4] for i in range(0, len(text), 4)]
+    events = [
+        [
+            {
+                "index": 0,
+                "text": "".join(group),
+                "logprobs": [(t, -0.5, [(t, -0.5)]) for t in group],
+                "finish_reason": None,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+            }
+        ]
+        for group in (tokens[i : i + per_event] for i in range(0, len(tokens), per_event))
+    ]
+    end = {"text": "", "logprobs": [], "finish_reason": finish, "prompt_tokens": 12}
+    return events + [[events[0][0] | end | {"completion_tokens": len(tokens) + 1}]]
+
+
+def _scored_tokens(choice) -> list[str]:
+    return [t.token for t in choice.logprobs.content] if choice.logprobs else []
+
+
+@pytest.mark.parametrize(
+    ("text", "finish"),
+    [
+        (TWO_CALLS, "stop"),  # the calls' last event is the EOS, without a token
+        (f"{THINKING}\n\n{TWO_CALLS}", "stop"),  # the thinking ends inside an event
+        ("\n<tool_ca", "length"),  # cut before any call began: no call, yet its tokens
+    ],
+    ids=["calls", "thinking-then-calls", "cut-before-a-call"],
+)
+def test_every_token_of_a_reply_of_calls_keeps_its_logprob(text, finish):
+    """A client asking for logprobs gets one for each token the model wrote, in order,
+    whole; streamed, the thinking's chunks carry the logprobs of the thinking's tokens, and
+    the calls the rest."""
+    tokens = [text[i : i + 4] for i in range(0, len(text), 4)]
+    events = _tokened(text, finish)
+    whole = _answer(events).choices[0]
+    assert _scored_tokens(whole) == tokens
+    chunks = [c.choices[0] for c in _streamed(events) if c.choices]
+    assert [t for c in chunks for t in _scored_tokens(c)] == tokens
+    if text.startswith(THINKING):
+        content = [t for c in chunks if c.delta.content for t in _scored_tokens(c)]
+        # the token the thinking ends in goes with it; the reply's with the calls
+        end = next(k for k in range(len(tokens)) if len("".join(tokens[: k + 1])) >= len(THINKING))
+        assert "".join(content) == "".join(tokens[: end + 1])
+        assert "".join(c.delta.content for c in chunks if c.delta.content) == THINKING
+
+
+# ------------------------------------ the vocabulary's own tags in thinking, text, and R1-style
+# DeepSeek-R1-0528's way: the model opens its thinking itself, with its vocabulary's `<think>`
+# token, and its template teaches no `<tool_call>` (raydock asks for bare JSON calls)
+R1_0528_TEMPLATE = R1_TEMPLATE.replace(
+    "<|Assistant|><think>\n{% endif %}", "<|Assistant|>{% endif %}"
+)
+
+
+def test_a_model_whose_vocabulary_holds_the_think_tags_thinks_without_a_wrapper():
+    """Without `<tool_call>` in the template the grammar still names the vocabulary's own
+    `<think>` and `</think>`: the model's first token, `<think>`, is not refused."""
+    tok = _tokenizer(R1_0528_TEMPLATE, True)
+    assert chat_render.tool_call_wrapper(tok) is None
+    reply = f"<think>\n{THOUGHT}\n\n{PARIS}"
+    assert tok.encode(reply, add_special_tokens=False)[0] == tok.convert_tokens_to_ids("<think>")
+    _, whole, streamed = _served(tok, reply)
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls"
+        assert choice.message.content == f"<think>\n{THOUGHT}"
+        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+    _, whole, _ = _served(tok, f"<think>\n{THOUGHT}\n\nIt is sunny.")
+    assert whole.finish_reason == "stop" and whole.message.content.endswith("It is sunny.")
+
+
+# the model mentions its own tags, which its vocabulary holds as tokens, while it thinks
+MENTIONS = "I will emit <tool_call> then </tool_call>, no <think> again.\n</think>"
+
+
+@pytest.mark.parametrize(
+    ("template", "reply", "content"),
+    [
+        (QWEN25_TEMPLATE, f"<think>\n{MENTIONS}\n\n{TWO_CALLS}", f"<think>\n{MENTIONS}"),
+        (QWEN3_THINKING_TEMPLATE, f"{MENTIONS}\n\n{TWO_CALLS}", MENTIONS),
+    ],
+    ids=["qwen3", "qwen3-thinking"],
+)
+def test_the_vocabularys_own_tags_may_be_mentioned_in_the_thinking(template, reply, content):
+    tok = _tokenizer(template, True)
+    assert tok.convert_tokens_to_ids("<tool_call>") in tok.encode(MENTIONS)
+    _, whole, streamed = _served(tok, reply, tags_in_content=True)
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "tool_calls" and choice.message.content == content
+        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize(
+    ("template", "reply"),
+    [
+        (QWEN25_TEMPLATE, "It is sunny. Next time I would write <tool_call> and <think> first."),
+        (R1_0528_TEMPLATE, "It is sunny. Next time I would <think> first."),  # no call tags
+    ],
+    ids=["qwen3", "r1-0528"],
+)
+def test_text_may_mention_the_vocabularys_own_tags(template, reply):
+    _, whole, streamed = _served(_tokenizer(template, True), reply, tags_in_content=True)
+    for choice in (whole, streamed):
+        assert choice.finish_reason == "stop" and choice.message.content == reply
+        assert not choice.message.tool_calls

@@ -23,9 +23,15 @@ class ToolCallWrapper:
     close: str
     open_token: int | None = None
     close_token: int | None = None
-    # the vocabulary's own tokens for THINK_OPEN and THINK_CLOSE, where it has them (Qwen3's)
-    think_open_token: int | None = None
-    think_close_token: int | None = None
+
+
+@dataclass(frozen=True)
+class ThinkTokens:
+    """The vocabulary's own tokens for THINK_OPEN and THINK_CLOSE, where it has them (Qwen3's,
+    DeepSeek-R1's: `chat_render.think_tokens`), whatever the template's call format."""
+
+    open: int | None = None
+    close: int | None = None
 
 
 #: The native tool-call formats raydock knows, the first found in a template wins: the one
@@ -87,11 +93,10 @@ _TEXT_START = not_starting_with(
 _START = "start: think? reply\n"
 _AUTO_HEAD = _START + "reply: WS? call | text\n"
 _NATIVE_HEAD = _START + "reply: WS? call | WS? calls | text\n"
-# a thinking block's text up to its first THINK_CLOSE, spelled out; or, before that tag as
-# the vocabulary's own token, text without it
+# a thinking block's text up to its first THINK_CLOSE, spelled out; or, before a tag that is
+# the vocabulary's own token, text without THINK_CLOSE
 _THINKING = r"THINKING: /[\s\S]*<\/think>/ & ~/[\s\S]*<\/think>[\s\S]+/"
-_WITHOUT_CLOSE = r"/[\s\S]+/ & ~/[\s\S]*<\/think>[\s\S]*/"
-_THINKING_OPEN = f"THINKING_OPEN: {_WITHOUT_CLOSE}"
+_THINKING_OPEN = r"THINKING_OPEN: /[\s\S]+/ & ~/[\s\S]*<\/think>[\s\S]*/"
 
 
 def json_grammar(schema: Any, bounds: Bounds | None = None) -> str:
@@ -134,52 +139,84 @@ def tools_grammar(tools: list[dict[str, Any]], auto: bool, bounds: Bounds | None
     call = "%json " + json.dumps(normalize(tool_call_schema(tools), bounds))
     if not auto:
         return f"start: {call}"
-    return f"{_AUTO_HEAD}call: {call}\n{_auto_tail(None, None)}"
+    return f"{_AUTO_HEAD}call: {call}\n{_auto_tail(ThinkTokens())}"
 
 
-def _auto_tail(think_open: int | None, think_close: int | None) -> str:
+def _auto_tail(think: ThinkTokens, wrapper: ToolCallWrapper | None = None) -> str:
     """The rules an auto grammar ends with: the text, the thinking block a reply may open
-    with (its tags spelled out, or also as the vocabulary's own tokens) and the whitespace
-    before a call."""
-    thinking = f"THINKING\n{_THINKING}"
-    if think_close is not None:
-        thinking = f"(THINKING | THINKING_OPEN? <[{think_close}]>)\n{_THINKING}\n{_THINKING_OPEN}"
-    return (
-        f"text: SPACE? TEXT\nTEXT: /{_TEXT_START}/\nSPACE: /[ \\t\\r\\n]+/\n"
-        f"think: {_tag(THINK_OPEN, think_open)} {thinking}\nWS: {_WRAPPER_SPACE}"
-    )
+    with (`thinking`: its tags spelled out, or also as the vocabulary's own `think` tokens)
+    and the whitespace before a call. The vocabulary's own tag tokens (THINK_OPEN's and the
+    `wrapper`'s) are no text to llguidance: the thinking and the text name them, so a model
+    may mention them there; the thinking still ends at its first THINK_CLOSE, and the text
+    still starts like no call nor thinking."""
+    inner = _token_set(think.open, *((wrapper.open_token, wrapper.close_token) if wrapper else ()))
+    ends = "THINKING"
+    if think.close is not None:
+        ends = f"(THINKING | THINKING_OPEN? <[{think.close}]>)"
+    text, thinking = "text: SPACE? TEXT", f"thinking: {ends}"
+    if inner:
+        first = _token_set(wrapper.close_token if wrapper else None)  # it starts nothing
+        start = f"(TEXT | {first} TEXT_ON?)" if first else "TEXT"
+        text = f"text: SPACE? {start} ({inner} TEXT_ON?)*"
+        thinking = f"thinking: (THINKING_OPEN? {inner})* {ends}"
+    rules = [text, f"TEXT: /{_TEXT_START}/", "SPACE: /[ \\t\\r\\n]+/"]
+    rules += [f"think: {_tag(THINK_OPEN, think.open)} thinking", thinking, _THINKING]
+    if inner:
+        rules.append(r"TEXT_ON: /[\s\S]+/")
+    if inner or think.close is not None:
+        rules.append(_THINKING_OPEN)
+    return "\n".join([*rules, f"WS: {_WRAPPER_SPACE}"])
 
 
-def with_native_calls(grammar: str, wrapper: ToolCallWrapper, max_calls: int) -> str:
+def _token_set(*ids: int | None) -> str:
+    """The tokens of `ids` (None: none) as one llguidance token set, or "" when none."""
+    known = sorted({i for i in ids if i is not None})
+    return f"<[{','.join(map(str, known))}]>" if known else ""
+
+
+def _auto_middle(grammar: str) -> str:
+    """The call rule of an auto `tools_grammar`, between its head and its tail."""
+    tail = _auto_tail(ThinkTokens())
+    if not (grammar.startswith(_AUTO_HEAD) and grammar.endswith(tail)):
+        raise ValueError("not a tool_choice 'auto' grammar of tools_grammar")
+    return grammar[len(_AUTO_HEAD) : -len(tail)]
+
+
+def with_think_tokens(grammar: str, think: ThinkTokens) -> str:
+    """An auto `tools_grammar` whose thinking tags may be the vocabulary's own `think` tokens,
+    for a template without a wrapper (DeepSeek-R1's): else the model's own first token,
+    `<think>`, would be refused."""
+    return _AUTO_HEAD + _auto_middle(grammar) + _auto_tail(think)
+
+
+def with_native_calls(
+    grammar: str, wrapper: ToolCallWrapper, max_calls: int, think: ThinkTokens = ThinkTokens()
+) -> str:
     """An auto `tools_grammar` that also takes 1 to `max_calls` calls each written in the
     chat template's own `wrapper`, `<tool_call>` ws call ws `</tool_call>`, with whitespace
     between: the same `call` rule, so the wrapped JSON is as constrained as a bare call. The
-    tags, and the thinking block's, may be the vocabulary's own tokens."""
-    tail = _auto_tail(None, None)
-    if not (grammar.startswith(_AUTO_HEAD) and grammar.endswith(tail)):
-        raise ValueError("not a tool_choice 'auto' grammar of tools_grammar")
+    tags, and the thinking block's (`think`), may be the vocabulary's own tokens."""
+    middle = _auto_middle(grammar)
     more = f" (WS? wrapped){{0,{max_calls - 1}}}" if max_calls > 1 else ""
     open_, close = _tag(wrapper.open, wrapper.open_token), _tag(wrapper.close, wrapper.close_token)
     return (
         _NATIVE_HEAD
-        + grammar[len(_AUTO_HEAD) : -len(tail)]
+        + middle
         + f"calls: wrapped{more} WS?"
         + f"\nwrapped: {open_} WS? call WS? {close}\n"
-        + _auto_tail(wrapper.think_open_token, wrapper.think_close_token)
+        + _auto_tail(think, wrapper)
     )
 
 
-def starting_in_thinking(grammar: str, think_close_token: int | None) -> str:
-    """An auto grammar (`tools_grammar`'s or `with_native_calls`') for a prompt whose chat
-    template opened the thinking block itself (`chat_render.opens_thinking`): the output starts
-    inside it, with no THINK_OPEN of its own, runs to its first THINK_CLOSE (spelled out, or
-    `think_close_token`, the vocabulary's token for it), then the reply as before."""
+def starting_in_thinking(grammar: str) -> str:
+    """An auto grammar (`tools_grammar`'s, `with_think_tokens`' or `with_native_calls`') for a
+    prompt whose chat template opened the thinking block itself (`chat_render.opens_thinking`):
+    the output starts inside it, with no THINK_OPEN of its own, runs to its first THINK_CLOSE
+    (spelled out, or the vocabulary's token for it where the grammar names one), then the
+    reply as before."""
     if not grammar.startswith(_START):
         raise ValueError("not a tool_choice 'auto' grammar of tools_grammar")
-    thought = "thought: THINKING"
-    if think_close_token is not None:  # its own terminal: THINKING_OPEN may be defined already
-        thought = f"thought: THINKING | THOUGHT? <[{think_close_token}]>\nTHOUGHT: {_WITHOUT_CLOSE}"
-    return f"start: thought reply\n{grammar[len(_START) :]}\n{thought}"
+    return f"start: thinking reply\n{grammar[len(_START) :]}"
 
 
 def _tag(text: str, token: int | None) -> str:
