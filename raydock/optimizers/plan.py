@@ -63,6 +63,19 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def cpu_runs_4bit_kernels() -> bool:
+    """Whether vLLM on this CPU has its AWQ / GPTQ kernel (cpu_gemm_wna16): on x86 it is in
+    the libraries vLLM loads with AVX512 only; without it (AVX2: vllm._C_AVX2) a replica
+    fails at its first forward pass. Asked of this node, as ct2_supported is."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # vLLM's other CPU builds (Arm, PowerPC) as they come
+    import torch
+
+    return torch.cpu._is_avx512_supported()
+
+
 def ct2_supported(device: str, accelerator: str | None) -> set[str]:
     if device == "cpu":
         import ctranslate2
@@ -142,6 +155,12 @@ def check(
                     qfield,
                     f"on {where} vLLM runs 4-bit {quant} checkpoints; this one declares "
                     f"{declared.get('bits')} bits (use a GPU deviceType)",
+                )
+            if device == "cpu" and not cpu_runs_4bit_kernels():
+                raise OptimizationError(
+                    qfield,
+                    f"on {where} vLLM runs {quant} checkpoints with its AVX512 kernel; this "
+                    "CPU has no AVX512 (use a GPU deviceType, or the unquantized model)",
                 )
         if quant == "fp8" and (device == "cpu" or _SM.get(acc or "", 0) < 89):
             raise OptimizationError(
