@@ -185,7 +185,8 @@ def test_an_import_moves_the_files_within_the_download_folder_filesystem(
     model = _FakeImport.finished["folder"]
     assert model.parent.parent == downloads and model.parent.name.startswith(".work-")
     assert "model.safetensors" in _FakeImport.finished["files"]
-    assert list(downloads.iterdir()) == []  # the work folder and the download, removed
+    # the work folder and the download, removed (only the locks' folder stays)
+    assert [p.name for p in downloads.iterdir()] == [".locks"]
 
 
 def test_a_merge_is_found_by_its_adapter():
