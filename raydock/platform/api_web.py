@@ -25,6 +25,7 @@ from ray.exceptions import RayError
 
 from raydock import names
 from raydock.errors import ApiError, as_api_error, meter_unavailable
+from raydock.platform import db
 from raydock.platform.api_deps import User, ctx
 from raydock.platform.states import (
     DELETABLE_DEPLOYMENT,
@@ -70,6 +71,21 @@ async def metrics_history(deploymentId: str, _: User) -> dict[str, Any]:
     }
 
 
+def playground_key_names(user: dict[str, Any]) -> tuple[str, str]:
+    """The names a user's playground key may take: a deployment's key names are unique, user
+    names are not, so a user whose name another user's playground key already bears gets the
+    second, which names their id too. A long user name is cut to keep each within a key
+    name's length (the registry would cut it at the end, making both names one)."""
+    limit = db.ApiKey.__table__.c.name.type.length
+
+    def named(suffix: str) -> str:
+        room = limit - len("playground ()") - len(suffix)
+        name = user["name"] if len(user["name"]) <= room else user["name"][: room - 1] + "…"
+        return f"playground ({name}{suffix})"
+
+    return named(""), named(f", {user['userId']}")
+
+
 async def _playground_key(
     deployment_id: str, user: dict[str, Any], fresh: bool
 ) -> tuple[str, bool]:
@@ -78,9 +94,7 @@ async def _playground_key(
     async with _key_locks.setdefault(slot, asyncio.Lock()):
         if not fresh and slot in _playground_keys:
             return _playground_keys[slot], False
-        # a deployment's key names are unique, user names are not: a user whose name another
-        # user's playground key already bears gets one that names their id too
-        names = (f"playground ({user['name']})", f"playground ({user['name']}, {user['userId']})")
+        names = playground_key_names(user)
         # the secret of an earlier one is gone (a restart) or refused: that key is of no use
         for k in await ctx.registry.list_deployment_keys.remote(deployment_id):
             if k["name"] in names and k["createdById"] == user["userId"]:

@@ -6,6 +6,7 @@ import asyncio
 
 from raydock.client import default_deploy_body
 from raydock.platform import api_web
+from raydock.platform.security import display_prefix
 
 
 def test_two_users_of_one_name_keep_their_own_playground_keys(api):
@@ -35,3 +36,38 @@ def test_two_users_of_one_name_keep_their_own_playground_keys(api):
         admin["userId"]: "playground (admin)",
         twin["userId"]: f"playground (admin, {twin['userId']})",
     }
+
+
+def test_users_of_one_long_name_each_get_a_playground_key_within_the_name_limit(api):
+    """A user name may hold 200 characters; "playground (<name>)" would pass a key name's 200,
+    and the registry's cut made both of a user's possible names one: the second user of a
+    long name got no playground key at all."""
+    reg, admin_key = api
+    admin = reg.authenticate_management(admin_key)
+    long_name = "n" * 200
+    users = [
+        reg.authenticate_management(
+            reg.create_user(long_name, None, False, admin["userId"])["apiKey"]
+        )
+        for _ in range(2)
+    ]
+    model = reg.create_model("m", "file", admin["userId"])
+    reg.set_model_status(model["modelId"], "VALIDATING")
+    reg.set_model_status(model["modelId"], "READY", artifact_uri="/x", checksum="c")
+    dep_id = reg.create_deployment(model["modelId"], default_deploy_body("d"), admin["userId"])[
+        "deploymentId"
+    ]
+
+    async def keys_of_both() -> list[str]:
+        return [(await api_web._playground_key(dep_id, u, fresh=True))[0] for u in users * 2]
+
+    secrets = asyncio.run(keys_of_both())
+    keys = reg.list_deployment_keys(dep_id)
+    # each user holds one key, the latest made for them, and every name fits
+    assert sorted(k["createdById"] for k in keys) == sorted(u["userId"] for u in users)
+    assert all(len(k["name"]) <= 200 and k["name"].startswith("playground (nnn") for k in keys)
+    assert users[1]["userId"] in next(
+        k["name"] for k in keys if k["createdById"] == users[1]["userId"]
+    )
+    # the keys kept are the ones the playground holds now (a key's prefix is its secret's)
+    assert sorted(k["prefix"] for k in keys) == sorted(display_prefix(s) for s in secrets[2:])
