@@ -47,7 +47,8 @@ from raydock.platform.secrets import KEY_FILE
 
 FORMAT = 1
 MANIFEST = "raydock-backup.json"
-SKIPPED_TABLES = {"platform_lease", "upload_sessions"}  # a process's, and a data dir's files
+# a process's; and an upload's, whose chunks are files of the data dir (skipped too)
+SKIPPED_TABLES = {"platform_lease", "upload_sessions", "upload_chunks"}
 SKIPPED_AREAS = ("uploads/", "exports/")  # store areas that are transient
 INSERT_BATCH = 500
 LOCK_FILE = "raydock.db.lock"  # the SQLite lease's file (lease.py), held by the restore itself

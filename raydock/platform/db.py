@@ -175,10 +175,20 @@ class UploadSession(Base):
     file_name: Mapped[str] = mapped_column(String(300))
     total_size: Mapped[int] = mapped_column(BigInteger)  # up to 2^53 (PostgreSQL: int8)
     total_chunks: Mapped[int] = mapped_column(Integer)
-    received: Mapped[list[str]] = mapped_column(default=list)  # chunk numbers as strings
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class UploadChunk(Base):
+    """A chunk an upload session has received, a row each: recording one is one insert (a
+    list in the session's row, rewritten whole for every chunk, made an upload O(n^2))."""
+
+    __tablename__ = "upload_chunks"
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("upload_sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk_number: Mapped[int] = mapped_column(Integer, primary_key=True)
 
 
 # ---- notifications (platform/notify.py)
@@ -191,6 +201,8 @@ class NotificationDelivery(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(64), index=True)  # notify.KINDS
     event: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the webhook body
+    # the event's userId, a column of its own: a user's list filters on it (indexed)
+    user_id: Mapped[str | None] = mapped_column(String(64), index=True)
     channel: Mapped[str] = mapped_column(String(16))  # email | webhook
     target: Mapped[str] = mapped_column(String(2000))  # an address or a URL
     status: Mapped[str] = mapped_column(String(16), index=True)  # pending|delivered|failed

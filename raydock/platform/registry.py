@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import ray
-from sqlalchemy import delete, func, select
+from sqlalchemy import Text, cast, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from raydock import names, params
@@ -90,6 +91,13 @@ def _usage_period(dialect: str, by: str) -> Any:
     if dialect == "sqlite":
         return func.strftime(fmt, db.Usage.minute)
     return func.to_char(db.Usage.minute, fmt)
+
+
+def _insert_unless_there(s: Session, table: type[db.Base], **values: Any) -> None:
+    """Insert a row; one with the same primary key already there stays as it is (INSERT ...
+    ON CONFLICT DO NOTHING, which both databases raydock runs on have, each in its dialect)."""
+    dialect = postgresql if s.bind.dialect.name == "postgresql" else sqlite
+    s.execute(dialect.insert(table).values(**values).on_conflict_do_nothing())
 
 
 #: the order models are listed in: newest first, the id breaking ties, so that the pages of
@@ -1314,58 +1322,77 @@ class Registry:
             )
             s.add(u)
             s.flush()
-            return self._upload_view(u)
+            return self._upload_view(u, [])
 
     @staticmethod
-    def _upload_view(u: db.UploadSession) -> dict[str, Any]:
+    def _upload(s: Session, session_id: str) -> tuple[db.UploadSession, list[int]]:
+        """A session and its received chunk numbers, sorted, in one query; NotFound if there
+        is none. The numbers come joined into one text by the database: every chunk's answer
+        holds them all, and thousands of rows read one by one cost more per chunk than the
+        JSON list they replace."""
+        number = db.UploadChunk.chunk_number
+        if s.bind.dialect.name == "postgresql":
+            joined = func.string_agg(cast(number, Text), ",")
+        else:
+            joined = func.group_concat(number, ",")
+        session = db.UploadSession
+        received = select(joined).where(db.UploadChunk.session_id == session.id)
+        q = select(session, received.scalar_subquery()).where(session.id == session_id)
+        found = s.execute(q).first()
+        if found is None:
+            raise NotFound(f"upload session {session_id} not found")
+        u, text = found
+        return u, sorted(map(int, text.split(","))) if text else []
+
+    @staticmethod
+    def _upload_view(u: db.UploadSession, received: list[int]) -> dict[str, Any]:
         return {
             "sessionId": u.id,
             "fileName": u.file_name,
             "totalSize": u.total_size,
             "totalChunks": u.total_chunks,
-            "receivedChunks": sorted(int(c) for c in u.received),
+            "receivedChunks": received,
             "options": u.options,
             "createdBy": u.created_by,
         }
 
     def get_upload_session(self, session_id: str) -> dict[str, Any]:
         with self._tx() as s:
-            u = s.get(db.UploadSession, session_id)
-            if u is None:
-                raise NotFound(f"upload session {session_id} not found")
-            return self._upload_view(u)
+            return self._upload_view(*self._upload(s, session_id))
 
     def add_upload_chunk(self, session_id: str, chunk: int) -> dict[str, Any]:
+        """Record a chunk as received: one row, once (a chunk sent again is the same chunk)."""
         with self._tx() as s:
-            u = s.get(db.UploadSession, session_id)
-            if u is None:
-                raise NotFound(f"upload session {session_id} not found")
-            u.received = sorted(set(u.received) | {str(chunk)}, key=int)
-            return self._upload_view(u)
+            u, received = self._upload(s, session_id)
+            _insert_unless_there(s, db.UploadChunk, session_id=session_id, chunk_number=chunk)
+            return self._upload_view(u, sorted({*received, chunk}))
 
     def list_upload_sessions(self) -> list[dict[str, Any]]:
         """Every open session, oldest first: its id, file, size, chunks received and who
         started it when (`startedAt` in epoch seconds: for the idle sweep, and the disk space
         a new session must leave to the open ones)."""
+        session, chunk = db.UploadSession, db.UploadChunk
+        received = select(func.count()).where(chunk.session_id == session.id).scalar_subquery()
         with self._tx() as s:
             names = self._user_names(s)
-            rows = s.scalars(select(db.UploadSession).order_by(db.UploadSession.created_at))
+            rows = s.execute(select(session, received).order_by(session.created_at))
             return [
                 {
                     "sessionId": u.id,
                     "fileName": u.file_name,
                     "totalSize": u.total_size,
                     "totalChunks": u.total_chunks,
-                    "chunksReceived": len(u.received),
+                    "chunksReceived": chunks,
                     "createdBy": u.created_by,
                     "createdByName": names.get(u.created_by or "", u.created_by),
                     "createdAt": views.iso(u.created_at),
                     "startedAt": u.created_at.replace(tzinfo=UTC).timestamp(),
                 }
-                for u in rows
+                for u, chunks in rows
             ]
 
     def delete_upload_session(self, session_id: str) -> None:
+        """The session ends; its chunks' rows go with it (the foreign key cascades)."""
         with self._tx() as s:
             s.execute(delete(db.UploadSession).where(db.UploadSession.id == session_id))
 
@@ -1517,6 +1544,7 @@ class Registry:
                 id=db.new_id("nd"),
                 kind=event["kind"],
                 event=event,
+                user_id=event.get("userId"),
                 channel=channel,
                 target=notify.display_target(target),
                 status="pending",
@@ -1586,7 +1614,7 @@ class Registry:
                 match.append(row.status == status)
             if own is not None:
                 user_id, targets = own
-                match += [row.event["userId"].as_string() == user_id, row.target.in_(targets)]
+                match += [row.user_id == user_id, row.target.in_(targets)]
             q = select(row).where(*match).order_by(row.created_at.desc(), row.id)
             found = [self._delivery_view(r) for r in s.scalars(q.offset(offset).limit(limit))]
             total = s.scalar(select(func.count(row.id)).where(*match))

@@ -121,13 +121,23 @@ def test_an_empty_sqlite_migrates_in_well_under_a_second(tmp_path):
     assert time.perf_counter() - started < 0.5
 
 
-OLDER_TABLES = [t for name, t in db.Base.metadata.tables.items() if name != "usage"]
+# an older raydock's tables: no usage (older still than the baseline), nor the tables later
+# revisions made
+MADE_AFTER_BASELINE = {"upload_chunks"}
+OLDER_TABLES = [
+    t
+    for name, t in db.Base.metadata.tables.items()
+    if name != "usage" and name not in MADE_AFTER_BASELINE
+]
 # columns later revisions added to OLDER_TABLES: an older raydock's tables lack them
 ADDED_AFTER_BASELINE = [
     ("deployments", "applied_from"),
     ("user_webhooks", "url_sealed"),
     ("user_webhooks", "url_hint"),
+    ("notification_deliveries", "user_id"),
 ]
+# columns later revisions removed (table, column, SQL type): an older raydock's tables have them
+REMOVED_AFTER_BASELINE = [("upload_sessions", "received", "JSON")]
 
 
 def create_older_tables(db_url: str) -> None:
@@ -135,7 +145,12 @@ def create_older_tables(db_url: str) -> None:
     db.Base.metadata.create_all(engine, tables=OLDER_TABLES)
     engine.dispose()
     for table, column in ADDED_AFTER_BASELINE:
+        for index in db.Base.metadata.tables[table].indexes:  # SQLite drops no indexed column
+            if column in index.columns:
+                sql(db_url, f"DROP INDEX {index.name}")
         sql(db_url, f"ALTER TABLE {table} DROP COLUMN {column}")
+    for table, column, type_ in REMOVED_AFTER_BASELINE:
+        sql(db_url, f"ALTER TABLE {table} ADD COLUMN {column} {type_}")
 
 
 def test_a_database_made_before_migrations_is_adopted_and_keeps_its_rows(db_url, registries):
@@ -235,6 +250,86 @@ def test_0003_masks_and_the_registry_seals_webhook_urls_an_older_raydock_kept_in
     assert got["headers"]["X-Raydock-Delivery"] == "nd-left"
     left = [d for d in reg.list_deliveries() if d["deliveryId"] == "nd-left"]
     assert [(d["status"], d["target"]) for d in left] == [("delivered", shown)]
+
+
+def run_migrations(db_url: str, target: str, down: bool = False) -> None:
+    engine = db.make_engine(db_url)
+    with engine.begin() as conn:
+        if down:
+            command.downgrade(migrations.config(conn), target)
+        else:
+            migrations._run(conn, target)
+    engine.dispose()
+
+
+def stored_lists(db_url: str) -> dict[str, list[str]]:
+    """upload_sessions.received as revision 0003 keeps it (SQLite answers JSON as text)."""
+    rows = sql(db_url, "SELECT id, received FROM upload_sessions")
+    return {sid: json.loads(r) if isinstance(r, str) else r for sid, r in rows}
+
+
+def test_0004_moves_upload_chunks_into_rows_and_deliveries_user_ids_into_a_column_and_back(
+    db_url, registries
+):
+    """A database at 0003 with uploads under way (their chunks a JSON list of numbers as
+    text) and deliveries of two users' events and of no user's: after the upgrade each upload
+    answers the chunks it had and takes more, each user lists their own deliveries; a
+    downgrade puts the lists back as 0003 kept them, and the next upgrade takes them again."""
+    run_migrations(db_url, "0003")
+    at = "'2026-01-01 00:00:00'"
+    deliveries = [
+        ("nd-ana", "u-ana", "ana@example.test"),
+        ("nd-bo", "u-bo", "bo@example.test"),
+        ("nd-ops", None, "ops@example.test"),
+    ]
+    sql(
+        db_url,
+        *(
+            f"INSERT INTO users (id, name, email, is_admin, created_at) VALUES "
+            f"('u-{name}', '{name}', '{name}@example.test', false, {at})"
+            for name in ("ana", "bo")
+        ),
+        *(
+            "INSERT INTO upload_sessions (id, file_name, total_size, total_chunks, received, "
+            f"options, created_at) VALUES ('{sid}', 'm.zip', 120, 12, '{received}', '{{}}', {at})"
+            for sid, received in (("up-a", '["1", "2", "10"]'), ("up-b", "[]"))
+        ),
+        *(
+            "INSERT INTO notification_deliveries (id, kind, event, channel, target, status, "
+            f"attempts, created_at, updated_at) VALUES ('{i}', 'deployment.deployed', "
+            f"'{json.dumps(notify.new_event(notify.DEPLOYED, user, {}))}', 'email', '{target}', "
+            f"'delivered', 1, {at}, {at})"
+            for i, user, target in deliveries
+        ),
+    )
+
+    reg = registries(db_url)  # what `raydock up` starts: upgrades
+    assert revision_of(db_url) == migrations.head()
+    assert schema_differences(db_url) == []
+    assert reg.get_upload_session("up-a")["receivedChunks"] == [1, 2, 10]
+    counts = {u["sessionId"]: u["chunksReceived"] for u in reg.list_upload_sessions()}
+    assert counts == {"up-a": 3, "up-b": 0}
+    assert reg.add_upload_chunk("up-a", 2)["receivedChunks"] == [1, 2, 10]  # had it already
+    assert reg.add_upload_chunk("up-b", 4)["receivedChunks"] == [4]
+    for i, user, target in deliveries[:2]:
+        found = reg.deliveries_page(own=(user, [target, "ops@example.test"]))
+        assert ([d["deliveryId"] for d in found["deliveries"]], found["total"]) == ([i], 1)
+    reg.close()
+
+    run_migrations(db_url, "0003", down=True)
+    assert revision_of(db_url) == "0003"
+    assert stored_lists(db_url) == {"up-a": ["1", "2", "10"], "up-b": ["4"]}
+    assert "upload_chunks" not in inspect_tables(db_url)
+    engine = db.make_engine(db_url)
+    with engine.connect() as conn:
+        columns = {c["name"]: c for c in inspect(conn).get_columns("upload_sessions")}
+        kept = {c["name"] for c in inspect(conn).get_columns("notification_deliveries")}
+    engine.dispose()
+    assert columns["received"]["nullable"] is False and "user_id" not in kept
+
+    again = registries(db_url)
+    assert again.get_upload_session("up-b")["receivedChunks"] == [4]
+    assert again.deliveries_page(own=("u-ana", ["ana@example.test"]))["total"] == 1
 
 
 def test_a_pre_migration_database_that_does_not_match_is_refused_naming_what_differs(db_url):

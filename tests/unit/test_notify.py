@@ -659,3 +659,56 @@ def test_deliveries_are_listed_to_admins_and_to_each_user_their_own(reg, tmp_pat
         [notify.display_target(ana_hook)],
     )
     assert listed(bo["apiKey"]) == ["bo@example.test"]
+
+
+def test_a_user_pages_through_exactly_their_own_deliveries_newest_first(
+    db_url, tmp_path, monkeypatch
+):
+    """Among other users' deliveries, their own events' to the platform's addresses, and an
+    event of no user's sent to their address: a user's pages hold their own, newest first."""
+    from fastapi.testclient import TestClient
+
+    from raydock.platform import api_deps
+    from raydock.platform.api import app
+
+    reg = Registry(db_url, Fernet.generate_key())
+    try:
+        admin_key = reg.ensure_admin()
+        ana = reg.create_user("ana", "ana@example.test", False, "system")
+        bo = reg.create_user("bo", "bo@example.test", False, "system")
+        fields = FIELDS[notify.DEPLOYED]
+        hers = []
+        for _ in range(5):
+            own = notify.new_event(notify.DEPLOYED, ana["userId"], fields)
+            hers.append(reg.record_delivery(own, "email", "ana@example.test")["deliveryId"])
+            reg.record_delivery(own, "email", "ops@example.test")
+            bos = notify.new_event(notify.DEPLOYED, bo["userId"], fields)
+            reg.record_delivery(bos, "email", "bo@example.test")
+            nobodys = notify.new_event(notify.DEPLOYED, None, fields)
+            reg.record_delivery(nobodys, "email", "ana@example.test")
+            time.sleep(0.002)  # each round later than the last: newest first is one order
+        settings = load_settings(home=str(tmp_path))
+        monkeypatch.setattr(api_deps.ctx, "settings", settings, raising=False)
+        monkeypatch.setattr(api_deps.ctx, "registry", RegistryHandle(reg), raising=False)
+
+        def page(key: str, **params) -> tuple[list[str], int, int | None]:
+            with TestClient(app, base_url="http://raydock.test") as c:
+                r = c.get(
+                    "/public/notifications/deliveries", params=params, headers={"X-api-key": key}
+                )
+            assert r.status_code == 200, r.text
+            found = r.json()
+            return (
+                [d["deliveryId"] for d in found["deliveries"]],
+                found["total"],
+                found["nextOffset"],
+            )
+
+        newest_first = hers[::-1]
+        assert page(ana["apiKey"], limit=2) == (newest_first[:2], 5, 2)
+        assert page(ana["apiKey"], limit=2, offset=2) == (newest_first[2:4], 5, 4)
+        assert page(ana["apiKey"], limit=2, offset=4) == (newest_first[4:], 5, None)
+        assert page(bo["apiKey"])[1] == 5
+        assert page(admin_key)[1] == 20  # an admin sees every delivery
+    finally:
+        reg.close()

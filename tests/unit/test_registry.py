@@ -459,3 +459,46 @@ def test_a_model_delete_names_what_goes_with_it_and_what_blocks_it(reg, admin):
     reg.delete_model(adapter["modelId"])
     d = reg.create_deployment(base["modelId"], default_deploy_body("idle"), uid)
     assert reg.delete_model(base["modelId"])["deletedDeployments"] == [d["deploymentId"]]
+
+
+# ---------------------------------------------------------------- chunked uploads
+
+
+def _upload(reg: Registry, chunks: int) -> str:
+    body = {"fileName": "m.zip", "totalSize": chunks * 10, "totalChunks": chunks}
+    return reg.create_upload_session(body, "u-1")["sessionId"]
+
+
+def test_a_chunk_recorded_twice_is_received_once(reg):
+    sid = _upload(reg, 4)
+    assert reg.add_upload_chunk(sid, 3)["receivedChunks"] == [3]
+    assert reg.add_upload_chunk(sid, 1)["receivedChunks"] == [1, 3]
+    again = reg.add_upload_chunk(sid, 3)  # re-sent: the same chunk
+    assert again["receivedChunks"] == [1, 3]
+    assert reg.get_upload_session(sid) == again
+    assert [u["chunksReceived"] for u in reg.list_upload_sessions()] == [2]
+    with pytest.raises(NotFound, match="up-none"):
+        reg.add_upload_chunk("up-none", 1)
+
+
+def test_an_uploads_chunks_outlive_a_registry_restart_and_go_with_its_cancel(db_url):
+    first = Registry(db_url)
+    try:
+        sid, other = _upload(first, 12), _upload(first, 2)
+        for n in (10, 2, 11, 1, 2):
+            first.add_upload_chunk(sid, n)
+        first.add_upload_chunk(other, 1)
+    finally:
+        first.close()
+    second = Registry(db_url)  # the same database, as a restarted platform has it
+    try:
+        assert second.get_upload_session(sid)["receivedChunks"] == [1, 2, 10, 11]
+        counts = {u["sessionId"]: u["chunksReceived"] for u in second.list_upload_sessions()}
+        assert counts == {sid: 4, other: 1}
+        second.delete_upload_session(sid)  # cancelled, with its chunks
+        assert [u["sessionId"] for u in second.list_upload_sessions()] == [other]
+        with pytest.raises(NotFound):
+            second.get_upload_session(sid)
+        assert second.add_upload_chunk(other, 2)["receivedChunks"] == [1, 2]
+    finally:
+        second.close()

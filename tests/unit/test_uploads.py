@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -474,3 +475,40 @@ def test_an_upload_resumed_by_a_restarted_api_counts_the_chunks_on_its_disk(smal
     assert http.post(f"/public/files/session/{sid}/complete").status_code == 202
     (submitted,) = http.submitted
     assert Path(submitted[2]).read_bytes() == b"x" * 60 + b"y" * 40
+
+
+def _as_sent(answer: dict) -> bytes:
+    """An answer's bytes as the API sends them (FastAPI's JSONResponse)."""
+    return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def test_a_chunk_sent_twice_is_counted_once_in_every_answer(small_limits):
+    """The chunk's answer, the status and the list of sessions: received chunks in numeric
+    order, each once, in the same bytes as when the session held them in a list."""
+    http = small_limits
+    body = {"fileName": "twice.zip", "totalSize": 120, "totalChunks": 12}
+    started = http.post("/public/files/session/start", json=body).json()
+    sid = started["sessionId"]
+
+    def session(received: list[int]) -> bytes:
+        return _as_sent(
+            {
+                "sessionId": sid,
+                "fileName": "twice.zip",
+                "totalSize": 120,
+                "totalChunks": 12,
+                "receivedChunks": received,
+                "options": {"kind": "base", "baseModelId": None, "description": "", "tags": []},
+                "createdBy": started["createdBy"],
+            }
+        )
+
+    chunk = f"/public/files/session/{sid}/chunks"
+    answers = [http.put(f"{chunk}/{n}", content=b"x" * 10) for n in (10, 2, 10, 1)]
+    assert [r.status_code for r in answers] == [200] * 4
+    received = [[10], [2, 10], [2, 10], [1, 2, 10]]
+    for answer, chunks in zip(answers, received, strict=True):
+        assert answer.content == session(chunks)
+    assert http.get(f"/public/files/session/{sid}").content == session([1, 2, 10])
+    (listed,) = http.get("/public/files/session").json()["sessions"]
+    assert (listed["sessionId"], listed["chunksReceived"]) == (sid, 3)
