@@ -18,7 +18,7 @@ system text at the head of the first user message, and refuses only if that fail
 
 A template that teaches its model a native tool-call format (Qwen's and Hermes'
 `<tool_call>\n{...}\n</tool_call>`: `tool_call_wrapper`) gets it accepted under
-`tool_choice: "auto"` besides raydock's bare JSON call (`guided.grammars.with_native_calls`).
+every tool_choice besides raydock's bare JSON call (`guided.grammars.with_native_calls`).
 
 A reasoning model's template may open the thinking block itself: its generation prompt ends in
 `<think>\n` (Qwen3-Thinking-2507, QwQ, DeepSeek-R1), so the model's output starts inside the
@@ -35,7 +35,7 @@ from raydock.serve_apps.guided.grammars import (
     THINK_CLOSE,
     THINK_OPEN,
     TOOL_CALL_WRAPPERS,
-    ThinkTokens,
+    TagTokens,
     ToolCallWrapper,
 )
 
@@ -106,17 +106,37 @@ def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
     )
 
 
-def think_tokens(tokenizer: Any) -> ThinkTokens:
-    """The ids of the vocabulary's own tokens for THINK_OPEN and THINK_CLOSE, where it has
-    them (Qwen3's, DeepSeek-R1's), with or without a wrapper in the template: a grammar that
-    lets the model think names them."""
+def tag_tokens(tokenizer: Any) -> TagTokens:
+    """The ids of the vocabulary's own tokens for THINK_OPEN and THINK_CLOSE (Qwen3's,
+    DeepSeek-R1's) and for the known wrappers' tags, where it has them, whatever wrapper the
+    template teaches (none, too): a tools grammar names them wherever it takes the tags
+    spelled out."""
     added = _tag_tokens(tokenizer)
-    return ThinkTokens(added.get(THINK_OPEN), added.get(THINK_CLOSE))
+
+    def ids(tags: list[str]) -> frozenset[int]:
+        return frozenset(added[tag] for tag in tags if tag in added)
+
+    return TagTokens(
+        added.get(THINK_OPEN),
+        added.get(THINK_CLOSE),
+        call_opens=ids([w.open for w in TOOL_CALL_WRAPPERS]),
+        call_closes=ids([w.close for w in TOOL_CALL_WRAPPERS]),
+    )
 
 
-def think_close_token(tokenizer: Any) -> int | None:
-    """The id of the vocabulary's own token for THINK_CLOSE, where it has one."""
-    return think_tokens(tokenizer).close
+def thinks(tokenizer: Any) -> bool:
+    """Whether the model thinks: its vocabulary has THINK_OPEN or THINK_CLOSE (Qwen3's,
+    DeepSeek-R1's), or its chat template's source holds THINK_OPEN (Qwen3's hybrid, which
+    strips past thinking). Such a model may think before the call "required" or a named
+    function asks for (`guided.grammars.with_native_calls`); any other is held to the call
+    at once, as a block it opened without meaning to might never close. A prompt that
+    `opens_thinking` starts inside a block whatever this says."""
+    try:
+        vocabulary = tokenizer.get_added_vocab()
+    except Exception:  # a tokenizer without added tokens, or not a Hugging Face one
+        vocabulary = {}
+    source = template_source(tokenizer, tools=True) or ""
+    return THINK_OPEN in source or any(tag in vocabulary for tag in (THINK_OPEN, THINK_CLOSE))
 
 
 def _tag_tokens(tokenizer: Any) -> dict[str, int]:

@@ -41,8 +41,8 @@ MAX_PATTERN_CHARS = 10_000
 #: of a replica's CPU (off its event loop). OpenAI's own bound: 5,000 object properties.
 MAX_FORMAT_VALUES = 10_000
 
-#: Calls one reply may hold in its chat template's own wrapper (`tool_choice: "auto"`,
-#: `parallel_tool_calls` not false): a weak model that loops on calls still ends
+#: Calls one reply may hold in its chat template's own wrapper (`tool_choice` "auto" or
+#: "required", `parallel_tool_calls` not false): a weak model that loops on calls still ends
 MAX_NATIVE_CALLS = 8
 
 #: the request fields that describe an output format
@@ -87,8 +87,9 @@ class Constraint:
     param: str | None = None
     # a Lark (llguidance dialect) or GBNF grammar: schemas, tools and choices become one
     grammar: str | None = None
-    # tool_choice "auto": how many calls in the chat template's own wrapper the engine replica,
-    # which knows the template, adds to the grammar (`guided.grammars.with_native_calls`)
+    # tools: how many calls in the chat template's own wrapper the engine replica, which knows
+    # the template, adds to the grammar (`guided.grammars.with_native_calls`); it also fits
+    # the grammar to the model's thinking
     native_calls: int = 0
 
 
@@ -123,10 +124,12 @@ def _check_schema(schema: Any, param: str) -> None:
         ) from None
 
 
-def _tools(tools: list[dict[str, Any]], auto: bool) -> Constraint:
+def _tools(
+    tools: list[dict[str, Any]], auto: bool, max_calls: int = MAX_NATIVE_CALLS
+) -> Constraint:
+    """Calls of `tools` (with `auto`, or text), at most `max_calls` in a template's wrapper."""
     try:
-        grammar = tools_grammar(tools, auto)
-        return Constraint("tools", None, "tools", grammar, MAX_NATIVE_CALLS if auto else 0)
+        return Constraint("tools", None, "tools", tools_grammar(tools, auto), max_calls)
     except UnsupportedSchema as exc:
         raise StructuredError(
             "tools", f"tool parameters use '{exc.keyword}', which raydock cannot enforce: {exc}"
@@ -154,7 +157,7 @@ def constraint_for(
                 raise StructuredError(
                     "tool_choice", f"tool_choice names {name!r}, not one of {sorted(by_name)}"
                 )
-            return _tools([by_name[name]], auto=False)
+            return _tools([by_name[name]], auto=False, max_calls=1)  # that function, once
         else:
             raise StructuredError(
                 "tool_choice", "tool_choice must be 'none', 'auto', 'required' or a function"
@@ -233,7 +236,7 @@ IN_THINKING = "in_thinking"
 
 
 def thinking_length(text: str, in_thinking: bool = False) -> int | None:
-    """How much of an output under tool_choice "auto" is the thinking block it opens with
+    """How much of an output under tools (any tool_choice) is the thinking block it opens with
     (`<think>` to the first `</think>`, as the grammar has it; `in_thinking`: the prompt
     opened the block, the output starts inside it and its text runs to the first `</think>`):
     0 when it opens none, None while it may still open one or is inside one. What follows is

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from raydock.modelgen import cached_model_dir, write_zip
 from tests.guided_checks import validator_for
-from tests.unit.test_native_tool_calls import qwen_like_model
+from tests.unit.test_native_tool_calls import QWEN3_THINKING_TEMPLATE, qwen_like_model
 
 from .conftest import deploy_and_wait, import_ready, legacy_sdk, tool_conversation
 
@@ -378,6 +378,59 @@ def test_auto_takes_tool_calls_in_the_chat_templates_own_wrapper(platform, zips,
         for call in calls:
             check(TOOLS[call.function.name]["function"]["parameters"], call.function.arguments)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    finally:
+        platform.client.wait_job(
+            platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
+        )
+
+
+def test_required_and_named_calls_come_after_the_thinking_the_template_opens(
+    platform, zips, tmp_path
+):
+    """Qwen3-Thinking's way: the template ends the prompt in `<think>\\n`, the vocabulary holds
+    `<think>`, `</think>` and the call tags. Under "required" and a named function the model
+    ends its thinking, then calls; the thinking comes back as the content, whole and streamed.
+    It needs a model of its own: an import and a deploy (about 20 s here), undeployed at the
+    end. The end tag's token is favoured: the random model would rarely end its thinking."""
+    tags = qwen_like_model(
+        tmp_path / "qwen-thinking",
+        QWEN3_THINKING_TEMPLATE,
+        ("<think>", "</think>", "<tool_call>", "</tool_call>"),
+    )
+    files = {f.name: f for f in (tmp_path / "qwen-thinking").iterdir() if f.is_file()}
+    model = import_ready(platform, write_zip(zips / "tiny-qwen-thinking.zip", files))
+    dep = deploy_and_wait(platform, model["modelId"], "chat-qwen-thinking")
+    try:
+        key = platform.client.create_key(dep["deploymentId"], "tests")
+        base_url = f"{platform.url}/deployments/{dep['deploymentId']}/v2"
+        sdk = openai.OpenAI(base_url=base_url, api_key=key, timeout=120)
+        ask = {
+            "model": "m",
+            "messages": ASK,
+            "tools": [WEATHER, TIME],
+            "seed": 1,
+            "max_tokens": 512,
+            "logit_bias": {str(tags["</think>"]): 100},
+        }
+        named = {"type": "function", "function": {"name": "get_time"}}
+        for tool_choice, names, finish in (
+            ("required", set(TOOLS), "tool_calls"),
+            (named, {"get_time"}, "stop"),  # named: as OpenAI
+        ):
+            choice = sdk.chat.completions.create(**ask, tool_choice=tool_choice).choices[0]
+            assert choice.finish_reason == finish, choice
+            assert choice.message.content == "</think>"  # the (empty) thinking, as written
+            calls = choice.message.tool_calls
+            assert calls and (len(calls) == 1 or tool_choice == "required")  # named: once
+            for call in calls:
+                assert call.function.name in names
+                check(TOOLS[call.function.name]["function"]["parameters"], call.function.arguments)
+            chunks = list(sdk.chat.completions.create(**ask, tool_choice=tool_choice, stream=True))
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+            assert content == "</think>"
+            assert [d.function.name for d in deltas] == [c.function.name for c in calls]
+            assert chunks[-1].choices[0].finish_reason == finish
     finally:
         platform.client.wait_job(
             platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]

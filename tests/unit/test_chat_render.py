@@ -162,6 +162,14 @@ QWEN25_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Qwen3's hybrid template (its tools part as Qwen2.5's): thinking on by default, the model
+# opens its own block; the generation prompt closes an empty one when thinking is turned off
+QWEN3_TEMPLATE = QWEN25_TEMPLATE.replace(
+    "{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    "{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and enable_thinking is "
+    "false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}",
+)
+
 
 def test_a_qwen_template_is_detected_with_its_tool_call_wrapper(tokenizer):
     tok = copy.copy(tokenizer)
@@ -223,8 +231,22 @@ def test_a_template_that_opens_the_thinking_is_told_from_its_rendered_prompt(
 
 def test_the_vocabularys_own_end_of_thinking_is_found(tokenizer):
     tok = copy.deepcopy(tokenizer)
-    assert chat_render.think_close_token(tok) is None  # the tiny vocabulary spells it
+    assert chat_render.tag_tokens(tok).think_close is None  # the tiny vocabulary spells it
     tok.add_tokens(["<think>", "</think>"])
-    assert chat_render.think_close_token(tok) == tok.convert_tokens_to_ids("</think>")
+    assert chat_render.tag_tokens(tok).think_close == tok.convert_tokens_to_ids("</think>")
     tok.add_special_tokens({"additional_special_tokens": ["</think>"]})
-    assert chat_render.think_close_token(tok) is None  # decoding would drop it: spelled
+    assert chat_render.tag_tokens(tok).think_close is None  # decoding would drop it: spelled
+
+
+def test_a_model_thinks_by_its_vocabulary_or_its_templates_source(tokenizer):
+    """Qwen3's and DeepSeek-R1's vocabularies hold the thinking tags; Qwen3's hybrid template
+    names `<think>` (it strips past thinking); Qwen2.5's and the tiny model's neither."""
+    tok = copy.deepcopy(tokenizer)
+    assert not chat_render.thinks(tok)
+    tok.chat_template = QWEN25_TEMPLATE
+    assert not chat_render.thinks(tok)
+    tok.chat_template = QWEN3_TEMPLATE
+    assert chat_render.thinks(tok)
+    tok.chat_template = QWEN25_TEMPLATE
+    tok.add_tokens(["</think>"])
+    assert chat_render.thinks(tok)

@@ -293,11 +293,38 @@ def test_wrapped_calls_are_bounded_and_one_when_parallel_calls_are_off():
     assert _accepts(_native(1), WRAPPED) and not _accepts(_native(1), WRAPPED * 2)
 
 
-def test_required_and_named_tool_choices_take_only_the_bare_call():
-    grammar = tools_grammar([WEATHER], auto=False)
-    assert _accepts(grammar, CALL) and not _accepts(grammar, WRAPPED)
-    with pytest.raises(ValueError, match="auto"):
-        grammars.with_native_calls(grammar, grammars.TOOL_CALL_WRAPPERS[0], 8)
+def test_required_and_named_take_the_call_at_once_or_after_thinking_where_the_model_thinks():
+    """The API replica asks for the call at once (it does not know the model); the engine
+    replica of a model that thinks lets the reply open with one thinking block, which ends at
+    its first `</think>`; then it must call: a bare call, or once fitted to a template's
+    wrapper its wrapped calls (one for a named function: `max_calls` 1). Never text."""
+    required = tools_grammar([WEATHER], auto=False)
+    wrapper = grammars.TOOL_CALL_WRAPPERS[0]
+    thought = "<think>\nOslo: get_weather.\n</think>\n\n"
+    at_once = (required, grammars.with_native_calls(required, wrapper, 8))
+    for grammar in at_once:
+        assert _accepts(grammar, CALL) and _accepts(grammar, f"\n{CALL}")
+        for text in (f"{thought}{CALL}", f"<think></think>{CALL}", "<think>", "Sunny."):
+            assert not _accepts(grammar, text), text
+    assert _accepts(at_once[1], f"{WRAPPED}\n{WRAPPED}") and not _accepts(required, WRAPPED)
+    thinking = grammars.with_native_calls(required, None, 0, thinks=True)
+    for text in (CALL, f"\n{CALL}", f"{thought}{CALL}", f"<think></think>{CALL}"):
+        assert _accepts(thinking, text), text
+    for text in (
+        "Sunny.",
+        WRAPPED,
+        f"{thought}Sunny.",
+        thought,
+        f"<think>a</think>b</think>{CALL}",
+    ):
+        assert not _accepts(thinking, text), text
+    fitted = grammars.with_native_calls(required, wrapper, 8, thinks=True)
+    assert _accepts(fitted, f"{thought}{WRAPPED}\n{WRAPPED}") and _accepts(fitted, CALL)
+    assert not _accepts(fitted, f"{thought}Sunny.")
+    named = grammars.with_native_calls(required, wrapper, 1, thinks=True)
+    assert _accepts(named, f"{thought}{WRAPPED}") and not _accepts(named, f"{WRAPPED}\n{WRAPPED}")
+    with pytest.raises(ValueError, match="tools grammar"):
+        grammars.with_native_calls(json_grammar({"type": "object"}), wrapper, 8)
 
 
 def test_a_wrapper_that_is_one_token_of_the_vocabulary_is_taken_as_that_token():
@@ -344,10 +371,12 @@ def test_a_thinking_models_own_tags_are_taken_as_their_tokens():
     tok.chat_template = "{{ messages }} think, then answer with <tool_call>{...}</tool_call>"
     wrapper = chat_render.tool_call_wrapper(tok)
     think, unthink = tok.convert_tokens_to_ids(["<think>", "</think>"])
-    assert chat_render.think_tokens(tok) == grammars.ThinkTokens(think, unthink)
+    opening, closing = tok.convert_tokens_to_ids(["<tool_call>", "</tool_call>"])
+    tags = grammars.TagTokens(think, unthink, frozenset({opening}), frozenset({closing}))
+    assert chat_render.tag_tokens(tok) == tags
     dec = GuidedDecoder(tok, {tok.eos_token_id}, len(tok))
     native = grammars.with_native_calls(
-        tools_grammar([WEATHER], auto=True), wrapper, 8, chat_render.think_tokens(tok)
+        tools_grammar([WEATHER], auto=True), wrapper, 8, chat_render.tag_tokens(tok)
     )
     textual = grammars.with_native_calls(
         tools_grammar([WEATHER], auto=True), grammars.TOOL_CALL_WRAPPERS[0], 8
@@ -374,8 +403,10 @@ def test_a_thinking_models_own_tags_are_taken_as_their_tokens():
         ("<think><tool_call></think>Sunny.", True),
         ("Sunny; I could write <tool_call> or </tool_call> or <think>.", True),
         ("Sunny <tool_call><tool_call>", True),
-        # the thinking still ends at its first `</think>`, the text starts like no call
-        (f"<think>a</think>b</think>\n{CALL}", False),
+        # the thinking ends at its first `</think>`: a later one is text, as spelled out
+        (f"<think>a</think>b</think>\n{CALL}", True),
+        ("<think>a</think></think> stray", True),
+        # the text starts like no call
         ("<think>a</think><tool_call> no call", False),
         ("\n<tool_call> no call", False),
         ("</tool_call> text", True),  # no call starts so: spelled out, as before
@@ -393,8 +424,8 @@ def test_the_vocabularys_own_tags_may_come_inside_thinking_and_text(text, ok):
     tok.chat_template = "{{ messages }} think, then answer with <tool_call>{...}</tool_call>"
     dec = GuidedDecoder(tok, {tok.eos_token_id}, len(tok))
     auto = tools_grammar([WEATHER], auto=True)
-    wrapper, think = chat_render.tool_call_wrapper(tok), chat_render.think_tokens(tok)
-    native = grammars.with_native_calls(auto, wrapper, 8, think)
+    wrapper, tags = chat_render.tool_call_wrapper(tok), chat_render.tag_tokens(tok)
+    native = grammars.with_native_calls(auto, wrapper, 8, tags)
     ids = tok.encode(text, add_special_tokens=False)
     assert len(ids) < len(tok.encode(text.replace("<", "< "), add_special_tokens=False))
     m = dec.compile_sync(grammar_of("grammar", native)).deep_copy()
@@ -445,12 +476,19 @@ def test_a_grammar_starting_in_thinking_takes_the_vocabularys_end_tag():
 
     reply = f"The weather in Oslo.\n</think>\n\n{CALL}"
     assert unthink in tok.encode(reply, add_special_tokens=False)
-    fitted = grammars.with_think_tokens(auto, grammars.ThinkTokens(close=unthink))
+    fitted = grammars.with_native_calls(auto, None, 0, grammars.TagTokens(think_close=unthink))
     assert accepts(grammars.starting_in_thinking(fitted), reply)
     assert accepts(grammars.starting_in_thinking(fitted), "</think>Sunny.")
     assert not accepts(grammars.starting_in_thinking(auto), reply)
-    with pytest.raises(ValueError, match="auto"):  # required and named choices start no block
-        grammars.starting_in_thinking(tools_grammar([WEATHER], auto=False))
+    # required and named choices too: the call comes after the thinking, never inside it
+    tags = grammars.TagTokens(think_close=unthink)
+    required = tools_grammar([WEATHER], auto=False)
+    with pytest.raises(ValueError, match="thinking"):  # the API replica's: the call at once
+        grammars.starting_in_thinking(required)
+    required = grammars.with_native_calls(required, None, 0, tags, thinks=True)
+    assert accepts(grammars.starting_in_thinking(required), reply)
+    assert not accepts(grammars.starting_in_thinking(required), CALL)
+    assert not accepts(grammars.starting_in_thinking(required), "</think>Sunny.")
 
 
 def test_not_starting_with_is_exact():

@@ -19,7 +19,7 @@ from raydock.serve_apps import chat_render, protocol, structured
 from raydock.serve_apps.engine_app import native_tool_grammar
 from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts
 from raydock.serve_apps.openai_service import _as_tool_calls, _collect, _sse, native_tool_calls
-from tests.unit.test_chat_render import QWEN25_TEMPLATE
+from tests.unit.test_chat_render import QWEN3_TEMPLATE, QWEN25_TEMPLATE
 from tests.unit.test_guided import WEATHER, _accepts, decoder
 
 TIME = {
@@ -28,6 +28,7 @@ TIME = {
 }
 PARIS = '{"name":"get_weather","arguments":{"city":"Paris"}}'
 NOW = '{"name":"get_time","arguments":{}}'
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
 # as Qwen writes them (compact JSON: the grammar's, as for a bare call)
 TWO_CALLS = f"<tool_call>\n{PARIS}\n</tool_call>\n<tool_call>\n{NOW}\n</tool_call>"
 
@@ -39,11 +40,12 @@ def qwen_wrapper():
     return chat_render.tool_call_wrapper(tok)
 
 
-def _payload(tool_choice="auto", **request) -> dict:
-    """What the API replica sends the engine replica for a chat request with the two tools."""
+def _payload(tool_choice="auto", tools=(WEATHER, TIME), **request) -> dict:
+    """What the API replica sends the engine replica for a chat request with `tools` (by
+    default the two)."""
     req = protocol.ChatRequest(
         messages=[{"role": "user", "content": "hi"}],
-        tools=[WEATHER, TIME],
+        tools=list(tools),
         tool_choice=tool_choice,
         **request,
     )
@@ -51,12 +53,12 @@ def _payload(tool_choice="auto", **request) -> dict:
     return {"grammar": constraint.grammar, "native_tool_calls": native_tool_calls(constraint, req)}
 
 
-def test_auto_asks_the_engine_for_wrapped_calls_required_and_named_do_not():
+def test_the_engine_takes_wrapped_calls_under_every_tool_choice_one_for_a_named_function():
     assert _payload()["native_tool_calls"] == structured.MAX_NATIVE_CALLS
     assert _payload(parallel_tool_calls=False)["native_tool_calls"] == 1
-    assert _payload("required")["native_tool_calls"] == 0
-    named = {"type": "function", "function": {"name": "get_time"}}
-    assert _payload(named)["native_tool_calls"] == 0
+    assert _payload("required")["native_tool_calls"] == structured.MAX_NATIVE_CALLS
+    assert _payload("required", parallel_tool_calls=False)["native_tool_calls"] == 1
+    assert _payload(NAMED)["native_tool_calls"] == 1
 
 
 def test_the_engine_replica_adds_its_templates_wrapper_to_auto_grammars(qwen_wrapper):
@@ -209,7 +211,8 @@ def _replica(engine, wrapper):
     server = type("Replica", (), {name: getattr(cls, name) for name in methods})()
     server.engine, server.queue_limit, server.requests, server.taken = engine, 1, 0, 0
     server.tool_call_wrapper = wrapper
-    server.think_tokens = chat_render.think_tokens(getattr(engine, "tokenizer", None))
+    server.tag_tokens = chat_render.tag_tokens(getattr(engine, "tokenizer", None))
+    server.thinks = chat_render.thinks(getattr(engine, "tokenizer", None))
     server.tokenizing = ThreadPoolExecutor(1)
     return server
 
@@ -242,11 +245,15 @@ def test_the_replica_checks_and_decodes_with_its_templates_grammar(qwen_wrapper,
     assert _accepts(checked, TWO_CALLS) == templated
 
 
-def qwen_like_model(root: Path) -> dict[str, int]:
-    """The tiny model at `root` with a vocabulary and template in Qwen's way: `<tool_call>` and
-    `</tool_call>` are added, non-special tokens (two rare tokens of the tiny vocabulary give
-    up their ids: the embedding has no row to spare) and the template teaches them. Returns
-    the tags' token ids."""
+def qwen_like_model(
+    root: Path,
+    template: str = QWEN25_TEMPLATE,
+    tags: tuple[str, ...] = ("<tool_call>", "</tool_call>"),
+) -> dict[str, int]:
+    """The tiny model at `root` with a vocabulary and template in Qwen's way: `tags` are
+    added, non-special tokens (as many rare tokens of the tiny vocabulary give up their ids:
+    the embedding has no row to spare) and the `template` teaches them. Returns the tags'
+    token ids."""
     import shutil
 
     from raydock.modelgen import cached_model_dir
@@ -254,7 +261,7 @@ def qwen_like_model(root: Path) -> dict[str, int]:
     shutil.copytree(cached_model_dir("tiny"), root)
     spec = json.loads((root / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
-    tags = dict(zip(["<tool_call>", "</tool_call>"], sorted(vocab.values())[-2:], strict=True))
+    tags = dict(zip(tags, sorted(vocab.values())[-len(tags) :], strict=True))
     freed = {token for token, i in vocab.items() if i in tags.values()}
     spec["model"]["vocab"] = {t: i for t, i in vocab.items() if t not in freed}
 
@@ -269,10 +276,8 @@ def qwen_like_model(root: Path) -> dict[str, int]:
     ]
     (root / "tokenizer.json").write_text(json.dumps(spec))
     config = json.loads((root / "tokenizer_config.json").read_text())
-    (root / "tokenizer_config.json").write_text(
-        json.dumps({**config, "chat_template": QWEN25_TEMPLATE})
-    )
-    (root / "chat_template.jinja").write_text(QWEN25_TEMPLATE)
+    (root / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    (root / "chat_template.jinja").write_text(template)
     return tags
 
 
@@ -462,6 +467,11 @@ R1_TEMPLATE = (
     "{%- else %}<|Assistant|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
     "{%- if add_generation_prompt %}<|Assistant|><think>\n{% endif %}"
 )
+# DeepSeek-R1-0528's way: the model opens its thinking itself, with its vocabulary's `<think>`
+# token, and its template teaches no `<tool_call>` (raydock asks for bare JSON calls)
+R1_0528_TEMPLATE = R1_TEMPLATE.replace(
+    "<|Assistant|><think>\n{% endif %}", "<|Assistant|>{% endif %}"
+)
 # what the model writes after the prompt's `<think>\n`: its thinking, the tag that ends it
 THOUGHT = "The user asks for Paris: get_weather, then get_time.\n</think>"
 
@@ -513,24 +523,27 @@ def _tokenizer(template: str, tags_are_tokens: bool):
     return tok
 
 
-def _served(tok, reply: str, tags_in_content: bool = False) -> tuple[list, object, object]:
+def _served(
+    tok, reply: str, tags_in_content: bool = False, tool_choice: str | dict = "auto"
+) -> tuple[list, object, object]:
     """The replica's events (less metering's), and the choice a client gets for them whole
     and streamed (as the OpenAI SDK puts a stream together), for a chat with two tools under
-    tool_choice "auto" to a model that writes `reply` (no chunk shows a call tag, unless
+    `tool_choice` to a model that writes `reply` (no chunk shows a call tag, unless
     `tags_in_content`: the text mentions them)."""
     server = _replica(_Scripted(tok, reply), chat_render.tool_call_wrapper(tok))
     request = {
         "messages": [{"role": "user", "content": "The weather in Paris, and the time?"}],
         "tools": [WEATHER, TIME],
         "params": {"max_tokens": 300},
-        **_payload(),
+        **_payload(tool_choice),
     }
+    finish = "stop" if isinstance(tool_choice, dict) else "tool_calls"  # as the service's
 
     async def run() -> tuple[list, dict, list[str]]:
         fmt = protocol.Formatter("chat", "m")
         steps = [ev async for batch in _steps(server, request) for ev in batch]
-        whole = await _collect(fmt, _as_tool_calls(_steps(server, request), "tool_calls"), 1)
-        events = _as_tool_calls(_steps(server, request), "tool_calls")
+        whole = await _collect(fmt, _as_tool_calls(_steps(server, request), finish), 1)
+        events = _as_tool_calls(_steps(server, request), finish)
         lines = [line async for line in _sse(fmt, None, events, True, "req-1")]
         return steps, whole, lines
 
@@ -615,6 +628,159 @@ def test_a_template_that_opens_no_thinking_answers_as_before(reply, content):
         assert json.loads(call.function.arguments) == {"city": "</think>"}
 
 
+@pytest.mark.parametrize("tags_are_tokens", [False, True], ids=["spelled", "tokens"])
+@pytest.mark.parametrize(
+    ("template", "tool_choice", "calls", "names"),
+    [
+        (QWEN3_THINKING_TEMPLATE, "required", TWO_CALLS, ["get_weather", "get_time"]),
+        (QWEN3_THINKING_TEMPLATE, NAMED, TWO_CALLS.split("\n<tool_call>")[0], ["get_weather"]),
+        (R1_TEMPLATE, "required", NOW, ["get_time"]),
+        (R1_TEMPLATE, NAMED, PARIS, ["get_weather"]),
+    ],
+    ids=["qwen3-thinking-required", "qwen3-thinking-named", "r1-required", "r1-named"],
+)
+def test_required_and_named_calls_come_after_thinking_the_template_opened(
+    template, tool_choice, calls, names, tags_are_tokens
+):
+    """The prompt ends in `<think>\\n`: the model thinks freely, ends its thinking, then must
+    call (required: one or more calls of the tools; named: that function). The client gets
+    the thinking as the content, as under auto, and the calls as tool_calls, whole and
+    streamed; finish_reason "tool_calls", or "stop" for a named function (as OpenAI)."""
+    tok = _tokenizer(template, tags_are_tokens)
+    steps, whole, streamed = _served(tok, f"{THOUGHT}\n\n{calls}", tool_choice=tool_choice)
+    assert all(ev.get(structured.IN_THINKING) for ev in steps)
+    for choice in (whole, streamed):
+        assert choice.finish_reason == ("stop" if tool_choice == NAMED else "tool_calls")
+        assert choice.message.content == THOUGHT
+        assert [c.function.name for c in choice.message.tool_calls] == names
+
+
+def test_a_qwen3_thinking_like_model_ends_its_thinking_then_calls(tmp_path):
+    """The whole path but HTTP and Ray, on the tiny model with Qwen3-Thinking's template and
+    tag tokens: under "required" and a named function the engine decodes the thinking (its
+    end tag's token favoured: the random model would rarely pick it), then calls."""
+    from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+
+    tags = qwen_like_model(
+        tmp_path / "model",
+        QWEN3_THINKING_TEMPLATE,
+        ("<think>", "</think>", "<tool_call>", "</tool_call>"),
+    )
+    engine = TransformersEngine(str(tmp_path / "model"), num_threads=1, max_batch_size=2)
+    server = _replica(engine, chat_render.tool_call_wrapper(engine.tokenizer))
+
+    async def answer(tool_choice: str | dict, finish: str) -> dict:
+        request = {
+            "messages": [{"role": "user", "content": "The weather in Paris, and the time?"}],
+            "tools": [WEATHER, TIME],
+            "params": {"max_tokens": 300, "seed": 3, "logit_bias": ((tags["</think>"], 100.0),)},
+            **_payload(tool_choice),
+        }
+        events = _as_tool_calls(_steps(server, request), finish)
+        return await _collect(protocol.Formatter("chat", "m"), events, 1)
+
+    for tool_choice, names, finish in (
+        ("required", {"get_weather", "get_time"}, "tool_calls"),
+        (NAMED, {"get_weather"}, "stop"),
+    ):
+        (choice,) = ChatCompletion.model_validate(asyncio.run(answer(tool_choice, finish))).choices
+        assert choice.finish_reason == finish and choice.message.content == "</think>"
+        calls = choice.message.tool_calls
+        assert calls and {c.function.name for c in calls} <= names
+    server.tokenizing.shutdown()
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+def test_required_and_named_allow_no_call_inside_the_thinking_nor_text_after_it(tool_choice):
+    tok = _tokenizer(QWEN3_THINKING_TEMPLATE, True)
+    with pytest.raises(AssertionError, match="does not let"):  # a call in the thinking
+        _served(tok, TWO_CALLS.split("\n<tool_call>")[0], tool_choice=tool_choice)
+    with pytest.raises(AssertionError, match="refuses"):
+        _served(tok, f"{THOUGHT}\n\nIt is sunny.", tool_choice=tool_choice)
+    with pytest.raises(AssertionError, match="refuses"):  # named: that function only
+        _served(tok, f"{THOUGHT}\n\n<tool_call>\n{NOW}\n</tool_call>", tool_choice=NAMED)
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+@pytest.mark.parametrize(
+    ("template", "tags_are_tokens", "calls"),
+    [
+        (QWEN25_TEMPLATE, True, TWO_CALLS),  # Qwen3's vocabulary holds `<think>`
+        (QWEN3_TEMPLATE, False, TWO_CALLS),  # Qwen3's hybrid template names it
+        (R1_0528_TEMPLATE, True, PARIS),
+    ],
+    ids=["qwen3-vocabulary", "qwen3-template", "r1-0528"],
+)
+def test_required_and_named_take_a_thinking_block_a_thinking_model_opens_itself(
+    template, tags_are_tokens, calls, tool_choice
+):
+    """A template that opens no thinking (Qwen3's hybrid, DeepSeek-R1-0528's) of a model that
+    thinks: the model may open a block of its own before the call, as under auto; it stays
+    the content."""
+    calls = calls.split("\n<tool_call>")[0] if tool_choice == NAMED else calls
+    tok = _tokenizer(template, tags_are_tokens)
+    steps, whole, streamed = _served(tok, f"<think>\n{THOUGHT}\n\n{calls}", tool_choice=tool_choice)
+    assert not any(structured.IN_THINKING in ev for ev in steps)
+    for choice in (whole, streamed):
+        assert choice.message.content == f"<think>\n{THOUGHT}"
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+        assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+    _, whole, _ = _served(tok, calls, tool_choice=tool_choice)  # or none: the call at once
+    assert whole.message.content is None and whole.message.tool_calls
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+@pytest.mark.parametrize(
+    ("template", "calls"),
+    [(QWEN25_TEMPLATE, TWO_CALLS), (R1_0528_TEMPLATE, PARIS)],
+    ids=["qwen25", "no-wrapper"],
+)
+def test_required_and_named_call_at_once_on_a_model_that_does_not_think(
+    template, calls, tool_choice
+):
+    """Neither its vocabulary nor its template knows `<think>`: the reply is the call, from
+    its first token; a thinking block is refused as any other text."""
+    calls = calls.split("\n<tool_call>")[0] if tool_choice == NAMED else calls
+    tok = _tokenizer(template, False)
+    _, whole, _ = _served(tok, calls, tool_choice=tool_choice)
+    assert whole.message.content is None and whole.message.tool_calls
+    with pytest.raises(AssertionError, match="the grammar refuses '<"):
+        _served(tok, f"<think>\n{THOUGHT}\n\n{calls}", tool_choice=tool_choice)
+
+
+def test_required_on_a_model_that_does_not_think_calls_even_when_pushed_to_write_text():
+    """The whole path but HTTP and Ray, on the tiny model (no thinking in its vocabulary nor
+    its template) with its `<` favoured: a reply opening with `<` could only be a thinking
+    block, which would never end. "required" still gets its call, finish_reason
+    "tool_calls"."""
+    from raydock.modelgen import cached_model_dir
+    from raydock.serve_apps.engines.transformers_engine import TransformersEngine
+
+    engine = TransformersEngine(str(cached_model_dir("tiny")), num_threads=1, max_batch_size=1)
+    assert not chat_render.thinks(engine.tokenizer)
+    server = _replica(engine, chat_render.tool_call_wrapper(engine.tokenizer))
+    less_than = engine.tokenizer.convert_tokens_to_ids("<")
+    # a function without parameters: its one call leaves the model no text, no `<` fits in
+    clock = {"type": "function", "function": {"name": "get_time"}}
+    request = {
+        "messages": [{"role": "user", "content": "What time is it?"}],
+        "tools": [clock],
+        "params": {"max_tokens": 40, "seed": 1, "logit_bias": ((less_than, 20.0),)},
+        **_payload("required", tools=[clock]),
+    }
+
+    async def answer() -> dict:
+        events = _as_tool_calls(_steps(server, request), "tool_calls")
+        return await _collect(protocol.Formatter("chat", "m"), events, 1)
+
+    try:
+        (choice,) = ChatCompletion.model_validate(asyncio.run(answer())).choices
+    finally:
+        server.tokenizing.shutdown()
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_time"]
+
+
 # ------------------------------------------- the logprobs of held replies and of split events
 
 
@@ -672,11 +838,6 @@ def test_every_token_of_a_reply_of_calls_keeps_its_logprob(text, finish):
 
 
 # ------------------------------------ the vocabulary's own tags in thinking, text, and R1-style
-# DeepSeek-R1-0528's way: the model opens its thinking itself, with its vocabulary's `<think>`
-# token, and its template teaches no `<tool_call>` (raydock asks for bare JSON calls)
-R1_0528_TEMPLATE = R1_TEMPLATE.replace(
-    "<|Assistant|><think>\n{% endif %}", "<|Assistant|>{% endif %}"
-)
 
 
 def test_a_model_whose_vocabulary_holds_the_think_tags_thinks_without_a_wrapper():
@@ -704,28 +865,51 @@ MENTIONS = "I will emit <tool_call> then </tool_call>, no <think> again.\n</thin
     [
         (QWEN25_TEMPLATE, f"<think>\n{MENTIONS}\n\n{TWO_CALLS}", f"<think>\n{MENTIONS}"),
         (QWEN3_THINKING_TEMPLATE, f"{MENTIONS}\n\n{TWO_CALLS}", MENTIONS),
+        # no wrapper in the template: its call tags are the vocabulary's tokens all the same
+        (R1_TEMPLATE, f"{MENTIONS}\n\n{PARIS}", MENTIONS),
+        (R1_0528_TEMPLATE, f"<think>\n{MENTIONS}\n\n{PARIS}", f"<think>\n{MENTIONS}"),
     ],
-    ids=["qwen3", "qwen3-thinking"],
+    ids=["qwen3", "qwen3-thinking", "r1", "r1-0528"],
 )
 def test_the_vocabularys_own_tags_may_be_mentioned_in_the_thinking(template, reply, content):
     tok = _tokenizer(template, True)
     assert tok.convert_tokens_to_ids("<tool_call>") in tok.encode(MENTIONS)
     _, whole, streamed = _served(tok, reply, tags_in_content=True)
+    names = ["get_weather", "get_time"] if reply.endswith(TWO_CALLS) else ["get_weather"]
     for choice in (whole, streamed):
         assert choice.finish_reason == "tool_calls" and choice.message.content == content
-        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather", "get_time"]
+        assert [c.function.name for c in choice.message.tool_calls] == names
 
 
 @pytest.mark.parametrize(
     ("template", "reply"),
     [
         (QWEN25_TEMPLATE, "It is sunny. Next time I would write <tool_call> and <think> first."),
-        (R1_0528_TEMPLATE, "It is sunny. Next time I would <think> first."),  # no call tags
+        # no wrapper in the template: `<tool_call>` is text there, spelled or its token
+        (R1_0528_TEMPLATE, "It is sunny. Next time I would write <tool_call> and <think> first."),
+        (R1_TEMPLATE, f"{THOUGHT}\n\nIt is sunny; <tool_call> is no call here."),
+        # a `</think>` after the thinking ended is text, spelled or its token
+        (QWEN25_TEMPLATE, f"<think>\n{THOUGHT}\n\nIt is sunny. I ended that with </think>."),
+        (QWEN3_THINKING_TEMPLATE, f"{THOUGHT}\n\nIt is sunny. </think> ended my thinking."),
+        (R1_TEMPLATE, f"{THOUGHT}</think> It is sunny."),
+        (QWEN25_TEMPLATE, "</think> It is sunny."),  # no thinking at all: a stray end tag
     ],
-    ids=["qwen3", "r1-0528"],
+    ids=[
+        "qwen3",
+        "r1-0528",
+        "r1-call-tag",
+        "qwen3-end-tag",
+        "qwen3-thinking-end-tag",
+        "r1-end-tag-at-once",
+        "stray-end-tag",
+    ],
 )
 def test_text_may_mention_the_vocabularys_own_tags(template, reply):
-    _, whole, streamed = _served(_tokenizer(template, True), reply, tags_in_content=True)
+    """The vocabulary's own tag tokens are taken in the text wherever the same tags spelled
+    out are: the reply comes back as the content, whole and streamed."""
+    tok = _tokenizer(template, True)
+    assert len(tok.encode(reply)) < len(_tokenizer(template, False).encode(reply))  # tokens
+    _, whole, streamed = _served(tok, reply, tags_in_content=True)
     for choice in (whole, streamed):
         assert choice.finish_reason == "stop" and choice.message.content == reply
         assert not choice.message.tool_calls

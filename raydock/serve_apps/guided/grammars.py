@@ -26,12 +26,19 @@ class ToolCallWrapper:
 
 
 @dataclass(frozen=True)
-class ThinkTokens:
-    """The vocabulary's own tokens for THINK_OPEN and THINK_CLOSE, where it has them (Qwen3's,
-    DeepSeek-R1's: `chat_render.think_tokens`), whatever the template's call format."""
+class TagTokens:
+    """The vocabulary's own tokens for the tags a tools grammar knows, where it has them
+    (`chat_render.tag_tokens`), whatever the template's call format: THINK_OPEN's and
+    THINK_CLOSE's (Qwen3's, DeepSeek-R1's) and those of every known wrapper's tags
+    (`call_opens`, `call_closes`: Qwen's `<tool_call>` and `</tool_call>`). llguidance counts
+    every added token as special, which no text literal matches: the grammar names them, so
+    that a tag the model writes as its token is taken in thinking and text as the same tag
+    spelled out is (a call's JSON strings take only text)."""
 
-    open: int | None = None
-    close: int | None = None
+    think_open: int | None = None
+    think_close: int | None = None
+    call_opens: frozenset[int] = frozenset()
+    call_closes: frozenset[int] = frozenset()
 
 
 #: The native tool-call formats raydock knows, the first found in a template wins: the one
@@ -41,9 +48,11 @@ TOOL_CALL_WRAPPERS: tuple[ToolCallWrapper, ...] = (
 )
 
 #: A reasoning model's thinking (Qwen3, QwQ, DeepSeek-R1): under tool_choice "auto" a reply
-#: may open with one such block, or start inside one its chat template opened
-#: (`starting_in_thinking`); what follows its first THINK_CLOSE is the reply proper, a call
-#: or text (`structured.thinking_length` reads it back).
+#: may open with one such block, and under "required" or a named function too where the
+#: engine replica knows the model thinks (`with_native_calls`; else the call comes at once:
+#: a model that never closes a block it was let open would never call), or start inside one
+#: its chat template opened (`starting_in_thinking`); what follows its first THINK_CLOSE is
+#: the reply proper: calls, or under "auto" text (`structured.thinking_length` reads it back).
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 #: whitespace allowed before a call and around and between wrapped calls (bounded: a weak
@@ -90,9 +99,8 @@ def not_starting_with(prefixes: list[str], not_first: str = "") -> str:
 _TEXT_START = not_starting_with(
     ["{", THINK_OPEN, *(w.open for w in TOOL_CALL_WRAPPERS)], CALL_SPACE
 )
-_START = "start: think? reply\n"
-_AUTO_HEAD = _START + "reply: WS? call | text\n"
-_NATIVE_HEAD = _START + "reply: WS? call | WS? calls | text\n"
+_START = "start: think? reply\n"  # the reply may open with a thinking block
+_CALL_AT_ONCE = "start: reply\n"
 # a thinking block's text up to its first THINK_CLOSE, spelled out; or, before a tag that is
 # the vocabulary's own token, text without THINK_CLOSE
 _THINKING = r"THINKING: /[\s\S]*<\/think>/ & ~/[\s\S]*<\/think>[\s\S]+/"
@@ -133,39 +141,102 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def tools_grammar(tools: list[dict[str, Any]], auto: bool, bounds: Bounds | None = None) -> str:
-    """A tool call; with `auto`, or plain text that (after whitespace) starts neither with
-    '{' nor with a wrapper's opening tag, either after one thinking block the reply may open
-    with (`with_native_calls` adds the template's wrapped calls)."""
-    call = "%json " + json.dumps(normalize(tool_call_schema(tools), bounds))
-    if not auto:
-        return f"start: {call}"
-    return f"{_AUTO_HEAD}call: {call}\n{_auto_tail(ThinkTokens())}"
+    """A tool call of `tools` at once (tool_choice "required", or one function named); with
+    `auto`, a call or plain text that (after whitespace) starts neither with '{' nor with a
+    wrapper's opening tag, either after one thinking block the reply may open with. The
+    engine replica fits it to the model's template, vocabulary and thinking
+    (`with_native_calls`)."""
+    call = "call: %json " + json.dumps(normalize(tool_call_schema(tools), bounds))
+    return _assemble(call, auto)
 
 
-def _auto_tail(think: ThinkTokens, wrapper: ToolCallWrapper | None = None) -> str:
-    """The rules an auto grammar ends with: the text, the thinking block a reply may open
-    with (`thinking`: its tags spelled out, or also as the vocabulary's own `think` tokens)
-    and the whitespace before a call. The vocabulary's own tag tokens (THINK_OPEN's and the
-    `wrapper`'s) are no text to llguidance: the thinking and the text name them, so a model
-    may mention them there; the thinking still ends at its first THINK_CLOSE, and the text
-    still starts like no call nor thinking."""
-    inner = _token_set(think.open, *((wrapper.open_token, wrapper.close_token) if wrapper else ()))
+def with_native_calls(
+    grammar: str,
+    wrapper: ToolCallWrapper | None,
+    max_calls: int,
+    tags: TagTokens = TagTokens(),
+    thinks: bool = False,
+) -> str:
+    """A `tools_grammar` fitted to a model: it also takes 1 to `max_calls` calls each written
+    in the chat template's own `wrapper` (None: the template teaches none), `<tool_call>` ws
+    call ws `</tool_call>`, with whitespace between: the same `call` rule, so the wrapped JSON
+    is as constrained as a bare call; the tags written as the vocabulary's own tokens (`tags`;
+    the wrapper's own tags as its tokens), in thinking and text; and where the model `thinks`
+    (`chat_render.thinks`), one thinking block before the call "required" or a named function
+    asks for, as "auto" always takes."""
+    call, auto = _parts(grammar)
+    return _assemble(call, auto, wrapper, max_calls, tags, may_think=auto or thinks)
+
+
+def _parts(grammar: str) -> tuple[str, bool]:
+    """The call rule of a `tools_grammar` and whether it is an "auto" one."""
+    call = next((line for line in grammar.split("\n") if line.startswith("call: ")), "")
+    for auto in (True, False):
+        if call and grammar == _assemble(call, auto):
+            return call, auto
+    raise ValueError("not a tools grammar of tools_grammar")
+
+
+def _assemble(
+    call: str,
+    auto: bool,
+    wrapper: ToolCallWrapper | None = None,
+    max_calls: int = 0,
+    tags: TagTokens = TagTokens(),
+    may_think: bool | None = None,
+) -> str:
+    """A tools grammar: one thinking block the reply may open with (`may_think`; by default
+    under `auto` only), then the reply proper: a bare `call`, 1 to `max_calls` calls in the
+    template's `wrapper`, or with `auto` text."""
+    may_think = auto if may_think is None else may_think
+    replies = ["WS? call"]
+    rules = [call]
+    if wrapper is not None and max_calls > 0:
+        more = f" (WS? wrapped){{0,{max_calls - 1}}}" if max_calls > 1 else ""
+        open_, close = (
+            _tag(wrapper.open, wrapper.open_token),
+            _tag(wrapper.close, wrapper.close_token),
+        )
+        replies.append("WS? calls")
+        rules += [f"calls: wrapped{more} WS?", f"wrapped: {open_} WS? call WS? {close}"]
+    if auto:
+        replies.append("text")
+        rules += _text_rules(tags)
+    if may_think:
+        rules += _thinking_rules(tags)
+    head = [(_START if may_think else _CALL_AT_ONCE).rstrip("\n"), f"reply: {' | '.join(replies)}"]
+    return "\n".join([*head, *rules, f"WS: {_WRAPPER_SPACE}"])
+
+
+def _thinking_rules(tags: TagTokens) -> list[str]:
+    """The thinking block a reply may open with: its tags spelled out, or the vocabulary's own
+    tokens for them. Its text may name the vocabulary's other tag tokens (a model mentions
+    them), and ends at its first THINK_CLOSE."""
+    inner = _token_set(tags.think_open, *tags.call_opens, *tags.call_closes)
     ends = "THINKING"
-    if think.close is not None:
-        ends = f"(THINKING | THINKING_OPEN? <[{think.close}]>)"
-    text, thinking = "text: SPACE? TEXT", f"thinking: {ends}"
-    if inner:
-        first = _token_set(wrapper.close_token if wrapper else None)  # it starts nothing
-        start = f"(TEXT | {first} TEXT_ON?)" if first else "TEXT"
-        text = f"text: SPACE? {start} ({inner} TEXT_ON?)*"
-        thinking = f"thinking: (THINKING_OPEN? {inner})* {ends}"
-    rules = [text, f"TEXT: /{_TEXT_START}/", "SPACE: /[ \\t\\r\\n]+/"]
-    rules += [f"think: {_tag(THINK_OPEN, think.open)} thinking", thinking, _THINKING]
-    if inner:
-        rules.append(r"TEXT_ON: /[\s\S]+/")
-    if inner or think.close is not None:
+    if tags.think_close is not None:
+        ends = f"(THINKING | THINKING_OPEN? <[{tags.think_close}]>)"
+    thinking = f"thinking: (THINKING_OPEN? {inner})* {ends}" if inner else f"thinking: {ends}"
+    rules = [f"think: {_tag(THINK_OPEN, tags.think_open)} thinking", thinking, _THINKING]
+    if inner or tags.think_close is not None:
         rules.append(_THINKING_OPEN)
-    return "\n".join([*rules, f"WS: {_WRAPPER_SPACE}"])
+    return rules
+
+
+def _text_rules(tags: TagTokens) -> list[str]:
+    """The text of an "auto" reply, which starts like no call nor thinking. The vocabulary's
+    own tag tokens are taken where the same tags spelled out are: anywhere after its start,
+    and at its start the tags that start nothing (THINK_CLOSE, a wrapper's closing tag)."""
+    first = _token_set(tags.think_close, *tags.call_closes)
+    anywhere = _token_set(tags.think_open, tags.think_close, *tags.call_opens, *tags.call_closes)
+    text = "text: SPACE? TEXT"
+    if anywhere:
+        start = f"(TEXT | {first} TEXT_ON?)" if first else "TEXT"
+        text = f"text: SPACE? {start} ({anywhere} TEXT_ON?)*"
+    rules = [text, f"TEXT: /{_TEXT_START}/", "SPACE: /[ \\t\\r\\n]+/"]
+    if anywhere:
+        rules.append(r"TEXT_ON: /[\s\S]+/")
+    return rules
 
 
 def _token_set(*ids: int | None) -> str:
@@ -174,48 +245,15 @@ def _token_set(*ids: int | None) -> str:
     return f"<[{','.join(map(str, known))}]>" if known else ""
 
 
-def _auto_middle(grammar: str) -> str:
-    """The call rule of an auto `tools_grammar`, between its head and its tail."""
-    tail = _auto_tail(ThinkTokens())
-    if not (grammar.startswith(_AUTO_HEAD) and grammar.endswith(tail)):
-        raise ValueError("not a tool_choice 'auto' grammar of tools_grammar")
-    return grammar[len(_AUTO_HEAD) : -len(tail)]
-
-
-def with_think_tokens(grammar: str, think: ThinkTokens) -> str:
-    """An auto `tools_grammar` whose thinking tags may be the vocabulary's own `think` tokens,
-    for a template without a wrapper (DeepSeek-R1's): else the model's own first token,
-    `<think>`, would be refused."""
-    return _AUTO_HEAD + _auto_middle(grammar) + _auto_tail(think)
-
-
-def with_native_calls(
-    grammar: str, wrapper: ToolCallWrapper, max_calls: int, think: ThinkTokens = ThinkTokens()
-) -> str:
-    """An auto `tools_grammar` that also takes 1 to `max_calls` calls each written in the
-    chat template's own `wrapper`, `<tool_call>` ws call ws `</tool_call>`, with whitespace
-    between: the same `call` rule, so the wrapped JSON is as constrained as a bare call. The
-    tags, and the thinking block's (`think`), may be the vocabulary's own tokens."""
-    middle = _auto_middle(grammar)
-    more = f" (WS? wrapped){{0,{max_calls - 1}}}" if max_calls > 1 else ""
-    open_, close = _tag(wrapper.open, wrapper.open_token), _tag(wrapper.close, wrapper.close_token)
-    return (
-        _NATIVE_HEAD
-        + middle
-        + f"calls: wrapped{more} WS?"
-        + f"\nwrapped: {open_} WS? call WS? {close}\n"
-        + _auto_tail(think, wrapper)
-    )
-
-
 def starting_in_thinking(grammar: str) -> str:
-    """An auto grammar (`tools_grammar`'s, `with_think_tokens`' or `with_native_calls`') for a
-    prompt whose chat template opened the thinking block itself (`chat_render.opens_thinking`):
-    the output starts inside it, with no THINK_OPEN of its own, runs to its first THINK_CLOSE
-    (spelled out, or the vocabulary's token for it where the grammar names one), then the
-    reply as before."""
+    """A tools grammar whose reply may open with thinking ("auto"'s, or a "required" or named
+    one `with_native_calls` fitted to a model that thinks) for a prompt whose chat template
+    opened the thinking block itself (`chat_render.opens_thinking`): the output starts inside
+    it, with no THINK_OPEN of its own, runs to its first THINK_CLOSE (spelled out, or the
+    vocabulary's token for it where the grammar names one), then the reply as before: under
+    "required" or a named function, the call comes after the thinking, never inside it."""
     if not grammar.startswith(_START):
-        raise ValueError("not a tool_choice 'auto' grammar of tools_grammar")
+        raise ValueError("not a tools grammar that may open with thinking")
     return f"start: thinking reply\n{grammar[len(_START) :]}"
 
 
