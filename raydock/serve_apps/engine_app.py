@@ -45,7 +45,7 @@ ctx = _Ctx()
 errors.install(engine_http, lambda: ctx.max_request_bytes)
 
 
-async def _serve(kind: str, request: Request):
+async def _serve(kind: str, request: Request, body_of=None):
     from raydock.serve_apps.openai_service import complete
 
     try:
@@ -61,6 +61,7 @@ async def _serve(kind: str, request: Request):
         ctx.server.generate,
         ctx.meter,
         stream_interval_s=ctx.stream_interval_s,
+        body_of=body_of,
     )
 
 
@@ -72,6 +73,14 @@ async def chat(request: Request):
 @engine_http.post("/v1/completions")
 async def completions(request: Request):
     return await _serve("completion", request)
+
+
+@engine_http.post("/v1/responses")
+async def responses(request: Request):
+    """OpenAI's Responses API, answered on the chat path (serve_apps/responses_api.py)."""
+    from raydock.serve_apps import responses_api
+
+    return await responses_api.respond(lambda body_of: _serve("chat", request, body_of))
 
 
 def configure(server: Any, spec: dict[str, Any]) -> None:
@@ -105,13 +114,15 @@ def asgi_app() -> FastAPI:
 class EngineServer:
     def __init__(self, spec: dict[str, Any]):
         self.engine = load_engine(spec)
-        from raydock.serve_apps.chat_render import think_tokens, tool_call_wrapper
+        from raydock.serve_apps.chat_render import tag_tokens, thinks, tool_call_wrapper
 
         tokenizer = getattr(self.engine, "tokenizer", None)
         # the tool-call format the model's chat template teaches (None: bare JSON calls only)
         self.tool_call_wrapper = tool_call_wrapper(tokenizer)
-        # the vocabulary's own `<think>` and `</think>`, which the model thinks in
-        self.think_tokens = think_tokens(tokenizer)
+        # the vocabulary's own `<think>`, `</think>` and call tags, which the model writes
+        self.tag_tokens = tag_tokens(tokenizer)
+        # whether the model may think before a call "required" or named
+        self.thinks = thinks(tokenizer)
         self.engine_name = spec["engine"]
         self.deployment_id = spec["deployment_id"]
         self._guided_seen = (0, 0)  # guided cache hits and misses already reported
@@ -268,9 +279,10 @@ class EngineServer:
         """Stream step events (dicts with an `index`) for the request's `n` sequences.
 
         Events that are ready together travel as one list: a reader that fell behind catches
-        up in one message instead of one per token. Refusals come as one error event. Once
-        the prompt is tokenized and checked, before its prefill, `metering.prompt_taken` goes
-        first: the request's meter charges the prompt from then on, and drops that batch.
+        up in one message instead of one per token. Refusals come as one error event. When
+        the engine admits the prompt into a batch (its prefill begins), `metering.prompt_taken`
+        comes: the request's meter charges the prompt from then on, not while it waits for a
+        slot, and drops that batch.
         """
         if self.requests >= self.engine.max_batch_size + self.queue_limit:
             yield [
@@ -302,7 +314,7 @@ class EngineServer:
             ids, opens_thinking = await self._prompt(request)
             if request.get("native_tool_calls"):
                 request = native_tool_grammar(
-                    request, self.tool_call_wrapper, opens_thinking, self.think_tokens
+                    request, self.tool_call_wrapper, opens_thinking, self.tag_tokens, self.thinks
                 )
             self._check_params(params)
             await self._check_constraint(request)
@@ -313,9 +325,9 @@ class EngineServer:
         except ApiError as exc:
             yield [_error_event(exc)]
             return
-        # the prompt's work begins: charged even if the client goes before the first token
-        yield prompt_taken(len(ids))
         n = request.get("n", 1)
+        # an empty list from the engine: admitted into a batch, the prompt's work begins
+        options["announce_admission"] = True
         if request.get("grammar"):
             options["grammar"] = request["grammar"]
         regex = request.get("regex")
@@ -330,6 +342,9 @@ class EngineServer:
 
         if n == 1:
             async for steps in engine.generate(ids, sampling(0), regex, **options):
+                if not steps:
+                    yield prompt_taken(len(ids))
+                    continue
                 yield [{"index": 0, **ev.to_dict(), **mark} for ev in steps]
             return
         queue: asyncio.Queue = asyncio.Queue()
@@ -337,20 +352,26 @@ class EngineServer:
         async def run(index: int) -> None:
             try:
                 async for steps in engine.generate(ids, sampling(index), regex, **options):
+                    if not steps:
+                        queue.put_nowait({"index": index, "admitted": True})
                     for ev in steps:
                         queue.put_nowait({"index": index, **ev.to_dict(), **mark})
             finally:
                 queue.put_nowait({"index": index, "done": True})
 
         tasks = [asyncio.create_task(run(i)) for i in range(n)]
+        announced = False  # the prompt is charged once, at the first choice that joins a batch
         try:
             remaining = n
             while remaining:
                 ready = [await queue.get()]
                 while not queue.empty():
                     ready.append(queue.get_nowait())
-                events = [ev for ev in ready if not ev.get("done")]
-                remaining -= len(ready) - len(events)
+                if not announced and any(ev.get("admitted") for ev in ready):
+                    announced = True
+                    yield prompt_taken(len(ids))
+                events = [ev for ev in ready if not ev.get("done") and not ev.get("admitted")]
+                remaining -= sum(bool(ev.get("done")) for ev in ready)
                 if events:
                     yield events
             for t in tasks:
@@ -364,34 +385,35 @@ def native_tool_grammar(
     request: dict[str, Any],
     wrapper: Any,
     opens_thinking: bool = False,
-    think: Any = None,
+    tags: Any = None,
+    thinks: bool = False,
 ) -> dict[str, Any]:
-    """The request with its `tool_choice: "auto"` grammar fitted to the model: also taking up
+    """The request with its tools grammar (any tool_choice) fitted to the model: also taking up
     to `native_tool_calls` calls in the template's own `wrapper` (a `ToolCallWrapper`; None:
-    bare calls only), the thinking tags as the vocabulary's own tokens where `think` (a
-    `ThinkTokens`) has them, with or without a wrapper, and, where the rendered prompt
-    `opens_thinking`, starting inside that thinking block; such a request is marked
-    `structured.IN_THINKING`, which its events carry to the service. The API replica that
-    built the grammar does not know the model's template, so every engine gets the same
-    grammar from here."""
+    bare calls only), the tags as the vocabulary's own tokens where `tags` (a `TagTokens`) has
+    them, with or without a wrapper; where the model `thinks` (`chat_render.thinks`), a
+    thinking block before a call "required" or named (auto's takes one on every model); and,
+    where the rendered prompt `opens_thinking`, starting inside that thinking block (a call
+    comes after it); such a request is marked `structured.IN_THINKING`, which its events
+    carry to the service. The API replica that built the grammar does not know the model, so
+    it asks for a "required" or named call at once, and every engine gets the same grammar
+    from here."""
     from raydock.serve_apps.guided.grammars import (
-        ThinkTokens,
+        TagTokens,
         starting_in_thinking,
         with_native_calls,
-        with_think_tokens,
     )
     from raydock.serve_apps.structured import IN_THINKING
 
-    think = think or ThinkTokens()
-    fitted = wrapper is not None or opens_thinking or think != ThinkTokens()
+    tags = tags or TagTokens()
+    thinks = thinks or opens_thinking  # a block the template opened is thinking all the same
+    fitted = wrapper is not None or thinks or tags != TagTokens()
     if not fitted or not request.get("grammar"):
         return request
-    grammar = request["grammar"]
     try:
-        if wrapper is not None:
-            grammar = with_native_calls(grammar, wrapper, request["native_tool_calls"], think)
-        else:
-            grammar = with_think_tokens(grammar, think)
+        grammar = with_native_calls(
+            request["grammar"], wrapper, request["native_tool_calls"], tags, thinks
+        )
         if opens_thinking:
             grammar = starting_in_thinking(grammar)
     except ValueError as exc:  # an API replica of another version: bare calls, as it asked

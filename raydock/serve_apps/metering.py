@@ -34,14 +34,16 @@ CLIENT_CLOSED = 499
 #: adds what the process measures besides requests (gauges, engine counters) at each report
 Collect = Callable[[Batch], None]
 
-#: the key of the event a replica sends first once it has taken a request's prompt
+#: the key of the event a replica sends once its engine has taken a request's prompt
 PROMPT_TAKEN = "prompt_taken"
 
 
 def prompt_taken(prompt_tokens: int) -> list[dict]:
-    """The batch a replica sends when it has taken a request (its prompt tokenized and
-    checked, queued for the engine): the request's meter charges the prompt from then on,
-    even if the client goes (or the deadline passes) before the first token.
+    """The batch a replica sends when its engine has taken the request's prompt into a batch
+    (its prefill begins; `Engine.generate`'s `announce_admission`). The one rule for the
+    prompt: charged from then on, even if the client goes (or the deadline passes) before
+    the first token, and never before, while the request only waits for a slot (as vLLM
+    counts prompt tokens, and OpenAI charges no request that failed before processing).
     `ReplicaMeter.watch` takes it out of the stream, metering on or off: no consumer of the
     events sees it."""
     return [{PROMPT_TAKEN: True, "prompt_tokens": prompt_tokens}]
@@ -142,7 +144,7 @@ class ReplicaMeter:
         status = CLIENT_CLOSED
         try:
             async for batch in events:
-                if is_prompt_taken(batch):  # the prompt is charged even if no token follows
+                if is_prompt_taken(batch):  # admitted: charged even if no token follows
                     call.prompt_tokens = max(call.prompt_tokens, batch[0]["prompt_tokens"])
                     continue  # not the first token: time to first token runs on
                 if call.first_token is None:

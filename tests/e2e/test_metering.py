@@ -255,17 +255,18 @@ def test_a_budget_reached_mid_stream_ends_that_stream_and_refuses_the_next(
     assert not hooks.find("key.budget_warning", path, keyId=key["keyId"])
 
 
-#: a long prompt (hundreds of tokens): its prefill is the work a caller could take unpaid
+#: a long prompt (hundreds of tokens): its prefill is the work a caller pays for
 LONG = [{"role": "user", "content": " ".join(["the tide comes in and the tide goes out"] * 50)}]
 
 
 @pytest.mark.parametrize("path", ["replica route", "gateway /v1"])
-def test_a_stream_whose_client_goes_before_its_first_token_is_charged_its_prompt(
+def test_a_stream_whose_client_goes_while_it_waits_for_a_batch_slot_is_charged_no_prompt(
     platform, live, path
 ):
-    """The replica took the prompt (it waits for a batch slot: every slot decodes a long
-    stream, and as many more wait before it), then the client closes the connection before
-    any byte of the answer: the key's usage has the request, with its whole prompt."""
+    """The replica took the request (tokenized, queued for the engine: every slot decodes a
+    long stream, and as many more wait before it), then the client closes the connection
+    before the engine admitted it: the key's usage and /metrics have the request (499) and
+    no token, as no token of it was computed (its prompt is charged from its admission)."""
     dep_id = live.deployment["deploymentId"]
     key = _key(platform, dep_id, f"cut before a token ({path})")
     http = platform.http()
@@ -323,7 +324,7 @@ def test_a_stream_whose_client_goes_before_its_first_token_is_charged_its_prompt
             ).encode()
             + body
         )
-        # tokenized, waiting for a slot: its prompt taken (and on its way to the gateway)
+        # tokenized, waiting for a slot behind the second wave
         wait_for(lambda: queued() == 1, timeout=30, interval=0.05)
         time.sleep(0.5)
         client.setblocking(False)
@@ -346,6 +347,9 @@ def test_a_stream_whose_client_goes_before_its_first_token_is_charged_its_prompt
         ),
         timeout=10,
     )
-    assert usage["promptTokens"] == prompt and usage["completionTokens"] == 0, usage
+    assert usage["promptTokens"] == 0 and usage["completionTokens"] == 0, usage
+    samples = scrape(platform)
     went = {"deployment": dep_id, "key": key["keyId"], "status": "499"}
-    assert value(scrape(platform), "raydock_requests_total", **went) == 1
+    assert value(samples, "raydock_requests_total", **went) == 1
+    charged = {"deployment": dep_id, "key": key["keyId"]}
+    assert value(samples, "raydock_prompt_tokens_total", **charged) == 0

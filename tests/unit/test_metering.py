@@ -267,12 +267,12 @@ def test_a_stream_that_never_finishes_is_charged_its_prompt_and_streamed_tokens(
     assert sorted(row for row in meter.pending.usage.values()) == [[2, 1000, 10]]
 
 
-# ------------------------------------------------------------ a prompt charged before any token
+# ------------------------------------------------------------ a prompt charged once admitted
 
 
 def _taken_then(*batches, prompt: int = 900, wait=None):
-    """A replica's events: its prompt taken (`prompt` tokens), `wait()` (prefill, a queue),
-    then `batches`."""
+    """A replica's events: its prompt taken into a batch (`prompt` tokens), `wait()` (its
+    prefill), then `batches`."""
 
     async def engine(payload=None):
         yield prompt_taken(prompt)
@@ -301,7 +301,7 @@ def _events(finish_at: int = 2, prompt: int = 900) -> list[list[dict]]:
 
 
 def test_a_request_cut_before_its_first_token_is_charged_its_prompt():
-    """The replica took a long prompt (tokenized; prefill or a queue ahead), then the client
+    """The engine admitted a long prompt into a batch (its prefill runs), then the client
     went away: the prompt is charged, in the counters and the key's usage."""
     meter = ReplicaMeter(None)
     call = meter.start("dep-1", "k")
@@ -428,7 +428,8 @@ def test_time_to_first_token_is_not_taken_from_the_prompt_taken():
 
 
 class _Engine:
-    """What EngineServer.generate asks of an engine: one character a token."""
+    """What EngineServer.generate asks of an engine: one character a token. A sequence waits
+    for `slot` before it joins the batch, where it says so (`announce_admission`)."""
 
     max_batch_size = 2
     max_context = 4096
@@ -437,15 +438,18 @@ class _Engine:
     unsupported_params = frozenset()
 
     def __init__(self) -> None:
-        self.prefills = 0
+        self.slot: asyncio.Event | None = None  # None: a slot is free
 
     def text_prompt(self, prompt: str) -> list[int]:
         return [ord(c) % 256 for c in prompt]
 
-    async def generate(self, ids, params, regex=None, **options):
+    async def generate(self, ids, params, regex=None, announce_admission=False, **options):
         from raydock.serve_apps.engines.base import StepEvent
 
-        self.prefills += 1
+        if self.slot is not None:
+            await self.slot.wait()
+        if announce_admission:
+            yield []
         for i in range(params.max_tokens):
             finish = "length" if i == params.max_tokens - 1 else None
             yield [StepEvent("a", [97], [], finish, len(ids), i + 1)]
@@ -463,7 +467,9 @@ def _replica(engine: _Engine, tokenizing, requests: int = 0):
     return server
 
 
-def test_a_replica_sends_the_prompt_taken_before_the_prefill_and_never_with_a_refusal():
+def test_a_replica_sends_the_prompt_taken_when_its_engine_admits_it_never_before():
+    """Nothing while the engine holds the prompt waiting for a slot; once it admits it, the
+    prompt taken, then the steps (each choice's, with n); a refusal is one error event."""
     from raydock.serve_apps.metering import is_prompt_taken
 
     engine = _Engine()
@@ -471,26 +477,63 @@ def test_a_replica_sends_the_prompt_taken_before_the_prefill_and_never_with_a_re
     async def first(server, request, then=0):
         stream = server.generate(request)
         batches = [await anext(stream)]
-        prefills = engine.prefills
         batches += [b async for b in stream][:then]
-        return batches, prefills
+        return batches
+
+    async def queued_then_admitted(server, request):
+        engine.slot = asyncio.Event()  # every batch slot taken
+        stream = server.generate(request)
+        ahead = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)
+        assert not ahead.done()  # tokenized and queued: nothing sent yet
+        engine.slot.set()
+        return [await ahead] + [b async for b in stream]
 
     params = {"max_tokens": 2}
     with ThreadPoolExecutor(1) as tokenizing:
         server = _replica(engine, tokenizing)
-        asked = {"prompt": "hello", "params": params}
-        batches, prefills = asyncio.run(first(server, asked, 2))
+        batches = asyncio.run(queued_then_admitted(server, {"prompt": "hello", "params": params}))
         assert is_prompt_taken(batches[0]) and batches[0][0]["prompt_tokens"] == 5
-        assert prefills == 0  # sent before the engine begins the prompt
         assert [ev["completion_tokens"] for b in batches[1:] for ev in b] == [1, 2]
         assert not any(is_prompt_taken(b) for b in batches[1:])
+        two = asyncio.run(first(server, {"prompt": "hi", "params": params, "n": 2}, 10))
+        assert is_prompt_taken(two[0])
+        steps = sorted((ev["index"], ev["completion_tokens"]) for b in two[1:] for ev in b)
+        assert steps == [(0, 1), (0, 2), (1, 1), (1, 2)]
+        assert all(is_prompt_taken(b) or all("text" in ev for ev in b) for b in two)  # no marker
         # refusals stay one error event: a full queue (429), a prompt too long (400)
         busy = _replica(engine, tokenizing, requests=3)
-        full, _ = asyncio.run(first(busy, {"prompt": "x", "params": params}))
+        full = asyncio.run(first(busy, {"prompt": "x", "params": params}))
         assert [ev["status"] for ev in full[0]] == [429] and len(full) == 1
         long = {"prompt": "x" * 5000, "params": params}
-        refused, _ = asyncio.run(first(server, long, 5))
+        refused = asyncio.run(first(server, long, 5))
         assert [ev.get("status") for b in refused for ev in b] == [400]
+
+
+class _Staggered(_Engine):
+    """Choice `i` of a request (its seed, from 0) joins the batch 50 ms after choice `i - 1`."""
+
+    async def generate(self, ids, params, regex=None, announce_admission=False, **options):
+        await asyncio.sleep(0.05 * (params.seed or 0))
+        async for steps in super().generate(ids, params, regex, announce_admission, **options):
+            yield steps
+
+
+def test_a_replica_sends_the_prompt_taken_once_however_staggered_its_choices_join():
+    """n choices share one prompt: charged once, when the first choice joins a batch, though
+    the others join later (in other rounds of the replica's loop)."""
+    from raydock.serve_apps.metering import is_prompt_taken
+
+    async def main(server) -> list[list[dict]]:
+        request = {"prompt": "hi", "params": {"max_tokens": 2, "seed": 0}, "n": 3}
+        return [b async for b in server.generate(request)]
+
+    with ThreadPoolExecutor(1) as tokenizing:
+        batches = asyncio.run(main(_replica(_Staggered(), tokenizing)))
+    assert [is_prompt_taken(b) for b in batches].count(True) == 1
+    assert is_prompt_taken(batches[0]) and batches[0][0]["prompt_tokens"] == 2
+    steps = sorted((ev["index"], ev["completion_tokens"]) for b in batches[1:] for ev in b)
+    assert steps == [(i, k) for i in range(3) for k in (1, 2)]
 
 
 def _used(replica: ReplicaMeter, key: str, tokens: int) -> None:

@@ -82,7 +82,12 @@ class Engine(Protocol):
         regex: str | None = None,
         grammar: str | None = None,
         adapter: str | None = None,
-    ) -> AsyncIterator[list[StepEvent]]: ...
+        announce_admission: bool = False,
+    ) -> AsyncIterator[list[StepEvent]]:
+        """The sequence's steps. With `announce_admission`, an empty list comes first, once,
+        when the sequence joins a batch (its prefill begins), not while it waits for a slot:
+        what the replica's meter charges the prompt from. An engine whose scheduler does not
+        say (vLLM) sends none; its first step is then the first sign."""
 
 
 class Decoding(Protocol):
@@ -149,14 +154,27 @@ def token_text(tokenizer: Any, before: int | None, token: int) -> str:
     return tokenizer.decode([token])
 
 
-async def drain_steps(out: asyncio.Queue) -> AsyncIterator[list[StepEvent]]:
+#: what a scheduler puts in a sequence's output queue each time it takes the sequence into a
+#: batch (`Engine.generate`'s `announce_admission`)
+ADMITTED = object()
+
+
+async def drain_steps(out: asyncio.Queue, announce: bool = False) -> AsyncIterator[list[StepEvent]]:
     """A sequence's steps from its output queue until one finishes it; steps that are ready
     together come as one list, so a slow reader catches up in one go. An exception the
-    scheduler put in the queue is raised here."""
+    scheduler put in the queue is raised here. With `announce`, its first admission into a
+    batch comes as an empty list."""
     while True:
         ready = [await out.get()]
         while not out.empty():
             ready.append(out.get_nowait())
+        if any(ev is ADMITTED for ev in ready):
+            ready = [ev for ev in ready if ev is not ADMITTED]
+            if announce:
+                announce = False  # once: a sequence resumed in a later run is no new prompt
+                yield []
+            if not ready:
+                continue
         for ev in ready:
             if isinstance(ev, BaseException):
                 raise ev

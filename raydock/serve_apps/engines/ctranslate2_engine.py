@@ -72,6 +72,7 @@ from transformers import AutoTokenizer
 from raydock.optimizers.ctranslate2 import MANIFEST, NO_QUANTIZATION
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.engines.base import (
+    ADMITTED,
     StepEvent,
     TokenizerPrompts,
     append_token,
@@ -246,9 +247,11 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
         params: SamplingParams,
         regex: str | None = None,
         grammar: str | None = None,
+        announce_admission: bool = False,
     ) -> AsyncIterator[list[StepEvent]]:
         """Stream one sequence's steps; with `regex` or a Lark / GBNF `grammar`, the output
-        is constrained to match it.
+        is constrained to match it; with `announce_admission`, an empty list first when a run
+        takes it (`Engine.generate`).
 
         Steps that are ready together come as one list, so a slow reader catches up in one go.
         """
@@ -276,7 +279,7 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
         self._waiting.append(seq)
         self._start()
         try:
-            async for ready in drain_steps(seq.out):
+            async for ready in drain_steps(seq.out, announce_admission):
                 yield ready
         finally:
             if not seq.done:  # the caller went away: stop at its next step
@@ -328,6 +331,8 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
         batch = [s for s in keep if s.key == key][:size]
         chosen = set(map(id, batch))
         self._waiting = [s for s in keep if id(s) not in chosen]
+        for seq in batch:
+            seq.out.put_nowait(ADMITTED)  # its prompt is (re)computed in this run
         return batch
 
     async def _schedule(self) -> None:

@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from raydock.model_memory import TRANSFORMERS_DTYPE
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.engines.base import (
+    ADMITTED,
     StepEvent,
     TokenizerPrompts,
     append_token,
@@ -196,10 +197,12 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
         regex: str | None = None,
         grammar: str | None = None,
         adapter: str | None = None,
+        announce_admission: bool = False,
     ) -> AsyncIterator[list[StepEvent]]:
         """Stream one sequence's steps; with `regex` or a Lark / GBNF `grammar`, the output
         is constrained to match it; with `adapter` (loaded by `load_adapter`), that LoRA
-        adapter applies to this sequence.
+        adapter applies to this sequence; with `announce_admission`, an empty list first
+        when it joins the batch (`Engine.generate`).
 
         Steps that are ready together come as one list, so a slow reader catches up in one go.
         """
@@ -216,7 +219,7 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
         self._waiting.append(seq)
         self._start()
         try:
-            async for ready in drain_steps(seq.out):
+            async for ready in drain_steps(seq.out, announce_admission):
                 yield ready
         finally:
             if not seq.done:  # the caller went away: leave the batch at the next step
@@ -243,6 +246,7 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
                     self.counters["cancelled"] += 1
                 else:
                     admit.append(seq)
+                    seq.out.put_nowait(ADMITTED)  # prefilled in the step below
             if not admit and not self._running:  # only cancelled ones were waiting
                 continue
             try:

@@ -376,10 +376,14 @@ class VLLMEngine(TokenizerPrompts):
         regex: str | None = None,
         grammar: str | None = None,
         adapter: str | None = None,
+        announce_admission: bool = False,
     ) -> AsyncIterator[list[StepEvent]]:
         """Stream one sequence's steps; with `regex` (or a Lark / GBNF `grammar`), the output is
         constrained to match it; with `adapter` (loaded by `load_adapter`), that LoRA adapter
-        applies.
+        applies. `announce_admission` is not honoured: vLLM does not say when it schedules a
+        request (its engine events come with its statistics only, see __init__), so its first
+        output, after the prefill, is the first sign (when vLLM's own prompt-token counter
+        counts it too).
 
         Closing the generator (or cancelling its consumer) aborts the request in vLLM.
         """
