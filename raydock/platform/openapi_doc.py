@@ -28,6 +28,7 @@ from raydock.serve_apps.protocol import (
     ChatRequest,
     CompletionRequest,
 )
+from raydock.serve_apps.responses_api import ResponsesRequest
 
 Doc = dict[str, Any]
 
@@ -189,6 +190,17 @@ STREAM = {
         "properties": {"data": {"type": "string"}},
     }
 }
+# ...and a Responses API route (serve_apps/responses_api.py): typed events, no [DONE]
+RESPONSES_STREAM = {
+    "schema": {
+        "type": "object",
+        "description": "One server-sent event: `event` is the Responses event's type, `data` its "
+        "JSON (`response.created` first; `response.completed`, `response.incomplete`, or an "
+        "`error` event then `response.failed`, last).",
+        "required": ["data"],
+        "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    }
+}
 
 ERROR_SCHEMAS: dict[str, Any] = {
     "ErrorResponse": {
@@ -266,7 +278,8 @@ def finish(doc: Doc) -> Doc:
         statuses = _errors(path, method, op)  # before bodies are added: 422 depends on them
         if not path.startswith(MANAGEMENT) and method == "post":
             op["requestBody"] = _inference_body(path, schemas)
-            op["responses"]["200"]["content"]["text/event-stream"] = STREAM
+            stream = RESPONSES_STREAM if path.endswith("/responses") else STREAM
+            op["responses"]["200"]["content"]["text/event-stream"] = stream
         elif "/chunks/" in path:  # the chunk is the raw request body
             op["requestBody"] = {
                 "required": True,
@@ -306,8 +319,8 @@ NO_NUL = "^[^\\u0000]*$"
 def _refuse_nul(doc: Doc) -> None:
     """Say on every management string, in bodies and query parameters, that it holds no NUL
     (inference text may: a chat message is not stored)."""
-    inference = {ChatRequest.__name__, CompletionRequest.__name__}
-    for model in (ChatRequest, CompletionRequest):
+    inference = {ChatRequest.__name__, CompletionRequest.__name__, ResponsesRequest.__name__}
+    for model in (ChatRequest, CompletionRequest, ResponsesRequest):
         inference |= set(model.model_json_schema().get("$defs", {}))
     for name, schema in doc["components"]["schemas"].items():
         if name not in inference and name not in ERROR_SCHEMAS:
@@ -474,6 +487,8 @@ def _inference_body(path: str, schemas: dict[str, Any]) -> dict[str, Any]:
     """The routes read the raw request (openai_service.complete parses it with these models,
     answering 400 rather than 422), so FastAPI cannot see the body."""
     model = ChatRequest if path.endswith("/chat/completions") else CompletionRequest
+    if path.endswith("/responses"):
+        model = ResponsesRequest  # its free-form fields' shapes are in its own schema
     schema: dict[str, Any] = {"$ref": _add_model(model, schemas)}
     if not path.startswith("/deployments/"):  # /v1/*: `model` names the deployment (else 404)
         schema = {"allOf": [schema], "required": ["model"], "properties": {"model": STRING}}

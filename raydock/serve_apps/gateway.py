@@ -29,7 +29,7 @@ from raydock import errors, names
 from raydock.config import Settings
 from raydock.errors import ApiError
 from raydock.metering import exposition
-from raydock.serve_apps import docs_page
+from raydock.serve_apps import docs_page, responses_api
 from raydock.serve_apps.access import Auth, DeploymentAccess, NotServing, bearer_token
 from raydock.serve_apps.metering import ReplicaMeter, is_prompt_taken
 from raydock.serve_apps.openai_service import complete, unknown_model
@@ -123,7 +123,7 @@ def _via_handle(deployment_id: str):
     return run
 
 
-async def _serve(kind, request: Request, deployment_id: str | None):
+async def _serve(kind, request: Request, deployment_id: str | None, body_of=None):
     try:
         dep, key_id = await ctx.auth.authorize(request, deployment_id)
     except ApiError as exc:
@@ -139,6 +139,14 @@ async def _serve(kind, request: Request, deployment_id: str | None):
         ctx.meter,
         by_model=deployment_id is None,
         stream_interval_s=ctx.stream_interval_s,
+        body_of=body_of,
+    )
+
+
+async def _serve_responses(request: Request, deployment_id: str | None):
+    """A Responses API request, answered on the chat path (responses_api)."""
+    return await responses_api.respond(
+        lambda body_of: _serve("chat", request, deployment_id, body_of)
     )
 
 
@@ -157,6 +165,12 @@ async def completions_v1_deployment(deployment_id: str, request: Request):
     return await _serve("completion", request, deployment_id)
 
 
+@app.post("/deployments/{deployment_id}/v1/responses", tags=["inference"])
+async def responses_deployment(deployment_id: str, request: Request):
+    """OpenAI Responses API on one deployment (served by its replicas)."""
+    return await _serve_responses(request, deployment_id)
+
+
 @app.post("/v1/chat/completions", tags=["inference"])
 async def chat_openai(request: Request):
     """OpenAI-standard chat completions; `model` names the key's deployment (id or name)."""
@@ -166,6 +180,21 @@ async def chat_openai(request: Request):
 @app.post("/v1/completions", tags=["inference"])
 async def completions_openai(request: Request):
     return await _serve("completion", request, None)
+
+
+@app.post("/v1/responses", tags=["inference"])
+async def responses_openai(request: Request):
+    """OpenAI Responses API (`client.responses.create`), on the chat path: `model` names the
+    key's deployment (id or name). raydock stores no responses (README "Responses API")."""
+    return await _serve_responses(request, None)
+
+
+# not in the document: it only tells a client that retrieves (client.responses.retrieve) why not
+@app.get("/v1/responses/{response_id}", include_in_schema=False)
+async def retrieve_response(response_id: str, request: Request):
+    """Always 404 after the key is checked: raydock stores no responses to retrieve."""
+    await ctx.auth.authorize(request, None)
+    raise responses_api.not_stored(response_id)
 
 
 def _models(dep: DeploymentAccess) -> list[dict[str, Any]]:

@@ -168,7 +168,7 @@ def _vllm_structured(req: protocol._Request) -> tuple[str, Any, str] | None:
 
 def native_tool_calls(constraint: structured.Constraint, req: protocol._Request) -> int:
     """How many calls in its chat template's own wrapper the engine replica may accept
-    (`tool_choice: "auto"`; 0: none): one when the request turns parallel calls off."""
+    (any `tool_choice`; 0: none): one when the request turns parallel calls off."""
     if constraint.native_calls and getattr(req, "parallel_tool_calls", None) is False:
         return 1
     return constraint.native_calls
@@ -396,12 +396,17 @@ async def complete(
     meter: ReplicaMeter,
     by_model: bool = False,
     stream_interval_s: float = 0.0,
+    body_of: Callable[[bytes], Any] | None = None,
 ):
     """Answer one OpenAI request for `dep` (already authorized for key `key_id`) with events
-    from `run`, metered; streams send at most one message per `stream_interval_s`."""
+    from `run`, metered; streams send at most one message per `stream_interval_s`.
+    `body_of` reads the raw body into the request (default `read_json`; the Responses API
+    translates its own request into a chat one there, metered as this call)."""
     call = meter.start(dep.deployment_id, key_id)
     try:
-        return await _complete(kind, request, dep, run, meter, call, by_model, stream_interval_s)
+        return await _complete(
+            kind, request, dep, run, meter, call, by_model, stream_interval_s, body_of
+        )
     except ApiError as exc:  # refused before the response began (later ends: `meter.watch`)
         meter.finish(call, exc.status)
         raise
@@ -419,9 +424,10 @@ async def _complete(
     call: Call,
     by_model: bool,
     stream_interval_s: float,
+    body_of: Callable[[bytes], Any] | None = None,
 ):
     started = call.started
-    body = read_json(await request.body())
+    body = (body_of or read_json)(await request.body())
     try:
         model = protocol.ChatRequest if kind == "chat" else protocol.CompletionRequest
         req = protocol.parse(model, body)

@@ -425,3 +425,118 @@ def test_full_queue_is_429_and_not_ready_is_503(platform, ready_model):
     platform.client.wait_job(
         platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
     )
+
+
+# ------------------------------------------------------------------ the Responses API
+
+CITY_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"enum": ["Oslo", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_responses_api_with_the_openai_sdk(platform, live):
+    """client.responses.create / .stream (the OpenAI SDK, unmodified) on the gateway's /v1
+    and on the deployment's own route: text, a stream, a JSON schema, a tool call and its
+    second turn, and what raydock refuses."""
+    client = openai.OpenAI(base_url=f"{platform.url}/v1", api_key=live.key)
+    dep_id = live.deployment["deploymentId"]
+    ask = {"model": dep_id, "input": "Tell me about lighthouses.", "instructions": "Be brief"}
+    reply = client.responses.create(**ask, max_output_tokens=8, temperature=0, metadata={"t": "1"})
+    assert reply.object == "response" and reply.id.startswith("resp_") and reply.output_text
+    assert reply.model == live.deployment["name"] and reply.metadata == {"t": "1"}
+    assert reply.usage.output_tokens <= 8 and reply.usage.input_tokens > 0
+    if reply.usage.output_tokens == 8:  # cut by max_output_tokens
+        assert reply.status == "incomplete"
+        assert reply.incomplete_details.reason == "max_output_tokens"
+    # the same greedy reply, streamed, through the SDK's own event accumulator (which
+    # gives a final response only for response.completed: a cut one ends response.incomplete)
+    with client.responses.stream(**ask, max_output_tokens=8, temperature=0) as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert "response.output_text.delta" in kinds and kinds[-1] == f"response.{reply.status}"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    last = events[-1].response
+    assert last.output_text == reply.output_text and last.usage.output_tokens > 0
+    # a JSON schema, enforced
+    person = client.responses.create(
+        model=dep_id,
+        input="Describe a person as JSON.",
+        max_output_tokens=64,
+        text={
+            "format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}
+        },
+    )
+    assert person.status == "completed", person
+    data = json.loads(person.output_text)
+    assert set(data) == {"name", "age"} and 0 <= data["age"] <= 120 and len(data["name"]) <= 8
+    # a function call, then the second turn with its output
+    question = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    called = client.responses.create(
+        model=dep_id,
+        input=question,
+        tools=[CITY_TOOL],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=64,
+    )
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Oslo", "Rome")
+    assert call.call_id and called.status == "completed"
+    with client.responses.stream(
+        model=dep_id,
+        input=question,
+        tools=[CITY_TOOL],
+        tool_choice="required",
+        max_output_tokens=64,
+    ) as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds
+    (streamed_call,) = streamed.output
+    assert streamed_call.type == "function_call" and streamed_call.name == "get_weather"
+    assert json.loads(streamed_call.arguments)["city"] in ("Oslo", "Rome")
+    answered = client.responses.create(
+        model=dep_id,
+        input=[
+            *question,
+            call.model_dump(exclude_none=True),  # the output item, sent back as it came
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Rain, 8 °C"},
+        ],
+        tools=[CITY_TOOL],
+        tool_choice="none",
+        max_output_tokens=8,
+    )
+    assert answered.output[0].type == "message" and answered.output_text
+    # refusals: 400 naming the field
+    for extra, param in [
+        ({"previous_response_id": reply.id}, "previous_response_id"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+        ({"max_output_tokens": 513}, "max_output_tokens"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(**ask, **extra)
+        assert exc.value.body["param"] == param, exc.value.body
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.responses.retrieve(reply.id)
+    assert exc.value.body["code"] == "response_not_found"
+    # the deployment's own route answers it too (its replicas, one hop)
+    own = openai.OpenAI(base_url=f"{platform.url}/deployments/{dep_id}/v1", api_key=live.key)
+    assert own.responses.create(**ask, max_output_tokens=4).output_text

@@ -144,6 +144,7 @@ def cap_generation(case) -> None:
     for field, cap, limit in (
         ("max_tokens", MAX_TOKENS, MAX_TOKENS_LIMIT),
         ("max_completion_tokens", MAX_TOKENS, MAX_TOKENS_LIMIT),
+        ("max_output_tokens", MAX_TOKENS, MAX_TOKENS_LIMIT),  # the Responses API's name
         ("n", N_CAP, 8),
     ):
         value = body.get(field)
@@ -151,7 +152,10 @@ def cap_generation(case) -> None:
             body[field] = min(int(value), cap)
     # no limit (absent, or null: both mean the deployment's default of 512) decodes for
     # seconds; such cases were a third of the file's time
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+    if case.path.endswith("/responses"):
+        if body.get("max_output_tokens") is None:
+            body["max_output_tokens"] = MAX_TOKENS
+    elif body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_TOKENS
 
 

@@ -138,6 +138,7 @@ def test_inference_routes_document_their_bodies(doc):
             continue
         schema = ops[f"POST {path}"]["requestBody"]["content"]["application/json"]["schema"]
         field = "messages" if path.endswith("/chat/completions") else "prompt"
+        field = "input" if path.endswith("/responses") else field  # the Responses API
         assert field in resolve(doc, schema)["required"], path
         if path.startswith("/v1/"):  # the body's `model` names the deployment
             assert schema["required"] == ["model"]
