@@ -45,14 +45,19 @@ ctx = _Ctx()
 errors.install(engine_http, lambda: ctx.max_request_bytes)
 
 
-async def _serve(kind: str, request: Request, body_of=None):
-    from raydock.serve_apps.openai_service import complete
-
+async def _authorize(request: Request):
+    """The request's deployment access and key id; a refusal is counted, then raised."""
     try:
-        dep, key_id = await ctx.auth.authorize(request, ctx.deployment_id)
+        return await ctx.auth.authorize(request, ctx.deployment_id)
     except ApiError as exc:
         ctx.meter.refused(ctx.deployment_id, exc.status)
         raise
+
+
+async def _serve(kind: str, request: Request, body_of=None):
+    from raydock.serve_apps.openai_service import complete
+
+    dep, key_id = await _authorize(request)
     return await complete(
         kind,
         request,
@@ -80,7 +85,18 @@ async def responses(request: Request):
     """OpenAI's Responses API, answered on the chat path (serve_apps/responses_api.py)."""
     from raydock.serve_apps import responses_api
 
-    return await responses_api.respond(lambda body_of: _serve("chat", request, body_of))
+    return await responses_api.respond(
+        lambda body_of: _serve("chat", request, body_of), errors.request_id(request)
+    )
+
+
+@engine_http.get("/v1/responses/{response_id}")
+async def retrieve_response(response_id: str, request: Request):
+    """Always 404 after the key is checked: raydock stores no responses to retrieve."""
+    from raydock.serve_apps import responses_api
+
+    await _authorize(request)
+    raise responses_api.not_stored(response_id)
 
 
 def configure(server: Any, spec: dict[str, Any]) -> None:

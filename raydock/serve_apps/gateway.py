@@ -123,13 +123,18 @@ def _via_handle(deployment_id: str):
     return run
 
 
-async def _serve(kind, request: Request, deployment_id: str | None, body_of=None):
+async def _authorize(request: Request, deployment_id: str | None):
+    """The request's deployment access and key id; a refusal is counted, then raised."""
     try:
-        dep, key_id = await ctx.auth.authorize(request, deployment_id)
+        return await ctx.auth.authorize(request, deployment_id)
     except ApiError as exc:
         named = exc.deployment_id if isinstance(exc, NotServing) else None
         ctx.meter.refused(named or ctx.auth.known(deployment_id), exc.status)
         raise
+
+
+async def _serve(kind, request: Request, deployment_id: str | None, body_of=None):
+    dep, key_id = await _authorize(request, deployment_id)
     return await complete(
         kind,
         request,
@@ -146,7 +151,8 @@ async def _serve(kind, request: Request, deployment_id: str | None, body_of=None
 async def _serve_responses(request: Request, deployment_id: str | None):
     """A Responses API request, answered on the chat path (responses_api)."""
     return await responses_api.respond(
-        lambda body_of: _serve("chat", request, deployment_id, body_of)
+        lambda body_of: _serve("chat", request, deployment_id, body_of),
+        errors.request_id(request),
     )
 
 
@@ -193,7 +199,7 @@ async def responses_openai(request: Request):
 @app.get("/v1/responses/{response_id}", include_in_schema=False)
 async def retrieve_response(response_id: str, request: Request):
     """Always 404 after the key is checked: raydock stores no responses to retrieve."""
-    await ctx.auth.authorize(request, None)
+    await _authorize(request, None)
     raise responses_api.not_stored(response_id)
 
 

@@ -42,6 +42,8 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from raydock.serve_apps.responses_api import conversation_messages
+
 #: A prefix is compared in blocks of this many characters (~32-64 tokens: a few of vLLM's
 #: 16-token KV blocks); a prompt shorter than one block has no prefix worth routing on.
 BLOCK_CHARS = 128
@@ -52,14 +54,18 @@ MAX_ENTRIES = 200_000
 
 
 def routing_text(args: Sequence[Any]) -> str | None:
-    """The prompt text of a request: its `messages` (role and text of each, in order) or
-    its `prompt`, from the first argument that is a request dict; None if there is none."""
+    """The prompt text of a request: its `messages` (role and text of each, in order), a
+    Responses body's `instructions` and `input` as the chat messages they become, or its
+    `prompt`, from the first argument that is a request dict; None if there is none."""
     for arg in args:
         if not isinstance(arg, dict):
             continue
-        if isinstance(arg.get("messages"), list):
+        messages = arg.get("messages")
+        if not isinstance(messages, list) and "input" in arg:
+            messages = _responses_messages(arg)
+        if isinstance(messages, list):
             parts = []
-            for message in arg["messages"]:
+            for message in messages:
                 if isinstance(message, dict):
                     parts.append(f"{message.get('role', '')}\n{_text(message.get('content'))}\n")
             return "".join(parts)
@@ -68,6 +74,16 @@ def routing_text(args: Sequence[Any]) -> str | None:
         if isinstance(arg.get("prompt"), list) and arg["prompt"]:
             return _text(arg["prompt"][0])
     return None
+
+
+def _responses_messages(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A Responses body's conversation as its chat translation has it (HAProxy's question
+    carries the raw body; the gateway's handle, the translated one); None for a body it
+    cannot read."""
+    try:
+        return conversation_messages(body.get("instructions"), body["input"])
+    except Exception:  # an odd body is load-balanced here; the replica refuses it, naming why
+        return None
 
 
 def _text(content: Any) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
 import time
 import uuid
@@ -23,11 +24,13 @@ import jsonschema
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from raydock import params
+from raydock import errors, params
 from raydock.errors import ApiError
 from raydock.jsontypes import JsonInt, refuse_non_json_integers
 from raydock.serve_apps.openai_service import read_json
-from raydock.serve_apps.protocol import MAX_TEXT_CHARS, STRICT
+from raydock.serve_apps.protocol import MAX_TEXT_CHARS, STRICT, ChatRequest
+
+log = logging.getLogger("raydock.responses_api")
 
 # ------------------------------------------------------------------ request shapes
 
@@ -114,7 +117,8 @@ SHAPES: dict[str, dict[str, Any]] = {
                 "type": "object",
                 "required": ["type"],
                 "properties": {"type": {"enum": ["text", "json_object", "json_schema"]}},
-                "if": {"properties": {"type": {"const": "json_schema"}}},
+                # without "required", a format with no type would be held to json_schema's
+                "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
                 "then": {
                     "required": ["schema"],
                     "properties": {
@@ -146,7 +150,17 @@ NOT_HONOURED: dict[str, tuple[str, tuple]] = {
     ),
     "conversation": ("raydock stores no conversations: send the whole conversation in input", ()),
     "background": ("raydock answers while the request is open (no background responses)", (False,)),
+    "top_logprobs": (
+        "the Responses API of raydock returns no log probabilities (chat completions do: "
+        "logprobs and top_logprobs on /v1/chat/completions)",
+        (0,),
+    ),
 }
+
+
+def _neutral(value: Any, neutral: tuple) -> bool:
+    """`value` is one of `neutral` as JSON tells values apart (false is not 0)."""
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
 
 
 def _document(schema: dict[str, Any]) -> None:
@@ -209,10 +223,14 @@ class ResponsesRequest(BaseModel):
     text: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     user: str | None = None
+    # an adapter of the deployment's base model, on /deployments/{id}/v1/responses; chat's
+    # field (on /v1: `model: "<deployment>:<adapter>"`)
+    adapter: str | None = copy.copy(ChatRequest.model_fields["adapter"])
     store: bool | None = None  # accepted; nothing is stored (answered false)
     previous_response_id: Any = None
     conversation: Any = None
     background: Any = None
+    top_logprobs: Any = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -256,7 +274,7 @@ def parse(body: Any) -> ResponsesRequest:
         raise _bad(400, where, f"invalid {where}: {msg}") from None
     for name, (why, neutral) in NOT_HONOURED.items():
         value = getattr(req, name)
-        if value is not None and not (isinstance(value, bool) and value in neutral):
+        if value is not None and not _neutral(value, neutral):
             raise _bad(400, name, f"{name} is not supported: {why}", "unsupported_parameter")
     for name, validator in _CHECKS.items():
         if (value := getattr(req, name)) is not None:
@@ -274,8 +292,7 @@ def parse(body: Any) -> ResponsesRequest:
                 "unsupported_parameter",
             )
         _check(_TOOL_CHECK, tool, f"tools.{i}")
-    if not req.tools and req.tool_choice not in (None, "none"):
-        raise _bad(400, "tool_choice", "tool_choice needs tools")
+    # a tool_choice without tools: chat's rule refuses it, naming tool_choice
     return req
 
 
@@ -321,15 +338,23 @@ def _text(content: str | list[dict[str, Any]]) -> str:
 
 
 def chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's conversation as chat messages (`conversation_messages`)."""
+    return conversation_messages(req.instructions, req.input)
+
+
+def conversation_messages(
+    instructions: str | None, items: str | list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """`instructions` (a system message first) and `input` as chat messages: function_call
     items join the assistant message before them (or make one), function_call_output items
-    become tool messages."""
+    become tool messages. The values are a parsed request's: others may raise (the prefix
+    router, which reads raw bodies, catches that)."""
     messages: list[dict[str, Any]] = []
-    if req.instructions is not None:
-        messages.append({"role": "system", "content": req.instructions})
-    if isinstance(req.input, str):
-        return [*messages, {"role": "user", "content": req.input}]
-    for item in req.input:
+    if instructions is not None:
+        messages.append({"role": "system", "content": instructions})
+    if isinstance(items, str):
+        return [*messages, {"role": "user", "content": items}]
+    for item in items:
         kind = item.get("type", "message")
         if kind == "message":
             messages.append({"role": item["role"], "content": _text(item["content"])})
@@ -367,7 +392,7 @@ def _response_format(fmt: dict[str, Any]) -> dict[str, Any]:
 def chat_body(req: ResponsesRequest) -> dict[str, Any]:
     """The chat completion request that answers `req`."""
     body: dict[str, Any] = {"messages": chat_messages(req)}
-    same = ("model", "temperature", "top_p", "user", "parallel_tool_calls")
+    same = ("model", "adapter", "temperature", "top_p", "user", "parallel_tool_calls")
     body |= {f: getattr(req, f) for f in same if getattr(req, f) is not None}
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
@@ -465,8 +490,8 @@ class ResponseBuilder:
             self._event("response.output_text.delta", **where, delta=delta, logprobs=[])
         ]
 
-    def tool_call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
-        """A whole chat tool call (raydock sends each call whole)."""
+    def tool_call(self, call: dict[str, Any], status: str = "completed") -> list[dict[str, Any]]:
+        """A whole chat tool call (raydock sends each call whole), its item ending `status`."""
         events = self._close_message()
         function = call["function"]
         item = {
@@ -498,7 +523,7 @@ class ResponseBuilder:
                 arguments=item["arguments"],
             )
         )
-        item["status"] = "completed"
+        item["status"] = status
         events.append(
             self._event(
                 "response.output_item.done", output_index=where["output_index"], item=dict(item)
@@ -512,9 +537,6 @@ class ResponseBuilder:
         """The end of the reply: `response.completed`, or `response.incomplete` when
         max_output_tokens cut it."""
         cut = finish_reason == "length"
-        if cut:  # the item the cut ended in is incomplete
-            for item in self.output[-1:]:
-                item["status"] = "incomplete"
         # an empty reply is still a message, as OpenAI's
         events = [] if self.output else self._open_message()
         events += self._close_message("incomplete" if cut else "completed")
@@ -648,10 +670,20 @@ def from_chat_completion(req: ResponsesRequest, reply: dict[str, Any]) -> dict[s
     message = choice["message"]
     if message.get("content"):  # with tool calls, the thinking the reply opened with
         builder.text(message["content"])
-    for call in message.get("tool_calls") or []:
-        builder.tool_call(call)
+    calls = message.get("tool_calls") or []
+    for call, status in zip(calls, _call_statuses(calls, choice["finish_reason"]), strict=True):
+        builder.tool_call(call, status)
     builder.finish(choice["finish_reason"], reply.get("usage"))
     return builder.response()
+
+
+def _call_statuses(calls: list[dict[str, Any]], finish_reason: str | None) -> list[str]:
+    """Each call's item status: the last call of a reply max_output_tokens cut is
+    incomplete (its chunk, or the chat.completion, carries the finish_reason)."""
+    statuses = ["completed"] * len(calls)
+    if calls and finish_reason == "length":
+        statuses[-1] = "incomplete"
+    return statuses
 
 
 class ChatStreamReader:
@@ -673,19 +705,28 @@ class ChatStreamReader:
             return self._started() + self.builder.finish(self.finish_reason, self.usage)
         chunk = json.loads(data)
         if "error" in chunk:
-            self.ended = True
-            return self._started() + self.builder.fail(chunk["error"])
+            return self.fail(chunk["error"])
         events = self._started(chunk.get("model"))
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices", []):
             delta = choice.get("delta") or {}
+            finish_reason = choice.get("finish_reason")
             if delta.get("content"):
                 events += self.builder.text(delta["content"])
-            for call in delta.get("tool_calls") or []:
-                events += self.builder.tool_call(call)
-            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            calls = delta.get("tool_calls") or []
+            for call, status in zip(calls, _call_statuses(calls, finish_reason), strict=True):
+                events += self.builder.tool_call(call, status)
+            self.finish_reason = finish_reason or self.finish_reason
         return events
+
+    def fail(self, error: dict[str, Any]) -> list[dict[str, Any]]:
+        """The events that end the stream with `error` (a chat error body's `error`); none
+        once it has ended."""
+        if self.ended:
+            return []
+        self.ended = True
+        return self._started() + self.builder.fail(error)
 
     def _started(self, model: str | None = None) -> list[dict[str, Any]]:
         if self.started:
@@ -699,29 +740,46 @@ def sse_event(event: dict[str, Any]) -> str:
 
 
 async def _events(
-    req: ResponsesRequest, chat_sse: AsyncIterator[str | bytes]
+    req: ResponsesRequest, chat_sse: AsyncIterator[str | bytes], request_id: str | None
 ) -> AsyncIterator[str]:
     reader = ChatStreamReader(req)
+    events: list[dict[str, Any]] = []
     try:
         async for message in chat_sse:
             text = message.decode() if isinstance(message, bytes) else message
-            events = []
             for block in text.split("\n\n"):
                 if block.startswith("data: "):
                     events += reader.take(block.removeprefix("data: "))
             if events:
                 yield "".join(sse_event(e) for e in events)
+                events = []
+    except Exception as exc:  # headers are sent: end in-band, as chat's _sse does
+        # what the message translated before the failure goes first
+        events += reader.fail(_stream_error(exc, request_id))
+        if events:
+            yield "".join(sse_event(e) for e in events)
     finally:  # a client that went away closes the chat stream, which stops the engine
         await chat_sse.aclose()
+
+
+def _stream_error(exc: Exception, request_id: str | None) -> dict[str, Any]:
+    """The error body's `error` for an exception in a stream: its own message when it is meant
+    for the user, else a 500 naming the request id (the traceback goes to the log)."""
+    err = errors.as_api_error(exc)
+    if err is None:
+        log.error("responses stream %s failed", request_id, exc_info=exc)
+        err = ApiError(500, f"internal error (request id {request_id})", None, "internal_error")
+    return errors.error_body(err.status, err.message, err.param, err.code, request_id)["error"]
 
 
 # (a function that reads the raw body into the chat body) -> the chat answer
 ChatServer = Callable[[Callable[[bytes], Any]], Awaitable[Response]]
 
 
-async def respond(serve_chat: ChatServer) -> Response:
+async def respond(serve_chat: ChatServer, request_id: str | None) -> Response:
     """Answer a Responses request through `serve_chat` (the chat path, handed the body
-    translation so that it meters and limits the request as chat) and translate its answer."""
+    translation so that it meters and limits the request as chat) and translate its answer
+    (`request_id`: the one a stream's internal error names)."""
     parsed: list[ResponsesRequest] = []
 
     def body_of(raw: bytes) -> dict[str, Any]:
@@ -734,7 +792,8 @@ async def respond(serve_chat: ChatServer) -> Response:
         raise renamed(exc) from None
     req = parsed[0]
     if isinstance(answer, StreamingResponse):
-        return StreamingResponse(_events(req, answer.body_iterator), media_type="text/event-stream")
+        events = _events(req, answer.body_iterator, request_id)
+        return StreamingResponse(events, media_type="text/event-stream")
     return JSONResponse(from_chat_completion(req, json.loads(answer.body)))
 
 

@@ -530,6 +530,8 @@ def test_responses_api_with_the_openai_sdk(platform, live):
         ({"previous_response_id": reply.id}, "previous_response_id"),
         ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"max_output_tokens": 513}, "max_output_tokens"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"tool_choice": "required"}, "tool_choice"),  # chat's rule, naming the field sent
     ]:
         with pytest.raises(openai.BadRequestError) as exc:
             client.responses.create(**ask, **extra)
@@ -540,3 +542,6 @@ def test_responses_api_with_the_openai_sdk(platform, live):
     # the deployment's own route answers it too (its replicas, one hop)
     own = openai.OpenAI(base_url=f"{platform.url}/deployments/{dep_id}/v1", api_key=live.key)
     assert own.responses.create(**ask, max_output_tokens=4).output_text
+    with pytest.raises(openai.NotFoundError) as exc:
+        own.responses.retrieve(reply.id)
+    assert exc.value.body["code"] == "response_not_found"

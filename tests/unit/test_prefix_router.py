@@ -37,6 +37,45 @@ def test_the_prompt_text_comes_from_messages_or_prompt():
     assert routing_text(["not a request", {"other": 1}]) is None
 
 
+def test_a_responses_body_routes_on_the_prefix_its_chat_translation_has():
+    """HAProxy asks with the raw Responses body; the gateway's handle routes the chat request
+    it becomes (with its messages as the engine reads them): both share the prefix."""
+    from raydock.serve_apps.access import DeploymentAccess
+    from raydock.serve_apps.openai_service import engine_request
+    from raydock.serve_apps.protocol import ChatRequest
+    from raydock.serve_apps.protocol import parse as parse_chat
+    from raydock.serve_apps.responses_api import chat_body, parse
+
+    body = {
+        "instructions": LONG,
+        "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "Weather in Oslo?"}]},
+            {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        ],
+    }
+    dep = DeploymentAccess("d", "d", 0, "DEPLOYED", True, 60, defaults={}, keys={})
+    payload = engine_request("chat", parse_chat(ChatRequest, chat_body(parse(body))), dep)
+    assert routing_text([body]) == routing_text([payload])
+    assert len(prefix_keys(routing_text([body]))) >= len(LONG) // BLOCK_CHARS  # not balanced
+    assert routing_text([{"input": "Hi"}]) == "user\nHi\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input": 5},
+        {"input": [5]},
+        {"input": [{"role": "user"}]},
+        {"input": [{"role": "user", "content": [{"text": 3}]}]},
+        {"input": [{"type": "function_call"}]},
+        {"input": None, "instructions": ["x"]},
+    ],
+)
+def test_an_odd_responses_body_is_load_balanced_without_raising(body):
+    assert routing_text([body]) is None
+
+
 def test_texts_share_keys_exactly_as_far_as_they_share_whole_blocks():
     a = prefix_keys(LONG + "question A")
     b = prefix_keys(LONG + "question B, somewhat longer than A")

@@ -5,16 +5,25 @@ own types and its stream accumulator."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import get_args
 
 import pytest
+import ray
+from fastapi.responses import StreamingResponse
 from openai import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
+from starlette.requests import Request
 
 from raydock.errors import ApiError
+from raydock.platform.access_hub import AccessHub
 from raydock.serve_apps import protocol
+from raydock.serve_apps.access import Auth, DeploymentAccess
+from raydock.serve_apps.metering import ReplicaMeter
+from raydock.serve_apps.openai_service import complete
 from raydock.serve_apps.responses_api import (
     ChatStreamReader,
     ResponsesRequest,
@@ -22,7 +31,9 @@ from raydock.serve_apps.responses_api import (
     from_chat_completion,
     parse,
     renamed,
+    respond,
 )
+from tests.unit.test_access import _HubHandle, snapshot
 
 #: each Responses event type's SDK class
 EVENTS = {
@@ -43,6 +54,70 @@ def refusal(body: dict) -> ApiError:
         parse(body)
     assert exc.value.status == 400
     return exc.value
+
+
+# ------------------------------------------------------------------ served on the chat path
+
+ADAPTERS = {"m-1": {"name": "legal", "rank": 8, "prefix": "models/legal", "digest": "d"}}
+DEP = DeploymentAccess(
+    deployment_id="dep-1",
+    name="hub",
+    created=0,
+    status="DEPLOYED",
+    serving=True,
+    timeout_s=60,
+    defaults={},
+    keys={},
+    adapters=ADAPTERS,
+)
+
+
+async def engine(payload: dict):
+    """The engine (the edge here): its answer says which weights answered."""
+    adapter = payload["adapter"]
+    text = f"from {adapter['name'] if adapter else 'the base'}"
+    ev = {"index": 0, "text": text, "logprobs": [], "finish_reason": "stop"}
+    yield [ev | {"prompt_tokens": 3, "completion_tokens": 2}]
+
+
+def http_request(body: dict) -> Request:
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    return Request({"type": "http", "headers": [], "state": {"request_id": "req-1"}}, receive)
+
+
+def served(body: dict, by_model: bool = False) -> dict:
+    """The Responses object a deployment's route (by_model: /v1) answers for `body`: respond
+    on chat's `complete`, as engine_app and the gateway serve it."""
+
+    async def chat(body_of):
+        req = http_request(body)
+        meter = ReplicaMeter(None)
+        return await complete(
+            "chat", req, DEP, "key-1", engine, meter, by_model=by_model, body_of=body_of
+        )
+
+    return json.loads(asyncio.run(respond(chat, "req-1")).body)
+
+
+def served_refusal(body: dict, by_model: bool = False) -> ApiError:
+    with pytest.raises(ApiError) as exc:
+        served(body, by_model)
+    return exc.value
+
+
+def test_a_requested_adapter_answers_on_the_deployment_route_and_on_v1():
+    assert served({"input": "x"})["output"][0]["content"][0]["text"] == "from the base"
+    on_route = served({"input": "x", "adapter": "legal"})
+    assert on_route["output"][0]["content"][0]["text"] == "from legal"
+    assert on_route["model"] == "hub:legal"
+    on_v1 = served({"model": "hub:legal", "input": "x"}, by_model=True)
+    assert on_v1["output"][0]["content"][0]["text"] == "from legal"
+    err = served_refusal({"input": "x", "adapter": "medical"})
+    assert (err.status, err.param) == (404, "adapter") and "legal" in err.message
+    err = served_refusal({"input": "x", "adapter": ""})
+    assert (err.status, err.param) == (400, "adapter")
 
 
 # ------------------------------------------------------------------ requests
@@ -234,7 +309,6 @@ def test_a_stream_asks_chat_for_its_usage():
         ),
         ({"input": "x", "max_output_tokens": 513}, "max_output_tokens", "512"),
         ({"input": "x", "temperature": 3}, "temperature", "2"),
-        ({"input": "x", "tool_choice": "required"}, "tool_choice", "needs tools"),
         (
             {"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function"}},
             "tool_choice.name",
@@ -246,6 +320,9 @@ def test_a_stream_asks_chat_for_its_usage():
             "required",
         ),
         ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type", "xml"),
+        ({"input": "x", "text": {"format": {}}}, "text.format.type", "required"),
+        ({"input": "x", "top_logprobs": 3}, "top_logprobs", "no log probabilities"),
+        ({"input": "x", "top_logprobs": False}, "top_logprobs", "not supported"),
         ({"input": "x", "tools": [{"type": "function"}]}, "tools.0.name", "required"),
         ({"input": "x", "metadata": {"k": 5}}, "metadata.k", "string"),
         ({"input": 5}, "input", "valid"),
@@ -259,6 +336,15 @@ def test_what_raydock_cannot_honour_is_a_400_naming_the_field(body, param, words
 
 def test_store_and_background_false_are_accepted():
     assert chat_body(parse({"input": "x", "store": True, "background": False}))
+    assert chat_body(parse({"input": "x", "top_logprobs": 0}))  # asks for none: nothing lost
+
+
+def test_a_tool_choice_without_tools_is_refused_by_chat_naming_tool_choice():
+    """One rule, chat's: the translated body is refused naming the field the client sent."""
+    for tools in ({}, {"tools": []}):
+        for choice in ("required", {"type": "function", "name": "f"}):
+            err = served_refusal({"input": "x", "tool_choice": choice} | tools)
+            assert (err.status, err.param) == (400, "tool_choice") and "needs tools" in err.message
 
 
 @pytest.mark.parametrize(
@@ -484,6 +570,80 @@ def test_an_error_after_the_stream_began_is_an_error_event_then_response_failed(
     sdk_accumulates(events)
 
 
+def test_a_call_cut_by_max_output_tokens_is_incomplete_in_its_event_and_the_response():
+    req = parse({"input": "Weather?", "tools": [WEATHER]})
+    cut = call(1, args='{"ci')
+    events = events_of(req, chat_sse([("", None, [call(0)]), ("", "length", [cut])]))
+    done = [e["item"]["status"] for e in events if e["type"] == "response.output_item.done"]
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.incomplete"
+    assert done == [item["status"] for item in final["output"]] == ["completed", "incomplete"]
+    whole = from_chat_completion(req, chat_reply("", "length", [call(0), cut]))
+    assert [item["status"] for item in whole["output"]] == done  # streamed and whole agree
+    sdk_accumulates(events)
+
+
+def sse_events(text: str) -> list[dict]:
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
+
+
+def test_a_translation_failure_mid_stream_ends_with_an_error_then_response_failed(caplog):
+    """The events the client reads, and the log line an operator finds by request id."""
+    chunk = protocol.Formatter("chat", "tiny").chunk
+    broken_call = [{"index": 0, "id": "x"}]  # no function: the translation cannot read it
+
+    async def chat_stream():
+        yield f"data: {json.dumps(chunk(0, 'hi', [], None, True, None))}\n\n"
+        yield f"data: {json.dumps(chunk(0, '', [], None, False, broken_call))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def chat(body_of):
+        body_of(json.dumps({"input": "x", "stream": True}).encode())
+        return StreamingResponse(chat_stream(), media_type="text/event-stream")
+
+    async def read() -> str:
+        answer = await respond(chat, "req-7")
+        return "".join([m async for m in answer.body_iterator])
+
+    with caplog.at_level(logging.ERROR, "raydock.responses_api"):
+        events = sse_events(asyncio.run(read()))
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    error, failed = events[-2], events[-1]["response"]
+    assert error["code"] == "internal_error" and "req-7" in error["message"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert failed["output"][0]["content"][0]["text"] == "hi"  # what came before stays
+    assert "req-7" in caplog.text and "KeyError" in caplog.text
+    for e in events:  # the SDK reads every event, the failure too
+        EVENTS[e["type"]].model_validate(e)
+
+
+def test_retrieving_a_response_on_the_deployment_route_is_a_404_and_refusals_count(
+    monkeypatch,
+):
+    from fastapi.testclient import TestClient
+
+    from raydock.serve_apps import engine_app
+
+    hub = AccessHub()
+    hub._loaded = True
+    asyncio.run(hub.publish({"a": snapshot("a", {"ka": ""})}))
+    monkeypatch.setattr(ray, "get_actor", lambda *a, **k: _HubHandle(hub))
+    monkeypatch.setattr(engine_app.ctx, "auth", Auth(("hub", "ns"), ("r", "ns"), "a"), False)
+    monkeypatch.setattr(engine_app.ctx, "meter", ReplicaMeter(None), raising=False)
+    monkeypatch.setattr(engine_app.ctx, "deployment_id", "a", raising=False)
+    monkeypatch.setattr(engine_app.ctx, "max_request_bytes", 1 << 20, raising=False)
+    with TestClient(engine_app.engine_http) as client:
+        got = client.get("/v1/responses/resp_1", headers={"authorization": "Bearer ka"})
+        assert got.status_code == 404 and got.json()["error"]["code"] == "response_not_found"
+        assert client.get("/v1/responses/resp_1").status_code == 401
+    counted = engine_app.ctx.meter.pending.counters
+    assert counted[("raydock_requests_total", ("a", "", "", "401"))] == 1
+
+
 def test_an_in_band_error_names_the_responses_field():
     error = {
         "message": "invalid max_tokens: x",
@@ -536,15 +696,20 @@ def documented():
         {"input": "x", "background": True},
         {"input": "x", "metadata": {"k" * 65: "v"}},
         {"input": "x", "max_output_tokens": 0},
+        {"input": "x", "text": {"format": {}}},
+        {"input": "x", "top_logprobs": 0},
+        {"input": "x", "top_logprobs": 2},
+        {"input": "x", "adapter": "legal"},
+        {"input": "x", "adapter": ""},
     ],
 )
 def test_the_document_accepts_what_parse_accepts(documented, body):
     """schemathesis holds the server to the document: a body it documents as valid must not
     be refused, one it documents as invalid must be."""
     try:
-        parse(body)
+        protocol.parse(protocol.ChatRequest, chat_body(parse(body)))
         parsed = True
-    except ApiError:
+    except (ApiError, protocol.BadParam):
         parsed = False
     assert documented.is_valid(body) == parsed, body
 
