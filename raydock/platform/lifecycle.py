@@ -13,6 +13,7 @@ import contextlib
 import logging
 import re
 import shutil
+import threading
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -66,6 +67,23 @@ INTERRUPTED_REASON = "interrupted: the platform component running it stopped; re
 
 class DeployFailed(Exception):
     pass
+
+
+#: one Serve submission at a time in this process: building an app's config registers its
+#: autoscaling policy's and request router's modules for pickling by value and unregisters
+#: them after, process-wide (ray.serve.config), so two deploys submitted at once in threads
+#: could fail one ("<module …> is not registered for pickle by value", seen in CI)
+_SUBMIT_LOCK = threading.Lock()
+
+
+def submit_app(target: RunTarget) -> None:
+    """Hand the application to Serve without waiting for it to run (a worker thread's)."""
+    with _SUBMIT_LOCK:
+        serve.run_many(
+            [target],
+            wait_for_ingress_deployment_creation=False,
+            wait_for_applications_running=False,
+        )
 
 
 def _app_status(name: str) -> Any | None:
@@ -456,12 +474,7 @@ class Lifecycle:
         """Submit the application to Serve and wait until its replicas run."""
         name = target.name
         # a cancelled deploy waits for its submit: an undeploy's delete must come after it
-        submit = asyncio.to_thread(
-            serve.run_many,
-            [target],
-            wait_for_ingress_deployment_creation=False,
-            wait_for_applications_running=False,
-        )
+        submit = asyncio.to_thread(submit_app, target)
         await _to_the_end(asyncio.ensure_future(submit))
         await self._progress(job_id, 20, "Serve application submitted")
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
