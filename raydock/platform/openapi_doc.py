@@ -25,6 +25,7 @@ from raydock.serve_apps.protocol import (
     NEUTRAL,
     NOT_HONOURED,
     SHAPES,
+    TOOL_CHOICE_NEEDS_TOOLS,
     ChatRequest,
     CompletionRequest,
 )
@@ -547,16 +548,7 @@ def _as_validated(schemas: dict[str, Any]) -> None:
                 props(request)[name]["anyOf"] = [copy.deepcopy(shape), {"type": "null"}]
     # protocol._check_shapes: tool_choice needs tools, top_logprobs needs logprobs
     schemas["ChatRequest"]["allOf"] = [
-        {
-            "if": {
-                "required": ["tool_choice"],
-                "properties": {"tool_choice": {"not": {"enum": [None, "none"]}}},
-            },
-            "then": {
-                "required": ["tools"],
-                "properties": {"tools": {"type": "array", "minItems": 1}},
-            },
-        },
+        copy.deepcopy(TOOL_CHOICE_NEEDS_TOOLS),
         {
             "if": {
                 "required": ["top_logprobs"],

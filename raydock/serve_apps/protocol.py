@@ -250,6 +250,20 @@ _REASONS = {
 _SHAPE_CHECKS = {name: jsonschema.Draft202012Validator(s) for name, s in SHAPES.items()}
 
 
+#: `_check_shapes`' "tool_choice needs tools" as JSON Schema, for the documents of the requests
+#: that hold it (chat's, and the Responses API's, which is served as chat)
+TOOL_CHOICE_NEEDS_TOOLS: dict[str, Any] = {
+    "if": {
+        "required": ["tool_choice"],
+        "properties": {"tool_choice": {"not": {"enum": [None, "none"]}}},
+    },
+    "then": {
+        "required": ["tools"],
+        "properties": {"tools": {"type": "array", "minItems": 1}},
+    },
+}
+
+
 def _check_shapes(req: _Request) -> None:
     for name, validator in _SHAPE_CHECKS.items():
         value = getattr(req, name, None)

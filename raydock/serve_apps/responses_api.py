@@ -28,7 +28,12 @@ from raydock import errors, params
 from raydock.errors import ApiError
 from raydock.jsontypes import JsonInt, refuse_non_json_integers
 from raydock.serve_apps.openai_service import read_json
-from raydock.serve_apps.protocol import MAX_TEXT_CHARS, STRICT, ChatRequest
+from raydock.serve_apps.protocol import (
+    MAX_TEXT_CHARS,
+    STRICT,
+    TOOL_CHOICE_NEEDS_TOOLS,
+    ChatRequest,
+)
 
 log = logging.getLogger("raydock.responses_api")
 
@@ -190,18 +195,7 @@ def _document(schema: dict[str, Any]) -> None:
         props[name]["anyOf"] = [shape, {"type": "null"}]
     for name, (why, neutral) in NOT_HONOURED.items():
         props[name] = {"enum": [None, *neutral], "description": f"Not supported: {why}."}
-    schema["allOf"] = [
-        {  # a tool_choice that may call needs tools (chat's rule)
-            "if": {
-                "required": ["tool_choice"],
-                "properties": {"tool_choice": {"not": {"enum": [None, "none"]}}},
-            },
-            "then": {
-                "required": ["tools"],
-                "properties": {"tools": {"type": "array", "minItems": 1}},
-            },
-        }
-    ]
+    schema["allOf"] = [copy.deepcopy(TOOL_CHOICE_NEEDS_TOOLS)]  # chat's rule
 
 
 class ResponsesRequest(BaseModel):
