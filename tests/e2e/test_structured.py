@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -347,18 +349,29 @@ def test_tool_conversation_over_three_turns(sdk):
     tool_conversation(sdk)
 
 
+@contextlib.contextmanager
+def own_deployment(platform, zips, folder: Path, name: str) -> Iterator[openai.OpenAI]:
+    """The model generated in `folder` imported and deployed as `name` (about 20 s here): an
+    OpenAI client on its endpoint, then the deployment undeployed."""
+    files = {f.name: f for f in folder.iterdir() if f.is_file()}
+    model = import_ready(platform, write_zip(zips / f"tiny-{folder.name}.zip", files))
+    dep = deploy_and_wait(platform, model["modelId"], name)
+    try:
+        key = platform.client.create_key(dep["deploymentId"], "tests")
+        base_url = f"{platform.url}/deployments/{dep['deploymentId']}/v2"
+        yield openai.OpenAI(base_url=base_url, api_key=key, timeout=120)
+    finally:
+        platform.client.wait_job(
+            platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
+        )
+
+
 def test_auto_takes_tool_calls_in_the_chat_templates_own_wrapper(platform, zips, tmp_path):
     """Qwen's way of calling tools (`<tool_call>` blocks; the tags are tokens of its vocabulary)
     needs a model of its own: an import and a deploy (about 20 s here), undeployed at the end.
     The opening tag's token is favoured: the random model would rarely pick it."""
     tags = qwen_like_model(tmp_path / "qwen-like")
-    files = {f.name: f for f in (tmp_path / "qwen-like").iterdir() if f.is_file()}
-    model = import_ready(platform, write_zip(zips / "tiny-qwen-like.zip", files))
-    dep = deploy_and_wait(platform, model["modelId"], "chat-qwen-like")
-    try:
-        key = platform.client.create_key(dep["deploymentId"], "tests")
-        base_url = f"{platform.url}/deployments/{dep['deploymentId']}/v2"
-        sdk = openai.OpenAI(base_url=base_url, api_key=key, timeout=120)
+    with own_deployment(platform, zips, tmp_path / "qwen-like", "chat-qwen-like") as sdk:
         ask = {
             "model": "m",
             "messages": ASK,
@@ -378,10 +391,6 @@ def test_auto_takes_tool_calls_in_the_chat_templates_own_wrapper(platform, zips,
         for call in calls:
             check(TOOLS[call.function.name]["function"]["parameters"], call.function.arguments)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    finally:
-        platform.client.wait_job(
-            platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
-        )
 
 
 def test_required_and_named_calls_come_after_the_thinking_the_template_opens(
@@ -397,13 +406,7 @@ def test_required_and_named_calls_come_after_the_thinking_the_template_opens(
         QWEN3_THINKING_TEMPLATE,
         ("<think>", "</think>", "<tool_call>", "</tool_call>"),
     )
-    files = {f.name: f for f in (tmp_path / "qwen-thinking").iterdir() if f.is_file()}
-    model = import_ready(platform, write_zip(zips / "tiny-qwen-thinking.zip", files))
-    dep = deploy_and_wait(platform, model["modelId"], "chat-qwen-thinking")
-    try:
-        key = platform.client.create_key(dep["deploymentId"], "tests")
-        base_url = f"{platform.url}/deployments/{dep['deploymentId']}/v2"
-        sdk = openai.OpenAI(base_url=base_url, api_key=key, timeout=120)
+    with own_deployment(platform, zips, tmp_path / "qwen-thinking", "chat-qwen-thinking") as sdk:
         ask = {
             "model": "m",
             "messages": ASK,
@@ -431,10 +434,6 @@ def test_required_and_named_calls_come_after_the_thinking_the_template_opens(
             assert content == "</think>"
             assert [d.function.name for d in deltas] == [c.function.name for c in calls]
             assert chunks[-1].choices[0].finish_reason == finish
-    finally:
-        platform.client.wait_job(
-            platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
-        )
 
 
 def test_tool_errors(live):
