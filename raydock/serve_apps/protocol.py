@@ -264,23 +264,28 @@ TOOL_CHOICE_NEEDS_TOOLS: dict[str, Any] = {
 }
 
 
+def check_shape(validator: jsonschema.protocols.Validator, value: Any, param: str) -> None:
+    """A BadParam naming the field of `value` (the request's `param`) its JSON Schema refuses
+    most plainly (a missing field: that field), if it refuses any."""
+    err = jsonschema.exceptions.best_match(validator.iter_errors(value))
+    if err is None:
+        return
+    path = [param, *map(str, err.absolute_path)]
+    if err.validator == "required":  # name the missing field itself
+        path.append(next(f for f in err.validator_value if f not in err.instance))
+    where = ".".join(path)
+    template = _REASONS.get(err.validator)
+    reason = template.format(err.validator_value) if template else err.message
+    if len(reason) > 200:  # the message quotes the value
+        reason = f"fails {err.validator} {json.dumps(err.validator_value, default=str)[:100]}"
+    raise BadParam(where, f"invalid {where}: {reason}")
+
+
 def _check_shapes(req: _Request) -> None:
     for name, validator in _SHAPE_CHECKS.items():
         value = getattr(req, name, None)
-        if value is None:
-            continue
-        err = jsonschema.exceptions.best_match(validator.iter_errors(value))
-        if err is None:
-            continue
-        path = [name, *map(str, err.absolute_path)]
-        if err.validator == "required":  # name the missing field itself
-            path.append(next(f for f in err.validator_value if f not in err.instance))
-        param = ".".join(path)
-        template = _REASONS.get(err.validator)
-        reason = template.format(err.validator_value) if template else err.message
-        if len(reason) > 200:  # the message quotes the value
-            reason = f"fails {err.validator} {json.dumps(err.validator_value, default=str)[:100]}"
-        raise BadParam(param, f"invalid {param}: {reason}")
+        if value is not None:
+            check_shape(validator, value, name)
     if isinstance(req, ChatRequest) and not req.tools and req.tool_choice not in (None, "none"):
         raise BadParam("tool_choice", "tool_choice needs tools")
     if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:

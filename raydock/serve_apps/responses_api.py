@@ -32,7 +32,9 @@ from raydock.serve_apps.protocol import (
     MAX_TEXT_CHARS,
     STRICT,
     TOOL_CHOICE_NEEDS_TOOLS,
+    BadParam,
     ChatRequest,
+    check_shape,
 )
 
 log = logging.getLogger("raydock.responses_api")
@@ -244,15 +246,10 @@ def _param(loc: tuple) -> str:
 
 
 def _check(validator: jsonschema.Draft202012Validator, value: Any, param: str) -> None:
-    err = jsonschema.exceptions.best_match(validator.iter_errors(value))
-    if err is None:
-        return
-    path = [param, *map(str, err.absolute_path)]
-    if err.validator == "required":  # name the missing field itself
-        path.append(next(f for f in err.validator_value if f not in err.instance))
-    where = ".".join(path)
-    reason = err.message if len(err.message) <= 200 else f"fails {err.validator}"
-    raise _bad(400, where, f"invalid {where}: {reason}")
+    try:
+        check_shape(validator, value, param)
+    except BadParam as exc:
+        raise _bad(400, exc.param, str(exc)) from None
 
 
 def parse(body: Any) -> ResponsesRequest:
