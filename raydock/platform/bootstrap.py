@@ -195,9 +195,15 @@ def start_platform(settings: Settings) -> dict[str, Any]:
     serve.start(http_options={"host": settings.host, "port": settings.port})
     _, lifecycle = ensure_platform_actors(settings)
     ray.get(lifecycle.ping.remote())
-    serve.run(ApiServer.bind(cfg), name=names.API_APP, route_prefix="/api")
     gateway = Gateway.bind(cfg, names.control_plane(settings.metering))
-    serve.run(gateway, name=names.GATEWAY_APP, route_prefix="/")
+    # the two apps are independent: submitted together, their replicas start side by side
+    # (one after the other cost every boot the gateway's start, ~5 s on 2 cores)
+    serve.run_many(
+        [
+            serve.RunTarget(ApiServer.bind(cfg), name=names.API_APP, route_prefix="/api"),
+            serve.RunTarget(gateway, name=names.GATEWAY_APP, route_prefix="/"),
+        ]
+    )
     return {"url": settings.base_url, "admin_key": admin_key}
 
 

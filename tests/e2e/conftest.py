@@ -28,8 +28,17 @@ ASK_JSON = [{"role": "user", "content": "Hello"}]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that replace the session's cluster run after every other test."""
-    items.sort(key=lambda item: item.get_closest_marker("restarts_cluster") is not None)
+    """Tests that replace the session's cluster run after every other test, and one that
+    leaves it stopped (`restarts_cluster(leaves_it_down=True)`) last of all: a test after it
+    would wait for the cluster to boot again (`_session_cluster_up`), the last one does not."""
+
+    def order(item: pytest.Item) -> int:
+        marker = item.get_closest_marker("restarts_cluster")
+        if marker is None:
+            return 0
+        return 2 if marker.kwargs.get("leaves_it_down") else 1
+
+    items.sort(key=order)
 
 
 @dataclass
@@ -108,6 +117,16 @@ def platform(request, tmp_path_factory, hf_hub, notify_sinks) -> Platform:
     if ray.is_initialized():
         stop_platform()
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _session_cluster_up(request) -> None:
+    """A test that stopped the session's cluster and left it down (`raydock up`'s, which
+    needs the machine to itself) has the next test that uses the platform boot it again."""
+    if "platform" in request.fixturenames:
+        platform = request.getfixturevalue("platform")
+        if not ray.is_initialized():
+            boot(platform.settings)
 
 
 @pytest.fixture(scope="session")
@@ -235,3 +254,4 @@ def tool_conversation(sdk: openai.OpenAI) -> None:
     # the tool's result is part of the prompt, not dropped
     longer = [*messages[:-1], {**messages[-1], "content": '{"celsius": 21, "wind": "strong"}'}]
     assert answer(longer).usage.prompt_tokens > final.usage.prompt_tokens
+

@@ -4,6 +4,7 @@ adapter applied: equal to PEFT's merge of the same adapter computed in this proc
 
 from __future__ import annotations
 
+import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +30,7 @@ def import_adapter(platform, path, base_id: str) -> dict:
     return platform.client.get(f"/models/{ref['modelId']}")
 
 
+@functools.cache  # greedy in float32: the same reply for a seed each time (a second each)
 def reference_reply(seed: int | None) -> str:
     """The greedy reply of base + adapter merged by PEFT here (None: the base alone), as the
     chat endpoint renders the prompt."""

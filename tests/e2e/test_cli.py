@@ -2,8 +2,8 @@
 
 `raydock import` talks to the session's platform. `raydock up` starts a cluster of its own,
 and only one fits on the test machine: that test replaces the session's cluster for the
-time it runs (the `restarts_cluster` marker runs it after every other test) and boots it
-again after.
+time it runs (the `restarts_cluster` marker runs it after every other test, last of all) and
+leaves it stopped: a test after it boots it again (conftest's `_session_cluster_up`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import yaml
 from raydock.modelgen import build_model_zip
 from raydock.platform.bootstrap import free_port
 
-from .conftest import boot, wait_for
+from .conftest import wait_for
 
 RAYDOCK = str(Path(sys.executable).with_name("raydock"))  # the installed console script
 
@@ -220,7 +220,7 @@ def test_names_key_limits_export_and_uploads_from_the_command_line(
     assert "HTTP 404" in cli_json("uploads", "show", sid, ok=False, **env)
 
 
-@pytest.mark.restarts_cluster
+@pytest.mark.restarts_cluster(leaves_it_down=True)
 def test_raydock_up_serves_and_raydock_down_stops_it(platform, tmp_path):
     ray.shutdown()  # the session's cluster: only one fits beside `raydock up`'s
     home, port = tmp_path / "home", free_port()
@@ -282,4 +282,3 @@ def test_raydock_up_serves_and_raydock_down_stops_it(platform, tmp_path):
             except subprocess.TimeoutExpired:
                 up.kill()
                 up.wait()
-        boot(platform.settings)  # the session's cluster again, for the tests after this one
