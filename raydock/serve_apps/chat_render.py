@@ -17,8 +17,10 @@ format (Mistral's); when the template fails, raydock renders the fallback once m
 system text at the head of the first user message, and refuses only if that fails too.
 
 A template that teaches its model a native tool-call format (Qwen's and Hermes'
-`<tool_call>\n{...}\n</tool_call>`: `tool_call_wrapper`) gets it accepted under
-every tool_choice besides raydock's bare JSON call (`guided.grammars.with_native_calls`).
+`<tool_call>\n{...}\n</tool_call>`, Qwen3-Coder's `<tool_call>` around an XML
+`<function=...>` body: `tool_call_wrapper`) gets it accepted under every tool_choice
+besides raydock's bare JSON call (`guided.grammars.with_native_calls`). Such a template
+renders an assistant's calls itself, from their arguments as an object (`_native`).
 
 A reasoning model's template may open the thinking block itself: its generation prompt ends in
 `<think>\n` (Qwen3-Thinking-2507, QwQ, DeepSeek-R1), so the model's output starts inside the
@@ -94,10 +96,12 @@ def template_source(tokenizer: Any, tools: bool = False) -> str | None:
 
 def tool_call_wrapper(tokenizer: Any) -> ToolCallWrapper | None:
     """The native tool-call wrapper the model's chat template teaches (its source holds the
-    opening tag, e.g. `<tool_call>`), with the ids of the tokenizer's added tokens for its
-    tags; None: the model is asked for bare JSON calls."""
+    opening tag, e.g. `<tool_call>`, and the wrapper's other signs: Qwen3-Coder's
+    `<function=` and `<parameter=` for its XML body), with the ids of the tokenizer's added
+    tokens for its tags; None: the model is asked for bare JSON calls."""
     source = template_source(tokenizer, tools=True) or ""
-    wrapper = next((w for w in TOOL_CALL_WRAPPERS if w.open in source), None)
+    taught = [w for w in TOOL_CALL_WRAPPERS if w.taught_by(source)]
+    wrapper = max(taught, key=lambda w: len(w.signs), default=None)  # the most specific
     if wrapper is None:
         return None
     added = _tag_tokens(tokenizer)

@@ -347,8 +347,11 @@ class EngineServer:
         if request.get("grammar"):
             options["grammar"] = request["grammar"]
         regex = request.get("regex")
-        # the service reads an output that starts inside the thinking as such
-        mark = {IN_THINKING: True} if request.get(IN_THINKING) else {}
+        # the service reads an output that starts inside the thinking as such: under a tools
+        # grammar fitted to it, or free (a grammar of another format has the answer at once)
+        free = not request.get("grammar") and request.get("regex") is None
+        starts_in_thinking = request.get(IN_THINKING) or (opens_thinking and free)
+        mark = {IN_THINKING: True} if starts_in_thinking else {}
 
         def sampling(index: int) -> SamplingParams:
             p = dict(params)

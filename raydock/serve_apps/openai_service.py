@@ -26,8 +26,8 @@ from raydock import params as P
 from raydock.errors import ApiError, error_body
 from raydock.serve_apps import protocol, structured
 from raydock.serve_apps.access import DeploymentAccess
-from raydock.serve_apps.guided.grammars import THINK_OPEN
 from raydock.serve_apps.metering import Call, ReplicaMeter
+from raydock.serve_apps.reasoning import REASONING, reasoning_tokens, split_reasoning
 
 log = logging.getLogger("raydock.inference")
 
@@ -175,18 +175,21 @@ def native_tool_calls(constraint: structured.Constraint, req: protocol._Request)
 
 
 async def _as_tool_calls(
-    batches: AsyncIterator[list[dict]], finish: str
+    batches: AsyncIterator[list[dict]], finish: str, tools: list[dict] | None = None
 ) -> AsyncIterator[list[dict]]:
     """Each choice's events as OpenAI answers under tools (`_ToolReply`, one per choice):
-    calls become tool-call events (the last ends with `finish`), text streams as it comes."""
+    calls become tool-call events (the last ends with `finish`), text streams as it comes.
+    The thinking a reply opens with (`reasoning.split_reasoning`'s events) goes before it."""
     replies: dict[int, _ToolReply] = {}
     try:
         async for batch in batches:
             out = []
             for ev in batch:
+                if REASONING in ev:
+                    out.append(ev)
+                    continue
                 if (reply := replies.get(ev["index"])) is None:
-                    in_thinking = bool(ev.get(structured.IN_THINKING))
-                    reply = replies[ev["index"]] = _ToolReply(finish, in_thinking)
+                    reply = replies[ev["index"]] = _ToolReply(finish, tools)
                 out.extend(reply.take(ev))
             if out:
                 yield out
@@ -194,21 +197,31 @@ async def _as_tool_calls(
         await batches.aclose()
 
 
-class _ToolReply:
-    """One choice's output under tools. A thinking block it opens with (`<think>` …
-    `</think>`; with `in_thinking`, the one its prompt opened: from its start to the first
-    `</think>`) streams as content as it comes; the reply after it is held while it may still
-    be a tool call (it starts, after whitespace, with `{` or a native wrapper's opening tag
-    such as `<tool_call>`, or with the start of one), then emitted as its tool calls, one event
-    each (as OpenAI streams them, each with its `index`), or as the events themselves: text
-    that cannot be a call (`tool_choice: auto`) streams as soon as its first characters say
-    so, with its logprobs. No chunk ever shows a wrapper tag."""
+def chat_events(
+    events: AsyncIterator[list[dict]],
+    tools_finish: str | None,
+    include_reasoning: bool = True,
+    tools: list[dict] | None = None,
+) -> AsyncIterator[list[dict]]:
+    """A chat reply's engine events as the client gets them: the thinking each choice opens
+    with (or starts in) apart as reasoning, then under tools (`tools_finish`: the
+    finish_reason of calls the model made) the reply after it as tool calls."""
+    events = split_reasoning(events, include_reasoning)
+    return events if tools_finish is None else _as_tool_calls(events, tools_finish, tools)
 
-    def __init__(self, finish: str, in_thinking: bool = False) -> None:
+
+class _ToolReply:
+    """One choice's reply under tools, after any thinking (`reasoning.split_reasoning`). It is
+    held while it may still be a tool call (it starts, after whitespace, with `{` or a native
+    wrapper's opening tag such as `<tool_call>`, or with the start of one), then emitted as
+    its tool calls, one event each (as OpenAI streams them, each with its `index`), or as the
+    events themselves: text that cannot be a call (`tool_choice: auto`) streams as soon as its
+    first characters say so, with its logprobs. No chunk ever shows a wrapper tag."""
+
+    def __init__(self, finish: str, tools: list[dict] | None = None) -> None:
         self.finish = finish  # of a reply of calls that ended by itself
-        self.in_thinking = in_thinking  # the output starts inside a thinking block
+        self.tools = tools  # the request's: their schemas read an XML call's values
         self.text = ""
-        self.reply_at: int | None = None  # where the reply begins, once the thinking ended
         self.held: list[dict] = []
         self.plain = False  # the reply is text: passed through
 
@@ -218,49 +231,19 @@ class _ToolReply:
             return [ev]
         self.text += ev["text"]
         self.held.append(ev)
-        out: list[dict] = []
-        if self.reply_at is None:
-            self.reply_at = structured.thinking_length(self.text, self.in_thinking)
-            if self.reply_at is None and (self.in_thinking or self.text.startswith(THINK_OPEN)):
-                out = self._release()  # thinking: content as it comes
-            elif self.reply_at:
-                out = self._release_thinking()
-        if self.reply_at is None or not self.held:  # undecided, or the reply has not begun
-            return out + self._release() if ev["finish_reason"] else out
-        reply = self.text[self.reply_at :]
-        if reply and not structured.may_be_tool_call(reply):
+        if self.text and not structured.may_be_tool_call(self.text):
             self.plain = True
-            return out + self._release()
+            return self._release()
         if ev["finish_reason"] == "stop":
-            calls = structured.as_tool_calls(reply)
-            return out + (self._as_calls(calls, self.finish) if calls else self._release())
+            calls = structured.as_tool_calls(self.text, self.tools)
+            return self._as_calls(calls, self.finish) if calls else self._release()
         if ev["finish_reason"] == "length":  # cut short: the calls as far as written
-            return out + self._as_calls(structured.as_cut_tool_calls(reply), "length")
-        return out + self._release() if ev["finish_reason"] else out
+            cut = structured.as_cut_tool_calls(self.text, self.tools)
+            return self._as_calls(cut, "length")
+        return self._release() if ev["finish_reason"] else []
 
     def _release(self) -> list[dict]:
         out, self.held = self.held, []
-        return out
-
-    def _release_thinking(self) -> list[dict]:
-        """The held events up to the thinking's end; the event it ends in is split there
-        (`_split_logprobs`; the end of the choice goes with the reply)."""
-        held_from = len(self.text) - sum(len(e["text"]) for e in self.held)
-        out = []
-        while self.held:
-            ev = self.held[0]
-            cut = self.reply_at - held_from
-            if cut <= 0:
-                break
-            self.held.pop(0)
-            if cut >= len(ev["text"]):
-                out.append(ev)
-                held_from += len(ev["text"])
-                continue
-            thinking, reply = _split_logprobs(ev["logprobs"], cut)
-            out.append(ev | {"text": ev["text"][:cut], "logprobs": thinking, "finish_reason": None})
-            self.held.insert(0, ev | {"text": ev["text"][cut:], "logprobs": reply})
-            break
         return out
 
     def _as_calls(self, calls: list[dict], finish: str) -> list[dict]:
@@ -282,19 +265,6 @@ class _ToolReply:
             }
             for k, call in enumerate(calls)
         ]
-
-
-def _split_logprobs(logprobs: list, cut: int) -> tuple[list, list]:
-    """An event's per-token logprobs split where its text is cut at `cut` characters: each
-    token goes with the part its own text begins in, by the lengths of the tokens' texts
-    (the engines' token texts spell the event's text; where they do not, e.g. a token whose
-    text decoding drops, the count is off by as much)."""
-    at = 0
-    for k, entry in enumerate(logprobs):
-        if at >= cut:
-            return logprobs[:k], logprobs[k:]
-        at += len(entry[0])
-    return logprobs, []
 
 
 async def _bounded(
@@ -449,11 +419,12 @@ async def _complete(
     echo = request_for_engine["prompt"] if kind == "completion" and req.echo else ""
     fmt = protocol.Formatter(kind, f"{dep.name}:{adapter['name']}" if adapter else dep.name, echo)
     events = meter.watch(_bounded(run(payload), deadline, dep.timeout_s), call)
-    if constraint.mode == "tools":
+    if kind == "chat":
         # as OpenAI (and vLLM): a call the request named ends with "stop", one the model chose
         # ("auto", "required") with "tool_calls"
         named = isinstance(req.tool_choice, dict)
-        events = _as_tool_calls(events, "stop" if named else "tool_calls")
+        tools_finish = ("stop" if named else "tool_calls") if constraint.mode == "tools" else None
+        events = chat_events(events, tools_finish, req.include_reasoning, req.tools)
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         if stream_interval_s > 0:
@@ -584,19 +555,25 @@ async def _first_or_error(events: AsyncIterator[list[dict]]) -> list[dict] | Non
 
 
 async def _collect(fmt: protocol.Formatter, events: AsyncIterator[list[dict]], n: int) -> dict:
-    choices = [{"index": i, "text": "", "logprobs": [], "finish_reason": None} for i in range(n)]
-    prompt = completion = 0
+    choices = [
+        {"index": i, "text": "", "reasoning": None, "logprobs": [], "finish_reason": None}
+        for i in range(n)
+    ]
+    prompt = completion = thought = 0
     async for batch in events:
         for ev in batch:
             c = choices[ev["index"]]
             c["text"] += ev["text"]
+            if REASONING in ev:
+                c["reasoning"] = (c["reasoning"] or "") + ev[REASONING]
             c["logprobs"] += ev["logprobs"]
             c["tool_calls"] = c.get("tool_calls", []) + (ev.get("tool_calls") or [])
             if ev["finish_reason"]:
                 c["finish_reason"] = ev["finish_reason"]
                 prompt = ev["prompt_tokens"]
                 completion += ev["completion_tokens"]
-    return fmt.final(choices, prompt, completion)
+                thought += reasoning_tokens(ev)
+    return fmt.final(choices, prompt, completion, thought)
 
 
 def _sse_line(obj: dict) -> str:
@@ -607,17 +584,18 @@ async def _sse(
     fmt, first, events, include_usage: bool, request_id: str | None
 ) -> AsyncIterator[str]:
     started: set[int] = set()
-    prompt = completion = 0
+    prompt = completion = thought = 0
 
     def render(batch: list[dict]) -> str:
         """One SSE chunk per event, written together: one message per batch."""
-        nonlocal prompt, completion
+        nonlocal prompt, completion, thought
         lines = []
         for ev in batch:
             i = ev["index"]
             if ev["finish_reason"]:
                 prompt = ev["prompt_tokens"]
                 completion += ev["completion_tokens"]
+                thought += reasoning_tokens(ev)
             chunk = fmt.chunk(
                 i,
                 ev["text"],
@@ -625,6 +603,7 @@ async def _sse(
                 ev["finish_reason"],
                 i not in started,
                 ev.get("tool_calls"),
+                ev.get(REASONING),
             )
             started.add(i)
             lines.append(_sse_line(chunk))
@@ -636,7 +615,7 @@ async def _sse(
         async for batch in events:
             yield render(batch)
         if include_usage:
-            yield _sse_line(fmt.usage_chunk(prompt, completion))
+            yield _sse_line(fmt.usage_chunk(prompt, completion, thought))
         yield "data: [DONE]\n\n"
     except Exception as exc:  # headers are sent: report in-band, as OpenAI does
         err = errors.as_api_error(exc)

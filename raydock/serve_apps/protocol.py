@@ -167,6 +167,11 @@ class ChatRequest(_Request):
     # false: at most one call per choice (a bare call is always one; a template's own
     # wrapper, tool_choice "auto", may hold several)
     parallel_tool_calls: bool | None = None
+    # vLLM's: false leaves a thinking model's reasoning out of the reply (it is still
+    # generated and counted); the content is the answer alone either way
+    include_reasoning: bool = Field(
+        True, description="Whether a thinking model's reasoning comes back (vLLM's field)"
+    )
 
 
 class CompletionRequest(_Request):
@@ -397,6 +402,14 @@ def usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
+def chat_usage(prompt: int, completion: int, reasoning: int) -> dict[str, Any]:
+    """Chat's usage: also how many completion tokens were thinking (OpenAI's shape, which
+    vLLM's server with a reasoning parser answers too)."""
+    return usage(prompt, completion) | {
+        "completion_tokens_details": {"reasoning_tokens": reasoning}
+    }
+
+
 #: The logprob reported for a token the output format excludes (-inf: JSON has no infinity,
 #: and a top_logprobs list can name such a token); vLLM's OpenAI server reports the same.
 MIN_LOGPROB = -9999.0
@@ -478,12 +491,16 @@ class Formatter:
         finish: str | None,
         first: bool,
         tool_calls: list[dict[str, Any]] | None = None,
+        reasoning: str | None = None,
     ) -> dict[str, Any]:
-        """`tool_calls`: OpenAI's tool call deltas, each with its `index` in the reply."""
+        """`tool_calls`: OpenAI's tool call deltas, each with its `index` in the reply;
+        `reasoning`: a piece of the thinking (`delta.reasoning`, vLLM's), which comes alone."""
         if self.kind == "chat":
             delta: dict[str, Any] = {"content": text} if text or not finish else {}
             if tool_calls:
                 delta = {"tool_calls": tool_calls}
+            elif reasoning is not None:
+                delta = {"reasoning": reasoning} if reasoning or not finish else {}
             if first:
                 delta = {"role": "assistant", **delta}
             choice = {
@@ -505,24 +522,44 @@ class Formatter:
         }
         return self._envelope("text_completion", [choice])
 
-    def usage_chunk(self, prompt: int, completion: int) -> dict:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return self._envelope(obj, [], {"usage": usage(prompt, completion)})
+    def _usage(self, prompt: int, completion: int, reasoning_tokens: int) -> dict[str, Any]:
+        return (
+            chat_usage(prompt, completion, reasoning_tokens)
+            if self.kind == "chat"
+            else usage(prompt, completion)
+        )
 
-    def final(self, choices: list[dict[str, Any]], prompt: int, completion: int) -> dict:
-        """choices: [{index, text, logprobs, finish_reason, tool_calls}] collected from the
-        stream (the calls with their stream `index`, which a message does not show)."""
+    def usage_chunk(self, prompt: int, completion: int, reasoning_tokens: int = 0) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        usage_ = self._usage(prompt, completion, reasoning_tokens)
+        return self._envelope(obj, [], {"usage": usage_})
+
+    def final(
+        self,
+        choices: list[dict[str, Any]],
+        prompt: int,
+        completion: int,
+        reasoning_tokens: int = 0,
+    ) -> dict:
+        """choices: [{index, text, reasoning, logprobs, finish_reason, tool_calls}] collected
+        from the stream (the calls with their stream `index`, which a message does not show;
+        `reasoning`: the thinking, None where there was none or it was left out);
+        `reasoning_tokens`: the tokens of the choices' thinking."""
         out = []
         for c in choices:
             if self.kind == "chat":
-                message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
+                # as vLLM's server: `reasoning` is always there, null without any; a reply
+                # that thought or called has no empty content (null)
+                plain = c.get("reasoning") is None and not c.get("tool_calls")
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": c["text"] if plain else c["text"] or None,
+                    "reasoning": c.get("reasoning") or None,
+                }
                 if c.get("tool_calls"):
-                    calls = [
+                    message["tool_calls"] = [
                         {k: v for k, v in tc.items() if k != "index"} for tc in c["tool_calls"]
                     ]
-                    # the thinking a reply opened with, if any, stays its content
-                    message = {"role": "assistant", "content": c["text"] or None}
-                    message["tool_calls"] = calls
                 out.append(
                     {
                         "index": c["index"],
@@ -541,4 +578,5 @@ class Formatter:
                     }
                 )
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return self._envelope(obj, out, {"usage": usage(prompt, completion)})
+        usage_ = self._usage(prompt, completion, reasoning_tokens)
+        return self._envelope(obj, out, {"usage": usage_})

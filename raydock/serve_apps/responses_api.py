@@ -18,7 +18,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import jsonschema
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -34,6 +34,7 @@ from raydock.serve_apps.protocol import (
     TOOL_CHOICE_NEEDS_TOOLS,
     BadParam,
     ChatRequest,
+    TokenId,
     check_shape,
 )
 
@@ -87,6 +88,13 @@ INPUT_ITEMS: dict[str, dict[str, Any]] = {
             "call_id": _ID,
             "output": _TEXT,
         },
+    },
+    # a reply's thinking sent back with its output (`input += response.output`): accepted and
+    # left out of the prompt, as thinking models' templates drop past thinking
+    "reasoning": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"const": "reasoning"}, "summary": {"type": "array"}},
     },
 }
 
@@ -145,6 +153,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         "additionalProperties": {"type": "string", "maxLength": 512},
     },
 }
+#: an input item that is no reasoning item: an input needs one (thinking alone asks nothing)
+_NOT_REASONING = {"not": {"required": ["type"], "properties": {"type": {"const": "reasoning"}}}}
 _CHECKS = {name: jsonschema.Draft202012Validator(s) for name, s in SHAPES.items()}
 _ITEM_CHECKS = {kind: jsonschema.Draft202012Validator(s) for kind, s in INPUT_ITEMS.items()}
 _TOOL_CHECK = jsonschema.Draft202012Validator(FUNCTION_TOOL)
@@ -188,7 +198,7 @@ def _document(schema: dict[str, Any]) -> None:
     props["input"] = {
         "anyOf": [
             {"type": "string", "maxLength": MAX_TEXT_CHARS},
-            {"type": "array", "minItems": 1, "items": item},
+            {"type": "array", "minItems": 1, "items": item, "contains": _NOT_REASONING},
         ],
         "description": "The conversation: a user message's text, or a list of items",
     }
@@ -223,6 +233,13 @@ class ResponsesRequest(BaseModel):
     # field (on /v1: `model: "<deployment>:<adapter>"`)
     adapter: str | None = copy.copy(ChatRequest.model_fields["adapter"])
     store: bool | None = None  # accepted; nothing is stored (answered false)
+    # vLLM's: false leaves a thinking model's reasoning item out (chat's field)
+    include_reasoning: bool = copy.copy(ChatRequest.model_fields["include_reasoning"])
+    # vLLM's Responses extras, chat's fields
+    seed: JsonInt | None = copy.copy(ChatRequest.model_fields["seed"])
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = copy.copy(
+        ChatRequest.model_fields["logit_bias"]
+    )
     previous_response_id: Any = None
     conversation: Any = None
     background: Any = None
@@ -298,7 +315,8 @@ def _check_items(items: list[dict[str, Any]]) -> None:
             why = (
                 "raydock stores no items: send them in full"
                 if kind == "item_reference"
-                else "raydock reads messages, function_call and function_call_output items"
+                else "raydock reads message, function_call, function_call_output and "
+                "reasoning items"
             )
             raise _bad(
                 400,
@@ -319,6 +337,8 @@ def _check_items(items: list[dict[str, Any]]) -> None:
                     "unsupported_parameter",
                 )
         _check(_ITEM_CHECKS[kind], item, f"input.{i}")
+    if all(item.get("type") == "reasoning" for item in items):
+        raise _bad(400, "input", "invalid input: it holds only reasoning items, nothing to answer")
 
 
 # ------------------------------------------------------------------ request translation
@@ -360,7 +380,7 @@ def conversation_messages(
                 last = {"role": "assistant", "content": None}
                 messages.append(last)
             last.setdefault("tool_calls", []).append(call)
-        else:
+        elif kind == "function_call_output":
             messages.append(
                 {"role": "tool", "tool_call_id": item["call_id"], "content": _text(item["output"])}
             )
@@ -387,6 +407,12 @@ def chat_body(req: ResponsesRequest) -> dict[str, Any]:
     body |= {f: getattr(req, f) for f in same if getattr(req, f) is not None}
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
+    if not req.include_reasoning:
+        body["include_reasoning"] = False
+    if req.seed is not None:
+        body["seed"] = req.seed
+    if req.logit_bias is not None:  # token ids as chat reads them: JSON object keys
+        body["logit_bias"] = {str(token): bias for token, bias in req.logit_bias.items()}
     if req.tools:
         body["tools"] = [_chat_tool(t) for t in req.tools]
     if isinstance(req.tool_choice, dict):
@@ -453,6 +479,7 @@ class ResponseBuilder:
         self.model = req.model or ""
         self.output: list[dict[str, Any]] = []
         self.message: dict[str, Any] | None = None  # the message item text goes into now
+        self.thinking: dict[str, Any] | None = None  # the reasoning item reasoning goes into
         self.status = "in_progress"
         self.usage: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None
@@ -472,8 +499,17 @@ class ResponseBuilder:
             self._event("response.in_progress", response=self.response()),
         ]
 
+    def reasoning(self, delta: str) -> list[dict[str, Any]]:
+        """A piece of the thinking: a `reasoning` item's `reasoning_text` (vLLM's shape)."""
+        events = [] if self.thinking is not None else self._open_reasoning()
+        part = self.thinking["content"][0]
+        part["text"] += delta
+        where = self._where(self.thinking) | {"content_index": 0}
+        return events + [self._event("response.reasoning_text.delta", **where, delta=delta)]
+
     def text(self, delta: str) -> list[dict[str, Any]]:
-        events = [] if self.message is not None else self._open_message()
+        events = self._close_reasoning()
+        events += [] if self.message is not None else self._open_message()
         part = self.message["content"][0]
         part["text"] += delta
         where = self._where(self.message) | {"content_index": 0}
@@ -483,7 +519,7 @@ class ResponseBuilder:
 
     def tool_call(self, call: dict[str, Any], status: str = "completed") -> list[dict[str, Any]]:
         """A whole chat tool call (raydock sends each call whole), its item ending `status`."""
-        events = self._close_message()
+        events = self._close_reasoning() + self._close_message()
         function = call["function"]
         item = {
             "id": _id("fc"),
@@ -528,9 +564,11 @@ class ResponseBuilder:
         """The end of the reply: `response.completed`, or `response.incomplete` when
         max_output_tokens cut it."""
         cut = finish_reason == "length"
-        # an empty reply is still a message, as OpenAI's
-        events = [] if self.output else self._open_message()
-        events += self._close_message("incomplete" if cut else "completed")
+        ending = "incomplete" if cut else "completed"
+        # an empty reply is still a message, as OpenAI's (thinking alone has none, as vLLM's)
+        events = self._close_reasoning(ending)
+        events += [] if self.output else self._open_message()
+        events += self._close_message(ending)
         if usage is not None:
             self.usage = _usage(usage)
         self.status = "incomplete" if cut else "completed"
@@ -575,6 +613,45 @@ class ResponseBuilder:
         return [
             added,
             self._event("response.content_part.added", **where, content_index=0, part=dict(part)),
+        ]
+
+    def _open_reasoning(self) -> list[dict[str, Any]]:
+        self.thinking = {
+            "id": _id("rs"),
+            "type": "reasoning",
+            "summary": [],
+            "content": [],
+            "status": "in_progress",
+        }
+        self.output.append(self.thinking)
+        where = self._where(self.thinking)
+        part = {"type": "reasoning_text", "text": ""}
+        added = self._event(
+            "response.output_item.added",
+            output_index=where["output_index"],
+            item=copy.deepcopy(self.thinking),
+        )
+        self.thinking["content"].append(part)
+        return [
+            added,
+            self._event("response.content_part.added", **where, content_index=0, part=dict(part)),
+        ]
+
+    def _close_reasoning(self, status: str = "completed") -> list[dict[str, Any]]:
+        thinking, self.thinking = self.thinking, None
+        if thinking is None:
+            return []
+        thinking["status"] = status
+        part = thinking["content"][0]
+        where = self._where(thinking) | {"content_index": 0}
+        return [
+            self._event("response.reasoning_text.done", **where, text=part["text"]),
+            self._event("response.content_part.done", **where, part=dict(part)),
+            self._event(
+                "response.output_item.done",
+                output_index=where["output_index"],
+                item=copy.deepcopy(thinking),
+            ),
         ]
 
     def _close_message(self, status: str = "completed") -> list[dict[str, Any]]:
@@ -645,7 +722,11 @@ def _usage(chat: dict[str, Any]) -> dict[str, Any]:
         "input_tokens": chat["prompt_tokens"],
         "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": chat["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {
+            "reasoning_tokens": (chat.get("completion_tokens_details") or {}).get(
+                "reasoning_tokens", 0
+            )
+        },
         "total_tokens": chat["total_tokens"],
     }
 
@@ -659,7 +740,9 @@ def from_chat_completion(req: ResponsesRequest, reply: dict[str, Any]) -> dict[s
     builder.start(reply.get("model"))
     choice = reply["choices"][0]
     message = choice["message"]
-    if message.get("content"):  # with tool calls, the thinking the reply opened with
+    if message.get("reasoning"):
+        builder.reasoning(message["reasoning"])
+    if message.get("content"):
         builder.text(message["content"])
     calls = message.get("tool_calls") or []
     for call, status in zip(calls, _call_statuses(calls, choice["finish_reason"]), strict=True):
@@ -703,6 +786,8 @@ class ChatStreamReader:
         for choice in chunk.get("choices", []):
             delta = choice.get("delta") or {}
             finish_reason = choice.get("finish_reason")
+            if delta.get("reasoning"):
+                events += self.builder.reasoning(delta["reasoning"])
             if delta.get("content"):
                 events += self.builder.text(delta["content"])
             calls = delta.get("tool_calls") or []

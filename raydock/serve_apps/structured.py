@@ -22,12 +22,15 @@ from raydock.serve_apps.guided import (
     json_grammar,
     json_object_grammar,
     tools_grammar,
+    xml_calls,
 )
 from raydock.serve_apps.guided.grammars import (
     CALL_SPACE,
+    JSON_BODY,
     THINK_CLOSE,
     THINK_OPEN,
     TOOL_CALL_WRAPPERS,
+    XML_BODY,
     ToolCallWrapper,
 )
 
@@ -236,11 +239,11 @@ IN_THINKING = "in_thinking"
 
 
 def thinking_length(text: str, in_thinking: bool = False) -> int | None:
-    """How much of an output under tools (any tool_choice) is the thinking block it opens with
+    """How much of a chat output (any tool_choice, or none) is the thinking block it opens with
     (`<think>` to the first `</think>`, as the grammar has it; `in_thinking`: the prompt
     opened the block, the output starts inside it and its text runs to the first `</think>`):
     0 when it opens none, None while it may still open one or is inside one. What follows is
-    the reply proper."""
+    the reply proper (`reasoning.split_reasoning` sends the block as the reply's reasoning)."""
     if in_thinking:
         start = 0
     elif text.startswith(THINK_OPEN):
@@ -261,9 +264,12 @@ def may_be_tool_call(reply: str) -> bool:
     )
 
 
-def as_tool_calls(reply: str) -> list[dict[str, Any]] | None:
+def as_tool_calls(
+    reply: str, tools: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]] | None:
     """The OpenAI tool_calls a whole reply stands for: a bare call `{"name": ...,
-    "arguments": ...}`, or one or more in a known wrapper (`<tool_call>` call `</tool_call>`),
+    "arguments": ...}`, or one or more in a known wrapper (`<tool_call>` call `</tool_call>`,
+    the call in the wrapper's body format: an XML one's values read by the `tools`' schemas),
     whitespace around; None when it is plain text. Only the start decides: text that mentions
     a wrapper later is text, as the grammar has it."""
     reply = reply.lstrip(CALL_SPACE)
@@ -273,13 +279,15 @@ def as_tool_calls(reply: str) -> list[dict[str, Any]] | None:
         except json.JSONDecodeError:
             return None
         return None if call is None else [call]
-    for wrapper in TOOL_CALL_WRAPPERS:
-        if reply.startswith(wrapper.open):
-            return _wrapped_calls(reply, wrapper)
+    for wrapper in TOOL_CALL_WRAPPERS:  # wrappers that share a tag differ in their body
+        if reply.startswith(wrapper.open) and (calls := _wrapped_calls(reply, wrapper, tools)):
+            return calls
     return None
 
 
-def as_cut_tool_calls(reply: str) -> list[dict[str, Any]]:
+def as_cut_tool_calls(
+    reply: str, tools: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """The tool_calls of a reply that `may_be_tool_call` and `max_tokens` cut short
     (finish_reason "length"), as OpenAI returns such a reply: the whole calls, then the cut one
     as far as it was written, its `arguments` the JSON text so far (not valid JSON); a call
@@ -290,7 +298,12 @@ def as_cut_tool_calls(reply: str) -> list[dict[str, Any]]:
             return [call] if (call := _as_call(_DECODER.raw_decode(reply)[0])) else []
         except json.JSONDecodeError:
             return _cut_call(reply)
-    wrapper = next((w for w in TOOL_CALL_WRAPPERS if reply.startswith(w.open)), None)
+    for xml in (w for w in TOOL_CALL_WRAPPERS if w.body == XML_BODY and reply.startswith(w.open)):
+        if xml_calls.opens_call(reply[len(xml.open) :].lstrip(CALL_SPACE)):
+            cut = xml_calls.cut_calls(reply, xml.open, xml.close, tools, CALL_SPACE)
+            return [_new_call(name, arguments) for name, arguments in cut]
+    json_wrappers = (w for w in TOOL_CALL_WRAPPERS if w.body == JSON_BODY)
+    wrapper = next((w for w in json_wrappers if reply.startswith(w.open)), None)
     calls: list[dict[str, Any]] = []
     while wrapper is not None and reply.startswith(wrapper.open):
         body = reply[len(wrapper.open) :].lstrip(CALL_SPACE)
@@ -322,7 +335,12 @@ def _cut_call(text: str) -> list[dict[str, Any]]:
     return [_new_call(json.loads(f'"{found["name"]}"'), (found["arguments"] or "").rstrip())]
 
 
-def _wrapped_calls(text: str, wrapper: ToolCallWrapper) -> list[dict[str, Any]] | None:
+def _wrapped_calls(
+    text: str, wrapper: ToolCallWrapper, tools: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]] | None:
+    if wrapper.body == XML_BODY:
+        found = xml_calls.whole_calls(text, wrapper.open, wrapper.close, tools, CALL_SPACE)
+        return [_new_call(n, xml_calls.compact(a)) for n, a in found] if found else None
     calls: list[dict[str, Any]] = []
     rest = text
     while rest:

@@ -18,7 +18,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from raydock.serve_apps import chat_render, protocol, structured
 from raydock.serve_apps.engine_app import native_tool_grammar
 from raydock.serve_apps.engines.base import StepEvent, TokenizerPrompts
-from raydock.serve_apps.openai_service import _as_tool_calls, _collect, _sse, native_tool_calls
+from raydock.serve_apps.openai_service import _collect, _sse, chat_events, native_tool_calls
 from tests.unit.test_chat_render import QWEN3_TEMPLATE, QWEN25_TEMPLATE
 from tests.unit.test_guided import WEATHER, _accepts, decoder
 
@@ -129,7 +129,7 @@ async def _source(batches):
 
 def test_wrapped_calls_answer_as_openai_tool_calls():
     fmt = protocol.Formatter("chat", "m")
-    events = _as_tool_calls(_source(_events(TWO_CALLS)), "tool_calls")
+    events = chat_events(_source(_events(TWO_CALLS)), "tool_calls")
     body = asyncio.run(_collect(fmt, events, 1))
     reply = ChatCompletion.model_validate(body)
     (choice,) = reply.choices
@@ -145,7 +145,7 @@ def test_wrapped_calls_answer_as_openai_tool_calls():
 def _stream(text: str) -> list[ChatCompletionChunk]:
     async def chunks() -> list[str]:
         fmt = protocol.Formatter("chat", "m")
-        events = _as_tool_calls(_source(_events(text)), "tool_calls")
+        events = chat_events(_source(_events(text)), "tool_calls")
         return [line async for line in _sse(fmt, None, events, True, "req-1")]
 
     lines = "".join(asyncio.run(chunks())).split("\n\n")
@@ -315,7 +315,7 @@ def test_a_qwen_like_model_answers_auto_with_calls_in_its_own_wrapper(qwen_like)
     assert "<tool_call>" in prompt and chat_render.TOOLS_PREAMBLE not in prompt  # its own
 
     async def answer() -> dict:
-        events = _as_tool_calls(_steps(server, request), "tool_calls")
+        events = chat_events(_steps(server, request), "tool_calls")
         return await _collect(protocol.Formatter("chat", "m"), events, 1)
 
     reply = ChatCompletion.model_validate(asyncio.run(answer()))
@@ -335,14 +335,14 @@ def test_a_qwen_like_model_answers_auto_with_calls_in_its_own_wrapper(qwen_like)
 
 def _answer(events: list[list[dict]]) -> ChatCompletion:
     fmt = protocol.Formatter("chat", "m")
-    body = asyncio.run(_collect(fmt, _as_tool_calls(_source(events), "tool_calls"), 1))
+    body = asyncio.run(_collect(fmt, chat_events(_source(events), "tool_calls"), 1))
     return ChatCompletion.model_validate(body)
 
 
 def _streamed(events: list[list[dict]]) -> list[ChatCompletionChunk]:
     async def chunks() -> list[str]:
         fmt = protocol.Formatter("chat", "m")
-        out = _as_tool_calls(_source(events), "tool_calls")
+        out = chat_events(_source(events), "tool_calls")
         return [line async for line in _sse(fmt, None, out, True, "req-1")]
 
     data = [d.removeprefix("data: ") for d in "".join(asyncio.run(chunks())).split("\n\n") if d]
@@ -363,6 +363,7 @@ def _cut(events: list[list[dict]]) -> list[list[dict]]:
 
 
 THINKING = "<think>\nThe user asks for Paris; get_weather, then get_time.\n</think>"
+INNER = THINKING.removeprefix("<think>").removesuffix("</think>")  # the reasoning a client reads
 
 
 @pytest.mark.parametrize(
@@ -371,12 +372,13 @@ THINKING = "<think>\nThe user asks for Paris; get_weather, then get_time.\n</thi
     ids=["newline", "newlines", "space", "thinking"],
 )
 def test_calls_after_whitespace_or_thinking_answer_as_tool_calls(text):
-    content = THINKING if text.startswith(THINKING) else None  # the thinking stays content
+    reasoning = INNER if text.startswith(THINKING) else None  # the thinking is reasoning
     whole = _answer(_events(text)).choices[0]
     streamed = _as_sdk_assembles(_streamed(_events(text)))
     for choice in (whole, streamed):
         assert choice.finish_reason == "tool_calls"
-        assert choice.message.content == content
+        assert choice.message.content is None
+        assert getattr(choice.message, "reasoning", None) == reasoning
         assert [c.function.name for c in choice.message.tool_calls] == ["get_weather", "get_time"]
         assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
@@ -384,7 +386,9 @@ def test_calls_after_whitespace_or_thinking_answer_as_tool_calls(text):
 def test_text_after_thinking_is_the_content():
     text = f"{THINKING}\n\nIt is sunny in Paris."
     for choice in (_answer(_events(text)).choices[0], _as_sdk_assembles(_streamed(_events(text)))):
-        assert choice.finish_reason == "stop" and choice.message.content == text
+        assert choice.finish_reason == "stop"
+        assert choice.message.content == "\n\nIt is sunny in Paris."
+        assert choice.message.reasoning == INNER
         assert not choice.message.tool_calls
 
 
@@ -418,7 +422,8 @@ def test_a_call_cut_by_max_tokens_is_a_tool_call_so_far_with_length(text, calls)
     assert not any("tool_call>" in (c.choices[0].delta.content or "") for c in chunks if c.choices)
     for choice in (_answer(events).choices[0], _as_sdk_assembles(chunks)):
         assert choice.finish_reason == "length"
-        assert (choice.message.content or None) == (THINKING if THINKING in text else None)
+        assert (choice.message.content or None) is None
+        assert getattr(choice.message, "reasoning", None) == (INNER if THINKING in text else None)
         got = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or ()]
         assert got == calls
 
@@ -447,7 +452,10 @@ def test_streamed_chunks_without_tokens_carry_null_logprobs(text):
         assert logprobs is None or logprobs.content[0].token, chunk
     assert chunks[-1].choices[0].finish_reason == "stop"
     assert chunks[-1].choices[0].logprobs is None
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text.removeprefix(THINKING)
+    assert "".join(getattr(c.choices[0].delta, "reasoning", "") for c in chunks) == (
+        INNER if THINKING in text else ""
+    )
     assert sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices[0].logprobs) == len(
         _events(text)
     )
@@ -474,6 +482,13 @@ R1_0528_TEMPLATE = R1_TEMPLATE.replace(
 )
 # what the model writes after the prompt's `<think>\n`: its thinking, the tag that ends it
 THOUGHT = "The user asks for Paris: get_weather, then get_time.\n</think>"
+
+
+def _thought(written: str | None) -> str | None:
+    """The reasoning a client reads of a thinking block as the model wrote it: no tags."""
+    if written is None:
+        return None
+    return written.removeprefix("<think>").removesuffix("</think>") or None
 
 
 class _Scripted(TokenizerPrompts):
@@ -542,8 +557,8 @@ def _served(
     async def run() -> tuple[list, dict, list[str]]:
         fmt = protocol.Formatter("chat", "m")
         steps = [ev async for batch in _steps(server, request) for ev in batch]
-        whole = await _collect(fmt, _as_tool_calls(_steps(server, request), finish), 1)
-        events = _as_tool_calls(_steps(server, request), finish)
+        whole = await _collect(fmt, chat_events(_steps(server, request), finish), 1)
+        events = chat_events(_steps(server, request), finish)
         lines = [line async for line in _sse(fmt, None, events, True, "req-1")]
         return steps, whole, lines
 
@@ -582,7 +597,7 @@ def test_calls_after_thinking_the_template_opened_answer_as_tool_calls(
     names = ["get_weather", "get_time"] if calls == TWO_CALLS else ["get_weather"]
     for choice in (whole, streamed):
         assert choice.finish_reason == "tool_calls"
-        assert choice.message.content == THOUGHT
+        assert choice.message.content is None and choice.message.reasoning == _thought(THOUGHT)
         assert [c.function.name for c in choice.message.tool_calls] == names
         assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
@@ -592,8 +607,10 @@ def test_text_after_thinking_the_template_opened_is_the_content(template):
     reply = f"{THOUGHT}\n\nIt is sunny in Paris."
     _, whole, streamed = _served(_tokenizer(template, False), reply)
     for choice in (whole, streamed):
-        assert choice.finish_reason == "stop" and choice.message.content == reply
-        assert not choice.message.tool_calls
+        assert (
+            choice.finish_reason == "stop" and choice.message.content == "\n\nIt is sunny in Paris."
+        )
+        assert choice.message.reasoning == _thought(THOUGHT) and not choice.message.tool_calls
 
 
 def test_the_thinking_the_template_opened_must_end_before_a_call():
@@ -609,21 +626,22 @@ def test_the_thinking_the_template_opened_must_end_before_a_call():
 
 
 @pytest.mark.parametrize(
-    ("reply", "content"),
+    ("reply", "reasoning"),
     [
         # `</think>` in a call's arguments is no end of thinking where none began
         ('<tool_call>\n{"name":"get_weather","arguments":{"city":"</think>"}}\n</tool_call>', None),
-        (f"<think>\n{THOUGHT}\n\n{TWO_CALLS}", f"<think>\n{THOUGHT}"),  # a block of its own
+        (f"<think>\n{THOUGHT}\n\n{TWO_CALLS}", _thought(f"<think>\n{THOUGHT}")),  # its own
     ],
     ids=["think-tag-in-arguments", "own-thinking"],
 )
-def test_a_template_that_opens_no_thinking_answers_as_before(reply, content):
+def test_a_template_that_opens_no_thinking_answers_as_before(reply, reasoning):
     steps, whole, streamed = _served(_tokenizer(QWEN25_TEMPLATE, False), reply)
     assert not any(structured.IN_THINKING in ev for ev in steps)
     for choice in (whole, streamed):
-        assert choice.finish_reason == "tool_calls" and choice.message.content == content
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert getattr(choice.message, "reasoning", None) == reasoning
         assert choice.message.tool_calls[0].function.name == "get_weather"
-    if content is None:
+    if reasoning is None:
         (call,) = whole.message.tool_calls
         assert json.loads(call.function.arguments) == {"city": "</think>"}
 
@@ -651,7 +669,7 @@ def test_required_and_named_calls_come_after_thinking_the_template_opened(
     assert all(ev.get(structured.IN_THINKING) for ev in steps)
     for choice in (whole, streamed):
         assert choice.finish_reason == ("stop" if tool_choice == NAMED else "tool_calls")
-        assert choice.message.content == THOUGHT
+        assert choice.message.content is None and choice.message.reasoning == _thought(THOUGHT)
         assert [c.function.name for c in choice.message.tool_calls] == names
 
 
@@ -676,7 +694,7 @@ def test_a_qwen3_thinking_like_model_ends_its_thinking_then_calls(tmp_path):
             "params": {"max_tokens": 300, "seed": 3, "logit_bias": ((tags["</think>"], 100.0),)},
             **_payload(tool_choice),
         }
-        events = _as_tool_calls(_steps(server, request), finish)
+        events = chat_events(_steps(server, request), finish)
         return await _collect(protocol.Formatter("chat", "m"), events, 1)
 
     for tool_choice, names, finish in (
@@ -684,7 +702,9 @@ def test_a_qwen3_thinking_like_model_ends_its_thinking_then_calls(tmp_path):
         (NAMED, {"get_weather"}, "stop"),
     ):
         (choice,) = ChatCompletion.model_validate(asyncio.run(answer(tool_choice, finish))).choices
-        assert choice.finish_reason == finish and choice.message.content == "</think>"
+        # the (empty) thinking: no reasoning, no content
+        assert choice.finish_reason == finish and choice.message.content is None
+        assert choice.message.reasoning is None
         calls = choice.message.tool_calls
         assert calls and {c.function.name for c in calls} <= names
     server.tokenizing.shutdown()
@@ -722,7 +742,8 @@ def test_required_and_named_take_a_thinking_block_a_thinking_model_opens_itself(
     steps, whole, streamed = _served(tok, f"<think>\n{THOUGHT}\n\n{calls}", tool_choice=tool_choice)
     assert not any(structured.IN_THINKING in ev for ev in steps)
     for choice in (whole, streamed):
-        assert choice.message.content == f"<think>\n{THOUGHT}"
+        assert choice.message.content is None
+        assert choice.message.reasoning == _thought(f"<think>\n{THOUGHT}")
         assert choice.message.tool_calls[0].function.name == "get_weather"
         assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
     _, whole, _ = _served(tok, calls, tool_choice=tool_choice)  # or none: the call at once
@@ -770,7 +791,7 @@ def test_required_on_a_model_that_does_not_think_calls_even_when_pushed_to_write
     }
 
     async def answer() -> dict:
-        events = _as_tool_calls(_steps(server, request), "tool_calls")
+        events = chat_events(_steps(server, request), "tool_calls")
         return await _collect(protocol.Formatter("chat", "m"), events, 1)
 
     try:
@@ -830,11 +851,14 @@ def test_every_token_of_a_reply_of_calls_keeps_its_logprob(text, finish):
     chunks = [c.choices[0] for c in _streamed(events) if c.choices]
     assert [t for c in chunks for t in _scored_tokens(c)] == tokens
     if text.startswith(THINKING):
-        content = [t for c in chunks if c.delta.content for t in _scored_tokens(c)]
+        thinking = [
+            t for c in chunks if getattr(c.delta, "reasoning", None) for t in _scored_tokens(c)
+        ]
         # the token the thinking ends in goes with it; the reply's with the calls
         end = next(k for k in range(len(tokens)) if len("".join(tokens[: k + 1])) >= len(THINKING))
-        assert "".join(content) == "".join(tokens[: end + 1])
-        assert "".join(c.delta.content for c in chunks if c.delta.content) == THINKING
+        assert "".join(thinking) == "".join(tokens[: end + 1])
+        assert "".join(getattr(c.delta, "reasoning", "") for c in chunks) == INNER
+        assert not any(c.delta.content for c in chunks)
 
 
 # ------------------------------------ the vocabulary's own tags in thinking, text, and R1-style
@@ -849,11 +873,11 @@ def test_a_model_whose_vocabulary_holds_the_think_tags_thinks_without_a_wrapper(
     assert tok.encode(reply, add_special_tokens=False)[0] == tok.convert_tokens_to_ids("<think>")
     _, whole, streamed = _served(tok, reply)
     for choice in (whole, streamed):
-        assert choice.finish_reason == "tool_calls"
-        assert choice.message.content == f"<think>\n{THOUGHT}"
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.reasoning == _thought(f"<think>\n{THOUGHT}")
         assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
     _, whole, _ = _served(tok, f"<think>\n{THOUGHT}\n\nIt is sunny.")
-    assert whole.finish_reason == "stop" and whole.message.content.endswith("It is sunny.")
+    assert whole.finish_reason == "stop" and whole.message.content == "\n\nIt is sunny."
 
 
 # the model mentions its own tags, which its vocabulary holds as tokens, while it thinks
@@ -861,23 +885,24 @@ MENTIONS = "I will emit <tool_call> then </tool_call>, no <think> again.\n</thin
 
 
 @pytest.mark.parametrize(
-    ("template", "reply", "content"),
+    ("template", "reply", "reasoning"),
     [
-        (QWEN25_TEMPLATE, f"<think>\n{MENTIONS}\n\n{TWO_CALLS}", f"<think>\n{MENTIONS}"),
-        (QWEN3_THINKING_TEMPLATE, f"{MENTIONS}\n\n{TWO_CALLS}", MENTIONS),
+        (QWEN25_TEMPLATE, f"<think>\n{MENTIONS}\n\n{TWO_CALLS}", _thought(f"<think>\n{MENTIONS}")),
+        (QWEN3_THINKING_TEMPLATE, f"{MENTIONS}\n\n{TWO_CALLS}", _thought(MENTIONS)),
         # no wrapper in the template: its call tags are the vocabulary's tokens all the same
-        (R1_TEMPLATE, f"{MENTIONS}\n\n{PARIS}", MENTIONS),
-        (R1_0528_TEMPLATE, f"<think>\n{MENTIONS}\n\n{PARIS}", f"<think>\n{MENTIONS}"),
+        (R1_TEMPLATE, f"{MENTIONS}\n\n{PARIS}", _thought(MENTIONS)),
+        (R1_0528_TEMPLATE, f"<think>\n{MENTIONS}\n\n{PARIS}", _thought(f"<think>\n{MENTIONS}")),
     ],
     ids=["qwen3", "qwen3-thinking", "r1", "r1-0528"],
 )
-def test_the_vocabularys_own_tags_may_be_mentioned_in_the_thinking(template, reply, content):
+def test_the_vocabularys_own_tags_may_be_mentioned_in_the_thinking(template, reply, reasoning):
     tok = _tokenizer(template, True)
     assert tok.convert_tokens_to_ids("<tool_call>") in tok.encode(MENTIONS)
     _, whole, streamed = _served(tok, reply, tags_in_content=True)
     names = ["get_weather", "get_time"] if reply.endswith(TWO_CALLS) else ["get_weather"]
     for choice in (whole, streamed):
-        assert choice.finish_reason == "tool_calls" and choice.message.content == content
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.reasoning == reasoning
         assert [c.function.name for c in choice.message.tool_calls] == names
 
 
@@ -910,6 +935,9 @@ def test_text_may_mention_the_vocabularys_own_tags(template, reply):
     tok = _tokenizer(template, True)
     assert len(tok.encode(reply)) < len(_tokenizer(template, False).encode(reply))  # tokens
     _, whole, streamed = _served(tok, reply, tags_in_content=True)
+    thinks = template in (QWEN3_THINKING_TEMPLATE, R1_TEMPLATE) or reply.startswith("<think>")
+    thought, _, content = reply.partition("</think>") if thinks else (None, "", reply)
     for choice in (whole, streamed):
-        assert choice.finish_reason == "stop" and choice.message.content == reply
+        assert choice.finish_reason == "stop" and choice.message.content == content
+        assert getattr(choice.message, "reasoning", None) == _thought(thought)
         assert not choice.message.tool_calls

@@ -1,13 +1,15 @@
 """How a tool-mode stream reaches the client: a call is held until it ends, then sent as one
 tool call; text that cannot be a call (`tool_choice: auto`) streams as it comes. Calls in a
-chat template's own wrapper (`<tool_call>` ... `</tool_call>`) are calls too, one or several."""
+chat template's own wrapper (`<tool_call>` ... `</tool_call>`) are calls too, one or several.
+A thinking block before the reply streams as reasoning (`chat_events`: the reasoning split,
+then the tool calls)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 
-from raydock.serve_apps.openai_service import _as_tool_calls
+from raydock.serve_apps.openai_service import _as_tool_calls, chat_events
 
 CALL = json.dumps({"name": "get_weather", "arguments": {"city": "Rome"}})
 OTHER = json.dumps({"name": "get_time", "arguments": {"tz": "CET"}})
@@ -18,8 +20,10 @@ def _ev(i: int, text: str, finish: str | None = None) -> dict:
     return {"index": i, "text": text, "logprobs": [(text, -0.5, [])], "finish_reason": finish}
 
 
-def _run(batches: list[list[dict]], finish: str = "tool_calls") -> list[list[dict]]:
-    """What `_as_tool_calls` yields after each input batch (empty: nothing yet)."""
+def _run(
+    batches: list[list[dict]], finish: str = "tool_calls", via=_as_tool_calls
+) -> list[list[dict]]:
+    """What `via` (`_as_tool_calls`) yields after each input batch (empty: nothing yet)."""
     seen: list[list[dict]] = []
 
     async def main():
@@ -30,7 +34,7 @@ def _run(batches: list[list[dict]], finish: str = "tool_calls") -> list[list[dic
                 yield b
                 await fed.get()  # the next batch only after the consumer looked
 
-        out = _as_tool_calls(source(), finish)
+        out = via(source(), finish)
         step = asyncio.create_task(out.__anext__())
         for _ in batches:
             for _ in range(20):  # all in this loop: a few turns decide it, however busy the host
@@ -177,31 +181,46 @@ def test_a_whole_call_that_reached_max_tokens_on_its_last_token_is_that_call():
 
 
 THINKING = "<think>\nThe user wants <tool_call> weather; call get_weather.\n</think>"
+THOUGHT = THINKING.removeprefix("<think>").removesuffix("</think>")  # what the client reads
 
 
-def test_thinking_streams_as_content_then_the_call_is_held():
+def _thinking_run(batches: list[list[dict]], finish: str = "tool_calls") -> list[list[dict]]:
+    return _run(batches, finish, via=chat_events)
+
+
+def _reasoning(seen: list[list[dict]]) -> str:
+    return "".join(e.get("reasoning", "") for b in seen for e in b)
+
+
+def test_thinking_streams_as_reasoning_then_the_call_is_held():
     """Qwen3: `<think>`…`</think>` (a tag may be mentioned inside), whitespace, the call. The
-    thinking streams as it comes; the event the thinking ends in is split there."""
+    thinking streams as reasoning as it comes, without its tags; the event the thinking ends
+    in is split there; the content has none of it."""
     text = THINKING + "\n\n" + WRAPPED
     parts = _pieces(text, 9)
-    seen = _run([[_ev(0, p, "stop" if k == len(parts) - 1 else None)] for k, p in enumerate(parts)])
-    assert _texts(seen) == THINKING  # all of it, and only it, as content
-    assert "".join(e["text"] for e in seen[0]) == parts[0]  # from its first event
+    seen = _thinking_run(
+        [[_ev(0, p, "stop" if k == len(parts) - 1 else None)] for k, p in enumerate(parts)]
+    )
+    assert _reasoning(seen) == THOUGHT and _texts(seen) == ""
+    assert [e["reasoning"] for e in seen[0]] == [parts[0].removeprefix("<think>")]  # at once
     assert [name for name, _ in _calls(seen)] == ["get_weather", "get_time"]
     assert seen[-1][-1]["finish_reason"] == "tool_calls"
 
 
-def test_thinking_then_text_is_all_text():
+def test_thinking_then_text_is_reasoning_then_the_text():
     text = THINKING + "\n\nIt is sunny in Rome."
     parts = _pieces(text, 9)
-    seen = _run([[_ev(0, p, "stop" if k == len(parts) - 1 else None)] for k, p in enumerate(parts)])
-    assert _texts(seen) == text and _calls(seen) == []
+    seen = _thinking_run(
+        [[_ev(0, p, "stop" if k == len(parts) - 1 else None)] for k, p in enumerate(parts)]
+    )
+    assert _reasoning(seen) == THOUGHT
+    assert _texts(seen) == "\n\nIt is sunny in Rome." and _calls(seen) == []
     assert seen[-1][-1]["finish_reason"] == "stop"
 
 
-def test_thinking_cut_short_is_its_text():
-    seen = _run([[_ev(0, "<think>\nHm")], [_ev(0, "m, the", "length")]])
-    assert _texts(seen) == "<think>\nHmm, the" and _calls(seen) == []
+def test_thinking_cut_short_is_reasoning_and_no_content():
+    seen = _thinking_run([[_ev(0, "<think>\nHm")], [_ev(0, "m, the", "length")]])
+    assert _reasoning(seen) == "\nHmm, the" and _texts(seen) == "" and _calls(seen) == []
     assert seen[0] and seen[-1][-1]["finish_reason"] == "length"
 
 
@@ -218,40 +237,44 @@ def _in_thinking(text: str, size: int, finish: str | None = "stop") -> list[list
     ]
 
 
-def test_thinking_the_prompt_opened_streams_as_content_then_the_call_is_held():
+def test_thinking_the_prompt_opened_streams_as_reasoning_then_the_call_is_held():
     """No `<think>` comes: the output is thinking from its first event, which streams at once,
     to the first `</think>` (a call-like `{` in it included); the event it ends in is split."""
-    seen = _run(_in_thinking(OPENED + "\n\n" + WRAPPED, 9))
-    assert _texts(seen) == OPENED  # as the model wrote it: no tag added
-    assert [e["text"] for e in seen[0]] == [OPENED[:9]]
+    seen = _thinking_run(_in_thinking(OPENED + "\n\n" + WRAPPED, 9))
+    assert _reasoning(seen) == OPENED.removesuffix("</think>") and _texts(seen) == ""
+    assert [e["reasoning"] for e in seen[0]] == [OPENED[:9]]
     assert [name for name, _ in _calls(seen)] == ["get_weather", "get_time"]
     assert seen[-1][-1]["finish_reason"] == "tool_calls"
 
 
 def test_the_end_of_thinking_split_between_events_is_found():
-    at = OPENED.index("</think>") + 3  # "</thi" | "nk>"
+    at = OPENED.index("</think>") + 3  # "</t" | "hink>"
     batches = _in_thinking(OPENED[:at], 100, None) + _in_thinking(OPENED[at:] + CALL, 100)
-    seen = _run(batches)
-    assert [e["text"] for e in seen[0]] == [OPENED[:at]]
-    assert _texts(seen) == OPENED and _calls(seen) == [("get_weather", '{"city":"Rome"}')]
+    seen = _thinking_run(batches)
+    # what may be the start of `</think>` is held back
+    assert [e["reasoning"] for e in seen[0]] == [OPENED[: at - 3]]
+    assert _reasoning(seen) == OPENED.removesuffix("</think>") and _texts(seen) == ""
+    assert _calls(seen) == [("get_weather", '{"city":"Rome"}')]
 
 
-def test_text_after_thinking_the_prompt_opened_is_all_text():
+def test_text_after_thinking_the_prompt_opened_is_the_content():
     text = OPENED + "\n\nIt is sunny in Rome."
-    seen = _run(_in_thinking(text, 9))
-    assert _texts(seen) == text and _calls(seen) == []
+    seen = _thinking_run(_in_thinking(text, 9))
+    assert _reasoning(seen) == OPENED.removesuffix("</think>")
+    assert _texts(seen) == "\n\nIt is sunny in Rome." and _calls(seen) == []
     assert seen[-1][-1]["finish_reason"] == "stop"
 
 
-def test_thinking_the_prompt_opened_cut_short_is_its_text():
-    seen = _run(_in_thinking("Hmm, the user wants", 6, "length"))
-    assert _texts(seen) == "Hmm, the user wants" and _calls(seen) == []
+def test_thinking_the_prompt_opened_cut_short_is_reasoning_only():
+    seen = _thinking_run(_in_thinking("Hmm, the user wants", 6, "length"))
+    assert _reasoning(seen) == "Hmm, the user wants" and _texts(seen) == ""
+    assert _calls(seen) == []
     assert all(seen) and seen[-1][-1]["finish_reason"] == "length"
 
 
 def test_a_call_after_thinking_the_prompt_opened_cut_short_is_the_call_so_far():
     cut = WRAPPED.index("Rome") + 2
-    seen = _run(_in_thinking(OPENED + "\n" + WRAPPED[:cut], 9, "length"))
-    assert _texts(seen) == OPENED
+    seen = _thinking_run(_in_thinking(OPENED + "\n" + WRAPPED[:cut], 9, "length"))
+    assert _reasoning(seen) == OPENED.removesuffix("</think>") and _texts(seen) == ""
     assert _calls(seen) == [("get_weather", '{"city": "Ro')]
     assert seen[-1][-1]["finish_reason"] == "length"

@@ -8,21 +8,34 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from raydock.serve_apps.guided import xml_calls
 from raydock.serve_apps.guided.schema import Bounds, UnsupportedSchema, normalize
+
+#: a wrapper's body: the call as JSON `{"name": ..., "arguments": ...}` (Qwen2 / 2.5 / 3,
+#: Hermes), or as XML `<function=NAME>` `<parameter=P>` value `</parameter>` ... `</function>`
+#: (Qwen3-Coder: `xml_calls`)
+JSON_BODY, XML_BODY = "json", "xml"
 
 
 @dataclass(frozen=True)
 class ToolCallWrapper:
-    """How a chat template tells its model to write a tool call: `open`, the call's JSON
-    `{"name": ..., "arguments": ...}`, `close`; parallel calls are several such blocks. A
-    template whose source holds `open` uses it (`chat_render.tool_call_wrapper`), with the
-    ids of the vocabulary's own tokens for the tags where it has them (Qwen's do): llguidance
-    counts every added token as special, which no text literal matches."""
+    """How a chat template tells its model to write a tool call: `open`, the call in its
+    `body` format (JSON_BODY or XML_BODY), `close`; parallel calls are several such blocks.
+    A template whose source holds `open` and every one of `signs` uses it
+    (`chat_render.tool_call_wrapper`), with the ids of the vocabulary's own tokens for the
+    tags where it has them (Qwen's do): llguidance counts every added token as special,
+    which no text literal matches."""
 
     open: str
     close: str
     open_token: int | None = None
     close_token: int | None = None
+    body: str = JSON_BODY
+    signs: tuple[str, ...] = ()  # what else the template's source holds when it teaches it
+
+    def taught_by(self, source: str) -> bool:
+        """Whether a chat template's `source` teaches this wrapper."""
+        return all(tag in source for tag in (self.open, *self.signs))
 
 
 @dataclass(frozen=True)
@@ -41,10 +54,14 @@ class TagTokens:
     call_closes: frozenset[int] = frozenset()
 
 
-#: The native tool-call formats raydock knows, the first found in a template wins: the one
-#: place to add another (its grammar, detection, stream holding and parsing follow from it).
+#: The native tool-call formats raydock knows: the one place to add another (its grammar,
+#: detection, stream holding and parsing follow from it). Of those a template teaches, the
+#: one with the most signs wins (the first among equals); the output is read by its body:
+#: a reply that opens with a tag two wrappers share is read as the one whose body it holds.
 TOOL_CALL_WRAPPERS: tuple[ToolCallWrapper, ...] = (
     ToolCallWrapper("<tool_call>", "</tool_call>"),  # Qwen2 / 2.5 / 3, Hermes, many others
+    # Qwen3-Coder (30B-A3B, 480B, Next): the same tags around an XML body
+    ToolCallWrapper("<tool_call>", "</tool_call>", body=XML_BODY, signs=xml_calls.SIGNS),
 )
 
 #: A reasoning model's thinking (Qwen3, QwQ, DeepSeek-R1): under tool_choice "auto" a reply
@@ -160,7 +177,8 @@ def with_native_calls(
     """A `tools_grammar` fitted to a model: it also takes 1 to `max_calls` calls each written
     in the chat template's own `wrapper` (None: the template teaches none), `<tool_call>` ws
     call ws `</tool_call>`, with whitespace between: the same `call` rule, so the wrapped JSON
-    is as constrained as a bare call; the tags written as the vocabulary's own tokens (`tags`;
+    is as constrained as a bare call (an XML body: the same tools, parameters and bounds,
+    `xml_calls.call_rules`); the tags written as the vocabulary's own tokens (`tags`;
     the wrapper's own tags as its tokens), in thinking and text; and where the model `thinks`
     (`chat_render.thinks`), one thinking block before the call "required" or a named function
     asks for, as "auto" always takes."""
@@ -197,8 +215,11 @@ def _assemble(
             _tag(wrapper.open, wrapper.open_token),
             _tag(wrapper.close, wrapper.close_token),
         )
+        body = "xcall" if wrapper.body == XML_BODY else "call"
         replies.append("WS? calls")
-        rules += [f"calls: wrapped{more} WS?", f"wrapped: {open_} WS? call WS? {close}"]
+        rules += [f"calls: wrapped{more} WS?", f"wrapped: {open_} WS? {body} WS? {close}"]
+        if wrapper.body == XML_BODY:
+            rules += xml_calls.call_rules(call)
     if auto:
         replies.append("text")
         rules += _text_rules(tags)
