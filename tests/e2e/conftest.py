@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import httpx
 import openai
 import pytest
 import ray
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from raydock.artifacts import ArtifactStore
 from raydock.client import Client, default_deploy_body
@@ -255,3 +257,50 @@ def tool_conversation(sdk: openai.OpenAI) -> None:
     longer = [*messages[:-1], {**messages[-1], "content": '{"celsius": 21, "wind": "strong"}'}]
     assert answer(longer).usage.prompt_tokens > final.usage.prompt_tokens
 
+
+# the web dashboard in a real browser: Debian's chromium driven by Playwright
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TIMEOUT_MS = 15_000
+#: where the pages' screenshots go (build artifacts; git-ignored)
+SHOTS = Path(
+    os.environ.get("RAYDOCK_SCREENSHOTS")
+    or Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
+)
+
+
+def shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Browser:
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is not installed (apt-get install chromium; .ci/run does)")
+    with sync_playwright() as pw:
+        # root in a container: chromium's sandbox needs user namespaces it may not have
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, platform: Platform) -> Page:
+    context = browser.new_context(base_url=platform.url, viewport={"width": 1280, "height": 860})
+    # Copy cURL writes to the clipboard; the test reads it back
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=platform.url)
+    context.set_default_timeout(TIMEOUT_MS)
+    expect.set_options(timeout=TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, errors  # no uncaught script error on any page
+
+
+def sign_in(page: Page, key: str) -> None:
+    page.goto("/")
+    page.get_by_label("Management key").fill(key)
+    page.get_by_role("button", name="Sign in").click()

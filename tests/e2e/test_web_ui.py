@@ -12,65 +12,17 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import zipfile
-from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
+from playwright.sync_api import Page, Route, expect
 
-from tests.e2e.conftest import Live, Platform, wait_for
+from tests.e2e.conftest import Live, Platform, shot, sign_in, wait_for
 
 pytestmark = pytest.mark.e2e
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-TIMEOUT_MS = 15_000
-#: where the pages' screenshots go (build artifacts; git-ignored)
-SHOTS = Path(
-    os.environ.get("RAYDOCK_SCREENSHOTS")
-    or Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
-)
-
-
-def shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Browser:
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("chromium is not installed (apt-get install chromium; .ci/run does)")
-    with sync_playwright() as pw:
-        # root in a container: chromium's sandbox needs user namespaces it may not have
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=args)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser, platform: Platform) -> Page:
-    context = browser.new_context(base_url=platform.url, viewport={"width": 1280, "height": 860})
-    # Copy cURL writes to the clipboard; the test reads it back
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=platform.url)
-    context.set_default_timeout(TIMEOUT_MS)
-    expect.set_options(timeout=TIMEOUT_MS)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
-    assert not errors, errors  # no uncaught script error on any page
-
-
-def sign_in(page: Page, key: str) -> None:
-    page.goto("/")
-    page.get_by_label("Management key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
 
 
 def session_cookies(page: Page) -> dict[str, dict]:

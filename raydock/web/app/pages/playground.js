@@ -67,9 +67,13 @@ export function playgroundTab(body, id) {
     }));
   });
 
+  // an assistant's bubble also holds its thinking (a thinking model's `delta.reasoning`),
+  // shown once some arrives, open while it streams and folded when the answer begins
   function bubble(role, text) {
+    const thinking = role === "assistant" ? h("details", { class: "thinking", hidden: true },
+      h("summary", { text: "Thinking" }), h("div", { class: "reasoning" })) : null;
     const el = h("div", { class: `bubble ${role}`, "data-role": role }, h("div", { class: "who",
-      text: role === "user" ? "You" : "Assistant" }), h("div", { class: "text", text }));
+      text: role === "user" ? "You" : "Assistant" }), thinking, h("div", { class: "text", text }));
     transcript.append(el);
     transcript.scrollTop = transcript.scrollHeight;
     return el.querySelector(".text");
@@ -117,7 +121,9 @@ export function playgroundTab(body, id) {
     const out = bubble("assistant", "");
     out.parentElement.classList.add("streaming");
     send.disabled = true;
+    const thinking = out.parentElement.querySelector(".thinking");
     let answer = "";
+    let reasoning = "";
     try {
       const response = await fetch(`/api/public/deployments/${id}/playground/chat/completions`, {
         method: "POST", credentials: "same-origin",
@@ -132,11 +138,21 @@ export function playgroundTab(body, id) {
         if (data === "[DONE]") break;
         const chunk = JSON.parse(data);
         if (chunk.error) throw new Error(chunk.error.message || "the stream failed");
-        answer += chunk.choices?.[0]?.delta?.content || "";
-        out.textContent = answer;
+        const delta = chunk.choices?.[0]?.delta || {};
+        if (delta.reasoning) {
+          reasoning += delta.reasoning;
+          thinking.querySelector(".reasoning").textContent = reasoning;
+          thinking.hidden = false;
+          thinking.open = !answer;
+        }
+        if (delta.content) {
+          if (!answer) thinking.open = false; // the answer begins: the thinking folds
+          answer += delta.content;
+          out.textContent = answer;
+        }
         transcript.scrollTop = transcript.scrollHeight;
       }
-      messages.push({ role: "assistant", content: answer });
+      messages.push({ role: "assistant", content: answer }); // the thinking is not sent back
     } catch (err) {
       messages.pop();
       out.parentElement.remove();
