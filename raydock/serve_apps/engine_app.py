@@ -322,7 +322,7 @@ class EngineServer:
 
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         from raydock.serve_apps.sampling import SamplingParams
-        from raydock.serve_apps.structured import IN_THINKING
+        from raydock.serve_apps.structured import IN_THINKING, THINKS
 
         options: dict[str, Any] = {}  # the engine's keyword arguments: grammar, adapter
         params = request["params"]
@@ -351,7 +351,7 @@ class EngineServer:
         # grammar fitted to it, or free (a grammar of another format has the answer at once)
         free = not request.get("grammar") and request.get("regex") is None
         starts_in_thinking = request.get(IN_THINKING) or (opens_thinking and free)
-        mark = {IN_THINKING: True} if starts_in_thinking else {}
+        mark = {IN_THINKING: True} if starts_in_thinking else {THINKS: True} if self.thinks else {}
 
         def sampling(index: int) -> SamplingParams:
             p = dict(params)

@@ -206,7 +206,7 @@ def chat_events(
     """A chat reply's engine events as the client gets them: the thinking each choice opens
     with (or starts in) apart as reasoning, then under tools (`tools_finish`: the
     finish_reason of calls the model made) the reply after it as tool calls."""
-    events = split_reasoning(events, include_reasoning)
+    events = split_reasoning(events, include_reasoning, any_model=tools_finish is not None)
     return events if tools_finish is None else _as_tool_calls(events, tools_finish, tools)
 
 

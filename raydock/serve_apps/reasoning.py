@@ -1,13 +1,15 @@
 """A thinking model's reasoning apart from its answer, as vLLM's reasoning parsers give it.
 
-A chat reply that opens with a thinking block (`<think>` … `</think>`: Qwen3, DeepSeek-R1,
-QwQ), or starts inside one its chat template opened (the engine replica marks such events
-`structured.IN_THINKING`), is split here, per choice, as its events stream: the block's text
-becomes reasoning events (`"reasoning"`, no `text`; the tags shown in neither), what follows
-its first `</think>` the content events (`"text"`), as before. `structured.thinking_length`
-says where the block ends; this module adds the streaming: the reasoning goes out as it
-comes, holding back only what may be the start of `</think>`. Chat (`message.reasoning`,
-`delta.reasoning`) and the Responses API (a `reasoning` item) both read these events.
+A chat reply of a model that thinks (the engine replica marks its events `structured.THINKS`;
+any model's under tools, whose grammar takes a thinking block) that opens with a thinking
+block (`<think>` … `</think>`: Qwen3, DeepSeek-R1, QwQ), or starts inside one its chat
+template opened (marked `structured.IN_THINKING`), is split here, per choice, as its events
+stream: the block's text becomes reasoning events (`"reasoning"`, no `text`; the tags shown
+in neither), what follows its first `</think>` the content events (`"text"`), as before.
+`structured.thinking_length` says where the block ends; this module adds the streaming: the
+reasoning goes out as it comes, holding back only what may be the start of `</think>`. Chat
+(`message.reasoning`, `delta.reasoning`) and the Responses API (a `reasoning` item) both read
+these events.
 
 Each piece keeps the logprobs of its own tokens (the tags' with the reasoning). The event
 that ends a choice carries `REASONING_TOKENS`: the tokens of its thinking, for usage.
@@ -19,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from raydock.serve_apps.guided.grammars import THINK_CLOSE, THINK_OPEN
-from raydock.serve_apps.structured import IN_THINKING, thinking_length
+from raydock.serve_apps.structured import IN_THINKING, THINKS, thinking_length
 
 #: the key of an event's reasoning text (such an event's `text` is "")
 REASONING = "reasoning"
@@ -28,18 +30,19 @@ REASONING_TOKENS = "reasoning_tokens"
 
 
 async def split_reasoning(
-    batches: AsyncIterator[list[dict]], include_reasoning: bool = True
+    batches: AsyncIterator[list[dict]], include_reasoning: bool = True, any_model: bool = False
 ) -> AsyncIterator[list[dict]]:
     """Each choice's events with its thinking as reasoning events (`ReasoningSplit`, one per
-    choice); without `include_reasoning` those are left out (their logprobs too), and the
-    content is the same."""
+    choice) where its model thinks (or `any_model`: under tools); without `include_reasoning`
+    those are left out (their logprobs too), and the content is the same."""
     splits: dict[int, ReasoningSplit] = {}
     try:
         async for batch in batches:
             out = []
             for ev in batch:
                 if (split := splits.get(ev["index"])) is None:
-                    split = splits[ev["index"]] = ReasoningSplit(bool(ev.get(IN_THINKING)))
+                    thinks = any_model or bool(ev.get(THINKS) or ev.get(IN_THINKING))
+                    split = splits[ev["index"]] = ReasoningSplit(bool(ev.get(IN_THINKING)), thinks)
                 out.extend(split.take(ev))
             if not include_reasoning:
                 out = [kept for ev in out if (kept := _without_reasoning(ev)) is not None]
@@ -65,12 +68,12 @@ class ReasoningSplit:
     Until the text says whether it opens a block (it is still a start of `<think>`) the events
     are held; an output that opens none passes through untouched from then on."""
 
-    def __init__(self, in_thinking: bool = False) -> None:
+    def __init__(self, in_thinking: bool = False, thinks: bool = True) -> None:
         self.in_thinking = in_thinking  # the prompt opened the block: the output starts in it
         self.text = ""  # the output so far, as long as the thinking lasts
         self.held: list[dict] = []  # events not sent yet, the first starting at `self.sent`
         self.sent = 0  # characters of `text` sent (as reasoning)
-        self.passing = False  # the thinking is over (or there is none): events pass
+        self.passing = not thinks  # the thinking is over (or there is none): events pass
         self.tokens = 0  # the choice's tokens so far
         self.thought: int | None = None  # tokens of the thinking, once it ended
 

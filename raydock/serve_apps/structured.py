@@ -236,6 +236,10 @@ def vllm_constraint(kind: str, value: Any, param: str) -> Constraint:
 #: opened (the engine replica, which renders the prompt, fitted the grammar to it:
 #: `guided.grammars.starting_in_thinking`): the service then reads the output as such.
 IN_THINKING = "in_thinking"
+#: The key of the engine events of a model that thinks (`chat_render.thinks`: its vocabulary
+#: or template knows `<think>`): only such a model's output (or one under tools, whose grammar
+#: takes a thinking block) is read for reasoning; another model's `<think>` is its text.
+THINKS = "thinks"
 
 
 def thinking_length(text: str, in_thinking: bool = False) -> int | None:

@@ -19,7 +19,7 @@ from raydock.serve_apps.access import DeploymentAccess
 from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import complete
 from raydock.serve_apps.responses_api import respond
-from raydock.serve_apps.structured import IN_THINKING
+from raydock.serve_apps.structured import IN_THINKING, THINKS
 from tests.unit.test_responses_api import EVENTS, WEATHER
 
 THOUGHT = "The user greets me; a short answer will do."
@@ -40,13 +40,20 @@ DEP = DeploymentAccess(
 )
 
 
-def scripted(replies: list[str], size: int = 3, in_thinking: bool = False, finish: str = "stop"):
+def scripted(
+    replies: list[str],
+    size: int = 3,
+    in_thinking: bool = False,
+    finish: str = "stop",
+    thinks: bool = True,
+):
     """An engine whose choice k writes `replies[k]` in events of `size` characters, one token
     each (its logprob with it), then ends with an empty event (an EOS) that says `finish`;
-    with `in_thinking`, as the replica marks a prompt whose template opened the thinking."""
+    marked as the replica marks a model that `thinks`, and with `in_thinking`, a prompt whose
+    template opened the thinking."""
 
     async def engine(payload: dict):
-        mark = {IN_THINKING: True} if in_thinking else {}
+        mark = {IN_THINKING: True} if in_thinking else {THINKS: True} if thinks else {}
         for k, reply in enumerate(replies[: payload["n"]]):
             parts = [reply[i : i + size] for i in range(0, len(reply), size)]
             for t, part in enumerate(parts):
@@ -162,6 +169,19 @@ def test_a_reply_without_thinking_answers_as_before(reply):
     }
     assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
     chunks = stream({}, scripted([reply], 1))
+    assert "".join(_deltas(chunks, "content")) == reply and not _deltas(chunks, "reasoning")
+
+
+def test_a_model_that_does_not_think_keeps_its_think_tags_as_text():
+    """Only a model that thinks (its vocabulary or template knows `<think>`) has its output
+    read for reasoning, as vLLM's server only with a reasoning parser: another model's reply
+    that happens to start with the tag is its answer, whole, under include_reasoning false
+    too."""
+    reply = "<think> tags are used by reasoning models.</think> Yes."
+    for body in ({}, {"include_reasoning": False}):
+        message = chat(body, scripted([reply], thinks=False))["choices"][0]["message"]
+        assert message["content"] == reply and message["reasoning"] is None
+    chunks = stream({}, scripted([reply], thinks=False))
     assert "".join(_deltas(chunks, "content")) == reply and not _deltas(chunks, "reasoning")
 
 
