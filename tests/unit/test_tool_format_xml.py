@@ -299,6 +299,20 @@ def test_an_xml_call_cut_by_max_tokens_is_a_tool_call_so_far():
         assert calls[1].function.arguments == '{"city":"Lyon"'  # the whole values, left open
 
 
+@pytest.mark.parametrize("cut_at", ["</function>\n", "</function>\n</tool_ca"])
+def test_an_xml_call_cut_after_its_function_closed_has_its_whole_arguments(cut_at):
+    """Cut by max_tokens after `</function>`, before or inside `</tool_call>` (a tokenizer
+    without the tag as one token): the call is whole, as a JSON body's would be."""
+    lyon = _call("get_weather", ("city", "Lyon"), ("days", "4"))
+    cut = PARIS + "\n" + lyon[: lyon.index("</function>")] + cut_at
+    for choice in _both(cut, "length"):
+        calls = choice.message.tool_calls
+        assert [json.loads(c.function.arguments) for c in calls] == [
+            {"city": "Paris", "days": 3},
+            {"city": "Lyon", "days": 4},
+        ]
+
+
 def test_text_that_is_no_call_stays_text():
     for choice in _both("I could write <tool_call> for that."):
         assert choice.message.content == "I could write <tool_call> for that."

@@ -234,7 +234,8 @@ def cut_calls(
     calls, _, cut = _parse(text, open_tag, close_tag, tools, space)
     out = [(name, compact(arguments)) for name, arguments in calls]
     if cut is not None:
-        out.append((cut[0], compact(cut[1])[:-1]))
+        name, arguments, closed = cut
+        out.append((name, compact(arguments) if closed else compact(arguments)[:-1]))
     return out
 
 
@@ -245,10 +246,11 @@ def compact(arguments: dict[str, Any]) -> str:
 
 def _parse(
     text: str, open_tag: str, close_tag: str, tools: list[dict[str, Any]] | None, space: str
-) -> tuple[list[tuple[str, dict[str, Any]]], str, tuple[str, dict[str, Any]] | None]:
+) -> tuple[list[tuple[str, dict[str, Any]]], str, tuple[str, dict[str, Any], bool] | None]:
     """The calls `text` holds, each `open_tag` XML call `close_tag` with `space` around: the
-    whole ones as (name, arguments), what follows them, and the call that was cut (its name
-    and the parameters written whole), if the text ends inside one after its name."""
+    whole ones as (name, arguments), what follows them, and the call that was cut (its name,
+    the parameters written whole, and whether its function was closed: the text ends before
+    or inside `close_tag`), if the text ends inside one after its name."""
     functions = functions_of(tools)
     calls: list[tuple[str, dict[str, Any]]] = []
     rest = text
@@ -259,10 +261,10 @@ def _parse(
             return calls, rest, None
         arguments, after, whole = _parameters(body[len(_fn_open(fn)) :], fn, space)
         if not whole:
-            return calls, rest, (fn.name, arguments)
+            return calls, rest, (fn.name, arguments, False)
         after = after.lstrip(space)
-        if not after.startswith(close_tag):  # cut before it (whole arguments), or astray
-            return calls, rest, (fn.name, arguments) if not after else None
+        if not after.startswith(close_tag):  # cut before it or inside it, or astray
+            return calls, rest, (fn.name, arguments, True) if close_tag.startswith(after) else None
         calls.append((fn.name, arguments))
         rest = after[len(close_tag) :].lstrip(space)
     return calls, rest, None
