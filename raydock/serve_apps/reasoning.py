@@ -36,6 +36,7 @@ async def split_reasoning(
     choice) where its model thinks (or `any_model`: under tools); without `include_reasoning`
     those are left out (their logprobs too), and the content is the same."""
     splits: dict[int, ReasoningSplit] = {}
+    begun: set[int] = set()  # the choices with an event sent
     try:
         async for batch in batches:
             out = []
@@ -45,21 +46,24 @@ async def split_reasoning(
                     split = splits[ev["index"]] = ReasoningSplit(bool(ev.get(IN_THINKING)), thinks)
                 out.extend(split.take(ev))
             if not include_reasoning:
-                out = [kept for ev in out if (kept := _without_reasoning(ev)) is not None]
+                out = [kept for ev in out if (kept := _without_reasoning(ev, begun)) is not None]
+                begun.update(ev["index"] for ev in out)
             if out:
                 yield out
     finally:
         await batches.aclose()
 
 
-def _without_reasoning(ev: dict) -> dict | None:
-    """A reasoning event as `include_reasoning: false` sends it: nothing, or, where it ends the
-    choice (the thinking was cut), an empty content event that ends it."""
+def _without_reasoning(ev: dict, begun: set[int]) -> dict | None:
+    """A reasoning event as `include_reasoning: false` sends it: nothing, or an empty content
+    event where it begins its choice (a stream's first chunk goes out while the model thinks,
+    as OpenAI's does: a client waiting for its first byte does not time out) or ends it (the
+    thinking was cut)."""
     if REASONING not in ev:
         return ev
-    if not ev["finish_reason"]:
-        return None
-    return {k: v for k, v in ev.items() if k != REASONING} | {"text": "", "logprobs": []}
+    if ev["finish_reason"] or ev["index"] not in begun:
+        return {k: v for k, v in ev.items() if k != REASONING} | {"text": "", "logprobs": []}
+    return None
 
 
 class ReasoningSplit:

@@ -213,8 +213,11 @@ def test_include_reasoning_false_leaves_the_reasoning_out_and_the_content_alone(
     chunks = stream({"include_reasoning": False}, engine)
     assert not _deltas(chunks, "reasoning")
     assert "".join(_deltas(chunks, "content")) == f"\n\n{ANSWER}"
+    # the first chunk goes out as the thinking begins (as OpenAI's: role, empty content)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     cut = stream({"include_reasoning": False}, scripted([QWEN3[:20]], 4, finish="length"))
-    assert [c["choices"][0]["finish_reason"] for c in cut if c["choices"]] == ["length"]
+    assert [c["choices"][0]["finish_reason"] for c in cut if c["choices"]] == [None, "length"]
+    assert "".join(_deltas(cut, "content")) == ""
 
 
 def test_usage_counts_the_thinkings_tokens():
