@@ -142,7 +142,8 @@ def _request(body: dict) -> Request:
     return Request({"type": "http", "headers": [], "state": {}}, receive)
 
 
-def _dep(**fields) -> DeploymentAccess:
+def dep_access(**fields) -> DeploymentAccess:
+    """A deployment as the data plane is given it (`fields` over a served one's)."""
     base = dict(
         deployment_id="dep-1",
         name="m",
@@ -172,7 +173,7 @@ def test_a_request_counts_its_status_tokens_latencies_and_usage():
 
     async def main():
         resp = await complete(
-            "completion", _request({"prompt": "x"}), _dep(), "key-1", _engine, meter
+            "completion", _request({"prompt": "x"}), dep_access(), "key-1", _engine, meter
         )
         return json.loads(resp.body)
 
@@ -194,10 +195,20 @@ def test_refusals_and_streams_cut_by_the_client_are_counted():
     async def main():
         with pytest.raises(ApiError):
             await complete(
-                "completion", _request({"prompt": "x", "n": 99}), _dep(), "key-1", _engine, meter
+                "completion",
+                _request({"prompt": "x", "n": 99}),
+                dep_access(),
+                "key-1",
+                _engine,
+                meter,
             )
         resp = await complete(
-            "completion", _request({"prompt": "x", "stream": True}), _dep(), "key-1", _engine, meter
+            "completion",
+            _request({"prompt": "x", "stream": True}),
+            dep_access(),
+            "key-1",
+            _engine,
+            meter,
         )
         async for _ in resp.body_iterator:
             break  # the client reads one message and goes
@@ -239,7 +250,7 @@ def test_a_stream_that_never_finishes_is_charged_its_prompt_and_streamed_tokens(
         resp = await complete(
             "completion",
             _request({"prompt": "x", "stream": True}),
-            _dep(),
+            dep_access(),
             "k",
             _unfinished_engine(_hang),
             meter,
@@ -251,7 +262,7 @@ def test_a_stream_that_never_finishes_is_charged_its_prompt_and_streamed_tokens(
             await complete(
                 "completion",
                 _request({"prompt": "x"}),
-                _dep(),
+                dep_access(),
                 "k",
                 _unfinished_engine(_fail),
                 meter,
@@ -334,7 +345,7 @@ def test_a_stream_cut_before_its_first_token_is_charged_its_prompt_through_compl
         ask = complete(
             "completion",
             _request({"prompt": "x", "stream": True}),
-            _dep(timeout_s=1),
+            dep_access(timeout_s=1),
             "k",
             _taken_then(wait=_hang),
             meter,
@@ -374,7 +385,7 @@ def test_the_prompt_taken_reaches_no_consumer(metering):
             resp = await complete(
                 "completion",
                 _request({"prompt": "x", "stream": stream}),
-                _dep(),
+                dep_access(),
                 "k",
                 _taken_then(*events, prompt=7),
                 meter,
@@ -411,7 +422,7 @@ def test_time_to_first_token_is_not_taken_from_the_prompt_taken():
         resp = await complete(
             "completion",
             _request({"prompt": "x"}),
-            _dep(),
+            dep_access(),
             "k",
             _taken_then(*_events(), wait=prefill),
             meter,
@@ -463,7 +474,7 @@ def _replica(engine: _Engine, tokenizing, requests: int = 0):
     cls = EngineServer.func_or_class
     server = type("Replica", (), {name: getattr(cls, name) for name in methods})()
     server.engine, server.queue_limit, server.tokenizing = engine, 1, tokenizing
-    server.requests, server.taken = requests, 0
+    server.requests, server.taken, server.thinks = requests, 0, False
     return server
 
 

@@ -18,7 +18,7 @@ from raydock.serve_apps.engines.transformers_engine import TransformersEngine
 from raydock.serve_apps.metering import CLIENT_CLOSED, ReplicaMeter
 from raydock.serve_apps.openai_service import complete
 from raydock.serve_apps.sampling import SamplingParams
-from tests.unit.test_metering import _dep, _replica, _request
+from tests.unit.test_metering import _replica, _request, dep_access
 
 #: a prompt of a few hundred tokens: the work a caller would pay for
 LONG = "the tide comes in and the tide goes out " * 20
@@ -101,7 +101,9 @@ def test_a_request_abandoned_while_it_waits_for_a_batch_slot_is_charged_no_promp
         replica = _replica(engine, tokenizing)
 
         def ask(key: str, body: dict):
-            return complete("completion", _request(body), _dep(), key, replica.generate, meter)
+            return complete(
+                "completion", _request(body), dep_access(), key, replica.generate, meter
+            )
 
         async def main() -> tuple[int, int]:
             long_run = {"max_tokens": 512, "ignore_eos": True, "stream": True}
@@ -195,7 +197,9 @@ def test_a_request_admitted_whose_client_goes_before_its_first_token_is_charged_
 
             body = {"prompt": LONG, "max_tokens": 4}
             gone = asyncio.ensure_future(
-                complete("completion", _request(body), _dep(), "gone", held_after_admission, meter)
+                complete(
+                    "completion", _request(body), dep_access(), "gone", held_after_admission, meter
+                )
             )
             await asyncio.wait_for(admitted.wait(), 10)
             gone.cancel()  # its client goes

@@ -15,11 +15,11 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response
 from starlette.requests import Request
 
-from raydock.serve_apps.access import DeploymentAccess
 from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import complete
 from raydock.serve_apps.responses_api import respond
 from raydock.serve_apps.structured import IN_THINKING, THINKS
+from tests.unit.test_metering import dep_access
 from tests.unit.test_responses_api import EVENTS, WEATHER
 
 THOUGHT = "The user greets me; a short answer will do."
@@ -28,16 +28,7 @@ QWEN3 = f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}"  # a block of its own (Qwen3
 OPENED = f"{THOUGHT}\n</think>\n\n{ANSWER}"  # after a template's `<think>\n` (QwQ, R1)
 READ = f"\n{THOUGHT}\n"  # the reasoning a client reads of QWEN3's block (no tags)
 
-DEP = DeploymentAccess(
-    deployment_id="dep-1",
-    name="tiny",
-    created=0,
-    status="DEPLOYED",
-    serving=True,
-    timeout_s=60,
-    defaults={},
-    keys={},
-)
+DEP = dep_access(name="tiny")
 
 
 def scripted(

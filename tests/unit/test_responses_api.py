@@ -21,7 +21,7 @@ from starlette.requests import Request
 from raydock.errors import ApiError
 from raydock.platform.access_hub import AccessHub
 from raydock.serve_apps import protocol
-from raydock.serve_apps.access import Auth, DeploymentAccess
+from raydock.serve_apps.access import Auth
 from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import complete
 from raydock.serve_apps.responses_api import (
@@ -34,6 +34,7 @@ from raydock.serve_apps.responses_api import (
     respond,
 )
 from tests.unit.test_access import _HubHandle, snapshot
+from tests.unit.test_metering import dep_access
 
 #: each Responses event type's SDK class
 EVENTS = {
@@ -59,17 +60,7 @@ def refusal(body: dict) -> ApiError:
 # ------------------------------------------------------------------ served on the chat path
 
 ADAPTERS = {"m-1": {"name": "legal", "rank": 8, "prefix": "models/legal", "digest": "d"}}
-DEP = DeploymentAccess(
-    deployment_id="dep-1",
-    name="hub",
-    created=0,
-    status="DEPLOYED",
-    serving=True,
-    timeout_s=60,
-    defaults={},
-    keys={},
-    adapters=ADAPTERS,
-)
+DEP = dep_access(name="hub", adapters=ADAPTERS)
 
 
 async def engine(payload: dict):

@@ -19,9 +19,9 @@ import pytest
 from starlette.requests import Request
 
 from raydock.errors import ApiError
-from raydock.serve_apps.access import DeploymentAccess
 from raydock.serve_apps.metering import ReplicaMeter
 from raydock.serve_apps.openai_service import _paced, complete
+from tests.unit.test_metering import dep_access
 
 LONG = 30.0  # an interval no test waits out: a batch that goes was released by another rule
 STALL = 5.0  # how long a step source waits for the consumer before it gives up
@@ -187,19 +187,6 @@ def _request(body: dict) -> Request:
     return Request({"type": "http", "headers": [], "state": {}}, receive)
 
 
-def _dep() -> DeploymentAccess:
-    return DeploymentAccess(
-        deployment_id="dep-1",
-        name="m",
-        created=0,
-        status="running",
-        serving=True,
-        timeout_s=60,
-        defaults={},
-        keys={},
-    )
-
-
 def _stream_messages(interval_s: float) -> list[list[str]]:
     """The texts in each message of a streamed completion of 5 engine batches, the engine
     faster than the client reads (so a paced stream would have batches to merge)."""
@@ -216,7 +203,7 @@ def _stream_messages(interval_s: float) -> list[list[str]]:
         resp = await complete(
             "completion",
             req,
-            _dep(),
+            dep_access(status="running"),
             "key-1",
             run,
             ReplicaMeter(None),
