@@ -540,6 +540,7 @@ def _as_validated(schemas: dict[str, Any]) -> None:
             {"type": "array", "items": stop, "maxItems": 4},
             {"type": "null"},
         ]
+    for request in ("ChatRequest", "CompletionRequest", "ResponsesRequest"):
         bias = next(o for o in props(request)["logit_bias"]["anyOf"] if o.get("type") == "object")
         bias["propertyNames"] = {"pattern": "^[0-9]+$"}  # token ids
     for request in ("ChatRequest", "CompletionRequest"):

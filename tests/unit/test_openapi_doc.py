@@ -368,3 +368,33 @@ def test_management_strings_say_they_hold_no_nul(doc):
     (param,) = [p for p in export["parameters"] if p["name"] == "deploymentId"]
     assert param["schema"]["anyOf"][0]["pattern"] == openapi_doc.NO_NUL
     assert "u0000" not in str(schemas["ChatMessage"])
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"logit_bias": {"42": 5}},
+        {"logit_bias": {"x": 5}},  # schemathesis found the document let this through
+        {"logit_bias": {"": []}},
+        {"logit_bias": {"42": 101}},
+        {"seed": 7},
+        {"include_reasoning": False},
+        {"input": [{"type": "reasoning", "summary": []}]},  # thinking alone asks nothing
+        {"input": [{"type": "reasoning", "summary": []}, {"role": "user", "content": "x"}]},
+    ],
+)
+def test_responses_shapes_agree_with_parsing(doc, extra):
+    """The document's ResponsesRequest accepts a body exactly when responses_api.parse does."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from raydock.errors import ApiError
+    from raydock.serve_apps import responses_api
+
+    body = {"model": "m", "input": "x"} | extra
+    schema = {"$ref": "#/components/schemas/ResponsesRequest", "components": doc["components"]}
+    documented = jsonschema.Draft202012Validator(schema).is_valid(body)
+    try:
+        responses_api.parse(body)
+        parsed = True
+    except ApiError:
+        parsed = False
+    assert documented == parsed, body
