@@ -601,19 +601,8 @@ class ResponseBuilder:
             "status": "in_progress",
             "content": [],
         }
-        self.output.append(self.message)
-        where = self._where(self.message)
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        added = self._event(
-            "response.output_item.added",
-            output_index=where["output_index"],
-            item=copy.deepcopy(self.message),
-        )
-        self.message["content"].append(part)
-        return [
-            added,
-            self._event("response.content_part.added", **where, content_index=0, part=dict(part)),
-        ]
+        return self._open(self.message, part)
 
     def _open_reasoning(self) -> list[dict[str, Any]]:
         self.thinking = {
@@ -623,15 +612,18 @@ class ResponseBuilder:
             "content": [],
             "status": "in_progress",
         }
-        self.output.append(self.thinking)
-        where = self._where(self.thinking)
-        part = {"type": "reasoning_text", "text": ""}
+        return self._open(self.thinking, {"type": "reasoning_text", "text": ""})
+
+    def _open(self, item: dict[str, Any], part: dict[str, Any]) -> list[dict[str, Any]]:
+        """`item` added to the output, then its one content `part`: their events."""
+        self.output.append(item)
+        where = self._where(item)
         added = self._event(
             "response.output_item.added",
             output_index=where["output_index"],
-            item=copy.deepcopy(self.thinking),
+            item=copy.deepcopy(item),
         )
-        self.thinking["content"].append(part)
+        item["content"].append(part)
         return [
             added,
             self._event("response.content_part.added", **where, content_index=0, part=dict(part)),
@@ -639,35 +631,29 @@ class ResponseBuilder:
 
     def _close_reasoning(self, status: str = "completed") -> list[dict[str, Any]]:
         thinking, self.thinking = self.thinking, None
-        if thinking is None:
-            return []
-        thinking["status"] = status
-        part = thinking["content"][0]
-        where = self._where(thinking) | {"content_index": 0}
-        return [
-            self._event("response.reasoning_text.done", **where, text=part["text"]),
-            self._event("response.content_part.done", **where, part=dict(part)),
-            self._event(
-                "response.output_item.done",
-                output_index=where["output_index"],
-                item=copy.deepcopy(thinking),
-            ),
-        ]
+        return self._close(thinking, status, "response.reasoning_text.done")
 
     def _close_message(self, status: str = "completed") -> list[dict[str, Any]]:
         message, self.message = self.message, None
-        if message is None:
+        return self._close(message, status, "response.output_text.done", logprobs=[])
+
+    def _close(
+        self, item: dict[str, Any] | None, status: str, done: str, **extra: Any
+    ) -> list[dict[str, Any]]:
+        """The end of an open `item` (none: nothing), `status`: its text's `done` event (with
+        `extra`), its part's, its own."""
+        if item is None:
             return []
-        message["status"] = status
-        part = message["content"][0]
-        where = self._where(message) | {"content_index": 0}
+        item["status"] = status
+        part = item["content"][0]
+        where = self._where(item) | {"content_index": 0}
         return [
-            self._event("response.output_text.done", **where, text=part["text"], logprobs=[]),
+            self._event(done, **where, text=part["text"], **extra),
             self._event("response.content_part.done", **where, part=dict(part)),
             self._event(
                 "response.output_item.done",
                 output_index=where["output_index"],
-                item=copy.deepcopy(message),
+                item=copy.deepcopy(item),
             ),
         ]
 
