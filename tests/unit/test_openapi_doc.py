@@ -213,20 +213,12 @@ def test_inference_documents_its_event_stream(doc):
 def test_cross_field_rules_are_in_the_document(doc):
     """What the validators refuse beyond single fields, the document refuses too: minReplicas
     above maxReplicas (its default when absent), and an adapter upload with no base model."""
-    jsonschema = pytest.importorskip("jsonschema")
     from pydantic import ValidationError
 
     from raydock.platform.schemas import ScalingParameters, UploadSessionStart
 
     def agree(name: str, model, body: dict) -> None:
-        schema = {**doc["components"]["schemas"][name], "components": doc["components"]}
-        documented = jsonschema.Draft202012Validator(schema).is_valid(body)
-        try:
-            model.model_validate(body)
-            validated = True
-        except ValidationError:
-            validated = False
-        assert documented == validated, (name, body)
+        _document_agrees(doc, name, body, model.model_validate, ValidationError)
 
     for low in range(1, 11):
         for high in [None, *range(1, 51)]:
@@ -288,17 +280,26 @@ def test_chat_shapes_agree_with_parsing(doc, extra):
 
 def _chat_agrees(doc: dict, body: dict) -> None:
     """The document's ChatRequest accepts `body` exactly when protocol.parse does."""
-    jsonschema = pytest.importorskip("jsonschema")
     from raydock.serve_apps import protocol
 
-    schema = {"$ref": "#/components/schemas/ChatRequest", "components": doc["components"]}
+    def parse(body: dict) -> None:
+        protocol.parse(protocol.ChatRequest, body)
+
+    _document_agrees(doc, "ChatRequest", body, parse, protocol.BadParam)
+
+
+def _document_agrees(doc: dict, name: str, body: dict, parse, refusal: type) -> None:
+    """The document's schema `name` accepts `body` exactly when `parse` does (it raises
+    `refusal` for a body it refuses)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
     documented = jsonschema.Draft202012Validator(schema).is_valid(body)
     try:
-        protocol.parse(protocol.ChatRequest, body)
+        parse(body)
         parsed = True
-    except protocol.BadParam:
+    except refusal:
         parsed = False
-    assert documented == parsed, body
+    assert documented == parsed, (name, body)
 
 
 _CALL = {"id": "c1", "function": {"name": "f", "arguments": "{}"}}
@@ -385,16 +386,8 @@ def test_management_strings_say_they_hold_no_nul(doc):
 )
 def test_responses_shapes_agree_with_parsing(doc, extra):
     """The document's ResponsesRequest accepts a body exactly when responses_api.parse does."""
-    jsonschema = pytest.importorskip("jsonschema")
     from raydock.errors import ApiError
     from raydock.serve_apps import responses_api
 
     body = {"model": "m", "input": "x"} | extra
-    schema = {"$ref": "#/components/schemas/ResponsesRequest", "components": doc["components"]}
-    documented = jsonschema.Draft202012Validator(schema).is_valid(body)
-    try:
-        responses_api.parse(body)
-        parsed = True
-    except ApiError:
-        parsed = False
-    assert documented == parsed, body
+    _document_agrees(doc, "ResponsesRequest", body, responses_api.parse, ApiError)
