@@ -334,3 +334,23 @@ def test_the_template_renders_the_next_turn_as_its_model_wrote_it():
     assert "<name>get_weather</name>" in prompt  # the tools, in the template's own listing
     assert chat_render.TOOLS_PREAMBLE not in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_parameters_given_by_local_refs_are_read_by_what_they_name():
+    """A parameter's schema behind `$ref`s (`#/$defs/...`, a ref to a ref): a string is raw
+    text, an integer JSON, as if written in place."""
+    defs = {
+        "City": {"type": "string", "maxLength": 9},
+        "N": {"$ref": "#/$defs/M"},
+        "M": {"type": "integer"},
+    }
+    parameters = {
+        "type": "object",
+        "$defs": defs,
+        "properties": {"where": {"$ref": "#/$defs/City"}, "n": {"$ref": "#/$defs/N"}},
+        "required": ["where"],
+    }
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    reply = _call("f", ("where", "Paris"), ("n", "3"))
+    (call,) = structured.as_tool_calls(reply, tools)
+    assert json.loads(call["function"]["arguments"]) == {"where": "Paris", "n": 3}

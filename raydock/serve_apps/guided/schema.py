@@ -164,6 +164,25 @@ def _values(s: Any) -> list | None:
     return None
 
 
+def resolve_ref(s: Any, root: Any, hops: int = 8) -> Any:
+    """`s`, or what its local `$ref` (`#/...`, JSON pointer escapes read) names in `root`,
+    following up to `hops` references; a reference that names nothing there stays."""
+    for _ in range(hops):
+        if not (isinstance(s, dict) and isinstance(s.get("$ref"), str)):
+            return s
+        ref = s["$ref"]
+        if not ref.startswith("#"):
+            return s
+        node = root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(node, dict) or part not in node:
+                return s
+            node = node[part]
+        s = node
+    return s
+
+
 class _Normalizer:
     def __init__(self, root: Any, bounds: Bounds):
         self.root = root
@@ -171,20 +190,7 @@ class _Normalizer:
 
     def resolve(self, s: Any) -> Any:
         """Follow local $refs (a few hops) for the exclusivity check."""
-        for _ in range(8):
-            if not (isinstance(s, dict) and isinstance(s.get("$ref"), str)):
-                return s
-            ref = s["$ref"]
-            if not ref.startswith("#"):
-                return s
-            node = self.root
-            for part in filter(None, ref[1:].split("/")):
-                part = part.replace("~1", "/").replace("~0", "~")
-                if not isinstance(node, dict) or part not in node:
-                    return s
-                node = node[part]
-            s = node
-        return s
+        return resolve_ref(s, self.root)
 
     def exclusive(self, a: Any, b: Any, objects: bool = False, depth: int = 0) -> bool:
         """True when no value satisfies both schemas (as far as can be shown cheaply).

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from raydock.serve_apps.guided.schema import UnsupportedSchema, normalize
+from raydock.serve_apps.guided.schema import UnsupportedSchema, normalize, resolve_ref
 
 FUNCTION_OPEN, FUNCTION_CLOSE = "<function=", "</function>"
 PARAMETER_OPEN, PARAMETER_CLOSE = "<parameter=", "</parameter>"
@@ -138,14 +138,9 @@ def _function(name: str, arguments: dict[str, Any]) -> Function:
     return Function(name, tuple(parameters))
 
 
-def _resolved(schema: Any, defs: dict[str, Any]) -> Any:
+def _resolved(schema: Any, defs: dict[str, Any]) -> dict[str, Any]:
     """`schema`, or what its local `$ref` (`#/$defs/X`, `#/definitions/X`) names."""
-    seen = 0
-    while isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and seen < 32:
-        _, _, path = schema["$ref"].partition("#/")
-        where, _, key = path.partition("/")
-        schema = defs.get(where, {}).get(key, schema)
-        seen += 1
+    schema = resolve_ref(schema, defs, hops=32)
     return schema if isinstance(schema, dict) else {}
 
 
