@@ -97,9 +97,11 @@ def choose(
     output: Sequence[int] = (),
 ) -> Choice:
     """Pick the next token from one sequence's logits (1-D, float32), given the sequence's
-    prompt and output so far (for penalties). Logprobs are the model's, before `adjust`."""
+    prompt and output so far (for penalties). Logprobs are the model's, before `adjust`, and
+    only computed when the request asks for them (0.0 otherwise: a softmax over the vocabulary
+    per sequence and token is a sizeable part of a step's time at batch 64)."""
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1) if params.logprobs else None
     if params.adjusts_logits():
         logits = adjust(logits, params, prompt, output)
     if params.temperature <= 1e-5 or params.top_k == 1:
@@ -108,8 +110,10 @@ def choose(
         filtered = _filter(logits / params.temperature, params.top_k, params.top_p)
         probs = torch.softmax(filtered, dim=-1)
         token = int(torch.multinomial(probs, 1, generator=generator))
+    if logprobs is None:
+        return Choice(token, 0.0, [])
     top: list[tuple[int, float]] = []
-    if params.logprobs and params.top_logprobs:
+    if params.top_logprobs:
         values, ids = torch.topk(logprobs, params.top_logprobs)
         top = list(zip(ids.tolist(), values.tolist(), strict=True))
     return Choice(token, float(logprobs[token]), top)

@@ -134,6 +134,36 @@ _SAMPLE = SamplingParams(max_tokens=1, temperature=1.0)  # on already filtered l
 _GREEDY = SamplingParams(max_tokens=1, temperature=0.0)
 
 
+class _Outbox:
+    """Events on their way from CTranslate2's threads to the consumers on one event loop: one
+    wake-up of the loop carries every event queued since the last. (A wake-up per sequence
+    and token cost more than the rest of a step's Python at batch 64.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, StepEvent | BaseException]] = []
+        self._lock = threading.Lock()
+
+    def put(self, out: asyncio.Queue, ev: StepEvent | BaseException) -> None:
+        """Queue `ev` for `out`; RuntimeError when the loop is closed."""
+        with self._lock:
+            self._items.append((out, ev))
+            if len(self._items) > 1:
+                return  # the wake-up the first of them asked for delivers this one too
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for out, ev in items:
+            out.put_nowait(ev)
+
+
 @dataclass(eq=False)
 class _Seq:
     order: int  # arrival order: the oldest waiting sequence picks the next run
@@ -143,7 +173,7 @@ class _Seq:
     generator: torch.Generator  # guided fallback sampling (seeded by the request)
     budget: int
     key: tuple
-    loop: asyncio.AbstractEventLoop
+    outbox: _Outbox
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens: list[int] = field(default_factory=list)  # generated so far (the prefix's tail)
     produced: int = 0
@@ -217,6 +247,7 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: _Outbox | None = None
         self._closing = False  # stop scheduling once nothing is left (close)
         self.counters = {
             "finished": 0,
@@ -270,7 +301,7 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
             generator=make_generator(params.seed),
             budget=min(params.max_tokens, self.max_context - len(prompt)),
             key=self._key(params, guide is not None),
-            loop=asyncio.get_running_loop(),
+            outbox=self._outbox_of(asyncio.get_running_loop()),
         )
         if seq.budget <= 0:
             seq.done = True
@@ -286,6 +317,12 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
                 seq.cancelled = True
                 if self._wake is not None:
                     self._wake.set()
+
+    def _outbox_of(self, loop: asyncio.AbstractEventLoop) -> _Outbox:
+        """The outbox for `loop`'s consumers (a sequence keeps its own, if the loop changes)."""
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = _Outbox(loop)
+        return self._outbox
 
     @staticmethod
     def _key(params: SamplingParams, guided: bool) -> tuple:
@@ -364,7 +401,7 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
     def _emit(self, seq: _Seq, ev: StepEvent | BaseException) -> None:
         """Hand an event to the sequence's consumer (callable from any thread)."""
         try:
-            seq.loop.call_soon_threadsafe(seq.out.put_nowait, ev)
+            seq.outbox.put(seq.out, ev)
         except RuntimeError:  # its event loop is gone: nobody is listening
             seq.cancelled = True
 
