@@ -21,7 +21,8 @@ is how it is checked before a GPU is lent.
      batches of c;
    - `raydock ctranslate2`: `CTranslate2Engine.generate`, c at a time.
    Every request decodes `--max-tokens` tokens greedily (no early end) after the same chat
-   prompt. The round with the median output tok/s is kept per row and level.
+   prompt. One wave at every level warms each row up first; the round with the median
+   output tok/s is kept per row and level.
 3. Checks that raydock's transformers engine gives the same greedy tokens as `generate` for
    the prompt (batch 1, stopping at EOS), and how far CTranslate2's quantized tokens agree.
 
@@ -56,10 +57,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def static_batches(step: Callable[[int], Any], concurrency: int, requests: int, tokens: int):
-    """Run `requests` as static batches of `concurrency` with `step(batch_size)`, which
-    decodes `tokens` tokens per sequence; a one-token batch first gives the time to first
-    token. Returns the same keys as the load generator's summary that a static batch has."""
+def static_batches(
+    step: Callable[[int, int], Any], concurrency: int, requests: int, tokens: int
+) -> dict[str, Any]:
+    """Run `requests` as static batches of `concurrency` with `step(batch size, tokens)`,
+    which decodes that many tokens per sequence; a one-token batch first gives the time to
+    first token. Returns the keys of the load generator's summary that a static batch has."""
     _sync()
     t0 = time.perf_counter()
     step(concurrency, 1)
@@ -147,8 +150,8 @@ def hf_greedy(engine: Any, prompt: list[int], tokens: int) -> list[int]:
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
-    agree = (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-    return next(agree, min(len(a), len(b)))
+    differ = (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    return next(differ, min(len(a), len(b)))
 
 
 def error_text(e: BaseException) -> str:
@@ -206,6 +209,12 @@ def ctranslate2_engine(args, model_dir: Path, work: Path) -> Any:
 
 
 LOADERS = {"transformers": transformers_engine, "ctranslate2": ctranslate2_engine}
+#: per engine: its library's own batch generation (the reference row), how to run it, and
+#: raydock's row
+ROWS = {
+    "transformers": ("hf generate", hf_step, "raydock transformers"),
+    "ctranslate2": ("ct2 generate_batch", ct2_step, "raydock ctranslate2"),
+}
 
 
 def load_engines(args, model_dir: Path, work: Path) -> tuple[dict, dict]:
@@ -227,25 +236,18 @@ def load_engines(args, model_dir: Path, work: Path) -> tuple[dict, dict]:
 def measure(args, engines: dict[str, Any], prompt: list[int], messages: list[dict]) -> list[dict]:
     """Every row's median round per level; a row is (engine key, how it runs a level)."""
     rows_of: dict[str, tuple[str, Callable]] = {}
-    if "transformers" in engines:
-        e = engines["transformers"]
-        rows_of["hf generate"] = (
-            "transformers",
-            lambda c, n: static_batches(hf_step(e, prompt), c, n, args.max_tokens),
+    for key, engine in engines.items():
+        library, step_of, mine = ROWS[key]
+        step = step_of(engine, prompt)
+        rows_of[library] = (
+            key,
+            lambda c, n, step=step: static_batches(step, c, n, args.max_tokens),
         )
-        rows_of["raydock transformers"] = (
-            "transformers",
-            lambda c, n: asyncio.run(run_engine(e, c, n, messages, args.max_tokens, GREEDY)),
-        )
-    if "ctranslate2" in engines:
-        e2 = engines["ctranslate2"]
-        rows_of["ct2 generate_batch"] = (
-            "ctranslate2",
-            lambda c, n: static_batches(ct2_step(e2, prompt), c, n, args.max_tokens),
-        )
-        rows_of["raydock ctranslate2"] = (
-            "ctranslate2",
-            lambda c, n: asyncio.run(run_engine(e2, c, n, messages, args.max_tokens, GREEDY)),
+        rows_of[mine] = (
+            key,
+            lambda c, n, engine=engine: asyncio.run(
+                run_engine(engine, c, n, messages, args.max_tokens, GREEDY)
+            ),
         )
     # warm-up, one wave at every level: on a GPU a batch size's first run is several times
     # slower (the clocks, the allocator, cuBLAS's choices per shape), which one round at 2
@@ -277,7 +279,7 @@ def measure(args, engines: dict[str, Any], prompt: list[int], messages: list[dic
 
 
 #: each raydock row's reference: the library's own batch generation on the same weights
-REFERENCE = {"raydock transformers": "hf generate", "raydock ctranslate2": "ct2 generate_batch"}
+REFERENCE = {mine: library for library, _, mine in ROWS.values()}
 
 
 def render(record: dict[str, Any]) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks import serving, vllm_serving
+from benchmarks import gpu_engines, serving, vllm_serving
 
 
 def _row(c: int, tok_s: float, ttft_ms: float = 50.0, **extra) -> dict:
@@ -82,3 +82,25 @@ def test_vllm_verdict_flags_short_outputs_and_prompt_mismatch():
     lines = vllm_serving.verdicts([rnd], max_tokens=64)
     assert "raydock (vllm) c16: 32.00 output tokens per request, not 64" in lines
     assert any("prompt lengths differ" in line for line in lines)
+
+
+def test_gpu_report_shows_each_engine_against_its_library_and_why_one_did_not_run():
+    rows = [
+        _row(64, 8000.0) | {"row": "hf generate", "device": "cuda", "rounds_tok_s": [8000.0]},
+        _row(64, 3200.0)
+        | {"row": "raydock transformers", "device": "cuda", "rounds_tok_s": [3200.0]},
+    ]
+    error = "RuntimeError: Library libcublas.so.12 is not found or cannot be loaded"
+    record = {
+        "environment": {"machine": "m", "torch": "t", "transformers": "x", "gpu": "NVIDIA H200"},
+        "size": "small",
+        "compute_type": "int8_float16",
+        "max_tokens": 128,
+        "rounds": 1,
+        "rows": rows,
+        "errors": {"ctranslate2": error},
+        "checks": {},
+    }
+    md = gpu_engines.render(record)
+    assert "| raydock transformers | cuda | 64 |" in md and "| 0.40x |" in md
+    assert f"**ctranslate2 did not run**: `{error}`" in md
