@@ -56,7 +56,7 @@ class TextTracker:
         if pending and not pending.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self._all)
             return self._extend(pending)
-        return self._take(self._safe(len(self.text)))
+        return ""  # nothing new is final: the text is as the last piece left it
 
     def _extend(self, piece: str) -> str:
         start = max(len(self.text) - self._hold, 0)  # a stop sequence may end in the new piece
@@ -66,11 +66,8 @@ class TextTracker:
             self.stopped = True
             self.text = self.text[:cut]
             return self._take(len(self.text))
-        return self._take(self._safe(len(self.text)))
-
-    def _safe(self, end: int) -> int:
-        """How much of the text is final: not a possible start of a stop sequence."""
-        return max(end - self._hold, self.emitted)
+        # final: all but what may be the start of a stop sequence
+        return self._take(len(self.text) - self._hold)
 
     def flush(self) -> str:
         """The held-back tail, once generation ended for another reason."""
