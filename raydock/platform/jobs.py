@@ -160,28 +160,33 @@ def import_model_task(
         extracting(fraction, stage)
 
     try:
-        zip_path = _local_copy(job.store, upload_key, work, JobProgress(job_id, 0, 5))
-        checksum = sha256_file(zip_path)
-        # held while the adapter is checked against it: no fetch on this node evicts it
-        held = held_cached({**base, **cfg.artifact_access()}) if base else contextlib.nullcontext()
-        with held as base_dir:
-            meta = extract_model_archive(
-                zip_path,
-                work / "model",
-                ArchiveLimits.from_settings(cfg),
-                kind=kind,
-                progress=on_progress,
-                base_dir=base_dir,
-                base_name=base and base["name"],
-                archive_name=file_name,
+        try:
+            zip_path = _local_copy(job.store, upload_key, work, JobProgress(job_id, 0, 5))
+            checksum = sha256_file(zip_path)
+            # held while the adapter is checked against it: no fetch on this node evicts it
+            held = (
+                held_cached({**base, **cfg.artifact_access()}) if base else contextlib.nullcontext()
             )
+            with held as base_dir:
+                meta = extract_model_archive(
+                    zip_path,
+                    work / "model",
+                    ArchiveLimits.from_settings(cfg),
+                    kind=kind,
+                    progress=on_progress,
+                    base_dir=base_dir,
+                    base_name=base and base["name"],
+                    archive_name=file_name,
+                )
+        finally:
+            # spent either way, and gone before the job ends: whoever sees the end sees it gone
+            with contextlib.suppress(Exception):  # best effort
+                job.store.delete(upload_key)
         return job.finish(work / "model", meta, checksum)
     except Exception as exc:  # any failure ends the import FAILED, store cleaned
         return job.fail(str(exc) if isinstance(exc, ArchiveError) else f"import failed: {exc}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        with contextlib.suppress(Exception):  # best effort: the upload is spent either way
-            job.store.delete(upload_key)
 
 
 HF_WORK_PREFIX = ".work-"  # an HF import's work folder, beside its download folder

@@ -322,8 +322,8 @@ class Lifecycle:
                 self.settings.to_dict(), model_id, job_id, upload, kind, base, name
             )
         except Exception as exc:  # staging failed, or the task itself died (crash, OOM)
+            await asyncio.to_thread(self.settings.store().delete, upload)  # before the job ends
             await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")
-            await asyncio.to_thread(self.settings.store().delete, upload)
         finally:
             Path(zip_path).unlink(missing_ok=True)
 
