@@ -375,8 +375,15 @@ class ArtifactStore(ABC):
             )
 
     def delete(self, key_or_prefix: str) -> None:
-        """Delete a file, or every file under a prefix; nothing there is not an error."""
-        self._delete_keys(self.list(check_key(key_or_prefix)))
+        """Delete a file, or every file under a prefix; nothing there is not an error.
+
+        Manifests go first, as in put_dir: a delete cut short leaves files no manifest names
+        (an artifact that reads as deleted), never a manifest whose files are half gone.
+        """
+        keys = self.list(check_key(key_or_prefix))
+        manifests = [k for k in keys if k.rpartition("/")[2] == MANIFEST_NAME]
+        self._delete_keys(manifests)
+        self._delete_keys([k for k in keys if k.rpartition("/")[2] != MANIFEST_NAME])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.uri!r})"

@@ -208,6 +208,32 @@ def test_delete_a_prefix_and_everything(store, tmp_path):
         assert list(store.root.rglob("*")) == []  # emptied directories go too
 
 
+class DroppingLocalStore(LocalStore):
+    """A store whose storage goes away after `keys_left` more files are deleted."""
+
+    keys_left: int | None = None
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            if self.keys_left == 0:
+                raise ArtifactError("the storage went away")
+            if self.keys_left is not None:
+                self.keys_left -= 1
+            super()._delete_keys([key])
+
+
+def test_a_delete_cut_short_leaves_an_artifact_that_reads_as_deleted(tmp_path):
+    store = DroppingLocalStore(tmp_path / "store")
+    make_tree(tmp_path / "model")
+    manifest = store.put_dir(tmp_path / "model", "models/m1")
+    store.keys_left = 1
+    with pytest.raises(ArtifactError, match="went away"):
+        store.delete("models/m1")
+    assert store.list("models/m1")  # the files are still there...
+    with pytest.raises(ArtifactMissing, match="no raydock-manifest.json"):  # ...but no artifact
+        store.get_dir("models/m1", tmp_path / "copy", manifest.digest)
+
+
 def test_download_url(store, tmp_path):
     (tmp_path / "e.zip").write_bytes(b"exported")
     store.put_file(tmp_path / "e.zip", "exports/j1/e.zip")
