@@ -52,6 +52,11 @@ def model_key(model_id: str) -> str:
     return f"models/{model_id}"
 
 
+def upload_key(job_id: str) -> str:
+    """Where a zip import's upload waits for its import task (deleted when the import ends)."""
+    return f"uploads/{job_id}.zip"
+
+
 def exports_key(model_id: str) -> str:
     """Where a model's exports live (deleted with the model)."""
     return f"exports/{model_id}"

@@ -37,6 +37,7 @@ from raydock.platform.jobs import (
     import_model_task,
     merge_adapter_task,
     optimize_model_task,
+    upload_key,
 )
 from raydock.platform.states import (
     ACTIVE_DEPLOYMENT,
@@ -172,6 +173,11 @@ class Lifecycle:
                         job["dockStatusId"],
                     )
             stale = [j["dockStatusId"] for j in orphans if j["dockStatusId"] not in resumed]
+            # an interrupted zip import's upload would stay in the store: nothing else reads it
+            for job in orphans:
+                if job["action"] == JobAction.IMPORT:
+                    key = upload_key(job["dockStatusId"])
+                    await asyncio.to_thread(self.settings.store().delete, key)
             failed = await self.registry.fail_jobs.remote(stale, INTERRUPTED_REASON)
             self._rerun |= set(failed.get("kept", ()))  # kept until a restore succeeds
             # apps first: a deploy that starts between the two reads is active by the second
@@ -300,18 +306,25 @@ class Lifecycle:
             await self._deploy_waiting(job_id)
 
     async def _deploy_waiting(self, import_job_id: str) -> None:
-        """Deploy the deployment made together with an import that just ended READY."""
+        """Deploy the deployment made together with an import that just ended READY, unless
+        its user deployed it first (the import's end is visible before this runs)."""
         job = await self.registry.get_job.remote(import_job_id)
-        if not job["deploymentId"]:
+        dep_id = job["deploymentId"]
+        if not dep_id:
+            return
+        if (await self.registry.get_deployment.remote(dep_id))["status"] != D.READY_TO_DEPLOY:
             return
         try:
-            await self.deploy(job["deploymentId"], None, job["createdBy"])
+            await self.deploy(dep_id, None, job["createdBy"])
         except Exception as exc:  # the deploy checks refused it: e.g. it does not fit
             reason = getattr(exc, "message", None) or str(exc)
-            await self.registry.set_deployment_status.remote(job["deploymentId"], D.FAILED, reason)
+            # a deploy the user started meanwhile (a Conflict here) goes on as theirs
+            await self.registry.set_deployment_status.remote(
+                dep_id, D.FAILED, reason, only_from=D.READY_TO_DEPLOY
+            )
 
     async def _import(self, model_id: str, job_id: str, zip_path: str, kind: str) -> None:
-        upload = f"uploads/{job_id}.zip"
+        upload = upload_key(job_id)
         try:
             # the upload arrived on this (the head) node; the import task may run on any
             await asyncio.to_thread(self._stage_upload, Path(zip_path), upload, job_id)
@@ -322,9 +335,11 @@ class Lifecycle:
                 self.settings.to_dict(), model_id, job_id, upload, kind, base, name
             )
         except Exception as exc:  # staging failed, or the task itself died (crash, OOM)
-            await asyncio.to_thread(self.settings.store().delete, upload)  # before the job ends
+            # both copies of the upload go before the job ends: whoever sees it end sees them gone
+            Path(zip_path).unlink(missing_ok=True)
+            await asyncio.to_thread(self.settings.store().delete, upload)
             await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")
-        finally:
+        finally:  # also when the import is cancelled (the lifecycle stopping)
             Path(zip_path).unlink(missing_ok=True)
 
     async def _base_artifact(self, adapter_id: str) -> dict[str, Any]:
@@ -344,6 +359,7 @@ class Lifecycle:
             shutil.move(local, target)
             return
         store.put_file(local, key, bytes_progress(JobProgress(job_id, 0, 5), "storing the upload"))
+        local.unlink()  # now, not when the import ends: the head's disk room is for new uploads
 
     async def submit_export(self, model: dict, job_id: str, deployconfig: dict | None) -> None:
         async def run() -> None:

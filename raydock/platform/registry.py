@@ -956,10 +956,18 @@ class Registry:
             v.ended_at, v.result, v.failure_reason = db.utcnow(), result, reason
 
     def set_deployment_status(
-        self, deployment_id: str, status: str, reason: str | None = None
-    ) -> dict[str, Any]:
+        self,
+        deployment_id: str,
+        status: str,
+        reason: str | None = None,
+        only_from: str | None = None,
+    ) -> dict[str, Any] | None:
+        """`only_from`: change it only while it is still in that status (else None): for a
+        change decided on what it was, when a user's own action may have moved it since."""
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
+            if only_from is not None and d.status != only_from:
+                return None
             check_deployment(d.status, status)
             changed = d.status != status
             lost = d.status == DeploymentStatus.DEPLOYED and status == DeploymentStatus.FAILED

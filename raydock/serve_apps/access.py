@@ -203,7 +203,10 @@ class Auth:
         try:
             dep, key_id = self.table.authorize(key, deployment_id)
         except ApiError as exc:
-            if exc.status != 401 or not key or not await self._refreshed():
+            # the table may be a push behind: a key made a moment ago, a deploy that just
+            # ended (its job already says SUCCESS); one refresh decides
+            behind = exc.status == 401 or isinstance(exc, NotServing)
+            if not behind or not key or not await self._refreshed():
                 raise
             dep, key_id = self.table.authorize(key, deployment_id)
         self._touch(key_id)

@@ -21,6 +21,7 @@ from raydock import names
 from raydock.client import default_deploy_body
 from raydock.modelgen import build_model_zip
 from raydock.platform import lifecycle
+from raydock.platform.jobs import upload_key
 
 from .conftest import ASK_JSON, Live, deploy_and_wait, import_ready, wait_for
 
@@ -270,6 +271,23 @@ def test_an_app_nobody_owns_is_removed(platform):
     r = httpx.post(f"{platform.url}/deployments/{name}/v2/chat/completions", json={}, timeout=30)
     assert r.status_code in (401, 404) and r.json()["error"], r.text
     print(f"removed after {removed:.1f} s")
+
+
+def test_an_interrupted_zip_import_leaves_no_upload_in_the_store(platform, tmp_path):
+    """A zip import whose lifecycle died between storing the upload and running its import
+    task (as the registry sees it: an import job no worker runs): reconciliation fails the
+    import and deletes the upload, which nothing else would read."""
+    registry = ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
+    me = platform.client.get("/me")["userId"]
+    begun = ray.get(registry.begin_import.remote("chaos-orphan.zip", "file", me))
+    job_id, model_id = begun["job"]["dockStatusId"], begun["model"]["modelId"]
+    store = platform.settings.store()
+    (tmp_path / "upload.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    store.put_file(tmp_path / "upload.zip", upload_key(job_id))
+    job = platform.client.wait_job(job_id, timeout=60)
+    assert job["status"] == "FAILED" and "interrupted" in job["message"], job
+    assert not store.exists(upload_key(job_id))
+    assert platform.client.get(f"/models/{model_id}")["status"] == "IMPORT_FAILED"
 
 
 def test_a_deployment_whose_app_cannot_come_back_ends_failed_with_why(platform, zips):

@@ -12,6 +12,7 @@ import io
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -97,6 +98,11 @@ def chat(platform, dep_id: str, key: str, path: str = "v2") -> httpx.Response:
     )
 
 
+def head_uploads(platform) -> list[Path]:
+    """Files in the head's upload staging dir (uploads arrive there, then go to the store)."""
+    return [p for p in platform.settings.uploads_path.rglob("*") if p.is_file()]
+
+
 def refused_after(platform, dep_id: str, key: str, in_a_row: int = 8) -> dict[str, float]:
     """Poll both paths (interleaved) with a key deleted just now until each answered
     `in_a_row` 401s in a row (so from either replica: the proxy and the gateway spread
@@ -138,6 +144,7 @@ def test_a_failed_import_leaves_nothing_in_the_bucket(platform, s3, tmp_path):
     model = platform.client.get(f"/models/{ref['modelId']}")
     assert "config.json is missing" in model["error"], model["error"]
     assert stored(s3) == []  # neither the upload nor half a model
+    assert head_uploads(platform) == []  # nor the head's copy of the upload
 
 
 def test_both_upload_paths_import_into_s3(platform, models, s3):
@@ -148,6 +155,7 @@ def test_both_upload_paths_import_into_s3(platform, models, s3):
     assert not stored(s3, "uploads/")  # spent uploads are gone
     # nothing on the head's disk but the database and the (empty) upload staging dir
     assert not (platform.settings.home_path / "artifacts").exists()
+    assert head_uploads(platform) == []
 
 
 def test_replicas_serve_from_workers_and_keys_are_revoked_within_a_second(

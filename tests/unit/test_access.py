@@ -171,6 +171,25 @@ def test_a_key_created_a_moment_ago_works_before_its_push(monkeypatch):
     asyncio.run(scenario())
 
 
+def test_a_deploy_that_just_ended_serves_before_its_push(monkeypatch):
+    async def scenario():
+        hub = AccessHub()
+        hub._loaded = True
+        await hub.publish({"a": snapshot("a", {"k": ""}, serving=False, stamp=1)})
+        monkeypatch.setattr(ray, "get_actor", lambda *a, **k: _HubHandle(hub))
+        auth = Auth(("hub", "ns"), ("registry", "ns"), "a")
+        with pytest.raises(ApiError) as err:
+            await auth.authorize(_request("k"), "a")
+        assert err.value.status == 503
+        auth._watch.cancel()  # no push from here on: only the refresh on a refusal can help
+        auth._watch = asyncio.create_task(asyncio.sleep(3600))
+        await hub.publish({"a": snapshot("a", {"k": ""}, serving=True, stamp=2)})
+        await asyncio.sleep(MISS_REFRESH_INTERVAL_S)
+        assert (await auth.authorize(_request("k"), "a"))[0].deployment_id == "a"
+
+    asyncio.run(scenario())
+
+
 def test_a_request_names_an_adapter_by_id_or_unique_name():
     from raydock.errors import ApiError
     from raydock.serve_apps.access import DeploymentAccess

@@ -282,6 +282,21 @@ def test_a_deploy_needs_a_ready_model_and_no_undeploy_under_way(reg, admin):
     assert reg.get_deployment(live["deploymentId"])["status"] == "DEPLOYED"
 
 
+def test_a_status_change_only_from_a_status_leaves_a_deployment_that_moved_on(reg, admin):
+    """The deploy that waited for an import fails its deployment only while it still waits:
+    one its user deployed meanwhile stays theirs."""
+    _, user = admin
+    uid = user["userId"]
+    m = ready_model(reg, uid)
+    d = reg.create_deployment(m["modelId"], default_deploy_body("w"), uid)["deploymentId"]
+    reg.begin_deploy(d, None, uid, "DEPLOYING")  # the user's own deploy got there first
+    assert reg.set_deployment_status(d, "FAILED", "late", only_from="READY_TO_DEPLOY") is None
+    assert reg.get_deployment(d)["status"] == "DEPLOYING"
+    assert reg.set_deployment_status(d, "FAILED", "why", only_from="DEPLOYING")["status"] == (
+        "FAILED"
+    )
+
+
 def test_an_interrupted_deploy_tells_the_replicas_it_stopped(reg, admin, monkeypatch):
     """fail_jobs ends a starting deployment FAILED: its access snapshot (what replicas and
     the gateway serve by) is published, else they keep serving the old status."""
