@@ -287,6 +287,55 @@ def test_tools_auto_takes_the_templates_wrapped_calls_only_where_added(text, pla
     assert _accepts(_native(), text) == native
 
 
+#: parameters as pydantic writes a nested model: a reference into their own `$defs`
+MOVE = {
+    "type": "function",
+    "function": {
+        "name": "move",
+        "parameters": {
+            "$defs": {
+                "Addr": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                }
+            },
+            "type": "object",
+            "properties": {"home": {"$ref": "#/$defs/Addr"}},
+            "required": ["home"],
+        },
+    },
+}
+#: a tree: `#` is the parameters' root, not the call's
+TREE = {
+    "type": "function",
+    "function": {
+        "name": "tree",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "kids": {"type": "array", "items": {"$ref": "#"}},
+            },
+            "required": ["name"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "text, taken",
+    [
+        ('{"name":"move","arguments":{"home":{"city":"Oslo"}}}', True),
+        ('{"name":"move","arguments":{"home":{"town":"Oslo"}}}', False),
+        ('{"name":"tree","arguments":{"name":"a","kids":[{"name":"b","kids":[]}]}}', True),
+        ('{"name":"tree","arguments":{"name":"a","kids":[{"name":"move","arguments":{}}]}}', False),
+    ],
+)
+def test_references_in_parameters_are_to_the_parameters_themselves(text, taken):
+    assert _accepts(tools_grammar([MOVE, TREE], auto=False), text) == taken
+
+
 def test_wrapped_calls_are_bounded_and_one_when_parallel_calls_are_off():
     assert _accepts(_native(3), "\n".join([WRAPPED] * 3))
     assert not _accepts(_native(3), "\n".join([WRAPPED] * 4))

@@ -117,12 +117,12 @@ def test_qwen3_coders_template_teaches_the_xml_body_qwens_others_the_json_one():
     assert chat_render.tool_call_wrapper(_tokenizer("{{ messages }}")) is None
 
 
-def _grammar(wrapper, tool_choice="auto", thinks: bool = False, **request) -> str:
-    """The grammar the engine replica decodes a chat request with `TOOLS` under, for a
+def _grammar(wrapper, tool_choice="auto", thinks: bool = False, tools=TOOLS, **request) -> str:
+    """The grammar the engine replica decodes a chat request with `tools` under, for a
     template that teaches `wrapper`."""
     req = protocol.ChatRequest(
         messages=[{"role": "user", "content": "hi"}],
-        tools=TOOLS,
+        tools=tools,
         tool_choice=tool_choice,
         **request,
     )
@@ -190,6 +190,14 @@ def test_required_named_and_single_calls_hold_in_the_xml_format(xml_wrapper):
     assert _accepts(single, PARIS) and not _accepts(single, TWO_CALLS)
     thinking = _grammar(xml_wrapper, "required", thinks=True)  # a model that thinks
     assert _accepts(thinking, f"<think>\nfirst Paris\n</think>\n\n{PARIS}")
+
+
+def test_parameters_that_refer_to_their_own_defs_hold_in_the_xml_format(xml_wrapper):
+    from tests.unit.test_guided import MOVE
+
+    grammar = _grammar(xml_wrapper, "required", tools=[MOVE, RECORD])
+    assert _accepts(grammar, _call("move", ("home", '{"city":"Oslo"}')))
+    assert not _accepts(grammar, _call("move", ("home", '{"town":"Oslo"}')))
 
 
 def test_json_body_templates_keep_their_format(json_wrapper):

@@ -136,13 +136,37 @@ def choice_grammar(choices: list[str]) -> str:
     return "start: " + " | ".join(json.dumps(c) for c in choices)
 
 
+#: where the bare call's schema keeps a copy of tool i's parameters: its own references
+#: (`#/$defs/X`, `#`), which name places in the parameters, are rewritten to point there
+TOOL_DEFS = "raydock-tool-{}"
+#: keywords whose values are JSON data, not schemas: a `$ref` inside them is not a reference
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _rebased(schema: Any, base: str) -> Any:
+    """`schema` with each local `$ref` ("#..." : a pointer into `schema` itself) made a
+    pointer into `base` (a pointer to where a copy of `schema` is kept)."""
+    if isinstance(schema, list):
+        return [_rebased(item, base) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else _rebased(v, base) for k, v in schema.items()}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = base + ref[1:]
+    return out
+
+
 def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     """{"name": <tool>, "arguments": <its parameters>} for any one of the OpenAI tools."""
-    calls = []
-    for tool in tools:
+    calls, defs = [], {}
+    for i, tool in enumerate(tools):
         fn = tool.get("function", {})
         params = fn.get("parameters")
         args = {"type": "object", "additionalProperties": False} if params is None else params
+        if '"$ref"' in json.dumps(args):  # references relative to the parameters, not to us
+            key = TOOL_DEFS.format(i)
+            args = defs[key] = _rebased(args, f"#/$defs/{key}")
         calls.append(
             {
                 "type": "object",
@@ -154,7 +178,8 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     if not calls:
         raise UnsupportedSchema("tools", "no tools given")
     # the names differ, so the calls exclude each other: anyOf is exact
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {**schema, "$defs": defs} if defs else schema
 
 
 def tools_grammar(tools: list[dict[str, Any]], auto: bool, bounds: Bounds | None = None) -> str:

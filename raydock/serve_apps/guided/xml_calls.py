@@ -119,15 +119,20 @@ def _literal(text: str) -> str:
 
 
 def _functions(call_schema: dict[str, Any]) -> list[Function]:
-    """The functions a normalized bare-call schema (`grammars.tool_call_schema`) allows."""
+    """The functions a normalized bare-call schema (`grammars.tool_call_schema`) allows;
+    the copies of parameters it keeps for their references go along with each."""
     branches = call_schema.get("anyOf", [call_schema])
+    kept = call_schema.get("$defs") or {}
     return [
-        _function(b["properties"]["name"]["const"], b["properties"]["arguments"]) for b in branches
+        _function(b["properties"]["name"]["const"], b["properties"]["arguments"], kept)
+        for b in branches
     ]
 
 
-def _function(name: str, arguments: dict[str, Any]) -> Function:
+def _function(name: str, arguments: dict[str, Any], kept: dict[str, Any] | None = None) -> Function:
     defs = {k: arguments[k] for k in ("$defs", "definitions") if k in arguments}
+    if kept:
+        defs["$defs"] = {**defs.get("$defs", {}), **kept}
     arguments = _resolved(arguments, defs)
     required = set(arguments.get("required", ()))
     parameters = []
