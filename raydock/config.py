@@ -106,6 +106,21 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def without_secrets(self) -> dict[str, Any]:
+        """to_dict() with the secrets blank, for work that needs none of them (the job tasks,
+        on any node): Ray keeps a task's arguments in the cluster's state."""
+        return {**asdict(self), **dict.fromkeys(SECRET_SETTINGS, "")}
+
+
+#: settings that are, or may hold, a secret (a database URL's password, a webhook URL's token)
+SECRET_SETTINGS = (
+    "database_url",
+    "metrics_token",
+    "smtp_password",
+    "webhook_url",
+    "webhook_secret",
+)
+
 
 class SettingsError(ValueError):
     """A setting the platform cannot start with; the message names it."""

@@ -297,7 +297,7 @@ class Lifecycle:
                 token = await self.registry.connection_token.remote(origin["connectionId"])
             base = await self._base_artifact(model_id) if model["kind"] == "adapter" else None
             result = await import_hf_task.remote(
-                self.settings.to_dict(), model_id, job_id, origin, token, base
+                self.settings.without_secrets(), model_id, job_id, origin, token, base
             )
         except Exception as exc:  # the connection is gone, or the task itself died
             await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")
@@ -332,7 +332,7 @@ class Lifecycle:
             # errors name the user's file (a file import's model is named after it)
             name = (await self.registry.get_model.remote(model_id))["name"] + ".zip"
             await import_model_task.remote(
-                self.settings.to_dict(), model_id, job_id, upload, kind, base, name
+                self.settings.without_secrets(), model_id, job_id, upload, kind, base, name
             )
         except Exception as exc:  # staging failed, or the task itself died (crash, OOM)
             # both copies of the upload go before the job ends: whoever sees it end sees them gone
@@ -364,7 +364,9 @@ class Lifecycle:
     async def submit_export(self, model: dict, job_id: str, deployconfig: dict | None) -> None:
         async def run() -> None:
             try:
-                await export_model_task.remote(self.settings.to_dict(), model, job_id, deployconfig)
+                await export_model_task.remote(
+                    self.settings.without_secrets(), model, job_id, deployconfig
+                )
             except Exception:
                 log.exception("export %s failed", job_id)  # the task already failed the job
 
@@ -387,7 +389,12 @@ class Lifecycle:
             base = await self.registry.get_model.remote(model["baseModelId"])
             async with self._one_at_a_time(("merge", base["checksum"], model["checksum"]), job_id):
                 merged = await self._run_task(
-                    merge_adapter_task, profile, self.settings.to_dict(), base, model, job_id
+                    merge_adapter_task,
+                    profile,
+                    self.settings.without_secrets(),
+                    base,
+                    model,
+                    job_id,
                 )
             served = {
                 "checksum": merged["checksum"],
@@ -402,7 +409,7 @@ class Lifecycle:
             converted = await self._run_task(
                 optimize_model_task,
                 profile,
-                self.settings.to_dict(),
+                self.settings.without_secrets(),
                 served,
                 engine.quantization,
                 job_id,

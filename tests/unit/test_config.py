@@ -3,6 +3,7 @@ explicit overrides."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -91,3 +92,16 @@ def test_quoted_yaml_values_and_a_relative_home_are_read_as_meant(tmp_path, monk
     # every actor and replica resolves the home where it runs: it is made absolute here
     assert s.home == str(tmp_path / "rd") and s.cache_location == str(tmp_path / "rd" / "cache")
     assert load_settings(home="~/x").home == "~/x"  # `~`: each node's own home
+
+
+def test_job_tasks_get_the_settings_without_a_secret():
+    secrets = {name: f"s3cr3t-{name}" for name in config.SECRET_SETTINGS}
+    settings = config.Settings(**secrets, artifact_root="s3://bucket/hub")
+    given = settings.without_secrets()
+    assert not [k for k, v in given.items() if "s3cr3t" in str(v)]
+    assert config.Settings(**given).artifact_access() == settings.artifact_access()
+    # a setting named as a secret is listed as one (the S3 endpoint is an address, no more)
+    named = {
+        f.name for f in fields(config.Settings) if re.search("password|secret|token|url$", f.name)
+    }
+    assert named - {"s3_endpoint_url"} == set(config.SECRET_SETTINGS)
