@@ -248,21 +248,34 @@ def _all_deployments(client: Any, model_id: str | None) -> list[dict[str, Any]]:
 
 
 def _parse_set(pairs: list[str]) -> list[tuple[list[str], Any]]:
-    """`--set a.b=value` pairs; a value is read as YAML (numbers, booleans, lists)."""
+    """`--set a.b=value` pairs; a value is read as YAML (numbers, booleans, lists), else
+    (not YAML, or not JSON data: a date, a NaN) kept as the text it is."""
     out = []
     for pair in pairs:
         path, sep, raw = pair.partition("=")
         if not sep or not path:
             raise SystemExit(f"raydock: --set {pair!r}: expected FIELD=VALUE, e.g. topK=40")
-        out.append((path.split("."), yaml.safe_load(raw) if raw else ""))
+        out.append((path.split("."), _set_value(raw)))
     return out
+
+
+def _set_value(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+        json.dumps(value, allow_nan=False)
+    except (yaml.YAMLError, TypeError, ValueError):
+        return raw
+    return value
 
 
 def _apply_sets(body: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
     for path, value in _parse_set(pairs):
         node = body
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                field = ".".join(path[: i + 1])
+                raise SystemExit(f"raydock: --set {'.'.join(path)}: {field} has no fields")
         node[path[-1]] = value
     return body
 

@@ -233,6 +233,19 @@ def test_a_cli_deploy_gets_the_platforms_defaults_like_apply_and_the_deploy_form
     ]
 
 
+def test_set_values_are_yaml_else_their_text_and_a_path_leads_through_fields(platform, capsys):
+    model = platform.model("tiny")
+    argv = ["deployments", "deploy", model, "--name", "d4", "--no-wait"]
+    run(capsys, *argv, "--set", "description=2024-01-01", "--set", "hyperParameters.topK=40")
+    dep = next(d for d in platform.reg.list_deployments(model) if d["name"] == "d4")
+    assert dep["config"]["description"] == "2024-01-01"  # a YAML date: no JSON value, text
+    assert dep["config"]["hyperParameters"]["topK"] == 40
+    # not YAML: its text, which the platform then refuses for what it is, in one line
+    assert cli.main([*argv[:-2], "d5", "--set", "tags=[a"]) == 1
+    assert capsys.readouterr().err == "raydock: HTTP 422: tags must be a list\n"
+    assert refused(*argv, "--set", "name.x=1") == "raydock: --set name.x: name has no fields"
+
+
 # ------------------------------------------------------------------ keys limits
 
 
