@@ -459,11 +459,18 @@ async def export_model(
 @router.get("/exports/{dockStatusId}/download", tags=["models"])
 async def download_export(dockStatusId: str, _: User) -> Response:
     job = await ctx.registry.get_job.remote(dockStatusId)
+    if job["action"] != JobAction.EXPORT:
+        raise ApiError(404, f"{dockStatusId} is not an export but {job['action']}")
     name = (job.get("response") or {}).get("fileName")
-    if job["action"] != JobAction.EXPORT or job["status"] != "SUCCESS" or not name:
+    if job["status"] != "SUCCESS" or not name:
         raise ApiError(409, f"export {dockStatusId} is {job['status']}, not ready for download")
     store = ctx.settings.store()
     key = job["response"]["artifactKey"]
+    if not await asyncio.to_thread(store.exists, key):
+        raise ApiError(
+            404,
+            f"export {dockStatusId}'s file is no longer stored (its model was deleted)",
+        )
     path = store.local_path(key)
     if path is None:  # in S3: a fresh presigned URL
         return RedirectResponse(store.download_url(key, EXPORT_URL_TTL_S), status_code=307)

@@ -362,9 +362,19 @@ def test_export_and_reimport_prefills_deploy_form(platform, ready_model, tmp_pat
     assert form["form"]["scalingParameters"]["maxBatchSize"] == 3
     assert form["form"]["scalingParameters"]["scaleUpDelay"] == 11
     assert form["form"]["deviceType"] == "cpu-small" and form["form"]["name"] == "reimport-me"
-    platform.client.wait_job(
+    undeployed = platform.client.wait_job(
         platform.client.post(f"/deployments/{dep['deploymentId']}/undeploy")["dockStatusId"]
     )
+    # an export goes with its model: its download then says so (404), as it does for a job
+    # that is no export
+    again = http.post(f"/api/public/models/{model['modelId']}/export").json()["dockStatusId"]
+    url = platform.client.wait_job(again)["response"]["downloadUrl"]
+    assert http.get(url).status_code == 200
+    assert http.delete(f"/api/public/models/{model['modelId']}").status_code == 200
+    r = http.get(url)
+    assert r.status_code == 404 and "no longer stored (its model was deleted)" in r.text, r.text
+    r = http.get(f"/api/public/exports/{undeployed['dockStatusId']}/download")
+    assert r.status_code == 404 and "is not an export but UNDEPLOY" in r.text, r.text
 
 
 def test_openapi_document_describes_every_endpoint(platform):
