@@ -6,6 +6,7 @@ what changes is decided by the API (`POST /api/public/apply`, platform/apply.py)
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,30 @@ def load_text(text: str, source: str, folder: Path = Path(".")) -> list[Document
             )
         lines: dict[str, int] = {}
         _line_map(node, "", lines, source)
+        _json_data(value, "", lines, source)
         docs.append(Document(value, source, line, lines, folder))
     return docs
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _json_data(value: Any, path: str, lines: dict[str, int], source: str) -> None:
+    """Refuse what YAML reads but JSON cannot carry to the API (a date, a set, a NaN), at
+    its line."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _json_data(item, f"{path}.{key}" if path else str(key), lines, source)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _json_data(item, f"{path}.{i}" if path else str(i), lines, source)
+    elif not isinstance(value, _JSON_SCALARS) or (
+        isinstance(value, float) and not math.isfinite(value)
+    ):
+        raise FileError(
+            f"{source}:{lines.get(path, '?')}: {path}: {value!r} is not a JSON value "
+            "(text, a number, true/false, a list or a mapping); quote it to keep it as text"
+        )
 
 
 def load(target: str | Path) -> list[Document]:

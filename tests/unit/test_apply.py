@@ -67,6 +67,9 @@ def test_several_documents_in_one_file_keep_their_own_lines():
         ("name: a\n  bad: indent\n", "x.yaml:2: not valid YAML"),
         ("name: a\nname: b\n", "x.yaml:2: name: duplicate key (first on line 1)"),
         ("- just\n- a list\n", "x.yaml:1: a document must be a mapping"),
+        ("name: a\ndescription: 2024-01-01\n", "x.yaml:2: description: datetime.date(2024, 1, 1)"),
+        ("name: a\ntags:\n  - ok\n  - .nan\n", "x.yaml:4: tags.1: nan is not a JSON value"),
+        ("name: a\ntags: !!set {a, b}\n", "x.yaml:2: tags: {"),
     ],
 )
 def test_files_that_are_not_documents_are_refused_with_file_and_line(text, message):
