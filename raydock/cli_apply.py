@@ -82,6 +82,16 @@ def _print_changes(changes: list[dict[str, Any]], only_differences: bool = False
             say(f"    failed: {c['error']}")
 
 
+def _writable(path: Path) -> None:
+    """The secrets file, made (empty, 0600) or found writable; else a FileError naming it."""
+    try:
+        path.touch(mode=0o600, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise apply_files.FileError(f"--secrets-out {path}: cannot write it: {exc}") from None
+
+
 def keep_secrets(changes: list[dict[str, Any]], path: Path) -> None:
     """Move the created keys' secrets out of `changes` into a file only its owner reads, as
     `model/deployment/key: secret` lines (model: its id; a deployment's name is unique per
@@ -171,6 +181,8 @@ def _follow(client: Any, changes: list[dict[str, Any]]) -> bool:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     docs, zips = _documents(args)
+    if args.secrets_out:  # before anything changes: a key's secret is shown only once
+        _writable(Path(args.secrets_out))
     client = _client(args)
     planned = client.post("/apply", json=_request(docs, args.prune, dry_run=True))
     if planned["uploads"] and not _upload(client, planned["uploads"], zips):

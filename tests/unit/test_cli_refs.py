@@ -246,6 +246,22 @@ def test_set_values_are_yaml_else_their_text_and_a_path_leads_through_fields(pla
     assert refused(*argv, "--set", "name.x=1") == "raydock: --set name.x: name has no fields"
 
 
+def test_apply_refuses_a_secrets_file_it_cannot_write_before_changing_anything(
+    platform, capsys, tmp_path
+):
+    model = platform.model("tiny")
+    doc = tmp_path / "app.yaml"
+    doc.write_text(
+        f"name: s1\nmodel: {{id: {model}}}\ndeviceType: cpu-small\napiKeys: [{{name: k}}]\n"
+    )
+    asked = len(platform.sent)
+    secrets = tmp_path / "missing-folder" / "secrets.txt"
+    assert cli.main(["apply", "-f", str(doc), "--secrets-out", str(secrets)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"raydock: --secrets-out {secrets}: cannot write it: "), err
+    assert len(platform.sent) == asked  # nothing was asked of the platform: no key made
+
+
 # ------------------------------------------------------------------ keys limits
 
 
