@@ -15,12 +15,13 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
 from raydock import errors, names
 from raydock.config import Settings, hardware_profiles
-from raydock.errors import ApiError
+from raydock.errors import ApiError, describe_validation_error
 from raydock.optimizers import ctranslate2 as ct2
 from raydock.optimizers import merge
 from raydock.platform import (
@@ -198,6 +199,35 @@ def _delete_artifacts(model: dict[str, Any]) -> None:
             store.delete(f"optimized/{key}")
 
 
+_FORM_GROUPS: dict[str, type[BaseModel]] = {
+    "hyperParameters": schemas.HyperParameters,
+    "scalingParameters": schemas.ScalingParameters,
+    "optimizationInfo": schemas.OptimizationInfo,
+    "adapterParameters": schemas.AdapterParameters,
+    "routingParameters": schemas.RoutingParameters,
+}
+
+
+def _prefilled(
+    fields: type[BaseModel], defaults: dict[str, Any], given: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """A form group: its defaults with those of the `given` values that validate; and why
+    each other one was left out, by field."""
+    if not isinstance(given, dict):
+        return defaults, {"": "must be a mapping of its fields"}
+    given, why = dict(given), {}
+    while True:
+        try:
+            return fields.model_validate({**defaults, **given}).model_dump(), why
+        except ValidationError as exc:
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else ""
+                why[name] = describe_validation_error(err, fields)[1]
+                if name not in given:  # a rule across fields: the group's defaults
+                    return defaults, why
+                given.pop(name)
+
+
 @router.get("/models/{modelId}/deploy-form", tags=["models"])
 async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
     """Deploy-form defaults, pre-filled from the model's deployconfig.json when it has one."""
@@ -205,19 +235,20 @@ async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
     prefill = model.get("deployConfig") or {}
     form = {
         "name": model["name"],
-        "hyperParameters": schemas.HyperParameters().model_dump(),
-        "scalingParameters": schemas.ScalingParameters().model_dump(),
+        **{group: fields().model_dump() for group, fields in _FORM_GROUPS.items()},
         "deviceType": "cpu-small",
-        "optimizationInfo": schemas.OptimizationInfo().model_dump(),
-        "adapterParameters": schemas.AdapterParameters().model_dump(),
-        "routingParameters": schemas.RoutingParameters().model_dump(),
         "timeout": schemas.DEFAULT_TIMEOUT_S,
     }
+    # the zip's deployconfig.json is the uploader's: what does not validate keeps its default
+    ignored: dict[str, str] = {}
     for key, value in prefill.items():
-        if isinstance(value, dict) and isinstance(form.get(key), dict):
-            form[key] = {**form[key], **value}
-        elif key in form:
+        if key in _FORM_GROUPS:
+            form[key], why = _prefilled(_FORM_GROUPS[key], form[key], value)
+            ignored |= {".".join(filter(None, (key, name))): text for name, text in why.items()}
+        elif key in form and type(value) is type(form[key]):
             form[key] = value
+        elif key in form:
+            ignored[key] = f"must be {'text' if isinstance(form[key], str) else 'an integer'}"
     fit = deploy_checks.fit_report(
         model, form["optimizationInfo"], form["scalingParameters"]["maxBatchSize"]
     )
@@ -227,6 +258,7 @@ async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
     return {
         "form": form,
         "prefilledFrom": "deployconfig.json" if prefill else None,
+        "prefillIgnored": ignored,  # field -> why its deployconfig.json value was not used
         # per deviceType: the memory estimate and whether the model fits; the smallest that does
         "fit": fit,
     }

@@ -262,6 +262,40 @@ def test_apply_refuses_a_secrets_file_it_cannot_write_before_changing_anything(
     assert len(platform.sent) == asked  # nothing was asked of the platform: no key made
 
 
+def test_the_deploy_form_takes_what_validates_of_a_zips_deployconfig_and_says_what_not(
+    platform,
+):
+    m = platform.reg.create_model("odd", "file", platform.admin["userId"])["modelId"]
+    platform.reg.set_model_status(m, "VALIDATING")
+    deployconfig = {
+        "hyperParameters": {"topK": 7, "temperature": 9},
+        "scalingParameters": "big",
+        "optimizationInfo": {"optimizationOption": "vllm"},
+        "timeout": "60",
+        "deviceType": "cpu-small",
+    }
+    platform.reg.set_model_status(
+        m, "READY", artifact_uri="/x", checksum="odd", deployconfig=deployconfig
+    )
+    answer = cli._client(None).get(f"/models/{m}/deploy-form")
+    form = answer["form"]
+    assert form["hyperParameters"]["topK"] == 7  # the valid field of a group is taken
+    assert form["hyperParameters"]["temperature"] == schemas.HyperParameters().temperature
+    assert form["scalingParameters"] == schemas.ScalingParameters().model_dump()
+    assert form["timeout"] == schemas.DEFAULT_TIMEOUT_S
+    ignored = answer["prefillIgnored"]
+    assert ignored["hyperParameters.temperature"] == "temperature must be between 0 and 2 (got 9)"
+    assert ignored["scalingParameters"] == "must be a mapping of its fields"
+    assert ignored["optimizationInfo.optimizationOption"].startswith("optimizationOption")
+    assert ignored["timeout"] == "must be an integer"
+    assert set(ignored) == {
+        "hyperParameters.temperature",
+        "scalingParameters",
+        "optimizationInfo.optimizationOption",
+        "timeout",
+    }
+
+
 # ------------------------------------------------------------------ keys limits
 
 
