@@ -156,15 +156,7 @@ async def apply_documents(body: apply.ApplyRequest, user: User) -> dict[str, Any
     state = await _state(declared, body.prune)
     changes = apply.plan(declared, state, body.prune)
     await _check_all(changes, declared)
-    uploads = [
-        {
-            "source": c["source"],
-            "zip": declared[c["document"]].spec.model.zip,
-            "sha256": declared[c["document"]].spec.model.sha256,
-        }
-        for c in changes
-        if c["kind"] == "deployment" and c["action"] == "upload-and-create"
-    ]
+    uploads = apply.uploads_needed(changes, declared)
     if not body.dryRun and uploads:
         names = ", ".join(f"{u['zip']} ({u['source']})" for u in uploads)
         raise ApiError(

@@ -614,6 +614,19 @@ def plan(declared: list[Declared], state: State, prune: bool) -> list[dict[str, 
     return changes
 
 
+def uploads_needed(changes: list[dict[str, Any]], declared: list[Declared]) -> list[dict]:
+    """The zips the platform lacks, once each ({"source", "zip", "sha256"}: the first
+    document that names it): documents that name one zip share its one import."""
+    uploads: dict[str, dict[str, Any]] = {}
+    for c in changes:
+        if c["kind"] == "deployment" and c["action"] == "upload-and-create":
+            model = declared[c["document"]].spec.model
+            uploads.setdefault(
+                model.sha256, {"source": c["source"], "zip": model.zip, "sha256": model.sha256}
+            )
+    return list(uploads.values())
+
+
 # ------------------------------------------------------------------ export
 
 

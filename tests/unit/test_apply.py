@@ -186,6 +186,15 @@ def test_a_new_document_creates_its_deployment_and_keys_on_the_model_with_its_zi
     assert other_zip[0]["action"] == "upload-and-create"
 
 
+def test_documents_that_name_one_zip_share_its_one_upload():
+    two = declared(GOOD + "---\n" + GOOD.replace("tiny-chat", "tiny-chat-2"))
+    changes = apply.plan(two, apply.State([], [model(checksum="b" * 64)]), prune=False)
+    assert [c["action"] for c in changes if c["kind"] == "deployment"] == ["upload-and-create"] * 2
+    assert apply.uploads_needed(changes, two) == [
+        {"source": "deployments/app.yaml:2", "zip": "../models/tiny.zip", "sha256": SHA}
+    ]
+
+
 def test_an_unchanged_document_changes_nothing():
     (d,) = declared()
     state = apply.State([deployment_of(d)], [model()], {"dp-1": [key()]})
