@@ -157,7 +157,10 @@ def load_settings(**overrides: Any) -> Settings:
     raw: dict[str, Any] = {}
     path = CONFIG_DIR / "platform.yaml"
     if path.exists():
-        raw.update(yaml.safe_load(path.read_text()) or {})
+        found = _yaml_file(path) or {}
+        if not isinstance(found, dict):
+            raise SettingsError(f"{path}: must be a mapping of settings (name: value)")
+        raw.update(found)
     types = {f.name: type(f.default) for f in fields(Settings)}
     unknown = set(raw) - set(types)
     if unknown:
@@ -223,7 +226,54 @@ RANGES: dict[str, tuple[float, float]] = {
 }
 
 
+def _yaml_file(path: Path) -> Any:
+    """A YAML file's value; SettingsError naming the file and line when it is not YAML."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SettingsError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+
+
+#: a deviceType's resources: (required, what it must be, the check)
+_PROFILE_FIELDS: dict[str, tuple[bool, str, Any]] = {
+    "memory_gb": (True, "a number above 0", lambda v: _number(v) and v > 0),
+    "num_cpus": (False, "a number, 0 or more", lambda v: _number(v) and v >= 0),
+    "num_gpus": (False, "a number, 0 or more", lambda v: _number(v) and v >= 0),
+    "gpu_memory_gb": (False, "a number above 0", lambda v: _number(v) and v > 0),
+    "tensor_parallel_size": (False, "an integer, 1 or more", lambda v: _integer(v) and v >= 1),
+    "pipeline_parallel_size": (False, "an integer, 1 or more", lambda v: _integer(v) and v >= 1),
+    "device": (False, "cpu or cuda", lambda v: v in ("cpu", "cuda")),
+    "accelerator_type": (False, "text", lambda v: isinstance(v, str)),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 @lru_cache
 def hardware_profiles() -> dict[str, dict[str, Any]]:
-    """deviceType -> resources of one replica (configs/hardware.yaml)."""
-    return yaml.safe_load((CONFIG_DIR / "hardware.yaml").read_text())
+    """deviceType -> resources of one replica (configs/hardware.yaml); SettingsError naming
+    the deviceType and field that is wrong (checked when the platform starts)."""
+    path = CONFIG_DIR / "hardware.yaml"
+    profiles = _yaml_file(path)
+    if not isinstance(profiles, dict) or not profiles:
+        raise SettingsError(f"{path}: must map each deviceType to its resources")
+    for name, profile in profiles.items():
+        if not isinstance(profile, dict):
+            raise SettingsError(f"{path}: {name}: must be a mapping of resources (memory_gb, ...)")
+        for key, (required, what, ok) in _PROFILE_FIELDS.items():
+            if key not in profile and not required:
+                continue
+            if key not in profile or not ok(profile[key]):
+                got = f" (got {profile[key]!r})" if key in profile else ""
+                raise SettingsError(f"{path}: {name}: {key} must be {what}{got}")
+    return profiles

@@ -15,7 +15,7 @@ import ray
 from ray import serve
 
 from raydock import names
-from raydock.config import Settings, SettingsError
+from raydock.config import Settings, SettingsError, hardware_profiles
 from raydock.platform import security
 from raydock.platform.access_hub import AccessHub
 from raydock.platform.db import DatabaseRefused
@@ -184,6 +184,7 @@ def start_platform(settings: Settings) -> dict[str, Any]:
 
     if settings.ray_address:
         _check_secret_key_on_head()
+    hardware_profiles()  # a mistake in hardware.yaml stops the start, not every deploy
     for path in (settings.home_path, settings.uploads_path):
         path.mkdir(parents=True, exist_ok=True)
     cfg = settings.to_dict()

@@ -105,3 +105,57 @@ def test_job_tasks_get_the_settings_without_a_secret():
         f.name for f in fields(config.Settings) if re.search("password|secret|token|url$", f.name)
     }
     assert named - {"s3_endpoint_url"} == set(config.SECRET_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("port: 8000\n  bad: indent\n", r"platform.yaml:2: not valid YAML"),
+        ("- a list\n", r"platform.yaml: must be a mapping of settings"),
+    ],
+)
+def test_a_platform_yaml_that_is_not_settings_is_named_with_its_line(
+    tmp_path, monkeypatch, text, message
+):
+    (tmp_path / "platform.yaml").write_text(text)
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(config.SettingsError, match=message):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("cpu-x: {num_cpus: 1, memory_gb: 2\n", r"hardware.yaml:2: not valid YAML"),
+        (
+            "cpu-x: {num_cpus: 1, memory_gb: 16GB}\n",
+            r"cpu-x: memory_gb must be a number above 0 \(got '16GB'\)",
+        ),
+        ("cpu-x: {num_cpus: 1}\n", r"cpu-x: memory_gb must be a number above 0$"),
+        (
+            "gpu-x: {memory_gb: 8, tensor_parallel_size: 1.5}\n",
+            r"tensor_parallel_size must be an integer",
+        ),
+        (
+            "gpu-x: {memory_gb: 8, device: tpu}\n",
+            r"gpu-x: device must be cpu or cuda \(got 'tpu'\)",
+        ),
+        ("cpu-x: small\n", r"cpu-x: must be a mapping of resources"),
+    ],
+)
+def test_a_hardware_yaml_mistake_names_the_device_type_and_field(
+    tmp_path, monkeypatch, text, message
+):
+    (tmp_path / "hardware.yaml").write_text(text)
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    config.hardware_profiles.cache_clear()
+    try:
+        with pytest.raises(config.SettingsError, match=message):
+            config.hardware_profiles()
+    finally:
+        config.hardware_profiles.cache_clear()
+
+
+def test_the_shipped_hardware_yaml_passes_its_checks():
+    config.hardware_profiles.cache_clear()
+    assert "cpu-small" in config.hardware_profiles()
