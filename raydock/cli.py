@@ -311,7 +311,13 @@ def cmd_connections(args: argparse.Namespace) -> int:
         return 0
     if args.action == "create":
         # from the environment or a prompt, never the command line (shell history, ps)
-        token = os.environ.get("HF_TOKEN") or getpass.getpass("Hugging Face token: ")
+        token = os.environ.get("HF_TOKEN")
+        if not token:
+            try:
+                token = getpass.getpass("Hugging Face token: ")
+            except EOFError:  # no terminal to ask on (a job, a pipe)
+                message = "raydock: connections create: set HF_TOKEN (no terminal to ask on)"
+                raise SystemExit(message) from None
         out = client.post("/connections", json={"name": args.target, "token": token})
     elif args.action == "test":
         out = client.post(f"/connections/{args.target}/test")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
+import subprocess
+import sys
 import time
 import zipfile
 from typing import Any
@@ -367,3 +370,18 @@ def test_uploads_list_show_and_cancel_a_chunked_upload(platform, capsys):
     assert platform.reg.list_upload_sessions() == []
     assert cli.main(["uploads", "show", sid]) == 1
     assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_connections_create_without_a_terminal_or_hf_token_says_what_to_set():
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    done = subprocess.run(
+        [sys.executable, "-m", "raydock.cli", "connections", "create", "hub"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env | {"RAYDOCK_API_KEY": "rdm-x", "RAYDOCK_URL": "http://127.0.0.1:9"},
+        start_new_session=True,  # no controlling terminal, as in a job
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().endswith("set HF_TOKEN (no terminal to ask on)"), done.stderr
