@@ -183,6 +183,21 @@ def resolve_ref(s: Any, root: Any, hops: int = 8) -> Any:
     return s
 
 
+def _only_references(s: dict[str, Any], root: Any) -> bool:
+    """Whether `s` is a reference whose chain (of schemas that are only a `$ref`) comes back
+    to itself, never reaching a schema that says what a value is."""
+    seen: set[str] = set()
+    while isinstance(s, dict) and set(s) == {"$ref"} and isinstance(s["$ref"], str):
+        if s["$ref"] in seen:
+            return True
+        seen.add(s["$ref"])
+        target = resolve_ref(s, root, hops=1)
+        if target is s:  # names nothing there: llguidance says so
+            return False
+        s = target
+    return False
+
+
 class _Normalizer:
     def __init__(self, root: Any, bounds: Bounds):
         self.root = root
@@ -240,6 +255,10 @@ class _Normalizer:
         if isinstance(s.get("$ref"), str) and not s["$ref"].startswith("#"):
             raise UnsupportedSchema(
                 "$ref", f"only local '#/...' references are resolved, not {s['$ref']!r}"
+            )
+        if _only_references(s, self.root):
+            raise UnsupportedSchema(
+                "$ref", f"{s['$ref']!r} leads only to references, back to itself: no value satisfies it"
             )
         if "pattern" in s:
             _check_pattern(s["pattern"], "pattern")
