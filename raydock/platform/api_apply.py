@@ -63,12 +63,14 @@ async def _check(change: dict[str, Any], declared: apply.Declared) -> None:
 async def _check_all(changes: list[dict[str, Any]], declared: list[apply.Declared]) -> None:
     problems = []
     for c in changes:
-        if c["kind"] == "deployment" and (c["action"] in DEPLOYS or c.get("after")):
-            try:
+        try:
+            if c["kind"] == "deployment" and (c["action"] in DEPLOYS or c.get("after")):
                 await _check(c, declared[c["document"]])
-            except ApiError as exc:
-                where = f"{c['source']}: {exc.message}"
-                problems.append(ApiError(exc.status, where, exc.param, exc.code))
+            elif c["kind"] == "apiKey" and c["action"] in ("create", "update"):
+                limits_need_metering(c.get("limits"))  # not after its deployment was made
+        except ApiError as exc:
+            where = f"{c['source']}: {exc.message}"
+            problems.append(ApiError(exc.status, where, exc.param, exc.code))
     if problems:
         first = problems[0]
         raise ApiError(
@@ -127,9 +129,7 @@ async def _carry_out(change: dict[str, Any], spec: apply.DeploymentSpec | None, 
 
 
 async def _carry_out_key(change: dict[str, Any], deployment_id: str, user: dict) -> None:
-    limits = change.get("limits") or {}
-    if change["action"] in ("create", "update"):
-        limits_need_metering(limits)
+    limits = change.get("limits") or {}  # that they need metering: checked by _check_all
     if change["action"] == "create":
         created = await ctx.registry.create_deployment_key.remote(
             deployment_id, change["name"], user["userId"], limits or None

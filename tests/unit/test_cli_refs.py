@@ -372,6 +372,23 @@ def test_uploads_list_show_and_cancel_a_chunked_upload(platform, capsys):
     assert "HTTP 404" in capsys.readouterr().err
 
 
+def test_apply_refuses_key_limits_without_metering_before_making_the_deployment(
+    platform, capsys, tmp_path, monkeypatch
+):
+    off = dataclasses.replace(api_deps.ctx.settings, metering=False)
+    monkeypatch.setattr(api_deps.ctx, "settings", off)
+    model = platform.model("tiny")
+    doc = tmp_path / "app.yaml"
+    doc.write_text(
+        f"name: lim\nmodel: {{id: {model}}}\ndeviceType: cpu-small\n"
+        "apiKeys:\n  - name: k\n    limits: {tokensPerDay: 100}\n"
+    )
+    assert cli.main(["apply", "-f", str(doc)]) == 1
+    err = capsys.readouterr().err
+    assert "409" in err and f"{doc}:1: limits: key limits need metering" in err, err
+    assert platform.reg.list_deployments(model) == []  # nothing made, not half an apply
+
+
 def test_connections_create_without_a_terminal_or_hf_token_says_what_to_set():
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     done = subprocess.run(
