@@ -224,8 +224,9 @@ async def list_models(request: Request):
 async def retrieve_model(model: str, request: Request):
     """One entry of /v1/models, by its id or with the deployment's name in place of its id."""
     dep, _ = await ctx.auth.authorize(request, None)
-    base, sep, adapter = model.partition(":")
-    wanted = dep.deployment_id + sep + adapter if base == dep.name else model
+    wanted = model  # the name may hold ":" itself: an adapter's name follows the whole of it
+    if model == dep.name or model.startswith(f"{dep.name}:"):
+        wanted = dep.deployment_id + model[len(dep.name) :]
     for entry in _models(dep):
         if entry["id"] == wanted:
             return entry

@@ -299,7 +299,8 @@ def test_metrics_while_the_meter_is_started_again_are_a_503(monkeypatch):
 
 def test_a_deployment_name_with_a_slash_is_retrieved_by_name(monkeypatch):
     """Served model names often hold "/" (meta-llama/Llama-3.1-8B): client.models.retrieve
-    of such a name was a 404 "no such route"."""
+    of such a name was a 404 "no such route"; one with ":" (a tag) was taken for a name and
+    an adapter's."""
     from fastapi.testclient import TestClient
 
     from raydock.serve_apps import gateway
@@ -307,12 +308,12 @@ def test_a_deployment_name_with_a_slash_is_retrieved_by_name(monkeypatch):
 
     hub = AccessHub()
     hub._loaded = True
-    named = snapshot("dp-1", {"k1": ""}) | {"name": "acme/chat v2"}
+    named = snapshot("dp-1", {"k1": ""}) | {"name": "acme/chat v2:cpu"}
     asyncio.run(hub.publish({"dp-1": named}))
     monkeypatch.setattr(ray, "get_actor", lambda *a, **k: _HubHandle(hub))
     monkeypatch.setattr(gateway.ctx, "auth", Auth(("hub", "ns"), ("r", "ns")), raising=False)
     monkeypatch.setattr(gateway.ctx, "meter", ReplicaMeter(None, enabled=False), raising=False)
     monkeypatch.setattr(gateway.ctx, "max_request_bytes", 1 << 20, raising=False)
     with TestClient(gateway.app) as client:
-        got = client.get("/v1/models/acme/chat v2", headers={"authorization": "Bearer k1"})
+        got = client.get("/v1/models/acme/chat v2:cpu", headers={"authorization": "Bearer k1"})
         assert got.status_code == 200 and got.json()["id"] == "dp-1", got.text
