@@ -258,7 +258,8 @@ class _Normalizer:
             )
         if _only_references(s, self.root):
             raise UnsupportedSchema(
-                "$ref", f"{s['$ref']!r} leads only to references, back to itself: no value satisfies it"
+                "$ref",
+                f"{s['$ref']!r} leads only to references, back to itself: no value satisfies it",
             )
         if "pattern" in s:
             _check_pattern(s["pattern"], "pattern")
