@@ -78,10 +78,12 @@ class Platform:
     lifecycle: _Lifecycle
     sent: list[httpx.Request]
 
-    def model(self, name: str) -> str:
+    def model(self, name: str, deployconfig: dict | None = None) -> str:
         m = self.reg.create_model(name, "file", self.admin["userId"])
         self.reg.set_model_status(m["modelId"], "VALIDATING")
-        self.reg.set_model_status(m["modelId"], "READY", artifact_uri="/x", checksum=name)
+        self.reg.set_model_status(
+            m["modelId"], "READY", artifact_uri="/x", checksum=name, deployconfig=deployconfig
+        )
         return m["modelId"]
 
     def deployment(self, model_id: str, name: str, **overrides: Any) -> str:
@@ -268,8 +270,6 @@ def test_apply_refuses_a_secrets_file_it_cannot_write_before_changing_anything(
 def test_the_deploy_form_takes_what_validates_of_a_zips_deployconfig_and_says_what_not(
     platform,
 ):
-    m = platform.reg.create_model("odd", "file", platform.admin["userId"])["modelId"]
-    platform.reg.set_model_status(m, "VALIDATING")
     deployconfig = {
         "hyperParameters": {"topK": 7, "temperature": 9},
         "scalingParameters": "big",
@@ -277,9 +277,7 @@ def test_the_deploy_form_takes_what_validates_of_a_zips_deployconfig_and_says_wh
         "timeout": "60",
         "deviceType": "cpu-small",
     }
-    platform.reg.set_model_status(
-        m, "READY", artifact_uri="/x", checksum="odd", deployconfig=deployconfig
-    )
+    m = platform.model("odd", deployconfig)
     answer = cli._client(None).get(f"/models/{m}/deploy-form")
     form = answer["form"]
     assert form["hyperParameters"]["topK"] == 7  # the valid field of a group is taken
