@@ -136,8 +136,9 @@ def choice_grammar(choices: list[str]) -> str:
     return "start: " + " | ".join(json.dumps(c) for c in choices)
 
 
-#: where the bare call's schema keeps a copy of tool i's parameters: its own references
-#: (`#/$defs/X`, `#`), which name places in the parameters, are rewritten to point there
+#: where the bare call's schema keeps tool i's parameters when they hold references: theirs
+#: (`#/$defs/X`, `#`), which name places in the parameters, are rewritten to point there,
+#: and the call's `arguments` is a reference to them
 TOOL_DEFS = "raydock-tool-{}"
 #: keywords whose values are JSON data, not schemas: a `$ref` inside them is not a reference
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
@@ -166,7 +167,8 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
         args = {"type": "object", "additionalProperties": False} if params is None else params
         if '"$ref"' in json.dumps(args):  # references relative to the parameters, not to us
             key = TOOL_DEFS.format(i)
-            args = defs[key] = _rebased(args, f"#/$defs/{key}")
+            defs[key] = _rebased(args, f"#/$defs/{key}")
+            args = {"$ref": f"#/$defs/{key}"}
         calls.append(
             {
                 "type": "object",
