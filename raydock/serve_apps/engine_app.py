@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 import math
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -637,7 +639,7 @@ def build_engine_app(
         "max_loaded_adapters": loaded_adapters(config, engine.engine),
         "max_adapter_rank": adapters.get("maxAdapterRank", MAX_ADAPTER_RANK.default),
     }
-    options = serve_options(config, profile, engine.engine)
+    options = serve_options(config, profile, engine.engine) | replica_version(spec)
     routing = prefix_routing(config, engine.engine)
     if routing is None:
         return EngineServer.options(**options).bind(spec)
@@ -656,4 +658,30 @@ def build_engine_app(
         # gateway's /v1 path routes on the prefix there
         return app
     # HAProxy sends /deployments/<id>/… straight to a replica: it asks the route server which
-    return app._with_ingress_request_router(PrefixRouteServer.bind(app))
+    router = PrefixRouteServer.options(**replica_version({"routes": spec["deployment_id"]}))
+    return app._with_ingress_request_router(router.bind(app))
+
+
+def replica_version(spec: dict[str, Any]) -> dict[str, Any]:
+    """Serve options that keep a deployment's running replicas across a redeploy that does
+    not change what they are built from. Serve replaces replicas when the version changes,
+    and gives an app submitted from Python a random one each time (ray.serve's client), so
+    every redeploy restarted every replica (minutes for vLLM) even for a scaling or routing
+    change, which Serve applies to running replicas. The version is raydock's code and the
+    replica's spec, less its access snapshot: the access hub keeps running replicas current."""
+    built_from = {k: v for k, v in spec.items() if k != "access"}
+    digest = hashlib.sha256(_code_digest().encode())
+    digest.update(json.dumps(built_from, sort_keys=True, default=str).encode())
+    # Serve's public options() refuses `version`; its internal callers may set one
+    return {"version": digest.hexdigest()[:16], "_internal": True}
+
+
+@functools.cache
+def _code_digest() -> str:
+    """raydock's source files, read once per process: new code, new replicas."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()

@@ -153,16 +153,16 @@ def test_a_deploy_whose_lifecycle_dies_ends_failed_and_a_redeploys_keeps_the_liv
     key = platform.client.post(f"/deployments/{dep_id}/api-keys", json={"name": "k"})["apiKey"]
 
     # a redeploy whose lifecycle dies while DEPLOYING: the live version serves on (it was
-    # FAILED: an outage of a version that had been serving)
-    changed = default_deploy_body("chaos-deploy")
-    changed["hyperParameters"]["topK"] = 7
+    # FAILED: an outage of a version that had been serving); a new batch size, so that Serve
+    # replaces the replicas (a sampling default alone would reconfigure them at once)
+    changed = default_deploy_body("chaos-deploy", scalingParameters={"maxBatchSize": 4})
     ref = platform.client.post(f"/deployments/{dep_id}/redeploy", json=changed)
     assert platform.client.get(f"/deployments/{dep_id}")["status"] == "DEPLOYING"
     ray.kill(VICTIMS["lifecycle"](), no_restart=False)
     job = platform.client.wait_job(ref["dockStatusId"], timeout=60)
     assert job["status"] == "FAILED" and "interrupted" in job["message"]
     dep = platform.client.get(f"/deployments/{dep_id}")
-    assert dep["status"] == "DEPLOYED" and dep["config"]["hyperParameters"]["topK"] != 7
+    assert dep["status"] == "DEPLOYED" and dep["config"]["scalingParameters"]["maxBatchSize"] != 4
     body = {"messages": ASK_JSON, "max_tokens": 2}
     url = f"{platform.url}/deployments/{dep_id}/v2/chat/completions"
 

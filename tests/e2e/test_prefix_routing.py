@@ -2,7 +2,8 @@
 long shared prefixes x many users, and each replica's request and prefix-cache figures read
 from /metrics (raydock_replica_requests_total, raydock_prefix_cache_*_tokens_total).
 
-Needs about 2 minutes: two 2-replica vLLM starts (on, then a redeploy with the switch off).
+Needs about 2 minutes: a 2-replica vLLM start (the redeploy with the switch off keeps the
+replicas).
 """
 
 from __future__ import annotations
@@ -139,4 +140,7 @@ def test_shared_prefixes_stay_on_one_replica_and_spread_when_switched_off(platfo
     spread = run_workload(platform, dep, key)
     print(f"affinity off: requests per prefix and replica {spread}")
     assert sum(len(replicas) == 2 for replicas in spread.values()) >= 3, spread
+    # a routing change only: Serve reconfigured the replicas that ran, none was replaced
+    serving = {replica for replicas in taken.values() for replica in replicas}
+    assert {replica for replicas in spread.values() for replica in replicas} == serving
     undeploy(platform, dep)
