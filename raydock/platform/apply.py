@@ -279,6 +279,14 @@ def resolve_model(d: Declared, state: State) -> Resolved:
                 f"{d.at('model', 'id')}: model.id: no model {src.id} on the platform",
                 "model.id",
             )
+        if model["status"] == ModelStatus.IMPORT_FAILED:  # its deploy could only fail
+            raise PlanError(
+                409,
+                f"{d.at('model', 'id')}: model.id: model {src.id}'s import failed "
+                f"({model.get('error') or 'see the model'}): name a READY model, or retry a "
+                "download's import first (POST /api/public/models/{modelId}/retry-import)",
+                "model.id",
+            )
         return Resolved(model)
     if src.zip:
         same = [m for m in state.models if m["source"] == "file" and m["checksum"] == src.sha256]

@@ -493,6 +493,17 @@ def test_a_failed_import_is_retried_by_applying_the_file_again():
         apply.plan([changed], apply.State([waiting], [failed]), prune=False)
 
 
+def test_a_model_id_whose_import_failed_is_refused_before_anything_changes():
+    text = "name: z\nmodel: {id: cm-9}\ndeviceType: cpu-small\n"
+    (d,) = declared(text)
+    failed = model("cm-9", status="IMPORT_FAILED", error="not a model archive")
+    for deployments in ([], [deployment_of(d, model_id="cm-9", status="FAILED")]):
+        with pytest.raises(ApiError, match=r"app.yaml:2: model.id: model cm-9's import failed"):
+            apply.plan([d], apply.State(deployments, [failed]), prune=False)
+    ready = apply.plan([d], apply.State([], [model("cm-9")]), prune=False)
+    assert ready[0]["action"] == "create"
+
+
 def test_an_exported_deployment_applies_back_unchanged():
     (d,) = declared(GOOD + "    limits: {tokensPerDay: 1000}\ndescription: hi\n")
     dep = deployment_of(d)
