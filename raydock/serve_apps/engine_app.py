@@ -639,10 +639,10 @@ def build_engine_app(
         "max_loaded_adapters": loaded_adapters(config, engine.engine),
         "max_adapter_rank": adapters.get("maxAdapterRank", MAX_ADAPTER_RANK.default),
     }
-    options = serve_options(config, profile, engine.engine) | replica_version(spec)
+    options = serve_options(config, profile, engine.engine)
     routing = prefix_routing(config, engine.engine)
     if routing is None:
-        return EngineServer.options(**options).bind(spec)
+        return versioned(EngineServer.options(**options), spec).bind(spec)
     from ray.serve._private.constants import RAY_SERVE_ENABLE_HA_PROXY
     from ray.serve.config import RequestRouterConfig
 
@@ -652,19 +652,19 @@ def build_engine_app(
         request_router_class="raydock.serve_apps.prefix_router.PrefixAffinityRouter",
         request_router_kwargs=routing,
     )
-    app = EngineServer.options(**options).bind(spec)
+    app = versioned(EngineServer.options(**options), spec).bind(spec)
     if not RAY_SERVE_ENABLE_HA_PROXY:
         # Serve's Python proxy hands the router an HTTP request, not its body: only the
         # gateway's /v1 path routes on the prefix there
         return app
     # HAProxy sends /deployments/<id>/… straight to a replica: it asks the route server which
-    router = PrefixRouteServer.options(**replica_version({"routes": spec["deployment_id"]}))
+    router = versioned(PrefixRouteServer, {"deployment_id": spec["deployment_id"]})
     return app._with_ingress_request_router(router.bind(app))
 
 
-def replica_version(spec: dict[str, Any]) -> dict[str, Any]:
-    """Serve options that keep a deployment's running replicas across a redeploy that does
-    not change what they are built from. Serve replaces replicas when the version changes,
+def versioned(deployment: serve.Deployment, spec: dict[str, Any]) -> serve.Deployment:
+    """`deployment` with a version that keeps its running replicas across a redeploy that
+    does not change what they are built from. Serve replaces replicas when the version changes,
     and gives an app submitted from Python a random one each time (ray.serve's client), so
     every redeploy restarted every replica (minutes for vLLM) even for a scaling or routing
     change, which Serve applies to running replicas. The version is raydock's code and the
@@ -672,8 +672,9 @@ def replica_version(spec: dict[str, Any]) -> dict[str, Any]:
     built_from = {k: v for k, v in spec.items() if k != "access"}
     digest = hashlib.sha256(_code_digest().encode())
     digest.update(json.dumps(built_from, sort_keys=True, default=str).encode())
-    # Serve's public options() refuses `version`; its internal callers may set one
-    return {"version": digest.hexdigest()[:16], "_internal": True}
+    # Serve's public options() refuses `version`; its internal callers may set one (apart
+    # from the other options, which Serve records as the user's)
+    return deployment.options(version=digest.hexdigest()[:16], _internal=True)
 
 
 @functools.cache

@@ -1,5 +1,5 @@
 """When a redeploy replaces a deployment's running replicas and when Serve reconfigures them
-in place (engine_app.replica_version); a redeploy that keeps them is shown end to end in
+in place (engine_app.versioned); a redeploy that keeps them is shown end to end in
 tests/e2e/test_prefix_routing.py."""
 
 from __future__ import annotations
