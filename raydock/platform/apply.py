@@ -284,7 +284,7 @@ def resolve_model(d: Declared, state: State) -> Resolved:
                 409,
                 f"{d.at('model', 'id')}: model.id: model {src.id}'s import failed "
                 f"({model.get('error') or 'see the model'}): name a READY model, or retry a "
-                "download's import first (POST /api/public/models/{modelId}/retry-import)",
+                f"download's import first (POST /api/public/models/{src.id}/retry-import)",
                 "model.id",
             )
         return Resolved(model)

@@ -500,6 +500,8 @@ def test_a_model_id_whose_import_failed_is_refused_before_anything_changes():
     for deployments in ([], [deployment_of(d, model_id="cm-9", status="FAILED")]):
         with pytest.raises(ApiError, match=r"app.yaml:2: model.id: model cm-9's import failed"):
             apply.plan([d], apply.State(deployments, [failed]), prune=False)
+    with pytest.raises(ApiError, match=r"\(not a model archive\).*models/cm-9/retry-import"):
+        apply.plan([d], apply.State([], [failed]), prune=False)
     ready = apply.plan([d], apply.State([], [model("cm-9")]), prune=False)
     assert ready[0]["action"] == "create"
 
