@@ -493,9 +493,11 @@ class Lifecycle:
         )
         return target, config["scalingParameters"]["minReplicas"]
 
-    async def _start_app(self, target: RunTarget, want: int, job_id: str | None) -> None:
-        """Submit the application to Serve and wait until its replicas run."""
+    async def _start_app(self, target: RunTarget, want: int, job_id: str | None) -> str:
+        """Submit the application to Serve and wait until its replicas run; returns which
+        replicas serve it now, in words (a redeploy keeps those whose build is unchanged)."""
         name = target.name
+        before = running_replicas(await serve_details(), name)
         # a cancelled deploy waits for its submit: an undeploy's delete must come after it
         submit = asyncio.to_thread(submit_app, target)
         await _to_the_end(asyncio.ensure_future(submit))
@@ -504,7 +506,7 @@ class Lifecycle:
         while time.monotonic() < deadline:
             status = await asyncio.to_thread(_app_status, name)
             if status is not None and status.status == "RUNNING":
-                return
+                return replicas_said(before, running_replicas(await serve_details(), name))
             if status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 raise DeployFailed(failure_reason(status))
             if status is not None:
@@ -522,7 +524,7 @@ class Lifecycle:
             try:
                 app = await self._build_app(deployment_id, job_id)
                 submitted = True
-                await self._start_app(*app, job_id)
+                replicas = await self._start_app(*app, job_id)
             except Exception as exc:
                 known = (DeployFailed, plan.OptimizationError)
                 reason = str(exc) if isinstance(exc, known) else repr(exc)
@@ -544,7 +546,7 @@ class Lifecycle:
             # as a lifecycle that died here would
             await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYED)
             await self.registry.update_job.remote(
-                job_id, status=JobStatus.SUCCESS, message="deployed"
+                job_id, status=JobStatus.SUCCESS, message=f"deployed: {replicas}"
             )
 
     async def _keep_live(
@@ -636,6 +638,28 @@ async def serve_details() -> dict[str, Any]:
 
     controller = _get_global_client()._controller
     return await controller.get_serve_instance_details.remote()
+
+
+def running_replicas(details: dict[str, Any], app_name: str) -> set[str]:
+    """The ids of the engine replicas running in application `app_name` of `serve_details`."""
+    app = (details.get("applications") or {}).get(app_name) or {}
+    engine = (app.get("deployments") or {}).get(names.ENGINE_DEPLOYMENT) or {}
+    return {r["replica_id"] for r in engine.get("replicas", []) if r["state"] == "RUNNING"}
+
+
+def replicas_said(before: set[str], after: set[str]) -> str:
+    """Which replicas serve a deployment after a deploy, for its job: kept (a redeploy whose
+    replicas' build did not change, engine_app.versioned) or started."""
+    kept, started = len(before & after), len(after - before)
+
+    def count(n: int) -> str:
+        return f"{n} replica{'' if n == 1 else 's'}"
+
+    if not kept:
+        return f"{count(started)} started"
+    if not started:
+        return f"{count(kept)} kept running (the change was applied to them)"
+    return f"{count(kept)} kept running, {started} started"
 
 
 def replica_view(app: dict[str, Any] | None) -> dict[str, Any]:

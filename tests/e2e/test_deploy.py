@@ -177,7 +177,9 @@ def test_redeploy_history_undeploy_retrigger_delete(platform, ready_model):
     )
     ref = http.post(f"/api/public/deployments/{dep_id}/redeploy", json=body).json()
     assert ref["action"] == "DEPLOY"
-    assert platform.client.wait_job(ref["dockStatusId"])["status"] == "SUCCESS"
+    job = platform.client.wait_job(ref["dockStatusId"])
+    # a new batch limit: a replica built anew replaced the one that ran
+    assert (job["status"], job["message"]) == ("SUCCESS", "deployed: 1 replica started")
     # served with the new settings: Serve's autoscaling config, and the replica's batch limit
     details = _get_global_client().get_serve_details()
     deployed = details["applications"][dep_id]["deployments"]["engine"]["deployment_config"]

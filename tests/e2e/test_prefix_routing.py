@@ -136,7 +136,9 @@ def test_shared_prefixes_stay_on_one_replica_and_spread_when_switched_off(platfo
     body = platform.client.get(f"/deployments/{dep_id}")["config"]
     body |= {"routingParameters": {"prefixCacheAffinity": False}, "isDeployedPreviously": True}
     ref = platform.client.post(f"/deployments/{dep_id}/redeploy", json=body)
-    assert platform.client.wait_job(ref["dockStatusId"], timeout=600)["status"] == "SUCCESS"
+    job = platform.client.wait_job(ref["dockStatusId"], timeout=600)
+    assert job["status"] == "SUCCESS"
+    assert job["message"] == "deployed: 2 replicas kept running (the change was applied to them)"
     spread = run_workload(platform, dep, key)
     print(f"affinity off: requests per prefix and replica {spread}")
     assert sum(len(replicas) == 2 for replicas in spread.values()) >= 3, spread

@@ -1,12 +1,13 @@
 """When a redeploy replaces a deployment's running replicas and when Serve reconfigures them
-in place (engine_app.versioned); a redeploy that keeps them is shown end to end in
-tests/e2e/test_prefix_routing.py."""
+in place (engine_app.versioned), and how its job says which it did; a redeploy that keeps
+them is shown end to end in tests/e2e/test_prefix_routing.py."""
 
 from __future__ import annotations
 
 from raydock.client import default_deploy_body
 from raydock.config import hardware_profiles
 from raydock.optimizers.plan import EnginePlan
+from raydock.platform.lifecycle import replicas_said, running_replicas
 from raydock.serve_apps.engine_app import build_engine_app
 
 CONTROL_PLANE = {"access_hub": ("hub", "ns"), "registry": ("reg", "ns"), "meter": ("m", "ns")}
@@ -51,3 +52,21 @@ def test_what_a_replica_is_built_from_replaces_it():
     assert versions(artifact={"prefix": "models/m1", "digest": "d2"}) != before
     assert versions(engine="transformers")["engine"] != before["engine"]
     assert versions(scalingParameters={"maxBatchSize": 4})["engine"] != before["engine"]
+
+
+def details(app: str, replicas: dict[str, str]) -> dict:
+    """serve_details with one app whose engine has `replicas` (id -> state)."""
+    engine = {"replicas": [{"replica_id": r, "state": s} for r, s in replicas.items()]}
+    return {"applications": {app: {"deployments": {"engine": engine, "router": {}}}}}
+
+
+def test_a_deploy_job_says_which_replicas_serve_it_kept_or_started():
+    running = running_replicas(details("dep-1", {"a": "RUNNING", "b": "STOPPING"}), "dep-1")
+    assert running == {"a"}
+    assert running_replicas({"applications": {}}, "dep-1") == set()
+    assert replicas_said(set(), {"a", "b"}) == "2 replicas started"
+    assert replicas_said({"a"}, {"c"}) == "1 replica started"
+    assert replicas_said({"a", "b"}, {"a", "b"}) == (
+        "2 replicas kept running (the change was applied to them)"
+    )
+    assert replicas_said({"a"}, {"a", "c"}) == "1 replica kept running, 1 started"
