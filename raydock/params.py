@@ -27,6 +27,10 @@ class Param:
 TEMPERATURE = Param(0, 2, 1.0)
 TOP_P = Param(0, 1, 1.0)
 TOP_K = Param(1, 100, 50)
+#: a request's top_k: also 0, off (every token may be drawn), and vLLM's -1 for it
+REQUEST_TOP_K = Param(-1, TOP_K.hi, None)
+#: stop sequences, a request's `stop` and a deployment's default `stopSequence` alike
+MAX_STOP_SEQUENCES = 8
 #: tokens a request may generate; hyperParameters.maxTokens also takes 0, "this default"
 MAX_TOKENS = Param(1, 512, 512)
 #: the deployment's endpoint timeout, seconds

@@ -78,7 +78,9 @@ class HyperParameters(_Body):
     topP: float = params.TOP_P.field("Nucleus sampling mass")
     topK: JsonInt = params.TOP_K.field("Top-k filtering")
     stopSequence: list[str] = Field(
-        default_factory=list, max_length=8, description="Up to 8 stop sequences."
+        default_factory=list,
+        max_length=params.MAX_STOP_SEQUENCES,
+        description=f"Up to {params.MAX_STOP_SEQUENCES} stop sequences.",
     )
 
     @field_validator("stopSequence")

@@ -247,24 +247,27 @@ class _ToolReply:
         return out
 
     def _as_calls(self, calls: list[dict], finish: str) -> list[dict]:
-        """The held reply as tool-call events (or one empty event when the reply was cut
-        before any call began): the last ends the choice and carries the logprobs of every
-        held event, in order (the calls' tokens are not told apart)."""
+        """The held reply as tool-call events, then an empty event that ends the choice (as
+        OpenAI streams them: openai-python's stream helper ends a call, with its parsed
+        arguments, when a later chunk starts the next call or finishes the choice). The last
+        call carries the logprobs of every held event, in order (the calls' tokens are not
+        told apart)."""
         held, self.held = self.held, []
         logprobs = [entry for ev in held for entry in ev["logprobs"]]
-        if not calls:
-            return [held[-1] | {"text": "", "logprobs": logprobs, "finish_reason": finish}]
         last = len(calls) - 1
-        return [
-            held[-1]
+        # what else the engine's last event says (its token counts) belongs to the end
+        unfinished = held[-1] | {"finish_reason": None}
+        events = [
+            unfinished
             | {
                 "text": "",
                 "logprobs": logprobs if k == last else [],
                 "tool_calls": [{"index": k, **call}],
-                "finish_reason": finish if k == last else None,
             }
             for k, call in enumerate(calls)
         ]
+        end = {"text": "", "logprobs": [] if calls else logprobs, "finish_reason": finish}
+        return events + [held[-1] | end]
 
 
 async def _bounded(
@@ -292,6 +295,9 @@ async def _bounded(
             f"the request did not complete within the deployment's {timeout_s} s timeout",
             None,
             "timeout",
+            # OpenAI's clients retry a 5xx twice unless told not to: each retry would run
+            # the same work into the same timeout
+            headers={"x-should-retry": "false"},
         ) from None
     finally:  # timeout, error or client gone: the engine stops this request at once
         await events.aclose()

@@ -41,6 +41,18 @@ TokenId = Annotated[str, Field(pattern=r"^[0-9]+$"), AfterValidator(int)]
 STRICT = ConfigDict(strict=True)
 
 
+#: fields typed `X | None` only because OpenAI's clients send a parameter set to None as null:
+#: null means the field's default (a request never holds None there)
+NULL_IS_DEFAULT = {"n", "stream", "ignore_eos", "logprobs", "echo", "include_reasoning"}
+
+
+def null_is_default(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A field's value before validation, its default for a null in a NULL_IS_DEFAULT field."""
+    if value is None and info.field_name in NULL_IS_DEFAULT:
+        return model.model_fields[info.field_name].default
+    return value
+
+
 class _Request(BaseModel):
     # Unknown OpenAI fields are accepted and ignored, as OpenAI-compatible servers do.
     model_config = STRICT | ConfigDict(extra="allow")
@@ -52,12 +64,13 @@ class _Request(BaseModel):
     max_tokens: JsonInt | None = params.MAX_TOKENS.field("Tokens to generate", default=None)
     temperature: float | None = params.TEMPERATURE.field("Sampling temperature", default=None)
     top_p: float | None = params.TOP_P.field("Nucleus sampling mass", default=None)
-    top_k: JsonInt | None = params.TOP_K.field("Top-k filtering", default=None)
-    n: JsonInt = params.N.field("Choices to generate")
+    top_k: JsonInt | None = params.REQUEST_TOP_K.field("Top-k filtering (0 or -1: off)")
+    n: JsonInt | None = params.N.field("Choices to generate")
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: dict[str, Any] | None = None
-    seed: JsonInt | None = Field(None, ge=0, le=2**63 - 1)
+    # vLLM's range, and its -1: no seed
+    seed: JsonInt | None = Field(None, ge=-(2**63), le=2**63 - 1)
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
@@ -66,7 +79,7 @@ class _Request(BaseModel):
     logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, max_length=300
     )
-    ignore_eos: bool = False  # vLLM-compatible extra body field
+    ignore_eos: bool | None = False  # vLLM-compatible extra body field
     response_format: dict[str, Any] | None = None
     # vLLM's structured outputs (extra body: {"json": schema} or {"choice": [...]}) and its
     # older names for them, which vLLM itself now ignores without a word
@@ -79,14 +92,21 @@ class _Request(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _json_integers(cls, value: Any, info: ValidationInfo) -> Any:
-        return refuse_non_json_integers(cls, value, info)
+        return refuse_non_json_integers(cls, null_is_default(cls, value, info), info)
+
+    @field_validator("top_k", "seed")
+    @classmethod
+    def _minus_one_is_off(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v == -1:  # vLLM's "off" for both
+            return 0 if info.field_name == "top_k" else None
+        return v
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         stops = [v] if isinstance(v, str) else v or []
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
+        if len(stops) > params.MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {params.MAX_STOP_SEQUENCES} stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
         return v
@@ -160,7 +180,7 @@ class ChatRequest(_Request):
     max_completion_tokens: JsonInt | None = params.MAX_TOKENS.field(
         "Tokens to generate", default=None
     )
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: JsonInt | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -169,7 +189,7 @@ class ChatRequest(_Request):
     parallel_tool_calls: bool | None = None
     # vLLM's: false leaves a thinking model's reasoning out of the reply (it is still
     # generated and counted); the content is the answer alone either way
-    include_reasoning: bool = Field(
+    include_reasoning: bool | None = Field(
         True, description="Whether a thinking model's reasoning comes back (vLLM's field)"
     )
 
@@ -177,7 +197,7 @@ class ChatRequest(_Request):
 class CompletionRequest(_Request):
     prompt: str | list[str]
     logprobs: JsonInt | None = Field(None, ge=0, le=5)
-    echo: bool = False
+    echo: bool | None = False
 
 
 class BadParam(Exception):
@@ -366,6 +386,19 @@ def _param(loc: tuple) -> str:
     return ".".join(path) or "body"
 
 
+def refusal(model: type[BaseModel], exc: ValidationError) -> BadParam:
+    """The BadParam of a request body `model` refused: the parameter it names, in the
+    validator's own words, with the field's allowed range."""
+    # of a union's failed members, the one that got furthest says what is wrong
+    # (an image part in a content list, not "content should be a string")
+    err = max(exc.errors(), key=lambda e: len(e["loc"]))
+    param = _param(err["loc"])
+    top = str(err["loc"][0]) if err["loc"] else ""
+    # a validator's own words, without pydantic's "Value error, " before them
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return BadParam(param, f"invalid {param}: {msg}{_bounds(model, top)}")
+
+
 def parse(model: type[_Request], body: Any) -> _Request:
     """Validate a request body; raise BadParam naming the offending parameter."""
     if not isinstance(body, dict):
@@ -373,14 +406,7 @@ def parse(model: type[_Request], body: Any) -> _Request:
     try:
         req = model.model_validate(body)
     except ValidationError as exc:
-        # of a union's failed members, the one that got furthest says what is wrong
-        # (an image part in a content list, not "content should be a string")
-        err = max(exc.errors(), key=lambda e: len(e["loc"]))
-        param = _param(err["loc"])
-        top = str(err["loc"][0]) if err["loc"] else ""
-        # a validator's own words, without pydantic's "Value error, " before them
-        msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        raise BadParam(param, f"invalid {param}: {msg}{_bounds(model, top)}") from None
+        raise refusal(model, exc) from None
     _check_shapes(req)
     if isinstance(req, ChatRequest):
         _check_messages(req.messages)

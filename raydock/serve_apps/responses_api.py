@@ -36,6 +36,8 @@ from raydock.serve_apps.protocol import (
     ChatRequest,
     TokenId,
     check_shape,
+    null_is_default,
+    refusal,
 )
 
 log = logging.getLogger("raydock.responses_api")
@@ -222,7 +224,7 @@ class ResponsesRequest(BaseModel):
     max_output_tokens: JsonInt | None = params.MAX_TOKENS.field("Tokens to generate", None)
     temperature: float | None = params.TEMPERATURE.field("Sampling temperature", None)
     top_p: float | None = params.TOP_P.field("Nucleus sampling mass", None)
-    stream: bool = False
+    stream: bool | None = False
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -234,7 +236,7 @@ class ResponsesRequest(BaseModel):
     adapter: str | None = copy.copy(ChatRequest.model_fields["adapter"])
     store: bool | None = None  # accepted; nothing is stored (answered false)
     # vLLM's: false leaves a thinking model's reasoning item out (chat's field)
-    include_reasoning: bool = copy.copy(ChatRequest.model_fields["include_reasoning"])
+    include_reasoning: bool | None = copy.copy(ChatRequest.model_fields["include_reasoning"])
     # vLLM's Responses extras, chat's fields
     seed: JsonInt | None = copy.copy(ChatRequest.model_fields["seed"])
     logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = copy.copy(
@@ -248,18 +250,11 @@ class ResponsesRequest(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _json_integers(cls, value: Any, info: ValidationInfo) -> Any:
-        return refuse_non_json_integers(cls, value, info)
+        return refuse_non_json_integers(cls, null_is_default(cls, value, info), info)
 
 
 def _bad(status: int, param: str, message: str, code: str = "invalid_parameter") -> ApiError:
     return ApiError(status, message, param, code)
-
-
-def _param(loc: tuple) -> str:
-    """The parameter a pydantic error's location names (`input`, not `input.str`)."""
-    tags = {"str", "int", "float", "bool", "none", "list", "dict"}
-    path = [str(p) for p in loc if not (isinstance(p, str) and (p in tags or "[" in p))]
-    return ".".join(path) or "body"
 
 
 def _check(validator: jsonschema.Draft202012Validator, value: Any, param: str) -> None:
@@ -276,10 +271,8 @@ def parse(body: Any) -> ResponsesRequest:
     try:
         req = ResponsesRequest.model_validate(body)
     except ValidationError as exc:
-        err = max(exc.errors(), key=lambda e: len(e["loc"]))
-        where = _param(err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise _bad(400, where, f"invalid {where}: {msg}") from None
+        bad = refusal(ResponsesRequest, exc)
+        raise _bad(400, bad.param, str(bad)) from None
     for name, (why, neutral) in NOT_HONOURED.items():
         value = getattr(req, name)
         if value is not None and not _neutral(value, neutral):
@@ -739,7 +732,7 @@ def from_chat_completion(req: ResponsesRequest, reply: dict[str, Any]) -> dict[s
 
 def _call_statuses(calls: list[dict[str, Any]], finish_reason: str | None) -> list[str]:
     """Each call's item status: the last call of a reply max_output_tokens cut is
-    incomplete (its chunk, or the chat.completion, carries the finish_reason)."""
+    incomplete (the chat.completion's, or the finishing chunk's, finish_reason says)."""
     statuses = ["completed"] * len(calls)
     if calls and finish_reason == "length":
         statuses[-1] = "incomplete"
@@ -754,6 +747,7 @@ class ChatStreamReader:
         self.started = False
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.call: dict[str, Any] | None = None  # the last tool call, until the next chunk
         self.ended = False
 
     def take(self, data: str) -> list[dict[str, Any]]:
@@ -761,8 +755,9 @@ class ChatStreamReader:
         if self.ended:
             return []
         if data == "[DONE]":
+            events = self._started() + self._end_call(self.finish_reason)
             self.ended = True
-            return self._started() + self.builder.finish(self.finish_reason, self.usage)
+            return events + self.builder.finish(self.finish_reason, self.usage)
         chunk = json.loads(data)
         if "error" in chunk:
             return self.fail(chunk["error"])
@@ -776,11 +771,22 @@ class ChatStreamReader:
                 events += self.builder.reasoning(delta["reasoning"])
             if delta.get("content"):
                 events += self.builder.text(delta["content"])
-            calls = delta.get("tool_calls") or []
-            for call, status in zip(calls, _call_statuses(calls, finish_reason), strict=True):
-                events += self.builder.tool_call(call, status)
+            for call in delta.get("tool_calls") or []:
+                events += self._end_call(None)  # a call after it: the one before is whole
+                self.call = call
+            if finish_reason:
+                events += self._end_call(finish_reason)
             self.finish_reason = finish_reason or self.finish_reason
         return events
+
+    def _end_call(self, finish_reason: str | None) -> list[dict[str, Any]]:
+        """The item of the call held until the chunk after it (the one that finishes the
+        choice says whether max_output_tokens cut it)."""
+        if self.call is None:
+            return []
+        [status] = _call_statuses([self.call], finish_reason)
+        call, self.call = self.call, None
+        return self.builder.tool_call(call, status)
 
     def fail(self, error: dict[str, Any]) -> list[dict[str, Any]]:
         """The events that end the stream with `error` (a chat error body's `error`); none

@@ -342,7 +342,9 @@ def test_streamed_tool_call(sdk):
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert len(calls) == 1 and calls[0].function.name == "get_weather"
     check(WEATHER["function"]["parameters"], calls[0].function.arguments)
+    # as OpenAI: the finish in a chunk of its own after the call
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not chunks[-1].choices[0].delta.tool_calls
 
 
 def test_tool_conversation_over_three_turns(sdk):

@@ -57,6 +57,7 @@ async def _post(client: httpx.AsyncClient, url: str, body: dict) -> dict:
         "status": r.status_code,
         "error": r.json().get("error"),
         "elapsed": time.monotonic() - started,
+        "retry": r.headers.get("x-should-retry"),
     }
 
 
@@ -121,6 +122,9 @@ def test_timeout_ends_requests_and_stops_their_decoding(platform, zips):
         assert s["error"]["code"] == "timeout"
         assert f"{TIMEOUT_S} s timeout" in s["error"]["message"]
     assert all(s["status"] == 504 for s in posted), posted
+    # OpenAI's clients retry a 5xx (twice by default) unless told not to: a retry would run
+    # the same request out again
+    assert all(s["retry"] == "false" for s in posted), posted
     # every stream either finished, was cut, or never started
     assert all(s["done"] or s["error"] for s in streamed), summary
 

@@ -9,7 +9,10 @@ import time
 import pytest
 import torch
 
-from raydock.serve_apps import protocol
+from raydock import params
+from raydock.errors import ApiError
+from raydock.platform.schemas import HyperParameters
+from raydock.serve_apps import protocol, responses_api
 from raydock.serve_apps.detok import CONTEXT_TOKENS, TextTracker
 from raydock.serve_apps.sampling import SamplingParams, adjust, choose, make_generator
 
@@ -335,6 +338,58 @@ def test_known_parameters_asked_as_null_or_best_of_n_are_fine():
     protocol.parse(
         protocol.CompletionRequest, {"prompt": "x", "stream": True, "stream_options": {}}
     )
+
+
+def test_null_means_the_default_as_openais_clients_send_it():
+    """openai-python sends a parameter set to None as null (wrappers pass n=None through)."""
+    nulls = dict.fromkeys(["n", "stream", "logprobs", "ignore_eos", "include_reasoning"])
+    chat = protocol.parse(
+        protocol.ChatRequest, {"messages": [{"role": "user", "content": "x"}]} | nulls
+    )
+    assert (chat.n, chat.stream, chat.logprobs, chat.ignore_eos, chat.include_reasoning) == (
+        1,
+        False,
+        False,
+        False,
+        True,
+    )
+    assert protocol.parse(protocol.CompletionRequest, {"prompt": "x", "echo": None}).echo is False
+    assert responses_api.parse({"input": "x", "stream": None}).stream is False
+
+
+def test_seed_and_top_k_take_vllms_ranges_and_its_off():
+    """A seed is any int64 (-1: none, as vLLM reads it); top_k 0 or -1 is off, which no
+    deployment default can be (its topK is 1–100)."""
+
+    def parse(**body) -> protocol.CompletionRequest:
+        return protocol.parse(protocol.CompletionRequest, {"prompt": "x", **body})
+
+    assert parse(seed=-(2**63)).seed == -(2**63) and parse(seed=-1).seed is None
+    assert parse(top_k=-1).top_k == parse(top_k=0).top_k == 0
+    with pytest.raises(protocol.BadParam, match=r"allowed range -1–100"):
+        parse(top_k=-2)
+    # off: every token may be drawn (0 is "no top-k" to every engine's sampling)
+    logits = torch.tensor([1.0, 5.0, 4.9, 0.0])
+    gen = make_generator(3)
+    drawn = {
+        choose(logits, SamplingParams(1, temperature=5, top_k=0), gen).token for _ in range(60)
+    }
+    assert drawn == {0, 1, 2, 3}
+
+
+def test_a_request_takes_as_many_stop_sequences_as_a_deployment_default():
+    most = [f"s{i}" for i in range(params.MAX_STOP_SEQUENCES)]
+    assert protocol.parse(protocol.CompletionRequest, {"prompt": "x", "stop": most}).stop == most
+    assert HyperParameters(stopSequence=most).stopSequence == most
+    with pytest.raises(protocol.BadParam, match=f"at most {params.MAX_STOP_SEQUENCES} stop"):
+        protocol.parse(protocol.CompletionRequest, {"prompt": "x", "stop": [*most, "one more"]})
+
+
+def test_a_responses_range_refusal_says_the_range_as_chats_does():
+    with pytest.raises(ApiError) as exc:
+        responses_api.parse({"input": "x", "max_output_tokens": 10_000})
+    assert exc.value.message.endswith(f"(allowed range 1–{params.MAX_TOKENS.hi})")
+    assert exc.value.param == "max_output_tokens"
 
 
 @pytest.mark.parametrize(

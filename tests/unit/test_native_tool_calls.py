@@ -161,8 +161,13 @@ def test_wrapped_calls_stream_as_openai_tool_call_deltas():
     assert [(d.index, d.function.name) for d in deltas] == [(0, "get_weather"), (1, "get_time")]
     assert chunks[0].choices[0].delta.role == "assistant"
     state = ChatCompletionStreamState()
-    for chunk in chunks:
-        state.handle_chunk(chunk)
+    events = [event for chunk in chunks for event in state.handle_chunk(chunk)]
+    # the SDK's stream helper ends each call, the last too, with its whole arguments
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    assert [(e.index, e.name, e.arguments) for e in done] == [
+        (0, "get_weather", '{"city":"Paris"}'),
+        (1, "get_time", "{}"),
+    ]
     final = state.get_final_completion().choices[0]  # as the SDK puts the stream together
     assert final.finish_reason == "tool_calls"
     assert [c.function.arguments for c in final.message.tool_calls] == [

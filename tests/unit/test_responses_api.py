@@ -573,6 +573,12 @@ def test_a_call_cut_by_max_output_tokens_is_incomplete_in_its_event_and_the_resp
     whole = from_chat_completion(req, chat_reply("", "length", [call(0), cut]))
     assert [item["status"] for item in whole["output"]] == done  # streamed and whole agree
     sdk_accumulates(events)
+    # as raydock's chat streams them: the finish_reason in a chunk of its own after the calls
+    apart = chat_sse([("", None, [call(0)]), ("", None, [cut]), ("", "length", None)])
+    events = events_of(req, apart)
+    assert [e["item"]["status"] for e in events if e["type"] == "response.output_item.done"] == (
+        done
+    )
 
 
 def sse_events(text: str) -> list[dict]:

@@ -62,8 +62,11 @@ def test_a_call_is_held_and_sent_whole_with_the_given_finish_reason():
     parts = [CALL[:5], CALL[5:20], CALL[20:]]
     seen = _run([[_ev(0, parts[0])], [_ev(0, parts[1])], [_ev(0, parts[2], "stop")]], "stop")
     assert seen[:2] == [[], []]
-    (ev,) = seen[2]
-    assert ev["finish_reason"] == "stop" and ev["text"] == ""
+    # as OpenAI: the call, then a chunk of its own ends the choice (openai-python's stream
+    # helper sends a call's arguments.done only when a later chunk finishes the choice)
+    ev, end = seen[2]
+    assert ev["finish_reason"] is None and ev["text"] == ""
+    assert end["finish_reason"] == "stop" and end["text"] == "" and "tool_calls" not in end
     (call,) = ev["tool_calls"]
     assert call["index"] == 0 and call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Rome"}
@@ -73,8 +76,8 @@ def test_a_call_cut_short_comes_back_as_the_call_so_far():
     cut = CALL.index("Rome") + 2  # max_tokens reached inside the arguments
     seen = _run([[_ev(0, CALL[:8])], [_ev(0, CALL[8:cut], "length")]])
     assert seen[0] == []
-    (ev,) = seen[1]
-    assert ev["text"] == "" and ev["finish_reason"] == "length"  # as OpenAI: not "tool_calls"
+    ev, end = seen[1]
+    assert ev["text"] == "" and end["finish_reason"] == "length"  # as OpenAI: not "tool_calls"
     (call,) = ev["tool_calls"]
     assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Ro'}
 
@@ -84,7 +87,7 @@ def test_choices_are_decided_each_on_its_own():
         [[_ev(0, CALL[:4]), _ev(1, "Sunny")], [_ev(0, CALL[4:], "stop"), _ev(1, ".", "stop")]]
     )
     assert [e["text"] for e in seen[0]] == ["Sunny"]
-    assert [(e["index"], "tool_calls" in e) for e in seen[1]] == [(0, True), (1, False)]
+    assert [(e["index"], "tool_calls" in e) for e in seen[1]] == [(0, True), (0, False), (1, False)]
 
 
 def _pieces(text: str, size: int = 7) -> list[str]:
@@ -95,10 +98,10 @@ def test_wrapped_calls_are_held_and_sent_as_one_call_each():
     parts = _pieces(WRAPPED)
     seen = _run([[_ev(0, p, "stop" if k == len(parts) - 1 else None)] for k, p in enumerate(parts)])
     assert all(b == [] for b in seen[:-1])  # nothing of the wrapper leaks while it comes
-    first, second = seen[-1]
-    assert [e["finish_reason"] for e in seen[-1]] == [None, "tool_calls"]
-    assert [e["text"] for e in seen[-1]] == ["", ""]
-    assert [c["index"] for e in seen[-1] for c in e["tool_calls"]] == [0, 1]
+    first, second, end = seen[-1]
+    assert [e["finish_reason"] for e in seen[-1]] == [None, None, "tool_calls"]
+    assert [e["text"] for e in seen[-1]] == ["", "", ""]
+    assert [c["index"] for e in seen[-1] for c in e.get("tool_calls", [])] == [0, 1]
     (a,), (b,) = first["tool_calls"], second["tool_calls"]
     assert a["id"] != b["id"] and a["type"] == b["type"] == "function"
     assert (a["function"]["name"], b["function"]["name"]) == ("get_weather", "get_time")
@@ -141,7 +144,7 @@ def test_wrapped_calls_cut_short_come_back_as_the_calls_so_far_without_tags():
     )
     assert _texts(seen) == ""  # no tag, no JSON as text
     assert _calls(seen) == [("get_weather", '{"city":"Rome"}')]
-    assert [e["finish_reason"] for e in seen[-1]] == ["length"]
+    assert [e["finish_reason"] for e in seen[-1]] == [None, "length"]
 
 
 def test_a_reply_cut_inside_the_opening_tag_has_no_call_and_no_tag():
@@ -174,8 +177,8 @@ def test_text_after_whitespace_the_grammar_does_not_allow_before_a_call_is_text(
 
 def test_a_whole_call_that_reached_max_tokens_on_its_last_token_is_that_call():
     seen = _run([[_ev(0, CALL[:8])], [_ev(0, CALL[8:], "length")]])
-    (ev,) = seen[1]
-    assert ev["finish_reason"] == "length"
+    ev, end = seen[1]
+    assert end["finish_reason"] == "length"
     (call,) = ev["tool_calls"]
     assert json.loads(call["function"]["arguments"]) == {"city": "Rome"}
 
