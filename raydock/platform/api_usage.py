@@ -6,7 +6,7 @@ import asyncio
 import csv
 import io
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import ray
@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from pydantic import BeforeValidator
 
 from raydock import names
+from raydock.errors import ApiError
 from raydock.platform.api_deps import User, ctx
 
 router = APIRouter(prefix="/public")
@@ -58,11 +59,40 @@ def as_utc(value: datetime | None) -> datetime | None:
 
 async def _flush_meter() -> None:
     """Have the meter write what it holds first (otherwise: up to its flush interval old)."""
+    if not ray.is_initialized():  # no cluster, no meter (get_actor would start a cluster)
+        return
     try:
         meter = ray.get_actor(names.METER, namespace=names.NAMESPACE)
         await asyncio.wait_for(meter.flush_usage.remote(), FLUSH_WAIT_S)
     except Exception:  # a meter restarting: what is stored
         pass
+
+
+#: the longest period one answer covers by minute or by hour (about 3,000 rows per key and
+#: deployment): the registry builds an answer alone, and every API request waits meanwhile
+MAX_SPAN = {"minute": timedelta(days=2), "hour": timedelta(days=92)}
+
+
+def period(
+    since: datetime | None, until: datetime | None, group_by: str, now: datetime
+) -> tuple[datetime | None, datetime | None]:
+    """The period a usage answer covers: as asked, or, by minute or hour without a start, the
+    last MAX_SPAN before its end; a 422 naming `start` when it is empty or longer."""
+    if since is not None and until is not None and since >= until:
+        raise ApiError(422, f"start must be before end (got {since} and {until})", "start")
+    span = MAX_SPAN.get(group_by)
+    if span is None:
+        return since, until
+    if since is None:
+        return max(until or now, datetime.min + span) - span, until
+    if (until or now) - since > span:
+        raise ApiError(
+            422,
+            f"groupBy={group_by} covers at most {span.days} days: start must be at most "
+            f"{span.days} days before end (or now); got {since}",
+            "start",
+        )
+    return since, until
 
 
 #: what a spreadsheet reads as the start of a formula (OWASP's CSV injection list)
@@ -88,7 +118,10 @@ async def usage(
     keyId: str | None = None,
     start: Annotated[
         IsoTime | None,
-        Query(description="ISO 8601 date-time or date (UTC unless it names a zone), inclusive"),
+        Query(
+            description="ISO 8601 date-time or date (UTC unless it names a zone), inclusive; "
+            "by minute or hour at most 2 or 92 days before end (default: that far back)"
+        ),
     ] = None,
     end: Annotated[
         IsoTime | None, Query(description="ISO 8601 date-time or date, exclusive")
@@ -97,8 +130,10 @@ async def usage(
     format: Literal["json", "csv"] = "json",
 ):
     """Requests and tokens per period, deployment, adapter and key (what the responses'
-    `usage` reported), with totals; `format=csv` downloads the rows."""
-    since, until = as_utc(start), as_utc(end)
+    `usage` reported), with totals; `format=csv` downloads the rows. By minute or hour an
+    answer covers at most 2 or 92 days (without `start`: the last ones)."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    since, until = period(as_utc(start), as_utc(end), groupBy, now)
     await _flush_meter()
     rows = await ctx.registry.usage_rows.remote(since, until, deploymentId, keyId, groupBy)
     if format == "csv":
@@ -115,4 +150,5 @@ async def usage(
         field: sum(r[field] for r in rows)
         for field in ("requests", "promptTokens", "completionTokens", "totalTokens")
     }
-    return {"groupBy": groupBy, "rows": rows, "totals": totals}
+    covered = {"start": since and since.isoformat(), "end": until and until.isoformat()}
+    return {"groupBy": groupBy, **covered, "rows": rows, "totals": totals}

@@ -721,6 +721,50 @@ def test_usage_times_at_the_ends_of_the_calendar_do_not_overflow():
     assert as_utc(parse("2026-12-01")) == datetime(2026, 12, 1)
 
 
+def test_usage_by_minute_or_hour_covers_a_bounded_period(reg, tmp_path, monkeypatch):
+    """One answer by minute covers at most 2 days, by hour 92 (the registry builds an answer
+    alone, every API request waiting): without a start, the last ones; a longer period, or a
+    start not before the end, is a 422 naming `start`."""
+    from fastapi.testclient import TestClient
+
+    from raydock.config import load_settings
+    from raydock.platform import api_deps
+    from raydock.platform.api import app
+    from tests.unit.registry_handle import RegistryHandle
+
+    reg, dep_id, key = _registry_with_key(reg)
+    now = int(time.time()) // 60 * 60
+    days = 86_400
+    reg.record_usage(
+        [(now - ago, dep_id, "", key["keyId"], 1, 1, 1) for ago in (60, 3 * days, 100 * days)]
+    )
+    monkeypatch.setattr(api_deps.ctx, "settings", load_settings(home=str(tmp_path)), raising=False)
+    monkeypatch.setattr(api_deps.ctx, "registry", RegistryHandle(reg), raising=False)
+    admin = {"X-api-key": reg.ensure_admin()}
+    with TestClient(app, base_url="http://raydock.test", headers=admin) as http:
+
+        def usage(**params) -> dict:
+            r = http.get("/public/usage", params=params)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        assert usage(groupBy="minute")["totals"]["requests"] == 1  # the last 2 days
+        assert usage(groupBy="hour")["totals"]["requests"] == 2  # the last 92 days
+        assert usage(groupBy="day")["totals"]["requests"] == 3  # all of it
+        recent = usage(groupBy="minute")
+        start, end = datetime.fromisoformat(recent["start"]), recent["end"]
+        assert end is None and abs(start.timestamp() + 2 * days - time.time()) < 120
+        week = {"start": "2026-01-01", "end": "2026-01-08"}
+        r = http.get("/public/usage", params={"groupBy": "minute", **week})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "start"
+        assert "groupBy=minute covers at most 2 days" in r.json()["error"]["message"]
+        assert usage(groupBy="hour", **week)["rows"] == []
+        r = http.get("/public/usage", params={"start": "2026-01-08", "end": "2026-01-01"})
+        assert (r.status_code, r.json()["error"]["param"]) == (422, "start")
+        # the ends of the calendar: no overflow
+        assert usage(groupBy="minute", end="0001-01-01")["rows"] == []
+
+
 def test_retention_deletes_old_usage_finished_deliveries_and_jobs_only(reg):
     from datetime import timedelta
 
