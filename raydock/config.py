@@ -103,6 +103,13 @@ class Settings:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def local_url(self) -> str:
+        """Where a process on a node reaches that node's HTTP ingress: the host it listens on,
+        or loopback when it listens on every address."""
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

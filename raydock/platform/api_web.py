@@ -118,7 +118,7 @@ async def playground_chat(deploymentId: str, request: Request, user: User) -> Re
     `/deployments/{id}/v2/chat/completions`, streaming included."""
     await ctx.registry.get_deployment.remote(deploymentId)  # 404 for an unknown one
     body = await request.body()
-    url = f"http://127.0.0.1:{ctx.settings.port}/deployments/{deploymentId}/v2/chat/completions"
+    url = f"{ctx.settings.local_url}/deployments/{deploymentId}/v2/chat/completions"
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + NEW_KEY_WAIT_S

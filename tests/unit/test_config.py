@@ -159,3 +159,18 @@ def test_a_hardware_yaml_mistake_names_the_device_type_and_field(
 def test_the_shipped_hardware_yaml_passes_its_checks():
     config.hardware_profiles.cache_clear()
     assert "cpu-small" in config.hardware_profiles()
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("10.1.2.3", "http://10.1.2.3:8000"),  # an address of its own: loopback is not served
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("::", "http://127.0.0.1:8000"),
+        ("::1", "http://[::1]:8000"),
+    ],
+)
+def test_the_api_reaches_the_ingress_on_its_node_where_it_listens(host, url):
+    """The Playground's requests go to the ingress of the API's node (api_web)."""
+    assert load_settings(host=host, port=8000).local_url == url
