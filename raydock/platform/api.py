@@ -228,6 +228,18 @@ def _prefilled(
                 given.pop(name)
 
 
+def _refused_field(form: dict[str, Any], key: str, value: Any) -> str | None:
+    """Why the deploy body refuses `value` for its top-level field `key` (a deviceType this
+    platform's hardware.yaml lacks, a timeout out of range), if it does."""
+    try:
+        schemas.DeployRequest.model_validate({**form, key: value})
+    except ValidationError as exc:
+        for err in exc.errors():
+            if err["loc"] and err["loc"][0] == key:
+                return describe_validation_error(err, schemas.DeployRequest)[1]
+    return None
+
+
 @router.get("/models/{modelId}/deploy-form", tags=["models"])
 async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
     """Deploy-form defaults, pre-filled from the model's deployconfig.json when it has one."""
@@ -245,15 +257,18 @@ async def deploy_form(modelId: str, _: User) -> dict[str, Any]:
         if key in _FORM_GROUPS:
             form[key], why = _prefilled(_FORM_GROUPS[key], form[key], value)
             ignored |= {".".join(filter(None, (key, name))): text for name, text in why.items()}
-        elif key in form and type(value) is type(form[key]):
-            form[key] = value
         elif key in form:
-            ignored[key] = f"must be {'text' if isinstance(form[key], str) else 'an integer'}"
+            why = _refused_field(form, key, value)
+            if why is None:
+                form[key] = value
+            else:
+                ignored[key] = why
     fit = deploy_checks.fit_report(
         model, form["optimizationInfo"], form["scalingParameters"]["maxBatchSize"]
     )
     fits_default = fit["deviceTypes"].get(form["deviceType"], {}).get("fits", True)
-    if not prefill.get("deviceType") and not fits_default and fit["suggestedDeviceType"]:
+    chosen = prefill.get("deviceType") and "deviceType" not in ignored
+    if not chosen and not fits_default and fit["suggestedDeviceType"]:
         form["deviceType"] = fit["suggestedDeviceType"]
     return {
         "form": form,

@@ -288,13 +288,23 @@ def test_the_deploy_form_takes_what_validates_of_a_zips_deployconfig_and_says_wh
     assert ignored["hyperParameters.temperature"] == "temperature must be between 0 and 2 (got 9)"
     assert ignored["scalingParameters"] == "must be a mapping of its fields"
     assert ignored["optimizationInfo.optimizationOption"].startswith("optimizationOption")
-    assert ignored["timeout"] == "must be an integer"
+    assert ignored["timeout"] == "timeout must be an integer"
     assert set(ignored) == {
         "hyperParameters.temperature",
         "scalingParameters",
         "optimizationInfo.optimizationOption",
         "timeout",
     }
+    # a value of the right type that the deploy body refuses is not taken either (a zip
+    # exported from a platform whose hardware.yaml differs)
+    m = platform.model("other", {"deviceType": "p5.48xlarge-x", "timeout": 5, "name": " "})
+    answer = cli._client(None).get(f"/models/{m}/deploy-form")
+    assert answer["form"]["timeout"] == schemas.DEFAULT_TIMEOUT_S
+    assert answer["form"]["deviceType"] == "cpu-small" and answer["form"]["name"] == "other"
+    ignored = answer["prefillIgnored"]
+    assert ignored["timeout"] == "timeout must be between 30 and 180 (got 5)"
+    assert ignored["deviceType"].startswith("deviceType must be one of g4dn.xlarge")
+    assert set(ignored) == {"timeout", "deviceType", "name"}
 
 
 # ------------------------------------------------------------------ keys limits
