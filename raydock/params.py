@@ -33,6 +33,8 @@ REQUEST_TOP_K = Param(-1, TOP_K.hi, None)
 MAX_STOP_SEQUENCES = 8
 #: tokens a request may generate; hyperParameters.maxTokens also takes 0, "this default"
 MAX_TOKENS = Param(1, 512, 512)
+#: sequences a replica decodes together
+MAX_BATCH_SIZE = Param(1, 256, 10)
 #: the deployment's endpoint timeout, seconds
 TIMEOUT_S = Param(30, 180, 60)
 #: choices per request

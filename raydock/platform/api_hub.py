@@ -5,11 +5,13 @@ platform-hosted catalog."""
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
+from raydock import params
 from raydock.errors import ApiError, Conflict
+from raydock.optimizers import plan
 from raydock.platform import catalog, deploy_checks, hf, schemas
 from raydock.platform.api_deps import User, ctx, job_ref
 from raydock.platform.states import ModelStatus
@@ -176,15 +178,23 @@ async def catalog_entry(
     entryId: str,
     _: User,
     optimizationType: Annotated[str, Query(max_length=20)] = "",
-    quantizationType: Annotated[str, Query(max_length=20)] = "",
-    maxBatchSize: Annotated[int, Query(ge=1, le=256)] = schemas.ScalingParameters().maxBatchSize,
+    quantizationType: Literal[plan.QUANTIZATION_TYPES] = "",
+    maxBatchSize: Annotated[
+        int, Query(ge=params.MAX_BATCH_SIZE.lo, le=params.MAX_BATCH_SIZE.hi)
+    ] = params.MAX_BATCH_SIZE.default,
 ) -> dict[str, Any]:
     """One entry with its memory estimate on every deviceType for an optimization (one of
-    those its architecture supports), and `importRefusal` as in the listing."""
+    those its architecture supports, with a quantization some deviceType runs), and
+    `importRefusal` as in the listing."""
     entry = catalog.get(entryId)
     optimization = {"optimizationType": optimizationType, "quantizationType": quantizationType}
     model = catalog.as_model(entry)
     catalog.check_optimization(model, optimization, param="optimizationType")
+    try:
+        deploy_checks.check_runs_somewhere(model, optimization)
+    except ApiError as exc:  # the query's own names for the deploy body's fields
+        exc.param = (exc.param or "").removeprefix("optimizationInfo.") or None
+        raise
     fit = deploy_checks.fit_report(model, optimization, maxBatchSize)
     refusal = catalog.import_refusal(entry, ctx.settings.max_archive_bytes)
     return {**entry, "importRefusal": refusal, "fit": fit}

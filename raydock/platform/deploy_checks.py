@@ -30,17 +30,34 @@ def estimates(
     figures, parameters, declared = _figures(model)
     if not figures:
         return {}
-    profiles = hardware_profiles()
-    plans = {}
-    for name, profile in profiles.items():
-        try:
-            plans[name] = plan.check(optimization, name, profile, declared)
-        except ApiError:
-            continue  # this hardware cannot run the optimization at all
+    plans, _ = _plans(optimization, declared)
     try:
-        return fit.by_device(figures, plans, profiles, max_batch_size, parameters)
+        return fit.by_device(figures, plans, hardware_profiles(), max_batch_size, parameters)
     except ValueError:
         return {}
+
+
+def _plans(
+    optimization: dict[str, Any], declared: dict[str, Any] | None
+) -> tuple[dict[str, plan.EnginePlan], ApiError | None]:
+    """The engine plan of `optimization` on every deviceType whose hardware can run it, and
+    the first refusal of one that cannot."""
+    plans, refusal = {}, None
+    for name, profile in hardware_profiles().items():
+        try:
+            plans[name] = plan.check(optimization, name, profile, declared)
+        except ApiError as exc:
+            refusal = refusal or exc
+    return plans, refusal
+
+
+def check_runs_somewhere(model: dict[str, Any], optimization: dict[str, Any]) -> None:
+    """A 400 naming the field when no deviceType can run `optimization` for `model` (an
+    engine not installed, a quantization the engine has not, one the model does not
+    declare)."""
+    plans, refusal = _plans(optimization, _figures(model)[2])
+    if not plans and refusal is not None:
+        raise refusal
 
 
 def fit_report(

@@ -92,9 +92,7 @@ class HyperParameters(_Body):
 
 
 class ScalingParameters(_Body):
-    maxBatchSize: JsonInt = Field(
-        10, ge=1, le=256, description="Sequences decoded together, 1–256."
-    )
+    maxBatchSize: JsonInt = params.MAX_BATCH_SIZE.field("Sequences decoded together")
     minReplicas: JsonInt = Field(1, ge=1, le=10, description="Minimum replicas, 1–10.")
     maxReplicas: JsonInt = Field(2, ge=1, le=50, description="Maximum replicas, 1–50.")
     scaleUpDelay: JsonInt = Field(

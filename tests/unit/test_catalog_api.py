@@ -100,6 +100,22 @@ def test_an_unknown_optimization_type_is_refused_with_the_allowed_ones(client):
     assert fit["fit"]["deviceTypes"]
 
 
+def test_a_quantization_no_device_type_runs_is_refused_not_an_empty_estimate(client):
+    def get(**params):
+        return client.get(f"/public/catalog/{SMALL}", params=params)
+
+    r = get(quantizationType="bogus")
+    assert (r.status_code, r.json()["error"]["param"]) == (422, "quantizationType"), r.text
+    assert "int8_float16" in r.json()["error"]["message"]  # the allowed values
+    r = get(optimizationType="ctranslate2", quantizationType="awq")
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "quantizationType"), r.text
+    assert "CTranslate2 quantizationType must be one of" in r.json()["error"]["message"]
+    fit = get(optimizationType="ctranslate2", quantizationType="int8").json()["fit"]
+    assert fit["deviceTypes"] and fit["suggestedDeviceType"]
+    r = get(maxBatchSize=257)
+    assert (r.status_code, r.json()["error"]["param"]) == (422, "maxBatchSize")
+
+
 def test_apply_retries_the_failed_import_its_deployment_waits_for(client):
     """A catalog deploy whose download failed: applying its document again (unchanged)
     retries the import, and the deployment waits for it again."""
