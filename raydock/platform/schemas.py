@@ -219,8 +219,12 @@ class KeyLimits(_Body):
     )
 
 
+#: a name that is not only whitespace (a user's, a key's, a connection's)
+NAME_PATTERN = explained(NOT_BLANK, "must not be blank")
+
+
 class KeyCreate(_Body):
-    name: str = Field(..., min_length=1, max_length=200)
+    name: str = Field(..., min_length=1, max_length=200, pattern=NAME_PATTERN)
     limits: KeyLimits | None = None
 
 
@@ -231,7 +235,7 @@ class KeyUpdate(_Body):
 
 
 class UserCreate(_Body):
-    name: str = Field(..., min_length=1, max_length=200)
+    name: str = Field(..., min_length=1, max_length=200, pattern=NAME_PATTERN)
     email: str | None = Field(
         None,
         max_length=320,
@@ -288,7 +292,9 @@ REPO_ID_PATTERN = explained(
 
 
 class ConnectionCreate(_Body):
-    name: str = Field(..., min_length=1, max_length=100, description="Unique name.")
+    name: str = Field(
+        ..., min_length=1, max_length=100, pattern=NAME_PATTERN, description="Unique name."
+    )
     token: str = Field(
         ...,
         min_length=1,

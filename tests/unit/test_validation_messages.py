@@ -126,6 +126,14 @@ def test_the_management_api_refuses_in_its_own_words(api):
             {"name": "c", "token": "has space"},
             "token may hold visible ASCII characters only",
         ),
+        ("POST", "/public/users", {"name": " \t"}, "name must not be blank"),
+        ("POST", "/public/connections", {"name": "\u3000", "token": "t"}, "name must not be blank"),
+        (
+            "POST",
+            "/public/deployments/dep-x/api-keys",
+            {"name": "  "},
+            "name must not be blank",
+        ),
         (
             "POST",
             "/public/models/import/huggingface",
