@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from raydock.errors import ApiError, Conflict, NotFound, as_api_error
-from raydock.platform import api_hub, apply, catalog, deploy_checks, schemas
+from raydock.platform import api_hub, api_web, apply, catalog, deploy_checks, schemas
 from raydock.platform.api_deps import User, ctx, job_ref, limits_need_metering
 from raydock.platform.states import DeploymentStatus as D
 
@@ -196,7 +196,7 @@ async def export_documents(_: User) -> dict[str, Any]:
     """Every deployment that is not UNDEPLOYED as the document that declares it (`raydock
     get deployments -o yaml`): applying them back changes nothing. A model uploaded as a zip
     is named by its id (so is one whose source another model of a deployment of the same name
-    shares); keys by name and limits (never their secrets)."""
+    shares); keys by name and limits (never their secrets), but not the Playground's keys."""
     deployments, models = await asyncio.gather(
         ctx.registry.list_deployments.remote(), ctx.registry.list_models.remote()
     )
@@ -204,7 +204,8 @@ async def export_documents(_: User) -> dict[str, Any]:
     keys = await asyncio.gather(
         *(ctx.registry.list_deployment_keys.remote(d["deploymentId"]) for d in live)
     )
-    docs = apply.export_all(live, models, list(keys))
+    declared = [[k for k in ks if not api_web.is_playground_key(k)] for ks in keys]
+    docs = apply.export_all(live, models, declared)
     return {"documents": docs, "total": len(docs)}
 
 

@@ -86,6 +86,14 @@ def playground_key_names(user: dict[str, Any]) -> tuple[str, str]:
     return named(""), named(f", {user['userId']}")
 
 
+def is_playground_key(key: dict[str, Any]) -> bool:
+    """Whether a key (as the registry lists it) is the Playground's key of the user who made
+    it: that user's own, made again on their next message, and no key of the deployment's
+    declared state."""
+    maker = {"name": key.get("createdBy") or "", "userId": key.get("createdById") or ""}
+    return key["name"] in playground_key_names(maker)
+
+
 async def _playground_key(
     deployment_id: str, user: dict[str, Any], fresh: bool
 ) -> tuple[str, bool]:

@@ -640,8 +640,11 @@ def test_the_api_exports_two_models_chats_and_applies_a_change_to_one_only(api):
         reg.set_deployment_status(dep, "DEPLOYED")
         reg.create_deployment_key(dep, "app", uid)
         deployments[m] = dep
+        # the admin chatted in the Playground: that key is theirs, no part of the state
+        reg.create_deployment_key(dep, "playground (admin)", uid)
     with TestClient(app, headers={"X-api-key": admin_key}) as http:
         docs = http.get("/public/apply/export").json()["documents"]
+        assert all(d["apiKeys"] == [{"name": "app"}] for d in docs), docs
         assert sorted(d["model"]["id"] for d in docs if d["name"] == "chat") == sorted(deployments)
         wire = [{"spec": doc, "source": "live.yaml", "line": 1 + i} for i, doc in enumerate(docs)]
         r = http.post("/public/apply", json={"documents": wire, "dryRun": True})
