@@ -19,9 +19,6 @@ import yaml
 
 Columns = list[tuple[str, Callable[[dict[str, Any]], Any]]]
 
-#: deployment states a deploy passes through before it ends (platform/states.py's words)
-IN_FLIGHT = ("READY_TO_DEPLOY", "OPTIMIZING", "DEPLOYING", "UNDEPLOYING")
-
 
 def emit(data: Any, fmt: str, columns: Columns | None = None, rows_of: str | None = None) -> None:
     """Print `data` as JSON, YAML, or a table of `columns` over `data[rows_of]` (or `data`)."""
