@@ -1,6 +1,6 @@
 // The dashboard's shell: the session (sign in / out) and the hash router.
 import { ApiError, api, request, setCsrf, whenSignedOut } from "./api.js";
-import { clear, h } from "./ui.js";
+import { clear, h, toast } from "./ui.js";
 import { modelsPage } from "./pages/models.js";
 import { modelPage } from "./pages/model.js";
 import { deploymentPage } from "./pages/deployment.js";
@@ -90,14 +90,18 @@ function signInForm(reason) {
   input.focus();
 }
 
+// Signed out only when the server ended the session: otherwise its cookie would sign this
+// browser in again on the next load (a shared machine).
 async function signOut() {
   try {
     await api.del("/session");
-  } finally {
-    dispose();
-    dispose = () => {};
-    signInForm();
+  } catch (err) {
+    toast(`Sign-out failed: ${err.message}`, "error");
+    return;
   }
+  dispose();
+  dispose = () => {};
+  signInForm();
 }
 
 whenSignedOut((message) => {

@@ -84,26 +84,35 @@ export function toast(message, kind = "info") {
   setTimeout(() => el.remove(), 4000);
 }
 
+// Copies `text`; true when it was copied.
 export async function copyText(text) {
   try {
     await navigator.clipboard.writeText(text);
+    return true;
   } catch {
-    // not a secure context (plain http on a remote host): the old way
-    const area = h("textarea", { class: "offscreen" });
+    // not a secure context (plain http on a remote host): the old way, in the open dialog if
+    // there is one (a modal dialog makes the rest of the page inert: nothing there is selected)
+    const area = h("textarea", { class: "offscreen", "aria-hidden": "true" });
     area.value = text;
-    document.body.append(area);
+    (document.querySelector("dialog[open]") || document.body).append(area);
     area.select();
-    document.execCommand("copy");
+    let copied = false;
+    try {
+      copied = document.execCommand("copy");
+    } catch {
+      copied = false;
+    }
     area.remove();
+    return copied;
   }
 }
 
 export function copyButton(getText, label = "Copy") {
   const button = h("button", { type: "button", class: "btn small" , text: label});
   button.addEventListener("click", async () => {
-    await copyText(typeof getText === "function" ? getText() : getText);
-    button.textContent = "Copied";
-    setTimeout(() => (button.textContent = label), 1500);
+    const copied = await copyText(typeof getText === "function" ? getText() : getText);
+    button.textContent = copied ? "Copied" : "Copy failed: select and copy by hand";
+    setTimeout(() => (button.textContent = label), copied ? 1500 : 4000);
   });
   return button;
 }
@@ -168,10 +177,14 @@ export function kebab(label, items) {
   const wrap = h("div", { class: "menu" });
   const pop = h("div", { class: "menu-pop", role: "menu", hidden: true });
   const button = h("button", {
-    type: "button", class: "kebab", "aria-label": label, "aria-haspopup": "menu", text: "⋮",
+    type: "button", class: "kebab", "aria-label": label, "aria-haspopup": "menu",
+    "aria-expanded": "false", text: "⋮",
   });
+  // an open menu holds the list's refresh (anyMenuOpen): it closes on a click or focus
+  // elsewhere, and on Escape (focus back on its button)
   const close = () => {
     pop.hidden = true;
+    button.setAttribute("aria-expanded", "false");
     document.removeEventListener("click", outside, true);
   };
   const outside = (e) => {
@@ -180,7 +193,19 @@ export function kebab(label, items) {
   button.addEventListener("click", () => {
     if (!pop.hidden) return close();
     pop.hidden = false;
+    button.setAttribute("aria-expanded", "true");
     document.addEventListener("click", outside, true);
+    pop.querySelector("button:not([disabled])")?.focus();
+  });
+  wrap.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && !pop.hidden) {
+      e.preventDefault();
+      close();
+      button.focus();
+    }
+  });
+  wrap.addEventListener("focusout", (e) => {
+    if (!pop.hidden && e.relatedTarget && !wrap.contains(e.relatedTarget)) close();
   });
   for (const item of items) {
     pop.append(h("button", {
@@ -218,6 +243,23 @@ export function poll(fn, ms, onError = (err) => console.warn(err)) {
     stopped = true;
     clearTimeout(timer);
   };
+}
+
+// poll(refresh, ms) for a list: a refresh that fails says so in a line put before `anchor`,
+// hidden again after one that works (a list that could not be read must not look empty or
+// current).
+export function pollList(anchor, refresh, ms) {
+  const line = h("p", { class: "form-error refresh-error", role: "alert", hidden: true });
+  anchor.before(line);
+  const refreshed = async () => {
+    await refresh();
+    line.hidden = true;
+  };
+  return poll(refreshed, ms, (err) => {
+    line.textContent = `Could not refresh: ${err.message || err}`;
+    line.hidden = false;
+    return false;
+  });
 }
 
 export function table(columns, className = "") {

@@ -13,7 +13,10 @@ export function configurationsTab(body, id, onDep) {
     shownStatus = dep.status;
     if (rendered) return;
     rendered = true;
-    rulesOf("DeploymentUpdate").then((rules) => renderForm(dep, rules.properties));
+    rulesOf("DeploymentUpdate").then((rules) => renderForm(dep, rules.properties)).catch((err) => {
+      rendered = false; // the next refresh of the deployment tries again
+      toast(`The configuration form could not load: ${err.message}`, "error");
+    });
   });
 
   function renderForm(dep, rules) {

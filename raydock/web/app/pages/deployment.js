@@ -4,7 +4,7 @@ import { api } from "../api.js";
 import { rulesOf } from "../schema.js";
 import {
   badge, clear, confirmAction, copyButton, copyText, dialog, fmtDate, h, notFound, pageErrors, poll,
-  table, toast,
+  pollList, table, toast,
 } from "../ui.js";
 import { configurationsTab } from "./configurations.js";
 import { historyTab } from "./history.js";
@@ -169,19 +169,29 @@ function keysTab(body, id) {
 
   function showOnce(created) {
     const code = h("code", { id: "new-api-key", text: created.apiKey });
+    // the secret is shown once: the dialog closes only by a button (Esc would lose it), and
+    // stays open when the copy failed
     dialog({
       title: "API key created",
       className: "key-once",
+      dismissable: false,
       body: h("div", {},
         h("p", { text: `Copy the key "${created.name}" now: raydock keeps only its hash and `
           + "will not show it again." }),
         h("pre", {}, code)),
-      actions: [(d) => h("button", { type: "button", class: "btn primary", text: "Copy and close",
-        onclick: async () => {
-          await copyText(created.apiKey);
-          toast("Key copied");
-          d.close("ok");
-        } })],
+      actions: [
+        (d) => h("button", { type: "button", class: "btn ghost", text: "I have copied it",
+          onclick: () => d.close("ok") }),
+        (d) => h("button", { type: "button", class: "btn primary", text: "Copy and close",
+          onclick: async () => {
+            if (!(await copyText(created.apiKey))) {
+              d.showError("Copy failed: select the key above and copy it by hand.");
+              return;
+            }
+            toast("Key copied");
+            d.close("ok");
+          } }),
+      ],
     });
   }
 
@@ -222,5 +232,5 @@ function keysTab(body, id) {
     clear(tbody, keys.map(row));
     empty.hidden = keys.length > 0;
   }
-  return poll(refresh, POLL_MS);
+  return pollList(el, refresh, POLL_MS);
 }

@@ -2,7 +2,7 @@
 // hardware, optimization, who, start/end, duration, status with the failure reason on hover,
 // undeployment) open below its row.
 import { api, listPages } from "../api.js";
-import { badge, clear, fmtDate, fmtDuration, h, poll, table } from "../ui.js";
+import { badge, clear, fmtDate, fmtDuration, h, pollList, table } from "../ui.js";
 import { POLL_MS } from "./models.js";
 
 const pairs = (obj) => Object.entries(obj || {})
@@ -89,5 +89,5 @@ export function historyTab(body, id) {
     shown = signature;
     render();
   }
-  return poll(refresh, POLL_MS);
+  return pollList(el, refresh, POLL_MS);
 }

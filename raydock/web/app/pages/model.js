@@ -34,8 +34,8 @@ export function modelPage(main, modelId) {
   function row(d) {
     const actions = [
       { label: "Copy cURL", onSelect: async () => {
-        await copyText(curlFor(d));
-        toast("cURL copied");
+        if (await copyText(curlFor(d))) toast("cURL copied");
+        else toast("Copy failed: the browser refused the clipboard", "error");
       } },
       { label: "Manage API Keys",
         onSelect: () => (location.hash = `#/deployments/${d.deploymentId}/keys`) },

@@ -1,6 +1,8 @@
 // Open-Source Models: the seed's list, with search, live counts and a three-dot menu.
 import { api, listPages } from "../api.js";
-import { anyMenuOpen, badge, clear, confirmAction, h, kebab, poll, table, toast } from "../ui.js";
+import {
+  anyMenuOpen, badge, clear, confirmAction, h, kebab, pollList, table, toast,
+} from "../ui.js";
 import { importDialog } from "./import.js";
 
 export const POLL_MS = 3000;
@@ -108,5 +110,5 @@ export function modelsPage(main) {
   }
 
   search.addEventListener("input", () => render(true));
-  return poll(refresh, POLL_MS);
+  return pollList(el, refresh, POLL_MS);
 }

@@ -30,6 +30,8 @@ async function* sseData(response) {
 
 export function playgroundTab(body, id) {
   const messages = [];
+  let inFlight = null; // the AbortController of the reply streaming now, if one is
+  const stop = () => inFlight?.abort();
   const transcript = h("div", { class: "transcript", id: "playground-transcript",
     "aria-live": "polite" });
   const prompt = h("textarea", { id: "playground-prompt", rows: 3,
@@ -37,6 +39,7 @@ export function playgroundTab(body, id) {
   const send = h("button", { type: "submit", class: "btn primary", text: "Send", id: "playground-send" });
   const reset = h("button", { type: "button", class: "btn ghost", text: "New chat",
     onclick: () => {
+      stop(); // its reply belongs to the chat being left
       messages.length = 0;
       clear(transcript);
     } });
@@ -65,6 +68,9 @@ export function playgroundTab(body, id) {
       return h("div", { class: "field" }, h("label", { for: `pg-${k}`, text: label }), inputs[k],
         h("p", { class: "hint", text: rangeText(rules[k] || {}) }));
     }));
+  }).catch((err) => {  // the deployment's defaults still apply: chatting works without them
+    clear(params, h("p", { class: "form-error", role: "alert",
+      text: `Parameters unavailable (${err.message}); the deployment's defaults apply.` }));
   });
 
   // an assistant's bubble also holds its thinking (a thinking model's `delta.reasoning`),
@@ -117,8 +123,10 @@ export function playgroundTab(body, id) {
       return;
     }
     prompt.value = "";
-    bubble("user", text);
+    const asked = bubble("user", text).parentElement;
     const out = bubble("assistant", "");
+    const controller = new AbortController();
+    inFlight = controller;
     out.parentElement.classList.add("streaming");
     send.disabled = true;
     const thinking = out.parentElement.querySelector(".thinking");
@@ -129,6 +137,7 @@ export function playgroundTab(body, id) {
         method: "POST", credentials: "same-origin",
         headers: { "Content-Type": "application/json", ...csrfHeader() },
         body: JSON.stringify(payload),
+        signal: controller.signal,
       });
       if (!response.ok) {
         const data = await response.json().catch(() => null);
@@ -154,13 +163,17 @@ export function playgroundTab(body, id) {
       }
       messages.push({ role: "assistant", content: answer }); // the thinking is not sent back
     } catch (err) {
-      messages.pop();
+      if (controller.signal.aborted) return; // a new chat, or the tab left: nothing to say
+      messages.pop(); // the question goes with its failed answer, from the page too
+      asked.remove();
       out.parentElement.remove();
       error.textContent = err.message;
       error.hidden = false;
     } finally {
       out.parentElement?.classList.remove("streaming");
+      if (inFlight === controller) inFlight = null;
       send.disabled = false;
     }
   });
+  return stop; // leaving the tab ends the reply's generation
 }

@@ -373,8 +373,14 @@ export function wizardPage(main, target) {
       location.hash = `#/deployments/${encodeURIComponent(ref.deploymentId
         || state.dep.deploymentId)}/endpoint`;
     } catch (err) {
-      if (!(err instanceof ApiError)) throw err;
-      showApiErrors(err);
+      if (err instanceof ApiError) {
+        showApiErrors(err);
+      } else {  // no answer (the network, a server restarting): the deploy may have started
+        const what = state.dep ? "its history" : "the model's deployments";
+        error.textContent = `The deploy request failed (${err.message}); it may have reached `
+          + `the platform: check ${what} before trying again.`;
+        error.hidden = false;
+      }
       deploy.disabled = !state.accepted;
     }
   }
