@@ -89,6 +89,7 @@ class _ModelImport:
         self.registry = _registry()
         self.key = model_key(model_id)
         self.validating = False
+        self.ready_sent = False  # finish asked for READY (the write may commit, its reply fail)
 
     def mark_validating(self) -> None:
         if not self.validating:
@@ -107,6 +108,7 @@ class _ModelImport:
         deployconfig = info.pop("deployconfig", None)
         if origin:
             info["origin"] = origin
+        self.ready_sent = True
         return ray.get(  # READY, and the job SUCCESS, in one step
             self.registry.set_model_status.remote(
                 self.model_id,
@@ -120,6 +122,8 @@ class _ModelImport:
         )
 
     def fail(self, reason: str) -> dict:
+        if self._maybe_ready():  # its files are a READY model's now: nothing to undo
+            return {"error": reason}
         self.store.delete(self.key)
         # a model deleted meanwhile is gone with its job already failed: nothing to record
         with contextlib.suppress(NotFound, InvalidTransition):
@@ -129,6 +133,20 @@ class _ModelImport:
                 )
             )
         return {"error": reason}
+
+    def _maybe_ready(self) -> bool:
+        """Whether the model may be READY: finish's write can commit and its reply still fail
+        (the registry dying meanwhile). Unknown counts as READY: files left over cost disk,
+        a READY model's files deleted cost the model."""
+        if not self.ready_sent:
+            return False
+        try:
+            model = ray.get(self.registry.get_model.remote(self.model_id))
+        except NotFound:
+            return False
+        except Exception:
+            return True
+        return model["status"] == ModelStatus.READY
 
 
 @ray.remote(num_cpus=1, max_retries=0)
