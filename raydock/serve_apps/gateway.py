@@ -53,11 +53,11 @@ ctx = _Ctx()
 errors.install(app, lambda: ctx.max_request_bytes)
 
 
-def _handle(deployment_id: str, adapter_id: str | None = None):
+async def _handle(deployment_id: str, adapter_id: str | None = None):
     handle = ctx.handles.get(deployment_id)
     if handle is None:
-        try:
-            handle = serve.get_app_handle(names.engine_app(deployment_id))
+        try:  # a blocking call to Serve's controller: off the loop every /v1 request shares
+            handle = await asyncio.to_thread(serve.get_app_handle, names.engine_app(deployment_id))
         except RayServeException:  # DEPLOYED in the database, app not (yet) back after restart
             raise ApiError(
                 503,
@@ -88,7 +88,8 @@ def _via_handle(deployment_id: str):
         settled = False  # finished or refused: nothing left to cancel
         try:
             adapter = (payload.get("adapter") or {}).get("id")
-            gen = _handle(deployment_id, adapter).remote(payload)  # a full queue may refuse here
+            handle = await _handle(deployment_id, adapter)
+            gen = handle.remote(payload)  # a full queue may refuse here
             async for batch in gen:
                 yield batch
             settled = True
@@ -296,7 +297,7 @@ async def openapi_json():
     routes) and kept: it changes only with the code, which a restart redeploys."""
     if ctx.openapi is None:
         try:
-            api = serve.get_app_handle(names.API_APP)
+            api = await asyncio.to_thread(serve.get_app_handle, names.API_APP)
             ctx.openapi = await api.openapi_document.remote()
         except (RayError, RayServeException) as exc:
             raise ApiError(503, "the management API is restarting; retry shortly") from exc
