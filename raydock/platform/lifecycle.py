@@ -180,6 +180,9 @@ class Lifecycle:
                     await asyncio.to_thread(self.settings.store().delete, key)
             failed = await self.registry.fail_jobs.remote(stale, INTERRUPTED_REASON)
             self._rerun |= set(failed.get("kept", ()))  # kept until a restore succeeds
+            # an import that ended READY while its deployment's deploy never came
+            for job_id in await self.registry.stranded_waits.remote(list(self._jobs)):
+                self._spawn(self._deploy_waiting(job_id), job_id)
             # apps first: a deploy that starts between the two reads is active by the second
             # (its record precedes its app), so its new app is never taken for a stray
             apps = (await asyncio.to_thread(serve.status)).applications
@@ -518,8 +521,17 @@ class Lifecycle:
             await asyncio.sleep(0.5)
         raise DeployFailed(f"replicas did not start within {DEPLOY_TIMEOUT_S} s")
 
+    def _start_over(self, deployment_id: str) -> None:
+        """A deploy or an undeploy of a deployment: what reconciliation noted about its app
+        before (failed restores in a row, unhealthy since, a live version to run again) is
+        about an app that is replaced or gone."""
+        self._restores.pop(deployment_id, None)
+        self._unhealthy_since.pop(deployment_id, None)
+        self._rerun.discard(deployment_id)
+
     async def _deploy(self, deployment_id: str, job_id: str) -> None:
         async with self._locks[deployment_id]:
+            self._start_over(deployment_id)
             submitted = False
             try:
                 app = await self._build_app(deployment_id, job_id)
@@ -542,11 +554,10 @@ class Lifecycle:
                     job_id, status=JobStatus.FAILED, message=reason, response={"error": reason}
                 )
                 return
-            # running: a registry that fails to record it now leaves the job to reconciliation,
-            # as a lifecycle that died here would
-            await self.registry.set_deployment_status.remote(deployment_id, D.DEPLOYED)
-            await self.registry.update_job.remote(
-                job_id, status=JobStatus.SUCCESS, message=f"deployed: {replicas}"
+            # running: DEPLOYED and the job's end in one step (a registry that fails to record
+            # it leaves the job to reconciliation, as a lifecycle that died here would)
+            await self.registry.set_deployment_status.remote(
+                deployment_id, D.DEPLOYED, job_id=job_id, job_message=f"deployed: {replicas}"
             )
 
     async def _keep_live(
@@ -575,6 +586,7 @@ class Lifecycle:
             deploy.cancel()
             await asyncio.wait([deploy])
         async with self._locks[deployment_id]:
+            self._start_over(deployment_id)
             try:
                 # the deploy's job and version end (also one an earlier lifecycle ran)
                 await self.registry.cancel_deploy.remote(deployment_id, user_id)

@@ -684,6 +684,14 @@ class Registry:
             j.response = {**(j.response or {}), "error": message}
         self._job_ended(j)
 
+    def _succeed_job(self, s: Session, job_id: str, message: str | None) -> None:
+        j = s.get(db.DockStatus, job_id)
+        if j is None:
+            raise NotFound(f"dock status {job_id} not found")
+        check_job(j.status, JobStatus.SUCCESS)
+        j.status, j.percentage, j.message = JobStatus.SUCCESS, 100, message
+        self._job_ended(j)
+
     def _job_ended(self, j: db.DockStatus) -> None:
         if j.status != JobStatus.IN_PROGRESS:  # for the meter's job metrics, once committed
             took = (db.utcnow() - j.created_at).total_seconds()
@@ -715,6 +723,21 @@ class Registry:
                 db.DockStatus.status == JobStatus.IN_PROGRESS, db.DockStatus.created_at < cutoff
             )
             return [views.job(j) for j in s.scalars(q) if j.id not in set(running)]
+
+    def stranded_waits(self, running: list[str]) -> list[str]:
+        """Imports that ended READY, not in `running`, whose deployment still waits for them
+        (READY_TO_DEPLOY): their lifecycle ended between the two (the deploy never came)."""
+        with self._tx() as s:
+            q = (
+                select(db.DockStatus.id)
+                .join(db.Deployment, db.Deployment.id == db.DockStatus.deployment_id)
+                .where(
+                    db.DockStatus.action == JobAction.IMPORT,
+                    db.DockStatus.status == JobStatus.SUCCESS,
+                    db.Deployment.status == DeploymentStatus.READY_TO_DEPLOY,
+                )
+            )
+            return [job_id for job_id in s.scalars(q) if job_id not in set(running)]
 
     def fail_jobs(self, job_ids: list[str], reason: str) -> dict[str, list[str]]:
         """End these jobs FAILED with `reason`, and fail what they were moving: the model an
@@ -961,14 +984,23 @@ class Registry:
         status: str,
         reason: str | None = None,
         only_from: str | None = None,
+        job_id: str | None = None,
+        job_message: str | None = None,
     ) -> dict[str, Any] | None:
         """`only_from`: change it only while it is still in that status (else None): for a
-        change decided on what it was, when a user's own action may have moved it since."""
+        change decided on what it was, when a user's own action may have moved it since.
+        `job_id`: the deploy job that ends with this DEPLOYED, in the same step (`job_message`
+        its message): a lifecycle dying between two writes would leave a serving deployment
+        whose job reconciliation then fails as interrupted."""
         with self._tx() as s:
             d = self._deployment(s, deployment_id)
             if only_from is not None and d.status != only_from:
                 return None
             check_deployment(d.status, status)
+            if job_id is not None:
+                if status != DeploymentStatus.DEPLOYED:
+                    raise ValueError("a job ends with its deployment only when it is DEPLOYED")
+                self._succeed_job(s, job_id, job_message)
             changed = d.status != status
             lost = d.status == DeploymentStatus.DEPLOYED and status == DeploymentStatus.FAILED
             if d.status in STARTING_DEPLOYMENT and status == DeploymentStatus.FAILED:

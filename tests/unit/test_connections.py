@@ -100,6 +100,20 @@ def test_an_import_ended_by_reconciliation_fails_its_waiting_deployment(reg, use
     assert dep["status"] == "FAILED" and "restart" in dep["failureReason"]
 
 
+def test_a_deployment_whose_import_ended_ready_without_its_deploy_is_found(reg, user):
+    """The lifecycle ended between an import's READY and the deploy of the deployment waiting
+    for it: reconciliation finds that deployment (Lifecycle.reconcile deploys it)."""
+    m, made = _downloading(reg, user)
+    job_id, dep_id = made["job"]["dockStatusId"], made["deployment"]["deploymentId"]
+    assert reg.stranded_waits([]) == []  # still importing
+    reg.set_model_status(m["modelId"], "VALIDATING")
+    reg.set_model_status(m["modelId"], "READY", job_id=job_id, artifact_uri="/x", checksum="c")
+    assert reg.stranded_waits([job_id]) == []  # its lifecycle is on it
+    assert reg.stranded_waits([]) == [job_id]
+    reg.begin_deploy(dep_id, None, user["userId"], "DEPLOYING")
+    assert reg.stranded_waits([]) == []
+
+
 def test_an_uploaded_model_is_not_retried(reg, user):
     m = reg.create_model("tiny", "file", user["userId"])
     reg.set_model_status(m["modelId"], "IMPORT_FAILED", error="bad zip")

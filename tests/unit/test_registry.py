@@ -90,6 +90,31 @@ def test_deploy_versions_and_history(reg, admin):
     assert reg.history(dep_id)[-1]["config"]["timeout"] == 150
 
 
+def test_a_deploy_and_its_job_end_in_one_step(reg, admin):
+    """DEPLOYED and the deploy job's SUCCESS are one write: a lifecycle dying between two
+    would leave a serving deployment whose job reconciliation fails as interrupted."""
+    _, user = admin
+    m = ready_model(reg, user["userId"])
+    dep_id = reg.create_deployment(m["modelId"], default_deploy_body("d"), user["userId"])[
+        "deploymentId"
+    ]
+    job = reg.begin_deploy(dep_id, None, user["userId"], "DEPLOYING")["dockStatusId"]
+    reg.set_deployment_status(dep_id, "DEPLOYED", job_id=job, job_message="deployed: 1 started")
+    ended = reg.get_job(job)
+    assert (ended["status"], ended["message"], ended["percentageComplete"]) == (
+        "SUCCESS",
+        "deployed: 1 started",
+        100,
+    )
+    assert reg.get_deployment(dep_id)["status"] == "DEPLOYED"
+    # a job that cannot end so leaves the deployment as it was: nothing half-written
+    again = reg.begin_deploy(dep_id, None, user["userId"], "DEPLOYING")["dockStatusId"]
+    reg.update_job(again, status="FAILED", message="cancelled")
+    with pytest.raises(InvalidTransition):
+        reg.set_deployment_status(dep_id, "DEPLOYED", job_id=again)
+    assert reg.get_deployment(dep_id)["status"] == "DEPLOYING"
+
+
 def test_a_redeploy_that_fails_before_serve_saw_it_keeps_the_live_version(reg, admin):
     """The lifecycle calls keep_live_version when a redeploy's conversion, merge or plan
     failed before the Serve application was touched: the old replicas still run, so the
