@@ -255,11 +255,13 @@ def _gone(session_id: str) -> ApiError:
 
 def idle_spools(root: Path, now: float, ttl_s: float) -> list[Path]:
     """Multipart bodies being received (SPOOL_SUFFIX) untouched over `ttl_s`: left by a
-    request that died with its process (a live one's file moves with each write)."""
+    request that died with its process (a live one's file moves with each write); and zips
+    as old, which their import never took (the lifecycle died before it staged them, within
+    seconds, and removed them)."""
     idle = []
     with contextlib.suppress(FileNotFoundError), os.scandir(root) as entries:
         for entry in entries:
-            if entry.name.endswith(SPOOL_SUFFIX):
+            if entry.name.endswith((SPOOL_SUFFIX, ".zip")) and entry.is_file():
                 with contextlib.suppress(FileNotFoundError):  # its request ended meanwhile
                     if now - entry.stat().st_mtime > ttl_s:
                         idle.append(Path(entry.path))
@@ -303,9 +305,13 @@ async def _start_import(
         zip_path.unlink(missing_ok=True)
         raise
     model, job = begun["model"], begun["job"]
-    await ctx.lifecycle.submit_import.remote(
-        model["modelId"], job["dockStatusId"], str(zip_path), kind
-    )
+    try:
+        await ctx.lifecycle.submit_import.remote(
+            model["modelId"], job["dockStatusId"], str(zip_path), kind
+        )
+    except Exception:  # the lifecycle is restarting: reconciliation fails the job it never got
+        zip_path.unlink(missing_ok=True)
+        raise
     return {**job_ref(job), "model": model}
 
 
@@ -643,7 +649,7 @@ async def sweep_idle_uploads() -> None:
                 log.info("upload session %s was idle over %s s: removed", sid, ttl_s)
                 await _drop(sid)
             for spool in await asyncio.to_thread(idle_spools, root, time.time(), ttl_s):
-                log.info("multipart upload %s was idle over %s s: removed", spool.name, ttl_s)
+                log.info("upload file %s was idle over %s s: removed", spool.name, ttl_s)
                 spool.unlink(missing_ok=True)
         except Exception as exc:  # the registry restarting: next round
             log.warning("sweeping idle uploads failed: %r", exc)

@@ -69,11 +69,15 @@ def test_sessions_and_stray_folders_idle_past_the_ttl_are_swept(tmp_path):
     ]
     idle = idle_uploads(sessions, tmp_path, now, ttl_s=day)
     assert idle == ["up-no-folder", "up-orphan-old", "up-stale"]
-    # multipart bodies being received: one a crash left a day ago goes, one arriving stays
-    for name, age_s in (("dead.receiving", 2 * day), ("live.receiving", 1)):
+    # multipart bodies being received: one a crash left a day ago goes, one arriving stays;
+    # so does a zip no import took (its lifecycle died before staging it, within seconds)
+    for name, age_s in (("dead.receiving", 2 * day), ("live.receiving", 1), ("lost.zip", 2 * day)):
         (tmp_path / name).write_bytes(b"PK")
         os.utime(tmp_path / name, (now - age_s, now - age_s))
-    assert idle_spools(tmp_path, now, ttl_s=day) == [tmp_path / "dead.receiving"]
+    assert idle_spools(tmp_path, now, ttl_s=day) == [
+        tmp_path / "dead.receiving",
+        tmp_path / "lost.zip",
+    ]
     assert idle_uploads(sessions, tmp_path / "missing", now, ttl_s=day) == [
         "up-fresh-chunks",
         "up-no-folder",
