@@ -211,7 +211,7 @@ def _follow_import(client, ref: dict) -> dict:
     ends; returns the model."""
     from tqdm import tqdm
 
-    with tqdm(total=100, desc="import", unit="%") as bar:
+    with tqdm(total=100, desc=f"import {ref['dockStatusId']}", unit="%") as bar:
 
         def on_job(job: dict) -> None:
             bar.update(job["percentageComplete"] - bar.n)
@@ -309,6 +309,8 @@ def cmd_connections(args: argparse.Namespace) -> int:
             state = {True: "ok", False: "refused", None: "untested"}[test.get("ok")]
             print(f"{c['connectionId']}  {c['name']:24} {c['hfUser'] or '-':20} {state}")
         return 0
+    if not args.target:
+        raise SystemExit(f"raydock: connections {args.action} needs a connection name or id")
     if args.action == "create":
         # from the environment or a prompt, never the command line (shell history, ps)
         token = os.environ.get("HF_TOKEN")
@@ -542,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         if reason is None:
             raise
         print(f"raydock: {reason}", file=sys.stderr)
-    return 1
+    # diff's 1 means "something would change" (as diff(1) and kubectl diff): its errors are 2
+    return 2 if args.command == "diff" else 1
 
 
 def _database_failure(exc: Exception, args: argparse.Namespace) -> str | None:

@@ -9,6 +9,7 @@ decides what changes. Exit status 1 when anything failed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -180,6 +181,14 @@ def _follow(client: Any, changes: list[dict[str, Any]]) -> bool:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    if args.output != "json":
+        return _apply(args)
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # the progress; stdout holds the JSON alone
+        return _apply(args, stdout)
+
+
+def _apply(args: argparse.Namespace, json_out: Any = None) -> int:
     docs, zips = _documents(args)
     if args.secrets_out:  # before anything changes: a key's secret is shown only once
         _writable(Path(args.secrets_out))
@@ -205,8 +214,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             break
         waited = {c["source"] for c in after}  # their model is READY now: apply once more
         say(f"apply: again, for {', '.join(sorted(_deployment(c) for c in after))}")
-    if args.output == "json":  # one document, both rounds' changes
-        print(json.dumps(result | {"changes": changes}, indent=2))
+    if json_out is not None:  # one document, both rounds' changes
+        print(json.dumps(result | {"changes": changes}, indent=2), file=json_out)
     counts: dict[str, int] = {}
     for c in changes:
         counts[c["action"]] = counts.get(c["action"], 0) + 1

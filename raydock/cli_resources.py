@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -149,14 +150,17 @@ def follow(client: Any, ref: dict[str, Any], quiet: bool = False) -> dict[str, A
     from tqdm import tqdm
 
     dep_id = ref.get("deploymentId")
-    with tqdm(total=100, desc=ref.get("action", "job").lower(), unit="%", disable=quiet) as bar:
+    # the job's id on the bar: Ctrl-C stops the following, not the job (`raydock jobs show`)
+    desc = f"{ref.get('action', 'job').lower()} {ref['dockStatusId']}"
+    with tqdm(total=100, desc=desc, unit="%", disable=quiet) as bar:
 
         def on_job(job: dict[str, Any]) -> None:
             bar.update(job["percentageComplete"] - bar.n)
             status = client.get(f"/deployments/{dep_id}")["status"] if dep_id else ""
             bar.set_postfix_str(" ".join(filter(None, [status, job.get("message") or ""])))
 
-        return client.wait_job(ref["dockStatusId"], timeout=1800, progress=on_job)
+        # to its end, however long: the platform ends every job (a deploy's own timeout)
+        return client.wait_job(ref["dockStatusId"], timeout=math.inf, progress=on_job)
 
 
 def _job_result(client: Any, args: argparse.Namespace, ref: dict[str, Any]) -> int:

@@ -17,10 +17,20 @@ PAGE_SIZE = 1000  # rows per request when reading a whole list: the API's larges
 
 class ApiFailure(Exception):
     def __init__(self, status: int, body: Any):
-        error = body.get("error") if isinstance(body, dict) else body
-        message = error.get("message") if isinstance(error, dict) else error
-        super().__init__(f"HTTP {status}: {message}")
+        super().__init__(f"HTTP {status}: {failure_message(body)}")
         self.status, self.body = status, body
+
+
+def failure_message(body: Any) -> str:
+    """What an error response says: raydock's error message; another JSON server's `detail`
+    (a wrong --url); the first line of a text body (a proxy's HTML page), cut short."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        message = error.get("message") if isinstance(error, dict) else error or body.get("detail")
+        return str(message if message is not None else body)[:300]
+    lines = [line.strip() for line in str(body).splitlines() if line.strip()]
+    first = lines[0] if lines else "(no body)"
+    return first if len(first) <= 200 else first[:200] + "…"
 
 
 def response_body(r: httpx.Response) -> Any:

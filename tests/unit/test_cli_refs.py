@@ -410,3 +410,38 @@ def test_connections_create_without_a_terminal_or_hf_token_says_what_to_set():
     )
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().endswith("set HF_TOKEN (no terminal to ask on)"), done.stderr
+
+
+def test_apply_json_is_the_only_thing_on_stdout_and_diff_errors_exit_2(platform, capsys, tmp_path):
+    """Scripts read `apply -o json` with a JSON parser and tell diff's "would change" (1) from
+    its failures (2)."""
+    model = platform.model("tiny")
+    doc = tmp_path / "app.yaml"
+    doc.write_text(f"name: js\nmodel: {{id: {model}}}\ndeviceType: cpu-small\n")
+    assert cli.main(["diff", "-f", str(doc)]) == 1  # would create it
+    capsys.readouterr()
+    assert cli.main(["apply", "-f", str(doc), "-o", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert [c["action"] for c in json.loads(out)["changes"]] == ["create"]
+    assert "DEPLOYED" in err and "apply: 1 create; done" in err  # the progress, on stderr
+    assert cli.main(["diff", "-f", str(doc)]) == 0  # nothing left to change
+    assert cli.main(["diff", "-f", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_a_connection_command_without_its_target_names_what_is_missing(platform):
+    for action in ("create", "test", "delete"):
+        assert refused("connections", action) == (
+            f"raydock: connections {action} needs a connection name or id"
+        )
+    assert platform.paths() == []  # nothing asked of the platform (no token prompt either)
+
+
+def test_an_error_body_that_is_not_raydocks_is_one_short_line():
+    from raydock.client import ApiFailure
+
+    page = "<html>\n<head><title>502 Bad Gateway</title></head>\n" + "x" * 3000 + "</html>"
+    assert str(ApiFailure(502, page)) == "HTTP 502: <html>"
+    assert str(ApiFailure(404, {"detail": "Not Found"})) == "HTTP 404: Not Found"
+    assert str(ApiFailure(400, {"error": {"message": "bad"}})) == "HTTP 400: bad"
+    assert len(str(ApiFailure(500, "y" * 1000))) < 220
