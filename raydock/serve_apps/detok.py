@@ -70,11 +70,14 @@ class TextTracker:
         return self._take(len(self.text) - self._hold)
 
     def flush(self) -> str:
-        """The held-back tail, once generation ended for another reason."""
+        """The held-back tail, once generation ended for another reason (a stop sequence may
+        end in an unfinished character's text too: then `stopped`)."""
+        out = ""
         if self._read < len(self._all) and not self.stopped:  # an unfinished character
-            self.text += self._pending().rstrip("\ufffd")
+            piece = self._pending().rstrip("\ufffd")
             self._prefix = self._read = len(self._all)
-        return self._take(len(self.text))
+            out = self._extend(piece)
+        return out if self.stopped else out + self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
         if upto <= self.emitted:

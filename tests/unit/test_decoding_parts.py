@@ -30,6 +30,22 @@ def test_stop_sequence_is_cut_and_never_emitted():
     assert t.add(6) == "" and t.stopped and t.text == "ab"
 
 
+def test_a_stop_sequence_in_an_unfinished_characters_text_is_cut_at_the_end_too():
+    """The token that completes a stop sequence may also begin a multi-byte character; when
+    generation ends right there (max_tokens, an end token), the tail is still checked."""
+    vocab = {0: b"Hi ", 1: b"E", 2: b"N", 3: b"D\xe2", 4: b"\x82\xac", 5: b"\xc3", 6: b"\xa9\xe2"}
+
+    def dec(ids):
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    for stop, tokens in (("END", [0, 1, 2, 3]), ("é", [0, 5, 6])):
+        tracker = TextTracker(dec, (stop,))
+        out = "".join(tracker.add(t) for t in tokens) + tracker.flush()
+        assert (out, tracker.stopped) == ("Hi ", True), stop
+    tracker = TextTracker(dec, ("zz",))  # no stop in it: the tail comes whole
+    assert "".join(tracker.add(t) for t in [0, 1, 2, 3]) + tracker.flush() == "Hi END"
+
+
 def test_held_back_text_is_released_when_it_is_not_a_stop():
     t = TextTracker(decode, ("STOP",))
     out = "".join(t.add(i) for i in [3, 4, 0])

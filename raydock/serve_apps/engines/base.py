@@ -131,8 +131,8 @@ def append_token(
     if seq.tracker.stopped:
         finish = "stop"
     elif seq.produced >= seq.budget:
-        finish = "length"
         text += seq.tracker.flush()
+        finish = "stop" if seq.tracker.stopped else "length"
     seq.done = finish is not None
     logprobs = []
     if seq.params.logprobs:

@@ -479,7 +479,10 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
                 seq.paused = True  # the call's step limit: resume in the next run
             else:  # CTranslate2 ended it without a token: do not loop on it
                 seq.done = True
-                self._finish(seq, StepEvent(seq.tracker.flush(), [], [], "length"))
+                tail = seq.tracker.flush()
+                self._finish(
+                    seq, StepEvent(tail, [], [], "stop" if seq.tracker.stopped else "length")
+                )
 
     def _on_step(self, run: _Run, step) -> bool:
         """CTranslate2's per-token callback (its worker thread). True stops the sequence."""
