@@ -11,8 +11,16 @@ from dataclasses import dataclass
 from typing import Any
 
 #: The longest context an engine serves per sequence (vLLM sizes its KV cache for it; the
-#: transformers and CTranslate2 engines grow toward it).
+#: transformers and CTranslate2 engines grow toward it, never past it).
 MAX_SERVING_CONTEXT = 2048
+
+
+def serving_context(model_limit: int) -> int:
+    """The context an engine serves a model with: its own limit, at most MAX_SERVING_CONTEXT
+    (what the memory check sized the replica for; a longer prompt is a 400 on every engine)."""
+    return min(model_limit, MAX_SERVING_CONTEXT)
+
+
 #: Extra KV slots per sequence beyond the context (vLLM's block rounding, a generation step).
 KV_SLACK_TOKENS = 256
 #: The config.json keys the estimate reads; kept in a model's metadata at import.

@@ -229,3 +229,19 @@ def test_a_step_over_a_bound_ends_with_length_never_stop(engine, monkeypatch):
 
     finish, produced = run(main())
     assert finish == "length" and produced < 200  # ended by the bound, not the budget
+
+
+def test_a_model_of_a_longer_context_is_served_with_the_context_the_memory_check_sized(tmp_path):
+    """A model whose config allows 8,192 tokens: the engine serves 2,048 (what the deploy's
+    memory estimate reserved per sequence, and what vLLM serves), so a longer prompt is the
+    same 400 on every engine, not a batch padded past the replica's memory."""
+    import shutil
+
+    from raydock.model_memory import MAX_SERVING_CONTEXT
+
+    model = tmp_path / "long"
+    shutil.copytree(cached_model_dir("tiny"), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 8192}))
+    long = TransformersEngine(str(model), num_threads=1, max_batch_size=2)
+    assert long.max_context == MAX_SERVING_CONTEXT == 2048

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from raydock.model_memory import serving_context
 from raydock.optimizers.ctranslate2 import MANIFEST, NO_QUANTIZATION
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.engines.base import (
@@ -237,7 +238,7 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.vocab: list[str] = json.loads((path / "vocabulary.json").read_text())
         self.eos = eos_ids(path, self.tokenizer)
-        self.max_context = _max_context(path, self.tokenizer)
+        self.max_context = serving_context(_max_context(path, self.tokenizer))
         self.max_batch_size = max_batch_size
         self.guided = GuidedDecoder(self.tokenizer, self.eos, len(self.vocab))
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ct2-engine")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from raydock.model_memory import TRANSFORMERS_DTYPE
+from raydock.model_memory import MAX_SERVING_CONTEXT, TRANSFORMERS_DTYPE, serving_context
 from raydock.serve_apps.detok import TextTracker
 from raydock.serve_apps.engines.base import (
     ADMITTED,
@@ -87,7 +87,8 @@ class TransformersEngine(TokenizerPrompts, GuidedChecks):
         # any id will do for left padding: the attention mask hides it
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else next(iter(self.eos), 0)
-        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_context = serving_context(int(limit or MAX_SERVING_CONTEXT))
         self.max_batch_size = max_batch_size
         self.guided = GuidedDecoder(self.tokenizer, self.eos, self.model.config.vocab_size)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
