@@ -256,10 +256,10 @@ def test_openai_standard_base_url(platform, live):
     [
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 1.5}, "top_p"),
-        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),  # 0 and vLLM's -1: off
         ({"max_tokens": 513}, "max_tokens"),
         ({"n": 9}, "n"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"stop": list("abcdefghi")}, "stop"),  # 8 at most
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: as OpenAI
         # the engines read text: an image part is refused, not silently dropped

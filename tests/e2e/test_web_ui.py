@@ -168,7 +168,9 @@ def test_a_key_made_in_the_page_works_until_deleted_there(
     expect(shown).to_be_visible()
     # a browser that refuses the clipboard API (plain http on a remote host): the old way,
     # inside the modal dialog (outside it, nothing can be selected and nothing was copied)
-    page.evaluate("navigator.clipboard.writeText = () => Promise.reject(new Error('denied'))")
+    page.evaluate(
+        "() => { navigator.clipboard.writeText = () => Promise.reject(new Error('denied')); }"
+    )
     page.get_by_role("button", name="Copy and close").click()
     expect(shown).to_have_count(0)
     assert page.evaluate("navigator.clipboard.readText()") == key
