@@ -392,14 +392,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from raydock.modelgen import build_model_zip
 
     url = args.url or os.environ.get("RAYDOCK_URL")
-    key = args.key or os.environ.get("RAYDOCK_API_KEY")
+    key = args.key or os.environ.get("RAYDOCK_API_KEY") or _key_from_file()
     embedded = not key  # a key means a running platform: at --url, else the settings' URL
+    if embedded and args.url:
+        raise SystemExit("raydock: demo --url needs the platform's key (--key or RAYDOCK_API_KEY)")
     url = url or _settings(args).base_url
     if embedded:  # no platform given: run one in-process on a fresh data dir
-        from raydock.platform.bootstrap import connect, start_platform
+        from raydock.platform.bootstrap import check_port_free, connect, start_platform
 
         home = args.home or tempfile.mkdtemp(prefix="raydock-demo-")
         settings = load_settings(home=home, port=args.port)
+        check_port_free(settings.host, settings.port)  # a platform already there: say so
         print(f"starting an embedded platform (data dir {home}) ...")
         connect(settings, include_dashboard=False)
         info = start_platform(settings)

@@ -22,6 +22,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     client = _client(args)
     dest = Path(args.file)
+    if dest.is_dir():  # refused before the whole archive streams in
+        raise SystemExit(f"raydock: {dest} is a folder; name the backup file in it")
     if not dest.parent.is_dir():  # else the error would name the .part file
         raise SystemExit(f"raydock: {dest.parent} is not a folder; the backup goes into one")
     part = dest.with_name(dest.name + ".part")

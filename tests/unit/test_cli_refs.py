@@ -445,3 +445,28 @@ def test_an_error_body_that_is_not_raydocks_is_one_short_line():
     assert str(ApiFailure(404, {"detail": "Not Found"})) == "HTTP 404: Not Found"
     assert str(ApiFailure(400, {"error": {"message": "bad"}})) == "HTTP 400: bad"
     assert len(str(ApiFailure(500, "y" * 1000))) < 220
+
+
+def test_backup_to_a_folder_is_refused_before_anything_streams(platform, tmp_path):
+    assert refused("backup", str(tmp_path)) == (
+        f"raydock: {tmp_path} is a folder; name the backup file in it"
+    )
+    assert platform.paths() == []
+
+
+def test_demo_says_what_it_lacks_before_starting_anything(monkeypatch, capsys):
+    """A platform's URL without its key, or the port a platform already listens on: one line,
+    before a Ray cluster would start."""
+    import socket
+
+    for name in ("RAYDOCK_API_KEY", "RAYDOCK_API_KEY_FILE", "RAYDOCK_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert refused("demo", "--url", "http://127.0.0.1:9") == (
+        "raydock: demo --url needs the platform's key (--key or RAYDOCK_API_KEY)"
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["demo", "--port", str(port)]) == 1
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
