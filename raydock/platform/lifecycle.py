@@ -123,6 +123,7 @@ class Lifecycle:
         self._jobs: set[str] = set()  # jobs a task of this actor is running
         self._deploys: dict[str, asyncio.Task] = {}  # deployment id -> its running deploy
         self._restores: dict[str, int] = defaultdict(int)  # failed restores in a row
+        self._restoring: dict[str, asyncio.Task] = {}  # deployment id -> its running restore
         # deployments whose live version's app must run again whatever Serve shows (a
         # redeploy interrupted while DEPLOYING: Serve may hold the new version's app)
         self._rerun: set[str] = set()
@@ -199,7 +200,7 @@ class Lifecycle:
                 lost = self._app_lost(dep_id, apps.get(names.engine_app(dep_id)))
                 if dep_id in self._rerun or lost:
                     restored.append(dep_id)
-                    self._spawn(self._restore(dep_id))
+                    self._track(self._restoring, dep_id, self._spawn(self._restore(dep_id)))
         done = {"failed": failed, "resumedUndeploys": resumed, "removedApps": removed}
         if any(failed.values()) or resumed or removed or restored:
             log.warning("reconciled: %s, restoring %s", done, restored)
@@ -262,14 +263,28 @@ class Lifecycle:
         status = D.OPTIMIZING if converts else D.DEPLOYING
         job = await self.registry.begin_deploy.remote(deployment_id, config, user_id, status)
         task = self._spawn(self._deploy(deployment_id, job["dockStatusId"]), job["dockStatusId"])
-        self._deploys[deployment_id] = task
+        self._track(self._deploys, deployment_id, task)
+        return job
 
-        def ended(_: asyncio.Task) -> None:  # a later deploy of it may be running by now
-            if self._deploys.get(deployment_id) is task:
-                del self._deploys[deployment_id]
+    @staticmethod
+    def _track(running: dict[str, asyncio.Task], deployment_id: str, task: asyncio.Task) -> None:
+        """Keep `task` in `running` under its deployment while it runs."""
+        running[deployment_id] = task
+
+        def ended(_: asyncio.Task) -> None:  # a later one of it may be running by now
+            if running.get(deployment_id) is task:
+                del running[deployment_id]
 
         task.add_done_callback(ended)
-        return job
+
+    async def _stop_restore(self, deployment_id: str) -> None:
+        """A restore of the deployment's lost app gives way to a deploy or undeploy the user
+        asked for: it may wait up to DEPLOY_TIMEOUT_S for replicas that cannot be placed
+        (a node gone), holding the deployment's lock all that time."""
+        restore = self._restoring.get(deployment_id)
+        if restore is not None:
+            restore.cancel()
+            await asyncio.wait([restore])
 
     async def undeploy(self, deployment_id: str, user_id: str) -> dict[str, Any]:
         """Start an undeploy; one of a deployment still OPTIMIZING or DEPLOYING cancels that
@@ -530,6 +545,7 @@ class Lifecycle:
         self._rerun.discard(deployment_id)
 
     async def _deploy(self, deployment_id: str, job_id: str) -> None:
+        await self._stop_restore(deployment_id)
         async with self._locks[deployment_id]:
             self._start_over(deployment_id)
             submitted = False
@@ -585,6 +601,7 @@ class Lifecycle:
             await self._progress(job_id, 10, "cancelling the deploy")
             deploy.cancel()
             await asyncio.wait([deploy])
+        await self._stop_restore(deployment_id)
         async with self._locks[deployment_id]:
             self._start_over(deployment_id)
             try:
