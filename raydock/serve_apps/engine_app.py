@@ -146,7 +146,6 @@ class EngineServer:
         self._guided_seen = (0, 0)  # guided cache hits and misses already reported
         self.queue_limit = spec["queue_limit"]
         self.requests = 0  # in flight in this replica, decoding or waiting for a slot
-        self.sequences = 0  # ... and their choices (n each): what takes batch slots
         self.taken = 0  # requests this replica took, reported per replica (routing)
         self._reported = {"taken": 0, "prefix_queries": 0, "prefix_hits": 0}
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -303,9 +302,7 @@ class EngineServer:
         comes: the request's meter charges the prompt from then on, not while it waits for a
         slot, and drops that batch.
         """
-        n = request.get("n", 1)
-        # the queue holds sequences: a request of n choices takes n batch slots
-        if self.sequences + n > self.engine.max_batch_size + self.queue_limit:
+        if self.requests >= self.engine.max_batch_size + self.queue_limit:
             yield [
                 _error_event(
                     ApiError(
@@ -318,14 +315,12 @@ class EngineServer:
             ]
             return
         self.requests += 1
-        self.sequences += n
         self.taken += 1
         try:
             async for batch in self._generate(request):
                 yield batch
         finally:
             self.requests -= 1
-            self.sequences -= n
 
     async def _generate(self, request: dict[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
         from raydock.serve_apps.sampling import SamplingParams
@@ -454,8 +449,7 @@ def _error_event(exc: ApiError) -> dict[str, Any]:
 
 
 def queue_limit(batch: int) -> int:
-    """Sequences (a request's n choices each) a replica holds waiting for a batch slot
-    before it answers 429."""
+    """Requests a replica holds waiting for a batch slot before it answers 429."""
     return max(8, 4 * batch)
 
 

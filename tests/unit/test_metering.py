@@ -466,16 +466,15 @@ class _Engine:
             yield [StepEvent("a", [97], [], finish, len(ids), i + 1)]
 
 
-def _replica(engine: _Engine, tokenizing, sequences: int = 0):
-    """EngineServer's request methods on a plain object (no model, no Serve), `sequences`
-    already in flight."""
+def _replica(engine: _Engine, tokenizing, requests: int = 0):
+    """EngineServer's request methods on a plain object (no model, no Serve)."""
     from raydock.serve_apps.engine_app import EngineServer
 
     methods = ("generate", "_generate", "_prompt", "_check_params", "_check_constraint")
     cls = EngineServer.func_or_class
     server = type("Replica", (), {name: getattr(cls, name) for name in methods})()
     server.engine, server.queue_limit, server.tokenizing = engine, 1, tokenizing
-    server.requests, server.sequences, server.taken, server.thinks = 0, sequences, 0, False
+    server.requests, server.taken, server.thinks = requests, 0, False
     return server
 
 
@@ -514,15 +513,9 @@ def test_a_replica_sends_the_prompt_taken_when_its_engine_admits_it_never_before
         assert steps == [(0, 1), (0, 2), (1, 1), (1, 2)]
         assert all(is_prompt_taken(b) or all("text" in ev for ev in b) for b in two)  # no marker
         # refusals stay one error event: a full queue (429), a prompt too long (400)
-        busy = _replica(engine, tokenizing, sequences=3)
+        busy = _replica(engine, tokenizing, requests=3)
         full = asyncio.run(first(busy, {"prompt": "x", "params": params}))
         assert [ev["status"] for ev in full[0]] == [429] and len(full) == 1
-        # the queue counts choices: 2 slots + 1 waiting hold 1 sequence and 2 more, not 3
-        one = _replica(engine, tokenizing, sequences=1)
-        three = asyncio.run(first(one, {"prompt": "x", "params": params, "n": 3}))
-        assert [ev["status"] for ev in three[0]] == [429]
-        two = asyncio.run(first(one, {"prompt": "x", "params": params, "n": 2}))
-        assert is_prompt_taken(two[0]) and one.sequences == 1  # its 2 released at its end
         long = {"prompt": "x" * 5000, "params": params}
         refused = asyncio.run(first(server, long, 5))
         assert [ev.get("status") for b in refused for ev in b] == [400]

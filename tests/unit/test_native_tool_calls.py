@@ -215,7 +215,6 @@ def _replica(engine, wrapper):
     methods = ("generate", "_generate", "_prompt", "_check_params", "_check_constraint")
     server = type("Replica", (), {name: getattr(cls, name) for name in methods})()
     server.engine, server.queue_limit, server.requests, server.taken = engine, 1, 0, 0
-    server.sequences = 0
     server.tool_call_wrapper = wrapper
     server.tag_tokens = chat_render.tag_tokens(getattr(engine, "tokenizer", None))
     server.thinks = chat_render.thinks(getattr(engine, "tokenizer", None))
