@@ -71,15 +71,19 @@ async def _flush_meter() -> None:
 #: the longest period one answer covers by minute or by hour (about 3,000 rows per key and
 #: deployment): the registry builds an answer alone, and every API request waits meanwhile
 MAX_SPAN = {"minute": timedelta(days=2), "hour": timedelta(days=92)}
+INVALID_PERIOD = "invalid_period"
 
 
 def period(
     since: datetime | None, until: datetime | None, group_by: str, now: datetime
 ) -> tuple[datetime | None, datetime | None]:
     """The period a usage answer covers: as asked, or, by minute or hour without a start, the
-    last MAX_SPAN before its end; a 422 naming `start` when it is empty or longer."""
+    last MAX_SPAN before its end; a 400 naming `start` when it is empty or longer (a rule
+    across two parameters, which a JSON Schema of each cannot state)."""
     if since is not None and until is not None and since >= until:
-        raise ApiError(422, f"start must be before end (got {since} and {until})", "start")
+        raise ApiError(
+            400, f"start must be before end (got {since} and {until})", "start", INVALID_PERIOD
+        )
     span = MAX_SPAN.get(group_by)
     if span is None:
         return since, until
@@ -87,10 +91,11 @@ def period(
         return max(until or now, datetime.min + span) - span, until
     if (until or now) - since > span:
         raise ApiError(
-            422,
+            400,
             f"groupBy={group_by} covers at most {span.days} days: start must be at most "
             f"{span.days} days before end (or now); got {since}",
             "start",
+            INVALID_PERIOD,
         )
     return since, until
 

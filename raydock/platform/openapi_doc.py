@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from raydock.config import hardware_profiles
 from raydock.errors import TYPES, error_body
+from raydock.params import MAX_STOP_SEQUENCES
 from raydock.platform.schemas import NOT_BLANK, ScalingParameters
 from raydock.serve_apps.protocol import (
     MESSAGE_NEEDS,
@@ -80,6 +81,7 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /models/{modelId}/export": (409,),
     "GET /deployments/{deploymentId}/stats": (409,),  # not DEPLOYED
     "GET /catalog/{entryId}": (400,),  # an optimizationType its architecture does not run
+    "GET /usage": (400,),  # a period: start before end; by minute or hour, 2 or 92 days
     "GET /exports/{dockStatusId}/download": (409,),
     "POST /connections": (400, 409),  # the Hub refuses the token; the name exists
     "POST /models/import/huggingface": (404, 409),  # connectionId; baseModelId not READY
@@ -537,7 +539,7 @@ def _as_validated(schemas: dict[str, Any]) -> None:
     for request in ("ChatRequest", "CompletionRequest"):
         props(request)["stop"]["anyOf"] = [
             stop,
-            {"type": "array", "items": stop, "maxItems": 4},
+            {"type": "array", "items": stop, "maxItems": MAX_STOP_SEQUENCES},
             {"type": "null"},
         ]
     for request in ("ChatRequest", "CompletionRequest", "ResponsesRequest"):

@@ -212,6 +212,7 @@ MANAGEMENT_REFUSALS = {
     "archive_too_large",
     "insufficient_storage",
     "invalid_chunking",
+    "invalid_period",  # GET /usage: start before end, a span by minute or hour
     "webhook_address_refused",  # where a webhook's host resolves (the network's to say)
 }
 # - POST /models/import: the upload's file name must end in .zip (it names the model); OpenAPI

@@ -724,7 +724,7 @@ def test_usage_times_at_the_ends_of_the_calendar_do_not_overflow():
 def test_usage_by_minute_or_hour_covers_a_bounded_period(reg, tmp_path, monkeypatch):
     """One answer by minute covers at most 2 days, by hour 92 (the registry builds an answer
     alone, every API request waiting): without a start, the last ones; a longer period, or a
-    start not before the end, is a 422 naming `start`."""
+    start not before the end, is a 400 naming `start`."""
     from fastapi.testclient import TestClient
 
     from raydock.config import load_settings
@@ -756,11 +756,11 @@ def test_usage_by_minute_or_hour_covers_a_bounded_period(reg, tmp_path, monkeypa
         assert end is None and abs(start.timestamp() + 2 * days - time.time()) < 120
         week = {"start": "2026-01-01", "end": "2026-01-08"}
         r = http.get("/public/usage", params={"groupBy": "minute", **week})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "start"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "start"
         assert "groupBy=minute covers at most 2 days" in r.json()["error"]["message"]
         assert usage(groupBy="hour", **week)["rows"] == []
         r = http.get("/public/usage", params={"start": "2026-01-08", "end": "2026-01-01"})
-        assert (r.status_code, r.json()["error"]["param"]) == (422, "start")
+        assert (r.status_code, r.json()["error"]["param"]) == (400, "start")
         # the ends of the calendar: no overflow
         assert usage(groupBy="minute", end="0001-01-01")["rows"] == []
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from raydock.config import hardware_profiles
 from raydock.platform import openapi_doc
-from raydock.serve_apps import docs_page, gateway
+from raydock.serve_apps import docs_page, gateway, protocol
 
 ERROR_REF = "#/components/schemas/ErrorResponse"
 MGMT = openapi_doc.MANAGEMENT
@@ -155,7 +155,11 @@ def test_ranges_match_the_validators(doc):
     assert (timeout["minimum"], timeout["maximum"]) == (30, 180)
     assert schemas["ModelUpdate"]["properties"]["name"]["type"] == "null"
     stop = schemas["ChatRequest"]["properties"]["stop"]["anyOf"]
-    assert {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4} in stop
+    most = hp["stopSequence"]["maxItems"]  # a request's, as a deployment's default's
+    assert {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": most} in stop
+    with pytest.raises(protocol.BadParam, match="stop"):
+        protocol.parse(protocol.CompletionRequest, {"prompt": "x", "stop": ["s"] * (most + 1)})
+    protocol.parse(protocol.CompletionRequest, {"prompt": "x", "stop": ["s"] * most})
     prompt = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]
     assert prompt[1]["maxItems"] == 1
 
