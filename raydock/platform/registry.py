@@ -684,14 +684,6 @@ class Registry:
             j.response = {**(j.response or {}), "error": message}
         self._job_ended(j)
 
-    def _succeed_job(self, s: Session, job_id: str, message: str | None) -> None:
-        j = s.get(db.DockStatus, job_id)
-        if j is None:
-            raise NotFound(f"dock status {job_id} not found")
-        check_job(j.status, JobStatus.SUCCESS)
-        j.status, j.percentage, j.message = JobStatus.SUCCESS, 100, message
-        self._job_ended(j)
-
     def _job_ended(self, j: db.DockStatus) -> None:
         if j.status != JobStatus.IN_PROGRESS:  # for the meter's job metrics, once committed
             took = (db.utcnow() - j.created_at).total_seconds()
@@ -722,7 +714,8 @@ class Registry:
             q = select(db.DockStatus).where(
                 db.DockStatus.status == JobStatus.IN_PROGRESS, db.DockStatus.created_at < cutoff
             )
-            return [views.job(j) for j in s.scalars(q) if j.id not in set(running)]
+            running_ids = set(running)
+            return [views.job(j) for j in s.scalars(q) if j.id not in running_ids]
 
     def stranded_waits(self, running: list[str]) -> list[str]:
         """Imports that ended READY, not in `running`, whose deployment still waits for them
@@ -737,7 +730,8 @@ class Registry:
                     db.Deployment.status == DeploymentStatus.READY_TO_DEPLOY,
                 )
             )
-            return [job_id for job_id in s.scalars(q) if job_id not in set(running)]
+            running_ids = set(running)
+            return [job_id for job_id in s.scalars(q) if job_id not in running_ids]
 
     def fail_jobs(self, job_ids: list[str], reason: str) -> dict[str, list[str]]:
         """End these jobs FAILED with `reason`, and fail what they were moving: the model an
@@ -1000,7 +994,10 @@ class Registry:
             if job_id is not None:
                 if status != DeploymentStatus.DEPLOYED:
                     raise ValueError("a job ends with its deployment only when it is DEPLOYED")
-                self._succeed_job(s, job_id, job_message)
+                job = s.get(db.DockStatus, job_id)
+                if job is None:
+                    raise NotFound(f"dock status {job_id} not found")
+                self._end_job(job, JobStatus.SUCCESS, job_message)
             changed = d.status != status
             lost = d.status == DeploymentStatus.DEPLOYED and status == DeploymentStatus.FAILED
             if d.status in STARTING_DEPLOYMENT and status == DeploymentStatus.FAILED:

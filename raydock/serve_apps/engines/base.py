@@ -110,6 +110,14 @@ def end_event(seq: Decoding) -> StepEvent:
     return StepEvent(seq.tracker.flush(), [], [], finish, len(seq.prompt), seq.produced)
 
 
+def budget_end(tracker: TextTracker) -> tuple[str, str]:
+    """The held-back text of a sequence cut short (its token budget, or the engine's own
+    limit), and its finish_reason: "stop" when that text completed a stop sequence, else
+    "length"."""
+    tail = tracker.flush()
+    return tail, "stop" if tracker.stopped else "length"
+
+
 def append_token(
     seq: Decoding,
     token: int,
@@ -131,8 +139,8 @@ def append_token(
     if seq.tracker.stopped:
         finish = "stop"
     elif seq.produced >= seq.budget:
-        text += seq.tracker.flush()
-        finish = "stop" if seq.tracker.stopped else "length"
+        tail, finish = budget_end(seq.tracker)
+        text += tail
     seq.done = finish is not None
     logprobs = []
     if seq.params.logprobs:

@@ -77,6 +77,7 @@ from raydock.serve_apps.engines.base import (
     StepEvent,
     TokenizerPrompts,
     append_token,
+    budget_end,
     drain_steps,
     end_event,
     eos_ids,
@@ -480,10 +481,8 @@ class CTranslate2Engine(TokenizerPrompts, GuidedChecks):
                 seq.paused = True  # the call's step limit: resume in the next run
             else:  # CTranslate2 ended it without a token: do not loop on it
                 seq.done = True
-                tail = seq.tracker.flush()
-                self._finish(
-                    seq, StepEvent(tail, [], [], "stop" if seq.tracker.stopped else "length")
-                )
+                tail, finish = budget_end(seq.tracker)
+                self._finish(seq, StepEvent(tail, [], [], finish))
 
     def _on_step(self, run: _Run, step) -> bool:
         """CTranslate2's per-token callback (its worker thread). True stops the sequence."""
