@@ -59,9 +59,21 @@ def _clear_cookies(response: Response, request: Request) -> None:
 
 def _view(user: dict[str, Any] | None, session: sessions.Session | None) -> dict[str, Any]:
     if user is None or session is None:
-        return {"signedIn": False, "user": None, "csrfToken": None, "expiresAt": None}
+        return {
+            "signedIn": False,
+            "user": None,
+            "csrfToken": None,
+            "expiresAt": None,
+            "maxChunkBytes": None,
+        }
     expires = datetime.fromtimestamp(session.expires, UTC).isoformat().replace("+00:00", "Z")
-    return {"signedIn": True, "user": user, "csrfToken": session.csrf, "expiresAt": expires}
+    return {
+        "signedIn": True,
+        "user": user,
+        "csrfToken": session.csrf,
+        "expiresAt": expires,
+        "maxChunkBytes": ctx.settings.upload_chunk_max_bytes,  # the dashboard's uploads
+    }
 
 
 @router.post("/session")

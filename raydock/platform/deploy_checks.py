@@ -96,6 +96,49 @@ def check_deploy(model: dict[str, Any], config: dict[str, Any]) -> plan.EnginePl
     return engine
 
 
+def one_node_share(profile: dict[str, Any]) -> dict[str, float]:
+    """The Ray resources one node must hold of a replica of `profile` (and of a conversion
+    task for it): all of them, or one pipeline stage's share when its stages span nodes."""
+    stages = int(profile.get("pipeline_parallel_size", 1))
+    gpus = profile.get("num_gpus") or 0
+    share = {"CPU": profile.get("num_cpus", 1) / stages}
+    if gpus:
+        share["GPU"] = gpus / stages
+    if profile.get("memory_gb"):
+        share["memory"] = profile["memory_gb"] * 2**30 / stages
+    return share
+
+
+_UNITS = {"CPU": ("CPUs", 1), "GPU": ("GPUs", 1), "memory": ("GiB memory", 2**30)}
+
+
+def _amount(resource: str, value: float) -> str:
+    unit, scale = _UNITS[resource]
+    return f"{value / scale:g} {unit}"
+
+
+def _placement_problem(profile: dict[str, Any], nodes: list[dict[str, float]]) -> str | None:
+    """Why no node (or, for pipeline stages, not enough nodes) can hold a replica: Ray
+    places an actor or task on one node, and waits without end for one that fits."""
+    share = one_node_share(profile)
+    stages = int(profile.get("pipeline_parallel_size", 1))
+    held = sum(
+        min(int(node.get(r, 0) // need) for r, need in share.items() if need) for node in nodes
+    )
+    if held >= stages:
+        return None
+    where = "on one node" if stages == 1 else f"on each of {stages} nodes"
+    short = [r for r, need in share.items() if max((n.get(r, 0) for n in nodes), default=0) < need]
+    if short:
+        largest = ", ".join(_amount(r, max((n.get(r, 0) for n in nodes), default=0)) for r in short)
+        needs = ", ".join(_amount(r, share[r]) for r in short)
+        return f"needs {needs} {where}; the largest node has {largest}"
+    together = ", ".join(_amount(r, v) for r, v in share.items() if v)
+    if held:
+        return f"needs {together} {where}; the cluster's nodes hold {held} such share(s)"
+    return f"needs {together} together {where}; no node of the cluster has them all"
+
+
 def device_problem(profile: dict[str, Any], autoscaling: bool) -> str | None:
     """Why this cluster cannot place one replica of `profile` now, or None (always None when
     the cluster autoscales: the nodes may come)."""
@@ -110,9 +153,7 @@ def device_problem(profile: dict[str, Any], autoscaling: bool) -> str | None:
         return f"needs {gpus} GPU(s) ({acc}); the cluster has {int(have.get('GPU', 0))}"
     if gpus and acc and f"accelerator_type:{acc}" not in have:
         return f"needs {acc} GPUs; the cluster has none"
-    if have.get("CPU", 0) < profile.get("num_cpus", 1):
-        return f"needs {profile.get('num_cpus')} CPUs; the cluster has {int(have.get('CPU', 0))}"
-    return None
+    return _placement_problem(profile, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
 
 
 def check_cluster(device_type: str, autoscaling: bool) -> None:

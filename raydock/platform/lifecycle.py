@@ -451,10 +451,12 @@ class Lifecycle:
 
     @staticmethod
     async def _run_task(task, profile: dict, *args: Any) -> dict[str, str]:
-        """A conversion task with the replica's CPUs; its failure fails the deploy with the
-        converter's own reason. A deploy cancelled meanwhile cancels the task, and waits for
-        it to end: the next conversion of the same weights must not meet it writing."""
-        ref = task.options(num_cpus=profile.get("num_cpus", 1)).remote(*args)
+        """A conversion task with the replica's CPUs (one node's share of them: a task runs
+        on one node); its failure fails the deploy with the converter's own reason. A deploy
+        cancelled meanwhile cancels the task, and waits for it to end: the next conversion of
+        the same weights must not meet it writing."""
+        cpus = deploy_checks.one_node_share(profile)["CPU"]
+        ref = task.options(num_cpus=int(cpus) if cpus >= 1 else cpus).remote(*args)
 
         def stop() -> None:  # asked first; killed when it does not end in time
             ray.cancel(ref)

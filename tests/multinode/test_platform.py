@@ -19,7 +19,7 @@ import pytest
 import ray
 from ray import serve
 
-from raydock.client import Client, default_deploy_body
+from raydock.client import ApiFailure, Client, default_deploy_body
 from raydock.config import SettingsError, load_settings
 from raydock.modelgen import build_model_zip
 from raydock.platform.bootstrap import connect, free_port, start_platform, stop_platform
@@ -156,6 +156,21 @@ def test_both_upload_paths_import_into_s3(platform, models, s3):
     # nothing on the head's disk but the database and the (empty) upload staging dir
     assert not (platform.settings.home_path / "artifacts").exists()
     assert head_uploads(platform) == []
+
+
+def test_a_replica_larger_than_any_node_is_refused(platform, models):
+    """The workers have 2 CPUs each: the cluster's 4 would hold cpu-large (4 CPUs), no node
+    does, and Ray would wait for one without end."""
+    hardware = platform.client.get("/hardware")
+    assert hardware["cpu-medium"]["available"] and not hardware["cpu-large"]["available"]
+    with pytest.raises(ApiFailure) as refused:
+        platform.client.deploy(
+            models["multipart"]["modelId"], default_deploy_body("mn-too-big", "cpu-large")
+        )
+    assert refused.value.status == 400
+    error = refused.value.body["error"]
+    assert error["param"] == "deviceType", error
+    assert "needs 4 CPUs on one node; the largest node has 2 CPUs" in error["message"]
 
 
 def test_replicas_serve_from_workers_and_keys_are_revoked_within_a_second(

@@ -197,3 +197,36 @@ def test_a_4_bit_checkpoint_is_estimated_from_its_shape_not_its_packed_tensors(m
         profile = hardware_profiles()[device]
         engine = plan.check(vllm, device, profile, meta["quantization_config"])
         assert est.weights == fit.estimate(meta["config_figures"], engine, profile, 1).weights
+
+
+# Ray places an actor or a task on one node and waits without end for one that fits: a
+# cluster of two 2-CPU workers has 4 CPUs, yet no node for a 4-CPU replica.
+TWO_SMALL_WORKERS = [
+    {"CPU": 2.0, "memory": 17 * GiB},
+    {"CPU": 2.0, "memory": 17 * GiB},
+    {"CPU": 0.0, "memory": 17 * GiB},  # a head that runs no work
+]
+
+
+def test_a_replica_needs_its_resources_on_one_node():
+    profiles = hardware_profiles()
+    assert deploy_checks._placement_problem(profiles["cpu-medium"], TWO_SMALL_WORKERS) is None
+    assert deploy_checks._placement_problem(profiles["cpu-large"], TWO_SMALL_WORKERS) == (
+        "needs 4 CPUs on one node; the largest node has 2 CPUs"
+    )
+    # every resource on some node, never together
+    split = [{"CPU": 4.0, "memory": 6 * GiB}, {"CPU": 2.0, "memory": 9 * GiB}]
+    assert deploy_checks._placement_problem(profiles["cpu-large"], split) == (
+        "needs 4 CPUs, 8 GiB memory together on one node; no node of the cluster has them all"
+    )
+
+
+def test_pipeline_stages_need_a_node_each():
+    profile = hardware_profiles()["g5.12xlarge-x2"]  # 8 GPUs as 2 stages of 4
+    assert deploy_checks.one_node_share(profile) == {"CPU": 48, "GPU": 4, "memory": 192 * GiB}
+    node = {"CPU": 48.0, "GPU": 4.0, "memory": 192 * GiB}
+    assert deploy_checks._placement_problem(profile, [node, node]) is None
+    assert deploy_checks._placement_problem(profile, [node]) == (
+        "needs 48 CPUs, 4 GPUs, 192 GiB memory on each of 2 nodes; "
+        "the cluster's nodes hold 1 such share(s)"
+    )

@@ -85,3 +85,38 @@ console.log(JSON.stringify(python("http://h:8000", {json.dumps(dep)}, false)));
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
     (model,) = [k.value for c in calls for k in c.keywords if k.arg == "model"]
     assert isinstance(model, ast.Constant) and model.value == name
+
+
+def test_the_dashboard_cuts_an_upload_into_chunks_the_server_takes():
+    """A server whose chunk limit is below the dashboard's 8 MiB refused every dashboard
+    upload (400 invalid_chunking): the dashboard now cuts by the limit its session states.
+    The browser's fetch and XMLHttpRequest are stood in for; the page's own code runs."""
+    from raydock.platform.api_uploads import chunking_problem
+
+    limit, size = 2**20, 5 * 2**20 + 1
+    script = f"""
+globalThis.document = {{ cookie: "" }};
+const seen = {{ starts: [], chunks: [] }};
+globalThis.fetch = async (url, init) => {{
+  if (url.endsWith("/files/session/start")) seen.starts.push(JSON.parse(init.body));
+  const body = url.endsWith("/start") ? {{ sessionId: "s1" }} : {{ modelId: "cm-1" }};
+  return {{ ok: true, status: 200, text: async () => JSON.stringify(body) }};
+}};
+globalThis.XMLHttpRequest = class {{
+  constructor() {{ this.upload = {{}}; }}
+  open(method, url) {{ this.url = url; }}
+  setRequestHeader() {{}}
+  send(blob) {{ seen.chunks.push([this.url, blob.size]); this.status = 200; this.onload(); }}
+}};
+const {{ uploadZip }} = await import({json.dumps((APP / "pages" / "import.js").as_uri())});
+const file = new File([new Uint8Array({size})], "m.zip");
+const ref = await uploadZip(file, {{ kind: "base" }}, () => {{}}, "csrf",
+  new AbortController().signal, {limit});
+console.log(JSON.stringify({{ ...seen, ref }}));
+"""
+    seen = run_node(script)
+    [start] = seen["starts"]
+    assert start["totalSize"] == size and start["totalChunks"] == 6
+    assert chunking_problem(start["totalSize"], start["totalChunks"], limit) is None
+    assert [n for _, n in seen["chunks"]] == [limit] * 5 + [1]
+    assert seen["chunks"][-1][0].endswith("/chunks/6") and seen["ref"] == {"modelId": "cm-1"}

@@ -36,6 +36,7 @@ def test_sign_in_sets_an_httponly_strict_cookie_and_returns_the_csrf_token(clien
     assert reply.status_code == 200
     body = reply.json()
     assert body["signedIn"] and body["user"]["name"] == "admin"
+    assert body["maxChunkBytes"] == 100 * 2**20  # the dashboard cuts its uploads by it
     set_cookie = reply.headers.get_list("set-cookie")
     session = next(c for c in set_cookie if c.startswith("raydock_session="))
     csrf = next(c for c in set_cookie if c.startswith("raydock_csrf="))
@@ -78,6 +79,7 @@ def test_sign_out_ends_the_session_on_the_server(client):
         "user": None,
         "csrfToken": None,
         "expiresAt": None,
+        "maxChunkBytes": None,
     }
 
 

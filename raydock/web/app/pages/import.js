@@ -44,9 +44,11 @@ function putChunk(url, blob, csrf, onProgress, signal) {
   });
 }
 
-// `signal` (an AbortController's) cancels the upload: the server deletes what it received
-export async function uploadZip(file, options, onProgress, csrf, signal) {
-  const totalChunks = Math.max(1, Math.ceil(file.size / CHUNK_BYTES));
+// `signal` (an AbortController's) cancels the upload: the server deletes what it received;
+// `maxChunkBytes`: the server's limit on one chunk (the session says it)
+export async function uploadZip(file, options, onProgress, csrf, signal, maxChunkBytes) {
+  const chunkBytes = Math.min(CHUNK_BYTES, maxChunkBytes || CHUNK_BYTES);
+  const totalChunks = Math.max(1, Math.ceil(file.size / chunkBytes));
   const session = await api.post("/files/session/start", {
     fileName: file.name, totalSize: file.size, totalChunks, ...options,
   });
@@ -55,7 +57,7 @@ export async function uploadZip(file, options, onProgress, csrf, signal) {
   try {
     for (let n = 1; n <= totalChunks; n++) {
       signal.throwIfAborted();
-      const blob = file.slice((n - 1) * CHUNK_BYTES, n * CHUNK_BYTES);
+      const blob = file.slice((n - 1) * chunkBytes, n * chunkBytes);
       await putChunk(`/api/public${path}/chunks/${n}`, blob, csrf,
         (loaded) => onProgress((sent + loaded) / file.size), signal);
       sent += blob.size;
@@ -163,7 +165,8 @@ export async function importDialog(onImported) {
       const options = { kind, description: description.value.trim(),
         tags: tags.value.split(",").map((t) => t.trim()).filter(Boolean) };
       if (kind === "adapter") options.baseModelId = base.value;
-      const ref = await uploadZip(file, options, show, session.csrfToken, upload.signal);
+      const ref = await uploadZip(
+        file, options, show, session.csrfToken, upload.signal, session.maxChunkBytes);
       show(1);
       toast(`${file.name}: uploaded, importing`);
       dlg.close("ok");
