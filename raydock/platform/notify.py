@@ -563,10 +563,22 @@ class Notifier:
             headers["Host"] = target.netloc.decode()
             extensions["sni_hostname"] = target.host  # TLS: the name's certificate
             target = target.copy_with(host=address)
-        async with httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False) as client:
-            r = await client.post(target, content=body, headers=headers, extensions=extensions)
-        if not 200 <= r.status_code < 300:  # the status only: the body stays the receiver's
-            raise WebhookRefused(f"HTTP {r.status_code}")
+        # The whole attempt has TIMEOUT_S (httpx's timeout bounds each read: a receiver that
+        # trickles its answer held a delivery forever), and the answer's body is never read
+        # (a huge one filled the notifier's memory): its status says it all.
+        try:
+            async with (
+                asyncio.timeout(TIMEOUT_S),
+                httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False) as client,
+                client.stream(
+                    "POST", target, content=body, headers=headers, extensions=extensions
+                ) as r,
+            ):
+                status = r.status_code
+        except TimeoutError:
+            raise WebhookRefused(f"no answer within {TIMEOUT_S:g} s") from None
+        if not 200 <= status < 300:  # the status only: the body stays the receiver's
+            raise WebhookRefused(f"HTTP {status}")
 
 
 class WebhookRefused(Exception):

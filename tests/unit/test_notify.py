@@ -712,3 +712,56 @@ def test_a_user_pages_through_exactly_their_own_deliveries_newest_first(
         assert page(admin_key)[1] == 20  # an admin sees every delivery
     finally:
         reg.close()
+
+
+class _SlowReceiver:
+    """A raw HTTP receiver on 127.0.0.1 that answers every request the way `answer` says:
+    "trickle": a status line, then a header byte every 0.2 s for a minute (each read within
+    httpx's per-read timeout); "flood": 200 and an endless body."""
+
+    def __init__(self, answer: str):
+        import socket
+        import threading
+
+        self.answer, self.sock = answer, socket.create_server(("127.0.0.1", 0))
+        self.port, self.sent = self.sock.getsockname()[1], 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        conn.recv(65536)
+        try:
+            if self.answer == "trickle":
+                conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                for _ in range(300):
+                    conn.sendall(b"a")
+                    time.sleep(0.2)
+            else:
+                conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                chunk = b"%x\r\n%s\r\n" % (2**20, b"x" * 2**20)
+                for _ in range(1000):
+                    conn.sendall(chunk)
+                    self.sent += 2**20
+        except OSError:  # the notifier hung up
+            pass
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("answer", ["trickle", "flood"])
+def test_a_slow_or_endless_answer_neither_holds_nor_fills_the_notifier(reg, monkeypatch, answer):
+    """httpx's timeout bounds each read, and .post() reads the whole body: a receiver that
+    trickled its headers held the delivery pending forever, one that sent an endless body
+    filled the notifier's memory. A delivery has TIMEOUT_S in all, and the body is not read."""
+    monkeypatch.setattr(notify, "TIMEOUT_S", 1.0)
+    ana = _user(reg, "ana")
+    receiver = _SlowReceiver(answer)
+    reg.set_user_webhook(ana, f"http://127.0.0.1:{receiver.port}/hook")
+    start = time.monotonic()
+    _deliver_one(_notifier(reg, notify_max_attempts=1), ana)
+    assert time.monotonic() - start < 5
+    (d,) = reg.list_deliveries()
+    if answer == "trickle":
+        assert (d["status"], d["lastError"]) == ("failed", "WebhookRefused: no answer within 1 s")
+    else:
+        assert d["status"] == "delivered" and receiver.sent < 64 * 2**20, receiver.sent
