@@ -292,6 +292,14 @@ def make_engine(url: str) -> Engine:
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
+        # pysqlite opens a transaction only before a data change: the schema changes of a
+        # migration that broke off stayed, under the old revision, and every retry failed.
+        # SQLAlchemy's recipe: the driver begins nothing, SQLAlchemy begins every transaction.
+        conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_begin(conn):
+        conn.exec_driver_sql("BEGIN")
 
     return engine
 

@@ -16,6 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from cryptography.fernet import Fernet
 
 from raydock.config import load_settings
@@ -23,7 +24,7 @@ from raydock.platform import backup, db, migrations, security
 from raydock.platform.registry import Registry
 from raydock.platform.secrets import KEY_FILE, platform_key
 from tests.s3_server import drop_bucket, s3_server
-from tests.unit.test_migrations import revision_of, sql
+from tests.unit.test_migrations import inspect_tables, revision_of, sql
 
 TEST_REVISION = '''"""Test only: deployments get an owner_note, back-filled from their name.
 
@@ -52,15 +53,20 @@ def downgrade() -> None:
 '''
 
 
-def ship_next_revision(tmp_path: Path, monkeypatch) -> str:
+def ship_next_revision(tmp_path: Path, monkeypatch, breaks_off: bool = False) -> str:
     """From now on this raydock's revisions are its own plus 9001 (above) on top of its head,
-    as the next raydock would ship them; returns 9001."""
+    as the next raydock would ship them; returns 9001. `breaks_off`: its upgrade fails after
+    the column is added (a crash, a Ctrl-C)."""
     down = migrations.head()
     location = tmp_path / "migrations"
     shutil.copytree(
         migrations.SCRIPT_LOCATION, location, ignore=shutil.ignore_patterns("__pycache__")
     )
-    (location / "versions" / "9001_owner_note.py").write_text(TEST_REVISION.format(down=down))
+    text = TEST_REVISION.format(down=down)
+    if breaks_off:
+        broken = '    raise RuntimeError("broke off")\n    op.execute('
+        text = text.replace("    op.execute(", broken)
+    (location / "versions" / "9001_owner_note.py").write_text(text)
     monkeypatch.setattr(migrations, "SCRIPT_LOCATION", location)
     migrations.scripts.cache_clear()
     return "9001"
@@ -270,6 +276,39 @@ def test_an_upgrade_that_changes_the_schema_keeps_the_data(db_url, tmp_path, mon
         "deviceType": "cpu-small"
     }
     assert sql(db_url, "SELECT id, status FROM models") == [("cm-1", "READY")]
+
+
+def deployment_columns(url: str) -> list[str]:
+    engine = db.make_engine(url)
+    try:
+        return [c["name"] for c in sqlalchemy.inspect(engine).get_columns("deployments")]
+    finally:
+        engine.dispose()
+
+
+def test_an_upgrade_that_breaks_off_changes_nothing_and_can_be_run_again(
+    db_url, tmp_path, monkeypatch
+):
+    """On SQLite the column an upgrade added before it broke off stayed, under the old
+    revision: every later `raydock up` failed on "duplicate column name"."""
+    previous = migrations.head()
+    engine = db.make_engine(db_url)
+    try:
+        migrations.upgrade(engine)
+        columns = deployment_columns(db_url)
+        ship_next_revision(tmp_path, monkeypatch, breaks_off=True)
+        with pytest.raises(RuntimeError, match="broke off"):
+            migrations.upgrade(engine)
+        assert revision_of(db_url) == previous
+        assert deployment_columns(db_url) == columns
+        assert not [t for t in inspect_tables(db_url) if t.startswith("_alembic_tmp")]
+        fixed = TEST_REVISION.format(down=previous)  # the same upgrade, mended, run again
+        (tmp_path / "migrations" / "versions" / "9001_owner_note.py").write_text(fixed)
+        migrations.scripts.cache_clear()
+        assert migrations.upgrade(engine)[1] == "9001"
+    finally:
+        engine.dispose()
+    assert deployment_columns(db_url) == [*columns, "owner_note"]
 
 
 def test_a_backup_of_the_previous_version_restores_and_is_migrated_up(
