@@ -137,6 +137,7 @@ def check_adapter_against_base(
     config = _read_json_object(adapter_root, "adapter_config.json")
     _check_adapter_config(config)
     _check_peft_type(config["peft_type"])
+    _check_served_as_saved(config)
     rank = _lora_rank(config.get("r"), "'r'")
     alpha = _lora_alpha(config.get("lora_alpha"), "'lora_alpha'")
     rank_pattern = _lora_pattern(config, "rank_pattern", _lora_rank)
@@ -222,7 +223,7 @@ def per_request_unsupported(config: dict) -> list[str]:
     vLLM refuses them when it loads the adapter, and PEFT's mixed batches (the transformers
     engine) fail every sequence of a batch a DoRA adapter joins. A merge applies them all: the
     adapter deployed as its own deployment, or on a CTranslate2 replica, which merges too.
-    (init_lora_weights only matters in training.)
+    (An init_lora_weights that rewrites the base is refused at import: _LOADS_AS_SAVED.)
     """
     found = []
     if config.get("use_dora"):
@@ -231,11 +232,39 @@ def per_request_unsupported(config: dict) -> list[str]:
         found.append(f'bias: {json.dumps(config["bias"])} (allowed: "none")')
     if config.get("lora_bias"):
         found.append("lora_bias: true (allowed: false)")
+    for field in ("layer_replication", "use_qalora", "use_bdlora"):  # vLLM refuses them
+        if config.get(field):
+            found.append(f"{field}: {json.dumps(config[field])} (allowed: null or false)")
     if config.get("modules_to_save"):
         found.append(
             f"modules_to_save: {json.dumps(config['modules_to_save'])} (allowed: null or [])"
         )
     return found
+
+
+# init_lora_weights values under which PEFT loads an adapter onto the base's weights as they
+# are. The others (pissa*, corda*, olora, loftq, lora_ga) compute their start from the base's
+# weights and rewrite them in place when the adapter loads: on a replica that serves the base
+# and its adapters, every later answer, the base's own too, would come from altered weights.
+_LOADS_AS_SAVED = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+def _check_served_as_saved(config: dict) -> None:
+    init = config.get("init_lora_weights", True)
+    if init not in _LOADS_AS_SAVED:
+        allowed = ", ".join(json.dumps(v) for v in _LOADS_AS_SAVED)
+        raise ArchiveError(
+            f"adapter_config.json init_lora_weights is {json.dumps(init)}: loading such an "
+            "adapter rewrites the base model's weights; save it converted to a plain LoRA "
+            "(peft: save_pretrained(..., path_initial_model_for_weight_conversion=...)) and "
+            f"import that (allowed: {allowed})"
+        )
+    if config.get("alora_invocation_tokens"):
+        raise ArchiveError(
+            "adapter_config.json has alora_invocation_tokens (an activated LoRA, which applies "
+            "only after those tokens): it can be neither merged nor served per request; "
+            "import a plain LoRA (alora_invocation_tokens: null)"
+        )
 
 
 def _check_peft_type(peft_type: str) -> None:

@@ -289,9 +289,18 @@ def test_rank_is_the_largest_of_r_and_rank_pattern(tmp_path: Path, base: Path) -
         ({"bias": "lora_only"}, ['bias: "lora_only" (allowed: "none")']),
         ({"modules_to_save": ["lm_head"]}, ['modules_to_save: ["lm_head"] (allowed: null or [])']),
         ({"lora_bias": True}, ["lora_bias: true (allowed: false)"]),
+        ({"layer_replication": [[0, 2]]}, ["layer_replication: [[0, 2]] (allowed: null or false)"]),
         ({"modules_to_save": [], "init_lora_weights": "gaussian", "bias": "none"}, []),
     ],
-    ids=["dora", "bias-all", "bias-lora_only", "modules_to_save", "lora_bias", "plain"],
+    ids=[
+        "dora",
+        "bias-all",
+        "bias-lora_only",
+        "modules_to_save",
+        "lora_bias",
+        "layer_replication",
+        "plain",
+    ],
 )
 def test_what_cannot_be_applied_per_request_is_recorded(
     tmp_path: Path, base: Path, config: dict, recorded: list[str]
@@ -342,6 +351,17 @@ BAD_ADAPTERS = {
         r"peft_type 'PREFIX_TUNING', but only",
     ),
     "lower-case lora": ({"config": {"peft_type": "lora"}}, r"write it in capitals"),
+    # PEFT computes these from the base's weights and rewrites them when the adapter loads:
+    # a shared base replica would answer every later request from altered weights
+    "pissa init": (
+        {"config": {"init_lora_weights": "pissa_niter_4"}},
+        r'init_lora_weights is "pissa_niter_4": loading such an adapter rewrites the base',
+    ),
+    "loftq init": ({"config": {"init_lora_weights": "loftq"}}, r"rewrites the base model"),
+    "activated lora": (
+        {"config": {"alora_invocation_tokens": [12, 7]}},
+        r"alora_invocation_tokens .* can be neither merged nor served per request",
+    ),
     "r missing": ({"config": {"r": DROP}}, r"has no 'r' \(the LoRA rank\)"),
     "r null": ({"config": {"r": None}}, r"has no 'r'"),
     "r zero": ({"config": {"r": 0}}, r"'r' must be a positive whole number .* not 0"),

@@ -482,3 +482,15 @@ def test_the_null_adapter_is_a_plain_lora_of_zeros(tmp_path):
     config = json.loads(Path(null, "adapter_config.json").read_text())
     assert (config["r"], config["target_modules"]) == (8, ["q_proj", "v_proj"])
     shutil.rmtree(null)
+
+
+def test_the_adapter_of_zeros_has_a_slot_of_its_own():
+    """Plain requests run with an adapter of zeros once adapters are in use, and vLLM counts
+    it against max_loras: with maxLoadedAdapters 1, plain and adapter requests could never
+    share a batch, and max_cpu_loras kept evicting one of the two."""
+    from raydock.serve_apps.engines.vllm_engine import lora_args
+
+    assert lora_args(0, 8, 64) == {}
+    one = lora_args(1, 8, 64)
+    assert (one["max_loras"], one["max_cpu_loras"]) == (2, 2)
+    assert lora_args(4, 2, 64)["max_loras"] == 3  # the batch bounds the adapters in it

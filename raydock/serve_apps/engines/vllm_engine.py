@@ -95,6 +95,22 @@ def chunked_prefill(on_cpu: bool) -> bool:
     return not on_cpu
 
 
+def lora_args(max_loaded_adapters: int, max_batch_size: int, max_adapter_rank: int) -> dict:
+    """vLLM's LoRA arguments: adapters in one batch, and those it keeps in memory (it evicts
+    the least recently used itself, never one a running request uses). Each has a slot more
+    for the adapter of zeros plain requests run with once adapters are in use (see
+    load_adapter): vLLM counts it as any adapter, and with `max_loras` 1 plain requests and
+    an adapter's could never share a batch."""
+    if not max_loaded_adapters:
+        return {}
+    return {
+        "enable_lora": True,
+        "max_loras": max(1, min(max_loaded_adapters, max_batch_size)) + 1,
+        "max_cpu_loras": max_loaded_adapters + 1,
+        "max_lora_rank": _lora_rank_bound(max_adapter_rank),
+    }
+
+
 def _lora_rank_bound(rank: int) -> int:
     """The smallest rank bound vLLM accepts that holds adapters of rank `rank`."""
     return next(r for r in _VLLM_LORA_RANKS if r >= rank)
@@ -197,16 +213,7 @@ class VLLMEngine(TokenizerPrompts):
         self._adapters: dict[str, Any] = {}  # adapter id -> its vLLM LoRARequest
         self._null_adapter: Any = None  # see load_adapter
         self._lora_numbers = itertools.count(1)
-        lora: dict[str, Any] = {}
-        if max_loaded_adapters:
-            lora = {
-                "enable_lora": True,
-                # adapters in one batch, and those vLLM keeps in memory (it evicts the least
-                # recently used itself, never one a running request uses)
-                "max_loras": max(1, min(max_loaded_adapters, max_batch_size)),
-                "max_cpu_loras": max_loaded_adapters,
-                "max_lora_rank": _lora_rank_bound(max_adapter_rank),
-            }
+        lora = lora_args(max_loaded_adapters, max_batch_size, max_adapter_rank)
 
         args = AsyncEngineArgs(
             model=str(path),
