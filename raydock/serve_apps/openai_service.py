@@ -411,8 +411,9 @@ async def _complete(
         raise ApiError(400, str(exc), exc.param, "invalid_parameter") from None
     adapter = requested_adapter(req, dep, by_model)
     call.adapter, call.n = (adapter["id"] if adapter else ""), req.n
-    constraint = await _constraint_of(kind, req)
+    # admitted first: a key at its limit must not make the replica compile its schemas
     await meter.admit(dep.deployment_id, call.key, dep.limits.get(call.key))
+    constraint = await _constraint_of(kind, req)
     request_for_engine = engine_request(kind, req, dep)
     payload = request_for_engine | {
         "regex": constraint.regex,

@@ -644,6 +644,60 @@ def test_a_schema_that_is_not_one_is_a_400_naming_it(response_format, tools, par
     assert refused.value.param == param
 
 
+def _deep_all_of(branches: int) -> dict:
+    """50 values: $defs d0..d9 each allOf `branches` references to the next."""
+    defs = {f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i + 1}"}] * branches} for i in range(10)}
+    defs["d10"] = {"type": "object", "properties": {"a": {"type": "string"}}}
+    return {"$ref": "#/$defs/d0", "$defs": defs}
+
+
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        # Python's re backtracks: "^(a|aa)+$" on this name would take years, GIL held
+        (
+            {"propertyNames": {"pattern": "^(a|aa)+$"}, "properties": {"a" * 60 + "!": {}}},
+            "too slow to match the declared property names",
+        ),
+        ({"propertyNames": {"pattern": "("}}, "outside the regex dialect"),  # was re.error
+        ({"propertyNames": {"minLength": 5, "maxLength": 2}}, "minLength 5 is above"),
+        ({"propertyNames": {"maxLength": 2**40}}, "from 0 to 10000"),  # was OverflowError
+        (_deep_all_of(3), "merge into more than 1000"),  # took minutes
+    ],
+    ids=["backtracking", "unreadable", "lengths-crossed", "length-huge", "allOf-fan-out"],
+)
+def test_a_costly_or_broken_schema_is_a_quick_400(schema, says):
+    """Compiled in the gateway (every /v1 request's one replica) before any rate limit: a
+    short hostile schema froze it, or came back as a 500."""
+    import time
+
+    from raydock.serve_apps import structured
+
+    response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
+    start = time.monotonic()
+    with pytest.raises(structured.StructuredError, match=re.escape(says)) as refused:
+        structured.constraint_for(response_format, None, None)
+    assert time.monotonic() - start < 2
+    assert refused.value.param == "response_format.json_schema.schema"
+
+
+def test_property_names_read_the_rust_dialects_classes():
+    """A pattern in the dialect the grammar enforces (\\p{Lu}) keeps the declared names it
+    matches and closes those it does not (Python's re could not read it: a 500)."""
+    from raydock.serve_apps import structured
+
+    schema = {
+        "type": "object",
+        "propertyNames": {"pattern": "^\\p{Lu}+$"},
+        "properties": {"AB": {"type": "integer"}, "ab": {"type": "integer"}},
+    }
+    response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
+    grammar = structured.constraint_for(response_format, None, None).grammar
+    enforced = json.loads(grammar.split("%json ", 1)[1])
+    assert enforced["properties"]["AB"]["type"] == "integer"
+    assert enforced["properties"]["ab"] is False
+
+
 def test_a_wrapper_whose_tags_are_special_tokens_is_spelled_out():
     """Some vocabularies mark the tags special: the engines decode with special tokens
     skipped, so a tag written as its token would vanish from the reply (and the call come back

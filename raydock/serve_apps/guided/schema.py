@@ -198,10 +198,19 @@ def _only_references(s: dict[str, Any], root: Any) -> bool:
     return False
 
 
+# allOf branches merged in one schema: each is a deep copy, and $defs whose allOf names
+# another $def k times made k**depth of them (a 50-value schema took minutes)
+MAX_ALL_OF_MERGES = 1_000
+# seconds to match propertyNames' pattern against a schema's declared names (Python's re
+# backtracks: "^(a+)+$" on 40 characters took hours, holding the GIL)
+NAME_PATTERN_BUDGET_S = 0.5
+
+
 class _Normalizer:
     def __init__(self, root: Any, bounds: Bounds):
         self.root = root
         self.bounds = bounds
+        self.merges = 0
 
     def resolve(self, s: Any) -> Any:
         """Follow local $refs (a few hops) for the exclusivity check."""
@@ -330,6 +339,13 @@ class _Normalizer:
             if not isinstance(r, dict) or not set(r) <= self._FLAT or hops > 8:
                 rest.append(branch)
                 continue
+            self.merges += 1
+            if self.merges > MAX_ALL_OF_MERGES:
+                raise BoundExceeded(
+                    "allOf",
+                    f"the schema's allOf branches merge into more than {MAX_ALL_OF_MERGES} "
+                    "(allOf over $refs that hold allOf again): flatten it",
+                )
             r = copy.deepcopy(r)
             if isinstance(r.get("allOf"), list):
                 self.flatten_all_of(r, hops + 1)
@@ -570,16 +586,19 @@ class _Normalizer:
         if values is not None:
             keys = [v for v in values if isinstance(v, str)]
             rx = "^(" + "|".join(re.escape(k) for k in keys) + ")$" if keys else "^(?!)$"
-        else:
-            lo, hi = names.get("minLength", 0), names.get("maxLength", self.bounds.max_string)
-            length = f"^.{{{lo},{hi}}}$"
-            rx = names.get("pattern")
-            if rx and ("minLength" in names or "maxLength" in names):
+            ok = set(keys).__contains__
+        elif "pattern" in names:
+            rx = names["pattern"]
+            if "minLength" in names or "maxLength" in names:
                 raise UnsupportedSchema("propertyNames", "propertyNames pattern with lengths")
-            rx = rx or length
+            _check_pattern(rx, "propertyNames.pattern")
+            ok = _name_matcher(rx)
+        else:
+            lo, hi = _name_lengths(names, self.bounds)
+            rx = f"^.{{{lo},{hi}}}$"
 
-        def ok(name: str) -> bool:
-            return re.search(rx, name) is not None
+            def ok(name: str) -> bool:
+                return lo <= len(name) <= hi
 
         props = s.get("properties", {})
         for name in list(props):
@@ -604,6 +623,49 @@ class _Normalizer:
             s["patternProperties"] = {rx: value}
             s["additionalProperties"] = False
             s.setdefault("maxProperties", len(props) + self.bounds.max_free_keys)
+
+
+def _name_lengths(names: dict, bounds: Bounds) -> tuple[int, int]:
+    lo, hi = names.get("minLength", 0), names.get("maxLength", bounds.max_string)
+    for key, value in (("minLength", lo), ("maxLength", hi)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10_000:
+            raise UnsupportedSchema(
+                "propertyNames", f"propertyNames {key} must be a whole number from 0 to 10000"
+            )
+    if lo > hi:
+        raise UnsupportedSchema(
+            "propertyNames", f"propertyNames minLength {lo} is above its maxLength {hi}"
+        )
+    return lo, hi
+
+
+def _name_matcher(rx: str):
+    """Whether a declared property name matches propertyNames' pattern (a regex search, as
+    JSON Schema's), within NAME_PATTERN_BUDGET_S for the whole schema: matched with the regex
+    module, whose matches time out, and which reads the \\p{..} classes of the Rust dialect."""
+    import time
+
+    import regex
+
+    try:
+        compiled = regex.compile(rx)
+    except regex.error as exc:
+        raise UnsupportedSchema(
+            "propertyNames", f"propertyNames pattern {rx!r} cannot be read: {exc}"
+        ) from None
+    end = time.monotonic() + NAME_PATTERN_BUDGET_S
+
+    def ok(name: str) -> bool:
+        try:
+            return compiled.search(name, timeout=max(0.0, end - time.monotonic())) is not None
+        except TimeoutError:
+            raise UnsupportedSchema(
+                "propertyNames",
+                f"propertyNames pattern {rx!r} is too slow to match the declared property "
+                "names (nested repeats such as (a+)+): use a simpler pattern",
+            ) from None
+
+    return ok
 
 
 def _not_strings_pattern(values: list[str], pattern: str | None) -> str:
