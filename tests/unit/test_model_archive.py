@@ -548,6 +548,25 @@ def test_inconsistent_safetensors_header(model_dir, header, data, reason):
         inspect_model_dir(model_dir)
 
 
+def test_a_header_of_huge_dimensions_is_refused_at_once(model_dir):
+    """A shape of 2,000 dimensions of 4,000 digits each (an 8 MB header, inside the 100 MB
+    limit) took minutes in math.prod, and one dimension of 400 digits came back as "import
+    failed: integer division result too large for a float"."""
+    import time
+
+    huge = int("9" * 4000)
+    cases = [
+        ({"w": {"dtype": "F32", "shape": [huge] * 2000, "data_offsets": [0, 8]}}, "invalid shape"),
+        ({"w": {"dtype": "F32", "shape": [2**63] * 3, "data_offsets": [0, 8]}}, "any file"),
+    ]
+    for header, reason in cases:
+        (model_dir / "model.safetensors").write_bytes(raw_safetensors(header, bytes(8)))
+        start = time.monotonic()
+        with pytest.raises(ArchiveError, match="corrupted: .*" + reason) as refused:
+            inspect_model_dir(model_dir)
+        assert time.monotonic() - start < 5 and len(str(refused.value)) < 400
+
+
 def test_sharded_index_references_missing_shard(model_dir, tmp_path, dest):
     write_json(
         model_dir / "model.safetensors.index.json",
