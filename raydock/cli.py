@@ -72,6 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from raydock.platform.bootstrap import (
         check_port_free,
         chosen_admin_key,
+        configured_secret_key,
         connect,
         start_platform,
         stop_platform,
@@ -82,6 +83,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not settings.ray_address:  # a cluster of our own: its proxy binds the port here
         check_port_free(settings.host, settings.port)
     chosen_admin_key()  # a short RAYDOCK_ADMIN_KEY: refused before anything starts
+    configured_secret_key()  # and a RAYDOCK_SECRET_KEY that is not a key
     # the data dir holds the database, uploads and weights: owner-only (Ray's workers, which
     # write them, inherit the umask from here)
     os.umask(0o077)

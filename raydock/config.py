@@ -133,7 +133,7 @@ class SettingsError(ValueError):
     """A setting the platform cannot start with; the message names it."""
 
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 def _coerce(where: str, value: Any, kind: type) -> Any:
@@ -177,7 +177,9 @@ def load_settings(**overrides: Any) -> Settings:
             raw[name] = _coerce(f"{name} in platform.yaml", raw[name], types[name])
     for name, kind in types.items():
         env = os.environ.get(f"RAYDOCK_{name.upper()}")
-        if env is not None:
+        # empty means unset, but for text (clearing a platform.yaml value): an unset compose
+        # variable turned metering (limits, budgets) off, and made the data dir the cwd
+        if env is not None and (env.strip() or (kind is str and name != "home")):
             raw[name] = _coerce(f"RAYDOCK_{name.upper()}", env, kind)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(raw) - set(types)

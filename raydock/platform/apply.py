@@ -249,12 +249,14 @@ def _origin(model: dict[str, Any]) -> dict[str, Any]:
 def _pick(candidates: list[dict[str, Any]], current: list[str]) -> dict[str, Any] | None:
     """Of the models that match a document's source (several may: imported twice, or by
     hand too), the one a deployment of the document's name serves (`current`: the models of
-    the managed ones first, then of hand-made ones apply would adopt), else the newest."""
+    the managed ones first, then of hand-made ones apply would adopt), else the newest READY
+    one, else the newest (the registry lists models newest first)."""
     for model_id in current:
         mine = [m for m in candidates if m["modelId"] == model_id]
         if mine:
             return mine[0]
-    return candidates[-1] if candidates else None
+    ready = [m for m in candidates if m["status"] == ModelStatus.READY]
+    return (ready or candidates or [None])[0]
 
 
 def _named(d: Declared, state: State) -> list[dict[str, Any]]:

@@ -144,7 +144,7 @@ def _actor(cls, name: str, *args: Any, **options: Any):
 
 def _registry(settings: Settings):
     # the key that seals stored tokens: RAYDOCK_SECRET_KEY, else generated into the data dir
-    key = platform_key(settings.home_path, os.environ.get("RAYDOCK_SECRET_KEY", ""))
+    key = platform_key(settings.home_path, configured_secret_key())
     return _actor(Registry, names.REGISTRY, settings.db_url, key)
 
 
@@ -236,6 +236,25 @@ def _check_secret_key_on_head() -> None:
         f"RAYDOCK_SECRET_KEY {problem}; on a cluster raydock joins, set the same value in both "
         "(or in neither: the data dir's key file is used)"
     )
+
+
+def configured_secret_key() -> str:
+    """RAYDOCK_SECRET_KEY ('' when unset: the data dir's key file is used); SettingsError
+    when it is not a key secrets can be sealed with (checked before Ray starts: it failed
+    in the registry's constructor, as a traceback)."""
+    from cryptography.fernet import Fernet
+
+    key = os.environ.get("RAYDOCK_SECRET_KEY", "").strip()
+    if key:
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            raise SettingsError(
+                "RAYDOCK_SECRET_KEY is not a key raydock can seal secrets with: it must be 32 "
+                "url-safe base64-encoded bytes (44 characters); make one with: python -c "
+                '"from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
+            ) from None
+    return key
 
 
 def chosen_admin_key() -> str | None:

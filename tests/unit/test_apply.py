@@ -440,6 +440,23 @@ def test_documents_sharing_a_download_import_it_once_and_keep_their_own_model():
     assert [c["action"] for c in again] == ["unchanged", "unchanged"]
 
 
+def test_a_new_document_takes_the_newest_ready_copy_of_its_model():
+    """The registry lists models newest first; apply took the oldest copy, and an old copy
+    still importing (one Ray could not place) refused the whole apply with a 409."""
+    hf = "name: h\nmodel: {huggingFace: {repoId: org/m}}\ndeviceType: cpu-small\n"
+    (d,) = declared(hf)
+    origin = {"origin": {"repoId": "org/m", "revision": None}}
+    copies = [  # newest first
+        model("cm-new", None, source="hugging_face", metadata=origin),
+        model("cm-mid", None, source="hugging_face", metadata=origin),
+        model("cm-old", None, source="hugging_face", metadata=origin, status="IMPORTING"),
+    ]
+    (change,) = apply.plan([d], apply.State([], copies), prune=False)
+    assert (change["action"], change["modelId"]) == ("create", "cm-new")
+    (change,) = apply.plan([d], apply.State([], copies[2:] + copies[1:2]), prune=False)
+    assert (change["action"], change["modelId"]) == ("create", "cm-mid")
+
+
 def test_a_gated_catalog_entry_needs_a_connection_and_exports_with_it():
     gated = "name: g\nmodel: {catalog: llama-3.2-1b-instruct}\ndeviceType: g5.xlarge\n"
     (d,) = declared(gated)

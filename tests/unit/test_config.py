@@ -25,6 +25,35 @@ def test_environment_variables_override_the_yaml_defaults(monkeypatch):
     assert load_settings(port=9999).port == 9999  # an explicit override wins over both
 
 
+def test_an_empty_variable_is_unset_but_for_text(monkeypatch):
+    """An unset compose variable arrives empty: RAYDOCK_METERING= turned metering (and with
+    it every key's limits and budget) off, RAYDOCK_HOME= made the data dir the cwd."""
+    defaults = load_settings()
+    for name in ("METERING", "PORT", "HOME", "CACHE_MAX_GB"):
+        monkeypatch.setenv(f"RAYDOCK_{name}", "")
+    s = load_settings()
+    assert (s.metering, s.port, s.home, s.cache_max_gb) == (
+        defaults.metering,
+        defaults.port,
+        defaults.home,
+        defaults.cache_max_gb,
+    )
+    monkeypatch.setenv("RAYDOCK_SMTP_HOST", "")  # text: empty clears it
+    assert load_settings().smtp_host == ""
+
+
+def test_a_secret_key_that_is_not_one_is_refused_before_ray_starts(monkeypatch):
+    from raydock.config import SettingsError
+    from raydock.platform.bootstrap import configured_secret_key
+
+    monkeypatch.setenv("RAYDOCK_SECRET_KEY", "correct horse battery staple")
+    with pytest.raises(SettingsError, match=r"RAYDOCK_SECRET_KEY is not a key .*\(44 characters\)"):
+        configured_secret_key()
+    key = "k" * 43 + "="
+    monkeypatch.setenv("RAYDOCK_SECRET_KEY", f" {key}\n")
+    assert configured_secret_key() == key
+
+
 def test_an_unknown_key_in_platform_yaml_is_refused(tmp_path, monkeypatch):
     (tmp_path / "platform.yaml").write_text("port: 8000\nmax_tokns: 3\n")
     monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
