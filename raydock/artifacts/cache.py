@@ -354,17 +354,27 @@ def work_folder(parent: Path, prefix: str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def resumable_folder(path: Path, keep_idle_s: float) -> Iterator[Path]:
+def resumable_folder(
+    path: Path, keep_idle_s: float, waiting: Callable[[], None] | None = None
+) -> Iterator[Path]:
     """A download folder that outlives a task that failed, so that a retry resumes it; the
-    task holds a shared lock on it meanwhile (imports of one repo may share it). Entering
-    first removes the other resumable folders beside it that no task holds and that nothing
-    wrote for keep_idle_s: retries that never came (the model deleted, or imported elsewhere)."""
+    task holds it alone meanwhile: two imports of one repo on a node downloaded every file
+    twice (the Hub's client deletes a finished file it did not write), and the first to end
+    removed the folder under the other. `waiting` is called when another task holds it.
+    Entering first removes the other resumable folders beside it that no task holds and that
+    nothing wrote for keep_idle_s: retries that never came (the model deleted, or imported
+    elsewhere)."""
     locks = path.parent / LOCKS_DIR
     locks.mkdir(parents=True, exist_ok=True)
     remove_abandoned_folders(path.parent, keep_idle_s)
     fd = os.open(locks / f"{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # waits for a sweep deciding on it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # another import's, or a sweep deciding on it
         yield path
     finally:
         os.close(fd)

@@ -259,9 +259,14 @@ def import_hf_task(
         )
         folder = hf_download_folder(cfg, repo_id, files.sha)
         folder.parent.mkdir(parents=True, exist_ok=True)
+
+        def waiting() -> None:
+            message = f"waiting for another import of {repo_id} on this node to end"
+            ray.get(job.registry.update_job.remote(job_id, message=message))
+
         # kept after a failure for a retry to resume; one no retry came for is removed by a
         # later import on this node
-        cleanup.enter_context(resumable_folder(folder, cfg.upload_session_ttl_s))
+        cleanup.enter_context(resumable_folder(folder, cfg.upload_session_ttl_s, waiting))
         # beside the download, on its filesystem: the files are moved (renamed) out of it;
         # locked while this task lives, so a later import removes it if this process is killed
         work = cleanup.enter_context(work_folder(folder.parent, HF_WORK_PREFIX))

@@ -189,6 +189,63 @@ def test_an_import_moves_the_files_within_the_download_folder_filesystem(
     assert [p.name for p in downloads.iterdir()] == [".locks"]
 
 
+def test_two_imports_of_one_repo_on_a_node_both_end_ready(hub, tmp_path, monkeypatch):
+    """Both took the download folder: the Hub's client deleted the file the other had
+    finished, and the first to end removed the folder under the other ("config.json is
+    incomplete after the download"). The second now waits, and says so."""
+    import threading
+
+    from raydock.platform import jobs, model_archive
+
+    cfg = Settings(home=str(tmp_path / "home"), hf_endpoint=hub.url)
+    messages: list[str] = []
+    second_waits = threading.Event()
+
+    class Import(_FakeImport):
+        def __init__(self, cfg, model_id, job_id):
+            def update_job(job_id, message=None, **_):
+                messages.append(message)
+                if message and message.startswith("waiting for another import"):
+                    second_waits.set()
+
+            self.registry = SimpleNamespace(update_job=SimpleNamespace(remote=update_job))
+
+        def finish(self, folder, meta, origin=None):
+            return {"status": "READY", "files": sorted(p.name for p in folder.iterdir())}
+
+    real_download = hf.download
+
+    first_holds = threading.Event()
+
+    def download(*args):  # the first holds the folder until the second is waiting for it
+        real_download(*args)
+        first_holds.set()
+        assert second_waits.wait(30)
+
+    monkeypatch.setattr(jobs, "_ModelImport", Import)
+    monkeypatch.setattr(jobs, "JobProgress", lambda *a: lambda *b: None)
+    monkeypatch.setattr(jobs.ray, "get", lambda ref: ref)
+    monkeypatch.setattr(model_archive, "inspect_model_dir", lambda *a, **k: None)
+    monkeypatch.setattr(hf, "download", download)
+    origin = {"repoId": "org/public", "revision": None}
+    results: dict[str, dict] = {}
+
+    def run(model_id: str) -> None:
+        task = jobs.import_hf_task._function
+        results[model_id] = task(cfg.to_dict(), model_id, "j", origin, None)
+
+    first = threading.Thread(target=run, args=("m-1",))
+    first.start()
+    assert first_holds.wait(30)
+    second = threading.Thread(target=run, args=("m-2",))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert second_waits.is_set()
+    assert results["m-1"] == results["m-2"] and results["m-1"]["status"] == "READY", results
+    assert "model.safetensors" in results["m-2"]["files"]
+
+
 def test_a_merge_is_found_by_its_adapter():
     key = merged_key("base-sum", "adapter-sum")
     assert key.startswith("merged/")
