@@ -210,7 +210,10 @@ class ReplicaMeter:
     async def flush(self) -> None:
         batch, self.pending = self.pending, Batch()
         if self.collect is not None:
-            self.collect(batch)
+            try:  # the engine's gauges: without them the report still carries the usage
+                self.collect(batch)
+            except Exception as exc:
+                log.warning("replica gauges not collected: %r", exc)
         if not batch:
             return
         try:

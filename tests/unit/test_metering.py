@@ -553,6 +553,20 @@ def _used(replica: ReplicaMeter, key: str, tokens: int) -> None:
     replica.finish(call, 200)
 
 
+def test_usage_outlives_a_gauge_collection_that_fails():
+    """The report's gauges come from the engine; when that raised, the batch swapped out for
+    the report (its usage: what keys are charged for) was lost."""
+
+    def broken(batch) -> None:
+        raise RuntimeError("engine stats unavailable")
+
+    replica = ReplicaMeter(None, collect=broken)
+    _used(replica, "k", 300)
+    asyncio.run(replica.flush())  # no meter to report to: kept for the next report
+    [(_, row)] = replica.pending.usage.items()
+    assert row[1] == 300
+
+
 def _meter() -> Meter:
     """A meter without its background loop (its history asks Serve, which needs Ray)."""
     meter = Meter()
