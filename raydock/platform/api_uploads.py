@@ -146,7 +146,7 @@ def chunking_problem(total_size: int, total_chunks: int, max_chunk_bytes: int) -
 
 def stored_chunks(folder: Path) -> dict[int, int] | None:
     """The bytes of each chunk kept in an upload's folder, by chunk number (its .part files:
-    a .tmp that a request which died left is written over when its chunk is sent again).
+    a .tmp that a request which died left goes with the folder).
     None: there is no folder (the session was cancelled, swept, or is being made)."""
     try:
         with os.scandir(folder) as entries:
@@ -506,7 +506,9 @@ async def upload_chunk(
     if written is None:
         raise _gone(sessionId)
     part = folder / f"{chunkNumber:06d}.part"
-    tmp = part.with_suffix(".tmp")
+    # a file of this request's own: a retry of the chunk while this one still arrives
+    # truncated it, and its rename left this request writing into the .part
+    tmp = folder / f"{chunkNumber:06d}.{uuid.uuid4().hex}.tmp"
     # the upload may not outgrow the totalSize its disk space was checked for
     others = written.besides(chunkNumber)
     left = session["totalSize"] - others

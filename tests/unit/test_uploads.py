@@ -516,3 +516,37 @@ def test_a_chunk_sent_twice_is_counted_once_in_every_answer(small_limits):
     assert http.get(f"/public/files/session/{sid}").content == session([1, 2, 10])
     (listed,) = http.get("/public/files/session").json()["sessions"]
     assert (listed["sessionId"], listed["chunksReceived"]) == (sid, 3)
+
+
+def test_a_chunk_sent_again_while_it_still_arrives_keeps_one_whole_copy(api):
+    """Both requests wrote one .tmp: the retry truncated it, its rename turned the first
+    request's file into the .part (which it then went on writing into: a corrupt chunk), and
+    the first request's own rename failed: a false 404 'cancelled or expired'."""
+    reg, admin_key = api
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, bytes]:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://raydock.test",
+            headers={"X-api-key": admin_key},
+        ) as http:
+            body = {"fileName": "m.zip", "totalSize": 1000, "totalChunks": 1}
+            sid = (await http.post("/public/files/session/start", json=body)).json()["sessionId"]
+            chunk = f"/public/files/session/{sid}/chunks/1"
+            resent = asyncio.Event()
+
+            async def slow():  # half now, half after the retry was stored
+                yield b"a" * 500
+                await resent.wait()
+                yield b"a" * 500
+
+            first = asyncio.create_task(http.put(chunk, content=slow()))
+            await asyncio.sleep(0.3)
+            retry = await http.put(chunk, content=b"b" * 1000)
+            resent.set()
+            part = api_deps.ctx.settings.uploads_path / sid / "000001.part"
+            return await first, retry, part.read_bytes()
+
+    first, retry, stored = asyncio.run(scenario())
+    assert (first.status_code, retry.status_code) == (200, 200), (first.text, retry.text)
+    assert stored in (b"a" * 1000, b"b" * 1000)
