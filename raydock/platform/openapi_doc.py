@@ -61,7 +61,7 @@ DESCRIPTIONS = {
 ROUTE_ERRORS: dict[str, tuple[int, ...]] = {
     "POST /users": (403,),
     "GET /users": (403,),
-    "DELETE /users/{userId}": (403, 409),  # yourself
+    "DELETE /users/{userId}": (403, 409),  # yourself, or your own admin was deleted meanwhile
     "POST /users/{userId}/rotate-key": (403,),  # another user's, without admin
     "POST /models/import": (409, 413),  # baseModelId is not a ready base model; disk full
     "POST /files/session/{sessionId}/chunks/{chunkNumber}": (400,),  # chunkNumber out of range

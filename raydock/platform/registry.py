@@ -313,6 +313,10 @@ class Registry:
             u = self._user(s, user_id)
             if user_id == by_user_id:  # so an admin always remains: the one deleting
                 raise Conflict("you cannot delete yourself; another admin can")
+            by = s.get(db.User, by_user_id)
+            if by is None or not by.is_admin:  # checked at sign-in: two admins deleting each
+                # other at once would both have passed, and left no admin
+                raise Conflict("you are no longer an admin of this platform")
             self._end_management_access(s, user_id)
             s.execute(delete(db.UserWebhook).where(db.UserWebhook.user_id == user_id))
             s.delete(u)

@@ -50,6 +50,17 @@ def test_first_admin_key_is_created_once_and_stored_hashed(reg, db_url, tmp_path
     assert reg.authenticate_management(key + "x") is None
 
 
+def test_two_admins_deleting_each_other_at_once_leave_one(reg, admin):
+    """Each request was authenticated before either delete ran: both passed, and no admin
+    was left to add users or take backups."""
+    _, first = admin
+    second = reg.create_user("ops", None, True, first["userId"])
+    reg.delete_user(second["userId"], by_user_id=first["userId"])
+    with pytest.raises(Conflict, match="no longer an admin"):
+        reg.delete_user(first["userId"], by_user_id=second["userId"])
+    assert [u["name"] for u in reg.list_users()] == ["admin"]
+
+
 def test_model_status_machine(reg, admin):
     _, user = admin
     m = reg.create_model("tiny", "file", user["userId"])
