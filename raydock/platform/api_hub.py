@@ -144,8 +144,8 @@ async def deploy_from_hf(body: schemas.HuggingFaceDeploy, user: User) -> dict[st
 
 @router.post("/models/{modelId}/retry-import", tags=["models"], status_code=202)
 async def retry_import(modelId: str, user: User) -> dict[str, Any]:
-    """Import a model that failed to download again: finished files are kept and a partial
-    one resumes on the node that had it; a deployment that waited for it deploys after."""
+    """Import a model that failed to download again: the files finished on the node that had
+    them are kept (a partial one starts over); a deployment that waited for it deploys after."""
     started = await retry_model_import(modelId, user)
     return {**job_ref(started["job"]), "model": started["model"]}
 

@@ -1,10 +1,10 @@
 """Models from the Hugging Face Hub: what a repo holds, which files a model needs, and a
-download of them that a retry resumes, through `huggingface_hub` (its endpoint setting points it at
-any server that speaks the Hub's API).
+download of them whose finished files a retry keeps, through `huggingface_hub` (its endpoint
+setting points it at any server that speaks the Hub's API).
 
 Every failure becomes a HubError whose message a person can act on: repo not found, gated or
 unauthorized (naming the connection), no safetensors weights, over the import limit, a
-download interrupted (retry resumes it).
+download interrupted (a retry fetches only the files not finished).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ MODEL_FILES = (
 )
 #: Pickle weights: listed so the layout check can say why they are refused, never fetched.
 _PICKLE_FILES = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-#: Attempts per download before the import fails (each resumes where the last one stopped).
+#: Attempts per file before the import fails (each starts the file over: huggingface_hub keeps
+#: a broken call's partial file private and deletes it).
 DOWNLOAD_ATTEMPTS = 3
 RETRY_PAUSE_S = 1.0
 
@@ -148,6 +149,12 @@ def repo_files(
         )
     except ArchiveError as exc:
         raise HubError(f"{repo_id}: {exc}") from None
+    if not any(n.endswith(".safetensors") for n in siblings):  # allow_pickle let it pass
+        raise HubError(
+            f"{repo_id}: has pickle weights only, and an import from the Hub fetches "
+            "safetensors weights alone (allow_pickle applies to uploaded zips): pick a repo "
+            "with *.safetensors, or convert the weights and upload them as a zip"
+        )
     if info.gated and not token:  # listing a gated repo is public; its files are not
         raise HubError(_refusal(_Gated(), repo_id, revision, connection))
     sha = info.sha or revision or "main"
@@ -269,8 +276,8 @@ def download(
                             f"the download of {repo_id} was interrupted after "
                             f"{done / 2**20:.1f} of {files.total / 2**20:.1f} MiB "
                             f"({DOWNLOAD_ATTEMPTS} attempts at {name}; last error: "
-                            f"{_short(exc)}); retry the import to resume it: the files "
-                            "already downloaded are kept"
+                            f"{_short(exc)}); retry the import: the files already "
+                            "downloaded are kept, the one it broke off in starts over"
                         ) from None
                     time.sleep(RETRY_PAUSE_S * attempt)
     finally:

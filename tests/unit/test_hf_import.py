@@ -43,6 +43,8 @@ def hub():
         hub.add_repo("org/gated", files, gated=True)
         hub.add_repo("org/pickled", {**files, "model.safetensors": b""} | {"model.bin": b"x"})
         hub.add_repo("org/flaky", files)
+        unsafe = {n: c for n, c in files.items() if not n.endswith(".safetensors")}
+        hub.add_repo("org/pickle-only", unsafe | {"pytorch_model.bin": b"x" * 100})
         hub.add_repo("org/sharded", sharded(files))
         hub.add_repo("org/gated-sharded", sharded(files), gated=True)
         hub.add_repo(
@@ -114,6 +116,15 @@ def test_refusals_say_what_to_do(hub):
         hf.repo_files(hub.url, "org/public", None, None, None, "base", ArchiveLimits(1000))
     with pytest.raises(hf.HubError, match="revision 'nope'"):
         hf.repo_files(hub.url, "org/public", "nope", None, None, "base", LIMITS)
+
+
+def test_pickle_only_weights_are_refused_before_a_download_even_when_allowed(hub):
+    """allow_pickle let the layout check pass, yet only safetensors are fetched: the import
+    downloaded config and tokenizer, then failed with "no weights"."""
+    allowed = ArchiveLimits(max_total_bytes=20 * 2**20, allow_pickle=True)
+    with pytest.raises(hf.HubError, match="pickle weights only.*fetches safetensors weights"):
+        hf.repo_files(hub.url, "org/pickle-only", None, None, None, "base", allowed)
+    assert not [r for r in hub.requests if "org/pickle-only/resolve/" in r["path"]]
 
 
 def test_whoami_names_the_account_or_refuses(hub):
