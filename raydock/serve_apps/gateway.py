@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from raydock.metering import exposition
 from raydock.serve_apps import docs_page, responses_api
 from raydock.serve_apps.access import Auth, DeploymentAccess, NotServing, bearer_token
 from raydock.serve_apps.metering import ReplicaMeter, is_prompt_taken
-from raydock.serve_apps.openai_service import complete, unknown_model
+from raydock.serve_apps.openai_service import adapter_part, complete, unknown_model
 
 app = FastAPI(title="raydock inference", docs_url=None, openapi_url=None)
 
@@ -205,13 +206,19 @@ async def retrieve_response(response_id: str, request: Request):
 
 
 def _models(dep: DeploymentAccess) -> list[dict[str, Any]]:
-    """The key's deployment, then the adapters it serves by request (`<deployment>:<name>`)."""
-    base = {"object": "model", "created": dep.created, "owned_by": dep.name}
-    adapters = [
-        base | {"id": f"{dep.deployment_id}:{a['name']}", "parent": dep.deployment_id}
-        for a in dep.adapters.values()
+    """The key's deployment, then the adapters it serves by request (`<deployment>:<name>`,
+    or `<deployment>:<adapter id>` for a name two adapters share: the one a request can use)."""
+    names = Counter(a["name"] for a in dep.adapters.values())
+    return [_entry(dep)] + [
+        _entry(dep, a_id if names[a["name"]] > 1 else a["name"]) for a_id, a in dep.adapters.items()
     ]
-    return [base | {"id": dep.deployment_id}, *adapters]
+
+
+def _entry(dep: DeploymentAccess, adapter: str | None = None) -> dict[str, Any]:
+    base = {"object": "model", "created": dep.created, "owned_by": dep.name}
+    if adapter is None:
+        return base | {"id": dep.deployment_id}
+    return base | {"id": f"{dep.deployment_id}:{adapter}", "parent": dep.deployment_id}
 
 
 @app.get("/v1/models", tags=["inference"])
@@ -225,13 +232,13 @@ async def list_models(request: Request):
 async def retrieve_model(model: str, request: Request):
     """One entry of /v1/models, by its id or with the deployment's name in place of its id."""
     dep, _ = await ctx.auth.authorize(request, None)
-    wanted = model  # the name may hold ":" itself: an adapter's name follows the whole of it
-    if model == dep.name or model.startswith(f"{dep.name}:"):
-        wanted = dep.deployment_id + model[len(dep.name) :]
-    for entry in _models(dep):
-        if entry["id"] == wanted:
-            return entry
-    raise unknown_model(model, dep)
+    if model in (dep.deployment_id, dep.name):
+        return _entry(dep)
+    named = adapter_part(model, dep)
+    if not named:
+        raise unknown_model(model, dep)
+    dep.adapter(named, "model")  # by its name or its id, as a request names it; 404/400 else
+    return _entry(dep, named)
 
 
 # ------------------------------------------------------------------ metrics

@@ -459,13 +459,22 @@ def requested_adapter(
             "invalid_parameter",
         )
     if by_model and req.model not in (dep.deployment_id, dep.name):
-        base, _, named = req.model.rpartition(":")
-        if base not in (dep.deployment_id, dep.name) or not named:
+        named = adapter_part(req.model, dep)
+        if not named:
             raise unknown_model(req.model, dep)
         if ref is not None and ref != named:
             raise ApiError(400, f"model names adapter {named!r} and adapter {ref!r}", "adapter")
         ref, param = named, "model"
     return None if ref is None else dep.adapter(ref, param)
+
+
+def adapter_part(model: str, dep: DeploymentAccess) -> str | None:
+    """What follows "<deployment id or name>:" in `model` (an adapter's name may hold ":"
+    itself, and so may a deployment's name: the longest that fits); None if neither leads."""
+    for prefix in sorted({dep.deployment_id, dep.name}, key=len, reverse=True):
+        if model.startswith(f"{prefix}:"):
+            return model[len(prefix) + 1 :]
+    return None
 
 
 def unknown_model(model: str, dep: DeploymentAccess) -> ApiError:

@@ -236,3 +236,40 @@ def test_adapter_slots_are_on_by_default_except_on_vllm_where_they_cost_every_st
     assert loaded_adapters(config(maxLoadedAdapters=None), "transformers") == 4
     assert loaded_adapters(config(maxLoadedAdapters=3), "vllm") == 3
     assert loaded_adapters(config(maxLoadedAdapters=0), "transformers") == 0
+
+
+def test_v1_names_adapters_whose_names_hold_colons_or_repeat():
+    """`model: "d1:lora:v2"` was split at its last ":" (404), and /v1/models listed two
+    adapters named alike as one id that a request could not use (400 ambiguous)."""
+    from raydock.serve_apps import gateway, protocol
+    from raydock.serve_apps.access import DeploymentAccess
+    from raydock.serve_apps.openai_service import requested_adapter
+
+    adapter = {"rank": 8, "prefix": "p", "digest": "d"}
+    dep = DeploymentAccess.from_dict(
+        {
+            "deploymentId": "dp-1",
+            "name": "chat:prod",
+            "created": 0,
+            "status": "DEPLOYED",
+            "serving": True,
+            "timeoutS": 60,
+            "adapters": {
+                "cm-a": {"name": "lora:v2", **adapter},
+                "cm-b": {"name": "dup", **adapter},
+                "cm-c": {"name": "dup", **adapter},
+            },
+        }
+    )
+
+    def picked(model: str) -> str | None:
+        ask = [{"role": "user", "content": "hi"}]
+        req = protocol.parse(protocol.ChatRequest, {"model": model, "messages": ask})
+        found = requested_adapter(req, dep, by_model=True)
+        return found and found["id"]
+
+    assert picked("dp-1:lora:v2") == picked("chat:prod:lora:v2") == "cm-a"
+    assert picked("chat:prod") is None
+    listed = [m["id"] for m in gateway._models(dep)]
+    assert listed == ["dp-1", "dp-1:lora:v2", "dp-1:cm-b", "dp-1:cm-c"]
+    assert [picked(m) for m in listed] == [None, "cm-a", "cm-b", "cm-c"]  # each one usable
