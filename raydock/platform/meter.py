@@ -35,6 +35,9 @@ USAGE_FLUSH_S = 2.0
 GAUGE_TTL_S = 5.0
 #: how long /metrics waits for Serve's replica counts
 SERVE_DETAILS_TIMEOUT_S = 5.0
+#: a scrape within this long of the last one gets its text: every scrape asked Serve's
+#: controller and rendered every series on the loop that also answers the replicas' admits
+EXPOSITION_TTL_S = 0.5
 
 
 class Meter:
@@ -51,6 +54,8 @@ class Meter:
         self._started: asyncio.Task | None = None
         # set once today's stored usage is in the limiter: what is saved before would count twice
         self._day_loaded = asyncio.Event()
+        self._exposition: tuple[float, bytes] = (-1e9, b"")  # (when, text) of the last one
+        self._exposing = asyncio.Lock()  # scrapes at once share one rendering
 
     def _registry(self):
         return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
@@ -176,9 +181,19 @@ class Meter:
             self.unsaved = batch
 
     async def exposition(self) -> bytes:
-        """Everything in Prometheus' text format."""
+        """Everything in Prometheus' text format (the same text for EXPOSITION_TTL_S)."""
         self._start()
-        view = Batch(counters=dict(self.totals.counters), histograms=self.totals.histograms)
+        async with self._exposing:
+            at, text = self._exposition
+            if time.monotonic() - at >= EXPOSITION_TTL_S:
+                view = await self._view()
+                # rendered off the loop: admits go on meanwhile (the view is a copy)
+                text = await asyncio.to_thread(render, view)
+                self._exposition = (time.monotonic(), text)
+            return text
+
+    async def _view(self) -> Batch:
+        view = Batch(counters=dict(self.totals.counters), histograms=dict(self.totals.histograms))
         now = time.monotonic()
         for source, (at, values) in list(self.gauges.items()):
             if now - at > GAUGE_TTL_S:
@@ -189,7 +204,7 @@ class Meter:
         for deployment, counts in (await _replica_counts()).items():
             view.set(M.REPLICAS, (deployment,), counts["current"])
             view.set(M.REPLICAS_TARGET, (deployment,), counts["target"])
-        return render(view)
+        return view
 
 
 async def _replica_counts() -> dict[str, dict[str, int]]:

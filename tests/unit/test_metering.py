@@ -574,6 +574,33 @@ def _meter() -> Meter:
     return meter
 
 
+def test_scrapes_at_once_share_one_rendering(monkeypatch):
+    """Every scrape asked Serve's controller and rendered every series on the loop that also
+    answers the replicas' admits (a replica waits 1 s, then serves unchecked): scrapes within
+    half a second of each other now get one text. Serve's controller is stood in for."""
+    from raydock.platform import lifecycle
+
+    asked: list[int] = []
+
+    async def serve_details() -> dict:
+        asked.append(1)
+        await asyncio.sleep(0.05)
+        return {"applications": {}}
+
+    monkeypatch.setattr(lifecycle, "serve_details", serve_details)
+
+    async def scenario() -> list[bytes]:
+        meter = _meter()
+        replica = ReplicaMeter(None)
+        _used(replica, "k", 5)
+        await meter.report("r1", replica.pending)
+        return await asyncio.gather(*(meter.exposition() for _ in range(5)))
+
+    texts = asyncio.run(scenario())
+    assert len(set(texts)) == 1 and b"raydock_requests_total" in texts[0]
+    assert len(asked) == 1
+
+
 def test_a_removed_budget_notifies_no_more():
     """Without limits a replica never asks the meter at admission: its report says so."""
     replica = ReplicaMeter(None)
