@@ -9,8 +9,10 @@ download interrupted (a retry fetches only the files not finished).
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -94,9 +96,20 @@ def _refusal(exc: Exception, repo_id: str, revision: str | None, connection: str
             f"repository {repo_id} was not found on Hugging Face with {via} (check the "
             f"name{private}, or that the connection's token may read it)"
         )
-    if getattr(getattr(exc, "response", None), "status_code", None) == 401:
-        return f"Hugging Face refused the token of {via} (invalid or revoked): test the connection"
+    if getattr(getattr(exc, "response", None), "status_code", None) in (401, 403):
+        return (
+            f"Hugging Face refused the token of {via} (invalid, revoked, or not allowed to "
+            "read this repository): test the connection"
+        )
     return f"Hugging Face could not be reached or refused the request: {_short(exc)}"
+
+
+def _disk_full(repo_id: str, missing: int, free: int) -> str:
+    return (
+        f"the node's disk cannot hold {repo_id}: {missing / 2**20:.1f} MiB still to download, "
+        f"{free / 2**20:.1f} MiB free; free space on the node (its model cache: "
+        "cache_max_gb) and retry the import"
+    )
 
 
 def _short(exc: Exception) -> str:
@@ -245,6 +258,9 @@ def download(
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     folder.mkdir(parents=True, exist_ok=True)
+    missing, free = files.total - _bytes_on_disk(folder), shutil.disk_usage(folder).free
+    if missing > free:
+        raise HubError(_disk_full(repo_id, missing, free))
     stop = threading.Event()
 
     def watch() -> None:
@@ -270,6 +286,13 @@ def download(
                 except (RepositoryNotFoundError, RevisionNotFoundError) as exc:  # gated too
                     raise HubError(_refusal(exc, repo_id, files.sha, connection)) from None
                 except Exception as exc:  # the connection broke: try again, then give up
+                    status = getattr(getattr(exc, "response", None), "status_code", None)
+                    if status in (401, 403):  # a token revoked meanwhile: no retry helps
+                        raise HubError(_refusal(exc, repo_id, files.sha, connection)) from None
+                    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                        left = files.total - _bytes_on_disk(folder)
+                        free = shutil.disk_usage(folder).free
+                        raise HubError(_disk_full(repo_id, left, free)) from None
                     if attempt == DOWNLOAD_ATTEMPTS:
                         done = _bytes_on_disk(folder)
                         raise HubError(

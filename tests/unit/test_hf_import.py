@@ -157,6 +157,34 @@ def test_a_broken_download_fails_then_a_retry_fetches_only_what_is_missing(
     assert len(config_gets) == 1  # kept from the broken attempt
 
 
+def test_a_full_disk_fails_the_download_at_once_and_says_so(hub, tmp_path, monkeypatch):
+    """ENOSPC was retried 3 times and reported as "interrupted": refused up front when the
+    disk is short of what is missing, and not retried when it fills meanwhile."""
+    import errno
+    import shutil
+
+    import huggingface_hub
+
+    monkeypatch.setattr(hf, "RETRY_PAUSE_S", 0)
+    files = files_of(hub, "org/public")
+    usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=1000))
+    with pytest.raises(hf.HubError, match="disk cannot hold org/public: .* 0.0 MiB free"):
+        hf.download(hub.url, "org/public", files, None, None, tmp_path / "a", lambda *_: None)
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+
+    calls = []
+
+    def full(*args, **kwargs):  # the disk fills during the download
+        calls.append(args)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", full)
+    with pytest.raises(hf.HubError, match="disk cannot hold org/public"):
+        hf.download(hub.url, "org/public", files, None, None, tmp_path / "b", lambda *_: None)
+    assert len(calls) == 1
+
+
 class _FakeImport:
     """jobs._ModelImport without the registry or the store: records what the task finished."""
 
