@@ -95,13 +95,15 @@ def is_playground_key(key: dict[str, Any]) -> bool:
 
 
 async def _playground_key(
-    deployment_id: str, user: dict[str, Any], fresh: bool
+    deployment_id: str, user: dict[str, Any], refused: str | None = None
 ) -> tuple[str, bool]:
-    """(the user's playground key for the deployment, whether it was made just now)."""
+    """(the user's playground key for the deployment, whether it may be new to the replicas).
+    `refused`: the key a replica refused (deleted in the API keys tab): a new one, unless
+    another message made one meanwhile (it deleted the one this message had just made)."""
     slot = (deployment_id, user["userId"])
     async with _key_locks.setdefault(slot, asyncio.Lock()):
-        if not fresh and slot in _playground_keys:
-            return _playground_keys[slot], False
+        if slot in _playground_keys and _playground_keys[slot] != refused:
+            return _playground_keys[slot], refused is not None
         names = playground_key_names(user)
         # the secret of an earlier one is gone (a restart) or refused: that key is of no use
         for k in await ctx.registry.list_deployment_keys.remote(deployment_id):
@@ -130,7 +132,7 @@ async def playground_chat(deploymentId: str, request: Request, user: User) -> Re
     client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + NEW_KEY_WAIT_S
-    key, new = await _playground_key(deploymentId, user, fresh=False)
+    key, new = await _playground_key(deploymentId, user)
     while True:
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         try:
@@ -146,7 +148,7 @@ async def playground_chat(deploymentId: str, request: Request, user: User) -> Re
         if new:  # the replicas have not heard of it yet (milliseconds)
             await asyncio.sleep(0.1)
         else:  # deleted in the API keys tab: a new one
-            key, new = await _playground_key(deploymentId, user, fresh=True)
+            key, new = await _playground_key(deploymentId, user, refused=key)
 
     async def relay() -> AsyncIterator[bytes]:
         try:
