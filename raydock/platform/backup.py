@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import DateTime, MetaData, Table, func, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
 
@@ -220,6 +221,23 @@ def check_revision(revision: str) -> None:
         )
 
 
+def _check_target_revision(settings: Settings) -> None:
+    """Refuse a target database a newer raydock upgraded: the wipe drops only the tables this
+    raydock knows, and would leave that one's (an upgrade to it later fails on them)."""
+    engine = db.make_engine(settings.db_url)
+    try:
+        with engine.connect() as conn:
+            revision = MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+    if revision is not None and not migrations._known(revision):
+        raise BackupError(
+            f"the database {db.safe_url(settings.db_url)} is at schema revision {revision!r}, "
+            f"which this raydock does not know (its newest is {migrations.head()!r}): a newer "
+            "raydock upgraded it; restore with that raydock, or into an empty database"
+        )
+
+
 def _raydock_tables(conn: Connection) -> set[str]:
     ours = set(db.Base.metadata.tables) | {"alembic_version"}
     return set(inspect(conn).get_table_names()) & ours
@@ -274,6 +292,7 @@ def restore(
     _check_secret_key(manifest.get("secretKey"), archived_key)
     settings.home_path.mkdir(parents=True, exist_ok=True)
     why = _not_empty(settings)
+    _check_target_revision(settings)  # --force or not: its tables are not all raydock's
     if why and not force:
         raise BackupError(f"{why}: restore needs a fresh one, or --force to replace it")
     _wipe(settings)  # a fresh target may still hold empty tables (a platform that never ran)

@@ -197,6 +197,24 @@ def test_restore_refuses_a_data_dir_in_use_unless_forced(tmp_path):
     assert not other["settings"].store().list(other["prefix"])  # the old store was emptied
 
 
+def test_a_forced_restore_into_a_database_a_newer_raydock_upgraded_is_refused(tmp_path):
+    """The wipe drops the tables this raydock knows: a newer raydock's table stayed, with
+    the restored data under it, and an upgrade to that raydock later failed on it."""
+    src = populated(tmp_path / "src")
+    archive = tmp_path / "raydock.tar"
+    take_backup(src["settings"], archive)
+    newer = populated(tmp_path / "newer")
+    url = newer["settings"].db_url
+    sql(
+        url,
+        "CREATE TABLE future_things (id TEXT)",
+        "UPDATE alembic_version SET version_num = '0099'",
+    )
+    with pytest.raises(backup.BackupError, match="revision '0099', which this raydock does not"):
+        backup.restore(newer["settings"], archive, force=True)
+    assert sql(url, "SELECT id FROM models") == [(newer["model"],)]  # nothing written
+
+
 def test_a_backup_from_a_newer_raydock_is_refused_naming_both_revisions(tmp_path):
     archive = tmp_path / "future.tar"
     with tarfile.open(archive, "w") as tar:
