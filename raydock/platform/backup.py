@@ -22,6 +22,8 @@ that were DEPLOYED come back on the next `raydock up` (lifecycle's restart recov
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
 import json
 import os
@@ -146,11 +148,21 @@ def write_backup(settings: Settings, out: IO[bytes], progress: Progress = _quiet
             "createdAt": datetime.now(UTC).isoformat(),
             "database": database,
             "secretKey": _add_secret(settings, tar),
+            "secretKeyCheck": _key_check(os.environ.get("RAYDOCK_SECRET_KEY", "")),
             "artifacts": _add_artifacts(settings, tar, progress),
         }
         # last, once the counts are known (restore looks it up by name before anything else)
         _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest
+
+
+def _key_check(key: str) -> str | None:
+    """What tells, without the key, whether a restore runs with the configured key the
+    backup's platform had (an HMAC of a constant under it); None when none is configured."""
+    key = key.strip()
+    if not key:
+        return None
+    return hmac.new(key.encode(), b"raydock backup: the secret key", hashlib.sha256).hexdigest()
 
 
 def _add_secret(settings: Settings, tar: tarfile.TarFile) -> str:
@@ -289,7 +301,7 @@ def restore(
     except (tarfile.TarError, ValueError, KeyError, TypeError) as exc:
         raise BackupError(f"{archive} is not a raydock backup ({exc})") from None
     check_revision(revision)
-    _check_secret_key(manifest.get("secretKey"), archived_key)
+    _check_secret_key(manifest.get("secretKey"), archived_key, manifest.get("secretKeyCheck"))
     settings.home_path.mkdir(parents=True, exist_ok=True)
     why = _not_empty(settings)
     _check_target_revision(settings)  # --force or not: its tables are not all raydock's
@@ -317,7 +329,7 @@ def restore(
     return result
 
 
-def _check_secret_key(kind: str | None, archived: bytes | None) -> None:
+def _check_secret_key(kind: str | None, archived: bytes | None, check: str | None) -> None:
     """Refuse, before anything is written, a restore whose sealed secrets (Hugging Face
     tokens, webhook URLs and secrets) the restored platform could not open: its key would
     differ."""
@@ -327,6 +339,12 @@ def _check_secret_key(kind: str | None, archived: bytes | None) -> None:
             "this backup's secrets are sealed with the RAYDOCK_SECRET_KEY its platform was "
             "given, and this environment has none: set it (here and for raydock up), then "
             "restore again"
+        )
+    if kind == "configured" and check and check != _key_check(configured.decode()):
+        raise BackupError(
+            "this backup's secrets are sealed with the RAYDOCK_SECRET_KEY its platform was "
+            "given, and RAYDOCK_SECRET_KEY here is another key: set that one (here and for "
+            "raydock up), then restore again"
         )
     if kind == "file" and configured and archived and configured != archived:
         raise BackupError(

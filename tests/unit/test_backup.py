@@ -182,6 +182,13 @@ def test_a_restore_whose_secrets_would_not_open_is_refused_before_writing(tmp_pa
     other = load_settings(home=str(tmp_path / "t2"))
     with pytest.raises(backup.BackupError, match="this environment has none"):
         backup.restore(other, configured)
+    # another configured key: the manifest's check of the key (never the key) tells
+    monkeypatch.setenv("RAYDOCK_SECRET_KEY", Fernet.generate_key().decode())
+    with pytest.raises(backup.BackupError, match="RAYDOCK_SECRET_KEY here is another key"):
+        backup.restore(other, configured)
+    assert src["secret"] not in configured.read_bytes()
+    monkeypatch.setenv("RAYDOCK_SECRET_KEY", src["secret"].decode())
+    backup.restore(other, configured)
 
 
 def test_restore_refuses_a_data_dir_in_use_unless_forced(tmp_path):
