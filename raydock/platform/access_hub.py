@@ -65,13 +65,17 @@ class AccessHub:
         self, epoch: str, version: int, deployment_id: str | None, timeout_s: float
     ) -> dict[str, Any]:
         """The current snapshots (one deployment's, or all) once they differ from what the
-        caller holds (`epoch`, `version`), or after `timeout_s` unchanged."""
+        caller holds (`epoch`, `version`); after `timeout_s` unchanged, `snapshots` is None:
+        what the caller holds is current (a miss of an unknown key, which anyone can send,
+        asked for every deployment's key hashes, up to ten times a second)."""
         await self._ensure_loaded()
         if epoch == self.epoch and version == self.version:
             if self._changed is None:
                 self._changed = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
+            if version == self.version:
+                return {"epoch": self.epoch, "version": self.version, "snapshots": None}
         if deployment_id is None:
             snapshots: dict[str, Any] = dict(self.snapshots)
         else:

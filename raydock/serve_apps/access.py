@@ -235,6 +235,8 @@ class Auth:
         """One answer of the hub (at once when this replica is behind), applied."""
         hub = ray.get_actor(self.hub[0], namespace=self.hub[1])
         answer = await hub.watch.remote(self.epoch, self.version, self.deployment_id, timeout_s)
+        if answer["snapshots"] is None:  # what this replica holds is current
+            return
         if answer["epoch"] == self.epoch and answer["version"] < self.version:
             return  # an older answer than one the watch applied meanwhile
         if self.deployment_id is None:  # every deployment: what is missing is gone

@@ -73,9 +73,10 @@ def test_a_watch_returns_at_the_next_change_and_at_once_when_behind():
         await hub.publish({"a": None})
         await hub.publish({"a": snapshot("a", {"k": ""}, stamp=3)})
         assert (await hub.watch("", -1, None, 1))["snapshots"] == {}
-        # unchanged for timeout_s: the same view comes back
+        # unchanged for timeout_s: the caller's view is current, and no snapshot comes back
         idle = await hub.watch(now["epoch"], hub.version, "a", 0.05)
-        assert idle["version"] == hub.version
+        assert idle["version"] == hub.version and idle["snapshots"] is None
+        assert (await hub.watch(now["epoch"], hub.version, None, 0))["snapshots"] is None
 
     asyncio.run(scenario())
 
