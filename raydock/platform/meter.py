@@ -38,6 +38,8 @@ SERVE_DETAILS_TIMEOUT_S = 5.0
 #: a scrape within this long of the last one gets its text: every scrape asked Serve's
 #: controller and rendered every series on the loop that also answers the replicas' admits
 EXPOSITION_TTL_S = 0.5
+#: how long a replica's own series outlive it (a scrape or two sees its last counts)
+REPLICA_SERIES_GRACE_S = 300.0
 
 
 class Meter:
@@ -56,6 +58,7 @@ class Meter:
         self._day_loaded = asyncio.Event()
         self._exposition: tuple[float, bytes] = (-1e9, b"")  # (when, text) of the last one
         self._exposing = asyncio.Lock()  # scrapes at once share one rendering
+        self._replicas_seen: dict[str, float] = {}  # replica id -> when Serve last listed it
 
     def _registry(self):
         return ray.get_actor(names.REGISTRY, namespace=names.NAMESPACE)
@@ -86,7 +89,9 @@ class Meter:
     async def _record_history(self) -> None:
         while True:
             try:
-                self.history.record(time.time(), self.totals, await _replica_counts())
+                counts, live = await _replicas()
+                self._forget_gone_replicas(live)
+                self.history.record(time.time(), self.totals, counts)
             except Exception as exc:  # never let one bad snapshot end the hour's record
                 log.warning("metrics history: %r", exc)
             await asyncio.sleep(self.history.interval_s)
@@ -193,6 +198,8 @@ class Meter:
             return text
 
     async def _view(self) -> Batch:
+        counts, live = await _replicas()
+        self._forget_gone_replicas(live)
         view = Batch(counters=dict(self.totals.counters), histograms=dict(self.totals.histograms))
         now = time.monotonic()
         for source, (at, values) in list(self.gauges.items()):
@@ -201,24 +208,52 @@ class Meter:
                 continue
             for series, value in values.items():
                 view.gauges[series] = view.gauges.get(series, 0) + value
-        for deployment, counts in (await _replica_counts()).items():
-            view.set(M.REPLICAS, (deployment,), counts["current"])
-            view.set(M.REPLICAS_TARGET, (deployment,), counts["target"])
+        for deployment, figures in counts.items():
+            view.set(M.REPLICAS, (deployment,), figures["current"])
+            view.set(M.REPLICAS_TARGET, (deployment,), figures["target"])
         return view
 
+    def _forget_gone_replicas(self, live: set[str] | None) -> None:
+        """Drop the per-replica series of replicas Serve has not listed for
+        REPLICA_SERIES_GRACE_S: every replica an autoscaled deployment ever ran kept series of
+        its own, exported for ever (`live` None: Serve did not answer, nothing is dropped)."""
+        if live is None:
+            return
+        now = time.monotonic()
+        self._replicas_seen.update(dict.fromkeys(live, now))
+        for series in [s for s in self.totals.counters if s[0] in _REPLICA_LABEL]:
+            replica = series[1][_REPLICA_LABEL[series[0]]]
+            if now - self._replicas_seen.setdefault(replica, now) > REPLICA_SERIES_GRACE_S:
+                del self.totals.counters[series]
+        self._replicas_seen = {
+            r: at for r, at in self._replicas_seen.items() if now - at <= REPLICA_SERIES_GRACE_S
+        }
 
-async def _replica_counts() -> dict[str, dict[str, int]]:
-    """Each deployment's running and target replicas, from Serve's controller."""
+
+#: the counters labelled by replica, and where the replica is among their labels
+_REPLICA_LABEL = {m.name: m.labels.index("replica") for m in M.ALL if "replica" in m.labels}
+
+
+async def _replicas() -> tuple[dict[str, dict[str, int]], set[str] | None]:
+    """Each deployment's running and target replicas, and the ids of every replica Serve
+    lists (None, with no figures, when its controller does not answer)."""
     from raydock.platform.lifecycle import replica_view, serve_details
 
     try:
         details = await asyncio.wait_for(serve_details(), SERVE_DETAILS_TIMEOUT_S)
     except Exception as exc:  # Serve's controller restarting: no replica figures this time
         log.warning("replica counts unavailable: %r", exc)
-        return {}
+        return {}, None
     apps = details.get("applications") or {}
-    return {
+    counts = {
         name: replica_view(app)
         for name, app in apps.items()
         if name not in (names.API_APP, names.GATEWAY_APP)
     }
+    live = {
+        replica["replica_id"]
+        for app in apps.values()
+        for deployment in (app.get("deployments") or {}).values()
+        for replica in deployment.get("replicas", [])
+    }
+    return counts, live

@@ -601,6 +601,38 @@ def test_scrapes_at_once_share_one_rendering(monkeypatch):
     assert len(asked) == 1
 
 
+def test_a_replica_serve_no_longer_lists_leaves_metrics(monkeypatch):
+    """Every replica an autoscaled deployment ever ran kept its own series in /metrics for
+    ever; after REPLICA_SERIES_GRACE_S unlisted by Serve they go. Serve's controller is stood
+    in for."""
+    from raydock.platform import lifecycle, meter
+
+    monkeypatch.setattr(meter, "EXPOSITION_TTL_S", 0)
+    monkeypatch.setattr(meter, "REPLICA_SERIES_GRACE_S", 0.05)
+
+    async def serve_details() -> dict:
+        engine = {"replicas": [{"replica_id": "r-new", "state": "RUNNING"}]}
+        app = {"status": "RUNNING", "deployments": {"engine": engine}}
+        return {"applications": {"dep-dp-1": app}}
+
+    monkeypatch.setattr(lifecycle, "serve_details", serve_details)
+
+    async def scenario() -> list[set[str]]:
+        m = _meter()
+        batch = Batch()
+        for replica in ("r-old", "r-new"):
+            batch.inc(M.REPLICA_REQUESTS, ("dp-1", replica), 3)
+        await m.report("r1", batch)
+        seen = []
+        for _ in range(2):
+            text = (await m.exposition()).decode()
+            seen.append({r for r in ("r-old", "r-new") if f'replica="{r}"' in text})
+            await asyncio.sleep(0.1)
+        return seen
+
+    assert asyncio.run(scenario()) == [{"r-old", "r-new"}, {"r-new"}]
+
+
 def test_a_removed_budget_notifies_no_more():
     """Without limits a replica never asks the meter at admission: its report says so."""
     replica = ReplicaMeter(None)
