@@ -617,11 +617,26 @@ def _total_bytes(root: Path, files: list[str]) -> int:
     return total
 
 
+#: the largest JSON file an archive may hold (a tokenizer.json takes tens of MB), and the
+#: settings files a model row keeps and every models list returns (deployconfig.json went
+#: into each list page whole: 100 MB of it made every list carry 100 MB)
+JSON_MAX_BYTES = 64 * MiB
+SETTINGS_JSON_MAX_BYTES = {"config.json": MiB, "deployconfig.json": MiB, "adapter_config.json": MiB}
+
+
 def _read_json_object(root: Path, name: str) -> dict:
+    limit = SETTINGS_JSON_MAX_BYTES.get(name, JSON_MAX_BYTES)
     try:
+        if (root / name).stat().st_size > limit:
+            raise ArchiveError(
+                f"{name} holds {(root / name).stat().st_size} bytes; at most {limit} "
+                "(a real one is far smaller)"
+            )
         data = json.loads((root / name).read_bytes())
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise ArchiveError(f"{name} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ArchiveError(f"{name} nests deeper than JSON settings ever do") from None
     except OSError as e:
         raise ArchiveError(f"cannot read {name}: {e.strerror or e}") from None
     if not isinstance(data, dict):

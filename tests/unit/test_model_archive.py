@@ -848,3 +848,20 @@ def test_config_transformers_cannot_build_is_refused(model_dir, monkeypatch):
         r"RuntimeError: no such layer type",
     ):
         inspect_model_dir(model_dir)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b'{"description": "' + b"x" * (2 * 2**20) + b'"}', r"deployconfig\.json holds \d+ bytes"),
+        (b'{"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nests deeper"),
+    ],
+    ids=["2 MiB", "deep"],
+)
+def test_an_oversized_or_deep_settings_file_is_refused(model_dir, content, reason):
+    """deployconfig.json is kept in the model's row and returned by every models list: one of
+    100 MB made each list page carry it; one nested 200,000 deep was 'import failed:
+    maximum recursion depth exceeded'."""
+    (model_dir / "deployconfig.json").write_bytes(content)
+    with pytest.raises(ArchiveError, match=reason):
+        inspect_model_dir(model_dir)
