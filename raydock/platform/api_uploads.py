@@ -625,10 +625,12 @@ async def _complete(sessionId: str, user: dict[str, Any]) -> dict[str, Any]:
     with _storing(dest, "the assembled zip", sessionId):
         await asyncio.to_thread(assemble)
     opts = session["options"]
+    # the model is the uploader's (its notifications go to them), whoever sent `complete`
+    uploader = {**user, "userId": session["createdBy"] or user["userId"]}
     started = await _start_import(  # a refusal (the base model gone) removes only the zip
         dest,
         session["fileName"],
-        user,
+        uploader,
         opts.get("kind") or "base",
         opts.get("baseModelId"),
         opts.get("description") or "",

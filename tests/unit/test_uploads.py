@@ -550,3 +550,20 @@ def test_a_chunk_sent_again_while_it_still_arrives_keeps_one_whole_copy(api):
     first, retry, stored = asyncio.run(scenario())
     assert (first.status_code, retry.status_code) == (200, 200), (first.text, retry.text)
     assert stored in (b"a" * 1000, b"b" * 1000)
+
+
+def test_a_chunked_import_is_the_uploaders_whoever_completes_it(small_limits):
+    """Any management key may complete an upload (all keys share everything): the model was
+    credited to that caller, and its import's notifications went to them."""
+    http = small_limits
+    admin = http.reg.authenticate_management(http.headers["X-api-key"])
+    ana = http.reg.create_user("ana", None, False, admin["userId"])
+    as_ana = {"X-api-key": ana["apiKey"]}
+    body = {"fileName": "m.zip", "totalSize": 10, "totalChunks": 1}
+    sid = http.post("/public/files/session/start", json=body, headers=as_ana).json()["sessionId"]
+    put = http.put(f"/public/files/session/{sid}/chunks/1", content=b"x" * 10, headers=as_ana)
+    assert put.status_code == 200
+    done = http.post(f"/public/files/session/{sid}/complete")  # by the admin
+    assert done.status_code == 202, done.text
+    [model] = http.reg.list_models()
+    assert model["createdBy"] == ana["userId"]
