@@ -501,17 +501,21 @@ class S3Store(ArtifactStore):
         with self._client_lock:
             if self._client is None:
                 session = boto3.session.Session()
-                # custom endpoints (MinIO, moto, Ceph) want path-style URLs
-                style = "path" if self.endpoint_url else "auto"
-                self._client = session.client(
-                    "s3",
-                    endpoint_url=self.endpoint_url,
-                    region_name=session.region_name or "us-east-1",
-                    config=botocore.config.Config(
-                        signature_version="s3v4", s3={"addressing_style": style}
-                    ),
-                )
+                region = session.region_name
+                if region is None and not self.endpoint_url:
+                    region = bucket_region(self._new_client(session, "us-east-1"), self.bucket)
+                self._client = self._new_client(session, region or "us-east-1")
             return self._client
+
+    def _new_client(self, session: Any, region: str) -> Any:
+        # custom endpoints (MinIO, moto, Ceph) want path-style URLs
+        style = "path" if self.endpoint_url else "auto"
+        return session.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=region,
+            config=botocore.config.Config(signature_version="s3v4", s3={"addressing_style": style}),
+        )
 
     def _full(self, key: str) -> str:
         return _join(self.prefix, key)
@@ -617,6 +621,19 @@ class S3Store(ArtifactStore):
                 Params={"Bucket": self.bucket, "Key": self._full(key)},
                 ExpiresIn=expires_s,
             )
+
+
+def bucket_region(client: Any, bucket: str) -> str | None:
+    """The AWS region a bucket lives in (S3 names it in a header, on a redirect too), or None.
+    Calls follow S3's redirects from any region, presigned URLs cannot: one signed for
+    us-east-1 on an eu-west-1 bucket is refused (AuthorizationQueryParametersError)."""
+    try:
+        answer = client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        answer = exc.response
+    except BotoCoreError:  # no network, no credentials: the calls will say
+        return None
+    return (answer.get("ResponseMetadata") or {}).get("HTTPHeaders", {}).get("x-amz-bucket-region")
 
 
 def open_store(root: str, endpoint_url: str | None = None) -> ArtifactStore:

@@ -396,3 +396,39 @@ def test_open_store(tmp_path):
     local = open_store(str(tmp_path / "a"))
     assert isinstance(local, LocalStore) and local.root == tmp_path / "a"
     assert open_store(f"file://{tmp_path}/b").root == tmp_path / "b"
+
+
+def test_a_presigned_url_is_signed_in_the_buckets_own_region(monkeypatch):
+    """With no region configured the client was made for us-east-1: calls follow S3's
+    redirects, but the export's presigned URL for an eu-west-1 bucket was refused by S3
+    (AuthorizationQueryParametersError). AWS is stood in for by botocore's Stubber."""
+    import boto3
+    from botocore.stub import Stubber
+
+    made: list[str] = []
+    real_session = boto3.session.Session
+
+    class RegionlessSession:
+        region_name = None
+
+        def client(self, service, region_name=None, **kwargs):
+            made.append(region_name)
+            client = real_session().client(
+                service,
+                region_name=region_name,
+                aws_access_key_id="AKIDEXAMPLE",
+                aws_secret_access_key="secret",
+                **kwargs,
+            )
+            stub = Stubber(client)
+            headers = {"x-amz-bucket-region": "eu-west-1"}
+            stub.add_client_error(
+                "head_bucket", "301", http_status_code=301, response_meta={"HTTPHeaders": headers}
+            )
+            stub.activate()
+            return client
+
+    monkeypatch.setattr(boto3.session, "Session", RegionlessSession)
+    url = store_mod.S3Store("my-eu-bucket", "raydock").download_url("exports/m.zip")
+    assert made == ["us-east-1", "eu-west-1"]  # asked once, then the client of its region
+    assert "%2Feu-west-1%2Fs3%2F" in url or "/eu-west-1/s3/" in url, url
