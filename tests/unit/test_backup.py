@@ -191,6 +191,45 @@ def test_a_restore_whose_secrets_would_not_open_is_refused_before_writing(tmp_pa
     backup.restore(other, configured)
 
 
+def test_a_large_table_is_written_without_holding_it_in_memory(tmp_path, monkeypatch):
+    """A table was built as a list of JSON lines, joined, then encoded: three copies of it
+    in the API replica's memory (a year of usage rows took gigabytes)."""
+    import tracemalloc
+    from datetime import datetime, timedelta
+
+    src = populated(tmp_path / "src")
+    engine = db.make_engine(src["settings"].db_url)
+    monkeypatch.setattr(backup, "SPOOL_BYTES", 2**20)  # the same, at a test's size
+    start, rows = datetime(2026, 1, 1), 30_000
+    with engine.begin() as conn:
+        conn.execute(
+            db.Usage.__table__.insert(),
+            [
+                {
+                    "minute": start + timedelta(minutes=i),
+                    "deployment_id": "dep-1",
+                    "adapter_id": "",
+                    "key_id": "k-1",
+                    "requests": 1,
+                    "prompt_tokens": 10,
+                    "completion_tokens": 20,
+                }
+                for i in range(rows)
+            ],
+        )
+    engine.dispose()
+    tracemalloc.start()
+    try:
+        manifest = take_backup(src["settings"], tmp_path / "raydock.tar")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert manifest["database"]["tables"]["usage"] == rows
+    with tarfile.open(tmp_path / "raydock.tar") as tar:
+        size = tar.getmember("database/usage.jsonl").size
+    assert peak < size / 2, (size, peak)  # the table's text is never held whole
+
+
 def test_restore_refuses_a_data_dir_in_use_unless_forced(tmp_path):
     src = populated(tmp_path / "src")
     archive = tmp_path / "raydock.tar"
