@@ -21,6 +21,7 @@ import re
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -117,6 +118,7 @@ class FakeHub:
         self._tokens: dict[str, _Token] = {}
         # (repo_id, filename) -> (after_bytes, times left, reset)
         self._cuts: dict[tuple[str, str], tuple[int, int, bool]] = {}
+        self._rates: dict[tuple[str, str], int] = {}  # (repo_id, filename) -> bytes a second
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -175,6 +177,12 @@ class FakeHub:
         """
         with self._lock:
             self._cuts[(repo_id, filename)] = (after_bytes, times, reset)
+
+    def throttle(self, repo_id: str, filename: str, bytes_per_s: int) -> None:
+        """GETs of the file send its body at `bytes_per_s`; each request's record counts the
+        body bytes it sent (`sent`) and says when the client went away (`gone`)."""
+        with self._lock:
+            self._rates[(repo_id, filename)] = bytes_per_s
 
     # -- server --------------------------------------------------------------------------------
 
@@ -320,6 +328,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._start(status, "application/octet-stream", end - start, headers)
         if self.command == "HEAD":
             return
+        rate = hub._rates.get((repo.repo_id, filename))
+        if rate is not None:
+            return self._trickle(f, start, end, rate)
         cut = hub._take_cut(repo.repo_id, filename)
         limit = end - start if cut is None else cut[0]
         for chunk in _read(f.content, start, end):
@@ -334,6 +345,21 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.close()
             else:
                 self.connection.shutdown(socket.SHUT_WR)  # FIN mid-body: a truncated transfer
+
+    def _trickle(self, f: _File, start: int, end: int, rate: int) -> None:
+        self._record["sent"], self._record["gone"] = 0, False
+        piece = max(1, rate // 10)
+        for chunk in _read(f.content, start, end):
+            for at in range(0, len(chunk), piece):
+                try:
+                    self.wfile.write(chunk[at : at + piece])
+                    self.wfile.flush()
+                except OSError:  # the client hung up (its process killed)
+                    self._record["gone"] = True
+                    self.close_connection = True
+                    return
+                self._record["sent"] += len(chunk[at : at + piece])
+                time.sleep(0.1)
 
     def _start(self, status: int, ctype: str, length: int, headers: dict[str, str]) -> None:
         self._record["status"] = status

@@ -121,6 +121,7 @@ class Lifecycle:
         self._artifact_locks: dict[tuple, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task] = set()
         self._jobs: set[str] = set()  # jobs a task of this actor is running
+        self._job_tasks: dict[str, ray.ObjectRef] = {}  # import job id -> its Ray task
         self._deploys: dict[str, asyncio.Task] = {}  # deployment id -> its running deploy
         self._restores: dict[str, int] = defaultdict(int)  # failed restores in a row
         self._restoring: dict[str, asyncio.Task] = {}  # deployment id -> its running restore
@@ -314,14 +315,32 @@ class Lifecycle:
                 # the token goes to the task as an argument, never into a log or a record
                 token = await self.registry.connection_token.remote(origin["connectionId"])
             base = await self._base_artifact(model_id) if model["kind"] == "adapter" else None
-            result = await import_hf_task.remote(
-                self.settings.without_secrets(), model_id, job_id, origin, token, base
+            result = await self._job_task(
+                job_id,
+                import_hf_task.remote(
+                    self.settings.without_secrets(), model_id, job_id, origin, token, base
+                ),
             )
         except Exception as exc:  # the connection is gone, or the task itself died
             await self.registry.fail_jobs.remote([job_id], f"import failed: {exc}")
             return
         if result.get("status") == ModelStatus.READY:  # else it failed with its reason
             await self._deploy_waiting(job_id)
+
+    async def _job_task(self, job_id: str, ref: ray.ObjectRef) -> Any:
+        """The Ray task of an import job, awaited; `stop_job_task` ends it meanwhile."""
+        self._job_tasks[job_id] = ref
+        try:
+            return await ref
+        finally:
+            self._job_tasks.pop(job_id, None)
+
+    async def stop_job_task(self, job_id: str) -> None:
+        """End the task of an import job that ended without it (its model was deleted): it
+        went on downloading, validating and storing, up to the archive limit, for nothing."""
+        ref = self._job_tasks.get(job_id)
+        if ref is not None:
+            ray.cancel(ref, force=True)
 
     async def _deploy_waiting(self, import_job_id: str) -> None:
         """Deploy the deployment made together with an import that just ended READY, unless
@@ -349,8 +368,11 @@ class Lifecycle:
             base = await self._base_artifact(model_id) if kind == "adapter" else None
             # errors name the user's file (a file import's model is named after it)
             name = (await self.registry.get_model.remote(model_id))["name"] + ".zip"
-            await import_model_task.remote(
-                self.settings.without_secrets(), model_id, job_id, upload, kind, base, name
+            await self._job_task(
+                job_id,
+                import_model_task.remote(
+                    self.settings.without_secrets(), model_id, job_id, upload, kind, base, name
+                ),
             )
         except Exception as exc:  # staging failed, or the task itself died (crash, OOM)
             # both copies of the upload go before the job ends: whoever sees it end sees them gone

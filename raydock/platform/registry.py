@@ -612,8 +612,10 @@ class Registry:
             running = select(db.DockStatus).where(
                 db.DockStatus.model_id == model_id, db.DockStatus.status == JobStatus.IN_PROGRESS
             )
+            out["endedJobs"] = []
             for j in s.scalars(running):
                 self._end_job(j, JobStatus.FAILED, "the model was deleted")
+                out["endedJobs"].append(j.id)
             for d in deps:
                 self._delete_deployment_rows(s, d.id)
             self._base_deployments_changed(s, m)

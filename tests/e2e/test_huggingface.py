@@ -21,7 +21,7 @@ from .conftest import wait_for
 TOKEN = "hf_e2e" + "T0k3n" * 6
 OTHER_TOKEN = "hf_e2e_other" + "x" * 20
 PUBLIC, PRIVATE, GATED = "acme/tiny-chat", "acme/private-chat", "acme/gated-chat"
-PICKLED, FLAKY = "acme/pickled-chat", "acme/flaky-chat"
+PICKLED, FLAKY, SLOW = "acme/pickled-chat", "acme/flaky-chat", "acme/slow-chat"
 ADAPTER, WIDE_ADAPTER = "acme/tiny-chat-lora", "acme/small-chat-lora"
 CATALOG_ENTRY = "smollm2-135m-instruct"
 
@@ -36,8 +36,9 @@ def model_files() -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def hub(hf_hub):
     files = model_files()
-    for repo in (PUBLIC, FLAKY):
+    for repo in (PUBLIC, FLAKY, SLOW):
         hf_hub.add_repo(repo, files)
+    hf_hub.throttle(SLOW, "model.safetensors", 100_000)  # 3.3 MB: half a minute
     hf_hub.add_repo(PRIVATE, files, private=True)
     hf_hub.add_repo(GATED, files, gated=True)
     weights = files.pop("model.safetensors")
@@ -199,6 +200,20 @@ def test_an_interrupted_download_fails_cleanly_and_a_retry_completes_it(platform
     # the files finished before the break were kept: fetched once in all
     assert len(gets(hub, FLAKY, "config.json")) == 1
     assert len(gets(hub, FLAKY, "tokenizer.json")) == 1
+
+
+def test_deleting_a_model_stops_its_download(platform, hub):
+    """The job ended, yet the import task downloaded on (up to the archive limit), then
+    validated and stored what no model would use."""
+    ref = platform.client.post("/models/import/huggingface", json={"repoId": SLOW})
+    wait_for(lambda: any(r.get("sent") for r in gets(hub, SLOW, "model.safetensors")), timeout=60)
+    deleted = platform.http().delete(f"/api/public/models/{ref['modelId']}")
+    assert deleted.status_code == 200, deleted.text
+    [transfer] = gets(hub, SLOW, "model.safetensors")
+    wait_for(lambda: transfer["gone"], timeout=20)  # the task was ended: the Hub saw it go
+    assert transfer["sent"] < len(model_files()["model.safetensors"])
+    job = platform.client.get(f"/dock-status/{ref['dockStatusId']}")
+    assert (job["status"], job["message"]) == ("FAILED", "the model was deleted")
 
 
 def test_deploy_from_hugging_face_in_one_request_then_chat(platform, hub, connection):

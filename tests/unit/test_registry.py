@@ -350,9 +350,10 @@ def test_deleting_a_model_ends_its_running_import(reg, admin):
     _, user = admin
     importing = reg.create_model("half", "file", user["userId"])
     job = reg.create_job("IMPORT", importing["modelId"], user["userId"])
-    reg.delete_model(importing["modelId"])
+    deleted = reg.delete_model(importing["modelId"])
     ended = reg.get_job(job["dockStatusId"])
     assert ended["status"] == "FAILED" and ended["message"] == "the model was deleted"
+    assert deleted["endedJobs"] == [job["dockStatusId"]]  # the API stops their tasks
 
 
 def test_long_names_fit_their_columns_on_every_backend(reg, admin):
