@@ -129,7 +129,8 @@ class ReplicaAdapters:
     async def ensure(self, adapter: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         """Load `adapter` on this replica unless it holds it already; the engine to generate
         with and its keyword arguments. One that cannot be loaded is a 503 naming why."""
-        self.check(adapter)
+        param = adapter.get("param", "adapter")  # what the request named it in
+        self.check(adapter, param)
         adapter_id = adapter["id"]
         self.entries[adapter_id] = adapter
         for _ in range(3):  # evicted by another request's load the moment it was loaded: again
@@ -143,7 +144,7 @@ class ReplicaAdapters:
                     f"adapter {adapter['name']!r} cannot be loaded on this deployment's replica "
                     "(its stored files are missing or damaged, or it did not convert); the "
                     "replica's log says why",
-                    "adapter",
+                    param,
                     "adapter_unavailable",
                 ) from None
             if self.merged is None:  # the engine itself reloads an adapter it let go
@@ -154,7 +155,7 @@ class ReplicaAdapters:
             503,
             f"adapter {adapter['name']!r} was evicted as it loaded; this replica holds too "
             "few adapters for its load (adapterParameters.maxLoadedAdapters)",
-            "adapter",
+            param,
             "adapter_unavailable",
         )
 

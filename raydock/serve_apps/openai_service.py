@@ -465,7 +465,8 @@ def requested_adapter(
         if ref is not None and ref != named:
             raise ApiError(400, f"model names adapter {named!r} and adapter {ref!r}", "adapter")
         ref, param = named, "model"
-    return None if ref is None else dep.adapter(ref, param)
+    # `param`: the field the replica's refusals name (`model` on /v1)
+    return None if ref is None else dep.adapter(ref, param) | {"param": param}
 
 
 def adapter_part(model: str, dep: DeploymentAccess) -> str | None:

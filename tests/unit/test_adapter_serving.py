@@ -273,3 +273,7 @@ def test_v1_names_adapters_whose_names_hold_colons_or_repeat():
     listed = [m["id"] for m in gateway._models(dep)]
     assert listed == ["dp-1", "dp-1:lora:v2", "dp-1:cm-b", "dp-1:cm-c"]
     assert [picked(m) for m in listed] == [None, "cm-a", "cm-b", "cm-c"]  # each one usable
+    # the replica's refusals of it name the field the request used
+    ask = [{"role": "user", "content": "hi"}]
+    req = protocol.parse(protocol.ChatRequest, {"model": "dp-1:lora:v2", "messages": ask})
+    assert requested_adapter(req, dep, by_model=True)["param"] == "model"
