@@ -582,4 +582,4 @@ class Notifier:
 
 
 class WebhookRefused(Exception):
-    """The receiver answered, but not with a 2xx."""
+    """The receiver answered, but not with a 2xx, or not within TIMEOUT_S."""
