@@ -31,6 +31,7 @@ import shutil
 import sqlite3
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -322,30 +323,72 @@ def restore(
     check_revision(revision)
     _check_secret_key(manifest.get("secretKey"), archived_key, manifest.get("secretKeyCheck"))
     settings.home_path.mkdir(parents=True, exist_ok=True)
+    db_file = _sqlite_file(settings.db_url)
+    made_db_file = db_file is not None and not db_file.exists()
     why = _not_empty(settings)
     _check_target_revision(settings)  # --force or not: its tables are not all raydock's
     if why and not force:
         raise BackupError(f"{why}: restore needs a fresh one, or --force to replace it")
-    _wipe(settings)  # a fresh target may still hold empty tables (a platform that never ran)
-    result = Restored(revision=revision, head=revision)
+    result = Restored(revision=revision, head=migrations.head())
+    key_path = settings.home_path / KEY_FILE
+    old_key = key_path.read_bytes() if key_path.exists() else None
+    old_store = _set_store_aside(settings)
     engine = db.make_engine(settings.db_url)
     try:
-        with tarfile.open(archive) as tar, engine.begin() as conn:  # every row or none
+        # one transaction (DDL included: SQLite's too, db.make_engine): what was there stays
+        # if any of it fails, a forced restore's old data included
+        with tarfile.open(archive) as tar, engine.begin() as conn:
+            _drop_raydock_tables(conn)  # a fresh target may still hold empty tables
             migrations._run(conn, revision)
             tables = MetaData()
             tables.reflect(conn)
             for member in tar:
                 _restore_member(settings, conn, tables, tar, member, result, progress)
             _fix_sequences(conn, tables)
-        _, result.head = migrations.upgrade(engine)
-        result.missing = _missing_models(settings, engine)
+            migrations._run(conn, "head")
     except BaseException:
         engine.dispose()
-        _wipe(settings)
-        (settings.home_path / KEY_FILE).unlink(missing_ok=True)
+        _put_store_back(settings, old_store)
+        key_path.unlink(missing_ok=True)
+        if old_key is not None:
+            _write_secret(settings.home_path, old_key)
+        if made_db_file:  # a retry into this data dir must find it fresh
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_file}{suffix}").unlink(missing_ok=True)
         raise
-    engine.dispose()
+    if old_store is not None:
+        shutil.rmtree(old_store, ignore_errors=True)
+    try:
+        result.missing = _missing_models(settings, engine)
+    finally:
+        engine.dispose()
     return result
+
+
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(db.normalize_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _set_store_aside(settings: Settings) -> Path | None:
+    """Move a local artifact store that holds files aside (kept until the restore succeeds,
+    put back if it fails); where it went."""
+    root = _local_root(settings)
+    if root is None or not root.exists() or not any(root.iterdir()):
+        return None
+    aside = root.with_name(f"{root.name}.before-restore-{os.getpid()}-{int(time.time())}")
+    root.rename(aside)
+    return aside
+
+
+def _put_store_back(settings: Settings, aside: Path | None) -> None:
+    root = _local_root(settings)
+    if root is not None and root.exists():
+        shutil.rmtree(root)  # what the failed restore wrote
+    if aside is not None and root is not None:
+        aside.rename(root)
 
 
 def _check_secret_key(kind: str | None, archived: bytes | None, check: str | None) -> None:
@@ -397,19 +440,10 @@ def _restore_member(
             progress(f"artifacts: {result.artifacts} files")
 
 
-def _wipe(settings: Settings) -> None:
-    """Drop raydock's tables, and empty a local artifact store."""
-    engine = db.make_engine(settings.db_url)
-    try:
-        with engine.begin() as conn:
-            tables = MetaData()
-            tables.reflect(conn, only=sorted(_raydock_tables(conn)))
-            tables.drop_all(conn)
-    finally:
-        engine.dispose()
-    root = _local_root(settings)
-    if root is not None and root.exists():
-        shutil.rmtree(root)
+def _drop_raydock_tables(conn: Connection) -> None:
+    tables = MetaData()
+    tables.reflect(conn, only=sorted(_raydock_tables(conn)))
+    tables.drop_all(conn)
 
 
 def _load_rows(conn: Connection, table: Table, lines: IO[bytes]) -> int:

@@ -409,6 +409,45 @@ def test_an_archive_with_a_path_out_of_the_store_is_refused_and_nothing_stays(tm
     assert sql(target.db_url, "SELECT name FROM sqlite_master WHERE type='table'") == []
 
 
+def test_a_forced_restore_that_fails_leaves_the_old_data_as_it_was(tmp_path, db_url):
+    """The target was wiped (tables dropped, store deleted), then wiped again on the failure,
+    key file included: neither the old data nor the new was left."""
+    src = populated(tmp_path / "src")
+    archive = tmp_path / "raydock.tar"
+    take_backup(src["settings"], archive)
+    with tarfile.open(archive, "a") as tar:  # fails after the rows, as the files come
+        info = tarfile.TarInfo("artifacts/../../escaped")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    other = populated(tmp_path / "other", database_url=db_url)
+    settings = other["settings"]
+    files = sorted(settings.store().list(""))
+    key = (settings.home_path / KEY_FILE).read_bytes()
+    with pytest.raises(backup.BackupError, match="outside the artifact store"):
+        backup.restore(settings, archive, force=True)
+    assert sql(settings.db_url, "SELECT id FROM models") == [(other["model"],)]
+    assert sorted(settings.store().list("")) == files and files
+    assert (settings.home_path / KEY_FILE).read_bytes() == key
+
+
+def test_a_restore_that_failed_in_a_fresh_data_dir_can_run_again(tmp_path):
+    """It left an empty raydock.db behind: the next restore called the data dir not empty."""
+    src = populated(tmp_path / "src")
+    good = tmp_path / "raydock.tar"
+    take_backup(src["settings"], good)
+    bad = tmp_path / "bad.tar"
+    shutil.copy(good, bad)
+    with tarfile.open(bad, "a") as tar:
+        info = tarfile.TarInfo("artifacts/../../escaped")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    target = load_settings(home=str(tmp_path / "restored"))
+    with pytest.raises(backup.BackupError, match="outside the artifact store"):
+        backup.restore(target, bad)
+    backup.restore(target, good)  # not refused as "not empty"
+    assert sql(target.db_url, "SELECT id FROM models") == [(src["model"],)]
+
+
 def test_an_s3_store_is_not_copied_and_restore_names_models_whose_files_are_missing(tmp_path):
     with s3_server() as s3:
         on_s3 = {"artifact_root": s3.uri, "s3_endpoint_url": s3.endpoint_url}
