@@ -56,12 +56,14 @@ TARGET_GONE = "not resumed after a notifier restart: its target is no longer con
 STATUSES = ("pending", "delivered", "failed")
 
 
-def new_event(kind: str, user_id: str | None, fields: dict[str, Any]) -> dict[str, Any]:
+def new_event(
+    kind: str, user_id: str | None, fields: dict[str, Any], event_id: str | None = None
+) -> dict[str, Any]:
     """An event as webhooks receive it and deliveries store it."""
     if kind not in KINDS:
         raise ValueError(f"unknown notification kind {kind!r}")
     return {
-        "id": f"ev-{uuid.uuid4()}",
+        "id": event_id or f"ev-{uuid.uuid4()}",
         "kind": kind,
         "createdAt": datetime.now(UTC).replace(tzinfo=None).isoformat() + "Z",
         "userId": user_id,
@@ -304,6 +306,8 @@ def describe_failure(exc: BaseException) -> str:
 #: how long an emitted event waits for a notifier (one that died is started again by the
 #: platform's supervisor within seconds) before it is given up, logged
 HANDOVER_TIMEOUT_S = 60.0
+#: event ids a notifier remembers, so that one handed over twice is delivered once
+SEEN_EVENTS = 10_000
 
 
 def emit(kind: str, user_id: str | None, **fields: Any) -> None:
@@ -316,7 +320,8 @@ def emit(kind: str, user_id: str | None, **fields: Any) -> None:
 
         if not ray.is_initialized():
             return
-        _handover().put((kind, user_id, fields, time.monotonic() + HANDOVER_TIMEOUT_S))
+        event_id = f"ev-{uuid.uuid4()}"  # one id however often the hand-over is tried
+        _handover().put((kind, user_id, fields, event_id, time.monotonic() + HANDOVER_TIMEOUT_S))
     except Exception as exc:  # a notification must never fail what it reports
         log.debug("emitting %s failed: %r", kind, exc)
 
@@ -343,11 +348,11 @@ def _hand_over(events: queue.Queue) -> None:
     from raydock import names
 
     while True:
-        kind, user_id, fields, deadline = events.get()
+        kind, user_id, fields, event_id, deadline = events.get()
         while True:
             try:
                 notifier = ray.get_actor(names.NOTIFIER, namespace=names.NAMESPACE)
-                ray.get(notifier.notify.remote(kind, user_id, fields), timeout=10)
+                ray.get(notifier.notify.remote(kind, user_id, fields, event_id), timeout=10)
                 break
             except Exception as exc:  # no notifier, or it died: wait for its successor
                 if time.monotonic() > deadline:
@@ -367,6 +372,7 @@ class Notifier:
         self.settings = Settings(**settings)
         self.delays = backoff_delays(self.settings.notify_max_attempts)
         self._tasks: set[asyncio.Task] = set()
+        self._seen: dict[str, None] = {}  # the last SEEN_EVENTS event ids, oldest first
         self._registry = registry  # unit tests hand one in; the platform's is looked up
         self._started = datetime.now(UTC).replace(tzinfo=None)
         # httpx logs every request's whole URL at INFO (httpcore its parts at DEBUG): a
@@ -440,10 +446,19 @@ class Notifier:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def notify(self, kind: str, user_id: str | None, fields: dict[str, Any]) -> None:
-        """Start delivering an event; returns at once."""
+    async def notify(
+        self, kind: str, user_id: str | None, fields: dict[str, Any], event_id: str | None = None
+    ) -> None:
+        """Start delivering an event; returns at once. An `event_id` handed over before (its
+        answer was lost, and the hand-over tried again) is not delivered twice."""
+        if event_id is not None:
+            if event_id in self._seen:
+                return
+            self._seen[event_id] = None
+            while len(self._seen) > SEEN_EVENTS:
+                self._seen.pop(next(iter(self._seen)))
         try:
-            event = new_event(kind, user_id, fields)
+            event = new_event(kind, user_id, fields, event_id)
         except ValueError as exc:
             log.warning("notification dropped: %s", exc)
             return

@@ -765,3 +765,23 @@ def test_a_slow_or_endless_answer_neither_holds_nor_fills_the_notifier(reg, monk
         assert (d["status"], d["lastError"]) == ("failed", "WebhookRefused: no answer within 1 s")
     else:
         assert d["status"] == "delivered" and receiver.sent < 64 * 2**20, receiver.sent
+
+
+def test_an_event_handed_over_twice_is_delivered_once(reg):
+    """The hand-over tries again when the notifier's answer does not come in 10 s; the
+    notifier had the event already, and made it a second event with new ids."""
+    ana = _user(reg, "ana")
+    with WebhookSink() as hooks:
+        hooks.secrets = {"/ana": reg.set_user_webhook(ana, hooks.url("/ana"))["secret"]}
+        n = _notifier(reg)
+
+        async def run():
+            for _ in range(2):
+                await n.notify(notify.DEPLOYED, ana, {"deploymentId": "dp-1"}, "ev-once")
+            await _drain(n)
+
+        asyncio.run(run())
+        wait_until(lambda: hooks.received)
+    (got,) = hooks.received
+    assert got["event"]["id"] == "ev-once"
+    assert len(reg.list_deliveries()) == 1
