@@ -175,11 +175,13 @@ def load_settings(**overrides: Any) -> Settings:
     for name in list(raw):
         if raw[name] is not None:
             raw[name] = _coerce(f"{name} in platform.yaml", raw[name], types[name])
+    defaults = {f.name: f.default for f in fields(Settings)}
     for name, kind in types.items():
         env = os.environ.get(f"RAYDOCK_{name.upper()}")
-        # empty means unset, but for text (clearing a platform.yaml value): an unset compose
-        # variable turned metering (limits, budgets) off, and made the data dir the cwd
-        if env is not None and (env.strip() or (kind is str and name != "home")):
+        # empty means unset, but for text whose default is empty (clearing a platform.yaml
+        # value): an unset compose variable turned metering (limits, budgets) off, made the
+        # data dir the cwd, and the host every interface
+        if env is not None and (env.strip() or defaults[name] == ""):
             raw[name] = _coerce(f"RAYDOCK_{name.upper()}", env, kind)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(raw) - set(types)

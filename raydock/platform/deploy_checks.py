@@ -104,6 +104,8 @@ def one_node_share(profile: dict[str, Any]) -> dict[str, float]:
     share = {"CPU": profile.get("num_cpus", 1) / stages}
     if gpus:
         share["GPU"] = gpus / stages
+        if profile.get("accelerator_type"):  # Ray's label of a GPU model, on the GPUs' node
+            share[f"accelerator_type:{profile['accelerator_type']}"] = 0.001
     if profile.get("memory_gb"):
         share["memory"] = profile["memory_gb"] * 2**30 / stages
     return share
@@ -113,6 +115,9 @@ _UNITS = {"CPU": ("CPUs", 1), "GPU": ("GPUs", 1), "memory": ("GiB memory", 2**30
 
 
 def _amount(resource: str, value: float) -> str:
+    if resource.startswith("accelerator_type:"):
+        model = resource.removeprefix("accelerator_type:")
+        return f"{model} GPUs" if value else f"no {model} GPUs"
     unit, scale = _UNITS[resource]
     return f"{value / scale:g} {unit}"
 

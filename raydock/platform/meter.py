@@ -200,7 +200,9 @@ class Meter:
     async def _view(self) -> Batch:
         counts, live = await _replicas()
         self._forget_gone_replicas(live)
-        view = Batch(counters=dict(self.totals.counters), histograms=dict(self.totals.histograms))
+        # copies: reports merge into the totals while the view renders in a thread
+        histograms = {series: list(h) for series, h in self.totals.histograms.items()}
+        view = Batch(counters=dict(self.totals.counters), histograms=histograms)
         now = time.monotonic()
         for source, (at, values) in list(self.gauges.items()):
             if now - at > GAUGE_TTL_S:

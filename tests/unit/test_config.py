@@ -27,19 +27,22 @@ def test_environment_variables_override_the_yaml_defaults(monkeypatch):
 
 def test_an_empty_variable_is_unset_but_for_text(monkeypatch):
     """An unset compose variable arrives empty: RAYDOCK_METERING= turned metering (and with
-    it every key's limits and budget) off, RAYDOCK_HOME= made the data dir the cwd."""
+    it every key's limits and budget) off, RAYDOCK_HOME= made the data dir the cwd, and
+    RAYDOCK_HOST= the host every interface."""
     defaults = load_settings()
-    for name in ("METERING", "PORT", "HOME", "CACHE_MAX_GB"):
+    for name in ("METERING", "PORT", "HOME", "HOST", "CACHE_MAX_GB"):
         monkeypatch.setenv(f"RAYDOCK_{name}", "")
     s = load_settings()
-    assert (s.metering, s.port, s.home, s.cache_max_gb) == (
+    assert (s.metering, s.port, s.home, s.host, s.cache_max_gb) == (
         defaults.metering,
         defaults.port,
         defaults.home,
+        defaults.host,  # an empty host would listen on every interface
         defaults.cache_max_gb,
     )
-    monkeypatch.setenv("RAYDOCK_SMTP_HOST", "")  # text: empty clears it
-    assert load_settings().smtp_host == ""
+    # text whose default is empty: empty clears what platform.yaml set
+    monkeypatch.setenv("RAYDOCK_SMTP_HOST", "")
+    assert load_settings(smtp_host=None).smtp_host == ""
 
 
 def test_a_secret_key_that_is_not_one_is_refused_before_ray_starts(monkeypatch):

@@ -223,10 +223,29 @@ def test_a_replica_needs_its_resources_on_one_node():
 
 def test_pipeline_stages_need_a_node_each():
     profile = hardware_profiles()["g5.12xlarge-x2"]  # 8 GPUs as 2 stages of 4
-    assert deploy_checks.one_node_share(profile) == {"CPU": 48, "GPU": 4, "memory": 192 * GiB}
-    node = {"CPU": 48.0, "GPU": 4.0, "memory": 192 * GiB}
+    assert deploy_checks.one_node_share(profile) == {
+        "CPU": 48,
+        "GPU": 4,
+        "accelerator_type:A10G": 0.001,
+        "memory": 192 * GiB,
+    }
+    node = {"CPU": 48.0, "GPU": 4.0, "accelerator_type:A10G": 1.0, "memory": 192 * GiB}
     assert deploy_checks._placement_problem(profile, [node, node]) is None
     assert deploy_checks._placement_problem(profile, [node]) == (
-        "needs 48 CPUs, 4 GPUs, 192 GiB memory on each of 2 nodes; "
+        "needs 48 CPUs, 4 GPUs, A10G GPUs, 192 GiB memory on each of 2 nodes; "
         "the cluster's nodes hold 1 such share(s)"
+    )
+
+
+def test_the_gpus_must_be_of_the_model_on_one_node():
+    """Four T4s on one node and an A10G on another: the cluster has 4 GPUs and an A10G,
+    yet no node holds 4 A10Gs (a g5.12xlarge replica would wait without end)."""
+    nodes = [
+        {"CPU": 48.0, "GPU": 4.0, "accelerator_type:T4": 1.0, "memory": 192 * GiB},
+        {"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0, "memory": 32 * GiB},
+    ]
+    profiles = hardware_profiles()
+    assert deploy_checks._placement_problem(profiles["g4dn.12xlarge"], nodes) is None
+    assert "no node of the cluster has them all" in deploy_checks._placement_problem(
+        profiles["g5.12xlarge"], nodes
     )
