@@ -167,8 +167,8 @@ async def delete_model(modelId: str, _: User) -> dict[str, Any]:
     same weights)."""
     model = await ctx.registry.delete_model.remote(modelId)
     for job_id in model["endedJobs"]:  # an import's task would go on for nothing
-        try:
-            ctx.lifecycle.stop_job_task.remote(job_id)
+        try:  # ended before the files go: it must not write after their deletion
+            await ctx.lifecycle.stop_job_task.remote(job_id)
         except Exception as exc:  # the lifecycle restarting: the task finds the model gone
             log.warning("import %s of deleted model %s not stopped: %r", job_id, modelId, exc)
     done = {"deleted": True, "modelId": modelId, "deletedDeployments": model["deletedDeployments"]}

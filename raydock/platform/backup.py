@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import io
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -49,8 +50,12 @@ from raydock.config import Settings
 from raydock.platform import db, migrations
 from raydock.platform.secrets import KEY_FILE
 
+log = logging.getLogger("raydock.backup")
+
 FORMAT = 1
 MANIFEST = "raydock-backup.json"
+#: the suffix of the archive's key file while a restore runs
+RESTORING = ".restoring"
 # a process's; and an upload's, whose chunks are files of the data dir (skipped too)
 SKIPPED_TABLES = {"platform_lease", "upload_sessions", "upload_chunks"}
 SKIPPED_AREAS = ("uploads/", "exports/")  # store areas that are transient
@@ -325,14 +330,25 @@ def restore(
     settings.home_path.mkdir(parents=True, exist_ok=True)
     db_file = _sqlite_file(settings.db_url)
     made_db_file = db_file is not None and not db_file.exists()
-    why = _not_empty(settings)
-    _check_target_revision(settings)  # --force or not: its tables are not all raydock's
-    if why and not force:
-        raise BackupError(f"{why}: restore needs a fresh one, or --force to replace it")
+
+    def forget_db_file() -> None:  # a retry into this data dir must find it fresh
+        if made_db_file:
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_file}{suffix}").unlink(missing_ok=True)
+
+    try:
+        why = _not_empty(settings)
+        _check_target_revision(settings)  # --force or not: its tables are not all raydock's
+        if why and not force:
+            raise BackupError(f"{why}: restore needs a fresh one, or --force to replace it")
+        old_store = _set_store_aside(settings)
+    except BaseException:
+        forget_db_file()
+        raise
     result = Restored(revision=revision, head=migrations.head())
-    key_path = settings.home_path / KEY_FILE
-    old_key = key_path.read_bytes() if key_path.exists() else None
-    old_store = _set_store_aside(settings)
+    # the archive's key goes beside the target's until the rows are in: a crash meanwhile
+    # (the transaction rolled back) leaves the key that opens the old rows' secrets
+    new_key = settings.home_path / (KEY_FILE + RESTORING)
     engine = db.make_engine(settings.db_url)
     try:
         # one transaction (DDL included: SQLite's too, db.make_engine): what was there stays
@@ -348,14 +364,12 @@ def restore(
             migrations._run(conn, "head")
     except BaseException:
         engine.dispose()
+        new_key.unlink(missing_ok=True)
+        forget_db_file()
         _put_store_back(settings, old_store)
-        key_path.unlink(missing_ok=True)
-        if old_key is not None:
-            _write_secret(settings.home_path, old_key)
-        if made_db_file:  # a retry into this data dir must find it fresh
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{db_file}{suffix}").unlink(missing_ok=True)
         raise
+    if new_key.exists():
+        new_key.replace(settings.home_path / KEY_FILE)
     if old_store is not None:
         shutil.rmtree(old_store, ignore_errors=True)
     try:
@@ -379,16 +393,31 @@ def _set_store_aside(settings: Settings) -> Path | None:
     if root is None or not root.exists() or not any(root.iterdir()):
         return None
     aside = root.with_name(f"{root.name}.before-restore-{os.getpid()}-{int(time.time())}")
-    root.rename(aside)
+    try:
+        root.rename(aside)
+    except OSError as exc:  # a mount point, say
+        raise BackupError(
+            f"the artifact store {root} cannot be set aside for the restore ({exc}); a "
+            "forced restore needs it renamed while it runs"
+        ) from None
     return aside
 
 
 def _put_store_back(settings: Settings, aside: Path | None) -> None:
+    """After a failed restore: its files go, and the store set aside comes back (or, when
+    that fails, the log says where it is)."""
     root = _local_root(settings)
-    if root is not None and root.exists():
-        shutil.rmtree(root)  # what the failed restore wrote
-    if aside is not None and root is not None:
-        aside.rename(root)
+    try:
+        if root is not None and root.exists():
+            shutil.rmtree(root)  # what the failed restore wrote
+        if aside is not None and root is not None:
+            aside.rename(root)
+    except OSError as exc:
+        log.error(
+            "the artifact store was not put back after the failed restore: %r; its files are in %s",
+            exc,
+            aside,
+        )
 
 
 def _check_secret_key(kind: str | None, archived: bytes | None, check: str | None) -> None:
@@ -432,7 +461,7 @@ def _restore_member(
         result.rows[name] = _load_rows(conn, tables.tables[name], tar.extractfile(member))
         progress(f"database: {name} ({result.rows[name]} rows)")
     elif member.name == KEY_FILE:
-        _write_secret(settings.home_path, tar.extractfile(member).read())
+        _write_secret(settings.home_path, tar.extractfile(member).read(), KEY_FILE + RESTORING)
     elif member.name.startswith("artifacts/") and member.isfile():
         _write_artifact(settings, member, tar)
         result.artifacts += 1
@@ -483,9 +512,9 @@ def _fix_sequences(conn: Connection, tables: MetaData) -> None:
                 conn.execute(text("SELECT setval(:s, :v, false)"), {"s": seq, "v": (top or 0) + 1})
 
 
-def _write_secret(home: Path, key: bytes) -> None:
+def _write_secret(home: Path, key: bytes, name: str = KEY_FILE) -> None:
     home.mkdir(parents=True, exist_ok=True)
-    path = home / KEY_FILE
+    path = home / name
     path.unlink(missing_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:

@@ -63,6 +63,8 @@ UNHEALTHY_GRACE_S = 60.0
 # a cancelled conversion is awaited this long for its task to end (Python code sees the
 # cancellation at its next bytecode; a native call in progress is waited for), then killed
 CANCEL_WAIT_S = 120.0
+#: how long a deleted model's import task has to end when asked, before it is killed
+STOP_WAIT_S = 10.0
 INTERRUPTED_REASON = "interrupted: the platform component running it stopped; re-trigger it"
 
 
@@ -122,6 +124,7 @@ class Lifecycle:
         self._tasks: set[asyncio.Task] = set()
         self._jobs: set[str] = set()  # jobs a task of this actor is running
         self._job_tasks: dict[str, ray.ObjectRef] = {}  # import job id -> its Ray task
+        self._stopped_jobs: set[str] = set()  # import jobs stopped before their task began
         self._deploys: dict[str, asyncio.Task] = {}  # deployment id -> its running deploy
         self._restores: dict[str, int] = defaultdict(int)  # failed restores in a row
         self._restoring: dict[str, asyncio.Task] = {}  # deployment id -> its running restore
@@ -317,7 +320,7 @@ class Lifecycle:
             base = await self._base_artifact(model_id) if model["kind"] == "adapter" else None
             result = await self._job_task(
                 job_id,
-                import_hf_task.remote(
+                lambda: import_hf_task.remote(
                     self.settings.without_secrets(), model_id, job_id, origin, token, base
                 ),
             )
@@ -327,9 +330,13 @@ class Lifecycle:
         if result.get("status") == ModelStatus.READY:  # else it failed with its reason
             await self._deploy_waiting(job_id)
 
-    async def _job_task(self, job_id: str, ref: ray.ObjectRef) -> Any:
-        """The Ray task of an import job, awaited; `stop_job_task` ends it meanwhile."""
-        self._job_tasks[job_id] = ref
+    async def _job_task(self, job_id: str, launch: Callable[[], ray.ObjectRef]) -> Any:
+        """Launch an import job's Ray task and await it; `stop_job_task` ends it meanwhile,
+        or keeps it from starting."""
+        if job_id in self._stopped_jobs:
+            self._stopped_jobs.discard(job_id)
+            raise RuntimeError("stopped: its model was deleted")
+        ref = self._job_tasks[job_id] = launch()
         try:
             return await ref
         finally:
@@ -337,10 +344,21 @@ class Lifecycle:
 
     async def stop_job_task(self, job_id: str) -> None:
         """End the task of an import job that ended without it (its model was deleted): it
-        went on downloading, validating and storing, up to the archive limit, for nothing."""
+        went on downloading, validating and storing, up to the archive limit, for nothing.
+        Asked first, so that its own clean-up runs (its work folders), killed when it does
+        not end within STOP_WAIT_S (the model's DELETE waits); returns once it has ended."""
         ref = self._job_tasks.get(job_id)
-        if ref is not None:
-            ray.cancel(ref, force=True)
+        if ref is None:
+            if job_id in self._jobs:  # still staging its upload, say: it will not start
+                self._stopped_jobs.add(job_id)
+            return
+        ray.cancel(ref)
+        with contextlib.suppress(Exception):  # its failure is the deleted model's
+            try:
+                await asyncio.wait_for(asyncio.shield(ref.as_future()), STOP_WAIT_S)
+            except TimeoutError:
+                ray.cancel(ref, force=True)
+                await ref
 
     async def _deploy_waiting(self, import_job_id: str) -> None:
         """Deploy the deployment made together with an import that just ended READY, unless
@@ -370,7 +388,7 @@ class Lifecycle:
             name = (await self.registry.get_model.remote(model_id))["name"] + ".zip"
             await self._job_task(
                 job_id,
-                import_model_task.remote(
+                lambda: import_model_task.remote(
                     self.settings.without_secrets(), model_id, job_id, upload, kind, base, name
                 ),
             )

@@ -428,6 +428,7 @@ def test_a_forced_restore_that_fails_leaves_the_old_data_as_it_was(tmp_path, db_
     assert sql(settings.db_url, "SELECT id FROM models") == [(other["model"],)]
     assert sorted(settings.store().list("")) == files and files
     assert (settings.home_path / KEY_FILE).read_bytes() == key
+    assert not (settings.home_path / (KEY_FILE + backup.RESTORING)).exists()
 
 
 def test_a_restore_that_failed_in_a_fresh_data_dir_can_run_again(tmp_path):
