@@ -208,10 +208,13 @@ async def retrieve_response(response_id: str, request: Request):
 def _models(dep: DeploymentAccess) -> list[dict[str, Any]]:
     """The key's deployment, then the adapters it serves by request (`<deployment>:<name>`,
     or `<deployment>:<adapter id>` for a name two adapters share: the one a request can use)."""
+    return [_entry(dep)] + [_entry(dep, label) for label in _adapter_labels(dep).values()]
+
+
+def _adapter_labels(dep: DeploymentAccess) -> dict[str, str]:
+    """Each adapter's id -> how /v1/models names it: its name, or its id when shared."""
     names = Counter(a["name"] for a in dep.adapters.values())
-    return [_entry(dep)] + [
-        _entry(dep, a_id if names[a["name"]] > 1 else a["name"]) for a_id, a in dep.adapters.items()
-    ]
+    return {a_id: a_id if names[a["name"]] > 1 else a["name"] for a_id, a in dep.adapters.items()}
 
 
 def _entry(dep: DeploymentAccess, adapter: str | None = None) -> dict[str, Any]:
@@ -237,8 +240,8 @@ async def retrieve_model(model: str, request: Request):
     named = adapter_part(model, dep)
     if not named:
         raise unknown_model(model, dep)
-    dep.adapter(named, "model")  # by its name or its id, as a request names it; 404/400 else
-    return _entry(dep, named)
+    found = dep.adapter(named, "model")  # by its name or id, as a request names it; 404/400
+    return _entry(dep, _adapter_labels(dep)[found["id"]])  # as /v1/models lists it
 
 
 # ------------------------------------------------------------------ metrics
