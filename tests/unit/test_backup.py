@@ -391,14 +391,19 @@ def test_a_backup_of_the_previous_version_restores_and_is_migrated_up(
     assert sql(db_url, "SELECT count(*) FROM api_keys")[0][0] == 1
 
 
-def test_an_archive_with_a_path_out_of_the_store_is_refused_and_nothing_stays(tmp_path):
-    src = populated(tmp_path / "src")
-    archive = tmp_path / "raydock.tar"
-    take_backup(src["settings"], archive)
+def add_escaping_file(archive: Path) -> None:
+    """A file whose path leads out of the artifact store: its restore fails, after the rows."""
     with tarfile.open(archive, "a") as tar:
         info = tarfile.TarInfo("artifacts/../../escaped")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
+
+
+def test_an_archive_with_a_path_out_of_the_store_is_refused_and_nothing_stays(tmp_path):
+    src = populated(tmp_path / "src")
+    archive = tmp_path / "raydock.tar"
+    take_backup(src["settings"], archive)
+    add_escaping_file(archive)
     target = load_settings(home=str(tmp_path / "restored"))
     with pytest.raises(backup.BackupError, match="outside the artifact store"):
         backup.restore(target, archive)
@@ -415,10 +420,7 @@ def test_a_forced_restore_that_fails_leaves_the_old_data_as_it_was(tmp_path, db_
     src = populated(tmp_path / "src")
     archive = tmp_path / "raydock.tar"
     take_backup(src["settings"], archive)
-    with tarfile.open(archive, "a") as tar:  # fails after the rows, as the files come
-        info = tarfile.TarInfo("artifacts/../../escaped")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"x"))
+    add_escaping_file(archive)  # fails after the rows, as the files come
     other = populated(tmp_path / "other", database_url=db_url)
     settings = other["settings"]
     files = sorted(settings.store().list(""))
@@ -438,10 +440,7 @@ def test_a_restore_that_failed_in_a_fresh_data_dir_can_run_again(tmp_path):
     take_backup(src["settings"], good)
     bad = tmp_path / "bad.tar"
     shutil.copy(good, bad)
-    with tarfile.open(bad, "a") as tar:
-        info = tarfile.TarInfo("artifacts/../../escaped")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"x"))
+    add_escaping_file(bad)
     target = load_settings(home=str(tmp_path / "restored"))
     with pytest.raises(backup.BackupError, match="outside the artifact store"):
         backup.restore(target, bad)
