@@ -144,17 +144,22 @@ def _dump_table(conn: Connection, table: Table, tar: tarfile.TarFile) -> int:
             line = {k: _encode(v) for k, v in row._mapping.items()}
             spool.write(json.dumps(line, separators=(",", ":")).encode())
             count += 1
-        info = tarfile.TarInfo(f"database/{table.name}.jsonl")
-        info.size, info.mode, info.mtime = spool.tell(), 0o600, int(datetime.now(UTC).timestamp())
+        size = spool.tell()
         spool.seek(0)
-        tar.addfile(info, spool)
+        _add_file(tar, f"database/{table.name}.jsonl", spool, size)
     return count
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o600) -> None:
+    _add_file(tar, name, io.BytesIO(data), len(data), mode)
+
+
+def _add_file(
+    tar: tarfile.TarFile, name: str, data: IO[bytes], size: int, mode: int = 0o600
+) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), mode, int(datetime.now(UTC).timestamp())
-    tar.addfile(info, io.BytesIO(data))
+    info.size, info.mode, info.mtime = size, mode, int(datetime.now(UTC).timestamp())
+    tar.addfile(info, data)
 
 
 # ------------------------------------------------------------------ writing a backup
@@ -328,7 +333,7 @@ def restore(
     check_revision(revision)
     _check_secret_key(manifest.get("secretKey"), archived_key, manifest.get("secretKeyCheck"))
     settings.home_path.mkdir(parents=True, exist_ok=True)
-    db_file = _sqlite_file(settings.db_url)
+    db_file = db.sqlite_file(settings.db_url)
     made_db_file = db_file is not None and not db_file.exists()
 
     def forget_db_file() -> None:  # a retry into this data dir must find it fresh
@@ -377,13 +382,6 @@ def restore(
     finally:
         engine.dispose()
     return result
-
-
-def _sqlite_file(url: str) -> Path | None:
-    parsed = make_url(db.normalize_url(url))
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database)
 
 
 def _set_store_aside(settings: Settings) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -266,6 +267,17 @@ def normalize_url(url: str) -> str:
         if url.startswith(plain):
             return "postgresql+psycopg://" + url[len(plain) :]
     return url
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL; None for another backend or an in-memory one."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(normalize_url(url))
+    database = u.database or ""
+    if u.get_backend_name() != "sqlite" or database in ("", ":memory:") or "mode=memory" in str(u):
+        return None
+    return Path(database)
 
 
 def safe_url(url: str) -> str:

@@ -133,11 +133,12 @@ def _placement_problem(profile: dict[str, Any], nodes: list[dict[str, float]]) -
     if held >= stages:
         return None
     where = "on one node" if stages == 1 else f"on each of {stages} nodes"
-    short = [r for r, need in share.items() if max((n.get(r, 0) for n in nodes), default=0) < need]
+    largest = {r: max((n.get(r, 0) for n in nodes), default=0) for r in share}
+    short = [r for r, need in share.items() if largest[r] < need]
     if short:
-        largest = ", ".join(_amount(r, max((n.get(r, 0) for n in nodes), default=0)) for r in short)
         needs = ", ".join(_amount(r, share[r]) for r in short)
-        return f"needs {needs} {where}; the largest node has {largest}"
+        has = ", ".join(_amount(r, largest[r]) for r in short)
+        return f"needs {needs} {where}; the largest node has {has}"
     together = ", ".join(_amount(r, v) for r, v in share.items() if v)
     if held:
         return f"needs {together} {where}; the cluster's nodes hold {held} such share(s)"

@@ -110,9 +110,8 @@ class Lease:
         self._guard = threading.RLock()
         self.lost: str | None = None  # why the lease was lost (PostgreSQL), once it was
         self._watch_stop = threading.Event()
-        database = u.database or ""
-        in_memory = database in ("", ":memory:") or "mode=memory" in str(u)
-        self.path = Path(database + ".lock") if self.kind == "sqlite" and not in_memory else None
+        database = db.sqlite_file(self.url)
+        self.path = Path(f"{database}.lock") if database is not None else None
 
     @property
     def held(self) -> bool:

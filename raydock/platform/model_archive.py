@@ -627,10 +627,9 @@ SETTINGS_JSON_MAX_BYTES = {"config.json": MiB, "deployconfig.json": MiB, "adapte
 def _read_json_object(root: Path, name: str) -> dict:
     limit = SETTINGS_JSON_MAX_BYTES.get(name, JSON_MAX_BYTES)
     try:
-        if (root / name).stat().st_size > limit:
+        if (size := (root / name).stat().st_size) > limit:
             raise ArchiveError(
-                f"{name} holds {(root / name).stat().st_size} bytes; at most {limit} "
-                "(a real one is far smaller)"
+                f"{name} holds {size} bytes; at most {limit} (a real one is far smaller)"
             )
         data = json.loads((root / name).read_bytes())
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError

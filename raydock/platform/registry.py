@@ -659,9 +659,7 @@ class Registry:
         response: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         with self._tx() as s:
-            j = s.get(db.DockStatus, job_id)
-            if j is None:
-                raise NotFound(f"dock status {job_id} not found")
+            j = self._job(s, job_id)
             if status is not None:
                 check_job(j.status, status)
                 j.status = status
@@ -697,10 +695,14 @@ class Registry:
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         with self._tx() as s:
-            j = s.get(db.DockStatus, job_id)
-            if j is None:
-                raise NotFound(f"dock status {job_id} not found")
-            return views.job(j)
+            return views.job(self._job(s, job_id))
+
+    @staticmethod
+    def _job(s: Session, job_id: str) -> db.DockStatus:
+        j = s.get(db.DockStatus, job_id)
+        if j is None:
+            raise NotFound(f"dock status {job_id} not found")
+        return j
 
     def existing_jobs(self, job_ids: list[str]) -> list[str]:
         """Which of these jobs are still recorded (retention deletes finished ones)."""
@@ -1000,10 +1002,7 @@ class Registry:
             if job_id is not None:
                 if status != DeploymentStatus.DEPLOYED:
                     raise ValueError("a job ends with its deployment only when it is DEPLOYED")
-                job = s.get(db.DockStatus, job_id)
-                if job is None:
-                    raise NotFound(f"dock status {job_id} not found")
-                self._end_job(job, JobStatus.SUCCESS, job_message)
+                self._end_job(self._job(s, job_id), JobStatus.SUCCESS, job_message)
             changed = d.status != status
             lost = d.status == DeploymentStatus.DEPLOYED and status == DeploymentStatus.FAILED
             if d.status in STARTING_DEPLOYMENT and status == DeploymentStatus.FAILED:

@@ -196,21 +196,12 @@ def test_a_request_names_an_adapter_by_id_or_unique_name():
     from raydock.serve_apps.access import DeploymentAccess
 
     entry = {"rank": 8, "prefix": "models/x", "digest": "d"}
-    dep = DeploymentAccess.from_dict(
-        {
-            "deploymentId": "d-1",
-            "name": "hub",
-            "created": 0,
-            "status": "DEPLOYED",
-            "serving": True,
-            "timeoutS": 60,
-            "adapters": {
-                "m-1": {"name": "legal", **entry},
-                "m-2": {"name": "twin", **entry},
-                "m-3": {"name": "twin", **entry},
-            },
-        }
-    )
+    adapters = {
+        "m-1": {"name": "legal", **entry},
+        "m-2": {"name": "twin", **entry},
+        "m-3": {"name": "twin", **entry},
+    }
+    dep = DeploymentAccess.from_dict(snapshot("d-1", {}) | {"adapters": adapters})
     assert dep.adapter("legal", "model")["id"] == "m-1"
     assert dep.adapter("m-3", "adapter")["name"] == "twin"
     with pytest.raises(ApiError) as exc:
@@ -318,3 +309,37 @@ def test_a_deployment_name_with_a_slash_is_retrieved_by_name(monkeypatch):
     with TestClient(gateway.app) as client:
         got = client.get("/v1/models/acme/chat v2:cpu", headers={"authorization": "Bearer k1"})
         assert got.status_code == 200 and got.json()["id"] == "dp-1", got.text
+
+
+def test_v1_names_adapters_whose_names_hold_colons_or_repeat():
+    """`model: "d1:lora:v2"` was split at its last ":" (404), and /v1/models listed two
+    adapters named alike as one id that a request could not use (400 ambiguous)."""
+    from raydock.serve_apps import gateway, protocol
+    from raydock.serve_apps.access import DeploymentAccess
+    from raydock.serve_apps.openai_service import requested_adapter
+
+    adapter = {"rank": 8, "prefix": "p", "digest": "d"}
+    adapters = {
+        "cm-a": {"name": "lora:v2", **adapter},
+        "cm-b": {"name": "dup", **adapter},
+        "cm-c": {"name": "dup", **adapter},
+    }
+    dep = DeploymentAccess.from_dict(
+        snapshot("dp-1", {}) | {"name": "chat:prod", "adapters": adapters}
+    )
+
+    def picked(model: str) -> str | None:
+        ask = [{"role": "user", "content": "hi"}]
+        req = protocol.parse(protocol.ChatRequest, {"model": model, "messages": ask})
+        found = requested_adapter(req, dep, by_model=True)
+        return found and found["id"]
+
+    assert picked("dp-1:lora:v2") == picked("chat:prod:lora:v2") == "cm-a"
+    assert picked("chat:prod") is None
+    listed = [m["id"] for m in gateway._models(dep)]
+    assert listed == ["dp-1", "dp-1:lora:v2", "dp-1:cm-b", "dp-1:cm-c"]
+    assert [picked(m) for m in listed] == [None, "cm-a", "cm-b", "cm-c"]  # each one usable
+    # the replica's refusals of it name the field the request used
+    ask = [{"role": "user", "content": "hi"}]
+    req = protocol.parse(protocol.ChatRequest, {"model": "dp-1:lora:v2", "messages": ask})
+    assert requested_adapter(req, dep, by_model=True)["param"] == "model"

@@ -628,9 +628,14 @@ class _Normalizer:
 def _name_lengths(names: dict, bounds: Bounds) -> tuple[int, int]:
     lo, hi = names.get("minLength", 0), names.get("maxLength", bounds.max_string)
     for key, value in (("minLength", lo), ("maxLength", hi)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10_000:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value <= bounds.max_count
+        ):
             raise UnsupportedSchema(
-                "propertyNames", f"propertyNames {key} must be a whole number from 0 to 10000"
+                "propertyNames",
+                f"propertyNames {key} must be a whole number from 0 to {bounds.max_count}",
             )
     if lo > hi:
         raise UnsupportedSchema(
