@@ -352,13 +352,8 @@ class Lifecycle:
             if job_id in self._jobs:  # still staging its upload, say: it will not start
                 self._stopped_jobs.add(job_id)
             return
-        ray.cancel(ref)
-        with contextlib.suppress(Exception):  # its failure is the deleted model's
-            try:
-                await asyncio.wait_for(asyncio.shield(ref.as_future()), STOP_WAIT_S)
-            except TimeoutError:
-                ray.cancel(ref, force=True)
-                await ref
+        stop, kill = lambda: ray.cancel(ref), lambda: ray.cancel(ref, force=True)
+        await _stop(ref.as_future(), stop, kill, STOP_WAIT_S)
 
     async def _deploy_waiting(self, import_job_id: str) -> None:
         """Deploy the deployment made together with an import that just ended READY, unless
@@ -691,16 +686,27 @@ async def _to_the_end(
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        if stop is not None:
-            stop()
-        with contextlib.suppress(Exception):  # its own failure is not the canceller's
-            try:
-                await asyncio.wait_for(asyncio.shield(future), CANCEL_WAIT_S)
-            except TimeoutError:
-                if kill is not None:
-                    kill()
-                    await future
+        await _stop(future, stop, kill, CANCEL_WAIT_S)
         raise
+
+
+async def _stop(
+    future: asyncio.Future,
+    stop: Callable[[], None] | None,
+    kill: Callable[[], None] | None,
+    wait_s: float,
+) -> None:
+    """Ask the work behind `future` to stop, wait up to `wait_s` for it to end, then kill it
+    and wait for that; its own failure is not the stopper's."""
+    if stop is not None:
+        stop()
+    with contextlib.suppress(Exception):
+        try:
+            await asyncio.wait_for(asyncio.shield(future), wait_s)
+        except TimeoutError:
+            if kill is not None:
+                kill()
+                await future
 
 
 async def serve_details() -> dict[str, Any]:
